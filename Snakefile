@@ -1,0 +1,19 @@
+# dsf: DSF-WSI whole-slide pipeline. Stages live in workflow/rules/, logic in the dsf package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synth.smk"
+include: "workflow/rules/tissue.smk"
+include: "workflow/rules/patches.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,268 @@
+"""Annotations as class-index rasters read like slide regions (DESIGN section 4).
+
+Two sources, one interface (`LabelSource.read(x, y, width, height, mpp)`, level-0 origin,
+resolution in um/px, nearest-neighbour so class indices stay exact):
+- raster masks (TIFF or PNG) at any downsample of the slide, codes mapped through a class map
+  (e.g. the BCSS preset); the downsample is inferred from the mask's size and must be the same in
+  x and y;
+- QuPath-style GeoJSON (FeatureCollection, feature list or single feature; Polygon and
+  MultiPolygon in level-0 pixels), rasterised per region so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.draw import polygon as fill_polygon
+
+from dsf.errors import AnnotationError
+
+log = logging.getLogger(__name__)
+
+_UNMAPPED = 255
+
+
+class LabelSource:
+    """Class indices (uint8, 0 = unlabelled) of slide regions."""
+
+    slide_id: str
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        """Labels (height, width) of the region with level-0 top-left (x, y) at `mpp`."""
+        raise NotImplementedError
+
+
+def _code_lut(settings: dict[str, Any]) -> np.ndarray:
+    """Lookup table raster code -> class index (`_UNMAPPED` marks codes that are an error)."""
+    n_classes = len(settings["classes"])
+    lut = np.full(256, _UNMAPPED, np.uint8)
+    if settings["class_map"]:
+        lut[:] = settings["other_class"]
+        for code, cls in settings["class_map"].items():
+            lut[int(code)] = cls
+    else:
+        lut[:n_classes] = np.arange(n_classes, dtype=np.uint8)
+    return lut
+
+
+class RasterLabels(LabelSource):
+    """A label mask at some downsample of the slide; read with nearest-neighbour sampling."""
+
+    def __init__(
+        self,
+        path: Path,
+        slide_id: str,
+        slide_dims: tuple[int, int],
+        mpp0: float,
+        settings: dict[str, Any],
+    ) -> None:
+        self.slide_id = slide_id
+        self.path = path
+        self._mpp0 = mpp0
+        self._lut = _code_lut(settings)
+        self._data = self._load(path)
+        mh, mw = self._data.shape
+        sw, sh = slide_dims
+        self.ds_x, self.ds_y = sw / mw, sh / mh
+        if abs(self.ds_x / self.ds_y - 1) > 0.02 + 2 / min(mw, mh):
+            raise AnnotationError(
+                slide_id,
+                f"label mask {path} is {mw}x{mh} px, which is not a downsample of the slide "
+                f"({sw}x{sh} px; x factor {self.ds_x:.3f} vs y factor {self.ds_y:.3f}): the mask "
+                "does not cover the slide. Check that the `labels` column names this slide's mask",
+            )
+        present = np.unique(self._data)
+        bad = [int(c) for c in present if self._lut[c] == _UNMAPPED]
+        if bad:
+            raise AnnotationError(
+                slide_id,
+                f"label mask {path} holds codes {bad} that are not class indices of "
+                f"labels.classes ({len(settings['classes'])} classes); map them with "
+                "labels.class_map",
+            )
+
+    def _load(self, path: Path) -> np.ndarray:
+        """Mask codes as uint8 (h, w); masks are small next to slides, so held in memory."""
+        try:
+            if path.suffix.lower() in {".tif", ".tiff"}:
+                import tifffile
+
+                data = tifffile.imread(str(path), level=0)
+            else:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    data = np.asarray(im)
+        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the slide
+            raise AnnotationError(self.slide_id, f"cannot read label mask {path}: {exc}") from exc
+        if data.ndim == 3:  # an RGB(A) mask stores the code in every channel
+            data = data[..., 0]
+        if data.ndim != 2 or data.dtype.kind not in "ui" or data.max(initial=0) > 255:
+            raise AnnotationError(
+                self.slide_id,
+                f"label mask {path} must be a single-channel integer image with codes 0-255 "
+                f"(got shape {data.shape}, dtype {data.dtype})",
+            )
+        return data.astype(np.uint8, copy=False)
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        f = mpp / self._mpp0
+        mh, mw = self._data.shape
+        cols = np.floor((x + (np.arange(width) + 0.5) * f) / self.ds_x).astype(np.int64)
+        rows = np.floor((y + (np.arange(height) + 0.5) * f) / self.ds_y).astype(np.int64)
+        valid_c = (cols >= 0) & (cols < mw)
+        valid_r = (rows >= 0) & (rows < mh)
+        out = self._lut[self._data[np.clip(rows, 0, mh - 1)][:, np.clip(cols, 0, mw - 1)]]
+        out[~valid_r, :] = 0
+        out[:, ~valid_c] = 0
+        return out
+
+
+@dataclass
+class _Shape:
+    cls: int
+    outer: np.ndarray  # (n, 2) x, y level-0
+    holes: list[np.ndarray]
+    bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+class GeoJSONLabels(LabelSource):
+    """QuPath-style GeoJSON polygons, rasterised per requested region."""
+
+    def __init__(
+        self,
+        path: Path,
+        slide_id: str,
+        slide_dims: tuple[int, int],
+        mpp0: float,
+        settings: dict[str, Any],
+    ) -> None:
+        self.slide_id = slide_id
+        self.path = path
+        self._mpp0 = mpp0
+        names = {name.lower(): i for i, name in enumerate(settings["classes"])}
+        names.update({k.lower(): v for k, v in settings["geojson_names"].items()})
+        self._shapes = self._parse(path, names, settings)
+        sw, sh = slide_dims
+        inside = [
+            s for s in self._shapes if s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw
+            and s.bbox[1] < sh
+        ]
+        if not inside:
+            raise AnnotationError(
+                slide_id,
+                f"no annotation of {path} overlaps the slide (0..{sw} x 0..{sh} level-0 px): "
+                "the GeoJSON belongs to another slide or uses other coordinates",
+            )
+        if len(inside) < len(self._shapes):
+            log.warning(
+                "%s: %d of %d annotations lie outside the slide and are ignored",
+                slide_id, len(self._shapes) - len(inside), len(self._shapes),
+            )
+        self._shapes = inside
+        self._boxes = np.array([s.bbox for s in inside], np.float64)
+
+    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AnnotationError(self.slide_id, f"cannot read GeoJSON {path}: {exc}") from exc
+        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+            features = doc.get("features", [])
+        elif isinstance(doc, dict) and doc.get("type") == "Feature":
+            features = [doc]
+        elif isinstance(doc, list):
+            features = doc
+        else:
+            raise AnnotationError(self.slide_id, f"{path} is not a GeoJSON feature collection")
+        shapes: list[_Shape] = []
+        for i, feat in enumerate(features):
+            props = feat.get("properties") or {}
+            cls_info = props.get("classification") or {}
+            name = cls_info.get("name") if isinstance(cls_info, dict) else None
+            name = name or props.get("name") or props.get("class")
+            if not name:
+                raise AnnotationError(
+                    self.slide_id,
+                    f"{path}: feature {i} has no classification name; classify it in QuPath",
+                )
+            if name.lower() not in names:
+                raise AnnotationError(
+                    self.slide_id,
+                    f"{path}: feature {i} has class {name!r}, which is not one of labels.classes "
+                    f"{settings['classes']}; map it with labels.geojson_names",
+                )
+            cls = names[name.lower()]
+            geom = feat.get("geometry") or {}
+            kind = geom.get("type")
+            if kind == "Polygon":
+                polys = [geom["coordinates"]]
+            elif kind == "MultiPolygon":
+                polys = geom["coordinates"]
+            else:
+                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
+                continue
+            for rings in polys:
+                if not rings:
+                    continue
+                outer = np.asarray(rings[0], np.float64)[:, :2]
+                holes = [np.asarray(r, np.float64)[:, :2] for r in rings[1:]]
+                bbox = (*outer.min(0), *outer.max(0))
+                shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
+        if not shapes:
+            raise AnnotationError(self.slide_id, f"{path} holds no polygon annotations")
+        return shapes
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        f = mpp / self._mpp0
+        out = np.zeros((height, width), np.uint8)
+        x1, y1 = x + width * f, y + height * f
+        b = self._boxes
+        hits = np.nonzero((b[:, 2] >= x) & (b[:, 0] <= x1) & (b[:, 3] >= y) & (b[:, 1] <= y1))[0]
+        for k in hits:
+            shape = self._shapes[k]
+            mask = self._raster(shape.outer, x, y, f, out.shape)
+            for hole in shape.holes:
+                mask &= ~self._raster(hole, x, y, f, out.shape)
+            out[mask] = shape.cls
+        return out
+
+    @staticmethod
+    def _raster(ring: np.ndarray, x: float, y: float, f: float, shape: tuple[int, int]) -> np.ndarray:
+        """Pixels whose centres lie inside the ring (ring in level-0 px)."""
+        cols = (ring[:, 0] - x) / f - 0.5
+        rows = (ring[:, 1] - y) / f - 0.5
+        mask = np.zeros(shape, bool)
+        rr, cc = fill_polygon(rows, cols, shape)
+        mask[rr, cc] = True
+        return mask
+
+
+def open_labels(
+    path: str | Path,
+    slide_id: str,
+    slide_dims: tuple[int, int],
+    mpp0: float,
+    settings: dict[str, Any],
+) -> LabelSource:
+    """Open an annotation for a slide: `.geojson`/`.json` polygons or a raster mask."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(
+            slide_id, f"annotation {path} not found; fix the `labels` column of the sheet"
+        )
+    if path.suffix.lower() in {".geojson", ".json"}:
+        return GeoJSONLabels(path, slide_id, slide_dims, mpp0, settings)
+    return RasterLabels(path, slide_id, slide_dims, mpp0, settings)
+
+
+def class_fractions(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Fraction of pixels per class index (length n_classes) of a label tile."""
+    counts = np.bincount(labels.ravel(), minlength=n_classes)[:n_classes]
+    return (counts / max(1, labels.size)).astype(np.float32)

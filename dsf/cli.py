@@ -1,0 +1,39 @@
+"""`dsf <stage> ...`: one console script, one subcommand per stage module.
+
+Each stage module has `main(argv) -> int` and also runs as `python -m dsf.<stage>`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "synth": "dsf.synth",
+    "tissue": "dsf.tissue",
+    "patches": "dsf.patches",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a stage's `main`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        names = ", ".join(STAGES)
+        sys.stderr.write(f"usage: dsf <stage> [options]\nstages: {names}\n")
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage in {"-V", "--version"}:
+        from dsf import __version__
+
+        sys.stdout.write(f"dsf {__version__}\n")
+        return 0
+    if stage not in STAGES:
+        sys.stderr.write(f"dsf: unknown stage {stage!r}; stages: {', '.join(STAGES)}\n")
+        return 2
+    module = importlib.import_module(STAGES[stage])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The config schema as the single home of every default, for the workflow and the CLI.
+
+`workflow/schemas/config.schema.yaml` defines each setting once. Snakemake validates the config
+against it (filling defaults); the `dsf <stage>` command line builds its options from the same
+schema section, so a stage run by hand uses the same defaults as the workflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from dsf.errors import ConfigError
+
+_REPO_SCHEMAS = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+
+
+def schema_path(name: str = "config") -> Path:
+    """Path of a schema file (`config` or `slides`); `DSF_SCHEMA_DIR` overrides the folder."""
+    folder = Path(os.environ.get("DSF_SCHEMA_DIR", _REPO_SCHEMAS))
+    path = folder / f"{name}.schema.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"schema {path} not found: install dsf from its repository (pip install -e .) "
+            "or set DSF_SCHEMA_DIR to the folder holding workflow/schemas"
+        )
+    return path
+
+
+@cache
+def load_schema(name: str = "config") -> dict[str, Any]:
+    """The parsed schema (cached; treat as read-only)."""
+    with open(schema_path(name)) as fh:
+        return yaml.safe_load(fh)
+
+
+def _fill(schema: dict[str, Any], value: Any) -> Any:
+    """Fill defaults of `schema` into `value` (objects recursively)."""
+    if value is None and "default" in schema:
+        value = copy.deepcopy(schema["default"])
+    if isinstance(value, dict) and schema.get("type") == "object":
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _fill(sub, value[key])
+    return value
+
+
+def section_schema(section: str) -> dict[str, Any]:
+    """The schema of one top-level section (`tissue`, `patches`, ...)."""
+    props = load_schema()["properties"]
+    if section not in props:
+        raise ConfigError(f"unknown config section {section!r}")
+    return props[section]
+
+
+def defaults(section: str | None = None) -> dict[str, Any]:
+    """All defaults of the config, or of one section."""
+    if section is None:
+        return _fill(load_schema(), {})
+    return _fill(section_schema(section), {})
+
+
+def validate(config: dict[str, Any], section: str | None = None) -> dict[str, Any]:
+    """Validate a config (or one section), fill defaults, and return the filled copy.
+
+    Errors name the offending key path, e.g. `patches.stride`.
+    """
+    schema = load_schema() if section is None else section_schema(section)
+    filled = _fill(schema, copy.deepcopy(config))
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(filled), key=lambda e: list(e.path)
+    )
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in ([section] if section else []) + list(err.path))
+        raise ConfigError(f"config key {where or '<root>'}: {err.message}")
+    return filled
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file and validate it (defaults filled)."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return validate(data)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, section: str) -> None:
+    """Add one option per setting of a schema section, with the schema's default and text."""
+    group = parser.add_argument_group(f"{section} settings (config key {section}.*)")
+    for key, sub in section_schema(section).get("properties", {}).items():
+        kind = sub.get("type")
+        kwargs: dict[str, Any] = {
+            "dest": f"{section}__{key}",
+            "default": argparse.SUPPRESS,
+            "help": f"{sub.get('description', '').strip()} (default: {sub.get('default')!r})",
+        }
+        if kind == "boolean":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == "array":
+            item = {"integer": int, "number": float}.get(sub.get("items", {}).get("type"), str)
+            kwargs.update(type=item, nargs="+")
+        elif kind == "object":
+            kwargs.update(type=json.loads, metavar="JSON")
+        else:
+            kwargs["type"] = {"integer": int, "number": float}.get(kind, str)
+            if "enum" in sub:
+                kwargs["choices"] = sub["enum"]
+        group.add_argument(_flag(key), **kwargs)
+
+
+def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The validated settings of a section from parsed options (defaults from the schema)."""
+    prefix = f"{section}__"
+    given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return validate(given, section)
+
+
+def cli_args(section: str, values: dict[str, Any]) -> str:
+    """Render a config section as shell-quoted options of `dsf <stage>` (for Snakemake rules)."""
+    parts: list[str] = []
+    props = section_schema(section).get("properties", {})
+    for key, value in values.items():
+        if key not in props:
+            continue
+        flag = _flag(key)
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            parts += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            parts += [flag, json.dumps(value, sort_keys=True)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)

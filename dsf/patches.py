@@ -1,0 +1,453 @@
+"""Context/target patch pyramids in a sharded Zarr v3 store (DESIGN sections 3-4).
+
+A grid of tiles of `scale * block` px at the target mpp, `stride` px apart, centred on the slide;
+tiles whose tissue fraction (from the tissue mask) passes `min_tissue` are read, and on annotated
+slides kept when their labelled fraction passes `min_label_frac`.
+
+Reading is streaming and decodes every needed slide pixel once: the grid is cut into column bands
+of `band_tiles` tiles; down each band a rolling buffer keeps the rows that the next tile row
+shares with the previous one (stride < tile), so only the new `stride` rows are read. The buffer
+is one band wide whatever the slide size, so memory does not grow with the slide. Reads run ahead
+in a thread pool (OpenSlide and tifffile release the GIL), and whole shards are written by a
+writer thread, so decoding, cutting and compression overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dsf import __version__
+from dsf.annotations import LabelSource, class_fractions, open_labels
+from dsf.atomic import atomic_path
+from dsf.config import add_section_arguments, section_from_args
+from dsf.errors import SlideError
+from dsf.runner import run, setup_logging
+from dsf.slide import Slide, open_slide
+
+log = logging.getLogger(__name__)
+
+
+def tile_grid(length: int, tile: int, stride: int) -> tuple[int, int]:
+    """(count, offset) of full tiles along one axis, centred so both margins are equal."""
+    if length < tile:
+        return 0, 0
+    count = (length - tile) // stride + 1
+    offset = (length - tile - (count - 1) * stride) // 2
+    return count, offset
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where tiles lie: all sizes in target pixels unless named level-0."""
+
+    target_mpp: float  # delivered resolution (a level within tolerance is used as it is)
+    requested_mpp: float
+    mpp0: float
+    scale: int
+    block: int
+    stride: int
+    nx: int
+    ny: int
+    ox: int
+    oy: int
+
+    @property
+    def tile(self) -> int:
+        return self.scale * self.block
+
+    @property
+    def f0(self) -> float:
+        """Level-0 pixels per target pixel."""
+        return self.target_mpp / self.mpp0
+
+    @property
+    def context_mpp(self) -> float:
+        return self.target_mpp * self.scale
+
+    def origin(self, row: int, col: int) -> tuple[int, int]:
+        """Top-left of tile (row, col) in target pixels."""
+        return self.ox + col * self.stride, self.oy + row * self.stride
+
+
+def make_geometry(slide: Slide, settings: dict[str, Any]) -> Geometry:
+    """The tile grid of a slide for the patch settings."""
+    req = settings["target_mpp"]
+    eff = slide.effective_mpp(req)
+    tile = settings["scale"] * settings["block"]
+    w0, h0 = slide.dimensions
+    f0 = eff / slide.mpp
+    nx, ox = tile_grid(int(w0 / f0 + 1e-6), tile, settings["stride"])
+    ny, oy = tile_grid(int(h0 / f0 + 1e-6), tile, settings["stride"])
+    if eff / slide.mpp < 1 - slide.mpp_tolerance:
+        log.warning(
+            "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled",
+            slide.slide_id, req, slide.mpp,
+        )
+    return Geometry(eff, req, slide.mpp, settings["scale"], settings["block"],
+                    settings["stride"], nx, ny, ox, oy)
+
+
+def tissue_fractions(mask: np.ndarray, mask_mpp: float, geo: Geometry) -> np.ndarray:
+    """Tissue fraction (ny, nx) of every grid tile from a boolean mask at `mask_mpp`."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
+    integral[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+    k = geo.target_mpp / mask_mpp  # mask px per target px
+    tx = geo.ox + np.arange(geo.nx) * geo.stride
+    ty = geo.oy + np.arange(geo.ny) * geo.stride
+    mh, mw = mask.shape
+
+    def span(t: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        a = np.clip(np.round(t * k).astype(np.int64), 0, limit)
+        b = np.clip(np.round((t + geo.tile) * k).astype(np.int64), 0, limit)
+        return a, np.maximum(b, np.minimum(a + 1, limit))
+
+    x0, x1 = span(tx, mw)
+    y0, y1 = span(ty, mh)
+    area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    total = (
+        integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
+    )
+    return np.where(area > 0, total / np.maximum(area, 1), 0.0)
+
+
+def downsample_mean(tiles: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average (..., H, W, C) uint8 by an integer factor (the context level)."""
+    if factor == 1:
+        return tiles.copy()
+    *lead, h, w, c = tiles.shape
+    blocks = tiles.reshape(*lead, h // factor, factor, w // factor, factor, c)
+    summed = blocks.sum(axis=(-4, -2), dtype=np.uint32)
+    n = factor * factor
+    return ((summed + n // 2) // n).astype(np.uint8)
+
+
+# -- streaming reader -------------------------------------------------------------------------
+
+
+@dataclass
+class _Strip:
+    band: int
+    row: int  # tile row this strip completes
+    y0: int  # target px, first row read
+    y1: int
+    fresh: bool  # buffer restarts here (no overlap with the previous strip)
+
+
+def _plan(keep: np.ndarray, geo: Geometry, band_tiles: int) -> list[_Strip]:
+    """The reads of each column band, top to bottom, skipping rows without candidate tiles."""
+    strips: list[_Strip] = []
+    for band, c0 in enumerate(range(0, geo.nx, band_tiles)):
+        cols = keep[:, c0 : c0 + band_tiles]
+        last_y1 = None
+        for row in np.nonzero(cols.any(axis=1))[0]:
+            _, ty = geo.origin(int(row), 0)
+            y0, y1 = ty, ty + geo.tile
+            fresh = last_y1 is None or last_y1 <= y0
+            strips.append(_Strip(band, int(row), y0 if fresh else last_y1, y1, fresh))
+            last_y1 = y1
+    return strips
+
+
+def _band_x(geo: Geometry, band: int, band_tiles: int) -> tuple[int, int, int, int]:
+    """(first col, end col, x0, x1) of a column band; x in target px."""
+    c0 = band * band_tiles
+    c1 = min(geo.nx, c0 + band_tiles)
+    x0, _ = geo.origin(0, c0)
+    x1 = geo.origin(0, c1 - 1)[0] + geo.tile
+    return c0, c1, x0, x1
+
+
+def iter_tiles(
+    slide: Slide,
+    geo: Geometry,
+    keep: np.ndarray,
+    band_tiles: int,
+    threads: int,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (row, col, tile) for every True of `keep`, decoding each needed pixel once."""
+    strips = _plan(keep, geo, band_tiles)
+    f0 = geo.f0
+
+    def read(strip: _Strip) -> np.ndarray:
+        _, _, x0, x1 = _band_x(geo, strip.band, band_tiles)
+        return slide.read(x0 * f0, strip.y0 * f0, x1 - x0, strip.y1 - strip.y0, geo.target_mpp)
+
+    lookahead = max(2, threads + 1)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsf-read") as pool:
+        pending: list[Future[np.ndarray]] = []
+        nxt = 0
+        buf: np.ndarray | None = None
+        buf_y0 = 0
+        for i, strip in enumerate(strips):
+            while nxt < len(strips) and nxt < i + lookahead:
+                pending.append(pool.submit(read, strips[nxt]))
+                nxt += 1
+            data = pending.pop(0).result()
+            _, ty = geo.origin(strip.row, 0)
+            if strip.fresh or buf is None:
+                buf, buf_y0 = data, strip.y0
+            else:
+                keep_from = ty - buf_y0
+                buf = np.concatenate([buf[keep_from:], data], axis=0)
+                buf_y0 = ty
+            c0, c1, x0, _ = _band_x(geo, strip.band, band_tiles)
+            for col in range(c0, c1):
+                if keep[strip.row, col]:
+                    tx, _ = geo.origin(strip.row, col)
+                    yield strip.row, col, buf[: geo.tile, tx - x0 : tx - x0 + geo.tile]
+
+
+# -- Zarr store -------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Buffers whole shards and writes them from one background thread."""
+
+    def __init__(self, arrays: dict[str, Any], shard: int) -> None:
+        self.arrays = arrays
+        self.shard = shard
+        self.count = 0
+        self._bufs: dict[str, np.ndarray] = {
+            k: np.empty((shard, *a.shape[1:]), a.dtype) for k, a in arrays.items()
+        }
+        self._fill = 0
+        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="dsf-zarr-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            start, bufs = item
+            try:
+                for k, data in bufs.items():
+                    self.arrays[k][start : start + len(data)] = data
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = exc
+
+    def add(self, **items: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        for k, v in items.items():
+            self._bufs[k][self._fill] = v
+        self._fill += 1
+        if self._fill == self.shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._fill:
+            bufs = {k: v[: self._fill] for k, v in self._bufs.items()}
+            self._queue.put((self.count, bufs))
+            self.count += self._fill
+            self._bufs = {k: np.empty_like(v) for k, v in self._bufs.items()}
+            self._fill = 0
+
+    def close(self) -> int:
+        self._flush()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.count
+
+
+def _compressors() -> Any:
+    import zarr
+
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
+
+
+def _create(group: Any, name: str, shape: tuple[int, ...], chunk: tuple[int, ...],
+            shard: tuple[int, ...] | None, dtype: Any) -> Any:
+    return group.create_array(
+        name, shape=shape, chunks=chunk, shards=shard, dtype=dtype, compressors=_compressors(),
+        fill_value=0,
+    )
+
+
+def extract(
+    slide: Slide,
+    mask: np.ndarray,
+    mask_mpp: float,
+    out: Path,
+    settings: dict[str, Any],
+    label_settings: dict[str, Any],
+    labels: LabelSource | None = None,
+    attrs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> int:
+    """Write the patch store of one slide to `out` (atomically); return the tile count."""
+    import zarr
+
+    geo = make_geometry(slide, settings)
+    if geo.nx == 0 or geo.ny == 0:
+        w, h = slide.size_at(geo.target_mpp)
+        raise SlideError(
+            slide.slide_id,
+            f"the slide is {w}x{h} px at {geo.target_mpp:.4g} um/px, smaller than one tile "
+            f"({geo.tile} px = patches.scale x patches.block); use a smaller patches.block",
+        )
+    frac = tissue_fractions(mask, mask_mpp, geo)
+    keep = frac >= settings["min_tissue"]
+    n_cand = int(keep.sum())
+    if n_cand == 0:
+        raise SlideError(
+            slide.slide_id,
+            f"no tile has tissue fraction >= patches.min_tissue ({settings['min_tissue']}) "
+            f"(best {frac.max():.2f}); lower patches.min_tissue or check the tissue mask",
+        )
+    classes = list(label_settings["classes"])
+    n_cls = len(classes)
+    tile, block = geo.tile, geo.block
+    shard = max(1, min(n_cand, int(settings["shard_mb"] * 1e6 // (tile * tile * 3))))
+    log.info(
+        "%s: %d x %d grid, %d tiles with tissue, tile %d px at %.4g um/px, shard %d tiles",
+        slide.slide_id, geo.nx, geo.ny, n_cand, tile, geo.target_mpp, shard,
+    )
+    with atomic_path(out) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        arrays = {
+            "tiles": _create(group, "tiles", (n_cand, tile, tile, 3), (1, tile, tile, 3),
+                             (shard, tile, tile, 3), np.uint8),
+            "context": _create(group, "context", (n_cand, block, block, 3), (1, block, block, 3),
+                               (shard, block, block, 3), np.uint8),
+        }
+        if labels is not None:
+            arrays["labels"] = _create(group, "labels", (n_cand, tile, tile), (1, tile, tile),
+                                       (shard, tile, tile), np.uint8)
+        writer = _ShardWriter(arrays, shard)
+        coords: list[tuple[int, int]] = []
+        tissue: list[float] = []
+        label_frac: list[np.ndarray] = []
+        bar = tqdm(total=n_cand, desc=f"patches {slide.slide_id}", unit="tile",
+                   disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 10.0)
+        f0 = geo.f0
+        try:
+            for row, col, pix in iter_tiles(slide, geo, keep, settings["band_tiles"],
+                                            settings["threads"]):
+                bar.update(1)
+                tx, ty = geo.origin(row, col)
+                item = {"tiles": pix, "context": downsample_mean(pix, geo.scale)}
+                if labels is not None:
+                    lab = labels.read(tx * f0, ty * f0, tile, tile, geo.target_mpp)
+                    fr = class_fractions(lab, n_cls)
+                    if 1.0 - fr[0] < settings["min_label_frac"]:
+                        continue
+                    item["labels"] = lab
+                    label_frac.append(fr)
+                coords.append((int(round(tx * f0)), int(round(ty * f0))))
+                tissue.append(float(frac[row, col]))
+                writer.add(**item)
+        finally:
+            bar.close()
+            n = writer.close()
+        if n == 0:
+            raise SlideError(
+                slide.slide_id,
+                f"none of the {n_cand} tissue tiles has a labelled fraction >= "
+                f"patches.min_label_frac ({settings['min_label_frac']}); check that the "
+                "annotation belongs to this slide or lower patches.min_label_frac",
+            )
+        for arr in arrays.values():
+            arr.resize((n, *arr.shape[1:]))
+        group.create_array("coords", data=np.asarray(coords, np.int64).reshape(n, 2),
+                           chunks=(max(1, n), 2))
+        group.create_array("tissue", data=np.asarray(tissue, np.float32), chunks=(max(1, n),))
+        if labels is not None:
+            group.create_array("label_frac", data=np.stack(label_frac).astype(np.float32),
+                               chunks=(max(1, n), n_cls))
+        stat = slide.path.stat()
+        group.attrs.update({
+            "slide_id": slide.slide_id,
+            "source": str(slide.path.resolve()),
+            "source_size": stat.st_size,
+            "source_mtime": stat.st_mtime,
+            "mpp": slide.mpp,
+            "level0_size": list(slide.dimensions),
+            "target_mpp": geo.target_mpp,
+            "requested_target_mpp": geo.requested_mpp,
+            "context_mpp": geo.context_mpp,
+            "scale": geo.scale,
+            "block": geo.block,
+            "tile": geo.tile,
+            "stride": geo.stride,
+            "grid": {"nx": geo.nx, "ny": geo.ny, "offset_x": geo.ox, "offset_y": geo.oy},
+            "class_names": classes,
+            "labelled": labels is not None,
+            "tissue_mask_mpp": mask_mpp,
+            "settings": settings,
+            "dsf_version": __version__,
+            "n_tiles": n,
+            **(attrs or {}),
+        })
+    log.info("%s: wrote %d tiles to %s", slide.slide_id, n, out)
+    return n
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf patches",
+        description="Cut context/target patch pyramids of one slide into a Zarr v3 store.",
+    )
+    p.add_argument("--slide", required=True, type=Path, help="slide file")
+    p.add_argument("--slide-id", help="slide id (default: file stem)")
+    p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    p.add_argument("--tissue-mask", required=True, type=Path, help="mask TIFF of `dsf tissue`")
+    p.add_argument("--tissue-stats", type=Path, help="stats JSON of `dsf tissue` (recorded)")
+    p.add_argument("--labels", type=Path, help="annotation: raster mask or GeoJSON")
+    p.add_argument("--out", required=True, type=Path, help="output store (.zarr)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_section_arguments(p, "patches")
+    add_section_arguments(p, "labels")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf patches`: one slide -> `{slide}.zarr`."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        from dsf.tissue import read_mask
+
+        settings = section_from_args(args, "patches")
+        label_settings = section_from_args(args, "labels")
+        slide = open_slide(args.slide, mpp=args.sheet_mpp, slide_id=args.slide_id,
+                           mpp_tolerance=settings["mpp_tolerance"])
+        mask, mask_mpp = read_mask(args.tissue_mask)
+        labels = None
+        if args.labels is not None:
+            labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp,
+                                 label_settings)
+        attrs: dict[str, Any] = {"labels_source": str(args.labels) if args.labels else None}
+        if args.tissue_stats is not None:
+            stats = json.loads(args.tissue_stats.read_text())
+            attrs["tissue_method"] = stats.get("method")
+            attrs["tissue_stats"] = stats
+        extract(slide, mask, mask_mpp, args.out, settings, label_settings, labels, attrs,
+                progress=not args.no_progress)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

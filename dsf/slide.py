@@ -1,0 +1,491 @@
+"""Spacing-first slide access over OpenSlide, tifffile and plain images (DESIGN section 4).
+
+Every read is asked in microns per pixel (mpp) and is a bounded region: the reader picks the
+pyramid level at or finer than the request, reads just the level pixels the region needs, and
+resamples them with exact sub-pixel geometry (PIL box filter over the region's float box).
+
+Backends:
+- OpenSlide for vendor formats (Aperio, Hamamatsu, MIRAX, Philips, tiled generic TIFF, ...);
+- tifffile for OME-TIFF and TIFF files OpenSlide refuses (stripped, unusual compression);
+- PIL for plain images (PNG/JPEG regions of interest), which carry their mpp in the sheet.
+
+The mpp comes from the sheet (`mpp`, which wins) or the file (OpenSlide's `openslide.mpp-x`,
+which covers Aperio `MPP` and TIFF resolution tags; OME `PhysicalSizeX`; TIFF resolution tags
+with their unit). Handles are opened lazily and per process, so a `Slide` can be handed to
+DataLoader workers or other processes after a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dsf.errors import SlideError
+
+log = logging.getLogger(__name__)
+
+#: Levels within this relative distance of the requested resolution are read without resampling.
+DEFAULT_MPP_TOLERANCE = 0.05
+#: Refuse single reads above this many level pixels: callers must tile bigger work.
+MAX_READ_PIXELS = 256 * 1024 * 1024
+#: TIFF resolution tags giving a coarser pixel than this are a default DPI, not a scan resolution.
+MAX_PLAUSIBLE_MPP = 100.0
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+_UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One pyramid level: size (w, h) in its own pixels and downsample relative to level 0."""
+
+    width: int
+    height: int
+    downsample: float
+
+
+class _Backend:
+    """Reads a rectangle of one level in that level's pixel coordinates, as RGB uint8."""
+
+    levels: list[LevelInfo]
+    file_mpp: float | None
+    properties: dict[str, str]
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles."""
+
+
+def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """RGBA -> RGB over a background colour (transparent = no scan data)."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class _OpenSlideBackend(_Backend):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._osr = openslide.OpenSlide(str(path))
+        self.properties = dict(self._osr.properties)
+        self.levels = [
+            LevelInfo(w, h, float(ds))
+            for (w, h), ds in zip(
+                self._osr.level_dimensions, self._osr.level_downsamples, strict=True
+            )
+        ]
+        mpp = self.properties.get("openslide.mpp-x")
+        self.file_mpp = float(mpp) if mpp not in (None, "") else None
+        bg = self.properties.get("openslide.background-color")
+        if bg and len(bg) == 6:
+            self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[assignment]
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self.levels[level].downsample
+        loc = (int(round(x * ds)), int(round(y * ds)))
+        region = self._osr.read_region(loc, level, (w, h))
+        return _composite(np.asarray(region), self.background)
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+def _tiff_tag_mpp(page: Any) -> float | None:
+    """MPP from TIFF XResolution/ResolutionUnit (2 = inch, 3 = cm); None without a unit."""
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    unit = int(tags["ResolutionUnit"].value)
+    num, den = tags["XResolution"].value
+    if num == 0 or den == 0:
+        return None
+    per_unit = num / den
+    um = {2: 25400.0, 3: 10000.0}.get(unit)
+    return um / per_unit if um else None
+
+
+def _ome_mpp(xml: str) -> float | None:
+    """PhysicalSizeX of the first OME Pixels element, converted to um."""
+    root = ET.fromstring(xml)
+    for elem in root.iter():
+        if elem.tag.endswith("Pixels") and "PhysicalSizeX" in elem.attrib:
+            unit = elem.attrib.get("PhysicalSizeXUnit", "µm")
+            return float(elem.attrib["PhysicalSizeX"]) * _UM_PER_UNIT.get(unit, 1.0)
+    return None
+
+
+class _TiffBackend(_Backend):
+    """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread."""
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        self._path = path
+        self._local = threading.local()
+        tf = tifffile.TiffFile(str(path))
+        self._local.tf = tf
+        series = tf.series[0]
+        self._axes = series.axes
+        if self._axes not in {"YXS", "YX", "CYX", "SYX"}:
+            raise ValueError(f"unsupported TIFF layout: axes {self._axes!r} shape {series.shape}")
+        if self._axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
+            raise ValueError(f"unsupported TIFF layout: {series.shape[0]} channels")
+        self._dtype = np.dtype(series.dtype)
+        if self._dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"unsupported TIFF pixel type {self._dtype} (need uint8 or uint16)")
+        y_ax, x_ax = self._axes.index("Y"), self._axes.index("X")
+        w0 = series.levels[0].shape[x_ax]
+        self.levels = [
+            LevelInfo(lv.shape[x_ax], lv.shape[y_ax], w0 / lv.shape[x_ax]) for lv in series.levels
+        ]
+        self._n_levels = len(series.levels)
+        self.properties = {"dsf.backend": "tifffile", "tiff.axes": self._axes}
+        mpp = None
+        if tf.is_ome and tf.ome_metadata:
+            mpp = _ome_mpp(tf.ome_metadata)
+        if mpp is None:
+            mpp = _tiff_tag_mpp(series.levels[0].keyframe)
+        if mpp is not None and not 0 < mpp <= MAX_PLAUSIBLE_MPP:
+            log.warning("%s: ignoring TIFF resolution %.4g um/px (a default DPI?)", path, mpp)
+            mpp = None
+        self.file_mpp = mpp
+
+    def _arrays(self) -> list[Any]:
+        arrays = getattr(self._local, "arrays", None)
+        if arrays is None:
+            import tifffile
+            import zarr
+
+            tf = getattr(self._local, "tf", None) or tifffile.TiffFile(str(self._path))
+            self._local.tf = tf
+            arrays = [
+                zarr.open_array(tf.series[0].aszarr(level=i), mode="r")
+                for i in range(self._n_levels)
+            ]
+            self._local.arrays = arrays
+        return arrays
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        arr = self._arrays()[level]
+        if self._axes in {"CYX", "SYX"}:
+            data = np.moveaxis(np.asarray(arr[:, y : y + h, x : x + w]), 0, -1)
+        else:
+            data = np.asarray(arr[y : y + h, x : x + w])
+        if data.ndim == 2:
+            data = np.repeat(data[..., None], 3, axis=2)
+        if self._dtype == np.uint16:
+            data = (data.astype(np.uint32) // 257).astype(np.uint8)
+        if data.shape[2] == 4:
+            return _composite(data, self.background)
+        return np.ascontiguousarray(data[..., :3])
+
+    def close(self) -> None:
+        tf = getattr(self._local, "tf", None)
+        if tf is not None:
+            tf.close()
+
+
+class _ImageBackend(_Backend):
+    """A plain image decoded once (PNG/JPEG cannot be read in parts); for ROI crops."""
+
+    def __init__(self, path: Path) -> None:
+        with Image.open(path) as im:
+            dpi = im.info.get("dpi")
+            im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+            data = np.asarray(im)
+        self._data = _composite(data, self.background) if data.shape[2] == 4 else data
+        h, w = self._data.shape[:2]
+        self.levels = [LevelInfo(w, h, 1.0)]
+        self.properties = {"dsf.backend": "image"}
+        mpp = 25400.0 / float(dpi[0]) if dpi and dpi[0] else None
+        self.file_mpp = mpp if mpp is not None and mpp <= MAX_PLAUSIBLE_MPP else None
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self._data[y : y + h, x : x + w]
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
+
+
+def _probe(backend: _Backend) -> None:
+    """Decode a few pixels of the coarsest level so corrupt files fail at open time."""
+    lv = len(backend.levels) - 1
+    w, h = backend.levels[lv].width, backend.levels[lv].height
+    backend.read_level(lv, w // 2, h // 2, max(1, min(16, w - w // 2)), max(1, min(16, h - h // 2)))
+
+
+def _try(factory: type[_Backend], path: Path, check: bool, errors: list[str], name: str) -> _Backend | None:
+    """Open (and probe) one backend; record the failure instead of raising."""
+    backend = None
+    try:
+        backend = factory(path)
+        if check:
+            _probe(backend)
+        return backend
+    except Exception as exc:  # noqa: BLE001 - every backend failure is reported to the user
+        if backend is not None:
+            backend.close()
+        errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _open_backend(path: Path, slide_id: str, check: bool = True) -> _Backend:
+    """Choose and open a backend; every failure becomes a SlideError naming the slide."""
+    if not path.exists():
+        raise SlideError(slide_id, f"file not found: {path}; fix the `path` column of the sheet")
+    if not path.is_file():
+        raise SlideError(slide_id, f"{path} is not a file (for MIRAX give the .mrxs file)")
+    errors: list[str] = []
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        backend = _try(_ImageBackend, path, check, errors, "PIL")
+    else:
+        import openslide
+
+        is_tiff = _is_tiff(path)
+        vendor = openslide.OpenSlide.detect_format(str(path))
+        backend = None
+        if vendor is not None and not (is_tiff and _is_ome(path)):
+            backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
+        if backend is None and is_tiff:
+            backend = _try(_TiffBackend, path, check, errors, "tifffile")
+    if backend is not None:
+        return backend
+    if not errors:
+        raise SlideError(
+            slide_id,
+            f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "
+            "PNG/JPEG); convert it or remove it from the sheet",
+        )
+    raise SlideError(
+        slide_id,
+        f"cannot read {path}: {'; '.join(errors)}. The file is corrupt, truncated or in an "
+        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it from the sheet",
+    )
+
+
+def _is_ome(path: Path) -> bool:
+    """OME-TIFF files go to tifffile: OpenSlide ignores their SubIFD pyramids."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            return bool(tf.is_ome)
+    except Exception:  # noqa: BLE001 - unparsable TIFF: let the backends report it
+        return False
+
+
+@dataclass
+class Slide:
+    """A slide opened lazily per process; all geometry in level-0 pixels, resolution in um/px."""
+
+    path: Path
+    slide_id: str
+    mpp: float
+    levels: list[LevelInfo]
+    backend_name: str
+    properties: dict[str, str] = field(default_factory=dict)
+    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
+    _backend: _Backend | None = field(default=None, repr=False)
+    _pid: int = field(default=-1, repr=False)
+
+    # -- process-safe handle ----------------------------------------------------------------
+    def _handle(self) -> _Backend:
+        if self._backend is None or self._pid != os.getpid():
+            self._backend = _open_backend(self.path, self.slide_id, check=False)
+            self._pid = os.getpid()
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_backend"], state["_pid"] = None, -1
+        return state
+
+    def close(self) -> None:
+        """Close the file handle of this process (reopened on the next read)."""
+        if self._backend is not None and self._pid == os.getpid():
+            self._backend.close()
+        self._backend = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 size (width, height) in pixels."""
+        return self.levels[0].width, self.levels[0].height
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """Colour of areas without scan data (white unless the file says otherwise)."""
+        return self._handle().background
+
+    def size_at(self, mpp: float) -> tuple[int, int]:
+        """Whole-slide size (width, height) at `mpp`, rounded to whole pixels."""
+        f = mpp / self.mpp
+        w, h = self.dimensions
+        return max(1, int(round(w / f))), max(1, int(round(h / f)))
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level at or finer than `mpp` (within the tolerance)."""
+        f = mpp / self.mpp
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= f * (1 + self.mpp_tolerance):
+                best = i if lv.downsample >= self.levels[best].downsample else best
+        return best
+
+    def effective_mpp(self, mpp: float) -> float:
+        """The resolution `read` actually delivers for a request of `mpp`.
+
+        A level within the tolerance is served as it is, so its own mpp is what the caller gets
+        (e.g. 0.2527 for a 0.25 request); otherwise the request itself.
+        """
+        lv = self.levels[self.best_level(mpp)]
+        level_mpp = self.mpp * lv.downsample
+        return level_mpp if abs(mpp / level_mpp - 1.0) <= self.mpp_tolerance else mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        """Objective power stated by the file, if any (informational: dsf works in mpp)."""
+        value = self.properties.get("openslide.objective-power")
+        try:
+            return float(value) if value else None
+        except ValueError:
+            return None
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of the region with level-0 top-left (x, y) at `mpp`.
+
+        The region covers width * mpp by height * mpp microns. Outside the slide reads as the
+        slide background (never wraps).
+        """
+        if width <= 0 or height <= 0:
+            raise ValueError(f"empty read {width}x{height}")
+        f = mpp / self.mpp
+        level = self.best_level(mpp)
+        lv = self.levels[level]
+        r = f / lv.downsample
+        if abs(r - 1.0) <= self.mpp_tolerance:
+            r = 1.0
+        lx, ly = x / lv.downsample, y / lv.downsample
+        if r == 1.0 and lx == int(lx) and ly == int(ly):
+            return self._read_padded(level, int(lx), int(ly), width, height)
+        if r < 1.0:
+            log.debug("%s: upsampling x%.2f from level %d", self.slide_id, 1 / r, level)
+        ix0, iy0 = math.floor(lx), math.floor(ly)
+        ix1, iy1 = math.ceil(lx + width * r), math.ceil(ly + height * r)
+        src = self._read_padded(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+        box = (lx - ix0, ly - iy0, lx - ix0 + width * r, ly - iy0 + height * r)
+        resample = Image.Resampling.BOX if r > 1.0 else Image.Resampling.BILINEAR
+        out = Image.fromarray(src).resize((width, height), resample=resample, box=box)
+        return np.asarray(out)
+
+    def _read_padded(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Read level pixels [x, x+w) x [y, y+h), padding outside the level with background."""
+        if w * h > MAX_READ_PIXELS:
+            raise ValueError(f"read of {w}x{h} level pixels exceeds the bound; tile the work")
+        lv = self.levels[level]
+        backend = self._handle()
+        cx0, cy0 = max(x, 0), max(y, 0)
+        cx1, cy1 = min(x + w, lv.width), min(y + h, lv.height)
+        try:
+            if (cx0, cy0, cx1, cy1) == (x, y, x + w, y + h):
+                return backend.read_level(level, x, y, w, h)
+            out = np.empty((h, w, 3), np.uint8)
+            out[:] = np.asarray(backend.background, np.uint8)
+            if cx1 > cx0 and cy1 > cy0:
+                part = backend.read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+                out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = part
+            return out
+        except SlideError:
+            raise
+        except Exception as exc:
+            self.close()
+            raise SlideError(
+                self.slide_id,
+                f"cannot decode pixels of {self.path} (level {level}, x {x}, y {y}): "
+                f"{type(exc).__name__}: {exc}; the file is corrupt or truncated: re-export it "
+                "or remove it from the sheet",
+            ) from exc
+
+    def thumbnail(self, mpp: float, chunk: int = 2048) -> np.ndarray:
+        """The whole slide at `mpp` (RGB uint8), read in bounded chunks of the chosen level."""
+        out_w, out_h = self.size_at(mpp)
+        f_x = self.dimensions[0] / out_w
+        f_y = self.dimensions[1] / out_h
+        f = max(f_x, f_y)
+        lv = self.levels[self.best_level(mpp)]
+        step = max(16, int(chunk * lv.downsample / f))  # output px per chunk
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for oy in range(0, out_h, step):
+            for ox in range(0, out_w, step):
+                w, h = min(step, out_w - ox), min(step, out_h - oy)
+                out[oy : oy + h, ox : ox + w] = self.read(ox * f_x, oy * f_y, w, h, mpp)
+        return out
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    mpp: float | None = None,
+    slide_id: str | None = None,
+    *,
+    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE,
+    check: bool = True,
+) -> Slide:
+    """Open a slide; `mpp` (from the sheet) overrides the file's resolution.
+
+    With `check`, a small region is decoded so corrupt files fail here, with the slide's name,
+    rather than deep inside a later stage.
+    """
+    path = Path(path)
+    sid = slide_id or path.stem
+    if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        raise SlideError(sid, f"sheet mpp {mpp!r} is not a positive number; fix the `mpp` column")
+    backend = _open_backend(path, sid, check)
+    file_mpp = backend.file_mpp
+    if mpp is None and file_mpp is None:
+        backend.close()
+        raise SlideError(
+            sid,
+            f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME PhysicalSizeX or "
+            "TIFF resolution tags); fill the `mpp` column (um/px) of the slide sheet",
+        )
+    if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
+        log.warning("%s: sheet mpp %.4g overrides the file's %.4g um/px", sid, mpp, file_mpp)
+    slide = Slide(
+        path=path,
+        slide_id=sid,
+        mpp=float(mpp if mpp is not None else file_mpp),  # type: ignore[arg-type]
+        levels=list(backend.levels),
+        backend_name=type(backend).__name__.strip("_").replace("Backend", "").lower(),
+        properties=dict(backend.properties),
+        mpp_tolerance=mpp_tolerance,
+        _backend=backend,
+        _pid=os.getpid(),
+    )
+    return slide

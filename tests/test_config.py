@@ -1,0 +1,112 @@
+"""The schema as the one home of defaults; the slide sheet's validation."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsf.config import add_section_arguments, cli_args, defaults, load_config, section_from_args
+from dsf.config import validate as validate_config
+from dsf.errors import ConfigError
+from dsf.sheet import load_sheet, read_sheet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_come_from_the_schema() -> None:
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    tissue = defaults("tissue")
+    assert tissue["method"] == schema["properties"]["tissue"]["properties"]["method"]["default"]
+    assert tissue["rgb_max"] == [235, 210, 235]  # the paper's threshold
+    full = defaults()
+    assert full["patches"]["stride"] == 512 and full["patches"]["scale"] == 4
+    assert full["results"] == "results"
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"patches\.stride"):
+        validate_config({"patches": {"stride": "wide"}})
+    with pytest.raises(ConfigError, match=r"tissue\.method"):
+        validate_config({"tissue": {"method": "magic"}})
+    with pytest.raises(ConfigError, match="Additional properties"):
+        validate_config({"patchez": {}})
+
+
+def test_embedded_config_is_valid() -> None:
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert cfg["patches"]["scale"] * cfg["patches"]["block"] <= 256  # tiny demo geometry
+
+
+def test_cli_options_round_trip_the_config() -> None:
+    values = defaults("tissue") | {"method": "otsu", "pen_marks": True, "rgb_max": [230, 200, 230]}
+    parser = argparse.ArgumentParser()
+    add_section_arguments(parser, "tissue")
+    args = parser.parse_args(shlex.split(cli_args("tissue", values)))
+    assert section_from_args(args, "tissue") == values
+    # options not given keep the schema defaults
+    assert section_from_args(parser.parse_args([]), "tissue") == defaults("tissue")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "magic"])
+    labels = defaults("labels") | {"class_map": {"1": 1, "19": 1}}
+    parser = argparse.ArgumentParser()
+    add_section_arguments(parser, "labels")
+    args = parser.parse_args(shlex.split(cli_args("labels", labels)))
+    assert section_from_args(args, "labels")["class_map"] == {"1": 1, "19": 1}
+
+
+def _sheet(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sheet.tsv"
+    path.write_text(text)
+    return path
+
+
+def test_sheet_resolves_paths_next_to_the_sheet(tmp_path: Path) -> None:
+    path = _sheet(tmp_path, "slide\tpath\tmpp\tlabels\nA\tslides/a b.svs\t0.25\t\nB\t/abs/b.tif\t\tb.geojson\n")
+    df = read_sheet(path)
+    assert df.loc["A", "path"] == str(tmp_path / "slides" / "a b.svs")
+    assert df.loc["A", "mpp"] == 0.25 and df.loc["A", "labels"] is None
+    assert df.loc["B", "mpp"] is None and df.loc["B", "labels"] == str(tmp_path / "b.geojson")
+    assert df.loc["B", "group"] == "B"  # a slide without a group is its own group
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("slide\tpath\nA\ta.svs\nA\tb.svs\n", r"'A' appears in rows 1 and 2"),
+        ("slide\tmpp\nA\t0.5\n", r"required column `path`"),
+        ("slide\tpath\tcolour\nA\ta.svs\tred\n", r"unknown column\(s\) \['colour'\]"),
+        ("slide\tpath\tmpp\nA\ta.svs\tfast\n", r"row 1 \(slide 'A'\), column `mpp`"),
+        ("slide\tpath\tmpp\nA\ta.svs\t-1\n", r"column `mpp`"),
+        ("slide\tpath\nA/B\ta.svs\n", r"column `slide`"),
+        ("slide\tpath\tpath\nA\ta.svs\tb.svs\n", r"more than once"),
+        ("slide\tpath\n", r"lists no slides"),
+    ],
+)
+def test_bad_sheets_name_row_and_column(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        read_sheet(_sheet(tmp_path, text))
+
+
+def test_missing_sheet_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config key `slides`"):
+        read_sheet(tmp_path / "nope.tsv")
+
+
+def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:
+    cfg = validate_config({
+        "results": str(tmp_path / "res"),
+        "slides": str(_sheet(tmp_path, "slide\tpath\nreal\treal.svs\n")),
+        "synth": {"slides": {"s1": {"seed": 1, "width": 256, "height": 256, "labels": "geojson"},
+                             "s2": {"seed": 2, "width": 256, "height": 256}}},
+    })
+    df = load_sheet(cfg)
+    assert list(df.index) == ["real", "s1", "s2"]
+    assert df.loc["s1", "labels"].endswith("res/synth/s1.geojson")
+    assert df.loc["s2", "labels"].endswith("res/synth/s2.labels.tiff")
+    cfg["synth"]["slides"]["real"] = {"seed": 3, "width": 256, "height": 256}
+    with pytest.raises(ConfigError, match="'real' appears"):
+        load_sheet(cfg)

@@ -1,0 +1,194 @@
+"""Slide access on real scanner files, synthetic TIFF layouts and broken files."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from dsf.errors import SlideError
+from dsf.slide import open_slide
+
+
+def _box_down(a: np.ndarray, k: int) -> np.ndarray:
+    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
+    return a[:h, :w].reshape(h // k, k, w // k, k, 3).mean((1, 3))
+
+
+def test_cmu_aperio_metadata_and_exact_pixels(real: Path) -> None:
+    s = open_slide(real / "CMU-1-Small-Region.svs")
+    assert s.backend_name == "openslide"
+    assert s.mpp == pytest.approx(0.499)
+    assert s.dimensions == (2220, 2967)
+    assert s.objective_power == 20
+    osr = openslide.OpenSlide(str(real / "CMU-1-Small-Region.svs"))
+    ref = np.asarray(osr.read_region((700, 900), 0, (300, 200)))[..., :3]
+    got = s.read(700, 900, 300, 200, 0.499)
+    assert got.shape == (200, 300, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_cmu_coarser_read_is_downsampled_full_resolution(real: Path) -> None:
+    s = open_slide(real / "CMU-1-Small-Region.svs")
+    full = s.read(400, 800, 1024, 1024, s.mpp)
+    coarse = s.read(400, 800, 256, 256, s.mpp * 4)
+    diff = np.abs(coarse.astype(float) - _box_down(full, 4))
+    assert diff.mean() < 1.0
+
+
+def test_tcga_needs_sheet_mpp_and_reads_its_pyramid(real: Path) -> None:
+    path = real / "TCGA-CR-7395-01A-01-TS1.histolab.svs"
+    with pytest.raises(SlideError) as err:
+        open_slide(path, slide_id="TCGA-CR-7395")
+    assert "TCGA-CR-7395" in str(err.value) and "`mpp` column" in str(err.value)
+    s = open_slide(path, mpp=2.0, slide_id="TCGA-CR-7395")
+    assert s.dimensions == (4443, 3567)
+    assert len(s.levels) == 2 and s.levels[1].downsample == pytest.approx(2.001, abs=1e-3)
+    assert s.best_level(4.0) == 1  # level 1 serves a 2x coarser request as it is
+    full = s.read(1600, 1200, 800, 800, 2.0)
+    coarse = s.read(1600, 1200, 400, 400, 4.0)
+    # Level 1 is the scanner's own lossy (JPEG 2000 Q70) downsample, half a pixel off ours:
+    # it matches ours where compression noise is averaged out, and a 2 px shift is much worse.
+    diff = np.abs(_box_down(coarse.astype(float), 4) - _box_down(full, 8))
+    assert diff.mean() < 5.0
+    shifted = s.read(1600 - 8, 1200 - 8, 400, 400, 4.0)
+    assert np.abs(_box_down(shifted.astype(float), 4) - _box_down(full, 8)).mean() > 8.0
+
+
+def test_tiny_aperio_fixture(real: Path) -> None:
+    s = open_slide(real / "openslide-python-fixtures" / "small.svs")
+    assert s.dimensions == (16, 16) and s.mpp == pytest.approx(0.499)
+    assert s.read(0, 0, 16, 16, s.mpp).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("name", ["tissue-level0-4302-10273-4814-10785.png", "no-tissue.png"])
+def test_plain_image_regions_need_sheet_mpp(real: Path, name: str) -> None:
+    path = real / "histolab-tiles" / name
+    with pytest.raises(SlideError, match="mpp"):
+        open_slide(path)
+    s = open_slide(path, mpp=0.5)
+    assert s.backend_name == "image"
+    rgb = s.read(0, 0, *s.dimensions, 0.5)
+    ref = np.asarray(Image.open(path).convert("RGBA"))
+    opaque = ref[..., 3] == 255
+    np.testing.assert_array_equal(rgb[opaque], ref[..., :3][opaque])
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("openslide-python-fixtures/unreadable.svs", ["unreadable", "corrupt", "Bogus marker"]),
+        ("openslide-python-fixtures/unopenable.tiff", ["unopenable", "compression"]),
+    ],
+)
+def test_broken_files_fail_with_a_clear_message(real: Path, name: str, words: list[str]) -> None:
+    with pytest.raises(SlideError) as err:
+        open_slide(real / name)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_non_image_and_missing_files(tmp_path: Path, real: Path) -> None:
+    fake = tmp_path / "notes.svs"
+    shutil.copy(real / "README.md", fake)
+    with pytest.raises(SlideError, match="'notes'.*not a slide format"):
+        open_slide(fake)
+    with pytest.raises(SlideError, match="'gone'.*not found.*`path` column"):
+        open_slide(tmp_path / "gone.svs")
+    truncated = tmp_path / "cut.svs"
+    truncated.write_bytes((real / "CMU-1-Small-Region.svs").read_bytes()[:200_000])
+    with pytest.raises(SlideError, match="'cut'"):
+        open_slide(truncated)
+
+
+def test_bad_sheet_mpp(real: Path) -> None:
+    with pytest.raises(SlideError, match="positive number"):
+        open_slide(real / "CMU-1-Small-Region.svs", mpp=-1.0)
+
+
+def test_reads_outside_the_slide_are_background(real: Path) -> None:
+    s = open_slide(real / "CMU-1-Small-Region.svs")
+    w, h = s.dimensions
+    edge = s.read(w - 50, h - 50, 100, 100, s.mpp)
+    assert (edge[50:, :] == 255).all() and (edge[:, 50:] == 255).all()
+    np.testing.assert_array_equal(edge[:50, :50], s.read(w - 50, h - 50, 50, 50, s.mpp))
+
+
+def _ome_pyramid(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        opts = {"tile": (128, 128), "compression": "zlib", "photometric": "rgb"}
+        tw.write(rgb, subifds=1, metadata={"axes": "YXS", "PhysicalSizeX": mpp,
+                                           "PhysicalSizeY": mpp}, **opts)
+        tw.write(rgb[::2, ::2], subfiletype=1, **opts)
+
+
+def _pattern(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 3) % 256, (y * 5) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+
+
+def test_ome_tiff_pyramid_via_tifffile(tmp_path: Path) -> None:
+    rgb = _pattern(600, 900)
+    path = tmp_path / "roi.ome.tif"
+    _ome_pyramid(path, rgb, 0.25)
+    s = open_slide(path)
+    assert s.backend_name == "tiff"
+    assert s.mpp == pytest.approx(0.25)
+    assert [(lv.width, lv.height) for lv in s.levels] == [(900, 600), (450, 300)]
+    np.testing.assert_array_equal(s.read(100, 50, 200, 100, 0.25), rgb[50:150, 100:300])
+    # level 1 is served as it is for a 2x coarser request
+    np.testing.assert_array_equal(s.read(100, 50, 100, 50, 0.5), rgb[::2, ::2][25:75, 50:150])
+
+
+def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
+    rgb = _pattern(300, 400)
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=16,
+                     resolution=(25400 / 0.5, 25400 / 0.5), resolutionunit="INCH")
+    s = open_slide(path)
+    assert s.mpp == pytest.approx(0.5)
+    np.testing.assert_array_equal(s.read(10, 20, 30, 40, 0.5), rgb[20:60, 10:40])
+
+    def crop(i: int) -> np.ndarray:
+        return s.read(i * 7, i * 5, 64, 64, 0.5)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(crop, range(20)))
+    for i, got in enumerate(results):
+        np.testing.assert_array_equal(got, rgb[i * 5 : i * 5 + 64, i * 7 : i * 7 + 64])
+
+
+def test_default_dpi_is_not_a_resolution(tmp_path: Path) -> None:
+    path = tmp_path / "dpi72.tif"
+    tifffile.imwrite(path, _pattern(64, 64), photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH")
+    with pytest.raises(SlideError, match="`mpp` column"):
+        open_slide(path)
+    assert open_slide(path, mpp=1.0).mpp == 1.0
+
+
+def _read_in_child(blob: bytes, queue: mp.Queue) -> None:
+    slide = pickle.loads(blob)
+    queue.put(slide.read(500, 500, 32, 32, slide.mpp).tobytes())
+
+
+def test_slide_is_safe_across_fork(real: Path) -> None:
+    s = open_slide(real / "CMU-1-Small-Region.svs")
+    expected = s.read(500, 500, 32, 32, s.mpp)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_child, args=(pickle.dumps(s), queue))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert got == expected.tobytes()
+    assert pickle.loads(pickle.dumps(s))._backend is None

@@ -1,0 +1,62 @@
+# Helpers shared by the rules: config validation, the slide sheet, per-slide inputs.
+import shlex
+
+from snakemake.utils import validate
+
+from dsf.config import cli_args
+from dsf.sheet import load_sheet
+
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+RESULTS = config["results"]
+SHEET = load_sheet(config)
+SLIDES = list(SHEET.index)
+SYNTH = list(config["synth"]["slides"])
+
+
+wildcard_constraints:
+    slide="|".join(map(__import__("re").escape, SLIDES)) or "(?!)",
+
+
+def slide_path(wildcards):
+    """The slide file of a sheet row."""
+    return SHEET.loc[wildcards.slide, "path"]
+
+
+def slide_opts(wildcards):
+    """Slide id and, when the sheet gives one, its mpp, as shell-quoted options."""
+    row = SHEET.loc[wildcards.slide]
+    opts = ["--slide-id", row["slide"]]
+    if row["mpp"] is not None:
+        opts += ["--sheet-mpp", repr(float(row["mpp"]))]
+    return " ".join(shlex.quote(o) for o in opts)
+
+
+def labels_input(wildcards):
+    """The annotation of a slide, or nothing."""
+    labels = SHEET.loc[wildcards.slide, "labels"]
+    return {"labels": labels} if labels else {}
+
+
+def labels_opt(wildcards, input):
+    """`--labels PATH` when the slide has an annotation."""
+    return f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else ""
+
+
+def stage_opts(section, skip=()):
+    """A config section as `dsf <stage>` options (the same schema, so the same defaults)."""
+    return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
+
+
+def all_outputs():
+    """Every artifact the stages built so far produce."""
+    return expand(
+        [
+            f"{RESULTS}/tissue/{{slide}}.tiff",
+            f"{RESULTS}/tissue/{{slide}}.jpg",
+            f"{RESULTS}/tissue/{{slide}}.json",
+            f"{RESULTS}/patches/{{slide}}.zarr",
+        ],
+        slide=SLIDES,
+    )

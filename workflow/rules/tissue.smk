@@ -1,0 +1,24 @@
+# Tissue mask, QC overlay and stats per slide, from a low-magnification thumbnail.
+
+
+rule tissue:
+    input:
+        slide=slide_path,
+    output:
+        mask=f"{RESULTS}/tissue/{{slide}}.tiff",
+        overlay=f"{RESULTS}/tissue/{{slide}}.jpg",
+        stats=f"{RESULTS}/tissue/{{slide}}.json",
+    params:
+        slide=slide_opts,
+        tolerance=config["patches"]["mpp_tolerance"],
+        opts=stage_opts("tissue"),
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/tissue/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tissue/{{slide}}.tsv"
+    shell:
+        "dsf tissue --slide {input.slide:q} {params.slide} --mpp-tolerance {params.tolerance} "
+        "--mask {output.mask:q} --overlay {output.overlay:q} --stats {output.stats:q} "
+        "{params.opts} 2> {log:q}"
