@@ -1,0 +1,208 @@
+"""Patch stores: geometry against the slide, context, labels, atomicity, memory-bounded reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import zarr
+
+from dsf.annotations import open_labels
+from dsf.config import defaults
+from dsf.errors import AnnotationError, SlideError
+from dsf.patches import Geometry, _plan, downsample_mean, extract, tile_grid
+from dsf.slide import open_slide
+
+
+def _rgb_mask(rgb: np.ndarray) -> np.ndarray:
+    return (rgb[..., 0] <= 235) & (rgb[..., 1] <= 210) & (rgb[..., 2] <= 235)
+
+
+def _settings(**kw: object) -> dict:
+    return defaults("patches") | kw
+
+
+def _labels_settings(**kw: object) -> dict:
+    return defaults("labels") | {"classes": ["ignore", "A", "B", "C"]} | kw
+
+
+def test_tile_grid_is_centred() -> None:
+    assert tile_grid(1000, 256, 128) == (6, (1000 - 256 - 5 * 128) // 2)
+    assert tile_grid(100, 256, 128) == (0, 0)
+    assert tile_grid(256, 256, 64) == (1, 0)
+
+
+def test_plan_reads_each_row_once_per_band() -> None:
+    g = Geometry(1.0, 1.0, 1.0, 4, 64, 128, nx=6, ny=5, ox=0, oy=0)
+    keep = np.ones((5, 6), bool)
+    keep[2] = False
+    strips = _plan(keep, g, band_tiles=4)
+    band0 = [s for s in strips if s.band == 0]
+    assert [(s.row, s.y0, s.y1, s.fresh) for s in band0] == [
+        (0, 0, 256, True), (1, 256, 384, False), (3, 384, 640, True), (4, 640, 768, False)
+    ]
+    # rows read per band: exactly the union of the kept tiles' rows, each once
+    assert sum(s.y1 - s.y0 for s in band0) == 768
+
+
+def test_downsample_mean_matches_block_average() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = downsample_mean(t, 4)
+    ref = np.round(t.reshape(2, 2, 4, 2, 4, 3).mean((2, 4)) + 1e-9).astype(np.uint8)
+    assert np.abs(got.astype(int) - ref).max() <= 1 and got.shape == (2, 2, 2, 3)
+
+
+def test_cmu_store_matches_openslide_pixels(real: Path, tmp_path: Path) -> None:
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    mask = _rgb_mask(slide.thumbnail(8.0))
+    st = _settings(target_mpp=0.5, block=32, stride=96, min_tissue=0.3, band_tiles=3)
+    out = tmp_path / "cmu.zarr"
+    n = extract(slide, mask, 8.0, out, st, _labels_settings(), progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    assert g.metadata.zarr_format == 3
+    assert g["tiles"].shape == (n, 128, 128, 3) and g["tiles"].dtype == np.uint8
+    assert g["context"].shape == (n, 32, 32, 3)
+    assert g["coords"].shape == (n, 2) and g["coords"].dtype == np.int64
+    assert g["tissue"].shape == (n,) and g["tissue"].dtype == np.float32
+    assert (g["tissue"][:] >= 0.3).all()
+    assert "labels" not in g
+    assert g["tiles"].shards is not None  # sharded: a slide is a few files
+    a = dict(g.attrs)
+    assert a["slide_id"] == "CMU-1-Small-Region" and a["mpp"] == pytest.approx(0.499)
+    assert a["target_mpp"] == pytest.approx(0.499)  # 0.5 served by level 0 within tolerance
+    assert a["context_mpp"] == pytest.approx(4 * 0.499) and a["scale"] == 4 and a["stride"] == 96
+    assert a["block"] == 32 and a["n_tiles"] == n and a["dsf_version"]
+    assert a["source_size"] == (real / "CMU-1-Small-Region.svs").stat().st_size
+    osr = openslide.OpenSlide(str(real / "CMU-1-Small-Region.svs"))
+    coords, tiles, ctx = g["coords"][:], g["tiles"][:], g["context"][:]
+    assert len({tuple(c) for c in coords}) == n
+    for i in range(n):
+        ref = np.asarray(osr.read_region(tuple(int(v) for v in coords[i]), 0, (128, 128)))
+        np.testing.assert_array_equal(tiles[i], ref[..., :3])
+        # context: the same field of view, 4x coarser, read independently through dsf
+        indep = slide.read(*coords[i], 32, 32, a["context_mpp"])
+        assert np.abs(ctx[i].astype(int) - indep).mean() < 1.0
+
+
+def _stripes(h: int, w: int) -> np.ndarray:
+    """A labelled test image: vertical class stripes 40 px wide, colour per class."""
+    cls = (np.arange(w) // 40) % 3 + 1
+    colours = np.array([[0, 0, 0], [200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)
+    rgb = np.broadcast_to(colours[cls][None], (h, w, 3)).copy()
+    return rgb, np.broadcast_to(cls[None], (h, w)).astype(np.uint8)
+
+
+def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> None:
+    h, w = 400, 600
+    rgb, lab = _stripes(h, w)
+    slide_path = tmp_path / "stripes.tif"
+    tifffile.imwrite(slide_path, rgb, photometric="rgb", tile=(64, 64),
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "mask.tif", lab[::4, ::4].copy())  # a 4x downsampled mask
+    feats = []
+    for k, x0 in enumerate(range(0, w, 40)):
+        ring = [[x0, 0], [x0 + 40, 0], [x0 + 40, h], [x0, h], [x0, 0]]
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                      "properties": {"classification": {"name": "ABC"[k % 3]}}})
+    (tmp_path / "ann.geojson").write_text(json.dumps({"type": "FeatureCollection",
+                                                      "features": feats}))
+    slide = open_slide(slide_path)
+    mask = np.ones((h // 16, w // 16), bool)
+    st = _settings(target_mpp=0.5, block=16, stride=48, min_tissue=0.5)
+    colour_of = {1: (200, 40, 40), 2: (40, 200, 40), 3: (40, 40, 200)}
+    for name in ("mask.tif", "ann.geojson"):
+        labels = open_labels(tmp_path / name, "stripes", slide.dimensions, slide.mpp,
+                             _labels_settings())
+        out = tmp_path / f"{name}.zarr"
+        n = extract(slide, mask, 8.0, out, st, _labels_settings(), labels, progress=False)
+        g = zarr.open_group(str(out), mode="r")
+        tiles, labs, fr = g["tiles"][:], g["labels"][:], g["label_frac"][:]
+        assert labs.shape == (n, 64, 64) and fr.shape == (n, 4)
+        np.testing.assert_allclose(fr.sum(1), 1.0, atol=1e-5)
+        for i in range(n):
+            for c, colour in colour_of.items():
+                px = tiles[i][labs[i] == c]
+                if not len(px):
+                    continue
+                # every labelled pixel carries its class colour (mask edges: 4 px of slack)
+                assert (np.all(px == colour, axis=1)).mean() > (0.9 if name == "mask.tif" else 0.99)
+
+
+def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Path) -> None:
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    far = [[10_000, 10_000], [10_100, 10_000], [10_100, 10_100], [10_000, 10_000]]
+    feat = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [far]},
+            "properties": {"classification": {"name": "A"}}}
+    (tmp_path / "far.geojson").write_text(json.dumps({"type": "FeatureCollection",
+                                                      "features": [feat]}))
+    with pytest.raises(AnnotationError, match="'cmu'.*overlaps the slide"):
+        open_labels(tmp_path / "far.geojson", "cmu", slide.dimensions, slide.mpp,
+                    _labels_settings())
+    feat["properties"]["classification"]["name"] = "Unicorn"
+    (tmp_path / "odd.geojson").write_text(json.dumps([feat]))
+    with pytest.raises(AnnotationError, match="'Unicorn'.*labels.geojson_names"):
+        open_labels(tmp_path / "odd.geojson", "cmu", slide.dimensions, slide.mpp,
+                    _labels_settings())
+    tifffile.imwrite(tmp_path / "wrong.tif", np.ones((100, 900), np.uint8))
+    with pytest.raises(AnnotationError, match="'cmu'.*does not cover the slide"):
+        open_labels(tmp_path / "wrong.tif", "cmu", slide.dimensions, slide.mpp,
+                    _labels_settings())
+    tifffile.imwrite(tmp_path / "codes.tif", np.full((296, 222), 19, np.uint8))
+    with pytest.raises(AnnotationError, match=r"codes \[19\].*labels.class_map"):
+        open_labels(tmp_path / "codes.tif", "cmu", slide.dimensions, slide.mpp,
+                    _labels_settings())
+    bcss = _labels_settings(class_map={"19": 1, "2": 2}, other_class=3)
+    src = open_labels(tmp_path / "codes.tif", "cmu", slide.dimensions, slide.mpp, bcss)
+    assert (src.read(0, 0, 10, 10, slide.mpp) == 1).all()
+
+
+def test_no_tissue_tile_is_an_error_naming_the_slide(real: Path, tmp_path: Path) -> None:
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    mask = np.zeros((371, 278), bool)
+    with pytest.raises(SlideError, match="CMU-1-Small-Region.*patches.min_tissue"):
+        extract(slide, mask, 8.0, tmp_path / "x.zarr", _settings(target_mpp=0.5, block=32),
+                _labels_settings(), progress=False)
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
+
+
+def _write_mask(path: Path, mask: np.ndarray, mpp: float) -> None:
+    tifffile.imwrite(path, mask.astype(np.uint8) * 255, resolution=(1e4 / mpp, 1e4 / mpp),
+                     resolutionunit="CENTIMETER")
+
+
+def test_killed_patch_job_leaves_no_store_and_rerun_is_valid(real: Path, tmp_path: Path) -> None:
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    _write_mask(tmp_path / "mask.tiff", np.ones((371, 278), bool), 8.0)
+    out = tmp_path / "cmu.zarr"
+    cmd = [sys.executable, "-m", "dsf.patches", "--slide", str(slide.path), "--tissue-mask",
+           str(tmp_path / "mask.tiff"), "--out", str(out), "--target-mpp", "0.5", "--block",
+           "32", "--stride", "48", "--shard-mb", "0.5", "--min-tissue", "0.1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    partial = tmp_path / "cmu.zarr.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(partial.glob("tiles/c/*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing that looks complete
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()
+    g = zarr.open_group(str(out), mode="r")
+    n = g.attrs["n_tiles"]
+    assert g["tiles"].shape[0] == n == g["coords"].shape[0] > 100
+    osr = openslide.OpenSlide(str(slide.path))
+    for i in (0, n // 2, n - 1):
+        ref = np.asarray(osr.read_region(tuple(int(v) for v in g["coords"][i]), 0, (128, 128)))
+        np.testing.assert_array_equal(g["tiles"][i], ref[..., :3])
