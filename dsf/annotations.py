@@ -150,8 +150,9 @@ class GeoJSONLabels(LabelSource):
         self._shapes = self._parse(path, names, settings)
         sw, sh = slide_dims
         inside = [
-            s for s in self._shapes if s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw
-            and s.bbox[1] < sh
+            s
+            for s in self._shapes
+            if s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw and s.bbox[1] < sh
         ]
         if not inside:
             raise AnnotationError(
@@ -162,7 +163,9 @@ class GeoJSONLabels(LabelSource):
         if len(inside) < len(self._shapes):
             log.warning(
                 "%s: %d of %d annotations lie outside the slide and are ignored",
-                slide_id, len(self._shapes) - len(inside), len(self._shapes),
+                slide_id,
+                len(self._shapes) - len(inside),
+                len(self._shapes),
             )
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
@@ -234,7 +237,9 @@ class GeoJSONLabels(LabelSource):
         return out
 
     @staticmethod
-    def _raster(ring: np.ndarray, x: float, y: float, f: float, shape: tuple[int, int]) -> np.ndarray:
+    def _raster(
+        ring: np.ndarray, x: float, y: float, f: float, shape: tuple[int, int]
+    ) -> np.ndarray:
         """Pixels whose centres lie inside the ring (ring in level-0 px)."""
         cols = (ring[:, 0] - x) / f - 0.5
         rows = (ring[:, 1] - y) / f - 0.5

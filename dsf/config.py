@@ -109,6 +109,7 @@ def add_section_arguments(parser: argparse.ArgumentParser, section: str) -> None
         kind = sub.get("type")
         kwargs: dict[str, Any] = {
             "dest": f"{section}__{key}",
+            "metavar": key.upper(),
             "default": argparse.SUPPRESS,
             "help": f"{sub.get('description', '').strip()} (default: {sub.get('default')!r})",
         }

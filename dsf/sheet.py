@@ -115,12 +115,14 @@ def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
     for sid, spec in config["synth"]["slides"].items():
         kind = spec.get("labels", "mask")
         labels = {"mask": f"{sid}.labels.tiff", "geojson": f"{sid}.geojson"}.get(kind)
-        rows.append({
-            "slide": sid,
-            "path": str(root / f"{sid}.tiff"),
-            "labels": str(root / labels) if labels else None,
-            "group": spec.get("group"),
-        })
+        rows.append(
+            {
+                "slide": sid,
+                "path": str(root / f"{sid}.tiff"),
+                "labels": str(root / labels) if labels else None,
+                "group": spec.get("group"),
+            }
+        )
     return rows
 
 

@@ -234,7 +234,9 @@ def _probe(backend: _Backend) -> None:
     backend.read_level(lv, w // 2, h // 2, max(1, min(16, w - w // 2)), max(1, min(16, h - h // 2)))
 
 
-def _try(factory: type[_Backend], path: Path, check: bool, errors: list[str], name: str) -> _Backend | None:
+def _try(
+    factory: type[_Backend], path: Path, check: bool, errors: list[str], name: str
+) -> _Backend | None:
     """Open (and probe) one backend; record the failure instead of raising."""
     backend = None
     try:
@@ -436,16 +438,14 @@ class Slide:
     def thumbnail(self, mpp: float, chunk: int = 2048) -> np.ndarray:
         """The whole slide at `mpp` (RGB uint8), read in bounded chunks of the chosen level."""
         out_w, out_h = self.size_at(mpp)
-        f_x = self.dimensions[0] / out_w
-        f_y = self.dimensions[1] / out_h
-        f = max(f_x, f_y)
+        f = mpp / self.mpp  # level-0 px per output px: chunk origins stay on one sampling grid
         lv = self.levels[self.best_level(mpp)]
         step = max(16, int(chunk * lv.downsample / f))  # output px per chunk
         out = np.empty((out_h, out_w, 3), np.uint8)
         for oy in range(0, out_h, step):
             for ox in range(0, out_w, step):
                 w, h = min(step, out_w - ox), min(step, out_h - oy)
-                out[oy : oy + h, ox : ox + w] = self.read(ox * f_x, oy * f_y, w, h, mpp)
+                out[oy : oy + h, ox : ox + w] = self.read(ox * f, oy * f, w, h, mpp)
         return out
 
 

@@ -65,7 +65,10 @@ def _sheet(tmp_path: Path, text: str) -> Path:
 
 
 def test_sheet_resolves_paths_next_to_the_sheet(tmp_path: Path) -> None:
-    path = _sheet(tmp_path, "slide\tpath\tmpp\tlabels\nA\tslides/a b.svs\t0.25\t\nB\t/abs/b.tif\t\tb.geojson\n")
+    path = _sheet(
+        tmp_path,
+        "slide\tpath\tmpp\tlabels\nA\tslides/a b.svs\t0.25\t\nB\t/abs/b.tif\t\tb.geojson\n",
+    )
     df = read_sheet(path)
     assert df.loc["A", "path"] == str(tmp_path / "slides" / "a b.svs")
     assert df.loc["A", "mpp"] == 0.25 and df.loc["A", "labels"] is None
@@ -97,12 +100,18 @@ def test_missing_sheet_names_the_key(tmp_path: Path) -> None:
 
 
 def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:
-    cfg = validate_config({
-        "results": str(tmp_path / "res"),
-        "slides": str(_sheet(tmp_path, "slide\tpath\nreal\treal.svs\n")),
-        "synth": {"slides": {"s1": {"seed": 1, "width": 256, "height": 256, "labels": "geojson"},
-                             "s2": {"seed": 2, "width": 256, "height": 256}}},
-    })
+    cfg = validate_config(
+        {
+            "results": str(tmp_path / "res"),
+            "slides": str(_sheet(tmp_path, "slide\tpath\nreal\treal.svs\n")),
+            "synth": {
+                "slides": {
+                    "s1": {"seed": 1, "width": 256, "height": 256, "labels": "geojson"},
+                    "s2": {"seed": 2, "width": 256, "height": 256},
+                }
+            },
+        }
+    )
     df = load_sheet(cfg)
     assert list(df.index) == ["real", "s1", "s2"]
     assert df.loc["s1", "labels"].endswith("res/synth/s1.geojson")

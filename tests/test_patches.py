@@ -48,7 +48,10 @@ def test_plan_reads_each_row_once_per_band() -> None:
     strips = _plan(keep, g, band_tiles=4)
     band0 = [s for s in strips if s.band == 0]
     assert [(s.row, s.y0, s.y1, s.fresh) for s in band0] == [
-        (0, 0, 256, True), (1, 256, 384, False), (3, 384, 640, True), (4, 640, 768, False)
+        (0, 0, 256, True),
+        (1, 256, 384, False),
+        (3, 384, 640, True),
+        (4, 640, 768, False),
     ]
     # rows read per band: exactly the union of the kept tiles' rows, each once
     assert sum(s.y1 - s.y0 for s in band0) == 768
@@ -106,23 +109,36 @@ def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> Non
     h, w = 400, 600
     rgb, lab = _stripes(h, w)
     slide_path = tmp_path / "stripes.tif"
-    tifffile.imwrite(slide_path, rgb, photometric="rgb", tile=(64, 64),
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        slide_path,
+        rgb,
+        photometric="rgb",
+        tile=(64, 64),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     tifffile.imwrite(tmp_path / "mask.tif", lab[::4, ::4].copy())  # a 4x downsampled mask
     feats = []
     for k, x0 in enumerate(range(0, w, 40)):
         ring = [[x0, 0], [x0 + 40, 0], [x0 + 40, h], [x0, h], [x0, 0]]
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                      "properties": {"classification": {"name": "ABC"[k % 3]}}})
-    (tmp_path / "ann.geojson").write_text(json.dumps({"type": "FeatureCollection",
-                                                      "features": feats}))
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"classification": {"name": "ABC"[k % 3]}},
+            }
+        )
+    (tmp_path / "ann.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": feats})
+    )
     slide = open_slide(slide_path)
     mask = np.ones((h // 16, w // 16), bool)
     st = _settings(target_mpp=0.5, block=16, stride=48, min_tissue=0.5)
     colour_of = {1: (200, 40, 40), 2: (40, 200, 40), 3: (40, 40, 200)}
     for name in ("mask.tif", "ann.geojson"):
-        labels = open_labels(tmp_path / name, "stripes", slide.dimensions, slide.mpp,
-                             _labels_settings())
+        labels = open_labels(
+            tmp_path / name, "stripes", slide.dimensions, slide.mpp, _labels_settings()
+        )
         out = tmp_path / f"{name}.zarr"
         n = extract(slide, mask, 8.0, out, st, _labels_settings(), labels, progress=False)
         g = zarr.open_group(str(out), mode="r")
@@ -141,26 +157,30 @@ def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> Non
 def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     far = [[10_000, 10_000], [10_100, 10_000], [10_100, 10_100], [10_000, 10_000]]
-    feat = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [far]},
-            "properties": {"classification": {"name": "A"}}}
-    (tmp_path / "far.geojson").write_text(json.dumps({"type": "FeatureCollection",
-                                                      "features": [feat]}))
+    feat = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [far]},
+        "properties": {"classification": {"name": "A"}},
+    }
+    (tmp_path / "far.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [feat]})
+    )
     with pytest.raises(AnnotationError, match="'cmu'.*overlaps the slide"):
-        open_labels(tmp_path / "far.geojson", "cmu", slide.dimensions, slide.mpp,
-                    _labels_settings())
+        open_labels(
+            tmp_path / "far.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
+        )
     feat["properties"]["classification"]["name"] = "Unicorn"
     (tmp_path / "odd.geojson").write_text(json.dumps([feat]))
     with pytest.raises(AnnotationError, match="'Unicorn'.*labels.geojson_names"):
-        open_labels(tmp_path / "odd.geojson", "cmu", slide.dimensions, slide.mpp,
-                    _labels_settings())
+        open_labels(
+            tmp_path / "odd.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
+        )
     tifffile.imwrite(tmp_path / "wrong.tif", np.ones((100, 900), np.uint8))
     with pytest.raises(AnnotationError, match="'cmu'.*does not cover the slide"):
-        open_labels(tmp_path / "wrong.tif", "cmu", slide.dimensions, slide.mpp,
-                    _labels_settings())
+        open_labels(tmp_path / "wrong.tif", "cmu", slide.dimensions, slide.mpp, _labels_settings())
     tifffile.imwrite(tmp_path / "codes.tif", np.full((296, 222), 19, np.uint8))
     with pytest.raises(AnnotationError, match=r"codes \[19\].*labels.class_map"):
-        open_labels(tmp_path / "codes.tif", "cmu", slide.dimensions, slide.mpp,
-                    _labels_settings())
+        open_labels(tmp_path / "codes.tif", "cmu", slide.dimensions, slide.mpp, _labels_settings())
     bcss = _labels_settings(class_map={"19": 1, "2": 2}, other_class=3)
     src = open_labels(tmp_path / "codes.tif", "cmu", slide.dimensions, slide.mpp, bcss)
     assert (src.read(0, 0, 10, 10, slide.mpp) == 1).all()
@@ -170,23 +190,53 @@ def test_no_tissue_tile_is_an_error_naming_the_slide(real: Path, tmp_path: Path)
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     mask = np.zeros((371, 278), bool)
     with pytest.raises(SlideError, match="CMU-1-Small-Region.*patches.min_tissue"):
-        extract(slide, mask, 8.0, tmp_path / "x.zarr", _settings(target_mpp=0.5, block=32),
-                _labels_settings(), progress=False)
+        extract(
+            slide,
+            mask,
+            8.0,
+            tmp_path / "x.zarr",
+            _settings(target_mpp=0.5, block=32),
+            _labels_settings(),
+            progress=False,
+        )
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
 
 
 def _write_mask(path: Path, mask: np.ndarray, mpp: float) -> None:
-    tifffile.imwrite(path, mask.astype(np.uint8) * 255, resolution=(1e4 / mpp, 1e4 / mpp),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        mask.astype(np.uint8) * 255,
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
 
 
 def test_killed_patch_job_leaves_no_store_and_rerun_is_valid(real: Path, tmp_path: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     _write_mask(tmp_path / "mask.tiff", np.ones((371, 278), bool), 8.0)
     out = tmp_path / "cmu.zarr"
-    cmd = [sys.executable, "-m", "dsf.patches", "--slide", str(slide.path), "--tissue-mask",
-           str(tmp_path / "mask.tiff"), "--out", str(out), "--target-mpp", "0.5", "--block",
-           "32", "--stride", "48", "--shard-mb", "0.5", "--min-tissue", "0.1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsf.patches",
+        "--slide",
+        str(slide.path),
+        "--tissue-mask",
+        str(tmp_path / "mask.tiff"),
+        "--out",
+        str(out),
+        "--target-mpp",
+        "0.5",
+        "--block",
+        "32",
+        "--stride",
+        "48",
+        "--shard-mb",
+        "0.5",
+        "--min-tissue",
+        "0.1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     partial = tmp_path / "cmu.zarr.partial"
     deadline = time.time() + 60

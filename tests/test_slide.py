@@ -125,8 +125,12 @@ def test_reads_outside_the_slide_are_background(real: Path) -> None:
 def _ome_pyramid(path: Path, rgb: np.ndarray, mpp: float) -> None:
     with tifffile.TiffWriter(path, ome=True) as tw:
         opts = {"tile": (128, 128), "compression": "zlib", "photometric": "rgb"}
-        tw.write(rgb, subifds=1, metadata={"axes": "YXS", "PhysicalSizeX": mpp,
-                                           "PhysicalSizeY": mpp}, **opts)
+        tw.write(
+            rgb,
+            subifds=1,
+            metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp},
+            **opts,
+        )
         tw.write(rgb[::2, ::2], subfiletype=1, **opts)
 
 
@@ -151,8 +155,14 @@ def test_ome_tiff_pyramid_via_tifffile(tmp_path: Path) -> None:
 def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
     rgb = _pattern(300, 400)
     path = tmp_path / "strips.tif"
-    tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=16,
-                     resolution=(25400 / 0.5, 25400 / 0.5), resolutionunit="INCH")
+    tifffile.imwrite(
+        path,
+        rgb,
+        photometric="rgb",
+        rowsperstrip=16,
+        resolution=(25400 / 0.5, 25400 / 0.5),
+        resolutionunit="INCH",
+    )
     s = open_slide(path)
     assert s.mpp == pytest.approx(0.5)
     np.testing.assert_array_equal(s.read(10, 20, 30, 40, 0.5), rgb[20:60, 10:40])
@@ -168,8 +178,9 @@ def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
 
 def test_default_dpi_is_not_a_resolution(tmp_path: Path) -> None:
     path = tmp_path / "dpi72.tif"
-    tifffile.imwrite(path, _pattern(64, 64), photometric="rgb", resolution=(72, 72),
-                     resolutionunit="INCH")
+    tifffile.imwrite(
+        path, _pattern(64, 64), photometric="rgb", resolution=(72, 72), resolutionunit="INCH"
+    )
     with pytest.raises(SlideError, match="`mpp` column"):
         open_slide(path)
     assert open_slide(path, mpp=1.0).mpp == 1.0
