@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from dsf import __version__
@@ -133,15 +134,14 @@ def tissue_fractions(mask: np.ndarray, mask_mpp: float, geo: Geometry) -> np.nda
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 
-def downsample_mean(tiles: np.ndarray, factor: int) -> np.ndarray:
-    """Area-average (..., H, W, C) uint8 by an integer factor (the context level)."""
+def downsample_mean(tile: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average an (H, W, 3) uint8 tile by an integer factor: the context level.
+
+    PIL's `reduce` is an exact box average in C (numpy's strided sum is ~40x slower here).
+    """
     if factor == 1:
-        return tiles.copy()
-    *lead, h, w, c = tiles.shape
-    blocks = tiles.reshape(*lead, h // factor, factor, w // factor, factor, c)
-    summed = blocks.sum(axis=(-4, -2), dtype=np.uint32)
-    n = factor * factor
-    return ((summed + n // 2) // n).astype(np.uint8)
+        return tile.copy()
+    return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).reduce(factor))
 
 
 # -- streaming reader -------------------------------------------------------------------------
@@ -171,10 +171,15 @@ def _plan(keep: np.ndarray, geo: Geometry, band_tiles: int) -> list[_Strip]:
     return strips
 
 
-def _band_x(geo: Geometry, band: int, band_tiles: int) -> tuple[int, int, int, int]:
-    """(first col, end col, x0, x1) of a column band; x in target px."""
+def _band_x(
+    geo: Geometry, keep: np.ndarray, band: int, band_tiles: int
+) -> tuple[int, int, int, int]:
+    """(first col, end col, x0, x1) of a column band, trimmed to its columns with kept tiles,
+    so background at the band's sides is never decoded; x in target px."""
     c0 = band * band_tiles
-    c1 = min(geo.nx, c0 + band_tiles)
+    cols = np.nonzero(keep[:, c0 : c0 + band_tiles].any(axis=0))[0]
+    c1 = c0 + int(cols[-1]) + 1
+    c0 += int(cols[0])
     x0, _ = geo.origin(0, c0)
     x1 = geo.origin(0, c1 - 1)[0] + geo.tile
     return c0, c1, x0, x1
@@ -192,7 +197,7 @@ def iter_tiles(
     f0 = geo.f0
 
     def read(strip: _Strip) -> np.ndarray:
-        _, _, x0, x1 = _band_x(geo, strip.band, band_tiles)
+        _, _, x0, x1 = _band_x(geo, keep, strip.band, band_tiles)
         return slide.read(x0 * f0, strip.y0 * f0, x1 - x0, strip.y1 - strip.y0, geo.target_mpp)
 
     lookahead = max(2, threads + 1)
@@ -213,7 +218,7 @@ def iter_tiles(
                 keep_from = ty - buf_y0
                 buf = np.concatenate([buf[keep_from:], data], axis=0)
                 buf_y0 = ty
-            c0, c1, x0, _ = _band_x(geo, strip.band, band_tiles)
+            c0, c1, x0, _ = _band_x(geo, keep, strip.band, band_tiles)
             for col in range(c0, c1):
                 if keep[strip.row, col]:
                     tx, _ = geo.origin(strip.row, col)

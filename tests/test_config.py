@@ -119,3 +119,23 @@ def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:
     cfg["synth"]["slides"]["real"] = {"seed": 3, "width": 256, "height": 256}
     with pytest.raises(ConfigError, match="'real' appears"):
         load_sheet(cfg)
+
+
+@pytest.mark.parametrize("preset", ["bcss.yaml", "paip.yaml"])
+def test_presets_validate_and_carry_the_paper_geometry(preset: str) -> None:
+    cfg = load_config(REPO / "config" / "presets" / preset)
+    p = cfg["patches"]
+    assert (p["scale"], p["block"], p["stride"]) == (4, 256, 512)
+    assert p["target_mpp"] == (0.25 if preset == "bcss.yaml" else 0.5)
+    assert p["min_label_frac"] == 0.1
+
+
+def test_bcss_code_mapping() -> None:
+    import numpy as np
+
+    from dsf.annotations import _code_lut
+
+    lut = _code_lut(load_config(REPO / "config" / "presets" / "bcss.yaml")["labels"])
+    codes = {0: 0, 1: 1, 19: 1, 20: 1, 2: 2, 3: 3, 10: 3, 11: 3, 14: 3, 4: 4, 5: 5, 7: 5, 21: 5}
+    assert {c: int(lut[c]) for c in codes} == codes
+    assert np.all(lut[22:] == 5)

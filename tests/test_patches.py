@@ -59,10 +59,10 @@ def test_plan_reads_each_row_once_per_band() -> None:
 
 def test_downsample_mean_matches_block_average() -> None:
     rng = np.random.default_rng(0)
-    t = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    t = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
     got = downsample_mean(t, 4)
-    ref = np.round(t.reshape(2, 2, 4, 2, 4, 3).mean((2, 4)) + 1e-9).astype(np.uint8)
-    assert np.abs(got.astype(int) - ref).max() <= 1 and got.shape == (2, 2, 2, 3)
+    ref = t.reshape(2, 4, 3, 4, 3).mean((1, 3))
+    assert got.shape == (2, 3, 3) and np.abs(got - ref).max() <= 0.5
 
 
 def test_cmu_store_matches_openslide_pixels(real: Path, tmp_path: Path) -> None:

@@ -1,0 +1,139 @@
+"""The Snakemake workflow: plan of the default config, a real tiny run, reruns, bad configs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import yaml
+import zarr
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+
+def smk(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run snakemake with this venv's `dsf` on PATH."""
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake {args} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """Rule -> count from snakemake's 'Job stats' table."""
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_default_config_plans_every_stage(tmp_path: Path) -> None:
+    out = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"
+    ).stdout
+    counts = job_counts(out)
+    assert counts["synth"] == 4 and counts["tissue"] == 6 and counts["patches"] == 6
+
+
+def test_lint_is_clean() -> None:
+    done = smk("--lint", "--directory", str(REPO), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Congratulations" in done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
+    """A finished run of a tiny config: two synthetic slides and a real one at a spaced path."""
+    wd = tmp_path_factory.mktemp("wf")
+    spaced = wd / "my slides" / "CMU 1 (small).svs"
+    spaced.parent.mkdir()
+    shutil.copy(real / "CMU-1-Small-Region.svs", spaced)
+    (wd / "my slides" / "sheet.tsv").write_text(
+        "slide\tpath\tmpp\tlabels\tgroup\ncmu\tCMU 1 (small).svs\t\t\tp1\n"
+    )
+    cfg = {
+        "results": "out",
+        "slides": "my slides/sheet.tsv",
+        "synth": {
+            "mpp": 0.5,
+            "region_um": 150,
+            "slides": {
+                "tiny-a": {"seed": 5, "width": 1024, "height": 768, "labels": "mask"},
+                "tiny-b": {"seed": 6, "width": 1024, "height": 768, "labels": "geojson"},
+            },
+        },
+        "patches": {"target_mpp": 1.0, "block": 16, "stride": 32, "min_tissue": 0.5},
+        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
+    }
+    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
+    return wd
+
+
+def test_tiny_run_writes_every_artifact(tiny: Path) -> None:
+    for sid in ("cmu", "tiny-a", "tiny-b"):
+        for ext in ("tiff", "jpg", "json"):
+            assert (tiny / "out" / "tissue" / f"{sid}.{ext}").stat().st_size > 0
+        g = zarr.open_group(str(tiny / "out" / "patches" / f"{sid}.zarr"), mode="r")
+        n = g.attrs["n_tiles"]
+        assert n > 0 and g["tiles"].shape == (n, 64, 64, 3)
+        assert ("labels" in g) == (sid != "cmu")
+        assert (tiny / "out" / "logs" / "patches" / f"{sid}.log").exists()
+        assert (tiny / "out" / "benchmarks" / "patches" / f"{sid}.tsv").exists()
+    # the slide at a path with spaces and parentheses was read, not interpreted by a shell
+    g = zarr.open_group(str(tiny / "out" / "patches" / "cmu.zarr"), mode="r")
+    assert g.attrs["source"].endswith("CMU 1 (small).svs")
+    osr = openslide.OpenSlide(g.attrs["source"])
+    x, y = (int(v) for v in g["coords"][0])
+    ref = np.asarray(osr.read_region((x, y), 0, (128, 128)).convert("RGB"))
+    # target 1.0 um/px on a 0.499 um/px slide: each stored pixel averages 2x2 level-0 pixels
+    down = ref.reshape(64, 2, 64, 2, 3).mean((1, 3))
+    assert np.abs(g["tiles"][0].astype(float) - down).mean() < 1.5
+
+
+def test_up_to_date_then_tissue_change_reruns_tissue_and_patches_only(tiny: Path) -> None:
+    assert "Nothing to be done" in smk("-n", "--configfile", "cfg.yaml", cwd=tiny).stdout
+    cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
+    cfg["tissue"] = {"min_object_um2": 5000}
+    (tiny / "cfg2.yaml").write_text(yaml.safe_dump(cfg))
+    counts = job_counts(smk("-n", "--configfile", "cfg2.yaml", cwd=tiny).stdout)
+    assert counts == {"tissue": 3, "patches": 3, "all": 1}
+    counts = job_counts(
+        smk("-n", "--configfile", "cfg.yaml", "--forcerun", "patches", cwd=tiny).stdout
+    )
+    assert counts == {"patches": 3, "all": 1}
+
+
+def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
+    cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
+    cfg["patches"]["stride"] = "wide"
+    (tiny / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("-n", "--configfile", "bad.yaml", cwd=tiny, check=False)
+    assert done.returncode != 0 and "stride" in done.stdout + done.stderr
+    cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
+    (tiny / "dup.tsv").write_text("slide\tpath\ncmu\ta.svs\ncmu\tb.svs\n")
+    cfg["slides"] = "dup.tsv"
+    (tiny / "dup.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("-n", "--configfile", "dup.yaml", cwd=tiny, check=False)
+    assert done.returncode != 0 and "'cmu' appears in rows 1 and 2" in done.stdout + done.stderr
+
+
+def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
+    (tiny / "broken.svs").write_bytes(b"this is not a slide")
+    (tiny / "bad.tsv").write_text("slide\tpath\nbroken\tbroken.svs\n")
+    cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
+    cfg |= {"slides": "bad.tsv", "results": "out-bad", "synth": {"slides": {}}}
+    (tiny / "badslide.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("--configfile", "badslide.yaml", "--cores", "1", cwd=tiny, check=False)
+    assert done.returncode != 0
+    log = (tiny / "out-bad" / "logs" / "tissue" / "broken.log").read_text()
+    assert "slide 'broken'" in log and "not a slide format" in log
+    assert not list((tiny / "out-bad" / "tissue").glob("broken.*"))
