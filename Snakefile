@@ -11,6 +11,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tissue.smk"
 include: "workflow/rules/patches.smk"
+include: "workflow/rules/folds.smk"
 
 
 rule all:

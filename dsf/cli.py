@@ -12,6 +12,7 @@ STAGES = {
     "synth": "dsf.synth",
     "tissue": "dsf.tissue",
     "patches": "dsf.patches",
+    "folds": "dsf.folds",
 }
 
 

@@ -107,6 +107,8 @@ def add_section_arguments(parser: argparse.ArgumentParser, section: str) -> None
     group = parser.add_argument_group(f"{section} settings (config key {section}.*)")
     for key, sub in section_schema(section).get("properties", {}).items():
         kind = sub.get("type")
+        if isinstance(kind, list):  # e.g. [string, "null"]: the option takes the non-null type
+            kind = next(k for k in kind if k != "null")
         kwargs: dict[str, Any] = {
             "dest": f"{section}__{key}",
             "metavar": key.upper(),
@@ -142,6 +144,8 @@ def cli_args(section: str, values: dict[str, Any]) -> str:
         if key not in props:
             continue
         flag = _flag(key)
+        if value is None:  # null = not set: the option keeps its schema default
+            continue
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):

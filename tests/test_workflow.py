@@ -41,6 +41,7 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     ).stdout
     counts = job_counts(out)
     assert counts["synth"] == 4 and counts["tissue"] == 6 and counts["patches"] == 6
+    assert counts["folds"] == 1
 
 
 def test_lint_is_clean() -> None:
@@ -72,6 +73,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
         },
         "patches": {"target_mpp": 1.0, "block": 16, "stride": 32, "min_tissue": 0.5},
         "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
+        "folds": {"k": 2},
     }
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
@@ -79,6 +81,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
 
 
 def test_tiny_run_writes_every_artifact(tiny: Path) -> None:
+    folds = (tiny / "out" / "folds.tsv").read_text().splitlines()
+    assert folds[0] == "slide\tgroup\tfold" and len(folds) == 4
     for sid in ("cmu", "tiny-a", "tiny-b"):
         for ext in ("tiff", "jpg", "json"):
             assert (tiny / "out" / "tissue" / f"{sid}.{ext}").stat().st_size > 0
@@ -128,12 +132,18 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
 
 def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
     (tiny / "broken.svs").write_bytes(b"this is not a slide")
-    (tiny / "bad.tsv").write_text("slide\tpath\nbroken\tbroken.svs\n")
+    (tiny / "bad.tsv").write_text(
+        "slide\tpath\nbroken\tbroken.svs\ngood\tmy slides/CMU 1 (small).svs\n"
+    )
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     cfg |= {"slides": "bad.tsv", "results": "out-bad", "synth": {"slides": {}}}
     (tiny / "badslide.yaml").write_text(yaml.safe_dump(cfg))
-    done = smk("--configfile", "badslide.yaml", "--cores", "1", cwd=tiny, check=False)
+    done = smk(
+        "--configfile", "badslide.yaml", "--cores", "1", "--keep-going", cwd=tiny, check=False
+    )
     assert done.returncode != 0
     log = (tiny / "out-bad" / "logs" / "tissue" / "broken.log").read_text()
     assert "slide 'broken'" in log and "not a slide format" in log
     assert not list((tiny / "out-bad" / "tissue").glob("broken.*"))
+    # the good slide beside it completes
+    assert (tiny / "out-bad" / "patches" / "good.zarr" / "zarr.json").exists()

@@ -1,9 +1,11 @@
 # Helpers shared by the rules: config validation, the slide sheet, per-slide inputs.
+import os
 import shlex
 
 from snakemake.utils import validate
 
 from dsf.config import cli_args
+from dsf.folds import assign_folds
 from dsf.sheet import load_sheet
 
 
@@ -13,10 +15,23 @@ RESULTS = config["results"]
 SHEET = load_sheet(config)
 SLIDES = list(SHEET.index)
 SYNTH = list(config["synth"]["slides"])
+# The same deterministic split the `folds` rule writes to folds.tsv, known at parse time so the
+# per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv.
+FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
+FOLD_IDS = sorted(set(FOLDS["fold"]))
+INITS = list(config["pretrain"]["methods"])
 
 
 wildcard_constraints:
     slide="|".join(map(__import__("re").escape, SLIDES)) or "(?!)",
+    fold=r"\d+",
+    init="|".join(INITS) or "(?!)",
+
+
+def train_stores(fold):
+    """Patch stores of the slides outside fold `fold` (its training slides)."""
+    slides = FOLDS.loc[FOLDS["fold"] != fold, "slide"]
+    return [f"{RESULTS}/patches/{s}.zarr" for s in slides]
 
 
 def slide_path(wildcards):
@@ -51,7 +66,7 @@ def stage_opts(section, skip=()):
 
 def all_outputs():
     """Every artifact the stages built so far produce."""
-    return expand(
+    return [f"{RESULTS}/folds.tsv"] + expand(
         [
             f"{RESULTS}/tissue/{{slide}}.tiff",
             f"{RESULTS}/tissue/{{slide}}.jpg",

@@ -1,0 +1,103 @@
+"""Tiles of the Zarr patch stores as a torch Dataset (DESIGN section 3, `patches/{slide}.zarr`).
+
+Stores are opened lazily and per process, so DataLoader workers never share a handle across a
+fork. A batch is fetched with one orthogonal selection per store (`__getitems__`), so Zarr
+reads the needed chunks of a shard concurrently instead of tile by tile.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dsf.errors import ConfigError
+
+
+def open_store(path: str | Path) -> Any:
+    """Open a finished patch store read-only, with a clear error for a missing or partial one."""
+    import warnings
+
+    import zarr
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"patch store {path} not found; run the patches stage first")
+    with warnings.catch_warnings():  # Snakemake's .snakemake_timestamp inside directory outputs
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        group = zarr.open_group(str(path), mode="r")
+    if "n_tiles" not in group.attrs:
+        raise ConfigError(f"patch store {path} is incomplete (no n_tiles); rerun patches")
+    return group
+
+
+class TileDataset(Dataset):
+    """uint8 tiles (T, T, 3) of several patch stores, indexed globally."""
+
+    def __init__(self, stores: list[str | Path], array: str = "tiles") -> None:
+        self.stores = [Path(s) for s in stores]
+        if not self.stores:
+            raise ConfigError("no patch stores to train on")
+        self.array = array
+        self.slides: list[str] = []
+        counts = []
+        tile = None
+        for s in self.stores:
+            g = open_store(s)
+            counts.append(int(g.attrs["n_tiles"]))
+            self.slides.append(str(g.attrs["slide_id"]))
+            t = g[array].shape[1:]
+            if tile is not None and t != tile:
+                raise ConfigError(f"patch store {s} has tiles {t}, others {tile}: mixed geometry")
+            tile = t
+        self.tile_shape = tuple(tile)  # type: ignore[arg-type]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._arrays: list[Any] | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = None, -1
+        return state
+
+    def _open(self) -> list[Any]:
+        if self._arrays is None or self._pid != os.getpid():
+            self._arrays = [open_store(s)[self.array] for s in self.stores]
+            self._pid = os.getpid()
+        return self._arrays
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(store number, tile number in that store) of a global index."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        store = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return store, int(index - self.offsets[store])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        store, local = self.locate(int(index))
+        return torch.from_numpy(np.asarray(self._open()[store][local]))
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A whole batch (B, T, T, 3): one orthogonal read per store, in the requested order."""
+        arrays = self._open()
+        out = np.empty((len(indices), *self.tile_shape), np.uint8)
+        where = [self.locate(int(i)) for i in indices]
+        for store in sorted({s for s, _ in where}):
+            pos = [k for k, (s, _) in enumerate(where) if s == store]
+            local = np.array([where[k][1] for k in pos])
+            order = np.argsort(local)
+            data = arrays[store].get_orthogonal_selection((local[order],))
+            out[np.array(pos)[order]] = data
+        return torch.from_numpy(out)
+
+
+def collate_batch(batch: Any) -> torch.Tensor:
+    """DataLoader collate for `__getitems__` batches (already one tensor)."""
+    return batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))

@@ -1,0 +1,57 @@
+"""Folds: grouped, seeded, balanced, every slide in exactly one validation fold."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dsf.errors import ConfigError
+from dsf.folds import assign_folds, main, read_folds
+
+
+def _sheet(groups: list[str], folds: list[int | None] | None = None) -> pd.DataFrame:
+    n = len(groups)
+    return pd.DataFrame(
+        {"slide": [f"s{i}" for i in range(n)], "group": groups, "fold": folds or [None] * n},
+        dtype=object,
+    )
+
+
+def test_groups_never_span_folds_and_every_slide_has_one_fold() -> None:
+    groups = [f"p{i // 3}" for i in range(30)]  # 10 patients, 3 slides each
+    t = assign_folds(_sheet(groups), k=5, seed=1)
+    assert list(t["slide"]) == [f"s{i}" for i in range(30)]
+    assert t.groupby("group")["fold"].nunique().max() == 1
+    assert sorted(t["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert t["fold"].value_counts().max() - t["fold"].value_counts().min() <= 3
+
+
+def test_seeded_and_seed_matters() -> None:
+    sheet = _sheet([f"p{i}" for i in range(20)])
+    a, b = assign_folds(sheet, 4, 7), assign_folds(sheet, 4, 7)
+    assert a.equals(b)
+    assert not a["fold"].equals(assign_folds(sheet, 4, 8)["fold"])
+
+
+def test_fold_column_is_honoured() -> None:
+    sheet = _sheet(["a", "a", "b", "c", "d", "e"], [2, 2, None, None, 0, None])
+    t = assign_folds(sheet, 3, 0)
+    assert list(t["fold"][:2]) == [2, 2] and t["fold"][4] == 0
+
+
+def test_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="group 'a' has slides in folds"):
+        assign_folds(_sheet(["a", "a", "b"], [0, 1, None]), 2, 0)
+    with pytest.raises(ConfigError, match="folds.k is 5 but the sheet has only 2 groups"):
+        assign_folds(_sheet(["a", "b"]), 5, 0)
+    with pytest.raises(ConfigError, match="folds.k is 2"):
+        assign_folds(_sheet(["a", "b", "c"], [3, None, None]), 2, 0)
+
+
+def test_cli_writes_folds_tsv(tmp_path) -> None:  # noqa: ANN001
+    sheet = _sheet(["a", "b", "c", "d"]).to_json(orient="records")
+    assert main(["--sheet-json", sheet, "--out", str(tmp_path / "f.tsv"), "--k", "2"]) == 0
+    t = read_folds(tmp_path / "f.tsv")
+    assert sorted(t["fold"].value_counts().tolist()) == [2, 2]
+    assert main(["--sheet-json", sheet, "--out", str(tmp_path / "g.tsv"), "--k", "9"]) == 2
+    assert not (tmp_path / "g.tsv").exists()

@@ -1,0 +1,17 @@
+# Cross-validation folds over the slides, grouped by patient (the sheet's `group` column).
+
+
+rule folds:
+    output:
+        f"{RESULTS}/folds.tsv",
+    params:
+        sheet=SHEET[["slide", "group", "fold"]].to_json(orient="records"),
+        opts=stage_opts("folds"),
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/folds.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/folds.tsv"
+    shell:
+        "dsf folds --sheet-json {params.sheet:q} --out {output:q} {params.opts} 2> {log:q}"
