@@ -12,6 +12,7 @@ include: "workflow/rules/synth.smk"
 include: "workflow/rules/tissue.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/folds.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 rule all:

@@ -13,6 +13,7 @@ STAGES = {
     "tissue": "dsf.tissue",
     "patches": "dsf.patches",
     "folds": "dsf.folds",
+    "pretrain": "dsf.pretrain",
 }
 
 

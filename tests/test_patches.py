@@ -264,8 +264,15 @@ def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     d = tmp_path_factory.mktemp("synth")
     spec = {"seed": 11, "width": 2048, "height": 1536, "mpp": 0.5, "region_um": 150}
-    write_synthetic_slide(d / "s.tiff", tile=256, quality=90, labels_tiff=d / "s.labels.tiff",
-                          labels_geojson=d / "s.geojson", label_downsample=4, **spec)
+    write_synthetic_slide(
+        d / "s.tiff",
+        tile=256,
+        quality=90,
+        labels_tiff=d / "s.labels.tiff",
+        labels_geojson=d / "s.geojson",
+        label_downsample=4,
+        **spec,
+    )
     return {"dir": d, **spec}
 
 
@@ -288,9 +295,18 @@ def test_synthetic_labels_align_with_ground_truth(synth_slide: dict, labels_file
     agree = []
     for i in range(n):
         x, y = (int(v) for v in coords[i])
-        truth = render_labels(synth_slide["seed"], x, y, 64, 64, 0.5, downsample=2.0,
-                              region_um=synth_slide["region_um"], slide_width=2048,
-                              slide_height=1536)
+        truth = render_labels(
+            synth_slide["seed"],
+            x,
+            y,
+            64,
+            64,
+            0.5,
+            downsample=2.0,
+            region_um=synth_slide["region_um"],
+            slide_width=2048,
+            slide_height=1536,
+        )
         agree.append((labs[i] == truth).mean())
     # the mask is 4x coarser than level 0 (edges differ by a few px); GeoJSON is traced from it
     assert np.mean(agree) > 0.97 and np.min(agree) > 0.85

@@ -17,6 +17,8 @@ import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
+# The workflow tests cover the data stages; pretraining is tested in test_pretrain.py.
+UNTIL = ("--until", "patches", "folds")
 
 
 def smk(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,7 +78,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
         "folds": {"k": 2},
     }
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
+    smk("--configfile", "cfg.yaml", "--cores", "2", *UNTIL, cwd=wd)
     return wd
 
 
@@ -104,16 +106,17 @@ def test_tiny_run_writes_every_artifact(tiny: Path) -> None:
 
 
 def test_up_to_date_then_tissue_change_reruns_tissue_and_patches_only(tiny: Path) -> None:
-    assert "Nothing to be done" in smk("-n", "--configfile", "cfg.yaml", cwd=tiny).stdout
+    out = smk("-n", "--configfile", "cfg.yaml", *UNTIL, cwd=tiny).stdout
+    assert "Nothing to be done" in out or job_counts(out) == {}
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     cfg["tissue"] = {"min_object_um2": 5000}
     (tiny / "cfg2.yaml").write_text(yaml.safe_dump(cfg))
-    counts = job_counts(smk("-n", "--configfile", "cfg2.yaml", cwd=tiny).stdout)
-    assert counts == {"tissue": 3, "patches": 3, "all": 1}
+    counts = job_counts(smk("-n", "--configfile", "cfg2.yaml", *UNTIL, cwd=tiny).stdout)
+    assert counts == {"tissue": 3, "patches": 3}
     counts = job_counts(
-        smk("-n", "--configfile", "cfg.yaml", "--forcerun", "patches", cwd=tiny).stdout
+        smk("-n", "--configfile", "cfg.yaml", "--forcerun", "patches", *UNTIL, cwd=tiny).stdout
     )
-    assert counts == {"patches": 3, "all": 1}
+    assert counts == {"patches": 3}
 
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
@@ -139,7 +142,14 @@ def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
     cfg |= {"slides": "bad.tsv", "results": "out-bad", "synth": {"slides": {}}}
     (tiny / "badslide.yaml").write_text(yaml.safe_dump(cfg))
     done = smk(
-        "--configfile", "badslide.yaml", "--cores", "1", "--keep-going", cwd=tiny, check=False
+        "--configfile",
+        "badslide.yaml",
+        "--cores",
+        "1",
+        "--keep-going",
+        *UNTIL,
+        cwd=tiny,
+        check=False,
     )
     assert done.returncode != 0
     log = (tiny / "out-bad" / "logs" / "tissue" / "broken.log").read_text()

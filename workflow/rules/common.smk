@@ -66,7 +66,10 @@ def stage_opts(section, skip=()):
 
 def all_outputs():
     """Every artifact the stages built so far produce."""
-    return [f"{RESULTS}/folds.tsv"] + expand(
+    pretrained = expand(
+        f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/encoders.pt", init=INITS, fold=FOLD_IDS
+    )
+    return [f"{RESULTS}/folds.tsv", *pretrained] + expand(
         [
             f"{RESULTS}/tissue/{{slide}}.tiff",
             f"{RESULTS}/tissue/{{slide}}.jpg",

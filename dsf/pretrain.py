@@ -1,0 +1,400 @@
+"""Self-supervised DSF-WSI pretraining of one fold (DESIGN sections 4-5, paper section III).
+
+Trains the dual-branch model on the uint8 tiles of the fold's training slides (never a validation
+slide of that fold): augmentation runs on the training device (`dsf.augment`), the model step
+under AMP (bf16 where supported, else fp16 with a scaler; fp32 on the CPU), optionally
+channels_last and `torch.compile`, on several GPUs through `torchrun` (DDP, SyncBatchNorm).
+
+Artifacts in `--out-dir`: `encoders.pt` (the two encoders' state_dicts, for fine-tuning),
+`checkpoint.pt` (full state: model, optimiser, scaler, epoch; written every `checkpoint_every`
+epochs and at the end) and `log.tsv` (per epoch: the three group losses, throughput and the
+collapse monitor). `--resume` continues from the checkpoint exactly: sampling and augmentation
+are seeded per epoch, and any changed hyperparameter other than `epochs` is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from dsf import __version__
+from dsf.atomic import atomic_path
+from dsf.config import add_section_arguments, section_from_args
+from dsf.errors import ConfigError, DsfError
+from dsf.folds import read_folds
+from dsf.runner import run, setup_logging
+from dsf.tiles import TileDataset, collate_batch, open_store
+
+log = logging.getLogger(__name__)
+
+#: Settings that may differ on resume without changing the result.
+RESUME_FREE = {"epochs", "workers", "device", "compile", "checkpoint_every", "methods", "gpus"}
+LOG_COLUMNS = [
+    "epoch",
+    "loss",
+    "context",
+    "target",
+    "fusion",
+    "z_std",
+    "samples_per_s",
+    "seconds",
+    "lr",
+]
+
+
+class TrainingError(DsfError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch), sharded over DDP ranks.
+
+    Deterministic in the epoch number, so a resumed run draws what the straight run drew.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204 - Sampler protocol
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        per_rank = self.n // self.world
+        return iter(order[self.rank * per_rank : (self.rank + 1) * per_rank].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+
+def training_stores(folds: pd.DataFrame, fold: int, stores: list[Path]) -> list[Path]:
+    """Keep the stores of slides outside fold `fold`; a validation slide's store is an error."""
+    fold_of = dict(zip(folds["slide"], folds["fold"], strict=True))
+    kept = []
+    for path in stores:
+        sid = str(open_store(path).attrs["slide_id"])
+        if sid not in fold_of:
+            raise ConfigError(f"patch store {path}: slide {sid!r} is not in the folds table")
+        if fold_of[sid] == fold:
+            raise ConfigError(
+                f"patch store {path} belongs to slide {sid!r} of validation fold {fold}: "
+                "pretraining of a fold never sees its validation slides"
+            )
+        kept.append(path)
+    return kept
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("pretrain.device is cuda but no GPU is visible; use auto or cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local)
+
+
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _augment_config(st: dict[str, Any], scale: int) -> Any:
+    from dsf.augment import AugmentConfig
+
+    return AugmentConfig(
+        out_size=st["out_size"],
+        scale=scale,
+        crop_scale=tuple(st["crop_scale"]),
+        jitter=tuple(st["jitter"]),
+        jitter_p=st["jitter_p"],
+        grayscale_p=st["grayscale_p"],
+        blur_sharpen_p=st["blur_sharpen_p"],
+        flip_p=st["flip_p"],
+        mean=tuple(st["mean"]),
+        std=tuple(st["std"]),
+    )
+
+
+class Trainer:
+    """One pretraining run: model, optimiser, data, and the epoch loop with checkpoints."""
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        stores: list[Path],
+        out_dir: Path,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        from dsf.models.dsf import DSFModel
+
+        self.st = settings
+        self.out_dir = out_dir
+        self.meta = meta or {}
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = _device(settings["device"])
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.data = TileDataset(stores)
+        scale = int(open_store(stores[0]).attrs["scale"])
+        self.n_blocks = scale * scale
+        self.aug = _augment_config(settings, scale)
+        torch.manual_seed(settings["seed"])
+        model = DSFModel(
+            backbone=settings["backbone"],
+            n_blocks=self.n_blocks,
+            mask_ratio=settings["mask_ratio"],
+            method=settings["method"],
+            weights=settings["weights"],
+        )
+        self.channels_last = settings["channels_last"] and self.device.type == "cuda"
+        if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm is GPU-only
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.net: torch.nn.Module = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if settings["compile"]:
+            self.net = torch.compile(self.net)
+        self.lr = settings["lr"] * math.sqrt(settings["batch_size"] / 32)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+        self.amp = _amp_dtype(self.device, settings["amp"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.sampler = EpochSampler(len(self.data), settings["seed"], self.rank, self.world)
+        per_rank = settings["batch_size"] // self.world
+        if len(self.sampler) < per_rank:
+            raise ConfigError(
+                f"only {len(self.data)} training tiles for pretrain.batch_size "
+                f"{settings['batch_size']}: lower the batch size or add slides"
+            )
+        self.loader = DataLoader(
+            self.data,
+            batch_size=per_rank,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=settings["workers"],
+            collate_fn=collate_batch,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=settings["workers"] > 0,
+            multiprocessing_context="spawn" if settings["workers"] > 0 else None,
+        )
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def _hyper(self) -> dict[str, Any]:
+        return {k: v for k, v in self.st.items() if k not in RESUME_FREE}
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "hyper": self._hyper(),
+            "history": self.history,
+            "dsf_version": __version__,
+        }
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; True when training continues from it."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        hyper = self._hyper()
+        changed = sorted(
+            k for k in set(hyper) | set(state["hyper"]) if hyper.get(k) != state["hyper"].get(k)
+        )
+        if changed:
+            raise ConfigError(
+                f"{self.checkpoint_path} was trained with other settings ({', '.join(changed)}: "
+                f"{[state['hyper'].get(k) for k in changed]} then, "
+                f"{[hyper.get(k) for k in changed]} now); restore them, or delete the "
+                "checkpoint to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
+        return True
+
+    # -- training ----------------------------------------------------------------------------
+    def _step(self, tiles: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from dsf.augment import make_views
+
+        tiles = tiles.to(self.device, non_blocking=True)
+        perms = self.model.draw_perms(tiles.shape[0], gen, self.device)
+        views = make_views(tiles, perms, self.aug, gen, channels_last=self.channels_last)
+        with torch.autocast(
+            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
+            out = self.net(views.context, views.targets, views.perms)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            last = self.epoch - self.epoch % self.st["checkpoint_every"]
+            raise TrainingError(
+                f"non-finite pretraining loss ({loss.item()}) in epoch {self.epoch + 1}; the "
+                f"last good checkpoint is {self.checkpoint_path} (epoch {last} or earlier). "
+                "Lower pretrain.lr, or turn pretrain.amp off, and rerun with --resume"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return out
+
+    def train_epoch(self, progress: bool = True) -> dict[str, float]:
+        self.sampler.set_epoch(self.epoch)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.st["seed"] * 7_919 + self.epoch * 104_729 + self.rank)
+        # the model's own randomness (e.g. EfficientNet's stochastic depth) too, per epoch
+        torch.manual_seed(self.st["seed"] * 1_000_033 + self.epoch * 31 + self.rank)
+        self.net.train()
+        sums: dict[str, float] = {}
+        steps, samples = 0, 0
+        cap = self.st["steps_per_epoch"] or len(self.loader)
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=min(cap, len(self.loader)),
+            desc=f"epoch {self.epoch + 1}",
+            disable=not progress or self.rank != 0,
+            mininterval=5.0,
+        )
+        for tiles in self.loader:
+            out = self._step(tiles, gen)
+            for k in ("loss", "context", "target", "fusion", "z_std"):
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+            steps += 1
+            samples += tiles.shape[0] * self.world
+            bar.update(1)
+            if steps >= cap:
+                break
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.epoch += 1
+        row = {
+            "epoch": self.epoch,
+            **{k: v / steps for k, v in sums.items()},
+            "samples_per_s": samples / dt,
+            "seconds": dt,
+            "lr": self.lr,
+        }
+        self.history.append(row)
+        return row
+
+    def fit(self, progress: bool = True) -> None:
+        while self.epoch < self.st["epochs"]:
+            row = self.train_epoch(progress)
+            if self.rank == 0:
+                log.info(
+                    "epoch %d/%d loss %.4f (context %.4f target %.4f fusion %.4f) "
+                    "z_std %.4f, %.1f samples/s",
+                    row["epoch"],
+                    self.st["epochs"],
+                    row["loss"],
+                    row["context"],
+                    row["target"],
+                    row["fusion"],
+                    row["z_std"],
+                    row["samples_per_s"],
+                )
+                self.write_log()
+            if self.epoch % self.st["checkpoint_every"] == 0 or self.epoch == self.st["epochs"]:
+                self.save_checkpoint()
+
+    def write_log(self) -> None:
+        with atomic_path(self.out_dir / "log.tsv") as tmp:
+            pd.DataFrame(self.history, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False)
+
+    def export_encoders(self) -> None:
+        if self.rank != 0:
+            return
+        state = self.model.encoder_state() | {
+            "method": self.st["method"],
+            "settings": self.st,
+            "epochs": self.epoch,
+            "slides": sorted(set(self.data.slides)),
+            "dsf_version": __version__,
+            **self.meta,
+        }
+        with atomic_path(self.out_dir / "encoders.pt") as tmp:
+            torch.save(state, tmp)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf pretrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
+    p.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
+    p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
+    p.add_argument("--out-dir", required=True, type=Path, help="folder for the artifacts")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt if any")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_section_arguments(p, "pretrain")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf pretrain`: one fold's training stores -> encoders.pt, checkpoint.pt, log.tsv."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        settings = section_from_args(args, "pretrain")
+        stores = list(args.stores)
+        meta: dict[str, Any] = {"fold": args.fold}
+        if args.folds is not None and args.fold is not None:
+            stores = training_stores(read_folds(args.folds), args.fold, stores)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):
+                (args.out_dir / name).unlink(missing_ok=True)
+        trainer = Trainer(settings, stores, args.out_dir, meta)
+        if args.resume:
+            trainer.resume()
+        trainer.fit(progress=not args.no_progress)
+        trainer.export_encoders()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

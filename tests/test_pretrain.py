@@ -1,0 +1,197 @@
+"""Pretraining: fold isolation, resume equivalence, NaN stop, DDP on CPU, the CLI artifacts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dsf.config import defaults
+from dsf.errors import ConfigError
+from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_stores
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny patch stores (32 px tiles: 16 px blocks, scale 2) cut from synthetic slides.
+
+    Scale 2 (4 blocks) keeps the fusion heads small; the 16-block model is covered in
+    test_models."""
+    from dsf.patches import extract
+    from dsf.slide import open_slide
+    from dsf.synth import write_synthetic_slide
+    from dsf.tissue import detect_tissue
+
+    d = tmp_path_factory.mktemp("stores")
+    out = []
+    for name, seed in (("A", 1), ("B", 2)):
+        write_synthetic_slide(
+            d / f"{name}.tiff",
+            seed=seed,
+            width=1024,
+            height=1024,
+            mpp=0.5,
+            tile=256,
+            quality=90,
+            region_um=150,
+        )
+        slide = open_slide(d / f"{name}.tiff", slide_id=name)
+        mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
+        st = defaults("patches") | {
+            "target_mpp": 1.0,
+            "block": 16,
+            "scale": 2,
+            "stride": 24,
+            "min_tissue": 0.3,
+        }
+        extract(slide, mask, 8.0, d / f"{name}.zarr", st, defaults("labels"), progress=False)
+        out.append(d / f"{name}.zarr")
+    return out
+
+
+def _settings(**kw: object) -> dict:
+    return (
+        defaults("pretrain")
+        | {
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "batch_size": 4,
+            "out_size": 32,
+            "workers": 0,
+            "device": "cpu",
+            "checkpoint_every": 1,
+            "seed": 3,
+            "backbone": "efficientnet_b0",
+        }
+        | kw
+    )
+
+
+def test_a_fold_never_trains_on_its_validation_slides(stores: list[Path]) -> None:
+    folds = pd.DataFrame({"slide": ["A", "B"], "group": ["A", "B"], "fold": [0, 1]})
+    assert training_stores(folds, 1, [stores[0]]) == [stores[0]]
+    with pytest.raises(ConfigError, match="slide 'A' of validation fold 0"):
+        training_stores(folds, 0, stores)
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_continues_exactly(stores: list[Path], tmp_path: Path) -> None:
+    straight = Trainer(_settings(), stores, tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    straight.fit(progress=False)
+    (tmp_path / "b").mkdir()
+    first = Trainer(_settings(epochs=1), stores, tmp_path / "b")
+    first.fit(progress=False)
+    resumed = Trainer(_settings(), stores, tmp_path / "b")
+    assert resumed.resume() and resumed.epoch == 1
+    resumed.fit(progress=False)
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
+    # a changed hyperparameter is refused, naming it
+    changed = Trainer(_settings(lr=0.01), stores, tmp_path / "b")
+    with pytest.raises(ConfigError, match="lr"):
+        changed.resume()
+
+
+def test_nan_loss_stops_with_a_clear_error(
+    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "n").mkdir()
+    trainer = Trainer(_settings(epochs=3), stores, tmp_path / "n")
+    trainer.st = trainer.st | {"epochs": 1}
+    trainer.fit(progress=False)
+    assert trainer.checkpoint_path.exists()
+    good = trainer.checkpoint_path.read_bytes()
+    forward = trainer.net.forward
+
+    def poisoned(*args: object, **kw: object) -> dict:
+        out = forward(*args, **kw)
+        return out | {"loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(trainer.net, "forward", poisoned)
+    trainer.st = trainer.st | {"epochs": 3}
+    with pytest.raises(TrainingError, match="non-finite pretraining loss.*pretrain.lr"):
+        trainer.fit(progress=False)
+    assert trainer.checkpoint_path.read_bytes() == good  # the last good checkpoint is kept
+
+
+def _ddp_worker(rank: int, port: int, stores: list[str], out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    trainer = Trainer(_settings(epochs=1, steps_per_epoch=2), [Path(s) for s in stores], Path(out))
+    trainer.fit(progress=False)
+    flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    torch.save(flat, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_replicas_equal(stores: list[Path], tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, [str(s) for s in stores], str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0, r1)
+    before = Trainer(_settings(), stores, tmp_path / "fresh")
+    init = torch.cat([p.detach().flatten() for p in before.model.parameters()])
+    assert not torch.equal(init, r0)  # the replicas trained, and stayed equal
+
+
+def test_cli_writes_encoders_checkpoint_and_log(stores: list[Path], tmp_path: Path) -> None:
+    folds = tmp_path / "folds.tsv"
+    folds.write_text("slide\tgroup\tfold\nA\tA\t0\nB\tB\t1\n")
+    out = tmp_path / "fold1"
+    args = [
+        "--stores",
+        str(stores[0]),
+        "--folds",
+        str(folds),
+        "--fold",
+        "1",
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "4",
+        "--out-size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--backbone",
+        "efficientnet_b0",
+    ]
+    assert main(args) == 0
+    enc = torch.load(out / "encoders.pt", weights_only=True)
+    assert enc["backbone"] == "efficientnet_b0" and enc["slides"] == ["A"] and enc["fold"] == 1
+    assert set(enc["context"]) == set(enc["target"]) and len(enc["context"]) > 10
+    log = pd.read_csv(out / "log.tsv", sep="\t")
+    assert list(log.columns) == LOG_COLUMNS and len(log) == 1
+    assert np.isfinite(log["loss"]).all() and -6.6 <= log["loss"][0] <= 6.6
+    assert (out / "checkpoint.pt").exists()
+    bad = list(args)
+    bad[1] = str(stores[1])  # B is fold 1's validation slide
+    assert main(bad) == 2
