@@ -58,6 +58,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from dsf.config import defaults
+
 #: torchvision's grayscale weights (rgb_to_grayscale), used by grayscale, saturation and contrast.
 GRAY = (0.2989, 0.587, 0.114)
 #: RGB -> YIQ (FCC NTSC); hue is a rotation of the (I, Q) plane.
@@ -69,21 +71,28 @@ _CROP_TRIES = 10
 _CAPACITY_SD = 4.0
 
 
+_P = defaults("pretrain")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Pretraining augmentation settings; defaults are the paper's (DESIGN section 5)."""
+    """Pretraining augmentation settings (DESIGN section 5).
 
-    out_size: int = 224
-    scale: int = 4  # blocks per side: n_blocks = scale**2
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    The defaults of the settings a config can change are read from the `pretrain` section of
+    the config schema (their one home); the blur/sharpen shape below is fixed by the method.
+    """
+
+    out_size: int = _P["out_size"]
+    scale: int = 4  # blocks per side: n_blocks = scale**2 (from the patch store in training)
+    crop_scale: tuple[float, float] = tuple(_P["crop_scale"])  # type: ignore[assignment]
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # b, c, s, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_sharpen_p: float = 0.5  # then blur or sharpen with equal chance
-    flip_p: float = 0.5
-    mean: tuple[float, float, float] = (0.6998, 0.4785, 0.6609)  # BCSS
-    std: tuple[float, float, float] = (0.2203, 0.2407, 0.1983)
+    jitter: tuple[float, float, float, float] = tuple(_P["jitter"])  # type: ignore[assignment]
+    jitter_p: float = _P["jitter_p"]
+    grayscale_p: float = _P["grayscale_p"]
+    blur_sharpen_p: float = _P["blur_sharpen_p"]  # then blur or sharpen with equal chance
+    flip_p: float = _P["flip_p"]
+    mean: tuple[float, float, float] = tuple(_P["mean"])  # type: ignore[assignment]
+    std: tuple[float, float, float] = tuple(_P["std"])  # type: ignore[assignment]
     blur_kernels: tuple[int, ...] = (19, 21, 23)  # at out_size 224; scaled with out_size
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in output pixels
     sharpness: float = 2.0  # torchvision adjust_sharpness factor (the paper gives none)

@@ -1,8 +1,7 @@
 """Tiles of the Zarr patch stores as a torch Dataset (DESIGN section 3, `patches/{slide}.zarr`).
 
 Stores are opened lazily and per process, so DataLoader workers never share a handle across a
-fork. A batch is fetched with one orthogonal selection per store (`__getitems__`), so Zarr
-reads the needed chunks of a shard concurrently instead of tile by tile.
+fork. A batch is fetched in one call (`__getitems__`), its tiles read in store order.
 """
 
 from __future__ import annotations
@@ -85,16 +84,13 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.asarray(self._open()[store][local]))
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        """A whole batch (B, T, T, 3): one orthogonal read per store, in the requested order."""
+        """A whole batch (B, T, T, 3), read tile by tile in store order (each tile is one Zarr
+        chunk; zarr's orthogonal selection over a shard measured 20x slower than this)."""
         arrays = self._open()
         out = np.empty((len(indices), *self.tile_shape), np.uint8)
-        where = [self.locate(int(i)) for i in indices]
-        for store in sorted({s for s, _ in where}):
-            pos = [k for k, (s, _) in enumerate(where) if s == store]
-            local = np.array([where[k][1] for k in pos])
-            order = np.argsort(local)
-            data = arrays[store].get_orthogonal_selection((local[order],))
-            out[np.array(pos)[order]] = data
+        where = sorted((self.locate(int(i)), k) for k, i in enumerate(indices))
+        for (store, local), k in where:
+            out[k] = arrays[store][local]
         return torch.from_numpy(out)
 
 

@@ -139,3 +139,9 @@ def test_bcss_code_mapping() -> None:
     codes = {0: 0, 1: 1, 19: 1, 20: 1, 2: 2, 3: 3, 10: 3, 11: 3, 14: 3, 4: 4, 5: 5, 7: 5, 21: 5}
     assert {c: int(lut[c]) for c in codes} == codes
     assert np.all(lut[22:] == 5)
+
+
+@pytest.mark.parametrize(("preset", "epochs"), [("bcss.yaml", 500), ("paip.yaml", 300)])
+def test_presets_carry_the_paper_pretraining(preset: str, epochs: int) -> None:
+    p = load_config(REPO / "config" / "presets" / preset)["pretrain"]
+    assert (p["epochs"], p["batch_size"], p["out_size"], p["mask_ratio"]) == (epochs, 32, 224, 0.5)

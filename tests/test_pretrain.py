@@ -195,3 +195,22 @@ def test_cli_writes_encoders_checkpoint_and_log(stores: list[Path], tmp_path: Pa
     bad = list(args)
     bad[1] = str(stores[1])  # B is fold 1's validation slide
     assert main(bad) == 2
+
+
+def test_tile_dataset_batches_match_single_reads(stores: list[Path]) -> None:
+    import pickle
+
+    from dsf.tiles import TileDataset
+
+    data = TileDataset(stores)
+    n = len(data)
+    assert n == sum(int(__import__("zarr").open_group(str(s)).attrs["n_tiles"]) for s in stores)
+    idx = [n - 1, 0, 5, n // 2, 5]
+    batch = data.__getitems__(idx)
+    assert batch.shape == (5, *data.tile_shape) and batch.dtype == torch.uint8
+    for k, i in enumerate(idx):
+        assert torch.equal(batch[k], data[i])
+    clone = pickle.loads(pickle.dumps(data))  # what a DataLoader worker receives
+    assert clone._arrays is None and torch.equal(clone[3], data[3])
+    with pytest.raises(IndexError):
+        data[n]

@@ -1,0 +1,150 @@
+"""Benchmark DSF-WSI pretraining: data path, augmentation, model step, and end to end.
+
+One sample = one tile = 2 context crops + 2 x 16 target crops (34 images of `out` px). Measured
+on real patch stores on disk (e.g. the 40k synthetic slide's store written by
+`bench/extract.py`, 1024 px tiles), so the data path is included end to end:
+
+    python bench/pretrain.py --stores bench/out/synth-40000.zarr --batch 32 --device cuda
+    python bench/pretrain.py --stores bench/out/synth-40000.zarr --batch 4 --device cpu
+
+Prints a markdown row per measurement; `bench/RESULTS.md` records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dsf.augment import make_views
+from dsf.config import defaults
+from dsf.pretrain import Trainer, _augment_config
+from dsf.tiles import TileDataset, collate_batch, open_store
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_read(stores: list[Path], batch: int, workers: int, steps: int) -> float:
+    """Tiles per second through the DataLoader alone."""
+    data = TileDataset(stores)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data), generator=g)[: batch * (steps + 1)].tolist()
+    loader = DataLoader(
+        data,
+        batch_size=batch,
+        sampler=idx,
+        num_workers=workers,
+        collate_fn=collate_batch,
+        multiprocessing_context="spawn" if workers else None,
+    )
+    it = iter(loader)
+    next(it)  # warm-up (worker start)
+    t0 = time.perf_counter()
+    n = sum(b.shape[0] for b in it)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_augment(
+    tiles: torch.Tensor, settings: dict, scale: int, device: torch.device, steps: int
+) -> float:
+    """Milliseconds per batch for both views."""
+    cfg = _augment_config(settings, scale)
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = scale * scale
+    perms = torch.stack([torch.randperm(n, device=device) for _ in range(2 * tiles.shape[0])])
+    perms = perms.reshape(2, tiles.shape[0], n)
+    cl = device.type == "cuda"
+    make_views(tiles, perms, cfg, gen, channels_last=cl)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        make_views(tiles, perms, cfg, gen, channels_last=cl)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def bench_model_step(trainer: Trainer, tiles: torch.Tensor, steps: int) -> float:
+    """Milliseconds per optimiser step on fixed pre-augmented views (no data, no augmentation)."""
+    gen = torch.Generator(device=trainer.device).manual_seed(0)
+    perms = trainer.model.draw_perms(tiles.shape[0], gen, trainer.device)
+    views = make_views(tiles, perms, trainer.aug, gen, channels_last=trainer.channels_last)
+
+    def step() -> None:
+        with torch.autocast(
+            trainer.device.type, dtype=trainer.amp or torch.float32, enabled=trainer.amp is not None
+        ):
+            out = trainer.net(views.context, views.targets, views.perms)
+        trainer.opt.zero_grad(set_to_none=True)
+        trainer.scaler.scale(out["loss"]).backward()
+        trainer.scaler.step(trainer.opt)
+        trainer.scaler.update()
+
+    step()
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(trainer.device)
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--stores", nargs="+", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--read-batches", type=int, default=20, help="batches timed for loading")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = p.parse_args()
+
+    settings = defaults("pretrain") | {
+        "batch_size": args.batch,
+        "workers": args.workers,
+        "device": args.device,
+        "backbone": args.backbone,
+        "epochs": 1,
+        "steps_per_epoch": args.steps,
+        "checkpoint_every": 10**6,
+    }
+    run_dir = args.out_dir / "pretrain-bench"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(settings, args.stores, run_dir)
+    dev = trainer.device
+    scale = int(open_store(args.stores[0]).attrs["scale"])
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {name or 'cpu'} ({os.cpu_count()} cores), torch "
+        f"{torch.__version__}, {args.backbone}, batch {args.batch}, out "
+        f"{settings['out_size']}, amp {trainer.amp}, tile {trainer.data.tile_shape[0]} px"
+    )
+    read = bench_read(args.stores, args.batch, args.workers, args.read_batches)
+    print(f"| data loading ({args.workers} workers) | {read:.1f} tiles/s |")
+    tiles = torch.stack([trainer.data[i] for i in range(args.batch)]).to(dev)
+    aug_ms = bench_augment(tiles, settings, scale, dev, args.steps)
+    print(f"| augmentation, both views | {aug_ms:.0f} ms/batch |")
+    step_ms = bench_model_step(trainer, tiles, args.steps)
+    print(
+        f"| model step alone | {step_ms:.0f} ms/step = {args.batch / step_ms * 1000:.1f} "
+        f"samples/s |"
+    )
+    print(f"| augmentation / model step | {aug_ms / step_ms:.1%} |")
+    row = trainer.train_epoch(progress=False)
+    print(
+        f"| end to end (store -> loader -> augment -> step), {args.steps} steps | "
+        f"{row['samples_per_s']:.1f} samples/s |"
+    )
+
+
+if __name__ == "__main__":
+    main()
