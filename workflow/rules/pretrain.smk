@@ -12,7 +12,7 @@ rule pretrain:
         log_tsv=f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/log.tsv",
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
-        opts=stage_opts("pretrain", skip=("method", "methods", "workers")),
+        opts=stage_opts("pretrain", skip=("method", "methods")),
     threads: max(1, config["pretrain"]["workers"])
     resources:
         gpu=config["pretrain"]["gpus"],
@@ -25,5 +25,5 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain/{{init}}/fold{{fold}}.tsv"
     shell:
         "dsf pretrain --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
-        "--out-dir {params.out_dir:q} --method {wildcards.init} --workers {threads} --resume "
+        "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
         "--no-progress {params.opts} 2> {log:q}"
