@@ -1,0 +1,48 @@
+"""Dice loss and F1/accuracy against values computed by hand on tiny arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dsf.metrics import confusion, scores, soft_dice_loss
+
+
+def test_dice_loss_by_hand() -> None:
+    # 1 image, 2 classes, 2 x 2 px; labels: class 1, class 2, class 2, ignore
+    labels = torch.tensor([[[1, 2], [2, 0]]])
+    p1 = torch.tensor([[0.8, 0.3], [0.4, 0.9]])  # probability of class 1 per pixel
+    logits = torch.stack([torch.log(p1), torch.log(1 - p1)]).unsqueeze(0)
+    # labelled pixels only: class 1: inter 0.8, sum p 0.8+0.3+0.4 = 1.5, sum y 1
+    d1 = 2 * 0.8 / (1.5 + 1)
+    # class 2: p2 = 0.2, 0.7, 0.6; inter 0.7 + 0.6; sum p 1.5; sum y 2
+    d2 = 2 * 1.3 / (1.5 + 2)
+    got = soft_dice_loss(logits, labels)
+    assert got.item() == pytest.approx(1 - (d1 + d2) / 2, abs=1e-5)
+
+
+def test_dice_loss_skips_absent_classes_and_is_zero_when_perfect() -> None:
+    labels = torch.tensor([[[1, 1], [1, 0]]])  # class 2 and 3 absent
+    logits = torch.full((1, 3, 2, 2), -20.0)
+    logits[:, 0] = 20.0
+    assert soft_dice_loss(logits, labels).item() == pytest.approx(0.0, abs=1e-5)
+    logits.requires_grad_(True)
+    loss = soft_dice_loss(logits, torch.zeros(1, 2, 2, dtype=torch.long))
+    loss.backward()  # nothing labelled: zero, with a graph
+    assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_f1_accuracy_by_hand_with_an_absent_class() -> None:
+    truth = np.array([1, 1, 1, 2, 2, 0, 0])
+    pred = np.array([1, 1, 2, 2, 0, 3, 1])  # one pixel predicted background (0)
+    cm = confusion(pred, truth, 3)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+    s = scores(cm)
+    # class 1: tp 2 fp 0 fn 1 -> 4/5; class 2: tp 1 fp 1 fn 1 -> 2/4; class 3 absent -> NaN
+    assert s["f1"][0] == pytest.approx(0.8) and s["f1"][1] == pytest.approx(0.5)
+    assert math.isnan(s["f1"][2])
+    assert s["macro_f1"] == pytest.approx(0.65)
+    assert s["accuracy"] == pytest.approx(3 / 5) == s["micro_f1"]
