@@ -46,6 +46,19 @@ def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     assert counts["folds"] == 1
 
 
+def test_local_profile_plans_the_default_workflow(tmp_path: Path) -> None:
+    out = smk(
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "-n",
+        "--directory",
+        str(REPO),
+        "--config",
+        f"results={tmp_path}",
+    ).stdout
+    assert job_counts(out)["pretrain"] == 2
+
+
 def test_lint_is_clean() -> None:
     done = smk("--lint", "--directory", str(REPO), check=False)
     assert done.returncode == 0, done.stdout + done.stderr
