@@ -1,7 +1,8 @@
 """Segmentation losses and metrics (DESIGN sections 4-5: Dice loss; F1 and accuracy tables).
 
-Label convention: 0 = unlabelled/ignore; classes 1..K are the foreground classes, predicted as
-K output channels (channel k-1 = class k).
+Label convention: 0 = unlabelled/ignore, 1..K the classes. Models output one channel per class
+index, channel 0 included (HookNet's 6 outputs for BCSS's ignore + 5 classes); losses and
+metrics use only labelled pixels and the foreground classes 1..K.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from torch import Tensor
 def soft_dice_loss(logits: Tensor, labels: Tensor, eps: float = 1e-6) -> Tensor:
     """Multiclass soft Dice over the foreground classes (HookNet's loss, DESIGN section 5).
 
-    `logits` (B, K, H, W), `labels` (B, H, W) with 0 ignored and 1..K the classes. Per class,
-    Dice = 2 sum(p y) / (sum p + sum y) over the labelled pixels of the batch; classes absent
-    from the batch's labels do not enter the mean (as segmentation_models_pytorch's DiceLoss).
-    Returns 1 - mean Dice, or 0 (with a graph) when nothing is labelled.
+    `logits` (B, C, H, W) with channel c = class c, `labels` (B, H, W) with 0 ignored. Per class
+    c in 1..C-1, Dice = 2 sum(p y) / (sum p + sum y) over the labelled pixels of the batch
+    (softmax over all C channels); classes absent from the batch's labels do not enter the mean
+    (as segmentation_models_pytorch's DiceLoss). Returns 1 - mean Dice, or 0 (with a graph) when
+    nothing is labelled.
     """
-    k = logits.shape[1]
+    c = logits.shape[1]
     valid = (labels > 0).unsqueeze(1)
-    probs = logits.float().softmax(dim=1) * valid
-    onehot = F.one_hot((labels - 1).clamp(min=0).long(), k).permute(0, 3, 1, 2) * valid
+    probs = (logits.float().softmax(dim=1) * valid)[:, 1:]
+    onehot = (F.one_hot(labels.long(), c).permute(0, 3, 1, 2) * valid)[:, 1:]
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     card = probs.sum(dims) + onehot.sum(dims)

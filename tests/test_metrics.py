@@ -12,10 +12,11 @@ from dsf.metrics import confusion, scores, soft_dice_loss
 
 
 def test_dice_loss_by_hand() -> None:
-    # 1 image, 2 classes, 2 x 2 px; labels: class 1, class 2, class 2, ignore
+    # 1 image, channels ignore + 2 classes, 2 x 2 px; labels: class 1, class 2, class 2, ignore
     labels = torch.tensor([[[1, 2], [2, 0]]])
     p1 = torch.tensor([[0.8, 0.3], [0.4, 0.9]])  # probability of class 1 per pixel
-    logits = torch.stack([torch.log(p1), torch.log(1 - p1)]).unsqueeze(0)
+    p0 = torch.full_like(p1, 1e-12)  # (almost) nothing on the ignore channel
+    logits = torch.stack([torch.log(p0), torch.log(p1), torch.log(1 - p1)]).unsqueeze(0)
     # labelled pixels only: class 1: inter 0.8, sum p 0.8+0.3+0.4 = 1.5, sum y 1
     d1 = 2 * 0.8 / (1.5 + 1)
     # class 2: p2 = 0.2, 0.7, 0.6; inter 0.7 + 0.6; sum p 1.5; sum y 2
@@ -26,8 +27,8 @@ def test_dice_loss_by_hand() -> None:
 
 def test_dice_loss_skips_absent_classes_and_is_zero_when_perfect() -> None:
     labels = torch.tensor([[[1, 1], [1, 0]]])  # class 2 and 3 absent
-    logits = torch.full((1, 3, 2, 2), -20.0)
-    logits[:, 0] = 20.0
+    logits = torch.full((1, 4, 2, 2), -20.0)
+    logits[:, 1] = 20.0
     assert soft_dice_loss(logits, labels).item() == pytest.approx(0.0, abs=1e-5)
     logits.requires_grad_(True)
     loss = soft_dice_loss(logits, torch.zeros(1, 2, 2, dtype=torch.long))
