@@ -14,6 +14,7 @@ STAGES = {
     "patches": "dsf.patches",
     "folds": "dsf.folds",
     "pretrain": "dsf.pretrain",
+    "finetune": "dsf.finetune",
 }
 
 
