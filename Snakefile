@@ -13,6 +13,7 @@ include: "workflow/rules/tissue.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/folds.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
 
 
 rule all:

@@ -20,18 +20,33 @@ SYNTH = list(config["synth"]["slides"])
 FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
+FINITS = list(config["finetune"]["inits"])
+FRACS = [str(f) for f in config["finetune"]["fractions"]]
+LABELLED = set(SHEET.index[SHEET["labels"].notna()])
 
 
 wildcard_constraints:
     slide="|".join(map(__import__("re").escape, SLIDES)) or "(?!)",
     fold=r"\d+",
     init="|".join(INITS) or "(?!)",
+    finit="|".join(FINITS) or "(?!)",
+    frac="|".join(map(__import__("re").escape, FRACS)) or "(?!)",
 
 
 def train_stores(fold):
     """Patch stores of the slides outside fold `fold` (its training slides)."""
     slides = FOLDS.loc[FOLDS["fold"] != fold, "slide"]
     return [f"{RESULTS}/patches/{s}.zarr" for s in slides]
+
+
+def finetune_inputs(wildcards):
+    """Annotated training stores of the fold, and the fold's encoders for a pretrained init."""
+    fold = int(wildcards.fold)
+    slides = FOLDS.loc[(FOLDS["fold"] != fold) & FOLDS["slide"].isin(LABELLED), "slide"]
+    inputs = {"stores": [f"{RESULTS}/patches/{s}.zarr" for s in slides]}
+    if wildcards.finit not in ("random", "unet"):
+        inputs["encoders"] = f"{RESULTS}/pretrain/{wildcards.finit}/fold{fold}/encoders.pt"
+    return inputs
 
 
 def slide_path(wildcards):
@@ -69,7 +84,11 @@ def all_outputs():
     pretrained = expand(
         f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/encoders.pt", init=INITS, fold=FOLD_IDS
     )
-    return [f"{RESULTS}/folds.tsv", *pretrained] + expand(
+    finetuned = expand(
+        f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
+        finit=FINITS, frac=FRACS, fold=FOLD_IDS,
+    )
+    return [f"{RESULTS}/folds.tsv", *pretrained, *finetuned] + expand(
         [
             f"{RESULTS}/tissue/{{slide}}.tiff",
             f"{RESULTS}/tissue/{{slide}}.jpg",

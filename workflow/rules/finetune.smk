@@ -1,0 +1,32 @@
+# HookNet fine-tuning per init ({finit}: random, unet or a pretraining method), label fraction
+# and fold, on the fold's annotated training slides; model selection on held-out ones.
+
+
+rule finetune:
+    input:
+        unpack(finetune_inputs),
+        folds=f"{RESULTS}/folds.tsv",
+    output:
+        model=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
+        history=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/history.tsv",
+    params:
+        out_dir=lambda w, output: os.path.dirname(output.model),
+        encoders=lambda w, input: (
+            f"--encoders {shlex.quote(input.encoders)}" if "encoders" in input.keys() else ""
+        ),
+        opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
+        classes=stage_opts("labels", skip=("class_map", "other_class", "geojson_names")),
+    threads: max(1, config["finetune"]["workers"])
+    resources:
+        gpu=config["finetune"]["gpus"],
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/finetune/{{finit}}/frac{{frac}}/fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/finetune/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
+    shell:
+        "dsf finetune --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
+        "--fraction {wildcards.frac} --init {wildcards.finit} {params.encoders} "
+        "--out-dir {params.out_dir:q} --resume {params.opts} {params.classes} 2> {log:q}"
