@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             tuner.resume()
         tuner.fit()
         tuner.export()
+        # model.pt and history.tsv hold the result; the full state (about 12x the model with
+        # Adam's moments) only served an interrupted run
+        tuner.checkpoint_path.unlink(missing_ok=True)
 
     return run(body)
 

@@ -88,6 +88,7 @@ def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_pat
     assert len(model["select_slides"]) == 1 and 1 <= model["epoch"] <= 2
     hist = pd.read_csv(out / "history.tsv", sep="\t")
     assert list(hist.columns) == HISTORY_COLUMNS and len(hist) == 2
+    assert not (out / "checkpoint.pt").exists()  # only kept while a run is unfinished
     assert model["select_macro_f1"] == pytest.approx(hist["select_macro_f1"].max())
     # a validation slide's store is refused
     assert main(_args(stores, folds, tmp_path / "bad")) == 2
