@@ -24,3 +24,60 @@ def pytest_configure(config: pytest.Config) -> None:
 def real() -> Path:
     """The folder of real scanner files (../shared/data/real); CI lays it beside the clone."""
     return REAL
+
+
+SYNTH_CLASSES = ["ignore", "TUM", "STR", "LYM"]
+
+
+def _synthetic_store(
+    folder: Path,
+    name: str,
+    seed: int,
+    *,
+    block: int,
+    stride: int,
+    scale: int = 4,
+    labelled: bool = False,
+) -> Path:
+    """A patch store cut at 1 um/px from a 1024 x 1024 synthetic slide at 0.5 um/px."""
+    from dsf.annotations import open_labels
+    from dsf.config import defaults
+    from dsf.patches import extract
+    from dsf.slide import open_slide
+    from dsf.synth import write_synthetic_slide
+    from dsf.tissue import detect_tissue
+
+    labels_tiff = folder / f"{name}.labels.tiff" if labelled else None
+    write_synthetic_slide(
+        folder / f"{name}.tiff",
+        seed=seed,
+        width=1024,
+        height=1024,
+        mpp=0.5,
+        tile=256,
+        quality=90,
+        region_um=150,
+        labels_tiff=labels_tiff,
+    )
+    slide = open_slide(folder / f"{name}.tiff", slide_id=name)
+    mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
+    classes = defaults("labels") | {"classes": SYNTH_CLASSES}
+    labels = None
+    if labels_tiff is not None:
+        labels = open_labels(labels_tiff, name, slide.dimensions, slide.mpp, classes)
+    st = defaults("patches") | {
+        "target_mpp": 1.0,
+        "block": block,
+        "scale": scale,
+        "stride": stride,
+        "min_tissue": 0.3,
+    }
+    out = folder / f"{name}.zarr"
+    extract(slide, mask, 8.0, out, st, classes, labels, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_store():  # noqa: ANN201 - returns the builder
+    """Builder of small patch stores from synthetic slides (see `_synthetic_store`)."""
+    return _synthetic_store

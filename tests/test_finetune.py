@@ -15,38 +15,14 @@ CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+def three(tmp_path_factory: pytest.TempPathFactory, make_store) -> tuple[list[Path], Path]:  # noqa: ANN001
     """Three labelled stores (A in fold 0; B, C in fold 1), 64 px blocks, scale 4 (the smallest
     block whose hook crop falls on whole cells: the centre 1/4 must be 8 px cells)."""
-    from dsf.annotations import open_labels
-    from dsf.patches import extract
-    from dsf.slide import open_slide
-    from dsf.synth import write_synthetic_slide
-    from dsf.tissue import detect_tissue
-
     d = tmp_path_factory.mktemp("ftune")
-    labels_cfg = defaults("labels") | {"classes": CLASSES}
-    stores = []
-    for name, seed in (("A", 1), ("B", 2), ("C", 3)):
-        write_synthetic_slide(
-            d / f"{name}.tiff",
-            seed=seed,
-            width=1024,
-            height=1024,
-            mpp=0.5,
-            tile=256,
-            quality=90,
-            region_um=150,
-            labels_tiff=d / f"{name}.labels.tiff",
-        )
-        slide = open_slide(d / f"{name}.tiff", slide_id=name)
-        mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
-        labels = open_labels(
-            d / f"{name}.labels.tiff", name, slide.dimensions, slide.mpp, labels_cfg
-        )
-        st = defaults("patches") | {"target_mpp": 1.0, "block": 64, "stride": 64, "min_tissue": 0.3}
-        extract(slide, mask, 8.0, d / f"{name}.zarr", st, labels_cfg, labels, progress=False)
-        stores.append(d / f"{name}.zarr")
+    stores = [
+        make_store(d, name, seed, block=64, stride=64, labelled=True)
+        for name, seed in (("A", 1), ("B", 2), ("C", 3))
+    ]
     folds = d / "folds.tsv"
     folds.write_text("slide\tgroup\tfold\nA\tA\t0\nB\tB\t1\nC\tC\t1\n")
     return stores, folds

@@ -9,38 +9,13 @@ import pandas as pd
 import pytest
 import zarr
 
-from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, label_subset, selection_split
 
 
 @pytest.fixture(scope="module")
-def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsf.annotations import open_labels
-    from dsf.patches import extract
-    from dsf.slide import open_slide
-    from dsf.synth import write_synthetic_slide
-    from dsf.tissue import detect_tissue
-
-    d = tmp_path_factory.mktemp("ft")
-    write_synthetic_slide(
-        d / "s.tiff",
-        seed=4,
-        width=1024,
-        height=1024,
-        mpp=0.5,
-        tile=256,
-        quality=90,
-        region_um=150,
-        labels_tiff=d / "s.labels.tiff",
-    )
-    slide = open_slide(d / "s.tiff", slide_id="s")
-    mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
-    classes = defaults("labels") | {"classes": ["ignore", "TUM", "STR", "LYM"]}
-    labels = open_labels(d / "s.labels.tiff", "s", slide.dimensions, slide.mpp, classes)
-    st = defaults("patches") | {"target_mpp": 1.0, "block": 16, "stride": 32, "min_tissue": 0.3}
-    extract(slide, mask, 8.0, d / "s.zarr", st, classes, labels, progress=False)
-    return d / "s.zarr"
+def labelled_store(tmp_path_factory: pytest.TempPathFactory, make_store) -> Path:  # noqa: ANN001
+    return make_store(tmp_path_factory.mktemp("ft"), "s", 4, block=16, stride=32, labelled=True)
 
 
 def test_items_are_context_and_the_centre_block(labelled_store: Path) -> None:

@@ -18,41 +18,16 @@ from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_sto
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> list[Path]:  # noqa: ANN001
     """Two tiny patch stores (32 px tiles: 16 px blocks, scale 2) cut from synthetic slides.
 
     Scale 2 (4 blocks) keeps the fusion heads small; the 16-block model is covered in
     test_models."""
-    from dsf.patches import extract
-    from dsf.slide import open_slide
-    from dsf.synth import write_synthetic_slide
-    from dsf.tissue import detect_tissue
-
     d = tmp_path_factory.mktemp("stores")
-    out = []
-    for name, seed in (("A", 1), ("B", 2)):
-        write_synthetic_slide(
-            d / f"{name}.tiff",
-            seed=seed,
-            width=1024,
-            height=1024,
-            mpp=0.5,
-            tile=256,
-            quality=90,
-            region_um=150,
-        )
-        slide = open_slide(d / f"{name}.tiff", slide_id=name)
-        mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
-        st = defaults("patches") | {
-            "target_mpp": 1.0,
-            "block": 16,
-            "scale": 2,
-            "stride": 24,
-            "min_tissue": 0.3,
-        }
-        extract(slide, mask, 8.0, d / f"{name}.zarr", st, defaults("labels"), progress=False)
-        out.append(d / f"{name}.zarr")
-    return out
+    return [
+        make_store(d, name, seed, block=16, scale=2, stride=24)
+        for name, seed in (("A", 1), ("B", 2))
+    ]
 
 
 def _settings(**kw: object) -> dict:
