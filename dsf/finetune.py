@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 from torch.utils.data import DataLoader
 
-from dsf import __version__
+from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, defaults, section_from_args
 from dsf.errors import ConfigError
@@ -244,23 +244,12 @@ class FineTuner:
             "history": self.history,
             "hyper": self._hyper(),
         }
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        checkpoints.save(state, self.checkpoint_path)
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        changed = sorted(
-            k
-            for k in set(self._hyper()) | set(state["hyper"])
-            if self._hyper().get(k) != state["hyper"].get(k)
-        )
-        if changed:
-            raise ConfigError(
-                f"{self.checkpoint_path} was trained with other settings "
-                f"({', '.join(changed)}); restore them or delete the checkpoint"
-            )
+        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper(), self.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.epoch, self.best = int(state["epoch"]), state["best"]
@@ -282,8 +271,7 @@ class FineTuner:
             "train_tiles": len(self.train),
             **self.meta,
         }
-        with atomic_path(self.out_dir / "model.pt") as tmp:
-            torch.save(out, tmp)
+        checkpoints.save(out, self.out_dir / "model.pt")
 
 
 def _parser() -> argparse.ArgumentParser:

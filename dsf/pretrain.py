@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from dsf import __version__
+from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, DsfError
@@ -222,25 +222,13 @@ class Trainer:
             "history": self.history,
             "dsf_version": __version__,
         }
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        checkpoints.save(state, self.checkpoint_path)
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; True when training continues from it."""
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        hyper = self._hyper()
-        changed = sorted(
-            k for k in set(hyper) | set(state["hyper"]) if hyper.get(k) != state["hyper"].get(k)
-        )
-        if changed:
-            raise ConfigError(
-                f"{self.checkpoint_path} was trained with other settings ({', '.join(changed)}: "
-                f"{[state['hyper'].get(k) for k in changed]} then, "
-                f"{[hyper.get(k) for k in changed]} now); restore them, or delete the "
-                "checkpoint to start over"
-            )
+        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper(), self.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -350,8 +338,7 @@ class Trainer:
             "dsf_version": __version__,
             **self.meta,
         }
-        with atomic_path(self.out_dir / "encoders.pt") as tmp:
-            torch.save(state, tmp)
+        checkpoints.save(state, self.out_dir / "encoders.pt")
 
 
 def _parser() -> argparse.ArgumentParser:

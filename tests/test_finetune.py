@@ -94,3 +94,21 @@ def test_resume_is_exact(three, tmp_path) -> None:  # noqa: ANN001
     for k, v in a.model.state_dict().items():
         torch.testing.assert_close(v, c.model.state_dict()[k], rtol=0, atol=0, msg=k)
     assert a.best["epoch"] == c.best["epoch"]
+
+
+def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # noqa: ANN001
+    from dsf.errors import ConfigError
+
+    stores, _ = three
+    st = defaults("finetune") | {
+        "epochs": 1,
+        "steps_per_epoch": 1,
+        "batch_size": 4,
+        "workers": 0,
+        "device": "cpu",
+    }
+    first = FineTuner(st, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    first.fit()
+    again = FineTuner(st | {"lr": 0.01}, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    with pytest.raises(ConfigError, match=r"lr: \[0\.001\] then, \[0\.01\] now"):
+        again.resume()
