@@ -19,7 +19,11 @@ endif
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test lint clean-results
+CLUSTER_STAMP := $(VENV)/.dsf-cluster-installed
+# apt needs root; a developer who is not root gets sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test test-cluster slurm-packages lint clean-results
 
 setup: $(STAMP)
 
@@ -31,9 +35,28 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --printshellcmds
+	$(BIN)/snakemake --report results/report.html
 
+# The cluster tests start a real SLURM: `make test-cluster`.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+# Debian's single-node SLURM and munge (skipped once installed) and the `cluster` extra, then
+# tests/cluster: the workflow through profiles/slurm on a SLURM it starts and stops (root).
+test-cluster: $(CLUSTER_STAMP) slurm-packages
+	$(BIN)/python -m pytest tests/cluster -m cluster
+
+$(CLUSTER_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[dev,cluster]' $(TORCH_PINS)
+	touch $(CLUSTER_STAMP)
+
+slurm-packages:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' slurm-wlm munge 2>/dev/null | grep -c ' installed$$')" = 2 ]; then \
+		echo "slurm-wlm and munge are installed"; \
+	else \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

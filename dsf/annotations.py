@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from skimage.draw import polygon as fill_polygon
 
-from dsf.errors import AnnotationError
+from dsf.errors import AnnotationError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,26 @@ class LabelSource:
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """Labels (height, width) of the region with level-0 top-left (x, y) at `mpp`."""
         raise NotImplementedError
+
+
+def check_label_settings(settings: dict[str, Any]) -> None:
+    """Every class index of the `labels` section must name one of `labels.classes`, and every
+    `class_map` key must be a raster code 0-255; else a ConfigError naming the key."""
+    classes = list(settings["classes"])
+    n = len(classes)
+    fix = f"class indices are 0..{n - 1} of labels.classes {classes}"
+    for key in ("class_map", "geojson_names"):
+        for name, cls in settings[key].items():
+            if not 0 <= int(cls) < n:
+                raise ConfigError(f"config key labels.{key}: {name!r} -> {cls}, but {fix}")
+    for code in settings["class_map"]:
+        if not str(code).isdigit() or int(code) > 255:
+            raise ConfigError(
+                f"config key labels.class_map: {code!r} is not a raster code; keys are mask "
+                "codes 0-255 written as strings"
+            )
+    if not 0 <= int(settings["other_class"]) < n:
+        raise ConfigError(f"config key labels.other_class: {settings['other_class']}, but {fix}")
 
 
 def _code_lut(settings: dict[str, Any]) -> np.ndarray:
@@ -158,11 +178,13 @@ class GeoJSONLabels(LabelSource):
             raise AnnotationError(
                 slide_id,
                 f"no annotation of {path} overlaps the slide (0..{sw} x 0..{sh} level-0 px): "
-                "the GeoJSON belongs to another slide or uses other coordinates",
+                "the GeoJSON belongs to another slide or uses other coordinates. Check the "
+                "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
         if len(inside) < len(self._shapes):
             log.warning(
-                "%s: %d of %d annotations lie outside the slide and are ignored",
+                "%s: %d of %d annotations lie wholly outside the slide and are ignored "
+                "(check their coordinates in the GeoJSON)",
                 slide_id,
                 len(self._shapes) - len(inside),
                 len(self._shapes),
@@ -258,6 +280,7 @@ def open_labels(
 ) -> LabelSource:
     """Open an annotation for a slide: `.geojson`/`.json` polygons or a raster mask."""
     path = Path(path)
+    check_label_settings(settings)
     if not path.is_file():
         raise AnnotationError(
             slide_id, f"annotation {path} not found; fix the `labels` column of the sheet"

@@ -3,6 +3,7 @@ finetune share it, so both refuse a resume under changed settings the same way).
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,39 @@ def save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True (never unpickles code); a file that is unreadable, not
+    a dict or holds other Python objects is a ConfigError naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise ConfigError(
+            f"refused to load {path}: it is not a file of tensors and plain containers "
+            f"({' '.join(detail.split())[:200]}), and loading anything else could run code; "
+            "it is not a dsf artifact: give the file the dsf stage wrote, or rerun it"
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"cannot load {path}: {type(exc).__name__}: {exc}; it is missing, truncated or not "
+            "a dsf artifact: rerun the stage that writes it"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"{path} holds a {type(state).__name__}, not the dict of a dsf artifact: give the "
+            "file the dsf stage wrote, or rerun it"
+        )
+    return state
+
+
 def load_for_resume(path: Path, hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Load a checkpoint (weights_only) whose `hyper` must equal `hyper`; else a ConfigError
     naming every changed setting with its old and new value."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load(path, device)
+    if not isinstance(state.get("hyper"), dict):
+        raise ConfigError(
+            f"{path} is not a dsf training checkpoint (no `hyper`): delete it to start over"
+        )
     old = state["hyper"]
     changed = sorted(k for k in set(hyper) | set(old) if hyper.get(k) != old.get(k))
     if changed:

@@ -15,6 +15,9 @@ STAGES = {
     "folds": "dsf.folds",
     "pretrain": "dsf.pretrain",
     "finetune": "dsf.finetune",
+    "infer": "dsf.infer",
+    "evaluate": "dsf.evaluate",
+    "curves": "dsf.curves",
 }
 
 

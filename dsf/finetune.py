@@ -2,10 +2,21 @@
 
 Inputs per tile: the context (the whole tile at the context mpp) and the centre block at the
 target mpp with its labels (`dsf.finetune_data`). Soft Dice over the foreground classes (or
-cross-entropy), Adam, colour jitter and a horizontal flip shared by both branches. The model is
-chosen on held-out training slides of the fold (never the validation fold) by macro F1; the
-chosen epoch is stated in `model.pt` and every epoch in `history.tsv`. `--resume` continues
-from `checkpoint.pt` exactly, like pretraining.
+cross-entropy) on the target output, Adam, colour jitter and a horizontal flip shared by both
+branches. The model is chosen on held-out training slides of the fold (never the validation fold)
+by macro F1; the chosen epoch is stated in `model.pt` and every epoch in `history.tsv`.
+`--resume` continues from `checkpoint.pt` exactly, like pretraining.
+
+Inits: `random` (HookNet from scratch), `unet` (the target-only U-Net baseline), `imagenet`
+(HookNet whose encoders load the local torchvision file `finetune.weights`; paper Table V), or a
+pretraining method (both encoders from that method's `encoders.pt` of the fold).
+
+Variants beyond the paper, off by default: `context_weight` w > 0 adds w x the same loss on the
+context output against the tile's labels on the context grid (the paper's HookNet lambda = 1 is
+w = 0; lambda corresponds to 1 / (1 + w)); `target_block: random` trains the U-Net on a
+block-sized window at a random offset of the tile each epoch. HookNet keeps the centre block:
+its hook assumes the target is the centre of the context, and the store's only context is the
+whole tile, so no off-centre block has a concentric context (see `dsf.finetune_data`).
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ from dsf.tiles import open_store
 log = logging.getLogger(__name__)
 
 RESUME_FREE = {"epochs", "workers", "device", "inits", "fractions", "gpus"}
+# inits that read no encoders.pt; every other init is a pretraining method
+BASELINE_INITS = ("random", "unet", "imagenet")
 HISTORY_COLUMNS = ["epoch", "train_loss", "select_macro_f1", "select_accuracy", "seconds"]
 
 
@@ -45,12 +58,13 @@ def _shared_jitter_flip(
     ctx: torch.Tensor,
     tgt: torch.Tensor,
     lab: torch.Tensor,
+    clab: torch.Tensor,
     st: dict[str, Any],
     gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Brightness, contrast and saturation jitter (pretraining strengths) with p `jitter_p`,
     then a horizontal flip with p `flip_p`; one draw per sample, shared by context, target and
-    labels so the two branches stay concentric."""
+    both label maps so the two branches stay concentric (DESIGN section 5)."""
     b = ctx.shape[0]
     dev = ctx.device
     strength = torch.tensor(defaults("pretrain")["jitter"][:3], device=dev)
@@ -71,7 +85,32 @@ def _shared_jitter_flip(
     ctx = torch.where(m, ctx.flip(-1), ctx)
     tgt = torch.where(m, tgt.flip(-1), tgt)
     lab = torch.where(flip[:, None, None], lab.flip(-1), lab)
-    return ctx, tgt, lab
+    clab = torch.where(flip[:, None, None], clab.flip(-1), clab)
+    return ctx, tgt, lab, clab
+
+
+def imagenet_weights_url(backbone: str) -> str:
+    """torchvision's ImageNet weights URL of `backbone`, for messages only (nothing is fetched)."""
+    from torchvision.models import get_model_weights
+
+    from dsf.models.encoders import BACKBONES
+
+    return str(get_model_weights(BACKBONES[backbone][0]).DEFAULT.url)
+
+
+def _imagenet_weights(settings: dict[str, Any]) -> Path:
+    """The local weights file of init imagenet, or a ConfigError naming `finetune.weights`."""
+    url = imagenet_weights_url(settings["backbone"])
+    fix = (
+        f"download torchvision's {settings['backbone']} ImageNet weights once "
+        f"({url.rsplit('/', 1)[-1]} from {url}) and set finetune.weights to that file"
+    )
+    if settings.get("weights") is None:
+        raise ConfigError(f"finetune.init imagenet needs finetune.weights: {fix}")
+    path = Path(settings["weights"])
+    if not path.is_file():
+        raise ConfigError(f"finetune.weights {path} is not a file: {fix}")
+    return path
 
 
 class FineTuner:
@@ -87,30 +126,56 @@ class FineTuner:
         out_dir: Path,
         encoders: Path | None = None,
         meta: dict[str, Any] | None = None,
+        norm: tuple[list[float], list[float]] | None = None,
     ) -> None:
+        """`norm` = (mean, std) of the input normalisation; default the pretraining schema's
+        (the same statistics the encoders were pretrained with, `pretrain.mean`/`std`)."""
         from dsf.models.hooknet import HookNet, UNet
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
-        self.device = _device(settings["device"])
+        self.device = _device(settings["device"], "finetune.device")
         self.fraction = fraction
         self.classes = classes
-        self.train = LabelledTiles(fit_stores, fraction, settings["seed"])
+        init, backbone = settings["init"], settings["backbone"]
+        if settings["target_block"] == "random" and init != "unet":
+            raise ConfigError(
+                f"finetune.target_block random is for init unet only, not {init!r}: HookNet's "
+                "hook needs the target block at the centre of the context (the whole tile); set "
+                "finetune.target_block to centre, or finetune.inits to [unet]"
+            )
+        if init == "unet" and settings["context_weight"] > 0:
+            log.warning("finetune.context_weight is not used by init unet (no context output)")
+        self.train = LabelledTiles(fit_stores, fraction, settings["seed"], settings["target_block"])
         self.select = LabelledTiles(select_stores, 1.0, settings["seed"])
         g = open_store(fit_stores[0])
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
+        self.target_mpp = float(g.attrs["target_mpp"])
         pre = defaults("pretrain")
-        self.mean = torch.tensor(pre["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre["std"], device=self.device).view(1, 3, 1, 1)
+        mean, std = norm or (pre["mean"], pre["std"])
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         torch.manual_seed(settings["seed"])
-        init = settings["init"]
         if init == "unet":
-            model: torch.nn.Module = UNet(len(classes))
+            model: torch.nn.Module = UNet(len(classes), backbone=backbone)
+        elif init == "imagenet":
+            weights = _imagenet_weights(settings)
+            try:
+                model = HookNet(len(classes), backbone, self.scale, self.block, weights=weights)
+            except ValueError as exc:
+                raise ConfigError(f"finetune.weights: {exc}") from exc
+            log.info("HookNet encoders from ImageNet weights %s", weights)
         else:
-            model = HookNet(len(classes), scale=self.scale, input_size=self.block)
-            if init != "random":
+            model = HookNet(len(classes), backbone, self.scale, self.block)
+            if init not in BASELINE_INITS:
                 if encoders is None:
                     raise ConfigError(f"finetune.init {init} needs --encoders (encoders.pt)")
-                model.load_encoders(encoders)
+                try:
+                    model.load_encoders(encoders)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"{encoders}: {exc}; finetune.backbone must equal the pretraining's "
+                        "pretrain.backbone"
+                    ) from exc
         self.model = model.to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=settings["lr"])
         self.amp = _amp_dtype(self.device, settings["amp"])
@@ -138,31 +203,53 @@ class FineTuner:
 
         return prep(ctx), prep(tgt)
 
-    def _forward(self, ctx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ctx: torch.Tensor, tgt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target logits, context logits); the U-Net has no context output (None)."""
         ctx, tgt = (ctx - self.mean) / self.std, (tgt - self.mean) / self.std
         with torch.autocast(
             self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         ):
             if self.st["init"] == "unet":
-                return self.model(tgt)
-            return self.model(ctx, tgt)[0]
+                return self.model(tgt), None
+            return self.model(ctx, tgt)
 
     def _loss(self, logits: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """Soft Dice over the foreground classes, or cross-entropy ignoring class 0 (0 with a
+        graph when nothing is labelled, where the mean would be NaN)."""
         if self.st["loss"] == "dice":
             return soft_dice_loss(logits, lab)
+        if not bool((lab > 0).any()):
+            return logits.sum() * 0.0
         return F.cross_entropy(logits.float(), lab.long(), ignore_index=0)
+
+    def batch_loss(
+        self, ctx: torch.Tensor, tgt: torch.Tensor, lab: torch.Tensor, clab: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss on the target output plus `context_weight` x the loss on the context output
+        against the context labels (DESIGN 5; weight 0 = the paper's lambda 1)."""
+        t_logits, c_logits = self._forward(ctx, tgt)
+        loss = self._loss(t_logits, lab)
+        w = float(self.st["context_weight"])
+        if w > 0 and c_logits is not None:
+            loss = loss + w * self._loss(c_logits, clab)
+        return loss
 
     def train_epoch(self) -> float:
         self.sampler.set_epoch(self.epoch)
+        self.train.set_epoch(self.epoch)
         gen = torch.Generator(device=self.device).manual_seed(self.st["seed"] * 7919 + self.epoch)
         torch.manual_seed(self.st["seed"] * 1_000_033 + self.epoch)
         self.model.train()
         total, steps = 0.0, 0
         cap = self.st["steps_per_epoch"] or len(self.loader)
-        for ctx, tgt, lab in self.loader:
+        for ctx, tgt, lab, clab in self.loader:
             ctx, tgt = self._inputs(ctx, tgt)
-            ctx, tgt, lab = _shared_jitter_flip(ctx, tgt, lab.to(self.device), self.st, gen)
-            loss = self._loss(self._forward(ctx, tgt), lab)
+            ctx, tgt, lab, clab = _shared_jitter_flip(
+                ctx, tgt, lab.to(self.device), clab.to(self.device), self.st, gen
+            )
+            loss = self.batch_loss(ctx, tgt, lab, clab)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite fine-tuning loss in epoch {self.epoch + 1}; lower finetune.lr "
@@ -183,8 +270,8 @@ class FineTuner:
         self.model.eval()
         k = len(self.classes) - 1
         cm = np.zeros((k, k + 1), np.int64)
-        for ctx, tgt, lab in DataLoader(data, batch_size=self.st["batch_size"]):
-            logits = self._forward(*self._inputs(ctx, tgt))
+        for ctx, tgt, lab, _ in DataLoader(data, batch_size=self.st["batch_size"]):
+            logits = self._forward(*self._inputs(ctx, tgt))[0]
             pred = logits[:, 1:].argmax(1).cpu().numpy() + 1
             cm += confusion(pred, lab.numpy(), k)
         return scores(cm)
@@ -221,10 +308,12 @@ class FineTuner:
                 self.best["epoch"],
             )
             self.save_checkpoint()
-            with atomic_path(self.out_dir / "history.tsv") as tmp:
-                pd.DataFrame(self.history, columns=HISTORY_COLUMNS).to_csv(
-                    tmp, sep="\t", index=False
-                )
+            self.write_history()
+        self.write_history()  # also when a resumed run had no epoch left (killed while exporting)
+
+    def write_history(self) -> None:
+        with atomic_path(self.out_dir / "history.tsv") as tmp:
+            pd.DataFrame(self.history, columns=HISTORY_COLUMNS).to_csv(tmp, sep="\t", index=False)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -243,6 +332,8 @@ class FineTuner:
             "best": self.best,
             "history": self.history,
             "hyper": self._hyper(),
+            "settings": self.st,
+            "dsf_version": __version__,
         }
         checkpoints.save(state, self.checkpoint_path)
 
@@ -254,6 +345,7 @@ class FineTuner:
         self.opt.load_state_dict(state["optimizer"])
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])
+        log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True
 
     def export(self) -> None:
@@ -262,10 +354,16 @@ class FineTuner:
             "epoch": self.best["epoch"],
             "select_macro_f1": self.best["score"],
             "init": self.st["init"],
+            "backbone": self.st["backbone"],
+            "target_block": self.st["target_block"],
+            "context_weight": float(self.st["context_weight"]),
             "fraction": self.fraction,
             "classes": self.classes,
             "scale": self.scale,
             "block": self.block,
+            "target_mpp": self.target_mpp,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
             "settings": self.st,
             "dsf_version": __version__,
             "train_tiles": len(self.train),
@@ -280,13 +378,32 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
+    p.add_argument(
+        "--stores", nargs="*", required=True, type=Path, help="annotated training stores (.zarr)"
+    )
     p.add_argument("--folds", required=True, type=Path, help="folds.tsv")
     p.add_argument("--fold", required=True, type=int, help="validation fold (never read)")
     p.add_argument("--fraction", type=float, default=1.0, help="label fraction")
     p.add_argument("--encoders", type=Path, help="encoders.pt of this fold's pretraining")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true")
+    pre = defaults("pretrain")
+    p.add_argument(
+        "--norm-mean",
+        nargs=3,
+        type=float,
+        default=pre["mean"],
+        metavar="M",
+        help="input normalisation mean (the workflow passes pretrain.mean)",
+    )
+    p.add_argument(
+        "--norm-std",
+        nargs=3,
+        type=float,
+        default=pre["std"],
+        metavar="S",
+        help="input normalisation std (the workflow passes pretrain.std)",
+    )
     add_section_arguments(p, "finetune")
     add_section_arguments(p, "labels")
     return p
@@ -300,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         st = section_from_args(args, "finetune")
         classes = section_from_args(args, "labels")["classes"]
+        if not args.stores:
+            raise ConfigError(
+                f"fold {args.fold} has no annotated training slide to fine-tune on: fill the "
+                "sheet's `labels` column for more slides, or lower folds.k"
+            )
         folds = read_folds(args.folds)
         by_slide = {str(open_store(s).attrs["slide_id"]): s for s in args.stores}
         val = set(folds.loc[folds["fold"] == args.fold, "slide"])
@@ -322,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out_dir,
             args.encoders,
             {"fold": args.fold, "fit_slides": fit, "select_slides": sel},
+            norm=(list(args.norm_mean), list(args.norm_std)),
         )
         if args.resume:
             tuner.resume()

@@ -2,8 +2,19 @@
 
 DESIGN section 5 (HookNet): the context input is the whole tile downsampled to one block (the
 store's `context` array), the target input the centre block at full resolution with its labels.
-Label fractions (1.0, 0.5, 0.1, 0.01) are sampled by tile with a fixed seed; model selection uses
-held-out training slides (by group), never the validation fold.
+Each item also carries the context labels: the tile's labels on the context grid, sampled at the
+centre of every context pixel (`labels[s//2::s, s//2::s]`), for the optional context loss
+(`finetune.context_weight`). Label fractions (1.0, 0.5, 0.1, 0.01) are sampled by tile with a
+fixed seed; model selection uses held-out training slides (by group), never the validation fold.
+
+`target_block: random` (the U-Net baseline only) takes a b x b window at a random offset of the
+tile, any pixel offset, drawn from (seed, epoch, item) so every epoch differs and a resumed run
+reads exactly what an uninterrupted one would. It is not offered to HookNet: the hook crops the
+*centre* of the context decoder's map, so the target must be the centre of the context, and the
+only context in the store is the whole tile. A concentric context for an off-centre block would
+reach past the tile (padding it loses context and trains on inputs inference never shows, since
+inference reads concentric windows from the slide); moving the hook window instead would train a
+model that is used differently at inference. `FineTuner` refuses the combination.
 """
 
 from __future__ import annotations
@@ -51,12 +62,28 @@ def selection_split(
     return fit, chosen
 
 
-class LabelledTiles(Dataset):
-    """(context, target, labels) uint8 tensors of labelled tiles: context (b, b, 3) = the whole
-    tile at the context mpp, target (b, b, 3) and labels (b, b) = the centre block."""
+TARGET_BLOCKS = ("centre", "random")
 
-    def __init__(self, stores: list[Path], fraction: float = 1.0, seed: int = 0) -> None:
+
+class LabelledTiles(Dataset):
+    """(context, target, labels, context labels) uint8 tensors of labelled tiles: context
+    (b, b, 3) = the whole tile at the context mpp, context labels (b, b) = the tile's labels on
+    that grid, target (b, b, 3) and labels (b, b) = the centre block, or with `target_block`
+    "random" a b x b window at an offset drawn from (`seed`, epoch, item) (see `set_epoch`)."""
+
+    def __init__(
+        self,
+        stores: list[Path],
+        fraction: float = 1.0,
+        seed: int = 0,
+        target_block: str = "centre",
+    ) -> None:
+        if target_block not in TARGET_BLOCKS:
+            raise ConfigError(
+                f"finetune.target_block {target_block!r}: choose one of {list(TARGET_BLOCKS)}"
+            )
         self.stores = [Path(s) for s in stores]
+        self.seed, self.target_block, self.epoch = seed, target_block, 0
         self.index: list[tuple[int, int]] = []
         for k, path in enumerate(self.stores):
             g = open_store(path)
@@ -80,19 +107,42 @@ class LabelledTiles(Dataset):
         state["_groups"], state["_pid"] = None, -1
         return state
 
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the random target offsets; set before the loader's iterator is made (the
+        workers get a copy of the dataset per epoch)."""
+        self.epoch = int(epoch)
+
+    def offset(self, i: int) -> tuple[int, int]:
+        """(row, col) of item `i`'s target block in its tile: the centre, or with
+        `target_block` "random" uniform over [0, scale*b - b] per axis, from (seed, epoch, i)."""
+        b, tile = self.block, self.block * self.scale
+        if self.target_block == "centre":
+            c0 = b * (self.scale - 1) // 2
+            return c0, c0
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        y, x = rng.integers(0, tile - b + 1, size=2)
+        return int(y), int(x)
+
     def _open(self) -> list[Any]:
         if self._groups is None or self._pid != os.getpid():
             self._groups = [open_store(s) for s in self.stores]
             self._pid = os.getpid()
         return self._groups
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         store, local = self.index[i]
         g = self._open()[store]
-        b = self.block
-        c0 = b * (self.scale - 1) // 2  # the centre b x b crop of the scale*b tile
-        centre = slice(c0, c0 + b)
+        b, s = self.block, self.scale
+        y, x = self.offset(i)
         context = np.asarray(g["context"][local])
-        target = np.asarray(g["tiles"][local, centre, centre])
-        labels = np.asarray(g["labels"][local, centre, centre])
-        return torch.from_numpy(context), torch.from_numpy(target), torch.from_numpy(labels)
+        target = np.asarray(g["tiles"][local, y : y + b, x : x + b])
+        # one chunk per tile: reading the whole label tile costs no more than its centre
+        tile_labels = np.asarray(g["labels"][local])
+        labels = np.ascontiguousarray(tile_labels[y : y + b, x : x + b])
+        context_labels = np.ascontiguousarray(tile_labels[s // 2 :: s, s // 2 :: s])
+        return (
+            torch.from_numpy(context),
+            torch.from_numpy(target),
+            torch.from_numpy(labels),
+            torch.from_numpy(context_labels),
+        )

@@ -80,8 +80,17 @@ def write_folds(table: pd.DataFrame, out: Path) -> None:
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:
-    """Read folds.tsv (slide, group, fold)."""
-    return pd.read_csv(path, sep="\t", dtype={"slide": str, "group": str, "fold": int})
+    """Read folds.tsv (slide, group, fold); an unreadable table is a ConfigError naming it."""
+    try:
+        folds = pd.read_csv(path, sep="\t", dtype={"slide": str, "group": str, "fold": int})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ConfigError(f"cannot read folds table {path}: {exc}; rerun the folds rule") from exc
+    missing = {"slide", "group", "fold"} - set(folds.columns)
+    if missing:
+        raise ConfigError(
+            f"folds table {path} lacks columns {sorted(missing)}; rerun the folds rule"
+        )
+    return folds
 
 
 def _parser() -> argparse.ArgumentParser:

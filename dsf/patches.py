@@ -470,6 +470,7 @@ def extract(
                 "labelled": labels is not None,
                 "tissue_mask_mpp": mask_mpp,
                 "settings": settings,
+                "label_settings": label_settings,
                 "dsf_version": __version__,
                 "n_tiles": n,
                 **(attrs or {}),

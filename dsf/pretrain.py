@@ -97,13 +97,12 @@ def training_stores(folds: pd.DataFrame, fold: int, stores: list[Path]) -> list[
     return kept
 
 
-def _device(setting: str) -> torch.device:
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("pretrain.device is cuda but no GPU is visible; use auto or cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device("cuda", local)
+def _device(setting: str, key: str = "pretrain.device") -> torch.device:
+    """The training device (`dsf.devices.pick_device`: torchrun rank, CUDA_VISIBLE_DEVICES,
+    SLURM's GPUs, else a GPU no other local job holds; the CPU without CUDA)."""
+    from dsf.devices import pick_device
+
+    return pick_device(setting, key)
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -220,6 +219,7 @@ class Trainer:
             "epoch": self.epoch,
             "hyper": self._hyper(),
             "history": self.history,
+            "settings": self.st,
             "dsf_version": __version__,
         }
         checkpoints.save(state, self.checkpoint_path)
@@ -322,6 +322,8 @@ class Trainer:
                 self.write_log()
             if self.epoch % self.st["checkpoint_every"] == 0 or self.epoch == self.st["epochs"]:
                 self.save_checkpoint()
+        if self.rank == 0:  # also when a resumed run had no epoch left (killed while exporting)
+            self.write_log()
 
     def write_log(self) -> None:
         with atomic_path(self.out_dir / "log.tsv") as tmp:

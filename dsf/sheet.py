@@ -5,6 +5,7 @@ Kept out of the Snakefile so it is tested like any other code and used by hand t
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -45,12 +46,13 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"slide sheet {path} not found; set config key `slides`")
     try:
-        df = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        # only whole lines starting with '#' are comments: a '#' inside a path is part of it
+        with open(path, encoding="utf-8-sig") as fh:
+            lines = [ln for ln in fh if ln.strip() and not ln.startswith("#")]
+        df = pd.read_csv(io.StringIO("".join(lines)), sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ConfigError(f"slide sheet {path} is not a valid TSV: {exc}") from exc
-    with open(path) as fh:
-        header = next((ln for ln in fh if ln.strip() and not ln.startswith("#")), "")
-    cols = [c.strip() for c in header.rstrip("\n").split("\t")]
+    cols = [c.strip() for c in lines[0].rstrip("\n").split("\t")]
     df.columns = cols
     dup_cols = sorted({c for c in cols if cols.count(c) > 1})
     if dup_cols:

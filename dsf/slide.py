@@ -229,6 +229,62 @@ def _is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
+def _ifd_chain_problem(path: Path, size: int) -> str | None:
+    """The first IFD of the main chain that lies (partly) beyond the end of the file, if any."""
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        bo = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(bo + "H", head[2:4])[0] == 43
+        off_fmt, off_size = (bo + "Q", 8) if big else (bo + "I", 4)
+        n_fmt, n_size, entry = (bo + "Q", 8, 20) if big else (bo + "H", 2, 12)
+        offset = struct.unpack(off_fmt, head[8:16] if big else head[4:8])[0]
+        seen: set[int] = set()
+        while offset and offset not in seen and len(seen) < 100_000:
+            seen.add(offset)
+            if offset + n_size > size:
+                return f"IFD {len(seen) - 1} starts at byte {offset}"
+            fh.seek(offset)
+            count = struct.unpack(n_fmt, fh.read(n_size))[0]
+            end = offset + n_size + count * entry + off_size
+            if end > size:
+                return f"IFD {len(seen) - 1} ends at byte {end}"
+            fh.seek(end - off_size)
+            offset = struct.unpack(off_fmt, fh.read(off_size))[0]
+    return None
+
+
+def _tiff_truncation(path: Path) -> str | None:
+    """Why a TIFF-based file is cut short, or None.
+
+    A truncated TIFF often still opens: OpenSlide or tifffile use the IFDs that survive and
+    return background or stale pixels for tiles past the end of the file, so the slide would be
+    processed silently wrong. Every IFD of the chain and every tile or strip of every page must
+    lie inside the file.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            if not tf.is_ndpi:  # NDPI keeps the high bits of its offsets elsewhere
+                problem = _ifd_chain_problem(path, size)
+                if problem:
+                    return problem
+            pages = [p for p in tf.pages if p is not None]
+            pages += [p for s in tf.series for lv in s.levels for p in lv.pages if p is not None]
+            for page in pages:
+                offsets = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                ends = offsets[counts > 0] + counts[counts > 0]
+                if ends.size and int(ends.max()) > size:
+                    return f"image data of page {page.index} ends at byte {int(ends.max())}"
+    except Exception:  # noqa: BLE001 - unparsable TIFF: let the backends report it
+        return None
+    return None
+
+
 def _probe(backend: _Backend) -> None:
     """Decode a few pixels of the coarsest level so corrupt files fail at open time."""
     lv = len(backend.levels) - 1
@@ -259,6 +315,8 @@ def _open_backend(path: Path, slide_id: str, check: bool = True) -> _Backend:
         raise SlideError(slide_id, f"file not found: {path}; fix the `path` column of the sheet")
     if not path.is_file():
         raise SlideError(slide_id, f"{path} is not a file (for MIRAX give the .mrxs file)")
+    if path.stat().st_size == 0:
+        raise SlideError(slide_id, f"{path} is empty (0 bytes): copy it again or remove it")
     errors: list[str] = []
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         backend = _try(_ImageBackend, path, check, errors, "PIL")
@@ -266,6 +324,14 @@ def _open_backend(path: Path, slide_id: str, check: bool = True) -> _Backend:
         import openslide
 
         is_tiff = _is_tiff(path)
+        problem = _tiff_truncation(path) if is_tiff and check else None
+        if problem:
+            raise SlideError(
+                slide_id,
+                f"{path} is truncated: its {problem}, past the end of the file "
+                f"({path.stat().st_size} bytes). Copy or export it again in full, or remove it "
+                "from the sheet",
+            )
         vendor = openslide.OpenSlide.detect_format(str(path))
         backend = None
         if vendor is not None and not (is_tiff and _is_ome(path)):

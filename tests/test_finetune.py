@@ -1,4 +1,5 @@
-"""Fine-tuning: selection never reads the validation fold, artifacts, exact resume."""
+"""Fine-tuning: selection never reads the validation fold, artifacts, exact resume, losses,
+the context loss weight, the random-block U-Net variant and the ImageNet init."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
+from torch.utils.data import DataLoader
 
 from dsf.config import defaults
-from dsf.finetune import HISTORY_COLUMNS, FineTuner, main
+from dsf.errors import ConfigError
+from dsf.finetune import HISTORY_COLUMNS, FineTuner, _shared_jitter_flip, main
+from dsf.metrics import soft_dice_loss
 
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
@@ -57,9 +62,14 @@ def _args(stores: list[Path], folds: Path, out: Path, *extra: str) -> list[str]:
 def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path) -> None:  # noqa: ANN001
     stores, folds = three
     out = tmp_path / "ft"
-    assert main(_args(stores[1:], folds, out)) == 0
+    assert main(_args(stores[1:], folds, out, "--context-weight", "0.5")) == 0
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["fold"] == 0 and "A" not in model["fit_slides"] + model["select_slides"]
+    assert (model["backbone"], model["target_block"], model["context_weight"]) == (
+        "resnet18",
+        "centre",
+        0.5,
+    )
     assert sorted(model["fit_slides"] + model["select_slides"]) == ["B", "C"]
     assert len(model["select_slides"]) == 1 and 1 <= model["epoch"] <= 2
     hist = pd.read_csv(out / "history.tsv", sep="\t")
@@ -70,7 +80,12 @@ def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_pat
     assert main(_args(stores, folds, tmp_path / "bad")) == 2
 
 
-def test_resume_is_exact(three, tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"init": "unet", "target_block": "random"}],
+    ids=["hooknet", "unet-random-block"],
+)
+def test_resume_is_exact(three, tmp_path, variant) -> None:  # noqa: ANN001
     stores, _ = three
     st = defaults("finetune") | {
         "epochs": 2,
@@ -78,6 +93,7 @@ def test_resume_is_exact(three, tmp_path) -> None:  # noqa: ANN001
         "batch_size": 4,
         "workers": 0,
         "device": "cpu",
+        **variant,
     }
 
     def tuner(out: Path, **kw: object) -> FineTuner:
@@ -112,3 +128,136 @@ def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # n
     again = FineTuner(st | {"lr": 0.01}, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
     with pytest.raises(ConfigError, match=r"lr: \[0\.001\] then, \[0\.01\] now"):
         again.resume()
+
+
+def _settings(**kw: object) -> dict[str, object]:
+    return defaults("finetune") | {
+        "epochs": 1,
+        "steps_per_epoch": 1,
+        "batch_size": 4,
+        "workers": 0,
+        "device": "cpu",
+        **kw,
+    }
+
+
+def _batch(tuner: FineTuner) -> tuple[torch.Tensor, ...]:
+    ctx, tgt, lab, clab = next(iter(DataLoader(tuner.select, batch_size=4)))
+    return (*tuner._inputs(ctx, tgt), lab, clab)
+
+
+def test_cross_entropy_ignores_class_0_and_trains(three, tmp_path) -> None:  # noqa: ANN001
+    stores, _ = three
+    tuner = FineTuner(_settings(loss="ce"), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]], [[1.0, 3.0]], [[0.5, 0.5]]]])  # (1,4,1,2)
+    labels = torch.tensor([[[0, 2]]])  # the first pixel is unlabelled
+    expected = -torch.log_softmax(logits[0, :, 0, 1], 0)[2]  # the labelled pixel only
+    torch.testing.assert_close(tuner._loss(logits, labels), expected)
+    torch.testing.assert_close(
+        tuner._loss(logits, labels), F.cross_entropy(logits, labels, ignore_index=0)
+    )
+    # nothing labelled: 0, not the NaN of an empty mean
+    assert tuner._loss(logits, torch.zeros_like(labels)).item() == 0.0
+    ctx, tgt, lab, clab = _batch(tuner)
+    with torch.no_grad():
+        out = tuner.model((ctx - tuner.mean) / tuner.std, (tgt - tuner.mean) / tuner.std)[0]
+        torch.testing.assert_close(
+            tuner.batch_loss(ctx, tgt, lab, clab),
+            F.cross_entropy(out, lab.long(), ignore_index=0),
+        )
+    tuner.fit()
+    loss = tuner.history[0]["train_loss"]
+    assert torch.isfinite(torch.tensor(loss)) and loss > 0
+
+
+def test_context_weight_adds_the_context_loss(three, tmp_path) -> None:  # noqa: ANN001
+    stores, _ = three
+    tuner = FineTuner(_settings(), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    ctx, tgt, lab, clab = _batch(tuner)
+    assert (clab > 0).any()
+    with torch.no_grad():
+        t_out, c_out = tuner.model((ctx - tuner.mean) / tuner.std, (tgt - tuner.mean) / tuner.std)
+        target_only = soft_dice_loss(t_out, lab)
+        context = soft_dice_loss(c_out, clab)
+        assert tuner.st["context_weight"] == 0.0  # the paper: lambda 1, target loss only
+        torch.testing.assert_close(tuner.batch_loss(ctx, tgt, lab, clab), target_only)
+        tuner.st["context_weight"] = 0.5
+        weighted = tuner.batch_loss(ctx, tgt, lab, clab)
+    torch.testing.assert_close(weighted, target_only + 0.5 * context)
+    assert abs(float(weighted - target_only)) > 1e-4
+
+
+def test_flip_is_shared_by_both_label_maps() -> None:
+    ctx, tgt = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    lab = torch.arange(32, dtype=torch.uint8).view(2, 4, 4)
+    clab = torch.arange(32, 64, dtype=torch.uint8).view(2, 4, 4)
+    st = {"jitter_p": 0.0, "flip_p": 1.0}
+    gen = torch.Generator().manual_seed(0)
+    c2, t2, l2, cl2 = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
+    assert torch.equal(l2, lab.flip(-1)) and torch.equal(cl2, clab.flip(-1))
+    assert torch.allclose(c2, ctx.flip(-1)) and torch.allclose(t2, tgt.flip(-1))
+    st["flip_p"] = 0.0
+    _, _, l3, cl3 = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
+    assert torch.equal(l3, lab) and torch.equal(cl3, clab)
+
+
+def test_random_target_block_is_refused_for_hooknet(three, tmp_path) -> None:  # noqa: ANN001
+    stores, _ = three
+    for init in ("random", "imagenet", "dsf"):
+        with pytest.raises(ConfigError, match=r"finetune\.target_block random is for init unet"):
+            FineTuner(
+                _settings(init=init, target_block="random"),
+                [stores[1]],
+                [stores[2]],
+                1.0,
+                CLASSES,
+                tmp_path,
+            )
+
+
+def test_imagenet_init_loads_the_local_weights_file(three, tmp_path) -> None:  # noqa: ANN001
+    import torchvision
+
+    stores, _ = three
+    with pytest.raises(ConfigError, match=r"finetune\.weights.*resnet18-f37072fd\.pth"):
+        FineTuner(_settings(init="imagenet"), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    with pytest.raises(ConfigError, match=r"finetune\.weights .*missing\.pth is not a file"):
+        FineTuner(
+            _settings(init="imagenet", weights=str(tmp_path / "missing.pth")),
+            [stores[1]],
+            [stores[2]],
+            1.0,
+            CLASSES,
+            tmp_path,
+        )
+    torch.manual_seed(11)
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
+    with pytest.raises(ConfigError, match=r"finetune\.weights: .*does not fit backbone"):
+        FineTuner(
+            _settings(init="imagenet", weights=str(wrong)),
+            [stores[1]],
+            [stores[2]],
+            1.0,
+            CLASSES,
+            tmp_path,
+        )
+    file_state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(file_state, path)
+    tuner = FineTuner(
+        _settings(init="imagenet", weights=str(path)),
+        [stores[1]],
+        [stores[2]],
+        1.0,
+        CLASSES,
+        tmp_path,
+    )
+    for encoder in (tuner.model.context_encoder, tuner.model.target_encoder):
+        own = encoder.state_dict()
+        for tv_key, our_key in encoder.key_map.items():
+            assert torch.equal(own[our_key], file_state[tv_key]), tv_key
+    tuner.fit()
+    tuner.export()
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert model["init"] == "imagenet" and model["settings"]["weights"] == str(path)

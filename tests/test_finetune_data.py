@@ -22,12 +22,16 @@ def test_items_are_context_and_the_centre_block(labelled_store: Path) -> None:
     data = LabelledTiles([labelled_store])
     g = zarr.open_group(str(labelled_store), mode="r")
     assert len(data) == g.attrs["n_tiles"]
-    ctx, tgt, lab = data[3]
+    ctx, tgt, lab, clab = data[3]
     assert ctx.shape == (16, 16, 3) and tgt.shape == (16, 16, 3) and lab.shape == (16, 16)
     tile = g["tiles"][3]
     np.testing.assert_array_equal(tgt.numpy(), tile[24:40, 24:40])  # (64 - 16) / 2 = 24
     np.testing.assert_array_equal(lab.numpy(), g["labels"][3][24:40, 24:40])
     np.testing.assert_array_equal(ctx.numpy(), g["context"][3])
+    # context labels: the tile's labels at the centre pixel of each 4 x 4 context cell
+    assert clab.shape == (16, 16)
+    np.testing.assert_array_equal(clab.numpy(), g["labels"][3][2::4, 2::4])
+    assert clab.numpy()[9, 7] == g["labels"][3][9 * 4 + 2, 7 * 4 + 2]
     # the target's field of view is the centre 1/scale of the context's
     centre = ctx.numpy()[6:10, 6:10].astype(float)
     down = tgt.numpy().reshape(4, 4, 4, 4, 3).mean((1, 3))
@@ -59,3 +63,36 @@ def test_selection_uses_held_out_training_groups_never_the_validation_fold() -> 
     assert selection_split(folds, 0, 0.2, 3) == (fit, sel)
     with pytest.raises(ConfigError, match="at least 2"):
         selection_split(folds.iloc[:3], 0, 0.2, 0)
+
+
+def test_random_target_block_is_a_seeded_window_per_epoch(labelled_store: Path) -> None:
+    import pickle
+
+    data = LabelledTiles([labelled_store], seed=5, target_block="random")
+    g = zarr.open_group(str(labelled_store), mode="r")
+    n = len(data)
+    first = [data.offset(i) for i in range(n)]
+    assert all(0 <= y <= 48 and 0 <= x <= 48 for y, x in first)  # 64 - 16
+    assert len(set(first)) > 1  # not one fixed place
+    ctx, tgt, lab, clab = data[2]
+    y, x = first[2]
+    np.testing.assert_array_equal(tgt.numpy(), g["tiles"][2][y : y + 16, x : x + 16])
+    np.testing.assert_array_equal(lab.numpy(), g["labels"][2][y : y + 16, x : x + 16])
+    # the context stays the whole tile (only the U-Net baseline uses this variant)
+    np.testing.assert_array_equal(ctx.numpy(), g["context"][2])
+    np.testing.assert_array_equal(clab.numpy(), g["labels"][2][2::4, 2::4])
+    # a worker's copy (pickled) and a fresh dataset draw the same offsets: resume stays exact
+    copy = pickle.loads(pickle.dumps(data))
+    again = LabelledTiles([labelled_store], seed=5, target_block="random")
+    assert [copy.offset(i) for i in range(n)] == [again.offset(i) for i in range(n)] == first
+    data.set_epoch(1)
+    assert [data.offset(i) for i in range(n)] != first
+    assert pickle.loads(pickle.dumps(data)).offset(0) == data.offset(0)
+    other = LabelledTiles([labelled_store], seed=6, target_block="random")
+    assert [other.offset(i) for i in range(n)] != first
+    # the centre variant never moves
+    centre = LabelledTiles([labelled_store], seed=5)
+    centre.set_epoch(3)
+    assert {centre.offset(i) for i in range(n)} == {(24, 24)}
+    with pytest.raises(ConfigError, match="finetune.target_block"):
+        LabelledTiles([labelled_store], target_block="corner")

@@ -271,3 +271,27 @@ def test_unet_baseline_shares_the_decoder(small_hooknet: HookNet) -> None:
     with torch.no_grad():
         out = unet(torch.rand(2, 3, 128, 128))
     assert out.shape == (2, 3, 128, 128)
+
+
+def test_imagenet_weights_file_loads_into_both_encoders(tmp_path: Path) -> None:
+    """The ImageNet baseline (paper Table V): a local torchvision file, nothing downloaded. A
+    randomly initialised torchvision ResNet-18 stands in for the real file."""
+    import torchvision
+
+    torch.manual_seed(5)
+    file_state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(file_state, path)
+    torch.manual_seed(0)
+    model = HookNet(3, input_size=128, weights=path)
+    for encoder in (model.context_encoder, model.target_encoder):
+        own = encoder.state_dict()
+        assert encoder.key_map  # every stem/stage tensor came from a torchvision key
+        for tv_key, our_key in encoder.key_map.items():
+            assert torch.equal(own[our_key], file_state[tv_key]), tv_key
+    # without the file the encoders start elsewhere (the equality above is not by chance)
+    plain = HookNet(3, input_size=128)
+    assert not torch.equal(
+        plain.context_encoder.state_dict()["stem.conv1.weight"],
+        model.context_encoder.state_dict()["stem.conv1.weight"],
+    )

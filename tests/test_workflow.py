@@ -170,3 +170,57 @@ def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
     assert not list((tiny / "out-bad" / "tissue").glob("broken.*"))
     # the good slide beside it completes
     assert (tiny / "out-bad" / "patches" / "good.zarr" / "zarr.json").exists()
+
+
+def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
+    """Each annotated slide is mapped by the model of the fold that held it out; a slide
+    without annotation by every fold's model (infer.unlabelled_fold null)."""
+    import shlex
+
+    from dsf.folds import assign_folds
+    from dsf.sheet import load_sheet
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["infer"] = {"unlabelled_fold": None, "gpus": 0}
+    cfg["results"] = str(tmp_path)
+    cfg["slides"] = str(REPO / cfg["slides"])
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = smk(
+        "-n", "-p", "--cores", "2", "--directory", str(REPO), "--configfile",
+        str(tmp_path / "cfg.yaml"), "--until", "infer",
+    ).stdout  # fmt: skip
+    jobs = {}
+    for line in out.splitlines():
+        if "dsf infer " not in line:
+            continue
+        argv = shlex.split(line[line.index("dsf infer ") :].split(" 2> ")[0])
+        models = argv[argv.index("--models") + 1 : argv.index("--routing")]
+        jobs[argv[argv.index("--slide-id") + 1], argv[argv.index("--out-map") + 1]] = (
+            argv[argv.index("--routing") + 1],
+            sorted(int(re.search(r"fold(\d+)/model\.pt$", m)[1]) for m in models),
+        )
+    sheet = load_sheet(cfg)
+    folds = assign_folds(sheet, cfg["folds"]["k"], cfg["folds"]["seed"]).set_index("slide")
+    labelled = set(sheet.index[sheet["labels"].notna()])
+    assert {sid for sid, _ in jobs} == set(sheet.index)
+    for (sid, path), (routing, model_folds) in jobs.items():
+        assert "/maps/" in path
+        if sid in labelled:
+            assert routing == "out_of_fold" and model_folds == [int(folds.loc[sid, "fold"])]
+        else:
+            assert routing == "ensemble" and model_folds == sorted(set(folds["fold"]))
+
+
+def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> None:
+    (tmp_path / "scope.yaml").write_text("pretrain:\n  scope: all\n")
+    out = smk(
+        "-n", "-p", "--cores", "2", "--directory", str(REPO), "--configfile",
+        str(REPO / "config" / "config.yaml"), str(tmp_path / "scope.yaml"), "--config",
+        f"results={tmp_path}",
+    ).stdout  # fmt: skip
+    assert job_counts(out)["pretrain"] == 1
+    pre = [line for line in out.splitlines() if "dsf pretrain " in line]
+    assert len(pre) == 1 and "--fold " not in pre[0]
+    assert all(f"{s}.zarr" in pre[0] for s in ("synth-01", "synth-04", "TCGA-CR-7395"))
+    dsf_ft = [line for line in out.splitlines() if "dsf finetune " in line and "--init dsf" in line]
+    assert len(dsf_ft) == 2 and all("pretrain/dsf/all/encoders.pt" in f for f in dsf_ft)

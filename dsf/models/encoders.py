@@ -185,8 +185,10 @@ def load_torchvision_weights(encoder: StageEncoder, path: str | Path) -> None:
         ValueError: the file is not a state dict, or has missing, unexpected or mis-shaped keys
             (e.g. it belongs to another architecture); the message names them.
     """
+    from dsf import checkpoints
+
     path = Path(path)
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    state = checkpoints.load(path, "cpu")  # weights only; unreadable files name themselves
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a torchvision state dict (a mapping of names to tensors)")
     unexpected = {k for k in state if k not in encoder.key_map and k not in encoder.ignored_keys}

@@ -322,9 +322,15 @@ class HookNet(nn.Module):
             ValueError: backbone mismatch, or missing/unexpected/mis-shaped keys; names them.
         """
         if isinstance(state, str | Path):
-            state = torch.load(Path(state), map_location="cpu", weights_only=True)
+            from dsf.checkpoints import load  # weights_only; a bad file is a ConfigError
+
+            state = load(Path(state))
         if not isinstance(state, Mapping) or not {"context", "target"} <= set(state):
-            raise ValueError("encoder state needs 'context' and 'target' state dicts")
+            keys = sorted(map(str, state))[:8] if isinstance(state, Mapping) else type(state)
+            raise ValueError(
+                f"encoder state needs 'context' and 'target' state dicts (got {keys}): it is "
+                "not the encoders.pt of `dsf pretrain`"
+            )
         problems: list[str] = []
         report: dict[str, list[str]] = {}
         for branch, encoder in (

@@ -20,33 +20,132 @@ SYNTH = list(config["synth"]["slides"])
 FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
+# Pretraining runs: one per fold (pretrain.scope fold) or one on every slide (all).
+PRETRAIN_UNITS = (
+    [f"fold{k}" for k in FOLD_IDS] if config["pretrain"]["scope"] == "fold" else ["all"]
+)
 FINITS = list(config["finetune"]["inits"])
+
+
+def check_finetune_inits(finetune, pretrain):
+    """Refuse at parse time fine-tuning inits the workflow cannot build (DESIGN section 5)."""
+    from dsf.errors import ConfigError
+
+    inits = list(finetune["inits"])
+    pretrained = [i for i in inits if i not in ("random", "unet", "imagenet")]
+    missing = [i for i in pretrained if i not in pretrain["methods"]]
+    if missing:
+        raise ConfigError(
+            f"finetune.inits {missing} need encoders that pretrain.methods "
+            f"{list(pretrain['methods'])} does not pretrain: add them to pretrain.methods "
+            "or drop them from finetune.inits"
+        )
+    if pretrained and finetune["backbone"] != pretrain["backbone"]:
+        raise ConfigError(
+            f"finetune.backbone {finetune['backbone']} != pretrain.backbone "
+            f"{pretrain['backbone']}: the encoders of finetune.inits {pretrained} would not fit"
+        )
+    if "imagenet" in inits and finetune["weights"] is None:
+        raise ConfigError(
+            "finetune.inits has imagenet but finetune.weights is null: download torchvision's "
+            f"ImageNet weights of {finetune['backbone']} once (resnet18: resnet18-f37072fd.pth) "
+            "and set finetune.weights to that file"
+        )
+    if finetune["target_block"] == "random" and set(inits) != {"unet"}:
+        raise ConfigError(
+            "finetune.target_block random is for init unet only (HookNet needs the centre "
+            f"block), but finetune.inits is {inits}: set it to [unet] or target_block to centre"
+        )
+
+
+check_finetune_inits(config["finetune"], config["pretrain"])
 FRACS = [str(f) for f in config["finetune"]["fractions"]]
 LABELLED = set(SHEET.index[SHEET["labels"].notna()])
+
+
+def _infer_choice():
+    """Inits that get maps and the label fraction whose models draw them (infer section)."""
+    from dsf.errors import ConfigError
+
+    inits = list(config["infer"]["inits"] or FINITS)
+    unknown = [i for i in inits if i not in FINITS]
+    if unknown:
+        raise ConfigError(
+            f"infer.inits {unknown} are not fine-tuned: add them to finetune.inits or drop them"
+        )
+    frac = config["infer"]["fraction"]
+    frac = str(float(frac if frac is not None else max(config["finetune"]["fractions"])))
+    if frac not in FRACS:
+        raise ConfigError(
+            f"infer.fraction {frac} is not one of finetune.fractions {FRACS}: pick one of them"
+        )
+    fold = config["infer"]["unlabelled_fold"]
+    if fold is not None and fold not in FOLD_IDS:
+        raise ConfigError(
+            f"infer.unlabelled_fold {fold} is not a fold (folds are {FOLD_IDS}); "
+            "use null to average all folds"
+        )
+    return inits, frac
+
+
+INFER_INITS, INFER_FRAC = _infer_choice()
 
 
 wildcard_constraints:
     slide="|".join(map(__import__("re").escape, SLIDES)) or "(?!)",
     fold=r"\d+",
+    unit=r"fold\d+|all",
     init="|".join(INITS) or "(?!)",
     finit="|".join(FINITS) or "(?!)",
     frac="|".join(map(__import__("re").escape, FRACS)) or "(?!)",
 
 
-def train_stores(fold):
-    """Patch stores of the slides outside fold `fold` (its training slides)."""
-    slides = FOLDS.loc[FOLDS["fold"] != fold, "slide"]
+def train_stores(unit):
+    """Patch stores a pretraining run reads: the slides outside fold k for unit `fold{k}`,
+    every slide for unit `all`."""
+    if unit == "all":
+        return [f"{RESULTS}/patches/{s}.zarr" for s in SLIDES]
+    slides = FOLDS.loc[FOLDS["fold"] != int(unit.removeprefix("fold")), "slide"]
     return [f"{RESULTS}/patches/{s}.zarr" for s in slides]
 
 
 def finetune_inputs(wildcards):
-    """Annotated training stores of the fold, and the fold's encoders for a pretrained init."""
+    """Annotated training stores of the fold, and the fold's encoders for a pretrained init
+    (random, unet and imagenet read none; imagenet reads the local file finetune.weights)."""
     fold = int(wildcards.fold)
     slides = FOLDS.loc[(FOLDS["fold"] != fold) & FOLDS["slide"].isin(LABELLED), "slide"]
     inputs = {"stores": [f"{RESULTS}/patches/{s}.zarr" for s in slides]}
-    if wildcards.finit not in ("random", "unet"):
-        inputs["encoders"] = f"{RESULTS}/pretrain/{wildcards.finit}/fold{fold}/encoders.pt"
+    if wildcards.finit == "imagenet":
+        inputs["weights"] = config["finetune"]["weights"]
+    elif wildcards.finit not in ("random", "unet"):
+        unit = f"fold{fold}" if config["pretrain"]["scope"] == "fold" else "all"
+        inputs["encoders"] = f"{RESULTS}/pretrain/{wildcards.finit}/{unit}/encoders.pt"
     return inputs
+
+
+def infer_routing(slide):
+    """(routing, folds) of the models that predict `slide`: an annotated slide by the model of
+    the fold that held it out; one without annotation by every fold averaged, or by
+    infer.unlabelled_fold."""
+    if slide in LABELLED:
+        return "out_of_fold", [int(FOLDS.set_index("slide").loc[slide, "fold"])]
+    fold = config["infer"]["unlabelled_fold"]
+    if fold is None:
+        return "ensemble", list(FOLD_IDS)
+    return "fold", [int(fold)]
+
+
+def infer_inputs(wildcards):
+    """Slide, tissue mask and the routed models of an inference job."""
+    _, folds = infer_routing(wildcards.slide)
+    return {
+        "slide": slide_path(wildcards),
+        "mask": f"{RESULTS}/tissue/{wildcards.slide}.tiff",
+        "models": [
+            f"{RESULTS}/finetune/{wildcards.finit}/frac{INFER_FRAC}/fold{k}/model.pt"
+            for k in folds
+        ],
+    }
 
 
 def slide_path(wildcards):
@@ -82,13 +181,35 @@ def stage_opts(section, skip=()):
 def all_outputs():
     """Every artifact the stages built so far produce."""
     pretrained = expand(
-        f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/encoders.pt", init=INITS, fold=FOLD_IDS
+        f"{RESULTS}/pretrain/{{init}}/{{unit}}/encoders.pt", init=INITS, unit=PRETRAIN_UNITS
     )
     finetuned = expand(
         f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
         finit=FINITS, frac=FRACS, fold=FOLD_IDS,
     )
-    return [f"{RESULTS}/folds.tsv", *pretrained, *finetuned] + expand(
+    maps = expand(
+        f"{RESULTS}/maps/{{finit}}/{{slide}}.{{ext}}",
+        finit=INFER_INITS, slide=SLIDES, ext=["tiff", "jpg", "json"],
+    )
+    evaluated = [
+        f"{RESULTS}/eval/{name}"
+        for name in ("tables.md", "tile_scores.tsv", "slide_scores.tsv", "figure.png")
+    ]
+    # what `snakemake --report` shows besides the outputs above (report.smk)
+    reported = [
+        *expand(
+            f"{RESULTS}/report/curves/pretrain/{{init}}/{{unit}}.png",
+            init=INITS, unit=PRETRAIN_UNITS,
+        ),
+        *expand(
+            f"{RESULTS}/report/curves/finetune/{{finit}}/frac{{frac}}/fold{{fold}}.png",
+            finit=FINITS, frac=FRACS, fold=FOLD_IDS,
+        ),
+        f"{RESULTS}/report/tables.html",
+    ]
+    return [
+        f"{RESULTS}/folds.tsv", *pretrained, *finetuned, *maps, *evaluated, *reported
+    ] + expand(
         [
             f"{RESULTS}/tissue/{{slide}}.tiff",
             f"{RESULTS}/tissue/{{slide}}.jpg",

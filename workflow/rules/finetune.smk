@@ -16,6 +16,10 @@ rule finetune:
         ),
         opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
         classes=stage_opts("labels", skip=("class_map", "other_class", "geojson_names")),
+        norm=" ".join(
+            ["--norm-mean", *map(repr, config["pretrain"]["mean"])]
+            + ["--norm-std", *map(repr, config["pretrain"]["std"])]
+        ),
     threads: max(1, config["finetune"]["workers"])
     resources:
         gpu=config["finetune"]["gpus"],
@@ -29,4 +33,4 @@ rule finetune:
     shell:
         "dsf finetune --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
         "--fraction {wildcards.frac} --init {wildcards.finit} {params.encoders} "
-        "--out-dir {params.out_dir:q} --resume {params.opts} {params.classes} 2> {log:q}"
+        "--out-dir {params.out_dir:q} --resume {params.opts} {params.classes} {params.norm} 2> {log:q}"

@@ -1,18 +1,20 @@
-# Self-supervised DSF-WSI pretraining, per pretraining method ({init}) and fold, on the fold's
-# training slides only. checkpoint.pt is deliberately not a declared output: Snakemake deletes
-# the outputs of a failed job, and a killed job must resume from its last checkpoint.
+# Self-supervised DSF-WSI pretraining, per pretraining method ({init}) and unit: fold{k} = on
+# fold k's training slides only (pretrain.scope fold), all = on every slide (scope all).
+# checkpoint.pt is deliberately not a declared output: Snakemake deletes the outputs of a failed
+# job, and a killed job must resume from its last checkpoint.
 
 
 rule pretrain:
     input:
-        stores=lambda w: train_stores(int(w.fold)),
+        stores=lambda w: train_stores(w.unit),
         folds=f"{RESULTS}/folds.tsv",
     output:
-        encoders=f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/encoders.pt",
-        log_tsv=f"{RESULTS}/pretrain/{{init}}/fold{{fold}}/log.tsv",
+        encoders=f"{RESULTS}/pretrain/{{init}}/{{unit}}/encoders.pt",
+        log_tsv=f"{RESULTS}/pretrain/{{init}}/{{unit}}/log.tsv",
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
-        opts=stage_opts("pretrain", skip=("method", "methods")),
+        fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+        opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
     threads: max(1, config["pretrain"]["workers"])
     resources:
         gpu=config["pretrain"]["gpus"],
@@ -20,10 +22,10 @@ rule pretrain:
     conda:
         "../../envs/dsf.yaml"
     log:
-        f"{RESULTS}/logs/pretrain/{{init}}/fold{{fold}}.log",
+        f"{RESULTS}/logs/pretrain/{{init}}/{{unit}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/pretrain/{{init}}/fold{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/pretrain/{{init}}/{{unit}}.tsv"
     shell:
-        "dsf pretrain --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
+        "dsf pretrain --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
         "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
         "--no-progress {params.opts} 2> {log:q}"

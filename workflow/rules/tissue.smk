@@ -6,7 +6,13 @@ rule tissue:
         slide=slide_path,
     output:
         mask=f"{RESULTS}/tissue/{{slide}}.tiff",
-        overlay=f"{RESULTS}/tissue/{{slide}}.jpg",
+        overlay=report(
+            f"{RESULTS}/tissue/{{slide}}.jpg",
+            caption="../report/tissue.rst",
+            category="1. Tissue",
+            subcategory="{slide}",
+            labels={"slide": "{slide}", "figure": "tissue overlay"},
+        ),
         stats=f"{RESULTS}/tissue/{{slide}}.json",
     params:
         slide=slide_opts,

@@ -1,0 +1,560 @@
+"""Evaluation against the annotations (DESIGN section 4, Evaluate; paper IV-C and Tables II-IV).
+
+Two protocols, each one confusion matrix per slide (`dsf.metrics.confusion`: rows the true
+class 1..K, columns the predicted class 1..K and 'predicted background'):
+
+- `tiles`, the paper's: fold k's model predicts the centre target block of every kept tile of
+  fold k's labelled validation slides (argmax over the foreground classes, as model selection
+  does). The paper's F1 is the micro F1 of a region (slide) averaged over the fold's regions.
+  A store of a slide the model trained or was selected on is refused.
+- `slide`: a whole-slide class map of `dsf infer` against the ground truth at the map's mpp,
+  unlabelled pixels ignored, read in row bands so memory stays flat in slide size. Only a map
+  made by the fold model that did not see the slide (out of fold) is accepted.
+
+`dsf evaluate tables` aggregates the per-slide TSVs into the tables (`dsf.tables`) and the
+figure (`dsf.figures`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dsf import __version__
+from dsf.atomic import atomic_path
+from dsf.config import add_section_arguments, section_from_args
+from dsf.errors import ConfigError
+from dsf.metrics import confusion, scores
+from dsf.runner import run, setup_logging
+
+log = logging.getLogger(__name__)
+
+#: Name of the confusion column of labelled pixels predicted as background (0, not predicted).
+NONE = "bg"
+#: Map pixels scored at a time (confusion() makes a few int64 copies of the labelled ones).
+SCORE_PIXELS = 1 << 22
+MAP_KEYS = ("slide", "init", "fraction", "mpp", "width", "height", "classes", "folds", "routing")
+
+
+# -- per-slide rows ---------------------------------------------------------------------------
+
+
+def confusion_columns(classes: list[str]) -> list[str]:
+    """`cm_{true}_{pred}` column names of a (K, K + 1) confusion, row-major; `classes` with the
+    ignore class at index 0, the last column of each row is `cm_{true}_bg`."""
+    fg = list(classes[1:])
+    return [f"cm_{t}_{p}" for t in fg for p in [*fg, NONE]]
+
+
+def one_vs_rest_accuracy(cm: np.ndarray) -> float:
+    """The paper's accuracy, (TP + TN) / all, per class one-vs-rest, averaged over the K classes.
+
+    Over single-label pixels this is 1 - 2 (1 - micro F1) / K, which is how the paper's Table III
+    (0.9180 for BCSS, K = 5) relates to its Table II (0.7949).
+    """
+    k = cm.shape[0]
+    total = cm.sum()
+    if not total:
+        return float("nan")
+    tp = np.diag(cm[:, :k]).astype(np.float64)
+    fn = cm.sum(1) - tp
+    fp = cm[:, :k].sum(0) - tp
+    return float(np.mean((total - fn - fp) / total))
+
+
+def score_row(cm: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Counts and scores of one confusion as TSV columns (F1 NaN where a class is absent from
+    both truth and prediction)."""
+    s = scores(cm)
+    row: dict[str, Any] = {"n_pixels": int(cm.sum())}
+    row |= dict(zip(confusion_columns(classes), (int(v) for v in cm.ravel()), strict=True))
+    row |= {
+        "accuracy": s["accuracy"],
+        "micro_f1": s["micro_f1"],
+        "macro_f1": s["macro_f1"],
+        "paper_accuracy": one_vs_rest_accuracy(cm),
+    }
+    row |= {f"f1_{c}": float(f) for c, f in zip(classes[1:], s["f1"], strict=True)}  # type: ignore[arg-type]
+    return row
+
+
+def confusion_of(row: pd.Series | dict[str, Any], classes: list[str]) -> np.ndarray:
+    """The (K, K + 1) confusion back from a row written by `score_row`."""
+    k = len(classes) - 1
+    values = [int(row[c]) for c in confusion_columns(classes)]
+    return np.asarray(values, np.int64).reshape(k, k + 1)
+
+
+def classes_of(columns: list[str]) -> list[str]:
+    """Class names (ignore first) from the `f1_*` columns of a per-slide table."""
+    return ["ignore", *(c[3:] for c in columns if c.startswith("f1_"))]
+
+
+def with_provenance(df: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
+    """`df` with the columns `dsf_version` and `settings` (the config sections that produced
+    it, as JSON), like every other artifact's `dsf_version` and `settings`."""
+    return df.assign(dsf_version=__version__, settings=json.dumps(settings, sort_keys=True))
+
+
+def write_tsv(df: pd.DataFrame, out: Path) -> None:
+    """A TSV written atomically (NaN as `nan`, so an empty score is visible, never a 0);
+    counts (`n_*`, `cm_*`) stay integers."""
+    df = df.copy()
+    for c in df.columns:
+        if str(c).startswith(("n_", "cm_")):
+            df[c] = pd.to_numeric(df[c]).astype("Int64")
+    with atomic_path(out) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, na_rep="nan", float_format="%.6g")
+
+
+# -- tile protocol ----------------------------------------------------------------------------
+
+
+def _store_slide(store: Path) -> str:
+    from dsf.tiles import open_store
+
+    return str(open_store(store).attrs["slide_id"])
+
+
+def check_validation_stores(
+    slides: list[str], meta: dict[str, Any], model: Path, folds: pd.DataFrame | None = None
+) -> None:
+    """Refuse slides the model was fitted or selected on, and (with folds.tsv) slides outside
+    the model's validation fold: the tile protocol reads the validation fold only."""
+    seen = set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
+    if not seen:
+        log.warning("%s names no fit/selection slides: cannot check for training data", model)
+    bad = sorted(set(slides) & seen)
+    if bad:
+        raise ConfigError(
+            f"slides {bad} are training data of {model} (its fit or selection slides): the tile "
+            f"protocol evaluates fold {meta.get('fold')}'s validation slides only; give their "
+            "stores to the model of the fold they belong to"
+        )
+    if folds is not None and "fold" in meta:
+        fold_of = dict(zip(folds["slide"], folds["fold"], strict=True))
+        unknown = sorted(s for s in slides if s not in fold_of)
+        if unknown:
+            raise ConfigError(f"slides {unknown} are not in folds.tsv; rerun the folds stage")
+        other = sorted(s for s in slides if int(fold_of[s]) != int(meta["fold"]))
+        if other:
+            raise ConfigError(
+                f"slides {other} are not in validation fold {meta['fold']} of {model} "
+                f"(folds.tsv puts them in {sorted({int(fold_of[s]) for s in other})}); "
+                "evaluate each slide with its own fold's model"
+            )
+
+
+def _check_geometry(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
+    """The store must be cut with the geometry and classes the model was fine-tuned on."""
+    got = (int(attrs["scale"]), int(attrs["block"]), float(attrs["target_mpp"]))
+    want = (predictor.scale, predictor.block, predictor.target_mpp)
+    if got[:2] != want[:2] or not math.isclose(got[2], want[2], rel_tol=1e-3):
+        raise ConfigError(
+            f"patch store {store} has scale, block, target mpp {got}, the model {want}: "
+            "evaluate with stores cut by the same patches settings as fine-tuning"
+        )
+    names = attrs.get("class_names")
+    if names is not None and list(names) != list(predictor.classes):
+        raise ConfigError(
+            f"patch store {store} has classes {list(names)}, the model {predictor.classes}: "
+            "labels.classes must be the same for patches, finetune and evaluate"
+        )
+
+
+def tile_confusion(predictor: Any, store: Path, batch_size: int) -> tuple[int, np.ndarray]:
+    """(kept tiles, confusion) of the centre blocks of one labelled store."""
+    from dsf.tiles import open_store
+
+    g = open_store(store)
+    slide = str(g.attrs["slide_id"])
+    if "labels" not in g:
+        raise ConfigError(f"patch store {store} of slide {slide!r} has no labels: unannotated")
+    _check_geometry(dict(g.attrs), predictor, store)
+    k = len(predictor.classes) - 1
+    b, scale = predictor.block, predictor.scale
+    c0 = b * (scale - 1) // 2  # the centre b x b block of the scale*b tile (as LabelledTiles)
+    centre = slice(c0, c0 + b)
+    n = int(g.attrs["n_tiles"])
+    cm = np.zeros((k, k + 1), np.int64)
+    for i0 in range(0, n, batch_size):
+        i1 = min(n, i0 + batch_size)
+        ctx = torch.from_numpy(np.asarray(g["context"][i0:i1]))
+        tgt = torch.from_numpy(np.ascontiguousarray(g["tiles"][i0:i1, centre, centre]))
+        lab = np.asarray(g["labels"][i0:i1, centre, centre])
+        probs = predictor.probabilities(ctx, tgt)
+        pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
+        cm += confusion(pred, lab, k)
+    return n, cm
+
+
+def evaluate_tiles(
+    predictor: Any,
+    stores: list[Path],
+    batch_size: int,
+    model: Path,
+    folds: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per store: slide, fold, init, fraction, n_tiles, confusion counts and scores."""
+    meta = predictor.meta
+    slides = [_store_slide(s) for s in stores]
+    check_validation_stores(slides, meta, model, folds)
+    rows = []
+    for slide, store in zip(slides, stores, strict=True):
+        n, cm = tile_confusion(predictor, store, batch_size)
+        row = {
+            "slide": slide,
+            "fold": int(meta.get("fold", -1)),
+            "init": predictor.init,
+            "fraction": float(meta.get("fraction", 1.0)),
+            "n_tiles": n,
+        } | score_row(cm, predictor.classes)
+        log.info(
+            "%s: %d tiles, %d labelled px, micro F1 %.4f",
+            slide,
+            n,
+            row["n_pixels"],
+            row["micro_f1"],
+        )
+        rows.append(row)
+    if not rows:
+        log.warning(
+            "%s: no labelled validation store of fold %s to evaluate: the tables show n/a",
+            model,
+            meta.get("fold"),
+        )
+        k = len(predictor.classes) - 1
+        empty = score_row(np.zeros((k, k + 1), np.int64), predictor.classes)
+        return pd.DataFrame(columns=["slide", "fold", "init", "fraction", "n_tiles", *empty])
+    return pd.DataFrame(rows)
+
+
+# -- whole-slide protocol ---------------------------------------------------------------------
+
+
+@dataclass
+class ClassMap:
+    """A whole-slide class map of `dsf infer`: the pyramidal TIFF and its JSON description."""
+
+    path: Path
+    meta: dict[str, Any]
+    levels: list[tuple[int, int]]  # (height, width) of each page, level 0 first
+
+    @property
+    def mpp(self) -> float:
+        return float(self.meta["mpp"])
+
+    @property
+    def height(self) -> int:
+        return self.levels[0][0]
+
+    @property
+    def width(self) -> int:
+        return self.levels[0][1]
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.width / self.levels[level][1]
+
+    def _array(self, level: int) -> tuple[Any, Any]:
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(str(self.path), key=level, aszarr=True)
+        return store, zarr.open(store, mode="r")
+
+    def bands(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, uint8 (h, W)) bands of level 0, `rows` at a time."""
+        store, z = self._array(0)
+        try:
+            for r0 in range(0, self.height, rows):
+                yield r0, np.asarray(z[r0 : min(self.height, r0 + rows)])
+        finally:
+            store.close()
+
+    def sample(self, level: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Nearest samples (len(rows), len(cols)) of a level; indices outside it give 0."""
+        h, w = self.levels[level]
+        out = np.zeros((len(rows), len(cols)), np.uint8)
+        vr, vc = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+        if not vr.any() or not vc.any():
+            return out
+        store, z = self._array(level)
+        try:
+            part = z.get_orthogonal_selection((rows[vr], cols[vc]))
+        finally:
+            store.close()
+        out[np.ix_(vr, vc)] = part
+        return out
+
+
+def _tag_mpp(page: Any) -> float | None:
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    per_cm = {2: 1 / 2.54, 3: 1.0}.get(int(tags["ResolutionUnit"].value))
+    if not num or not den or per_cm is None:
+        return None
+    return 1e4 / (num / den / per_cm)
+
+
+def open_map(tiff: Path, meta_json: Path) -> ClassMap:
+    """Open a class map and check it against its JSON (the `dsf infer` contract)."""
+    import tifffile
+
+    try:
+        meta = json.loads(Path(meta_json).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read map description {meta_json}: {exc}; rerun infer") from exc
+    missing = [k for k in MAP_KEYS if k not in meta]
+    if missing:
+        raise ConfigError(f"map description {meta_json} lacks {missing}; rerun infer")
+    try:
+        with tifffile.TiffFile(str(tiff)) as tf:
+            pages = list(tf.pages)
+            first = pages[0]
+            levels = [tuple(int(v) for v in p.shape[:2]) for p in pages if p.ndim == 2]
+            dtype, ndim, tag_mpp = first.dtype, first.ndim, _tag_mpp(first)
+    except (OSError, tifffile.TiffFileError, IndexError) as exc:
+        raise ConfigError(f"cannot read class map {tiff}: {exc}; rerun infer") from exc
+    slide = meta["slide"]
+    if ndim != 2 or dtype != np.uint8:
+        raise ConfigError(
+            f"class map {tiff} of slide {slide!r}: level 0 must be uint8 (H, W) class indices, "
+            f"got {dtype} with {ndim} dimensions; rerun infer"
+        )
+    if levels[0] != (int(meta["height"]), int(meta["width"])):
+        raise ConfigError(
+            f"class map {tiff} is {levels[0][1]} x {levels[0][0]} px, its JSON says "
+            f"{meta['width']} x {meta['height']}: the two are from different runs; rerun infer"
+        )
+    if tag_mpp is None:
+        log.warning("%s has no resolution tags; using the JSON's mpp %s", tiff, meta["mpp"])
+    elif not math.isclose(tag_mpp, float(meta["mpp"]), rel_tol=1e-3):
+        raise ConfigError(
+            f"class map {tiff}: resolution tags give {tag_mpp:.6g} um/px, its JSON "
+            f"{meta['mpp']}: rerun infer"
+        )
+    return ClassMap(Path(tiff), meta, levels)  # type: ignore[arg-type]
+
+
+def check_out_of_fold(cmap: ClassMap, slide: str, folds: pd.DataFrame) -> int:
+    """The slide's validation fold; refuse a map made by any model that trained on the slide
+    (every fold model but the slide's own fold's)."""
+    row = folds.loc[folds["slide"] == slide, "fold"]
+    if row.empty:
+        raise ConfigError(f"slide {slide!r} is not in folds.tsv; rerun the folds stage")
+    fold = int(row.iloc[0])
+    used = sorted({int(f) for f in cmap.meta["folds"]})
+    if used != [fold]:
+        raise ConfigError(
+            f"map {cmap.path} of slide {slide!r} was made by the models of folds {used} "
+            f"(routing {cmap.meta['routing']!r}), but the slide is in validation fold {fold}, so "
+            "the others trained on it: evaluate out-of-fold maps only (infer routing out_of_fold)"
+        )
+    return fold
+
+
+def map_confusion(cmap: ClassMap, labels: Any, slide_mpp: float, rows: int) -> np.ndarray:
+    """Confusion of a class map against the labels at the map's mpp, over labelled pixels,
+    one band of `rows` map rows at a time. Map pixel (i, j) covers the level-0 square at
+    (j, i) * mpp / slide_mpp (DESIGN section 3, infer)."""
+    k = len(cmap.meta["classes"]) - 1
+    f = cmap.mpp / slide_mpp
+    cm = np.zeros((k, k + 1), np.int64)
+    for r0, band in cmap.bands(rows):
+        truth = labels.read(0.0, r0 * f, band.shape[1], band.shape[0], cmap.mpp)
+        step = max(1, SCORE_PIXELS // max(1, band.shape[1]))  # bounds confusion()'s int64 copies
+        for s in range(0, band.shape[0], step):
+            cm += confusion(band[s : s + step], truth[s : s + step], k)
+    return cm
+
+
+def panel(cmap: ClassMap, slide: Any, labels: Any, size: int) -> dict[str, np.ndarray]:
+    """Thumbnail, truth and prediction of the whole slide at one small mpp (longest side about
+    `size` px); the prediction sampled from the coarsest map level at least that fine."""
+    w0, h0 = slide.dimensions
+    mpp = max(cmap.mpp, max(w0, h0) * slide.mpp / size)
+    thumb = slide.thumbnail(mpp)
+    th, tw = thumb.shape[:2]
+    truth = labels.read(0.0, 0.0, tw, th, mpp)
+    fine = [lv for lv in range(len(cmap.levels)) if cmap.level_mpp(lv) <= mpp * 1.001]
+    level = max(fine, key=cmap.level_mpp) if fine else 0
+    step = mpp / cmap.level_mpp(level)
+    rows = np.floor((np.arange(th) + 0.5) * step).astype(np.int64)
+    cols = np.floor((np.arange(tw) + 0.5) * step).astype(np.int64)
+    pred = cmap.sample(level, rows, cols)
+    return {"thumbnail": thumb, "truth": truth, "prediction": pred, "mpp": np.float64(mpp)}
+
+
+def evaluate_slide(
+    cmap: ClassMap,
+    slide: Any,
+    labels: Any,
+    folds: pd.DataFrame,
+    classes: list[str],
+    band_rows: int,
+) -> pd.DataFrame:
+    """One row: slide, fold, init, fraction, routing, mpp, confusion counts and scores."""
+    sid = slide.slide_id
+    if str(cmap.meta["slide"]) != sid:
+        raise ConfigError(f"map {cmap.path} is of slide {cmap.meta['slide']!r}, not {sid!r}")
+    if list(cmap.meta["classes"]) != list(classes):
+        raise ConfigError(
+            f"map {cmap.path} has classes {cmap.meta['classes']}, labels.classes is {classes}: "
+            "predict and evaluate with the same classes"
+        )
+    fold = check_out_of_fold(cmap, sid, folds)
+    cm = map_confusion(cmap, labels, slide.mpp, band_rows)
+    row = {
+        "slide": sid,
+        "fold": fold,
+        "init": str(cmap.meta["init"]),
+        "fraction": float(cmap.meta["fraction"]),
+        "routing": str(cmap.meta["routing"]),
+        "mpp": cmap.mpp,
+    } | score_row(cm, classes)
+    if not row["n_pixels"]:
+        log.warning("%s: no labelled pixel under the map: its scores are n/a", sid)
+    log.info(
+        "%s (%s): %d labelled px, pixel accuracy %.4f, macro F1 %.4f",
+        sid,
+        row["init"],
+        row["n_pixels"],
+        row["accuracy"],
+        row["macro_f1"],
+    )
+    return pd.DataFrame([row])
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="mode", required=True)
+
+    t = sub.add_parser("tiles", help="tile protocol: one fold model on its validation stores")
+    t.add_argument("--model", required=True, type=Path, help="model.pt of fold k")
+    t.add_argument(
+        "--stores", nargs="*", default=[], type=Path, help="labelled validation stores of fold k"
+    )
+    t.add_argument("--folds", type=Path, help="folds.tsv: also refuse stores of other folds")
+    t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
+    add_section_arguments(t, "evaluate")
+
+    s = sub.add_parser("slide", help="whole-slide protocol: one class map against its labels")
+    s.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
+    s.add_argument("--map-json", type=Path, help="its JSON (default: beside it, .json)")
+    s.add_argument("--slide", required=True, type=Path, help="slide file")
+    s.add_argument("--slide-id", help="slide id (default: file stem)")
+    s.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    s.add_argument("--labels", required=True, type=Path, help="annotation: mask or GeoJSON")
+    s.add_argument("--folds", required=True, type=Path, help="folds.tsv")
+    s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
+    s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
+    add_section_arguments(s, "evaluate")
+    add_section_arguments(s, "labels")
+
+    a = sub.add_parser("tables", help="aggregate per-slide TSVs into tables and the figure")
+    a.add_argument("--tiles", nargs="*", default=[], type=Path, help="tile-protocol TSVs")
+    a.add_argument("--slides", nargs="*", default=[], type=Path, help="whole-slide TSVs")
+    a.add_argument("--panels", nargs="*", default=[], type=Path, help="panel .npz files")
+    a.add_argument("--folds", required=True, type=Path, help="folds.tsv (the fold columns)")
+    a.add_argument("--methods", nargs="*", default=[], help="inits, in table order")
+    a.add_argument("--fractions", nargs="*", default=[], type=float, help="label fractions")
+    a.add_argument("--markdown", required=True, type=Path, help="tables.md")
+    a.add_argument("--tile-scores", required=True, type=Path, help="tile_scores.tsv")
+    a.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
+    a.add_argument("--figure", type=Path, help="figure.png")
+    add_section_arguments(a, "evaluate")
+    return p
+
+
+def _device(setting: str) -> torch.device:
+    from dsf.devices import pick_device
+
+    return pick_device(setting, "evaluate.device")
+
+
+def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:
+    from dsf.folds import read_folds
+    from dsf.predict import load_predictor
+
+    predictor = load_predictor(args.model, _device(st["device"]), amp=st["amp"])
+    folds = read_folds(args.folds) if args.folds else None
+    df = evaluate_tiles(predictor, list(args.stores), st["batch_size"], args.model, folds)
+    write_tsv(with_provenance(df, {"evaluate": st}), args.out)
+
+
+def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
+    from dsf.annotations import open_labels
+    from dsf.folds import read_folds
+    from dsf.slide import open_slide
+
+    label_st = section_from_args(args, "labels")
+    cmap = open_map(args.map, args.map_json or args.map.with_suffix(".json"))
+    with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+        labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_st)
+        df = evaluate_slide(
+            cmap, slide, labels, read_folds(args.folds), label_st["classes"], st["band_rows"]
+        )
+        if args.panel:
+            pan = panel(cmap, slide, labels, st["panel_size"])
+            meta = {"slide": slide.slide_id, "init": str(cmap.meta["init"])}
+            with atomic_path(args.panel) as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(
+                    fh, **pan, classes=np.asarray(label_st["classes"]), meta=json.dumps(meta)
+                )
+    write_tsv(with_provenance(df, {"evaluate": st, "labels": label_st}), args.out)
+
+
+def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
+    from dsf.folds import read_folds
+    from dsf.tables import build_tables
+
+    build_tables(
+        tiles=list(args.tiles),
+        slides=list(args.slides),
+        panels=list(args.panels),
+        folds=read_folds(args.folds),
+        methods=list(args.methods),
+        fractions=list(args.fractions),
+        markdown=args.markdown,
+        tile_scores=args.tile_scores,
+        slide_scores=args.slide_scores,
+        figure=args.figure,
+        panel_slides=st["panel_slides"],
+        settings={"evaluate": st},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf evaluate tiles|slide|tables`."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        st = section_from_args(args, "evaluate")
+        {"tiles": _tiles, "slide": _slide, "tables": _tables}[args.mode](args, st)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,793 @@
+"""Stitched whole-slide inference: full-slide class maps from fine-tuned HookNets (issue 5).
+
+Windows: every target block of `block` px at the target mpp, with its concentric context
+(`scale` x the field of view, reduced by `scale` exactly as `dsf patches` made the training
+contexts), on a grid of step `stride` = block x (1 - overlap). Each window owns the central
+`stride` x `stride` cell ("core") of its block; the cores tile the slide. A window runs when its
+block touches tissue (the tissue mask of `dsf tissue`); neighbouring windows are blended with a
+smooth (Hann) weight window, so no seams show, and the class is the argmax of the blended
+foreground probabilities (0 = background: outside the tissue or never predicted).
+
+Streaming, so memory is flat in slide size: the slide is cut into column bands of
+`band_windows` cores; each band is read top to bottom in row chunks of `stride` px (each chunk
+read once, by prefetching reader threads, overlapped with the model), windows are cut from the
+chunks in memory, and a core row is written out as soon as no later window touches it. Band
+edges recompute the one or two windows whose blocks reach into the neighbour band, instead of
+holding a full-width accumulator. Level 0 of the map goes to a compressed Zarr work store; its
+pyramid is built from there and written as a tiled, pyramidal, palette TIFF that OpenSlide and
+QuPath open at the slide's scale (resolution tags in px/cm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from dsf import __version__
+from dsf.atomic import atomic_path, remove
+from dsf.colours import class_colours
+from dsf.config import add_section_arguments, section_from_args
+from dsf.errors import ConfigError
+from dsf.predict import Predictor, load_predictor
+from dsf.runner import run, setup_logging
+from dsf.slide import Slide, open_slide
+
+log = logging.getLogger(__name__)
+
+ROUTINGS = ("out_of_fold", "ensemble", "fold")
+WEIGHT_FLOOR = 1e-3  # Hann weights never reach 0, so a pixel seen by one window edge is kept
+
+
+# -- geometry ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """The window grid at the target mpp (all in target px).
+
+    Window (row i, col j) has its block at x = j * stride - offset, y = i * stride - offset and
+    owns the core [j * stride, (j + 1) * stride) x [i * stride, (i + 1) * stride).
+    """
+
+    width: int
+    height: int
+    block: int
+    scale: int
+    stride: int
+    out_factor: int
+    band_cores: int
+    offset: int  # block origin = core origin - offset
+
+    @property
+    def halo(self) -> int:
+        """Context margin around the block: (scale - 1) * block / 2."""
+        return (self.scale - 1) * self.block // 2
+
+    @property
+    def cores(self) -> tuple[int, int]:
+        """(rows, cols) of cores covering the slide."""
+        return math.ceil(self.height / self.stride), math.ceil(self.width / self.stride)
+
+    def windows_touching(self, first: int, last: int) -> tuple[int, int]:
+        """Window indices (inclusive) whose block touches cores first..last on one axis."""
+        s, o, b = self.stride, self.offset, self.block
+        lo = math.floor(first - (b - o) / s) + 1
+        hi = math.ceil(last + 1 + o / s) - 1
+        return lo, hi
+
+    @property
+    def chunks_per_window(self) -> int:
+        """Row chunks of `stride` px one window's context spans."""
+        return math.ceil(self.scale * self.block / self.stride)
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(width, height) of the map at the output mpp."""
+        f = self.out_factor
+        return math.ceil(self.width / f), math.ceil(self.height / f)
+
+
+def make_grid(
+    width: int, height: int, block: int, scale: int, overlap: float, out_factor: int, band: int
+) -> Grid:
+    """The grid for a slide of (width, height) target px; the stride is rounded down to a
+    multiple of the scale (contexts stay on one reduction grid) and of the output factor."""
+    if block % 2:
+        raise ConfigError(f"block {block} must be even for concentric contexts")
+    unit = math.lcm(scale, out_factor)
+    stride = int(block * (1.0 - overlap)) // unit * unit
+    if stride < unit:
+        raise ConfigError(
+            f"infer.overlap {overlap} leaves no stride for {block} px blocks at scale {scale} and "
+            f"output factor {out_factor}; lower infer.overlap"
+        )
+    # the core sits near the block's centre, shifted so every context starts on a multiple of
+    # `scale` (one reduction grid anchored at the slide origin, like a global low-power image)
+    halo = (scale - 1) * block // 2
+    fits = [o for o in range(block - stride + 1) if (o + halo) % scale == 0]
+    if not fits:
+        raise ConfigError(
+            f"no window offset keeps {block} px blocks at scale {scale} on the context grid; "
+            "use a block that is a multiple of 2 x patches.scale"
+        )
+    offset = min(fits, key=lambda o: abs(o - (block - stride) / 2))
+    return Grid(width, height, block, scale, stride, out_factor, band, offset)
+
+
+def hann_weights(block: int) -> np.ndarray:
+    """(block, block) separable Hann window with a small floor: smooth blending weights."""
+    u = (np.arange(block) + 0.5) / block
+    w = np.maximum(np.sin(np.pi * u) ** 2, WEIGHT_FLOOR)
+    return np.outer(w, w).astype(np.float32)
+
+
+def tissue_windows(grid: Grid, mask: np.ndarray, mask_mpp: float, target_mpp: float) -> np.ndarray:
+    """Bool (rows, cols) over all windows whose block touches tissue, with the window index
+    offsets (row0, col0) of element [0, 0]: windows_touching(0, cores - 1) per axis."""
+    rows, cols = grid.cores
+    r0, r1 = grid.windows_touching(0, rows - 1)
+    c0, c1 = grid.windows_touching(0, cols - 1)
+    integral = np.pad(np.asarray(mask, bool).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    mh, mw = mask.shape
+    f = target_mpp / mask_mpp  # mask px per target px
+
+    def edges(idx: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        start = idx * grid.stride - grid.offset
+        a = np.clip(np.floor(start * f).astype(np.int64), 0, limit)
+        b = np.clip(np.ceil((start + grid.block) * f).astype(np.int64), 0, limit)
+        return a, b
+
+    ya, yb = edges(np.arange(r0, r1 + 1), mh)
+    xa, xb = edges(np.arange(c0, c1 + 1), mw)
+    total = integral[yb][:, xb] - integral[ya][:, xb] - integral[yb][:, xa] + integral[ya][:, xa]
+    return total > 0
+
+
+# -- reading ----------------------------------------------------------------------------------
+def reduce_rgb(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Exact box average by `factor` (PIL reduce), as `dsf patches` made the contexts."""
+    if factor == 1:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).reduce(factor))
+
+
+@dataclass
+class _Band:
+    index: int
+    cores: tuple[int, int]  # first, last core column (inclusive)
+    wcols: tuple[int, int]  # first, last window column (inclusive)
+    wrows: list[int]  # window rows with a tissue window, ascending
+    x0: int  # target px of the band's read origin (left of the first context)
+    y0: int  # target px of chunk 0's top
+    width: int  # read width (target px)
+    chunks: list[int]  # chunk indices to read, ascending
+
+
+def _bands(grid: Grid, run_grid: np.ndarray) -> list[_Band]:
+    rows, cols = grid.cores
+    r0, _ = grid.windows_touching(0, rows - 1)
+    c0, _ = grid.windows_touching(0, cols - 1)
+    s, n_c = grid.stride, grid.chunks_per_window
+    bands = []
+    for j, first in enumerate(range(0, cols, grid.band_cores)):
+        last = min(cols, first + grid.band_cores) - 1
+        wc0, wc1 = grid.windows_touching(first, last)
+        sub = run_grid[:, wc0 - c0 : wc1 - c0 + 1]
+        wrows = [int(i) + r0 for i in np.flatnonzero(sub.any(axis=1))]
+        y0 = r0 * s - grid.offset - grid.halo
+        chunks = sorted({k for i in wrows for k in range(i - r0, i - r0 + n_c)})
+        x0 = wc0 * s - grid.offset - grid.halo
+        width = (wc1 - wc0) * s + grid.scale * grid.block
+        bands.append(_Band(j, (first, last), (wc0, wc1), wrows, x0, y0, width, chunks))
+    return bands
+
+
+class _Reader:
+    """Prefetches (band, chunk) row chunks at the target mpp with their reduced contexts."""
+
+    def __init__(self, slide: Slide, grid: Grid, target_mpp: float, threads: int) -> None:
+        self.slide, self.grid, self.mpp = slide, grid, target_mpp
+        self.f0 = target_mpp / slide.mpp
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsf-read")
+        self.ahead = 2 * threads
+        self.pending: deque[tuple[int, int, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+
+    def _read(self, band: _Band, k: int) -> tuple[np.ndarray, np.ndarray]:
+        y = band.y0 + k * self.grid.stride
+        rgb = self.slide.read(
+            band.x0 * self.f0, y * self.f0, band.width, self.grid.stride, self.mpp
+        )
+        return rgb, reduce_rgb(rgb, self.grid.scale)
+
+    def stream(self, bands: list[_Band]) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """(band index, chunk index, target rows, context rows) in band and row order."""
+        todo = iter([(b, k) for b in bands for k in b.chunks])
+        try:
+            while True:
+                while len(self.pending) < self.ahead:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        break
+                    band, k = nxt
+                    self.pending.append((band.index, k, self.pool.submit(self._read, band, k)))
+                if not self.pending:
+                    return
+                j, k, fut = self.pending.popleft()
+                yield j, k, *fut.result()
+        finally:
+            for *_, fut in self.pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cut(chunks: dict[int, np.ndarray], chunk_h: int, y: int, x: int, size: int) -> np.ndarray:
+    """A (size, size) square at row y, column x of the band's concatenated chunks."""
+    out = np.empty((size, size, 3), np.uint8)
+    done = 0
+    while done < size:
+        k, r = divmod(y + done, chunk_h)
+        n = min(size - done, chunk_h - r)
+        out[done : done + n] = chunks[k][r : r + n, x : x + size]
+        done += n
+    return out
+
+
+# -- accumulation and output ------------------------------------------------------------------
+class _BandAccumulator:
+    """Blended foreground probabilities of one band's core rows, on the model's device."""
+
+    def __init__(self, grid: Grid, band: _Band, n_fg: int, device: torch.device) -> None:
+        self.grid, self.band, self.n_fg, self.device = grid, band, n_fg, device
+        self.x_own = band.cores[0] * grid.stride  # target px of the band's first owned column
+        self.w_own = (band.cores[1] - band.cores[0] + 1) * grid.stride
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.weights = torch.from_numpy(hann_weights(grid.block)).to(device)
+
+    def _row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if r not in self.rows:
+            s = self.grid.stride
+            self.rows[r] = (
+                torch.zeros(self.n_fg, s, self.w_own, device=self.device),
+                torch.zeros(s, self.w_own, device=self.device),
+            )
+        return self.rows[r]
+
+    def add(self, wrow: int, wcol: int, probs: torch.Tensor) -> None:
+        """Add one window's (n_fg, block, block) probabilities with the blending weights."""
+        g = self.grid
+        s, b = g.stride, g.block
+        x = wcol * s - g.offset - self.x_own  # block origin in owned coordinates
+        xa, xb = max(0, x), min(self.w_own, x + b)
+        if xb <= xa:
+            return
+        y = wrow * s - g.offset
+        for r in range(max(0, math.floor(y / s)), math.floor((y + b - 1) / s) + 1):
+            if r >= g.cores[0]:
+                break
+            ya, yb = max(y, r * s), min(y + b, (r + 1) * s)
+            acc, wsum = self._row(r)
+            w = self.weights[ya - y : yb - y, xa - x : xb - x]
+            acc[:, ya - r * s : yb - r * s, xa:xb] += probs[:, ya - y : yb - y, xa - x : xb - x] * w
+            wsum[ya - r * s : yb - r * s, xa:xb] += w
+
+    def pop(self, r: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Core row r as output px: (classes uint8 (h, w), foreground probabilities uint8
+        (n_fg, h, w) or None when nothing ran there)."""
+        g = self.grid
+        f = g.out_factor
+        h, w = g.stride // f, self.w_own // f
+        if r not in self.rows:
+            return np.zeros((h, w), np.uint8), None
+        acc, wsum = self.rows.pop(r)
+        if f > 1:
+            acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
+            wsum = torch.nn.functional.avg_pool2d(wsum[None, None], f)[0, 0]
+        seen = wsum > 0
+        cls = torch.where(seen, acc.argmax(0) + 1, 0).to(torch.uint8)
+        total = acc.sum(0, keepdim=True).clamp_min(1e-12)
+        probs = (acc / total * 255).round().to(torch.uint8)
+        return cls.cpu().numpy(), probs.cpu().numpy()
+
+
+class _MapWriter:
+    """Level 0 of the map (and optional probabilities) into Zarr arrays, band by band, in
+    whole row chunks so no chunk is written twice."""
+
+    def __init__(
+        self,
+        work: Path,
+        grid: Grid,
+        n_fg: int,
+        tissue: np.ndarray | None,
+        tissue_f: float,
+        probs: Path | None,
+    ) -> None:
+        import zarr
+
+        self.grid = grid
+        ow, oh = grid.out_size
+        self.band_w = grid.band_cores * grid.stride // grid.out_factor
+        self.chunk_h = 256
+        root = zarr.open_group(str(work), mode="w", zarr_format=3)
+        self.level0 = root.create_array(
+            "0", shape=(oh, ow), chunks=(self.chunk_h, self.band_w), dtype="uint8", fill_value=0
+        )
+        self.probs = None
+        if probs is not None:
+            proot = zarr.open_group(str(probs), mode="w", zarr_format=3)
+            self.probs = proot.create_array(
+                "0",
+                shape=(n_fg, oh, ow),
+                chunks=(n_fg, self.chunk_h, self.band_w),
+                dtype="uint8",
+                fill_value=0,
+            )
+        self.tissue, self.tissue_f = tissue, tissue_f
+        self.n_fg = n_fg
+        self._reset(0)
+
+    def _reset(self, band: int) -> None:
+        self.band = band
+        self.y = 0
+        self.cls_rows: list[np.ndarray] = []
+        self.prob_rows: list[np.ndarray] = []
+
+    def _mask(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The tissue mask (nearest) over output px [y, y+h) x [x, x+w)."""
+        assert self.tissue is not None
+        mh, mw = self.tissue.shape
+        ys = np.minimum(((np.arange(y, y + h) + 0.5) * self.tissue_f).astype(np.int64), mh - 1)
+        xs = np.minimum(((np.arange(x, x + w) + 0.5) * self.tissue_f).astype(np.int64), mw - 1)
+        return self.tissue[ys][:, xs]
+
+    def add_row(self, band: int, cls: np.ndarray, probs: np.ndarray | None) -> None:
+        if band != self.band:
+            self.flush(final=True)
+            self._reset(band)
+        self.cls_rows.append(cls)
+        if self.probs is not None:
+            if probs is None:
+                probs = np.zeros((self.n_fg, *cls.shape), np.uint8)
+            self.prob_rows.append(probs)
+        if sum(r.shape[0] for r in self.cls_rows) >= self.chunk_h:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        if not self.cls_rows:
+            return
+        cls = np.concatenate(self.cls_rows, axis=0)
+        probs = np.concatenate(self.prob_rows, axis=1) if self.prob_rows else None
+        ow, oh = self.grid.out_size
+        x = self.band * self.band_w
+        n = cls.shape[0] if final else cls.shape[0] // self.chunk_h * self.chunk_h
+        h, w = min(n, oh - self.y), min(self.band_w, ow - x)
+        if h > 0 and w > 0:
+            block = cls[:h, :w]
+            if self.tissue is not None:
+                block = np.where(self._mask(self.y, x, h, w), block, 0).astype(np.uint8)
+            self.level0[self.y : self.y + h, x : x + w] = block
+            if self.probs is not None and probs is not None:
+                self.probs[:, self.y : self.y + h, x : x + w] = probs[:, :h, :w]
+        self.y += n
+        self.cls_rows = [cls[n:]] if n < cls.shape[0] else []
+        if probs is not None:
+            self.prob_rows = [probs[:, n:]] if n < cls.shape[0] else []
+
+
+def build_pyramid(work: Path, tile: int) -> list[Any]:
+    """Levels 1.. of the map by 2x nearest subsampling until it fits one tile; all levels."""
+    import zarr
+
+    root = zarr.open_group(str(work), mode="r+", zarr_format=3)
+    levels = [root["0"]]
+    while max(levels[-1].shape) > tile:
+        src = levels[-1]
+        h, w = (src.shape[0] + 1) // 2, (src.shape[1] + 1) // 2
+        dst = root.create_array(
+            str(len(levels)), shape=(h, w), chunks=(256, min(w, 4096)), dtype="uint8"
+        )
+        step = 512
+        for y in range(0, src.shape[0], step):
+            dst[y // 2 : (y + step + 1) // 2] = np.asarray(src[y : y + step])[::2, ::2]
+        levels.append(dst)
+    return levels
+
+
+def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int) -> None:
+    """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
+    in px/cm per level, written level by level from the Zarr arrays in tile-row strips."""
+    import tifffile
+
+    colours = class_colours(n_classes).astype(np.uint16) * 257
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[:, :n_classes] = colours.T
+
+    def tiles(arr: Any) -> Iterator[np.ndarray]:
+        h, w = arr.shape
+        for y in range(0, h, tile):
+            strip = np.asarray(arr[y : y + tile])
+            for x in range(0, w, tile):
+                t = np.zeros((tile, tile), np.uint8)
+                part = strip[:, x : x + tile]
+                t[: part.shape[0], : part.shape[1]] = part
+                yield t
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, arr in enumerate(levels):
+            px_per_cm = 1e4 / (mpp * 2**i)
+            tw.write(
+                tiles(arr),
+                shape=tuple(arr.shape),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="palette",
+                colormap=cmap,
+                compression="zlib",
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                software=f"dsf {__version__}",
+                metadata=None,
+            )
+
+
+def render_overlay(
+    thumb: np.ndarray, classes_map: np.ndarray, names: list[str], alpha: float = 0.45
+) -> np.ndarray:
+    """The thumbnail with predicted classes tinted (background untouched) and a legend strip."""
+    h, w = thumb.shape[:2]
+    cmap = Image.fromarray(classes_map).resize((w, h), Image.Resampling.NEAREST)
+    cls = np.asarray(cmap)
+    colours = class_colours(len(names)).astype(np.float32)
+    out = thumb.astype(np.float32)
+    fg = cls > 0
+    out[fg] = out[fg] * (1 - alpha) + colours[cls[fg]] * alpha
+    img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+    sw = 14
+    legend_h = sw + 12
+    canvas = Image.new("RGB", (w, h + legend_h), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = 6
+    for i, name in enumerate(names[1:], start=1):
+        c = tuple(int(v) for v in colours[i])
+        draw.rectangle([x, h + 6, x + sw, h + 6 + sw], fill=c, outline=(0, 0, 0))
+        draw.text((x + sw + 4, h + 6), name, fill=(0, 0, 0))
+        x += sw + 10 + 7 * len(name) + 8
+    return np.asarray(canvas)
+
+
+# -- the stage --------------------------------------------------------------------------------
+def _check_models(preds: list[Predictor]) -> None:
+    ref = preds[0]
+    for p in preds[1:]:
+        for key in ("classes", "scale", "block", "target_mpp", "init"):
+            if getattr(p, key) != getattr(ref, key):
+                raise ConfigError(
+                    f"models to ensemble differ in {key} ({getattr(ref, key)} vs "
+                    f"{getattr(p, key)}); they must come from one fine-tuning configuration"
+                )
+
+
+def out_factor(out_mpp: float | None, target_mpp: float) -> int:
+    """Integer output pixel size in target px (infer.out_mpp must be a multiple)."""
+    if out_mpp is None:
+        return 1
+    f = out_mpp / target_mpp
+    if f < 1 - 1e-6 or abs(f - round(f)) > 1e-6:
+        raise ConfigError(
+            f"infer.out_mpp {out_mpp} must be a whole multiple of the target mpp {target_mpp} "
+            f"(e.g. {target_mpp}, {2 * target_mpp}, {4 * target_mpp})"
+        )
+    return int(round(f))
+
+
+class _Stitcher:
+    """Cuts the tissue windows from the streamed row chunks band by band, runs the models in
+    batches (averaging their probabilities), blends them into the band's accumulator and hands
+    every finished core row to the writer."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        run_grid: np.ndarray,
+        preds: list[Predictor],
+        writer: _MapWriter,
+        batch_size: int,
+        bar: Any,
+    ) -> None:
+        self.grid, self.run_grid, self.preds, self.writer = grid, run_grid, preds, writer
+        self.batch_size, self.bar = batch_size, bar
+        rows, cols = grid.cores
+        self.r0, _ = grid.windows_touching(0, rows - 1)
+        self.c0, _ = grid.windows_touching(0, cols - 1)
+        self.n_fg = len(preds[0].classes) - 1
+        self.device = preds[0].device
+        self.windows = 0
+        self.batch: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        self.tgt: dict[int, np.ndarray] = {}  # chunk index -> target-mpp rows
+        self.ctx: dict[int, np.ndarray] = {}  # chunk index -> the same rows reduced by scale
+        self.band: _Band | None = None
+        self.acc: _BandAccumulator | None = None
+        self.pending: deque[int] = deque()  # window rows of the band still to cut
+        self.next_row = 0  # next core row of the band to write
+
+    def run(self, bands: list[_Band], chunks: Iterator[tuple[int, int, Any, Any]]) -> None:
+        """Consume (band, chunk, target rows, context rows) in band and row order."""
+        todo = iter(bands)
+        n_c = self.grid.chunks_per_window
+        for j, k, rgb, ctx in chunks:
+            while self.band is None or j != self.band.index:
+                if self.band is not None:
+                    self._close()
+                self._start(next(todo))
+            self.tgt[k], self.ctx[k] = rgb, ctx
+            # a window row is cut once its last chunk has arrived
+            while self.pending and self.pending[0] - self.r0 + n_c - 1 <= k:
+                self._emit(self.pending.popleft())
+        if self.band is not None:
+            self._close()
+        for band in todo:  # bands without tissue after the last chunk: background rows
+            self._start(band)
+            self._close()
+
+    def _start(self, band: _Band) -> None:
+        self.band = band
+        self.acc = _BandAccumulator(self.grid, band, self.n_fg, self.device)
+        self.pending = deque(band.wrows)
+        self.next_row = 0
+        self.tgt.clear()
+        self.ctx.clear()
+
+    def _close(self) -> None:
+        while self.pending:
+            self._emit(self.pending.popleft())
+        self._run_batch()
+        self._finish_rows(self.grid.cores[0])
+        self.writer.flush(final=True)
+
+    def _emit(self, wr: int) -> None:
+        """Cut the tissue windows of window row `wr` (all its chunks are in memory)."""
+        assert self.band is not None
+        g = self.grid
+        s, b, sc = g.stride, g.block, g.scale
+        k0 = wr - self.r0
+        wc0, wc1 = self.band.wcols
+        for wc in range(wc0, wc1 + 1):
+            if not self.run_grid[wr - self.r0, wc - self.c0]:
+                continue
+            cx = (wc - wc0) * s
+            tgt = _cut(self.tgt, s, k0 * s + g.halo, cx + g.halo, b)
+            ctx = _cut(self.ctx, s // sc, k0 * s // sc, cx // sc, b)
+            self.batch.append((wr, wc, ctx, tgt))
+            if len(self.batch) >= self.batch_size:
+                self._run_batch()
+                # every window of the rows before wr has run: their core rows are final
+                self._finish_rows(_final_rows(g, wr - 1))
+        for k in [k for k in self.tgt if k <= k0]:
+            del self.tgt[k], self.ctx[k]
+
+    def _run_batch(self) -> None:
+        if not self.batch:
+            return
+        assert self.acc is not None
+        ctx = torch.from_numpy(np.stack([c for *_, c, _ in self.batch]))
+        tgt = torch.from_numpy(np.stack([t for *_, t in self.batch]))
+        if self.device.type == "cuda":
+            ctx, tgt = ctx.pin_memory(), tgt.pin_memory()
+        probs = sum(m.probabilities(ctx, tgt) for m in self.preds) / len(self.preds)
+        for (wr, wc, *_), pr in zip(self.batch, probs[:, 1:], strict=True):
+            self.acc.add(wr, wc, pr)
+        self.windows += len(self.batch)
+        self.bar.update(len(self.batch))
+        self.batch.clear()
+
+    def _finish_rows(self, upto: int) -> None:
+        """Write core rows next_row..upto-1 of the band (every window touching them ran)."""
+        assert self.acc is not None and self.band is not None
+        while self.next_row < min(upto, self.grid.cores[0]):
+            cls, pr = self.acc.pop(self.next_row)
+            self.writer.add_row(self.band.index, cls, pr)
+            self.next_row += 1
+
+
+def infer_slide(
+    slide: Slide,
+    mask: np.ndarray,
+    mask_mpp: float,
+    preds: list[Predictor],
+    settings: dict[str, Any],
+    out_map: Path,
+    out_overlay: Path,
+    out_meta: Path,
+    out_probs: Path | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict the whole slide and write the map, overlay, metadata (and probabilities)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    _check_models(preds)
+    p = preds[0]
+    t = p.target_mpp
+    f = out_factor(settings["out_mpp"], t)
+    width, height = slide.size_at(t)
+    grid = make_grid(
+        width, height, p.block, p.scale, settings["overlap"], f, settings["band_windows"]
+    )
+    run_grid = tissue_windows(grid, mask, mask_mpp, t)
+    bands = _bands(grid, run_grid)
+    n_fg = len(p.classes) - 1
+    log.info(
+        "%s: %dx%d px at %.4g um/px, %d windows of %d px over tissue (stride %d, %d bands)",
+        slide.slide_id,
+        width,
+        height,
+        t,
+        int(run_grid.sum()),
+        grid.block,
+        grid.stride,
+        len(bands),
+    )
+    work = out_map.with_name(f".{out_map.name}.work.zarr")
+    remove(work)
+    out_mpp = t * f
+    tissue = mask if settings["mask_output"] else None
+    try:
+        probs_ctx = atomic_path(out_probs) if out_probs is not None else nullcontext()
+        with probs_ctx as probs_tmp:
+            writer = _MapWriter(work, grid, n_fg, tissue, out_mpp / mask_mpp, probs_tmp)
+            bar = tqdm(
+                total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
+            )
+            stitcher = _Stitcher(grid, run_grid, preds, writer, settings["batch_size"], bar)
+            reader = _Reader(slide, grid, t, settings["threads"])
+            with closing(reader.stream(bands)) as chunks:
+                stitcher.run(bands, chunks)
+            n_windows = stitcher.windows
+            bar.close()
+            if probs_tmp is not None:
+                _write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
+        levels = build_pyramid(work, settings["tile"])
+        with atomic_path(out_map) as tmp:
+            write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"])
+        thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
+        level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
+        small = np.asarray(levels[level][:])
+        overlay = render_overlay(slide.thumbnail(thumb_mpp), small, p.classes)
+        with atomic_path(out_overlay) as tmp:
+            Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+    finally:
+        remove(work)
+    ow, oh = grid.out_size
+    meta = {
+        "slide": slide.slide_id,
+        "init": p.init,
+        "fraction": p.meta.get("fraction"),
+        "mpp": out_mpp,
+        "width": ow,
+        "height": oh,
+        "classes": p.classes,
+        "windows": n_windows,
+        "stride": grid.stride,
+        "block": grid.block,
+        "scale": grid.scale,
+        "target_mpp": t,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "settings": settings,
+        "dsf_version": __version__,
+        **(extra_meta or {}),
+    }
+    with atomic_path(out_meta) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    log.info("%s: %d windows in %.1f s -> %s", slide.slide_id, n_windows, meta["seconds"], out_map)
+    return meta
+
+
+def _final_rows(grid: Grid, last_done_wrow: int) -> int:
+    """Core rows below which every touching window row is <= last_done_wrow (exclusive)."""
+    # core row r is touched by window rows up to r + ceil(offset / stride)
+    return max(0, last_done_wrow - math.ceil(grid.offset / grid.stride) + 1)
+
+
+def _write_ome_attrs(store: Path, names: list[str], mpp: float) -> None:
+    """OME-Zarr (NGFF 0.5) multiscales metadata for the (class, y, x) probability array."""
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    root.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": "probabilities",
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1.0, mpp, mpp]}],
+                    }
+                ],
+            }
+        ],
+        "omero": {"channels": [{"label": n} for n in names]},
+    }
+    root.attrs["dsf"] = {"classes": names, "scale": "probability x 255 (uint8)"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf infer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--slide", required=True, type=Path, help="slide file")
+    p.add_argument("--slide-id", help="slide id (default: file stem)")
+    p.add_argument("--sheet-mpp", type=float, help="mpp from the sheet (overrides the file)")
+    p.add_argument("--tissue-mask", required=True, type=Path, help="tissue mask of dsf tissue")
+    p.add_argument("--models", nargs="+", required=True, type=Path, help="model.pt (averaged)")
+    p.add_argument("--routing", choices=ROUTINGS, default="out_of_fold")
+    p.add_argument("--folds-of-models", nargs="*", type=int, default=[], help="fold per model")
+    p.add_argument("--out-map", required=True, type=Path, help="class map (.tiff)")
+    p.add_argument("--out-overlay", required=True, type=Path, help="overlay (.jpg)")
+    p.add_argument("--out-meta", required=True, type=Path, help="metadata (.json)")
+    p.add_argument("--out-probs", type=Path, help="probabilities (OME-Zarr, .zarr)")
+    p.add_argument("--no-progress", action="store_true")
+    add_section_arguments(p, "infer")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf infer`: one slide -> class map, overlay, metadata."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        from dsf.devices import pick_device
+        from dsf.tissue import read_mask
+
+        st = section_from_args(args, "infer")
+        device = pick_device(st["device"], "infer.device")
+        preds = [load_predictor(m, device, st["amp"]) for m in args.models]
+        slide = open_slide(args.slide, mpp=args.sheet_mpp, slide_id=args.slide_id)
+        mask, mask_mpp = read_mask(args.tissue_mask)
+        infer_slide(
+            slide,
+            mask,
+            mask_mpp,
+            preds,
+            st,
+            args.out_map,
+            args.out_overlay,
+            args.out_meta,
+            args.out_probs,
+            extra_meta={
+                "models": [str(m) for m in args.models],
+                "folds": [int(pr.meta.get("fold", -1)) for pr in preds],
+                "routing": args.routing,
+            },
+            progress=not args.no_progress,
+        )
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Fine-tuned models as predictors: load `model.pt`, turn uint8 context/target blocks into class
+probabilities (DESIGN section 5: HookNet's target output; the U-Net baseline sees the target).
+
+Shared by the tile-level evaluation and whole-slide inference so both feed the model exactly as
+fine-tuning did (same normalisation, same geometry, same class channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dsf import checkpoints
+from dsf.errors import ConfigError
+
+REQUIRED = ("state_dict", "init", "classes", "scale", "block", "target_mpp")
+
+
+@dataclass
+class Predictor:
+    """A fine-tuned model with what it needs to be fed: geometry, classes, normalisation."""
+
+    model: nn.Module
+    init: str
+    classes: list[str]
+    scale: int
+    block: int
+    target_mpp: float
+    mean: Tensor
+    std: Tensor
+    device: torch.device
+    amp: torch.dtype | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_context(self) -> bool:
+        return self.init != "unet"
+
+    def probabilities(self, context: Tensor, target: Tensor) -> Tensor:
+        """Softmax over all class channels, (B, C, block, block) float32 on the device.
+
+        `context` and `target` are uint8 (B, block, block, 3), the context the whole
+        scale*block tile reduced by `scale`, concentric with the target block.
+        """
+
+        def prep(x: Tensor) -> Tensor:
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+            x = (x - self.mean) / self.std
+            return x.contiguous(memory_format=torch.channels_last)
+
+        tgt = prep(target)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+            ),
+        ):
+            logits = self.model(prep(context), tgt)[0] if self.uses_context else self.model(tgt)
+        return logits.float().softmax(dim=1)
+
+
+def _amp(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> Predictor:
+    """Load a `model.pt` written by `dsf finetune` (weights only) in eval mode on `device`."""
+    from dsf.models.hooknet import HookNet, UNet
+
+    path = Path(path)
+    meta = checkpoints.load(path, device)
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks {missing}: it was not written by this version of `dsf finetune`; "
+            "rerun the finetune stage (snakemake --forcerun finetune)"
+        )
+    classes = list(meta["classes"])
+    settings = meta.get("settings", {})
+    backbone = meta.get("backbone", settings.get("backbone", "resnet18"))
+    if meta["init"] == "unet":
+        model: nn.Module = UNet(len(classes), backbone=backbone)
+    else:
+        model = HookNet(
+            len(classes), backbone=backbone, scale=int(meta["scale"]), input_size=int(meta["block"])
+        )
+    try:
+        model.load_state_dict(meta["state_dict"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: weights do not fit the model they describe: {exc}") from exc
+    # channels_last: the fast layout for convolutions on GPUs and CPUs alike (a HookNet at 64 px
+    # runs about 3.5x faster on this project's 2-core CPU than in the default layout)
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    from dsf.config import defaults
+
+    pre = defaults("pretrain")
+    mean = torch.tensor(meta.get("mean", pre["mean"]), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.get("std", pre["std"]), device=device).view(1, 3, 1, 1)
+    return Predictor(
+        model=model,
+        init=str(meta["init"]),
+        classes=classes,
+        scale=int(meta["scale"]),
+        block=int(meta["block"]),
+        target_mpp=float(meta["target_mpp"]),
+        mean=mean,
+        std=std,
+        device=device,
+        amp=_amp(device, amp),
+        meta={k: v for k, v in meta.items() if k != "state_dict"},
+    )

@@ -1,0 +1,489 @@
+"""The evaluation tables: per fold, then mean (sample std) over folds (paper Tables II-IV).
+
+Tile protocol (the paper's): per method (init) and label fraction, per fold the micro F1 of each
+validation slide averaged over the fold's slides (the paper's F1, Table II) and likewise its
+accuracy (mean one-vs-rest accuracy, Table III); per-class F1, macro F1 and pixel accuracy from
+the fold's pooled confusion; then mean and std (ddof 1) over folds, one table per label fraction
+and a summary over fractions (Table IV).
+
+Whole-slide protocol: per-class F1 (= Dice), pixel accuracy (= micro F1) and macro F1 per slide
+and per fold (pooled confusion), then mean (std) over folds.
+
+Nothing is ever shown as 0 for want of data: a fold or method without results is `n/a` with a
+footnote saying why; std over fewer than two folds is `n/a`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dsf import __version__
+from dsf.atomic import atomic_path
+from dsf.errors import ConfigError
+from dsf.evaluate import classes_of, confusion_of, with_provenance, write_tsv
+from dsf.metrics import scores
+
+log = logging.getLogger(__name__)
+
+FOLD_METRICS = ["f1", "paper_accuracy", "pixel_accuracy", "macro_f1"]
+
+
+# -- numbers ----------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample std with ddof 1, count) of the finite values; NaN where undefined (no
+    value: both; one value: the std)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    std = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return float(v.mean()), std, int(v.size)
+
+
+def read_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Concatenate per-slide TSVs (header-only ones included) and their common classes."""
+    frames, classes = [], None
+    for p in paths:
+        df = pd.read_csv(p, sep="\t", dtype={"slide": str})
+        cls = classes_of(list(df.columns))
+        if classes is not None and cls != classes:
+            raise ConfigError(
+                f"{p} scores classes {cls[1:]}, other results {classes[1:]}: they come from "
+                "runs with different labels.classes; rerun evaluate"
+            )
+        classes = cls
+        if len(df):
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(), classes or []
+    return pd.concat(frames, ignore_index=True), classes or []
+
+
+def _frac_eq(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _pooled(sub: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """Scores of the summed confusion of some slides."""
+    k = len(classes) - 1
+    cm = np.zeros((k, k + 1), np.int64)
+    for _, row in sub.iterrows():
+        cm += confusion_of(row, classes)
+    s = scores(cm)
+    out: dict[str, Any] = {
+        "n_pixels": int(cm.sum()),
+        "pixel_accuracy": s["accuracy"],
+        "micro_f1": s["micro_f1"],
+        "macro_f1": s["macro_f1"],
+    }
+    out |= {f"f1_{c}": float(f) for c, f in zip(classes[1:], s["f1"], strict=True)}  # type: ignore[arg-type]
+    return out
+
+
+def _summary_rows(
+    folds: list[dict[str, Any]], key: dict[str, Any], metrics: list[str]
+) -> list[dict[str, Any]]:
+    """The `mean` and `std` rows over fold rows (each metric over the folds that have it)."""
+    mean = key | {"fold": "mean"}
+    std = key | {"fold": "std"}
+    for m in metrics:
+        mu, sd, n = mean_std([r.get(m, float("nan")) for r in folds])
+        mean[m], std[m] = mu, sd
+    mean["n_folds"] = std["n_folds"] = sum(1 for r in folds if r.get("n_pixels", 0) > 0)
+    for count in ("n_slides", "n_tiles", "n_pixels"):  # the mean row states the totals
+        if count in folds[0]:
+            mean[count] = sum(int(r[count]) for r in folds)
+    return [mean, std]
+
+
+def tile_fold_scores(
+    df: pd.DataFrame,
+    classes: list[str],
+    methods: list[str],
+    fractions: list[float],
+    fold_ids: list[int],
+) -> pd.DataFrame:
+    """Per method x fraction x fold (then `mean`, `std`): n_slides, n_tiles, n_pixels, f1 (the
+    paper's: slides' micro F1 averaged), paper_accuracy (likewise), pixel_accuracy and macro_f1
+    and per-class F1 of the fold's pooled confusion."""
+    metrics = [*FOLD_METRICS, *(f"f1_{c}" for c in classes[1:])]
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        for frac in fractions:
+            key = {"init": method, "fraction": float(frac)}
+            rows = []
+            for fold in fold_ids:
+                sub = (
+                    df[
+                        (df["init"] == method)
+                        & df["fraction"].map(lambda f, fr=frac: _frac_eq(f, fr))
+                        & (df["fold"].astype(int) == fold)
+                    ]
+                    if len(df)
+                    else df
+                )
+                row: dict[str, Any] = key | {"fold": str(fold), "n_slides": len(sub)}
+                row["n_folds"] = int(len(sub) > 0)
+                row["n_tiles"] = int(sub["n_tiles"].sum()) if len(sub) else 0
+                if len(sub):
+                    pooled = _pooled(sub, classes)
+                    row |= pooled
+                    evaluated = sub[sub["n_pixels"] > 0]
+                    row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
+                    row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
+                else:
+                    row |= {"n_pixels": 0} | {m: float("nan") for m in metrics}
+                rows.append(row)
+            out += rows + _summary_rows(rows, key, metrics)
+    columns = ["init", "fraction", "fold", "n_folds", "n_slides", "n_tiles", "n_pixels"]
+    return pd.DataFrame(out, columns=[*columns, *metrics])
+
+
+def slide_fold_scores(
+    df: pd.DataFrame, classes: list[str], methods: list[str], fold_ids: list[int]
+) -> pd.DataFrame:
+    """Whole-slide protocol, rows with `level` slide (each map), fold (pooled confusion of the
+    fold's slides), mean and std (over folds) per method x fraction."""
+    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        mine = df[df["init"] == method] if len(df) else df
+        fracs = (
+            sorted({float(f) for f in mine["fraction"]}, reverse=True)
+            if len(mine)
+            else [float("nan")]
+        )
+        for frac in fracs:
+            key = {"init": method, "fraction": frac}
+            sub_m = mine[mine["fraction"] == frac] if len(mine) else mine
+            for _, r in sub_m.iterrows():
+                row = key | {"level": "slide", "fold": str(int(r["fold"])), "slide": r["slide"]}
+                row |= {"n_slides": 1, "n_pixels": int(r["n_pixels"])}
+                row |= {"pixel_accuracy": r["accuracy"]}
+                row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
+                out.append(row)
+            folds = []
+            for fold in fold_ids:
+                sub = sub_m[sub_m["fold"].astype(int) == fold] if len(sub_m) else sub_m
+                row = key | {"level": "fold", "fold": str(fold), "slide": "", "n_slides": len(sub)}
+                row["n_folds"] = int(len(sub) > 0)
+                if len(sub):
+                    row |= _pooled(sub, classes)
+                else:
+                    row |= {"n_pixels": 0} | {m: float("nan") for m in metrics}
+                folds.append(row)
+            out += folds
+            for r in _summary_rows(folds, key, metrics):
+                out.append(r | {"level": r["fold"], "slide": ""})
+    columns = ["init", "fraction", "level", "fold", "slide", "n_folds", "n_slides", "n_pixels"]
+    return pd.DataFrame(out, columns=[*columns, *metrics])
+
+
+# -- markdown ---------------------------------------------------------------------------------
+
+
+class _Notes:
+    """Numbered markdown footnotes, one per distinct reason."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def ref(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        return f"[^{self.texts.index(text) + 1}]"
+
+    def render(self) -> list[str]:
+        return [f"[^{i}]: {t}" for i, t in enumerate(self.texts, 1)]
+
+
+def _num(v: Any) -> str:
+    return f"{float(v):.4f}"
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return bool(np.isfinite(float(v)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _cell(v: Any, notes: _Notes, why: str) -> str:
+    return _num(v) if _finite(v) else "n/a" + notes.ref(why)
+
+
+def _mean_std_cell(mean: Any, std: Any, notes: _Notes, why: str) -> str:
+    if not _finite(mean):
+        return "n/a" + notes.ref(why)
+    sd = (
+        _num(std)
+        if _finite(std)
+        else "n/a" + notes.ref("std (ddof 1) needs results of at least two folds")
+    )
+    return f"{_num(mean)} ({sd})"
+
+
+def _pct(frac: float) -> str:
+    return f"{frac * 100:g}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def _pick(scores_df: pd.DataFrame, method: str, frac: float, fold: str) -> pd.Series | None:
+    m = scores_df[
+        (scores_df["init"] == method)
+        & scores_df["fraction"].map(lambda f: _frac_eq(f, frac))
+        & (scores_df["fold"] == fold)
+    ]
+    return None if m.empty else m.iloc[0]
+
+
+def tile_markdown(
+    ts: pd.DataFrame,
+    raw: pd.DataFrame,
+    classes: list[str],
+    methods: list[str],
+    fractions: list[float],
+    fold_ids: list[int],
+    notes: _Notes,
+) -> list[str]:
+    """The tile-protocol section: Tables II and III per fraction, pixel accuracy, per class,
+    and Table IV over fractions."""
+    lines = ["## Tile protocol (the paper's, Tables II-IV)", ""]
+    lines.append(
+        "Each fold's model predicts the centre target block of every kept tile of that fold's "
+        "labelled validation slides (argmax over the foreground classes); unlabelled pixels are "
+        "ignored. **F1** is the micro F1 of each slide averaged over the fold's slides (the "
+        "paper's Table II); **ACC** the paper's accuracy, (TP + TN) / all per class one-vs-rest, "
+        "averaged over classes and then over slides (Table III; = 1 - 2 (1 - F1) / K); pixel "
+        "accuracy, macro F1 and per-class F1 come from the fold's pooled confusion. Mean (std) "
+        "over folds, std with ddof 1."
+    )
+    lines.append("")
+    if len(raw):
+        first = raw.drop_duplicates("slide")
+        for fold in fold_ids:
+            sub = first[first["fold"].astype(int) == fold]
+            names = ", ".join(sorted(sub["slide"])) or "none"
+            lines.append(
+                f"- fold {fold}: {len(sub)} validation slide(s) ({names}), "
+                f"{int(sub['n_tiles'].sum())} tiles, {int(sub['n_pixels'].sum())} labelled pixels"
+            )
+        lines.append("")
+    else:
+        lines += ["No tile-protocol results." + notes.ref(_no_tiles_why()), ""]
+    fold_cols = [f"Fold {f}" for f in fold_ids]
+    for frac in fractions:
+        for metric, title in (
+            ("f1", "F1 (Table II)"),
+            ("paper_accuracy", "ACC (Table III)"),
+            ("pixel_accuracy", "pixel accuracy, pooled per fold"),
+        ):
+            lines += [f"### Label fraction {_pct(frac)}: {title}", ""]
+            rows = []
+            for method in methods:
+                cells = [method]
+                for fold in fold_ids:
+                    r = _pick(ts, method, frac, str(fold))
+                    cells.append(
+                        _cell(
+                            None if r is None else r[metric],
+                            notes,
+                            f"fold {fold}: no tile-protocol result ({_no_tiles_why()})",
+                        )
+                    )
+                mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
+                cells.append(
+                    _mean_std_cell(
+                        None if mean is None else mean[metric],
+                        None if std is None else std[metric],
+                        notes,
+                        f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
+                    )
+                )
+                rows.append(cells)
+            lines += _table(["Method", *fold_cols, "Mean (Std)"], rows)
+        lines += [f"### Label fraction {_pct(frac)}: per-class F1, mean (std) over folds", ""]
+        cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
+        rows = []
+        for method in methods:
+            mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
+            rows.append(
+                [method]
+                + [
+                    _mean_std_cell(
+                        None if mean is None else mean[c],
+                        None if std is None else std[c],
+                        notes,
+                        f"no fold has this class in its truth or predictions ({method}, "
+                        f"{_pct(frac)})",
+                    )
+                    for c in cols
+                ]
+            )
+        lines += _table(["Method", *classes[1:], "Macro F1", "Pixel acc."], rows)
+    if fractions:
+        lines += ["### Label fractions (Table IV): F1 and ACC, mean (std) over folds", ""]
+        header = ["Method", *(f"F1 {_pct(f)}" for f in fractions)]
+        header += [f"ACC {_pct(f)}" for f in fractions]
+        rows = []
+        for method in methods:
+            cells = [method]
+            for metric in ("f1", "paper_accuracy"):
+                for frac in fractions:
+                    mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
+                    cells.append(
+                        _mean_std_cell(
+                            None if mean is None else mean[metric],
+                            None if std is None else std[metric],
+                            notes,
+                            f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
+                        )
+                    )
+            rows.append(cells)
+        lines += _table(header, rows)
+    return lines
+
+
+def _no_tiles_why() -> str:
+    return (
+        "no labelled validation slide with kept tiles in this fold, or its evaluation did not run"
+    )
+
+
+def slide_markdown(
+    ss: pd.DataFrame, raw: pd.DataFrame, classes: list[str], methods: list[str], notes: _Notes
+) -> list[str]:
+    """The whole-slide section: mean (std) over folds, per fold, per slide."""
+    lines = ["## Whole-slide protocol (out-of-fold class maps)", ""]
+    if not len(raw):
+        why = "no class map was evaluated (no labelled slide, or no `dsf infer` maps yet)"
+        return [*lines, "No whole-slide results." + notes.ref(why), ""]
+    mpps = ", ".join(f"{m:g}" for m in sorted(set(raw["mpp"])))
+    routing = ", ".join(sorted(set(raw["routing"])))
+    n_slides = raw["slide"].nunique()
+    n_px = int(raw.drop_duplicates("slide")["n_pixels"].sum())
+    lines.append(
+        f"Each labelled slide's full class map (at {mpps} um/px, routing {routing}) against its "
+        f"ground truth, unlabelled pixels ignored: {n_slides} slides "
+        f"({', '.join(sorted(set(raw['slide'])))}), {n_px} labelled pixels per method. Labelled "
+        "pixels the map leaves as background count as misses. F1 = Dice; pixel accuracy = micro "
+        "F1; per fold from the pooled confusion of its slides."
+    )
+    lines.append("")
+    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
+    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    lines += ["### Mean (std) over folds", ""]
+    rows = []
+    for method in methods:
+        mine = ss[ss["init"] == method]
+        for frac in list(dict.fromkeys(mine["fraction"])):
+            sub = mine[
+                mine["fraction"].map(lambda f, x=frac: f == x or (pd.isna(f) and pd.isna(x)))
+            ]
+            mean = sub[sub["level"] == "mean"]
+            std = sub[sub["level"] == "std"]
+            label = f"{method} ({_pct(frac)})" if _finite(frac) else method
+            rows.append(
+                [label]
+                + [
+                    _mean_std_cell(
+                        mean[c].iloc[0] if len(mean) else None,
+                        std[c].iloc[0] if len(std) else None,
+                        notes,
+                        f"{method}: no whole-slide result for this class or method",
+                    )
+                    for c in cols
+                ]
+            )
+    lines += _table(["Method", *names], rows)
+    for level, title in (("fold", "Per fold"), ("slide", "Per slide")):
+        lines += [f"### {title}", ""]
+        rows = []
+        sub = ss[ss["level"] == level]
+        for _, r in sub.iterrows():
+            why = (
+                f"fold {r['fold']}: no labelled slide in this fold"
+                if level == "fold"
+                else "class absent from both truth and prediction"
+            )
+            cells = [str(r["init"])] + ([str(r["slide"])] if level == "slide" else [])
+            cells += [str(r["fold"]), str(int(r["n_pixels"]))]
+            cells += [_cell(r[c], notes, why) for c in cols]
+            rows.append(cells)
+        head = ["Method", *(["Slide"] if level == "slide" else []), "Fold", "Labelled px"]
+        lines += _table([*head, *names], rows)
+    return lines
+
+
+# -- entry ------------------------------------------------------------------------------------
+
+
+def build_tables(
+    *,
+    tiles: list[Path],
+    slides: list[Path],
+    panels: list[Path],
+    folds: pd.DataFrame,
+    methods: list[str],
+    fractions: list[float],
+    markdown: Path,
+    tile_scores: Path,
+    slide_scores: Path,
+    figure: Path | None = None,
+    panel_slides: int = 3,
+    settings: dict[str, Any] | None = None,
+) -> None:
+    """Read the per-slide TSVs and write tables.md, tile_scores.tsv, slide_scores.tsv and the
+    figure (`dsf.figures`); each records the dsf version and `settings` (the config sections
+    used) as the other artifacts do."""
+    fold_ids = sorted({int(f) for f in folds["fold"]})
+    traw, tcls = read_results(tiles)
+    sraw, scls = read_results(slides)
+    if tcls and scls and tcls != scls:
+        raise ConfigError(f"tile results score classes {tcls[1:]}, whole-slide ones {scls[1:]}")
+    classes = tcls or scls
+    if not classes:
+        raise ConfigError("no evaluation result was given (--tiles / --slides): nothing to table")
+    methods = methods or (list(dict.fromkeys(traw["init"])) if len(traw) else [])
+    fractions = fractions or (
+        sorted({float(f) for f in traw["fraction"]}, reverse=True) if len(traw) else []
+    )
+    ts = tile_fold_scores(traw, classes, methods, fractions, fold_ids)
+    smethods = list(dict.fromkeys([m for m in methods if len(sraw) and m in set(sraw["init"])]))
+    if len(sraw):
+        smethods += [m for m in dict.fromkeys(sraw["init"]) if m not in smethods]
+    ss = slide_fold_scores(sraw, classes, smethods, fold_ids)
+    notes = _Notes()
+    lines = ["# Evaluation", ""]
+    lines.append(
+        f"Classes: {', '.join(classes[1:])} (index 0, {classes[0]}, is unlabelled and ignored). "
+        f"Folds: {', '.join(map(str, fold_ids))}. Methods: {', '.join(methods) or 'none'}."
+    )
+    lines.append("")
+    lines += tile_markdown(ts, traw, classes, methods, fractions, fold_ids, notes)
+    lines += slide_markdown(ss, sraw, classes, smethods, notes)
+    lines += notes.render()
+    settings = settings or {}
+    lines += ["", f"Made by dsf {__version__}; settings: `{json.dumps(settings, sort_keys=True)}`"]
+    write_tsv(with_provenance(ts, settings), tile_scores)
+    write_tsv(with_provenance(ss, settings), slide_scores)
+    with atomic_path(markdown) as tmp:
+        tmp.write_text("\n".join(lines).rstrip() + "\n")
+    if figure is not None:
+        from dsf.figures import evaluation_figure
+
+        evaluation_figure(ts, ss, classes, panels, figure, panel_slides)
+    log.info("wrote %s, %s, %s", markdown, tile_scores, slide_scores)

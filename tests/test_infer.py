@@ -1,0 +1,365 @@
+"""Whole-slide inference: exact stitching, map format, alignment, failure behaviour (issue 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from dsf.config import defaults
+from dsf.errors import ConfigError
+from dsf.infer import infer_slide, make_grid, tissue_windows
+from dsf.metrics import confusion, scores
+from dsf.predict import Predictor
+from dsf.slide import open_slide
+
+MPP = 0.5
+COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)  # class 1, 2, 3
+
+
+def stripe_classes(h: int, w: int) -> np.ndarray:
+    """Class 1..3 of each pixel: a diagonal pattern of 12 x 20 px cells (multiples of 4, so
+    context pixels reduced by scale 4 stay pure)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x // 12 + y // 20) % 3 + 1).astype(np.uint8)
+
+
+def write_slide(path: Path, h: int, w: int) -> np.ndarray:
+    """A tiled TIFF slide whose colours encode the stripe classes; returns the classes."""
+    cls = stripe_classes(h, w)
+    rgb = COLOURS[cls - 1]
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(64, 64),
+        photometric="rgb",
+        resolution=(1e4 / MPP, 1e4 / MPP),
+        resolutionunit="CENTIMETER",
+    )
+    return cls
+
+
+class ColourOracle(nn.Module):
+    """Logits = one-hot of the class each pixel's colour encodes (from the normalised input).
+
+    With `from_context`, the class comes from the context's centre (the target's field of
+    view, upsampled), so the output is right only if context and target are concentric.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, scale: int, from_context: bool):
+        super().__init__()
+        self.mean, self.std, self.scale, self.from_context = mean, std, scale, from_context
+
+    def _classes(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = x * self.std + self.mean  # back to [0, 1]
+        return rgb.argmax(1) + 1  # red -> 1, green -> 2, blue -> 3
+
+    def forward(self, context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.from_context:
+            b = context.shape[-1]
+            c0 = (self.scale - 1) * b // (2 * self.scale)
+            centre = context[:, :, c0 : c0 + b // self.scale, c0 : c0 + b // self.scale]
+            cls = self._classes(torch.nn.functional.interpolate(centre, scale_factor=self.scale))
+        else:
+            cls = self._classes(target)
+        return torch.nn.functional.one_hot(cls, 4).permute(0, 3, 1, 2).float() * 10, None
+
+
+def oracle(block: int, scale: int = 4, from_context: bool = False) -> Predictor:
+    pre = defaults("pretrain")
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    return Predictor(
+        model=ColourOracle(mean, std, scale, from_context),
+        init="random",
+        classes=["ignore", "A", "B", "C"],
+        scale=scale,
+        block=block,
+        target_mpp=MPP,
+        mean=mean,
+        std=std,
+        device=torch.device("cpu"),
+        amp=None,
+        meta={"fold": 0, "fraction": 1.0},
+    )
+
+
+def settings(**kw: object) -> dict:
+    st = defaults("infer") | {"band_windows": 4, "batch_size": 16, "threads": 2, "tile": 64}
+    st["mask_output"] = False
+    st["overlay_px"] = 256
+    return st | kw
+
+
+def run_infer(tmp_path: Path, slide_path: Path, preds: list[Predictor], mask=None, **kw):
+    slide = open_slide(slide_path)
+    w, h = slide.dimensions
+    if mask is None:
+        mask = np.ones((h // 8 + 1, w // 8 + 1), bool)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    st = settings(**kw)
+    meta = infer_slide(
+        slide,
+        mask,
+        MPP * 8,
+        preds,
+        st,
+        out / "map.tiff",
+        out / "map.jpg",
+        out / "map.json",
+        out / "map.probs.zarr" if st["probabilities"] else None,
+        progress=False,
+    )
+    return out, meta
+
+
+def read_map(path: Path) -> np.ndarray:
+    with tifffile.TiffFile(path) as tf:
+        return tf.pages[0].asarray()
+
+
+@pytest.fixture(scope="module")
+def stripes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    path = tmp_path_factory.mktemp("slide") / "stripes.tiff"
+    return path, write_slide(path, 301, 427)  # odd sizes: edge windows hang over both edges
+
+
+@pytest.mark.parametrize(
+    ("block", "overlap", "band"),
+    [(32, 0.25, 4), (32, 0.0, 3), (32, 0.5, 5), (64, 0.25, 2), (64, 0.4, 1)],
+)
+@pytest.mark.parametrize("from_context", [False, True])
+def test_stitched_map_is_exact(tmp_path, stripes, block, overlap, band, from_context):
+    path, cls = stripes
+    out, meta = run_infer(
+        tmp_path,
+        path,
+        [oracle(block, from_context=from_context)],
+        overlap=overlap,
+        band_windows=band,
+    )
+    got = read_map(out / "map.tiff")
+    assert got.shape == cls.shape
+    np.testing.assert_array_equal(got, cls)
+    assert meta["windows"] > 0
+
+
+def test_probabilities_have_no_seams(tmp_path, stripes):
+    """The blended probabilities equal the oracle's everywhere: no window border shows."""
+    path, cls = stripes
+    out, _ = run_infer(tmp_path, path, [oracle(32)], probabilities=True, overlap=0.25)
+    import zarr
+
+    probs = np.asarray(zarr.open_group(str(out / "map.probs.zarr"), mode="r")["0"][:])
+    assert probs.shape == (3, *cls.shape)
+    expected = np.stack([(cls == k) * 255 for k in (1, 2, 3)])
+    # softmax of one-hot * 10 puts ~0.99986 on the class: 255 after rounding everywhere
+    np.testing.assert_array_equal(probs, expected.astype(np.uint8))
+    attrs = zarr.open_group(str(out / "map.probs.zarr"), mode="r").attrs.asdict()
+    assert attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
+        "scale"
+    ] == [1.0, MPP, MPP]
+
+
+def test_map_opens_in_openslide_with_scale_and_pyramid(tmp_path, stripes):
+    path, cls = stripes
+    out, meta = run_infer(tmp_path, path, [oracle(32)], out_mpp=2 * MPP)
+    s = openslide.OpenSlide(out / "map.tiff")
+    h, w = cls.shape
+    assert s.dimensions == ((w + 1) // 2, (h + 1) // 2)
+    assert float(s.properties["openslide.mpp-x"]) == pytest.approx(2 * MPP)
+    assert s.level_count >= 3  # 64 px tiles: 214 -> 107 -> 54
+    assert s.level_downsamples[1] == pytest.approx(2.0, rel=0.02)
+    rgba = np.asarray(s.read_region((0, 0), 0, s.dimensions))
+    got = read_map(out / "map.tiff")
+    # palette colours: OpenSlide shows each class in its colour
+    from dsf.colours import class_colours
+
+    np.testing.assert_array_equal(rgba[..., :3], class_colours(4)[got])
+    assert meta["mpp"] == pytest.approx(2 * MPP)
+    assert json.loads((out / "map.json").read_text())["width"] == (w + 1) // 2
+    s.close()
+
+
+def test_map_lines_up_with_the_labels(tmp_path, stripes):
+    """Downsampled map against labels read at the map's mpp: an oracle scores F1 = 1."""
+    from dsf.annotations import RasterLabels
+
+    path, cls = stripes
+    lab_path = tmp_path / "labels.tiff"
+    tifffile.imwrite(lab_path, cls)
+    out, meta = run_infer(tmp_path, path, [oracle(32)], out_mpp=4 * MPP)
+    got = read_map(out / "map.tiff")
+    h, w = cls.shape
+    labels = RasterLabels(
+        lab_path, "stripes", (w, h), MPP, defaults("labels") | {"classes": ["i", "A", "B", "C"]}
+    )
+    truth = labels.read(0, 0, got.shape[1], got.shape[0], meta["mpp"])
+    # map pixels average 4x4 target px; where all 16 share a class the map must equal it
+    pure = np.zeros_like(got, bool)
+    for y in range(got.shape[0]):
+        for x in range(got.shape[1]):
+            patch = cls[4 * y : 4 * y + 4, 4 * x : 4 * x + 4]
+            pure[y, x] = (patch == patch.flat[0]).all()
+    assert pure.mean() > 0.5
+    sc = scores(confusion(got[pure], truth[pure], 3))
+    assert sc["micro_f1"] == 1.0
+    assert np.nanmin(sc["f1"]) == 1.0
+
+
+def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
+    path, cls = stripes
+    h, w = cls.shape
+    mask = np.zeros((h // 8 + 1, w // 8 + 1), bool)
+    mask[10:20, 5:30] = True  # target px rows 80-160, cols 40-240
+    out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, mask_output=True)
+    got = read_map(out / "map.tiff")
+    inside = np.zeros_like(got, bool)
+    inside[80:160, 40:240] = True
+    np.testing.assert_array_equal(got[inside], cls[inside])
+    assert (got[~inside] == 0).all()
+    full = make_grid(w, h, 32, 4, 0.25, 1, 4)
+    assert meta["windows"] < tissue_windows(full, np.ones_like(mask), MPP * 8, MPP).sum()
+
+
+def test_ensemble_averages_models(tmp_path, stripes):
+    path, cls = stripes
+    out, meta = run_infer(tmp_path, path, [oracle(32), oracle(32, from_context=True)])
+    np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
+
+
+def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):
+    path, _ = stripes
+
+    class Boom(nn.Module):
+        calls = 0
+
+        def forward(self, context, target):
+            Boom.calls += 1
+            if Boom.calls > 2:
+                raise RuntimeError("device lost")
+            return torch.zeros(target.shape[0], 4, *target.shape[-2:]), None
+
+    pred = oracle(32)
+    pred.model = Boom()
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_infer(tmp_path, path, [pred])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_output_mpp_must_be_a_multiple(tmp_path, stripes):
+    path, _ = stripes
+    with pytest.raises(ConfigError, match="infer.out_mpp"):
+        run_infer(tmp_path, path, [oracle(32)], out_mpp=0.75)
+
+
+def test_models_that_disagree_on_geometry_are_refused(tmp_path, stripes):
+    path, _ = stripes
+    with pytest.raises(ConfigError, match="block"):
+        run_infer(tmp_path, path, [oracle(32), oracle(64)])
+
+
+def test_grid_cores_tile_the_slide():
+    g = make_grid(427, 301, 32, 4, 0.25, 1, 4)
+    assert (g.stride, g.offset, g.halo) == (24, 4, 48)
+    assert (g.offset + g.halo) % g.scale == 0
+    assert g.cores == (13, 18)
+    lo, hi = g.windows_touching(0, 0)
+    # window -1 spans [-28, 4): it touches core 0 ([0, 24)); window 1 starts at 20 < 24
+    assert (lo, hi) == (-1, 1)
+
+
+def _hooknet_model_pt(path: Path, block: int = 64) -> Path:
+    """A model.pt as `dsf finetune` writes it (random HookNet weights)."""
+    from dsf.models.hooknet import HookNet
+
+    pre = defaults("pretrain")
+    torch.manual_seed(0)
+    torch.save(
+        {
+            "state_dict": HookNet(4, scale=4, input_size=block).state_dict(),
+            "init": "random",
+            "classes": ["ignore", "A", "B", "C"],
+            "scale": 4,
+            "block": block,
+            "target_mpp": MPP,
+            "mean": pre["mean"],
+            "std": pre["std"],
+            "fold": 1,
+            "fraction": 1.0,
+        },
+        path,
+    )
+    return path
+
+
+def _cli(tmp_path: Path, slide: Path, model: Path) -> list[str]:
+    import sys
+
+    from dsf.tissue import write_mask
+
+    mask = tmp_path / "mask.tiff"
+    if not mask.exists():
+        w, h = open_slide(slide).dimensions
+        write_mask(mask, np.ones((h // 8 + 1, w // 8 + 1), bool), MPP * 8)
+    out = tmp_path / "maps"
+    return [
+        sys.executable, "-m", "dsf", "infer", "--slide", str(slide), "--tissue-mask", str(mask),
+        "--models", str(model), "--out-map", str(out / "s.tiff"), "--out-overlay",
+        str(out / "s.jpg"), "--out-meta", str(out / "s.json"), "--device", "cpu",
+        "--batch-size", "8", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_cli_writes_map_overlay_and_meta(tmp_path, stripes):
+    import subprocess
+
+    path, cls = stripes
+    model = _hooknet_model_pt(tmp_path / "model.pt")
+    subprocess.run(_cli(tmp_path, path, model), check=True, capture_output=True)
+    out = tmp_path / "maps"
+    meta = json.loads((out / "s.json").read_text())
+    assert meta["folds"] == [1] and meta["routing"] == "out_of_fold"
+    assert meta["models"] == [str(model)]
+    got = read_map(out / "s.tiff")
+    assert got.shape == cls.shape and got.min() >= 1 and got.max() <= 3
+    from PIL import Image
+
+    with Image.open(out / "s.jpg") as im:
+        assert im.format == "JPEG" and im.width > 100
+
+
+def test_killed_inference_leaves_no_map_and_reruns(tmp_path):
+    """SIGKILL part-way: no map, overlay or metadata under its final name; a rerun completes."""
+    import signal
+    import subprocess
+    import time
+
+    slide = tmp_path / "big.tiff"
+    write_slide(slide, 768, 768)
+    model = _hooknet_model_pt(tmp_path / "model.pt")
+    cmd = _cli(tmp_path, slide, model)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "maps"
+    deadline = time.monotonic() + 120
+    # wait until the work store exists: the job is inside the window loop
+    while not any(out.glob(".*.work.zarr")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert proc.poll() is None, "inference ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "s.tiff").exists()
+    assert not (out / "s.jpg").exists()
+    assert not (out / "s.json").exists()
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert (out / "s.tiff").exists() and (out / "s.json").exists()
+    assert not any(out.glob(".*.work.zarr")) and not any(out.glob("*.partial"))

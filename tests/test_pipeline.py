@@ -1,0 +1,96 @@
+"""The whole workflow, end to end on a tiny config: slides to maps and evaluation tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+from test_workflow import job_counts, smk
+
+SLIDES = {
+    f"px-{i}": {"seed": 20 + i, "width": 2048, "height": 2048, "labels": kind, "group": f"p{i}"}
+    for i, kind in enumerate(["mask", "geojson", "mask", "geojson"])
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
+    """A finished tiny run: four annotated synthetic slides and CMU-1 without annotation."""
+    wd = tmp_path_factory.mktemp("pipeline")
+    (wd / "sheet.tsv").write_text(
+        f"slide\tpath\tgroup\ncmu\t{real / 'CMU-1-Small-Region.svs'}\tp-cmu\n"
+    )
+    cfg = {
+        "results": "out",
+        "slides": "sheet.tsv",
+        "synth": {"mpp": 0.5, "region_um": 150, "slides": SLIDES},
+        "tissue": {"mpp": 8.0, "method": "rgb"},
+        "patches": {"target_mpp": 1.0, "block": 64, "stride": 128, "min_tissue": 0.5},
+        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
+        "folds": {"k": 2},
+        "pretrain": {
+            "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "out_size": 32,
+            "workers": 0, "gpus": 0,
+        },
+        "finetune": {
+            "inits": ["random", "dsf"], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4,
+            "workers": 0, "gpus": 0,
+        },
+        "infer": {"inits": ["dsf"], "overlap": 0.0, "out_mpp": 2.0, "threads": 2, "gpus": 0},
+        "evaluate": {"gpus": 0},
+    }  # fmt: skip
+    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
+    return wd
+
+
+def test_every_slide_gets_a_map_that_opens_at_its_scale(run: Path) -> None:
+    for sid in [*SLIDES, "cmu"]:
+        path = run / "out" / "maps" / "dsf" / f"{sid}.tiff"
+        meta = json.loads(path.with_suffix(".json").read_text())
+        osr = openslide.OpenSlide(path)
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(2.0)
+        assert osr.dimensions == (meta["width"], meta["height"])
+        classes = tifffile.imread(path, key=0)
+        assert classes.max() <= 3 and (classes > 0).mean() > 0.2  # tissue got classes
+        if sid == "cmu":  # no annotation: every fold's model, averaged
+            assert meta["routing"] == "ensemble" and meta["folds"] == [0, 1]
+        else:
+            assert meta["routing"] == "out_of_fold" and len(meta["folds"]) == 1
+        assert path.with_suffix(".jpg").stat().st_size > 1000
+
+
+def test_maps_of_annotated_slides_come_from_the_fold_that_held_them_out(run: Path) -> None:
+    folds = pd.read_csv(run / "out" / "folds.tsv", sep="\t").set_index("slide")
+    for sid in SLIDES:
+        meta = json.loads((run / "out" / "maps" / "dsf" / f"{sid}.json").read_text())
+        k = int(folds.loc[sid, "fold"])
+        assert meta["folds"] == [k]
+        model = meta["models"][0]
+        assert model.endswith(f"finetune/dsf/frac1.0/fold{k}/model.pt")
+
+
+def test_tables_hold_both_protocols(run: Path) -> None:
+    md = (run / "out" / "eval" / "tables.md").read_text()
+    assert "random" in md and "dsf" in md
+    tiles = pd.read_csv(run / "out" / "eval" / "tile_scores.tsv", sep="\t")
+    slides = pd.read_csv(run / "out" / "eval" / "slide_scores.tsv", sep="\t")
+    assert set(tiles["init"]) >= {"random", "dsf"}
+    assert "dsf" in set(slides["init"])
+    assert (run / "out" / "eval" / "figure.png").stat().st_size > 10_000
+
+
+def test_nothing_left_to_do_and_no_partial_files(run: Path) -> None:
+    out = smk("-n", "--configfile", "cfg.yaml", cwd=run).stdout
+    assert "Nothing to be done" in out or job_counts(out) == {}
+    assert not list((run / "out").rglob("*.partial"))
+    assert not list((run / "out").rglob(".*.work.zarr"))
+    # the probabilities are written only when asked for
+    assert not list((run / "out" / "maps").rglob("*.probs.zarr"))
+    assert np.all([p.stat().st_size > 0 for p in (run / "out" / "maps" / "dsf").iterdir()])

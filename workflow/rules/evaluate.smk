@@ -1,0 +1,132 @@
+# Evaluation against the annotations (DESIGN section 4, Evaluate): the paper's tile protocol per
+# init x fraction x fold on the fold's labelled validation slides, the whole-slide protocol per
+# init x labelled slide on its out-of-fold class map, then the tables and the figure.
+
+# INFER_INITS (common.smk): the inits that get maps; the maps' JSON states the label fraction
+# of the models that drew them (infer.fraction).
+
+
+rule evaluate_tiles:
+    input:
+        model=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
+        # the labelled validation slides of the fold (maybe none: the table says n/a)
+        stores=lambda w: [
+            f"{RESULTS}/patches/{s}.zarr"
+            for s in sorted(LABELLED)
+            if int(FOLDS.set_index("slide").loc[s, "fold"]) == int(w.fold)
+        ],
+        folds=f"{RESULTS}/folds.tsv",
+    output:
+        tsv=f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
+    params:
+        opts=stage_opts("evaluate", skip=("gpus", "band_rows", "panel_slides", "panel_size")),
+    threads: 1
+    resources:
+        gpu=config["evaluate"]["gpus"],
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/evaluate/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
+    shell:
+        "dsf evaluate tiles --model {input.model:q} --stores {input.stores:q} "
+        "--folds {input.folds:q} --out {output.tsv:q} {params.opts} 2> {log:q}"
+
+
+rule evaluate_slide:
+    input:
+        unpack(labels_input),
+        map=f"{RESULTS}/maps/{{finit}}/{{slide}}.tiff",
+        meta=f"{RESULTS}/maps/{{finit}}/{{slide}}.json",
+        slide=slide_path,
+        folds=f"{RESULTS}/folds.tsv",
+    output:
+        tsv=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
+        panel=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
+    params:
+        slide=slide_opts,
+        opts=stage_opts("evaluate", skip=("gpus", "batch_size", "device", "amp", "panel_slides")),
+        classes=stage_opts("labels"),
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/evaluate/slides/{{finit}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/slides/{{finit}}/{{slide}}.tsv"
+    shell:
+        "dsf evaluate slide --map {input.map:q} --map-json {input.meta:q} "
+        "--slide {input.slide:q} {params.slide} --labels {input.labels:q} "
+        "--folds {input.folds:q} --out {output.tsv:q} --panel {output.panel:q} "
+        "{params.opts} {params.classes} 2> {log:q}"
+
+
+rule evaluate_tables:
+    input:
+        tiles=expand(
+            f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
+            finit=FINITS, frac=FRACS, fold=FOLD_IDS,
+        ),
+        slides=expand(
+            f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
+            finit=INFER_INITS, slide=sorted(LABELLED),
+        ),
+        panels=expand(
+            f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
+            finit=INFER_INITS, slide=sorted(LABELLED),
+        ),
+        folds=f"{RESULTS}/folds.tsv",
+    output:
+        markdown=report(
+            f"{RESULTS}/eval/tables.md",
+            caption="../report/tables_md.rst",
+            category="5. Evaluation",
+            subcategory="all folds",
+            labels={"result": "tables (markdown, download)"},
+        ),
+        tile_scores=report(
+            f"{RESULTS}/eval/tile_scores.tsv",
+            caption="../report/tile_scores.rst",
+            category="5. Evaluation",
+            subcategory="all folds",
+            labels={"result": "tile scores (TSV, download)"},
+        ),
+        slide_scores=report(
+            f"{RESULTS}/eval/slide_scores.tsv",
+            caption="../report/slide_scores.rst",
+            category="5. Evaluation",
+            subcategory="all folds",
+            labels={"result": "whole-slide scores (TSV, download)"},
+        ),
+        figure=report(
+            f"{RESULTS}/eval/figure.png",
+            caption="../report/figure.rst",
+            category="5. Evaluation",
+            subcategory="all folds",
+            labels={"result": "figure"},
+        ),
+    params:
+        methods=" ".join(shlex.quote(m) for m in FINITS),
+        fractions=" ".join(FRACS),
+        opts=stage_opts(
+            "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
+        ),
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/evaluate/tables.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/tables.tsv"
+    shell:
+        "dsf evaluate tables --tiles {input.tiles:q} --slides {input.slides:q} "
+        "--panels {input.panels:q} --folds {input.folds:q} --methods {params.methods} "
+        "--fractions {params.fractions} --markdown {output.markdown:q} "
+        "--tile-scores {output.tile_scores:q} --slide-scores {output.slide_scores:q} "
+        "--figure {output.figure:q} {params.opts} 2> {log:q}"

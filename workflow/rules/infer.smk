@@ -1,0 +1,42 @@
+# Stitched whole-slide inference per fine-tuning init ({finit}) and slide: a pyramidal class map
+# (OpenSlide/QuPath), an overlay and metadata. infer_routing (common.smk) picks the models: an
+# annotated slide is predicted by the model of the fold that held it out, others by all folds.
+
+
+rule infer:
+    input:
+        unpack(infer_inputs),
+    output:
+        map=f"{RESULTS}/maps/{{finit}}/{{slide}}.tiff",
+        overlay=report(
+            f"{RESULTS}/maps/{{finit}}/{{slide}}.jpg",
+            caption="../report/map.rst",
+            category="4. Maps",
+            subcategory="{slide}",
+            labels={"slide": "{slide}", "init": "{finit}"},
+        ),
+        meta=f"{RESULTS}/maps/{{finit}}/{{slide}}.json",
+    params:
+        slide=slide_opts,
+        routing=lambda w: infer_routing(w.slide)[0],
+        probs=lambda w: (
+            f"--out-probs {shlex.quote(f'{RESULTS}/maps/{w.finit}/{w.slide}.probs.zarr')}"
+            if config["infer"]["probabilities"]
+            else ""
+        ),
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "threads")),
+    threads: config["infer"]["threads"]
+    resources:
+        gpu=config["infer"]["gpus"],
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/infer/{{finit}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/infer/{{finit}}/{{slide}}.tsv"
+    shell:
+        "dsf infer --slide {input.slide:q} {params.slide} --tissue-mask {input.mask:q} "
+        "--models {input.models:q} --routing {params.routing} --out-map {output.map:q} "
+        "--out-overlay {output.overlay:q} --out-meta {output.meta:q} {params.probs} "
+        "--threads {threads} --no-progress {params.opts} 2> {log:q}"
