@@ -249,8 +249,11 @@ def _cut(chunks: dict[int, np.ndarray], chunk_h: int, y: int, x: int, size: int)
 class _BandAccumulator:
     """Blended foreground probabilities of one band's core rows, on the model's device."""
 
-    def __init__(self, grid: Grid, band: _Band, n_fg: int, device: torch.device) -> None:
+    def __init__(
+        self, grid: Grid, band: _Band, n_fg: int, device: torch.device, want_probs: bool
+    ) -> None:
         self.grid, self.band, self.n_fg, self.device = grid, band, n_fg, device
+        self.want_probs = want_probs
         self.x_own = band.cores[0] * grid.stride  # target px of the band's first owned column
         self.w_own = (band.cores[1] - band.cores[0] + 1) * grid.stride
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -295,8 +298,16 @@ class _BandAccumulator:
         if f > 1:
             acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
             wsum = torch.nn.functional.avg_pool2d(wsum[None, None], f)[0, 0]
-        seen = wsum > 0
-        cls = torch.where(seen, acc.argmax(0) + 1, 0).to(torch.uint8)
+        # argmax over the few class planes by elementwise comparison: torch's argmax over the
+        # leading dimension was 30% of a CPU run
+        best, cls = acc[0], torch.ones(acc.shape[1:], dtype=torch.uint8, device=acc.device)
+        for c in range(1, acc.shape[0]):
+            better = acc[c] > best
+            best = torch.where(better, acc[c], best)
+            cls[better] = c + 1
+        cls[wsum <= 0] = 0
+        if not self.want_probs:
+            return cls.cpu().numpy(), None
         total = acc.sum(0, keepdim=True).clamp_min(1e-12)
         probs = (acc / total * 255).round().to(torch.uint8)
         return cls.cpu().numpy(), probs.cpu().numpy()
@@ -546,7 +557,9 @@ class _Stitcher:
 
     def _start(self, band: _Band) -> None:
         self.band = band
-        self.acc = _BandAccumulator(self.grid, band, self.n_fg, self.device)
+        self.acc = _BandAccumulator(
+            self.grid, band, self.n_fg, self.device, self.writer.probs is not None
+        )
         self.pending = deque(band.wrows)
         self.next_row = 0
         self.tgt.clear()
