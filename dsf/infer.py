@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from dsf import __version__
 from dsf.atomic import atomic_path, remove
@@ -467,17 +467,19 @@ def render_overlay(
     fg = cls > 0
     out[fg] = out[fg] * (1 - alpha) + colours[cls[fg]] * alpha
     img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    sw = 14
-    legend_h = sw + 12
-    canvas = Image.new("RGB", (w, h + legend_h), (255, 255, 255))
+    # the legend scales with the picture so it stays readable at any overlay size
+    size = max(12, w // 60)
+    font = ImageFont.load_default(size=size)
+    pad = size // 2
+    canvas = Image.new("RGB", (w, h + size + 2 * pad), (255, 255, 255))
     canvas.paste(img, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    x = 6
+    x = pad
     for i, name in enumerate(names[1:], start=1):
         c = tuple(int(v) for v in colours[i])
-        draw.rectangle([x, h + 6, x + sw, h + 6 + sw], fill=c, outline=(0, 0, 0))
-        draw.text((x + sw + 4, h + 6), name, fill=(0, 0, 0))
-        x += sw + 10 + 7 * len(name) + 8
+        draw.rectangle([x, h + pad, x + size, h + pad + size], fill=c, outline=(0, 0, 0))
+        draw.text((x + size + pad // 2, h + pad), name, fill=(0, 0, 0), font=font)
+        x += size + pad + int(draw.textlength(name, font=font)) + 2 * pad
     return np.asarray(canvas)
 
 
