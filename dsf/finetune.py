@@ -388,22 +388,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true")
     pre = defaults("pretrain")
-    p.add_argument(
-        "--norm-mean",
-        nargs=3,
-        type=float,
-        default=pre["mean"],
-        metavar="M",
-        help="input normalisation mean (the workflow passes pretrain.mean)",
-    )
-    p.add_argument(
-        "--norm-std",
-        nargs=3,
-        type=float,
-        default=pre["std"],
-        metavar="S",
-        help="input normalisation std (the workflow passes pretrain.std)",
-    )
+    for stat, meta in (("mean", "M"), ("std", "S")):
+        p.add_argument(
+            f"--norm-{stat}",
+            nargs=3,
+            type=float,
+            default=pre[stat],
+            metavar=meta,
+            help=f"input normalisation {stat} (the workflow passes pretrain.{stat})",
+        )
     add_section_arguments(p, "finetune")
     add_section_arguments(p, "labels")
     return p

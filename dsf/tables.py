@@ -250,6 +250,19 @@ def _pick(scores_df: pd.DataFrame, method: str, frac: float, fold: str) -> pd.Se
     return None if m.empty else m.iloc[0]
 
 
+def _summary_cell(
+    ts: pd.DataFrame, method: str, frac: float, metric: str, notes: _Notes, why: str
+) -> str:
+    """The 'mean (std)' cell of one method, fraction and metric over folds."""
+    mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
+    return _mean_std_cell(
+        None if mean is None else mean[metric],
+        None if std is None else std[metric],
+        notes,
+        why,
+    )
+
+
 def tile_markdown(
     ts: pd.DataFrame,
     raw: pd.DataFrame,
@@ -304,35 +317,20 @@ def tile_markdown(
                             f"fold {fold}: no tile-protocol result ({_no_tiles_why()})",
                         )
                     )
-                mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
                 cells.append(
-                    _mean_std_cell(
-                        None if mean is None else mean[metric],
-                        None if std is None else std[metric],
-                        notes,
+                    _summary_cell(
+                        ts, method, frac, metric, notes,
                         f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
                     )
-                )
+                )  # fmt: skip
                 rows.append(cells)
             lines += _table(["Method", *fold_cols, "Mean (Std)"], rows)
         lines += [f"### Label fraction {_pct(frac)}: per-class F1, mean (std) over folds", ""]
         cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
         rows = []
         for method in methods:
-            mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
-            rows.append(
-                [method]
-                + [
-                    _mean_std_cell(
-                        None if mean is None else mean[c],
-                        None if std is None else std[c],
-                        notes,
-                        f"no fold has this class in its truth or predictions ({method}, "
-                        f"{_pct(frac)})",
-                    )
-                    for c in cols
-                ]
-            )
+            why = f"no fold has this class in its truth or predictions ({method}, {_pct(frac)})"
+            rows.append([method] + [_summary_cell(ts, method, frac, c, notes, why) for c in cols])
         lines += _table(["Method", *classes[1:], "Macro F1", "Pixel acc."], rows)
     if fractions:
         lines += ["### Label fractions (Table IV): F1 and ACC, mean (std) over folds", ""]
@@ -343,15 +341,12 @@ def tile_markdown(
             cells = [method]
             for metric in ("f1", "paper_accuracy"):
                 for frac in fractions:
-                    mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
                     cells.append(
-                        _mean_std_cell(
-                            None if mean is None else mean[metric],
-                            None if std is None else std[metric],
-                            notes,
+                        _summary_cell(
+                            ts, method, frac, metric, notes,
                             f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
                         )
-                    )
+                    )  # fmt: skip
             rows.append(cells)
         lines += _table(header, rows)
     return lines

@@ -65,10 +65,10 @@ def test_lint_is_clean() -> None:
     assert "Congratulations" in done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
-    """A finished run of a tiny config: two synthetic slides and a real one at a spaced path."""
-    wd = tmp_path_factory.mktemp("wf")
+def tiny_workdir(wd: Path, real: Path) -> Path:
+    """Write the tiny config into `wd`: two synthetic slides and a real one at a path with
+    spaces and parentheses (also used by tests/cluster)."""
+    wd.mkdir(parents=True, exist_ok=True)
     spaced = wd / "my slides" / "CMU 1 (small).svs"
     spaced.parent.mkdir()
     shutil.copy(real / "CMU-1-Small-Region.svs", spaced)
@@ -91,6 +91,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
         "folds": {"k": 2},
     }
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return wd
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
+    """A finished run of the tiny config."""
+    wd = tiny_workdir(tmp_path_factory.mktemp("wf"), real)
     smk("--configfile", "cfg.yaml", "--cores", "2", *UNTIL, cwd=wd)
     return wd
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import yaml
 import zarr
+from test_workflow import tiny_workdir
 
 pytestmark = pytest.mark.cluster
 
@@ -98,34 +98,6 @@ def _smk(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def _tiny_workdir(wd: Path, real: Path) -> Path:
-    """The tiny config of tests/test_workflow.py: two synthetic slides and a real one."""
-    wd.mkdir(parents=True)
-    spaced = wd / "my slides" / "CMU 1 (small).svs"
-    spaced.parent.mkdir()
-    shutil.copy(real / "CMU-1-Small-Region.svs", spaced)
-    (wd / "my slides" / "sheet.tsv").write_text(
-        "slide\tpath\tmpp\tlabels\tgroup\ncmu\tCMU 1 (small).svs\t\t\tp1\n"
-    )
-    cfg = {
-        "results": "out",
-        "slides": "my slides/sheet.tsv",
-        "synth": {
-            "mpp": 0.5,
-            "region_um": 150,
-            "slides": {
-                "tiny-a": {"seed": 5, "width": 1024, "height": 768, "labels": "mask"},
-                "tiny-b": {"seed": 6, "width": 1024, "height": 768, "labels": "geojson"},
-            },
-        },
-        "patches": {"target_mpp": 1.0, "block": 16, "stride": 32, "min_tissue": 0.5},
-        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
-        "folds": {"k": 2},
-    }
-    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    return wd
-
-
 def _local_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     return env | {"PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
@@ -137,11 +109,11 @@ def runs(
 ) -> tuple[Path, Path, str]:
     """The same tiny workflow run locally and through the SLURM profile (and its stdout)."""
     base = tmp_path_factory.mktemp("cluster")
-    local = _tiny_workdir(base / "local", real)
+    local = tiny_workdir(base / "local", real)
     done = _smk("--configfile", "cfg.yaml", "--cores", "2", *UNTIL, cwd=local, env=_local_env())
     assert done.returncode == 0, f"local run failed:\n{done.stdout}\n{done.stderr}"
 
-    remote = _tiny_workdir(base / "slurm", real)
+    remote = tiny_workdir(base / "slurm", real)
     done = _smk(
         "--configfile",
         "cfg.yaml",
