@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2))
     p.add_argument("--device", default="auto")
     p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = p.parse_args()
 
@@ -116,6 +117,7 @@ def main() -> None:
         "epochs": 1,
         "steps_per_epoch": args.steps,
         "checkpoint_every": 10**6,
+        "compile": args.compile,
     }
     run_dir = args.out_dir / "pretrain-bench"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,8 @@ def main() -> None:
     print(
         f"# {time.strftime('%Y-%m-%d')} {name or 'cpu'} ({os.cpu_count()} cores), torch "
         f"{torch.__version__}, {args.backbone}, batch {args.batch}, out "
-        f"{settings['out_size']}, amp {trainer.amp}, tile {trainer.data.tile_shape[0]} px"
+        f"{settings['out_size']}, amp {trainer.amp}, tile {trainer.data.tile_shape[0]} px, "
+        f"compile {args.compile}"
     )
     read = bench_read(args.stores, args.batch, args.workers, args.read_batches)
     print(f"| data loading ({args.workers} workers) | {read:.1f} tiles/s |")

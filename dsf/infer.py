@@ -10,10 +10,11 @@ foreground probabilities (0 = background: outside the tissue or never predicted)
 
 Streaming, so memory is flat in slide size: the slide is cut into column bands of
 `band_windows` cores; each band is read top to bottom in row chunks of `stride` px (each chunk
-read once, by prefetching reader threads, overlapped with the model), windows are cut from the
-chunks in memory, and a core row is written out as soon as no later window touches it. Band
-edges recompute the one or two windows whose blocks reach into the neighbour band, instead of
-holding a full-width accumulator. Level 0 of the map goes to a compressed Zarr work store; its
+read once, by prefetching reader threads, overlapped with the model), each chunk goes to the
+model's device once, the windows of a window row are cut there in one batched copy, and a core
+row is written out as soon as no later window touches it. Band edges recompute the one or two
+windows whose blocks reach into the neighbour band, instead of holding a full-width
+accumulator. Level 0 of the map goes to a compressed Zarr work store; its
 pyramid is built from there and written as a tiled, pyramidal, palette TIFF that OpenSlide and
 QuPath open at the slide's scale (resolution tags in px/cm).
 """
@@ -196,23 +197,26 @@ def _bands(grid: Grid, run_grid: np.ndarray) -> list[_Band]:
 
 
 class _Reader:
-    """Prefetches (band, chunk) row chunks at the target mpp with their reduced contexts."""
+    """Prefetches (band, chunk) row chunks at the target mpp with their reduced contexts, as
+    uint8 tensors (in page-locked memory when `pin`, so the copy to the GPU is asynchronous)."""
 
-    def __init__(self, slide: Slide, grid: Grid, target_mpp: float, threads: int) -> None:
-        self.slide, self.grid, self.mpp = slide, grid, target_mpp
+    def __init__(
+        self, slide: Slide, grid: Grid, target_mpp: float, threads: int, pin: bool = False
+    ) -> None:
+        self.slide, self.grid, self.mpp, self.pin = slide, grid, target_mpp, pin
         self.f0 = target_mpp / slide.mpp
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsf-read")
         self.ahead = 2 * threads
-        self.pending: deque[tuple[int, int, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        self.pending: deque[tuple[int, int, Future[tuple[torch.Tensor, torch.Tensor]]]] = deque()
 
-    def _read(self, band: _Band, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, band: _Band, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = band.y0 + k * self.grid.stride
         rgb = self.slide.read(
             band.x0 * self.f0, y * self.f0, band.width, self.grid.stride, self.mpp
         )
-        return rgb, reduce_rgb(rgb, self.grid.scale)
+        return _tensor(rgb, self.pin), _tensor(reduce_rgb(rgb, self.grid.scale), self.pin)
 
-    def stream(self, bands: list[_Band]) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    def stream(self, bands: list[_Band]) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(band index, chunk index, target rows, context rows) in band and row order."""
         todo = iter([(b, k) for b in bands for k in b.chunks])
         try:
@@ -233,21 +237,43 @@ class _Reader:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _cut(chunks: dict[int, np.ndarray], chunk_h: int, y: int, x: int, size: int) -> np.ndarray:
-    """A (size, size) square at row y, column x of the band's concatenated chunks."""
-    out = np.empty((size, size, 3), np.uint8)
-    done = 0
+def _tensor(a: np.ndarray, pin: bool) -> torch.Tensor:
+    """A uint8 array as a tensor: copied into page-locked memory when `pin`, else shared (copied
+    only when read-only, as PIL's arrays are, since torch tensors are writable)."""
+    if pin:
+        t = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)
+        t.numpy()[...] = a
+        return t
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def _rows(chunks: dict[int, torch.Tensor], chunk_h: int, y: int, size: int) -> torch.Tensor:
+    """Rows [y, y + size) of the band's concatenated chunks (H, W, 3): a view where one chunk
+    holds them, else one copy on the chunks' device."""
+    k, r = divmod(y, chunk_h)
+    if r + size <= chunk_h:
+        return chunks[k][r : r + size]
+    parts, done = [], 0
     while done < size:
         k, r = divmod(y + done, chunk_h)
         n = min(size - done, chunk_h - r)
-        out[done : done + n] = chunks[k][r : r + n, x : x + size]
+        parts.append(chunks[k][r : r + n])
         done += n
-    return out
+    return torch.cat(parts)
+
+
+def _windows(strip: torch.Tensor, xs: list[int], size: int) -> torch.Tensor:
+    """The (n, size, size, 3) squares of a (size, W, 3) strip starting at columns `xs`: one
+    stack of views, i.e. one batched copy on the strip's device (a gather by index tensor moves
+    3-byte elements one by one and was slower on the CPU)."""
+    return torch.stack([strip[:, x : x + size] for x in xs])
 
 
 # -- accumulation and output ------------------------------------------------------------------
 class _BandAccumulator:
-    """Blended foreground probabilities of one band's core rows, on the model's device."""
+    """Blended foreground probabilities of one band's core rows, on the model's device: per
+    core row one (n_fg + 1, stride, width) tensor, the weighted probabilities and, as the last
+    plane, the sum of the weights."""
 
     def __init__(
         self, grid: Grid, band: _Band, n_fg: int, device: torch.device, want_probs: bool
@@ -256,35 +282,37 @@ class _BandAccumulator:
         self.want_probs = want_probs
         self.x_own = band.cores[0] * grid.stride  # target px of the band's first owned column
         self.w_own = (band.cores[1] - band.cores[0] + 1) * grid.stride
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: dict[int, torch.Tensor] = {}
         self.weights = torch.from_numpy(hann_weights(grid.block)).to(device)
 
-    def _row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row(self, r: int) -> torch.Tensor:
         if r not in self.rows:
-            s = self.grid.stride
-            self.rows[r] = (
-                torch.zeros(self.n_fg, s, self.w_own, device=self.device),
-                torch.zeros(s, self.w_own, device=self.device),
-            )
+            shape = (self.n_fg + 1, self.grid.stride, self.w_own)
+            self.rows[r] = torch.zeros(shape, device=self.device)
         return self.rows[r]
 
-    def add(self, wrow: int, wcol: int, probs: torch.Tensor) -> None:
-        """Add one window's (n_fg, block, block) probabilities with the blending weights."""
+    def add(self, wrow: int, wcols: list[int], probs: torch.Tensor) -> None:
+        """Add the (n, n_fg, block, block) probabilities of windows (wrow, wcols) with the
+        blending weights: one weighting for the piece, then one slice-add per window and core
+        row it covers (a few small ops per window, which a GPU queues without waiting)."""
         g = self.grid
         s, b = g.stride, g.block
-        x = wcol * s - g.offset - self.x_own  # block origin in owned coordinates
-        xa, xb = max(0, x), min(self.w_own, x + b)
-        if xb <= xa:
-            return
-        y = wrow * s - g.offset
-        for r in range(max(0, math.floor(y / s)), math.floor((y + b - 1) / s) + 1):
-            if r >= g.cores[0]:
-                break
-            ya, yb = max(y, r * s), min(y + b, (r + 1) * s)
-            acc, wsum = self._row(r)
-            w = self.weights[ya - y : yb - y, xa - x : xb - x]
-            acc[:, ya - r * s : yb - r * s, xa:xb] += probs[:, ya - y : yb - y, xa - x : xb - x] * w
-            wsum[ya - r * s : yb - r * s, xa:xb] += w
+        w = self.weights.expand(len(wcols), 1, b, b)
+        weighted = torch.cat([probs * w, w], 1)  # the weights ride along as the last plane
+        y = wrow * s - g.offset  # block top
+        spans = []  # (core row tensor, rows in the core row, the same rows in the block)
+        for r in range(max(0, math.floor(y / s)), min(g.cores[0], math.ceil((y + b) / s))):
+            top, bottom = max(y, r * s), min(y + b, (r + 1) * s)
+            spans.append(
+                (self._row(r), slice(top - r * s, bottom - r * s), slice(top - y, bottom - y))
+            )
+        for i, wc in enumerate(wcols):
+            x = wc * s - g.offset - self.x_own  # block origin in owned coordinates
+            xa, xb = max(0, x), min(self.w_own, x + b)
+            if xb <= xa:
+                continue
+            for acc, in_row, in_block in spans:
+                acc[:, in_row, xa:xb] += weighted[i, :, in_block, xa - x : xb - x]
 
     def pop(self, r: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Core row r as output px: (classes uint8 (h, w), foreground probabilities uint8
@@ -294,10 +322,10 @@ class _BandAccumulator:
         h, w = g.stride // f, self.w_own // f
         if r not in self.rows:
             return np.zeros((h, w), np.uint8), None
-        acc, wsum = self.rows.pop(r)
+        acc = self.rows.pop(r)
         if f > 1:
             acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
-            wsum = torch.nn.functional.avg_pool2d(wsum[None, None], f)[0, 0]
+        acc, wsum = acc[:-1], acc[-1]
         # argmax over the few class planes by elementwise comparison: torch's argmax over the
         # leading dimension was 30% of a CPU run
         best, cls = acc[0], torch.ones(acc.shape[1:], dtype=torch.uint8, device=acc.device)
@@ -530,9 +558,11 @@ class _Stitcher:
         self.n_fg = len(preds[0].classes) - 1
         self.device = preds[0].device
         self.windows = 0
-        self.batch: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-        self.tgt: dict[int, np.ndarray] = {}  # chunk index -> target-mpp rows
-        self.ctx: dict[int, np.ndarray] = {}  # chunk index -> the same rows reduced by scale
+        # queued pieces of window rows: (window row, window columns, contexts, targets)
+        self.batch: deque[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = deque()
+        self.queued = 0  # windows in the queue
+        self.tgt: dict[int, torch.Tensor] = {}  # chunk index -> target-mpp rows, on the device
+        self.ctx: dict[int, torch.Tensor] = {}  # chunk index -> the same rows reduced by scale
         self.band: _Band | None = None
         self.acc: _BandAccumulator | None = None
         self.pending: deque[int] = deque()  # window rows of the band still to cut
@@ -547,7 +577,8 @@ class _Stitcher:
                 if self.band is not None:
                     self._close()
                 self._start(next(todo))
-            self.tgt[k], self.ctx[k] = rgb, ctx
+            self.tgt[k] = rgb.to(self.device, non_blocking=True)
+            self.ctx[k] = ctx.to(self.device, non_blocking=True)
             # a window row is cut once its last chunk has arrived
             while self.pending and self.pending[0] - self.r0 + n_c - 1 <= k:
                 self._emit(self.pending.popleft())
@@ -570,45 +601,60 @@ class _Stitcher:
     def _close(self) -> None:
         while self.pending:
             self._emit(self.pending.popleft())
-        self._run_batch()
+        while self.batch:
+            self._run_batch()
         self._finish_rows(self.grid.cores[0])
         self.writer.flush(final=True)
 
     def _emit(self, wr: int) -> None:
-        """Cut the tissue windows of window row `wr` (all its chunks are in memory)."""
+        """Cut the tissue windows of window row `wr` (all its chunks are on the device) in two
+        gathers, and run the batches that fill up."""
         assert self.band is not None
         g = self.grid
         s, b, sc = g.stride, g.block, g.scale
         k0 = wr - self.r0
         wc0, wc1 = self.band.wcols
-        for wc in range(wc0, wc1 + 1):
-            if not self.run_grid[wr - self.r0, wc - self.c0]:
-                continue
-            cx = (wc - wc0) * s
-            tgt = _cut(self.tgt, s, k0 * s + g.halo, cx + g.halo, b)
-            ctx = _cut(self.ctx, s // sc, k0 * s // sc, cx // sc, b)
-            self.batch.append((wr, wc, ctx, tgt))
-            if len(self.batch) >= self.batch_size:
-                self._run_batch()
-                # every window of the rows before wr has run: their core rows are final
-                self._finish_rows(_final_rows(g, wr - 1))
+        run = self.run_grid[wr - self.r0, wc0 - self.c0 : wc1 - self.c0 + 1]
+        wcols = np.flatnonzero(run) + wc0
+        if len(wcols):
+            xs = ((wcols - wc0) * s).tolist()
+            tgt = _windows(_rows(self.tgt, s, k0 * s + g.halo, b), [x + g.halo for x in xs], b)
+            ctx = _windows(_rows(self.ctx, s // sc, k0 * s // sc, b), [x // sc for x in xs], b)
+            self.batch.append((wr, wcols, ctx, tgt))
+            self.queued += len(wcols)
+        while self.queued >= self.batch_size:
+            self._run_batch()
+            # every window of the rows before wr has run: their core rows are final
+            self._finish_rows(_final_rows(g, wr - 1))
         for k in [k for k in self.tgt if k <= k0]:
             del self.tgt[k], self.ctx[k]
 
     def _run_batch(self) -> None:
+        """Run the first `batch_size` queued windows (pieces of window rows, split if need be)
+        and blend them into the band's accumulator."""
         if not self.batch:
             return
         assert self.acc is not None
-        ctx = torch.from_numpy(np.stack([c for *_, c, _ in self.batch]))
-        tgt = torch.from_numpy(np.stack([t for *_, t in self.batch]))
-        if self.device.type == "cuda":
-            ctx, tgt = ctx.pin_memory(), tgt.pin_memory()
+        take: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []
+        n = 0
+        while self.batch and n < self.batch_size:
+            wr, wcols, ctx, tgt = self.batch.popleft()
+            room = self.batch_size - n
+            if len(wcols) > room:  # split the row piece; the rest stays first in the queue
+                self.batch.appendleft((wr, wcols[room:], ctx[room:], tgt[room:]))
+                wcols, ctx, tgt = wcols[:room], ctx[:room], tgt[:room]
+            take.append((wr, wcols, ctx, tgt))
+            n += len(wcols)
+        ctx = torch.cat([c for *_, c, _ in take]) if len(take) > 1 else take[0][2]
+        tgt = torch.cat([t for *_, t in take]) if len(take) > 1 else take[0][3]
         probs = sum(m.probabilities(ctx, tgt) for m in self.preds) / len(self.preds)
-        for (wr, wc, *_), pr in zip(self.batch, probs[:, 1:], strict=True):
-            self.acc.add(wr, wc, pr)
-        self.windows += len(self.batch)
-        self.bar.update(len(self.batch))
-        self.batch.clear()
+        start = 0
+        for wr, wcols, *_ in take:
+            self.acc.add(wr, wcols.tolist(), probs[start : start + len(wcols), 1:])
+            start += len(wcols)
+        self.queued -= n
+        self.windows += n
+        self.bar.update(n)
 
     def _finish_rows(self, upto: int) -> None:
         """Write core rows next_row..upto-1 of the band (every window touching them ran)."""
@@ -670,7 +716,7 @@ def infer_slide(
                 total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
             )
             stitcher = _Stitcher(grid, run_grid, preds, writer, settings["batch_size"], bar)
-            reader = _Reader(slide, grid, t, settings["threads"])
+            reader = _Reader(slide, grid, t, settings["threads"], pin=p.device.type == "cuda")
             with closing(reader.stream(bands)) as chunks:
                 stitcher.run(bands, chunks)
             n_windows = stitcher.windows

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("DSF_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+#: where the device-dependent tests run their models: the CPU here and in CI; `cuda` in the
+#: device run of bench/gpu.sh, so the same assertions check the GPU paths (pinned copies, AMP).
+DEVICE = os.environ.get("DSF_TEST_DEVICE", "cpu")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -16,6 +16,8 @@ from dsf.errors import ConfigError
 from dsf.finetune import HISTORY_COLUMNS, FineTuner, _shared_jitter_flip, main
 from dsf.metrics import soft_dice_loss
 
+from conftest import DEVICE
+
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 
@@ -92,7 +94,7 @@ def test_resume_is_exact(three, tmp_path, variant) -> None:  # noqa: ANN001
         "steps_per_epoch": 2,
         "batch_size": 4,
         "workers": 0,
-        "device": "cpu",
+        "device": DEVICE,
         **variant,
     }
 
@@ -121,7 +123,7 @@ def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # n
         "steps_per_epoch": 1,
         "batch_size": 4,
         "workers": 0,
-        "device": "cpu",
+        "device": DEVICE,
     }
     first = FineTuner(st, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
     first.fit()
@@ -136,7 +138,7 @@ def _settings(**kw: object) -> dict[str, object]:
         "steps_per_epoch": 1,
         "batch_size": 4,
         "workers": 0,
-        "device": "cpu",
+        "device": DEVICE,
         **kw,
     }
 

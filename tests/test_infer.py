@@ -19,6 +19,8 @@ from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
 
+from conftest import DEVICE
+
 MPP = 0.5
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)  # class 1, 2, 3
 
@@ -73,8 +75,8 @@ class ColourOracle(nn.Module):
 
 def oracle(block: int, scale: int = 4, from_context: bool = False) -> Predictor:
     pre = defaults("pretrain")
-    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(pre["mean"], device=DEVICE).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=DEVICE).view(1, 3, 1, 1)
     return Predictor(
         model=ColourOracle(mean, std, scale, from_context),
         init="random",
@@ -84,7 +86,7 @@ def oracle(block: int, scale: int = 4, from_context: bool = False) -> Predictor:
         target_mpp=MPP,
         mean=mean,
         std=std,
-        device=torch.device("cpu"),
+        device=torch.device(DEVICE),
         amp=None,
         meta={"fold": 0, "fraction": 1.0},
     )

@@ -16,6 +16,8 @@ from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_stores
 
+from conftest import DEVICE
+
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> list[Path]:  # noqa: ANN001
@@ -39,7 +41,7 @@ def _settings(**kw: object) -> dict:
             "batch_size": 4,
             "out_size": 32,
             "workers": 0,
-            "device": "cpu",
+            "device": DEVICE,
             "checkpoint_every": 1,
             "seed": 3,
             "backbone": "efficientnet_b0",
