@@ -314,14 +314,14 @@ class _BandAccumulator:
             for acc, in_row, in_block in spans:
                 acc[:, in_row, xa:xb] += weighted[i, :, in_block, xa - x : xb - x]
 
-    def pop(self, r: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Core row r as output px: (classes uint8 (h, w), foreground probabilities uint8
-        (n_fg, h, w) or None when nothing ran there)."""
+    def pop(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Core row r as output px, on the device: (classes uint8 (h, w), foreground
+        probabilities uint8 (n_fg, h, w) or None when not wanted or nothing ran there)."""
         g = self.grid
         f = g.out_factor
         h, w = g.stride // f, self.w_own // f
         if r not in self.rows:
-            return np.zeros((h, w), np.uint8), None
+            return torch.zeros((h, w), dtype=torch.uint8, device=self.device), None
         acc = self.rows.pop(r)
         if f > 1:
             acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
@@ -335,10 +335,55 @@ class _BandAccumulator:
             cls[better] = c + 1
         cls[wsum <= 0] = 0
         if not self.want_probs:
-            return cls.cpu().numpy(), None
+            return cls, None
         total = acc.sum(0, keepdim=True).clamp_min(1e-12)
-        probs = (acc / total * 255).round().to(torch.uint8)
-        return cls.cpu().numpy(), probs.cpu().numpy()
+        return cls, (acc / total * 255).round().to(torch.uint8)
+
+
+class _RowsToHost:
+    """Finished core rows on their way from the device to the writer, in order. On a GPU each
+    row is copied into page-locked memory without waiting, and handed on once its copy is done,
+    so the model never waits for the writer (a plain `.cpu()` would wait for every queued
+    batch); `limit` rows at most are in flight. On the CPU rows pass straight through."""
+
+    def __init__(self, writer: _MapWriter, device: torch.device, limit: int = 64) -> None:
+        self.writer, self.limit = writer, limit
+        self.gpu = device.type == "cuda"
+        self.new_event: Any = torch.cuda.Event
+        self.pending: deque[tuple[int, torch.Tensor, torch.Tensor | None, Any]] = deque()
+
+    def _host(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not self.gpu:
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def put(self, band: int, cls: torch.Tensor, probs: torch.Tensor | None) -> None:
+        event = None
+        cls_h, probs_h = self._host(cls), self._host(probs)
+        if self.gpu:
+            event = self.new_event()
+            event.record()
+        self.pending.append((band, cls_h, probs_h, event))  # type: ignore[arg-type]
+        self.drain(block=len(self.pending) > self.limit)
+
+    def drain(self, block: bool) -> None:
+        """Hand on the rows whose copies are done (with `block`, the oldest, waiting for it,
+        and every one done by then; `drain(block=True)` until empty to flush)."""
+        while self.pending:
+            band, cls, probs, event = self.pending[0]
+            if event is not None and not event.query():
+                if not block:
+                    return
+                event.synchronize()
+                block = False
+            self.pending.popleft()
+            self.writer.add_row(band, cls.numpy(), None if probs is None else probs.numpy())
+
+    def flush(self) -> None:
+        while self.pending:
+            self.drain(block=True)
 
 
 class _MapWriter:
@@ -557,6 +602,7 @@ class _Stitcher:
         self.c0, _ = grid.windows_touching(0, cols - 1)
         self.n_fg = len(preds[0].classes) - 1
         self.device = preds[0].device
+        self.to_host = _RowsToHost(writer, self.device)
         self.windows = 0
         # queued pieces of window rows: (window row, window columns, contexts, targets)
         self.batch: deque[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = deque()
@@ -604,6 +650,7 @@ class _Stitcher:
         while self.batch:
             self._run_batch()
         self._finish_rows(self.grid.cores[0])
+        self.to_host.flush()
         self.writer.flush(final=True)
 
     def _emit(self, wr: int) -> None:
@@ -660,8 +707,7 @@ class _Stitcher:
         """Write core rows next_row..upto-1 of the band (every window touching them ran)."""
         assert self.acc is not None and self.band is not None
         while self.next_row < min(upto, self.grid.cores[0]):
-            cls, pr = self.acc.pop(self.next_row)
-            self.writer.add_row(self.band.index, cls, pr)
+            self.to_host.put(self.band.index, *self.acc.pop(self.next_row))
             self.next_row += 1
 
 

@@ -54,7 +54,7 @@ def _args(stores: list[Path], folds: Path, out: Path, *extra: str) -> list[str]:
         "--workers",
         "0",
         "--device",
-        "cpu",
+        DEVICE,
         "--classes",
         *CLASSES,
         *extra,

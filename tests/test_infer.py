@@ -365,3 +365,55 @@ def test_killed_inference_leaves_no_map_and_reruns(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     assert (out / "s.tiff").exists() and (out / "s.json").exists()
     assert not any(out.glob(".*.work.zarr")) and not any(out.glob("*.partial"))
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: done once the test says so."""
+
+    made: list[_FakeEvent] = []
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+        _FakeEvent.made.append(self)
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done = True
+
+
+def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
+    """The GPU path of the device-to-host queue, with stand-in events: a row is handed on only
+    when its copy is done, in order, the oldest is waited for past the limit, flush empties."""
+    from dsf.infer import _RowsToHost
+
+    class Writer:
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, int]] = []
+
+        def add_row(self, band: int, cls: np.ndarray, probs: np.ndarray | None) -> None:
+            assert isinstance(cls, np.ndarray) and probs is None
+            self.rows.append((band, int(cls[0, 0])))
+
+    writer = Writer()
+    q = _RowsToHost(writer, torch.device("cpu"), limit=2)  # type: ignore[arg-type]
+    q.gpu, q.new_event, q._host = True, _FakeEvent, lambda t: t
+    _FakeEvent.made.clear()
+    row = lambda v: torch.full((2, 3), v, dtype=torch.uint8)  # noqa: E731
+    q.put(0, row(1), None)
+    q.put(0, row(2), None)
+    assert writer.rows == []  # copies still in flight
+    _FakeEvent.made[1].done = True
+    q.drain(block=False)
+    assert writer.rows == []  # row 2 is done but row 1 is not: order is kept
+    q.put(0, row(3), None)  # a third row in flight passes the limit: row 1 is waited for
+    assert _FakeEvent.made[0].waited and writer.rows == [(0, 1), (0, 2)]
+    q.put(1, row(4), None)
+    q.flush()
+    assert writer.rows == [(0, 1), (0, 2), (0, 3), (1, 4)] and not q.pending

@@ -156,7 +156,7 @@ def test_cli_writes_encoders_checkpoint_and_log(stores: list[Path], tmp_path: Pa
         "--workers",
         "0",
         "--device",
-        "cpu",
+        DEVICE,
         "--no-progress",
         "--backbone",
         "efficientnet_b0",
