@@ -101,6 +101,15 @@ def _epoch_axis(ax, epochs: pd.Series) -> None:
     ax.grid(alpha=0.3)
 
 
+def _frame(axes: tuple, df: pd.DataFrame, source: str) -> None:
+    """Epoch axes on every panel, or the 'no epoch logged yet' text when `df` is empty."""
+    for ax in axes:
+        if len(df):
+            _epoch_axis(ax, df["epoch"])
+        else:
+            _empty(ax, source)
+
+
 def _save(fig, out: Path, dpi: int) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -123,11 +132,7 @@ def plot_pretrain(
         ax_loss.legend(fontsize=8)
         ax_std.plot(df["epoch"], df["z_std"], marker=marker, color="tab:purple")
         ax_std.set_ylim(bottom=0)
-        _epoch_axis(ax_loss, df["epoch"])
-        _epoch_axis(ax_std, df["epoch"])
-    else:
-        _empty(ax_loss, str(log))
-        _empty(ax_std, str(log))
+    _frame((ax_loss, ax_std), df, str(log))
     ax_loss.set_title("SimSiam losses (weighted stage sums; total = sum of groups)", fontsize=10)
     ax_loss.set_ylabel("loss (mean over the epoch's steps)")
     ax_std.set_title(
@@ -165,11 +170,7 @@ def plot_finetune(
         )
         ax_sel.set_ylim(0, 1)
         ax_sel.legend(fontsize=8)
-        _epoch_axis(ax_loss, df["epoch"])
-        _epoch_axis(ax_sel, df["epoch"])
-    else:
-        _empty(ax_loss, str(history))
-        _empty(ax_sel, str(history))
+    _frame((ax_loss, ax_sel), df, str(history))
     ax_loss.set_title("Training loss", fontsize=10)
     ax_loss.set_ylabel("loss (mean over the epoch)")
     ax_sel.set_title("Model selection on held-out training slides", fontsize=10)

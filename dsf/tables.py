@@ -263,6 +263,14 @@ def _summary_cell(
     )
 
 
+def _fraction_summary(
+    ts: pd.DataFrame, method: str, frac: float, metric: str, notes: _Notes
+) -> str:
+    """The mean (std) cell of a method at a label fraction, or the note of its missing result."""
+    why = f"{method}: no tile-protocol result at label fraction {_pct(frac)}"
+    return _summary_cell(ts, method, frac, metric, notes, why)
+
+
 def tile_markdown(
     ts: pd.DataFrame,
     raw: pd.DataFrame,
@@ -317,12 +325,7 @@ def tile_markdown(
                             f"fold {fold}: no tile-protocol result ({_no_tiles_why()})",
                         )
                     )
-                cells.append(
-                    _summary_cell(
-                        ts, method, frac, metric, notes,
-                        f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
-                    )
-                )  # fmt: skip
+                cells.append(_fraction_summary(ts, method, frac, metric, notes))
                 rows.append(cells)
             lines += _table(["Method", *fold_cols, "Mean (Std)"], rows)
         lines += [f"### Label fraction {_pct(frac)}: per-class F1, mean (std) over folds", ""]
@@ -341,12 +344,7 @@ def tile_markdown(
             cells = [method]
             for metric in ("f1", "paper_accuracy"):
                 for frac in fractions:
-                    cells.append(
-                        _summary_cell(
-                            ts, method, frac, metric, notes,
-                            f"{method}: no tile-protocol result at label fraction {_pct(frac)}",
-                        )
-                    )  # fmt: skip
+                    cells.append(_fraction_summary(ts, method, frac, metric, notes))
             rows.append(cells)
         lines += _table(header, rows)
     return lines
