@@ -37,7 +37,7 @@ import tifffile
 import torch
 import yaml
 import zarr
-from test_workflow import BIN, REPO, job_counts, smk
+from test_workflow import BIN, REPO, job_counts, smk, trained_config
 
 from dsf.tissue import read_mask
 
@@ -63,25 +63,8 @@ SLIDES = {
     f"f-{i}": {"seed": 40 + i, "width": 1024, "height": 1024, "labels": kind, "group": f"p{i}"}
     for i, kind in enumerate(["mask", "geojson", "mask", "geojson"])
 }
-CONFIG = {
-    "results": "out",
-    "slides": "",
-    "synth": {"mpp": 0.5, "region_um": 150, "slides": SLIDES},
-    "tissue": {"mpp": 8.0, "method": "rgb"},
-    "patches": {"target_mpp": 1.0, "block": 64, "stride": 128, "min_tissue": 0.5},
-    "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
-    "folds": {"k": 2, "seed": 0},
-    "pretrain": {
-        "epochs": EPOCHS, "steps_per_epoch": 1, "batch_size": 2, "out_size": 32,
-        "workers": 0, "gpus": 0, "checkpoint_every": 1,
-    },
-    "finetune": {
-        "inits": ["dsf"], "epochs": EPOCHS, "steps_per_epoch": 1, "batch_size": 2,
-        "workers": 0, "gpus": 0,
-    },
-    "infer": {"inits": ["dsf"], "overlap": 0.0, "out_mpp": 2.0, "threads": 1, "gpus": 0},
-    "evaluate": {"gpus": 0},
-}  # fmt: skip
+CONFIG = trained_config(SLIDES, sheet="", epochs=EPOCHS, steps=1, batch=2, inits=["dsf"], threads=1)
+CONFIG["pretrain"]["checkpoint_every"] = 1
 
 
 @dataclass(frozen=True)
@@ -234,24 +217,33 @@ def _check_resumed_rows(table: pd.DataFrame, before: list[dict[str, float]]) -> 
     pd.testing.assert_frame_equal(kept, expect, check_dtype=False, rtol=0, atol=0)
 
 
-def test_killed_pretraining_resumes_from_its_checkpoint(wf: Workflow) -> None:
-    run_dir = wf.out / "pretrain" / "dsf" / f"fold{wf.fold}"
-    log = wf.out / "logs" / "pretrain" / "dsf" / f"fold{wf.fold}.log"
+def _kill_at_checkpoint_then_at_export(
+    wf: Workflow, run_dir: Path, log: Path, export: str, what: str
+) -> list[dict[str, float]]:
+    """1: kill the training job once it wrote a checkpoint mid-run; 2: kill the next run, which
+    must resume there and train only the remaining epochs, while it writes `export`. Returns
+    the history the first checkpoint held."""
     ckpt = run_dir / "checkpoint.pt"
-    # 1: killed in the middle of training, after a checkpoint
-    wf.kill_when(lambda: [ckpt] if ckpt.exists() else [], "a pretraining checkpoint")
+    wf.kill_when(lambda: [ckpt] if ckpt.exists() else [], f"a {what} checkpoint")
     state = torch.load(ckpt, weights_only=True)
     first = int(state["epoch"])
     before = list(state["history"])
     assert 1 <= first < EPOCHS and len(before) == first
-    assert not (run_dir / "encoders.pt").exists()
-    # 2: the next run resumes there; killed again after its last epoch, while exporting
-    wf.kill_when(_glob(run_dir, "encoders.pt.partial"), "the export of encoders.pt")
+    assert not (run_dir / export).exists()
+    wf.kill_when(_glob(run_dir, f"{export}.partial"), f"the export of {export}")
     assert _resume_lines(log) and f"after epoch {first}" in _resume_lines(log)[0]
     epochs_run = [ln for ln in log.read_text().splitlines() if f"/{EPOCHS} loss" in ln]
     assert len(epochs_run) == EPOCHS - first  # only the epochs after the checkpoint
+    assert not (run_dir / export).exists()
+    return before
+
+
+def test_killed_pretraining_resumes_from_its_checkpoint(wf: Workflow) -> None:
+    run_dir = wf.out / "pretrain" / "dsf" / f"fold{wf.fold}"
+    log = wf.out / "logs" / "pretrain" / "dsf" / f"fold{wf.fold}.log"
+    ckpt = run_dir / "checkpoint.pt"
+    before = _kill_at_checkpoint_then_at_export(wf, run_dir, log, "encoders.pt", "pretraining")
     assert int(torch.load(ckpt, weights_only=True)["epoch"]) == EPOCHS
-    assert not (run_dir / "encoders.pt").exists()
     # 3: the recovering run resumes after the last epoch and completes
     out = wf.run("--until", "pretrain")
     assert job_counts(out)["pretrain"] == 1
@@ -270,17 +262,7 @@ def test_killed_finetuning_resumes_from_its_checkpoint(wf: Workflow) -> None:
     run_dir = wf.out / "finetune" / "dsf" / "frac1.0" / f"fold{wf.fold}"
     log = wf.out / "logs" / "finetune" / "dsf" / "frac1.0" / f"fold{wf.fold}.log"
     ckpt = run_dir / "checkpoint.pt"
-    wf.kill_when(lambda: [ckpt] if ckpt.exists() else [], "a fine-tuning checkpoint")
-    state = torch.load(ckpt, weights_only=True)
-    first = int(state["epoch"])
-    before = list(state["history"])
-    assert 1 <= first < EPOCHS and len(before) == first
-    assert not (run_dir / "model.pt").exists()
-    wf.kill_when(_glob(run_dir, "model.pt.partial"), "the export of model.pt")
-    assert _resume_lines(log) and f"after epoch {first}" in _resume_lines(log)[0]
-    epochs_run = [ln for ln in log.read_text().splitlines() if f"/{EPOCHS} loss" in ln]
-    assert len(epochs_run) == EPOCHS - first
-    assert not (run_dir / "model.pt").exists()
+    before = _kill_at_checkpoint_then_at_export(wf, run_dir, log, "model.pt", "fine-tuning")
     out = wf.run("--until", "finetune")
     assert job_counts(out)["finetune"] == 1
     assert f"after epoch {EPOCHS}" in _resume_lines(log)[0]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import tifffile
 import yaml
-from test_workflow import job_counts, smk
+from test_workflow import job_counts, smk, trained_config
 
 SLIDES = {
     f"px-{i}": {"seed": 20 + i, "width": 2048, "height": 2048, "labels": kind, "group": f"p{i}"}
@@ -26,25 +26,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
     (wd / "sheet.tsv").write_text(
         f"slide\tpath\tgroup\ncmu\t{real / 'CMU-1-Small-Region.svs'}\tp-cmu\n"
     )
-    cfg = {
-        "results": "out",
-        "slides": "sheet.tsv",
-        "synth": {"mpp": 0.5, "region_um": 150, "slides": SLIDES},
-        "tissue": {"mpp": 8.0, "method": "rgb"},
-        "patches": {"target_mpp": 1.0, "block": 64, "stride": 128, "min_tissue": 0.5},
-        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
-        "folds": {"k": 2},
-        "pretrain": {
-            "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "out_size": 32,
-            "workers": 0, "gpus": 0,
-        },
-        "finetune": {
-            "inits": ["random", "dsf"], "epochs": 1, "steps_per_epoch": 2, "batch_size": 4,
-            "workers": 0, "gpus": 0,
-        },
-        "infer": {"inits": ["dsf"], "overlap": 0.0, "out_mpp": 2.0, "threads": 2, "gpus": 0},
-        "evaluate": {"gpus": 0},
-    }  # fmt: skip
+    cfg = trained_config(
+        SLIDES, sheet="sheet.tsv", epochs=1, steps=2, batch=4, inits=["random", "dsf"], threads=2
+    )
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     smk("--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
     return wd

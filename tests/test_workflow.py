@@ -65,6 +65,42 @@ def test_lint_is_clean() -> None:
     assert "Congratulations" in done.stdout + done.stderr
 
 
+def trained_config(
+    slides: dict[str, dict],
+    *,
+    sheet: str,
+    epochs: int,
+    steps: int,
+    batch: int,
+    inits: list[str],
+    threads: int,
+) -> dict:
+    """A whole-workflow config that trains for seconds on the CPU (tests/test_pipeline.py and
+    tests/test_faults.py): synthetic `slides` at 0.5 um/px, 64 px blocks at 1 um/px, two folds,
+    maps at 2 um/px."""
+    return {
+        "results": "out",
+        "slides": sheet,
+        "synth": {"mpp": 0.5, "region_um": 150, "slides": slides},
+        "tissue": {"mpp": 8.0, "method": "rgb"},
+        "patches": {"target_mpp": 1.0, "block": 64, "stride": 128, "min_tissue": 0.5},
+        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
+        "folds": {"k": 2, "seed": 0},
+        "pretrain": {
+            "epochs": epochs, "steps_per_epoch": steps, "batch_size": batch, "out_size": 32,
+            "workers": 0, "gpus": 0,
+        },
+        "finetune": {
+            "inits": inits, "epochs": epochs, "steps_per_epoch": steps, "batch_size": batch,
+            "workers": 0, "gpus": 0,
+        },
+        "infer": {
+            "inits": ["dsf"], "overlap": 0.0, "out_mpp": 2.0, "threads": threads, "gpus": 0,
+        },
+        "evaluate": {"gpus": 0},
+    }  # fmt: skip
+
+
 def tiny_workdir(wd: Path, real: Path) -> Path:
     """Write the tiny config into `wd`: two synthetic slides and a real one at a path with
     spaces and parentheses (also used by tests/cluster)."""

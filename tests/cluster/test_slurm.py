@@ -98,6 +98,14 @@ def _smk(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+#: the tiny config through the SLURM profile, on a SLURM without accounting (no account to
+#: pick, sacct cannot see jobs)
+SLURM_PROFILE = (
+    "--configfile", "cfg.yaml", "--profile", str(REPO / "profiles" / "slurm"),
+    "--slurm-no-account", "--slurm-status-command", "squeue",
+)  # fmt: skip
+
+
 def _local_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     return env | {"PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
@@ -115,14 +123,7 @@ def runs(
 
     remote = tiny_workdir(base / "slurm", real)
     done = _smk(
-        "--configfile",
-        "cfg.yaml",
-        "--profile",
-        str(REPO / "profiles" / "slurm"),
-        # a SLURM without accounting: no account to pick, sacct cannot see jobs
-        "--slurm-no-account",
-        "--slurm-status-command",
-        "squeue",
+        *SLURM_PROFILE,
         # short polling for a test (the defaults suit a real cluster)
         "--slurm-init-seconds-before-status-checks",
         "1",
@@ -211,13 +212,7 @@ def test_rerun_through_slurm_has_nothing_to_do(
     _, remote, _ = runs
     done = _smk(
         "-n",
-        "--configfile",
-        "cfg.yaml",
-        "--profile",
-        str(REPO / "profiles" / "slurm"),
-        "--slurm-no-account",
-        "--slurm-status-command",
-        "squeue",
+        *SLURM_PROFILE,
         *UNTIL,
         cwd=remote,
         env=slurm,
