@@ -156,7 +156,8 @@ def _child(
     ]
     if mpp is not None:
         cmd += ["--mpp", str(mpp)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # the worker's stderr (its log, or a traceback) passes through; stdout holds its result
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

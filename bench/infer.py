@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import _ensure_mask, _ensure_synth  # noqa: E402 - bench helper reuse
 
 from dsf.config import defaults  # noqa: E402
+from dsf.devices import amp_dtype  # noqa: E402
 from dsf.predict import Predictor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -92,9 +93,6 @@ def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed
     net = net.eval().to(device, memory_format=torch.channels_last)  # as dsf.predict does
     timed = Timed(net, device)
     pre = defaults("pretrain")
-    amp_dtype = None
-    if amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     pred = Predictor(
         model=timed,
         init="random",
@@ -105,7 +103,7 @@ def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed
         mean=torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1),
         std=torch.tensor(pre["std"], device=device).view(1, 3, 1, 1),
         device=device,
-        amp=amp_dtype,
+        amp=amp_dtype(device, amp),
     )
     return pred, timed
 
@@ -148,11 +146,12 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 
 def forward_only(args: argparse.Namespace) -> dict:
-    """The model alone on random 256 px windows: windows per second at the batch size."""
+    """The model alone on random 256 px windows already on the device: windows per second at
+    the batch size."""
     device = torch.device(args.device)
     pred, _ = build(args.model, device, not args.no_amp)
-    ctx = torch.randint(0, 255, (args.batch, 256, 256, 3), dtype=torch.uint8)
-    tgt = torch.randint(0, 255, (args.batch, 256, 256, 3), dtype=torch.uint8)
+    ctx = torch.randint(0, 255, (args.batch, 256, 256, 3), dtype=torch.uint8, device=device)
+    tgt = torch.randint(0, 255, (args.batch, 256, 256, 3), dtype=torch.uint8, device=device)
     pred.probabilities(ctx, tgt)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
@@ -201,8 +200,11 @@ def main() -> None:
             "--model", args.model, "--device", args.device, "--batch", str(args.batch),
             "--threads", str(args.threads), "--out", str(args.out),
         ] + (["--no-amp"] if args.no_amp else [])  # fmt: skip
+        # the worker's stderr (its log, or a traceback) passes through; stdout holds its result
         res = json.loads(
-            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[
+                -1
+            ]
         )
         print(
             f"| synthetic {size} x {size}, 0.25 um/px | {res['windows']} | {res['seconds']:.1f} | "

@@ -44,10 +44,14 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     return state
 
 
-def load_for_resume(path: Path, hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def load_for_resume(path: Path, hyper: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint (weights_only) whose `hyper` must equal `hyper`; else a ConfigError
-    naming every changed setting with its old and new value."""
-    state = load(path, device)
+    naming every changed setting with its old and new value.
+
+    Loaded on the CPU: `load_state_dict` moves weights and optimiser moments to the model's
+    device, while Adam's step counts stay on the CPU as in a fresh run (on the GPU every step
+    would wait on them)."""
+    state = load(path)
     if not isinstance(state.get("hyper"), dict):
         raise ConfigError(
             f"{path} is not a dsf training checkpoint (no `hyper`): delete it to start over"

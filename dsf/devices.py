@@ -3,7 +3,8 @@
 Snakemake counts the `gpu` resource (`--resources gpu=N`) but does not say which card a job
 gets. `pick_device` decides, in this order:
 
-1. `torchrun` (`LOCAL_RANK` set): the rank's own card, `cuda:LOCAL_RANK`.
+1. `torchrun` (`LOCAL_RANK` set): the rank's own card, `cuda:LOCAL_RANK` (`cuda:0` when the
+   launcher shows each rank only its own card).
 2. `CUDA_VISIBLE_DEVICES` set (by the user or by SLURM for a job that asked for GPUs): the job
    was given its card(s); it uses the first visible one, `cuda:0`.
 3. A SLURM job whose GPUs SLURM names without restricting visibility (`SLURM_STEP_GPUS`,
@@ -15,6 +16,10 @@ gets. `pick_device` decides, in this order:
    different cards. When every card is locked, jobs share one (with a warning).
 
 No GPU: `auto` runs on the CPU; `cuda` is a ConfigError naming the config key.
+
+`use_device` picks and then makes the card the process's current one, so that streams, events
+and anything else that follows torch's current device is on the job's card, not on GPU 0;
+`amp_dtype` chooses the mixed-precision type the card runs natively.
 """
 
 from __future__ import annotations
@@ -107,7 +112,15 @@ def gpu_index(count: int, env: Mapping[str, str] | None = None, folder: Path | N
     """Which of `count` (>= 1) visible GPUs this process uses; see the module docstring."""
     env = os.environ if env is None else env
     if env.get("LOCAL_RANK", "").isdigit():
-        return int(env["LOCAL_RANK"])
+        rank = int(env["LOCAL_RANK"])
+        if rank < count:
+            return rank
+        if count == 1:  # the launcher shows each rank its own card only
+            return 0
+        raise ConfigError(
+            f"LOCAL_RANK is {rank} but only {count} GPUs are visible: start at most {count} "
+            "processes per node (torchrun --nproc-per-node), or show each rank its own card"
+        )
     if env.get("CUDA_VISIBLE_DEVICES", "").strip():
         return 0
     slurm = _slurm_gpu(env)
@@ -163,3 +176,23 @@ def pick_device(
             )
         return torch.device("cpu")
     return torch.device("cuda", gpu_index(count, env, folder))
+
+
+def use_device(requested: str, key: str = "device") -> torch.device:
+    """`pick_device`, then make a picked GPU the current CUDA device of this process (streams,
+    events and caches that follow the current device would otherwise be on GPU 0, a card
+    another job may hold)."""
+    device = pick_device(requested, key)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast type on `device`: bf16 on cards with native bf16 (compute capability 8.0+:
+    A100, H100, H200), fp16 on older ones (V100, T4; `torch.cuda.is_bf16_supported()` would say
+    yes there too, for a slow emulated bf16), None on the CPU or when AMP is off (fp32)."""
+    if not enabled or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16

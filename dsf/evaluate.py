@@ -487,9 +487,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(setting: str) -> torch.device:
-    from dsf.devices import pick_device
+    from dsf.devices import use_device
 
-    return pick_device(setting, "evaluate.device")
+    return use_device(setting, "evaluate.device")
 
 
 def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:

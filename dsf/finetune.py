@@ -38,11 +38,12 @@ from torch.utils.data import DataLoader
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
-from dsf.pretrain import EpochSampler, TrainingError, _amp_dtype, _device
+from dsf.pretrain import EpochSampler, TrainingError
 from dsf.runner import run, setup_logging
 from dsf.tiles import open_store
 
@@ -133,7 +134,7 @@ class FineTuner:
         from dsf.models.hooknet import HookNet, UNet
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
-        self.device = _device(settings["device"], "finetune.device")
+        self.device = use_device(settings["device"], "finetune.device")
         self.fraction = fraction
         self.classes = classes
         init, backbone = settings["init"], settings["backbone"]
@@ -177,8 +178,12 @@ class FineTuner:
                         "pretrain.backbone"
                     ) from exc
         self.model = model.to(self.device)
+        if self.device.type == "cuda":  # fixed input shapes: cuDNN times its algorithms once
+            torch.backends.cudnn.benchmark = True
         self.opt = torch.optim.Adam(self.model.parameters(), lr=settings["lr"])
-        self.amp = _amp_dtype(self.device, settings["amp"])
+        self.amp = amp_dtype(self.device, settings["amp"])
+        # fp16 (cards without bf16) needs loss scaling against gradient underflow
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.sampler = EpochSampler(len(self.train), settings["seed"])
         if len(self.train) < settings["batch_size"]:
             log.warning(
@@ -256,8 +261,9 @@ class FineTuner:
                     "or turn finetune.amp off, and rerun with --resume"
                 )
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
             total += float(loss.detach())
             steps += 1
             if steps >= cap:
@@ -328,6 +334,7 @@ class FineTuner:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best": self.best,
             "history": self.history,
@@ -340,9 +347,11 @@ class FineTuner:
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper(), self.device)
+        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper())
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)

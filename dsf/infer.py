@@ -350,6 +350,8 @@ class _RowsToHost:
         self.writer, self.limit = writer, limit
         self.gpu = device.type == "cuda"
         self.new_event: Any = torch.cuda.Event
+        # the stream the copies run on: that of `device`, whichever card is current
+        self.stream: Any = torch.cuda.current_stream(device) if self.gpu else None
         self.pending: deque[tuple[int, torch.Tensor, torch.Tensor | None, Any]] = deque()
 
     def _host(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -364,7 +366,7 @@ class _RowsToHost:
         cls_h, probs_h = self._host(cls), self._host(probs)
         if self.gpu:
             event = self.new_event()
-            event.record()
+            event.record(self.stream)
         self.pending.append((band, cls_h, probs_h, event))  # type: ignore[arg-type]
         self.drain(block=len(self.pending) > self.limit)
 
@@ -867,11 +869,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> None:
-        from dsf.devices import pick_device
+        from dsf.devices import use_device
         from dsf.tissue import read_mask
 
         st = section_from_args(args, "infer")
-        device = pick_device(st["device"], "infer.device")
+        device = use_device(st["device"], "infer.device")
         preds = [load_predictor(m, device, st["amp"]) for m in args.models]
         slide = open_slide(args.slide, mpp=args.sheet_mpp, slide_id=args.slide_id)
         mask, mask_mpp = read_mask(args.tissue_mask)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dsf import checkpoints
+from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
 
 REQUIRED = ("state_dict", "init", "classes", "scale", "block", "target_mpp")
@@ -67,12 +68,6 @@ class Predictor:
         return logits.float().softmax(dim=1)
 
 
-def _amp(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> Predictor:
     """Load a `model.pt` written by `dsf finetune` (weights only) in eval mode on `device`."""
     from dsf.models.hooknet import HookNet, UNet
@@ -116,6 +111,6 @@ def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> 
         mean=mean,
         std=std,
         device=device,
-        amp=_amp(device, amp),
+        amp=amp_dtype(device, amp),
         meta={k: v for k, v in meta.items() if k != "state_dict"},
     )

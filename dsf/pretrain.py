@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -31,15 +31,20 @@ from tqdm import tqdm
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
+from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
 from dsf.runner import run, setup_logging
 from dsf.tiles import TileDataset, collate_batch, open_store
 
+if TYPE_CHECKING:
+    from dsf.augment import Views
+
 log = logging.getLogger(__name__)
 
 #: Settings that may differ on resume without changing the result.
 RESUME_FREE = {"epochs", "workers", "device", "compile", "checkpoint_every", "methods", "gpus"}
+CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the GPU)
 LOG_COLUMNS = [
     "epoch",
     "loss",
@@ -97,20 +102,6 @@ def training_stores(folds: pd.DataFrame, fold: int, stores: list[Path]) -> list[
     return kept
 
 
-def _device(setting: str, key: str = "pretrain.device") -> torch.device:
-    """The training device (`dsf.devices.pick_device`: torchrun rank, CUDA_VISIBLE_DEVICES,
-    SLURM's GPUs, else a GPU no other local job holds; the CPU without CUDA)."""
-    from dsf.devices import pick_device
-
-    return pick_device(setting, key)
-
-
-def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    if device.type != "cuda" or not enabled:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _augment_config(st: dict[str, Any], scale: int) -> Any:
     from dsf.augment import AugmentConfig
 
@@ -145,12 +136,12 @@ class Trainer:
         self.meta = meta or {}
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = _device(settings["device"])
+        # the training device (torchrun rank, CUDA_VISIBLE_DEVICES, SLURM's GPUs, else a GPU no
+        # other local job holds; the CPU without CUDA), current before NCCL starts on it
+        self.device = use_device(settings["device"], "pretrain.device")
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.data = TileDataset(stores)
         scale = int(open_store(stores[0]).attrs["scale"])
         self.n_blocks = scale * scale
@@ -164,6 +155,8 @@ class Trainer:
             weights=settings["weights"],
         )
         self.channels_last = settings["channels_last"] and self.device.type == "cuda"
+        if self.device.type == "cuda":  # fixed input shapes: cuDNN times its algorithms once
+            torch.backends.cudnn.benchmark = True
         if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm is GPU-only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -178,7 +171,7 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.lr = settings["lr"] * math.sqrt(settings["batch_size"] / 32)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=0.0)
-        self.amp = _amp_dtype(self.device, settings["amp"])
+        self.amp = amp_dtype(self.device, settings["amp"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.sampler = EpochSampler(len(self.data), settings["seed"], self.rank, self.world)
         per_rank = settings["batch_size"] // self.world
@@ -228,10 +221,11 @@ class Trainer:
         """Load the checkpoint if there is one; True when training continues from it."""
         if not self.checkpoint_path.exists():
             return False
-        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper(), self.device)
+        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper())
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (on the CPU, or with bf16)
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
@@ -244,23 +238,37 @@ class Trainer:
         tiles = tiles.to(self.device, non_blocking=True)
         perms = self.model.draw_perms(tiles.shape[0], gen, self.device)
         views = make_views(tiles, perms, self.aug, gen, channels_last=self.channels_last)
+        return self.update(views)
+
+    def update(self, views: Views) -> dict[str, torch.Tensor]:
+        """One optimiser step on augmented `views`, under AMP; the model's outputs (losses and
+        the collapse monitor) stay on the device."""
         with torch.autocast(
             self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         ):
             out = self.net(views.context, views.targets, views.perms)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            last = self.epoch - self.epoch % self.st["checkpoint_every"]
-            raise TrainingError(
-                f"non-finite pretraining loss ({loss.item()}) in epoch {self.epoch + 1}; the "
-                f"last good checkpoint is {self.checkpoint_path} (epoch {last} or earlier). "
-                "Lower pretrain.lr, or turn pretrain.amp off, and rerun with --resume"
-            )
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out["loss"]).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         return out
+
+    def _check_finite(self, sums: torch.Tensor, steps: int) -> None:
+        """Stop on a non-finite loss among the steps summed in `sums` (checked every
+        CHECK_EVERY steps, not every step: each check waits for the GPU). The weights may be
+        spoiled by then, but no checkpoint is written after them: the last good one stays. Under
+        DDP every rank learns of a bad loss on any rank, so all stop together."""
+        bad = (~torch.isfinite(sums[0])).to(torch.float32)
+        if self.world > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.item():
+            last = self.epoch - self.epoch % self.st["checkpoint_every"]
+            raise TrainingError(
+                f"non-finite pretraining loss within the first {steps} steps of epoch "
+                f"{self.epoch + 1}; the last good checkpoint is {self.checkpoint_path} (epoch "
+                f"{last} or earlier). Lower pretrain.lr, or turn pretrain.amp off, and rerun "
+                "with --resume"
+            )
 
     def train_epoch(self, progress: bool = True) -> dict[str, float]:
         self.sampler.set_epoch(self.epoch)
@@ -269,7 +277,8 @@ class Trainer:
         # the model's own randomness (e.g. EfficientNet's stochastic depth) too, per epoch
         torch.manual_seed(self.st["seed"] * 1_000_033 + self.epoch * 31 + self.rank)
         self.net.train()
-        sums: dict[str, float] = {}
+        keys = ("loss", "context", "target", "fusion", "z_std")
+        sums = torch.zeros(len(keys), device=self.device)  # on the device: no sync per step
         steps, samples = 0, 0
         cap = self.st["steps_per_epoch"] or len(self.loader)
         t0 = time.perf_counter()
@@ -281,21 +290,21 @@ class Trainer:
         )
         for tiles in self.loader:
             out = self._step(tiles, gen)
-            for k in ("loss", "context", "target", "fusion", "z_std"):
-                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+            sums += torch.stack([out[k].detach().float() for k in keys])
             steps += 1
             samples += tiles.shape[0] * self.world
             bar.update(1)
+            if steps % CHECK_EVERY == 0:
+                self._check_finite(sums, steps)
             if steps >= cap:
                 break
         bar.close()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self._check_finite(sums, steps)  # waits for the device: the epoch's time ends here
         dt = time.perf_counter() - t0
         self.epoch += 1
         row = {
             "epoch": self.epoch,
-            **{k: v / steps for k, v in sums.items()},
+            **dict(zip(keys, (sums / steps).tolist(), strict=True)),
             "samples_per_s": samples / dt,
             "seconds": dt,
             "lr": self.lr,

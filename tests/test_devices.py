@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsf import devices
-from dsf.devices import claim_gpu, gpu_index, pick_device
+from dsf.devices import amp_dtype, claim_gpu, gpu_index, pick_device, use_device
 from dsf.errors import ConfigError
 
 
@@ -109,10 +109,41 @@ def test_the_lock_is_held_for_the_process_lifetime(tmp_path: Path) -> None:
     held.release()
 
 
-def test_pretrain_device_uses_the_picker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsf.pretrain import _device
-
+def test_use_device_picks_and_makes_the_card_current(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert _device("auto").type == "cpu"
+    assert use_device("auto", "pretrain.device").type == "cpu"
     with pytest.raises(ConfigError, match="pretrain.device is cuda"):
-        _device("cuda")
+        use_device("cuda", "pretrain.device")
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert use_device("auto", "infer.device") == torch.device("cuda", 2)
+    assert current == [torch.device("cuda", 2)]  # not left on GPU 0
+
+
+def test_local_rank_beyond_the_visible_cards() -> None:
+    # one card shown per rank: that card; more ranks than cards: an error naming the fix
+    assert gpu_index(1, {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "3"}) == 0
+    with pytest.raises(ConfigError, match="LOCAL_RANK is 4 but only 2 GPUs.*nproc-per-node"):
+        gpu_index(2, {"LOCAL_RANK": "4"})
+
+
+@pytest.mark.parametrize(
+    ("major", "dtype"), [(9, torch.bfloat16), (8, torch.bfloat16), (7, torch.float16)]
+)
+def test_amp_dtype_is_native_to_the_card(
+    monkeypatch: pytest.MonkeyPatch, major: int, dtype: torch.dtype
+) -> None:
+    seen: list[torch.device] = []
+
+    def capability(device: torch.device) -> tuple[int, int]:
+        seen.append(device)
+        return major, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    gpu = torch.device("cuda", 1)
+    assert amp_dtype(gpu, True) is dtype
+    assert seen == [gpu]  # the job's card, not the current one
+    assert amp_dtype(gpu, False) is None
+    assert amp_dtype(torch.device("cpu"), True) is None

@@ -375,10 +375,11 @@ class _FakeEvent:
     def __init__(self) -> None:
         self.done = False
         self.waited = False
+        self.stream: object = None
         _FakeEvent.made.append(self)
 
-    def record(self) -> None:
-        pass
+    def record(self, stream: object = None) -> None:
+        self.stream = stream
 
     def query(self) -> bool:
         return self.done
@@ -403,7 +404,7 @@ def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
 
     writer = Writer()
     q = _RowsToHost(writer, torch.device("cpu"), limit=2)  # type: ignore[arg-type]
-    q.gpu, q.new_event, q._host = True, _FakeEvent, lambda t: t
+    q.gpu, q.new_event, q._host, q.stream = True, _FakeEvent, lambda t: t, "copy stream"
     _FakeEvent.made.clear()
     row = lambda v: torch.full((2, 3), v, dtype=torch.uint8)  # noqa: E731
     q.put(0, row(1), None)
@@ -417,3 +418,5 @@ def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
     q.put(1, row(4), None)
     q.flush()
     assert writer.rows == [(0, 1), (0, 2), (0, 3), (1, 4)] and not q.pending
+    # each event marks the copy on the stream of the map's device (not the current card's)
+    assert {e.stream for e in _FakeEvent.made} == {"copy stream"}

@@ -82,9 +82,16 @@ def test_resume_continues_exactly(stores: list[Path], tmp_path: Path) -> None:
         changed.resume()
 
 
+@pytest.mark.parametrize(("check_every", "steps_run"), [(1, 1), (50, 2)])
 def test_nan_loss_stops_with_a_clear_error(
-    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stores: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    check_every: int,
+    steps_run: int,
 ) -> None:
+    """Checked every `CHECK_EVERY` steps and at the end of the epoch (2 steps here)."""
+    monkeypatch.setattr("dsf.pretrain.CHECK_EVERY", check_every)
     (tmp_path / "n").mkdir()
     trainer = Trainer(_settings(epochs=3), stores, tmp_path / "n")
     trainer.st = trainer.st | {"epochs": 1}
@@ -92,15 +99,22 @@ def test_nan_loss_stops_with_a_clear_error(
     assert trainer.checkpoint_path.exists()
     good = trainer.checkpoint_path.read_bytes()
     forward = trainer.net.forward
+    calls: list[int] = []
 
     def poisoned(*args: object, **kw: object) -> dict:
+        calls.append(1)
         out = forward(*args, **kw)
         return out | {"loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(trainer.net, "forward", poisoned)
     trainer.st = trainer.st | {"epochs": 3}
-    with pytest.raises(TrainingError, match="non-finite pretraining loss.*pretrain.lr"):
+    with pytest.raises(
+        TrainingError,
+        match=f"non-finite pretraining loss within the first {steps_run} steps "
+        "of epoch 2.*pretrain.lr",
+    ):
         trainer.fit(progress=False)
+    assert len(calls) == steps_run  # stopped at the first check after the bad step
     assert trainer.checkpoint_path.read_bytes() == good  # the last good checkpoint is kept
 
 
