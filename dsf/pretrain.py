@@ -136,6 +136,11 @@ class Trainer:
         self.meta = meta or {}
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
+        if settings["batch_size"] % self.world:
+            raise ConfigError(
+                f"pretrain.batch_size {settings['batch_size']} does not split evenly over the "
+                f"{self.world} training processes: make it a multiple of {self.world}"
+            )
         # the training device (torchrun rank, CUDA_VISIBLE_DEVICES, SLURM's GPUs, else a GPU no
         # other local job holds; the CPU without CUDA), current before NCCL starts on it
         self.device = use_device(settings["device"], "pretrain.device")
@@ -175,6 +180,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.sampler = EpochSampler(len(self.data), settings["seed"], self.rank, self.world)
         per_rank = settings["batch_size"] // self.world
+        if self.world > 1 and self.rank == 0:
+            log.info("DDP: %d processes, %d tiles per process and step", self.world, per_rank)
         if len(self.sampler) < per_rank:
             raise ConfigError(
                 f"only {len(self.data)} training tiles for pretrain.batch_size "
@@ -350,6 +357,16 @@ class Trainer:
             **self.meta,
         }
         checkpoints.save(state, self.out_dir / "encoders.pt")
+
+
+def launcher(gpus: int) -> list[str]:
+    """The command that starts pretraining on `gpus` GPUs: `dsf pretrain`, or above one GPU one
+    process per GPU through torchrun (DDP on one node; --standalone picks a free rendezvous
+    port, so jobs side by side do not clash)."""
+    if gpus > 1:
+        torchrun = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}"]
+        return [*torchrun, "-m", "dsf.pretrain"]
+    return ["dsf", "pretrain"]
 
 
 def _parser() -> argparse.ArgumentParser:

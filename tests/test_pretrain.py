@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch.multiprocessing as mp
 
 from dsf.config import defaults
 from dsf.errors import ConfigError
-from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_stores
+from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, launcher, main, training_stores
 
 from conftest import DEVICE
 
@@ -144,6 +146,36 @@ def test_two_process_ddp_keeps_replicas_equal(stores: list[Path], tmp_path: Path
     before = Trainer(_settings(), stores, tmp_path / "fresh")
     init = torch.cat([p.detach().flatten() for p in before.model.parameters()])
     assert not torch.equal(init, r0)  # the replicas trained, and stayed equal
+
+
+def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_path: Path) -> None:
+    """pretrain.gpus 2: the rule's command (torchrun, one process per GPU), here on the CPU
+    (gloo); the global batch is split over the processes."""
+    cmd = launcher(2)
+    assert cmd[0] == "torchrun" and "--nproc-per-node=2" in cmd and launcher(1)[0] == "dsf"
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [str(bin_dir / cmd[0]), *cmd[1:], "--stores", *map(str, stores), "--out-dir", str(out),
+         "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "4", "--out-size", "32",
+         "--workers", "0", "--device", "cpu", "--no-progress", "--backbone", "efficientnet_b0"],
+        capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DDP: 2 processes, 2 tiles per process and step" in done.stderr
+    log_tsv = pd.read_csv(out / "log.tsv", sep="\t")
+    assert list(log_tsv["epoch"]) == [1, 2]  # written once (rank 0), not once per process
+    enc = torch.load(out / "encoders.pt", weights_only=True)
+    assert enc["epochs"] == 2 and (out / "checkpoint.pt").exists()
+
+
+def test_the_global_batch_must_split_over_the_processes(
+    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="pretrain.batch_size 5 does not split evenly over the 2"):
+        Trainer(_settings(batch_size=5), stores, tmp_path)
 
 
 def test_cli_writes_encoders_checkpoint_and_log(stores: list[Path], tmp_path: Path) -> None:

@@ -267,3 +267,27 @@ def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> Non
     assert all(f"{s}.zarr" in pre[0] for s in ("synth-01", "synth-04", "TCGA-CR-7395"))
     dsf_ft = [line for line in out.splitlines() if "dsf finetune " in line and "--init dsf" in line]
     assert len(dsf_ft) == 2 and all("pretrain/dsf/all/encoders.pt" in f for f in dsf_ft)
+
+
+def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gpus.yaml").write_text("pretrain:\n  gpus: 2\n  workers: 3\n")
+    out = smk(
+        "-n", "-p", "--cores", "16", "--resources", "gpu=2", "--directory", str(REPO),
+        "--configfile", str(REPO / "config" / "config.yaml"), str(tmp_path / "gpus.yaml"),
+        "--config", f"results={tmp_path}", "--until", "pretrain",
+    ).stdout  # fmt: skip
+    pre = [line for line in out.splitlines() if "-m dsf.pretrain " in line]
+    assert len(pre) == 2 and all(
+        "Shell command: torchrun --standalone --nnodes=1 --nproc-per-node=2 -m" in line
+        for line in pre
+    )
+    assert "threads: 6" in out  # 3 loader workers for each of the 2 processes
+    (tmp_path / "infer.yaml").write_text("infer:\n  gpus: 2\n")
+    done = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--configfile",
+        str(REPO / "config" / "config.yaml"), str(tmp_path / "infer.yaml"), "--config",
+        f"results={tmp_path}", check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "gpus" in done.stdout + done.stderr

@@ -173,6 +173,13 @@ def labels_opt(wildcards, input):
     return f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else ""
 
 
+def pretrain_launcher():
+    """`dsf pretrain`, or with pretrain.gpus above 1 one process per GPU through torchrun."""
+    from dsf.pretrain import launcher
+
+    return shlex.join(launcher(config["pretrain"]["gpus"]))
+
+
 def stage_opts(section, skip=()):
     """A config section as `dsf <stage>` options (the same schema, so the same defaults)."""
     return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})

@@ -14,8 +14,10 @@ rule pretrain:
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
         fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+        launch=pretrain_launcher(),
         opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
-    threads: max(1, config["pretrain"]["workers"])
+    # loader workers are per process, one process per GPU
+    threads: max(1, config["pretrain"]["workers"]) * max(1, config["pretrain"]["gpus"])
     resources:
         gpu=config["pretrain"]["gpus"],
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
@@ -26,6 +28,6 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{init}}/{{unit}}.tsv"
     shell:
-        "dsf pretrain --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
+        "{params.launch} --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
         "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
         "--no-progress {params.opts} 2> {log:q}"
