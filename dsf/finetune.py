@@ -43,7 +43,7 @@ from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
-from dsf.pretrain import EpochSampler, TrainingError
+from dsf.pretrain import CHECK_EVERY, EpochSampler, TrainingError
 from dsf.runner import run, setup_logging
 from dsf.tiles import open_store
 
@@ -197,6 +197,7 @@ class FineTuner:
             sampler=self.sampler,
             drop_last=True,
             num_workers=settings["workers"],
+            pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -204,7 +205,7 @@ class FineTuner:
 
     def _inputs(self, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def prep(x: torch.Tensor) -> torch.Tensor:
-            return x.to(self.device).permute(0, 3, 1, 2).float() / 255.0
+            return x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
 
         return prep(ctx), prep(tgt)
 
@@ -225,9 +226,9 @@ class FineTuner:
         graph when nothing is labelled, where the mean would be NaN)."""
         if self.st["loss"] == "dice":
             return soft_dice_loss(logits, lab)
-        if not bool((lab > 0).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), lab.long(), ignore_index=0)
+        # the mean over labelled pixels, 0 (with a graph) when none, without asking the GPU
+        total = F.cross_entropy(logits.float(), lab.long(), ignore_index=0, reduction="sum")
+        return total / (lab > 0).sum().clamp_min(1)
 
     def batch_loss(
         self, ctx: torch.Tensor, tgt: torch.Tensor, lab: torch.Tensor, clab: torch.Tensor
@@ -247,28 +248,42 @@ class FineTuner:
         gen = torch.Generator(device=self.device).manual_seed(self.st["seed"] * 7919 + self.epoch)
         torch.manual_seed(self.st["seed"] * 1_000_033 + self.epoch)
         self.model.train()
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync
         cap = self.st["steps_per_epoch"] or len(self.loader)
         for ctx, tgt, lab, clab in self.loader:
             ctx, tgt = self._inputs(ctx, tgt)
             ctx, tgt, lab, clab = _shared_jitter_flip(
-                ctx, tgt, lab.to(self.device), clab.to(self.device), self.st, gen
+                ctx,
+                tgt,
+                lab.to(self.device, non_blocking=True),
+                clab.to(self.device, non_blocking=True),
+                self.st,
+                gen,
             )
             loss = self.batch_loss(ctx, tgt, lab, clab)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite fine-tuning loss in epoch {self.epoch + 1}; lower finetune.lr "
-                    "or turn finetune.amp off, and rerun with --resume"
-                )
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
-            total += float(loss.detach())
+            total += loss.detach().float()
             steps += 1
+            if steps % CHECK_EVERY == 0:
+                self._check_finite(total, steps)
             if steps >= cap:
                 break
-        return total / max(1, steps)
+        self._check_finite(total, steps)
+        return float(total) / max(1, steps)
+
+    def _check_finite(self, total: torch.Tensor, steps: int) -> None:
+        """Stop on a non-finite loss among the epoch's first `steps` steps (checked every
+        CHECK_EVERY steps, as in pretraining: each check waits for the GPU). No selection and no
+        checkpoint follow a bad epoch, so the last good checkpoint stays."""
+        if not torch.isfinite(total):
+            raise TrainingError(
+                f"non-finite fine-tuning loss within the first {steps} steps of epoch "
+                f"{self.epoch + 1}; lower finetune.lr or turn finetune.amp off, and rerun with "
+                "--resume"
+            )
 
     @torch.no_grad()
     def evaluate(self, data: LabelledTiles) -> dict[str, Any]:

@@ -28,11 +28,12 @@ def soft_dice_loss(logits: Tensor, labels: Tensor, eps: float = 1e-6) -> Tensor:
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     card = probs.sum(dims) + onehot.sum(dims)
-    present = onehot.sum(dims) > 0
-    if not present.any():
-        return logits.sum() * 0.0
+    present = (onehot.sum(dims) > 0).float()
+    n = present.sum()
     dice = (2 * inter + eps) / (card + eps)
-    return 1.0 - dice[present].mean()
+    # the mean over present classes, written without a data-dependent branch or boolean index
+    # (either would make the host wait for the GPU at every step)
+    return (1.0 - (dice * present).sum() / n.clamp_min(1.0)) * (n > 0)
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

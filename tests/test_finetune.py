@@ -1,5 +1,5 @@
-"""Fine-tuning: selection never reads the validation fold, artifacts, exact resume, losses,
-the context loss weight, the random-block U-Net variant and the ImageNet init."""
+"""Fine-tuning: selection never reads the validation fold, artifacts, exact resume, losses, the
+NaN stop, the context loss weight, the random-block U-Net variant and the ImageNet init."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.finetune import HISTORY_COLUMNS, FineTuner, _shared_jitter_flip, main
 from dsf.metrics import soft_dice_loss
+from dsf.pretrain import TrainingError
 
 from conftest import DEVICE
 
@@ -189,6 +190,42 @@ def test_context_weight_adds_the_context_loss(three, tmp_path) -> None:  # noqa:
         weighted = tuner.batch_loss(ctx, tgt, lab, clab)
     torch.testing.assert_close(weighted, target_only + 0.5 * context)
     assert abs(float(weighted - target_only)) > 1e-4
+
+
+@pytest.mark.parametrize(("check_every", "steps_run"), [(1, 1), (50, 2)])
+def test_nan_loss_stops_with_a_clear_error(
+    three,  # noqa: ANN001
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    check_every: int,
+    steps_run: int,
+) -> None:
+    """Checked every `CHECK_EVERY` steps and at the end of the epoch (2 steps here); neither
+    selection nor a checkpoint follows the bad epoch."""
+    monkeypatch.setattr("dsf.finetune.CHECK_EVERY", check_every)
+    stores, _ = three
+    tuner = FineTuner(
+        _settings(steps_per_epoch=2), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path
+    )
+    tuner.fit()
+    good = tuner.checkpoint_path.read_bytes()
+    calls: list[int] = []
+    batch_loss = tuner.batch_loss
+
+    def poisoned(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return batch_loss(*args) * float("nan")
+
+    monkeypatch.setattr(tuner, "batch_loss", poisoned)
+    tuner.st = tuner.st | {"epochs": 3}
+    with pytest.raises(
+        TrainingError,
+        match=f"non-finite fine-tuning loss within the first {steps_run} steps of epoch 2.*"
+        "finetune.lr",
+    ):
+        tuner.fit()
+    assert len(calls) == steps_run  # stopped at the first check after the bad step
+    assert tuner.checkpoint_path.read_bytes() == good and len(tuner.history) == 1
 
 
 def test_flip_is_shared_by_both_label_maps() -> None:
