@@ -72,7 +72,11 @@ step environment 60 bash -c "
 print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\",
       torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\")
 print(\"zarr\", zarr.__version__, \"openslide\", openslide.__library_version__, \"dsf\",
-      dsf.__version__, \"cores\", $CORES)'"
+      dsf.__version__, \"cores\", $CORES)
+from dsf.devices import amp_dtype
+if torch.cuda.is_available():
+    print(\"capability\", torch.cuda.get_device_capability(), \"amp\",
+          amp_dtype(torch.device(\"cuda\"), True))'"
 
 # the real-slide fixture only needs CMU-1-Small-Region.svs, which the demo data carries
 step "correctness tests on $DEVICE" 150 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
