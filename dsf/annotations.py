@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,43 @@ class _Shape:
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
+def _class_names(props: dict[str, Any]) -> list[str]:
+    """The names a feature's class may be known by, most specific first. QuPath writes
+    `classification.name`, or for a derived class (e.g. Tumor: Positive) `classification.names`
+    ["Tumor", "Positive"]: its full name "Tumor: Positive", then its base class "Tumor". Other
+    tools put the class in `properties.name` or `properties.class`."""
+    info = props.get("classification")
+    if isinstance(info, dict):
+        if info.get("name"):
+            return [str(info["name"])]
+        parts = [str(p) for p in info.get("names") or [] if p]
+        if parts:
+            return [": ".join(parts), parts[0]] if len(parts) > 1 else parts
+    name = props.get("name") or props.get("class")
+    return [str(name)] if name else []
+
+
+def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
+    """Each feature, followed by the annotations nested in its `properties.childObjects` (QuPath
+    exports the hierarchy this way), depth first, so a child annotation is painted over its
+    parent. Nested detections and cells (cell outlines, tiles) are not region labels: skipped."""
+    skipped = 0
+    stack = list(reversed(features))
+    while stack:
+        feat = stack.pop()
+        yield feat
+        children = (feat.get("properties") or {}).get("childObjects") or []
+        nested = [
+            c
+            for c in children
+            if (c.get("properties") or {}).get("objectType", "annotation") == "annotation"
+        ]
+        skipped += len(children) - len(nested)
+        stack.extend(reversed(nested))
+    if skipped:
+        log.info("%d nested detection or cell objects are not region labels: skipped", skipped)
+
+
 class GeoJSONLabels(LabelSource):
     """QuPath-style GeoJSON polygons, rasterised per requested region."""
 
@@ -207,23 +245,22 @@ class GeoJSONLabels(LabelSource):
         else:
             raise AnnotationError(self.slide_id, f"{path} is not a GeoJSON feature collection")
         shapes: list[_Shape] = []
-        for i, feat in enumerate(features):
+        for i, feat in enumerate(_with_annotation_children(features)):
             props = feat.get("properties") or {}
-            cls_info = props.get("classification") or {}
-            name = cls_info.get("name") if isinstance(cls_info, dict) else None
-            name = name or props.get("name") or props.get("class")
-            if not name:
+            candidates = _class_names(props)
+            if not candidates:
                 raise AnnotationError(
                     self.slide_id,
                     f"{path}: feature {i} has no classification name; classify it in QuPath",
                 )
-            if name.lower() not in names:
+            known = [n for n in candidates if n.lower() in names]
+            if not known:
                 raise AnnotationError(
                     self.slide_id,
-                    f"{path}: feature {i} has class {name!r}, which is not one of labels.classes "
-                    f"{settings['classes']}; map it with labels.geojson_names",
+                    f"{path}: feature {i} has class {candidates[0]!r}, which is not one of "
+                    f"labels.classes {settings['classes']}; map it with labels.geojson_names",
                 )
-            cls = names[name.lower()]
+            cls = names[known[0].lower()]
             geom = feat.get("geometry") or {}
             kind = geom.get("type")
             if kind == "Polygon":

@@ -154,6 +154,55 @@ def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> Non
                 assert (np.all(px == colour, axis=1)).mean() > (0.9 if name == "mask.tif" else 0.99)
 
 
+def _square(x: int, y: int, size: int) -> list[list[int]]:
+    return [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+
+
+def test_qupath_derived_classes_and_nested_annotations(tmp_path: Path, real: Path) -> None:
+    """A FeatureCollection as QuPath 0.4+ exports one with its hierarchy: a derived class
+    (`classification.names`), an annotation nested in `childObjects` (painted over its parent)
+    and a nested cell (not a region label: skipped)."""
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    cell = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [_square(120, 120, 10)]},
+        "properties": {"objectType": "cell", "classification": {"name": "Positive"}},
+    }
+    child = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [_square(200, 200, 100)]},
+        "properties": {"objectType": "annotation", "classification": {"name": "C"}},
+    }
+    parent = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [_square(100, 100, 300)]},
+        "properties": {
+            "objectType": "annotation",
+            "name": "Region 1",
+            "classification": {"names": ["A", "Positive"], "color": [200, 0, 0]},
+            "childObjects": [cell, child],
+        },
+    }
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [parent]}))
+    labels = open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
+    lab = labels.read(0, 0, 500, 500, slide.mpp)
+    assert lab[150, 150] == 1  # the base class A of "A: Positive"
+    assert lab[125, 125] == 1  # the nested cell does not relabel its parent
+    assert lab[250, 250] == 3  # the nested annotation C, over its parent
+    assert lab[50, 50] == 0 and lab[450, 450] == 0
+    # the full derived name wins where it is mapped
+    mapped = _labels_settings(geojson_names={"A: Positive": 2})
+    lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, mapped).read(
+        0, 0, 500, 500, slide.mpp
+    )
+    assert lab[150, 150] == 2 and lab[250, 250] == 3
+    parent["properties"]["classification"] = {"names": ["Unicorn", "Positive"]}
+    path.write_text(json.dumps([parent]))
+    with pytest.raises(AnnotationError, match="'Unicorn: Positive'.*labels.geojson_names"):
+        open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
+
+
 def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     far = [[10_000, 10_000], [10_100, 10_000], [10_100, 10_100], [10_000, 10_000]]
