@@ -13,18 +13,18 @@ Prints a markdown row per measurement; `bench/RESULTS.md` records them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from dsf.augment import make_views
 from dsf.config import defaults
 from dsf.pretrain import Trainer, _augment_config
-from dsf.tiles import TileDataset, collate_batch, open_store
+from dsf.tiles import open_store
 
 
 def _sync(device: torch.device) -> None:
@@ -32,23 +32,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_read(stores: list[Path], batch: int, workers: int, steps: int) -> float:
-    """Tiles per second through the DataLoader alone."""
-    data = TileDataset(stores)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(data), generator=g)[: batch * (steps + 1)].tolist()
-    loader = DataLoader(
-        data,
-        batch_size=batch,
-        sampler=idx,
-        num_workers=workers,
-        collate_fn=collate_batch,
-        multiprocessing_context="spawn" if workers else None,
-    )
-    it = iter(loader)
+def bench_read(trainer: Trainer, steps: int) -> float:
+    """Tiles per second through the training DataLoader alone (its workers and settings)."""
+    it = iter(trainer.loader)
     next(it)  # warm-up (worker start)
     t0 = time.perf_counter()
-    n = sum(b.shape[0] for b in it)
+    n = sum(b.shape[0] for b in itertools.islice(it, steps))
     return n / (time.perf_counter() - t0)
 
 
@@ -121,7 +110,7 @@ def main() -> None:
         f"{settings['out_size']}, amp {trainer.amp}, tile {trainer.data.tile_shape[0]} px, "
         f"compile {args.compile}"
     )
-    read = bench_read(args.stores, args.batch, args.workers, args.read_batches)
+    read = bench_read(trainer, args.read_batches)
     print(f"| data loading ({args.workers} workers) | {read:.1f} tiles/s |")
     tiles = torch.stack([trainer.data[i] for i in range(args.batch)]).to(dev)
     aug_ms = bench_augment(tiles, settings, scale, dev, args.steps)

@@ -45,7 +45,7 @@ from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
 from dsf.pretrain import CHECK_EVERY, EpochSampler, TrainingError
 from dsf.runner import run, setup_logging
-from dsf.tiles import open_store
+from dsf.tiles import loader_worker_init, open_store
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class FineTuner:
             sampler=self.sampler,
             drop_last=True,
             num_workers=settings["workers"],
+            worker_init_fn=loader_worker_init,
             pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0

@@ -35,7 +35,7 @@ from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
 from dsf.runner import run, setup_logging
-from dsf.tiles import TileDataset, collate_batch, open_store
+from dsf.tiles import TileDataset, collate_batch, loader_worker_init, open_store
 
 if TYPE_CHECKING:
     from dsf.augment import Views
@@ -194,6 +194,7 @@ class Trainer:
             drop_last=True,
             num_workers=settings["workers"],
             collate_fn=collate_batch,
+            worker_init_fn=loader_worker_init,
             pin_memory=self.device.type == "cuda",
             persistent_workers=settings["workers"] > 0,
             multiprocessing_context="spawn" if settings["workers"] > 0 else None,

@@ -247,7 +247,7 @@ def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):
             Boom.calls += 1
             if Boom.calls > 2:
                 raise RuntimeError("device lost")
-            return torch.zeros(target.shape[0], 4, *target.shape[-2:]), None
+            return torch.zeros(target.shape[0], 4, *target.shape[-2:], device=target.device), None
 
     pred = oracle(32)
     pred.model = Boom()
