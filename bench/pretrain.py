@@ -123,6 +123,7 @@ def main() -> None:
     print(f"| augmentation / model step | {aug_ms / step_ms:.1%} |")
     trainer.train_epoch(progress=False)  # warm-up: starts the loader's workers (persistent)
     row = trainer.train_epoch(progress=False)
+    trainer.close()
     print(
         f"| end to end (store -> loader -> augment -> step), {args.steps} steps, after one "
         "warm-up epoch | "

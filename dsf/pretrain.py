@@ -342,6 +342,15 @@ class Trainer:
         if self.rank == 0:  # also when a resumed run had no epoch left (killed while exporting)
             self.write_log()
 
+    def close(self) -> None:
+        """Stop the loader's persistent worker processes now. Left to the interpreter's exit,
+        one aborted during shutdown on a GPU machine ("terminate called without an active
+        exception") after a finished run."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
     def write_log(self) -> None:
         with atomic_path(self.out_dir / "log.tsv") as tmp:
             pd.DataFrame(self.history, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False)
@@ -404,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(settings, stores, args.out_dir, meta)
         if args.resume:
             trainer.resume()
-        trainer.fit(progress=not args.no_progress)
+        try:
+            trainer.fit(progress=not args.no_progress)
+        finally:
+            trainer.close()
         trainer.export_encoders()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

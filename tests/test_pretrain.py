@@ -170,6 +170,15 @@ def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_
     assert enc["epochs"] == 2 and (out / "checkpoint.pt").exists()
 
 
+def test_close_stops_the_loader_workers(stores: list[Path], tmp_path: Path) -> None:
+    trainer = Trainer(_settings(epochs=1, steps_per_epoch=1, workers=1), stores, tmp_path)
+    trainer.fit(progress=False)
+    assert mp.active_children()  # the persistent worker outlives the epoch
+    trainer.close()
+    assert not mp.active_children()
+    trainer.close()  # twice is harmless
+
+
 def test_the_global_batch_must_split_over_the_processes(
     stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
