@@ -486,17 +486,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(setting: str) -> torch.device:
-    from dsf.devices import use_device
-
-    return use_device(setting, "evaluate.device")
-
-
 def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:
+    from dsf.devices import use_device
     from dsf.folds import read_folds
     from dsf.predict import load_predictor
 
-    predictor = load_predictor(args.model, _device(st["device"]), amp=st["amp"])
+    predictor = load_predictor(args.model, use_device(st["device"], "evaluate.device"), st["amp"])
     folds = read_folds(args.folds) if args.folds else None
     df = evaluate_tiles(predictor, list(args.stores), st["batch_size"], args.model, folds)
     write_tsv(with_provenance(df, {"evaluate": st}), args.out)

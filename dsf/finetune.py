@@ -38,12 +38,19 @@ from torch.utils.data import DataLoader
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, defaults, section_from_args
-from dsf.devices import amp_dtype, use_device
+from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
-from dsf.pretrain import CHECK_EVERY, EpochSampler, TrainingError
+from dsf.pretrain import (
+    CHECK_EVERY,
+    EpochSampler,
+    TrainingError,
+    finite,
+    optimise,
+    training_device,
+)
 from dsf.runner import run, setup_logging
 from dsf.tiles import loader_worker_init, open_store
 
@@ -134,7 +141,7 @@ class FineTuner:
         from dsf.models.hooknet import HookNet, UNet
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
-        self.device = use_device(settings["device"], "finetune.device")
+        self.device = training_device(settings["device"], "finetune.device")
         self.fraction = fraction
         self.classes = classes
         init, backbone = settings["init"], settings["backbone"]
@@ -178,8 +185,6 @@ class FineTuner:
                         "pretrain.backbone"
                     ) from exc
         self.model = model.to(self.device)
-        if self.device.type == "cuda":  # fixed input shapes: cuDNN times its algorithms once
-            torch.backends.cudnn.benchmark = True
         self.opt = torch.optim.Adam(self.model.parameters(), lr=settings["lr"])
         self.amp = amp_dtype(self.device, settings["amp"])
         # fp16 (cards without bf16) needs loss scaling against gradient underflow
@@ -262,10 +267,7 @@ class FineTuner:
                 gen,
             )
             loss = self.batch_loss(ctx, tgt, lab, clab)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            optimise(loss, self.opt, self.scaler)
             total += loss.detach().float()
             steps += 1
             if steps % CHECK_EVERY == 0:
@@ -279,7 +281,7 @@ class FineTuner:
         """Stop on a non-finite loss among the epoch's first `steps` steps (checked every
         CHECK_EVERY steps, as in pretraining: each check waits for the GPU). No selection and no
         checkpoint follow a bad epoch, so the last good checkpoint stays."""
-        if not torch.isfinite(total):
+        if not finite(total):
             raise TrainingError(
                 f"non-finite fine-tuning loss within the first {steps} steps of epoch "
                 f"{self.epoch + 1}; lower finetune.lr or turn finetune.amp off, and rerun with "

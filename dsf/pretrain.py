@@ -102,6 +102,33 @@ def training_stores(folds: pd.DataFrame, fold: int, stores: list[Path]) -> list[
     return kept
 
 
+def training_device(setting: str, key: str) -> torch.device:
+    """The device a training run uses (`dsf.devices.use_device`: picked and made current), with
+    cuDNN autotuning on a GPU: training's input shapes are fixed, so cuDNN times its algorithms
+    once."""
+    device = use_device(setting, key)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One optimiser step on `loss`, scaled when the scaler is on (fp16), a plain step else."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def finite(total: torch.Tensor, world: int = 1) -> bool:
+    """Whether `total` (losses summed on the device) is finite, on every DDP rank when `world`
+    > 1 (so all ranks stop together). Waits for the device: call it every CHECK_EVERY steps."""
+    bad = (~torch.isfinite(total)).to(torch.float32)
+    if world > 1:
+        torch.distributed.all_reduce(bad)
+    return not bad.item()
+
+
 def _augment_config(st: dict[str, Any], scale: int) -> Any:
     from dsf.augment import AugmentConfig
 
@@ -143,7 +170,7 @@ class Trainer:
             )
         # the training device (torchrun rank, CUDA_VISIBLE_DEVICES, SLURM's GPUs, else a GPU no
         # other local job holds; the CPU without CUDA), current before NCCL starts on it
-        self.device = use_device(settings["device"], "pretrain.device")
+        self.device = training_device(settings["device"], "pretrain.device")
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
@@ -160,8 +187,6 @@ class Trainer:
             weights=settings["weights"],
         )
         self.channels_last = settings["channels_last"] and self.device.type == "cuda"
-        if self.device.type == "cuda":  # fixed input shapes: cuDNN times its algorithms once
-            torch.backends.cudnn.benchmark = True
         if self.world > 1 and self.device.type == "cuda":  # SyncBatchNorm is GPU-only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -255,10 +280,7 @@ class Trainer:
             self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         ):
             out = self.net(views.context, views.targets, views.perms)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        optimise(out["loss"], self.opt, self.scaler)
         return out
 
     def _check_finite(self, sums: torch.Tensor, steps: int) -> None:
@@ -266,10 +288,7 @@ class Trainer:
         CHECK_EVERY steps, not every step: each check waits for the GPU). The weights may be
         spoiled by then, but no checkpoint is written after them: the last good one stays. Under
         DDP every rank learns of a bad loss on any rank, so all stop together."""
-        bad = (~torch.isfinite(sums[0])).to(torch.float32)
-        if self.world > 1:
-            torch.distributed.all_reduce(bad)
-        if bad.item():
+        if not finite(sums[0], self.world):
             last = self.epoch - self.epoch % self.st["checkpoint_every"]
             raise TrainingError(
                 f"non-finite pretraining loss within the first {steps} steps of epoch "
