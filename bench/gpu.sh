@@ -12,7 +12,8 @@
 #      tests (cuDNN kernels are not bitwise deterministic, and the issue asks them on the CPU)
 #      and the two-process DDP test (two ranks on one card)
 #   3. whole-slide inference, 40k x 40k synthetic 40x slide: HookNet in bf16 at batch 256 (target
-#      under 20 s), the pipeline alone (stub model), the model alone
+#      under 20 s), the pipeline alone (stub model), the reader threads' GIL cost (bench/gil.py),
+#      a py-spy profile of the stub run (summarised by bench/pyspy_top.py), the model alone
 #   4. patch extraction of that slide with every core (and the store for step 5)
 #   5. pretraining at batch 32, ResNet-18: loader, augmentation, model step, end to end (target
 #      320 samples/s); then the same with torch.compile
@@ -41,6 +42,7 @@ if ! "$PY" -c "import zarr, numcodecs, openslide, imagecodecs, jsonschema" 2>/de
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
+    export PATH=/tmp/site/bin:$PATH  # py-spy
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -92,6 +94,15 @@ step "inference, HookNet" 120 "$PY" bench/infer.py --sizes "$SIZE" --model hookn
     --device "$DEVICE" --batch 256 --threads "$CORES"
 step "inference, pipeline alone (stub model)" 80 "$PY" bench/infer.py --sizes "$SIZE" \
     --model stub --device "$DEVICE" --batch 256 --threads "$CORES"
+step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
+    --threads 4 "$CORES" --seconds 5
+# where the pipeline's time goes on this machine: py-spy over the stub run, all threads
+SLIDE=bench/out/synth-$SIZE.tiff
+step "inference profile (py-spy, stub model)" 90 bash -c "
+    py-spy record -r 50 --threads -f raw -o $OUT/stub.pyspy -- $PY bench/infer.py --worker \
+        --slide $SLIDE --mask ${SLIDE%.tiff}.mask.tiff --model stub --device $DEVICE \
+        --batch 256 --threads $CORES --out bench/out &&
+    $PY bench/pyspy_top.py $OUT/stub.pyspy --frames 25 --threads 4"
 step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only --model hooknet \
     --device "$DEVICE" --batch 256 --seconds 10
 

@@ -142,6 +142,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "busy": timed.busy_seconds() / wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "map_mb": map_mb,
+        "phases": meta["phase_seconds"],
     }
 
 
@@ -212,6 +213,8 @@ def main() -> None:
             f"{res['busy']:.0%} | {res['peak_rss_mb']:.0f} |",
             flush=True,
         )
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in res["phases"].items())
+        print(f"#   {size}: {phases}", flush=True)
 
 
 if __name__ == "__main__":

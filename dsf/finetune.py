@@ -185,7 +185,8 @@ class FineTuner:
                         "pretrain.backbone"
                     ) from exc
         self.model = model.to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=settings["lr"])
+        fused = self.device.type == "cuda"  # one optimiser kernel per step on a GPU
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=settings["lr"], fused=fused)
         self.amp = amp_dtype(self.device, settings["amp"])
         # fp16 (cards without bf16) needs loss scaling against gradient underflow
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)

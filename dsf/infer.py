@@ -14,9 +14,9 @@ read once, by prefetching reader threads, overlapped with the model), each chunk
 model's device once, the windows of a window row are cut there in one batched copy, and a core
 row is written out as soon as no later window touches it. Band edges recompute the one or two
 windows whose blocks reach into the neighbour band, instead of holding a full-width
-accumulator. Level 0 of the map goes to a compressed Zarr work store; its
-pyramid is built from there and written as a tiled, pyramidal, palette TIFF that OpenSlide and
-QuPath open at the slide's scale (resolution tags in px/cm).
+accumulator. The map's pyramid is built as its rows are written (each level a subsampling of
+level 0; the large levels in a compressed Zarr work store), then written as a tiled, pyramidal,
+palette TIFF that OpenSlide and QuPath open at the slide's scale (resolution tags in px/cm).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -165,6 +166,18 @@ def reduce_rgb(rgb: np.ndarray, factor: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).reduce(factor))
 
 
+def reduce_rows(rgb: torch.Tensor, factor: int) -> torch.Tensor:
+    """`reduce_rgb` in torch, on the rows' device: a (H, W, 3) uint8 tensor with H and W
+    multiples of `factor` -> (H / factor, W / factor, 3), equal to PIL's reduce to the bit (its
+    fixed-point rounding: (sum + n / 2) * floor(2**24 / n) >> 24 over the n = factor**2 px)."""
+    if factor == 1:
+        return rgb
+    h, w, c = rgb.shape
+    n = factor * factor
+    sums = rgb.view(h // factor, factor, w // factor, factor, c).sum((1, 3), dtype=torch.int64)
+    return (((sums + n // 2) * int((1 << 24) / n)) >> 24).to(torch.uint8)
+
+
 @dataclass
 class _Band:
     index: int
@@ -198,26 +211,35 @@ def _bands(grid: Grid, run_grid: np.ndarray) -> list[_Band]:
 
 class _Reader:
     """Prefetches (band, chunk) row chunks at the target mpp with their reduced contexts, as
-    uint8 tensors (in page-locked memory when `pin`, so the copy to the GPU is asynchronous)."""
+    uint8 tensors. With `pin` (a GPU run) the rows land in page-locked memory, so the copy to
+    the GPU is asynchronous, and the context is left to the device (`reduce_rows`, None here):
+    a reader thread then holds the GIL only for microseconds per chunk, so the main thread,
+    which launches the GPU's work, rarely waits for it."""
 
     def __init__(
         self, slide: Slide, grid: Grid, target_mpp: float, threads: int, pin: bool = False
     ) -> None:
         self.slide, self.grid, self.mpp, self.pin = slide, grid, target_mpp, pin
+        self.contexts_on_device = pin
         self.f0 = target_mpp / slide.mpp
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dsf-read")
         self.ahead = 2 * threads
-        self.pending: deque[tuple[int, int, Future[tuple[torch.Tensor, torch.Tensor]]]] = deque()
+        self.pending: deque[tuple[int, int, Future[tuple[torch.Tensor, torch.Tensor | None]]]]
+        self.pending = deque()
 
-    def _read(self, band: _Band, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, band: _Band, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = band.y0 + k * self.grid.stride
         rgb = self.slide.read(
             band.x0 * self.f0, y * self.f0, band.width, self.grid.stride, self.mpp
         )
+        if self.contexts_on_device:
+            return _tensor(rgb, self.pin), None
         return _tensor(rgb, self.pin), _tensor(reduce_rgb(rgb, self.grid.scale), self.pin)
 
-    def stream(self, bands: list[_Band]) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(band index, chunk index, target rows, context rows) in band and row order."""
+    def stream(
+        self, bands: list[_Band]
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """(band index, chunk index, target rows, context rows or None) in band and row order."""
         todo = iter([(b, k) for b in bands for k in b.chunks])
         try:
             while True:
@@ -388,9 +410,24 @@ class _RowsToHost:
             self.drain(block=True)
 
 
+#: pyramid levels of at most this many px are kept in memory (16 MB), larger ones in Zarr
+MEMORY_LEVEL_PX = 4096 * 4096
+
+
+def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
+    """(height, width) of the map's levels: halved (rounding up) until one fits a tile."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > tile:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
 class _MapWriter:
-    """Level 0 of the map (and optional probabilities) into Zarr arrays, band by band, in
-    whole row chunks so no chunk is written twice."""
+    """The map's pyramid (and optional probabilities), band by band, in whole row chunks so
+    no chunk is written twice. Level i is level 0 subsampled by 2**i (nearest, the top-left
+    pixel of each 2**i square), written from each block as level 0 is, so no pass over the
+    finished level 0 is needed; levels larger than MEMORY_LEVEL_PX go to the Zarr work store."""
 
     def __init__(
         self,
@@ -400,6 +437,7 @@ class _MapWriter:
         tissue: np.ndarray | None,
         tissue_f: float,
         probs: Path | None,
+        tile: int,
     ) -> None:
         import zarr
 
@@ -408,9 +446,16 @@ class _MapWriter:
         self.band_w = grid.band_cores * grid.stride // grid.out_factor
         self.chunk_h = 256
         root = zarr.open_group(str(work), mode="w", zarr_format=3)
-        self.level0 = root.create_array(
-            "0", shape=(oh, ow), chunks=(self.chunk_h, self.band_w), dtype="uint8", fill_value=0
-        )
+        self.levels: list[Any] = []
+        for i, (h, w) in enumerate(pyramid_shapes(oh, ow, tile)):
+            if i and h * w <= MEMORY_LEVEL_PX:
+                self.levels.append(np.zeros((h, w), np.uint8))
+                continue
+            chunks = (max(1, self.chunk_h >> i), max(1, self.band_w >> i))
+            self.levels.append(
+                root.create_array(str(i), shape=(h, w), chunks=chunks, dtype="uint8", fill_value=0)
+            )
+        self.level0 = self.levels[0]
         self.probs = None
         if probs is not None:
             proot = zarr.open_group(str(probs), mode="w", zarr_format=3)
@@ -465,31 +510,19 @@ class _MapWriter:
             if self.tissue is not None:
                 block = np.where(self._mask(self.y, x, h, w), block, 0).astype(np.uint8)
             self.level0[self.y : self.y + h, x : x + w] = block
+            for i, level in enumerate(self.levels[1:], start=1):
+                f = 1 << i  # the block's rows and columns that fall on level i's grid
+                ry, rx = -self.y % f, -x % f
+                sub = block[ry::f, rx::f]
+                if sub.size:
+                    y1, x1 = (self.y + ry) // f, (x + rx) // f
+                    level[y1 : y1 + sub.shape[0], x1 : x1 + sub.shape[1]] = sub
             if self.probs is not None and probs is not None:
                 self.probs[:, self.y : self.y + h, x : x + w] = probs[:, :h, :w]
         self.y += n
         self.cls_rows = [cls[n:]] if n < cls.shape[0] else []
         if probs is not None:
             self.prob_rows = [probs[:, n:]] if n < cls.shape[0] else []
-
-
-def build_pyramid(work: Path, tile: int) -> list[Any]:
-    """Levels 1.. of the map by 2x nearest subsampling until it fits one tile; all levels."""
-    import zarr
-
-    root = zarr.open_group(str(work), mode="r+", zarr_format=3)
-    levels = [root["0"]]
-    while max(levels[-1].shape) > tile:
-        src = levels[-1]
-        h, w = (src.shape[0] + 1) // 2, (src.shape[1] + 1) // 2
-        dst = root.create_array(
-            str(len(levels)), shape=(h, w), chunks=(256, min(w, 4096)), dtype="uint8"
-        )
-        step = 512
-        for y in range(0, src.shape[0], step):
-            dst[y // 2 : (y + step + 1) // 2] = np.asarray(src[y : y + step])[::2, ::2]
-        levels.append(dst)
-    return levels
 
 
 def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int) -> None:
@@ -527,6 +560,7 @@ def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: 
                 subfiletype=1 if i else 0,
                 software=f"dsf {__version__}",
                 metadata=None,
+                maxworkers=os.cpu_count(),  # zlib per tile in parallel (it frees the GIL)
             )
 
 
@@ -626,7 +660,10 @@ class _Stitcher:
                     self._close()
                 self._start(next(todo))
             self.tgt[k] = rgb.to(self.device, non_blocking=True)
-            self.ctx[k] = ctx.to(self.device, non_blocking=True)
+            if ctx is None:  # left to the device by the reader
+                self.ctx[k] = reduce_rows(self.tgt[k], self.grid.scale)
+            else:
+                self.ctx[k] = ctx.to(self.device, non_blocking=True)
             # a window row is cut once its last chunk has arrived
             while self.pending and self.pending[0] - self.r0 + n_c - 1 <= k:
                 self._emit(self.pending.popleft())
@@ -752,6 +789,7 @@ def infer_slide(
         grid.stride,
         len(bands),
     )
+    phases: dict[str, float] = {}  # seconds since t0 at the end of each phase
     work = out_map.with_name(f".{out_map.name}.work.zarr")
     remove(work)
     out_mpp = t * f
@@ -759,7 +797,9 @@ def infer_slide(
     try:
         probs_ctx = atomic_path(out_probs) if out_probs is not None else nullcontext()
         with probs_ctx as probs_tmp:
-            writer = _MapWriter(work, grid, n_fg, tissue, out_mpp / mask_mpp, probs_tmp)
+            writer = _MapWriter(
+                work, grid, n_fg, tissue, out_mpp / mask_mpp, probs_tmp, settings["tile"]
+            )
             bar = tqdm(
                 total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
             )
@@ -771,17 +811,23 @@ def infer_slide(
             bar.close()
             if probs_tmp is not None:
                 _write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
-        levels = build_pyramid(work, settings["tile"])
+        levels = writer.levels
+        phases["predict"] = time.perf_counter() - t0
         with atomic_path(out_map) as tmp:
             write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"])
+        phases["tiff"] = time.perf_counter() - t0
         thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
         level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
         small = np.asarray(levels[level][:])
         overlay = render_overlay(slide.thumbnail(thumb_mpp), small, p.classes)
         with atomic_path(out_overlay) as tmp:
             Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+        phases["overlay"] = time.perf_counter() - t0
     finally:
         remove(work)
+    # cumulative marks -> seconds per phase (where a run's time went, e.g. on a GPU node)
+    marks = list(phases.values())
+    phases = {k: round(v - u, 3) for (k, v), u in zip(phases.items(), [0.0, *marks], strict=False)}
     ow, oh = grid.out_size
     meta = {
         "slide": slide.slide_id,
@@ -797,6 +843,7 @@ def infer_slide(
         "scale": grid.scale,
         "target_mpp": t,
         "seconds": round(time.perf_counter() - t0, 3),
+        "phase_seconds": phases,
         "settings": settings,
         "dsf_version": __version__,
         **(extra_meta or {}),

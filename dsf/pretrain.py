@@ -200,7 +200,11 @@ class Trainer:
         if settings["compile"]:
             self.net = torch.compile(self.net)
         self.lr = settings["lr"] * math.sqrt(settings["batch_size"] / 32)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+        # fused on a GPU: one kernel over all 123M parameters instead of several passes
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=self.lr, weight_decay=0.0, fused=fused
+        )
         self.amp = amp_dtype(self.device, settings["amp"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.sampler = EpochSampler(len(self.data), settings["seed"], self.rank, self.world)

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsf.config import defaults
 from dsf.errors import ConfigError
-from dsf.infer import infer_slide, make_grid, tissue_windows
+from dsf.infer import infer_slide, make_grid, reduce_rgb, reduce_rows, tissue_windows
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
@@ -153,6 +153,38 @@ def test_stitched_map_is_exact(tmp_path, stripes, block, overlap, band, from_con
     assert meta["windows"] > 0
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 8])
+def test_device_context_reduction_equals_pil(factor):
+    """`reduce_rows` (the GPU path's context) equals `reduce_rgb` (PIL, as `dsf patches` made
+    the training contexts) to the bit, bright near-white rows included."""
+    rng = np.random.default_rng(factor)
+    rgb = rng.integers(0, 256, (factor * 24, factor * 40, 3), dtype=np.uint8)
+    rgb[: factor * 6] = rng.integers(240, 256, (factor * 6, factor * 40, 3), dtype=np.uint8)
+    got = reduce_rows(torch.from_numpy(rgb).to(DEVICE), factor).cpu().numpy()
+    np.testing.assert_array_equal(got, reduce_rgb(rgb, factor))
+
+
+def test_contexts_reduced_on_the_device_give_the_same_map(tmp_path, stripes, monkeypatch):
+    """The GPU path's reader leaves the context reduction to the device; the context-driven
+    oracle's map is still exact, so those contexts are concentric and equal to the host's."""
+    import dsf.infer
+
+    class DeviceContexts(dsf.infer._Reader):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.contexts_on_device = True
+
+        def _read(self, band, k):
+            tgt, ctx = super()._read(band, k)
+            assert ctx is None
+            return tgt, ctx
+
+    monkeypatch.setattr(dsf.infer, "_Reader", DeviceContexts)
+    path, cls = stripes
+    out, _ = run_infer(tmp_path, path, [oracle(32, from_context=True)], overlap=0.25)
+    np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
+
+
 def test_probabilities_have_no_seams(tmp_path, stripes):
     """The blended probabilities equal the oracle's everywhere: no window border shows."""
     path, cls = stripes
@@ -168,6 +200,24 @@ def test_probabilities_have_no_seams(tmp_path, stripes):
     assert attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
         "scale"
     ] == [1.0, MPP, MPP]
+
+
+@pytest.mark.parametrize(("band", "in_memory"), [(3, True), (3, False), (5, False)])
+def test_pyramid_levels_are_level0_subsampled(tmp_path, stripes, monkeypatch, band, in_memory):
+    """Every reduced level, built while level 0 streams in band by band (kept in memory or in
+    the Zarr work store; band widths not a multiple of 2**level), is level 0[::2**i, ::2**i]."""
+    import dsf.infer
+
+    if not in_memory:
+        monkeypatch.setattr(dsf.infer, "MEMORY_LEVEL_PX", 0)
+    path, cls = stripes
+    out, _ = run_infer(tmp_path, path, [oracle(32)], band_windows=band, tile=16)
+    with tifffile.TiffFile(out / "map.tiff") as tf:
+        pages = [pg.asarray() for pg in tf.pages]
+    assert len(pages) == 6  # 427 -> 214 -> 107 -> 54 -> 27 -> 14 px wide, 16 px tiles
+    np.testing.assert_array_equal(pages[0], cls)
+    for i, page in enumerate(pages[1:], start=1):
+        np.testing.assert_array_equal(page, cls[:: 2**i, :: 2**i], err_msg=f"level {i}")
 
 
 def test_map_opens_in_openslide_with_scale_and_pyramid(tmp_path, stripes):
@@ -330,6 +380,9 @@ def test_cli_writes_map_overlay_and_meta(tmp_path, stripes):
     meta = json.loads((out / "s.json").read_text())
     assert meta["folds"] == [1] and meta["routing"] == "out_of_fold"
     assert meta["models"] == [str(model)]
+    phases = meta["phase_seconds"]
+    assert list(phases) == ["predict", "tiff", "overlay"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= meta["seconds"]
     got = read_map(out / "s.tiff")
     assert got.shape == cls.shape and got.min() >= 1 and got.max() <= 3
     from PIL import Image
