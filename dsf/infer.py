@@ -455,7 +455,6 @@ class _MapWriter:
             self.levels.append(
                 root.create_array(str(i), shape=(h, w), chunks=chunks, dtype="uint8", fill_value=0)
             )
-        self.level0 = self.levels[0]
         self.probs = None
         if probs is not None:
             proot = zarr.open_group(str(probs), mode="w", zarr_format=3)
@@ -509,8 +508,7 @@ class _MapWriter:
             block = cls[:h, :w]
             if self.tissue is not None:
                 block = np.where(self._mask(self.y, x, h, w), block, 0).astype(np.uint8)
-            self.level0[self.y : self.y + h, x : x + w] = block
-            for i, level in enumerate(self.levels[1:], start=1):
+            for i, level in enumerate(self.levels):
                 f = 1 << i  # the block's rows and columns that fall on level i's grid
                 ry, rx = -self.y % f, -x % f
                 sub = block[ry::f, rx::f]
@@ -789,7 +787,14 @@ def infer_slide(
         grid.stride,
         len(bands),
     )
-    phases: dict[str, float] = {}  # seconds since t0 at the end of each phase
+    phases: dict[str, float] = {}  # seconds per phase: where a run's time went
+    clock = [t0]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     work = out_map.with_name(f".{out_map.name}.work.zarr")
     remove(work)
     out_mpp = t * f
@@ -812,22 +817,19 @@ def infer_slide(
             if probs_tmp is not None:
                 _write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
         levels = writer.levels
-        phases["predict"] = time.perf_counter() - t0
+        lap("predict")
         with atomic_path(out_map) as tmp:
             write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"])
-        phases["tiff"] = time.perf_counter() - t0
+        lap("tiff")
         thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
         level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
         small = np.asarray(levels[level][:])
         overlay = render_overlay(slide.thumbnail(thumb_mpp), small, p.classes)
         with atomic_path(out_overlay) as tmp:
             Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
-        phases["overlay"] = time.perf_counter() - t0
+        lap("overlay")
     finally:
         remove(work)
-    # cumulative marks -> seconds per phase (where a run's time went, e.g. on a GPU node)
-    marks = list(phases.values())
-    phases = {k: round(v - u, 3) for (k, v), u in zip(phases.items(), [0.0, *marks], strict=False)}
     ow, oh = grid.out_size
     meta = {
         "slide": slide.slide_id,
