@@ -7,16 +7,17 @@
 #   there:  run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
 #
 #   1. environment: card, driver, torch; the carried packages import
-#   2. correctness on the GPU: the inference, pretraining and fine-tuning tests with their models
-#      on cuda (DSF_TEST_DEVICE=cuda). Left out here (make test runs them on the CPU): the resume
+#   2. correctness on the GPU: the inference, pretraining, fine-tuning and augmentation tests on
+#      cuda (DSF_TEST_DEVICE=cuda). Left out here (make test runs them on the CPU): the resume
 #      tests (cuDNN kernels are not bitwise deterministic, and the issue asks them on the CPU)
 #      and the two-process DDP test (two ranks on one card)
 #   3. whole-slide inference, 40k x 40k synthetic 40x slide: HookNet in bf16 at batch 256 (target
 #      under 20 s), the pipeline alone (stub model), the reader threads' GIL cost (bench/gil.py),
 #      a py-spy profile of the stub run (summarised by bench/pyspy_top.py), the model alone
 #   4. patch extraction of that slide with every core (and the store for step 5)
-#   5. pretraining at batch 32, ResNet-18: loader, augmentation, model step, end to end (target
-#      320 samples/s); then the same with torch.compile
+#   5. pretraining at batch 32, ResNet-18: loader, augmentation (eager and with the compiled
+#      colour pass the trainer uses), model step, end to end (target 320 samples/s); then the
+#      same with torch.compile
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -82,9 +83,9 @@ if torch.cuda.is_available():
 
 # the real-slide fixture only needs CMU-1-Small-Region.svs, which the demo data carries (these
 # tests took about 150 s on an H200)
-step "correctness tests on $DEVICE" 200 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
+step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_infer.py tests/test_pretrain.py \
-    tests/test_finetune.py -k "not resume and not ddp"
+    tests/test_finetune.py tests/test_augment.py -k "not resume and not ddp"
 
 step "synthetic slide and its tissue mask" 150 "$PY" -c "
 import sys; from pathlib import Path; sys.path.insert(0, 'bench')
@@ -109,7 +110,7 @@ step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only -
 step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
 
 STORE=bench/out/synth-$SIZE.zarr
-step "pretraining, batch $BATCH" 100 "$PY" bench/pretrain.py --stores "$STORE" --batch "$BATCH" \
+step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" --batch "$BATCH" \
     --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE"
 step "pretraining, batch $BATCH, torch.compile" 180 "$PY" bench/pretrain.py --stores "$STORE" \
     --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" --compile

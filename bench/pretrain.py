@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dsf.augment import make_views
 from dsf.config import defaults
-from dsf.pretrain import Trainer, _augment_config
-from dsf.tiles import open_store
+from dsf.pretrain import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -41,31 +39,29 @@ def bench_read(trainer: Trainer, steps: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_augment(
-    tiles: torch.Tensor, settings: dict, scale: int, device: torch.device, steps: int
-) -> float:
-    """Milliseconds per batch for both views."""
-    cfg = _augment_config(settings, scale)
-    gen = torch.Generator(device=device).manual_seed(0)
-    n = scale * scale
-    perms = torch.stack([torch.randperm(n, device=device) for _ in range(2 * tiles.shape[0])])
-    perms = perms.reshape(2, tiles.shape[0], n)
-    cl = device.type == "cuda"
-    make_views(tiles, perms, cfg, gen, channels_last=cl)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        make_views(tiles, perms, cfg, gen, channels_last=cl)
-    _sync(device)
+def bench_augment(trainer: Trainer, tiles: torch.Tensor, steps: int, fused: bool) -> float:
+    """Milliseconds per batch for both views, as the trainer makes them (its dtype and memory
+    format), with the colour pass fused (compiled) or eager."""
+    dev = trainer.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    saved = trainer.st["compile_augment"]
+    trainer.st["compile_augment"] = fused
+    try:
+        trainer.views(tiles, gen)  # warm-up (and the compile, when fused)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.views(tiles, gen)
+        _sync(dev)
+    finally:
+        trainer.st["compile_augment"] = saved
     return (time.perf_counter() - t0) / steps * 1000
 
 
 def bench_model_step(trainer: Trainer, tiles: torch.Tensor, steps: int) -> float:
     """Milliseconds per optimiser step on fixed pre-augmented views (no data, no augmentation)."""
     gen = torch.Generator(device=trainer.device).manual_seed(0)
-    perms = trainer.model.draw_perms(tiles.shape[0], gen, trainer.device)
-    views = make_views(tiles, perms, trainer.aug, gen, channels_last=trainer.channels_last)
-
+    views = trainer.views(tiles, gen)
     trainer.update(views)
     _sync(trainer.device)
     t0 = time.perf_counter()
@@ -102,7 +98,6 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(settings, args.stores, run_dir)
     dev = trainer.device
-    scale = int(open_store(args.stores[0]).attrs["scale"])
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
     print(
         f"# {time.strftime('%Y-%m-%d')} {name or 'cpu'} ({os.cpu_count()} cores), torch "
@@ -113,8 +108,11 @@ def main() -> None:
     read = bench_read(trainer, args.read_batches)
     print(f"| data loading ({args.workers} workers) | {read:.1f} tiles/s |")
     tiles = torch.stack([trainer.data[i] for i in range(args.batch)]).to(dev)
-    aug_ms = bench_augment(tiles, settings, scale, dev, args.steps)
-    print(f"| augmentation, both views | {aug_ms:.0f} ms/batch |")
+    aug_ms = bench_augment(trainer, tiles, args.steps, fused=False)
+    print(f"| augmentation, both views, eager colour pass | {aug_ms:.1f} ms/batch |")
+    if dev.type == "cuda" and settings["compile_augment"]:
+        aug_ms = bench_augment(trainer, tiles, args.steps, fused=True)
+        print(f"| augmentation, both views, fused colour pass | {aug_ms:.1f} ms/batch |")
     step_ms = bench_model_step(trainer, tiles, args.steps)
     print(
         f"| model step alone | {step_ms:.0f} ms/step = {args.batch / step_ms * 1000:.1f} "

@@ -10,10 +10,12 @@ Order of work (DESIGN section 6, "crops first"): uint8 -> float once (the tile, 
 rearranged as B * n_blocks block images); the crops of both views by `torchvision.ops.roi_align`
 in two batched calls, one for all contexts (on the tiles) and one for all target blocks (on the
 block images, so no sample reads a neighbouring block), area-averaging through `sampling_ratio=-1`
-(ceil(box / out) samples per output pixel and axis) with `aligned=True`; colour ops on the crops
-as per-sample 3x3 affine maps; blur (per-crop band matrices) and sharpen (shifted sums) only on
-a fixed-size subset of crops that holds the ones that drew them; flip by `torch.where`;
-normalise.
+(ceil(box / out) samples per output pixel and axis) with `aligned=True`, in uint8 units; colour
+ops on the crops as per-sample 3x3 affine maps (the first one carrying the 1/255), grayscale and
+flip in one colour pass, written straight into the output buffer (on a GPU one kernel compiled by
+`torch.compile`, `fused=True`); blur (per-crop band matrices) and sharpen (shifted sums) only on
+a fixed-size subset of crops that holds the ones that drew them (both filters are mirror
+symmetric, so flipping before them equals flipping after); normalise, writing the model's dtype.
 
 Colour ops (torchvision semantics unless stated). Each view of each sample draws two independent
 colour parameter sets: one for its context, one shared by all of its target blocks (as if the
@@ -52,7 +54,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -260,33 +262,31 @@ def draw(
     )
 
 
-def _crops(tiles: Tensor, draws: Draws, scale: int, out: int) -> tuple[Tensor, Tensor]:
-    """All crops, area-averaged and resized: (2, B, S, 3, out, out), and the float tiles.
+def _crops(tiles: Tensor, draws: Draws, scale: int, out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The crops, area-averaged and resized, in uint8 units (0-255): contexts (2 * B, 3, out,
+    out) and target blocks (2 * B * n_blocks, 3, out, out), both in (view, sample, slot) order;
+    and the mean colour (B, 3) of each whole tile in [0, 1].
 
     The context crops come from the whole tile; the block crops from the blocks as images of
     their own (so that no sample reads a neighbouring block, and borders are clamped as a resize
-    of the block would), both by `roi_align` with adaptive sampling.
+    of the block would), both by `roi_align` with adaptive sampling. The division by 255 is left
+    to the colour pass (one pass less over the tiles).
     """
     batch, tile, _, ch = tiles.shape
     blk = tile // scale
     x = tiles.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    x.div_(255)
     xb = tiles.reshape(batch, scale, blk, scale, blk, ch).permute(0, 1, 3, 5, 2, 4)
     xb = xb.to(torch.float32, memory_format=torch.contiguous_format).view(-1, ch, blk, blk)
-    xb.div_(255)
     v, b, s, _ = draws.boxes.shape
     dev = tiles.device
     index = torch.arange(b, device=dev).view(1, b, 1).expand(v, b, 1)
     index = torch.cat([index, index * (s - 1) + draws.blocks], 2).to(x.dtype)
     rois = torch.cat([index[..., None], draws.boxes.to(x.dtype)], -1)
-    parts = [
+    contexts, blocks = (
         roi_align(img, r.reshape(-1, 5), out, 1.0, sampling_ratio=-1, aligned=True)
         for img, r in ((x, rois[:, :, :1]), (xb, rois[:, :, 1:]))
-    ]
-    crops = torch.cat(
-        [parts[0].view(v, b, 1, ch, out, out), parts[1].view(v, b, -1, ch, out, out)], 2
     )
-    return crops, x
+    return contexts, blocks, x.mean((-2, -1)).div_(255)
 
 
 def _jitter_maps(draws: Draws, mu: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -392,14 +392,61 @@ def _filter(x: Tensor, draws: Draws, cfg: AugmentConfig, sharpen: bool) -> None:
     flat.index_copy_(0, idx, out)
 
 
+def _colour_eager(x: Tensor, a: Tensor, t: Tensor, gray: Tensor, flip: Tensor, out: Tensor) -> None:
+    """The colour pass by whole-tensor ops (the CPU path, and the reference of the fused one).
+
+    x: crops (N, 3, H, W) as `roi_align` gives them; a (4, N, 3, 3) and t (4, N, 3): the four
+    jitter steps y = clamp(a x + t) (the first step's `a` includes the 1/255); gray, flip (N,)
+    bool. Writes grayscale and horizontal flip of the result into `out` (..., 3, H, W), N crops
+    in row-major order. Flipping before blur and sharpen equals flipping after them (both
+    filters are mirror-symmetric, reflect border included).
+    """
+    n, ch, hh, ww = x.shape
+    flat = x.reshape(n, ch, hh * ww)
+    for k in range(4):
+        flat = torch.baddbmm(t[k, :, :, None], a[k], flat).clamp_(0, 1)
+    gw = _const(GRAY, x.device, flat.dtype).view(1, ch)
+    flat = torch.where(gray[:, None, None], (gw @ flat).expand_as(flat), flat)
+    img = flat.view(out.shape)
+    torch.where(flip.view(*out.shape[:-3], 1, 1, 1), img.flip(-1), img, out=out)
+
+
+def _colour_pointwise(
+    x: Tensor, a: Tensor, t: Tensor, gray: Tensor, flip: Tensor, out: Tensor
+) -> None:
+    """`_colour_eager` written pixel by pixel, for `torch.compile`: compiled, the four jitter
+    steps, grayscale and flip become one kernel that reads each crop once and writes it once,
+    where the eager ops pass over all crops about 20 times (DESIGN section 6). Run eagerly it
+    is slower than `_colour_eager`, so it is only run compiled (`_colour_fused`)."""
+    src = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    c = src.unbind(1)
+    for k in range(4):
+        ak, tk = a[k, :, :, :, None, None], t[k, :, :, None, None]
+        c = [
+            (ak[:, i, 0] * c[0] + ak[:, i, 1] * c[1] + ak[:, i, 2] * c[2] + tk[:, i]).clamp(0, 1)
+            for i in range(3)
+        ]
+    g = GRAY[0] * c[0] + GRAY[1] * c[1] + GRAY[2] * c[2]
+    grey = gray[:, None, None]
+    out.copy_(torch.stack([torch.where(grey, g, ci) for ci in c], 1).view(out.shape))
+
+
+@functools.cache
+def _colour_fused() -> Any:
+    """`_colour_pointwise` compiled (once per process; one graph per crop-batch shape)."""
+    return torch.compile(_colour_pointwise, dynamic=False)
+
+
 def _augment(
     tiles: Tensor,
     perms: Tensor,
     cfg: AugmentConfig,
     generator: torch.Generator | None,
+    fused: bool = False,
 ) -> tuple[Tensor, Draws]:
-    """Crops, colour ops and blur/sharpen, before flips and normalisation: (2, B, S, 3, out, out)
-    in [0, 1], slot 0 the context, slots 1.. the target blocks in perms order; and the draws."""
+    """Crops, colour ops, flips and blur/sharpen, before normalisation: (2, B, S, 3, out, out)
+    in [0, 1], slot 0 the context, slots 1.. the target blocks in perms order; and the draws.
+    With `fused` the colour pass runs as one compiled kernel (`_colour_fused`)."""
     if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(
             f"tiles must be uint8 (B, T, T, 3), got {tiles.dtype} {tuple(tiles.shape)}"
@@ -410,28 +457,29 @@ def _augment(
     if perms.shape != (2, batch, cfg.n_blocks):
         raise ValueError(f"perms must be (2, {batch}, {cfg.n_blocks}), got {tuple(perms.shape)}")
     draws = draw(batch, tile, perms, cfg, generator, tiles.device)
-    crops, x = _crops(tiles, draws, cfg.scale, cfg.out_size)  # (2, B, S, 3, H, W)
-    v, b, s, ch, hh, ww = crops.shape
+    contexts, blocks, tile_mean = _crops(tiles, draws, cfg.scale, cfg.out_size)
+    v, n, ch, out = 2, cfg.n_blocks, 3, cfg.out_size
     # contrast reference colours: context crop mean, whole-tile mean for the targets
-    mu = torch.stack([crops[:, :, 0].mean((-2, -1)), x.mean((-2, -1)).expand(2, b, ch)], 2)
-    group = (torch.arange(s, device=x.device) > 0).long()  # slot -> colour group
-    flat = crops.view(-1, ch, hh * ww)
-    for a, t in _jitter_maps(draws, mu):
-        a = a[:, :, group].reshape(-1, ch, ch)
-        t = t[:, :, group].reshape(-1, ch, 1)
-        flat = torch.baddbmm(t, a, flat).clamp_(0, 1)
-    gw = _const(GRAY, x.device, flat.dtype).view(1, ch)
-    gray = draws.gray[:, :, group].reshape(-1, 1, 1)
-    flat = torch.where(gray, (gw @ flat).expand_as(flat), flat)
-    crops = flat.view(v, b, s, ch, hh, ww)
+    ctx_mean = contexts.view(v, batch, ch, -1).mean(-1).div_(255)
+    mu = torch.stack([ctx_mean, tile_mean.expand(v, batch, ch)], 2)
+    maps = _jitter_maps(draws, mu)
+    a = torch.stack([m[0] for m in maps])  # (4, 2, B, 2, 3, 3)
+    a[0] /= 255  # the crops are in uint8 units
+    t = torch.stack([m[1] for m in maps])  # (4, 2, B, 2, 3)
+    crops = torch.empty((v, batch, 1 + n, ch, out, out), device=tiles.device)
+    colour = _colour_fused() if fused else _colour_eager
+    for group, x, slots, flip in (
+        (0, contexts, slice(0, 1), draws.flip[:, :, :1]),
+        (1, blocks, slice(1, None), draws.flip[:, :, 1:]),
+    ):
+        per = flip.shape[-1]  # crops per colour group: 1 context, n blocks
+        ag = a[:, :, :, group, None].expand(-1, -1, -1, per, -1, -1).reshape(4, -1, ch, ch)
+        tg = t[:, :, :, group, None].expand(-1, -1, -1, per, -1).reshape(4, -1, ch)
+        gray = draws.gray[:, :, group, None].expand(-1, -1, per).reshape(-1)
+        colour(x, ag, tg, gray, flip.reshape(-1), crops[:, :, slots])
     _filter(crops, draws, cfg, sharpen=False)
     _filter(crops, draws, cfg, sharpen=True)
     return crops, draws
-
-
-def _flipped(crops: Tensor, flip: Tensor) -> Tensor:
-    """Horizontal flip of the crops (..., 3, H, W) whose `flip` (...) is set."""
-    return torch.where(flip[..., None, None, None], crops.flip(-1), crops)
 
 
 def make_views(
@@ -441,18 +489,21 @@ def make_views(
     generator: torch.Generator | None = None,
     channels_last: bool = True,
     dtype: torch.dtype = torch.float32,
+    fused: bool = False,
 ) -> Views:
     """Two augmented, normalised views of a uint8 tile batch (DESIGN section 5).
 
     tiles: uint8 (B, T, T, 3) on any device, T divisible by `cfg.scale`; perms: (2, B, n_blocks)
     permutations of the raster blocks (slot j of view v of sample b takes block perms[v, b, j]).
     `generator` (on the tiles' device) makes the call reproducible; None uses the global RNG.
-    Computation is float32; the outputs are cast to `dtype`. With `channels_last` the outputs
+    Computation is float32; the normalisation writes `dtype` (the AMP dtype the model's first
+    convolution would cast to anyway, so a pass is saved). With `channels_last` the outputs
     have channels-last strides (context[v] and targets[v].flatten(0, 1) are channels_last
-    4-D tensors, ready for a channels_last model); otherwise they are contiguous.
+    4-D tensors, ready for a channels_last model); otherwise they are contiguous. With `fused`
+    the colour pass is one `torch.compile`d kernel (for GPUs: equal to the eager ops up to
+    float rounding; the first call compiles).
     """
-    crops, draws = _augment(tiles, perms, cfg, generator)
-    crops = _flipped(crops, draws.flip)
+    crops, _ = _augment(tiles, perms, cfg, generator, fused)
     v, b, s, ch, hh, ww = crops.shape
     dev = crops.device
     scale = 1 / _const(cfg.std, dev, crops.dtype).view(ch, 1, 1)
@@ -460,12 +511,11 @@ def make_views(
     out = []
     for part in (crops[:, :, 0], crops[:, :, 1:]):
         if channels_last:
-            dst = torch.empty((*part.shape[:-3], hh, ww, ch), device=dev, dtype=crops.dtype)
+            dst = torch.empty((*part.shape[:-3], hh, ww, ch), device=dev, dtype=dtype)
             dst = dst.movedim(-1, -3)
         else:
-            dst = torch.empty(part.shape, device=dev, dtype=crops.dtype)
-        torch.addcmul(shift, part, scale, out=dst)
-        out.append(dst if dtype == crops.dtype else dst.to(dtype))
+            dst = torch.empty(part.shape, device=dev, dtype=dtype)
+        out.append(torch.addcmul(shift, part, scale, out=dst))
     return Views(out[0], out[1], perms.to(device=dev, dtype=torch.long))
 
 

@@ -43,7 +43,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Settings that may differ on resume without changing the result.
-RESUME_FREE = {"epochs", "workers", "device", "compile", "checkpoint_every", "methods", "gpus"}
+RESUME_FREE = {
+    "epochs",
+    "workers",
+    "device",
+    "compile",
+    "compile_augment",
+    "checkpoint_every",
+    "methods",
+    "gpus",
+}
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the GPU)
 LOG_COLUMNS = [
     "epoch",
@@ -270,12 +279,25 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def _step(self, tiles: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.update(self.views(tiles.to(self.device, non_blocking=True), gen))
+
+    def views(self, tiles: torch.Tensor, gen: torch.Generator) -> Views:
+        """The two augmented views of a uint8 tile batch on the device, in the memory format
+        and dtype the model takes (the AMP dtype: the normalisation writes it directly), with
+        a fresh jigsaw permutation per view and sample."""
         from dsf.augment import make_views
 
-        tiles = tiles.to(self.device, non_blocking=True)
         perms = self.model.draw_perms(tiles.shape[0], gen, self.device)
-        views = make_views(tiles, perms, self.aug, gen, channels_last=self.channels_last)
-        return self.update(views)
+        fused = self.st["compile_augment"] and self.device.type == "cuda"
+        return make_views(
+            tiles,
+            perms,
+            self.aug,
+            gen,
+            channels_last=self.channels_last,
+            dtype=self.amp or torch.float32,
+            fused=fused,
+        )
 
     def update(self, views: Views) -> dict[str, torch.Tensor]:
         """One optimiser step on augmented `views`, under AMP; the model's outputs (losses and
