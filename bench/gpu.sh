@@ -11,13 +11,14 @@
 #      cuda (DSF_TEST_DEVICE=cuda). Left out here (make test runs them on the CPU): the resume
 #      tests (cuDNN kernels are not bitwise deterministic, and the issue asks them on the CPU)
 #      and the two-process DDP test (two ranks on one card)
-#   3. whole-slide inference, 40k x 40k synthetic 40x slide: HookNet in bf16 at batch 256 (target
-#      under 20 s), the pipeline alone (stub model), the reader threads' GIL cost (bench/gil.py),
-#      a py-spy profile of the stub run (summarised by bench/pyspy_top.py), the model alone
+#   3. whole-slide inference, 40k x 40k synthetic 40x slide (made while step 2 runs): HookNet in
+#      bf16 at batch 256 (target under 20 s); the pipeline alone (stub model) under py-spy
+#      (summarised by bench/pyspy_top.py)
 #   4. patch extraction of that slide with every core (and the store for step 5)
 #   5. pretraining at batch 32, ResNet-18: loader, augmentation (eager and with the compiled
-#      colour pass the trainer uses), model step, end to end (target 320 samples/s); then the
-#      same with torch.compile
+#      colour pass the trainer uses), model step, end to end (target 320 samples/s)
+#   6. the reader threads' GIL cost (bench/gil.py), the HookNet forward alone, and last, with
+#      what time is left, pretraining with torch.compile
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -81,38 +82,49 @@ if torch.cuda.is_available():
     print(\"capability\", torch.cuda.get_device_capability(), \"amp\",
           amp_dtype(torch.device(\"cuda\"), True))'"
 
+# the synthetic slide is made on one core while the tests run (about 60 s)
+SLIDE=bench/out/synth-$SIZE.tiff
+timeout 200 "$PY" -c "
+import sys; from pathlib import Path; sys.path.insert(0, 'bench')
+from extract import _ensure_mask, _ensure_synth
+_ensure_mask(_ensure_synth(Path('bench/out'), $SIZE), None, Path('bench/out'))" \
+    > "$OUT/synth.log" 2>&1 &
+SYNTH=$!
+
 # the real-slide fixture only needs CMU-1-Small-Region.svs, which the demo data carries (these
 # tests took about 150 s on an H200)
 step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_infer.py tests/test_pretrain.py \
     tests/test_finetune.py tests/test_augment.py -k "not resume and not ddp"
 
-step "synthetic slide and its tissue mask" 150 "$PY" -c "
-import sys; from pathlib import Path; sys.path.insert(0, 'bench')
-from extract import _ensure_mask, _ensure_synth
-_ensure_mask(_ensure_synth(Path('bench/out'), $SIZE), None, Path('bench/out'))"
+echo
+echo "## synthetic slide and its tissue mask (started with the tests, $(date +%T))"
+rc=0
+wait "$SYNTH" || rc=$?
+cat "$OUT/synth.log"
+echo "## synthetic slide and its tissue mask: exit $rc at $SECONDS s"
+[ "$rc" -eq 0 ] || failed+=("synthetic slide")
 step "inference, HookNet" 120 "$PY" bench/infer.py --sizes "$SIZE" --model hooknet \
     --device "$DEVICE" --batch 256 --threads "$CORES"
-step "inference, pipeline alone (stub model)" 80 "$PY" bench/infer.py --sizes "$SIZE" \
-    --model stub --device "$DEVICE" --batch 256 --threads "$CORES"
-step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
-    --threads 4 "$CORES" --seconds 5
-# where the pipeline's time goes on this machine: py-spy over the stub run, all threads
-SLIDE=bench/out/synth-$SIZE.tiff
-step "inference profile (py-spy, stub model)" 90 bash -c "
-    py-spy record -r 50 --threads -f raw -o $OUT/stub.pyspy -- $PY bench/infer.py --worker \
-        --slide $SLIDE --mask ${SLIDE%.tiff}.mask.tiff --model stub --device $DEVICE \
+# the pipeline alone (stub model), under py-spy (sampling without pausing the process): its JSON
+# line is the stub run's timing, the profile says where the host's time goes, all threads
+step "inference, pipeline alone (stub model), py-spy profile" 90 bash -c "
+    py-spy record -r 50 --nonblocking --threads -f raw -o $OUT/stub.pyspy -- $PY bench/infer.py \
+        --worker --slide $SLIDE --mask ${SLIDE%.tiff}.mask.tiff --model stub --device $DEVICE \
         --batch 256 --threads $CORES --out bench/out &&
     $PY bench/pyspy_top.py $OUT/stub.pyspy --frames 25 --threads 4"
-step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only --model hooknet \
-    --device "$DEVICE" --batch 256 --seconds 10
 
 step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
 
 STORE=bench/out/synth-$SIZE.zarr
 step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" --batch "$BATCH" \
     --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE"
-step "pretraining, batch $BATCH, torch.compile" 180 "$PY" bench/pretrain.py --stores "$STORE" \
+step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
+    --threads 4 "$CORES" --seconds 5
+step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only --model hooknet \
+    --device "$DEVICE" --batch 256 --seconds 10
+# last: it compiles for minutes and takes what time is left
+step "pretraining, batch $BATCH, torch.compile" 240 "$PY" bench/pretrain.py --stores "$STORE" \
     --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" --compile
 
 echo
