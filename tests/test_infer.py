@@ -281,6 +281,117 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     assert meta["windows"] < tissue_windows(full, np.ones_like(mask), MPP * 8, MPP).sum()
 
 
+def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monkeypatch):
+    """Each row chunk reads just the columns its tissue windows' contexts cover (the rest of
+    the band is never decoded), and every window the model gets equals its target block and
+    its context read straight from the slide (reduced by the scale), edges padded as the
+    slide's background."""
+    from dsf.infer import _bands
+    from dsf.slide import Slide
+
+    widths: list[tuple[int, int]] = []
+    read = Slide.read
+
+    def spy(self, x, y, width, height, mpp):
+        widths.append((width, height))
+        return read(self, x, y, width, height, mpp)
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    probabilities = Predictor.probabilities
+
+    def record(self, context, target):
+        seen.append((context.cpu().numpy(), target.cpu().numpy()))
+        return probabilities(self, context, target)
+
+    monkeypatch.setattr(Slide, "read", spy)
+    monkeypatch.setattr(Predictor, "probabilities", record)
+    path, cls = stripes
+    h, w = cls.shape
+    mask = np.zeros((h // 8 + 1, w // 8 + 1), bool)
+    mask[0:6, 3:6] = True  # two pieces of tissue far apart in one band, one at the top edge
+    mask[28:38, 44:54] = True  # and one over the bottom right corner
+    out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, band_windows=20)
+    grid = make_grid(w, h, 32, 4, 0.25, 1, 20)
+    run = tissue_windows(grid, mask, MPP * 8, MPP)
+    (band,) = _bands(grid, run)  # one band spans the slide ...
+    chunk_reads = [wd for wd, ht in widths if ht == meta["stride"]]
+    assert chunk_reads and max(chunk_reads) < band.width / 2  # ... but no chunk reads it all
+    r0, _ = grid.windows_touching(0, grid.cores[0] - 1)
+    c0, _ = grid.windows_touching(0, grid.cores[1] - 1)
+    s, o, b = grid.stride, grid.offset, grid.block
+    slide = open_slide(path)
+    expected_ctx, expected_tgt = [], []
+    for band in _bands(grid, run):
+        wc0, wc1 = band.wcols
+        for wr in band.wrows:
+            for wc in np.flatnonzero(run[wr - r0, wc0 - c0 : wc1 - c0 + 1]) + wc0:
+                x, y = wc * s - o, wr * s - o
+                expected_tgt.append(read(slide, x, y, b, b, MPP))
+                field = read(slide, x - grid.halo, y - grid.halo, 4 * b, 4 * b, MPP)
+                expected_ctx.append(reduce_rgb(field, 4))
+    contexts = np.concatenate([c for c, _ in seen])
+    targets = np.concatenate([t for _, t in seen])
+    assert len(targets) == meta["windows"] == len(expected_tgt) > 10
+    np.testing.assert_array_equal(targets, np.stack(expected_tgt))
+    np.testing.assert_array_equal(contexts, np.stack(expected_ctx))
+    got = read_map(out / "map.tiff")
+    assert (got > 0).sum() > 10 * 24 * 24
+
+
+@pytest.mark.parametrize(
+    ("block", "overlap", "band"), [(32, 0.25, 3), (32, 0.0, 4), (32, 0.5, 2), (64, 0.4, 1)]
+)
+def test_blending_is_the_weighted_mean_of_the_windows(block, overlap, band):
+    """The band accumulator's probabilities equal the Hann-weighted mean, over the windows
+    covering each pixel, computed window by window (random windows disagree everywhere, so
+    every piece of every overlap counts); never-covered pixels are class 0."""
+    from dsf.infer import _BandAccumulator, _bands, hann_weights
+
+    rng = np.random.default_rng(block + band)
+    h, w, n_fg = 150, 230, 3
+    grid = make_grid(w, h, block, 4, overlap, 1, band)
+    s, o, b = grid.stride, grid.offset, grid.block
+    rows, cols = grid.cores
+    r0, r1 = grid.windows_touching(0, rows - 1)
+    c0, c1 = grid.windows_touching(0, cols - 1)
+    run = rng.random((r1 - r0 + 1, c1 - c0 + 1)) < 0.7
+    probs = rng.random((*run.shape, n_fg, b, b)).astype(np.float32) + 0.01
+    hann = hann_weights(b)
+    # the reference: every running window added onto a padded canvas, one at a time
+    pad = 2 * b  # windows hang over the slide edges by up to a block and a stride
+    acc = np.zeros((n_fg + 1, h + 2 * pad, w + 2 * pad))
+    for i, j in zip(*np.nonzero(run), strict=True):
+        y, x = (i + r0) * s - o + pad, (j + c0) * s - o + pad
+        acc[:n_fg, y : y + b, x : x + b] += probs[i, j] * hann
+        acc[n_fg, y : y + b, x : x + b] += hann
+    acc = acc[:, pad : pad + h, pad : pad + w]
+    covered = acc[n_fg] > 0
+    expected = np.round(acc[:n_fg] / np.maximum(acc[:n_fg].sum(0), 1e-12) * 255)
+    got_probs = np.zeros((n_fg, rows * s, cols * s))
+    got_cls = np.zeros((rows * s, cols * s), np.uint8)
+    for bd in _bands(grid, run):
+        accumulator = _BandAccumulator(grid, bd, n_fg, torch.device("cpu"), want_probs=True)
+        wc0, wc1 = bd.wcols
+        for wr in bd.wrows:
+            wcols = np.flatnonzero(run[wr - r0, wc0 - c0 : wc1 - c0 + 1]) + wc0
+            cells = torch.from_numpy(wcols - wc0)
+            accumulator.add(wr, cells, torch.from_numpy(probs[wr - r0, wcols - c0]))
+        x = bd.cores[0] * s
+        for r in range(rows):
+            cls_row, prob_row = accumulator.pop(r)
+            width = cls_row.shape[1]
+            got_cls[r * s : (r + 1) * s, x : x + width] = cls_row.numpy()
+            if prob_row is not None:
+                got_probs[:, r * s : (r + 1) * s, x : x + width] = prob_row.numpy()
+    got_probs, got_cls = got_probs[:, :h, :w], got_cls[:h, :w]
+    assert covered.mean() > 0.5
+    assert (got_cls[~covered] == 0).all()
+    assert np.abs(got_probs - expected)[:, covered].max() <= 1
+    top2 = np.sort(acc[:n_fg], axis=0)[-2:]
+    clear = covered & (top2[1] - top2[0] > 1e-4 * acc[n_fg])
+    np.testing.assert_array_equal(got_cls[clear], acc[:n_fg].argmax(0)[clear] + 1)
+
+
 def test_ensemble_averages_models(tmp_path, stripes):
     path, cls = stripes
     out, meta = run_infer(tmp_path, path, [oracle(32), oracle(32, from_context=True)])
