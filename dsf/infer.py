@@ -425,7 +425,9 @@ class _RowsToHost:
     so the model never waits for the writer (a plain `.cpu()` would wait for every queued
     batch); `limit` rows at most are in flight. On the CPU rows pass straight through."""
 
-    def __init__(self, writer: _MapWriter, device: torch.device, limit: int = 64) -> None:
+    def __init__(
+        self, writer: _MapWriter | _WriterThread, device: torch.device, limit: int = 64
+    ) -> None:
         self.writer, self.limit = writer, limit
         self.gpu = device.type == "cuda"
         self.new_event: Any = torch.cuda.Event
@@ -580,6 +582,58 @@ class _MapWriter:
             self.prob_rows = [probs[:, n:]] if n < cls.shape[0] else []
 
 
+class _WriterThread:
+    """The map writer on a thread of its own, fed in order through a bounded queue: the
+    subsampling into the pyramid and Zarr's compression of every row then run beside the main
+    thread, which launches the GPU's work (on the 40k slide they were seconds of its time). An
+    error there is raised in the main thread at its next hand-over, or by `join`."""
+
+    def __init__(self, writer: _MapWriter, depth: int = 16) -> None:
+        import queue
+        import threading
+
+        self.writer = writer
+        self.queue: queue.Queue[tuple[Any, tuple[Any, ...]] | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="dsf-write", daemon=True)
+        self.thread.start()
+
+    @property
+    def probs(self) -> Any:
+        return self.writer.probs
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after an error, only drain until told to stop
+                fn, args = item
+                try:
+                    fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self.error = exc
+
+    def _put(self, fn: Any, *args: Any) -> None:
+        self._raise()
+        self.queue.put((fn, args))
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add_row(self, band: int, cls: np.ndarray, probs: np.ndarray | None) -> None:
+        self._put(self.writer.add_row, band, cls, probs)
+
+    def flush(self, final: bool) -> None:
+        self._put(self.writer.flush, final)
+
+    def join(self, raise_error: bool = True) -> None:
+        """Wait until everything handed over is written (then raise its error, if any)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error:
+            self._raise()
+
+
 def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int) -> None:
     """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
     in px/cm per level, written level by level from the Zarr arrays in tile-row strips."""
@@ -682,7 +736,7 @@ class _Stitcher:
         grid: Grid,
         run_grid: np.ndarray,
         preds: list[Predictor],
-        writer: _MapWriter,
+        writer: _MapWriter | _WriterThread,
         batch_size: int,
         bar: Any,
     ) -> None:
@@ -865,10 +919,15 @@ def infer_slide(
             bar = tqdm(
                 total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
             )
-            stitcher = _Stitcher(grid, run_grid, preds, writer, settings["batch_size"], bar)
-            reader = _Reader(slide, grid, t, settings["threads"], pin=p.device.type == "cuda")
-            with closing(reader.stream(bands)) as chunks:
-                stitcher.run(bands, chunks)
+            sink = _WriterThread(writer)
+            try:
+                stitcher = _Stitcher(grid, run_grid, preds, sink, settings["batch_size"], bar)
+                reader = _Reader(slide, grid, t, settings["threads"], pin=p.device.type == "cuda")
+                with closing(reader.stream(bands)) as chunks:
+                    stitcher.run(bands, chunks)
+                sink.join()
+            finally:  # the writer stops before its work store is removed
+                sink.join(raise_error=False)
             n_windows = stitcher.windows
             bar.close()
             if probs_tmp is not None:

@@ -417,6 +417,31 @@ def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
+def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monkeypatch):
+    """The map is written on a thread of its own: its error (a full disk, say) stops the run
+    with that error, the thread ends, and nothing that looks complete is left."""
+    import threading
+
+    import dsf.infer
+
+    add_row = dsf.infer._MapWriter.add_row
+    calls = []
+
+    def failing(self, band, cls, probs):
+        calls.append(band)
+        if len(calls) > 3:
+            raise OSError("No space left on device")
+        add_row(self, band, cls, probs)
+
+    monkeypatch.setattr(dsf.infer._MapWriter, "add_row", failing)
+    path, _ = stripes
+    with pytest.raises(OSError, match="No space left"):
+        run_infer(tmp_path, path, [oracle(32)])
+    assert len(calls) == 4  # nothing more was written after the error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert "dsf-write" not in {t.name for t in threading.enumerate()}
+
+
 def test_output_mpp_must_be_a_multiple(tmp_path, stripes):
     path, _ = stripes
     with pytest.raises(ConfigError, match="infer.out_mpp"):
