@@ -14,11 +14,18 @@ the model's forward (CUDA events) / wall time.
     python bench/infer.py --sizes 20000 40000 --model stub           # RSS flatness, pipeline
     python bench/infer.py --sizes 40000 --model hooknet --device cuda --batch 256
     python bench/infer.py --forward-only --model hooknet             # model windows/s alone
+    python bench/infer.py --sizes 20000 --count-ops                  # main-thread ops/window
+
+`--count-ops` counts the torch operations the main thread dispatches per window (every one a
+Python call, most of them a kernel launch on a GPU, where that thread feeds the card): a figure
+a CPU-only machine can measure for the GPU run (its timings are then meaningless).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -53,6 +61,19 @@ class Stub(nn.Module):
 
     def forward(self, context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.conv(target), None
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operations dispatched on the thread that enters it (modes are
+    thread-local: the reader and writer threads are not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class Timed(nn.Module):
@@ -118,7 +139,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     slide = open_slide(args.slide)
     mask, mask_mpp = read_mask(args.mask)
     st = defaults("infer") | {"batch_size": args.batch, "threads": args.threads}
-    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+    counter = OpCounter() if args.count_ops else None
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp, counter or contextlib.nullcontext():
         out = Path(tmp)
         t0 = time.perf_counter()
         meta = infer_slide(
@@ -135,6 +157,15 @@ def run_worker(args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - t0
         map_mb = (out / "m.tiff").stat().st_size / 1e6
     w, h = slide.dimensions
+    ops = {}
+    if counter is not None:
+        total = sum(counter.ops.values())
+        ops = {
+            "ops_per_window": round(total / meta["windows"], 2),
+            "top_ops_per_window": {
+                k: round(v / meta["windows"], 2) for k, v in counter.ops.most_common(8)
+            },
+        }
     return {
         "seconds": wall,
         "windows": meta["windows"],
@@ -143,6 +174,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "map_mb": map_mb,
         "phases": meta["phase_seconds"],
+        **ops,
     }
 
 
@@ -172,6 +204,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--count-ops", action="store_true", help="main-thread torch ops per window")
     p.add_argument("--seconds", type=float, default=20.0, help="forward-only duration")
     p.add_argument("--out", type=Path, default=HERE / "out")
     p.add_argument("--worker", action="store_true")
@@ -201,6 +234,7 @@ def main() -> None:
             "--model", args.model, "--device", args.device, "--batch", str(args.batch),
             "--threads", str(args.threads), "--out", str(args.out),
         ] + (["--no-amp"] if args.no_amp else [])  # fmt: skip
+        cmd += ["--count-ops"] if args.count_ops else []
         # the worker's stderr (its log, or a traceback) passes through; stdout holds its result
         res = json.loads(
             subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[
@@ -215,6 +249,11 @@ def main() -> None:
         )
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in res["phases"].items())
         print(f"#   {size}: {phases}", flush=True)
+        if args.count_ops:
+            print(
+                f"#   {size}: main-thread torch ops per window {res['ops_per_window']}: "
+                f"{json.dumps(res['top_ops_per_window'])} (timings slowed by the count)"
+            )
 
 
 if __name__ == "__main__":
