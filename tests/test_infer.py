@@ -370,19 +370,19 @@ def test_blending_is_the_weighted_mean_of_the_windows(block, overlap, band):
     got_probs = np.zeros((n_fg, rows * s, cols * s))
     got_cls = np.zeros((rows * s, cols * s), np.uint8)
     for bd in _bands(grid, run):
-        accumulator = _BandAccumulator(grid, bd, n_fg, torch.device("cpu"), want_probs=True)
+        accumulator = _BandAccumulator(grid, bd, n_fg, torch.device(DEVICE), want_probs=True)
         wc0, wc1 = bd.wcols
         for wr in bd.wrows:
             wcols = np.flatnonzero(run[wr - r0, wc0 - c0 : wc1 - c0 + 1]) + wc0
-            cells = torch.from_numpy(wcols - wc0)
-            accumulator.add(wr, cells, torch.from_numpy(probs[wr - r0, wcols - c0]))
+            cells = torch.from_numpy(wcols - wc0).to(DEVICE)
+            accumulator.add(wr, cells, torch.from_numpy(probs[wr - r0, wcols - c0]).to(DEVICE))
         x = bd.cores[0] * s
         for r in range(rows):
             cls_row, prob_row = accumulator.pop(r)
             width = cls_row.shape[1]
-            got_cls[r * s : (r + 1) * s, x : x + width] = cls_row.numpy()
+            got_cls[r * s : (r + 1) * s, x : x + width] = cls_row.cpu().numpy()
             if prob_row is not None:
-                got_probs[:, r * s : (r + 1) * s, x : x + width] = prob_row.numpy()
+                got_probs[:, r * s : (r + 1) * s, x : x + width] = prob_row.cpu().numpy()
     got_probs, got_cls = got_probs[:, :h, :w], got_cls[:h, :w]
     assert covered.mean() > 0.5
     assert (got_cls[~covered] == 0).all()
