@@ -16,7 +16,8 @@
 #      (summarised by bench/pyspy_top.py)
 #   4. patch extraction of that slide with every core (and the store for step 5)
 #   5. pretraining at batch 32, ResNet-18: loader, augmentation (eager and with the compiled
-#      colour pass the trainer uses), model step, end to end (target 320 samples/s)
+#      colour pass the trainer uses), model step, where 5 steps spend the GPU's time (by kernel
+#      category and kernel), end to end (target 320 samples/s)
 #   6. the reader threads' GIL cost (bench/gil.py), the HookNet forward alone, and last, with
 #      what time is left, pretraining with torch.compile
 #
@@ -118,7 +119,7 @@ step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
 
 STORE=bench/out/synth-$SIZE.zarr
 step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" --batch "$BATCH" \
-    --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE"
+    --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" --profile-steps 5
 step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
     --threads 4 "$CORES" --seconds 5
 step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only --model hooknet \

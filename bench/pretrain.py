@@ -7,15 +7,19 @@ on real patch stores on disk (e.g. the 40k synthetic slide's store written by
     python bench/pretrain.py --stores bench/out/synth-40000.zarr --batch 32 --device cuda
     python bench/pretrain.py --stores bench/out/synth-40000.zarr --batch 4 --device cpu
 
-Prints a markdown row per measurement; `bench/RESULTS.md` records them.
+Prints a markdown row per measurement; `bench/RESULTS.md` records them. `--profile-steps N`
+adds where N training steps (augmentation and update) spend the device's time, by kernel
+category and by kernel: what a faster step has to cut.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -71,6 +75,51 @@ def bench_model_step(trainer: Trainer, tiles: torch.Tensor, steps: int) -> float
     return (time.perf_counter() - t0) / steps * 1000
 
 
+#: kernel categories by name (first match wins; the names of cuDNN, cuBLAS and ATen kernels)
+CATEGORIES = (
+    ("convolution", r"conv|cudnn|xmma|implicit_gemm|dgrad|wgrad|fprop|nchw|nhwc"),
+    ("batch norm", r"batch_?norm|bn_|welford"),
+    ("matmul (heads)", r"gemm|cutlass|cublas|matmul|addmm|\bmm\b|linear"),
+    ("crops (roi_align)", r"roi_?align"),
+    ("optimiser", r"adam|multi_tensor|foreach"),
+    ("pooling and reductions", r"pool|reduce|mean|sum|norm"),
+    ("elementwise and copies", r"elementwise|vectorized|unrolled|copy|fill|where|relu|threshold"),
+)
+
+
+def profile_steps(trainer: Trainer, tiles: torch.Tensor, steps: int, top: int = 12) -> str:
+    """Where `steps` training steps (both views' augmentation, then the update) spend their
+    time: kernel self time on a GPU (CPU op self time on the CPU), per step, by category and
+    for the `top` kernels, as markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = trainer.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    trainer.update(trainer.views(tiles, gen))  # warm-up
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            trainer.update(trainer.views(tiles, gen))
+        _sync(dev)
+    field = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    times = [(e.key, getattr(e, field) / 1e3 / steps) for e in prof.key_averages()]
+    times = [(k, ms) for k, ms in times if ms > 0]
+    total = sum(ms for _, ms in times)
+    by_cat: collections.Counter[str] = collections.Counter()
+    for k, ms in times:
+        name = next((c for c, rx in CATEGORIES if re.search(rx, k, re.IGNORECASE)), "other")
+        by_cat[name] += ms
+    unit = "kernel" if dev.type == "cuda" else "CPU op"
+    lines = [f"{unit} time per step: {total:.1f} ms", "", "| category | ms/step | share |"]
+    lines += ["|---|---|---|"]
+    lines += [f"| {c} | {ms:.1f} | {ms / total:.0%} |" for c, ms in by_cat.most_common()]
+    lines += ["", f"| {unit} | ms/step | share |", "|---|---|---|"]
+    for k, ms in sorted(times, key=lambda t: -t[1])[:top]:
+        lines.append(f"| {k[:90]} | {ms:.2f} | {ms / total:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stores", nargs="+", type=Path, required=True)
@@ -81,6 +130,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = p.parse_args()
 
@@ -119,6 +169,8 @@ def main() -> None:
         f"samples/s |"
     )
     print(f"| augmentation / model step | {aug_ms / step_ms:.1%} |")
+    if args.profile_steps:
+        print(profile_steps(trainer, tiles, args.profile_steps), flush=True)
     trainer.train_epoch(progress=False)  # warm-up: starts the loader's workers (persistent)
     row = trainer.train_epoch(progress=False)
     trainer.close()
