@@ -252,10 +252,12 @@ class _Reader:
         rgb = self.slide.read(
             (band.x0 + a) * self.f0, y * self.f0, b - a, self.grid.stride, self.mpp
         )
-        rows = _full_width(rgb, a, band.width, self.slide.background, self.pin)
+        bg, sc = self.slide.background, self.grid.scale
+        rows = _full_width(rgb, a, band.width, bg, self.pin)
         if self.contexts_on_device:
             return rows, None
-        return rows, _tensor(reduce_rgb(rows.numpy(), self.grid.scale), self.pin)
+        # only the read columns are reduced (a and b - a are multiples of the scale)
+        return rows, _full_width(reduce_rgb(rgb, sc), a // sc, band.width // sc, bg, self.pin)
 
     def stream(
         self, bands: list[_Band]
