@@ -46,7 +46,7 @@ from dsf import __version__
 from dsf.atomic import atomic_path, remove
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, SlideError
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, open_slide
@@ -588,13 +588,14 @@ class _WriterThread:
     """The map writer on a thread of its own, fed in order through a bounded queue: the
     subsampling into the pyramid and Zarr's compression of every row then run beside the main
     thread, which launches the GPU's work (on the 40k slide they were seconds of its time). An
-    error there is raised in the main thread at its next hand-over, or by `join`."""
+    error there is raised in the main thread at its next hand-over, or by `join`; a file-system
+    error (a full disk, no permission) as a `SlideError` that names the slide and the map."""
 
-    def __init__(self, writer: _MapWriter, depth: int = 16) -> None:
+    def __init__(self, writer: _MapWriter, slide_id: str, out_map: Path, depth: int = 16) -> None:
         import queue
         import threading
 
-        self.writer = writer
+        self.writer, self.slide_id, self.out_map = writer, slide_id, out_map
         self.queue: queue.Queue[tuple[Any, tuple[Any, ...]] | None] = queue.Queue(depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="dsf-write", daemon=True)
@@ -618,6 +619,12 @@ class _WriterThread:
         self.queue.put((fn, args))
 
     def _raise(self) -> None:
+        if isinstance(self.error, OSError):
+            raise SlideError(
+                self.slide_id,
+                f"writing its map {self.out_map} failed ({type(self.error).__name__}: "
+                f"{self.error}); free disk space there or fix its permissions, then rerun",
+            ) from self.error
         if self.error is not None:
             raise self.error
 
@@ -921,7 +928,7 @@ def infer_slide(
             bar = tqdm(
                 total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
             )
-            sink = _WriterThread(writer)
+            sink = _WriterThread(writer, slide.slide_id, out_map)
             try:
                 stitcher = _Stitcher(grid, run_grid, preds, sink, settings["batch_size"], bar)
                 reader = _Reader(slide, grid, t, settings["threads"], pin=p.device.type == "cuda")

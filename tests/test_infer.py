@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dsf.config import defaults
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, SlideError
 from dsf.infer import infer_slide, make_grid, reduce_rgb, reduce_rows, tissue_windows
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
@@ -419,7 +419,8 @@ def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):
 
 def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monkeypatch):
     """The map is written on a thread of its own: its error (a full disk, say) stops the run
-    with that error, the thread ends, and nothing that looks complete is left."""
+    with a message naming the slide and the map, the thread ends, and nothing that looks
+    complete is left."""
     import threading
 
     import dsf.infer
@@ -435,7 +436,7 @@ def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monke
 
     monkeypatch.setattr(dsf.infer._MapWriter, "add_row", failing)
     path, _ = stripes
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SlideError, match=r"'stripes'.*map\.tiff.*No space left.*free disk"):
         run_infer(tmp_path, path, [oracle(32)])
     assert len(calls) == 4  # nothing more was written after the error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
