@@ -248,7 +248,7 @@ def main() -> None:
             flush=True,
         )
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in res["phases"].items())
-        print(f"#   {size}: {phases}", flush=True)
+        print(f"#   {size}: {phases}; map {res['map_mb']:.1f} MB", flush=True)
         if args.count_ops:
             print(
                 f"#   {size}: main-thread torch ops per window {res['ops_per_window']}: "

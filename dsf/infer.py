@@ -16,9 +16,9 @@ row are cut there in one gather and blended in a few ops per row (whatever its n
 windows), and a core row is written out as soon as no later window touches it. Band edges
 recompute the one or two windows whose blocks reach into the neighbour band, instead of holding
 a full-width accumulator. The map's pyramid is built as its rows are written (each level a
-subsampling of level 0; the large levels in a compressed Zarr work store), then written as a
-tiled, pyramidal, palette TIFF that OpenSlide and QuPath open at the slide's scale (resolution
-tags in px/cm).
+subsampling of level 0; the large levels spooled to disk as compressed TIFF tiles, compressed
+while the model works), then written as a tiled, pyramidal, palette TIFF that OpenSlide and
+QuPath open at the slide's scale (resolution tags in px/cm).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from dsf.errors import ConfigError, SlideError
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, open_slide
+from dsf.tilespool import ZLIB_LEVEL, TileSpool
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +489,10 @@ class _MapWriter:
     """The map's pyramid (and optional probabilities), band by band, in whole row chunks so
     no chunk is written twice. Level i is level 0 subsampled by 2**i (nearest, the top-left
     pixel of each 2**i square), written from each block as level 0 is, so no pass over the
-    finished level 0 is needed; levels larger than MEMORY_LEVEL_PX go to the Zarr work store."""
+    finished level 0 is needed. Levels larger than MEMORY_LEVEL_PX are spooled to the work
+    directory as compressed TIFF tiles (`TileSpool`), so the TIFF is written by copying them;
+    rows of a reduced level wait until they fill whole tile rows, so most tiles are stored
+    whole."""
 
     def __init__(
         self,
@@ -500,24 +504,25 @@ class _MapWriter:
         probs: Path | None,
         tile: int,
     ) -> None:
-        import zarr
-
         self.grid = grid
         ow, oh = grid.out_size
         self.band_w = grid.band_cores * grid.stride // grid.out_factor
-        self.chunk_h = 256
-        root = zarr.open_group(str(work), mode="w", zarr_format=3)
-        self.levels: list[Any] = []
+        self.chunk_h = tile
+        work.mkdir(parents=True)
+        # zlib frees the GIL: a few threads compress the tiles beside the writer's thread
+        self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="dsf-zlib")
+        self.levels: list[np.ndarray | TileSpool] = []
         for i, (h, w) in enumerate(pyramid_shapes(oh, ow, tile)):
             if i and h * w <= MEMORY_LEVEL_PX:
                 self.levels.append(np.zeros((h, w), np.uint8))
-                continue
-            chunks = (max(1, self.chunk_h >> i), max(1, self.band_w >> i))
-            self.levels.append(
-                root.create_array(str(i), shape=(h, w), chunks=chunks, dtype="uint8", fill_value=0)
-            )
+            else:
+                self.levels.append(TileSpool(work / f"level{i}.tiles", (h, w), tile, self.pool))
+        # per reduced spooled level: (first row, first column, rows waiting for a tile row)
+        self.staged: dict[int, tuple[int, int, list[np.ndarray]]] = {}
         self.probs = None
         if probs is not None:
+            import zarr
+
             proot = zarr.open_group(str(probs), mode="w", zarr_format=3)
             self.probs = proot.create_array(
                 "0",
@@ -529,6 +534,13 @@ class _MapWriter:
         self.tissue, self.tissue_f = tissue, tissue_f
         self.n_fg = n_fg
         self._reset(0)
+
+    def close(self) -> None:
+        """Finish the spools (after the last flush)."""
+        for level in self.levels:
+            if isinstance(level, TileSpool):
+                level.close()
+        self.pool.shutdown()
 
     def _reset(self, band: int) -> None:
         self.band = band
@@ -557,8 +569,14 @@ class _MapWriter:
             self.flush(final=False)
 
     def flush(self, final: bool) -> None:
-        if not self.cls_rows:
-            return
+        """Write the whole tile rows received (all rows when `final`, the band's end)."""
+        if self.cls_rows:
+            self._write(final)
+        if final:
+            for i in list(self.staged):
+                self._unstage(i, final=True)
+
+    def _write(self, final: bool) -> None:
         cls = np.concatenate(self.cls_rows, axis=0)
         probs = np.concatenate(self.prob_rows, axis=1) if self.prob_rows else None
         ow, oh = self.grid.out_size
@@ -573,15 +591,39 @@ class _MapWriter:
                 f = 1 << i  # the block's rows and columns that fall on level i's grid
                 ry, rx = -self.y % f, -x % f
                 sub = block[ry::f, rx::f]
-                if sub.size:
-                    y1, x1 = (self.y + ry) // f, (x + rx) // f
+                if not sub.size:
+                    continue
+                y1, x1 = (self.y + ry) // f, (x + rx) // f
+                if isinstance(level, np.ndarray):
                     level[y1 : y1 + sub.shape[0], x1 : x1 + sub.shape[1]] = sub
+                elif i:
+                    self._stage(i, y1, x1, sub)
+                else:
+                    level.write(y1, x1, sub)
             if self.probs is not None and probs is not None:
                 self.probs[:, self.y : self.y + h, x : x + w] = probs[:, :h, :w]
         self.y += n
         self.cls_rows = [cls[n:]] if n < cls.shape[0] else []
         if probs is not None:
             self.prob_rows = [probs[:, n:]] if n < cls.shape[0] else []
+
+    def _stage(self, i: int, y: int, x: int, sub: np.ndarray) -> None:
+        """Rows of reduced level i, held until they fill whole tile rows."""
+        y0, x0, rows = self.staged.get(i, (y, x, []))
+        if (x0, y0 + sum(r.shape[0] for r in rows)) != (x, y):
+            raise AssertionError(f"level {i}: rows at ({y}, {x}) do not follow the staged ones")
+        rows.append(sub)
+        self.staged[i] = (y0, x0, rows)
+        self._unstage(i, final=False)
+
+    def _unstage(self, i: int, final: bool) -> None:
+        y0, x0, rows = self.staged.pop(i)
+        block = np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+        n = block.shape[0] if final else block.shape[0] // self.chunk_h * self.chunk_h
+        if n:
+            self.levels[i].write(y0, x0, block[:n])
+        if n < block.shape[0]:
+            self.staged[i] = (y0 + n, x0, [block[n:]])
 
 
 class _WriterThread:
@@ -645,7 +687,8 @@ class _WriterThread:
 
 def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int) -> None:
     """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
-    in px/cm per level, written level by level from the Zarr arrays in tile-row strips."""
+    in px/cm per level, zlib (deflate) tiles: the spooled levels' tiles copied as they were
+    compressed while predicting (`TileSpool`), the small in-memory levels encoded here."""
     import tifffile
 
     colours = class_colours(n_classes).astype(np.uint16) * 257
@@ -666,13 +709,14 @@ def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: 
         for i, arr in enumerate(levels):
             px_per_cm = 1e4 / (mpp * 2**i)
             tw.write(
-                tiles(arr),
+                arr.tiles() if isinstance(arr, TileSpool) else tiles(arr),
                 shape=tuple(arr.shape),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 photometric="palette",
                 colormap=cmap,
                 compression="zlib",
+                compressionargs={"level": ZLIB_LEVEL},
                 resolution=(px_per_cm, px_per_cm),
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if i else 0,
@@ -915,7 +959,7 @@ def infer_slide(
         phases[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    work = out_map.with_name(f".{out_map.name}.work.zarr")
+    work = out_map.with_name(f".{out_map.name}.work")
     remove(work)
     out_mpp = t * f
     tissue = mask if settings["mask_output"] else None
@@ -935,8 +979,9 @@ def infer_slide(
                 with closing(reader.stream(bands)) as chunks:
                     stitcher.run(bands, chunks)
                 sink.join()
-            finally:  # the writer stops before its work store is removed
+            finally:  # the writer stops before its work directory is removed
                 sink.join(raise_error=False)
+                writer.close()
             n_windows = stitcher.windows
             bar.close()
             if probs_tmp is not None:
@@ -948,7 +993,8 @@ def infer_slide(
         lap("tiff")
         thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
         level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
-        small = np.asarray(levels[level][:])
+        small = levels[level]
+        small = small.asarray() if isinstance(small, TileSpool) else small
         overlay = render_overlay(slide.thumbnail(thumb_mpp), small, p.classes)
         with atomic_path(out_overlay) as tmp:
             Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)

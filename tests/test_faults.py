@@ -280,7 +280,7 @@ def test_killed_finetuning_resumes_from_its_checkpoint(wf: Workflow) -> None:
 
 def test_killed_inference_leaves_no_map_and_reruns(wf: Workflow) -> None:
     maps = wf.out / "maps" / "dsf"
-    work = maps / f".{wf.slide}.tiff.work.zarr"
+    work = maps / f".{wf.slide}.tiff.work"
     wf.kill_when(lambda: [work] if work.exists() else [], "the inference work store")
     for ext in ("tiff", "jpg", "json"):
         assert not (maps / f"{wf.slide}.{ext}").exists()
@@ -295,6 +295,6 @@ def test_killed_inference_leaves_no_map_and_reruns(wf: Workflow) -> None:
     assert classes.shape == (meta["height"], meta["width"]) and classes.max() <= 3
     assert (classes > 0).mean() > 0.2  # the tissue got classes
     assert (maps / f"{wf.slide}.jpg").stat().st_size > 1000
-    assert not list(wf.out.rglob("*.partial")) and not list(wf.out.rglob(".*.work.zarr"))
+    assert not list(wf.out.rglob("*.partial")) and not list(wf.out.rglob(".*.work"))
     dry = smk("-n", wf.target, "--configfile", "cfg.yaml", cwd=wf.wd).stdout
     assert "Nothing to be done" in dry or job_counts(dry) == {}

@@ -519,7 +519,9 @@ def test_cli_writes_map_overlay_and_meta(tmp_path, stripes):
     assert meta["models"] == [str(model)]
     phases = meta["phase_seconds"]
     assert list(phases) == ["predict", "tiff", "overlay"]
-    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= meta["seconds"]
+    assert all(v >= 0 for v in phases.values())
+    # each figure is rounded to ms: their sum may pass the rounded total by 0.5 ms each
+    assert sum(phases.values()) <= meta["seconds"] + 0.0005 * (len(phases) + 1)
     got = read_map(out / "s.tiff")
     assert got.shape == cls.shape and got.min() >= 1 and got.max() <= 3
     from PIL import Image
@@ -542,7 +544,7 @@ def test_killed_inference_leaves_no_map_and_reruns(tmp_path):
     out = tmp_path / "maps"
     deadline = time.monotonic() + 120
     # wait until the work store exists: the job is inside the window loop
-    while not any(out.glob(".*.work.zarr")) and time.monotonic() < deadline:
+    while not any(out.glob(".*.work")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.2)
     time.sleep(0.3)
@@ -554,7 +556,7 @@ def test_killed_inference_leaves_no_map_and_reruns(tmp_path):
     assert not (out / "s.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     assert (out / "s.tiff").exists() and (out / "s.json").exists()
-    assert not any(out.glob(".*.work.zarr")) and not any(out.glob("*.partial"))
+    assert not any(out.glob(".*.work")) and not any(out.glob("*.partial"))
 
 
 class _FakeEvent:
@@ -610,3 +612,51 @@ def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
     assert writer.rows == [(0, 1), (0, 2), (0, 3), (1, 4)] and not q.pending
     # each event marks the copy on the stream of the map's device (not the current card's)
     assert {e.stream for e in _FakeEvent.made} == {"copy stream"}
+
+
+def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
+    """The spooled levels' tiles are compressed once, as the rows arrive: the TIFF holds their
+    bytes unchanged. A tile written in pieces (a band edge through it, rows that stop inside
+    it) is put together, one never written is all 0, and every level reads back equal to the
+    image, edge tiles included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dsf.infer
+    import dsf.tilespool
+    from dsf.tilespool import TileSpool
+
+    tile, h, w = 32, 70, 100
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4, (h, w), dtype=np.uint8)
+    data[:, :32] = 0  # tile column 0: never written
+    with ThreadPoolExecutor(2) as pool:
+        spool = TileSpool(tmp_path / "level0.tiles", (h, w), tile, pool)
+        spool.write(0, 32, data[:64, 32:50])  # two bands meet inside tile column 1
+        spool.write(0, 50, data[:64, 50:])
+        spool.write(64, 32, data[64:67, 32:])  # the last band's rows stop 3 rows short ...
+        spool.write(67, 32, data[67:, 32:])  # ... and come in the next write
+        spool.close()
+    small = data[::2, ::2].copy()
+    stored = {k: v for k, v in spool.index.items() if len(v) == 1 and v[0][2:] == (0, 0, 32, 32)}
+    assert sorted(stored) == [(0, 2), (0, 3), (1, 2), (1, 3)]  # the whole tiles, stored as such
+
+    # only the tiles in pieces are encoded when the TIFF is written
+    encoded = []
+    monkeypatch.setattr(dsf.tilespool, "_encode", lambda a: encoded.append(a.shape) or b"")
+    tiles = list(spool.tiles())
+    assert len(tiles) == 3 * 4 and len(encoded) == 3 * 4 - 4 - 3  # 4 whole, 3 never written
+    monkeypatch.undo()
+    dsf.infer.write_tiff(tmp_path / "m.tiff", [spool, small], 0.5, 4, tile)
+    with tifffile.TiffFile(tmp_path / "m.tiff") as tf:
+        np.testing.assert_array_equal(tf.pages[0].asarray(), data)
+        np.testing.assert_array_equal(tf.pages[1].asarray(), small)
+        page = tf.pages[0]
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        fh = tf.filehandle
+        with spool.path.open("rb") as f:
+            for (ty, tx), ((off, n, *_),) in stored.items():
+                k = ty * 4 + tx
+                fh.seek(page.dataoffsets[k])
+                f.seek(off)
+                assert fh.read(page.databytecounts[k]) == f.read(n), f"tile {ty}, {tx}"
+    np.testing.assert_array_equal(spool.asarray(), data)

@@ -74,7 +74,7 @@ def test_nothing_left_to_do_and_no_partial_files(run: Path) -> None:
     out = smk("-n", "--configfile", "cfg.yaml", cwd=run).stdout
     assert "Nothing to be done" in out or job_counts(out) == {}
     assert not list((run / "out").rglob("*.partial"))
-    assert not list((run / "out").rglob(".*.work.zarr"))
+    assert not list((run / "out").rglob(".*.work"))
     # the probabilities are written only when asked for
     assert not list((run / "out" / "maps").rglob("*.probs.zarr"))
     assert np.all([p.stat().st_size > 0 for p in (run / "out" / "maps" / "dsf").iterdir()])
