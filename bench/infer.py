@@ -59,7 +59,9 @@ class Stub(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, len(CLASSES), 1)
 
-    def forward(self, context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, context: torch.Tensor, target: torch.Tensor, context_logits: bool = True
+    ) -> tuple[torch.Tensor, None]:
         return self.conv(target), None
 
 
@@ -85,16 +87,16 @@ class Timed(nn.Module):
         self.events: list[tuple[object, object]] = []
         self.cpu_seconds = 0.0
 
-    def forward(self, *args: torch.Tensor) -> object:
+    def forward(self, *args: torch.Tensor, **kw: bool) -> object:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.model(*args)
+            out = self.model(*args, **kw)
             end.record()
             self.events.append((start, end))
             return out
         t0 = time.perf_counter()
-        out = self.model(*args)
+        out = self.model(*args, **kw)
         self.cpu_seconds += time.perf_counter() - t0
         return out
 

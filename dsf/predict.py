@@ -64,7 +64,10 @@ class Predictor:
                 self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
             ),
         ):
-            logits = self.model(prep(context), tgt)[0] if self.uses_context else self.model(tgt)
+            if self.uses_context:  # only the target's logits: the context decoder stops early
+                logits = self.model(prep(context), tgt, context_logits=False)[0]
+            else:
+                logits = self.model(tgt)
         return logits.float().softmax(dim=1)
 
 

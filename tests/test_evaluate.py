@@ -55,7 +55,9 @@ class BrightnessStub(nn.Module):
         super().__init__()
         self.seen: list[tuple[int, ...]] = []
 
-    def forward(self, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, ctx: torch.Tensor, tgt: torch.Tensor, context_logits: bool = True
+    ) -> tuple[torch.Tensor, None]:
         self.seen.append(tuple(ctx.shape))
         b, _, h, w = tgt.shape
         logits = torch.zeros(b, 4, h, w)

@@ -209,6 +209,28 @@ def test_channels_last_matches_contiguous() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_prediction_skips_the_context_decoder_past_the_hook(scale: int) -> None:
+    """Without context logits (what prediction asks for) the context decoder runs only up to
+    the hooked block and the context head not at all, and the target logits are unchanged."""
+    torch.manual_seed(0)
+    model = HookNet(3, scale=scale, input_size=128).eval()
+    ran: list[str] = []
+    for i, block in enumerate(model.context_decoder.blocks, start=1):
+        block.register_forward_hook(lambda *_, i=i: ran.append(f"block{i}"))
+    model.context_head.register_forward_hook(lambda *_: ran.append("head"))
+    x, y = torch.rand(2, 3, 128, 128), torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        ref, ctx_logits = model(x, y)
+        assert ran == ["block1", "block2", "block3", "block4", "block5", "head"]
+        assert ctx_logits is not None and ctx_logits.shape == (2, 3, 128, 128)
+        ran.clear()
+        out, none = model(x, y, context_logits=False)
+    assert ran == [f"block{i}" for i in range(1, model.hook_depth + 1)]
+    assert none is None
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def small_hooknet() -> HookNet:
     torch.manual_seed(0)

@@ -62,7 +62,9 @@ class ColourOracle(nn.Module):
         rgb = x * self.std + self.mean  # back to [0, 1]
         return rgb.argmax(1) + 1  # red -> 1, green -> 2, blue -> 3
 
-    def forward(self, context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, context: torch.Tensor, target: torch.Tensor, context_logits: bool = True
+    ) -> tuple[torch.Tensor, None]:
         if self.from_context:
             b = context.shape[-1]
             c0 = (self.scale - 1) * b // (2 * self.scale)
@@ -404,7 +406,7 @@ def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):
     class Boom(nn.Module):
         calls = 0
 
-        def forward(self, context, target):
+        def forward(self, context, target, context_logits=True):
             Boom.calls += 1
             if Boom.calls > 2:
                 raise RuntimeError("device lost")
@@ -487,6 +489,30 @@ def _hooknet_model_pt(path: Path, block: int = 64) -> Path:
         path,
     )
     return path
+
+
+def test_predictor_runs_only_what_the_target_logits_need(tmp_path):
+    """A loaded HookNet predicts without its context head (the context decoder stops at the
+    hook), and its probabilities are the softmax of the full forward's target logits."""
+    from dsf.predict import load_predictor
+
+    pred = load_predictor(_hooknet_model_pt(tmp_path / "model.pt"), torch.device(DEVICE))
+    heads: list[str] = []
+    pred.model.context_head.register_forward_hook(lambda *_: heads.append("context"))
+    pred.model.target_head.register_forward_hook(lambda *_: heads.append("target"))
+    gen = torch.Generator().manual_seed(0)
+    ctx, tgt = (
+        torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=gen) for _ in "ct"
+    )
+    probs = pred.probabilities(ctx.to(DEVICE), tgt.to(DEVICE))
+    assert heads == ["target"]
+    prep = [
+        ((x.to(DEVICE).permute(0, 3, 1, 2).float() / 255 - pred.mean) / pred.std)
+        for x in (ctx, tgt)
+    ]
+    with torch.no_grad():
+        full = pred.model(*prep)[0].float().softmax(dim=1)
+    torch.testing.assert_close(probs, full, rtol=1e-4, atol=1e-5)
 
 
 def _cli(tmp_path: Path, slide: Path, model: Path) -> list[str]:

@@ -109,12 +109,16 @@ class UNetDecoder(nn.Module):
         self.out_channels = tuple(int(c) for c in decoder_channels)
         _init_decoder(self)
 
-    def forward(self, maps: Sequence[Tensor], hook: Tensor | None = None) -> list[Tensor]:
-        """Outputs of every block, deep to shallow; `hook` is concatenated to the bottleneck."""
+    def forward(
+        self, maps: Sequence[Tensor], hook: Tensor | None = None, blocks: int | None = None
+    ) -> list[Tensor]:
+        """Outputs of every block (of the first `blocks`), deep to shallow; `hook` is
+        concatenated to the bottleneck."""
         x = maps[-1] if hook is None else torch.cat([maps[-1], hook], dim=1)
         skips: list[Tensor | None] = [*list(maps[:-1])[::-1], None]
+        n = len(self.blocks) if blocks is None else blocks
         outs = []
-        for block, skip in zip(self.blocks, skips, strict=True):
+        for block, skip in zip(self.blocks[:n], skips[:n], strict=True):
             x = block(x, skip)
             outs.append(x)
         return outs
@@ -298,16 +302,26 @@ class HookNet(nn.Module):
                 f"is computed for input_size {self.input_size}), got {tuple(x.shape)}"
             )
 
-    def forward(self, context: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """(target logits, context logits), each (B, n_classes, input_size, input_size)."""
+    def forward(
+        self, context: Tensor, target: Tensor, context_logits: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """(target logits, context logits), each (B, n_classes, input_size, input_size).
+
+        Prediction needs the target's logits only: with `context_logits` False the context
+        decoder stops at the hook (its blocks past the hook and the context head, a third of
+        the model's work at the highest resolutions, are skipped) and the context logits are
+        None; the target logits are the same either way.
+        """
         self._check(context, "context")
         self._check(target, "target")
-        c_outs = self.context_decoder(self.context_encoder.forward_maps(context, include_stem=True))
+        c_maps = self.context_encoder.forward_maps(context, include_stem=True)
+        c_outs = self.context_decoder(c_maps, blocks=None if context_logits else self.hook_depth)
         rows, cols = self.hook_crop
         hook = c_outs[self.hook_depth - 1][:, :, rows, cols]
         t_maps = self.target_encoder.forward_maps(target, include_stem=True)
         t_outs = self.target_decoder(t_maps, hook=hook)
-        return self.target_head(t_outs[-1]), self.context_head(c_outs[-1])
+        c_logits = self.context_head(c_outs[-1]) if context_logits else None
+        return self.target_head(t_outs[-1]), c_logits
 
     def load_encoders(
         self, state: Mapping[str, Any] | str | Path, strict: bool = True
