@@ -96,7 +96,7 @@ SYNTH=$!
 # tests took about 150 s on an H200)
 step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_infer.py tests/test_pretrain.py \
-    tests/test_finetune.py tests/test_augment.py -k "not resume and not ddp"
+    tests/test_finetune.py tests/test_augment.py tests/test_fold.py -k "not resume and not ddp"
 
 echo
 echo "## synthetic slide and its tissue mask (started with the tests, $(date +%T))"

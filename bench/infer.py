@@ -108,12 +108,15 @@ class Timed(nn.Module):
 
 
 def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed]:
+    from dsf.models.fold import fold_batchnorm
     from dsf.models.hooknet import HookNet
 
     net: nn.Module = Stub()
     if model == "hooknet":
         net = HookNet(len(CLASSES), scale=4, input_size=256)
-    net = net.eval().to(device, memory_format=torch.channels_last)  # as dsf.predict does
+    net = net.eval()
+    fold_batchnorm(net)  # as dsf.predict does
+    net = net.to(device, memory_format=torch.channels_last)
     timed = Timed(net, device)
     pre = defaults("pretrain")
     pred = Predictor(

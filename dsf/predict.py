@@ -73,6 +73,7 @@ class Predictor:
 
 def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> Predictor:
     """Load a `model.pt` written by `dsf finetune` (weights only) in eval mode on `device`."""
+    from dsf.models.fold import fold_batchnorm
     from dsf.models.hooknet import HookNet, UNet
 
     path = Path(path)
@@ -96,9 +97,12 @@ def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> 
         model.load_state_dict(meta["state_dict"])
     except RuntimeError as exc:
         raise ConfigError(f"{path}: weights do not fit the model they describe: {exc}") from exc
+    # batch norms folded into their convolutions (one pass fewer over each activation map), and
     # channels_last: the fast layout for convolutions on GPUs and CPUs alike (a HookNet at 64 px
     # runs about 3.5x faster on this project's 2-core CPU than in the default layout)
-    model = model.eval().to(device, memory_format=torch.channels_last)
+    model = model.eval()
+    fold_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last)
     from dsf.config import defaults
 
     pre = defaults("pretrain")
