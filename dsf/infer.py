@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -503,14 +502,15 @@ class _MapWriter:
         tissue_f: float,
         probs: Path | None,
         tile: int,
+        threads: int = 4,
     ) -> None:
         self.grid = grid
         ow, oh = grid.out_size
         self.band_w = grid.band_cores * grid.stride // grid.out_factor
         self.chunk_h = tile
         work.mkdir(parents=True)
-        # zlib frees the GIL: a few threads compress the tiles beside the writer's thread
-        self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="dsf-zlib")
+        # zlib frees the GIL: a few threads (within the job's) compress the tiles
+        self.pool = ThreadPoolExecutor(min(4, threads), thread_name_prefix="dsf-zlib")
         self.levels: list[np.ndarray | TileSpool] = []
         for i, (h, w) in enumerate(pyramid_shapes(oh, ow, tile)):
             if i and h * w <= MEMORY_LEVEL_PX:
@@ -685,7 +685,9 @@ class _WriterThread:
             self._raise()
 
 
-def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int) -> None:
+def write_tiff(
+    path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int, threads: int = 4
+) -> None:
     """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
     in px/cm per level, zlib (deflate) tiles: the spooled levels' tiles copied as they were
     compressed while predicting (`TileSpool`), the small in-memory levels encoded here."""
@@ -722,7 +724,7 @@ def write_tiff(path: Path, levels: list[Any], mpp: float, n_classes: int, tile: 
                 subfiletype=1 if i else 0,
                 software=f"dsf {__version__}",
                 metadata=None,
-                maxworkers=os.cpu_count(),  # zlib per tile in parallel (it frees the GIL)
+                maxworkers=threads,  # zlib per tile in parallel (it frees the GIL)
             )
 
 
@@ -967,7 +969,14 @@ def infer_slide(
         probs_ctx = atomic_path(out_probs) if out_probs is not None else nullcontext()
         with probs_ctx as probs_tmp:
             writer = _MapWriter(
-                work, grid, n_fg, tissue, out_mpp / mask_mpp, probs_tmp, settings["tile"]
+                work,
+                grid,
+                n_fg,
+                tissue,
+                out_mpp / mask_mpp,
+                probs_tmp,
+                settings["tile"],
+                settings["threads"],
             )
             bar = tqdm(
                 total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
@@ -989,7 +998,7 @@ def infer_slide(
         levels = writer.levels
         lap("predict")
         with atomic_path(out_map) as tmp:
-            write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"])
+            write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"], settings["threads"])
         lap("tiff")
         thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
         level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
