@@ -111,6 +111,7 @@ def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed
     from dsf.models.fold import fold_batchnorm
     from dsf.models.hooknet import HookNet
 
+    torch.manual_seed(0)  # the same random weights every run: the same map to write
     net: nn.Module = Stub()
     if model == "hooknet":
         net = HookNet(len(CLASSES), scale=4, input_size=256)

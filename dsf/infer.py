@@ -965,6 +965,10 @@ def infer_slide(
     remove(work)
     out_mpp = t * f
     tissue = mask if settings["mask_output"] else None
+    # the overlay's thumbnail is read beside the prediction, not after it
+    thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
+    thumbs = ThreadPoolExecutor(1, thread_name_prefix="dsf-thumb")
+    thumb = thumbs.submit(slide.thumbnail, thumb_mpp)
     try:
         probs_ctx = atomic_path(out_probs) if out_probs is not None else nullcontext()
         with probs_ctx as probs_tmp:
@@ -1000,15 +1004,15 @@ def infer_slide(
         with atomic_path(out_map) as tmp:
             write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"], settings["threads"])
         lap("tiff")
-        thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
         level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
         small = levels[level]
         small = small.asarray() if isinstance(small, TileSpool) else small
-        overlay = render_overlay(slide.thumbnail(thumb_mpp), small, p.classes)
+        overlay = render_overlay(thumb.result(), small, p.classes)
         with atomic_path(out_overlay) as tmp:
             Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
         lap("overlay")
     finally:
+        thumbs.shutdown(wait=True, cancel_futures=True)
         remove(work)
     ow, oh = grid.out_size
     meta = {
