@@ -489,9 +489,8 @@ class _MapWriter:
     no chunk is written twice. Level i is level 0 subsampled by 2**i (nearest, the top-left
     pixel of each 2**i square), written from each block as level 0 is, so no pass over the
     finished level 0 is needed. Levels larger than MEMORY_LEVEL_PX are spooled to the work
-    directory as compressed TIFF tiles (`TileSpool`), so the TIFF is written by copying them;
-    rows of a reduced level wait until they fill whole tile rows, so most tiles are stored
-    whole."""
+    directory as compressed TIFF tiles (`TileSpool`, where rows of a reduced level wait until
+    they fill whole tile rows), so the TIFF is written by copying them."""
 
     def __init__(
         self,
@@ -517,8 +516,6 @@ class _MapWriter:
                 self.levels.append(np.zeros((h, w), np.uint8))
             else:
                 self.levels.append(TileSpool(work / f"level{i}.tiles", (h, w), tile, self.pool))
-        # per reduced spooled level: (first row, first column, rows waiting for a tile row)
-        self.staged: dict[int, tuple[int, int, list[np.ndarray]]] = {}
         self.probs = None
         if probs is not None:
             import zarr
@@ -572,9 +569,10 @@ class _MapWriter:
         """Write the whole tile rows received (all rows when `final`, the band's end)."""
         if self.cls_rows:
             self._write(final)
-        if final:
-            for i in list(self.staged):
-                self._unstage(i, final=True)
+        if final:  # the band's end: its rows waiting for a whole tile row are stored
+            for level in self.levels:
+                if isinstance(level, TileSpool):
+                    level.flush()
 
     def _write(self, final: bool) -> None:
         cls = np.concatenate(self.cls_rows, axis=0)
@@ -596,8 +594,6 @@ class _MapWriter:
                 y1, x1 = (self.y + ry) // f, (x + rx) // f
                 if isinstance(level, np.ndarray):
                     level[y1 : y1 + sub.shape[0], x1 : x1 + sub.shape[1]] = sub
-                elif i:
-                    self._stage(i, y1, x1, sub)
                 else:
                     level.write(y1, x1, sub)
             if self.probs is not None and probs is not None:
@@ -607,28 +603,10 @@ class _MapWriter:
         if probs is not None:
             self.prob_rows = [probs[:, n:]] if n < cls.shape[0] else []
 
-    def _stage(self, i: int, y: int, x: int, sub: np.ndarray) -> None:
-        """Rows of reduced level i, held until they fill whole tile rows."""
-        y0, x0, rows = self.staged.get(i, (y, x, []))
-        if (x0, y0 + sum(r.shape[0] for r in rows)) != (x, y):
-            raise AssertionError(f"level {i}: rows at ({y}, {x}) do not follow the staged ones")
-        rows.append(sub)
-        self.staged[i] = (y0, x0, rows)
-        self._unstage(i, final=False)
-
-    def _unstage(self, i: int, final: bool) -> None:
-        y0, x0, rows = self.staged.pop(i)
-        block = np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
-        n = block.shape[0] if final else block.shape[0] // self.chunk_h * self.chunk_h
-        if n:
-            self.levels[i].write(y0, x0, block[:n])
-        if n < block.shape[0]:
-            self.staged[i] = (y0 + n, x0, [block[n:]])
-
 
 class _WriterThread:
     """The map writer on a thread of its own, fed in order through a bounded queue: the
-    subsampling into the pyramid and Zarr's compression of every row then run beside the main
+    subsampling into the pyramid and the compression of the map's tiles then run beside the main
     thread, which launches the GPU's work (on the 40k slide they were seconds of its time). An
     error there is raised in the main thread at its next hand-over, or by `join`; a file-system
     error (a full disk, no permission) as a `SlideError` that names the slide and the map."""

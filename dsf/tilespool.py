@@ -36,8 +36,11 @@ def _encode(a: np.ndarray) -> bytes:
 class TileSpool:
     """An (height, width) uint8 image as deflate tiles of `tile` px in a spool file.
 
-    `write` takes any rectangle; pixels never written are 0. Not thread-safe: one writer, then
-    `tiles` or `asarray` once writing is over.
+    `write` takes any rectangle; pixels never written are 0. Rows that continue the previous
+    write (same columns, the next rows) wait until they fill whole tile rows, so a band's
+    reduced levels, which arrive a few rows at a time, are still stored as whole tiles; `flush`
+    (at a band's end) stores what waits. Not thread-safe: one writer, then `tiles` or `asarray`
+    once `close` has run.
     """
 
     def __init__(self, path: Path, shape: tuple[int, int], tile: int, pool: ThreadPoolExecutor):
@@ -46,6 +49,7 @@ class TileSpool:
         self.end = 0
         # (tile row, tile column) -> pieces: (offset, bytes, y, x, h, w) with y, x in the tile
         self.index: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
+        self.waiting: tuple[int, int, list[np.ndarray]] | None = None  # (y, x, rows)
 
     def _full(self, ty: int, tx: int) -> tuple[int, int]:
         """The height and width of tile (ty, tx) inside the image."""
@@ -53,10 +57,36 @@ class TileSpool:
         return min(t, h - ty * t), min(t, w - tx * t)
 
     def write(self, y: int, x: int, block: np.ndarray) -> None:
-        """Store `block` at rows [y, y + h), columns [x, x + w)."""
+        """Store `block` at rows [y, y + h), columns [x, x + w): whole tile rows now, the rows
+        after the last whole one when they are filled, or at `flush`."""
         bh, bw = block.shape
         if y < 0 or x < 0 or y + bh > self.shape[0] or x + bw > self.shape[1]:
             raise ValueError(f"block {block.shape} at ({y}, {x}) outside the image {self.shape}")
+        if self.waiting is not None:
+            wy, wx, rows = self.waiting
+            if (wx, wy + sum(r.shape[0] for r in rows), rows[0].shape[1]) == (x, y, bw):
+                block, y = np.concatenate([*rows, block]), wy
+            else:
+                self.flush()
+            self.waiting = None
+        end = y + block.shape[0]
+        if end < self.shape[0]:  # rows short of a tile row (and of the image's end) wait
+            end = max(y, end // self.tile * self.tile)
+        if end < y + block.shape[0]:
+            self.waiting = (end, x, [block[end - y :]])
+        if end > y:
+            self._store(y, x, block[: end - y])
+
+    def flush(self) -> None:
+        """Store the rows waiting for the rest of their tile row."""
+        if self.waiting is not None:
+            y, x, rows = self.waiting
+            self.waiting = None
+            self._store(y, x, np.concatenate(rows) if len(rows) > 1 else rows[0])
+
+    def _store(self, y: int, x: int, block: np.ndarray) -> None:
+        """Compress and append `block` at (y, x), tile by tile (whole tiles TIFF-ready)."""
+        bh, bw = block.shape
         t = self.tile
         pieces, where = [], []
         for ty in range(y // t, -(-(y + bh) // t)):
@@ -77,7 +107,8 @@ class TileSpool:
             self.end += len(data)
 
     def close(self) -> None:
-        """Finish writing (the spool can then be read)."""
+        """Store what waits and finish writing (the spool can then be read)."""
+        self.flush()
         self.file.close()
 
     def tiles(self) -> Iterator[bytes]:

@@ -642,9 +642,10 @@ def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
 
 def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
     """The spooled levels' tiles are compressed once, as the rows arrive: the TIFF holds their
-    bytes unchanged. A tile written in pieces (a band edge through it, rows that stop inside
-    it) is put together, one never written is all 0, and every level reads back equal to the
-    image, edge tiles included."""
+    bytes unchanged. Rows that continue the previous write wait for the rest of their tile row;
+    a tile written in pieces (a band edge through it, a band that ends inside it) is put
+    together, one never written is all 0, and every level reads back equal to the image, edge
+    tiles included."""
     from concurrent.futures import ThreadPoolExecutor
 
     import dsf.infer
@@ -659,9 +660,18 @@ def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
         spool = TileSpool(tmp_path / "level0.tiles", (h, w), tile, pool)
         spool.write(0, 32, data[:64, 32:50])  # two bands meet inside tile column 1
         spool.write(0, 50, data[:64, 50:])
-        spool.write(64, 32, data[64:67, 32:])  # the last band's rows stop 3 rows short ...
-        spool.write(67, 32, data[67:, 32:])  # ... and come in the next write
+        spool.write(64, 32, data[64:67, 32:])  # a band ends 3 rows into tile row 2 ...
+        spool.flush()
+        spool.write(67, 32, data[67:, 32:])  # ... and the next one starts there
         spool.close()
+        # rows that continue the previous write wait: a tile row in two writes is stored whole
+        joined = TileSpool(tmp_path / "joined.tiles", (h, w), tile, pool)
+        joined.write(0, 32, data[:20, 32:])
+        assert not joined.index  # nothing stored yet: the rows wait for their tile row
+        joined.write(20, 32, data[20:, 32:])
+        joined.close()
+    assert all(v[0][2:] == (0, 0, 32, 32) and len(v) == 1 for v in joined.index.values())
+    np.testing.assert_array_equal(joined.asarray(), data)
     small = data[::2, ::2].copy()
     stored = {k: v for k, v in spool.index.items() if len(v) == 1 and v[0][2:] == (0, 0, 32, 32)}
     assert sorted(stored) == [(0, 2), (0, 3), (1, 2), (1, 3)]  # the whole tiles, stored as such
