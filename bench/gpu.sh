@@ -21,6 +21,11 @@
 #   6. the reader threads' GIL cost (bench/gil.py), the HookNet forward alone, and last, with
 #      what time is left, pretraining with torch.compile
 #
+# DSF_BENCH_PARTS names the steps to run, in order (default: tests inference extraction
+# pretraining gil forward compile; the environment step always runs; pretraining and compile
+# train on the store the extraction step writes), DSF_BENCH_TESTS the test files: a shorter
+# second call, e.g. DSF_BENCH_PARTS="tests extraction compile pretraining".
+#
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
 #     OUT=bench/out/dry bash bench/gpu.sh
@@ -32,6 +37,9 @@ BATCH=${DSF_BENCH_BATCH:-32}
 STEPS=${DSF_BENCH_STEPS:-30}
 PY=${PY:-python3}
 CORES=$(nproc)
+PARTS=${DSF_BENCH_PARTS:-tests inference extraction pretraining gil forward compile}
+TESTS=${DSF_BENCH_TESTS:-tests/test_infer.py tests/test_pretrain.py tests/test_finetune.py \
+tests/test_augment.py tests/test_fold.py tests/test_tiles.py}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 TEE=$!
@@ -85,48 +93,79 @@ if torch.cuda.is_available():
 
 # the synthetic slide is made on one core while the tests run (about 60 s)
 SLIDE=bench/out/synth-$SIZE.tiff
+STORE=bench/out/synth-$SIZE.zarr
+# the synthetic slide is made on one core while the tests run (about 60 s for 40k x 40k)
 timeout 200 "$PY" -c "
 import sys; from pathlib import Path; sys.path.insert(0, 'bench')
 from extract import _ensure_mask, _ensure_synth
 _ensure_mask(_ensure_synth(Path('bench/out'), $SIZE), None, Path('bench/out'))" \
     > "$OUT/synth.log" 2>&1 &
 SYNTH=$!
+slide_ready() {
+    [ -z "$SYNTH" ] && return
+    echo
+    echo "## synthetic slide and its tissue mask (started with the tests, $(date +%T))"
+    local rc=0
+    wait "$SYNTH" || rc=$?
+    SYNTH=
+    cat "$OUT/synth.log"
+    echo "## synthetic slide and its tissue mask: exit $rc at $SECONDS s"
+    [ "$rc" -eq 0 ] || failed+=("synthetic slide")
+}
 
 # the real-slide fixture only needs CMU-1-Small-Region.svs, which the demo data carries (these
-# tests took about 150 s on an H200)
-step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" DSF_REAL_DATA=config/data \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_infer.py tests/test_pretrain.py \
-    tests/test_finetune.py tests/test_augment.py tests/test_fold.py -k "not resume and not ddp"
+# tests took about 180 s on an H200)
+part_tests() {
+    # shellcheck disable=SC2086  # TESTS is a list of files
+    step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" \
+        DSF_REAL_DATA=config/data "$PY" -m pytest -q -p no:cacheprovider $TESTS \
+        -k "not resume and not ddp"
+}
+part_inference() {
+    slide_ready
+    step "inference, HookNet" 120 "$PY" bench/infer.py --sizes "$SIZE" --model hooknet \
+        --device "$DEVICE" --batch 256 --threads "$CORES"
+    # the pipeline alone (stub model), under py-spy (sampling without pausing the process): its
+    # JSON line is the stub run's timing, the profile says where the host's time goes
+    step "inference, pipeline alone (stub model), py-spy profile" 90 bash -c "
+        py-spy record -r 50 --nonblocking --threads -f raw -o $OUT/stub.pyspy -- $PY \
+            bench/infer.py --worker --slide $SLIDE --mask ${SLIDE%.tiff}.mask.tiff --model stub \
+            --device $DEVICE --batch 256 --threads $CORES --out bench/out &&
+        $PY bench/pyspy_top.py $OUT/stub.pyspy --frames 25 --threads 4"
+}
+part_extraction() {
+    slide_ready
+    step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
+}
+part_pretraining() {
+    step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" \
+        --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" \
+        --profile-steps "${DSF_BENCH_PROFILE:-5}"
+}
+part_gil() {
+    step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
+        --threads 4 "$CORES" --seconds 5
+}
+part_forward() {
+    step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only \
+        --model hooknet --device "$DEVICE" --batch 256 --seconds 10
+}
+# it compiles for minutes: last in the default order, taking what time is left
+part_compile() {
+    step "pretraining, batch $BATCH, torch.compile" 240 "$PY" bench/pretrain.py \
+        --stores "$STORE" --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) \
+        --device "$DEVICE" --compile
+}
 
-echo
-echo "## synthetic slide and its tissue mask (started with the tests, $(date +%T))"
-rc=0
-wait "$SYNTH" || rc=$?
-cat "$OUT/synth.log"
-echo "## synthetic slide and its tissue mask: exit $rc at $SECONDS s"
-[ "$rc" -eq 0 ] || failed+=("synthetic slide")
-step "inference, HookNet" 120 "$PY" bench/infer.py --sizes "$SIZE" --model hooknet \
-    --device "$DEVICE" --batch 256 --threads "$CORES"
-# the pipeline alone (stub model), under py-spy (sampling without pausing the process): its JSON
-# line is the stub run's timing, the profile says where the host's time goes, all threads
-step "inference, pipeline alone (stub model), py-spy profile" 90 bash -c "
-    py-spy record -r 50 --nonblocking --threads -f raw -o $OUT/stub.pyspy -- $PY bench/infer.py \
-        --worker --slide $SLIDE --mask ${SLIDE%.tiff}.mask.tiff --model stub --device $DEVICE \
-        --batch 256 --threads $CORES --out bench/out &&
-    $PY bench/pyspy_top.py $OUT/stub.pyspy --frames 25 --threads 4"
-
-step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
-
-STORE=bench/out/synth-$SIZE.zarr
-step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" --batch "$BATCH" \
-    --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" --profile-steps 5
-step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
-    --threads 4 "$CORES" --seconds 5
-step "inference, HookNet forward alone" 60 "$PY" bench/infer.py --forward-only --model hooknet \
-    --device "$DEVICE" --batch 256 --seconds 10
-# last: it compiles for minutes and takes what time is left
-step "pretraining, batch $BATCH, torch.compile" 240 "$PY" bench/pretrain.py --stores "$STORE" \
-    --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" --compile
+for part in $PARTS; do
+    if ! declare -F "part_$part" >/dev/null; then
+        echo "## unknown part $part (DSF_BENCH_PARTS)"
+        failed+=("$part (unknown)")
+        continue
+    fi
+    "part_$part"
+done
+kill "$SYNTH" 2>/dev/null
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then

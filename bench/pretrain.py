@@ -173,12 +173,13 @@ def main() -> None:
         print(profile_steps(trainer, tiles, args.profile_steps), flush=True)
     trainer.train_epoch(progress=False)  # warm-up: starts the loader's workers (persistent)
     row = trainer.train_epoch(progress=False)
-    trainer.close()
     print(
         f"| end to end (store -> loader -> augment -> step), {args.steps} steps, after one "
         "warm-up epoch | "
-        f"{row['samples_per_s']:.1f} samples/s |"
+        f"{row['samples_per_s']:.1f} samples/s |",
+        flush=True,
     )
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -388,9 +388,9 @@ class Trainer:
             self.write_log()
 
     def close(self) -> None:
-        """Stop the loader's persistent worker processes now. Left to the interpreter's exit,
-        one aborted during shutdown on a GPU machine ("terminate called without an active
-        exception") after a finished run."""
+        """Stop the loader's persistent worker processes now, not at the interpreter's exit
+        (they may still be prefetching; `dsf.tiles.loader_worker_init` makes them end without
+        finalization, which aborted one mid-prefetch)."""
         it = getattr(self.loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

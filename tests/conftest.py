@@ -29,6 +29,19 @@ def real() -> Path:
     return REAL
 
 
+@pytest.fixture
+def exact_float32():  # noqa: ANN201 - a context fixture
+    """float32 convolutions and matrix products without TF32 on a GPU (cuDNN uses TF32 by
+    default there, about 1e-3 relative), for tests that compare two float32 computations to
+    1e-4; nothing changes on the CPU."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 SYNTH_CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 

@@ -26,7 +26,7 @@ def _randomise_norms(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "regnety_800mf", "efficientnet_b0"])
-def test_folded_hooknet_predicts_the_same(backbone: str) -> None:
+def test_folded_hooknet_predicts_the_same(backbone: str, exact_float32: None) -> None:
     torch.manual_seed(0)
     model = HookNet(3, backbone=backbone, input_size=64).eval()
     _randomise_norms(model)

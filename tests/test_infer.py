@@ -491,12 +491,13 @@ def _hooknet_model_pt(path: Path, block: int = 64) -> Path:
     return path
 
 
-def test_predictor_runs_only_what_the_target_logits_need(tmp_path):
+def test_predictor_runs_only_what_the_target_logits_need(tmp_path, exact_float32):
     """A loaded HookNet predicts without its context head (the context decoder stops at the
-    hook), and its probabilities are the softmax of the full forward's target logits."""
+    hook), and its probabilities are the softmax of the full forward's target logits (both in
+    float32: AMP's rounding would hide a difference)."""
     from dsf.predict import load_predictor
 
-    pred = load_predictor(_hooknet_model_pt(tmp_path / "model.pt"), torch.device(DEVICE))
+    pred = load_predictor(_hooknet_model_pt(tmp_path / "model.pt"), torch.device(DEVICE), amp=False)
     heads: list[str] = []
     pred.model.context_head.register_forward_hook(lambda *_: heads.append("context"))
     pred.model.target_head.register_forward_hook(lambda *_: heads.append("target"))
