@@ -24,7 +24,8 @@
 # DSF_BENCH_PARTS names the steps to run, in order (default: tests inference extraction
 # pretraining gil forward compile; the environment step always runs; pretraining and compile
 # train on the store the extraction step writes), DSF_BENCH_TESTS the test files: a shorter
-# second call, e.g. DSF_BENCH_PARTS="tests extraction compile pretraining".
+# second call, e.g. DSF_BENCH_PARTS="tests extraction compile_encoders compile pretraining"
+# (compile_encoders, not in the default list: torch.compile of the two encoders only).
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -155,6 +156,11 @@ part_compile() {
     step "pretraining, batch $BATCH, torch.compile" 240 "$PY" bench/pretrain.py \
         --stores "$STORE" --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) \
         --device "$DEVICE" --compile
+}
+part_compile_encoders() {
+    step "pretraining, batch $BATCH, torch.compile of the encoders only" 200 "$PY" \
+        bench/pretrain.py --stores "$STORE" --batch "$BATCH" --steps "$STEPS" \
+        --workers $((CORES / 2)) --device "$DEVICE" --compile-encoders
 }
 
 for part in $PARTS; do
