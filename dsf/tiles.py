@@ -34,7 +34,10 @@ def loader_worker_init(worker_id: int) -> None:
 
     import numcodecs.blosc
     import zarr
+    from torch.utils.data import get_worker_info
 
+    if get_worker_info() is None:  # in the main process it would end the run with status 0
+        raise RuntimeError("loader_worker_init is a DataLoader worker_init_fn, for workers only")
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
     atexit.register(_exit_without_finalizing)

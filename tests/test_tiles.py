@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from torch.utils.data import DataLoader, Sampler
@@ -59,3 +60,9 @@ def test_the_loader_stops_its_workers_while_they_still_prefetch(tmp_path: Path) 
         workers = list(it._workers)
         it._shutdown_workers()  # raises when a worker died by a signal
         assert [w.exitcode for w in workers] == [0, 0]
+
+
+def test_the_worker_set_up_refuses_the_main_process() -> None:
+    """Its exit handler would end the main process with status 0, hiding a failure."""
+    with pytest.raises(RuntimeError, match="for workers only"):
+        loader_worker_init(0)
