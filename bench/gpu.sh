@@ -25,7 +25,8 @@
 # pretraining gil forward compile; the environment step always runs; pretraining and compile
 # train on the store the extraction step writes), DSF_BENCH_TESTS the test files: a shorter
 # second call, e.g. DSF_BENCH_PARTS="tests extraction compile_encoders compile pretraining"
-# (compile_encoders, not in the default list: torch.compile of the two encoders only).
+# (not in the default list: compile_encoders, torch.compile of the two encoders only; fp16,
+# the eager step in AMP float16, to see whether batch norm then runs through cuDNN).
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -161,6 +162,11 @@ part_compile_encoders() {
     step "pretraining, batch $BATCH, torch.compile of the encoders only" 200 "$PY" \
         bench/pretrain.py --stores "$STORE" --batch "$BATCH" --steps "$STEPS" \
         --workers $((CORES / 2)) --device "$DEVICE" --compile-encoders
+}
+part_fp16() {
+    step "pretraining, batch $BATCH, AMP float16" 100 "$PY" bench/pretrain.py --stores "$STORE" \
+        --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" \
+        --amp-dtype float16 --profile-steps "${DSF_BENCH_PROFILE:-5}"
 }
 
 for part in $PARTS; do
