@@ -166,7 +166,7 @@ part_compile_encoders() {
 part_fp16() {
     step "pretraining, batch $BATCH, AMP float16" 100 "$PY" bench/pretrain.py --stores "$STORE" \
         --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" \
-        --amp-dtype float16 --profile-steps "${DSF_BENCH_PROFILE:-5}"
+        --amp-dtype float16 --profile-steps 5
 }
 
 for part in $PARTS; do
