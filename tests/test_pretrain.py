@@ -246,3 +246,26 @@ def test_tile_dataset_batches_match_single_reads(stores: list[Path]) -> None:
     assert clone._arrays is None and torch.equal(clone[3], data[3])
     with pytest.raises(IndexError):
         data[n]
+
+
+def test_compile_trains_the_same_model_and_saves_its_plain_weights(
+    stores: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pretrain.compile` wires torch.compile into training only: the losses follow the eager
+    run's and the checkpoint and encoders hold the model's own weights (no `_orig_mod.` keys),
+    so resume and fine-tuning read them. The graph is compiled with the `aot_eager` backend
+    (dynamo and autograd tracing, no code generation, which takes minutes on the CPU)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        trainer = Trainer(_settings(epochs=1, steps_per_epoch=2, compile=compiled), stores, out)
+        assert (trainer.net is not trainer.model) == compiled
+        trainer.fit(progress=False)
+        trainer.export_encoders()
+        runs[compiled] = trainer.history[0]["loss"]
+        state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        assert state.keys() == trainer.model.state_dict().keys()
+        assert not any("_orig_mod" in k for k in state)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
