@@ -22,13 +22,13 @@ def loader_worker_init(worker_id: int) -> None:
     Blosc at one), so N workers keep N cores busy instead of N x cores threads contending for
     them. In-process reads measured 20% faster this way even on 2 cores.
 
-    A worker also ends without the interpreter's finalization (`os._exit` as its last exit
-    handler): when the loader stops its workers while they still prefetch, a worker's queue
-    feeder thread can be inside torch's C++ (moving a batch to shared memory); finalization
-    then unwinds that thread, which aborts the worker ("terminate called without an active
-    exception") and with it the training run that asked the loader to stop. By the time exit
-    handlers run, multiprocessing has already joined and flushed what it needs; the half-sent
-    batch is one the stopping loader discards anyway.
+    A worker also ends without the interpreter's finalization (`os._exit`, the first of its
+    exit handlers to run): when the loader stops its workers while they still prefetch, a
+    worker's queue feeder thread can be inside torch's C++ (moving a batch to shared memory);
+    finalization then unwinds that thread, which aborts the worker ("terminate called without
+    an active exception") and with it the training run that asked the loader to stop. By the
+    time exit handlers run, multiprocessing has joined what it needs; the half-sent batch is
+    one the stopping loader discards anyway.
     """
     import atexit
 
