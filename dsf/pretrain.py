@@ -207,6 +207,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if settings["compile"]:
+            if self.rank == 0:
+                log.info("pretrain.compile: the first step compiles the model (minutes)")
             self.net = torch.compile(self.net)
         self.lr = settings["lr"] * math.sqrt(settings["batch_size"] / 32)
         # fused on a GPU: one kernel over all 123M parameters instead of several passes
