@@ -49,7 +49,7 @@ class TileSpool:
         self.end = 0
         # (tile row, tile column) -> pieces: (offset, bytes, y, x, h, w) with y, x in the tile
         self.index: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
-        self.waiting: tuple[int, int, list[np.ndarray]] | None = None  # (y, x, rows)
+        self.waiting: tuple[int, int, np.ndarray] | None = None  # (y, x, rows)
 
     def _full(self, ty: int, tx: int) -> tuple[int, int]:
         """The height and width of tile (ty, tx) inside the image."""
@@ -64,16 +64,16 @@ class TileSpool:
             raise ValueError(f"block {block.shape} at ({y}, {x}) outside the image {self.shape}")
         if self.waiting is not None:
             wy, wx, rows = self.waiting
-            if (wx, wy + sum(r.shape[0] for r in rows), rows[0].shape[1]) == (x, y, bw):
-                block, y = np.concatenate([*rows, block]), wy
+            if (wx, wy + rows.shape[0], rows.shape[1]) == (x, y, bw):
+                block, y = np.concatenate([rows, block]), wy
+                self.waiting = None
             else:
                 self.flush()
-            self.waiting = None
         end = y + block.shape[0]
         if end < self.shape[0]:  # rows short of a tile row (and of the image's end) wait
             end = max(y, end // self.tile * self.tile)
         if end < y + block.shape[0]:
-            self.waiting = (end, x, [block[end - y :]])
+            self.waiting = (end, x, block[end - y :])
         if end > y:
             self._store(y, x, block[: end - y])
 
@@ -82,7 +82,7 @@ class TileSpool:
         if self.waiting is not None:
             y, x, rows = self.waiting
             self.waiting = None
-            self._store(y, x, np.concatenate(rows) if len(rows) > 1 else rows[0])
+            self._store(y, x, rows)
 
     def _store(self, y: int, x: int, block: np.ndarray) -> None:
         """Compress and append `block` at (y, x), tile by tile (whole tiles TIFF-ready)."""
