@@ -139,10 +139,15 @@ part_extraction() {
     slide_ready
     step extraction 120 "$PY" bench/extract.py --sizes "$SIZE" --threads "$CORES"
 }
+# bench/pretrain.py on the extracted store: a step's title, its limit, then the variant's options
+pretrain_step() {
+    local title=$1 limit=$2
+    shift 2
+    step "pretraining, batch $BATCH$title" "$limit" "$PY" bench/pretrain.py --stores "$STORE" \
+        --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" "$@"
+}
 part_pretraining() {
-    step "pretraining, batch $BATCH" 150 "$PY" bench/pretrain.py --stores "$STORE" \
-        --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" \
-        --profile-steps "${DSF_BENCH_PROFILE:-5}"
+    pretrain_step "" 150 --profile-steps "${DSF_BENCH_PROFILE:-5}"
 }
 part_gil() {
     step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
@@ -154,19 +159,13 @@ part_forward() {
 }
 # it compiles for minutes: last in the default order, taking what time is left
 part_compile() {
-    step "pretraining, batch $BATCH, torch.compile" 240 "$PY" bench/pretrain.py \
-        --stores "$STORE" --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) \
-        --device "$DEVICE" --compile
+    pretrain_step ", torch.compile" 240 --compile
 }
 part_compile_encoders() {
-    step "pretraining, batch $BATCH, torch.compile of the encoders only" 200 "$PY" \
-        bench/pretrain.py --stores "$STORE" --batch "$BATCH" --steps "$STEPS" \
-        --workers $((CORES / 2)) --device "$DEVICE" --compile-encoders
+    pretrain_step ", torch.compile of the encoders only" 200 --compile-encoders
 }
 part_fp16() {
-    step "pretraining, batch $BATCH, AMP float16" 100 "$PY" bench/pretrain.py --stores "$STORE" \
-        --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" \
-        --amp-dtype float16 --profile-steps 5
+    pretrain_step ", AMP float16" 100 --amp-dtype float16 --profile-steps 5
 }
 
 for part in $PARTS; do
