@@ -16,8 +16,9 @@
 #      (summarised by bench/pyspy_top.py)
 #   4. patch extraction of that slide with every core (and the store for step 5)
 #   5. pretraining at batch 32, ResNet-18: loader, augmentation (eager and with the compiled
-#      colour pass the trainer uses), model step, where 5 steps spend the GPU's time (by kernel
-#      category and kernel), end to end (target 320 samples/s)
+#      colour pass the trainer uses), model step, the torch ops one step dispatches, where 5
+#      steps spend the GPU's time (by kernel category and kernel), end to end (target 320
+#      samples/s)
 #   6. the reader threads' GIL cost (bench/gil.py), the HookNet forward alone, and last, with
 #      what time is left, pretraining with torch.compile
 #
@@ -147,7 +148,7 @@ pretrain_step() {
         --batch "$BATCH" --steps "$STEPS" --workers $((CORES / 2)) --device "$DEVICE" "$@"
 }
 part_pretraining() {
-    pretrain_step "" 150 --profile-steps "${DSF_BENCH_PROFILE:-5}"
+    pretrain_step "" 150 --count-ops --profile-steps "${DSF_BENCH_PROFILE:-5}"
 }
 part_gil() {
     step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \

@@ -24,7 +24,6 @@ a CPU-only machine can measure for the GPU run (its timings are then meaningless
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -38,11 +37,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import _ensure_mask, _ensure_synth  # noqa: E402 - bench helper reuse
+from opcount import OpCounter  # noqa: E402
 
 from dsf.config import defaults  # noqa: E402
 from dsf.devices import amp_dtype  # noqa: E402
@@ -63,19 +62,6 @@ class Stub(nn.Module):
         self, context: torch.Tensor, target: torch.Tensor, context_logits: bool = True
     ) -> tuple[torch.Tensor, None]:
         return self.conv(target), None
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the torch operations dispatched on the thread that enters it (modes are
-    thread-local: the reader and writer threads are not counted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Timed(nn.Module):
@@ -165,9 +151,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     w, h = slide.dimensions
     ops = {}
     if counter is not None:
-        total = sum(counter.ops.values())
         ops = {
-            "ops_per_window": round(total / meta["windows"], 2),
+            "ops_per_window": round(counter.total / meta["windows"], 2),
             "top_ops_per_window": {
                 k: round(v / meta["windows"], 2) for k, v in counter.ops.most_common(8)
             },

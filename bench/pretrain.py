@@ -9,7 +9,9 @@ on real patch stores on disk (e.g. the 40k synthetic slide's store written by
 
 Prints a markdown row per measurement; `bench/RESULTS.md` records them. `--profile-steps N`
 adds where N training steps (augmentation and update) spend the device's time, by kernel
-category and by kernel: what a faster step has to cut.
+category and by kernel: what a faster step has to cut. `--count-ops` adds the torch operations
+one step dispatches: each is host time, and on a GPU the host has to issue them faster than the
+card runs them (a count a CPU-only machine measures for the GPU).
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ import itertools
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dsf.config import defaults
-from dsf.pretrain import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from opcount import OpCounter  # noqa: E402 - bench helper
+
+from dsf.config import defaults  # noqa: E402
+from dsf.pretrain import Trainer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -73,6 +80,25 @@ def bench_model_step(trainer: Trainer, tiles: torch.Tensor, steps: int) -> float
         trainer.update(views)
     _sync(trainer.device)
     return (time.perf_counter() - t0) / steps * 1000
+
+
+def count_step_ops(trainer: Trainer, tiles: torch.Tensor, top: int = 10) -> str:
+    """The torch operations one optimiser step dispatches (forward, backward, Adam), after a
+    warm-up step, as markdown: the total, the views among them, and the most frequent."""
+    views = trainer.views(tiles, torch.Generator(device=trainer.device).manual_seed(0))
+    trainer.update(views)
+    with OpCounter() as counter:
+        trainer.update(views)
+    with OpCounter() as adam:  # the gradients are still there: one more optimiser step alone
+        trainer.opt.step()
+    _sync(trainer.device)
+    model = counter.total - adam.total
+    lines = [
+        f"| torch ops per model step | {counter.total:,}: forward and backward {model:,} "
+        f"({counter.views - adam.views:,} of them views), optimiser {adam.total:,} |"
+    ]
+    lines += [f"| {op} | {n} |" for op, n in counter.ops.most_common(top)]
+    return "\n".join(lines)
 
 
 #: kernel categories by name (first match wins; the names of cuDNN, cuBLAS and ATen kernels)
@@ -145,6 +171,12 @@ def main() -> None:
         "H200 profile showed PyTorch's own channels-last kernels, 27%% of kernel time",
     )
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps")
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the torch ops of one model step (each a host-side call; on a GPU, all but "
+        "the views a kernel launch)",
+    )
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = p.parse_args()
 
@@ -193,6 +225,8 @@ def main() -> None:
         f"samples/s |"
     )
     print(f"| augmentation / model step | {aug_ms / step_ms:.1%} |")
+    if args.count_ops:
+        print(count_step_ops(trainer, tiles), flush=True)
     if args.profile_steps:
         print(profile_steps(trainer, tiles, args.profile_steps), flush=True)
     trainer.train_epoch(progress=False)  # warm-up: starts the loader's workers (persistent)

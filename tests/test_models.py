@@ -225,6 +225,76 @@ def test_simsiam_loss_by_hand_and_stop_gradient() -> None:
     assert p2.grad is not None
 
 
+def _both_ways(head: nn.Module, x: Tensor, weights: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Output of a head and the gradients of a weighted sum of it, for x of shape (R, 2, d)."""
+    head.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = head(x)
+    (out * weights).sum().backward()
+    grads = [x.grad, *(p.grad for p in head.parameters())]
+    assert all(g is not None for g in grads)
+    return out.detach(), [g.clone() for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["projector", "predictor"])
+@pytest.mark.parametrize("sync", [False, True], ids=["batchnorm", "syncbatchnorm"])
+def test_paired_heads_equal_separate_views(kind: str, sync: bool) -> None:
+    """Both views in one call, (R, 2, d), give each view's own forward and the same gradients:
+    batch-norm statistics stay per view (SyncBatchNorm, under DDP, takes the views in turn)."""
+    from dsf.models import Predictor, Projector
+
+    torch.manual_seed(0)
+    head = (Projector if kind == "projector" else Predictor)(12).double()
+    if sync:  # without a process group SyncBatchNorm normalises like BatchNorm
+        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in head.modules())
+    x = torch.randn(5, 2, 12, dtype=torch.float64)
+    x[:, 1] = 3 * x[:, 1] + 2  # the views' statistics differ: one shared BN would be wrong
+    weights = torch.randn(5, 2, 12, dtype=torch.float64)
+    paired, paired_grads = _both_ways(head, x, weights)
+
+    class Separate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.stack([self.head(x[:, v]) for v in range(2)], dim=1)
+
+    separate, separate_grads = _both_ways(Separate(), x, weights)
+    assert len(separate_grads) == len(paired_grads) > 3
+    torch.testing.assert_close(paired, separate, rtol=1e-12, atol=1e-12)
+    for a, b in zip(paired_grads, separate_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    shared = head(x.reshape(10, 12)).reshape(5, 2, 12)  # one BN over both views: not the same
+    assert not torch.allclose(paired, shared, atol=1e-3)
+
+
+def test_paired_loss_and_old_checkpoints() -> None:
+    from dsf.models import Projector
+    from dsf.models.heads import paired_simsiam_loss
+
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(6, 2, 8, generator=g, requires_grad=True)
+    z = torch.randn(6, 2, 8, generator=g, requires_grad=True)
+    loss = paired_simsiam_loss(p, z)
+    assert loss.item() == pytest.approx(simsiam_loss(p[:, 0], p[:, 1], z[:, 0], z[:, 1]).item())
+    loss.backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="rows, 2, d"):
+        paired_simsiam_loss(p[:, :1], z[:, :1])
+    # heads' batch norms keep no running statistics (never evaluated); older checkpoints had them
+    head = Projector(8)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in head.state_dict())
+    old = nn.Sequential(
+        nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8, affine=False),
+    )  # fmt: skip
+    head.load_state_dict(old.state_dict())
+    assert torch.equal(head[0].weight, old[0].weight)
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -249,7 +319,8 @@ def test_default_model_sizes(model: DSFModel) -> None:
 
 
 def test_head_inputs_per_group(model: DSFModel) -> None:
-    """Rows and widths the heads see: context (B, C), target (B*N, C), fusion (B, 9C)."""
+    """Rows and widths the heads see, both views in one call: context (B, 2, C), target
+    (B*N, 2, C), fusion (B, 2, 9C)."""
     seen: dict[str, list[tuple[int, ...]]] = {}
     hooks = [
         model.projectors[k].register_forward_pre_hook(
@@ -265,9 +336,9 @@ def test_head_inputs_per_group(model: DSFModel) -> None:
         for h in hooks:
             h.remove()
     for s, c in enumerate(RESNET18_DIMS, start=1):
-        assert seen[f"context{s}"] == [(B, c)] * 2
-        assert seen[f"target{s}"] == [(B * N, c)] * 2
-        assert seen[f"fusion{s}"] == [(B, 9 * c)] * 2
+        assert seen[f"context{s}"] == [(B, 2, c)]
+        assert seen[f"target{s}"] == [(B * N, 2, c)]
+        assert seen[f"fusion{s}"] == [(B, 2, 9 * c)]
 
 
 def test_loss_symmetric_in_views(model: DSFModel) -> None:
@@ -291,7 +362,7 @@ def test_stop_gradient_in_model(model: DSFModel, swap: Swap) -> None:
             self.p = nn.Parameter(torch.randn(d))
 
         def forward(self, z: Tensor) -> Tensor:
-            return self.p.expand(z.shape[0], -1)
+            return self.p.expand(*z.shape[:-1], -1)
 
     constants = nn.ModuleDict({key: Constant(d) for key, d in model.head_dims.items()})
     swap(model, "predictors", constants)
@@ -415,9 +486,9 @@ def test_jigsaw_and_fusion_slots(model: DSFModel, swap: Swap) -> None:
         for h in hooks:
             h.remove()
     for v in range(2):
-        raster = seen["target4"][v].reshape(B, N, 512)
+        raster = seen["target4"][0][:, v].reshape(B, N, 512)
         assert torch.equal(raster, ids[..., None].expand(-1, -1, 512))
-        fusion = seen["fusion2"][v].reshape(B, 9, 128)
+        fusion = seen["fusion2"][0][:, v].reshape(B, 9, 128)
         assert torch.equal(fusion[:, 0], ctx_ids[:, None].expand(-1, 128))
         kept = torch.stack([ids[b, perms[v, b, :8]] for b in range(B)])
         assert torch.equal(fusion[:, 1:], kept[..., None].expand(-1, -1, 128))

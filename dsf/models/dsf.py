@@ -1,8 +1,9 @@
 """The DSF-WSI pretraining model: dual branch, CTFM with the masked jigsaw, and DSL (paper III).
 
 Two encoders of one architecture with separate weights: the context branch sees the whole tile at
-the coarse resolution, the target branch its `n_blocks` blocks at the fine one (paper III-D). Per
-stage and per view:
+the coarse resolution, the target branch its `n_blocks` blocks at the fine one (paper III-D). Each
+view goes through the encoders alone (batch-norm statistics per view, as in SimSiam). Per stage and
+per view:
 
 - context features: the pooled context map, (B, C);
 - target features: the pooled block maps, put back in raster order through the inverse of the
@@ -11,7 +12,8 @@ stage and per view:
   the first `n_keep` slots of the view's shuffled order, (B, (n_keep + 1) C). Dropping the other
   slots is the masking; the view's own slot order is the jigsaw. No stop-gradient on the features.
 
-Each (group, stage) pair has its own projector and predictor (DSL, paper III-E); the SimSiam loss
+Each (group, stage) pair has its own projector and predictor (DSL, paper III-E), which take both
+views' rows in one call (`dsf.models.heads`: per-view statistics, half the calls); the SimSiam loss
 of each pair is weighted by `stage_weights` and summed over stages, and the total is the sum of the
 three groups (Eq. 7-8), so it lies in [-sum(w) * groups, sum(w) * groups] = [-6.6, 6.6] by default.
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from dsf.models.encoders import build_encoder
-from dsf.models.heads import Predictor, Projector, simsiam_loss
+from dsf.models.heads import Predictor, Projector, paired_simsiam_loss
 
 __all__ = ["GROUPS", "METHODS", "DSFModel", "Method", "draw_perms"]
 
@@ -178,32 +180,32 @@ class DSFModel(nn.Module):
 
     def _features(
         self, context: Tensor, targets: Tensor, perms: Tensor
-    ) -> dict[str, list[list[Tensor]]]:
-        """Per group, per view, per stage the rows SimSiam compares (see module docstring)."""
+    ) -> dict[str, dict[int, Tensor]]:
+        """Per group and (1-based) stage with a loss, the rows SimSiam compares, both views at
+        once: (R, 2, d) with view v in [:, v] (see module docstring). Each view goes through the
+        encoders alone, so their batch-norm statistics stay per view."""
         groups = self.spec.groups
         # Without a target loss only the kept slots matter, so only those are encoded.
         n_enc = self.n_blocks if "target" in groups else self.n_keep
-        inverse = perms.argsort(dim=-1)
-        out: dict[str, list[list[Tensor]]] = {g: [] for g in groups}
-        for v in range(2):
-            b = targets.shape[1]
-            ctx = self.context_encoder(context[v])
-            tgt = self.target_encoder(targets[v, :, :n_enc].flatten(0, 1))
-            slots = [t.reshape(b, n_enc, t.shape[-1]) for t in tgt]
+        b = targets.shape[1]
+        ctx = [self.context_encoder(context[v]) for v in range(2)]
+        tgt = [self.target_encoder(targets[v, :, :n_enc].flatten(0, 1)) for v in range(2)]
+        # raster[b, k, v] = slot inverse[v, b, k] of view v: the block k of both views
+        inverse = perms.argsort(dim=-1).permute(1, 2, 0).unsqueeze(-1)  # (B, n, 2, 1)
+        out: dict[str, dict[int, Tensor]] = {g: {} for g in groups}
+        for stage in self.spec.stages:
+            c = torch.stack([ctx[v][stage - 1] for v in range(2)], dim=1)  # (B, 2, C)
+            slots = torch.stack(
+                [tgt[v][stage - 1].reshape(b, n_enc, -1) for v in range(2)], dim=2
+            )  # (B, n_enc, 2, C)
             if "context" in groups:
-                out["context"].append(ctx)
+                out["context"][stage] = c
             if "target" in groups:
-                raster = [
-                    s.gather(1, inverse[v].unsqueeze(-1).expand(-1, -1, s.shape[-1])).flatten(0, 1)
-                    for s in slots
-                ]
-                out["target"].append(raster)
+                raster = slots.gather(1, inverse.expand(-1, -1, -1, slots.shape[-1]))
+                out["target"][stage] = raster.flatten(0, 1)
             if "fusion" in groups:
-                fused = [
-                    torch.cat([c.unsqueeze(1), s[:, : self.n_keep]], dim=1).flatten(1)
-                    for c, s in zip(ctx, slots, strict=True)
-                ]
-                out["fusion"].append(fused)
+                kept = slots[:, : self.n_keep].transpose(1, 2)  # (B, 2, n_keep, C)
+                out["fusion"][stage] = torch.cat([c.unsqueeze(2), kept], dim=2).flatten(2)
         return out
 
     def forward(self, context: Tensor, targets: Tensor, perms: Tensor) -> dict[str, Tensor]:
@@ -237,14 +239,12 @@ class DSFModel(nn.Module):
             total = zero
             for stage in self.spec.stages:
                 key = f"{group}{stage}"
-                q1, q2 = (feats[group][v][stage - 1] for v in range(2))
-                z1, z2 = self.projectors[key](q1), self.projectors[key](q2)
-                p1, p2 = self.predictors[key](z1), self.predictors[key](z2)
-                loss = simsiam_loss(p1, p2, z1, z2)
+                z = self.projectors[key](feats[group][stage])  # both views: (R, 2, d)
+                loss = paired_simsiam_loss(self.predictors[key](z), z)
                 total = total + self.stage_weights[stage - 1] * loss
                 out[f"{group}_s{stage}"] = loss.detach()
                 if stage == last:
-                    std = torch.stack([_normalised_std(z1), _normalised_std(z2)]).mean()
+                    std = _normalised_std(z)
                     out[f"z_std_{group}"] = std
                     stds.append(std)
             out[group] = total
@@ -264,5 +264,6 @@ class DSFModel(nn.Module):
 
 @torch.no_grad()
 def _normalised_std(z: Tensor) -> Tensor:
-    """SimSiam's collapse indicator: per-channel std of the L2-normalised rows, averaged."""
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+    """SimSiam's collapse indicator: per-channel std over the rows of the L2-normalised
+    vectors, averaged over channels and views ((R, d) or (R, V, d))."""
+    return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
