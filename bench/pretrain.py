@@ -115,8 +115,10 @@ CATEGORIES = (
 
 def profile_steps(trainer: Trainer, tiles: torch.Tensor, steps: int, top: int = 12) -> str:
     """Where `steps` training steps (both views' augmentation, then the update) spend their
-    time: kernel self time on a GPU (CPU op self time on the CPU), per step, by category and
-    for the `top` kernels, as markdown."""
+    time: kernel time on a GPU (CPU op self time on the CPU), per step, by category and for
+    the `top` kernels, as markdown. On a GPU also the kernel time against the steps' wall time
+    (under the profiler): the rest is the card waiting for the host."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     dev = trainer.device
@@ -125,11 +127,16 @@ def profile_steps(trainer: Trainer, tiles: torch.Tensor, steps: int, top: int = 
     _sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             trainer.update(trainer.views(tiles, gen))
         _sync(dev)
-    field = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    times = [(e.key, getattr(e, field) / 1e3 / steps) for e in prof.key_averages()]
+        wall = (time.perf_counter() - t0) / steps * 1000
+    if dev.type == "cuda":  # kernels only: an op's device time is its kernels' (counted twice)
+        events = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
+        times = [(e.key, e.self_device_time_total / 1e3 / steps) for e in events]
+    else:
+        times = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
     times = [(k, ms) for k, ms in times if ms > 0]
     total = sum(ms for _, ms in times)
     by_cat: collections.Counter[str] = collections.Counter()
@@ -137,7 +144,8 @@ def profile_steps(trainer: Trainer, tiles: torch.Tensor, steps: int, top: int = 
         name = next((c for c, rx in CATEGORIES if re.search(rx, k, re.IGNORECASE)), "other")
         by_cat[name] += ms
     unit = "kernel" if dev.type == "cuda" else "CPU op"
-    lines = [f"{unit} time per step: {total:.1f} ms", "", "| category | ms/step | share |"]
+    lines = [f"{unit} time per step: {total:.1f} ms of {wall:.1f} ms wall ({total / wall:.0%})"]
+    lines += ["", "| category | ms/step | share |"]
     lines += ["|---|---|---|"]
     lines += [f"| {c} | {ms:.1f} | {ms / total:.0%} |" for c, ms in by_cat.most_common()]
     lines += ["", f"| {unit} | ms/step | share |", "|---|---|---|"]
