@@ -1,9 +1,10 @@
 """Self-supervised DSF-WSI pretraining of one fold (DESIGN sections 4-5, paper section III).
 
 Trains the dual-branch model on the uint8 tiles of the fold's training slides (never a validation
-slide of that fold): augmentation runs on the training device (`dsf.augment`), the model step
-under AMP (bf16 where supported, else fp16 with a scaler; fp32 on the CPU), optionally
-channels_last and `torch.compile`, on several GPUs through `torchrun` (DDP, SyncBatchNorm).
+slide of that fold): augmentation runs on the training device (`dsf.augment`; on a GPU the next
+batch's on a side stream while the current step runs), the model step under AMP (bf16 where
+supported, else fp16 with a scaler; fp32 on the CPU), optionally channels_last and
+`torch.compile`, on several GPUs through `torchrun` (DDP, SyncBatchNorm).
 
 Artifacts in `--out-dir`: `encoders.pt` (the two encoders' state_dicts, for fine-tuning),
 `checkpoint.pt` (full state: model, optimiser, scaler, epoch; written every `checkpoint_every`
@@ -15,11 +16,13 @@ are seeded per epoch, and any changed hyperparameter other than `epochs` is an e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,8 +283,39 @@ class Trainer:
         return True
 
     # -- training ----------------------------------------------------------------------------
-    def _step(self, tiles: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.update(self.views(tiles.to(self.device, non_blocking=True), gen))
+    def batches(self, gen: torch.Generator, cap: int) -> Iterator[tuple[int, Views]]:
+        """The epoch's first `cap` loader batches as (tiles, augmented views on the device).
+
+        The next batch's copy to the device and its augmentation are queued before a batch is
+        handed out, so on a GPU they run on a side stream while this batch's step runs: they
+        fill the gaps where the card waits for the host, and the copy no longer holds up the
+        step. The step's stream waits for the views it takes, and they stay allocated until it
+        is done with them. The draws come from `gen` in batch order either way, so the result
+        does not depend on the overlap; on the CPU it is the same order without a side stream.
+        """
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        tiles_iter = iter(self.loader)
+
+        def prepare() -> tuple[int, Views, torch.cuda.Event | None] | None:
+            tiles = next(tiles_iter, None)
+            if tiles is None:
+                return None
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                views = self.views(tiles.to(self.device, non_blocking=True), gen)
+            return tiles.shape[0], views, side.record_event() if side is not None else None
+
+        ahead = prepare() if cap > 0 else None
+        for i in range(cap):
+            if ahead is None:
+                return
+            n, views, ready = ahead
+            if ready is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_event(ready)
+                for t in views:  # made on the side stream, freed only after the step's use
+                    t.record_stream(main)
+            ahead = prepare() if i + 1 < cap else None
+            yield n, views
 
     def views(self, tiles: torch.Tensor, gen: torch.Generator) -> Views:
         """The two augmented views of a uint8 tile batch on the device, in the memory format
@@ -343,16 +377,14 @@ class Trainer:
             disable=not progress or self.rank != 0,
             mininterval=5.0,
         )
-        for tiles in self.loader:
-            out = self._step(tiles, gen)
+        for n, views in self.batches(gen, cap):
+            out = self.update(views)
             sums += torch.stack([out[k].detach().float() for k in keys])
             steps += 1
-            samples += tiles.shape[0] * self.world
+            samples += n * self.world
             bar.update(1)
             if steps % CHECK_EVERY == 0:
                 self._check_finite(sums, steps)
-            if steps >= cap:
-                break
         bar.close()
         self._check_finite(sums, steps)  # waits for the device: the epoch's time ends here
         dt = time.perf_counter() - t0

@@ -170,6 +170,42 @@ def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_
     assert enc["epochs"] == 2 and (out / "checkpoint.pt").exists()
 
 
+def test_batches_queue_the_next_augmentation_and_keep_the_draws(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    """`Trainer.batches` augments batch i + 1 before it hands out batch i (on a GPU, on a side
+    stream while step i runs), never pulls a batch past the epoch's cap, and gives the views
+    that one batch at a time from the same generator gives."""
+    trainer = Trainer(_settings(), stores, tmp_path)
+    trainer.sampler.set_epoch(0)
+    tiles = [t.clone() for t, _ in zip(trainer.loader, range(4), strict=False)]
+    assert len(tiles) == 4
+    pulled: list[int] = []
+
+    class Loader:
+        def __iter__(self):  # noqa: ANN204
+            for i, t in enumerate(tiles):
+                pulled.append(i)
+                yield t
+
+    trainer.loader = Loader()  # type: ignore[assignment]
+    dev = trainer.device
+    gen = torch.Generator(device=dev).manual_seed(5)
+    handed = []
+    for n, views in trainer.batches(gen, cap=3):
+        assert n == 4
+        handed.append((len(pulled), views))
+    assert [p for p, _ in handed] == [2, 3, 3]  # one ahead, and nothing past the cap
+    ref = torch.Generator(device=dev).manual_seed(5)
+    for t, (_, views) in zip(tiles, handed, strict=False):
+        one = trainer.views(t.to(dev), ref)
+        for a, b in zip(views, one, strict=True):
+            assert torch.equal(a, b)
+    pulled.clear()
+    assert len(list(trainer.batches(gen, cap=10))) == 4 and pulled == [0, 1, 2, 3]
+    assert list(trainer.batches(gen, cap=0)) == [] and pulled == [0, 1, 2, 3]
+
+
 def test_close_stops_the_loader_workers(stores: list[Path], tmp_path: Path) -> None:
     trainer = Trainer(_settings(epochs=1, steps_per_epoch=1, workers=1), stores, tmp_path)
     trainer.fit(progress=False)
