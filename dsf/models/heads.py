@@ -6,9 +6,9 @@ with a stop-gradient on the z side: each view's encoder learns only through its 
 
 The heads take one view's rows, (R, d), or both views at once, (R, V, d) with view v in
 [:, v]. The paired form computes exactly what V separate calls compute (batch-norm statistics
-stay per view, as SimSiam's separate forwards give them) in one linear layer per step and one
-batch-norm call per layer: 24 heads run twice per training step, and on a GPU launching their
-many small kernels, not running them, is what they cost.
+stay per view, as SimSiam's separate forwards give them) with one matmul and one batch-norm call
+per layer instead of V: the 24 heads of a training step are many small kernels, and on a GPU
+issuing them, not running them, is most of what they cost.
 
 Their batch norms keep no running statistics: the heads are trained, never evaluated, and
 dropped after pretraining (only the encoders go on to fine-tuning).
