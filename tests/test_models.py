@@ -18,6 +18,8 @@ from dsf.models import DSFModel, build_encoder, draw_perms, negative_cosine, sim
 from dsf.models import dsf as dsf_module
 from dsf.models.dsf import GROUPS, keep_count
 
+from conftest import DEVICE
+
 PX = 32
 B = 2
 N = 16
@@ -240,17 +242,18 @@ def _both_ways(head: nn.Module, x: Tensor, weights: Tensor) -> tuple[Tensor, lis
 @pytest.mark.parametrize("sync", [False, True], ids=["batchnorm", "syncbatchnorm"])
 def test_paired_heads_equal_separate_views(kind: str, sync: bool) -> None:
     """Both views in one call, (R, 2, d), give each view's own forward and the same gradients:
-    batch-norm statistics stay per view (SyncBatchNorm, under DDP, takes the views in turn)."""
+    batch-norm statistics stay per view (SyncBatchNorm, under DDP, takes the views in turn).
+    On the test device (cuda in bench/gpu.sh)."""
     from dsf.models import Predictor, Projector
 
     torch.manual_seed(0)
-    head = (Projector if kind == "projector" else Predictor)(12).double()
+    head = (Projector if kind == "projector" else Predictor)(12).double().to(DEVICE)
     if sync:  # without a process group SyncBatchNorm normalises like BatchNorm
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
         assert any(isinstance(m, nn.SyncBatchNorm) for m in head.modules())
-    x = torch.randn(5, 2, 12, dtype=torch.float64)
+    x = torch.randn(5, 2, 12, dtype=torch.float64, device=DEVICE)
     x[:, 1] = 3 * x[:, 1] + 2  # the views' statistics differ: one shared BN would be wrong
-    weights = torch.randn(5, 2, 12, dtype=torch.float64)
+    weights = torch.randn(5, 2, 12, dtype=torch.float64, device=DEVICE)
     paired, paired_grads = _both_ways(head, x, weights)
 
     class Separate(nn.Module):
