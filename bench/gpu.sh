@@ -27,7 +27,8 @@
 # train on the store the extraction step writes), DSF_BENCH_TESTS the test files: a shorter
 # second call, e.g. DSF_BENCH_PARTS="tests extraction compile_encoders compile pretraining"
 # (not in the default list: compile_encoders, torch.compile of the two encoders only; fp16,
-# the eager step in AMP float16, to see whether batch norm then runs through cuDNN).
+# the eager step in AMP float16, to see whether batch norm then runs through cuDNN; compile_ro,
+# the model compiled in mode reduce-overhead, replayed as CUDA graphs).
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -164,6 +165,10 @@ part_compile() {
 }
 part_compile_encoders() {
     pretrain_step ", torch.compile of the encoders only" 200 --compile-encoders
+}
+part_compile_ro() {
+    pretrain_step ", torch.compile mode reduce-overhead (CUDA graphs)" 200 \
+        --compile-mode reduce-overhead
 }
 part_fp16() {
     pretrain_step ", AMP float16" 100 --amp-dtype float16 --profile-steps 5
