@@ -24,7 +24,8 @@
 #
 # DSF_BENCH_PARTS names the steps to run, in order (default: tests inference extraction
 # pretraining gil forward compile; the environment step always runs; pretraining and compile
-# train on the store the extraction step writes), DSF_BENCH_TESTS the test files: a shorter
+# train on the store the extraction step writes), DSF_BENCH_TESTS the test files (DSF_BENCH_K
+# their -k selection, default "not resume and not ddp"): a shorter
 # second call, e.g. DSF_BENCH_PARTS="tests extraction compile_encoders compile pretraining"
 # (not in the default list: compile_encoders, torch.compile of the two encoders only; fp16,
 # the eager step in AMP float16, to see whether batch norm then runs through cuDNN; compile_ro,
@@ -123,7 +124,7 @@ part_tests() {
     # shellcheck disable=SC2086  # TESTS is a list of files
     step "correctness tests on $DEVICE" 220 env DSF_TEST_DEVICE="$DEVICE" \
         DSF_REAL_DATA=config/data "$PY" -m pytest -q -p no:cacheprovider $TESTS \
-        -k "not resume and not ddp"
+        -k "${DSF_BENCH_K:-not resume and not ddp}"
 }
 part_inference() {
     slide_ready

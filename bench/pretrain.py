@@ -42,11 +42,15 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_read(trainer: Trainer, steps: int) -> float:
-    """Tiles per second through the training DataLoader alone (its workers and settings)."""
-    it = iter(trainer.loader)
-    next(it)  # warm-up (worker start)
-    t0 = time.perf_counter()
-    n = sum(b.shape[0] for b in itertools.islice(it, steps))
+    """Tiles per second through the trainer's tile loader alone (its workers and settings),
+    each slot given back at once, within one epoch (no read-ahead from the epoch before)."""
+    loader = trainer.loader
+    it = loader.epoch(10**6)
+    loader.release(next(it)[0])  # warm-up (the workers' start)
+    t0, n = time.perf_counter(), 0
+    for slot, tiles in itertools.islice(it, min(steps, len(loader) - 1)):
+        n += tiles.shape[0]
+        loader.release(slot)
     return n / (time.perf_counter() - t0)
 
 
@@ -89,8 +93,12 @@ def serial_epoch(trainer: Trainer, steps: int) -> float:
     gen = torch.Generator(device=dev).manual_seed(0)
     _sync(dev)
     t0, n = time.perf_counter(), 0
-    for tiles in itertools.islice(trainer.loader, steps):
-        trainer.update(trainer.views(tiles.to(dev, non_blocking=True), gen))
+    for slot, tiles in itertools.islice(trainer.loader.epoch(trainer.epoch), steps):
+        on_device = tiles.to(dev, non_blocking=True)  # on the CPU: the loader's slot itself
+        copied = torch.cuda.current_stream(dev).record_event() if dev.type == "cuda" else None
+        views = trainer.views(on_device, gen)
+        trainer.loader.release(slot, copied)
+        trainer.update(views)
         n += tiles.shape[0]
     _sync(dev)
     return n / (time.perf_counter() - t0)
@@ -213,7 +221,7 @@ def main() -> None:
         "workers": args.workers,
         "device": args.device,
         "backbone": args.backbone,
-        "epochs": 1,
+        "epochs": 1000,  # the loader reads the next epoch ahead, as in a long run
         "steps_per_epoch": args.steps,
         "checkpoint_every": 10**6,
         "compile": args.compile,

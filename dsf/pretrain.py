@@ -1,7 +1,8 @@
 """Self-supervised DSF-WSI pretraining of one fold (DESIGN sections 4-5, paper section III).
 
 Trains the dual-branch model on the uint8 tiles of the fold's training slides (never a validation
-slide of that fold): augmentation runs on the training device (`dsf.augment`; on a GPU the next
+slide of that fold), read by worker processes straight into shared, pinned memory
+(`dsf.tile_loader`); augmentation runs on the training device (`dsf.augment`; on a GPU the next
 batch's on a side stream while the current step runs), the model step under AMP (bf16 where
 supported, else fp16 with a scaler; fp32 on the CPU), optionally channels_last and
 `torch.compile`, on several GPUs through `torchrun` (DDP, SyncBatchNorm).
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from dsf import __version__, checkpoints
@@ -38,7 +39,8 @@ from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
 from dsf.runner import run, setup_logging
-from dsf.tiles import TileDataset, collate_batch, loader_worker_init, open_store
+from dsf.tile_loader import TileLoader
+from dsf.tiles import TileDataset, open_store
 
 if TYPE_CHECKING:
     from dsf.augment import Views
@@ -88,10 +90,14 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):  # noqa: ANN204 - Sampler protocol
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(self.order(self.epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`, in order."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=g)
         per_rank = self.n // self.world
-        return iter(order[self.rank * per_rank : (self.rank + 1) * per_rank].tolist())
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
 
     def __len__(self) -> int:
         return self.n // self.world
@@ -230,17 +236,14 @@ class Trainer:
                 f"only {len(self.data)} training tiles for pretrain.batch_size "
                 f"{settings['batch_size']}: lower the batch size or add slides"
             )
-        self.loader = DataLoader(
+        self.loader = TileLoader(
             self.data,
-            batch_size=per_rank,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=settings["workers"],
-            collate_fn=collate_batch,
-            worker_init_fn=loader_worker_init,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=settings["workers"] > 0,
-            multiprocessing_context="spawn" if settings["workers"] > 0 else None,
+            self.sampler.order,
+            per_rank,
+            settings["workers"],
+            steps_per_epoch=settings["steps_per_epoch"] or None,
+            epochs=settings["epochs"],
+            pin=self.device.type == "cuda",
         )
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -283,8 +286,8 @@ class Trainer:
         return True
 
     # -- training ----------------------------------------------------------------------------
-    def batches(self, gen: torch.Generator, cap: int) -> Iterator[tuple[int, Views]]:
-        """The epoch's first `cap` loader batches as (tiles, augmented views on the device).
+    def batches(self, gen: torch.Generator) -> Iterator[tuple[int, Views]]:
+        """The epoch's batches as (tiles, augmented views on the device).
 
         The next batch's copy to the device and its augmentation are queued before a batch is
         handed out, so on a GPU they run on a side stream while this batch's step runs: they
@@ -294,27 +297,30 @@ class Trainer:
         does not depend on the overlap; on the CPU it is the same order without a side stream.
         """
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        tiles_iter = iter(self.loader)
+        batches = self.loader.epoch(self.epoch)
 
         def prepare() -> tuple[int, Views, torch.cuda.Event | None] | None:
-            tiles = next(tiles_iter, None)
-            if tiles is None:
+            got = next(batches, None)
+            if got is None:
                 return None
+            slot, tiles = got
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                views = self.views(tiles.to(self.device, non_blocking=True), gen)
+                on_device = tiles.to(self.device, non_blocking=True)
+                # the loader's slot is free again once the copy is (on the CPU, the views)
+                copied = side.record_event() if side is not None else None
+                views = self.views(on_device, gen)
+            self.loader.release(slot, copied)
             return tiles.shape[0], views, side.record_event() if side is not None else None
 
-        ahead = prepare() if cap > 0 else None
-        for i in range(cap):
-            if ahead is None:
-                return
+        ahead = prepare()
+        while ahead is not None:
             n, views, ready = ahead
             if ready is not None:
                 main = torch.cuda.current_stream(self.device)
                 main.wait_event(ready)
                 for t in views:  # made on the side stream, freed only after the step's use
                     t.record_stream(main)
-            ahead = prepare() if i + 1 < cap else None
+            ahead = prepare()
             yield n, views
 
     def views(self, tiles: torch.Tensor, gen: torch.Generator) -> Views:
@@ -369,15 +375,14 @@ class Trainer:
         keys = ("loss", "context", "target", "fusion", "z_std")
         sums = torch.zeros(len(keys), device=self.device)  # on the device: no sync per step
         steps, samples = 0, 0
-        cap = self.st["steps_per_epoch"] or len(self.loader)
         t0 = time.perf_counter()
         bar = tqdm(
-            total=min(cap, len(self.loader)),
+            total=len(self.loader),
             desc=f"epoch {self.epoch + 1}",
             disable=not progress or self.rank != 0,
             mininterval=5.0,
         )
-        for n, views in self.batches(gen, cap):
+        for n, views in self.batches(gen):
             out = self.update(views)
             sums += torch.stack([out[k].detach().float() for k in keys])
             steps += 1
@@ -422,13 +427,9 @@ class Trainer:
             self.write_log()
 
     def close(self) -> None:
-        """Stop the loader's persistent worker processes now, not at the interpreter's exit
-        (they may still be prefetching; `dsf.tiles.loader_worker_init` makes them end without
-        finalization, which aborted one mid-prefetch)."""
-        it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.loader._iterator = None
+        """Stop the tile loader's worker processes and give back its shared memory now, not at
+        the interpreter's exit (they may still be reading ahead)."""
+        self.loader.close()
 
     def write_log(self) -> None:
         with atomic_path(self.out_dir / "log.tsv") as tmp:

@@ -32,15 +32,22 @@ def loader_worker_init(worker_id: int) -> None:
     """
     import atexit
 
-    import numcodecs.blosc
-    import zarr
     from torch.utils.data import get_worker_info
 
     if get_worker_info() is None:  # in the main process it would end the run with status 0
         raise RuntimeError("loader_worker_init is a DataLoader worker_init_fn, for workers only")
+    decode_on_one_thread()
+    atexit.register(_exit_without_finalizing)
+
+
+def decode_on_one_thread() -> None:
+    """Zarr's thread pool and Blosc at one thread, in a loader worker process: N workers keep
+    N cores busy instead of N x cores threads contending for them."""
+    import numcodecs.blosc
+    import zarr
+
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
-    atexit.register(_exit_without_finalizing)
 
 
 def _exit_without_finalizing() -> None:
@@ -116,14 +123,29 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.asarray(self._open()[store][local]))
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        """A whole batch (B, T, T, 3), read tile by tile in store order (each tile is one Zarr
-        chunk; zarr's orthogonal selection over a shard measured 20x slower than this)."""
-        arrays = self._open()
+        """A whole batch (B, T, T, 3) (`read`), for a DataLoader that asks for batches."""
+        return self.read(indices)
+
+    def read(self, indices: list[int]) -> torch.Tensor:
+        """The tiles `indices` as one new uint8 tensor (B, T, T, 3)."""
         out = np.empty((len(indices), *self.tile_shape), np.uint8)
+        self.read_into(out, indices)
+        return torch.from_numpy(out)
+
+    def read_into(self, out: np.ndarray, indices: list[int]) -> None:
+        """Write the tiles `indices` into `out` (B, T, T, 3), tile by tile in store order (each
+        tile is one Zarr chunk; zarr's orthogonal selection over a shard measured 20x slower).
+        A tile that cannot be read raises naming its store."""
+        arrays = self._open()
         where = sorted((self.locate(int(i)), k) for k, i in enumerate(indices))
         for (store, local), k in where:
-            out[k] = arrays[store][local]
-        return torch.from_numpy(out)
+            try:
+                out[k] = arrays[store][local]
+            except Exception as e:
+                raise RuntimeError(
+                    f"patch store {self.stores[store]}: tile {local} could not be read "
+                    f"({type(e).__name__}: {e}); rerun the patches stage for this slide"
+                ) from e
 
 
 def collate_batch(batch: Any) -> torch.Tensor:

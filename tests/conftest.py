@@ -45,6 +45,21 @@ def exact_float32():  # noqa: ANN201 - a context fixture
 SYNTH_CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 
+def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
+    """A patch store of `n` noise tiles (incompressible, so a batch is megabytes), one chunk
+    file per tile."""
+    import numpy as np
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    tiles = g.create_array(
+        "tiles", shape=(n, side, side, 3), chunks=(1, side, side, 3), dtype="uint8"
+    )
+    tiles[:] = np.random.default_rng(0).integers(0, 256, tiles.shape, dtype=np.uint8)
+    g.attrs.update({"n_tiles": n, "slide_id": "noise"})
+    return path
+
+
 def _synthetic_store(
     folder: Path,
     name: str,

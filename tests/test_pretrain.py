@@ -174,36 +174,71 @@ def test_batches_queue_the_next_augmentation_and_keep_the_draws(
     stores: list[Path], tmp_path: Path
 ) -> None:
     """`Trainer.batches` augments batch i + 1 before it hands out batch i (on a GPU, on a side
-    stream while step i runs), never pulls a batch past the epoch's cap, and gives the views
-    that one batch at a time from the same generator gives."""
+    stream while step i runs), gives each loader slot back once its tiles are copied, and gives
+    the views that one batch at a time from the same generator gives."""
     trainer = Trainer(_settings(), stores, tmp_path)
-    trainer.sampler.set_epoch(0)
-    tiles = [t.clone() for t, _ in zip(trainer.loader, range(4), strict=False)]
-    assert len(tiles) == 4
+    order = trainer.sampler.order(0)
+    tiles = [trainer.data.read(order[k * 4 : (k + 1) * 4]) for k in range(4)]
     pulled: list[int] = []
+    released: list[int] = []
 
     class Loader:
-        def __iter__(self):  # noqa: ANN204
-            for i, t in enumerate(tiles):
+        n = 3
+
+        def epoch(self, epoch: int):  # noqa: ANN202
+            for i, t in enumerate(tiles[: self.n]):
                 pulled.append(i)
-                yield t
+                yield i, t
+
+        def release(self, slot: int, event: object = None) -> None:
+            assert event is None or trainer.device.type == "cuda"
+            released.append(slot)
+
+        def __len__(self) -> int:
+            return self.n
+
+        def close(self) -> None:
+            pass
 
     trainer.loader = Loader()  # type: ignore[assignment]
     dev = trainer.device
     gen = torch.Generator(device=dev).manual_seed(5)
     handed = []
-    for n, views in trainer.batches(gen, cap=3):
+    for n, views in trainer.batches(gen):
         assert n == 4
-        handed.append((len(pulled), views))
-    assert [p for p, _ in handed] == [2, 3, 3]  # one ahead, and nothing past the cap
+        handed.append((len(pulled), list(released), views))
+    assert [p for p, _, _ in handed] == [2, 3, 3]  # one ahead, and nothing past the epoch
+    assert [r for _, r, _ in handed] == [[0, 1], [0, 1, 2], [0, 1, 2]]
     ref = torch.Generator(device=dev).manual_seed(5)
-    for t, (_, views) in zip(tiles, handed, strict=False):
+    for t, (_, _, views) in zip(tiles, handed, strict=False):
         one = trainer.views(t.to(dev), ref)
         for a, b in zip(views, one, strict=True):
             assert torch.equal(a, b)
-    pulled.clear()
-    assert len(list(trainer.batches(gen, cap=10))) == 4 and pulled == [0, 1, 2, 3]
-    assert list(trainer.batches(gen, cap=0)) == [] and pulled == [0, 1, 2, 3]
+    Loader.n = 0
+    assert list(trainer.batches(gen)) == []
+
+
+def test_batches_through_loader_workers_equal_direct_reads(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    """With worker processes (on a GPU: the pinned ring, a slot freed once its copy is done)
+    the views are those of the tiles read directly, over epochs read ahead."""
+    trainer = Trainer(_settings(workers=2, steps_per_epoch=3, epochs=3), stores, tmp_path)
+    plain = Trainer(_settings(steps_per_epoch=3, epochs=3), stores, tmp_path / "plain")
+    try:
+        for epoch in range(3):
+            trainer.epoch = plain.epoch = epoch
+            gens = [torch.Generator(device=trainer.device).manual_seed(epoch) for _ in "ab"]
+            got = list(trainer.batches(gens[0]))
+            want = list(plain.batches(gens[1]))
+            assert len(got) == len(want) == 3
+            for (n, views), (m, ref) in zip(got, want, strict=True):
+                assert n == m == 4
+                for a, b in zip(views, ref, strict=True):
+                    assert torch.equal(a, b)
+    finally:
+        trainer.close()
+    assert not mp.active_children()
 
 
 def test_close_stops_the_loader_workers(stores: list[Path], tmp_path: Path) -> None:

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import zarr
 from torch.utils.data import DataLoader, Sampler
 
 from dsf.tiles import TileDataset, collate_batch, loader_worker_init
 
-
-def _store(path: Path, n: int = 12, side: int = 1024) -> Path:
-    """A patch store of `n` noise tiles (incompressible, so a batch is megabytes)."""
-    g = zarr.open_group(str(path), mode="w")
-    tiles = g.create_array(
-        "tiles", shape=(n, side, side, 3), chunks=(1, side, side, 3), dtype="uint8"
-    )
-    tiles[:] = np.random.default_rng(0).integers(0, 256, tiles.shape, dtype=np.uint8)
-    g.attrs.update({"n_tiles": n, "slide_id": "noise"})
-    return path
+from conftest import noise_store
 
 
 class _Endless(Sampler[int]):
@@ -41,7 +30,7 @@ def test_the_loader_stops_its_workers_while_they_still_prefetch(tmp_path: Path) 
     """Stopping the workers mid-prefetch (as `Trainer.close` does after the last epoch) ends
     them cleanly: before the workers skipped finalization, one aborted there ("terminate called
     without an active exception") and the stop raised 'killed by signal: Aborted'."""
-    data = TileDataset([_store(tmp_path / "noise.zarr")])
+    data = TileDataset([noise_store(tmp_path / "noise.zarr")])
     for _ in range(2):
         loader = DataLoader(
             data,
