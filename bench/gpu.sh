@@ -29,7 +29,8 @@
 # second call, e.g. DSF_BENCH_PARTS="tests extraction compile_encoders compile pretraining"
 # (not in the default list: compile_encoders, torch.compile of the two encoders only; fp16,
 # the eager step in AMP float16, to see whether batch norm then runs through cuDNN; compile_ro,
-# the model compiled in mode reduce-overhead, replayed as CUDA graphs).
+# the model compiled in mode reduce-overhead, replayed as CUDA graphs; loader, bench/loader.py:
+# the tile loader against torch's DataLoader on the extracted store).
 #
 # Everything goes to $OUT/gpu.log. On the CPU, as a dry run of the script itself:
 #   DSF_BENCH_DEVICE=cpu DSF_BENCH_SIZE=6000 DSF_BENCH_BATCH=2 DSF_BENCH_STEPS=2 PY=.venv/bin/python \
@@ -151,6 +152,10 @@ pretrain_step() {
 }
 part_pretraining() {
     pretrain_step "" 150 --count-ops --profile-steps "${DSF_BENCH_PROFILE:-5}"
+}
+part_loader() {
+    step "tile loader against torch's DataLoader, pinned" 90 "$PY" bench/loader.py \
+        --store "$STORE" --workers $((CORES / 2)) --batch "$BATCH"
 }
 part_gil() {
     step "reader threads vs a launch-bound main thread (GIL)" 40 "$PY" bench/gil.py \
