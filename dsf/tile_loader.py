@@ -195,13 +195,18 @@ class TileLoader:
                 yield e, k, order[k * b : (k + 1) * b]
             e += 1
 
+    def _peek(self) -> tuple[int, int, list[int]] | None:
+        """The next planned batch not yet given to a worker, None when the plan is done."""
+        if self._next is None:
+            self._next = next(self._plan, None)
+        return self._next
+
     def _head(self) -> tuple[int, int] | None:
         """(epoch, batch number) of the next batch to hand out, None when the plan is done."""
         if self._queue:
             return self._queue[0][1:3]
-        if self._next is None:
-            self._next = next(self._plan, None)
-        return None if self._next is None else self._next[:2]
+        planned = self._peek()
+        return None if planned is None else planned[:2]
 
     def _submit(self, block: bool) -> None:
         """Give free slots to the next planned batches; with `block`, wait for a slot in
@@ -220,11 +225,10 @@ class TileLoader:
                         "tiles are copied"
                     )
                 return
-            if self._next is None:
-                self._next = next(self._plan, None)
-            if self._next is None:
+            planned = self._peek()
+            if planned is None:
                 return
-            epoch, k, indices = self._next
+            epoch, k, indices = planned
             self._next = None
             slot = self._free.popleft()
             self._tasks.put((self._seq, slot, indices))
@@ -276,7 +280,7 @@ class TileLoader:
         self._check_workers()
         self._drop_until(epoch)
         if self._head() != (epoch, 0):  # first use, or not the epoch read ahead: start over
-            self._drop_until(10**12)
+            self._drop_until(sys.maxsize)
             self._plan, self._next = self._batches(epoch), None
         for _ in range(self.batches_per_epoch):
             self._submit(block=True)
