@@ -87,6 +87,7 @@ step() { # name, limit in seconds, command...
 
 step environment 60 bash -c "
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+    df -h /dev/shm | tail -1  # the tile loader's ring lives there
     $PY -c 'import platform, torch, zarr, openslide, tifffile, dsf
 print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\",
       torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\")

@@ -1,6 +1,7 @@
 """Benchmark the pretraining tile loader against torch's DataLoader on a patch store.
 
-Tiles per second delivered to the training process, each batch released at once (no model),
+Tiles per second delivered to the training process, each batch released at once (no model; on
+a GPU, once its copy to the card is done),
 for the same workers and batch: `dsf.tile_loader.TileLoader` (a ring of shared slots, the next
 epoch read ahead) and a DataLoader set up as pretraining had it until 2026-12-04 (spawned
 persistent workers decoding on one thread, `__getitems__` batches, pin_memory on a GPU).
@@ -25,15 +26,31 @@ from dsf.tiles import TileDataset, collate_batch, loader_worker_init
 
 
 def ring(data: TileDataset, sampler: EpochSampler, args: argparse.Namespace) -> list[float]:
+    """Tiles/s per epoch; on a GPU each batch also goes to the card as the trainer sends it
+    (from the pinned slot on a side stream, the slot given back once the copy's event is done),
+    and the last batch is checked against a direct read."""
     loader = TileLoader(data, sampler.order, args.batch, args.workers, pin=args.pin)
+    side = torch.cuda.Stream() if args.pin else None
     rates = []
     try:
         for epoch in range(args.epochs + 1):
             t0, n = time.perf_counter(), 0
             for slot, tiles in loader.epoch(epoch):
                 n += tiles.shape[0]
-                loader.release(slot)
+                if side is None:
+                    loader.release(slot)
+                    continue
+                with torch.cuda.stream(side):
+                    on_device = tiles.to("cuda", non_blocking=True)
+                    loader.release(slot, side.record_event())
+            if side is not None:
+                side.synchronize()
             rates.append(n / (time.perf_counter() - t0))
+        if side is not None:
+            b, last = args.batch, len(loader) - 1
+            want = data.read(sampler.order(args.epochs)[last * b : (last + 1) * b])
+            if not torch.equal(on_device.cpu(), want):
+                raise SystemExit("the last batch on the GPU differs from a direct read")
     finally:
         loader.close()
     return rates[1:]
@@ -58,6 +75,10 @@ def dataloader(data: TileDataset, sampler: EpochSampler, args: argparse.Namespac
         t0, n = time.perf_counter(), 0
         for tiles in loader:
             n += tiles.shape[0]
+            if args.pin:  # to the card, as the trainer sent them
+                tiles.to("cuda", non_blocking=True)
+        if args.pin:
+            torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
     return rates[1:]
 

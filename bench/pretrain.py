@@ -274,7 +274,8 @@ def main() -> None:
     print(
         f"| end to end (store -> loader -> augment -> step), {args.steps} steps, after one "
         "warm-up epoch | "
-        f"{row['samples_per_s']:.1f} samples/s |",
+        f"{row['samples_per_s']:.1f} samples/s, {row['data_wait']:.0%} of it waiting for "
+        "tiles |",
         flush=True,
     )
     serial = serial_epoch(trainer, args.steps)

@@ -59,6 +59,8 @@ RESUME_FREE = {
     "gpus",
 }
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the GPU)
+#: share of an epoch spent waiting for tiles above which the log says to feed the step faster
+WAIT_WARN = 0.2
 LOG_COLUMNS = [
     "epoch",
     "loss",
@@ -68,6 +70,7 @@ LOG_COLUMNS = [
     "z_std",
     "samples_per_s",
     "seconds",
+    "data_wait",
     "lr",
 ]
 
@@ -247,6 +250,8 @@ class Trainer:
         )
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self._epochs_run = 0  # in this process: the first includes the workers' start
+        self._said_starved = False
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -375,7 +380,7 @@ class Trainer:
         keys = ("loss", "context", "target", "fusion", "z_std")
         sums = torch.zeros(len(keys), device=self.device)  # on the device: no sync per step
         steps, samples = 0, 0
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.loader.waited
         bar = tqdm(
             total=len(self.loader),
             desc=f"epoch {self.epoch + 1}",
@@ -399,10 +404,35 @@ class Trainer:
             **dict(zip(keys, (sums / steps).tolist(), strict=True)),
             "samples_per_s": samples / dt,
             "seconds": dt,
+            "data_wait": (self.loader.waited - waited) / dt,
             "lr": self.lr,
         }
         self.history.append(row)
+        self._epochs_run += 1
+        if self._epochs_run > 1:  # the first epoch of a process starts the workers
+            self._warn_if_starved(row["data_wait"])
         return row
+
+    def _warn_if_starved(self, share: float) -> None:
+        """Say once per run when the step waited for tiles for more than WAIT_WARN of an
+        epoch (the `data_wait` column of log.tsv): the device then idles, and more tile loader
+        workers (each decodes on one core) would feed it."""
+        if share <= WAIT_WARN or self._said_starved or self.rank != 0:
+            return
+        self._said_starved = True
+        workers = self.st["workers"]
+        more = f"raise pretrain.workers (now {workers}" + (
+            f"; this machine has {os.cpu_count()} cores)"
+            if workers
+            else ": reading in the training process)"
+        )
+        log.warning(
+            "pretraining waited for tiles %.0f%% of epoch %d: %s, or put the patch stores on "
+            "faster storage",
+            share * 100,
+            self.epoch,
+            more,
+        )
 
     def fit(self, progress: bool = True) -> None:
         while self.epoch < self.st["epochs"]:
@@ -410,7 +440,7 @@ class Trainer:
             if self.rank == 0:
                 log.info(
                     "epoch %d/%d loss %.4f (context %.4f target %.4f fusion %.4f) "
-                    "z_std %.4f, %.1f samples/s",
+                    "z_std %.4f, %.1f samples/s, %.0f%% waiting for tiles",
                     row["epoch"],
                     self.st["epochs"],
                     row["loss"],
@@ -419,6 +449,7 @@ class Trainer:
                     row["fusion"],
                     row["z_std"],
                     row["samples_per_s"],
+                    row["data_wait"] * 100,
                 )
                 self.write_log()
             if self.epoch % self.st["checkpoint_every"] == 0 or self.epoch == self.st["epochs"]:

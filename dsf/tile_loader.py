@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import sys
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
@@ -103,6 +104,8 @@ class TileLoader:
     batches when None); tiles is a view of the slot, valid until `release(slot, event)` gives it
     back (after the event, e.g. the end of the copy to the device, when one is given). Epochs
     up to `epochs` are read ahead; `pin` registers the ring as pinned memory for the GPU copy.
+    `waited` counts the seconds the consumer spent in `epoch` waiting for a batch (with no
+    workers: reading it), so a training loop can tell whether it is fed fast enough.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class TileLoader:
         n = len(order(0)) // batch_size
         self.batches_per_epoch = min(n, steps_per_epoch) if steps_per_epoch else n
         self.epochs = epochs
+        self.waited = 0.0
         self._procs: list[Any] = []
         self._pinned: list[int] = []
         self.ring: torch.Tensor | None = None
@@ -273,7 +277,10 @@ class TileLoader:
             b = self.batch_size
             order = self.order(epoch)
             for k in range(self.batches_per_epoch):
-                yield -1, self.data.read(order[k * b : (k + 1) * b])
+                t0 = time.perf_counter()
+                tiles = self.data.read(order[k * b : (k + 1) * b])
+                self.waited += time.perf_counter() - t0
+                yield -1, tiles
             return
         if self.ring is None:
             raise RuntimeError("the tile loader is closed")
@@ -283,9 +290,11 @@ class TileLoader:
             self._drop_until(sys.maxsize)
             self._plan, self._next = self._batches(epoch), None
         for _ in range(self.batches_per_epoch):
+            t0 = time.perf_counter()
             self._submit(block=True)
             seq, _, _, slot = self._queue.popleft()
             self._wait(seq)
+            self.waited += time.perf_counter() - t0
             self._submit(block=False)  # the slot just read: the workers go on meanwhile
             yield slot, self.ring[slot]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +250,36 @@ def test_close_stops_the_loader_workers(stores: list[Path], tmp_path: Path) -> N
     trainer.close()
     assert not mp.active_children()
     trainer.close()  # twice is harmless
+
+
+def test_the_log_says_how_long_the_step_waited_for_tiles(
+    stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """log.tsv's data_wait is the share of each epoch spent waiting for tiles; a run whose
+    loader cannot keep up is told once (after the first epoch, which starts the workers) to
+    raise pretrain.workers, and a run it feeds is told nothing."""
+    slow = Trainer(_settings(epochs=3), stores, tmp_path / "slow")
+    read = slow.data.read
+
+    def read_slowly(indices: list[int]) -> torch.Tensor:
+        time.sleep(0.5)
+        return read(indices)
+
+    slow.data.read = read_slowly  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="dsf.pretrain"):
+        slow.fit(progress=False)
+    log = pd.read_csv(tmp_path / "slow" / "log.tsv", sep="\t")
+    assert list(log.columns) == LOG_COLUMNS and len(log) == 3
+    assert ((log["data_wait"] > 0) & (log["data_wait"] < 1)).all()
+    assert (log["data_wait"] * log["seconds"] >= 2 * 0.5).all()  # 2 batches of 0.5 s each
+    said = [r.getMessage() for r in caplog.records if "waited for tiles" in r.getMessage()]
+    assert len(said) == 1 and "epoch 2" in said[0] and "pretrain.workers (now 0" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dsf.pretrain"):
+        Trainer(_settings(), stores, tmp_path / "fed").fit(progress=False)
+    assert not [r for r in caplog.records if "waited for tiles" in r.getMessage()]
+    fed = pd.read_csv(tmp_path / "fed" / "log.tsv", sep="\t")
+    assert (fed["data_wait"] < 0.2).all()
 
 
 def test_the_global_batch_must_split_over_the_processes(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,28 @@ def test_the_next_epoch_is_read_ahead_and_any_epoch_can_follow(data: TileDataset
             assert len(got) == 3
             for k, tiles in enumerate(got):
                 assert torch.equal(tiles, _expected(data, e, k)), (e, k)
+    finally:
+        loader.close()
+
+
+def test_waited_counts_the_consumers_wait_for_batches(data: TileDataset) -> None:
+    """`waited` grows by the time `epoch` blocks for a batch: in this process with no workers
+    (the reads themselves), next to nothing when workers have read ahead of a slow consumer."""
+    inline = TileLoader(data, _order, 4, 0, epochs=1)
+    assert inline.waited == 0.0
+    for _ in inline.epoch(0):
+        pass
+    assert inline.waited > 0.0
+    loader = TileLoader(data, _order, 4, 2, epochs=2)
+    try:
+        for slot, _ in loader.epoch(0):  # the workers start: the consumer waits
+            loader.release(slot)
+        started = loader.waited
+        assert started > 0.0
+        for slot, _ in loader.epoch(1):
+            time.sleep(0.3)  # a step far slower than reading 4 small tiles
+            loader.release(slot)
+        assert loader.waited - started < 0.3  # at most a fraction of one step, in all
     finally:
         loader.close()
 
