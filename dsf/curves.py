@@ -1,7 +1,8 @@
 """Plots and pages of the Snakemake report (`snakemake --report`, workflow/rules/report.smk).
 
 `dsf curves pretrain`: a pretraining run's log.tsv as a PNG: the total, context, target and
-fusion losses per epoch, and the collapse monitor `z_std` per epoch.
+fusion losses per epoch, the collapse monitor `z_std` per epoch, and the throughput with the
+share of each epoch spent waiting for tiles (`data_wait`, in logs since 2026-12-04).
 `dsf curves finetune`: a fine-tuning run's history.tsv as a PNG: training loss per epoch, and the
 selection macro F1 and accuracy per epoch with the epoch kept in model.pt marked.
 `dsf curves tables`: eval/tables.md as a self-contained HTML page (the report shows HTML, not
@@ -23,7 +24,9 @@ from dsf.atomic import atomic_path
 from dsf.errors import DsfError
 from dsf.runner import run, setup_logging
 
-PRETRAIN_COLUMNS = ["epoch", "loss", "context", "target", "fusion", "z_std"]
+PRETRAIN_COLUMNS = ["epoch", "loss", "context", "target", "fusion", "z_std", "samples_per_s"]
+#: colour of the waiting-for-tiles line (none of the loss panel's)
+WAIT_COLOUR = "tab:brown"
 FINETUNE_COLUMNS = ["epoch", "train_loss", "select_macro_f1", "select_accuracy"]
 #: pretraining losses: column, legend label
 LOSSES = [
@@ -38,8 +41,11 @@ class CurvesError(DsfError):
     """A training log cannot be read or plotted; the message names the file."""
 
 
-def read_log(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """A per-epoch TSV with at least `columns`, numeric, sorted by epoch.
+def read_log(
+    path: str | Path, columns: Sequence[str], optional: Sequence[str] = ()
+) -> pd.DataFrame:
+    """A per-epoch TSV with at least `columns` (and those of `optional` it has: columns that
+    older dsf versions did not write), numeric, sorted by epoch.
 
     Raises CurvesError naming the file when it is missing, not a TSV with those columns, or has
     non-numeric values.
@@ -61,7 +67,8 @@ def read_log(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
             f"tab-separated table with {list(columns)}: was it written by another dsf version? "
             "rerun the training stage that wrote it"
         )
-    out = df[list(columns)].copy()
+    columns = [*columns, *(c for c in optional if c in df.columns)]
+    out = df[columns].copy()
     for c in columns:
         values = pd.to_numeric(out[c], errors="coerce")
         bad = values.isna() & out[c].notna()
@@ -118,11 +125,12 @@ def _save(fig, out: Path, dpi: int) -> None:
 def plot_pretrain(
     log: str | Path, out: str | Path, init: str, fold: int | None, dpi: int = 100
 ) -> None:
-    """PNG of a pretraining run: group losses and the collapse monitor per epoch. `fold` None:
-    the run pretrained on every slide (pretrain.scope all)."""
-    df = read_log(log, PRETRAIN_COLUMNS)
+    """PNG of a pretraining run: group losses, the collapse monitor, and throughput with the
+    time spent waiting for tiles, per epoch. `fold` None: the run pretrained on every slide
+    (pretrain.scope all)."""
+    df = read_log(log, PRETRAIN_COLUMNS, optional=["data_wait"])
     plt = _pyplot()
-    fig, (ax_loss, ax_std) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, (ax_loss, ax_std, ax_rate) = plt.subplots(1, 3, figsize=(16, 4.2), layout="constrained")
     scope = "all slides" if fold is None else f"fold {fold} (its training slides)"
     fig.suptitle(f"Pretraining {init}, {scope}: {len(df)} epoch(s)")
     marker = "o" if len(df) <= 30 else None
@@ -132,15 +140,41 @@ def plot_pretrain(
         ax_loss.legend(fontsize=8)
         ax_std.plot(df["epoch"], df["z_std"], marker=marker, color="tab:purple")
         ax_std.set_ylim(bottom=0)
-    _frame((ax_loss, ax_std), df, str(log))
+        _plot_rate(ax_rate, df, marker)
+    _frame((ax_loss, ax_std, ax_rate), df, str(log))
     ax_loss.set_title("SimSiam losses (weighted stage sums; total = sum of groups)", fontsize=10)
     ax_loss.set_ylabel("loss (mean over the epoch's steps)")
     ax_std.set_title(
         "Collapse monitor: about 1/sqrt(d) when healthy, 0 when collapsed", fontsize=10
     )
     ax_std.set_ylabel("z_std (std of normalised projections)")
+    ax_rate.set_title("Throughput, and time spent waiting for tiles", fontsize=10)
+    ax_rate.set_ylabel("samples (tiles) per second")
     _save(fig, Path(out), dpi)
     plt.close(fig)
+
+
+def _plot_rate(ax, df: pd.DataFrame, marker: str | None) -> None:
+    """samples/s per epoch; on a right-hand axis, the share of the epoch the training loop
+    waited for the tile loader, where the log has it (high: more pretrain.workers)."""
+    ax.plot(df["epoch"], df["samples_per_s"], marker=marker, color="tab:blue", label="samples/s")
+    top = float(df["samples_per_s"].max())
+    ax.set_ylim(0, top * 1.1 if top > 0 else 1.0)  # room above the fastest epoch's point
+    if "data_wait" not in df.columns:
+        return
+    wait = ax.twinx()
+    wait.plot(
+        df["epoch"],
+        df["data_wait"] * 100,
+        marker=marker,
+        color=WAIT_COLOUR,
+        linestyle="--",
+        label="waiting for tiles",
+    )
+    wait.set_ylim(0, 100)
+    wait.set_ylabel("% of the epoch waiting for tiles", color=WAIT_COLOUR)
+    lines = ax.get_lines() + wait.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
 
 
 def plot_finetune(

@@ -10,6 +10,7 @@ from PIL import Image
 
 from dsf.cli import main as dsf_main
 from dsf.curves import (
+    WAIT_COLOUR,
     CurvesError,
     markdown_html,
     plot_finetune,
@@ -39,10 +40,10 @@ def _png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _check_png(path: Path) -> None:
+def _check_png(path: Path, width: float = 11) -> None:
     img = _png(path)
-    # 11 x 4.2 inches at 100 dpi
-    assert img.shape == (420, 1100, 3)
+    # width x 4.2 inches at 100 dpi
+    assert img.shape == (420, round(width * 100), 3)
     assert img.std() > 10  # something was drawn, not a blank canvas
     assert not path.with_name(path.name + ".partial").exists()
 
@@ -52,7 +53,29 @@ def test_pretrain_png(tmp_path: Path) -> None:
     log.write_text(PRETRAIN_LOG)
     out = tmp_path / "curves" / "pretrain" / "dsf" / "fold0.png"
     plot_pretrain(log, out, "dsf", 0)
-    _check_png(out)
+    _check_png(out, 16)
+    assert _wait_pixels(out) == 0  # a log from before data_wait: no waiting line
+
+
+def _wait_pixels(path: Path) -> int:
+    """Pixels of the waiting-for-tiles line's colour."""
+    from matplotlib.colors import to_rgb
+
+    want = np.array(to_rgb(WAIT_COLOUR)) * 255
+    return int((np.abs(_png(path).astype(float) - want).max(axis=2) < 12).sum())
+
+
+def test_pretrain_png_shows_the_time_spent_waiting_for_tiles(tmp_path: Path) -> None:
+    lines = PRETRAIN_LOG.splitlines()
+    waits = ["data_wait", "0.6", "0.05", "0.02"]
+    log = tmp_path / "log.tsv"
+    log.write_text("\n".join(f"{line}\t{w}" for line, w in zip(lines, waits, strict=True)) + "\n")
+    df = read_log(log, ["epoch"], optional=["data_wait", "not_there"])
+    assert list(df.columns) == ["epoch", "data_wait"] and df["data_wait"].iloc[0] == 0.6
+    out = tmp_path / "fold0.png"
+    plot_pretrain(log, out, "dsf", 0)
+    _check_png(out, 16)
+    assert _wait_pixels(out) > 200
 
 
 def test_pretrain_png_scope_all_and_one_epoch_via_cli(tmp_path: Path) -> None:
@@ -62,7 +85,7 @@ def test_pretrain_png_scope_all_and_one_epoch_via_cli(tmp_path: Path) -> None:
     assert (
         dsf_main(["curves", "pretrain", "--log", str(log), "--init", "dsf", "--out", str(out)]) == 0
     )
-    _check_png(out)
+    _check_png(out, 16)
 
 
 def test_finetune_png_via_cli(tmp_path: Path) -> None:
@@ -127,7 +150,8 @@ def test_missing_log_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.Capture
 def test_pretrain_log_missing_z_std_names_the_file(tmp_path: Path) -> None:
     log = tmp_path / "log.tsv"
     log.write_text("epoch\tloss\tcontext\ttarget\tfusion\n1\t0\t0\t0\t0\n")
-    with pytest.raises(CurvesError, match=r"log\.tsv: columns \['z_std'\] are missing"):
+    missing = r"log\.tsv: columns \['z_std', 'samples_per_s'\] are missing"
+    with pytest.raises(CurvesError, match=missing):
         plot_pretrain(log, tmp_path / "x.png", "dsf", 0)
 
 
