@@ -92,6 +92,8 @@ def main() -> None:
     args = p.parse_args()
     args.pin = torch.cuda.is_available()
     data = TileDataset([args.store])
+    if len(data) < args.batch:
+        raise SystemExit(f"{args.store}: {len(data)} tiles, fewer than one batch of {args.batch}")
     sampler = EpochSampler(len(data), 0)
     print(
         f"# {time.strftime('%Y-%m-%d')} {os.cpu_count()} cores, {args.store.name}: "

@@ -421,17 +421,16 @@ class Trainer:
             return
         self._said_starved = True
         workers = self.st["workers"]
-        more = f"raise pretrain.workers (now {workers}" + (
-            f"; this machine has {os.cpu_count()} cores)"
-            if workers
-            else ": reading in the training process)"
-        )
+        if workers:
+            now = f"{workers}; this machine has {os.cpu_count()} cores"
+        else:
+            now = "0: reading in the training process"
         log.warning(
-            "pretraining waited for tiles %.0f%% of epoch %d: %s, or put the patch stores on "
-            "faster storage",
+            "pretraining waited for tiles %.0f%% of epoch %d: raise pretrain.workers (now %s), "
+            "or put the patch stores on faster storage",
             share * 100,
             self.epoch,
-            more,
+            now,
         )
 
     def fit(self, progress: bool = True) -> None:
