@@ -9,6 +9,7 @@ import importlib
 import sys
 
 STAGES = {
+    "sheet": "dsf.sheet",
     "synth": "dsf.synth",
     "tissue": "dsf.tissue",
     "patches": "dsf.patches",

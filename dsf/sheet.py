@@ -1,21 +1,34 @@
 """The slide sheet: one row per slide, validated, with paths resolved (DESIGN section 3).
 
 Kept out of the Snakefile so it is tested like any other code and used by hand the same way.
+`slides` may also be a folder (every slide in it, `dsf.scan`); `dsf sheet FOLDER` writes that
+folder's sheet to edit (groups, resolution, folds).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pandas as pd
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dsf.atomic import atomic_path
 from dsf.config import load_schema
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, SlideError
+from dsf.runner import run, setup_logging
+from dsf.scan import IMAGE_SUFFIXES, scan_folder
+from dsf.slide import describe_slide
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("slide", "path", "mpp", "labels", "group", "fold")
 
@@ -128,11 +141,139 @@ def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def folder_rows(folder: Path, results: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Sheet rows of every slide under `folder` (`dsf.scan`), the workflow's results excluded.
+
+    Plain images state no resolution and a folder has no `mpp` column to give it, so they stop
+    here, with the command that writes a sheet to fill.
+    """
+    rows = scan_folder(folder, exclude=[results])
+    images = [r["path"] for r in rows if Path(r["path"]).suffix.lower() in IMAGE_SUFFIXES]
+    if images:
+        shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
+        raise ConfigError(
+            f"config key `slides` is the folder {folder}, which holds plain images ({shown}) "
+            "that state no resolution: write a sheet that gives it, `dsf sheet "
+            f"{folder} --mpp <um/px> --out slides.tsv`, and set `slides` to that sheet"
+        )
+    return rows
+
+
 def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
-    """The sheet of a validated config: its `slides` file plus its synthetic slides."""
+    """The sheet of a validated config: its `slides` sheet (or every slide in its `slides`
+    folder) plus its synthetic slides."""
     rows: list[dict[str, Any]] = []
     sheet = Path(config["slides"])
-    if config["slides"]:
+    if config["slides"] and sheet.is_dir():
+        rows += folder_rows(sheet, config["results"])
+    elif config["slides"]:
         rows += read_sheet(sheet).to_dict("records")
     rows += synthetic_rows(config)
     return validate_rows(rows, f"{sheet} + synth.slides", Path("."))
+
+
+def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
+    """Write sheet rows as a TSV with every column, to `out` (atomically, paths relative to
+    its folder when they lie under it) or to standard output (absolute paths)."""
+    table = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
+    if out is not None:
+        base = out.resolve().parent
+        table["path"] = [_relative(p, base) for p in table["path"]]
+        table["labels"] = [_relative(p, base) if p else p for p in table["labels"]]
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp, sep="\t", index=False)
+    else:
+        table.to_csv(sys.stdout, sep="\t", index=False)
+
+
+def _relative(path: str, base: Path) -> str:
+    p = Path(path)
+    return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf sheet",
+        description="Write the slide sheet of a folder of slides, to edit and run: every slide "
+        "file under FOLDER (searched recursively), its annotation found by name, TCGA slides "
+        "grouped by patient. Each slide is opened to report its format, size and resolution.",
+    )
+    p.add_argument("folder", type=Path, help="folder of slides")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="folder of annotations named like their slides (e.g. BCSS masks/ beside images/)",
+    )
+    p.add_argument("--mpp", type=float, help="level-0 um/px of every slide (PNG/JPEG regions)")
+    p.add_argument("--out", type=Path, help="sheet to write (default: standard output)")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out slides dsf cannot open (default: list them and write nothing)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf sheet`: a folder of slides -> a slide sheet."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        if args.mpp is not None and not args.mpp > 0:
+            raise ConfigError(f"--mpp {args.mpp} is not a positive number of um/px")
+        rows = scan_folder(args.folder, args.labels, args.mpp)
+        kept, bad, unresolved, table = [], [], [], []
+        with logging_redirect_tqdm():
+            for row in tqdm(rows, desc="sheet", unit="slide", disable=len(rows) < 20):
+                try:
+                    facts = describe_slide(row["path"], row["slide"])
+                except SlideError as exc:
+                    bad.append(str(exc))
+                    log.error("%s", exc)
+                    continue
+                mpp = row["mpp"] if row["mpp"] is not None else facts.mpp
+                if mpp is None:
+                    unresolved.append(row["slide"])
+                table.append(
+                    {
+                        "slide": row["slide"],
+                        "reader": facts.reader,
+                        "size (px)": f"{facts.width} x {facts.height}",
+                        "levels": facts.levels,
+                        "um/px": "none" if mpp is None else f"{mpp:.4g}",
+                        "labels": Path(row["labels"]).name if row["labels"] else "",
+                        "group": row["group"] or "",
+                    }
+                )
+                kept.append(row)
+        if table:
+            log.info("slides found:\n%s", pd.DataFrame(table).to_string(index=False))
+        if bad and not args.skip_unreadable:
+            raise ConfigError(
+                f"{len(bad)} of {len(rows)} slides cannot be read (above); fix or remove them, "
+                "or pass --skip-unreadable to leave them out of the sheet"
+            )
+        if not kept:
+            raise ConfigError(f"no readable slide under {args.folder}")
+        write_sheet(kept, args.out)
+        log.info(
+            "%d slides, %d with annotations%s -> %s",
+            len(kept),
+            sum(1 for r in kept if r["labels"]),
+            f", {len(bad)} unreadable left out" if bad else "",
+            args.out or "standard output",
+        )
+        if unresolved:
+            log.warning(
+                "%d slides state no resolution (%s): fill their `mpp` column (um/px), or "
+                "rerun with --mpp",
+                len(unresolved),
+                ", ".join(unresolved[:5]) + (" ..." if len(unresolved) > 5 else ""),
+            )
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

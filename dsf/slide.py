@@ -262,6 +262,12 @@ class _TiffBackend(_Backend):
             tf.close()
 
 
+def _image_mpp(dpi: Any) -> float | None:
+    """A plain image's resolution from its DPI, None when absent or a mere default DPI."""
+    mpp = 25400.0 / float(dpi[0]) if dpi and dpi[0] else None
+    return mpp if mpp is not None and mpp <= MAX_PLAUSIBLE_MPP else None
+
+
 class _ImageBackend(_Backend):
     """A plain image decoded once (PNG/JPEG cannot be read in parts); for ROI crops."""
 
@@ -274,8 +280,7 @@ class _ImageBackend(_Backend):
         h, w = self._data.shape[:2]
         self.levels = [LevelInfo(w, h, 1.0)]
         self.properties = {"dsf.backend": "image"}
-        mpp = 25400.0 / float(dpi[0]) if dpi and dpi[0] else None
-        self.file_mpp = mpp if mpp is not None and mpp <= MAX_PLAUSIBLE_MPP else None
+        self.file_mpp = _image_mpp(dpi)
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return self._data[y : y + h, x : x + w]
@@ -575,6 +580,44 @@ class Slide:
         return out
 
 
+@dataclass(frozen=True)
+class SlideFacts:
+    """What a slide file says of itself: its reader, level-0 size, pyramid levels and
+    resolution in um/px (None: the file states none, the sheet must)."""
+
+    reader: str
+    width: int
+    height: int
+    levels: int
+    mpp: float | None
+
+
+def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) -> SlideFacts:
+    """The facts of a slide file, for listing a folder; an unreadable file raises SlideError.
+
+    A small region is decoded (as `open_slide` does), except in plain images, whose header is
+    enough and whose pixels would otherwise be decoded whole.
+    """
+    path = Path(path)
+    sid = slide_id or path.stem
+    if path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file():
+        try:
+            with Image.open(path) as im:
+                return SlideFacts("image", im.width, im.height, 1, _image_mpp(im.info.get("dpi")))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise SlideError(sid, f"cannot read {path}: {exc}") from exc
+    backend = _open_backend(path, sid, check=True)
+    try:
+        props = backend.properties
+        reader = type(backend).__name__.strip("_").replace("Backend", "").lower()
+        if "openslide.vendor" in props:
+            reader = f"{reader} ({props['openslide.vendor']})"
+        lv0 = backend.levels[0]
+        return SlideFacts(reader, lv0.width, lv0.height, len(backend.levels), backend.file_mpp)
+    finally:
+        backend.close()
+
+
 def open_slide(
     path: str | os.PathLike[str],
     mpp: float | None = None,
@@ -599,7 +642,8 @@ def open_slide(
         raise SlideError(
             sid,
             f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME PhysicalSizeX or "
-            "TIFF resolution tags); fill the `mpp` column (um/px) of the slide sheet",
+            "TIFF resolution tags); fill the `mpp` column (um/px) of the slide sheet (with "
+            "`slides` a folder: write its sheet with `dsf sheet FOLDER --out slides.tsv`)",
         )
     if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
         log.warning("%s: sheet mpp %.4g overrides the file's %.4g um/px", sid, mpp, file_mpp)

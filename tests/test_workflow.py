@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,32 @@ def test_local_profile_plans_the_default_workflow(tmp_path: Path) -> None:
         f"results={tmp_path}",
     ).stdout
     assert job_counts(out)["pretrain"] == 2
+
+
+def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
+    tmp_path: Path, real: Path
+) -> None:
+    """Run in the repository, as users do: a preset with a folder of slides gets none of the
+    demo config's settings (its synthetic slides, its few steps per epoch)."""
+    folder = tmp_path / "my slides"
+    (folder / "case-1").mkdir(parents=True)
+    shutil.copy(real / "CMU-1-Small-Region.svs", folder / "A.svs")
+    shutil.copy(real / "CMU-1-Small-Region.svs", folder / "case-1" / "B.svs")
+    (tmp_path / "k2.yaml").write_text("folds:\n  k: 2\n")
+    preset = REPO / "config" / "presets" / "bcss.yaml"
+    out = smk(
+        "-n", "-p", "--cores", "2", "--configfile", str(preset), str(tmp_path / "k2.yaml"),
+        "--config", f"slides={folder}", f"results={tmp_path / 'res'}",
+    ).stdout  # fmt: skip
+    counts = job_counts(out)
+    assert "synth" not in counts and counts["tissue"] == 2 and counts["patches"] == 2
+    pre = [ln for ln in out.splitlines() if "dsf pretrain " in ln]
+    assert pre and all("--steps-per-epoch 0 " in ln and "--epochs 500 " in ln for ln in pre)
+    assert all("--checkpoint-every 10 " in ln for ln in pre)
+    assert f"--slide {shlex.quote(str(folder / 'case-1' / 'B.svs'))}" in out
+    # without slides of its own a run is the demo
+    demo = job_counts(smk("-n", "--cores", "2", "--config", f"results={tmp_path / 'd'}").stdout)
+    assert demo["synth"] == 4
 
 
 def test_lint_is_clean() -> None:
@@ -218,8 +245,6 @@ def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
 def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
     """Each annotated slide is mapped by the model of the fold that held it out; a slide
     without annotation by every fold's model (infer.unlabelled_fold null)."""
-    import shlex
-
     from dsf.folds import assign_folds
     from dsf.sheet import load_sheet
 

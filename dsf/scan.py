@@ -1,0 +1,189 @@
+"""The slides in a folder, as slide-sheet rows: what a user would otherwise write by hand.
+
+A researcher points dsf at a folder of slides (DESIGN section 1). The folder is searched
+recursively (GDC downloads put every slide in a folder of its own):
+
+- every file with a slide format's suffix is a slide (`SLIDE_SUFFIXES`); a DICOM slide is a
+  folder of `.dcm` instances, one slide per folder; the `.jpg` parts a Hamamatsu `.vms` names
+  and MIRAX's data folders are parts of their slide, not slides;
+- its id is the file name without the format suffix (`.ome.tiff` whole), with characters a
+  slide id cannot hold replaced by `_`; two slides with one id are an error naming both;
+- its annotation is found by name: `<id>.geojson` or `<id>.labels.tif|tiff|png` beside it, or
+  in a separate labels folder also a file of the slide's own name (the BCSS layout: `images/`
+  and `masks/` holding the same file names);
+- slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), so one patient's
+  slides never span folds; any other slide is a group of its own (write a sheet with a `group`
+  column when patients are known otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from dsf.errors import ConfigError
+
+#: Suffixes of the formats dsf reads (OpenSlide's, TIFF/OME-TIFF, DICOM, plain image regions).
+OPENSLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
+)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES | {".dcm"}
+#: Annotation files beside a slide: `<id><suffix>`.
+SIDECARS = (".geojson", ".labels.tif", ".labels.tiff", ".labels.png")
+#: Annotations in a separate labels folder may also carry the slide's own file name.
+LABEL_SUFFIXES = frozenset({".geojson", ".tif", ".tiff", ".png"})
+
+_TCGA = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?![A-Z0-9])")
+_BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _stem(name: str) -> str:
+    """A file name without its format suffix (`.ome.tiff` whole)."""
+    low = name.lower()
+    for suffix in (".ome.tiff", ".ome.tif", *sorted(SLIDE_SUFFIXES, key=len, reverse=True)):
+        if low.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def slide_id(name: str) -> str:
+    """A slide id from a file or folder name: format suffix off, other characters -> `_`."""
+    sid = _BAD_ID_CHARS.sub("_", _stem(name)).strip("._-")
+    return sid or "slide"
+
+
+def patient_group(sid: str) -> str | None:
+    """The TCGA patient (`TCGA-A1-A0SK`) of a slide named by its barcode, else None."""
+    m = _TCGA.match(sid)
+    return m.group(1) if m else None
+
+
+def _vms_parts(vms: Path) -> set[Path]:
+    """The image files a Hamamatsu .vms index names (its tiles, map and macro)."""
+    parts: set[Path] = set()
+    try:
+        text = vms.read_text(encoding="latin-1")
+    except OSError:
+        return parts
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and value.strip() and key.strip().lower().startswith(("imagefile", "mapfile")):
+            parts.add((vms.parent / value.strip()).resolve())
+    return parts
+
+
+def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Iterable[Path]:
+    """Files under `folder`, sorted, without hidden ones, Zarr stores or the `skip` folders;
+    a folder reached twice (a symlink loop) is searched once."""
+    seen = set() if seen is None else seen
+    seen.add(folder.resolve())
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.resolve() in skip:
+            continue
+        if entry.is_dir():
+            if entry.suffix.lower() == ".zarr" or entry.resolve() in seen:
+                continue
+            if (entry.parent / f"{entry.name}.mrxs").is_file():
+                continue  # a MIRAX slide's data folder
+            yield from _walk(entry, skip, seen)
+        elif entry.is_file():
+            yield entry
+
+
+def _label_index(labels_dir: Path | None) -> dict[str, list[Path]]:
+    """The annotation files of a labels folder by the name they match (`x.png`, `x.labels.tif`
+    and `x.geojson` all match slide `x`)."""
+    index: dict[str, list[Path]] = {}
+    for p in sorted(labels_dir.iterdir()) if labels_dir is not None else ():
+        if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES and not p.name.startswith("."):
+            name = p.name[: -len(p.suffix)]
+            name = name[: -len(".labels")] if name.lower().endswith(".labels") else name
+            index.setdefault(name, []).append(p)
+    return index
+
+
+def _find_labels(slide: Path, sid: str, index: dict[str, list[Path]]) -> str | None:
+    """The one annotation file of a slide (a file, or a DICOM folder), found by its id or its
+    file name without the format suffix, beside it or in the labels folder's `index`; two
+    candidates are an error."""
+    stems = {sid, _stem(slide.name)}
+    found = [slide.parent / f"{stem}{s}" for stem in stems for s in SIDECARS]
+    found = [p for p in found if p.is_file()]
+    found += [p for stem in stems for p in index.get(stem, [])]
+    found = sorted(set(found))
+    if len(found) > 1:
+        raise ConfigError(
+            f"slide {sid!r} ({slide}) has {len(found)} annotation files: "
+            f"{', '.join(str(p) for p in found)}; keep one, or write the sheet by hand"
+        )
+    return str(found[0]) if found else None
+
+
+def scan_folder(
+    folder: str | Path,
+    labels_dir: str | Path | None = None,
+    mpp: float | None = None,
+    exclude: Iterable[str | Path] = (),
+) -> list[dict[str, Any]]:
+    """Slide-sheet rows (slide, path, mpp, labels, group, fold) of every slide under `folder`.
+
+    Paths are absolute. `mpp` fills every row's `mpp` (for images that state none); `exclude`
+    names folders not to search (the workflow's results). Raises ConfigError when the folder
+    is missing, holds no slide, or two slides get one id.
+    """
+    folder = Path(folder).absolute()  # absolute, but symlinks kept as the user named them
+    if not folder.is_dir():
+        raise ConfigError(f"slide folder {folder} not found")
+    labels = Path(labels_dir).absolute() if labels_dir is not None else None
+    if labels is not None and not labels.is_dir():
+        raise ConfigError(f"labels folder {labels} not found")
+    skip = {Path(p).resolve() for p in exclude}
+    if labels is not None:
+        skip.add(labels.resolve())
+    files = [f for f in _walk(folder, skip) if ".labels." not in f.name.lower()]
+    parts: set[Path] = set()
+    for f in files:
+        if f.suffix.lower() == ".vms":
+            parts |= _vms_parts(f)
+    slides: list[Path] = []
+    dicom_dirs: set[Path] = set()
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix not in SLIDE_SUFFIXES or f.resolve() in parts:
+            continue
+        if suffix == ".dcm":
+            if f.parent not in dicom_dirs:  # files come sorted: the first instance stands in
+                dicom_dirs.add(f.parent)
+                slides.append(f)
+            continue
+        slides.append(f)
+    index = _label_index(labels)
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for path in slides:
+        dicom = path.suffix.lower() == ".dcm"
+        sid = slide_id(path.parent.name if dicom else path.name)
+        if sid in seen:
+            raise ConfigError(
+                f"two slides under {folder} get the id {sid!r}: {seen[sid]} and {path}; "
+                "rename one, or write a slide sheet (`dsf sheet` writes one to edit)"
+            )
+        seen[sid] = path
+        rows.append(
+            {
+                "slide": sid,
+                "path": str(path),
+                "mpp": mpp,
+                "labels": _find_labels(path.parent if dicom else path, sid, index),
+                "group": patient_group(sid),
+                "fold": None,
+            }
+        )
+    if not rows:
+        raise ConfigError(
+            f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+        )
+    return rows

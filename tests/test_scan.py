@@ -1,0 +1,177 @@
+"""A folder of slides as a slide sheet: `dsf.scan`, `slides` as a folder, `dsf sheet`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dsf.config import validate as validate_config
+from dsf.errors import ConfigError, SlideError
+from dsf.scan import scan_folder, slide_id
+from dsf.sheet import load_sheet, main, read_sheet
+from dsf.slide import describe_slide
+
+
+def _touch(root: Path, *names: str, text: str = "x") -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _rows(rows: list[dict]) -> dict[str, dict]:
+    return {r["slide"]: r for r in rows}
+
+
+def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _touch(
+        root,
+        "a.svs",
+        "a.geojson",  # QuPath annotation beside its slide
+        "b.ome.tiff",
+        "b.labels.tiff",  # label mask beside its slide: not a slide itself
+        "slide (1).ndpi",
+        "slide (1).labels.png",  # found by the file's name, not only by the cleaned id
+        # GDC download: one folder per file; two slides of one patient
+        "gdc/0a1b/TCGA-A1-A0SK-01Z-00-DX1.svs",
+        "gdc/9f8e/TCGA-A1-A0SK-01A-01-TS1.svs",
+        "mirax.mrxs",
+        "mirax/Data0000.dat",
+        "mirax/Slidedat.ini",
+        "dicom1/000.dcm",
+        "dicom1/001.dcm",  # one DICOM slide per folder of instances
+        "dicom1.geojson",
+        "hama_map.jpg",
+        "hama.jpg",  # the parts a .vms names are not slides
+        ".hidden.svs",
+        "._a.svs",  # macOS metadata
+        "old.zarr/c.svs",  # inside a Zarr store
+        "notes.txt",
+        "roi.png",
+    )
+    (root / "hama.vms").write_text(
+        "[Virtual Microscope Specimen]\nImageFile=hama.jpg\nMapFile=hama_map.jpg\n"
+    )
+    (root / "gdc" / "loop").symlink_to(root)  # searched once, not forever
+    rows = _rows(scan_folder(root, mpp=0.5))
+    assert set(rows) == {
+        "a", "b", "slide_1", "TCGA-A1-A0SK-01Z-00-DX1", "TCGA-A1-A0SK-01A-01-TS1", "mirax",
+        "dicom1", "hama", "roi",
+    }  # fmt: skip
+    assert rows["a"]["labels"] == str(root / "a.geojson")
+    assert rows["b"]["labels"] == str(root / "b.labels.tiff")
+    assert rows["slide_1"]["labels"] == str(root / "slide (1).labels.png")
+    assert rows["slide_1"]["path"] == str(root / "slide (1).ndpi")
+    assert rows["dicom1"]["path"] == str(root / "dicom1" / "000.dcm")
+    assert rows["dicom1"]["labels"] == str(root / "dicom1.geojson")
+    assert rows["hama"]["path"] == str(root / "hama.vms")
+    # TCGA barcodes are grouped by patient; anything else is its own group (None -> the id)
+    assert rows["TCGA-A1-A0SK-01Z-00-DX1"]["group"] == "TCGA-A1-A0SK"
+    assert rows["TCGA-A1-A0SK-01A-01-TS1"]["group"] == "TCGA-A1-A0SK"
+    assert rows["a"]["group"] is None and rows["roi"]["labels"] is None
+    assert all(r["mpp"] == 0.5 and Path(r["path"]).is_absolute() for r in rows.values())
+
+
+def test_slide_ids_lose_the_format_suffix_and_unsafe_characters() -> None:
+    assert slide_id("x.ome.tif") == "x"
+    assert slide_id("CMU 1 (small).svs") == "CMU_1_small"
+    assert slide_id("TCGA-CR-7395-01A-01-TS1.histolab.svs") == "TCGA-CR-7395-01A-01-TS1.histolab"
+    assert slide_id("(1).svs") == "1"
+
+
+def test_two_slides_with_one_id_are_named(tmp_path: Path) -> None:
+    _touch(tmp_path, "site1/s.svs", "site2/s.tiff")
+    with pytest.raises(ConfigError, match=r"id 's'.*site1/s\.svs.*site2/s\.tiff"):
+        scan_folder(tmp_path)
+
+
+def test_a_labels_folder_matches_by_file_name(tmp_path: Path) -> None:
+    """The BCSS layout: images/ and masks/ hold the same file names."""
+    name = "TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500.png"
+    _touch(tmp_path, f"images/{name}", f"masks/{name}", "masks/other.png")
+    rows = scan_folder(tmp_path / "images", tmp_path / "masks", mpp=0.25)
+    assert len(rows) == 1 and rows[0]["labels"] == str(tmp_path / "masks" / name)
+    assert rows[0]["group"] == "TCGA-A1-A0SK"
+    # the labels folder inside the slide folder is not searched for slides
+    assert [r["slide"] for r in scan_folder(tmp_path, tmp_path / "masks")] == [name[:-4]]
+    _touch(tmp_path, f"images/{name[:-4]}.geojson")
+    with pytest.raises(ConfigError, match="2 annotation files"):
+        scan_folder(tmp_path / "images", tmp_path / "masks")
+
+
+def test_an_empty_or_missing_folder_is_an_error(tmp_path: Path) -> None:
+    _touch(tmp_path, "readme.txt")
+    with pytest.raises(ConfigError, match="no slide found"):
+        scan_folder(tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        scan_folder(tmp_path / "nope")
+
+
+def _config(tmp_path: Path, slides: Path) -> dict:
+    return validate_config({"results": str(tmp_path / "res"), "slides": str(slides)})
+
+
+def test_slides_as_a_folder_in_the_config(tmp_path: Path) -> None:
+    folder = tmp_path / "slides"
+    _touch(folder, "a.svs", "case/TCGA-CR-7395-01A-01-TS1.svs", "a.labels.tiff")
+    # a results folder inside the slide folder is never searched
+    _touch(folder, "res/synth/synth-01.tiff")
+    df = load_sheet(_config(tmp_path, folder) | {"results": str(folder / "res")})
+    assert list(df.index) == ["a", "TCGA-CR-7395-01A-01-TS1"]
+    assert df.loc["a", "labels"] == str(folder / "a.labels.tiff")
+    assert df.loc["a", "group"] == "a"
+    assert df.loc["TCGA-CR-7395-01A-01-TS1", "group"] == "TCGA-CR-7395"
+    # plain images state no resolution, and a folder has no mpp column: stop with the fix
+    _touch(folder, "roi.png")
+    with pytest.raises(ConfigError, match=r"config key `slides`.*roi\.png.*dsf sheet .*--mpp"):
+        load_sheet(_config(tmp_path, folder))
+
+
+def test_describe_slide_reports_reader_size_and_resolution(real: Path) -> None:
+    cmu = describe_slide(real / "CMU-1-Small-Region.svs")
+    assert (cmu.reader, cmu.width, cmu.height, cmu.levels) == ("openslide (aperio)", 2220, 2967, 1)
+    assert cmu.mpp == pytest.approx(0.499)
+    assert describe_slide(real / "TCGA-CR-7395-01A-01-TS1.histolab.svs").mpp is None
+    png = describe_slide(real / "histolab-tiles" / "no-tissue.png")
+    assert (png.reader, png.width, png.height, png.mpp) == ("image", 512, 512, None)
+    with pytest.raises(SlideError, match="unreadable"):
+        describe_slide(real / "openslide-python-fixtures" / "unreadable.svs")
+
+
+def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
+    tmp_path: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "project" / "slides"
+    folder.mkdir(parents=True)
+    shutil.copy(real / "CMU-1-Small-Region.svs", folder)
+    shutil.copy(real / "TCGA-CR-7395-01A-01-TS1.histolab.svs", folder / "TCGA-CR-7395.svs")
+    shutil.copy(real / "openslide-python-fixtures" / "unreadable.svs", folder)
+    _touch(
+        folder, "CMU-1-Small-Region.geojson", text='{"type": "FeatureCollection", "features": []}'
+    )
+    out = tmp_path / "project" / "slides.tsv"
+    # an unreadable slide: named, non-zero exit, no sheet
+    assert main([str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and "'unreadable'" in err and "--skip-unreadable" in err
+    assert main([str(folder), "--out", str(out), "--skip-unreadable"]) == 0
+    err = capsys.readouterr().err
+    assert "TCGA-CR-7395" in err and "state no resolution" in err and "2220 x 2967" in err
+    text = out.read_text()
+    assert text.splitlines()[0] == "slide\tpath\tmpp\tlabels\tgroup\tfold"
+    assert "slides/CMU-1-Small-Region.svs" in text and str(tmp_path) not in text  # relative
+    df = read_sheet(out)
+    assert list(df.index) == ["CMU-1-Small-Region", "TCGA-CR-7395"]
+    assert df.loc["CMU-1-Small-Region", "labels"] == str(folder / "CMU-1-Small-Region.geojson")
+    assert df.loc["TCGA-CR-7395", "group"] == "TCGA-CR-7395" and df["mpp"].isna().all()
+    # --mpp fills the column; without --out the sheet goes to standard output, paths absolute
+    assert main([str(folder), "--out", str(out), "--skip-unreadable", "--mpp", "0.5"]) == 0
+    assert set(read_sheet(out)["mpp"]) == {0.5}
+    capsys.readouterr()
+    assert main([str(folder), "--skip-unreadable"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("slide\tpath") and str(folder / "TCGA-CR-7395.svs") in printed
+    assert main([str(folder), "--mpp", "-1"]) == 2
