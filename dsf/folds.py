@@ -2,13 +2,17 @@
 
 Groups (the sheet's `group` column) never span folds, so no tile of a validation slide, nor of
 another slide of its patient, is seen in that fold's pretraining or fine-tuning. The split is
-seeded and balanced by slide count; a `fold` column in the sheet fixes a slide's fold.
+seeded and stratified: annotated slides are spread evenly over the folds first (a
+self-supervised project has many unlabelled slides and few annotated ones, and a fold without
+an annotated validation slide has nothing to evaluate), then the unlabelled ones balance the
+slide count. A `fold` column in the sheet fixes a slide's fold.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -20,15 +24,29 @@ from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
 from dsf.runner import run, setup_logging
 
+log = logging.getLogger(__name__)
+
+
+def _labelled(sheet: pd.DataFrame) -> list[bool]:
+    """Per row, whether the slide has an annotation (a `labels` path, or `labelled` true)."""
+    if "labelled" in sheet:
+        return [bool(v) for v in sheet["labelled"]]
+    if "labels" in sheet:
+        return [isinstance(v, str) and v != "" for v in sheet["labels"]]
+    return [False] * len(sheet)
+
 
 def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     """A (slide, group, fold) table: fixed folds kept, other groups spread over the k folds.
 
-    Groups are shuffled with `seed`, then each goes to the fold with the fewest slides so far
-    (largest groups first), which keeps folds balanced and the split reproducible.
+    Groups are shuffled with `seed`; groups with annotated slides go first, most annotated
+    first, each to the fold with the fewest annotated slides so far; then the others, largest
+    first, each to the fold with the fewest slides. So annotated slides are spread evenly, the
+    folds stay balanced in size, and the split is reproducible.
     """
     df = sheet[["slide", "group", "fold"]].copy()
     df["group"] = [g if g else s for s, g in zip(df["slide"], df["group"], strict=True)]
+    labelled = pd.Series(_labelled(sheet), index=df.index)
     fixed: dict[str, int] = {}
     for group, rows in df.groupby("group", sort=True):
         folds = {int(f) for f in rows["fold"] if f is not None and not pd.isna(f)}
@@ -46,23 +64,30 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
                 )
             fixed[str(group)] = fold
     sizes = df.groupby("group").size()
+    annotated = labelled.groupby(df["group"]).sum()
     n_groups = len(sizes)
     if n_groups < k:
         raise ConfigError(
             f"folds.k is {k} but the sheet has only {n_groups} groups (patients); "
             "lower folds.k or add slides"
         )
-    load = [0] * k
+    load, load_lab = [0] * k, [0] * k
     for group, fold in fixed.items():
         load[fold] += int(sizes[group])
+        load_lab[fold] += int(annotated[group])
     free = [g for g in sizes.index if g not in fixed]
     random.Random(seed).shuffle(free)
-    free.sort(key=lambda g: -int(sizes[g]))  # stable: equal sizes keep the seeded order
+    # stable: equal keys keep the seeded order
+    free.sort(key=lambda g: (-int(annotated[g]), -int(sizes[g])))
     assigned = dict(fixed)
     for group in free:
-        fold = min(range(k), key=lambda f: (load[f], f))
+        if annotated[group]:
+            fold = min(range(k), key=lambda f: (load_lab[f], load[f], f))
+        else:
+            fold = min(range(k), key=lambda f: (load[f], f))
         assigned[group] = fold
         load[fold] += int(sizes[group])
+        load_lab[fold] += int(annotated[group])
     df["fold"] = [assigned[g] for g in df["group"]]
     empty = [f for f in range(k) if f not in set(df["fold"])]
     if empty:
@@ -70,7 +95,27 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
             f"folds {empty} have no slide (fixed folds in the sheet leave them empty); "
             "lower folds.k or change the `fold` column"
         )
+    bare = [f for f in range(k) if load_lab[f] == 0]
+    if labelled.any() and bare:
+        log.warning(
+            "folds %s have no annotated validation slide (%d annotated patients or groups "
+            "for folds.k %d): their evaluation will be empty; annotate more slides or lower "
+            "folds.k",
+            bare,
+            int((annotated > 0).sum()),
+            k,
+        )
     return df.reset_index(drop=True)
+
+
+def finetune_gaps(folds: pd.DataFrame, labelled: set[str]) -> list[int]:
+    """Folds whose fine-tuning cannot run: fewer than 2 annotated groups outside the fold (one
+    trains, one is held out to choose the epoch; `dsf.finetune_data.selection_split`)."""
+    outside = [
+        folds.loc[(folds["fold"] != k) & folds["slide"].isin(labelled), "group"].nunique()
+        for k in sorted(set(folds["fold"]))
+    ]
+    return [k for k, n in zip(sorted(set(folds["fold"])), outside, strict=True) if n < 2]
 
 
 def write_folds(table: pd.DataFrame, out: Path) -> None:
@@ -96,7 +141,9 @@ def read_folds(path: str | Path) -> pd.DataFrame:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsf folds", description=__doc__)
     p.add_argument(
-        "--sheet-json", required=True, help="the slide sheet as JSON records (slide, group, fold)"
+        "--sheet-json",
+        required=True,
+        help="the slide sheet as JSON records (slide, group, fold, labelled)",
     )
     p.add_argument("--out", required=True, type=Path, help="folds.tsv to write")
     add_section_arguments(p, "folds")

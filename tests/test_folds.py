@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from dsf.errors import ConfigError
-from dsf.folds import assign_folds, main, read_folds
+from dsf.folds import assign_folds, finetune_gaps, main, read_folds
 
 
 def _sheet(groups: list[str], folds: list[int | None] | None = None) -> pd.DataFrame:
@@ -31,6 +31,44 @@ def test_seeded_and_seed_matters() -> None:
     a, b = assign_folds(sheet, 4, 7), assign_folds(sheet, 4, 7)
     assert a.equals(b)
     assert not a["fold"].equals(assign_folds(sheet, 4, 8)["fold"])
+
+
+def test_annotated_slides_are_spread_evenly_over_the_folds() -> None:
+    """Few annotated slides among many unlabelled ones: each fold gets its share (for every
+    seed), and the folds stay balanced in size."""
+    sheet = _sheet([f"p{i}" for i in range(20)])
+    sheet["labels"] = [f"s{i}.geojson" if i % 5 == 0 else None for i in range(20)]
+    for seed in range(10):
+        t = assign_folds(sheet, 4, seed)
+        annotated = t["fold"][sheet["labels"].notna()]
+        assert sorted(annotated.value_counts().tolist()) == [1, 1, 1, 1], seed
+        assert t["fold"].value_counts().tolist() == [5, 5, 5, 5]
+    # the JSON the workflow hands `dsf folds` says it as `labelled`
+    flags = sheet.assign(labelled=sheet["labels"].notna()).drop(columns="labels")
+    assert assign_folds(flags, 4, 3).equals(assign_folds(sheet, 4, 3))
+
+
+def test_folds_without_an_annotated_slide_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    sheet = _sheet(["a", "b", "c", "d"])
+    sheet["labels"] = ["a.tiff", "b.tiff", None, None]
+    t = assign_folds(sheet, 3, 0)
+    bare = sorted(set(range(3)) - set(t["fold"][:2]))
+    assert len(bare) == 1 and f"folds {bare} have no annotated validation slide" in caplog.text
+    caplog.clear()
+    assign_folds(sheet, 2, 0)
+    assert "annotated" not in caplog.text
+
+
+def test_folds_that_cannot_fine_tune_are_found() -> None:
+    """Fine-tuning a fold needs annotated slides of 2 groups outside it (train + select)."""
+    folds = pd.DataFrame(
+        {"slide": ["a", "b", "c", "d"], "group": ["p", "p", "q", "r"], "fold": [0, 0, 1, 2]}
+    )
+    assert finetune_gaps(folds, {"a", "b", "c", "d"}) == []
+    assert finetune_gaps(folds, {"a", "c", "d"}) == []  # one slide of p is enough
+    # without d: fold 0 has only q outside it, fold 1 only p; fold 2 has p and q
+    assert finetune_gaps(folds, {"a", "b", "c"}) == [0, 1]
+    assert finetune_gaps(folds, {"c"}) == [0, 1, 2]
 
 
 def test_fold_column_is_honoured() -> None:

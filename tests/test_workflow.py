@@ -86,6 +86,32 @@ def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
     assert demo["synth"] == 4
 
 
+def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> None:
+    """A folder of slides without any annotation is a pretraining project: no fine-tuning,
+    maps or evaluation are planned (they could not run), and the run says so."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("A", "B", "C"):
+        shutil.copy(real / "CMU-1-Small-Region.svs", folder / f"{name}.svs")
+    (tmp_path / "k2.yaml").write_text("folds:\n  k: 2\n")
+    done = smk(
+        "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
+        f"slides={folder}", f"results={tmp_path / 'res'}",
+    )  # fmt: skip
+    counts = job_counts(done.stdout)
+    assert counts["pretrain"] == 2 and counts["patches"] == 3
+    assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
+    assert "no slide of the sheet has an annotation" in done.stderr
+    # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
+    (folder / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    done = smk(
+        "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
+        f"slides={folder}", f"results={tmp_path / 'res'}",
+    )  # fmt: skip
+    assert "finetune" in job_counts(done.stdout)
+    assert "fine-tuning of folds [0, 1] will stop with an error" in done.stderr
+
+
 def test_lint_is_clean() -> None:
     done = smk("--lint", "--directory", str(REPO), check=False)
     assert done.returncode == 0, done.stdout + done.stderr

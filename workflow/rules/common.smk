@@ -1,11 +1,12 @@
 # Helpers shared by the rules: config validation, the slide sheet, per-slide inputs.
+import logging
 import os
 import shlex
 
 from snakemake.utils import validate
 
 from dsf.config import cli_args
-from dsf.folds import assign_folds
+from dsf.folds import assign_folds, finetune_gaps
 from dsf.sheet import load_sheet
 
 
@@ -61,6 +62,25 @@ def check_finetune_inits(finetune, pretrain):
 check_finetune_inits(config["finetune"], config["pretrain"])
 FRACS = [str(f) for f in config["finetune"]["fractions"]]
 LABELLED = set(SHEET.index[SHEET["labels"].notna()])
+# Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
+# stop at the pretrained encoders (a folder of unlabelled slides is a pretraining project).
+FINETUNING = bool(LABELLED)
+if not FINETUNING:
+    logging.getLogger("dsf").warning(
+        "no slide of the sheet has an annotation (`labels`): the workflow stops at the "
+        "pretrained encoders (pretrain/*/encoders.pt); annotate slides to fine-tune, map and "
+        "evaluate (pretrain.scope: all pretrains once on every slide instead of per fold)"
+    )
+elif gaps := finetune_gaps(FOLDS, LABELLED):
+    logging.getLogger("dsf").warning(
+        "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
+        "at least 2 patients (groups) outside it, one to train on and one to choose the epoch "
+        "(%d annotated groups for folds.k %d); annotate slides of more patients or lower "
+        "folds.k",
+        gaps,
+        SHEET.loc[list(LABELLED), "group"].nunique(),
+        config["folds"]["k"],
+    )
 
 
 def _infer_choice():
@@ -214,6 +234,9 @@ def all_outputs():
         ),
         f"{RESULTS}/report/tables.html",
     ]
+    if not FINETUNING:
+        finetuned, maps, evaluated = [], [], []
+        reported = [r for r in reported if "/curves/pretrain/" in r]
     return [
         f"{RESULTS}/folds.tsv", *pretrained, *finetuned, *maps, *evaluated, *reported
     ] + expand(

@@ -5,7 +5,9 @@ rule folds:
     output:
         f"{RESULTS}/folds.tsv",
     params:
-        sheet=SHEET[["slide", "group", "fold"]].to_json(orient="records"),
+        sheet=SHEET[["slide", "group", "fold"]]
+        .assign(labelled=SHEET["labels"].notna())
+        .to_json(orient="records"),
         opts=stage_opts("folds"),
     conda:
         "../../envs/dsf.yaml"
