@@ -186,6 +186,17 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         table.to_csv(sys.stdout, sep="\t", index=False)
 
 
+def _aligned(rows: list[dict[str, Any]]) -> str:
+    """Rows as a text table, columns left-aligned (names read from the left)."""
+    cols = list(rows[0])
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [cols, *cells]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(ln, widths, strict=True)).rstrip() for ln in lines
+    )
+
+
 def _relative(path: str, base: Path) -> str:
     p = Path(path)
     return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 kept.append(row)
         if table:
-            log.info("slides found:\n%s", pd.DataFrame(table).to_string(index=False))
+            log.info("slides found:\n%s", _aligned(table))
         if bad and not args.skip_unreadable:
             raise ConfigError(
                 f"{len(bad)} of {len(rows)} slides cannot be read (above); fix or remove them, "
