@@ -87,8 +87,9 @@ def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
 
 
 def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> None:
-    """A folder of slides without any annotation is a pretraining project: no fine-tuning,
-    maps or evaluation are planned (they could not run), and the run says so."""
+    """A folder of slides without any annotation is a pretraining project: pretrained once on
+    every slide; no fine-tuning, maps or evaluation are planned (they could not run), and the
+    run says so."""
     folder = tmp_path / "slides"
     folder.mkdir()
     for name in ("A", "B", "C"):
@@ -99,7 +100,8 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
         f"slides={folder}", f"results={tmp_path / 'res'}",
     )  # fmt: skip
     counts = job_counts(done.stdout)
-    assert counts["pretrain"] == 2 and counts["patches"] == 3
+    assert counts["pretrain"] == 1 and counts["patches"] == 3  # once, on every slide
+    assert "pretrain/dsf/all/encoders.pt" in done.stdout
     assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
     assert "no slide of the sheet has an annotation" in done.stderr
     # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
@@ -108,7 +110,8 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
         "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
         f"slides={folder}", f"results={tmp_path / 'res'}",
     )  # fmt: skip
-    assert "finetune" in job_counts(done.stdout)
+    counts = job_counts(done.stdout)
+    assert "finetune" in counts and counts["pretrain"] == 2  # per fold again
     assert "fine-tuning of folds [0, 1] will stop with an error" in done.stderr
 
 

@@ -21,9 +21,37 @@ SYNTH = list(config["synth"]["slides"])
 FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
-# Pretraining runs: one per fold (pretrain.scope fold) or one on every slide (all).
+LABELLED = set(SHEET.index[SHEET["labels"].notna()])
+# Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
+# stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
+# is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
+# now would not fit the folds of the annotated project).
+FINETUNING = bool(LABELLED)
+if not FINETUNING:
+    logging.getLogger("dsf").warning(
+        "no slide of the sheet has an annotation (`labels`): the workflow pretrains once on "
+        "every slide (pretrain/<method>/all/encoders.pt) and stops there; annotate slides to "
+        "fine-tune, map and evaluate (folds depend on which slides are annotated, so per-fold "
+        "pretraining waits for them)"
+    )
+elif gaps := finetune_gaps(FOLDS, LABELLED):
+    logging.getLogger("dsf").warning(
+        "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
+        "at least 2 patients (groups) outside it, one to train on and one to choose the epoch "
+        "(%d annotated groups for folds.k %d); annotate slides of more patients or lower "
+        "folds.k",
+        gaps,
+        SHEET.loc[list(LABELLED), "group"].nunique(),
+        config["folds"]["k"],
+    )
+
+
+# Pretraining runs: one per fold (pretrain.scope fold) or one on every slide (all, and always
+# without annotations).
 PRETRAIN_UNITS = (
-    [f"fold{k}" for k in FOLD_IDS] if config["pretrain"]["scope"] == "fold" else ["all"]
+    [f"fold{k}" for k in FOLD_IDS]
+    if config["pretrain"]["scope"] == "fold" and FINETUNING
+    else ["all"]
 )
 FINITS = list(config["finetune"]["inits"])
 
@@ -61,28 +89,6 @@ def check_finetune_inits(finetune, pretrain):
 
 check_finetune_inits(config["finetune"], config["pretrain"])
 FRACS = [str(f) for f in config["finetune"]["fractions"]]
-LABELLED = set(SHEET.index[SHEET["labels"].notna()])
-# Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
-# stop at the pretrained encoders (a folder of unlabelled slides is a pretraining project).
-FINETUNING = bool(LABELLED)
-if not FINETUNING:
-    logging.getLogger("dsf").warning(
-        "no slide of the sheet has an annotation (`labels`): the workflow stops at the "
-        "pretrained encoders (pretrain/*/encoders.pt); annotate slides to fine-tune, map and "
-        "evaluate (pretrain.scope: all pretrains once on every slide instead of per fold)"
-    )
-elif gaps := finetune_gaps(FOLDS, LABELLED):
-    logging.getLogger("dsf").warning(
-        "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
-        "at least 2 patients (groups) outside it, one to train on and one to choose the epoch "
-        "(%d annotated groups for folds.k %d); annotate slides of more patients or lower "
-        "folds.k",
-        gaps,
-        SHEET.loc[list(LABELLED), "group"].nunique(),
-        config["folds"]["k"],
-    )
-
-
 def _infer_choice():
     """Inits that get maps and the label fraction whose models draw them (infer section)."""
     from dsf.errors import ConfigError
