@@ -8,9 +8,9 @@ recursively (GDC downloads put every slide in a folder of its own):
   and MIRAX's data folders are parts of their slide, not slides;
 - its id is the file name without the format suffix (`.ome.tiff` whole), with characters a
   slide id cannot hold replaced by `_`; two slides with one id are an error naming both;
-- its annotation is found by name: `<id>.geojson` or `<id>.labels.tif|tiff|png` beside it, or
-  in a separate labels folder also a file of the slide's own name (the BCSS layout: `images/`
-  and `masks/` holding the same file names);
+- its annotation is found by name: `<id>.geojson` or `<id>.labels.tif|tiff|png` beside it
+  (`<id>` also as the whole file name, `x.svs.geojson`), or in a separate labels folder also a
+  file of the slide's own name (the BCSS layout: `images/` and `masks/` with the same names);
 - slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), so one patient's
   slides never span folds; any other slide is a group of its own (write a sheet with a `group`
   column when patients are known otherwise).
@@ -109,7 +109,7 @@ def _find_labels(slide: Path, sid: str, index: dict[str, list[Path]]) -> str | N
     """The one annotation file of a slide (a file, or a DICOM folder), found by its id or its
     file name without the format suffix, beside it or in the labels folder's `index`; two
     candidates are an error."""
-    stems = {sid, _stem(slide.name)}
+    stems = {sid, _stem(slide.name), slide.name}  # QuPath may name exports `x.svs.geojson`
     found = [slide.parent / f"{stem}{s}" for stem in stems for s in SIDECARS]
     found = [p for p in found if p.is_file()]
     found += [p for stem in stems for p in index.get(stem, [])]

@@ -269,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"no readable slide under {args.folder}")
         write_sheet(kept, args.out)
         log.info(
-            "%d slides, %d with annotations%s -> %s",
+            "%d slides, %d with annotations%s -> %s%s",
             len(kept),
             sum(1 for r in kept if r["labels"]),
             f", {len(bad)} unreadable left out" if bad else "",
             args.out or "standard output",
+            f"; edit it, then run: snakemake --cores N --config slides={args.out}"
+            if args.out
+            else "",
         )
         if unresolved:
             log.warning(

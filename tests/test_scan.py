@@ -35,6 +35,8 @@ def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> N
         "b.labels.tiff",  # label mask beside its slide: not a slide itself
         "slide (1).ndpi",
         "slide (1).labels.png",  # found by the file's name, not only by the cleaned id
+        "c.mrxs",
+        "c.mrxs.geojson",  # QuPath's export named after the whole image name
         # GDC download: one folder per file; two slides of one patient
         "gdc/0a1b/TCGA-A1-A0SK-01Z-00-DX1.svs",
         "gdc/9f8e/TCGA-A1-A0SK-01A-01-TS1.svs",
@@ -59,8 +61,9 @@ def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> N
     rows = _rows(scan_folder(root, mpp=0.5))
     assert set(rows) == {
         "a", "b", "slide_1", "TCGA-A1-A0SK-01Z-00-DX1", "TCGA-A1-A0SK-01A-01-TS1", "mirax",
-        "dicom1", "hama", "roi",
+        "dicom1", "hama", "roi", "c",
     }  # fmt: skip
+    assert rows["c"]["labels"] == str(root / "c.mrxs.geojson")
     assert rows["a"]["labels"] == str(root / "a.geojson")
     assert rows["b"]["labels"] == str(root / "b.labels.tiff")
     assert rows["slide_1"]["labels"] == str(root / "slide (1).labels.png")
@@ -160,6 +163,7 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     assert main([str(folder), "--out", str(out), "--skip-unreadable"]) == 0
     err = capsys.readouterr().err
     assert "TCGA-CR-7395" in err and "state no resolution" in err and "2220 x 2967" in err
+    assert f"--config slides={out}" in err  # the next step
     text = out.read_text()
     assert text.splitlines()[0] == "slide\tpath\tmpp\tlabels\tgroup\tfold"
     assert "slides/CMU-1-Small-Region.svs" in text and str(tmp_path) not in text  # relative
