@@ -36,6 +36,8 @@ SIDECARS = (".geojson", ".labels.tif", ".labels.tiff", ".labels.png")
 #: Annotations in a separate labels folder may also carry the slide's own file name.
 LABEL_SUFFIXES = frozenset({".geojson", ".tif", ".tiff", ".png"})
 
+#: Suffixes to strip from a file name, longest first (`.ome.tiff` before `.tiff`).
+_STRIP_ORDER = (".ome.tiff", ".ome.tif", *sorted(SLIDE_SUFFIXES, key=len, reverse=True))
 _TCGA = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?![A-Z0-9])")
 _BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -43,7 +45,7 @@ _BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 def _stem(name: str) -> str:
     """A file name without its format suffix (`.ome.tiff` whole)."""
     low = name.lower()
-    for suffix in (".ome.tiff", ".ome.tif", *sorted(SLIDE_SUFFIXES, key=len, reverse=True)):
+    for suffix in _STRIP_ORDER:
         if low.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name

@@ -580,6 +580,11 @@ class Slide:
         return out
 
 
+def _backend_name(backend: _Backend) -> str:
+    """`openslide`, `tiff` or `image`: the backend's class name, as reports show it."""
+    return type(backend).__name__.strip("_").replace("Backend", "").lower()
+
+
 @dataclass(frozen=True)
 class SlideFacts:
     """What a slide file says of itself: its reader, level-0 size, pyramid levels and
@@ -609,7 +614,7 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
     backend = _open_backend(path, sid, check=True)
     try:
         props = backend.properties
-        reader = type(backend).__name__.strip("_").replace("Backend", "").lower()
+        reader = _backend_name(backend)
         if "openslide.vendor" in props:
             reader = f"{reader} ({props['openslide.vendor']})"
         lv0 = backend.levels[0]
@@ -652,7 +657,7 @@ def open_slide(
         slide_id=sid,
         mpp=float(mpp if mpp is not None else file_mpp),  # type: ignore[arg-type]
         levels=list(backend.levels),
-        backend_name=type(backend).__name__.strip("_").replace("Backend", "").lower(),
+        backend_name=_backend_name(backend),
         properties=dict(backend.properties),
         mpp_tolerance=mpp_tolerance,
         _backend=backend,

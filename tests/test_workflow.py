@@ -95,10 +95,14 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     for name in ("A", "B", "C"):
         shutil.copy(real / "CMU-1-Small-Region.svs", folder / f"{name}.svs")
     (tmp_path / "k2.yaml").write_text("folds:\n  k: 2\n")
-    done = smk(
-        "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
-        f"slides={folder}", f"results={tmp_path / 'res'}",
-    )  # fmt: skip
+
+    def plan() -> subprocess.CompletedProcess[str]:
+        return smk(
+            "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
+            f"slides={folder}", f"results={tmp_path / 'res'}",
+        )  # fmt: skip
+
+    done = plan()
     counts = job_counts(done.stdout)
     assert counts["pretrain"] == 1 and counts["patches"] == 3  # once, on every slide
     assert "pretrain/dsf/all/encoders.pt" in done.stdout
@@ -106,10 +110,7 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     assert "no slide of the sheet has an annotation" in done.stderr
     # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
     (folder / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-    done = smk(
-        "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
-        f"slides={folder}", f"results={tmp_path / 'res'}",
-    )  # fmt: skip
+    done = plan()
     counts = job_counts(done.stdout)
     assert "finetune" in counts and counts["pretrain"] == 2  # per fold again
     assert "fine-tuning of folds [0, 1] will stop with an error" in done.stderr
