@@ -2,9 +2,9 @@
 
 Two sources, one interface (`LabelSource.read(x, y, width, height, mpp)`, level-0 origin,
 resolution in um/px, nearest-neighbour so class indices stay exact):
-- raster masks (TIFF or PNG) at any downsample of the slide, codes mapped through a class map
-  (e.g. the BCSS preset); the downsample is inferred from the mask's size and must be the same in
-  x and y;
+- raster masks (TIFF or PNG) at any downsample of the slide, up to its full size, codes mapped
+  through a class map (e.g. the BCSS preset); the downsample is inferred from the mask's size and
+  must be the same in x and y; TIFFs are read lazily (`dsf.mask_raster`);
 - QuPath-style GeoJSON (FeatureCollection, feature list or single feature; Polygon and
   MultiPolygon in level-0 pixels), rasterised per region so memory stays bounded.
 """
@@ -22,6 +22,7 @@ import numpy as np
 from skimage.draw import polygon as fill_polygon
 
 from dsf.errors import AnnotationError, ConfigError
+from dsf.mask_raster import MaskRaster
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,12 @@ def _code_lut(settings: dict[str, Any]) -> np.ndarray:
 
 
 class RasterLabels(LabelSource):
-    """A label mask at some downsample of the slide; read with nearest-neighbour sampling."""
+    """A label mask at some downsample of the slide, read lazily (`MaskRaster`: a tiled or
+    pyramidal TIFF is never loaded whole) with nearest-neighbour sampling and mapped through
+    the class map."""
+
+    #: A mask's coarsest level up to this size is checked for unmapped codes when opened.
+    CHECK_PX = 16 * 1024 * 1024
 
     def __init__(
         self,
@@ -86,61 +92,27 @@ class RasterLabels(LabelSource):
         self.path = path
         self._mpp0 = mpp0
         self._lut = _code_lut(settings)
-        self._data = self._load(path)
-        mh, mw = self._data.shape
-        sw, sh = slide_dims
-        self.ds_x, self.ds_y = sw / mw, sh / mh
-        if abs(self.ds_x / self.ds_y - 1) > 0.02 + 2 / min(mw, mh):
-            raise AnnotationError(
-                slide_id,
-                f"label mask {path} is {mw}x{mh} px, which is not a downsample of the slide "
-                f"({sw}x{sh} px; x factor {self.ds_x:.3f} vs y factor {self.ds_y:.3f}): the mask "
-                "does not cover the slide. Check that the `labels` column names this slide's mask",
-            )
-        present = np.unique(self._data)
+        self._n_classes = len(settings["classes"])
+        self._raster = MaskRaster(path, slide_id, slide_dims, "label mask")
+        self.ds_x, self.ds_y = self._raster.ds_x, self._raster.ds_y
+        coarse = self._raster.coarsest(self.CHECK_PX)
+        if coarse is not None:  # most bad codes are named now, not in the middle of a stage
+            self._check(np.unique(coarse))
+
+    def _check(self, present: np.ndarray) -> None:
         bad = [int(c) for c in present if self._lut[c] == _UNMAPPED]
         if bad:
             raise AnnotationError(
-                slide_id,
-                f"label mask {path} holds codes {bad} that are not class indices of "
-                f"labels.classes ({len(settings['classes'])} classes); map them with "
-                "labels.class_map",
-            )
-
-    def _load(self, path: Path) -> np.ndarray:
-        """Mask codes as uint8 (h, w); masks are small next to slides, so held in memory."""
-        try:
-            if path.suffix.lower() in {".tif", ".tiff"}:
-                import tifffile
-
-                data = tifffile.imread(str(path), level=0)
-            else:
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    data = np.asarray(im)
-        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the slide
-            raise AnnotationError(self.slide_id, f"cannot read label mask {path}: {exc}") from exc
-        if data.ndim == 3:  # an RGB(A) mask stores the code in every channel
-            data = data[..., 0]
-        if data.ndim != 2 or data.dtype.kind not in "ui" or data.max(initial=0) > 255:
-            raise AnnotationError(
                 self.slide_id,
-                f"label mask {path} must be a single-channel integer image with codes 0-255 "
-                f"(got shape {data.shape}, dtype {data.dtype})",
+                f"label mask {self.path} holds codes {bad} that are not class indices of "
+                f"labels.classes ({self._n_classes} classes); map them with labels.class_map",
             )
-        return data.astype(np.uint8, copy=False)
 
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
-        f = mpp / self._mpp0
-        mh, mw = self._data.shape
-        cols = np.floor((x + (np.arange(width) + 0.5) * f) / self.ds_x).astype(np.int64)
-        rows = np.floor((y + (np.arange(height) + 0.5) * f) / self.ds_y).astype(np.int64)
-        valid_c = (cols >= 0) & (cols < mw)
-        valid_r = (rows >= 0) & (rows < mh)
-        out = self._lut[self._data[np.clip(rows, 0, mh - 1)][:, np.clip(cols, 0, mw - 1)]]
-        out[~valid_r, :] = 0
-        out[:, ~valid_c] = 0
+        codes = self._raster.read(x, y, width, height, mpp / self._mpp0)
+        out = self._lut[codes]
+        if (out == _UNMAPPED).any():
+            self._check(np.unique(codes))
         return out
 
 

@@ -1,0 +1,192 @@
+"""Single-channel integer masks of a slide, sampled like slide regions without loading them.
+
+Annotation masks come at any downsample of the slide, up to the slide's full level-0 size
+(PAIP's per-class masks, CAMELYON's and ASAP's exports: tens of gigapixels). A TIFF mask is read
+through tifffile's Zarr view of its pages, from the coarsest pyramid level that is still at
+least as fine as the request, one window of tiles or strips at a time, so memory stays bounded
+by the request, not the mask. PNG and JPEG masks cannot be read in parts and are small in
+practice: they are held in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsf.errors import AnnotationError
+
+#: Level pixels read at once when a request subsamples a large window (rows are read in blocks).
+_WINDOW_PX = 32 * 1024 * 1024
+
+
+class _Level:
+    """One resolution of a mask: a lazy array (h, w) or (h, w, c) and its downsample."""
+
+    def __init__(self, array: Any, channel_last: bool) -> None:
+        self.array = array
+        self.channel_last = channel_last
+        self.height, self.width = (int(s) for s in array.shape[:2])
+
+    def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        if self.channel_last:  # an RGB(A) mask stores the code in every channel
+            return np.asarray(self.array[r0:r1, c0:c1, 0])
+        return np.asarray(self.array[r0:r1, c0:c1])
+
+
+def _tiff_levels(path: Path) -> tuple[list[_Level], list[Any]]:
+    """The pyramid levels of a TIFF's first image series as lazy Zarr arrays (finest first),
+    and the open stores to close."""
+    import tifffile
+    import zarr
+
+    with tifffile.TiffFile(str(path)) as tf:
+        series = tf.series[0]
+        n_levels = len(series.levels)
+        shapes = [tuple(lv.shape) for lv in series.levels]
+        dtype = series.dtype
+    if dtype.kind not in "uib":
+        raise ValueError(f"pixels are {dtype}, not integers")
+    levels, stores = [], []
+    for i in range(n_levels):
+        shape = shapes[i]
+        squeeze = 0
+        while len(shape) > 2 and shape[0] == 1:  # (1, h, w): a single plane
+            shape, squeeze = shape[1:], squeeze + 1
+        if len(shape) == 3 and shape[-1] in (3, 4):
+            channel_last = True
+        elif len(shape) == 2:
+            channel_last = False
+        else:
+            raise ValueError(f"image of shape {shapes[i]} is not a single-channel mask")
+        store = tifffile.imread(str(path), series=0, level=i, aszarr=True)
+        stores.append(store)
+        array = zarr.open(store, mode="r")
+        for _ in range(squeeze):
+            array = _Squeezed(array)
+        levels.append(_Level(array, channel_last))
+    return levels, stores
+
+
+class _Squeezed:
+    """A view of an array without its leading length-1 axis."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.shape = tuple(array.shape[1:])
+
+    def __getitem__(self, key: Any) -> Any:
+        return np.asarray(self.array[(0, *key)] if isinstance(key, tuple) else self.array[0, key])
+
+
+class MaskRaster:
+    """An integer mask (codes 0-255) over a slide of level-0 size `slide_dims`, at a downsample
+    inferred from its size (the same in x and y, else an AnnotationError naming the slide)."""
+
+    def __init__(self, path: Path, slide_id: str, slide_dims: tuple[int, int], what: str) -> None:
+        self.path, self.slide_id, self.what = Path(path), slide_id, what
+        self._dims = slide_dims
+        self._stores: list[Any] = []
+        try:
+            if self.path.suffix.lower() in {".tif", ".tiff"}:
+                self.levels, self._stores = _tiff_levels(self.path)
+            else:
+                from PIL import Image
+
+                with Image.open(self.path) as im:
+                    data = np.asarray(im)
+                if data.dtype.kind not in "uib":
+                    raise ValueError(f"pixels are {data.dtype}, not integers")
+                if data.ndim == 3:
+                    data = data[..., 0]
+                self.levels = [_Level(data, False)]
+        except AnnotationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the slide
+            self.close()
+            raise AnnotationError(
+                slide_id,
+                f"cannot read {what} {self.path} as a single-channel integer image: {exc}",
+            ) from exc
+        lv0 = self.levels[0]
+        mw, mh = lv0.width, lv0.height
+        sw, sh = slide_dims
+        self.ds_x, self.ds_y = sw / mw, sh / mh
+        if abs(self.ds_x / self.ds_y - 1) > 0.02 + 2 / min(mw, mh):
+            self.close()
+            raise AnnotationError(
+                slide_id,
+                f"{what} {self.path} is {mw}x{mh} px, which is not a downsample of the slide "
+                f"({sw}x{sh} px; x factor {self.ds_x:.3f} vs y factor {self.ds_y:.3f}): the mask "
+                "does not cover the slide. Check that the sheet names this slide's mask",
+            )
+
+    def close(self) -> None:
+        """Close the TIFF's stores (a later read reopens nothing: use a new MaskRaster)."""
+        for store in self._stores:
+            store.close()
+        self._stores = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its arguments: another process opens the file itself."""
+        return (type(self), (self.path, self.slide_id, self._dims, self.what))
+
+    def coarsest(self, max_px: int) -> np.ndarray | None:
+        """The coarsest level whole, if it has at most `max_px` pixels (else None)."""
+        lv = self.levels[-1]
+        if lv.height * lv.width > max_px:
+            return None
+        return self._checked(lv.window(0, lv.height, 0, lv.width))
+
+    def _checked(self, codes: np.ndarray) -> np.ndarray:
+        if codes.dtype == np.uint8:
+            return codes
+        if codes.dtype.kind == "b":
+            return codes.astype(np.uint8)
+        if codes.size and (codes.min() < 0 or codes.max() > 255):
+            raise AnnotationError(
+                self.slide_id,
+                f"{self.what} {self.path} holds codes outside 0-255 "
+                f"({int(codes.min())}..{int(codes.max())}); a mask holds class codes",
+            )
+        return codes.astype(np.uint8)
+
+    def _level_for(self, step: float) -> int:
+        """The coarsest level whose pixels are no larger than `step` level-0 mask pixels."""
+        best = 0
+        w0 = self.levels[0].width
+        for i, lv in enumerate(self.levels):
+            if w0 / lv.width <= step * 1.001:
+                best = i
+        return best
+
+    def read(self, x: float, y: float, width: int, height: int, f: float) -> np.ndarray:
+        """Codes (height, width) uint8 of the region with level-0 slide top-left (x, y) and
+        `f` level-0 slide px per output px, nearest-neighbour; outside the mask reads 0."""
+        level = self._level_for(f / self.ds_x)
+        lv = self.levels[level]
+        sx = self.ds_x * self.levels[0].width / lv.width  # slide px per level px
+        sy = self.ds_y * self.levels[0].height / lv.height
+        cols = np.floor((x + (np.arange(width) + 0.5) * f) / sx).astype(np.int64)
+        rows = np.floor((y + (np.arange(height) + 0.5) * f) / sy).astype(np.int64)
+        out = np.zeros((height, width), np.uint8)
+        vc = (cols >= 0) & (cols < lv.width)
+        vr = (rows >= 0) & (rows < lv.height)
+        if not vc.any() or not vr.any():
+            return out
+        c_in, r_in = cols[vc], rows[vr]
+        c0, c1 = int(c_in.min()), int(c_in.max()) + 1
+        block = max(1, _WINDOW_PX // (c1 - c0))  # level rows per window read
+        r_out = np.flatnonzero(vr)
+        c_out = np.flatnonzero(vc)
+        start = 0
+        while start < len(r_in):
+            r0 = int(r_in[start])
+            stop = int(np.searchsorted(r_in, r0 + block, side="left"))
+            stop = max(stop, start + 1)
+            r1 = int(r_in[stop - 1]) + 1
+            win = self._checked(lv.window(r0, r1, c0, c1))
+            out[np.ix_(r_out[start:stop], c_out)] = win[np.ix_(r_in[start:stop] - r0, c_in - c0)]
+            start = stop
+        return out

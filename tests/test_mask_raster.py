@@ -1,0 +1,114 @@
+"""Masks up to the slide's full size are sampled without loading them (dsf.mask_raster)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from dsf.annotations import RasterLabels
+from dsf.errors import AnnotationError
+from dsf.mask_raster import MaskRaster
+
+
+def _reference(mask: np.ndarray, ds: float, x: float, y: float, w: int, h: int, f: float):
+    """Nearest samples of an in-memory mask, 0 outside it."""
+    cols = np.floor((x + (np.arange(w) + 0.5) * f) / ds).astype(int)
+    rows = np.floor((y + (np.arange(h) + 0.5) * f) / ds).astype(int)
+    out = np.zeros((h, w), np.uint8)
+    vr, vc = (rows >= 0) & (rows < mask.shape[0]), (cols >= 0) & (cols < mask.shape[1])
+    out[np.ix_(vr, vc)] = mask[np.ix_(rows[vr], cols[vc])]
+    return out
+
+
+def _labels(classes: int = 4) -> dict:
+    return {
+        "classes": [f"c{i}" for i in range(classes)],
+        "class_map": {},
+        "other_class": 0,
+        "geojson_names": {},
+    }
+
+
+@pytest.mark.parametrize("layout", ["tiled", "strips", "png"])
+def test_reads_equal_the_mask_sampled_in_memory(tmp_path: Path, layout: str) -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 4, (300, 200), dtype=np.uint8)
+    path = tmp_path / ("m.png" if layout == "png" else "m.tif")
+    if layout == "png":
+        Image.fromarray(mask).save(path)
+    elif layout == "tiled":
+        tifffile.imwrite(path, mask, tile=(64, 64), compression="zlib")
+    else:
+        tifffile.imwrite(path, mask, rowsperstrip=7, compression="lzw")
+    raster = MaskRaster(path, "s", (800, 1200), "label mask")  # a 4x downsample
+    for x, y, w, h, f in [(0, 0, 50, 40, 4.0), (333.3, 517.9, 97, 61, 1.5), (-40, 1100, 30, 80, 9)]:
+        np.testing.assert_array_equal(
+            raster.read(x, y, w, h, f), _reference(mask, 4.0, x, y, w, h, f)
+        )
+
+
+def test_a_full_size_tiled_mask_is_read_by_the_window_not_whole(tmp_path: Path) -> None:
+    """A 12,000 x 9,000 mask (108 MB as pixels) answers a 256 px region and a coarse overview
+    within a few MB: the reader fetches the tiles it needs, never the whole level."""
+    mask = np.zeros((9000, 12000), np.uint8)
+    mask[1000:5000, 2000:9000] = 2
+    mask[3000:3500, 4000:4600] = 3
+    path = tmp_path / "full.tif"
+    tifffile.imwrite(path, mask, tile=(512, 512), compression="zlib")
+    del mask
+    tracemalloc.start()
+    try:
+        labels = RasterLabels(path, "big", (12000, 9000), 0.5, _labels())
+        region = labels.read(3900, 2900, 256, 256, 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12e6, f"peak {peak / 1e6:.0f} MB"
+    assert region[0, 0] == 2 and region[150, 150] == 3 and region[255, 255] == 3
+    # an overview of the whole slide, read row blocks at a time
+    over = labels.read(0, 0, 120, 90, 50.0)
+    assert over.shape == (90, 120) and set(np.unique(over)) == {0, 2, 3}
+
+
+def test_the_coarsest_level_that_is_fine_enough_is_read(tmp_path: Path) -> None:
+    """A pyramid's level 1 is chosen for a request at least 2x coarser than level 0; finer
+    requests read level 0 (the levels here differ on purpose, to tell them apart)."""
+    path = tmp_path / "pyr.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.full((512, 512), 1, np.uint8), tile=(128, 128), subifds=1)
+        tw.write(np.full((256, 256), 2, np.uint8), tile=(128, 128), subfiletype=1)
+    raster = MaskRaster(path, "s", (1024, 1024), "label mask")
+    assert len(raster.levels) == 2
+    assert (raster.read(0, 0, 10, 10, 2.0) == 1).all()  # 1 mask px per output px: level 0
+    assert (raster.read(0, 0, 10, 10, 4.0) == 2).all()  # 2 mask px per output px: level 1
+
+
+def test_bad_codes_outside_the_checked_overview_stop_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mask = np.zeros((200, 200), np.uint8)
+    mask[150:, 150:] = 9
+    tifffile.imwrite(tmp_path / "m.tif", mask)
+    with pytest.raises(AnnotationError, match=r"'s'.*codes \[9\]"):
+        RasterLabels(tmp_path / "m.tif", "s", (200, 200), 0.5, _labels())
+    monkeypatch.setattr(RasterLabels, "CHECK_PX", 0)  # as if the mask were too large to check
+    labels = RasterLabels(tmp_path / "m.tif", "s", (200, 200), 0.5, _labels())
+    assert (labels.read(0, 0, 100, 100, 0.5) == 0).all()
+    with pytest.raises(AnnotationError, match=r"'s'.*codes \[9\].*labels.class_map"):
+        labels.read(100, 100, 100, 100, 0.5)
+
+
+def test_unreadable_and_multichannel_masks_name_the_slide(tmp_path: Path) -> None:
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    with pytest.raises(AnnotationError, match="'s'.*cannot read label mask"):
+        MaskRaster(tmp_path / "junk.tif", "s", (100, 100), "label mask")
+    tifffile.imwrite(tmp_path / "float.tif", np.zeros((10, 10), np.float32))
+    with pytest.raises(AnnotationError, match="'s'.*not integers"):
+        MaskRaster(tmp_path / "float.tif", "s", (100, 100), "label mask")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.full((10, 10, 3), 2, np.uint8))
+    assert (MaskRaster(tmp_path / "rgb.tif", "s", (100, 100), "m").read(0, 0, 5, 5, 10) == 2).all()
