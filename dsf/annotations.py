@@ -57,6 +57,22 @@ def check_label_settings(settings: dict[str, Any]) -> None:
             )
     if not 0 <= int(settings["other_class"]) < n:
         raise ConfigError(f"config key labels.other_class: {settings['other_class']}, but {fix}")
+    for name in settings.get("masks", {}):
+        class_index(name, classes, f"labels.masks.{name}")
+    if settings.get("masks_base") is not None:
+        class_index(settings["masks_base"], classes, "labels.masks_base")
+
+
+def class_index(name: str, classes: list[str], key: str) -> int:
+    """The index of class `name` in `classes` (case-insensitive); a ConfigError naming `key`
+    when it is not one of them (0, the ignore class, is no class to paint either)."""
+    lower = [c.lower() for c in classes]
+    if name.lower() not in lower[1:]:
+        raise ConfigError(
+            f"config key {key}: {name!r} is not a class of labels.classes {classes[1:]} "
+            "(index 0 is the unlabelled class)"
+        )
+    return lower.index(name.lower(), 1)
 
 
 def _code_lut(settings: dict[str, Any]) -> np.ndarray:

@@ -12,6 +12,7 @@ STAGES = {
     "sheet": "dsf.sheet",
     "synth": "dsf.synth",
     "tissue": "dsf.tissue",
+    "labels": "dsf.labels",
     "patches": "dsf.patches",
     "folds": "dsf.folds",
     "pretrain": "dsf.pretrain",

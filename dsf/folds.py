@@ -28,12 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def _labelled(sheet: pd.DataFrame) -> list[bool]:
-    """Per row, whether the slide has an annotation (a `labels` path, or `labelled` true)."""
+    """Per row, whether the slide has an annotation (a `labels` path or per-class `masks`, or
+    `labelled` true)."""
     if "labelled" in sheet:
         return [bool(v) for v in sheet["labelled"]]
+    out = [False] * len(sheet)
     if "labels" in sheet:
-        return [isinstance(v, str) and v != "" for v in sheet["labels"]]
-    return [False] * len(sheet)
+        out = [isinstance(v, str) and v != "" for v in sheet["labels"]]
+    if "masks" in sheet:
+        out = [o or bool(m) for o, m in zip(out, sheet["masks"], strict=True)]
+    return out
 
 
 def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:

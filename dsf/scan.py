@@ -11,6 +11,8 @@ recursively (GDC downloads put every slide in a folder of its own):
 - its annotation is found by name: `<id>.geojson` or `<id>.labels.tif|tiff|png` beside it
   (`<id>` also as the whole file name, `x.svs.geojson`), or in a separate labels folder also a
   file of the slide's own name (the BCSS layout: `images/` and `masks/` with the same names);
+- annotations as one binary mask per class (`labels.masks`, e.g. PAIP's `<id>_whole.tif`) are
+  found by their pattern anywhere under the folder (or in the labels folder), and are not slides;
 - slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), so one patient's
   slides never span folds; any other slide is a group of its own (write a sheet with a `group`
   column when patients are known otherwise).
@@ -124,17 +126,62 @@ def _find_labels(slide: Path, sid: str, index: dict[str, list[Path]]) -> str | N
     return str(found[0]) if found else None
 
 
+def _mask_patterns(masks: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
+    """(class, file-name regex capturing the slide id) of each `labels.masks` pattern."""
+    out = []
+    for cls, pattern in masks.items():
+        name = Path(pattern).name
+        if name.count("{slide}") != 1:
+            raise ConfigError(
+                f"config key labels.masks.{cls}: {pattern!r} must name the file with {{slide}} "
+                "once, e.g. '{slide}_whole.tif'"
+            )
+        head, tail = name.split("{slide}")
+        out.append((cls, re.compile(f"^{re.escape(head)}(.+){re.escape(tail)}$", re.IGNORECASE)))
+    return out
+
+
+def _split_masks(
+    files: list[Path], masks: dict[str, str]
+) -> tuple[list[Path], dict[str, dict[str, Path]]]:
+    """The files that are not per-class masks, and the masks by slide id and class: a file
+    whose name fits a `labels.masks` pattern around the id of another file found (PAIP's
+    `01_01_0083_whole.tif` beside `01_01_0083.svs`, or in a folder of its own)."""
+    patterns = _mask_patterns(masks)
+    ids = {slide_id(f.parent.name if f.suffix.lower() == ".dcm" else f.name) for f in files}
+    found: dict[str, dict[str, Path]] = {}
+    rest = []
+    for f in files:
+        hits = [(cls, m.group(1)) for cls, rx in patterns if (m := rx.match(f.name))]
+        hits = [(cls, slide_id(sid)) for cls, sid in hits if slide_id(sid) in ids]
+        if not hits:
+            rest.append(f)
+            continue
+        cls, sid = hits[0]
+        if cls in found.setdefault(sid, {}):
+            raise ConfigError(
+                f"slide {sid!r} has two {cls} masks: {found[sid][cls]} and {f}; keep one, or "
+                "write the sheet by hand"
+            )
+        found[sid][cls] = f
+    return rest, found
+
+
 def scan_folder(
     folder: str | Path,
     labels_dir: str | Path | None = None,
     mpp: float | None = None,
     exclude: Iterable[str | Path] = (),
+    masks: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Slide-sheet rows (slide, path, mpp, labels, group, fold) of every slide under `folder`.
+    """Slide-sheet rows (slide, path, mpp, labels, group, fold, masks) of every slide under
+    `folder`.
 
     Paths are absolute. `mpp` fills every row's `mpp` (for images that state none); `exclude`
-    names folders not to search (the workflow's results). Raises ConfigError when the folder
-    is missing, holds no slide, or two slides get one id.
+    names folders not to search (the workflow's results); `masks` (class -> file name with
+    `{slide}`, `labels.masks`) finds per-class masks anywhere under the folder or in
+    `labels_dir`. Raises ConfigError when the folder is missing, holds no slide, or two slides
+    get one id.
     """
     folder = Path(folder).absolute()  # absolute, but symlinks kept as the user named them
     if not folder.is_dir():
@@ -146,6 +193,11 @@ def scan_folder(
     if labels is not None:
         skip.add(labels.resolve())
     files = [f for f in _walk(folder, skip) if ".labels." not in f.name.lower()]
+    if labels is not None and masks:
+        files += [f for f in _walk(labels, set()) if ".labels." not in f.name.lower()]
+    files, class_masks = _split_masks(files, masks or {})
+    if labels is not None:
+        files = [f for f in files if not f.is_relative_to(labels)]
     parts: set[Path] = set()
     for f in files:
         if f.suffix.lower() == ".vms":
@@ -182,8 +234,14 @@ def scan_folder(
                 "labels": _find_labels(path.parent if dicom else path, sid, index),
                 "group": patient_group(sid),
                 "fold": None,
+                "masks": {cls: str(p) for cls, p in sorted(class_masks.get(sid, {}).items())},
             }
         )
+        if rows[-1]["labels"] and rows[-1]["masks"]:
+            raise ConfigError(
+                f"slide {sid!r} ({path}) has an annotation {rows[-1]['labels']} and per-class "
+                f"masks ({', '.join(rows[-1]['masks'].values())}); keep one of them"
+            )
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"

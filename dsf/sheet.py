@@ -31,6 +31,8 @@ from dsf.slide import describe_slide
 log = logging.getLogger(__name__)
 
 COLUMNS = ("slide", "path", "mpp", "labels", "group", "fold")
+#: A column `mask:<class>` names a slide's binary mask of that class (`labels.masks`).
+MASK_PREFIX = "mask:"
 
 
 def _clean(value: Any) -> Any:
@@ -76,10 +78,22 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
                 f"slide sheet {path}: required column `{col}` is missing (columns: {cols}); "
                 f"the sheet needs tab-separated columns {list(COLUMNS)}"
             )
-    unknown = [c for c in cols if c not in COLUMNS]
+    unknown = [c for c in cols if c not in COLUMNS and not _mask_class(c)]
     if unknown:
-        raise ConfigError(f"slide sheet {path}: unknown column(s) {unknown}; allowed {COLUMNS}")
-    return validate_rows(df.to_dict("records"), str(path), path.parent)
+        raise ConfigError(
+            f"slide sheet {path}: unknown column(s) {unknown}; allowed {COLUMNS} and "
+            f"`{MASK_PREFIX}<class>` columns of per-class masks"
+        )
+    rows = []
+    for raw in df.to_dict("records"):
+        masks = {_mask_class(c): raw.pop(c) for c in cols if _mask_class(c)}
+        rows.append({**raw, "masks": {k: v for k, v in masks.items() if _clean(v) is not None}})
+    return validate_rows(rows, str(path), path.parent)
+
+
+def _mask_class(column: str) -> str:
+    """The class of a `mask:<class>` column, else ''."""
+    return column[len(MASK_PREFIX) :].strip() if column.startswith(MASK_PREFIX) else ""
 
 
 def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.DataFrame:
@@ -88,7 +102,8 @@ def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.Data
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(rows, start=1):
-        row = {k: _clean(v) for k, v in raw.items()}
+        masks = dict(raw.get("masks") or {})
+        row = {k: _clean(v) for k, v in raw.items() if k != "masks"}
         for num in ("mpp", "fold"):
             if isinstance(row.get(num), str):
                 try:
@@ -113,14 +128,29 @@ def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.Data
         seen[sid] = i
         row["path"] = _resolve(base, row["path"])
         row["labels"] = _resolve(base, row.get("labels"))
+        if masks and row["labels"]:
+            raise ConfigError(
+                f"slide sheet {where}, row {i} (slide {sid!r}): both a `labels` annotation and "
+                f"per-class masks ({', '.join(masks)}); keep one of them"
+            )
+        row["masks"] = {cls: _resolve(base, str(m)) for cls, m in masks.items()}
         row.setdefault("mpp", None)
         row["group"] = row.get("group") or sid
         row.setdefault("fold", None)
         out.append(row)
     if not out:
         raise ConfigError(f"slide sheet {where} lists no slides")
-    df = pd.DataFrame(out, columns=list(COLUMNS), dtype=object)
+    df = pd.DataFrame(out, columns=[*COLUMNS, "masks"], dtype=object)
     return df.set_index("slide", drop=False)
+
+
+def check_mask_classes(sheet: pd.DataFrame, classes: list[str], where: str) -> None:
+    """Every per-class mask of the sheet names a class of `classes` (else a ConfigError naming
+    the sheet's column)."""
+    from dsf.annotations import class_index
+
+    for cls in sorted({c for m in sheet["masks"] for c in m}):
+        class_index(cls, classes, f"`{MASK_PREFIX}{cls}` (slide sheet {where}); labels.classes")
 
 
 def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,13 +171,16 @@ def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def folder_rows(folder: Path, results: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Sheet rows of every slide under `folder` (`dsf.scan`), the workflow's results excluded.
+def folder_rows(
+    folder: Path, results: str | os.PathLike[str], masks: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Sheet rows of every slide under `folder` (`dsf.scan`), the workflow's results excluded,
+    with the per-class masks named by the `masks` patterns.
 
     Plain images state no resolution and a folder has no `mpp` column to give it, so they stop
     here, with the command that writes a sheet to fill.
     """
-    rows = scan_folder(folder, exclude=[results])
+    rows = scan_folder(folder, exclude=[results], masks=masks)
     images = [r["path"] for r in rows if Path(r["path"]).suffix.lower() in IMAGE_SUFFIXES]
     if images:
         shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
@@ -165,21 +198,27 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     sheet = Path(config["slides"])
     if config["slides"] and sheet.is_dir():
-        rows += folder_rows(sheet, config["results"])
+        rows += folder_rows(sheet, config["results"], config["labels"]["masks"])
     elif config["slides"]:
         rows += read_sheet(sheet).to_dict("records")
     rows += synthetic_rows(config)
-    return validate_rows(rows, f"{sheet} + synth.slides", Path("."))
+    table = validate_rows(rows, f"{sheet} + synth.slides", Path("."))
+    check_mask_classes(table, list(config["labels"]["classes"]), str(sheet))
+    return table
 
 
 def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
     """Write sheet rows as a TSV with every column, to `out` (atomically, paths relative to
     its folder when they lie under it) or to standard output (absolute paths)."""
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("masks") or {}))
     table = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
+    for cls in classes:
+        table[MASK_PREFIX + cls] = [(r.get("masks") or {}).get(cls) for r in rows]
     if out is not None:
         base = out.resolve().parent
         table["path"] = [_relative(p, base) for p in table["path"]]
-        table["labels"] = [_relative(p, base) if p else p for p in table["labels"]]
+        for col in ["labels", *(MASK_PREFIX + c for c in classes)]:
+            table[col] = [None if _clean(p) is None else _relative(p, base) for p in table[col]]
         with atomic_path(out) as tmp:
             table.to_csv(tmp, sep="\t", index=False)
     else:
@@ -215,6 +254,16 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder of annotations named like their slides (e.g. BCSS masks/ beside images/)",
     )
+    p.add_argument(
+        "--mask",
+        dest="masks",
+        action="append",
+        default=[],
+        metavar="CLASS=PATTERN",
+        help="per-class binary masks named by PATTERN with {slide} for the slide id, found "
+        "anywhere under FOLDER or --labels (PAIP: --mask whole_tumour={slide}_whole.tif "
+        "--mask viable_tumour={slide}_viable.tif); written as `mask:CLASS` columns",
+    )
     p.add_argument("--mpp", type=float, help="level-0 um/px of every slide (PNG/JPEG regions)")
     p.add_argument("--out", type=Path, help="sheet to write (default: standard output)")
     p.add_argument(
@@ -233,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         if args.mpp is not None and not args.mpp > 0:
             raise ConfigError(f"--mpp {args.mpp} is not a positive number of um/px")
-        rows = scan_folder(args.folder, args.labels, args.mpp)
+        masks: dict[str, str] = {}
+        for item in args.masks:
+            cls, sep, pattern = item.partition("=")
+            if not sep or not cls or cls in masks:
+                raise ConfigError(f"--mask {item!r}: give each class once, as CLASS=PATTERN")
+            masks[cls] = pattern
+        rows = scan_folder(args.folder, args.labels, args.mpp, masks=masks)
         kept, bad, unresolved, table = [], [], [], []
         with logging_redirect_tqdm():
             for row in tqdm(rows, desc="sheet", unit="slide", disable=len(rows) < 20):
@@ -253,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                         "size (px)": f"{facts.width} x {facts.height}",
                         "levels": facts.levels,
                         "um/px": "none" if mpp is None else f"{mpp:.4g}",
-                        "labels": Path(row["labels"]).name if row["labels"] else "",
+                        "labels": Path(row["labels"]).name
+                        if row["labels"]
+                        else " + ".join(Path(m).name for m in row["masks"].values()),
                         "group": row["group"] or "",
                     }
                 )
@@ -271,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "%d slides, %d with annotations%s -> %s%s",
             len(kept),
-            sum(1 for r in kept if r["labels"]),
+            sum(1 for r in kept if r["labels"] or r["masks"]),
             f", {len(bad)} unreadable left out" if bad else "",
             args.out or "standard output",
             f"; edit it, then run: snakemake --cores N --config slides={args.out}"

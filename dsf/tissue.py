@@ -61,7 +61,7 @@ OVERLAY_QUALITY = 90
 
 
 # -- detection ------------------------------------------------------------------------------
-def _rgb_rule(rgb: np.ndarray, rgb_max: list[int]) -> np.ndarray:
+def rgb_rule(rgb: np.ndarray, rgb_max: list[int]) -> np.ndarray:
     """The paper's rule: tissue where every channel is at or below its bound."""
     return np.all(rgb[..., :3] <= np.asarray(rgb_max, dtype=rgb.dtype), axis=-1)
 
@@ -168,7 +168,7 @@ def _detect(
     thresholds: dict[str, Any]
     planes = hsv(rgb) if method == "otsu" or settings["pen_marks"] else None
     if method == "rgb":
-        raw = _rgb_rule(rgb, settings["rgb_max"])
+        raw = rgb_rule(rgb, settings["rgb_max"])
         thresholds = {"rgb_max": list(settings["rgb_max"])}
     elif method == "otsu":
         raw, thresholds = _otsu_rule(planes[1], settings["min_saturation"])

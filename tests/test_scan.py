@@ -179,3 +179,77 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     printed = capsys.readouterr().out
     assert printed.startswith("slide\tpath") and str(folder / "TCGA-CR-7395.svs") in printed
     assert main([str(folder), "--mpp", "-1"]) == 2
+
+
+PAIP_MASKS = {"whole_tumour": "{slide}_whole.tif", "viable_tumour": "{slide}_viable.tif"}
+
+
+def test_per_class_masks_are_found_by_pattern_and_are_not_slides(tmp_path: Path) -> None:
+    """PAIP 2019 as downloaded: masks beside their slide, or in folders of their own."""
+    root = tmp_path / "paip"
+    _touch(
+        root,
+        "01_01_0083.svs",
+        "01_01_0083_whole.tif",
+        "01_01_0083_viable.tif",
+        "01_01_0083.xml",  # ImageScope annotations: neither slide nor mask
+        "OriginalImage/01_01_0091.SVS",
+        "WholeMask/01_01_0091_whole.tif",
+        "ViableMask/01_01_0091_viable.tif",
+        "other_whole.tif",  # fits a pattern, but no slide is called `other`: a slide
+    )
+    # without labels.masks every TIFF would be a slide
+    assert len(scan_folder(root)) == 7
+    rows = _rows(scan_folder(root, masks=PAIP_MASKS))
+    assert sorted(rows) == ["01_01_0083", "01_01_0091", "other_whole"]
+    assert rows["01_01_0091"]["masks"] == {
+        "viable_tumour": str(root / "ViableMask" / "01_01_0091_viable.tif"),
+        "whole_tumour": str(root / "WholeMask" / "01_01_0091_whole.tif"),
+    }
+    assert rows["01_01_0083"]["masks"]["whole_tumour"] == str(root / "01_01_0083_whole.tif")
+    assert rows["other_whole"]["masks"] == {} and rows["01_01_0083"]["labels"] is None
+    # a labels folder is searched for masks as well, and its files are no slides
+    masks = tmp_path / "masks"
+    _touch(masks, "x_whole.tif")
+    _touch(root, "x.svs")
+    assert _rows(scan_folder(root, masks, masks=PAIP_MASKS))["x"]["masks"] == {
+        "whole_tumour": str(masks / "x_whole.tif")
+    }
+    _touch(root, "more/01_01_0083_whole.tif")
+    with pytest.raises(ConfigError, match="'01_01_0083' has two whole_tumour masks"):
+        scan_folder(root, masks=PAIP_MASKS)
+    with pytest.raises(ConfigError, match=r"labels.masks.whole_tumour.*\{slide\} once"):
+        scan_folder(root, masks={"whole_tumour": "whole.tif"})
+
+
+def test_a_sheet_with_mask_columns_round_trips_and_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "paip"
+    _touch(root, "s1.svs", "s1_whole.tif", "s1_viable.tif", "s2.svs", "s2_whole.tif")
+    out = tmp_path / "paip.tsv"
+    from dsf.sheet import write_sheet
+
+    write_sheet(scan_folder(root, masks=PAIP_MASKS), out)
+    header = out.read_text().splitlines()[0].split("\t")
+    assert header[6:] == ["mask:viable_tumour", "mask:whole_tumour"]
+    assert "paip/s1_whole.tif" in out.read_text()  # relative to the sheet
+    df = read_sheet(out)
+    assert df.loc["s1", "masks"] == {
+        "viable_tumour": str(root / "s1_viable.tif"),
+        "whole_tumour": str(root / "s1_whole.tif"),
+    }
+    assert df.loc["s2", "masks"] == {"whole_tumour": str(root / "s2_whole.tif")}
+    paip = {"classes": ["ignore", "tissue", "whole_tumour", "viable_tumour"], "masks": PAIP_MASKS}
+    cfg = validate_config({"slides": str(out), "results": str(tmp_path / "r"), "labels": paip})
+    assert load_sheet(cfg).loc["s1", "masks"]["viable_tumour"] == str(root / "s1_viable.tif")
+    # a mask column of a class the config does not have, or a mask and an annotation
+    with pytest.raises(ConfigError, match=r"`mask:viable_tumour`.*not a class of labels.classes"):
+        load_sheet(validate_config({"slides": str(out), "results": str(tmp_path / "r")}))
+    text = out.read_text().replace("s1.svs\t\t\t", "s1.svs\t\ts1.geojson\t", 1)
+    (tmp_path / "both.tsv").write_text(text)
+    with pytest.raises(ConfigError, match=r"row 1 \(slide 's1'\): both a `labels`.*keep one"):
+        read_sheet(tmp_path / "both.tsv")
+    # dsf sheet writes the same columns from --mask
+    assert main([str(root), "--mask", "whole_tumour={slide}_whole.tif", "--out", str(out)]) == 2
+    assert "cannot be read" in capsys.readouterr().err  # the touched files are no slides

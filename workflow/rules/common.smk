@@ -5,12 +5,14 @@ import shlex
 
 from snakemake.utils import validate
 
+from dsf.annotations import check_label_settings
 from dsf.config import cli_args
 from dsf.folds import assign_folds, finetune_gaps
 from dsf.sheet import load_sheet
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+check_label_settings(config["labels"])  # class names and indices, before any job runs
 
 RESULTS = config["results"]
 SHEET = load_sheet(config)
@@ -21,7 +23,9 @@ SYNTH = list(config["synth"]["slides"])
 FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
-LABELLED = set(SHEET.index[SHEET["labels"].notna()])
+# annotated: a `labels` file, or per-class masks painted into one by the `labels` rule
+MASKED = set(SHEET.index[[bool(m) for m in SHEET["masks"]]])
+LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
@@ -189,9 +193,24 @@ def slide_opts(wildcards):
 
 
 def labels_input(wildcards):
-    """The annotation of a slide, or nothing."""
+    """The annotation of a slide (its per-class masks painted into one), or nothing."""
+    if wildcards.slide in MASKED:
+        return {"labels": f"{RESULTS}/labels/{wildcards.slide}.tiff"}
     labels = SHEET.loc[wildcards.slide, "labels"]
     return {"labels": labels} if labels else {}
+
+
+def mask_inputs(wildcards):
+    """The per-class masks of a slide, as `mask_<n>` inputs in class order."""
+    masks = SHEET.loc[wildcards.slide, "masks"]
+    return {f"mask_{i}": masks[c] for i, c in enumerate(sorted(masks))}
+
+
+def mask_opts(wildcards, input):
+    """`--mask CLASS=FILE` per class of the slide's masks, shell-quoted."""
+    masks = sorted(SHEET.loc[wildcards.slide, "masks"])
+    pairs = [f"{c}={input[f'mask_{i}']}" for i, c in enumerate(masks)]
+    return " ".join(f"--mask {shlex.quote(pair)}" for pair in pairs)
 
 
 def labels_opt(wildcards, input):
@@ -207,7 +226,10 @@ def pretrain_launcher():
 
 
 def stage_opts(section, skip=()):
-    """A config section as `dsf <stage>` options (the same schema, so the same defaults)."""
+    """A config section as `dsf <stage>` options (the same schema, so the same defaults).
+    labels.masks is used here, finding the masks (`{slide}` in a params string would also be
+    taken for a wildcard): no stage reads it."""
+    skip = (*skip, "masks") if section == "labels" else skip
     return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
 
 

@@ -6,7 +6,7 @@ rule folds:
         f"{RESULTS}/folds.tsv",
     params:
         sheet=SHEET[["slide", "group", "fold"]]
-        .assign(labelled=SHEET["labels"].notna())
+        .assign(labelled=SHEET.index.isin(LABELLED))
         .to_json(orient="records"),
         opts=stage_opts("folds"),
     conda:

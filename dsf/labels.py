@@ -1,0 +1,249 @@
+"""`dsf labels`: one label mask per slide from annotations delivered as a mask per class.
+
+Some datasets annotate each class in a binary mask of its own at the slide's full size: PAIP
+2019 gives `<id>_whole.tif` (whole tumour) and `<id>_viable.tif` (viable tumour, inside it), and
+the paper adds "tissue area" for tissue outside them, tissue where (R, G, B) <= (235, 210, 235)
+(paper section IV-A, DESIGN section 5: PAIP classes 1 tissue, 2 whole tumour, 3 viable tumour).
+This stage paints them into the one class-index mask the other stages read:
+
+- the base class (`labels.masks_base`) where the slide's pixel passes `tissue.rgb_max`, pixel by
+  pixel at the label mask's resolution;
+- then each class's mask, nonzero pixels taking the class, in the order of `labels.classes` (a
+  later class over an earlier one: viable tumour over whole tumour).
+
+The slide and the masks are read band by band (masks lazily, `dsf.mask_raster`), and the result
+is written as a tiled pyramidal TIFF coloured like the maps (`dsf.infer.write_tiff`), so memory
+stays flat in slide size and QuPath shows it over the slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dsf.annotations import check_label_settings, class_index
+from dsf.atomic import atomic_path, remove
+from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.errors import AnnotationError, ConfigError
+from dsf.infer import MEMORY_LEVEL_PX, pyramid_shapes, write_tiff
+from dsf.mask_raster import MaskRaster
+from dsf.runner import run, setup_logging
+from dsf.slide import Slide, open_slide
+from dsf.tilespool import TileSpool
+from dsf.tissue import rgb_rule
+
+log = logging.getLogger(__name__)
+
+#: Rows of the label mask painted at a time (the TIFF's tile size: whole tile rows per band).
+TILE = 512
+#: Output columns of one slide read (its pixels stay within the slide reader's bound).
+READ_COLS = 4096
+
+
+def _tissue_band(
+    slide: Slide,
+    y: float,
+    f: float,
+    width: int,
+    height: int,
+    mpp: float,
+    rgb_max: list[int],
+    pool: ThreadPoolExecutor,
+) -> np.ndarray:
+    """The rgb_max rule over output rows [y, y + height) of the whole width, read in column
+    chunks on the pool's threads."""
+
+    def chunk(x0: int) -> np.ndarray:
+        w = min(READ_COLS, width - x0)
+        return rgb_rule(slide.read(x0 * f, y * f, w, height, mpp), rgb_max)
+
+    return np.concatenate(list(pool.map(chunk, range(0, width, READ_COLS))), axis=1)
+
+
+def paint_labels(
+    slide: Slide,
+    masks: dict[str, Path],
+    settings: dict[str, Any],
+    rgb_max: list[int],
+    mpp: float,
+    out: Path,
+    threads: int = 4,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Paint the per-class `masks` (class name -> file) of `slide` into a label mask TIFF at
+    `mpp` (no finer than the slide) written atomically to `out`; returns each class's share of
+    the mask's pixels."""
+    check_label_settings(settings)
+    classes = list(settings["classes"])
+    if not masks:
+        raise ConfigError(f"slide {slide.slide_id!r}: no per-class mask given (--mask CLASS=FILE)")
+    layers = sorted(
+        (class_index(name, classes, "--mask"), name, Path(path)) for name, path in masks.items()
+    )
+    base = settings["masks_base"]
+    base_idx = class_index(base, classes, "labels.masks_base") if base is not None else None
+    mpp = max(float(mpp), slide.mpp)
+    f = mpp / slide.mpp  # level-0 slide px per label px
+    width, height = slide.size_at(mpp)
+    rasters = [
+        (idx, name, MaskRaster(path, slide.slide_id, slide.dimensions, f"{name} mask"))
+        for idx, name, path in layers
+    ]
+    counts = np.zeros(len(classes), np.int64)
+    try:
+        with (
+            atomic_path(out) as partial,
+            tempfile.TemporaryDirectory(prefix="dsf-labels-", dir=out.parent) as work,
+            ThreadPoolExecutor(max(1, threads), thread_name_prefix="dsf-labels") as pool,
+        ):
+            levels: list[Any] = []
+            for i, shape in enumerate(pyramid_shapes(height, width, TILE)):
+                small = i and shape[0] * shape[1] <= MEMORY_LEVEL_PX
+                levels.append(
+                    np.zeros(shape, np.uint8)
+                    if small
+                    else TileSpool(Path(work) / f"level{i}.tiles", shape, TILE, pool)
+                )
+            bands = tqdm(
+                range(0, height, TILE), desc=f"{slide.slide_id} labels", disable=not progress
+            )
+            for y in bands:
+                h = min(TILE, height - y)
+                band = np.zeros((h, width), np.uint8)
+                if base_idx is not None:
+                    band[_tissue_band(slide, y, f, width, h, mpp, rgb_max, pool)] = base_idx
+                for idx, _, raster in rasters:
+                    band[raster.read(0.0, y * f, width, h, f) > 0] = idx
+                counts += np.bincount(band.ravel(), minlength=len(classes))[: len(classes)]
+                for i, level in enumerate(levels):
+                    step = 1 << i  # the band's rows and columns that fall on level i's grid
+                    sub = band[-y % step :: step, ::step]
+                    if sub.size:
+                        y_l = (y + (-y % step)) // step
+                        if isinstance(level, np.ndarray):
+                            level[y_l : y_l + sub.shape[0], : sub.shape[1]] = sub
+                        else:
+                            level.write(y_l, 0, sub)
+            for level in levels:
+                if isinstance(level, TileSpool):
+                    level.close()
+            write_tiff(partial, levels, mpp, len(classes), TILE, threads)
+    finally:
+        for _, _, raster in rasters:
+            raster.close()
+    total = max(1, width * height)
+    shares = {name: float(n) / total for name, n in zip(classes, counts, strict=True)}
+    for idx, name, _ in rasters:
+        if counts[idx] == 0:
+            log.warning(
+                "%s: the %s mask marks no pixel of the slide (an empty mask, or codes 0 only)",
+                slide.slide_id,
+                name,
+            )
+    return shares
+
+
+def _mask_option(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r} is not CLASS=FILE")
+    return name, Path(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsf labels",
+        description=(
+            "One label mask of a slide from per-class binary masks (PAIP's whole and viable "
+            "tumour), with the tissue outside them as labels.masks_base."
+        ),
+    )
+    parser.add_argument("--slide", required=True, type=Path, help="slide file")
+    parser.add_argument("--slide-id", help="slide id for messages (default: file stem)")
+    parser.add_argument(
+        "--sheet-mpp", type=float, help="level-0 um/px from the sheet (overrides the file's)"
+    )
+    parser.add_argument(
+        "--mask",
+        dest="masks",
+        action="append",
+        required=True,
+        type=_mask_option,
+        metavar="CLASS=FILE",
+        help="a class's binary mask (nonzero = the class), at any downsample of the slide",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output label mask TIFF")
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=defaults("patches")["target_mpp"],
+        help="resolution of the label mask, um/px (default: patches.target_mpp)",
+    )
+    parser.add_argument(
+        "--rgb-max",
+        type=int,
+        nargs=3,
+        default=defaults("tissue")["rgb_max"],
+        metavar=("R", "G", "B"),
+        help="tissue rule of labels.masks_base (default: tissue.rgb_max)",
+    )
+    parser.add_argument("--threads", type=int, default=4, help="slide reader threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_section_arguments(parser, "labels")
+    return parser
+
+
+def _stage(args: argparse.Namespace) -> None:
+    remove(args.out)  # a failed rerun must not leave the previous mask looking current
+    settings = section_from_args(args, "labels")
+    masks: dict[str, Path] = {}
+    for name, path in args.masks:
+        if name in masks:
+            raise ConfigError(f"--mask names class {name!r} twice ({masks[name]} and {path})")
+        masks[name] = path
+    if not math.isfinite(args.mpp) or args.mpp <= 0:
+        raise ConfigError(f"--mpp {args.mpp} is not a positive resolution (um/px)")
+    with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+        for name, path in masks.items():
+            if not path.is_file():
+                raise AnnotationError(
+                    slide.slide_id,
+                    f"the {name} mask {path} is not a file; fix its `mask:{name}` column",
+                )
+        shares = paint_labels(
+            slide,
+            masks,
+            settings,
+            list(args.rgb_max),
+            args.mpp,
+            args.out,
+            args.threads,
+            progress=not args.no_progress,
+        )
+    log.info(
+        "%s: label mask %s: %s",
+        args.slide_id or args.slide.stem,
+        args.out,
+        ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf labels --slide S --mask CLASS=FILE [--mask ...] --out L.tiff [labels options]`."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(lambda: _stage(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""`dsf labels`: per-class binary masks (PAIP's whole and viable tumour) into one label mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from dsf.annotations import open_labels
+from dsf.labels import main
+
+PAIP = ["ignore", "tissue", "whole_tumour", "viable_tumour"]
+H, W = 800, 1200
+
+
+def _slide(path: Path) -> Path:
+    """A 1200 x 800 slide at 0.5 um/px: background on the left third, tissue colour elsewhere."""
+    rgb = np.full((H, W, 3), (180, 100, 180), np.uint8)
+    rgb[:, :400] = 245  # brighter than rgb_max (235, 210, 235): not tissue
+    tifffile.imwrite(
+        path,
+        rgb,
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
+def _masks(folder: Path) -> tuple[Path, Path]:
+    whole = np.zeros((H, W), np.uint8)  # full size, 0/1 as PAIP stores them, in strips
+    whole[200:600, 300:1100] = 1
+    tifffile.imwrite(folder / "s_whole.tif", whole, rowsperstrip=16, compression="lzw")
+    viable = np.zeros((H // 2, W // 2), np.uint8)  # another downsample, 0/255
+    viable[150:250, 300:400] = 255
+    tifffile.imwrite(folder / "s_viable.tif", viable, tile=(64, 64))
+    return folder / "s_whole.tif", folder / "s_viable.tif"
+
+
+def _expected() -> np.ndarray:
+    out = np.zeros((H, W), np.uint8)
+    out[:, 400:] = 1  # tissue by the rule, outside the masks
+    out[200:600, 300:1100] = 2  # whole tumour, also over background pixels it covers
+    out[300:500, 600:800] = 3  # viable tumour over whole tumour
+    return out
+
+
+def _run(tmp_path: Path, *extra: str) -> int:
+    slide = _slide(tmp_path / "s.tif")
+    whole, viable = _masks(tmp_path)
+    args = ["--slide", str(slide), "--slide-id", "s", "--mask", f"viable_tumour={viable}"]
+    args += ["--mask", f"whole_tumour={whole}", "--classes", *PAIP, "--no-progress"]
+    return main([*args, *extra])
+
+
+def test_masks_are_painted_in_class_order_over_the_tissue_rule(tmp_path: Path) -> None:
+    out = tmp_path / "s.labels.tiff"
+    assert _run(tmp_path, "--mpp", "0.5", "--masks-base", "tissue", "--out", str(out)) == 0
+    with tifffile.TiffFile(out) as tf:
+        levels = tf.series[0].levels
+        assert [lv.shape for lv in levels] == [(800, 1200), (400, 600), (200, 300)]
+        assert tf.pages[0].photometric == tifffile.PHOTOMETRIC.PALETTE
+        np.testing.assert_array_equal(levels[0].asarray(), _expected())
+        np.testing.assert_array_equal(levels[1].asarray(), _expected()[::2, ::2])
+    with openslide.OpenSlide(out) as osr:  # viewers open it at the slide's scale
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    # the other stages read it like any label mask
+    labels = open_labels(out, "s", (W, H), 0.5, {**_settings(), "classes": PAIP})
+    np.testing.assert_array_equal(labels.read(0, 0, W, H, 0.5), _expected())
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("dsf-labels-*"))
+
+
+def _settings() -> dict:
+    return {"class_map": {}, "other_class": 0, "geojson_names": {}}
+
+
+def test_without_a_base_class_only_the_masks_label_and_coarser_output_halves(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "coarse.tiff"
+    assert _run(tmp_path, "--mpp", "1.0", "--out", str(out)) == 0
+    expected = _expected()
+    expected[expected == 1] = 0
+    np.testing.assert_array_equal(tifffile.imread(out, level=0), expected[::2, ::2])
+
+
+def test_bad_masks_and_classes_stop_with_the_slide_or_key_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "x.tiff"
+    assert _run(tmp_path, "--masks-base", "stroma", "--out", str(out)) == 2
+    assert "labels.masks_base: 'stroma' is not a class" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "wrong.tif", np.ones((100, 900), np.uint8))
+    slide = _slide(tmp_path / "s.tif")
+    code = main(
+        ["--slide", str(slide), "--slide-id", "s", "--mask", f"tissue={tmp_path / 'wrong.tif'}",
+         "--classes", *PAIP, "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "slide 's'" in err and "does not cover the slide" in err
+    code = main(
+        ["--slide", str(slide), "--mask", f"tumour={tmp_path / 's_whole.tif'}",
+         "--classes", *PAIP, "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert code == 2 and "'tumour' is not a class of labels.classes" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
+    """The PAIP download as it comes (masks beside one slide, in folders of their own for the
+    other): two slides, each painted into one label mask, whose classes reach the patch
+    stores where the masks and the tissue rule put them."""
+    import yaml
+    import zarr
+    from test_workflow import job_counts, smk
+
+    root = tmp_path / "paip"
+    (root / "WholeMask").mkdir(parents=True)
+    (root / "ViableMask").mkdir()
+    # p1's masks beside it; p2's in WholeMask/ and ViableMask/
+    for name, whole_dir, viable_dir in (("p1", ".", "."), ("p2", "WholeMask", "ViableMask")):
+        _slide(root / f"{name}.tif")
+        whole, viable = _masks(root)
+        whole.rename(root / whole_dir / f"{name}_whole.tif")
+        viable.rename(root / viable_dir / f"{name}_viable.tif")
+    small = {
+        "patches": {"target_mpp": 1.0, "block": 16, "stride": 32, "min_tissue": 0.5},
+        "folds": {"k": 2},
+    }
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    preset = Path(__file__).resolve().parents[1] / "config" / "presets" / "paip.yaml"
+    done = smk(
+        "--cores", "2", "--configfile", str(preset), str(tmp_path / "small.yaml"),
+        "--config", f"slides={root}", f"results={tmp_path / 'res'}",
+        "--until", "patches", "folds", cwd=tmp_path,
+    )  # fmt: skip
+    counts = job_counts(done.stdout + done.stderr)
+    assert counts["tissue"] == 2 and counts["labels"] == 2 and counts["patches"] == 2
+    expected = _expected()
+    for name in ("p1", "p2"):
+        lab = tifffile.imread(tmp_path / "res" / "labels" / f"{name}.tiff", level=0)
+        assert lab.shape == (400, 600)  # at patches.target_mpp, 1 um/px
+        np.testing.assert_array_equal(lab, expected[::2, ::2])
+        g = zarr.open_group(str(tmp_path / "res" / "patches" / f"{name}.zarr"), mode="r")
+        coords, labels = g["coords"][:], g["labels"][:]
+        assert set(np.unique(labels)) <= {0, 1, 2, 3} and {2, 3} <= set(np.unique(labels))
+        for (x, y), tile in zip(coords, labels, strict=True):
+            ref = expected[y : y + 128 : 2, x : x + 128 : 2]
+            np.testing.assert_array_equal(tile, ref)
+    folds = (tmp_path / "res" / "folds.tsv").read_text()
+    assert "p1" in folds and "p2" in folds and "_whole" not in folds
