@@ -43,13 +43,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsf import __version__
 from dsf.atomic import atomic_path, remove
+from dsf.class_tiff import pyramid_levels, write_block, write_tiff
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, open_slide
-from dsf.tilespool import ZLIB_LEVEL, TileSpool
+from dsf.tilespool import TileSpool
 
 log = logging.getLogger(__name__)
 
@@ -471,19 +472,6 @@ class _RowsToHost:
             self.drain(block=True)
 
 
-#: pyramid levels of at most this many px are kept in memory (16 MB), larger ones in Zarr
-MEMORY_LEVEL_PX = 4096 * 4096
-
-
-def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
-    """(height, width) of the map's levels: halved (rounding up) until one fits a tile."""
-    shapes = [(height, width)]
-    while max(shapes[-1]) > tile:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
-
-
 class _MapWriter:
     """The map's pyramid (and optional probabilities), band by band, in whole row chunks so
     no chunk is written twice. Level i is level 0 subsampled by 2**i (nearest, the top-left
@@ -510,12 +498,7 @@ class _MapWriter:
         work.mkdir(parents=True)
         # zlib frees the GIL: a few threads (within the job's) compress the tiles
         self.pool = ThreadPoolExecutor(min(4, threads), thread_name_prefix="dsf-zlib")
-        self.levels: list[np.ndarray | TileSpool] = []
-        for i, (h, w) in enumerate(pyramid_shapes(oh, ow, tile)):
-            if i and h * w <= MEMORY_LEVEL_PX:
-                self.levels.append(np.zeros((h, w), np.uint8))
-            else:
-                self.levels.append(TileSpool(work / f"level{i}.tiles", (h, w), tile, self.pool))
+        self.levels = pyramid_levels(work, oh, ow, tile, self.pool)
         self.probs = None
         if probs is not None:
             import zarr
@@ -585,17 +568,7 @@ class _MapWriter:
             block = cls[:h, :w]
             if self.tissue is not None:
                 block = np.where(self._mask(self.y, x, h, w), block, 0).astype(np.uint8)
-            for i, level in enumerate(self.levels):
-                f = 1 << i  # the block's rows and columns that fall on level i's grid
-                ry, rx = -self.y % f, -x % f
-                sub = block[ry::f, rx::f]
-                if not sub.size:
-                    continue
-                y1, x1 = (self.y + ry) // f, (x + rx) // f
-                if isinstance(level, np.ndarray):
-                    level[y1 : y1 + sub.shape[0], x1 : x1 + sub.shape[1]] = sub
-                else:
-                    level.write(y1, x1, sub)
+            write_block(self.levels, self.y, x, block)
             if self.probs is not None and probs is not None:
                 self.probs[:, self.y : self.y + h, x : x + w] = probs[:, :h, :w]
         self.y += n
@@ -661,49 +634,6 @@ class _WriterThread:
             self.thread.join()
         if raise_error:
             self._raise()
-
-
-def write_tiff(
-    path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int, threads: int = 4
-) -> None:
-    """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
-    in px/cm per level, zlib (deflate) tiles: the spooled levels' tiles copied as they were
-    compressed while predicting (`TileSpool`), the small in-memory levels encoded here."""
-    import tifffile
-
-    colours = class_colours(n_classes).astype(np.uint16) * 257
-    cmap = np.zeros((3, 256), np.uint16)
-    cmap[:, :n_classes] = colours.T
-
-    def tiles(arr: Any) -> Iterator[np.ndarray]:
-        h, w = arr.shape
-        for y in range(0, h, tile):
-            strip = np.asarray(arr[y : y + tile])
-            for x in range(0, w, tile):
-                t = np.zeros((tile, tile), np.uint8)
-                part = strip[:, x : x + tile]
-                t[: part.shape[0], : part.shape[1]] = part
-                yield t
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i, arr in enumerate(levels):
-            px_per_cm = 1e4 / (mpp * 2**i)
-            tw.write(
-                arr.tiles() if isinstance(arr, TileSpool) else tiles(arr),
-                shape=tuple(arr.shape),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="palette",
-                colormap=cmap,
-                compression="zlib",
-                compressionargs={"level": ZLIB_LEVEL},
-                resolution=(px_per_cm, px_per_cm),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if i else 0,
-                software=f"dsf {__version__}",
-                metadata=None,
-                maxworkers=threads,  # zlib per tile in parallel (it frees the GIL)
-            )
 
 
 def render_overlay(

@@ -12,7 +12,7 @@ This stage paints them into the one class-index mask the other stages read:
   later class over an earlier one: viable tumour over whole tumour).
 
 The slide and the masks are read band by band (masks lazily, `dsf.mask_raster`), and the result
-is written as a tiled pyramidal TIFF coloured like the maps (`dsf.infer.write_tiff`), so memory
+is written as a tiled pyramidal TIFF coloured like the maps (`dsf.class_tiff`), so memory
 stays flat in slide size and QuPath shows it over the slide.
 """
 
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from dsf.annotations import check_label_settings, class_index
 from dsf.atomic import atomic_path, remove
+from dsf.class_tiff import pyramid_levels, write_block, write_tiff
 from dsf.config import add_section_arguments, defaults, section_from_args
 from dsf.errors import AnnotationError, ConfigError
-from dsf.infer import MEMORY_LEVEL_PX, pyramid_shapes, write_tiff
 from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, open_slide
@@ -105,14 +105,7 @@ def paint_labels(
             tempfile.TemporaryDirectory(prefix="dsf-labels-", dir=out.parent) as work,
             ThreadPoolExecutor(max(1, threads), thread_name_prefix="dsf-labels") as pool,
         ):
-            levels: list[Any] = []
-            for i, shape in enumerate(pyramid_shapes(height, width, TILE)):
-                small = i and shape[0] * shape[1] <= MEMORY_LEVEL_PX
-                levels.append(
-                    np.zeros(shape, np.uint8)
-                    if small
-                    else TileSpool(Path(work) / f"level{i}.tiles", shape, TILE, pool)
-                )
+            levels = pyramid_levels(Path(work), height, width, TILE, pool)
             bands = tqdm(
                 range(0, height, TILE), desc=f"{slide.slide_id} labels", disable=not progress
             )
@@ -124,15 +117,7 @@ def paint_labels(
                 for idx, _, raster in rasters:
                     band[raster.read(0.0, y * f, width, h, f) > 0] = idx
                 counts += np.bincount(band.ravel(), minlength=len(classes))[: len(classes)]
-                for i, level in enumerate(levels):
-                    step = 1 << i  # the band's rows and columns that fall on level i's grid
-                    sub = band[-y % step :: step, ::step]
-                    if sub.size:
-                        y_l = (y + (-y % step)) // step
-                        if isinstance(level, np.ndarray):
-                            level[y_l : y_l + sub.shape[0], : sub.shape[1]] = sub
-                        else:
-                            level.write(y_l, 0, sub)
+                write_block(levels, y, 0, band)
             for level in levels:
                 if isinstance(level, TileSpool):
                     level.close()

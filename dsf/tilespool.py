@@ -2,7 +2,7 @@
 
 The class map's large levels are written band by band while the slide is predicted. Each tile is
 compressed once, in the form a TIFF's deflate tile holds (a zlib stream of the tile's raw bytes,
-zero-padded to the whole tile), appended to a file, and indexed; `dsf.infer.write_tiff` then
+zero-padded to the whole tile), appended to a file, and indexed; `dsf.class_tiff.write_tiff` then
 copies the bytes into the TIFF as they are. Compressing there, after the last window, was a serial
 pass over the whole level 0 (6.4 s of a 40k x 40k slide on 2 cores); here it runs on the map
 writer's thread (and a few encoder threads: zlib frees the GIL) while the model works.

@@ -208,10 +208,10 @@ def test_probabilities_have_no_seams(tmp_path, stripes):
 def test_pyramid_levels_are_level0_subsampled(tmp_path, stripes, monkeypatch, band, in_memory):
     """Every reduced level, built while level 0 streams in band by band (kept in memory or in
     the Zarr work store; band widths not a multiple of 2**level), is level 0[::2**i, ::2**i]."""
-    import dsf.infer
+    import dsf.class_tiff
 
     if not in_memory:
-        monkeypatch.setattr(dsf.infer, "MEMORY_LEVEL_PX", 0)
+        monkeypatch.setattr(dsf.class_tiff, "MEMORY_LEVEL_PX", 0)
     path, cls = stripes
     out, _ = run_infer(tmp_path, path, [oracle(32)], band_windows=band, tile=16)
     with tifffile.TiffFile(out / "map.tiff") as tf:
@@ -649,7 +649,7 @@ def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
     tiles included."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import dsf.infer
+    import dsf.class_tiff
     import dsf.tilespool
     from dsf.tilespool import TileSpool
 
@@ -683,7 +683,7 @@ def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
     tiles = list(spool.tiles())
     assert len(tiles) == 3 * 4 and len(encoded) == 3 * 4 - 4 - 3  # 4 whole, 3 never written
     monkeypatch.undo()
-    dsf.infer.write_tiff(tmp_path / "m.tiff", [spool, small], 0.5, 4, tile)
+    dsf.class_tiff.write_tiff(tmp_path / "m.tiff", [spool, small], 0.5, 4, tile)
     with tifffile.TiffFile(tmp_path / "m.tiff") as tf:
         np.testing.assert_array_equal(tf.pages[0].asarray(), data)
         np.testing.assert_array_equal(tf.pages[1].asarray(), small)

@@ -1,0 +1,107 @@
+"""The class TIFFs dsf writes: whole-slide maps (`dsf infer`) and label masks (`dsf labels`).
+
+One uint8 class index per pixel, as a tiled pyramidal BigTIFF: palette-coloured so viewers
+(QuPath, OpenSlide) show the classes in colour while the values stay class indices, resolution
+tags per level so they open at the slide's scale. Levels are built while level 0 streams in,
+block by block (`write_block`): level i is level 0 subsampled by 2**i (nearest, the top-left
+pixel of each 2**i square), large levels spooled to disk as compressed tiles (`TileSpool`), so
+memory stays flat in slide size and no pass over the finished level 0 is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsf import __version__
+from dsf.colours import class_colours
+from dsf.tilespool import ZLIB_LEVEL, TileSpool
+
+#: pyramid levels of at most this many px are kept in memory (16 MB), larger ones spooled
+MEMORY_LEVEL_PX = 4096 * 4096
+
+
+def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
+    """(height, width) of the levels: halved (rounding up) until one fits a tile."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > tile:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def pyramid_levels(
+    work: Path, height: int, width: int, tile: int, pool: ThreadPoolExecutor
+) -> list[np.ndarray | TileSpool]:
+    """Empty levels of an image: level 0 and large levels as tile spools in `work`, small
+    reduced levels (at most MEMORY_LEVEL_PX) as arrays."""
+    levels: list[np.ndarray | TileSpool] = []
+    for i, (h, w) in enumerate(pyramid_shapes(height, width, tile)):
+        if i and h * w <= MEMORY_LEVEL_PX:
+            levels.append(np.zeros((h, w), np.uint8))
+        else:
+            levels.append(TileSpool(work / f"level{i}.tiles", (h, w), tile, pool))
+    return levels
+
+
+def write_block(levels: list[np.ndarray | TileSpool], y: int, x: int, block: np.ndarray) -> None:
+    """Store a block of level 0 at (y, x) and its pixels that fall on each reduced level's grid
+    (every 2**i-th row and column of level 0) there."""
+    for i, level in enumerate(levels):
+        f = 1 << i
+        ry, rx = -y % f, -x % f
+        sub = block[ry::f, rx::f]
+        if not sub.size:
+            continue
+        y1, x1 = (y + ry) // f, (x + rx) // f
+        if isinstance(level, np.ndarray):
+            level[y1 : y1 + sub.shape[0], x1 : x1 + sub.shape[1]] = sub
+        else:
+            level.write(y1, x1, sub)
+
+
+def write_tiff(
+    path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int, threads: int = 4
+) -> None:
+    """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
+    in px/cm per level, zlib (deflate) tiles: the spooled levels' tiles copied as they were
+    compressed while predicting (`TileSpool`), the small in-memory levels encoded here."""
+    import tifffile
+
+    colours = class_colours(n_classes).astype(np.uint16) * 257
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[:, :n_classes] = colours.T
+
+    def tiles(arr: Any) -> Iterator[np.ndarray]:
+        h, w = arr.shape
+        for y in range(0, h, tile):
+            strip = np.asarray(arr[y : y + tile])
+            for x in range(0, w, tile):
+                t = np.zeros((tile, tile), np.uint8)
+                part = strip[:, x : x + tile]
+                t[: part.shape[0], : part.shape[1]] = part
+                yield t
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, arr in enumerate(levels):
+            px_per_cm = 1e4 / (mpp * 2**i)
+            tw.write(
+                arr.tiles() if isinstance(arr, TileSpool) else tiles(arr),
+                shape=tuple(arr.shape),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="palette",
+                colormap=cmap,
+                compression="zlib",
+                compressionargs={"level": ZLIB_LEVEL},
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                software=f"dsf {__version__}",
+                metadata=None,
+                maxworkers=threads,  # zlib per tile in parallel (it frees the GIL)
+            )
