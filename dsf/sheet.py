@@ -236,6 +236,18 @@ def _aligned(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _next_step(out: Path | None, masks: dict[str, str]) -> str:
+    """The command that runs a written sheet (with masks, in a config that has their classes)."""
+    if out is None:
+        return ""
+    if masks:
+        return (
+            f"; edit it, then run it with a config whose labels.classes has {list(masks)} (PAIP: "
+            f"snakemake --cores N --configfile config/presets/paip.yaml --config slides={out})"
+        )
+    return f"; edit it, then run: snakemake --cores N --config slides={out}"
+
+
 def _relative(path: str, base: Path) -> str:
     p = Path(path)
     return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
@@ -331,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             sum(1 for r in kept if r["labels"] or r["masks"]),
             f", {len(bad)} unreadable left out" if bad else "",
             args.out or "standard output",
-            f"; edit it, then run: snakemake --cores N --config slides={args.out}"
-            if args.out
-            else "",
+            _next_step(args.out, masks),
         )
         if unresolved:
             log.warning(
