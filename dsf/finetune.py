@@ -138,7 +138,7 @@ class FineTuner:
     ) -> None:
         """`norm` = (mean, std) of the input normalisation; default the pretraining schema's
         (the same statistics the encoders were pretrained with, `pretrain.mean`/`std`)."""
-        from dsf.models.hooknet import HookNet, UNet
+        from dsf.models.hooknet import HookNet, UNet, check_hook
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
         self.device = training_device(settings["device"], "finetune.device")
@@ -163,6 +163,8 @@ class FineTuner:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         torch.manual_seed(settings["seed"])
+        if init != "unet":
+            check_hook(self.block, self.scale)
         if init == "unet":
             model: torch.nn.Module = UNet(len(classes), backbone=backbone)
         elif init == "imagenet":

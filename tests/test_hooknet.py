@@ -190,6 +190,18 @@ def test_hook_geometry_rejects_impossible_settings() -> None:
         HookNet(2, scale=3, input_size=128)
 
 
+def test_check_hook_names_the_config_keys_and_blocks_that_fit() -> None:
+    from dsf.errors import ConfigError
+    from dsf.models.hooknet import ENCODER_STRIDES, check_hook
+
+    assert ENCODER_STRIDES == STRIDES
+    check_hook(256, 4)  # the paper's geometry
+    with pytest.raises(ConfigError, match=r"patches.block 32 at patches.scale 4 .* 64, 128, 192"):
+        check_hook(32, 4)
+    with pytest.raises(ConfigError, match="patches.scale 3"):
+        check_hook(256, 3)
+
+
 def test_forward_rejects_other_input_size(hooknet: HookNet) -> None:
     with pytest.raises(ValueError, match="input_size 256"):
         hooknet(torch.rand(1, 3, 128, 128), torch.rand(1, 3, 256, 256))

@@ -233,6 +233,13 @@ def test_up_to_date_then_tissue_change_reruns_tissue_and_patches_only(tiny: Path
 
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
+    # the tiny blocks (16 px) serve the data stages, but HookNet could not fine-tune on them:
+    # said when the run starts, with blocks that fit
+    done = smk("-n", "--configfile", "cfg.yaml", cwd=tiny)
+    assert "fine-tuning will stop with an error: patches.block 16 at patches.scale 4" in (
+        done.stderr
+    )
+    assert "use patches.block 64, 128" in done.stderr
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     cfg["patches"]["stride"] = "wide"
     (tiny / "bad.yaml").write_text(yaml.safe_dump(cfg))

@@ -229,6 +229,32 @@ def hook_geometry(scale: int, input_size: int, strides: Sequence[int]) -> HookGe
     return HookGeometry(depth=depth, stride=stride, crop=(crop, crop), cells=cells)
 
 
+#: Output strides of every supported encoder's maps, stem first (all reduce 32x).
+ENCODER_STRIDES = (2, 4, 8, 16, 32)
+
+
+def check_hook(block: int, scale: int) -> None:
+    """Refuse a patch geometry HookNet cannot hook (`hook_geometry` with the encoders' strides),
+    as a ConfigError naming `patches.block` and `patches.scale` and blocks that would fit."""
+    from dsf.errors import ConfigError
+
+    try:
+        hook_geometry(scale, block, ENCODER_STRIDES)
+    except ValueError as exc:
+        fits = []
+        for b in range(16, 1025, 16):
+            try:
+                hook_geometry(scale, b, ENCODER_STRIDES)
+            except ValueError:
+                continue
+            fits.append(b)
+        hint = f"patches.block {', '.join(map(str, fits[:4]))}, ..." if fits else "another scale"
+        raise ConfigError(
+            f"patches.block {block} at patches.scale {scale} does not fit HookNet ({exc}): use "
+            f"{hint} (or finetune.inits [unet] only)"
+        ) from exc
+
+
 def _key_problems(
     own: Mapping[str, Tensor], given: Mapping[str, Any]
 ) -> tuple[list[str], list[str], list[str]]:

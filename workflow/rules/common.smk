@@ -84,6 +84,13 @@ def check_finetune_inits(finetune, pretrain):
             f"ImageNet weights of {finetune['backbone']} once (resnet18: resnet18-f37072fd.pth) "
             "and set finetune.weights to that file"
         )
+    if set(inits) - {"unet"} and FINETUNING:
+        from dsf.models.hooknet import check_hook
+
+        try:  # a warning: the data stages still run (`--until patches`), fine-tuning would not
+            check_hook(config["patches"]["block"], config["patches"]["scale"])
+        except ConfigError as exc:
+            logging.getLogger("dsf").warning("fine-tuning will stop with an error: %s", exc)
     if finetune["target_block"] == "random" and set(inits) != {"unet"}:
         raise ConfigError(
             "finetune.target_block random is for init unet only (HookNet needs the centre "
