@@ -45,6 +45,22 @@ def exact_float32():  # noqa: ANN201 - a context fixture
 SYNTH_CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 
+def rgb_slide(path: Path, rgb: object, mpp: float, tile: int = 256) -> Path:
+    """A one-level tiled RGB TIFF slide whose resolution tags say `mpp` um/px (the generic
+    TIFF reader's path)."""
+    import tifffile
+
+    tifffile.imwrite(
+        path,
+        rgb,
+        photometric="rgb",
+        tile=(tile, tile),
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
 def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
     """A patch store of `n` noise tiles (incompressible, so a batch is megabytes), one chunk
     file per tile."""

@@ -44,6 +44,8 @@ from PIL import Image
 import dsf
 from dsf.config import defaults
 
+from conftest import rgb_slide
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
 MARKERS = {"PWNED", "PWNED2", "PWNED3", "PWNED_D", "PWNED_L", "PWNED_R"}
@@ -99,15 +101,7 @@ def _cut(src: Path, frac: float, dst: Path) -> Path:
 
 
 def _blank_tiff(path: Path) -> Path:
-    tifffile.imwrite(
-        path,
-        np.full((512, 512, 3), 255, np.uint8),
-        photometric="rgb",
-        tile=(256, 256),
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
-    return path
+    return rgb_slide(path, np.full((512, 512, 3), 255, np.uint8), 0.5)
 
 
 def _truncated_png(path: Path) -> Path:

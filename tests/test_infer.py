@@ -19,7 +19,7 @@ from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
 
-from conftest import DEVICE
+from conftest import DEVICE, rgb_slide
 
 MPP = 0.5
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)  # class 1, 2, 3
@@ -36,14 +36,7 @@ def write_slide(path: Path, h: int, w: int) -> np.ndarray:
     """A tiled TIFF slide whose colours encode the stripe classes; returns the classes."""
     cls = stripe_classes(h, w)
     rgb = COLOURS[cls - 1]
-    tifffile.imwrite(
-        path,
-        rgb,
-        tile=(64, 64),
-        photometric="rgb",
-        resolution=(1e4 / MPP, 1e4 / MPP),
-        resolutionunit="CENTIMETER",
-    )
+    rgb_slide(path, rgb, MPP, tile=64)
     return cls
 
 

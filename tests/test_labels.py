@@ -12,6 +12,8 @@ import tifffile
 from dsf.annotations import open_labels
 from dsf.labels import main
 
+from conftest import rgb_slide
+
 PAIP = ["ignore", "tissue", "whole_tumour", "viable_tumour"]
 H, W = 800, 1200
 
@@ -20,15 +22,7 @@ def _slide(path: Path) -> Path:
     """A 1200 x 800 slide at 0.5 um/px: background on the left third, tissue colour elsewhere."""
     rgb = np.full((H, W, 3), (180, 100, 180), np.uint8)
     rgb[:, :400] = 245  # brighter than rgb_max (235, 210, 235): not tissue
-    tifffile.imwrite(
-        path,
-        rgb,
-        photometric="rgb",
-        tile=(256, 256),
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
-    return path
+    return rgb_slide(path, rgb, 0.5)
 
 
 def _masks(folder: Path) -> tuple[Path, Path]:

@@ -22,6 +22,8 @@ from dsf.errors import AnnotationError, SlideError
 from dsf.patches import Geometry, _plan, downsample_mean, extract, tile_grid
 from dsf.slide import open_slide
 
+from conftest import rgb_slide
+
 
 def _rgb_mask(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] <= 235) & (rgb[..., 1] <= 210) & (rgb[..., 2] <= 235)
@@ -109,14 +111,7 @@ def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> Non
     h, w = 400, 600
     rgb, lab = _stripes(h, w)
     slide_path = tmp_path / "stripes.tif"
-    tifffile.imwrite(
-        slide_path,
-        rgb,
-        photometric="rgb",
-        tile=(64, 64),
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
+    rgb_slide(slide_path, rgb, 0.5, tile=64)
     tifffile.imwrite(tmp_path / "mask.tif", lab[::4, ::4].copy())  # a 4x downsampled mask
     feats = []
     for k, x0 in enumerate(range(0, w, 40)):
