@@ -1,12 +1,15 @@
 """Annotations as class-index rasters read like slide regions (DESIGN section 4).
 
-Two sources, one interface (`LabelSource.read(x, y, width, height, mpp)`, level-0 origin,
+Three sources, one interface (`LabelSource.read(x, y, width, height, mpp)`, level-0 origin,
 resolution in um/px, nearest-neighbour so class indices stay exact):
 - raster masks (TIFF or PNG) at any downsample of the slide, up to its full size, codes mapped
   through a class map (e.g. the BCSS preset); the downsample is inferred from the mask's size and
   must be the same in x and y; TIFFs are read lazily (`dsf.mask_raster`);
 - QuPath-style GeoJSON (FeatureCollection, feature list or single feature; Polygon and
-  MultiPolygon in level-0 pixels), rasterised per region so memory stays bounded.
+  MultiPolygon in level-0 pixels);
+- Aperio ImageScope or ASAP annotation XML (`dsf.annotation_xml`).
+Polygons are rasterised per requested region so memory stays bounded; their class names map to
+`labels.classes` by name or through `labels.names`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 from skimage.draw import polygon as fill_polygon
 
+from dsf.annotation_xml import read_xml
 from dsf.errors import AnnotationError, ConfigError
 from dsf.mask_raster import MaskRaster
 
@@ -45,8 +49,8 @@ def check_label_settings(settings: dict[str, Any]) -> None:
     classes = list(settings["classes"])
     n = len(classes)
     fix = f"class indices are 0..{n - 1} of labels.classes {classes}"
-    for key in ("class_map", "geojson_names"):
-        for name, cls in settings[key].items():
+    for key in ("class_map", "names", "geojson_names"):
+        for name, cls in settings.get(key, {}).items():
             if not 0 <= int(cls) < n:
                 raise ConfigError(f"config key labels.{key}: {name!r} -> {cls}, but {fix}")
     for code in settings["class_map"]:
@@ -55,6 +59,11 @@ def check_label_settings(settings: dict[str, Any]) -> None:
                 f"config key labels.class_map: {code!r} is not a raster code; keys are mask "
                 "codes 0-255 written as strings"
             )
+    if settings.get("geojson_names"):
+        log.warning(
+            "config key labels.geojson_names is the older name of labels.names (it also maps "
+            "XML annotation names now); it is still read: rename it"
+        )
     if not 0 <= int(settings["other_class"]) < n:
         raise ConfigError(f"config key labels.other_class: {settings['other_class']}, but {fix}")
     for name in settings.get("masks", {}):
@@ -140,6 +149,30 @@ class _Shape:
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
+def _name_map(settings: dict[str, Any]) -> dict[str, int]:
+    """Annotation class name (lower case) -> class index: the classes' own names, then
+    `labels.names` (and its older name `geojson_names`)."""
+    names = {name.lower(): i for i, name in enumerate(settings["classes"])}
+    for key in ("geojson_names", "names"):
+        names.update({k.lower(): int(v) for k, v in settings.get(key, {}).items()})
+    return names
+
+
+def _resolve(
+    candidates: list[str], names: dict[str, int], settings: dict[str, Any], where: str, sid: str
+) -> int:
+    """The class index of the first of an annotation's `candidates` names that is known."""
+    for name in candidates:
+        if name.lower() in names:
+            return names[name.lower()]
+    said = repr(candidates[0]) if len(candidates) == 1 else f"names {candidates}"
+    raise AnnotationError(
+        sid,
+        f"{where} has class {said}, which is not one of labels.classes {settings['classes']}; "
+        "map it with labels.names",
+    )
+
+
 def _class_names(props: dict[str, Any]) -> list[str]:
     """The names a feature's class may be known by, most specific first. QuPath writes
     `classification.name`, or for a derived class (e.g. Tumor: Positive) `classification.names`
@@ -177,8 +210,11 @@ def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
         log.info("%d nested detection or cell objects are not region labels: skipped", skipped)
 
 
-class GeoJSONLabels(LabelSource):
-    """QuPath-style GeoJSON polygons, rasterised per requested region."""
+class PolygonLabels(LabelSource):
+    """Polygon annotations, rasterised per requested region."""
+
+    #: What the file is called in messages.
+    kind = "annotation file"
 
     def __init__(
         self,
@@ -191,9 +227,9 @@ class GeoJSONLabels(LabelSource):
         self.slide_id = slide_id
         self.path = path
         self._mpp0 = mpp0
-        names = {name.lower(): i for i, name in enumerate(settings["classes"])}
-        names.update({k.lower(): v for k, v in settings["geojson_names"].items()})
-        self._shapes = self._parse(path, names, settings)
+        self._shapes = self._parse(path, _name_map(settings), settings)
+        if not self._shapes:
+            raise AnnotationError(slide_id, f"{path} holds no polygon annotations")
         sw, sh = slide_dims
         inside = [
             s
@@ -204,70 +240,24 @@ class GeoJSONLabels(LabelSource):
             raise AnnotationError(
                 slide_id,
                 f"no annotation of {path} overlaps the slide (0..{sw} x 0..{sh} level-0 px): "
-                "the GeoJSON belongs to another slide or uses other coordinates. Check the "
+                f"the {self.kind} belongs to another slide or uses other coordinates. Check the "
                 "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
         if len(inside) < len(self._shapes):
             log.warning(
                 "%s: %d of %d annotations lie wholly outside the slide and are ignored "
-                "(check their coordinates in the GeoJSON)",
+                "(check their coordinates in the %s)",
                 slide_id,
                 len(self._shapes) - len(inside),
                 len(self._shapes),
+                self.kind,
             )
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
 
     def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
-        try:
-            with open(path) as fh:
-                doc = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AnnotationError(self.slide_id, f"cannot read GeoJSON {path}: {exc}") from exc
-        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-            features = doc.get("features", [])
-        elif isinstance(doc, dict) and doc.get("type") == "Feature":
-            features = [doc]
-        elif isinstance(doc, list):
-            features = doc
-        else:
-            raise AnnotationError(self.slide_id, f"{path} is not a GeoJSON feature collection")
-        shapes: list[_Shape] = []
-        for i, feat in enumerate(_with_annotation_children(features)):
-            props = feat.get("properties") or {}
-            candidates = _class_names(props)
-            if not candidates:
-                raise AnnotationError(
-                    self.slide_id,
-                    f"{path}: feature {i} has no classification name; classify it in QuPath",
-                )
-            known = [n for n in candidates if n.lower() in names]
-            if not known:
-                raise AnnotationError(
-                    self.slide_id,
-                    f"{path}: feature {i} has class {candidates[0]!r}, which is not one of "
-                    f"labels.classes {settings['classes']}; map it with labels.geojson_names",
-                )
-            cls = names[known[0].lower()]
-            geom = feat.get("geometry") or {}
-            kind = geom.get("type")
-            if kind == "Polygon":
-                polys = [geom["coordinates"]]
-            elif kind == "MultiPolygon":
-                polys = geom["coordinates"]
-            else:
-                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
-                continue
-            for rings in polys:
-                if not rings:
-                    continue
-                outer = np.asarray(rings[0], np.float64)[:, :2]
-                holes = [np.asarray(r, np.float64)[:, :2] for r in rings[1:]]
-                bbox = (*outer.min(0), *outer.max(0))
-                shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
-        if not shapes:
-            raise AnnotationError(self.slide_id, f"{path} holds no polygon annotations")
-        return shapes
+        """The file's polygons with their class indices, in painting order."""
+        raise NotImplementedError
 
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         f = mpp / self._mpp0
@@ -296,6 +286,71 @@ class GeoJSONLabels(LabelSource):
         return mask
 
 
+class XMLLabels(PolygonLabels):
+    """Aperio ImageScope or ASAP annotation XML (`dsf.annotation_xml`)."""
+
+    kind = "annotation XML"
+
+    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+        return [
+            _Shape(
+                _resolve(p.names, names, settings, f"{path}: {p.what}", self.slide_id),
+                p.outer,
+                p.holes,
+                p.bbox,
+            )
+            for p in read_xml(path, self.slide_id)
+        ]
+
+
+class GeoJSONLabels(PolygonLabels):
+    """QuPath-style GeoJSON polygons."""
+
+    kind = "GeoJSON"
+
+    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AnnotationError(self.slide_id, f"cannot read GeoJSON {path}: {exc}") from exc
+        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+            features = doc.get("features", [])
+        elif isinstance(doc, dict) and doc.get("type") == "Feature":
+            features = [doc]
+        elif isinstance(doc, list):
+            features = doc
+        else:
+            raise AnnotationError(self.slide_id, f"{path} is not a GeoJSON feature collection")
+        shapes: list[_Shape] = []
+        for i, feat in enumerate(_with_annotation_children(features)):
+            props = feat.get("properties") or {}
+            candidates = _class_names(props)
+            if not candidates:
+                raise AnnotationError(
+                    self.slide_id,
+                    f"{path}: feature {i} has no classification name; classify it in QuPath",
+                )
+            cls = _resolve(candidates, names, settings, f"{path}: feature {i}", self.slide_id)
+            geom = feat.get("geometry") or {}
+            kind = geom.get("type")
+            if kind == "Polygon":
+                polys = [geom["coordinates"]]
+            elif kind == "MultiPolygon":
+                polys = geom["coordinates"]
+            else:
+                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
+                continue
+            for rings in polys:
+                if not rings:
+                    continue
+                outer = np.asarray(rings[0], np.float64)[:, :2]
+                holes = [np.asarray(r, np.float64)[:, :2] for r in rings[1:]]
+                bbox = (*outer.min(0), *outer.max(0))
+                shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
+        return shapes
+
+
 def open_labels(
     path: str | Path,
     slide_id: str,
@@ -303,7 +358,8 @@ def open_labels(
     mpp0: float,
     settings: dict[str, Any],
 ) -> LabelSource:
-    """Open an annotation for a slide: `.geojson`/`.json` polygons or a raster mask."""
+    """Open an annotation for a slide: `.geojson`/`.json` or `.xml` polygons, or a raster
+    mask."""
     path = Path(path)
     check_label_settings(settings)
     if not path.is_file():
@@ -312,6 +368,8 @@ def open_labels(
         )
     if path.suffix.lower() in {".geojson", ".json"}:
         return GeoJSONLabels(path, slide_id, slide_dims, mpp0, settings)
+    if path.suffix.lower() == ".xml":
+        return XMLLabels(path, slide_id, slide_dims, mpp0, settings)
     return RasterLabels(path, slide_id, slide_dims, mpp0, settings)
 
 

@@ -8,11 +8,14 @@ recursively (GDC downloads put every slide in a folder of its own):
   and MIRAX's data folders are parts of their slide, not slides;
 - its id is the file name without the format suffix (`.ome.tiff` whole), with characters a
   slide id cannot hold replaced by `_`; two slides with one id are an error naming both;
-- its annotation is found by name: `<id>.geojson` or `<id>.labels.tif|tiff|png` beside it
-  (`<id>` also as the whole file name, `x.svs.geojson`), or in a separate labels folder also a
-  file of the slide's own name (the BCSS layout: `images/` and `masks/` with the same names);
+- its annotation is found by name: `<id>.geojson`, `<id>.xml` (Aperio ImageScope saves
+  `<id>.xml` beside the slide; other XML, e.g. a scanner's, is not taken) or
+  `<id>.labels.tif|tiff|png` beside it (`<id>` also as the whole file name, `x.svs.geojson`),
+  or in a separate labels folder also a file of the slide's own name (the BCSS layout:
+  `images/` and `masks/` with the same names; CAMELYON16's `lesion_annotations/<id>.xml`);
 - annotations as one binary mask per class (`labels.masks`, e.g. PAIP's `<id>_whole.tif`) are
   found by their pattern anywhere under the folder (or in the labels folder), and are not slides;
+  a slide that has them uses them, not an annotation file beside it (PAIP's `<id>.xml`);
 - slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), so one patient's
   slides never span folds; any other slide is a group of its own (write a sheet with a `group`
   column when patients are known otherwise).
@@ -20,12 +23,17 @@ recursively (GDC downloads put every slide in a folder of its own):
 
 from __future__ import annotations
 
+import logging
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dsf.annotation_xml import is_annotation_xml
 from dsf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Suffixes of the formats dsf reads (OpenSlide's, TIFF/OME-TIFF, DICOM, plain image regions).
 OPENSLIDE_SUFFIXES = frozenset(
@@ -34,9 +42,9 @@ OPENSLIDE_SUFFIXES = frozenset(
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES | {".dcm"}
 #: Annotation files beside a slide: `<id><suffix>`.
-SIDECARS = (".geojson", ".labels.tif", ".labels.tiff", ".labels.png")
+SIDECARS = (".geojson", ".xml", ".labels.tif", ".labels.tiff", ".labels.png")
 #: Annotations in a separate labels folder may also carry the slide's own file name.
-LABEL_SUFFIXES = frozenset({".geojson", ".tif", ".tiff", ".png"})
+LABEL_SUFFIXES = frozenset({".geojson", ".xml", ".tif", ".tiff", ".png"})
 
 #: Suffixes to strip from a file name, longest first (`.ome.tiff` before `.tiff`).
 _STRIP_ORDER = (".ome.tiff", ".ome.tif", *sorted(SLIDE_SUFFIXES, key=len, reverse=True))
@@ -117,13 +125,24 @@ def _find_labels(slide: Path, sid: str, index: dict[str, list[Path]]) -> str | N
     found = [slide.parent / f"{stem}{s}" for stem in stems for s in SIDECARS]
     found = [p for p in found if p.is_file()]
     found += [p for stem in stems for p in index.get(stem, [])]
-    found = sorted(set(found))
+    found = sorted(p for p in set(found) if p.suffix.lower() != ".xml" or _annotation_xml(p))
     if len(found) > 1:
         raise ConfigError(
             f"slide {sid!r} ({slide}) has {len(found)} annotation files: "
             f"{', '.join(str(p) for p in found)}; keep one, or write the sheet by hand"
         )
     return str(found[0]) if found else None
+
+
+def _annotation_xml(path: Path) -> bool:
+    """Whether an XML file named like a slide is its annotation (not a scanner's own XML)."""
+    try:
+        return is_annotation_xml(path)
+    except (OSError, ET.ParseError) as exc:
+        raise ConfigError(
+            f"{path} is named like an annotation but is not readable XML ({exc}); fix it or "
+            "move it out of the slide folder"
+        ) from exc
 
 
 def _mask_patterns(masks: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
@@ -238,10 +257,14 @@ def scan_folder(
             }
         )
         if rows[-1]["labels"] and rows[-1]["masks"]:
-            raise ConfigError(
-                f"slide {sid!r} ({path}) has an annotation {rows[-1]['labels']} and per-class "
-                f"masks ({', '.join(rows[-1]['masks'].values())}); keep one of them"
+            log.warning(
+                "slide %s: per-class masks (%s) are its annotation (labels.masks); %s beside it "
+                "is not used",
+                sid,
+                ", ".join(Path(m).name for m in rows[-1]["masks"].values()),
+                rows[-1]["labels"],
             )
+            rows[-1]["labels"] = None
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"

@@ -264,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         type=Path,
-        help="folder of annotations named like their slides (e.g. BCSS masks/ beside images/)",
+        help="folder of annotations named like their slides (BCSS masks/ beside images/, "
+        "CAMELYON16 lesion_annotations/)",
     )
     p.add_argument(
         "--mask",

@@ -61,6 +61,39 @@ def rgb_slide(path: Path, rgb: object, mpp: float, tile: int = 256) -> Path:
     return path
 
 
+def aperio_xml(layers: list[tuple[str, list[list[list[float]]]]]) -> str:
+    """Aperio ImageScope annotation XML as ImageScope writes it: one layer per (name, rings),
+    the first ring a freehand region, the others its negative regions."""
+    out = ['<?xml version="1.0" encoding="UTF-8"?>', '<Annotations MicronsPerPixel="0.5">']
+    for li, (name, rings) in enumerate(layers, 1):
+        out.append(f'<Annotation Id="{li}" Name="{name}" LineColor="65280" Visible="1">')
+        out.append('<Attributes><Attribute Name="Description" Id="0" Value=""/></Attributes>')
+        out.append('<Regions><RegionAttributeHeaders><AttributeHeader Id="9999" Name="Region"/>')
+        out.append("</RegionAttributeHeaders>")
+        for ri, ring in enumerate(rings, 1):
+            out.append(f'<Region Id="{ri}" Type="0" Text="" NegativeROA="{int(ri > 1)}">')
+            out.append("<Attributes/><Vertices>")
+            out += [f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y, *_ in ring]
+            out.append("</Vertices></Region>")
+        out.append("</Regions><Plots/></Annotation>")
+    out.append("</Annotations>")
+    return "\n".join(out)
+
+
+def geojson_as_aperio(geojson: Path, xml: Path) -> Path:
+    """The polygons of a GeoJSON FeatureCollection as Aperio XML, one layer per polygon named
+    by its class (so each hole cuts only its own polygon, as in the GeoJSON)."""
+    import json
+
+    layers = []
+    for feat in json.loads(geojson.read_text())["features"]:
+        geom, name = feat["geometry"], feat["properties"]["classification"]["name"]
+        polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        layers += [(name, rings) for rings in polys]
+    xml.write_text(aperio_xml(layers))
+    return xml
+
+
 def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
     """A patch store of `n` noise tiles (incompressible, so a batch is megabytes), one chunk
     file per tile."""

@@ -10,7 +10,7 @@ Decided here: a GeoJSON whose polygons all lie outside the slide is an error (th
 belongs to another slide or uses other coordinates); one whose polygons partly lie outside is
 read, and the polygons wholly outside are dropped with a warning naming the slide and their
 count (the labels inside the slide are still right). Raster codes that are not class indices
-(no `labels.class_map`), GeoJSON class names that are not classes (nor `labels.geojson_names`),
+(no `labels.class_map`), GeoJSON class names that are not classes (nor `labels.names`),
 and class indices in the `labels` section beyond `labels.classes` are errors.
 
 Covered elsewhere, not repeated: a missing slide file and a bad tissue setting through
@@ -228,7 +228,7 @@ LABEL_CASES = {
     "geojson-unknown-class": (
         lambda d: _geojson(d / "a.geojson", _feature("Unicorn", WHOLE)),
         [],
-        ["'Unicorn'", "not one of labels.classes", "labels.geojson_names"],
+        ["'Unicorn'", "not one of labels.classes", "labels.names"],
     ),
     "geojson-outside-the-slide": (
         lambda d: _geojson(d / "a.geojson", _feature("TUM", FAR)),

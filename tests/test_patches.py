@@ -22,7 +22,7 @@ from dsf.errors import AnnotationError, SlideError
 from dsf.patches import Geometry, _plan, downsample_mean, extract, tile_grid
 from dsf.slide import open_slide
 
-from conftest import rgb_slide
+from conftest import geojson_as_aperio, rgb_slide
 
 
 def _rgb_mask(rgb: np.ndarray) -> np.ndarray:
@@ -187,14 +187,14 @@ def test_qupath_derived_classes_and_nested_annotations(tmp_path: Path, real: Pat
     assert lab[250, 250] == 3  # the nested annotation C, over its parent
     assert lab[50, 50] == 0 and lab[450, 450] == 0
     # the full derived name wins where it is mapped
-    mapped = _labels_settings(geojson_names={"A: Positive": 2})
+    mapped = _labels_settings(names={"A: Positive": 2})
     lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, mapped).read(
         0, 0, 500, 500, slide.mpp
     )
     assert lab[150, 150] == 2 and lab[250, 250] == 3
     parent["properties"]["classification"] = {"names": ["Unicorn", "Positive"]}
     path.write_text(json.dumps([parent]))
-    with pytest.raises(AnnotationError, match="'Unicorn: Positive'.*labels.geojson_names"):
+    with pytest.raises(AnnotationError, match="'Unicorn: Positive', 'Unicorn'.*labels.names"):
         open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
 
 
@@ -215,7 +215,7 @@ def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Pa
         )
     feat["properties"]["classification"]["name"] = "Unicorn"
     (tmp_path / "odd.geojson").write_text(json.dumps([feat]))
-    with pytest.raises(AnnotationError, match="'Unicorn'.*labels.geojson_names"):
+    with pytest.raises(AnnotationError, match="'Unicorn'.*labels.names"):
         open_labels(
             tmp_path / "odd.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
         )
@@ -317,10 +317,11 @@ def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
         label_downsample=4,
         **spec,
     )
+    geojson_as_aperio(d / "s.geojson", d / "s.xml")
     return {"dir": d, **spec}
 
 
-@pytest.mark.parametrize("labels_file", ["s.labels.tiff", "s.geojson"])
+@pytest.mark.parametrize("labels_file", ["s.labels.tiff", "s.geojson", "s.xml"])
 def test_synthetic_labels_align_with_ground_truth(synth_slide: dict, labels_file: str) -> None:
     from dsf.synth import render_labels
     from dsf.tissue import detect_tissue

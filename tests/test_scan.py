@@ -78,6 +78,31 @@ def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> N
     assert all(r["mpp"] == 0.5 and Path(r["path"]).is_absolute() for r in rows.values())
 
 
+APERIO = '<?xml version="1.0"?>\n<Annotations><Annotation Id="1"/></Annotations>'
+ASAP = '<?xml version="1.0"?><ASAP_Annotations><Annotations/></ASAP_Annotations>'
+
+
+def test_annotation_xml_is_found_and_other_xml_is_not(tmp_path: Path) -> None:
+    """ImageScope's `<id>.xml` beside the slide, CAMELYON16's `lesion_annotations/<id>.xml`
+    in a labels folder; a scanner's own XML named like a slide is no annotation."""
+    root = tmp_path / "slides"
+    _touch(root, "a.svs", "b.ndpi", "c.tif")
+    _touch(root, "a.xml", text=APERIO)
+    _touch(root, "b.xml", text='<?xml version="1.0"?><ScanInfo><Objective/></ScanInfo>')
+    camelyon = tmp_path / "camelyon"
+    _touch(camelyon, "training/tumor/tumor_001.tif", "training/normal/normal_001.tif")
+    _touch(camelyon, "lesion_annotations/tumor_001.xml", text=ASAP)
+    rows = _rows(scan_folder(root))
+    assert rows["a"]["labels"] == str(root / "a.xml")
+    assert rows["b"]["labels"] is None and rows["c"]["labels"] is None
+    rows = _rows(scan_folder(camelyon / "training", camelyon / "lesion_annotations"))
+    assert rows["tumor_001"]["labels"] == str(camelyon / "lesion_annotations" / "tumor_001.xml")
+    assert rows["normal_001"]["labels"] is None
+    _touch(root, "c.xml", text="not xml")
+    with pytest.raises(ConfigError, match=r"c\.xml is named like an annotation but is not"):
+        scan_folder(root)
+
+
 def test_slide_ids_lose_the_format_suffix_and_unsafe_characters() -> None:
     assert slide_id("x.ome.tif") == "x"
     assert slide_id("CMU 1 (small).svs") == "CMU_1_small"
@@ -184,7 +209,9 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
 PAIP_MASKS = {"whole_tumour": "{slide}_whole.tif", "viable_tumour": "{slide}_viable.tif"}
 
 
-def test_per_class_masks_are_found_by_pattern_and_are_not_slides(tmp_path: Path) -> None:
+def test_per_class_masks_are_found_by_pattern_and_are_not_slides(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """PAIP 2019 as downloaded: masks beside their slide, or in folders of their own."""
     root = tmp_path / "paip"
     _touch(
@@ -192,12 +219,13 @@ def test_per_class_masks_are_found_by_pattern_and_are_not_slides(tmp_path: Path)
         "01_01_0083.svs",
         "01_01_0083_whole.tif",
         "01_01_0083_viable.tif",
-        "01_01_0083.xml",  # ImageScope annotations: neither slide nor mask
         "OriginalImage/01_01_0091.SVS",
         "WholeMask/01_01_0091_whole.tif",
         "ViableMask/01_01_0091_viable.tif",
         "other_whole.tif",  # fits a pattern, but no slide is called `other`: a slide
     )
+    # ImageScope annotations beside the slide: with labels.masks the masks are its annotation
+    _touch(root, "01_01_0083.xml", text=APERIO)
     # without labels.masks every TIFF would be a slide
     assert len(scan_folder(root)) == 7
     rows = _rows(scan_folder(root, masks=PAIP_MASKS))
@@ -208,6 +236,7 @@ def test_per_class_masks_are_found_by_pattern_and_are_not_slides(tmp_path: Path)
     }
     assert rows["01_01_0083"]["masks"]["whole_tumour"] == str(root / "01_01_0083_whole.tif")
     assert rows["other_whole"]["masks"] == {} and rows["01_01_0083"]["labels"] is None
+    assert "01_01_0083.xml beside it is not used" in caplog.text
     # a labels folder is searched for masks as well, and its files are no slides
     masks = tmp_path / "masks"
     _touch(masks, "x_whole.tif")

@@ -15,7 +15,7 @@ rule finetune:
             f"--encoders {shlex.quote(input.encoders)}" if "encoders" in input.keys() else ""
         ),
         opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
-        classes=stage_opts("labels", skip=("class_map", "other_class", "geojson_names")),
+        classes=stage_opts("labels", skip=("class_map", "other_class", "names", "geojson_names")),
         norm=" ".join(
             ["--norm-mean", *map(repr, config["pretrain"]["mean"])]
             + ["--norm-std", *map(repr, config["pretrain"]["std"])]
