@@ -24,6 +24,7 @@ include: "workflow/rules/folds.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/polygons.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

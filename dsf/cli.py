@@ -18,6 +18,7 @@ STAGES = {
     "pretrain": "dsf.pretrain",
     "finetune": "dsf.finetune",
     "infer": "dsf.infer",
+    "polygons": "dsf.polygons",
     "evaluate": "dsf.evaluate",
     "curves": "dsf.curves",
 }

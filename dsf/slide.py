@@ -167,7 +167,7 @@ class _OpenSlideBackend(_Backend):
         self._osr.close()
 
 
-def _tiff_tag_mpp(page: Any) -> float | None:
+def tiff_tag_mpp(page: Any) -> float | None:
     """MPP from TIFF XResolution/ResolutionUnit (2 = inch, 3 = cm); None without a unit."""
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -221,7 +221,7 @@ class _TiffBackend(_Backend):
         if tf.is_ome and tf.ome_metadata:
             mpp = _ome_mpp(tf.ome_metadata)
         if mpp is None:
-            mpp = _tiff_tag_mpp(series.levels[0].keyframe)
+            mpp = tiff_tag_mpp(series.levels[0].keyframe)
         if mpp is not None and not 0 < mpp <= MAX_PLAUSIBLE_MPP:
             log.warning("%s: ignoring TIFF resolution %.4g um/px (a default DPI?)", path, mpp)
             mpp = None

@@ -1216,63 +1216,12 @@ def _write_label_tiff(path: Path, spec: _Spec, ds: int) -> None:
 _GEOJSON_MAX_PX = 16_000_000  # label raster size the polygons are traced on (bounded memory)
 
 
-def _ring(contour: np.ndarray, ds: float) -> list[list[float]]:
-    """A closed ring in level-0 px (x, y) from a find_contours (row, col) path."""
-    from skimage.measure import approximate_polygon
-
-    path = approximate_polygon(contour, tolerance=0.2)
-    xy = np.round((path[:, ::-1] + 0.5) * ds, 2)
-    ring = xy.tolist()
-    if ring[0] != ring[-1]:
-        ring.append(ring[0])
-    return ring
-
-
-def _outline(mask: np.ndarray, connected: str) -> np.ndarray:
-    """The longest contour around the True pixels of a (padded) mask."""
-    from skimage.measure import find_contours
-
-    contours = find_contours(mask.astype(np.float32), 0.5, fully_connected=connected)
-    return max(contours, key=len)
-
-
-def _component_polygon(sub: np.ndarray, ds: float, offset: tuple[int, int]) -> list[Any]:
-    """Outer ring then hole rings of one 4-connected component (bool crop with 1 px border)."""
-    from scipy import ndimage
-
-    filled = ndimage.binary_fill_holes(sub)
-    shift = np.array(offset, np.float64)
-    rings = [_ring(_outline(filled, "low") + shift, ds)]
-    holes, n = ndimage.label(filled & ~sub, structure=np.ones((3, 3), bool))
-    for i in range(1, n + 1):
-        rings.append(_ring(_outline(holes == i, "high") + shift, ds))
-    return rings
-
-
 def _features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
-    """One QuPath annotation Feature per connected component per class."""
-    from scipy import ndimage
+    """One QuPath annotation Feature per connected component per class (`dsf.trace`)."""
+    from dsf.trace import class_features
 
-    features = []
-    for cls, name in CLASS_NAMES.items():
-        comps, _ = ndimage.label(labels == cls)
-        for i, box in enumerate(ndimage.find_objects(comps), start=1):
-            if box is None:
-                continue
-            r0, c0 = box[0].start, box[1].start
-            sub = np.pad(comps[box] == i, 1)
-            rings = _component_polygon(sub, ds, (r0 - 1, c0 - 1))
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": rings},
-                    "properties": {
-                        "objectType": "annotation",
-                        "classification": {"name": name, "color": list(CLASS_COLORS[cls])},
-                    },
-                }
-            )
-    return features
+    named = {cls: (name, CLASS_COLORS[cls]) for cls, name in CLASS_NAMES.items()}
+    return list(class_features(labels, ds, named))
 
 
 def _write_geojson(path: Path, spec: _Spec, ds: int) -> None:

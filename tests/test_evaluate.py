@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dsf.class_map import open_map
 from dsf.colours import class_colours
 from dsf.errors import ConfigError
 from dsf.evaluate import (
@@ -22,7 +23,6 @@ from dsf.evaluate import (
     evaluate_tiles,
     main,
     map_confusion,
-    open_map,
     panel,
     score_row,
 )

@@ -50,6 +50,21 @@ def test_every_slide_gets_a_map_that_opens_at_its_scale(run: Path) -> None:
         assert path.with_suffix(".jpg").stat().st_size > 1000
 
 
+def test_every_map_is_traced_into_polygons_over_its_slide(run: Path) -> None:
+    """maps/<init>/<slide>.geojson: QuPath annotations of the predicted classes, in the slide's
+    level-0 pixels."""
+    dims = {sid: (2048, 2048) for sid in SLIDES} | {"cmu": (2220, 2967)}
+    for sid, (w, h) in dims.items():
+        doc = json.loads((run / "out" / "maps" / "dsf" / f"{sid}.geojson").read_text())
+        names = {f["properties"]["classification"]["name"] for f in doc["features"]}
+        assert names and names <= {"TUM", "STR", "LYM"}
+        xy = np.concatenate(
+            [np.asarray(r) for f in doc["features"] for r in f["geometry"]["coordinates"]]
+        )
+        assert xy.min() >= 0 and xy[:, 0].max() <= w and xy[:, 1].max() <= h
+        assert xy[:, 0].max() > w / 2 and xy[:, 1].max() > h / 2  # not squeezed into a corner
+
+
 def test_maps_of_annotated_slides_come_from_the_fold_that_held_them_out(run: Path) -> None:
     folds = pd.read_csv(run / "out" / "folds.tsv", sep="\t").set_index("slide")
     for sid in SLIDES:

@@ -251,7 +251,8 @@ def all_outputs():
     )
     maps = expand(
         f"{RESULTS}/maps/{{finit}}/{{slide}}.{{ext}}",
-        finit=INFER_INITS, slide=SLIDES, ext=["tiff", "jpg", "json"],
+        finit=INFER_INITS, slide=SLIDES,
+        ext=["tiff", "jpg", "json"] + (["geojson"] if config["polygons"]["enabled"] else []),
     )
     evaluated = [
         f"{RESULTS}/eval/{name}"

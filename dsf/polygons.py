@@ -1,0 +1,154 @@
+"""Prediction polygons: a class map of `dsf infer` traced into QuPath GeoJSON over its slide.
+
+The map is a separate image; pathologists review predictions on the slide itself. Each
+predicted region becomes a QuPath annotation (class name and colour of the map's palette,
+coordinates in the slide's level-0 pixels), so a drag onto the slide in QuPath shows them, and
+corrected annotations exported again are labels dsf reads (`labels` column). The map is traced
+at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
+`polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsf.atomic import atomic_path, remove
+from dsf.class_map import ClassMap, open_map
+from dsf.colours import class_colours
+from dsf.config import add_section_arguments, section_from_args
+from dsf.errors import ConfigError
+from dsf.runner import run, setup_logging
+from dsf.slide import open_slide
+from dsf.trace import class_features
+
+log = logging.getLogger(__name__)
+
+#: A map level larger than this (pixels) is not traced; a coarser one is.
+MAX_TRACE_PX = 1 << 26
+
+
+def trace_level(cmap: ClassMap, mpp: float) -> int:
+    """The map level traced for `mpp`: the coarsest at or finer than it (level 0 when even
+    that is coarser), or coarser still when it would exceed MAX_TRACE_PX pixels."""
+    fine = [lv for lv in range(len(cmap.levels)) if cmap.level_mpp(lv) <= mpp * 1.001]
+    level = max(fine, key=cmap.level_mpp) if fine else 0
+    while math.prod(cmap.levels[level]) > MAX_TRACE_PX and level + 1 < len(cmap.levels):
+        level += 1
+    if cmap.level_mpp(level) > mpp * 1.001 and fine:
+        log.warning(
+            "%s: traced at %.3g um/px, coarser than polygons.mpp %.3g, to stay within %d px",
+            cmap.path,
+            cmap.level_mpp(level),
+            mpp,
+            MAX_TRACE_PX,
+        )
+    return level
+
+
+def check_slide_fits(cmap: ClassMap, slide_id: str, dims: tuple[int, int], mpp0: float) -> None:
+    """The map must be of this slide and cover it at its scale (the map starts at the slide's
+    origin); else a ConfigError naming both."""
+    if str(cmap.meta["slide"]) != slide_id:
+        raise ConfigError(
+            f"class map {cmap.path} is of slide {cmap.meta['slide']!r}, not {slide_id!r}"
+        )
+    f = cmap.mpp / mpp0
+    for name, px, size in (("width", cmap.width, dims[0]), ("height", cmap.height, dims[1])):
+        if abs(px * f - size) > f + 1:
+            raise ConfigError(
+                f"class map {cmap.path} covers {px * f:.0f} level-0 px of {slide_id!r}'s "
+                f"{name} {size} at {mpp0:.4g} um/px: the map was made with another mpp; "
+                "rerun infer with the slide's mpp (sheet column `mpp`)"
+            )
+
+
+def map_polygons(
+    cmap: ClassMap, mpp0: float, settings: dict[str, Any], dims: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The map's regions as a GeoJSON FeatureCollection in level-0 px of a slide at `mpp0`,
+    clipped to the slide's `dims` (width, height): a map's last pixels, and more so a coarse
+    level's, reach past the slide's edge."""
+    level = trace_level(cmap, float(settings["mpp"]))
+    level_mpp = cmap.level_mpp(level)
+    classes = [str(c) for c in cmap.meta["classes"]]
+    colours = class_colours(len(classes))
+    named = {i: (classes[i], tuple(colours[i].tolist())) for i in range(1, len(classes))}
+    raster = cmap.read_level(level)
+    present = set(np.unique(raster).tolist()) - {0}
+    unknown = sorted(present - set(named))
+    if unknown:
+        raise ConfigError(f"class map {cmap.path} holds class indices {unknown} beyond {classes}")
+    min_px = math.ceil(float(settings["min_um2"]) / level_mpp**2)
+    features = list(
+        class_features(
+            raster,
+            level_mpp / mpp0,
+            {i: named[i] for i in sorted(present)},
+            tolerance=float(settings["tolerance"]),
+            min_px=min_px,
+        )
+    )
+    if dims is not None:
+        for feat in features:
+            feat["geometry"]["coordinates"] = [
+                np.clip(np.asarray(ring), 0, dims).tolist()
+                for ring in feat["geometry"]["coordinates"]
+            ]
+    counts = Counter(f["properties"]["classification"]["name"] for f in features)
+    log.info(
+        "%s: %d regions traced at %.3g um/px (%s)",
+        cmap.meta["slide"],
+        len(features),
+        level_mpp,
+        ", ".join(f"{name} {counts[name]}" for name in classes if counts[name]) or "none",
+    )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf polygons",
+        description="Trace a class map of `dsf infer` into QuPath GeoJSON annotations over its "
+        "slide (level-0 pixels): drag the file onto the slide in QuPath.",
+    )
+    p.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
+    p.add_argument("--map-json", type=Path, help="its JSON description (default: beside it)")
+    p.add_argument("--slide", required=True, type=Path, help="the slide the map is of")
+    p.add_argument("--slide-id", help="slide id (default: from the file name)")
+    p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    p.add_argument("--out", required=True, type=Path, help="GeoJSON to write")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_section_arguments(p, "polygons")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf polygons`."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> None:
+        remove(args.out)  # a failed rerun must not leave the previous polygons looking current
+        settings = section_from_args(args, "polygons")
+        cmap = open_map(args.map, args.map_json or args.map.with_suffix(".json"))
+        with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+            check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
+            mpp0, dims = slide.mpp, slide.dimensions
+        collection = map_polygons(cmap, mpp0, settings, dims)
+        with atomic_path(args.out) as tmp, open(tmp, "w") as fh:
+            json.dump(collection, fh, separators=(",", ":"))
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Prediction polygons: class maps traced into QuPath GeoJSON over their slide (`dsf polygons`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsf.annotations import open_labels
+from dsf.class_map import open_map
+from dsf.class_tiff import pyramid_shapes, write_tiff
+from dsf.config import defaults
+from dsf.polygons import main, trace_level
+from dsf.synth import render_labels
+
+from conftest import rgb_slide
+
+CLASSES = ["ignore", "TUM", "STR", "LYM"]
+SLIDE_MPP = 0.5
+MAP_MPP = 2.0  # 4 slide px per map px
+W, H = 1600, 1200  # slide, level-0 px
+
+
+def _write_map(path: Path, level0: np.ndarray, slide: str = "s", mpp: float = MAP_MPP) -> Path:
+    """A class map as `dsf infer` writes it: palette pyramid (levels halved) and its JSON."""
+    levels = [level0]
+    for h, w in pyramid_shapes(*level0.shape, 64)[1:]:
+        levels.append(levels[-1][::2, ::2][:h, :w])
+    write_tiff(path, levels, mpp, len(CLASSES), tile=64, threads=1)
+    meta = {"slide": slide, "init": "dsf", "fraction": 1.0, "mpp": mpp, "classes": CLASSES,
+            "width": level0.shape[1], "height": level0.shape[0], "folds": [0],
+            "routing": "out_of_fold"}  # fmt: skip
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("polygons")
+    return rgb_slide(d / "s.tif", np.full((H, W, 3), 200, np.uint8), SLIDE_MPP)
+
+
+def _truth() -> np.ndarray:
+    """A map of synthetic tissue regions (the synthetic slides' label layout)."""
+    return render_labels(7, 0, 0, W // 4, H // 4, SLIDE_MPP, 4.0, 60.0, slide_width=W,
+                         slide_height=H)  # fmt: skip
+
+
+def _run(slide: Path, cmap: Path, out: Path, *opts: str) -> int:
+    return main(["--map", str(cmap), "--slide", str(slide), "--slide-id", "s", "--out", str(out),
+                 *opts])  # fmt: skip
+
+
+def _back(geojson: Path, mpp: float = MAP_MPP) -> np.ndarray:
+    """The polygons rasterised again at the map's grid, as dsf reads annotations."""
+    settings = defaults("labels") | {"classes": CLASSES}
+    src = open_labels(geojson, "s", (W, H), SLIDE_MPP, settings)
+    return src.read(0, 0, round(W * SLIDE_MPP / mpp), round(H * SLIDE_MPP / mpp), mpp)
+
+
+def test_polygons_trace_the_map_on_the_slide(slide: Path, tmp_path: Path) -> None:
+    """Traced at the map's own resolution, unsimplified, the polygons give the map back pixel
+    for pixel on the slide's level-0 grid; QuPath annotations with the maps' class colours."""
+    truth = _truth()
+    assert set(np.unique(truth)) >= {1, 2, 3}
+    cmap = _write_map(tmp_path / "m.tiff", truth)
+    out = tmp_path / "m.geojson"
+    assert _run(slide, cmap, out, "--mpp", str(MAP_MPP), "--min-um2", "0", "--tolerance", "0") == 0
+    doc = json.loads(out.read_text())
+    props = doc["features"][0]["properties"]
+    assert props["objectType"] == "annotation"
+    assert {f["properties"]["classification"]["name"] for f in doc["features"]} == {
+        "TUM", "STR", "LYM",
+    }  # fmt: skip
+    tum = next(f for f in doc["features"] if f["properties"]["classification"]["name"] == "TUM")
+    assert tum["properties"]["classification"]["color"] == [213, 94, 0]  # the map's palette
+    rings = [np.asarray(r) for f in doc["features"] for r in f["geometry"]["coordinates"]]
+    xy = np.concatenate(rings)
+    assert xy.min() >= 0 and xy[:, 0].max() <= W and xy[:, 1].max() <= H  # level-0 px
+    back = _back(out)
+    assert (back == truth).mean() > 0.999
+    # the defaults: traced at 4 um/px (the map's level 1), simplified, specks dropped
+    assert _run(slide, cmap, out) == 0
+    assert (_back(out) == truth).mean() > 0.95
+    coarse = json.loads(out.read_text())["features"]
+    assert sum(len(r) for f in coarse for r in f["geometry"]["coordinates"]) < len(xy) / 3
+
+
+def test_polygons_stay_on_a_slide_the_map_overhangs(tmp_path: Path) -> None:
+    """A map's last pixel, and a coarse level's more so, reach past an odd-sized slide's edge:
+    the polygons are clipped to the slide."""
+    w, h = W - 3, H - 5
+    odd = rgb_slide(tmp_path / "odd.tif", np.full((h, w, 3), 200, np.uint8), SLIDE_MPP)
+    cmap = _write_map(tmp_path / "m.tiff", np.ones((H // 4, W // 4), np.uint8))
+    out = tmp_path / "m.geojson"
+    assert (
+        _run(odd, cmap, out, "--mpp", "8", "--tolerance", "0") == 0
+    )  # level 2: 4 map px per traced px
+    (feat,) = json.loads(out.read_text())["features"]
+    xy = np.asarray(feat["geometry"]["coordinates"][0])
+    assert xy[:, 0].max() == w and xy[:, 1].max() == h and xy.min() >= 0
+
+
+def test_small_regions_and_holes_are_left_out(slide: Path, tmp_path: Path) -> None:
+    m = np.zeros((H // 4, W // 4), np.uint8)
+    m[20:120, 20:200] = 1
+    m[50:52, 50:52] = 2  # 4 map px = 64 um^2: a speck inside TUM
+    m[60:90, 100:140] = 3  # 1200 map px = 19,200 um^2: a hole of TUM filled by LYM
+    cmap = _write_map(tmp_path / "m.tiff", m)
+    out = tmp_path / "m.geojson"
+    assert _run(slide, cmap, out, "--mpp", str(MAP_MPP), "--min-um2", "500") == 0
+    feats = json.loads(out.read_text())["features"]
+    names = sorted(f["properties"]["classification"]["name"] for f in feats)
+    assert names == ["LYM", "TUM"]
+    tum = next(f for f in feats if f["properties"]["classification"]["name"] == "TUM")
+    assert len(tum["geometry"]["coordinates"]) == 2  # the LYM hole, not the speck's
+    back = _back(out)
+    assert back[51, 51] == 1 and back[75, 120] == 3 and back[10, 10] == 0
+
+
+def test_the_traced_level_follows_polygons_mpp(tmp_path: Path) -> None:
+    cmap = open_map(_write_map(tmp_path / "m.tiff", _truth()), tmp_path / "m.json")
+    assert [round(cmap.level_mpp(lv), 3) for lv in range(len(cmap.levels))] == [2, 4, 8, 16]
+    assert trace_level(cmap, 1.0) == 0  # the map is coarser: its finest level
+    assert trace_level(cmap, 5.0) == 1
+    assert trace_level(cmap, 100.0) == 3
+
+
+def test_a_map_of_another_slide_or_scale_is_refused(
+    slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.geojson"
+    other = _write_map(tmp_path / "o.tiff", _truth(), slide="other")
+    assert _run(slide, other, out) == 2
+    assert "is of slide 'other', not 's'" in capsys.readouterr().err
+    scaled = _write_map(tmp_path / "x.tiff", _truth(), mpp=1.0)
+    assert _run(slide, scaled, out) == 2
+    assert "made with another mpp" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("m.geojson.partial").exists()

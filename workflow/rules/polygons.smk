@@ -1,0 +1,26 @@
+# Prediction polygons: each class map traced into QuPath GeoJSON over its slide (level-0 px),
+# to review the predictions as annotations on the slide (polygons.enabled).
+
+
+rule polygons:
+    input:
+        map=f"{RESULTS}/maps/{{finit}}/{{slide}}.tiff",
+        meta=f"{RESULTS}/maps/{{finit}}/{{slide}}.json",
+        slide=slide_path,
+    output:
+        geojson=f"{RESULTS}/maps/{{finit}}/{{slide}}.geojson",
+    params:
+        slide=slide_opts,
+        opts=stage_opts("polygons", skip=("enabled",)),
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/polygons/{{finit}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/polygons/{{finit}}/{{slide}}.tsv"
+    shell:
+        "dsf polygons --map {input.map:q} --map-json {input.meta:q} --slide {input.slide:q} "
+        "{params.slide} --out {output.geojson:q} {params.opts} 2> {log:q}"
