@@ -86,7 +86,7 @@ def main() -> None:
             cmd = [
                 "/usr/bin/time", "-f", "%e %M", "dsf", "labels", "--slide", str(slide),
                 "--mask", f"whole_tumour={whole}", "--mask", f"viable_tumour={viable}",
-                "--classes", *CLASSES, "--masks-base", "tissue", "--mpp", str(mpp),
+                "--classes", *CLASSES, "--base", "tissue", "--mpp", str(mpp),
                 "--threads", str(args.threads), "--no-progress", "--out", str(out),
             ]  # fmt: skip
             t0 = time.perf_counter()

@@ -68,8 +68,20 @@ def check_label_settings(settings: dict[str, Any]) -> None:
         raise ConfigError(f"config key labels.other_class: {settings['other_class']}, but {fix}")
     for name in settings.get("masks", {}):
         class_index(name, classes, f"labels.masks.{name}")
+    for key in ("base", "masks_base"):
+        if settings.get(key) is not None:
+            class_index(settings[key], classes, f"labels.{key}")
     if settings.get("masks_base") is not None:
-        class_index(settings["masks_base"], classes, "labels.masks_base")
+        log.warning(
+            "config key labels.masks_base is the older name of labels.base (it applies to "
+            "every annotation now); it is still read: rename it"
+        )
+
+
+def base_class(settings: dict[str, Any]) -> str | None:
+    """The class of tissue no annotation covers (`labels.base`, or its older name)."""
+    base = settings.get("base")
+    return base if base is not None else settings.get("masks_base")
 
 
 def class_index(name: str, classes: list[str], key: str) -> int:
@@ -267,17 +279,27 @@ class PolygonLabels(LabelSource):
         hits = np.nonzero((b[:, 2] >= x) & (b[:, 0] <= x1) & (b[:, 3] >= y) & (b[:, 1] <= y1))[0]
         for k in hits:
             shape = self._shapes[k]
-            mask = self._raster(shape.outer, x, y, f, out.shape)
+            # only the output window the shape's box covers is rasterised (bands of a whole
+            # slide's width stay cheap however many shapes there are)
+            bx0, by0, bx1, by1 = shape.bbox
+            c0, r0 = max(0, int((bx0 - x) / f) - 1), max(0, int((by0 - y) / f) - 1)
+            c1 = min(width, int(np.ceil((bx1 - x) / f)) + 1)
+            r1 = min(height, int(np.ceil((by1 - y) / f)) + 1)
+            if c1 <= c0 or r1 <= r0:
+                continue
+            x0, y0, win = x + c0 * f, y + r0 * f, (r1 - r0, c1 - c0)
+            mask = self._raster(shape.outer, x0, y0, f, win)
             for hole in shape.holes:
-                mask &= ~self._raster(hole, x, y, f, out.shape)
-            out[mask] = shape.cls
+                mask &= ~self._raster(hole, x0, y0, f, win)
+            out[r0:r1, c0:c1][mask] = shape.cls
         return out
 
     @staticmethod
     def _raster(
         ring: np.ndarray, x: float, y: float, f: float, shape: tuple[int, int]
     ) -> np.ndarray:
-        """Pixels whose centres lie inside the ring (ring in level-0 px)."""
+        """Pixels whose centres lie inside the ring (ring in level-0 px, `shape` the output
+        window whose top-left pixel starts at level-0 (x, y))."""
         cols = (ring[:, 0] - x) / f - 0.5
         rows = (ring[:, 1] - y) / f - 0.5
         mask = np.zeros(shape, bool)

@@ -1,15 +1,18 @@
-"""`dsf labels`: one label mask per slide from annotations delivered as a mask per class.
+"""`dsf labels`: one label mask per slide, from a mask per class or from an annotation with
+the tissue it leaves out as a base class.
 
 Some datasets annotate each class in a binary mask of its own at the slide's full size: PAIP
 2019 gives `<id>_whole.tif` (whole tumour) and `<id>_viable.tif` (viable tumour, inside it), and
 the paper adds "tissue area" for tissue outside them, tissue where (R, G, B) <= (235, 210, 235)
 (paper section IV-A, DESIGN section 5: PAIP classes 1 tissue, 2 whole tumour, 3 viable tumour).
+Others draw only the lesion (CAMELYON's tumour polygons): the rest of the tissue is normal.
 This stage paints them into the one class-index mask the other stages read:
 
-- the base class (`labels.masks_base`) where the slide's pixel passes `tissue.rgb_max`, pixel by
+- the base class (`labels.base`) where the slide's pixel passes `tissue.rgb_max`, pixel by
   pixel at the label mask's resolution;
 - then each class's mask, nonzero pixels taking the class, in the order of `labels.classes` (a
-  later class over an earlier one: viable tumour over whole tumour).
+  later class over an earlier one: viable tumour over whole tumour); or the annotation (any
+  format `dsf.annotations` reads), its annotated pixels over the base.
 
 The slide and the masks are read band by band (masks lazily, `dsf.mask_raster`), and the result
 is written as a tiled pyramidal TIFF coloured like the maps (`dsf.class_tiff`), so memory
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dsf.annotations import check_label_settings, class_index
+from dsf.annotations import base_class, check_label_settings, class_index, open_labels
 from dsf.atomic import atomic_path, remove
 from dsf.class_tiff import pyramid_levels, write_block, write_tiff
 from dsf.config import add_section_arguments, defaults, section_from_args
@@ -78,22 +81,31 @@ def paint_labels(
     out: Path,
     threads: int = 4,
     progress: bool = True,
+    annotation: Path | None = None,
 ) -> dict[str, float]:
-    """Paint the per-class `masks` (class name -> file) of `slide` into a label mask TIFF at
-    `mpp` (no finer than the slide) written atomically to `out`; returns each class's share of
-    the mask's pixels."""
+    """Paint the per-class `masks` (class name -> file) of `slide`, or its `annotation`, over
+    the base class into a label mask TIFF at `mpp` (no finer than the slide) written
+    atomically to `out`; returns each class's share of the mask's pixels."""
     check_label_settings(settings)
     classes = list(settings["classes"])
-    if not masks:
-        raise ConfigError(f"slide {slide.slide_id!r}: no per-class mask given (--mask CLASS=FILE)")
+    if bool(masks) == (annotation is not None):
+        raise ConfigError(
+            f"slide {slide.slide_id!r}: give per-class masks (--mask CLASS=FILE) or one "
+            "annotation (--annotation FILE)"
+        )
     layers = sorted(
         (class_index(name, classes, "--mask"), name, Path(path)) for name, path in masks.items()
     )
-    base = settings["masks_base"]
-    base_idx = class_index(base, classes, "labels.masks_base") if base is not None else None
+    base = base_class(settings)
+    base_idx = class_index(base, classes, "labels.base") if base is not None else None
     mpp = max(float(mpp), slide.mpp)
     f = mpp / slide.mpp  # level-0 slide px per label px
     width, height = slide.size_at(mpp)
+    source = (
+        open_labels(annotation, slide.slide_id, slide.dimensions, slide.mpp, settings)
+        if annotation is not None
+        else None
+    )
     rasters = [
         (idx, name, MaskRaster(path, slide.slide_id, slide.dimensions, f"{name} mask"))
         for idx, name, path in layers
@@ -116,6 +128,9 @@ def paint_labels(
                     band[_tissue_band(slide, y, f, width, h, mpp, rgb_max, pool)] = base_idx
                 for idx, _, raster in rasters:
                     band[raster.read(0.0, y * f, width, h, f) > 0] = idx
+                if source is not None:
+                    drawn = source.read(0.0, y * f, width, h, mpp)
+                    np.copyto(band, drawn, where=drawn > 0)
                 counts += np.bincount(band.ravel(), minlength=len(classes))[: len(classes)]
                 write_block(levels, y, 0, band)
             for level in levels:
@@ -149,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="dsf labels",
         description=(
             "One label mask of a slide from per-class binary masks (PAIP's whole and viable "
-            "tumour), with the tissue outside them as labels.masks_base."
+            "tumour) or from an annotation, with the tissue outside them as labels.base."
         ),
     )
     parser.add_argument("--slide", required=True, type=Path, help="slide file")
@@ -157,14 +172,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sheet-mpp", type=float, help="level-0 um/px from the sheet (overrides the file's)"
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--mask",
         dest="masks",
         action="append",
-        required=True,
         type=_mask_option,
         metavar="CLASS=FILE",
         help="a class's binary mask (nonzero = the class), at any downsample of the slide",
+    )
+    source.add_argument(
+        "--annotation",
+        type=Path,
+        help="an annotation (label mask, GeoJSON or XML) painted over labels.base",
     )
     parser.add_argument("--out", required=True, type=Path, help="output label mask TIFF")
     parser.add_argument(
@@ -179,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs=3,
         default=defaults("tissue")["rgb_max"],
         metavar=("R", "G", "B"),
-        help="tissue rule of labels.masks_base (default: tissue.rgb_max)",
+        help="tissue rule of labels.base (default: tissue.rgb_max)",
     )
     parser.add_argument("--threads", type=int, default=4, help="slide reader threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -192,7 +212,7 @@ def _stage(args: argparse.Namespace) -> None:
     remove(args.out)  # a failed rerun must not leave the previous mask looking current
     settings = section_from_args(args, "labels")
     masks: dict[str, Path] = {}
-    for name, path in args.masks:
+    for name, path in args.masks or []:
         if name in masks:
             raise ConfigError(f"--mask names class {name!r} twice ({masks[name]} and {path})")
         masks[name] = path
@@ -214,6 +234,7 @@ def _stage(args: argparse.Namespace) -> None:
             args.out,
             args.threads,
             progress=not args.no_progress,
+            annotation=args.annotation,
         )
     log.info(
         "%s: label mask %s: %s",
@@ -224,7 +245,8 @@ def _stage(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`dsf labels --slide S --mask CLASS=FILE [--mask ...] --out L.tiff [labels options]`."""
+    """`dsf labels --slide S (--mask CLASS=FILE [--mask ...] | --annotation FILE) --out L.tiff
+    [labels options]`."""
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     return run(lambda: _stage(args))

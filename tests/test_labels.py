@@ -11,6 +11,7 @@ import tifffile
 
 from dsf.annotations import open_labels
 from dsf.labels import main
+from dsf.sheet import main as sheet_main
 
 from conftest import rgb_slide
 
@@ -53,7 +54,7 @@ def _run(tmp_path: Path, *extra: str) -> int:
 
 def test_masks_are_painted_in_class_order_over_the_tissue_rule(tmp_path: Path) -> None:
     out = tmp_path / "s.labels.tiff"
-    assert _run(tmp_path, "--mpp", "0.5", "--masks-base", "tissue", "--out", str(out)) == 0
+    assert _run(tmp_path, "--mpp", "0.5", "--base", "tissue", "--out", str(out)) == 0
     with tifffile.TiffFile(out) as tf:
         levels = tf.series[0].levels
         assert [lv.shape for lv in levels] == [(800, 1200), (400, 600), (200, 300)]
@@ -82,12 +83,21 @@ def test_without_a_base_class_only_the_masks_label_and_coarser_output_halves(
     np.testing.assert_array_equal(tifffile.imread(out, level=0), expected[::2, ::2])
 
 
+def test_the_older_key_masks_base_is_still_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "old.tiff"
+    assert _run(tmp_path, "--mpp", "0.5", "--masks-base", "tissue", "--out", str(out)) == 0
+    np.testing.assert_array_equal(tifffile.imread(out, level=0), _expected())
+    assert "labels.masks_base is the older name of labels.base" in capsys.readouterr().err
+
+
 def test_bad_masks_and_classes_stop_with_the_slide_or_key_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "x.tiff"
-    assert _run(tmp_path, "--masks-base", "stroma", "--out", str(out)) == 2
-    assert "labels.masks_base: 'stroma' is not a class" in capsys.readouterr().err
+    assert _run(tmp_path, "--base", "stroma", "--out", str(out)) == 2
+    assert "labels.base: 'stroma' is not a class" in capsys.readouterr().err
     tifffile.imwrite(tmp_path / "wrong.tif", np.ones((100, 900), np.uint8))
     slide = _slide(tmp_path / "s.tif")
     code = main(
@@ -102,6 +112,83 @@ def test_bad_masks_and_classes_stop_with_the_slide_or_key_named(
     )  # fmt: skip
     assert code == 2 and "'tumour' is not a class of labels.classes" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+CAMELYON = ["ignore", "normal", "tumour"]
+
+
+def _camelyon_xml(path: Path) -> Path:
+    """ASAP XML as CAMELYON16 draws a lesion: tumour group _0, an exclusion _2 inside it."""
+
+    def annotation(group: str, x0: int, y0: int, x1: int, y1: int) -> str:
+        corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+        coords = "".join(
+            f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(corners)
+        )
+        return (f'<Annotation Name="a" Type="Polygon" PartOfGroup="{group}">'
+                f"<Coordinates>{coords}</Coordinates></Annotation>")  # fmt: skip
+
+    groups = "".join(f'<Group Name="{g}" PartOfGroup="None"/>' for g in ("_0", "_1", "_2"))
+    path.write_text(
+        "<ASAP_Annotations><Annotations>"
+        + annotation("_2", 600, 300, 800, 500)
+        + annotation("_0", 300, 200, 1100, 600)
+        + f"</Annotations><AnnotationGroups>{groups}</AnnotationGroups></ASAP_Annotations>"
+    )
+    return path
+
+
+def test_an_annotation_is_painted_over_the_base_class(tmp_path: Path) -> None:
+    """CAMELYON: tumour polygons drawn, the rest of the tissue normal (`labels.base`); the
+    exclusion group, mapped to 0, is normal tissue too."""
+    slide = _slide(tmp_path / "s.tif")
+    out = tmp_path / "s.labels.tiff"
+    args = ["--slide", str(slide), "--slide-id", "s", "--annotation", str(_camelyon_xml(
+        tmp_path / "s.xml")), "--classes", *CAMELYON, "--names", '{"_0": 2, "_1": 2, "_2": 0}',
+        "--base", "normal", "--mpp", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    lab = tifffile.imread(out, level=0)
+    expected = np.zeros((H, W), np.uint8)
+    expected[:, 400:] = 1  # normal: tissue by the rule
+    expected[200:600, 300:1100] = 2  # the tumour polygon, over background pixels too
+    expected[300:500, 600:800] = 1  # the exclusion inside it: normal tissue
+    np.testing.assert_array_equal(lab, expected)
+    with pytest.raises(SystemExit) as stop:  # masks or an annotation, not both
+        main([*args[:4], "--mask", f"tumour={out}", *args[4:]])
+    assert stop.value.code == 2
+
+
+def test_labels_base_paints_every_annotated_slide(tmp_path: Path) -> None:
+    """With labels.base the workflow sends annotated slides of any format through `labels`;
+    without it, only slides with per-class masks."""
+    import yaml
+    from test_workflow import job_counts, smk
+
+    root = tmp_path / "camelyon"
+    (root / "lesion_annotations").mkdir(parents=True)
+    for name in ("tumor_001", "tumor_002", "normal_001"):
+        _slide(root / f"{name}.tif")
+    for name in ("tumor_001", "tumor_002"):
+        _camelyon_xml(root / "lesion_annotations" / f"{name}.xml")
+    sheet = tmp_path / "sheet.tsv"
+    assert sheet_main([str(root), "--labels", str(root / "lesion_annotations"),
+                       "--out", str(sheet)]) == 0  # fmt: skip
+    cfg = {
+        "slides": str(sheet),
+        "results": str(tmp_path / "res"),
+        "labels": {"classes": CAMELYON, "names": {"_0": 2, "_1": 2, "_2": 0}, "base": "normal"},
+        "patches": {"target_mpp": 1.0, "block": 16, "stride": 32},
+        "folds": {"k": 2},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    plan = smk("-n", "--cores", "2", "--configfile", str(tmp_path / "cfg.yaml"), cwd=tmp_path)
+    counts = job_counts(plan.stdout)
+    assert counts["labels"] == 2 and counts["patches"] == 3
+    assert "--annotation" in plan.stdout or "lesion_annotations" in plan.stdout
+    del cfg["labels"]["base"]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    plan = smk("-n", "--cores", "2", "--configfile", str(tmp_path / "cfg.yaml"), cwd=tmp_path)
+    assert "labels" not in job_counts(plan.stdout)
 
 
 def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import shlex
 
 from snakemake.utils import validate
 
-from dsf.annotations import check_label_settings
+from dsf.annotations import base_class, check_label_settings
 from dsf.config import cli_args
 from dsf.folds import assign_folds, finetune_gaps
 from dsf.sheet import load_sheet
@@ -26,6 +26,9 @@ INITS = list(config["pretrain"]["methods"])
 # annotated: a `labels` file, or per-class masks painted into one by the `labels` rule
 MASKED = set(SHEET.index[[bool(m) for m in SHEET["masks"]]])
 LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
+# slides painted into one label mask by `labels` (per-class masks; with labels.base, the
+# class of tissue no annotation covers, every annotated slide)
+PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
@@ -200,21 +203,27 @@ def slide_opts(wildcards):
 
 
 def labels_input(wildcards):
-    """The annotation of a slide (its per-class masks painted into one), or nothing."""
-    if wildcards.slide in MASKED:
+    """The annotation of a slide (painted into one label mask by `labels`), or nothing."""
+    if wildcards.slide in PAINTED:
         return {"labels": f"{RESULTS}/labels/{wildcards.slide}.tiff"}
     labels = SHEET.loc[wildcards.slide, "labels"]
     return {"labels": labels} if labels else {}
 
 
 def mask_inputs(wildcards):
-    """The per-class masks of a slide, as `mask_<n>` inputs in class order."""
+    """The per-class masks of a slide as `mask_<n>` inputs in class order, or its annotation
+    as `annotation`."""
     masks = SHEET.loc[wildcards.slide, "masks"]
+    if not masks:
+        return {"annotation": SHEET.loc[wildcards.slide, "labels"]}
     return {f"mask_{i}": masks[c] for i, c in enumerate(sorted(masks))}
 
 
 def mask_opts(wildcards, input):
-    """`--mask CLASS=FILE` per class of the slide's masks, shell-quoted."""
+    """`--mask CLASS=FILE` per class of the slide's masks, or `--annotation FILE`,
+    shell-quoted."""
+    if "annotation" in input.keys():
+        return f"--annotation {shlex.quote(input.annotation)}"
     masks = sorted(SHEET.loc[wildcards.slide, "masks"])
     pairs = [f"{c}={input[f'mask_{i}']}" for i, c in enumerate(masks)]
     return " ".join(f"--mask {shlex.quote(pair)}" for pair in pairs)

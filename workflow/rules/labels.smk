@@ -1,5 +1,6 @@
 # One label mask per slide annotated by per-class binary masks (labels.masks, PAIP's whole and
-# viable tumour), with tissue outside them as labels.masks_base; patches and evaluate read it.
+# viable tumour), or with labels.base by any annotation, with the tissue outside them as
+# labels.base; patches and evaluate read it.
 
 
 rule labels:
