@@ -1,4 +1,5 @@
-"""Benchmark `dsf labels`: PAIP-style per-class masks at the slide's full size -> one label mask.
+"""Benchmark `dsf labels`: PAIP-style per-class masks at the slide's full size -> one label mask
+(or, with `--source annotation`, polygon annotations over a base class, as for CAMELYON).
 
 For each synthetic slide (cached in bench/out by bench/extract.py, made by `dsf synth` if
 missing) two full-size binary masks are written the way PAIP ships them (uint8 0/1, one page
@@ -6,9 +7,11 @@ at level-0 size; here tiled and deflated): "whole tumour" an ellipse over half t
 "viable tumour" a smaller one inside it. Then `dsf labels` runs in a fresh process (so its peak
 RSS is its own) with the tissue rule as base class, at 0.5 um/px (PAIP's 20x) and at 0.25 (the
 slide's own 40x): seconds, output megapixels per second and peak RSS. The target is memory flat
-in slide size (the masks alone are 400 MB and 900 MB as pixels).
+in slide size (the masks alone are 400 MB and 900 MB as pixels). With `--source annotation` the
+slide's own region layout, traced into GeoJSON polygons (hundreds per slide), is painted over
+the base class instead.
 
-    python bench/labels.py --sizes 20000 30000 --threads 2
+    python bench/labels.py --sizes 20000 30000 --threads 2 [--source annotation]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tifffile
 
 HERE = Path(__file__).resolve().parent
 CLASSES = ["ignore", "tissue", "whole_tumour", "viable_tumour"]
+POLYGON_CLASSES = ["ignore", "normal", "TUM", "STR", "LYM"]
 TILE = 512
 
 
@@ -62,11 +66,29 @@ def _slide(size: int) -> Path:
     return path
 
 
+def _polygons(path: Path, width: int, height: int) -> int:
+    """The synthetic slide's regions (seed 1, as `_slide` makes it) as QuPath GeoJSON traced at
+    16x downsample; returns the number of polygons."""
+    import json
+
+    from dsf.synth import CLASS_COLORS, CLASS_NAMES, render_labels
+    from dsf.trace import class_features
+
+    ds = 16
+    labels = render_labels(1, 0, 0, -(-width // ds), -(-height // ds), 0.25, float(ds),
+                           slide_width=width, slide_height=height)  # fmt: skip
+    named = {c: (n, CLASS_COLORS[c]) for c, n in CLASS_NAMES.items()}
+    features = list(class_features(labels, float(ds), named))
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return len(features)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 30000])
     ap.add_argument("--mpps", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--source", choices=["masks", "annotation"], default="masks")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     print("| slide | label mpp | output Mpx | seconds | output Mpx/s | peak RSS MB |")
@@ -77,16 +99,24 @@ def main() -> None:
             height, width = tf.pages[0].shape[:2]
         work = HERE / "out" / f"labels-{size}"
         work.mkdir(exist_ok=True)
-        whole, viable = work / "whole.tif", work / "viable.tif"
-        if not viable.is_file():
-            _ellipse_mask(whole, width, height, 0.7)
-            _ellipse_mask(viable, width, height, 0.35)
+        if args.source == "masks":
+            whole, viable = work / "whole.tif", work / "viable.tif"
+            if not viable.is_file():
+                _ellipse_mask(whole, width, height, 0.7)
+                _ellipse_mask(viable, width, height, 0.35)
+            source = ["--mask", f"whole_tumour={whole}", "--mask", f"viable_tumour={viable}",
+                      "--classes", *CLASSES, "--base", "tissue"]  # fmt: skip
+        else:
+            geojson = work / "regions.geojson"
+            n = _polygons(geojson, width, height)
+            print(f"{slide.name}: {n} polygons", file=sys.stderr)
+            source = ["--annotation", str(geojson), "--classes", *POLYGON_CLASSES,
+                      "--base", "normal"]  # fmt: skip
         for mpp in args.mpps:
-            out = work / f"labels-{mpp}.tiff"
+            out = work / f"labels-{args.source}-{mpp}.tiff"
             cmd = [
                 "/usr/bin/time", "-f", "%e %M", "dsf", "labels", "--slide", str(slide),
-                "--mask", f"whole_tumour={whole}", "--mask", f"viable_tumour={viable}",
-                "--classes", *CLASSES, "--base", "tissue", "--mpp", str(mpp),
+                *source, "--mpp", str(mpp),
                 "--threads", str(args.threads), "--no-progress", "--out", str(out),
             ]  # fmt: skip
             t0 = time.perf_counter()

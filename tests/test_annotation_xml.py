@@ -221,3 +221,21 @@ def test_the_older_key_geojson_names_is_still_read(
         lab = open_labels(path, "s", DIMS, MPP, settings).read(0, 0, 100, 100, MPP)
     assert lab[30, 30] == 1
     assert "labels.geojson_names is the older name of labels.names" in caplog.text
+
+
+def test_scanline_fill_matches_a_point_in_polygon_test() -> None:
+    """`fill_ring` (a scanline fill, fast for outlines of thousands of vertices) marks exactly
+    the pixel centres skimage's point-in-polygon test does, self-intersecting rings and rings
+    reaching past the array included."""
+    from skimage.draw import polygon
+
+    from dsf.annotations import fill_ring
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(3, 40))
+        h, w = (int(v) for v in rng.integers(5, 80, 2))
+        rows, cols = rng.uniform(-10, h + 10, k), rng.uniform(-10, w + 10, k)
+        want = np.zeros((h, w), bool)
+        want[polygon(rows, cols, (h, w))] = True
+        np.testing.assert_array_equal(fill_ring(rows, cols, (h, w)), want)
