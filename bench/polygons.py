@@ -33,7 +33,7 @@ from dsf.class_map import open_map
 from dsf.polygons import map_polygons
 tiff, mpp, out = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
 t0 = time.perf_counter()
-doc = map_polygons(open_map(tiff, tiff.with_suffix(".json")), 0.25,
+doc = map_polygons(open_map(tiff), 0.25,
                    {"mpp": mpp, "min_um2": 500.0, "tolerance": 0.5})
 out.write_text(json.dumps(doc, separators=(",", ":")))
 n = sum(len(r) for f in doc["features"] for r in f["geometry"]["coordinates"])

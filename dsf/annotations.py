@@ -163,11 +163,10 @@ def fill_ring(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.
     first = np.clip(np.ceil(np.minimum(y0, y1)), 0, h).astype(np.int64)
     stop = np.clip(np.ceil(np.maximum(y0, y1)), 0, h).astype(np.int64)
     n = stop - first  # the rows r with min <= r < max that an edge crosses (half-open)
-    edge = np.repeat(np.arange(len(n)), np.maximum(n, 0))
-    mask = np.zeros(shape, bool)
+    edge = np.repeat(np.arange(len(n)), n)
     if edge.size == 0:
-        return mask
-    starts = np.cumsum(np.maximum(n, 0)) - np.maximum(n, 0)
+        return np.zeros(shape, bool)
+    starts = np.cumsum(n) - n
     r = first[edge] + (np.arange(edge.size) - starts[edge])
     xs = x0[edge] + (r - y0[edge]) * (x1 - x0)[edge] / (y1 - y0)[edge]
     order = np.lexsort((xs, r))
@@ -179,8 +178,7 @@ def fill_ring(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.
     diff = np.zeros((h, w + 1), np.int32)
     np.add.at(diff, (rows_in[spans], c0[spans]), 1)
     np.add.at(diff, (rows_in[spans], c1[spans]), -1)
-    mask[:] = np.cumsum(diff, axis=1)[:, :w] > 0
-    return mask
+    return np.cumsum(diff, axis=1)[:, :w] > 0
 
 
 @dataclass

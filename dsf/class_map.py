@@ -5,6 +5,7 @@ origin)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -87,9 +88,19 @@ class ClassMap:
         return out
 
 
-def open_map(tiff: Path, meta_json: Path) -> ClassMap:
-    """Open a class map and check it against its JSON (the `dsf infer` contract)."""
+def add_map_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--map` and `--map-json`: a class map of `dsf infer` for a stage that reads one."""
+    parser.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
+    parser.add_argument("--map-json", type=Path, help="its JSON description (default: beside it)")
+
+
+def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
+    """Open a class map and check it against its JSON (the `dsf infer` contract; by default
+    the `.json` beside the TIFF)."""
     import tifffile
+
+    tiff = Path(tiff)
+    meta_json = tiff.with_suffix(".json") if meta_json is None else meta_json
 
     try:
         meta = json.loads(Path(meta_json).read_text())

@@ -31,7 +31,7 @@ import torch
 
 from dsf import __version__
 from dsf.atomic import atomic_path
-from dsf.class_map import ClassMap, open_map
+from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
@@ -351,12 +351,11 @@ def _parser() -> argparse.ArgumentParser:
     add_section_arguments(t, "evaluate")
 
     s = sub.add_parser("slide", help="whole-slide protocol: one class map against its labels")
-    s.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
-    s.add_argument("--map-json", type=Path, help="its JSON (default: beside it, .json)")
+    add_map_arguments(s)
     s.add_argument("--slide", required=True, type=Path, help="slide file")
     s.add_argument("--slide-id", help="slide id (default: file stem)")
     s.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
-    s.add_argument("--labels", required=True, type=Path, help="annotation: mask or GeoJSON")
+    s.add_argument("--labels", required=True, type=Path, help="annotation: mask, GeoJSON or XML")
     s.add_argument("--folds", required=True, type=Path, help="folds.tsv")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
@@ -395,7 +394,7 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
     from dsf.slide import open_slide
 
     label_st = section_from_args(args, "labels")
-    cmap = open_map(args.map, args.map_json or args.map.with_suffix(".json"))
+    cmap = open_map(args.map, args.map_json)
     with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
         labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_st)
         df = evaluate_slide(

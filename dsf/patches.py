@@ -493,7 +493,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
     p.add_argument("--tissue-mask", required=True, type=Path, help="mask TIFF of `dsf tissue`")
     p.add_argument("--tissue-stats", type=Path, help="stats JSON of `dsf tissue` (recorded)")
-    p.add_argument("--labels", type=Path, help="annotation: raster mask or GeoJSON")
+    p.add_argument("--labels", type=Path, help="annotation: raster mask, GeoJSON or XML")
     p.add_argument("--out", required=True, type=Path, help="output store (.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_section_arguments(p, "patches")

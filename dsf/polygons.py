@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dsf.atomic import atomic_path, remove
-from dsf.class_map import ClassMap, open_map
+from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
@@ -120,8 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Trace a class map of `dsf infer` into QuPath GeoJSON annotations over its "
         "slide (level-0 pixels): drag the file onto the slide in QuPath.",
     )
-    p.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
-    p.add_argument("--map-json", type=Path, help="its JSON description (default: beside it)")
+    add_map_arguments(p)
     p.add_argument("--slide", required=True, type=Path, help="the slide the map is of")
     p.add_argument("--slide-id", help="slide id (default: from the file name)")
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         remove(args.out)  # a failed rerun must not leave the previous polygons looking current
         settings = section_from_args(args, "polygons")
-        cmap = open_map(args.map, args.map_json or args.map.with_suffix(".json"))
+        cmap = open_map(args.map, args.map_json)
         with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
             mpp0, dims = slide.mpp, slide.dimensions
