@@ -49,6 +49,7 @@ from dsf.predict import Predictor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CLASSES = ["ignore", "TUM", "STR", "LYM", "NEC", "OTR"]
+BCSS_NORM = ([0.6998, 0.4785, 0.6609], [0.2203, 0.2407, 0.1983])  # config/presets/bcss.yaml
 
 
 class Stub(nn.Module):
@@ -105,7 +106,6 @@ def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed
     fold_batchnorm(net)  # as dsf.predict does
     net = net.to(device, memory_format=torch.channels_last)
     timed = Timed(net, device)
-    pre = defaults("pretrain")
     pred = Predictor(
         model=timed,
         init="random",
@@ -113,8 +113,8 @@ def build(model: str, device: torch.device, amp: bool) -> tuple[Predictor, Timed
         scale=4,
         block=256,
         target_mpp=0.25,
-        mean=torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1),
-        std=torch.tensor(pre["std"], device=device).view(1, 3, 1, 1),
+        mean=torch.tensor(BCSS_NORM[0], device=device).view(1, 3, 1, 1),
+        std=torch.tensor(BCSS_NORM[1], device=device).view(1, 3, 1, 1),
         device=device,
         amp=amp_dtype(device, amp),
     )

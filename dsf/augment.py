@@ -52,7 +52,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -93,8 +92,10 @@ class AugmentConfig:
     grayscale_p: float = _P["grayscale_p"]
     blur_sharpen_p: float = _P["blur_sharpen_p"]  # then blur or sharpen with equal chance
     flip_p: float = _P["flip_p"]
-    mean: tuple[float, float, float] = tuple(_P["mean"])  # type: ignore[assignment]
-    std: tuple[float, float, float] = tuple(_P["std"])  # type: ignore[assignment]
+    # the dataset's statistics (pretrain.mean/std, or computed by dsf.norm); these neutral
+    # values (mid-grey, a quarter of the range) only serve tests and benchmarks
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     blur_kernels: tuple[int, ...] = (19, 21, 23)  # at out_size 224; scaled with out_size
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in output pixels
     sharpness: float = 2.0  # torchvision adjust_sharpness factor (the paper gives none)
@@ -517,33 +518,6 @@ def make_views(
             dst = torch.empty(part.shape, device=dev, dtype=dtype)
         out.append(torch.addcmul(shift, part, scale, out=dst))
     return Views(out[0], out[1], perms.to(device=dev, dtype=torch.long))
-
-
-def tile_stats(tiles: Tensor | Iterable[Tensor]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (population) in [0, 1] units of uint8 RGB tiles (..., 3).
-
-    Accepts one tensor or an iterable of batches (e.g. a whole patch store read in chunks); the
-    statistics are exact (from 256-bin histograms), to set `AugmentConfig.mean/std` for new data
-    (DESIGN section 5: "compute it for new data").
-    """
-    batches = [tiles] if isinstance(tiles, Tensor) else tiles
-    hist = torch.zeros(3, 256, dtype=torch.float64)
-    for t in batches:
-        if t.dtype != torch.uint8 or t.shape[-1] != 3:
-            raise ValueError(f"tiles must be uint8 (..., 3), got {t.dtype} {tuple(t.shape)}")
-        flat = t.reshape(-1, 3)
-        for lo in range(0, flat.shape[0], 1 << 22):  # bounded memory for the int64 indices
-            chunk = flat[lo : lo + (1 << 22)].long()
-            chunk += torch.arange(3, device=chunk.device) * 256
-            counts = torch.bincount(chunk.reshape(-1), minlength=3 * 256)
-            hist += counts.view(3, 256).to("cpu", torch.float64)
-    total = hist.sum(1)
-    if not bool((total > 0).all()):
-        raise ValueError("tile_stats: no pixels")
-    levels = torch.arange(256, dtype=torch.float64) / 255
-    mean = (hist * levels).sum(1) / total
-    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / total
-    return mean.tolist(), var.sqrt().tolist()
 
 
 def benchmark(

@@ -15,6 +15,7 @@ STAGES = {
     "labels": "dsf.labels",
     "patches": "dsf.patches",
     "folds": "dsf.folds",
+    "norm": "dsf.norm",
     "pretrain": "dsf.pretrain",
     "finetune": "dsf.finetune",
     "infer": "dsf.infer",

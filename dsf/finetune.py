@@ -43,6 +43,8 @@ from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
+from dsf.norm import encoder_stats
+from dsf.norm import resolve as resolve_norm
 from dsf.pretrain import (
     CHECK_EVERY,
     EpochSampler,
@@ -136,8 +138,9 @@ class FineTuner:
         meta: dict[str, Any] | None = None,
         norm: tuple[list[float], list[float]] | None = None,
     ) -> None:
-        """`norm` = (mean, std) of the input normalisation; default the pretraining schema's
-        (the same statistics the encoders were pretrained with, `pretrain.mean`/`std`)."""
+        """`norm` = (mean, std) of the input normalisation; by default the statistics the
+        encoders were pretrained with (recorded in `encoders.pt`), else computed from the fit
+        stores (`dsf.norm`)."""
         from dsf.models.hooknet import HookNet, UNet, check_hook
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
@@ -158,8 +161,7 @@ class FineTuner:
         g = open_store(fit_stores[0])
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
         self.target_mpp = float(g.attrs["target_mpp"])
-        pre = defaults("pretrain")
-        mean, std = norm or (pre["mean"], pre["std"])
+        mean, std = self._norm(norm, encoders, fit_stores)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         torch.manual_seed(settings["seed"])
@@ -211,6 +213,31 @@ class FineTuner:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] = {"score": -1.0, "epoch": 0, "state": None}
+
+    def _norm(
+        self,
+        norm: tuple[list[float], list[float]] | None,
+        encoders: Path | None,
+        fit_stores: list[Path],
+    ) -> tuple[list[float], list[float]]:
+        """The given (mean, std), else the encoders' own, else computed from the fit stores; a
+        given one that differs from the encoders' is logged (their features expect theirs)."""
+        pretrained = None
+        if encoders is not None and self.st["init"] not in BASELINE_INITS:
+            pretrained = encoder_stats(encoders)
+        if norm is None:
+            norm = pretrained or resolve_norm(
+                None, None, None, fit_stores, defaults("pretrain")["norm_tiles"], self.st["seed"]
+            )
+        elif pretrained is not None and not np.allclose(norm, pretrained, atol=1e-6):
+            log.warning(
+                "fine-tuning normalises with mean %s, std %s, but %s was pretrained with mean "
+                "%s, std %s: give the same pretrain.mean/std to both stages",
+                *norm,
+                encoders,
+                *pretrained,
+            )
+        return list(norm[0]), list(norm[1])
 
     def _inputs(self, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def prep(x: torch.Tensor) -> torch.Tensor:
@@ -417,16 +444,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoders", type=Path, help="encoders.pt of this fold's pretraining")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true")
-    pre = defaults("pretrain")
     for stat, meta in (("mean", "M"), ("std", "S")):
         p.add_argument(
             f"--norm-{stat}",
             nargs=3,
             type=float,
-            default=pre[stat],
             metavar=meta,
-            help=f"input normalisation {stat} (the workflow passes pretrain.{stat})",
+            help=f"input normalisation {stat} (the workflow passes pretrain.{stat} when set)",
         )
+    p.add_argument(
+        "--norm",
+        type=Path,
+        help="normalisation JSON of `dsf norm` (the workflow's results/norm/); with neither it "
+        "nor --norm-mean/--norm-std: the encoders' own, else computed from the stores",
+    )
     add_section_arguments(p, "finetune")
     add_section_arguments(p, "labels")
     return p
@@ -457,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         fit, sel = selection_split(
             folds[folds["slide"].isin(by_slide)], args.fold, st["held_out"], st["seed"]
         )
+        norm = None
+        if args.norm is not None or args.norm_mean is not None or args.norm_std is not None:
+            norm = resolve_norm(args.norm_mean, args.norm_std, args.norm, [], 1, 0)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         tuner = FineTuner(
             st,
@@ -467,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out_dir,
             args.encoders,
             {"fold": args.fold, "fit_slides": fit, "select_slides": sel},
-            norm=(list(args.norm_mean), list(args.norm_std)),
+            norm=norm,
         )
         if args.resume:
             tuner.resume()

@@ -103,11 +103,13 @@ def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> 
     model = model.eval()
     fold_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
-    from dsf.config import defaults
-
-    pre = defaults("pretrain")
-    mean = torch.tensor(meta.get("mean", pre["mean"]), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(meta.get("std", pre["std"]), device=device).view(1, 3, 1, 1)
+    if meta.get("mean") is None or meta.get("std") is None:
+        raise ConfigError(
+            f"{path} records no input normalisation (mean, std): it was not written by "
+            "`dsf finetune`; rerun fine-tuning"
+        )
+    mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
     return Predictor(
         model=model,
         init=str(meta["init"]),

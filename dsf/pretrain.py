@@ -38,6 +38,8 @@ from dsf.config import add_section_arguments, section_from_args
 from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
+from dsf.norm import check_settings as check_norm
+from dsf.norm import resolve as resolve_norm
 from dsf.runner import run, setup_logging
 from dsf.tile_loader import TileLoader
 from dsf.tiles import TileDataset, open_store
@@ -57,6 +59,7 @@ RESUME_FREE = {
     "checkpoint_every",
     "methods",
     "gpus",
+    "norm_tiles",  # what it changes, mean and std, are checked
 }
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each waits for the GPU)
 #: share of an epoch spent waiting for tiles above which the log says to feed the step faster
@@ -179,6 +182,11 @@ class Trainer:
     ) -> None:
         from dsf.models.dsf import DSFModel
 
+        if check_norm(settings):  # computed here only when not given (by hand, in tests)
+            mean, std = resolve_norm(
+                None, None, None, stores, settings["norm_tiles"], settings["seed"]
+            )
+            settings = {**settings, "mean": mean, "std": std}
         self.st = settings
         self.out_dir = out_dir
         self.meta = meta or {}
@@ -500,6 +508,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
     p.add_argument("--out-dir", required=True, type=Path, help="folder for the artifacts")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt if any")
+    p.add_argument(
+        "--norm",
+        type=Path,
+        help="normalisation JSON of `dsf norm` (instead of --mean/--std; with neither, computed "
+        "from the training stores)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_section_arguments(p, "pretrain")
     return p
@@ -516,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         meta: dict[str, Any] = {"fold": args.fold}
         if args.folds is not None and args.fold is not None:
             stores = training_stores(read_folds(args.folds), args.fold, stores)
+        settings["mean"], settings["std"] = resolve_norm(
+            settings["mean"],
+            settings["std"],
+            args.norm,
+            stores,
+            settings["norm_tiles"],
+            settings["seed"],
+        )
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):

@@ -20,7 +20,6 @@ from dsf.augment import (
     _colour_pointwise,
     benchmark,
     make_views,
-    tile_stats,
 )
 
 from conftest import DEVICE
@@ -377,15 +376,6 @@ def test_fused_views_equal_eager():
     torch.testing.assert_close(fused.context, eager.context, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.targets, eager.targets, atol=1e-5, rtol=1e-5)
     assert fused.targets[0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
-
-
-def test_tile_stats():
-    tiles = rand_tiles(2)
-    mean, std = tile_stats(tiles)
-    x = tiles.double().reshape(-1, 3) / 255
-    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), x.mean(0))
-    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), x.std(0, correction=0))
-    assert tile_stats([tiles[:1], tiles[1:]]) == (mean, std)
 
 
 def test_benchmark_runs():

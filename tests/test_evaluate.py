@@ -156,6 +156,8 @@ def _tiny_model(path: Path, fold: int = 0) -> Path:
         "scale": 4,
         "block": 64,
         "target_mpp": 1.0,
+        "mean": [0.6998, 0.4785, 0.6609],
+        "std": [0.2203, 0.2407, 0.1983],
         "fold": fold,
         "fit_slides": ["B"],
         "select_slides": ["C"],

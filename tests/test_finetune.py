@@ -3,6 +3,7 @@ NaN stop, the context loss weight, the random-block U-Net variant and the ImageN
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -302,3 +303,32 @@ def test_imagenet_init_loads_the_local_weights_file(three, tmp_path) -> None:  #
     tuner.export()
     model = torch.load(tmp_path / "model.pt", weights_only=True)
     assert model["init"] == "imagenet" and model["settings"]["weights"] == str(path)
+
+
+def test_normalisation_follows_the_encoders_unless_given(three, tmp_path, caplog) -> None:  # noqa: ANN001
+    from dsf.models.dsf import DSFModel
+    from dsf.norm import store_stats
+
+    stores, _ = three
+    fit, select = [stores[1]], [stores[2]]
+    # no encoders, nothing given: computed from the fit stores
+    tuner = FineTuner(_settings(init="random"), fit, select, 1.0, CLASSES, tmp_path / "r")
+    sample = store_stats(fit, defaults("pretrain")["norm_tiles"], 0, progress=False)
+    assert tuner.mean.flatten().tolist() == pytest.approx(sample.mean)
+    assert tuner.std.flatten().tolist() == pytest.approx(sample.std)
+    # encoders that record their pretraining's statistics: those
+    encoders = tmp_path / "encoders.pt"
+    state = DSFModel("resnet18", n_blocks=16, method="simsiam").encoder_state()
+    own = {"mean": [0.6, 0.5, 0.4], "std": [0.2, 0.25, 0.3]}
+    torch.save(state | {"settings": own}, encoders)
+    tuner = FineTuner(_settings(init="dsf"), fit, select, 1.0, CLASSES, tmp_path / "d", encoders)
+    assert tuner.mean.flatten().tolist() == pytest.approx(own["mean"])
+    assert tuner.std.flatten().tolist() == pytest.approx(own["std"])
+    # given ones win, with a warning when they differ from the encoders'
+    given = ([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])
+    with caplog.at_level(logging.WARNING, logger="dsf"):
+        tuner = FineTuner(
+            _settings(init="dsf"), fit, select, 1.0, CLASSES, tmp_path / "g", encoders, norm=given
+        )
+    assert tuner.mean.flatten().tolist() == pytest.approx(given[0])
+    assert "was pretrained with mean" in caplog.text

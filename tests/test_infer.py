@@ -22,6 +22,7 @@ from dsf.slide import open_slide
 from conftest import DEVICE, rgb_slide
 
 MPP = 0.5
+NORM = ([0.6998, 0.4785, 0.6609], [0.2203, 0.2407, 0.1983])  # BCSS (config/presets/bcss.yaml)
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)  # class 1, 2, 3
 
 
@@ -69,9 +70,8 @@ class ColourOracle(nn.Module):
 
 
 def oracle(block: int, scale: int = 4, from_context: bool = False) -> Predictor:
-    pre = defaults("pretrain")
-    mean = torch.tensor(pre["mean"], device=DEVICE).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"], device=DEVICE).view(1, 3, 1, 1)
+    mean = torch.tensor(NORM[0], device=DEVICE).view(1, 3, 1, 1)
+    std = torch.tensor(NORM[1], device=DEVICE).view(1, 3, 1, 1)
     return Predictor(
         model=ColourOracle(mean, std, scale, from_context),
         init="random",
@@ -464,7 +464,6 @@ def _hooknet_model_pt(path: Path, block: int = 64) -> Path:
     """A model.pt as `dsf finetune` writes it (random HookNet weights)."""
     from dsf.models.hooknet import HookNet
 
-    pre = defaults("pretrain")
     torch.manual_seed(0)
     torch.save(
         {
@@ -474,8 +473,8 @@ def _hooknet_model_pt(path: Path, block: int = 64) -> Path:
             "scale": 4,
             "block": block,
             "target_mpp": MPP,
-            "mean": pre["mean"],
-            "std": pre["std"],
+            "mean": NORM[0],
+            "std": NORM[1],
             "fold": 1,
             "fraction": 1.0,
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -372,3 +373,38 @@ def test_compile_trains_the_same_model_and_saves_its_plain_weights(
         assert state.keys() == trainer.model.state_dict().keys()
         assert not any("_orig_mod" in k for k in state)
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+def test_the_normalisation_comes_from_the_norm_file_or_the_training_tiles(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    from dsf.norm import store_stats
+
+    computed = Trainer(_settings(), stores, tmp_path / "t")
+    sample = store_stats(stores, _settings()["norm_tiles"], 3, progress=False)
+    assert (computed.st["mean"], computed.st["std"]) == (sample.mean, sample.std)
+    norm = tmp_path / "norm.json"
+    norm.write_text(json.dumps({"mean": [0.6, 0.5, 0.4], "std": [0.2, 0.25, 0.3]}))
+    out = tmp_path / "cli"
+    args = ["--stores", str(stores[0]), "--out-dir", str(out), "--epochs", "1"]
+    args += ["--steps-per-epoch", "1", "--batch-size", "4", "--out-size", "32", "--workers", "0"]
+    args += ["--device", DEVICE, "--no-progress", "--backbone", "efficientnet_b0"]
+    assert main([*args, "--norm", str(norm)]) == 0
+    enc = torch.load(out / "encoders.pt", weights_only=True)
+    assert (enc["settings"]["mean"], enc["settings"]["std"]) == ([0.6, 0.5, 0.4], [0.2, 0.25, 0.3])
+    # numbers and a file at once: refused before anything is written
+    twice = [
+        *args,
+        "--norm",
+        str(norm),
+        "--mean",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--std",
+        "0.2",
+        "0.2",
+        "0.2",
+    ]
+    twice[twice.index(str(out))] = str(tmp_path / "twice")
+    assert main(twice) == 2 and not (tmp_path / "twice").exists()

@@ -40,11 +40,24 @@ def job_counts(out: str) -> dict[str, int]:
 
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     out = smk(
-        "-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"
+        "-n", "-p", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"
     ).stdout
     counts = job_counts(out)
     assert counts["synth"] == 4 and counts["tissue"] == 6 and counts["patches"] == 6
     assert counts["folds"] == 1
+    # pretrain.mean/std null: computed per fold from that fold's training slides, and read by
+    # the fold's pretraining and fine-tuning
+    assert counts["norm"] == 2
+    read = []
+    for k in (0, 1):
+        cmd = next(ln for ln in out.splitlines() if f"norm/fold{k}.json --norm-tiles" in ln)
+        assert f"--fold {k} " in cmd
+        read.append(set(re.findall(r"patches/([^/ ]+)\.zarr", cmd)))
+        uses = [ln for ln in out.splitlines() if f"--norm {tmp_path}/norm/fold{k}.json" in ln]
+        assert sum("dsf pretrain " in ln for ln in uses) == 1
+        assert sum("dsf finetune " in ln for ln in uses) == counts["finetune"] // 2
+    # with two folds each slide is the other fold's training slide: the sets split the six
+    assert not read[0] & read[1] and len(read[0] | read[1]) == 6
 
 
 def test_local_profile_plans_the_default_workflow(tmp_path: Path) -> None:
@@ -80,6 +93,9 @@ def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
     pre = [ln for ln in out.splitlines() if "dsf pretrain " in ln]
     assert pre and all("--steps-per-epoch 0 " in ln and "--epochs 500 " in ln for ln in pre)
     assert all("--checkpoint-every 10 " in ln for ln in pre)
+    # the preset's published statistics: nothing to compute
+    assert "norm" not in counts
+    assert all("--mean 0.6998 0.4785 0.6609 --std 0.2203 0.2407 0.1983" in ln for ln in pre)
     assert f"--slide {shlex.quote(str(folder / 'case-1' / 'B.svs'))}" in out
     # without slides of its own a run is the demo
     demo = job_counts(smk("-n", "--cores", "2", "--config", f"results={tmp_path / 'd'}").stdout)
@@ -329,6 +345,10 @@ def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> Non
     assert all(f"{s}.zarr" in pre[0] for s in ("synth-01", "synth-04", "TCGA-CR-7395"))
     dsf_ft = [line for line in out.splitlines() if "dsf finetune " in line and "--init dsf" in line]
     assert len(dsf_ft) == 2 and all("pretrain/dsf/all/encoders.pt" in f for f in dsf_ft)
+    # one normalisation, computed from every slide as the pretraining sees them
+    assert job_counts(out)["norm"] == 1 and f"--norm {tmp_path}/norm/all.json" in pre[0]
+    ft = [line for line in out.splitlines() if "dsf finetune " in line]
+    assert ft and all(f"--norm {tmp_path}/norm/all.json" in f for f in ft)
 
 
 def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(

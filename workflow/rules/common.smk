@@ -8,11 +8,14 @@ from snakemake.utils import validate
 from dsf.annotations import base_class, check_label_settings
 from dsf.config import cli_args
 from dsf.folds import assign_folds, finetune_gaps
+from dsf.norm import check_settings as check_norm_settings
 from dsf.sheet import load_sheet
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
+# pretrain.mean/std null: computed per pretraining unit by the norm rule (results/norm/)
+NORM_COMPUTED = check_norm_settings(config["pretrain"])
 
 RESULTS = config["results"]
 SHEET = load_sheet(config)
@@ -149,18 +152,35 @@ def train_stores(unit):
     return [f"{RESULTS}/patches/{s}.zarr" for s in slides]
 
 
+def pretrain_unit(fold):
+    """The pretraining run fold `fold` fine-tunes from: its encoders, its normalisation."""
+    return f"fold{fold}" if config["pretrain"]["scope"] == "fold" else "all"
+
+
+def norm_input(unit):
+    """{"norm": the computed normalisation of pretraining unit `unit`}, or {} when
+    pretrain.mean/std are given."""
+    return {"norm": f"{RESULTS}/norm/{unit}.json"} if NORM_COMPUTED else {}
+
+
+def norm_opt(wildcards, input):
+    """`--norm FILE` for a job with a computed normalisation input."""
+    return f"--norm {shlex.quote(input.norm)}" if "norm" in input.keys() else ""
+
+
 def finetune_inputs(wildcards):
-    """Annotated training stores of the fold, and the fold's encoders for a pretrained init
-    (random, unet and imagenet read none; imagenet reads the local file finetune.weights)."""
+    """Annotated training stores of the fold, the fold's encoders for a pretrained init
+    (random, unet and imagenet read none; imagenet reads the local file finetune.weights), and
+    the computed normalisation of the pretraining it belongs to."""
     fold = int(wildcards.fold)
     slides = FOLDS.loc[(FOLDS["fold"] != fold) & FOLDS["slide"].isin(LABELLED), "slide"]
     inputs = {"stores": [f"{RESULTS}/patches/{s}.zarr" for s in slides]}
+    unit = pretrain_unit(fold)
     if wildcards.finit == "imagenet":
         inputs["weights"] = config["finetune"]["weights"]
     elif wildcards.finit not in ("random", "unet"):
-        unit = f"fold{fold}" if config["pretrain"]["scope"] == "fold" else "all"
         inputs["encoders"] = f"{RESULTS}/pretrain/{wildcards.finit}/{unit}/encoders.pt"
-    return inputs
+    return inputs | norm_input(unit)
 
 
 def infer_routing(slide):

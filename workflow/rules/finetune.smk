@@ -16,9 +16,14 @@ rule finetune:
         ),
         opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
         classes=stage_opts("labels", skip=("class_map", "other_class", "names", "geojson_names")),
-        norm=" ".join(
-            ["--norm-mean", *map(repr, config["pretrain"]["mean"])]
-            + ["--norm-std", *map(repr, config["pretrain"]["std"])]
+        # the pretraining's normalisation: computed (results/norm/) or pretrain.mean/std
+        norm=lambda w, input: (
+            norm_opt(w, input)
+            if NORM_COMPUTED
+            else " ".join(
+                ["--norm-mean", *map(repr, config["pretrain"]["mean"])]
+                + ["--norm-std", *map(repr, config["pretrain"]["std"])]
+            )
         ),
     threads: max(1, config["finetune"]["workers"])
     resources:

@@ -6,6 +6,7 @@
 
 rule pretrain:
     input:
+        unpack(lambda w: norm_input(w.unit)),
         stores=lambda w: train_stores(w.unit),
         folds=f"{RESULTS}/folds.tsv",
     output:
@@ -16,6 +17,7 @@ rule pretrain:
         fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
         launch=pretrain_launcher(),
         opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
+        norm=norm_opt,
     # loader workers are per process, one process per GPU
     threads: max(1, config["pretrain"]["workers"]) * max(1, config["pretrain"]["gpus"])
     resources:
@@ -30,4 +32,4 @@ rule pretrain:
     shell:
         "{params.launch} --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
         "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
-        "--no-progress {params.opts} 2> {log:q}"
+        "--no-progress {params.opts} {params.norm} 2> {log:q}"

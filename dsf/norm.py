@@ -1,0 +1,234 @@
+"""Input normalisation statistics: the per-channel mean and std of a dataset's tiles.
+
+Pretraining, fine-tuning and inference normalise inputs as (x - mean) / std (DESIGN section 5).
+BCSS and PAIP have published statistics (`config/presets/`); for other data the design says to
+compute them. With `pretrain.mean`/`std` null (the default) they are computed here from a seeded
+sample of `pretrain.norm_tiles` tiles of a pretraining run's training stores (a fold's never
+include its validation slides), exactly (256-bin histograms per channel). `dsf norm` writes them
+to the JSON the workflow caches as `results/norm/{unit}.json`, which that unit's pretraining and
+its folds' fine-tuning both read, so the encoders and HookNet see the same statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dsf import __version__
+from dsf.atomic import atomic_path
+from dsf.config import defaults
+from dsf.errors import ConfigError
+from dsf.runner import run, setup_logging
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 16  # tiles read and counted at a time (48 MB at 1024 px)
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Normalisation statistics in [0, 1] units and where they come from."""
+
+    mean: list[float]
+    std: list[float]
+    tiles: int  # tiles counted
+    tiles_total: int  # tiles in the stores
+    slides: list[str]
+    seed: int
+
+
+def tile_stats(tiles: np.ndarray | torch.Tensor | Iterable[Any]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (population) in [0, 1] units of uint8 RGB tiles (..., 3).
+
+    Accepts one array or tensor, or an iterable of them (a store read in chunks); the statistics
+    are exact, from 256-bin histograms, so chunking does not change them.
+    """
+    batches = [tiles] if isinstance(tiles, np.ndarray | torch.Tensor) else tiles
+    hist = np.zeros((3, 256), np.float64)
+    for t in batches:
+        a = t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        if a.dtype != np.uint8 or a.shape[-1] != 3:
+            raise ValueError(f"tiles must be uint8 (..., 3), got {a.dtype} {tuple(a.shape)}")
+        flat = a.reshape(-1, 3)
+        for c in range(3):
+            hist[c] += np.bincount(flat[:, c], minlength=256)
+    total = hist.sum(1)
+    if not (total > 0).all():
+        raise ValueError("tile_stats: no pixels")
+    levels = np.arange(256, dtype=np.float64) / 255
+    mean = (hist * levels).sum(1) / total
+    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / total
+    return mean.tolist(), np.sqrt(var).tolist()
+
+
+def store_stats(
+    stores: Sequence[str | Path], max_tiles: int, seed: int, progress: bool = True
+) -> NormStats:
+    """Statistics of `max_tiles` tiles drawn without replacement (seeded, uniformly over all
+    tiles of `stores`), or of every tile when there are fewer."""
+    from dsf.tiles import TileDataset
+
+    data = TileDataset(list(stores))
+    n = len(data)
+    if n == 0:
+        raise ConfigError(
+            f"patch stores {', '.join(map(str, stores))} hold no tile to compute the "
+            "normalisation from: set pretrain.mean and pretrain.std, or lower "
+            "patches.min_tissue"
+        )
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(n, size=min(n, max_tiles), replace=False))
+    chunks = [picked[i : i + READ_CHUNK].tolist() for i in range(0, len(picked), READ_CHUNK)]
+    bar = tqdm(chunks, desc="normalisation", unit="chunk", disable=not progress)
+    mean, std = tile_stats(data.read(c).numpy() for c in bar)
+    if min(std) <= 0:
+        raise ConfigError(
+            f"the sampled tiles of {', '.join(map(str, stores))} have a constant channel "
+            f"(std {std}): they cannot be normalised; check the slides and the tissue masks"
+        )
+    return NormStats(mean, std, len(picked), n, sorted(set(data.slides)), seed)
+
+
+def write_stats(stats: NormStats, path: Path) -> None:
+    """The statistics as JSON, under a temporary name until complete."""
+    payload = asdict(stats) | {"dsf_version": __version__}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def read_stats(path: Path) -> tuple[list[float], list[float]]:
+    """(mean, std) from a `dsf norm` JSON; a missing or malformed file names itself."""
+    try:
+        data = json.loads(Path(path).read_text())
+        mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"normalisation file {path} cannot be read ({type(exc).__name__}: {exc}); delete "
+            "it and rerun `dsf norm` (the workflow's norm rule)"
+        ) from exc
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(
+            f"normalisation file {path}: mean and std must be 3 numbers each, std above 0 "
+            f"(got {mean}, {std}); delete it and rerun `dsf norm`"
+        )
+    return mean, std
+
+
+def check_settings(pretrain: dict[str, Any]) -> bool:
+    """Whether the normalisation is computed (`pretrain.mean` and `std` both null); one null and
+    the other set is a ConfigError."""
+    unset = [pretrain.get(k) is None for k in ("mean", "std")]
+    if unset[0] != unset[1]:
+        raise ConfigError(
+            "pretrain.mean and pretrain.std: set both (three numbers each) or neither (null: "
+            "computed from the training tiles)"
+        )
+    return unset[0]
+
+
+def encoder_stats(path: Path) -> tuple[list[float], list[float]] | None:
+    """(mean, std) the encoders of a pretraining's `encoders.pt` were trained with, or None
+    when the file does not record them."""
+    from dsf.checkpoints import load
+
+    st = load(Path(path)).get("settings") or {}
+    if st.get("mean") is None or st.get("std") is None:
+        return None
+    return [float(v) for v in st["mean"]], [float(v) for v in st["std"]]
+
+
+def resolve(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    norm_file: Path | None,
+    stores: Sequence[str | Path],
+    max_tiles: int,
+    seed: int,
+) -> tuple[list[float], list[float]]:
+    """The (mean, std) a run normalises with: the given numbers, else the `dsf norm` file,
+    else computed here from `stores` (a run by hand without the workflow)."""
+    if not check_settings({"mean": mean, "std": std}):
+        if norm_file is not None:
+            raise ConfigError(
+                f"normalisation given twice: as numbers (mean {list(mean or [])}, std "
+                f"{list(std or [])}) and as the file {norm_file}: give one"
+            )
+        return [float(v) for v in mean or []], [float(v) for v in std or []]
+    if norm_file is not None:
+        return read_stats(norm_file)
+    stats = store_stats(stores, max_tiles, seed)
+    log.info(
+        "normalisation from %d of %d training tiles: mean %s, std %s",
+        stats.tiles,
+        stats.tiles_total,
+        _fmt(stats.mean),
+        _fmt(stats.std),
+    )
+    return stats.mean, stats.std
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def _parser() -> argparse.ArgumentParser:
+    pre = defaults("pretrain")
+    p = argparse.ArgumentParser(prog="dsf norm", description=__doc__)
+    p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
+    p.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
+    p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
+    p.add_argument("--out", required=True, type=Path, help="the JSON to write")
+    p.add_argument(
+        "--norm-tiles",
+        type=int,
+        default=pre["norm_tiles"],
+        help=f"tiles sampled (default pretrain.norm_tiles: {pre['norm_tiles']})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=pre["seed"], help=f"sampling seed (default {pre['seed']})"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf norm`: training stores -> normalisation JSON (mean, std, what they come from)."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        if args.norm_tiles < 1:
+            raise ConfigError(f"--norm-tiles must be at least 1, got {args.norm_tiles}")
+        stores = list(args.stores)
+        if args.folds is not None and args.fold is not None:
+            from dsf.folds import read_folds
+            from dsf.pretrain import training_stores
+
+            stores = training_stores(read_folds(args.folds), args.fold, stores)
+        stats = store_stats(stores, args.norm_tiles, args.seed, progress=not args.no_progress)
+        write_stats(stats, args.out)
+        log.info(
+            "%s: mean %s, std %s from %d of %d tiles of %d slides",
+            args.out,
+            _fmt(stats.mean),
+            _fmt(stats.std),
+            stats.tiles,
+            stats.tiles_total,
+            len(stats.slides),
+        )
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

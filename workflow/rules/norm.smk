@@ -1,0 +1,25 @@
+# Input normalisation per pretraining unit (pretrain.mean/std null): the per-channel mean and std
+# of pretrain.norm_tiles tiles drawn from the unit's training stores (a fold's never include its
+# validation slides), read by the unit's pretraining and by its folds' fine-tuning.
+
+
+rule norm:
+    input:
+        stores=lambda w: train_stores(w.unit),
+        folds=f"{RESULTS}/folds.tsv",
+    output:
+        f"{RESULTS}/norm/{{unit}}.json",
+    params:
+        fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+        tiles=config["pretrain"]["norm_tiles"],
+        seed=config["pretrain"]["seed"],
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/norm/{{unit}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/norm/{{unit}}.tsv"
+    shell:
+        "dsf norm --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
+        "--out {output:q} --norm-tiles {params.tiles} --seed {params.seed} --no-progress "
+        "2> {log:q}"
