@@ -5,7 +5,8 @@ for a slide of WIDTH x HEIGHT level-0 px at 0.25 um/px (40x): the synthetic slid
 layout (`dsf.synth.render_labels`) at the map's mpp, with a share of pixels relabelled in
 small random blobs the way a barely trained model speckles its output. Then the map is traced
 in a fresh process (so its peak RSS is its own) at each `polygons.mpp` asked for: seconds,
-regions, vertices, GeoJSON size and peak RSS. The target: seconds and a few hundred MB for a
+regions, vertices, GeoJSON size, then the same polygons as ImageScope XML (seconds, size), and
+peak RSS. The target: seconds and a few hundred MB for a
 paper-scale slide, regardless of how finely the map itself was written.
 
     python bench/polygons.py --size 100000 80000 --map-mpp 2.0 --trace-mpp 4 8 --noise 0.02
@@ -36,9 +37,13 @@ t0 = time.perf_counter()
 doc = map_polygons(open_map(tiff), 0.25,
                    {"mpp": mpp, "min_um2": 500.0, "tolerance": 0.5})
 out.write_text(json.dumps(doc, separators=(",", ":")))
+traced = time.perf_counter() - t0
+from dsf.imagescope import imagescope_xml
+out.with_suffix(".xml").write_bytes(imagescope_xml(doc["features"], 0.25))
+xml_s = time.perf_counter() - t0 - traced
 n = sum(len(r) for f in doc["features"] for r in f["geometry"]["coordinates"])
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": time.perf_counter() - t0, "regions": len(doc["features"]),
+print(json.dumps({"seconds": traced, "xml_seconds": xml_s, "regions": len(doc["features"]),
                   "vertices": n, "rss_mb": rss}))
 """
 
@@ -84,8 +89,9 @@ def main() -> None:
         t0 = time.perf_counter()
         make_map(tiff, w, h, args.map_mpp, args.noise)
         print(f"map {tiff.name}: made in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print("| slide (px) | map mpp | trace mpp | noise | s | regions | vertices | MB | RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| slide (px) | map mpp | trace mpp | noise | s | regions | vertices | MB | XML s | "
+          "XML MB | RSS MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mpp in args.trace_mpp:
         geo = out / f"trace-{mpp}.geojson"
         res = subprocess.run([sys.executable, "-c", _CHILD, str(tiff), str(mpp), str(geo)],
@@ -93,6 +99,7 @@ def main() -> None:
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"| {w} x {h} | {args.map_mpp} | {mpp} | {args.noise} | {r['seconds']:.1f} | "
               f"{r['regions']} | {r['vertices']} | {geo.stat().st_size / 1e6:.1f} | "
+              f"{r['xml_seconds']:.1f} | {geo.with_suffix('.xml').stat().st_size / 1e6:.1f} | "
               f"{r['rss_mb']:.0f} |")  # fmt: skip
 
 

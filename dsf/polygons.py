@@ -5,7 +5,9 @@ predicted region becomes a QuPath annotation (class name and colour of the map's
 coordinates in the slide's level-0 pixels), so a drag onto the slide in QuPath shows them, and
 corrected annotations exported again are labels dsf reads (`labels` column). The map is traced
 at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
-`polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels.
+`polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels. With
+`polygons.imagescope` the same polygons are also written as Aperio ImageScope XML beside the
+GeoJSON (`dsf.imagescope`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
+from dsf.imagescope import imagescope_xml, written_by_dsf
 from dsf.runner import run, setup_logging
 from dsf.slide import open_slide
 from dsf.trace import class_features
@@ -124,7 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", required=True, type=Path, help="the slide the map is of")
     p.add_argument("--slide-id", help="slide id (default: from the file name)")
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
-    p.add_argument("--out", required=True, type=Path, help="GeoJSON to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="GeoJSON to write (with --imagescope also the XML: this name with suffix .xml)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_section_arguments(p, "polygons")
     return p
@@ -136,8 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> None:
-        remove(args.out)  # a failed rerun must not leave the previous polygons looking current
         settings = section_from_args(args, "polygons")
+        xml = args.out.with_suffix(".xml") if settings["imagescope"] else None
+        if xml == args.out:
+            raise ConfigError(f"--out {args.out}: the GeoJSON needs another suffix than .xml")
+        # a failed rerun must not leave the previous polygons looking current
+        remove(args.out)
+        if xml is not None:
+            if xml.exists() and not written_by_dsf(xml):
+                raise ConfigError(
+                    f"{xml} exists and was not written by dsf (an ImageScope annotation beside "
+                    "its slide?): it is left alone; give --out a name in another folder"
+                )
+            remove(xml)
         cmap = open_map(args.map, args.map_json)
         with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
@@ -145,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         collection = map_polygons(cmap, mpp0, settings, dims)
         with atomic_path(args.out) as tmp, open(tmp, "w") as fh:
             json.dump(collection, fh, separators=(",", ":"))
+        if xml is not None:
+            with atomic_path(xml) as tmp:
+                tmp.write_bytes(imagescope_xml(collection["features"], mpp0))
 
     return run(body)
 

@@ -139,3 +139,43 @@ def test_a_map_of_another_slide_or_scale_is_refused(
     assert _run(slide, scaled, out) == 2
     assert "made with another mpp" in capsys.readouterr().err
     assert not out.exists() and not out.with_name("m.geojson.partial").exists()
+
+
+def test_imagescope_xml_reads_back_as_the_map(slide: Path, tmp_path: Path) -> None:
+    """The ImageScope XML beside the GeoJSON: a layer per class in the map's colours, holes as
+    negative regions, and an island inside a hole of its own class in a later layer of that
+    class (ImageScope cuts negatives out of their whole layer), so it reads back as the map."""
+    import xml.etree.ElementTree as ET
+
+    from dsf.annotation_xml import is_annotation_xml
+
+    nested = _truth()
+    nested[150:280, 40:200] = 1  # TUM ...
+    nested[180:250, 70:170] = 2  # ... with a STR hole ...
+    nested[200:230, 100:140] = 1  # ... holding a TUM island ...
+    nested[210:220, 115:125] = 3  # ... with a LYM hole
+    cmap = _write_map(tmp_path / "m.tiff", nested)
+    out = tmp_path / "m.geojson"
+    opts = ("--mpp", str(MAP_MPP), "--min-um2", "0", "--tolerance", "0", "--imagescope")
+    assert _run(slide, cmap, out, *opts) == 0
+    xml = tmp_path / "m.xml"
+    assert is_annotation_xml(xml)
+    root = ET.parse(xml).getroot()
+    assert root.get("MicronsPerPixel") == "0.500000"
+    layers = [(a.get("Name"), a.get("LineColor")) for a in root.iter("Annotation")]
+    r, g, b = 213, 94, 0  # TUM in the maps' palette
+    assert layers[:2] == [("TUM", str(r + 256 * g + 65536 * b))] * 2  # the island's layer
+    assert {name for name, _ in layers} == {"TUM", "STR", "LYM"}
+    regions = list(root.iter("Region"))
+    assert {r.get("NegativeROA") for r in regions} == {"0", "1"}
+    assert all(r.get("Text") in ("TUM", "STR", "LYM") and r.get("Type") == "0" for r in regions)
+    positive = sum(float(r.get("Area")) for r in regions if r.get("NegativeROA") == "0")
+    negative = sum(float(r.get("Area")) for r in regions if r.get("NegativeROA") == "1")
+    assert (positive - negative) / (4 * 4) == pytest.approx(np.count_nonzero(nested), rel=1e-3)
+    back = _back(xml)
+    assert back[215, 105] == 1 and back[215, 120] == 3 and back[190, 80] == 2
+    assert (back == nested).mean() > 0.999
+    # an XML dsf did not write (a pathologist's annotation beside the slide) is never replaced
+    xml.write_text("<Annotations><Annotation Name='mine'/></Annotations>")
+    assert _run(slide, cmap, out, *opts) == 2
+    assert "mine" in xml.read_text() and not out.exists()

@@ -332,13 +332,18 @@ def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
             assert routing == "ensemble" and model_folds == sorted(set(folds["fold"]))
 
 
-def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> None:
-    (tmp_path / "scope.yaml").write_text("pretrain:\n  scope: all\n")
-    out = smk(
+def demo_plan(tmp_path: Path, overrides: str) -> str:
+    """The dry run (commands printed) of the demo config with `overrides` (YAML) on top."""
+    (tmp_path / "overrides.yaml").write_text(overrides)
+    return smk(
         "-n", "-p", "--cores", "2", "--directory", str(REPO), "--configfile",
-        str(REPO / "config" / "config.yaml"), str(tmp_path / "scope.yaml"), "--config",
+        str(REPO / "config" / "config.yaml"), str(tmp_path / "overrides.yaml"), "--config",
         f"results={tmp_path}",
     ).stdout  # fmt: skip
+
+
+def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> None:
+    out = demo_plan(tmp_path, "pretrain:\n  scope: all\n")
     assert job_counts(out)["pretrain"] == 1
     pre = [line for line in out.splitlines() if "dsf pretrain " in line]
     assert len(pre) == 1 and "--fold " not in pre[0]
@@ -373,3 +378,14 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
         f"results={tmp_path}", check=False,
     )  # fmt: skip
     assert done.returncode != 0 and "gpus" in done.stdout + done.stderr
+
+
+def test_imagescope_polygons_are_planned_beside_every_geojson(tmp_path: Path) -> None:
+    out = demo_plan(tmp_path, "polygons:\n  imagescope: true\n")
+    cmds = [ln for ln in out.splitlines() if "dsf polygons " in ln]
+    assert len(cmds) == job_counts(out)["polygons"] == 6 and all("--imagescope" in c for c in cmds)
+    assert len(set(re.findall(r"maps/dsf/[^ ,]+\.xml", out))) == 6
+    default = smk(
+        "-n", "-p", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"
+    ).stdout
+    assert ".xml" not in default and "--no-imagescope" in default

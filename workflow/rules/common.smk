@@ -269,6 +269,13 @@ def stage_opts(section, skip=()):
     return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
 
 
+def polygon_exts(polygons):
+    """Suffixes of the polygon files beside each map (polygons.enabled, polygons.imagescope)."""
+    if not polygons["enabled"]:
+        return []
+    return ["geojson"] + (["xml"] if polygons["imagescope"] else [])
+
+
 def all_outputs():
     """Every artifact the stages built so far produce."""
     pretrained = expand(
@@ -281,7 +288,7 @@ def all_outputs():
     maps = expand(
         f"{RESULTS}/maps/{{finit}}/{{slide}}.{{ext}}",
         finit=INFER_INITS, slide=SLIDES,
-        ext=["tiff", "jpg", "json"] + (["geojson"] if config["polygons"]["enabled"] else []),
+        ext=["tiff", "jpg", "json"] + polygon_exts(config["polygons"]),
     )
     evaluated = [
         f"{RESULTS}/eval/{name}"

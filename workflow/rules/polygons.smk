@@ -1,5 +1,6 @@
 # Prediction polygons: each class map traced into QuPath GeoJSON over its slide (level-0 px),
-# to review the predictions as annotations on the slide (polygons.enabled).
+# to review the predictions as annotations on the slide (polygons.enabled), and optionally as
+# Aperio ImageScope XML (polygons.imagescope).
 
 
 rule polygons:
@@ -9,6 +10,12 @@ rule polygons:
         slide=slide_path,
     output:
         geojson=f"{RESULTS}/maps/{{finit}}/{{slide}}.geojson",
+        # the same polygons for Aperio ImageScope (polygons.imagescope)
+        **(
+            {"xml": f"{RESULTS}/maps/{{finit}}/{{slide}}.xml"}
+            if config["polygons"]["imagescope"]
+            else {}
+        ),
     params:
         slide=slide_opts,
         opts=stage_opts("polygons", skip=("enabled",)),
