@@ -59,9 +59,11 @@ def tile_stats(tiles: np.ndarray | torch.Tensor | Iterable[Any]) -> tuple[list[f
         a = t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         if a.dtype != np.uint8 or a.shape[-1] != 3:
             raise ValueError(f"tiles must be uint8 (..., 3), got {a.dtype} {tuple(a.shape)}")
-        flat = a.reshape(-1, 3)
-        for c in range(3):
-            hist[c] += np.bincount(flat[:, c], minlength=256)
+        # tile by tile: bincount widens its input to int64, 8 bytes per pixel and channel
+        for part in a.reshape(-1, a.shape[-3] * a.shape[-2], 3) if a.ndim > 3 else [a]:
+            flat = part.reshape(-1, 3)
+            for c in range(3):
+                hist[c] += np.bincount(flat[:, c], minlength=256)
     total = hist.sum(1)
     if not (total > 0).all():
         raise ValueError("tile_stats: no pixels")
