@@ -43,7 +43,7 @@ from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
-from dsf.norm import encoder_stats
+from dsf.norm import encoder_stats, log_stats
 from dsf.norm import resolve as resolve_norm
 from dsf.pretrain import (
     CHECK_EVERY,
@@ -225,8 +225,11 @@ class FineTuner:
         pretrained = None
         if encoders is not None and self.st["init"] not in BASELINE_INITS:
             pretrained = encoder_stats(encoders)
-        if norm is None:
-            norm = pretrained or resolve_norm(
+        if norm is None and pretrained is not None:
+            norm = pretrained
+            log_stats(norm, f"of the encoders {encoders}")
+        elif norm is None:
+            norm = resolve_norm(
                 None, None, None, fit_stores, defaults("pretrain")["norm_tiles"], self.st["seed"]
             )
         elif pretrained is not None and not np.allclose(norm, pretrained, atol=1e-6):

@@ -165,18 +165,21 @@ def resolve(
                 f"normalisation given twice: as numbers (mean {list(mean or [])}, std "
                 f"{list(std or [])}) and as the file {norm_file}: give one"
             )
-        return [float(v) for v in mean or []], [float(v) for v in std or []]
+        given = [float(v) for v in mean or []], [float(v) for v in std or []]
+        log_stats(given, "as given")
+        return given
     if norm_file is not None:
-        return read_stats(norm_file)
+        got = read_stats(norm_file)
+        log_stats(got, f"from {norm_file}")
+        return got
     stats = store_stats(stores, max_tiles, seed)
-    log.info(
-        "normalisation from %d of %d training tiles: mean %s, std %s",
-        stats.tiles,
-        stats.tiles_total,
-        _fmt(stats.mean),
-        _fmt(stats.std),
-    )
+    log_stats((stats.mean, stats.std), f"from {stats.tiles} of {stats.tiles_total} tiles")
     return stats.mean, stats.std
+
+
+def log_stats(norm: tuple[Sequence[float], Sequence[float]], source: str) -> None:
+    """One log line saying what a run normalises with and where that comes from."""
+    log.info("input normalisation %s: mean %s, std %s", source, _fmt(norm[0]), _fmt(norm[1]))
 
 
 def _fmt(values: Sequence[float]) -> str:
