@@ -9,10 +9,11 @@ class 1..K, columns the predicted class 1..K and 'predicted background'):
   A store of a slide the model trained or was selected on is refused.
 - `slide`: a whole-slide class map of `dsf infer` against the ground truth at the map's mpp,
   unlabelled pixels ignored, read in row bands so memory stays flat in slide size. Only a map
-  made by the fold model that did not see the slide (out of fold) is accepted.
+  made by the fold model that did not see the slide (out of fold) is accepted, or, in a
+  prediction run (`apply.models`), a map of models trained before on other slides.
 
 `dsf evaluate tables` aggregates the per-slide TSVs into the tables (`dsf.tables`) and the
-figure (`dsf.figures`).
+figure (`dsf.figures`); `dsf evaluate cohort` does so for a prediction run, over its slides.
 """
 
 from __future__ import annotations
@@ -294,11 +295,17 @@ def evaluate_slide(
     cmap: ClassMap,
     slide: Any,
     labels: Any,
-    folds: pd.DataFrame,
+    folds: pd.DataFrame | None,
     classes: list[str],
     band_rows: int,
+    method: str | None = None,
 ) -> pd.DataFrame:
-    """One row: slide, fold, init, fraction, routing, mpp, confusion counts and scores."""
+    """One row: slide, fold, init, fraction, routing, mpp, confusion counts and scores.
+
+    A map of this run's fold models must be out of fold (checked against `folds`); one of
+    models given by `apply.models` (routing `given`, a prediction run) is scored as it is, fold
+    -1: which slides those models saw is the user's to know. `method` names the row (default
+    the models' init)."""
     sid = slide.slide_id
     if str(cmap.meta["slide"]) != sid:
         raise ConfigError(f"map {cmap.path} is of slide {cmap.meta['slide']!r}, not {sid!r}")
@@ -307,12 +314,20 @@ def evaluate_slide(
             f"map {cmap.path} has classes {cmap.meta['classes']}, labels.classes is {classes}: "
             "predict and evaluate with the same classes"
         )
-    fold = check_out_of_fold(cmap, sid, folds)
+    if cmap.meta["routing"] == "given":
+        fold = -1
+    elif folds is None:
+        raise ConfigError(
+            f"map {cmap.path} of slide {sid!r} is of this run's fold models (routing "
+            f"{cmap.meta['routing']!r}): give --folds (folds.tsv) to check it is out of fold"
+        )
+    else:
+        fold = check_out_of_fold(cmap, sid, folds)
     cm = map_confusion(cmap, labels, slide.mpp, band_rows)
     row = {
         "slide": sid,
         "fold": fold,
-        "init": str(cmap.meta["init"]),
+        "init": method or str(cmap.meta["init"]),
         "fraction": float(cmap.meta["fraction"]),
         "routing": str(cmap.meta["routing"]),
         "mpp": cmap.mpp,
@@ -356,7 +371,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--slide-id", help="slide id (default: file stem)")
     s.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
     s.add_argument("--labels", required=True, type=Path, help="annotation: mask, GeoJSON or XML")
-    s.add_argument("--folds", required=True, type=Path, help="folds.tsv")
+    s.add_argument("--folds", type=Path, help="folds.tsv (not for maps of apply.models' models)")
+    s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
     add_section_arguments(s, "evaluate")
@@ -374,6 +390,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
     a.add_argument("--figure", type=Path, help="figure.png")
     add_section_arguments(a, "evaluate")
+
+    c = sub.add_parser(
+        "cohort", help="a prediction run's whole-slide TSVs: tables over slides and the figure"
+    )
+    c.add_argument("--slides", nargs="+", required=True, type=Path, help="whole-slide TSVs")
+    c.add_argument("--panels", nargs="*", default=[], type=Path, help="panel .npz files")
+    c.add_argument("--methods", nargs="*", default=[], help="model sets, in table order")
+    c.add_argument("--markdown", required=True, type=Path, help="tables.md")
+    c.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
+    c.add_argument("--figure", type=Path, help="figure.png")
+    add_section_arguments(c, "evaluate")
     return p
 
 
@@ -397,17 +424,32 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
     cmap = open_map(args.map, args.map_json)
     with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
         labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_st)
+        folds = read_folds(args.folds) if args.folds else None
         df = evaluate_slide(
-            cmap, slide, labels, read_folds(args.folds), label_st["classes"], st["band_rows"]
+            cmap, slide, labels, folds, label_st["classes"], st["band_rows"], args.method
         )
         if args.panel:
             pan = panel(cmap, slide, labels, st["panel_size"])
-            meta = {"slide": slide.slide_id, "init": str(cmap.meta["init"])}
+            meta = {"slide": slide.slide_id, "init": str(df["init"].iloc[0])}
             with atomic_path(args.panel) as tmp, open(tmp, "wb") as fh:
                 np.savez_compressed(
                     fh, **pan, classes=np.asarray(label_st["classes"]), meta=json.dumps(meta)
                 )
     write_tsv(with_provenance(df, {"evaluate": st, "labels": label_st}), args.out)
+
+
+def _table_args(args: argparse.Namespace, st: dict[str, Any]) -> dict[str, Any]:
+    """What `tables` and `cohort` both pass on: the whole-slide results and the outputs."""
+    return {
+        "slides": list(args.slides),
+        "panels": list(args.panels),
+        "methods": list(args.methods),
+        "markdown": args.markdown,
+        "slide_scores": args.slide_scores,
+        "figure": args.figure,
+        "panel_slides": st["panel_slides"],
+        "settings": {"evaluate": st},
+    }
 
 
 def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
@@ -416,28 +458,28 @@ def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
     build_tables(
         tiles=list(args.tiles),
-        slides=list(args.slides),
-        panels=list(args.panels),
         folds=read_folds(args.folds),
-        methods=list(args.methods),
         fractions=list(args.fractions),
-        markdown=args.markdown,
         tile_scores=args.tile_scores,
-        slide_scores=args.slide_scores,
-        figure=args.figure,
-        panel_slides=st["panel_slides"],
-        settings={"evaluate": st},
+        **_table_args(args, st),
     )
 
 
+def _cohort(args: argparse.Namespace, st: dict[str, Any]) -> None:
+    from dsf.tables import build_cohort_tables
+
+    build_cohort_tables(**_table_args(args, st))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`dsf evaluate tiles|slide|tables`."""
+    """`dsf evaluate tiles|slide|tables|cohort`."""
     args = _parser().parse_args(argv)
     setup_logging()
 
     def body() -> None:
         st = section_from_args(args, "evaluate")
-        {"tiles": _tiles, "slide": _slide, "tables": _tables}[args.mode](args, st)
+        modes = {"tiles": _tiles, "slide": _slide, "tables": _tables, "cohort": _cohort}
+        modes[args.mode](args, st)
 
     return run(body)
 

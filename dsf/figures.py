@@ -85,21 +85,22 @@ def _load_panels(paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def evaluation_figure(
-    tile_scores: pd.DataFrame,
+    tile_scores: pd.DataFrame | None,
     slide_scores: pd.DataFrame,
     classes: list[str],
     panels: list[Path],
     out: Path,
     panel_slides: int,
 ) -> None:
-    """Write figure.png: per-class F1 bars of both protocols and overlay panels."""
+    """Write figure.png: per-class F1 bars of both protocols and overlay panels. Without
+    `tile_scores` (a prediction run) the whole-slide bars, over slides, take the top row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    tile = tile_scores
+    tile = tile_scores if tile_scores is not None else pd.DataFrame()
     frac = None
     if len(tile):
         have = tile[(tile["fold"] == "mean") & tile["f1"].notna()]
@@ -117,8 +118,12 @@ def evaluation_figure(
     fig = plt.figure(figsize=(max(10.0, 3.2 * ncols), 3.0 * nrows + 0.8), layout="constrained")
     grid = fig.add_gridspec(nrows, 2 * ncols)
     frac_txt = f", label fraction {frac * 100:g}%" if frac is not None else ""
-    _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, f"Tile protocol{frac_txt}")
-    _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, "Whole-slide protocol")
+    if tile_scores is None:
+        title = "Whole-slide protocol, mean (std) over slides"
+        _bars(fig.add_subplot(grid[0, :]), slide, classes, title)
+    else:
+        _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, f"Tile protocol{frac_txt}")
+        _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, "Whole-slide protocol")
     n = len(classes)
     for r, sid in enumerate(slides, start=1):
         entry = shown[sid]

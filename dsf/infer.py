@@ -54,7 +54,10 @@ from dsf.tilespool import TileSpool
 
 log = logging.getLogger(__name__)
 
-ROUTINGS = ("out_of_fold", "ensemble", "fold")
+#: out_of_fold: the model of the fold that held the slide out; ensemble: every fold's averaged;
+#: fold: one fold's (infer.unlabelled_fold); given: models named by apply.models (a prediction
+#: run with models trained before)
+ROUTINGS = ("out_of_fold", "ensemble", "fold", "given")
 WEIGHT_FLOOR = 1e-3  # Hann weights never reach 0, so a pixel seen by one window edge is kept
 
 

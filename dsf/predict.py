@@ -21,6 +21,34 @@ from dsf.errors import ConfigError
 REQUIRED = ("state_dict", "init", "classes", "scale", "block", "target_mpp")
 
 
+def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[str, list[str]]:
+    """The model.pt files of each name of `spec` (files, or folders searched for `model.pt`),
+    sorted per folder; a missing path or a folder without models is a ConfigError naming
+    `key`."""
+    found: dict[str, list[str]] = {}
+    for name, paths in spec.items():
+        models: list[str] = []
+        for raw in paths:
+            path = Path(raw)
+            if path.is_dir():
+                inside = sorted(str(p) for p in path.rglob("model.pt"))
+                if not inside:
+                    raise ConfigError(
+                        f"{key}.{name}: folder {raw} holds no model.pt; give the fine-tuning "
+                        "folder of an earlier run (results/finetune/<init>/frac<f>) or the files"
+                    )
+                models += inside
+            elif path.is_file():
+                models.append(str(path))
+            else:
+                raise ConfigError(
+                    f"{key}.{name}: {raw} not found (paths are relative to the working "
+                    f"directory {Path.cwd()}); give model.pt files or folders holding them"
+                )
+        found[name] = list(dict.fromkeys(models))
+    return found
+
+
 @dataclass
 class Predictor:
     """A fine-tuned model with what it needs to be fed: geometry, classes, normalisation."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +221,13 @@ def _cell(v: Any, notes: _Notes, why: str) -> str:
     return _num(v) if _finite(v) else "n/a" + notes.ref(why)
 
 
-def _mean_std_cell(mean: Any, std: Any, notes: _Notes, why: str) -> str:
+def _mean_std_cell(mean: Any, std: Any, notes: _Notes, why: str, over: str = "folds") -> str:
     if not _finite(mean):
         return "n/a" + notes.ref(why)
     sd = (
         _num(std)
         if _finite(std)
-        else "n/a" + notes.ref("std (ddof 1) needs results of at least two folds")
+        else "n/a" + notes.ref(f"std (ddof 1) needs results of at least two {over}")
     )
     return f"{_num(mean)} ({sd})"
 
@@ -403,25 +403,56 @@ def slide_markdown(
             )
     lines += _table(["Method", *names], rows)
     for level, title in (("fold", "Per fold"), ("slide", "Per slide")):
+        per_slide = level == "slide"
         lines += [f"### {title}", ""]
-        rows = []
-        sub = ss[ss["level"] == level]
-        for _, r in sub.iterrows():
-            why = (
-                f"fold {r['fold']}: no labelled slide in this fold"
-                if level == "fold"
-                else "class absent from both truth and prediction"
-            )
-            cells = [str(r["init"])] + ([str(r["slide"])] if level == "slide" else [])
-            cells += [str(r["fold"]), str(int(r["n_pixels"]))]
-            cells += [_cell(r[c], notes, why) for c in cols]
-            rows.append(cells)
-        head = ["Method", *(["Slide"] if level == "slide" else []), "Fold", "Labelled px"]
-        lines += _table([*head, *names], rows)
+        lines += _rows_table(
+            ss[ss["level"] == level],
+            ["Method", *(["Slide"] if per_slide else []), "Fold", "Labelled px", *names],
+            lambda r, s=per_slide: [
+                str(r["init"]),
+                *([str(r["slide"])] if s else []),
+                str(r["fold"]),
+                str(int(r["n_pixels"])),
+            ],  # fmt: skip
+            cols,
+            lambda r, s=per_slide: (
+                "class absent from both truth and prediction"
+                if s
+                else f"fold {r['fold']}: no labelled slide in this fold"
+            ),
+            notes,
+        )
     return lines
 
 
+def _rows_table(
+    rows: pd.DataFrame,
+    header: list[str],
+    lead: Callable[[pd.Series], list[str]],
+    cols: list[str],
+    why: Callable[[pd.Series], str],
+    notes: _Notes,
+) -> list[str]:
+    """A markdown table of score rows: `lead(row)` cells, then one cell per metric of `cols`
+    (n/a with the footnote `why(row)` where it is undefined)."""
+    body = [lead(r) + [_cell(r[c], notes, why(r)) for c in cols] for _, r in rows.iterrows()]
+    return _table(header, body)
+
+
 # -- entry ------------------------------------------------------------------------------------
+
+
+def _classes_text(classes: list[str]) -> str:
+    return f"Classes: {', '.join(classes[1:])} (index 0, {classes[0]}, is unlabelled and ignored)."
+
+
+def _write_markdown(
+    lines: list[str], notes: _Notes, settings: dict[str, Any], markdown: Path
+) -> None:
+    """tables.md: the sections, their footnotes, and the version and settings that made it."""
+    made = f"Made by dsf {__version__}; settings: `{json.dumps(settings, sort_keys=True)}`"
+    with atomic_path(markdown) as tmp:
+        tmp.write_text("\n".join([*lines, *notes.render(), "", made]).rstrip() + "\n")
 
 
 def build_tables(
@@ -462,21 +493,136 @@ def build_tables(
     notes = _Notes()
     lines = ["# Evaluation", ""]
     lines.append(
-        f"Classes: {', '.join(classes[1:])} (index 0, {classes[0]}, is unlabelled and ignored). "
-        f"Folds: {', '.join(map(str, fold_ids))}. Methods: {', '.join(methods) or 'none'}."
+        f"{_classes_text(classes)} Folds: {', '.join(map(str, fold_ids))}. "
+        f"Methods: {', '.join(methods) or 'none'}."
     )
     lines.append("")
     lines += tile_markdown(ts, traw, classes, methods, fractions, fold_ids, notes)
     lines += slide_markdown(ss, sraw, classes, smethods, notes)
-    lines += notes.render()
     settings = settings or {}
-    lines += ["", f"Made by dsf {__version__}; settings: `{json.dumps(settings, sort_keys=True)}`"]
     write_tsv(with_provenance(ts, settings), tile_scores)
     write_tsv(with_provenance(ss, settings), slide_scores)
-    with atomic_path(markdown) as tmp:
-        tmp.write_text("\n".join(lines).rstrip() + "\n")
+    _write_markdown(lines, notes, settings, markdown)
     if figure is not None:
         from dsf.figures import evaluation_figure
 
         evaluation_figure(ts, ss, classes, panels, figure, panel_slides)
     log.info("wrote %s, %s, %s", markdown, tile_scores, slide_scores)
+
+
+# -- prediction runs --------------------------------------------------------------------------
+
+
+def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
+    """A prediction run's whole-slide scores: rows with `level` slide (each map), all (the
+    pooled confusion of every slide), mean and std (ddof 1) over the slides, per method (model
+    set) and label fraction. The `fold` column repeats the level for the figure."""
+    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        mine = df[df["init"] == method]
+        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
+            key = {"init": method, "fraction": frac}
+            sub = mine[mine["fraction"] == frac]
+            per_slide = []
+            for _, r in sub.iterrows():
+                row = key | {"level": "slide", "fold": "", "slide": r["slide"], "n_slides": 1}
+                row |= {"n_pixels": int(r["n_pixels"]), "pixel_accuracy": r["accuracy"]}
+                row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
+                per_slide.append(row)
+            out += per_slide
+            pooled = key | {"level": "all", "fold": "all", "slide": "", "n_slides": len(sub)}
+            out.append(pooled | _pooled(sub, classes))
+            for level in ("mean", "std"):
+                row = key | {"level": level, "fold": level, "slide": "", "n_slides": len(sub)}
+                for m in metrics:
+                    mu, sd, _ = mean_std([r[m] for r in per_slide if r["n_pixels"] > 0])
+                    row[m] = mu if level == "mean" else sd
+                out.append(row)
+    columns = ["init", "fraction", "level", "fold", "slide", "n_slides", "n_pixels"]
+    return pd.DataFrame(out, columns=[*columns, *metrics])
+
+
+def cohort_markdown(
+    cs: pd.DataFrame, raw: pd.DataFrame, classes: list[str], notes: _Notes
+) -> list[str]:
+    """A prediction run's tables: mean (std) over slides, all slides pooled, per slide."""
+    mpps = ", ".join(f"{m:g}" for m in sorted(set(raw["mpp"])))
+    lines = [
+        "## Whole-slide protocol (class maps of the given models)",
+        "",
+        f"Each labelled slide's full class map (at {mpps} um/px) against its ground truth, "
+        f"unlabelled pixels ignored: {raw['slide'].nunique()} slides "
+        f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
+        "background count as misses. F1 = Dice; pixel accuracy = micro F1. The models were "
+        "trained before, outside this run (`apply.models`): whether they saw any of these "
+        "slides is not checked here.",
+        "",
+    ]
+    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
+    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    absent = "class absent from both truth and prediction"
+
+    def label(r: pd.Series) -> str:
+        return f"{r['init']} ({_pct(float(r['fraction']))})"
+
+    lines += ["### Mean (std) over slides", ""]
+    rows = []
+    for (_, _), sub in cs.groupby(["init", "fraction"], sort=False):
+        mean, std = sub[sub["level"] == "mean"].iloc[0], sub[sub["level"] == "std"].iloc[0]
+        why = f"{mean['init']}: no slide has this class in its truth or prediction"
+        cells = [_mean_std_cell(mean[c], std[c], notes, why, over="slides") for c in cols]
+        rows.append([label(mean), str(int(mean["n_slides"])), *cells])
+    lines += _table(["Models", "Slides", *names], rows)
+    for level, title in (("all", "All slides pooled"), ("slide", "Per slide")):
+        per_slide = level == "slide"
+        lines += [f"### {title}", ""]
+        lines += _rows_table(
+            cs[cs["level"] == level],
+            ["Models", *(["Slide"] if per_slide else []), "Labelled px", *names],
+            lambda r, s=per_slide: [
+                label(r),
+                *([str(r["slide"])] if s else []),
+                str(int(r["n_pixels"])),
+            ],  # fmt: skip
+            cols,
+            lambda r: absent,
+            notes,
+        )
+    return lines
+
+
+def build_cohort_tables(
+    *,
+    slides: list[Path],
+    panels: list[Path],
+    methods: list[str],
+    markdown: Path,
+    slide_scores: Path,
+    figure: Path | None = None,
+    panel_slides: int = 3,
+    settings: dict[str, Any] | None = None,
+) -> None:
+    """A prediction run's tables.md, slide_scores.tsv and figure from its whole-slide TSVs."""
+    raw, classes = read_results(slides)
+    if not classes or not len(raw):
+        raise ConfigError("no whole-slide result was given (--slides): nothing to table")
+    methods = list(dict.fromkeys([*methods, *raw["init"]]))
+    methods = [m for m in methods if m in set(raw["init"])]
+    cs = slide_cohort_scores(raw, classes, methods)
+    notes = _Notes()
+    lines = ["# Evaluation of a prediction run", ""]
+    lines.append(
+        f"{_classes_text(classes)} Models: {', '.join(methods)}. No tile protocol: the models "
+        "were not trained here."
+    )
+    lines.append("")
+    lines += cohort_markdown(cs, raw, classes, notes)
+    settings = settings or {}
+    write_tsv(with_provenance(cs, settings), slide_scores)
+    _write_markdown(lines, notes, settings, markdown)
+    if figure is not None:
+        from dsf.figures import evaluation_figure
+
+        evaluation_figure(None, cs, classes, panels, figure, panel_slides)
+    log.info("wrote %s, %s", markdown, slide_scores)

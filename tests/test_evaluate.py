@@ -467,3 +467,44 @@ def test_tables_cli_with_no_results_anywhere_is_na_not_zero(tmp_path) -> None:  
     assert "0.0000" not in line and line.count("n/a") == 3
     assert "No whole-slide results." in text
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_a_given_models_map_is_scored_without_folds(slide_files, tmp_path) -> None:  # noqa: ANN001
+    """A prediction run's map (routing `given`) needs no folds.tsv, takes its row's name from
+    --method, and a fold model's map without folds is refused."""
+    slide, labels = _open(slide_files)
+    given = _write_map(tmp_path / "g.tiff", _truth(), routing="given", folds=[0, 1])
+    row = evaluate_slide(open_map(given, None), slide, labels, None, CLASSES, 64, "cohort")
+    assert (row["fold"].iloc[0], row["init"].iloc[0], row["accuracy"].iloc[0]) == (-1, "cohort", 1)
+    own = open_map(_write_map(tmp_path / "o.tiff", _truth()), None)
+    with pytest.raises(ConfigError, match="give --folds"):
+        evaluate_slide(own, slide, labels, None, CLASSES, 64)
+
+
+def test_cohort_tables_average_over_slides(tmp_path) -> None:  # noqa: ANN001
+    slides = []
+    for i, (slide, init, cm) in enumerate(
+        [
+            ("s1", "m1", [[9, 1, 0], [1, 9, 0]]),  # pixel accuracy 0.9
+            ("s2", "m1", [[10, 0, 0], [0, 5, 5]]),  # 0.75, B has 5 misses to background
+            ("s1", "m2", [[5, 5, 0], [5, 5, 0]]),  # 0.5, one slide: std n/a
+        ]
+    ):
+        r = _row(slide, -1, init, cm) | {"routing": "given", "mpp": 2.0}
+        pd.DataFrame([r]).to_csv(tmp_path / f"s{i}.tsv", sep="\t", index=False)
+        slides.append(tmp_path / f"s{i}.tsv")
+    out = tmp_path / "eval"
+    args = ["cohort", "--slides", *map(str, slides), "--methods", "m1", "m2"]
+    args += ["--markdown", str(out / "tables.md"), "--slide-scores", str(out / "scores.tsv")]
+    assert main([*args, "--figure", str(out / "figure.png")]) == 0
+    cs = pd.read_csv(out / "scores.tsv", sep="\t").set_index(["init", "level"])
+    assert cs.loc[("m1", "mean"), "pixel_accuracy"] == pytest.approx((0.9 + 0.75) / 2)
+    assert cs.loc[("m1", "std"), "pixel_accuracy"] == pytest.approx(np.std([0.9, 0.75], ddof=1))
+    assert cs.loc[("m1", "all"), "pixel_accuracy"] == pytest.approx(33 / 40)  # pooled
+    assert cs.loc[("m1", "all"), "f1_B"] == pytest.approx(2 * 14 / (2 * 14 + 1 + 6))
+    assert np.isnan(cs.loc[("m2", "std"), "pixel_accuracy"])
+    md = (out / "tables.md").read_text()
+    assert "| m1 (100%) | 2 | " in md and "0.8250 (0.1061)" in md
+    assert "needs results of at least two slides" in md and "Tile protocol" not in md
+    with Image.open(out / "figure.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300

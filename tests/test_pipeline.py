@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,53 @@ def test_nothing_left_to_do_and_no_partial_files(run: Path) -> None:
     # the probabilities are written only when asked for
     assert not list((run / "out" / "maps").rglob("*.probs.zarr"))
     assert np.all([p.stat().st_size > 0 for p in (run / "out" / "maps" / "dsf").iterdir()])
+
+
+def test_a_prediction_run_maps_new_slides_with_the_trained_models(
+    run: Path, tmp_path: Path, real: Path
+) -> None:
+    """apply.models: a new cohort (CMU-1 and an annotated slide under other names) mapped by
+    the fold models of the finished run, averaged, and the annotated one scored; nothing
+    trained, no folds, no patches."""
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(real / "CMU-1-Small-Region.svs", new / "case-7.svs")
+    shutil.copy(run / "out" / "synth" / "px-0.tiff", new / "case-8.tiff")
+    shutil.copy(run / "out" / "synth" / "px-0.labels.tiff", new / "case-8.labels.tiff")
+    models = str(run / "out" / "finetune" / "dsf" / "frac1.0")
+    cfg = {
+        "slides": "new",
+        "results": "res",
+        "tissue": {"mpp": 8.0, "method": "rgb"},
+        "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
+        "infer": {"overlap": 0.0, "threads": 2, "gpus": 0, "out_mpp": 2.0},
+        "apply": {"models": {"dsf": [models], "fold0": [models + "/fold0/model.pt"]}},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=tmp_path)
+    assert "prediction run (apply.models): dsf: 2 model(s); fold0: 1 model(s)" in (
+        done.stdout + done.stderr
+    )
+    res = tmp_path / "res"
+    made = sorted(p.name for p in res.iterdir())
+    assert made == ["benchmarks", "eval", "logs", "maps", "report", "tissue"]
+    # the annotated slide scored per model set, over slides (one here: std n/a)
+    scores = pd.read_csv(res / "eval" / "slide_scores.tsv", sep="\t")
+    assert set(scores["init"]) == {"dsf", "fold0"}
+    per_slide = scores[scores["level"] == "slide"]
+    assert list(per_slide["slide"]) == ["case-8", "case-8"]
+    assert (per_slide["n_pixels"] > 0).all() and per_slide["macro_f1"].between(0, 1).all()
+    md = (res / "eval" / "tables.md").read_text()
+    assert "Mean (std) over slides" in md and "| dsf (100%) | case-8 |" in md
+    assert (res / "eval" / "figure.png").stat().st_size > 10_000
+    meta = json.loads((res / "maps" / "dsf" / "case-7.json").read_text())
+    assert meta["routing"] == "given" and meta["folds"] == [0, 1]
+    assert all("finetune/dsf/frac1.0/fold" in m for m in meta["models"])
+    osr = openslide.OpenSlide(res / "maps" / "dsf" / "case-7.tiff")
+    assert osr.dimensions == (meta["width"], meta["height"])
+    classes = tifffile.imread(res / "maps" / "dsf" / "case-7.tiff", key=0)
+    assert classes.max() <= 3 and (classes > 0).mean() > 0.2
+    doc = json.loads((res / "maps" / "dsf" / "case-7.geojson").read_text())
+    assert {f["properties"]["classification"]["name"] for f in doc["features"]} <= {
+        "TUM", "STR", "LYM",
+    }  # fmt: skip

@@ -389,3 +389,35 @@ def test_imagescope_polygons_are_planned_beside_every_geojson(tmp_path: Path) ->
         "-n", "-p", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"
     ).stdout
     assert ".xml" not in default and "--no-imagescope" in default
+
+
+def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
+    """apply.models: tissue, infer and polygons for every slide, with the given models (a
+    folder's model.pt files, sorted) and routing `given`; a missing path names its key."""
+    (tmp_path / "slides").mkdir()
+    for name in ("A", "B"):
+        shutil.copy(real / "CMU-1-Small-Region.svs", tmp_path / "slides" / f"{name}.svs")
+    for k in (1, 0):
+        (tmp_path / "old" / f"fold{k}").mkdir(parents=True)
+        (tmp_path / "old" / f"fold{k}" / "model.pt").touch()
+    (tmp_path / "one.pt").touch()
+    cfg = {"slides": "slides", "apply": {"models": {"dsf": ["old"], "single": ["one.pt"]}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = smk("-n", "-p", "--cores", "2", "--configfile", "cfg.yaml", cwd=tmp_path).stdout
+    assert job_counts(out) == {"tissue": 2, "infer": 4, "polygons": 4, "all": 1}
+    infer = [ln for ln in out.splitlines() if "dsf infer " in ln]
+    dsf = [ln for ln in infer if "maps/dsf/" in ln]
+    assert len(dsf) == 2 and all("--routing given" in ln for ln in infer)
+    assert all("--models old/fold0/model.pt old/fold1/model.pt --routing" in ln for ln in dsf)
+    assert sum("--models one.pt --routing" in ln for ln in infer) == 2
+    # an annotated slide is scored per model set, and the scores tabled over slides
+    (tmp_path / "slides" / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    out = smk("-n", "-p", "--cores", "2", "--configfile", "cfg.yaml", cwd=tmp_path).stdout
+    counts = job_counts(out)
+    assert counts["evaluate_slide"] == 2 and counts["evaluate_cohort"] == 1
+    assert counts["report_tables"] == 1
+    assert "folds" not in counts and "dsf evaluate cohort " in out and "--folds" not in out
+    cfg["apply"]["models"]["dsf"] = ["gone"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
+    assert done.returncode != 0 and "apply.models.dsf: gone not found" in done.stdout + done.stderr

@@ -3,12 +3,14 @@ import logging
 import os
 import shlex
 
+from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
 from dsf.annotations import base_class, check_label_settings
 from dsf.config import cli_args
 from dsf.folds import assign_folds, finetune_gaps
 from dsf.norm import check_settings as check_norm_settings
+from dsf.predict import find_models
 from dsf.sheet import load_sheet
 
 
@@ -21,9 +23,18 @@ RESULTS = config["results"]
 SHEET = load_sheet(config)
 SLIDES = list(SHEET.index)
 SYNTH = list(config["synth"]["slides"])
+# apply.models: a prediction run, name -> model.pt files fine-tuned before; only tissue, infer
+# and polygons run (maps/<name>/<slide>.tiff), every slide predicted by its name's models, and
+# the annotated slides are scored
+APPLY = find_models(config["apply"]["models"]) if config["apply"]["models"] else None
 # The same deterministic split the `folds` rule writes to folds.tsv, known at parse time so the
-# per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv.
-FOLDS = assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
+# per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv. A
+# prediction run has no folds (one, holding every slide, keeps the helpers below simple).
+FOLDS = (
+    SHEET[["slide", "group"]].assign(fold=0).reset_index(drop=True)
+    if APPLY
+    else assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
+)
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
 # annotated: a `labels` file, or per-class masks painted into one by the `labels` rule
@@ -37,7 +48,10 @@ PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
 # now would not fit the folds of the annotated project).
 FINETUNING = bool(LABELLED)
-if not FINETUNING:
+if APPLY:
+    described = "; ".join(f"{name}: {len(models)} model(s)" for name, models in APPLY.items())
+    snakemake_logger.info(f"prediction run (apply.models): {described}; nothing is trained")
+elif not FINETUNING:
     logging.getLogger("dsf").warning(
         "no slide of the sheet has an annotation (`labels`): the workflow pretrains once on "
         "every slide (pretrain/<method>/all/encoders.pt) and stops there; annotate slides to "
@@ -90,7 +104,7 @@ def check_finetune_inits(finetune, pretrain):
             f"ImageNet weights of {finetune['backbone']} once (resnet18: resnet18-f37072fd.pth) "
             "and set finetune.weights to that file"
         )
-    if set(inits) - {"unet"} and FINETUNING:
+    if set(inits) - {"unet"} and FINETUNING and not APPLY:
         from dsf.models.hooknet import check_hook
 
         try:  # a warning: the data stages still run (`--until patches`), fine-tuning would not
@@ -132,6 +146,8 @@ def _infer_choice():
 
 
 INFER_INITS, INFER_FRAC = _infer_choice()
+if APPLY:  # the maps are named after apply.models' names
+    INFER_INITS = list(APPLY)
 
 
 wildcard_constraints:
@@ -139,7 +155,7 @@ wildcard_constraints:
     fold=r"\d+",
     unit=r"fold\d+|all",
     init="|".join(INITS) or "(?!)",
-    finit="|".join(FINITS) or "(?!)",
+    finit="|".join(map(__import__("re").escape, [*FINITS, *(APPLY or [])])) or "(?!)",
     frac="|".join(map(__import__("re").escape, FRACS)) or "(?!)",
 
 
@@ -186,7 +202,9 @@ def finetune_inputs(wildcards):
 def infer_routing(slide):
     """(routing, folds) of the models that predict `slide`: an annotated slide by the model of
     the fold that held it out; one without annotation by every fold averaged, or by
-    infer.unlabelled_fold."""
+    infer.unlabelled_fold; in a prediction run by the models apply.models names."""
+    if APPLY:
+        return "given", []
     if slide in LABELLED:
         return "out_of_fold", [int(FOLDS.set_index("slide").loc[slide, "fold"])]
     fold = config["infer"]["unlabelled_fold"]
@@ -198,13 +216,13 @@ def infer_routing(slide):
 def infer_inputs(wildcards):
     """Slide, tissue mask and the routed models of an inference job."""
     _, folds = infer_routing(wildcards.slide)
+    models = [
+        f"{RESULTS}/finetune/{wildcards.finit}/frac{INFER_FRAC}/fold{k}/model.pt" for k in folds
+    ]
     return {
         "slide": slide_path(wildcards),
         "mask": f"{RESULTS}/tissue/{wildcards.slide}.tiff",
-        "models": [
-            f"{RESULTS}/finetune/{wildcards.finit}/frac{INFER_FRAC}/fold{k}/model.pt"
-            for k in folds
-        ],
+        "models": APPLY[wildcards.finit] if APPLY else models,
     }
 
 
@@ -306,17 +324,23 @@ def all_outputs():
         ),
         f"{RESULTS}/report/tables.html",
     ]
-    if not FINETUNING:
-        finetuned, maps, evaluated = [], [], []
-        reported = [r for r in reported if "/curves/pretrain/" in r]
-    return [
-        f"{RESULTS}/folds.tsv", *pretrained, *finetuned, *maps, *evaluated, *reported
-    ] + expand(
+    tissue = expand(
         [
             f"{RESULTS}/tissue/{{slide}}.tiff",
             f"{RESULTS}/tissue/{{slide}}.jpg",
             f"{RESULTS}/tissue/{{slide}}.json",
-            f"{RESULTS}/patches/{{slide}}.zarr",
         ],
         slide=SLIDES,
     )
+    if APPLY:  # a prediction run: the maps of the given models (scored where annotated)
+        scored = ["tables.md", "slide_scores.tsv", "figure.png"] if LABELLED else []
+        scored = [f"{RESULTS}/eval/{name}" for name in scored]
+        return [*tissue, *maps, *scored, *([f"{RESULTS}/report/tables.html"] if scored else [])]
+    if not FINETUNING:
+        finetuned, maps, evaluated = [], [], []
+        reported = [r for r in reported if "/curves/pretrain/" in r]
+    patches = expand(f"{RESULTS}/patches/{{slide}}.zarr", slide=SLIDES)
+    return [
+        f"{RESULTS}/folds.tsv", *pretrained, *finetuned, *maps, *evaluated, *reported,
+        *tissue, *patches,
+    ]  # fmt: skip

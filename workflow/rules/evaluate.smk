@@ -41,7 +41,8 @@ rule evaluate_slide:
         map=f"{RESULTS}/maps/{{finit}}/{{slide}}.tiff",
         meta=f"{RESULTS}/maps/{{finit}}/{{slide}}.json",
         slide=slide_path,
-        folds=f"{RESULTS}/folds.tsv",
+        # a prediction run has no folds: its models were trained elsewhere
+        **({} if APPLY else {"folds": f"{RESULTS}/folds.tsv"}),
     output:
         tsv=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
         panel=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
@@ -49,6 +50,9 @@ rule evaluate_slide:
         slide=slide_opts,
         opts=stage_opts("evaluate", skip=("gpus", "batch_size", "device", "amp", "panel_slides")),
         classes=stage_opts("labels"),
+        folds=lambda w, input: (
+            f"--folds {shlex.quote(input.folds)}" if "folds" in input.keys() else ""
+        ),
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
@@ -60,73 +64,130 @@ rule evaluate_slide:
         f"{RESULTS}/benchmarks/evaluate/slides/{{finit}}/{{slide}}.tsv"
     shell:
         "dsf evaluate slide --map {input.map:q} --map-json {input.meta:q} "
-        "--slide {input.slide:q} {params.slide} --labels {input.labels:q} "
-        "--folds {input.folds:q} --out {output.tsv:q} --panel {output.panel:q} "
+        "--slide {input.slide:q} {params.slide} --labels {input.labels:q} {params.folds} "
+        "--method {wildcards.finit} --out {output.tsv:q} --panel {output.panel:q} "
         "{params.opts} {params.classes} 2> {log:q}"
 
 
-rule evaluate_tables:
-    input:
-        tiles=expand(
-            f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
-            finit=FINITS, frac=FRACS, fold=FOLD_IDS,
-        ),
-        slides=expand(
-            f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
-            finit=INFER_INITS, slide=sorted(LABELLED),
-        ),
-        panels=expand(
-            f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
-            finit=INFER_INITS, slide=sorted(LABELLED),
-        ),
-        folds=f"{RESULTS}/folds.tsv",
-    output:
-        markdown=report(
-            f"{RESULTS}/eval/tables.md",
-            caption="../report/tables_md.rst",
-            category="5. Evaluation",
-            subcategory="all folds",
-            labels={"result": "tables (markdown, download)"},
-        ),
-        tile_scores=report(
-            f"{RESULTS}/eval/tile_scores.tsv",
-            caption="../report/tile_scores.rst",
-            category="5. Evaluation",
-            subcategory="all folds",
-            labels={"result": "tile scores (TSV, download)"},
-        ),
-        slide_scores=report(
-            f"{RESULTS}/eval/slide_scores.tsv",
-            caption="../report/slide_scores.rst",
-            category="5. Evaluation",
-            subcategory="all folds",
-            labels={"result": "whole-slide scores (TSV, download)"},
-        ),
-        figure=report(
-            f"{RESULTS}/eval/figure.png",
-            caption="../report/figure.rst",
-            category="5. Evaluation",
-            subcategory="all folds",
-            labels={"result": "figure"},
-        ),
-    params:
-        methods=" ".join(shlex.quote(m) for m in FINITS),
-        fractions=" ".join(FRACS),
-        opts=stage_opts(
-            "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
-        ),
-    threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-    conda:
-        "../../envs/dsf.yaml"
-    log:
-        f"{RESULTS}/logs/evaluate/tables.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/tables.tsv"
-    shell:
-        "dsf evaluate tables --tiles {input.tiles:q} --slides {input.slides:q} "
-        "--panels {input.panels:q} --folds {input.folds:q} --methods {params.methods} "
-        "--fractions {params.fractions} --markdown {output.markdown:q} "
-        "--tile-scores {output.tile_scores:q} --slide-scores {output.slide_scores:q} "
-        "--figure {output.figure:q} {params.opts} 2> {log:q}"
+# the paper's tables over folds (the usual run)
+if not APPLY:
+
+    rule evaluate_tables:
+        input:
+            tiles=expand(
+                f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
+                finit=FINITS, frac=FRACS, fold=FOLD_IDS,
+            ),
+            slides=expand(
+                f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
+                finit=INFER_INITS, slide=sorted(LABELLED),
+            ),
+            panels=expand(
+                f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
+                finit=INFER_INITS, slide=sorted(LABELLED),
+            ),
+            folds=f"{RESULTS}/folds.tsv",
+        output:
+            markdown=report(
+                f"{RESULTS}/eval/tables.md",
+                caption="../report/tables_md.rst",
+                category="5. Evaluation",
+                subcategory="all folds",
+                labels={"result": "tables (markdown, download)"},
+            ),
+            tile_scores=report(
+                f"{RESULTS}/eval/tile_scores.tsv",
+                caption="../report/tile_scores.rst",
+                category="5. Evaluation",
+                subcategory="all folds",
+                labels={"result": "tile scores (TSV, download)"},
+            ),
+            slide_scores=report(
+                f"{RESULTS}/eval/slide_scores.tsv",
+                caption="../report/slide_scores.rst",
+                category="5. Evaluation",
+                subcategory="all folds",
+                labels={"result": "whole-slide scores (TSV, download)"},
+            ),
+            figure=report(
+                f"{RESULTS}/eval/figure.png",
+                caption="../report/figure.rst",
+                category="5. Evaluation",
+                subcategory="all folds",
+                labels={"result": "figure"},
+            ),
+        params:
+            methods=" ".join(shlex.quote(m) for m in FINITS),
+            fractions=" ".join(FRACS),
+            opts=stage_opts(
+                "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
+            ),
+        threads: 1
+        resources:
+            mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        conda:
+            "../../envs/dsf.yaml"
+        log:
+            f"{RESULTS}/logs/evaluate/tables.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/evaluate/tables.tsv"
+        shell:
+            "dsf evaluate tables --tiles {input.tiles:q} --slides {input.slides:q} "
+            "--panels {input.panels:q} --folds {input.folds:q} --methods {params.methods} "
+            "--fractions {params.fractions} --markdown {output.markdown:q} "
+            "--tile-scores {output.tile_scores:q} --slide-scores {output.slide_scores:q} "
+            "--figure {output.figure:q} {params.opts} 2> {log:q}"
+
+else:
+    # a prediction run (apply.models): the whole-slide protocol over its labelled slides
+    rule evaluate_cohort:
+        input:
+            slides=expand(
+                f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
+                finit=INFER_INITS, slide=sorted(LABELLED),
+            ),
+            panels=expand(
+                f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
+                finit=INFER_INITS, slide=sorted(LABELLED),
+            ),
+        output:
+            markdown=report(
+                f"{RESULTS}/eval/tables.md",
+                caption="../report/tables_md.rst",
+                category="5. Evaluation",
+                subcategory="all slides",
+                labels={"result": "tables (markdown, download)"},
+            ),
+            slide_scores=report(
+                f"{RESULTS}/eval/slide_scores.tsv",
+                caption="../report/slide_scores.rst",
+                category="5. Evaluation",
+                subcategory="all slides",
+                labels={"result": "whole-slide scores (TSV, download)"},
+            ),
+            figure=report(
+                f"{RESULTS}/eval/figure.png",
+                caption="../report/figure.rst",
+                category="5. Evaluation",
+                subcategory="all slides",
+                labels={"result": "figure"},
+            ),
+        params:
+            methods=" ".join(shlex.quote(m) for m in INFER_INITS),
+            opts=stage_opts(
+                "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
+            ),
+        threads: 1
+        resources:
+            mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        conda:
+            "../../envs/dsf.yaml"
+        log:
+            f"{RESULTS}/logs/evaluate/tables.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/evaluate/tables.tsv"
+        shell:
+            "dsf evaluate cohort --slides {input.slides:q} --panels {input.panels:q} "
+            "--methods {params.methods} --markdown {output.markdown:q} "
+            "--slide-scores {output.slide_scores:q} --figure {output.figure:q} {params.opts} "
+            "2> {log:q}"
