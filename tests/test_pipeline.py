@@ -86,6 +86,13 @@ def test_tables_hold_both_protocols(run: Path) -> None:
     assert (run / "out" / "eval" / "figure.png").stat().st_size > 10_000
 
 
+def test_the_report_describes_the_run(run: Path) -> None:
+    smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=run)
+    page = (run / "report.html").read_text()
+    assert "input normalisation: computed per pretraining run from 1000" in page
+    assert "System Message" not in page  # the description's reStructuredText is valid
+
+
 def test_nothing_left_to_do_and_no_partial_files(run: Path) -> None:
     out = smk("-n", "--configfile", "cfg.yaml", cwd=run).stdout
     assert "Nothing to be done" in out or job_counts(out) == {}
@@ -133,6 +140,9 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     md = (res / "eval" / "tables.md").read_text()
     assert "Mean (std) over slides" in md and "| dsf (100%) | case-8 |" in md
     assert (res / "eval" / "figure.png").stat().st_size > 10_000
+    smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "This run is a" in page and "System Message" not in page  # reStructuredText is valid
     meta = json.loads((res / "maps" / "dsf" / "case-7.json").read_text())
     assert meta["routing"] == "given" and meta["folds"] == [0, 1]
     assert all("finetune/dsf/frac1.0/fold" in m for m in meta["models"])
