@@ -997,7 +997,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tissue-mask", required=True, type=Path, help="tissue mask of dsf tissue")
     p.add_argument("--models", nargs="+", required=True, type=Path, help="model.pt (averaged)")
     p.add_argument("--routing", choices=ROUTINGS, default="out_of_fold")
-    p.add_argument("--folds-of-models", nargs="*", type=int, default=[], help="fold per model")
     p.add_argument("--out-map", required=True, type=Path, help="class map (.tiff)")
     p.add_argument("--out-overlay", required=True, type=Path, help="overlay (.jpg)")
     p.add_argument("--out-meta", required=True, type=Path, help="metadata (.json)")

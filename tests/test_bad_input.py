@@ -505,7 +505,7 @@ def artifacts(work: Path, stores: tuple[list[Path], Path], make_store) -> dict[s
     maps = d / "maps"
     assert infer_main(list(map(str, [
         "--slide", work / "A.tiff", "--slide-id", "A", "--tissue-mask", work / "tissue" / "A.tiff",
-        "--models", a["model"], "--folds-of-models", "0", "--out-map", maps / "A.tiff",
+        "--models", a["model"], "--out-map", maps / "A.tiff",
         "--out-overlay", maps / "A.jpg", "--out-meta", maps / "A.json", "--device", "cpu",
         "--no-progress", "--tile", "64", "--overlay-px", "256",
     ]))) == 0  # fmt: skip
