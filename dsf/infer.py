@@ -677,6 +677,14 @@ def _check_models(preds: list[Predictor]) -> None:
                     f"models to ensemble differ in {key} ({getattr(ref, key)} vs "
                     f"{getattr(p, key)}); they must come from one fine-tuning configuration"
                 )
+    fractions = sorted({float(p.meta.get("fraction", 1.0)) for p in preds})
+    if len(fractions) > 1:  # e.g. apply.models pointing at results/finetune/<init>, not frac<f>
+        log.warning(
+            "the %d models averaged were fine-tuned on different label fractions %s; to use "
+            "one, give the folder of that fraction (results/finetune/<init>/frac<f>)",
+            len(preds),
+            fractions,
+        )
 
 
 def out_factor(out_mpp: float | None, target_mpp: float) -> int:
