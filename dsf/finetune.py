@@ -43,8 +43,7 @@ from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
 from dsf.metrics import confusion, scores, soft_dice_loss
-from dsf.norm import encoder_stats, log_stats
-from dsf.norm import resolve as resolve_norm
+from dsf.norm import computed_stats, encoder_stats, given_stats, log_stats
 from dsf.pretrain import (
     CHECK_EVERY,
     EpochSampler,
@@ -161,7 +160,11 @@ class FineTuner:
         g = open_store(fit_stores[0])
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
         self.target_mpp = float(g.attrs["target_mpp"])
-        mean, std = self._norm(norm, encoders, fit_stores)
+        # encoders.pt read once: for its weights and the statistics they were pretrained with
+        pretrained = None
+        if encoders is not None and init not in BASELINE_INITS:
+            pretrained = checkpoints.load(encoders)
+        mean, std = self._norm(norm, pretrained, encoders, fit_stores)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         torch.manual_seed(settings["seed"])
@@ -182,7 +185,7 @@ class FineTuner:
                 if encoders is None:
                     raise ConfigError(f"finetune.init {init} needs --encoders (encoders.pt)")
                 try:
-                    model.load_encoders(encoders)
+                    model.load_encoders(pretrained or encoders)
                 except ValueError as exc:
                     raise ConfigError(
                         f"{encoders}: {exc}; finetune.backbone must equal the pretraining's "
@@ -217,21 +220,18 @@ class FineTuner:
     def _norm(
         self,
         norm: tuple[list[float], list[float]] | None,
+        encoder_state: dict[str, Any] | None,
         encoders: Path | None,
         fit_stores: list[Path],
     ) -> tuple[list[float], list[float]]:
         """The given (mean, std), else the encoders' own, else computed from the fit stores; a
         given one that differs from the encoders' is logged (their features expect theirs)."""
-        pretrained = None
-        if encoders is not None and self.st["init"] not in BASELINE_INITS:
-            pretrained = encoder_stats(encoders)
+        pretrained = encoder_stats(encoder_state) if encoder_state is not None else None
         if norm is None and pretrained is not None:
             norm = pretrained
             log_stats(norm, f"of the encoders {encoders}")
         elif norm is None:
-            norm = resolve_norm(
-                None, None, None, fit_stores, defaults("pretrain")["norm_tiles"], self.st["seed"]
-            )
+            norm = computed_stats(fit_stores, defaults("pretrain")["norm_tiles"], self.st["seed"])
         elif pretrained is not None and not np.allclose(norm, pretrained, atol=1e-6):
             log.warning(
                 "fine-tuning normalises with mean %s, std %s, but %s was pretrained with mean "
@@ -491,9 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         fit, sel = selection_split(
             folds[folds["slide"].isin(by_slide)], args.fold, st["held_out"], st["seed"]
         )
-        norm = None
-        if args.norm is not None or args.norm_mean is not None or args.norm_std is not None:
-            norm = resolve_norm(args.norm_mean, args.norm_std, args.norm, [], 1, 0)
+        norm = given_stats(args.norm_mean, args.norm_std, args.norm)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         tuner = FineTuner(
             st,

@@ -138,27 +138,20 @@ def check_settings(pretrain: dict[str, Any]) -> bool:
     return unset[0]
 
 
-def encoder_stats(path: Path) -> tuple[list[float], list[float]] | None:
-    """(mean, std) the encoders of a pretraining's `encoders.pt` were trained with, or None
-    when the file does not record them."""
-    from dsf.checkpoints import load
-
-    st = load(Path(path)).get("settings") or {}
+def encoder_stats(state: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """(mean, std) the encoders of a loaded `encoders.pt` were pretrained with, or None when
+    it does not record them."""
+    st = state.get("settings") or {}
     if st.get("mean") is None or st.get("std") is None:
         return None
     return [float(v) for v in st["mean"]], [float(v) for v in st["std"]]
 
 
-def resolve(
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    norm_file: Path | None,
-    stores: Sequence[str | Path],
-    max_tiles: int,
-    seed: int,
-) -> tuple[list[float], list[float]]:
-    """The (mean, std) a run normalises with: the given numbers, else the `dsf norm` file,
-    else computed here from `stores` (a run by hand without the workflow)."""
+def given_stats(
+    mean: Sequence[float] | None, std: Sequence[float] | None, norm_file: Path | None
+) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) given to a run, as numbers or as a `dsf norm` file (logged), or None
+    when neither is: the run then computes them (`computed_stats`)."""
     if not check_settings({"mean": mean, "std": std}):
         if norm_file is not None:
             raise ConfigError(
@@ -172,6 +165,14 @@ def resolve(
         got = read_stats(norm_file)
         log_stats(got, f"from {norm_file}")
         return got
+    return None
+
+
+def computed_stats(
+    stores: Sequence[str | Path], max_tiles: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """(mean, std) counted from `stores` by the run itself (one run by hand, without the
+    workflow's norm file), logged."""
     stats = store_stats(stores, max_tiles, seed)
     log_stats((stats.mean, stats.std), f"from {stats.tiles} of {stats.tiles_total} tiles")
     return stats.mean, stats.std
@@ -222,15 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             stores = training_stores(read_folds(args.folds), args.fold, stores)
         stats = store_stats(stores, args.norm_tiles, args.seed, progress=not args.no_progress)
         write_stats(stats, args.out)
-        log.info(
-            "%s: mean %s, std %s from %d of %d tiles of %d slides",
-            args.out,
-            _fmt(stats.mean),
-            _fmt(stats.std),
-            stats.tiles,
-            stats.tiles_total,
-            len(stats.slides),
-        )
+        source = f"from {stats.tiles} of {stats.tiles_total} tiles of {len(stats.slides)} slides"
+        log_stats((stats.mean, stats.std), f"{source} -> {args.out}")
 
     return run(body)
 

@@ -39,7 +39,7 @@ from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
 from dsf.norm import check_settings as check_norm
-from dsf.norm import resolve as resolve_norm
+from dsf.norm import computed_stats, given_stats
 from dsf.runner import run, setup_logging
 from dsf.tile_loader import TileLoader
 from dsf.tiles import TileDataset, open_store
@@ -183,9 +183,7 @@ class Trainer:
         from dsf.models.dsf import DSFModel
 
         if check_norm(settings):  # computed here only when not given (by hand, in tests)
-            mean, std = resolve_norm(
-                None, None, None, stores, settings["norm_tiles"], settings["seed"]
-            )
+            mean, std = computed_stats(stores, settings["norm_tiles"], settings["seed"])
             settings = {**settings, "mean": mean, "std": std}
         self.st = settings
         self.out_dir = out_dir
@@ -530,14 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         meta: dict[str, Any] = {"fold": args.fold}
         if args.folds is not None and args.fold is not None:
             stores = training_stores(read_folds(args.folds), args.fold, stores)
-        settings["mean"], settings["std"] = resolve_norm(
-            settings["mean"],
-            settings["std"],
-            args.norm,
-            stores,
-            settings["norm_tiles"],
-            settings["seed"],
-        )
+        given = given_stats(settings["mean"], settings["std"], args.norm)
+        if given is not None:  # else the Trainer counts them from its stores
+            settings["mean"], settings["std"] = given
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsf.errors import ConfigError
-from dsf.norm import check_settings, main, read_stats, resolve, store_stats, tile_stats
+from dsf.norm import check_settings, given_stats, main, read_stats, store_stats, tile_stats
 from dsf.tiles import open_store
 
 
@@ -96,5 +96,6 @@ def test_settings_and_files_that_cannot_be_used_are_named(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="flat.json: mean and std must be"):
         read_stats(flat)
     with pytest.raises(ConfigError, match="given twice"):
-        resolve([0.5] * 3, [0.2] * 3, flat, [], 1, 0)
-    assert resolve([0.5] * 3, [0.2] * 3, None, [], 1, 0) == ([0.5] * 3, [0.2] * 3)
+        given_stats([0.5] * 3, [0.2] * 3, flat)
+    assert given_stats([0.5] * 3, [0.2] * 3, None) == ([0.5] * 3, [0.2] * 3)
+    assert given_stats(None, None, None) is None  # nothing given: the run counts them
