@@ -330,6 +330,7 @@ def evaluate_slide(
         "init": method or str(cmap.meta["init"]),
         "fraction": float(cmap.meta["fraction"]),
         "routing": str(cmap.meta["routing"]),
+        "models": ";".join(str(m) for m in cmap.meta.get("models", [])),
         "mpp": cmap.mpp,
     } | score_row(cm, classes)
     if not row["n_pixels"]:
@@ -396,6 +397,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--slides", nargs="+", required=True, type=Path, help="whole-slide TSVs")
     c.add_argument("--panels", nargs="*", default=[], type=Path, help="panel .npz files")
+    c.add_argument(
+        "--model-slides",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="whole-slide TSVs of each model of a set alone (apply.each_model)",
+    )
     c.add_argument("--methods", nargs="*", default=[], help="model sets, in table order")
     c.add_argument("--markdown", required=True, type=Path, help="tables.md")
     c.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
@@ -468,7 +476,7 @@ def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
 def _cohort(args: argparse.Namespace, st: dict[str, Any]) -> None:
     from dsf.tables import build_cohort_tables
 
-    build_cohort_tables(**_table_args(args, st))
+    build_cohort_tables(model_slides=list(args.model_slides), **_table_args(args, st))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -516,14 +516,20 @@ def build_tables(
 def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
     """A prediction run's whole-slide scores: rows with `level` slide (each map), all (the
     pooled confusion of every slide), mean and std (ddof 1) over the slides, per method (model
-    set) and label fraction. The `fold` column repeats the level for the figure."""
+    set) and label fraction. The `fold` column repeats the level for the figure; `n_models`
+    counts the models the set averages."""
     metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
     out: list[dict[str, Any]] = []
     for method in methods:
         mine = df[df["init"] == method]
         for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
-            key = {"init": method, "fraction": frac}
             sub = mine[mine["fraction"] == frac]
+            averaged = (
+                max(len(str(m).split(";")) for m in sub["models"])
+                if "models" in sub.columns
+                else None
+            )
+            key = {"init": method, "fraction": frac, "model": "", "n_models": averaged}
             per_slide = []
             for _, r in sub.iterrows():
                 row = key | {"level": "slide", "fold": "", "slide": r["slide"], "n_slides": 1}
@@ -539,8 +545,92 @@ def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]
                     mu, sd, _ = mean_std([r[m] for r in per_slide if r["n_pixels"] > 0])
                     row[m] = mu if level == "mean" else sd
                 out.append(row)
-    columns = ["init", "fraction", "level", "fold", "slide", "n_slides", "n_pixels"]
-    return pd.DataFrame(out, columns=[*columns, *metrics])
+    columns = ["init", "fraction", "level", "fold", "slide", "model", "n_models", "n_slides"]
+    return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
+
+
+def model_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
+    """Each model of a set alone (apply.each_model): per model the pooled confusion of its
+    slides (level `model`, as the paper pools a fold's validation slides), then mean and std
+    (ddof 1) over the set's models (levels `models_mean`, `models_std`), per method and label
+    fraction. Every model must have scored the same slides, or the spread would mix cohorts."""
+    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    if len(df) and "models" not in df.columns:
+        raise ConfigError(
+            "the per-model whole-slide results (--model-slides) do not name their model (no "
+            "`models` column): they were written by an older dsf; rerun `dsf evaluate slide`"
+        )
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        mine = df[df["init"] == method]
+        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
+            sub = mine[mine["fraction"] == frac]
+            models = list(dict.fromkeys(sub["models"]))
+            slides = {m: sorted(sub.loc[sub["models"] == m, "slide"]) for m in models}
+            first = slides[models[0]]
+            if odd := [m for m in models if slides[m] != first]:
+                raise ConfigError(
+                    f"the models of {method} scored different slides ({odd[0]}: {slides[odd[0]]}"
+                    f", {models[0]}: {first}): give every model's result of every slide"
+                )
+            key = {"init": method, "fraction": frac, "fold": "", "slide": ""}
+            key["n_slides"] = len(first)
+            per_model = [
+                key | {"level": "model", "model": m, "n_models": 1}
+                | _pooled(sub[sub["models"] == m], classes)
+                for m in models
+            ]  # fmt: skip
+            out += per_model
+            for level in ("models_mean", "models_std"):
+                row = key | {"level": level, "model": "", "n_models": len(models)}
+                for m in metrics:
+                    mu, sd, _ = mean_std([r[m] for r in per_model if r["n_pixels"] > 0])
+                    row[m] = mu if level == "models_mean" else sd
+                row["n_pixels"] = sum(r["n_pixels"] for r in per_model)
+                out.append(row)
+    columns = ["init", "fraction", "level", "fold", "slide", "model", "n_models", "n_slides"]
+    return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
+
+
+def models_markdown(ms: pd.DataFrame, classes: list[str], notes: _Notes) -> list[str]:
+    """The tables of each model alone: mean (std) over a set's models, and per model."""
+    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
+    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    lines = [
+        "## Each model alone (`apply.each_model`)",
+        "",
+        "Every model of a set predicted each labelled slide on its own. A model's scores pool "
+        "the confusion of all the slides, as the paper's tables pool a fold's validation "
+        "slides; the mean (std, ddof 1) is over the set's models, the spread of a fold "
+        "ensemble's members on this cohort. Compare the mean with the set's averaged maps "
+        "(all slides pooled, above).",
+        "",
+        "### Mean (std) over the models",
+        "",
+    ]
+    rows = []
+    for (_, _), sub in ms.groupby(["init", "fraction"], sort=False):
+        mean = sub[sub["level"] == "models_mean"].iloc[0]
+        std = sub[sub["level"] == "models_std"].iloc[0]
+        why = f"{mean['init']}: no model has this class in its truth or prediction"
+        cells = [_mean_std_cell(mean[c], std[c], notes, why, over="models") for c in cols]
+        label = f"{mean['init']} ({_pct(float(mean['fraction']))})"
+        rows.append([label, str(int(mean["n_models"])), str(int(mean["n_slides"])), *cells])
+    lines += _table(["Models", "Models (n)", "Slides", *names], rows)
+    lines += ["### Per model, slides pooled", ""]
+    lines += _rows_table(
+        ms[ms["level"] == "model"],
+        ["Models", "Model", "Labelled px", *names],
+        lambda r: [
+            f"{r['init']} ({_pct(float(r['fraction']))})",
+            f"`{r['model']}`",
+            str(int(r["n_pixels"])),
+        ],
+        cols,
+        lambda r: "class absent from both truth and prediction",
+        notes,
+    )
+    return lines
 
 
 def cohort_markdown(
@@ -602,14 +692,27 @@ def build_cohort_tables(
     figure: Path | None = None,
     panel_slides: int = 3,
     settings: dict[str, Any] | None = None,
+    model_slides: Sequence[Path] = (),
 ) -> None:
-    """A prediction run's tables.md, slide_scores.tsv and figure from its whole-slide TSVs."""
+    """A prediction run's tables.md, slide_scores.tsv and figure from its whole-slide TSVs
+    (`slides`: each set's averaged maps; `model_slides`: each model alone, optional)."""
     raw, classes = read_results(slides)
     if not classes or not len(raw):
         raise ConfigError("no whole-slide result was given (--slides): nothing to table")
+    members, member_classes = read_results(model_slides)
+    if len(members) and member_classes != classes:
+        raise ConfigError(
+            f"the per-model results score classes {member_classes[1:]}, the model sets' "
+            f"{classes[1:]}: evaluate both with the same labels.classes"
+        )
     methods = list(dict.fromkeys([*methods, *raw["init"]]))
     methods = [m for m in methods if m in set(raw["init"])]
     cs = slide_cohort_scores(raw, classes, methods)
+    ms = (
+        model_cohort_scores(members, classes, list(dict.fromkeys(members["init"])))
+        if len(members)
+        else None
+    )
     notes = _Notes()
     lines = ["# Evaluation of a prediction run", ""]
     lines.append(
@@ -618,6 +721,9 @@ def build_cohort_tables(
     )
     lines.append("")
     lines += cohort_markdown(cs, raw, classes, notes)
+    if ms is not None:
+        lines += models_markdown(ms, classes, notes)
+        cs = pd.concat([cs, ms], ignore_index=True)
     settings = settings or {}
     write_tsv(with_provenance(cs, settings), slide_scores)
     _write_markdown(lines, notes, settings, markdown)

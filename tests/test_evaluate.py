@@ -476,6 +476,7 @@ def test_a_given_models_map_is_scored_without_folds(slide_files, tmp_path) -> No
     given = _write_map(tmp_path / "g.tiff", _truth(), routing="given", folds=[0, 1])
     row = evaluate_slide(open_map(given, None), slide, labels, None, CLASSES, 64, "cohort")
     assert (row["fold"].iloc[0], row["init"].iloc[0], row["accuracy"].iloc[0]) == (-1, "cohort", 1)
+    assert row["models"].iloc[0] == "model.pt"  # the map's models, naming each model alone
     own = open_map(_write_map(tmp_path / "o.tiff", _truth()), None)
     with pytest.raises(ConfigError, match="give --folds"):
         evaluate_slide(own, slide, labels, None, CLASSES, 64)
@@ -508,3 +509,59 @@ def test_cohort_tables_average_over_slides(tmp_path) -> None:  # noqa: ANN001
     assert "needs results of at least two slides" in md and "Tile protocol" not in md
     with Image.open(out / "figure.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+def _cohort_tsvs(folder: Path, rows: list[tuple[str, str, str, list[list[int]]]]) -> list[Path]:
+    """One whole-slide TSV per (slide, set, models, confusion) of a prediction run."""
+    paths = []
+    for i, (slide, init, models, cm) in enumerate(rows):
+        r = _row(slide, -1, init, cm) | {"routing": "given", "models": models, "mpp": 2.0}
+        paths.append(folder / f"{folder.name}{i}.tsv")
+        pd.DataFrame([r]).to_csv(paths[-1], sep="\t", index=False)
+    return paths
+
+
+def test_cohort_tables_score_each_model_alone(tmp_path) -> None:  # noqa: ANN001
+    """apply.each_model: each model's slides pooled, then mean (std) over the set's models;
+    models that scored different slides are refused."""
+    (tmp_path / "e").mkdir()
+    (tmp_path / "m").mkdir()
+    ensemble = _cohort_tsvs(
+        tmp_path / "e",
+        [
+            ("s1", "m1", "a.pt;b.pt", [[9, 1, 0], [1, 9, 0]]),
+            ("s2", "m1", "a.pt;b.pt", [[10, 0, 0], [0, 10, 0]]),
+        ],
+    )
+    members = _cohort_tsvs(
+        tmp_path / "m",
+        [
+            ("s1", "m1", "a.pt", [[9, 1, 0], [1, 9, 0]]),  # a: 36 of 40 right overall
+            ("s2", "m1", "a.pt", [[10, 0, 0], [0, 8, 2]]),
+            ("s1", "m1", "b.pt", [[5, 5, 0], [5, 5, 0]]),  # b: 25 of 40 right overall
+            ("s2", "m1", "b.pt", [[10, 0, 0], [5, 5, 0]]),
+        ],
+    )
+    out = tmp_path / "eval"
+    args = ["cohort", "--slides", *map(str, ensemble), "--model-slides", *map(str, members)]
+    args += ["--methods", "m1", "--markdown", str(out / "tables.md")]
+    assert main([*args, "--slide-scores", str(out / "scores.tsv")]) == 0
+    cs = pd.read_csv(out / "scores.tsv", sep="\t")
+    per_model = cs[cs["level"] == "model"].set_index("model")
+    assert per_model.loc["a.pt", "pixel_accuracy"] == pytest.approx(36 / 40)
+    assert per_model.loc["b.pt", "pixel_accuracy"] == pytest.approx(25 / 40)
+    assert (per_model["n_slides"] == 2).all() and (per_model["n_pixels"] == 40).all()
+    mean = cs[cs["level"] == "models_mean"].iloc[0]
+    std = cs[cs["level"] == "models_std"].iloc[0]
+    assert float(mean["pixel_accuracy"]) == pytest.approx((36 + 25) / 80)
+    assert float(std["pixel_accuracy"]) == pytest.approx(np.std([0.9, 0.625], ddof=1), rel=1e-5)
+    assert int(mean["n_models"]) == 2
+    ens = cs[cs["level"] == "all"].iloc[0]  # the averaged maps' row says how many it averages
+    assert pd.isna(ens["model"]) and int(ens["n_models"]) == 2
+    md = (out / "tables.md").read_text()
+    assert "## Each model alone" in md and "| m1 (100%) | 2 | 2 | " in md
+    assert "0.7625 (0.1945)" in md and "| m1 (100%) | `b.pt` | 40 | " in md
+    odd = _cohort_tsvs(tmp_path / "m", [("s1", "m1", "c.pt", [[1, 0, 0], [0, 1, 0]])])
+    args = ["cohort", "--slides", *map(str, ensemble), "--model-slides", *map(str, members + odd)]
+    args += ["--markdown", str(out / "t2.md"), "--slide-scores", str(out / "s2.tsv")]
+    assert main(args) != 0 and not (out / "t2.md").exists()

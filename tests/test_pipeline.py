@@ -121,7 +121,10 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
         "tissue": {"mpp": 8.0, "method": "rgb"},
         "labels": {"classes": ["ignore", "TUM", "STR", "LYM"]},
         "infer": {"overlap": 0.0, "threads": 2, "gpus": 0, "out_mpp": 2.0},
-        "apply": {"models": {"dsf": [models], "fold0": [models + "/fold0/model.pt"]}},
+        "apply": {
+            "models": {"dsf": [models], "fold0": [models + "/fold0/model.pt"]},
+            "each_model": True,
+        },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=tmp_path)
@@ -140,6 +143,20 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     md = (res / "eval" / "tables.md").read_text()
     assert "Mean (std) over slides" in md and "| dsf (100%) | case-8 |" in md
     assert (res / "eval" / "figure.png").stat().st_size > 10_000
+    # apply.each_model: dsf's two fold models alone on the annotated slide; alone, fold 0's
+    # model draws exactly the map of the set `fold0`
+    alone = sorted(str(p.relative_to(res / "maps")) for p in res.glob("maps/*/model*/*.tiff"))
+    assert alone == ["dsf/model0/case-8.tiff", "dsf/model1/case-8.tiff"]
+    assert np.array_equal(
+        tifffile.imread(res / "maps" / "dsf" / "model0" / "case-8.tiff", key=0),
+        tifffile.imread(res / "maps" / "fold0" / "case-8.tiff", key=0),
+    )
+    members = scores[scores["level"] == "model"]
+    assert sorted(members["model"].str.extract(r"(fold\d)/model.pt")[0]) == ["fold0", "fold1"]
+    fold0 = scores[(scores["init"] == "fold0") & (scores["level"] == "all")].iloc[0]
+    alone0 = members[members["model"].str.contains("fold0/")].iloc[0]
+    assert alone0["macro_f1"] == pytest.approx(fold0["macro_f1"], abs=1e-6)
+    assert "## Each model alone" in md and not list(res.glob("eval/slides/*/model*/*.npz"))
     smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "This run is a" in page and "System Message" not in page  # reStructuredText is valid

@@ -417,7 +417,30 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert counts["evaluate_slide"] == 2 and counts["evaluate_cohort"] == 1
     assert counts["report_tables"] == 1
     assert "folds" not in counts and "dsf evaluate cohort " in out and "--folds" not in out
+    assert "infer_model" not in counts and "--model-slides  --methods" in out
+    # apply.each_model: each of dsf's two models alone on the annotated slide, scored; the
+    # name of one model is not mapped twice
+    cfg["apply"]["each_model"] = True
+    (tmp_path / "each.yaml").write_text(yaml.safe_dump(cfg))
+    out = smk("-n", "-p", "--cores", "2", "--configfile", "each.yaml", cwd=tmp_path).stdout
+    counts = job_counts(out)
+    assert counts["infer_model"] == counts["evaluate_slide_model"] == 2
+    assert counts["infer"] == 4 and counts["evaluate_slide"] == 2
+    alone = [ln for ln in out.splitlines() if "dsf infer " in ln and re.search(r"/model\d/", ln)]
+    assert {re.search(r"--models (\S+) ", ln).group(1) for ln in alone} == {
+        "old/fold0/model.pt", "old/fold1/model.pt",
+    }  # fmt: skip
+    assert len(alone) == 2
+    assert {re.search(r"--out-map (\S+) ", ln).group(1) for ln in alone} == {
+        "results/maps/dsf/model0/A.tiff", "results/maps/dsf/model1/A.tiff",
+    }  # fmt: skip
+    cohort = next(ln for ln in out.splitlines() if "dsf evaluate cohort " in ln)
+    assert "eval/slides/dsf/model0/A.tsv" in cohort and "eval/slides/dsf/model1/A.tsv" in cohort
     cfg["apply"]["models"]["dsf"] = ["gone"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
     assert done.returncode != 0 and "apply.models.dsf: gone not found" in done.stdout + done.stderr
+    del cfg["apply"]["models"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
+    assert done.returncode != 0 and "apply.each_model is for" in done.stdout + done.stderr

@@ -27,6 +27,20 @@ SYNTH = list(config["synth"]["slides"])
 # and polygons run (maps/<name>/<slide>.tiff), every slide predicted by its name's models, and
 # the annotated slides are scored
 APPLY = find_models(config["apply"]["models"]) if config["apply"]["models"] else None
+# apply.each_model: name -> indices of its models, each mapping the annotated slides alone
+# (names of one model have no members apart from their ensemble)
+if config["apply"]["each_model"] and not APPLY:
+    from dsf.errors import ConfigError
+
+    raise ConfigError(
+        "apply.each_model is for prediction runs: set apply.models too, or set "
+        "apply.each_model to false"
+    )
+MEMBERS = {
+    name: list(range(len(models)))
+    for name, models in (APPLY or {}).items()
+    if len(models) > 1 and config["apply"]["each_model"]
+}
 # The same deterministic split the `folds` rule writes to folds.tsv, known at parse time so the
 # per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv. A
 # prediction run has no folds (one, holding every slide, keeps the helpers below simple).
@@ -157,6 +171,7 @@ wildcard_constraints:
     init="|".join(INITS) or "(?!)",
     finit="|".join(map(__import__("re").escape, [*FINITS, *(APPLY or [])])) or "(?!)",
     frac="|".join(map(__import__("re").escape, FRACS)) or "(?!)",
+    member=r"\d+",
 
 
 def train_stores(unit):
@@ -224,6 +239,29 @@ def infer_inputs(wildcards):
         "mask": f"{RESULTS}/tissue/{wildcards.slide}.tiff",
         "models": APPLY[wildcards.finit] if APPLY else models,
     }
+
+
+def member_infer_inputs(wildcards):
+    """Slide, tissue mask and model `member` of apply.models' name `finit` (apply.each_model)."""
+    models = APPLY[wildcards.finit]
+    member = int(wildcards.member)
+    if member >= len(models):
+        raise ValueError(f"apply.models.{wildcards.finit} has {len(models)} models, no {member}")
+    return {
+        "slide": slide_path(wildcards),
+        "mask": f"{RESULTS}/tissue/{wildcards.slide}.tiff",
+        "models": models[member],
+    }
+
+
+def member_scores():
+    """The whole-slide TSVs of every member model on every annotated slide (apply.each_model)."""
+    return [
+        f"{RESULTS}/eval/slides/{name}/model{i}/{slide}.tsv"
+        for name, members in MEMBERS.items()
+        for i in members
+        for slide in sorted(LABELLED)
+    ]
 
 
 def slide_path(wildcards):

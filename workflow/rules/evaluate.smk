@@ -69,6 +69,22 @@ rule evaluate_slide:
         "{params.opts} {params.classes} 2> {log:q}"
 
 
+# apply.each_model: one model of a prediction run's name alone on an annotated slide
+use rule evaluate_slide as evaluate_slide_model with:
+    input:
+        unpack(labels_input),
+        map=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.tiff",
+        meta=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.json",
+        slide=slide_path,
+    output:
+        tsv=f"{RESULTS}/eval/slides/{{finit}}/model{{member}}/{{slide}}.tsv",
+        panel=temp(f"{RESULTS}/eval/slides/{{finit}}/model{{member}}/{{slide}}.panel.npz"),
+    log:
+        f"{RESULTS}/logs/evaluate/slides/{{finit}}/model{{member}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/slides/{{finit}}/model{{member}}/{{slide}}.tsv"
+
+
 # the paper's tables over folds (the usual run)
 if not APPLY:
 
@@ -150,6 +166,8 @@ else:
                 f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
                 finit=INFER_INITS, slide=sorted(LABELLED),
             ),
+            # apply.each_model: each model of a name alone
+            members=member_scores(),
         output:
             markdown=report(
                 f"{RESULTS}/eval/tables.md",
@@ -188,6 +206,6 @@ else:
             f"{RESULTS}/benchmarks/evaluate/tables.tsv"
         shell:
             "dsf evaluate cohort --slides {input.slides:q} --panels {input.panels:q} "
-            "--methods {params.methods} --markdown {output.markdown:q} "
-            "--slide-scores {output.slide_scores:q} --figure {output.figure:q} {params.opts} "
-            "2> {log:q}"
+            "--model-slides {input.members:q} --methods {params.methods} "
+            "--markdown {output.markdown:q} --slide-scores {output.slide_scores:q} "
+            "--figure {output.figure:q} {params.opts} 2> {log:q}"

@@ -40,3 +40,23 @@ rule infer:
         "--models {input.models:q} --routing {params.routing} --out-map {output.map:q} "
         "--out-overlay {output.overlay:q} --out-meta {output.meta:q} {params.probs} "
         "--threads {threads} --no-progress {params.opts} 2> {log:q}"
+
+
+# apply.each_model: one model of a prediction run's name alone on an annotated slide, for the
+# mean (std) over the models (evaluate_slide_model, evaluate_cohort)
+use rule infer as infer_model with:
+    input:
+        unpack(member_infer_inputs),
+    output:
+        map=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.tiff",
+        overlay=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.jpg",
+        meta=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.json",
+    params:
+        slide=slide_opts,
+        routing="given",
+        probs="",
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "threads")),
+    log:
+        f"{RESULTS}/logs/infer/{{finit}}/model{{member}}/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/infer/{{finit}}/model{{member}}/{{slide}}.tsv"
