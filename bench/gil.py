@@ -4,8 +4,8 @@ On a GPU the stitcher's main thread is bound by Python and kernel launches: ever
 releases the GIL and takes it back, so reader threads that hold the GIL for milliseconds at a
 time (PIL's channel check, RGBA -> RGB and `tobytes` in `OpenSlide.read_region`) make it wait
 at every call. This measures it without a GPU: the main thread runs tiny torch ops (a stand-in
-for launches) while `threads` readers run `dsf.infer._Reader._read` on a synthetic slide: with
-openslide-python's `read_region` (the previous reader), with dsf's direct read
+for launches) while `threads` readers run `dsf.chunk_reader.ChunkReader._read` on a synthetic
+slide: with openslide-python's `read_region` (the previous reader), with dsf's direct read
 (`dsf.slide._OPENSLIDE_READ`), and with the context reduction left to the device as a GPU run
 does (here the "device" is the CPU, so only the reader's share is measured). Reported:
 main-thread ops/s and reader Mpx/s (target rows read; contexts not counted).
@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import _ensure_synth  # noqa: E402 - bench helper reuse
 
 import dsf.slide  # noqa: E402
-from dsf.infer import _bands, _Reader, make_grid  # noqa: E402
+from dsf.chunk_reader import ChunkReader  # noqa: E402
 from dsf.slide import open_slide  # noqa: E402
+from dsf.windows import make_grid, plan_bands  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,9 +59,9 @@ def measure(
     rows, cols = grid.cores
     r0, r1 = grid.windows_touching(0, rows - 1)
     c0, c1 = grid.windows_touching(0, cols - 1)
-    band = _bands(grid, np.ones((r1 - r0 + 1, c1 - c0 + 1), bool))[1]
+    band = plan_bands(grid, np.ones((r1 - r0 + 1, c1 - c0 + 1), bool))[1]
     chunks = band.chunks[10:-10]  # inside the slide
-    reader = _Reader(slide, grid, slide.mpp, threads)
+    reader = ChunkReader(slide, grid, slide.mpp, threads)
     reader.contexts_on_device = device_contexts  # as on a GPU (no page-locked memory here)
     stop = threading.Event()
     done = [0]

@@ -12,12 +12,14 @@ import tifffile
 import torch
 from torch import nn
 
+from dsf.chunk_reader import reduce_rgb, reduce_rows
 from dsf.config import defaults
 from dsf.errors import ConfigError, SlideError
-from dsf.infer import infer_slide, make_grid, reduce_rgb, reduce_rows, tissue_windows
+from dsf.infer import infer_slide
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
+from dsf.windows import make_grid, tissue_windows
 
 from conftest import DEVICE, rgb_slide
 
@@ -164,7 +166,7 @@ def test_contexts_reduced_on_the_device_give_the_same_map(tmp_path, stripes, mon
     oracle's map is still exact, so those contexts are concentric and equal to the host's."""
     import dsf.infer
 
-    class DeviceContexts(dsf.infer._Reader):
+    class DeviceContexts(dsf.infer.ChunkReader):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             self.contexts_on_device = True
@@ -174,7 +176,7 @@ def test_contexts_reduced_on_the_device_give_the_same_map(tmp_path, stripes, mon
             assert ctx is None
             return tgt, ctx
 
-    monkeypatch.setattr(dsf.infer, "_Reader", DeviceContexts)
+    monkeypatch.setattr(dsf.infer, "ChunkReader", DeviceContexts)
     path, cls = stripes
     out, _ = run_infer(tmp_path, path, [oracle(32, from_context=True)], overlap=0.25)
     np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
@@ -281,8 +283,8 @@ def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monk
     the band is never decoded), and every window the model gets equals its target block and
     its context read straight from the slide (reduced by the scale), edges padded as the
     slide's background."""
-    from dsf.infer import _bands
     from dsf.slide import Slide
+    from dsf.windows import plan_bands
 
     widths: list[tuple[int, int]] = []
     read = Slide.read
@@ -308,7 +310,7 @@ def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monk
     out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, band_windows=20)
     grid = make_grid(w, h, 32, 4, 0.25, 1, 20)
     run = tissue_windows(grid, mask, MPP * 8, MPP)
-    (band,) = _bands(grid, run)  # one band spans the slide ...
+    (band,) = plan_bands(grid, run)  # one band spans the slide ...
     chunk_reads = [wd for wd, ht in widths if ht == meta["stride"]]
     assert chunk_reads and max(chunk_reads) < band.width / 2  # ... but no chunk reads it all
     r0, _ = grid.windows_touching(0, grid.cores[0] - 1)
@@ -316,7 +318,7 @@ def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monk
     s, o, b = grid.stride, grid.offset, grid.block
     slide = open_slide(path)
     expected_ctx, expected_tgt = [], []
-    for band in _bands(grid, run):
+    for band in plan_bands(grid, run):
         wc0, wc1 = band.wcols
         for wr in band.wrows:
             for wc in np.flatnonzero(run[wr - r0, wc0 - c0 : wc1 - c0 + 1]) + wc0:
@@ -340,7 +342,8 @@ def test_blending_is_the_weighted_mean_of_the_windows(block, overlap, band):
     """The band accumulator's probabilities equal the Hann-weighted mean, over the windows
     covering each pixel, computed window by window (random windows disagree everywhere, so
     every piece of every overlap counts); never-covered pixels are class 0."""
-    from dsf.infer import _BandAccumulator, _bands, hann_weights
+    from dsf.stitch import BandAccumulator
+    from dsf.windows import hann_weights, plan_bands
 
     rng = np.random.default_rng(block + band)
     h, w, n_fg = 150, 230, 3
@@ -364,8 +367,8 @@ def test_blending_is_the_weighted_mean_of_the_windows(block, overlap, band):
     expected = np.round(acc[:n_fg] / np.maximum(acc[:n_fg].sum(0), 1e-12) * 255)
     got_probs = np.zeros((n_fg, rows * s, cols * s))
     got_cls = np.zeros((rows * s, cols * s), np.uint8)
-    for bd in _bands(grid, run):
-        accumulator = _BandAccumulator(grid, bd, n_fg, torch.device(DEVICE), want_probs=True)
+    for bd in plan_bands(grid, run):
+        accumulator = BandAccumulator(grid, bd, n_fg, torch.device(DEVICE), want_probs=True)
         wc0, wc1 = bd.wcols
         for wr in bd.wrows:
             wcols = np.flatnonzero(run[wr - r0, wc0 - c0 : wc1 - c0 + 1]) + wc0
@@ -426,9 +429,9 @@ def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monke
     complete is left."""
     import threading
 
-    import dsf.infer
+    import dsf.map_writer
 
-    add_row = dsf.infer._MapWriter.add_row
+    add_row = dsf.map_writer.MapWriter.add_row
     calls = []
 
     def failing(self, band, cls, probs):
@@ -437,7 +440,7 @@ def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monke
             raise OSError("No space left on device")
         add_row(self, band, cls, probs)
 
-    monkeypatch.setattr(dsf.infer._MapWriter, "add_row", failing)
+    monkeypatch.setattr(dsf.map_writer.MapWriter, "add_row", failing)
     path, _ = stripes
     with pytest.raises(SlideError, match=r"'stripes'.*map\.tiff.*No space left.*free disk"):
         run_infer(tmp_path, path, [oracle(32)])
@@ -611,7 +614,7 @@ class _FakeEvent:
 def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
     """The GPU path of the device-to-host queue, with stand-in events: a row is handed on only
     when its copy is done, in order, the oldest is waited for past the limit, flush empties."""
-    from dsf.infer import _RowsToHost
+    from dsf.map_writer import RowsToHost
 
     class Writer:
         def __init__(self) -> None:
@@ -622,7 +625,7 @@ def test_rows_reach_the_writer_in_order_once_their_copies_are_done() -> None:
             self.rows.append((band, int(cls[0, 0])))
 
     writer = Writer()
-    q = _RowsToHost(writer, torch.device("cpu"), limit=2)  # type: ignore[arg-type]
+    q = RowsToHost(writer, torch.device("cpu"), limit=2)  # type: ignore[arg-type]
     q.gpu, q.new_event, q._host, q.stream = True, _FakeEvent, lambda t: t, "copy stream"
     _FakeEvent.made.clear()
     row = lambda v: torch.full((2, 3), v, dtype=torch.uint8)  # noqa: E731
