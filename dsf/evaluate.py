@@ -204,8 +204,10 @@ def evaluate_tiles(
     batch_size: int,
     model: Path,
     folds: pd.DataFrame | None = None,
+    method: str | None = None,
 ) -> pd.DataFrame:
-    """One row per store: slide, fold, init, fraction, n_tiles, confusion counts and scores."""
+    """One row per store: slide, fold, init, fraction, model, n_tiles, confusion counts and
+    scores. `method` names the rows (default the model's init)."""
     meta = predictor.meta
     slides = [_store_slide(s) for s in stores]
     check_validation_stores(slides, meta, model, folds)
@@ -215,8 +217,9 @@ def evaluate_tiles(
         row = {
             "slide": slide,
             "fold": int(meta.get("fold", -1)),
-            "init": predictor.init,
+            "init": method or predictor.init,
             "fraction": float(meta.get("fraction", 1.0)),
+            "model": str(model),
             "n_tiles": n,
         } | score_row(cm, predictor.classes)
         log.info(
@@ -235,7 +238,8 @@ def evaluate_tiles(
         )
         k = len(predictor.classes) - 1
         empty = score_row(np.zeros((k, k + 1), np.int64), predictor.classes)
-        return pd.DataFrame(columns=["slide", "fold", "init", "fraction", "n_tiles", *empty])
+        columns = ["slide", "fold", "init", "fraction", "model", "n_tiles"]
+        return pd.DataFrame(columns=[*columns, *empty])
     return pd.DataFrame(rows)
 
 
@@ -363,6 +367,7 @@ def _parser() -> argparse.ArgumentParser:
         "--stores", nargs="*", default=[], type=Path, help="labelled validation stores of fold k"
     )
     t.add_argument("--folds", type=Path, help="folds.tsv: also refuse stores of other folds")
+    t.add_argument("--method", help="the rows' method name (default: the model's init)")
     t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
     add_section_arguments(t, "evaluate")
 
@@ -404,6 +409,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="whole-slide TSVs of each model of a set alone (apply.each_model)",
     )
+    c.add_argument(
+        "--tiles",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="tile-protocol TSVs of each model on the annotated stores (apply.tile_protocol)",
+    )
+    c.add_argument("--tile-scores", type=Path, help="tile_scores.tsv (with --tiles)")
     c.add_argument("--methods", nargs="*", default=[], help="model sets, in table order")
     c.add_argument("--markdown", required=True, type=Path, help="tables.md")
     c.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
@@ -419,7 +432,9 @@ def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
     predictor = load_predictor(args.model, use_device(st["device"], "evaluate.device"), st["amp"])
     folds = read_folds(args.folds) if args.folds else None
-    df = evaluate_tiles(predictor, list(args.stores), st["batch_size"], args.model, folds)
+    df = evaluate_tiles(
+        predictor, list(args.stores), st["batch_size"], args.model, folds, args.method
+    )
     write_tsv(with_provenance(df, {"evaluate": st}), args.out)
 
 
@@ -476,7 +491,14 @@ def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
 def _cohort(args: argparse.Namespace, st: dict[str, Any]) -> None:
     from dsf.tables import build_cohort_tables
 
-    build_cohort_tables(model_slides=list(args.model_slides), **_table_args(args, st))
+    if args.tiles and args.tile_scores is None:
+        raise ConfigError("--tiles needs --tile-scores, the TSV to write their scores to")
+    build_cohort_tables(
+        model_slides=list(args.model_slides),
+        tiles=list(args.tiles),
+        tile_scores=args.tile_scores,
+        **_table_args(args, st),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

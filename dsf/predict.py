@@ -49,6 +49,30 @@ def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[s
     return found
 
 
+def check_patch_geometry(
+    models: dict[str, list[str]], patches: dict[str, Any], classes: list[str]
+) -> None:
+    """Refuse patch settings that would cut stores the given models cannot score (the tile
+    protocol of a prediction run): every model's target mpp, block, scale and classes must be
+    those of the `patches` and `labels` sections."""
+    want = (float(patches["target_mpp"]), int(patches["block"]), int(patches["scale"]))
+    for name, paths in models.items():
+        for path in paths:
+            meta = checkpoints.load(Path(path))
+            got = (float(meta["target_mpp"]), int(meta["block"]), int(meta["scale"]))
+            if got[1:] != want[1:] or abs(got[0] - want[0]) > 1e-3 * want[0]:
+                raise ConfigError(
+                    f"apply.models.{name}: {path} was fine-tuned on target_mpp, block, scale "
+                    f"{got}, but patches.target_mpp, patches.block, patches.scale are {want}: "
+                    "set the patches section to the models' geometry for the tile protocol"
+                )
+            if list(meta["classes"]) != list(classes):
+                raise ConfigError(
+                    f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
+                    f"labels.classes is {list(classes)}: set labels.classes to the models'"
+                )
+
+
 @dataclass
 class Predictor:
     """A fine-tuned model with what it needs to be fed: geometry, classes, normalisation."""

@@ -232,6 +232,11 @@ def _mean_std_cell(mean: Any, std: Any, notes: _Notes, why: str, over: str = "fo
     return f"{_num(mean)} ({sd})"
 
 
+def _count(n: int, noun: str) -> str:
+    """`1 slide`, `2 slides`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _pct(frac: float) -> str:
     return f"{frac * 100:g}%"
 
@@ -592,6 +597,111 @@ def model_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]
     return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
 
 
+def model_tile_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
+    """A prediction run's tile protocol (apply.tile_protocol): per model, as the paper scores a
+    fold model on its validation slides, f1 (the slides' micro F1 averaged) and paper_accuracy
+    (likewise), with pixel accuracy, macro F1 and per-class F1 of the pooled confusion (`fold`
+    empty, `model` its file); then `mean` and `std` (ddof 1) over the set's models, per method
+    and label fraction."""
+    metrics = [*FOLD_METRICS, *(f"f1_{c}" for c in classes[1:])]
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        mine = df[df["init"] == method]
+        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
+            key = {"init": method, "fraction": frac}
+            sub = mine[mine["fraction"] == frac]
+            rows = []
+            for model in dict.fromkeys(sub["model"]):
+                one = sub[sub["model"] == model]
+                row: dict[str, Any] = key | {"fold": "", "model": model, "n_slides": len(one)}
+                row |= {"n_folds": 1, "n_tiles": int(one["n_tiles"].sum())} | _pooled(one, classes)
+                evaluated = one[one["n_pixels"] > 0]
+                row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
+                row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
+                rows.append(row)
+            summary = _summary_rows(rows, key | {"model": ""}, metrics)
+            for r in summary:
+                r["n_models"] = len(rows)
+            out += rows + summary
+    columns = ["init", "fraction", "fold", "model", "n_models", "n_slides", "n_tiles", "n_pixels"]
+    return pd.DataFrame(out, columns=[*columns, *metrics])
+
+
+def tile_cohort_markdown(
+    ts: pd.DataFrame, raw: pd.DataFrame, classes: list[str], notes: _Notes
+) -> list[str]:
+    """The tile-protocol section of a prediction run: mean (std) over a set's models, and per
+    model."""
+    slides = sorted(set(raw["slide"]))
+    per_slide = raw.drop_duplicates("slide")
+    lines = [
+        "## Tile protocol (the paper's, Tables II-III, on this cohort)",
+        "",
+        "Each model predicts the centre target block of every kept tile of the annotated slides "
+        f"({len(slides)}: {', '.join(slides)}; {_count(int(per_slide['n_tiles'].sum()), 'tile')}), "
+        "argmax over the foreground classes, unlabelled pixels ignored. **F1** is the micro F1 "
+        "of each slide averaged over the slides (the paper's Table II), **ACC** the paper's "
+        "accuracy likewise (Table III); pixel accuracy, macro F1 and per-class F1 come from the "
+        "model's pooled confusion. Mean (std, ddof 1) over the set's models, as the paper's "
+        "tables are over fold models.",
+        "",
+    ]
+    cols = ["f1", "paper_accuracy", *(f"f1_{c}" for c in classes[1:]), "pixel_accuracy"]
+    pairs = [
+        (sub[sub["fold"] == "mean"].iloc[0], sub[sub["fold"] == "std"].iloc[0])
+        for _, sub in ts.groupby(["init", "fraction"], sort=False)
+    ]
+    lines += _over_models(
+        pairs,
+        ts[~ts["fold"].isin(["mean", "std"])],
+        cols,
+        ["F1", "ACC", *classes[1:], "Pixel acc."],
+        {"Models (n)": "n_models"},
+        ("Per model", "Tiles", "n_tiles"),
+        ("no model has a result for this", "no labelled pixel, or the class is absent"),
+        notes,
+    )
+    return lines
+
+
+def _set_label(r: pd.Series) -> str:
+    """A model set's row label: its name and label fraction."""
+    return f"{r['init']} ({_pct(float(r['fraction']))})"
+
+
+def _over_models(
+    pairs: list[tuple[pd.Series, pd.Series]],
+    per_model: pd.DataFrame,
+    cols: list[str],
+    names: list[str],
+    counts: dict[str, str],
+    per: tuple[str, str, str],
+    why: tuple[str, str],
+    notes: _Notes,
+) -> list[str]:
+    """A prediction run's tables over a set's models: mean (std) per set (`pairs` of its mean
+    and std rows, `counts` header -> column), then one row per model (`per`: the title, the
+    count's header and column); `why`: the notes of an n/a mean and an n/a model cell."""
+    rows = []
+    for mean, std in pairs:
+        note = f"{mean['init']}: {why[0]}"
+        cells = [_mean_std_cell(mean[c], std[c], notes, note, over="models") for c in cols]
+        rows.append([_set_label(mean), *(str(int(mean[c])) for c in counts.values()), *cells])
+    lines = ["### Mean (std) over the models", ""]
+    lines += _table(["Models", *counts, *names], rows)
+    title, count_header, count_col = per
+    lines += [f"### {title}", ""]
+    lines += _rows_table(
+        per_model,
+        ["Models", "Model", count_header, *names],
+        lambda r: [_set_label(r), f"`{r['model']}`", str(int(r[count_col]))],
+        cols,
+        lambda r: why[1],
+        notes,
+    )
+    return lines
+
+
 def models_markdown(ms: pd.DataFrame, classes: list[str], notes: _Notes) -> list[str]:
     """The tables of each model alone: mean (std) over a set's models, and per model."""
     cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
@@ -605,29 +715,22 @@ def models_markdown(ms: pd.DataFrame, classes: list[str], notes: _Notes) -> list
         "ensemble's members on this cohort. Compare the mean with the set's averaged maps "
         "(all slides pooled, above).",
         "",
-        "### Mean (std) over the models",
-        "",
     ]
-    rows = []
-    for (_, _), sub in ms.groupby(["init", "fraction"], sort=False):
-        mean = sub[sub["level"] == "models_mean"].iloc[0]
-        std = sub[sub["level"] == "models_std"].iloc[0]
-        why = f"{mean['init']}: no model has this class in its truth or prediction"
-        cells = [_mean_std_cell(mean[c], std[c], notes, why, over="models") for c in cols]
-        label = f"{mean['init']} ({_pct(float(mean['fraction']))})"
-        rows.append([label, str(int(mean["n_models"])), str(int(mean["n_slides"])), *cells])
-    lines += _table(["Models", "Models (n)", "Slides", *names], rows)
-    lines += ["### Per model, slides pooled", ""]
-    lines += _rows_table(
+    pairs = [
+        (sub[sub["level"] == "models_mean"].iloc[0], sub[sub["level"] == "models_std"].iloc[0])
+        for _, sub in ms.groupby(["init", "fraction"], sort=False)
+    ]
+    lines += _over_models(
+        pairs,
         ms[ms["level"] == "model"],
-        ["Models", "Model", "Labelled px", *names],
-        lambda r: [
-            f"{r['init']} ({_pct(float(r['fraction']))})",
-            f"`{r['model']}`",
-            str(int(r["n_pixels"])),
-        ],
         cols,
-        lambda r: "class absent from both truth and prediction",
+        names,
+        {"Models (n)": "n_models", "Slides": "n_slides"},
+        ("Per model, slides pooled", "Labelled px", "n_pixels"),
+        (
+            "no model has this class in its truth or prediction",
+            "class absent from both truth and prediction",
+        ),
         notes,
     )
     return lines
@@ -642,7 +745,7 @@ def cohort_markdown(
         "## Whole-slide protocol (class maps of the given models)",
         "",
         f"Each labelled slide's full class map (at {mpps} um/px) against its ground truth, "
-        f"unlabelled pixels ignored: {raw['slide'].nunique()} slides "
+        f"unlabelled pixels ignored: {_count(raw['slide'].nunique(), 'slide')} "
         f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
         "background count as misses. F1 = Dice; pixel accuracy = micro F1. The models were "
         "trained before, outside this run (`apply.models`): whether they saw any of these "
@@ -653,16 +756,13 @@ def cohort_markdown(
     names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
     absent = "class absent from both truth and prediction"
 
-    def label(r: pd.Series) -> str:
-        return f"{r['init']} ({_pct(float(r['fraction']))})"
-
     lines += ["### Mean (std) over slides", ""]
     rows = []
     for (_, _), sub in cs.groupby(["init", "fraction"], sort=False):
         mean, std = sub[sub["level"] == "mean"].iloc[0], sub[sub["level"] == "std"].iloc[0]
         why = f"{mean['init']}: no slide has this class in its truth or prediction"
         cells = [_mean_std_cell(mean[c], std[c], notes, why, over="slides") for c in cols]
-        rows.append([label(mean), str(int(mean["n_slides"])), *cells])
+        rows.append([_set_label(mean), str(int(mean["n_slides"])), *cells])
     lines += _table(["Models", "Slides", *names], rows)
     for level, title in (("all", "All slides pooled"), ("slide", "Per slide")):
         per_slide = level == "slide"
@@ -671,7 +771,7 @@ def cohort_markdown(
             cs[cs["level"] == level],
             ["Models", *(["Slide"] if per_slide else []), "Labelled px", *names],
             lambda r, s=per_slide: [
-                label(r),
+                _set_label(r),
                 *([str(r["slide"])] if s else []),
                 str(int(r["n_pixels"])),
             ],  # fmt: skip
@@ -693,9 +793,12 @@ def build_cohort_tables(
     panel_slides: int = 3,
     settings: dict[str, Any] | None = None,
     model_slides: Sequence[Path] = (),
+    tiles: Sequence[Path] = (),
+    tile_scores: Path | None = None,
 ) -> None:
     """A prediction run's tables.md, slide_scores.tsv and figure from its whole-slide TSVs
-    (`slides`: each set's averaged maps; `model_slides`: each model alone, optional)."""
+    (`slides`: each set's averaged maps; `model_slides`: each model alone, optional), and with
+    `tiles` (each model's tile protocol) its tile_scores.tsv."""
     raw, classes = read_results(slides)
     if not classes or not len(raw):
         raise ConfigError("no whole-slide result was given (--slides): nothing to table")
@@ -705,9 +808,16 @@ def build_cohort_tables(
             f"the per-model results score classes {member_classes[1:]}, the model sets' "
             f"{classes[1:]}: evaluate both with the same labels.classes"
         )
+    traw, tile_classes = read_results(tiles)
+    if len(traw) and tile_classes != classes:
+        raise ConfigError(
+            f"the tile-protocol results score classes {tile_classes[1:]}, the maps' "
+            f"{classes[1:]}: evaluate both with the same labels.classes"
+        )
     methods = list(dict.fromkeys([*methods, *raw["init"]]))
     methods = [m for m in methods if m in set(raw["init"])]
     cs = slide_cohort_scores(raw, classes, methods)
+    ts = model_tile_scores(traw, classes, methods) if len(traw) else None
     ms = (
         model_cohort_scores(members, classes, list(dict.fromkeys(members["init"])))
         if len(members)
@@ -715,20 +825,24 @@ def build_cohort_tables(
     )
     notes = _Notes()
     lines = ["# Evaluation of a prediction run", ""]
-    lines.append(
-        f"{_classes_text(classes)} Models: {', '.join(methods)}. No tile protocol: the models "
-        "were not trained here."
-    )
+    tile_note = "" if ts is not None else " No tile protocol (apply.tile_protocol is off)."
+    lines.append(f"{_classes_text(classes)} Models: {', '.join(methods)}.{tile_note}")
     lines.append("")
+    if ts is not None:
+        lines += tile_cohort_markdown(ts, traw, classes, notes)
     lines += cohort_markdown(cs, raw, classes, notes)
     if ms is not None:
         lines += models_markdown(ms, classes, notes)
         cs = pd.concat([cs, ms], ignore_index=True)
     settings = settings or {}
+    if ts is not None:
+        if tile_scores is None:
+            raise ConfigError("tile-protocol results were given without a tile_scores path")
+        write_tsv(with_provenance(ts, settings), tile_scores)
     write_tsv(with_provenance(cs, settings), slide_scores)
     _write_markdown(lines, notes, settings, markdown)
     if figure is not None:
         from dsf.figures import evaluation_figure
 
-        evaluation_figure(None, cs, classes, panels, figure, panel_slides)
+        evaluation_figure(ts, cs, classes, panels, figure, panel_slides)
     log.info("wrote %s, %s", markdown, slide_scores)

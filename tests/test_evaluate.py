@@ -565,3 +565,47 @@ def test_cohort_tables_score_each_model_alone(tmp_path) -> None:  # noqa: ANN001
     args = ["cohort", "--slides", *map(str, ensemble), "--model-slides", *map(str, members + odd)]
     args += ["--markdown", str(out / "t2.md"), "--slide-scores", str(out / "s2.tsv")]
     assert main(args) != 0 and not (out / "t2.md").exists()
+
+
+def test_cohort_tables_tile_protocol_per_model(tmp_path) -> None:  # noqa: ANN001
+    """apply.tile_protocol: per model the slides' micro F1 averaged (the paper's F1), then mean
+    (std) over the set's models, in tables.md and tile_scores.tsv."""
+    (tmp_path / "e").mkdir()
+    (tmp_path / "t").mkdir()
+    ensemble = _cohort_tsvs(
+        tmp_path / "e",
+        [("s1", "m1", "a.pt;b.pt", [[9, 1, 0], [1, 9, 0]])],
+    )
+    tiles = []
+    for i, (slide, model, cm) in enumerate(
+        [
+            ("s1", "a.pt", [[8, 2, 0], [0, 10, 0]]),  # micro F1 0.9
+            ("s2", "a.pt", [[10, 10, 0], [0, 20, 0]]),  # 0.75 -> a: F1 0.825
+            ("s1", "b.pt", [[10, 0, 0], [0, 10, 0]]),  # 1.0
+            ("s2", "b.pt", [[6, 4, 0], [4, 6, 0]]),  # 0.6 -> b: F1 0.8
+        ]
+    ):
+        r = _row(slide, i % 2, "m1", cm) | {"model": model}
+        tiles.append(tmp_path / "t" / f"{i}.tsv")
+        pd.DataFrame([r]).to_csv(tiles[-1], sep="\t", index=False)
+    out = tmp_path / "eval"
+    args = ["cohort", "--slides", *map(str, ensemble), "--tiles", *map(str, tiles)]
+    args += ["--markdown", str(out / "tables.md"), "--slide-scores", str(out / "s.tsv")]
+    assert main(args) != 0 and not (out / "tables.md").exists()  # --tile-scores is needed
+    args += ["--tile-scores", str(out / "tiles.tsv")]
+    assert main([*args, "--figure", str(out / "figure.png")]) == 0
+    ts = pd.read_csv(out / "tiles.tsv", sep="\t", dtype={"fold": str})
+    per_model = ts[ts["fold"].isna()].set_index("model")
+    assert per_model.loc["a.pt", "f1"] == pytest.approx(0.825, rel=1e-5)
+    assert per_model.loc["b.pt", "f1"] == pytest.approx(0.8, rel=1e-5)
+    assert per_model.loc["a.pt", "n_tiles"] == 6 and per_model.loc["a.pt", "n_slides"] == 2
+    assert per_model.loc["b.pt", "pixel_accuracy"] == pytest.approx(32 / 40, rel=1e-5)  # pooled
+    mean = ts[ts["fold"] == "mean"].iloc[0]
+    std = ts[ts["fold"] == "std"].iloc[0]
+    assert mean["f1"] == pytest.approx(0.8125, rel=1e-5) and mean["n_models"] == 2
+    assert std["f1"] == pytest.approx(np.std([0.825, 0.8], ddof=1), rel=1e-4)
+    md = (out / "tables.md").read_text()
+    assert "## Tile protocol (the paper's" in md and "| m1 (100%) | 2 | 0.8125 (0.0177) |" in md
+    assert "| m1 (100%) | `a.pt` | 6 | 0.8250 |" in md and "No tile protocol" not in md
+    with Image.open(out / "figure.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300

@@ -124,7 +124,10 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
         "apply": {
             "models": {"dsf": [models], "fold0": [models + "/fold0/model.pt"]},
             "each_model": True,
+            "tile_protocol": True,
         },
+        # the models' geometry, for the tile protocol
+        "patches": yaml.safe_load((run / "cfg.yaml").read_text())["patches"],
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("--configfile", "cfg.yaml", "--cores", "2", cwd=tmp_path)
@@ -133,7 +136,7 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     )
     res = tmp_path / "res"
     made = sorted(p.name for p in res.iterdir())
-    assert made == ["benchmarks", "eval", "logs", "maps", "report", "tissue"]
+    assert made == ["benchmarks", "eval", "logs", "maps", "patches", "report", "tissue"]
     # the annotated slide scored per model set, over slides (one here: std n/a)
     scores = pd.read_csv(res / "eval" / "slide_scores.tsv", sep="\t")
     assert set(scores["init"]) == {"dsf", "fold0"}
@@ -157,6 +160,14 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     alone0 = members[members["model"].str.contains("fold0/")].iloc[0]
     assert alone0["macro_f1"] == pytest.approx(fold0["macro_f1"], abs=1e-6)
     assert "## Each model alone" in md and not list(res.glob("eval/slides/*/model*/*.npz"))
+    # apply.tile_protocol: the annotated slide's store scored by each model, the paper's way
+    tiles = pd.read_csv(res / "eval" / "tile_scores.tsv", sep="\t", dtype={"fold": str})
+    per_model = tiles[tiles["fold"].isna()]
+    assert sorted(per_model["init"]) == ["dsf", "dsf", "fold0"] and (per_model["n_tiles"] > 0).all()
+    f1 = {(r["init"], Path(r["model"]).parent.name): r["f1"] for _, r in per_model.iterrows()}
+    assert f1[("fold0", "fold0")] == pytest.approx(f1[("dsf", "fold0")])  # the same model
+    assert per_model["f1"].between(0, 1).all() and "## Tile protocol" in md
+    assert sorted(p.name for p in (res / "patches").iterdir()) == ["case-8.zarr"]
     smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "This run is a" in page and "System Message" not in page  # reStructuredText is valid

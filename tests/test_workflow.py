@@ -417,7 +417,8 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert counts["evaluate_slide"] == 2 and counts["evaluate_cohort"] == 1
     assert counts["report_tables"] == 1
     assert "folds" not in counts and "dsf evaluate cohort " in out and "--folds" not in out
-    assert "infer_model" not in counts and "--model-slides  --methods" in out
+    assert "infer_model" not in counts and "patches" not in counts
+    assert re.search(r"--model-slides\s+--tiles\s+--methods", out)
     # apply.each_model: each of dsf's two models alone on the annotated slide, scored; the
     # name of one model is not mapped twice
     cfg["apply"]["each_model"] = True
@@ -436,6 +437,31 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     }  # fmt: skip
     cohort = next(ln for ln in out.splitlines() if "dsf evaluate cohort " in ln)
     assert "eval/slides/dsf/model0/A.tsv" in cohort and "eval/slides/dsf/model1/A.tsv" in cohort
+    # apply.tile_protocol: the annotated slide's store cut, scored by every model of every name
+    import torch
+
+    from dsf.config import defaults
+
+    geometry = {k: defaults("patches")[k] for k in ("target_mpp", "block", "scale")}
+    meta = geometry | {"classes": defaults("labels")["classes"]}
+    for model in ("old/fold0/model.pt", "old/fold1/model.pt", "one.pt"):
+        torch.save(meta, tmp_path / model)
+    cfg["apply"]["tile_protocol"] = True
+    (tmp_path / "tiles.yaml").write_text(yaml.safe_dump(cfg))
+    out = smk("-n", "-p", "--cores", "2", "--configfile", "tiles.yaml", cwd=tmp_path).stdout
+    counts = job_counts(out)
+    assert counts["patches"] == 1 and counts["evaluate_tiles_model"] == 3
+    tiles = [ln for ln in out.splitlines() if "dsf evaluate tiles " in ln]
+    assert all("patches/A.zarr" in ln and "--folds" not in ln for ln in tiles)
+    assert sum("--model one.pt " in ln and "--method single " in ln for ln in tiles) == 1
+    cohort = next(ln for ln in out.splitlines() if "dsf evaluate cohort " in ln)
+    assert "eval/tiles/dsf/model1.tsv" in cohort and "--tile-scores results/eval/tile" in cohort
+    torch.save(meta | {"block": 2 * meta["block"]}, tmp_path / "one.pt")
+    done = smk("-n", "--configfile", "tiles.yaml", cwd=tmp_path, check=False)
+    assert done.returncode != 0 and "apply.models.single: one.pt was fine-tuned on" in (
+        done.stdout + done.stderr
+    )
+    cfg["apply"]["tile_protocol"] = False
     cfg["apply"]["models"]["dsf"] = ["gone"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)

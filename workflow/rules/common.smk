@@ -29,13 +29,14 @@ SYNTH = list(config["synth"]["slides"])
 APPLY = find_models(config["apply"]["models"]) if config["apply"]["models"] else None
 # apply.each_model: name -> indices of its models, each mapping the annotated slides alone
 # (names of one model have no members apart from their ensemble)
-if config["apply"]["each_model"] and not APPLY:
-    from dsf.errors import ConfigError
+for key in ("each_model", "tile_protocol"):
+    if config["apply"][key] and not APPLY:
+        from dsf.errors import ConfigError
 
-    raise ConfigError(
-        "apply.each_model is for prediction runs: set apply.models too, or set "
-        "apply.each_model to false"
-    )
+        raise ConfigError(
+            f"apply.{key} is for prediction runs: set apply.models too, or set apply.{key} "
+            "to false"
+        )
 MEMBERS = {
     name: list(range(len(models)))
     for name, models in (APPLY or {}).items()
@@ -54,6 +55,12 @@ INITS = list(config["pretrain"]["methods"])
 # annotated: a `labels` file, or per-class masks painted into one by the `labels` rule
 MASKED = set(SHEET.index[[bool(m) for m in SHEET["masks"]]])
 LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
+# apply.tile_protocol: the annotated slides' stores scored by every model of every name
+TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
+if TILE_SCORED:
+    from dsf.predict import check_patch_geometry
+
+    check_patch_geometry(APPLY, config["patches"], config["labels"]["classes"])
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
 PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
@@ -254,6 +261,27 @@ def member_infer_inputs(wildcards):
     }
 
 
+def labelled_stores(fold=None):
+    """Patch stores of the annotated slides (of validation fold `fold`, when given)."""
+    of = FOLDS.set_index("slide")["fold"]
+    return [
+        f"{RESULTS}/patches/{s}.zarr"
+        for s in sorted(LABELLED)
+        if fold is None or int(of.loc[s]) == int(fold)
+    ]
+
+
+def member_tile_scores():
+    """The tile-protocol TSVs of every model of every name (apply.tile_protocol)."""
+    if not TILE_SCORED:
+        return []
+    return [
+        f"{RESULTS}/eval/tiles/{name}/model{i}.tsv"
+        for name, models in APPLY.items()
+        for i in range(len(models))
+    ]
+
+
 def member_scores():
     """The whole-slide TSVs of every member model on every annotated slide (apply.each_model)."""
     return [
@@ -372,6 +400,7 @@ def all_outputs():
     )
     if APPLY:  # a prediction run: the maps of the given models (scored where annotated)
         scored = ["tables.md", "slide_scores.tsv", "figure.png"] if LABELLED else []
+        scored += ["tile_scores.tsv"] if TILE_SCORED else []
         scored = [f"{RESULTS}/eval/{name}" for name in scored]
         return [*tissue, *maps, *scored, *([f"{RESULTS}/report/tables.html"] if scored else [])]
     if not FINETUNING:

@@ -10,16 +10,16 @@ rule evaluate_tiles:
     input:
         model=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
         # the labelled validation slides of the fold (maybe none: the table says n/a)
-        stores=lambda w: [
-            f"{RESULTS}/patches/{s}.zarr"
-            for s in sorted(LABELLED)
-            if int(FOLDS.set_index("slide").loc[s, "fold"]) == int(w.fold)
-        ],
+        stores=lambda w: labelled_stores(w.fold),
         folds=f"{RESULTS}/folds.tsv",
     output:
         tsv=f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
     params:
         opts=stage_opts("evaluate", skip=("gpus", "band_rows", "panel_slides", "panel_size")),
+        folds=lambda w, input: (
+            f"--folds {shlex.quote(input.folds)}" if "folds" in input.keys() else ""
+        ),
+        method="",
     threads: 1
     resources:
         gpu=config["evaluate"]["gpus"],
@@ -32,7 +32,25 @@ rule evaluate_tiles:
         f"{RESULTS}/benchmarks/evaluate/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
     shell:
         "dsf evaluate tiles --model {input.model:q} --stores {input.stores:q} "
-        "--folds {input.folds:q} --out {output.tsv:q} {params.opts} 2> {log:q}"
+        "{params.folds} {params.method} --out {output.tsv:q} {params.opts} 2> {log:q}"
+
+
+# apply.tile_protocol: one model of a prediction run's name on every annotated slide's store
+# (no folds: the models were trained elsewhere; their own fit/selection slides are refused)
+use rule evaluate_tiles as evaluate_tiles_model with:
+    input:
+        model=lambda w: APPLY[w.finit][int(w.member)],
+        stores=labelled_stores(),
+    output:
+        tsv=f"{RESULTS}/eval/tiles/{{finit}}/model{{member}}.tsv",
+    params:
+        opts=stage_opts("evaluate", skip=("gpus", "band_rows", "panel_slides", "panel_size")),
+        folds="",
+        method=lambda w: f"--method {shlex.quote(w.finit)}",
+    log:
+        f"{RESULTS}/logs/evaluate/tiles/{{finit}}/model{{member}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/tiles/{{finit}}/model{{member}}.tsv"
 
 
 rule evaluate_slide:
@@ -168,7 +186,22 @@ else:
             ),
             # apply.each_model: each model of a name alone
             members=member_scores(),
+            # apply.tile_protocol: every model of a name on the annotated slides' stores
+            tiles=member_tile_scores(),
         output:
+            **(
+                {
+                    "tile_scores": report(
+                        f"{RESULTS}/eval/tile_scores.tsv",
+                        caption="../report/tile_scores.rst",
+                        category="5. Evaluation",
+                        subcategory="all slides",
+                        labels={"result": "tile scores (TSV, download)"},
+                    )
+                }
+                if TILE_SCORED
+                else {}
+            ),
             markdown=report(
                 f"{RESULTS}/eval/tables.md",
                 caption="../report/tables_md.rst",
@@ -192,6 +225,11 @@ else:
             ),
         params:
             methods=" ".join(shlex.quote(m) for m in INFER_INITS),
+            tile_scores=lambda w, output: (
+                f"--tile-scores {shlex.quote(output.tile_scores)}"
+                if "tile_scores" in output.keys()
+                else ""
+            ),
             opts=stage_opts(
                 "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
             ),
@@ -206,6 +244,7 @@ else:
             f"{RESULTS}/benchmarks/evaluate/tables.tsv"
         shell:
             "dsf evaluate cohort --slides {input.slides:q} --panels {input.panels:q} "
-            "--model-slides {input.members:q} --methods {params.methods} "
+            "--model-slides {input.members:q} --tiles {input.tiles:q} {params.tile_scores} "
+            "--methods {params.methods} "
             "--markdown {output.markdown:q} --slide-scores {output.slide_scores:q} "
             "--figure {output.figure:q} {params.opts} 2> {log:q}"
