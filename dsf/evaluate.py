@@ -126,12 +126,37 @@ def _store_slide(store: Path) -> str:
     return str(open_store(store).attrs["slide_id"])
 
 
+def trained_on(meta: dict[str, Any]) -> set[str]:
+    """The slides a fine-tuned model was fitted or selected on (its model.pt says)."""
+    return set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
+
+
+def check_given_models(cmap: ClassMap, slide: str) -> None:
+    """Refuse to score a prediction run's map of a slide that one of its models was fitted or
+    selected on (by slide id, as the tile protocol refuses its store): that is not validation.
+    A model file no longer at its recorded path is skipped with a warning."""
+    from dsf import checkpoints
+
+    for path in map(Path, cmap.meta.get("models", [])):
+        if not path.is_file():
+            log.warning(
+                "%s: model %s of the map is gone: its training slides are unchecked", slide, path
+            )
+            continue
+        if slide in trained_on(checkpoints.load(path)):
+            raise ConfigError(
+                f"slide {slide!r} is training data of {path} (its fit or selection slides): "
+                "scoring it would not be validation; drop the slide's annotation from the "
+                "prediction run, or map it with models that did not train on it"
+            )
+
+
 def check_validation_stores(
     slides: list[str], meta: dict[str, Any], model: Path, folds: pd.DataFrame | None = None
 ) -> None:
     """Refuse slides the model was fitted or selected on, and (with folds.tsv) slides outside
     the model's validation fold: the tile protocol reads the validation fold only."""
-    seen = set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
+    seen = trained_on(meta)
     if not seen:
         log.warning("%s names no fit/selection slides: cannot check for training data", model)
     bad = sorted(set(slides) & seen)
@@ -319,6 +344,7 @@ def evaluate_slide(
             "predict and evaluate with the same classes"
         )
     if cmap.meta["routing"] == "given":
+        check_given_models(cmap, sid)
         fold = -1
     elif folds is None:
         raise ConfigError(

@@ -748,8 +748,9 @@ def cohort_markdown(
         f"unlabelled pixels ignored: {_count(raw['slide'].nunique(), 'slide')} "
         f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
         "background count as misses. F1 = Dice; pixel accuracy = micro F1. The models were "
-        "trained before, outside this run (`apply.models`): whether they saw any of these "
-        "slides is not checked here.",
+        "trained before, outside this run (`apply.models`); no slide is among their fit or "
+        "selection slides by id (checked), but whether they saw the same tissue under another "
+        "name is for you to know.",
         "",
     ]
     cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]

@@ -477,6 +477,13 @@ def test_a_given_models_map_is_scored_without_folds(slide_files, tmp_path) -> No
     row = evaluate_slide(open_map(given, None), slide, labels, None, CLASSES, 64, "cohort")
     assert (row["fold"].iloc[0], row["init"].iloc[0], row["accuracy"].iloc[0]) == (-1, "cohort", 1)
     assert row["models"].iloc[0] == "model.pt"  # the map's models, naming each model alone
+    # a model that trained on the slide (by id, its model.pt says) is refused: not validation
+    torch.save({"fit_slides": ["other"], "select_slides": ["S"]}, tmp_path / "m.pt")
+    seen = _write_map(
+        tmp_path / "s.tiff", _truth(), routing="given", models=[str(tmp_path / "m.pt")]
+    )
+    with pytest.raises(ConfigError, match=r"slide 'S' is training data of .*m\.pt"):
+        evaluate_slide(open_map(seen, None), slide, labels, None, CLASSES, 64, "cohort")
     own = open_map(_write_map(tmp_path / "o.tiff", _truth()), None)
     with pytest.raises(ConfigError, match="give --folds"):
         evaluate_slide(own, slide, labels, None, CLASSES, 64)
