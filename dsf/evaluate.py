@@ -515,7 +515,7 @@ def _tables(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
 
 def _cohort(args: argparse.Namespace, st: dict[str, Any]) -> None:
-    from dsf.tables import build_cohort_tables
+    from dsf.cohort_tables import build_cohort_tables
 
     if args.tiles and args.tile_scores is None:
         raise ConfigError("--tiles needs --tile-scores, the TSV to write their scores to")
