@@ -19,11 +19,12 @@ def save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict[str, Any]:
     """torch.load with weights_only=True (never unpickles code); a file that is unreadable, not
-    a dict or holds other Python objects is a ConfigError naming it."""
+    a dict or holds other Python objects is a ConfigError naming it. `mmap`: the tensors are
+    mapped, not read (cheap when only the metadata beside them is wanted)."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
         raise ConfigError(

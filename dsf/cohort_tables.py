@@ -57,64 +57,74 @@ def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]
     return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
 
 
+def _models_of(sub: pd.DataFrame, column: str, method: str, what: str) -> list[str]:
+    """The models of one set's rows (`column` names each row's model), in order; every model
+    must have scored the same slides, or a spread over them would mix cohorts."""
+    if column not in sub.columns:
+        raise ConfigError(
+            f"the {what} do not name their model (no `{column}` column): they were written by "
+            "an older dsf; rerun the evaluation"
+        )
+    models = list(dict.fromkeys(sub[column]))
+    slides = {m: sorted(sub.loc[sub[column] == m, "slide"]) for m in models}
+    first = slides[models[0]] if models else []
+    if odd := [m for m in models if slides[m] != first]:
+        raise ConfigError(
+            f"the models of {method} scored different slides ({odd[0]}: {slides[odd[0]]}, "
+            f"{models[0]}: {first}): give every model's result of every slide"
+        )
+    return models
+
+
 def model_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
     """Each model of a set alone (apply.each_model): per model the pooled confusion of its
     slides (level `model`, as the paper pools a fold's validation slides), then mean and std
-    (ddof 1) over the set's models (levels `models_mean`, `models_std`), per method and label
-    fraction. Every model must have scored the same slides, or the spread would mix cohorts."""
+    (ddof 1) over the set's models (levels `models_mean`, `models_std`, counting one model's
+    slides and pixels), per method and label fraction."""
     metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
-    if len(df) and "models" not in df.columns:
-        raise ConfigError(
-            "the per-model whole-slide results (--model-slides) do not name their model (no "
-            "`models` column): they were written by an older dsf; rerun `dsf evaluate slide`"
-        )
     out: list[dict[str, Any]] = []
     for method in methods:
         mine = df[df["init"] == method]
         for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
             sub = mine[mine["fraction"] == frac]
-            models = list(dict.fromkeys(sub["models"]))
-            slides = {m: sorted(sub.loc[sub["models"] == m, "slide"]) for m in models}
-            first = slides[models[0]]
-            if odd := [m for m in models if slides[m] != first]:
-                raise ConfigError(
-                    f"the models of {method} scored different slides ({odd[0]}: {slides[odd[0]]}"
-                    f", {models[0]}: {first}): give every model's result of every slide"
-                )
+            models = _models_of(sub, "models", method, "per-model whole-slide results")
             key = {"init": method, "fraction": frac, "fold": "", "slide": ""}
-            key["n_slides"] = len(first)
             per_model = [
                 key | {"level": "model", "model": m, "n_models": 1}
+                | {"n_slides": int((sub["models"] == m).sum())}
                 | pooled_scores(sub[sub["models"] == m], classes)
                 for m in models
             ]  # fmt: skip
             out += per_model
             for level in ("models_mean", "models_std"):
                 row = key | {"level": level, "model": "", "n_models": len(models)}
+                row |= {"n_slides": per_model[0]["n_slides"], "n_pixels": per_model[0]["n_pixels"]}
                 for m in metrics:
                     mu, sd, _ = mean_std([r[m] for r in per_model if r["n_pixels"] > 0])
                     row[m] = mu if level == "models_mean" else sd
-                row["n_pixels"] = sum(r["n_pixels"] for r in per_model)
                 out.append(row)
     columns = ["init", "fraction", "level", "fold", "slide", "model", "n_models", "n_slides"]
     return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
+
+
+TILE_COLUMNS = ["init", "fraction", "fold", "model", "n_models", "n_slides", "n_tiles", "n_pixels"]
 
 
 def model_tile_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
     """A prediction run's tile protocol (apply.tile_protocol): per model, as the paper scores a
     fold model on its validation slides, f1 (the slides' micro F1 averaged) and paper_accuracy
     (likewise), with pixel accuracy, macro F1 and per-class F1 of the pooled confusion (`fold`
-    empty, `model` its file); then `mean` and `std` (ddof 1) over the set's models, per method
-    and label fraction."""
+    empty, `model` its file); then `mean` and `std` (ddof 1) over the set's models (counting
+    one model's slides, tiles and pixels), per method and label fraction."""
     metrics = [*FOLD_METRICS, *(f"f1_{c}" for c in classes[1:])]
     out: list[dict[str, Any]] = []
-    for method in methods:
+    for method in methods if len(df) else []:
         mine = df[df["init"] == method]
         for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
             key = {"init": method, "fraction": frac}
             sub = mine[mine["fraction"] == frac]
             rows = []
-            for model in dict.fromkeys(sub["model"]):
+            for model in _models_of(sub, "model", method, "tile-protocol results"):
                 one = sub[sub["model"] == model]
                 row: dict[str, Any] = key | {"fold": "", "model": model, "n_slides": len(one)}
                 row |= {"n_folds": 1, "n_tiles": int(one["n_tiles"].sum())}
@@ -124,11 +134,11 @@ def model_tile_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) 
                 row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
                 rows.append(row)
             summary = summary_rows(rows, key | {"model": ""}, metrics)
-            for r in summary:
+            for r in summary:  # every model scored the same slides: count them once
+                r |= {c: rows[0][c] for c in ("n_slides", "n_tiles", "n_pixels")}
                 r["n_models"] = len(rows)
             out += rows + summary
-    columns = ["init", "fraction", "fold", "model", "n_models", "n_slides", "n_tiles", "n_pixels"]
-    return pd.DataFrame(out, columns=[*columns, *metrics])
+    return pd.DataFrame(out, columns=[*TILE_COLUMNS, *metrics])
 
 
 def tile_cohort_markdown(
@@ -253,8 +263,8 @@ def cohort_markdown(
         f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
         "background count as misses. F1 = Dice; pixel accuracy = micro F1. The models were "
         "trained before, outside this run (`apply.models`); no slide is among their fit or "
-        "selection slides by id (checked), but whether they saw the same tissue under another "
-        "name is for you to know.",
+        "selection slides by id (checked at start), but whether they saw the same tissue under "
+        "another name is for you to know.",
         "",
     ]
     cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
@@ -322,7 +332,7 @@ def build_cohort_tables(
     methods = list(dict.fromkeys([*methods, *raw["init"]]))
     methods = [m for m in methods if m in set(raw["init"])]
     cs = slide_cohort_scores(raw, classes, methods)
-    ts = model_tile_scores(traw, classes, methods) if len(traw) else None
+    ts = model_tile_scores(traw, classes, methods) if tiles else None
     ms = (
         model_cohort_scores(members, classes, list(dict.fromkeys(members["init"])))
         if len(members)
@@ -333,8 +343,16 @@ def build_cohort_tables(
     tile_note = "" if ts is not None else " No tile protocol (apply.tile_protocol is off)."
     lines.append(f"{md.classes_text(classes)} Models: {', '.join(methods)}.{tile_note}")
     lines.append("")
-    if ts is not None:
+    if ts is not None and len(ts):
         lines += tile_cohort_markdown(ts, traw, classes, notes)
+    elif ts is not None:
+        lines += [
+            "## Tile protocol (the paper's, Tables II-III, on this cohort)",
+            "",
+            "No result: no tile of the annotated slides was kept (patches.min_tissue, "
+            "patches.min_label_frac) or scored.",
+            "",
+        ]
     lines += cohort_markdown(cs, raw, classes, notes)
     if ms is not None:
         lines += models_markdown(ms, classes, notes)

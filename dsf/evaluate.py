@@ -36,6 +36,7 @@ from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
+from dsf.predict import trained_on
 from dsf.runner import run, setup_logging
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,7 @@ def _store_slide(store: Path) -> str:
     return str(open_store(store).attrs["slide_id"])
 
 
-def trained_on(meta: dict[str, Any]) -> set[str]:
-    """The slides a fine-tuned model was fitted or selected on (its model.pt says)."""
-    return set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
-
-
-def check_given_models(cmap: ClassMap, slide: str) -> None:
+def check_not_trained_on(cmap: ClassMap, slide: str) -> None:
     """Refuse to score a prediction run's map of a slide that one of its models was fitted or
     selected on (by slide id, as the tile protocol refuses its store): that is not validation.
     A model file no longer at its recorded path is skipped with a warning."""
@@ -333,8 +329,8 @@ def evaluate_slide(
 
     A map of this run's fold models must be out of fold (checked against `folds`); one of
     models given by `apply.models` (routing `given`, a prediction run) is scored as it is, fold
-    -1: which slides those models saw is the user's to know. `method` names the row (default
-    the models' init)."""
+    -1, unless one of its models lists the slide among its fit or selection slides. `method`
+    names the row (default the models' init)."""
     sid = slide.slide_id
     if str(cmap.meta["slide"]) != sid:
         raise ConfigError(f"map {cmap.path} is of slide {cmap.meta['slide']!r}, not {sid!r}")
@@ -344,7 +340,7 @@ def evaluate_slide(
             "predict and evaluate with the same classes"
         )
     if cmap.meta["routing"] == "given":
-        check_given_models(cmap, sid)
+        check_not_trained_on(cmap, sid)
         fold = -1
     elif folds is None:
         raise ConfigError(

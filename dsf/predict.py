@@ -49,28 +49,63 @@ def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[s
     return found
 
 
-def check_patch_geometry(
-    models: dict[str, list[str]], patches: dict[str, Any], classes: list[str]
+def trained_on(meta: dict[str, Any]) -> set[str]:
+    """The slides a fine-tuned model was fitted or selected on (its model.pt says)."""
+    return set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
+
+
+def check_given_models(
+    models: dict[str, list[str]],
+    scored: set[str],
+    patches: dict[str, Any] | None,
+    classes: list[str],
+    one_fraction: bool,
 ) -> None:
-    """Refuse patch settings that would cut stores the given models cannot score (the tile
-    protocol of a prediction run): every model's target mpp, block, scale and classes must be
-    those of the `patches` and `labels` sections."""
-    want = (float(patches["target_mpp"]), int(patches["block"]), int(patches["scale"]))
+    """Refuse at the start what would stop a prediction run midway (metadata only, the weights
+    mapped, not read): an annotated slide (`scored`) among a model's fit or selection slides
+    (scoring it would not be validation); with `patches` (the tile protocol) a model whose
+    target mpp, block, scale or classes differ from the `patches` and `labels` sections; with
+    `one_fraction` (each model scored alone) a set whose models differ in label fraction."""
     for name, paths in models.items():
+        fractions = set()
         for path in paths:
-            meta = checkpoints.load(Path(path))
-            got = (float(meta["target_mpp"]), int(meta["block"]), int(meta["scale"]))
-            if got[1:] != want[1:] or abs(got[0] - want[0]) > 1e-3 * want[0]:
+            meta = checkpoints.load(Path(path), mmap=True)
+            fractions.add(float(meta.get("fraction", 1.0)))
+            seen = sorted(scored & trained_on(meta))
+            if seen:
                 raise ConfigError(
-                    f"apply.models.{name}: {path} was fine-tuned on target_mpp, block, scale "
-                    f"{got}, but patches.target_mpp, patches.block, patches.scale are {want}: "
-                    "set the patches section to the models' geometry for the tile protocol"
+                    f"apply.models.{name}: {path} was fitted or selected on annotated slides "
+                    f"{seen} of this run: scoring them would not be validation; drop their "
+                    "annotations (labels) from the sheet, or give models that did not train "
+                    "on them"
                 )
-            if list(meta["classes"]) != list(classes):
-                raise ConfigError(
-                    f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
-                    f"labels.classes is {list(classes)}: set labels.classes to the models'"
-                )
+            if patches is not None:
+                _check_geometry(name, path, meta, patches, classes)
+        if one_fraction and len(fractions) > 1:
+            raise ConfigError(
+                f"apply.models.{name} mixes models fine-tuned on label fractions "
+                f"{sorted(fractions)}: scored one by one they would not form one set; give one "
+                "fraction's folder (results/finetune/<init>/frac<f>) per name"
+            )
+
+
+def _check_geometry(
+    name: str, path: str, meta: dict[str, Any], patches: dict[str, Any], classes: list[str]
+) -> None:
+    """The tile protocol's stores must be cut with the model's geometry and classes."""
+    want = (float(patches["target_mpp"]), int(patches["block"]), int(patches["scale"]))
+    got = (float(meta["target_mpp"]), int(meta["block"]), int(meta["scale"]))
+    if got[1:] != want[1:] or abs(got[0] - want[0]) > 1e-3 * want[0]:
+        raise ConfigError(
+            f"apply.models.{name}: {path} was fine-tuned on target_mpp, block, scale "
+            f"{got}, but patches.target_mpp, patches.block, patches.scale are {want}: "
+            "set the patches section to the models' geometry for the tile protocol"
+        )
+    if list(meta["classes"]) != list(classes):
+        raise ConfigError(
+            f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
+            f"labels.classes is {list(classes)}: set labels.classes to the models'"
+        )
 
 
 @dataclass

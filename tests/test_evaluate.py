@@ -562,7 +562,7 @@ def test_cohort_tables_score_each_model_alone(tmp_path) -> None:  # noqa: ANN001
     std = cs[cs["level"] == "models_std"].iloc[0]
     assert float(mean["pixel_accuracy"]) == pytest.approx((36 + 25) / 80)
     assert float(std["pixel_accuracy"]) == pytest.approx(np.std([0.9, 0.625], ddof=1), rel=1e-5)
-    assert int(mean["n_models"]) == 2
+    assert (int(mean["n_models"]), int(mean["n_slides"]), int(mean["n_pixels"])) == (2, 2, 40)
     ens = cs[cs["level"] == "all"].iloc[0]  # the averaged maps' row says how many it averages
     assert pd.isna(ens["model"]) and int(ens["n_models"]) == 2
     md = (out / "tables.md").read_text()
@@ -610,9 +610,18 @@ def test_cohort_tables_tile_protocol_per_model(tmp_path) -> None:  # noqa: ANN00
     mean = ts[ts["fold"] == "mean"].iloc[0]
     std = ts[ts["fold"] == "std"].iloc[0]
     assert mean["f1"] == pytest.approx(0.8125, rel=1e-5) and mean["n_models"] == 2
+    assert (mean["n_slides"], mean["n_tiles"]) == (2, 6)  # one model's, not summed over models
     assert std["f1"] == pytest.approx(np.std([0.825, 0.8], ddof=1), rel=1e-4)
     md = (out / "tables.md").read_text()
     assert "## Tile protocol (the paper's" in md and "| m1 (100%) | 2 | 0.8125 (0.0177) |" in md
     assert "| m1 (100%) | `a.pt` | 6 | 0.8250 |" in md and "No tile protocol" not in md
     with Image.open(out / "figure.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
+    # no kept tile anywhere (header-only results): said so, and an empty tile_scores.tsv
+    empty = tmp_path / "t" / "empty.tsv"
+    pd.read_csv(tiles[0], sep="\t").iloc[:0].to_csv(empty, sep="\t", index=False)
+    args = ["cohort", "--slides", *map(str, ensemble), "--tiles", str(empty)]
+    args += ["--markdown", str(out / "e.md"), "--slide-scores", str(out / "e.tsv")]
+    assert main([*args, "--tile-scores", str(out / "e_tiles.tsv")]) == 0
+    assert "No result: no tile" in (out / "e.md").read_text()
+    assert len(pd.read_csv(out / "e_tiles.tsv", sep="\t")) == 0

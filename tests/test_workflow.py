@@ -391,19 +391,34 @@ def test_imagescope_polygons_are_planned_beside_every_geojson(tmp_path: Path) ->
     assert ".xml" not in default and "--no-imagescope" in default
 
 
-def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
-    """apply.models: tissue, infer and polygons for every slide, with the given models (a
-    folder's model.pt files, sorted) and routing `given`; a missing path names its key."""
+def _prediction_workdir(tmp_path: Path, real: Path) -> dict:
+    """Slides A and B (CMU-1) and models fine-tuned before: `old` (fold0, fold1) and `one.pt`,
+    each a model.pt's metadata at the schema's patch geometry; returns the run's config."""
+    import torch
+
+    from dsf.config import defaults
+
     (tmp_path / "slides").mkdir()
     for name in ("A", "B"):
         shutil.copy(real / "CMU-1-Small-Region.svs", tmp_path / "slides" / f"{name}.svs")
-    for k in (1, 0):
-        (tmp_path / "old" / f"fold{k}").mkdir(parents=True)
-        (tmp_path / "old" / f"fold{k}" / "model.pt").touch()
-    (tmp_path / "one.pt").touch()
-    cfg = {"slides": "slides", "apply": {"models": {"dsf": ["old"], "single": ["one.pt"]}}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    out = smk("-n", "-p", "--cores", "2", "--configfile", "cfg.yaml", cwd=tmp_path).stdout
+    meta = {k: defaults("patches")[k] for k in ("target_mpp", "block", "scale")}
+    meta |= {"classes": defaults("labels")["classes"], "fraction": 1.0, "fit_slides": ["x"]}
+    for model in ("old/fold1/model.pt", "old/fold0/model.pt", "one.pt"):
+        (tmp_path / model).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(meta, tmp_path / model)
+    return {"slides": "slides", "apply": {"models": {"dsf": ["old"], "single": ["one.pt"]}}}
+
+
+def _plan(tmp_path: Path, cfg: dict, check: bool = True) -> subprocess.CompletedProcess:
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return smk("-n", "-p", "--cores", "2", "--configfile", "run.yaml", cwd=tmp_path, check=check)
+
+
+def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
+    """apply.models: tissue, infer and polygons for every slide, with the given models (a
+    folder's model.pt files, sorted) and routing `given`; a missing path names its key."""
+    cfg = _prediction_workdir(tmp_path, real)
+    out = _plan(tmp_path, cfg).stdout
     assert job_counts(out) == {"tissue": 2, "infer": 4, "polygons": 4, "all": 1}
     infer = [ln for ln in out.splitlines() if "dsf infer " in ln]
     dsf = [ln for ln in infer if "maps/dsf/" in ln]
@@ -412,43 +427,50 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert sum("--models one.pt --routing" in ln for ln in infer) == 2
     # an annotated slide is scored per model set, and the scores tabled over slides
     (tmp_path / "slides" / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-    out = smk("-n", "-p", "--cores", "2", "--configfile", "cfg.yaml", cwd=tmp_path).stdout
+    out = _plan(tmp_path, cfg).stdout
     counts = job_counts(out)
     assert counts["evaluate_slide"] == 2 and counts["evaluate_cohort"] == 1
     assert counts["report_tables"] == 1
     assert "folds" not in counts and "dsf evaluate cohort " in out and "--folds" not in out
     assert "infer_model" not in counts and "patches" not in counts
     assert re.search(r"--model-slides\s+--tiles\s+--methods", out)
-    # apply.each_model: each of dsf's two models alone on the annotated slide, scored; the
-    # name of one model is not mapped twice
+    cfg["apply"]["models"]["dsf"] = ["gone"]
+    done = _plan(tmp_path, cfg, check=False)
+    assert done.returncode != 0 and "apply.models.dsf: gone not found" in done.stdout + done.stderr
+    del cfg["apply"]["models"]
     cfg["apply"]["each_model"] = True
-    (tmp_path / "each.yaml").write_text(yaml.safe_dump(cfg))
-    out = smk("-n", "-p", "--cores", "2", "--configfile", "each.yaml", cwd=tmp_path).stdout
-    counts = job_counts(out)
+    done = _plan(tmp_path, cfg, check=False)
+    assert done.returncode != 0 and "apply.each_model is for" in done.stdout + done.stderr
+
+
+def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
+    tmp_path: Path, real: Path
+) -> None:
+    """apply.each_model maps the annotated slide with each model of a set alone; apply.
+    tile_protocol cuts its store and scores every model on it; models that trained on the
+    slide, of mixed fractions or of another geometry stop the run before it starts."""
+    import torch
+
+    cfg = _prediction_workdir(tmp_path, real)
+    (tmp_path / "slides" / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    cfg["apply"]["each_model"] = True
+    out = _plan(tmp_path, cfg).stdout
+    counts = job_counts(out)  # the name of one model is not mapped twice
     assert counts["infer_model"] == counts["evaluate_slide_model"] == 2
     assert counts["infer"] == 4 and counts["evaluate_slide"] == 2
     alone = [ln for ln in out.splitlines() if "dsf infer " in ln and re.search(r"/model\d/", ln)]
+    assert len(alone) == 2
     assert {re.search(r"--models (\S+) ", ln).group(1) for ln in alone} == {
         "old/fold0/model.pt", "old/fold1/model.pt",
     }  # fmt: skip
-    assert len(alone) == 2
     assert {re.search(r"--out-map (\S+) ", ln).group(1) for ln in alone} == {
         "results/maps/dsf/model0/A.tiff", "results/maps/dsf/model1/A.tiff",
     }  # fmt: skip
     cohort = next(ln for ln in out.splitlines() if "dsf evaluate cohort " in ln)
     assert "eval/slides/dsf/model0/A.tsv" in cohort and "eval/slides/dsf/model1/A.tsv" in cohort
-    # apply.tile_protocol: the annotated slide's store cut, scored by every model of every name
-    import torch
-
-    from dsf.config import defaults
-
-    geometry = {k: defaults("patches")[k] for k in ("target_mpp", "block", "scale")}
-    meta = geometry | {"classes": defaults("labels")["classes"]}
-    for model in ("old/fold0/model.pt", "old/fold1/model.pt", "one.pt"):
-        torch.save(meta, tmp_path / model)
-    cfg["apply"]["tile_protocol"] = True
-    (tmp_path / "tiles.yaml").write_text(yaml.safe_dump(cfg))
-    out = smk("-n", "-p", "--cores", "2", "--configfile", "tiles.yaml", cwd=tmp_path).stdout
+    # the tile protocol: A's store cut, scored by every model of every name
+    cfg["apply"] |= {"each_model": False, "tile_protocol": True}
+    out = _plan(tmp_path, cfg).stdout
     counts = job_counts(out)
     assert counts["patches"] == 1 and counts["evaluate_tiles_model"] == 3
     tiles = [ln for ln in out.splitlines() if "dsf evaluate tiles " in ln]
@@ -456,17 +478,18 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert sum("--model one.pt " in ln and "--method single " in ln for ln in tiles) == 1
     cohort = next(ln for ln in out.splitlines() if "dsf evaluate cohort " in ln)
     assert "eval/tiles/dsf/model1.tsv" in cohort and "--tile-scores results/eval/tile" in cohort
-    torch.save(meta | {"block": 2 * meta["block"]}, tmp_path / "one.pt")
-    done = smk("-n", "--configfile", "tiles.yaml", cwd=tmp_path, check=False)
-    assert done.returncode != 0 and "apply.models.single: one.pt was fine-tuned on" in (
+    # refused at parse time, naming the model and the key
+    meta = torch.load(tmp_path / "one.pt")
+    for changed, message in (
+        ({"block": 2 * meta["block"]}, "apply.models.single: one.pt was fine-tuned on"),
+        ({"select_slides": ["A"]}, "one.pt was fitted or selected on annotated slides ['A']"),
+    ):
+        torch.save(meta | changed, tmp_path / "one.pt")
+        done = _plan(tmp_path, cfg, check=False)
+        assert done.returncode != 0 and message in done.stdout + done.stderr
+    torch.save(meta, tmp_path / "one.pt")
+    torch.save(meta | {"fraction": 0.1}, tmp_path / "old" / "fold1" / "model.pt")
+    done = _plan(tmp_path, cfg, check=False)
+    assert done.returncode != 0 and "apply.models.dsf mixes models fine-tuned on label" in (
         done.stdout + done.stderr
     )
-    cfg["apply"]["tile_protocol"] = False
-    cfg["apply"]["models"]["dsf"] = ["gone"]
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
-    assert done.returncode != 0 and "apply.models.dsf: gone not found" in done.stdout + done.stderr
-    del cfg["apply"]["models"]
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    done = smk("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
-    assert done.returncode != 0 and "apply.each_model is for" in done.stdout + done.stderr

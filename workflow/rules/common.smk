@@ -24,8 +24,8 @@ SHEET = load_sheet(config)
 SLIDES = list(SHEET.index)
 SYNTH = list(config["synth"]["slides"])
 # apply.models: a prediction run, name -> model.pt files fine-tuned before; only tissue, infer
-# and polygons run (maps/<name>/<slide>.tiff), every slide predicted by its name's models, and
-# the annotated slides are scored
+# and polygons run (maps/<name>/<slide>.tiff; patches of the annotated slides too with
+# apply.tile_protocol), every slide predicted by its name's models, the annotated ones scored
 APPLY = find_models(config["apply"]["models"]) if config["apply"]["models"] else None
 # apply.each_model: name -> indices of its models, each mapping the annotated slides alone
 # (names of one model have no members apart from their ensemble)
@@ -57,10 +57,16 @@ MASKED = set(SHEET.index[[bool(m) for m in SHEET["masks"]]])
 LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
-if TILE_SCORED:
-    from dsf.predict import check_patch_geometry
+if APPLY and LABELLED:  # what would stop the scoring midway, refused before anything runs
+    from dsf.predict import check_given_models
 
-    check_patch_geometry(APPLY, config["patches"], config["labels"]["classes"])
+    check_given_models(
+        APPLY,
+        LABELLED,
+        config["patches"] if TILE_SCORED else None,
+        config["labels"]["classes"],
+        one_fraction=config["apply"]["each_model"] or TILE_SCORED,
+    )
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
 PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
