@@ -367,5 +367,5 @@ def build_cohort_tables(
     if figure is not None:
         from dsf.figures import evaluation_figure
 
-        evaluation_figure(ts, cs, classes, panels, figure, panel_slides)
+        evaluation_figure(ts, cs, classes, panels, figure, panel_slides, ("models", "slides"))
     log.info("wrote %s, %s", markdown, slide_scores)

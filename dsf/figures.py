@@ -91,9 +91,11 @@ def evaluation_figure(
     panels: list[Path],
     out: Path,
     panel_slides: int,
+    over: tuple[str, str] = ("folds", "folds"),
 ) -> None:
-    """Write figure.png: per-class F1 bars of both protocols and overlay panels. Without
-    `tile_scores` (a prediction run) the whole-slide bars, over slides, take the top row."""
+    """Write figure.png: per-class F1 bars of both protocols, mean (std) over `over` (tile,
+    whole-slide: folds in the usual run; models and slides in a prediction run), and overlay
+    panels. Without `tile_scores` the whole-slide bars take the top row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,12 +120,13 @@ def evaluation_figure(
     fig = plt.figure(figsize=(max(10.0, 3.2 * ncols), 3.0 * nrows + 0.8), layout="constrained")
     grid = fig.add_gridspec(nrows, 2 * ncols)
     frac_txt = f", label fraction {frac * 100:g}%" if frac is not None else ""
+    slide_title = f"Whole-slide protocol, mean (std) over {over[1]}"
     if tile_scores is None:
-        title = "Whole-slide protocol, mean (std) over slides"
-        _bars(fig.add_subplot(grid[0, :]), slide, classes, title)
+        _bars(fig.add_subplot(grid[0, :]), slide, classes, slide_title)
     else:
-        _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, f"Tile protocol{frac_txt}")
-        _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, "Whole-slide protocol")
+        tile_title = f"Tile protocol{frac_txt}, mean (std) over {over[0]}"
+        _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, tile_title)
+        _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, slide_title)
     n = len(classes)
     for r, sid in enumerate(slides, start=1):
         entry = shown[sid]
