@@ -71,7 +71,7 @@ def _polygons(path: Path, width: int, height: int) -> int:
     16x downsample; returns the number of polygons."""
     import json
 
-    from dsf.synth import CLASS_COLORS, CLASS_NAMES, render_labels
+    from dsf.synth_tissue import CLASS_COLORS, CLASS_NAMES, render_labels
     from dsf.trace import class_features
 
     ds = 16

@@ -2,7 +2,7 @@
 
 A class map like `dsf infer` writes one (palette pyramid, `dsf.class_tiff.write_tiff`) is made
 for a slide of WIDTH x HEIGHT level-0 px at 0.25 um/px (40x): the synthetic slides' region
-layout (`dsf.synth.render_labels`) at the map's mpp, with a share of pixels relabelled in
+layout (`dsf.synth_tissue.render_labels`) at the map's mpp, with a share of pixels relabelled in
 small random blobs the way a barely trained model speckles its output. Then the map is traced
 in a fresh process (so its peak RSS is its own) at each `polygons.mpp` asked for: seconds,
 regions, vertices, GeoJSON size, then the same polygons as ImageScope XML (seconds, size), and
@@ -51,7 +51,7 @@ print(json.dumps({"seconds": traced, "xml_seconds": xml_s, "regions": len(doc["f
 def make_map(path: Path, width: int, height: int, map_mpp: float, noise: float) -> None:
     """The class map of a `width` x `height` slide at 0.25 um/px, written at `map_mpp`."""
     from dsf.class_tiff import pyramid_shapes, write_tiff
-    from dsf.synth import render_labels
+    from dsf.synth_tissue import render_labels
 
     ds = map_mpp / MPP0
     w, h = round(width / ds), round(height / ds)

@@ -323,7 +323,7 @@ def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize("labels_file", ["s.labels.tiff", "s.geojson", "s.xml"])
 def test_synthetic_labels_align_with_ground_truth(synth_slide: dict, labels_file: str) -> None:
-    from dsf.synth import render_labels
+    from dsf.synth_tissue import render_labels
     from dsf.tissue import detect_tissue
 
     d = synth_slide["dir"]

@@ -13,7 +13,7 @@ from dsf.class_map import open_map
 from dsf.class_tiff import pyramid_shapes, write_tiff
 from dsf.config import defaults
 from dsf.polygons import main, trace_level
-from dsf.synth import render_labels
+from dsf.synth_tissue import render_labels
 
 from conftest import rgb_slide
 

@@ -13,8 +13,9 @@ import tifffile
 from scipy import ndimage
 from skimage.draw import polygon
 
-from dsf import synth
-from dsf.synth import CLASS_NAMES, STR, TUM, main, render_labels, render_region
+from dsf import synth, synth_tissue
+from dsf.synth import main
+from dsf.synth_tissue import CLASS_NAMES, STR, TUM, render_labels, render_region
 
 LYM = 3
 
@@ -72,7 +73,7 @@ def test_pieces_agree_with_the_whole() -> None:
     x0, y0, w, h = 130, 170, 700, 300  # reaches into the background at the top left
     rgb, lab = _render(spec, x0, y0, w, h)
     assert {0, TUM, STR, LYM} <= set(np.unique(lab).tolist())
-    _, rim = synth._region_raster(
+    _, rim = synth_tissue._region_raster(
         spec["seed"], x0, y0, w, h, spec["mpp"], spec["region_um"], **_dims(spec)
     )
     assert (rim > 0).any()
@@ -119,7 +120,7 @@ def test_tum_and_lym_differ_only_by_the_rim() -> None:
     spec = {"seed": 6, "width": 6000, "height": 6000, "mpp": 0.5, "region_um": 200.0}
     x0, y0, w, h = 1500, 1500, 1500, 1500
     rgb, lab = _render(spec, x0, y0, w, h)
-    region, rim = synth._region_raster(
+    region, rim = synth_tissue._region_raster(
         spec["seed"], x0, y0, w, h, spec["mpp"], spec["region_um"], **_dims(spec)
     )
     edge = np.zeros(region.shape, bool)
