@@ -7,7 +7,7 @@ protocol per model set (mean (std) over slides, all slides pooled, per slide); w
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +21,53 @@ from dsf.tables import FOLD_METRICS, mean_std, pooled_scores, read_results, summ
 log = logging.getLogger(__name__)
 
 
+def _sets(df: pd.DataFrame, methods: list[str]) -> Iterator[tuple[str, float, pd.DataFrame]]:
+    """(model set, label fraction, its rows) of per-slide results, in `methods` order and from
+    the largest fraction down."""
+    for method in methods if len(df) else []:
+        mine = df[df["init"] == method]
+        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
+            yield method, frac, mine[mine["fraction"] == frac]
+
+
+def _slide_metrics(classes: list[str]) -> list[str]:
+    """The whole-slide protocol's score columns."""
+    return ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+
+
+def _spread(rows: list[dict[str, Any]], metrics: list[str]) -> tuple[dict, dict]:
+    """Mean and std (ddof 1) of each metric over the rows with labelled pixels."""
+    mean: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for m in metrics:
+        mean[m], std[m], _ = mean_std([r[m] for r in rows if r["n_pixels"] > 0])
+    return mean, std
+
+
 def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) -> pd.DataFrame:
     """A prediction run's whole-slide scores: rows with `level` slide (each map), all (the
     pooled confusion of every slide), mean and std (ddof 1) over the slides, per method (model
     set) and label fraction. The `fold` column repeats the level for the figure; `n_models`
     counts the models the set averages."""
-    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    metrics = _slide_metrics(classes)
     out: list[dict[str, Any]] = []
-    for method in methods:
-        mine = df[df["init"] == method]
-        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
-            sub = mine[mine["fraction"] == frac]
-            averaged = (
-                max(len(str(m).split(";")) for m in sub["models"])
-                if "models" in sub.columns
-                else None
-            )
-            key = {"init": method, "fraction": frac, "model": "", "n_models": averaged}
-            per_slide = []
-            for _, r in sub.iterrows():
-                row = key | {"level": "slide", "fold": "", "slide": r["slide"], "n_slides": 1}
-                row |= {"n_pixels": int(r["n_pixels"]), "pixel_accuracy": r["accuracy"]}
-                row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
-                per_slide.append(row)
-            out += per_slide
-            pooled = key | {"level": "all", "fold": "all", "slide": "", "n_slides": len(sub)}
-            out.append(pooled | pooled_scores(sub, classes))
-            for level in ("mean", "std"):
-                row = key | {"level": level, "fold": level, "slide": "", "n_slides": len(sub)}
-                for m in metrics:
-                    mu, sd, _ = mean_std([r[m] for r in per_slide if r["n_pixels"] > 0])
-                    row[m] = mu if level == "mean" else sd
-                out.append(row)
+    for method, frac, sub in _sets(df, methods):
+        averaged = (
+            max(len(str(m).split(";")) for m in sub["models"]) if "models" in sub.columns else None
+        )
+        key = {"init": method, "fraction": frac, "model": "", "n_models": averaged}
+        per_slide = []
+        for _, r in sub.iterrows():
+            row = key | {"level": "slide", "fold": "", "slide": r["slide"], "n_slides": 1}
+            row |= {"n_pixels": int(r["n_pixels"]), "pixel_accuracy": r["accuracy"]}
+            row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
+            per_slide.append(row)
+        out += per_slide
+        pooled = key | {"level": "all", "fold": "all", "slide": "", "n_slides": len(sub)}
+        out.append(pooled | pooled_scores(sub, classes))
+        for level, values in zip(("mean", "std"), _spread(per_slide, metrics), strict=True):
+            out.append(key | {"level": level, "fold": level, "slide": "", "n_slides": len(sub)})
+            out[-1] |= values
     columns = ["init", "fraction", "level", "fold", "slide", "model", "n_models", "n_slides"]
     return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
 
@@ -81,28 +96,23 @@ def model_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]
     slides (level `model`, as the paper pools a fold's validation slides), then mean and std
     (ddof 1) over the set's models (levels `models_mean`, `models_std`, counting one model's
     slides and pixels), per method and label fraction."""
-    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    metrics = _slide_metrics(classes)
     out: list[dict[str, Any]] = []
-    for method in methods:
-        mine = df[df["init"] == method]
-        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
-            sub = mine[mine["fraction"] == frac]
-            models = _models_of(sub, "models", method, "per-model whole-slide results")
-            key = {"init": method, "fraction": frac, "fold": "", "slide": ""}
-            per_model = [
-                key | {"level": "model", "model": m, "n_models": 1}
-                | {"n_slides": int((sub["models"] == m).sum())}
-                | pooled_scores(sub[sub["models"] == m], classes)
-                for m in models
-            ]  # fmt: skip
-            out += per_model
-            for level in ("models_mean", "models_std"):
-                row = key | {"level": level, "model": "", "n_models": len(models)}
-                row |= {"n_slides": per_model[0]["n_slides"], "n_pixels": per_model[0]["n_pixels"]}
-                for m in metrics:
-                    mu, sd, _ = mean_std([r[m] for r in per_model if r["n_pixels"] > 0])
-                    row[m] = mu if level == "models_mean" else sd
-                out.append(row)
+    for method, frac, sub in _sets(df, methods):
+        models = _models_of(sub, "models", method, "per-model whole-slide results")
+        key = {"init": method, "fraction": frac, "fold": "", "slide": ""}
+        per_model = [
+            key | {"level": "model", "model": m, "n_models": 1}
+            | {"n_slides": int((sub["models"] == m).sum())}
+            | pooled_scores(sub[sub["models"] == m], classes)
+            for m in models
+        ]  # fmt: skip
+        out += per_model
+        counts = {c: per_model[0][c] for c in ("n_slides", "n_pixels")}  # one model's
+        for level, values in zip(("models_mean", "models_std"), _spread(per_model, metrics),
+                                 strict=True):  # fmt: skip
+            out.append(key | {"level": level, "model": "", "n_models": len(models)} | counts)
+            out[-1] |= values
     columns = ["init", "fraction", "level", "fold", "slide", "model", "n_models", "n_slides"]
     return pd.DataFrame(out, columns=[*columns, "n_pixels", *metrics])
 
@@ -118,26 +128,23 @@ def model_tile_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) 
     one model's slides, tiles and pixels), per method and label fraction."""
     metrics = [*FOLD_METRICS, *(f"f1_{c}" for c in classes[1:])]
     out: list[dict[str, Any]] = []
-    for method in methods if len(df) else []:
-        mine = df[df["init"] == method]
-        for frac in sorted({float(f) for f in mine["fraction"]}, reverse=True):
-            key = {"init": method, "fraction": frac}
-            sub = mine[mine["fraction"] == frac]
-            rows = []
-            for model in _models_of(sub, "model", method, "tile-protocol results"):
-                one = sub[sub["model"] == model]
-                row: dict[str, Any] = key | {"fold": "", "model": model, "n_slides": len(one)}
-                row |= {"n_folds": 1, "n_tiles": int(one["n_tiles"].sum())}
-                row |= pooled_scores(one, classes)
-                evaluated = one[one["n_pixels"] > 0]
-                row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
-                row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
-                rows.append(row)
-            summary = summary_rows(rows, key | {"model": ""}, metrics)
-            for r in summary:  # every model scored the same slides: count them once
-                r |= {c: rows[0][c] for c in ("n_slides", "n_tiles", "n_pixels")}
-                r["n_models"] = len(rows)
-            out += rows + summary
+    for method, frac, sub in _sets(df, methods):
+        key = {"init": method, "fraction": frac}
+        rows = []
+        for model in _models_of(sub, "model", method, "tile-protocol results"):
+            one = sub[sub["model"] == model]
+            row: dict[str, Any] = key | {"fold": "", "model": model, "n_slides": len(one)}
+            row |= {"n_folds": 1, "n_tiles": int(one["n_tiles"].sum())}
+            row |= pooled_scores(one, classes)
+            evaluated = one[one["n_pixels"] > 0]
+            row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
+            row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
+            rows.append(row)
+        summary = summary_rows(rows, key | {"model": ""}, metrics)
+        for r in summary:  # every model scored the same slides: count them once
+            r |= {c: rows[0][c] for c in ("n_slides", "n_tiles", "n_pixels")}
+            r["n_models"] = len(rows)
+        out += rows + summary
     return pd.DataFrame(out, columns=[*TILE_COLUMNS, *metrics])
 
 

@@ -139,7 +139,7 @@ def check_not_trained_on(cmap: ClassMap, slide: str) -> None:
                 "%s: model %s of the map is gone: its training slides are unchecked", slide, path
             )
             continue
-        if slide in trained_on(checkpoints.load(path)):
+        if slide in trained_on(checkpoints.load(path, mmap=True)):
             raise ConfigError(
                 f"slide {slide!r} is training data of {path} (its fit or selection slides): "
                 "scoring it would not be validation; drop the slide's annotation from the "
