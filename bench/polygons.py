@@ -7,9 +7,12 @@ small random blobs the way a barely trained model speckles its output. Then the 
 in a fresh process (so its peak RSS is its own) at each `polygons.mpp` asked for: seconds,
 regions, vertices, GeoJSON size, then the same polygons as ImageScope XML (seconds, size), and
 peak RSS. The target: seconds and a few hundred MB for a
-paper-scale slide, regardless of how finely the map itself was written.
+paper-scale slide, regardless of how finely the map itself was written. `--map` traces a map
+`dsf infer` wrote instead (a real model's ragged regions, e.g. `make demo`'s), with `--slide-mpp`
+its slide's level-0 um/px.
 
     python bench/polygons.py --size 100000 80000 --map-mpp 2.0 --trace-mpp 4 8 --noise 0.02
+    python bench/polygons.py --map results/maps/dsf/TCGA-CR-7395.tiff --slide-mpp 2.0
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ import json, resource, sys, time
 from pathlib import Path
 from dsf.class_map import open_map
 from dsf.polygons import map_polygons
-tiff, mpp, out = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+tiff, out = Path(sys.argv[1]), Path(sys.argv[3])
+mpp, mpp0 = float(sys.argv[2]), float(sys.argv[4])
 t0 = time.perf_counter()
-doc = map_polygons(open_map(tiff), 0.25,
+doc = map_polygons(open_map(tiff), mpp0,
                    {"mpp": mpp, "min_um2": 500.0, "tolerance": 0.5})
 out.write_text(json.dumps(doc, separators=(",", ":")))
 traced = time.perf_counter() - t0
 from dsf.imagescope import imagescope_xml
-out.with_suffix(".xml").write_bytes(imagescope_xml(doc["features"], 0.25))
+out.with_suffix(".xml").write_bytes(imagescope_xml(doc["features"], mpp0))
 xml_s = time.perf_counter() - t0 - traced
 n = sum(len(r) for f in doc["features"] for r in f["geometry"]["coordinates"])
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -80,11 +84,23 @@ def main() -> None:
     p.add_argument("--map-mpp", type=float, default=2.0)
     p.add_argument("--trace-mpp", type=float, nargs="+", default=[4.0, 8.0])
     p.add_argument("--noise", type=float, default=0.02, help="share of tissue pixels relabelled")
+    p.add_argument("--map", type=Path, help="trace this class map of `dsf infer` instead")
+    p.add_argument("--slide-mpp", type=float, default=MPP0, help="with --map: its slide's mpp")
     args = p.parse_args()
-    w, h = args.size
-    out = HERE / "out" / f"polygons-{w}x{h}"
+    if args.map:
+        from dsf.class_map import open_map
+
+        cmap = open_map(args.map)
+        ds = cmap.level_mpp(0) / args.slide_mpp
+        w, h = round(cmap.width * ds), round(cmap.height * ds)
+        args.map_mpp, args.noise = cmap.level_mpp(0), "-"
+        out = HERE / "out" / f"polygons-{args.map.stem}"
+        tiff = args.map
+    else:
+        w, h = args.size
+        out = HERE / "out" / f"polygons-{w}x{h}"
+        tiff = out / f"map-{args.map_mpp}-{args.noise}.tiff"
     out.mkdir(parents=True, exist_ok=True)
-    tiff = out / f"map-{args.map_mpp}-{args.noise}.tiff"
     if not tiff.is_file():
         t0 = time.perf_counter()
         make_map(tiff, w, h, args.map_mpp, args.noise)
@@ -94,8 +110,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mpp in args.trace_mpp:
         geo = out / f"trace-{mpp}.geojson"
-        res = subprocess.run([sys.executable, "-c", _CHILD, str(tiff), str(mpp), str(geo)],
-                             check=True, capture_output=True, text=True)  # fmt: skip
+        res = subprocess.run([sys.executable, "-c", _CHILD, str(tiff), str(mpp), str(geo),
+                              str(args.slide_mpp)], check=True, capture_output=True,
+                             text=True)  # fmt: skip
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"| {w} x {h} | {args.map_mpp} | {mpp} | {args.noise} | {r['seconds']:.1f} | "
               f"{r['regions']} | {r['vertices']} | {geo.stat().st_size / 1e6:.1f} | "

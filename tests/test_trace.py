@@ -1,0 +1,73 @@
+"""Class rasters traced into polygons (`dsf.trace`): ring geometry and the simplification."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours
+
+from dsf.trace import class_features, component_rings, simplify
+
+
+def _blobs(seed: int, shape: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """Ragged random regions: smoothed noise thresholded, as a barely trained model speckles."""
+    noise = np.random.default_rng(seed).random(shape)
+    return ndimage.gaussian_filter(noise, 2.0) > 0.5
+
+
+@pytest.mark.parametrize("tolerance", [0.2, 0.5, 1.5, 4.0])
+def test_simplify_keeps_the_points_skimage_keeps(tolerance: float) -> None:
+    """The vectorised Douglas-Peucker keeps exactly `approximate_polygon`'s points, on closed
+    pixel outlines (ties on the half-pixel grid included) and on an open noisy path."""
+    paths = [c for seed in (1, 2) for c in find_contours(_blobs(seed).astype(np.float32), 0.5)]
+    paths.append(np.cumsum(np.random.default_rng(3).normal(size=(500, 2)), axis=0))
+    assert len(paths) > 20 and max(len(p) for p in paths) > 200
+    simplified = 0
+    for path in paths:
+        ours = simplify(path, tolerance)
+        assert np.array_equal(ours, approximate_polygon(path, tolerance))
+        simplified += len(ours) < len(path)
+    assert simplified > len(paths) // 2
+
+
+def test_simplify_zero_tolerance_and_short_paths_are_unchanged() -> None:
+    path = np.array([[0.0, 0.5], [1.0, 0.5], [2.0, 0.5], [0.0, 0.5]])
+    assert np.array_equal(simplify(path, 0.0), path)
+    assert np.array_equal(simplify(path[:2], 1.0), path[:2])
+
+
+def _box(ring: list[list[float]]) -> tuple[float, float, float, float]:
+    xy = np.asarray(ring)
+    return xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()
+
+
+def test_holes_far_from_the_corner_are_traced_where_they_are() -> None:
+    """Each hole is traced in its own box: its ring lies on that hole's pixel edges, in level-0
+    px, wherever it sits in the component (and a hole under the size limit is filled)."""
+    comp = np.ones((60, 90), bool)
+    holes = [(5, 8, 3, 4), (40, 70, 6, 9), (50, 10, 4, 4)]  # row, col, height, width
+    for r, c, h, w in holes:
+        comp[r : r + h, c : c + w] = False
+    comp[30, 45] = False  # a one-pixel hole
+    offset = (100, 200)  # the crop's top-left in the raster (with its 1 px border)
+    ds = 2.0
+    rings = component_rings(np.pad(comp, 1), ds, offset, tolerance=0, min_hole_px=2)
+    assert len(rings) == 1 + len(holes)
+    r0, c0 = offset[0] + 1, offset[1] + 1  # the component's first raster pixel
+    assert _box(rings[0]) == (c0 * ds, r0 * ds, (c0 + 90) * ds, (r0 + 60) * ds)
+    expected = sorted(
+        ((c0 + c) * ds, (r0 + r) * ds, (c0 + c + w) * ds, (r0 + r + h) * ds) for r, c, h, w in holes
+    )
+    assert sorted(_box(ring) for ring in rings[1:]) == expected
+    assert all(ring[0] == ring[-1] for ring in rings)
+
+
+def test_class_features_cover_every_component_of_each_class() -> None:
+    labels = np.where(_blobs(4), 1, 2).astype(np.uint8)
+    labels[:10] = 0
+    classes = {1: ("TUM", (213, 94, 0)), 2: ("STR", (86, 180, 233))}
+    feats = list(class_features(labels, 1.0, classes, min_px=0))
+    for cls, (name, _) in classes.items():
+        n = ndimage.label(labels == cls)[1]
+        assert sum(f["properties"]["classification"]["name"] == name for f in feats) == n
