@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
             mpp0, dims = slide.mpp, slide.dimensions
         collection = map_polygons(cmap, mpp0, settings, dims)
-        with atomic_path(args.out) as tmp, open(tmp, "w") as fh:
-            json.dump(collection, fh, separators=(",", ":"))
+        with atomic_path(args.out) as tmp:  # dumps: json's C encoder (dump's is Python)
+            tmp.write_text(json.dumps(collection, separators=(",", ":")))
         if xml is not None:
             with atomic_path(xml) as tmp:
                 tmp.write_bytes(imagescope_xml(collection["features"], mpp0))

@@ -321,8 +321,7 @@ def _write_geojson(path: Path, spec: _Spec, ds: int) -> None:
         slide_width=spec.width, slide_height=spec.height,
     )  # fmt: skip
     collection = {"type": "FeatureCollection", "features": _features(labels, float(ds))}
-    with open(path, "w") as fh:
-        json.dump(collection, fh, separators=(",", ":"))
+    path.write_text(json.dumps(collection, separators=(",", ":")))  # dumps: the C encoder
 
 
 def _partial(path: Path) -> Path:
