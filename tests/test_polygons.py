@@ -179,3 +179,19 @@ def test_imagescope_xml_reads_back_as_the_map(slide: Path, tmp_path: Path) -> No
     xml.write_text("<Annotations><Annotation Name='mine'/></Annotations>")
     assert _run(slide, cmap, out, *opts) == 2
     assert "mine" in xml.read_text() and not out.exists()
+
+
+def test_nesting_depth_counts_the_holes_a_region_lies_in() -> None:
+    """Three TUM regions, each in a hole of the one before, and one beside them: depths 0, 1, 2
+    and 0 (a region is inside another when most of its vertices lie in one of its holes)."""
+    from dsf.imagescope import nesting_depths
+
+    def square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+    outer = [square(0, 0, 100, 100), square(10, 10, 90, 90)]
+    middle = [square(20, 20, 80, 80), square(30, 30, 70, 70)]
+    inner = [square(40, 40, 60, 60)]
+    beside = [square(200, 0, 210, 10)]
+    assert nesting_depths([inner, beside, outer, middle]) == [2, 0, 0, 1]
+    assert nesting_depths([beside]) == [0]
