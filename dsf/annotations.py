@@ -181,6 +181,21 @@ def fill_ring(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.
     return np.cumsum(diff, axis=1)[:, :w] > 0
 
 
+def _window(
+    bbox: tuple[float, float, float, float], x: float, y: float, f: float, shape: tuple[int, int]
+) -> tuple[slice, slice] | None:
+    """The pixels of an output window (`shape`, top-left pixel at level-0 (x, y), `f` level-0
+    px per pixel) that a level-0 box (x0, y0, x1, y1) covers, with a pixel of margin; None when
+    they do not meet."""
+    bx0, by0, bx1, by1 = bbox
+    c0, r0 = max(0, int((bx0 - x) / f) - 1), max(0, int((by0 - y) / f) - 1)
+    c1 = min(shape[1], int(np.ceil((bx1 - x) / f)) + 1)
+    r1 = min(shape[0], int(np.ceil((by1 - y) / f)) + 1)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    return slice(r0, r1), slice(c0, c1)
+
+
 @dataclass
 class _Shape:
     cls: int
@@ -308,18 +323,20 @@ class PolygonLabels(LabelSource):
         for k in hits:
             shape = self._shapes[k]
             # only the output window the shape's box covers is rasterised (bands of a whole
-            # slide's width stay cheap however many shapes there are)
-            bx0, by0, bx1, by1 = shape.bbox
-            c0, r0 = max(0, int((bx0 - x) / f) - 1), max(0, int((by0 - y) / f) - 1)
-            c1 = min(width, int(np.ceil((bx1 - x) / f)) + 1)
-            r1 = min(height, int(np.ceil((by1 - y) / f)) + 1)
-            if c1 <= c0 or r1 <= r0:
+            # slide's width stay cheap however many shapes there are), and each hole only in
+            # its own box (a ragged region has hundreds of holes)
+            box = _window(shape.bbox, x, y, f, (height, width))
+            if box is None:
                 continue
-            x0, y0, win = x + c0 * f, y + r0 * f, (r1 - r0, c1 - c0)
-            mask = self._raster(shape.outer, x0, y0, f, win)
+            r0, c0 = box[0].start, box[1].start
+            x0, y0 = x + c0 * f, y + r0 * f
+            mask = self._raster(shape.outer, x0, y0, f, out[box].shape)
             for hole in shape.holes:
-                mask &= ~self._raster(hole, x0, y0, f, win)
-            out[r0:r1, c0:c1][mask] = shape.cls
+                sub = _window((*hole.min(0), *hole.max(0)), x0, y0, f, mask.shape)
+                if sub is not None:
+                    hx, hy = x0 + sub[1].start * f, y0 + sub[0].start * f
+                    mask[sub] &= ~self._raster(hole, hx, hy, f, mask[sub].shape)
+            out[box][mask] = shape.cls
         return out
 
     @staticmethod
