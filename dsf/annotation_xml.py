@@ -110,10 +110,6 @@ def _ring(points: list[tuple[float, float]], kind: str) -> np.ndarray | None:
     return pts
 
 
-def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
 def _aperio(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
     out: list[XMLPolygon] = []
     skipped: Counter[str] = Counter()
@@ -150,9 +146,13 @@ def _aperio(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
                 continue
             text = (region.get("Text") or "").strip()
             positives.append(XMLPolygon([text, *names] if text else names, what, ring))
+        # a negative region is cut out of every region of its layer that its box meets
+        boxes = np.array([[*h.min(0), *h.max(0)] for h in negatives]).reshape(-1, 4)
         for poly in positives:
-            box = poly.bbox
-            poly.holes = [h for h in negatives if _overlaps(box, (*h.min(0), *h.max(0)))]
+            x0, y0, x1, y1 = poly.bbox
+            meets = (boxes[:, 0] <= x1) & (x0 <= boxes[:, 2])
+            meets &= (boxes[:, 1] <= y1) & (y0 <= boxes[:, 3])
+            poly.holes = [negatives[j] for j in np.flatnonzero(meets)]
         out += positives
     _log_skipped(path, skipped)
     return out
