@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.errors import ConfigError
 
@@ -65,4 +66,40 @@ def load_for_resume(path: Path, hyper: dict[str, Any]) -> dict[str, Any]:
             f"{[old.get(k) for k in changed]} then, {[hyper.get(k) for k in changed]} now); "
             "restore them, or delete the checkpoint to start over"
         )
+    return state
+
+
+def save_training(
+    path: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    **state: Any,
+) -> None:
+    """A training checkpoint: model, optimiser and scaler states beside `state` (the epoch,
+    history, `hyper` for `resume_training`'s check, the settings, ...) and the dsf version."""
+    full = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        **state,
+        "dsf_version": __version__,
+    }
+    save(full, path)
+
+
+def resume_training(
+    path: Path,
+    hyper: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Load a `save_training` checkpoint trained with `hyper` (`load_for_resume`) into the
+    model, optimiser and scaler; returns the checkpoint for the rest of its state."""
+    state = load_for_resume(path, hyper)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)
+        scaler.load_state_dict(state["scaler"])
     return state

@@ -382,27 +382,17 @@ class FineTuner:
         }
 
     def save_checkpoint(self) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "best": self.best,
-            "history": self.history,
-            "hyper": self._hyper(),
-            "settings": self.st,
-            "dsf_version": __version__,
-        }
-        checkpoints.save(state, self.checkpoint_path)
+        checkpoints.save_training(
+            self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
+            best=self.best, history=self.history, hyper=self._hyper(), settings=self.st,
+        )  # fmt: skip
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper())
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)
-            self.scaler.load_state_dict(state["scaler"])
+        state = checkpoints.resume_training(
+            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler
+        )
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)

@@ -270,27 +270,18 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "hyper": self._hyper(),
-            "history": self.history,
-            "settings": self.st,
-            "dsf_version": __version__,
-        }
-        checkpoints.save(state, self.checkpoint_path)
+        checkpoints.save_training(
+            self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
+            hyper=self._hyper(), history=self.history, settings=self.st,
+        )  # fmt: skip
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; True when training continues from it."""
         if not self.checkpoint_path.exists():
             return False
-        state = checkpoints.load_for_resume(self.checkpoint_path, self._hyper())
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when saved without fp16 (on the CPU, or with bf16)
-            self.scaler.load_state_dict(state["scaler"])
+        state = checkpoints.resume_training(
+            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler
+        )
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
