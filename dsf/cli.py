@@ -25,6 +25,16 @@ STAGES = {
 }
 
 
+def pretrain_command(gpus: int) -> list[str]:
+    """The command that starts pretraining on `gpus` GPUs: `dsf pretrain`, or above one GPU one
+    process per GPU through torchrun (DDP on one node; --standalone picks a free rendezvous
+    port, so jobs side by side do not clash)."""
+    if gpus > 1:
+        torchrun = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}"]
+        return [*torchrun, "-m", "dsf.pretrain"]
+    return ["dsf", "pretrain"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a stage's `main`."""
     argv = list(sys.argv[1:] if argv is None else argv)

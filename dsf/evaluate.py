@@ -36,7 +36,7 @@ from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
-from dsf.predict import trained_on
+from dsf.model_sets import trained_on
 from dsf.runner import run, setup_logging
 
 log = logging.getLogger(__name__)

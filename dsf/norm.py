@@ -18,10 +18,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from dsf import __version__
@@ -29,6 +28,9 @@ from dsf.atomic import atomic_path
 from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.runner import run, setup_logging
+
+if TYPE_CHECKING:  # torch is not imported here: the workflow imports this module to parse
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,10 @@ def tile_stats(tiles: np.ndarray | torch.Tensor | Iterable[Any]) -> tuple[list[f
     Accepts one array or tensor, or an iterable of them (a store read in chunks); the statistics
     are exact, from 256-bin histograms, so chunking does not change them.
     """
-    batches = [tiles] if isinstance(tiles, np.ndarray | torch.Tensor) else tiles
+    one = isinstance(tiles, np.ndarray) or hasattr(tiles, "cpu")  # an array or a tensor
     hist = np.zeros((3, 256), np.float64)
-    for t in batches:
-        a = t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    for t in [tiles] if one else tiles:
+        a = t.cpu().numpy() if hasattr(t, "cpu") else np.asarray(t)
         if a.dtype != np.uint8 or a.shape[-1] != 3:
             raise ValueError(f"tiles must be uint8 (..., 3), got {a.dtype} {tuple(a.shape)}")
         # tile by tile: bincount widens its input to int64, 8 bytes per pixel and channel

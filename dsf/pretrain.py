@@ -476,16 +476,6 @@ class Trainer:
         checkpoints.save(state, self.out_dir / "encoders.pt")
 
 
-def launcher(gpus: int) -> list[str]:
-    """The command that starts pretraining on `gpus` GPUs: `dsf pretrain`, or above one GPU one
-    process per GPU through torchrun (DDP on one node; --standalone picks a free rendezvous
-    port, so jobs side by side do not clash)."""
-    if gpus > 1:
-        torchrun = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}"]
-        return [*torchrun, "-m", "dsf.pretrain"]
-    return ["dsf", "pretrain"]
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsf pretrain",

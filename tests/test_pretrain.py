@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dsf.cli import pretrain_command
 from dsf.config import defaults
 from dsf.errors import ConfigError
-from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, launcher, main, training_stores
+from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_stores
 
 from conftest import DEVICE
 
@@ -154,8 +155,9 @@ def test_two_process_ddp_keeps_replicas_equal(stores: list[Path], tmp_path: Path
 def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_path: Path) -> None:
     """pretrain.gpus 2: the rule's command (torchrun, one process per GPU), here on the CPU
     (gloo); the global batch is split over the processes."""
-    cmd = launcher(2)
-    assert cmd[0] == "torchrun" and "--nproc-per-node=2" in cmd and launcher(1)[0] == "dsf"
+    cmd = pretrain_command(2)
+    assert cmd[0] == "torchrun" and "--nproc-per-node=2" in cmd
+    assert pretrain_command(1)[0] == "dsf"
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "ddp"
     done = subprocess.run(

@@ -22,9 +22,11 @@ BIN = str(Path(sys.executable).parent)
 UNTIL = ("--until", "patches", "folds")
 
 
-def smk(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run snakemake with this venv's `dsf` on PATH."""
-    env = os.environ | {"PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+def smk(
+    *args: str, cwd: Path = REPO, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run snakemake with this venv's `dsf` on PATH (and `env` added to the environment)."""
+    env = os.environ | {"PATH": BIN + os.pathsep + os.environ.get("PATH", "")} | (env or {})
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
@@ -36,6 +38,20 @@ def job_counts(out: str) -> dict[str, int]:
     """Rule -> count from snakemake's 'Job stats' table."""
     table = out.split("Job stats:")[1].split("total")[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_the_workflow_parses_without_importing_torch(tmp_path: Path) -> None:
+    """Snakemake parses the Snakefile for every dry run, and on a cluster once more in every
+    job: the parse-time checks (sheet, folds, label settings, HookNet's geometry, the
+    pretraining command) import no torch, which took seconds of each parse."""
+    done = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}",
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )  # fmt: skip
+    imported = re.findall(r"^import time:.*\|\s+([\w.]+)$", done.stderr, re.M)
+    assert "dsf.folds" in imported and "snakemake" in imported  # the profile is there
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "torchvision")]
+    assert job_counts(done.stdout)["pretrain"] == 2
 
 
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:

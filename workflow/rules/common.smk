@@ -10,7 +10,7 @@ from dsf.annotations import base_class, check_label_settings
 from dsf.config import cli_args
 from dsf.folds import assign_folds, finetune_gaps
 from dsf.norm import check_settings as check_norm_settings
-from dsf.predict import find_models
+from dsf.model_sets import find_models
 from dsf.sheet import load_sheet
 
 
@@ -58,7 +58,7 @@ LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
 if APPLY and LABELLED:  # what would stop the scoring midway, refused before anything runs
-    from dsf.predict import check_given_models
+    from dsf.model_sets import check_given_models
 
     check_given_models(
         APPLY,
@@ -132,7 +132,7 @@ def check_finetune_inits(finetune, pretrain):
             "and set finetune.weights to that file"
         )
     if set(inits) - {"unet"} and FINETUNING and not APPLY:
-        from dsf.models.hooknet import check_hook
+        from dsf.hook_geometry import check_hook
 
         try:  # a warning: the data stages still run (`--until patches`), fine-tuning would not
             check_hook(config["patches"]["block"], config["patches"]["scale"])
@@ -346,9 +346,9 @@ def labels_opt(wildcards, input):
 
 def pretrain_launcher():
     """`dsf pretrain`, or with pretrain.gpus above 1 one process per GPU through torchrun."""
-    from dsf.pretrain import launcher
+    from dsf.cli import pretrain_command
 
-    return shlex.join(launcher(config["pretrain"]["gpus"]))
+    return shlex.join(pretrain_command(config["pretrain"]["gpus"]))
 
 
 def stage_opts(section, skip=()):
