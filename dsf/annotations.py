@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,11 @@ class _Shape:
     holes: list[np.ndarray]
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
 
+    @cached_property
+    def hole_boxes(self) -> list[tuple[float, float, float, float]]:
+        """Each hole's box (x0, y0, x1, y1), found once: every window read needs them."""
+        return [(*h.min(0), *h.max(0)) for h in self.holes]
+
 
 def _name_map(settings: dict[str, Any]) -> dict[str, int]:
     """Annotation class name (lower case) -> class index: the classes' own names, then
@@ -331,8 +337,8 @@ class PolygonLabels(LabelSource):
             r0, c0 = box[0].start, box[1].start
             x0, y0 = x + c0 * f, y + r0 * f
             mask = self._raster(shape.outer, x0, y0, f, out[box].shape)
-            for hole in shape.holes:
-                sub = _window((*hole.min(0), *hole.max(0)), x0, y0, f, mask.shape)
+            for hole, hole_box in zip(shape.holes, shape.hole_boxes, strict=True):
+                sub = _window(hole_box, x0, y0, f, mask.shape)
                 if sub is not None:
                     hx, hy = x0 + sub[1].start * f, y0 + sub[0].start * f
                     mask[sub] &= ~self._raster(hole, hx, hy, f, mask[sub].shape)

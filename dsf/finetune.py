@@ -140,7 +140,8 @@ class FineTuner:
         """`norm` = (mean, std) of the input normalisation; by default the statistics the
         encoders were pretrained with (recorded in `encoders.pt`), else computed from the fit
         stores (`dsf.norm`)."""
-        from dsf.models.hooknet import HookNet, UNet, check_hook
+        from dsf.hook_geometry import check_hook
+        from dsf.models.hooknet import HookNet, UNet
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
         self.device = training_device(settings["device"], "finetune.device")

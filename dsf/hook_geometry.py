@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dsf.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class HookGeometry:
@@ -80,8 +82,6 @@ ENCODER_STRIDES = (2, 4, 8, 16, 32)
 def check_hook(block: int, scale: int) -> None:
     """Refuse a patch geometry HookNet cannot hook (`hook_geometry` with the encoders' strides),
     as a ConfigError naming `patches.block` and `patches.scale` and blocks that would fit."""
-    from dsf.errors import ConfigError
-
     try:
         hook_geometry(scale, block, ENCODER_STRIDES)
     except ValueError as exc:

@@ -192,7 +192,7 @@ def test_hook_geometry_rejects_impossible_settings() -> None:
 
 def test_check_hook_names_the_config_keys_and_blocks_that_fit() -> None:
     from dsf.errors import ConfigError
-    from dsf.models.hooknet import ENCODER_STRIDES, check_hook
+    from dsf.hook_geometry import ENCODER_STRIDES, check_hook
 
     assert ENCODER_STRIDES == STRIDES
     check_hook(256, 4)  # the paper's geometry

@@ -30,18 +30,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from dsf.hook_geometry import ENCODER_STRIDES, HookGeometry, check_hook, hook_geometry
+from dsf.hook_geometry import HookGeometry, hook_geometry
 from dsf.models.encoders import StageEncoder, build_encoder
 
 __all__ = [
     "DECODER_CHANNELS",
-    "ENCODER_STRIDES",
     "DecoderBlock",
     "HookGeometry",
     "HookNet",
     "UNet",
     "UNetDecoder",
-    "check_hook",
     "encoder_strides",
     "hook_geometry",
 ]
