@@ -89,6 +89,50 @@ def test_local_profile_plans_the_default_workflow(tmp_path: Path) -> None:
     assert job_counts(out)["pretrain"] == 2
 
 
+def _group_jobs(out: str) -> list[tuple[str, list[str], set[str]]]:
+    """(group, rules, wildcards) of each group job in a dry run's output."""
+    jobs: list[tuple[str, list[str], set[str]]] = []
+    for line in out.splitlines():
+        if m := re.search(r"Group job (\w+) \(jobs", line):
+            jobs.append((m[1], [], set()))
+        elif not line.startswith(" ") and re.match(r"\S*rule \w+:", line):
+            jobs.append(("", [], set()))  # a job of no group ends the group before it
+        elif jobs and (m := re.match(r"^    rule (\w+):$", line)):
+            jobs[-1][1].append(m[1])
+        elif jobs and (m := re.match(r"^        wildcards: (.+)$", line)):
+            jobs[-1][2].add(m[1])
+    return [j for j in jobs if j[0]]
+
+
+def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
+    """profiles/slurm submits a slide's chain of jobs as one group job (Snakemake ignores
+    groups locally, so the plan shows them): `prepare` is one slide's synth, tissue and patches,
+    `map` one slide's map for one init, its polygons and, when annotated, its scores. Every rule
+    the profile names exists."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    groups = profile["groups"]
+    rules = smk("--list-rules", "--directory", str(REPO), "--config", f"results={tmp_path}")
+    named = {g.split("=")[0] for g in groups} | set(profile["set-resources"])
+    assert named <= set(rules.stdout.split()), named - set(rules.stdout.split())
+    out = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}",
+        "--groups", *groups,
+    ).stdout  # fmt: skip
+    jobs = _group_jobs(out)
+    counts = job_counts(out)
+    prepare = [j for j in jobs if j[0] == "prepare"]
+    maps = [j for j in jobs if j[0] == "map"]
+    assert len(prepare) == counts["tissue"] == 6 and len(maps) == counts["infer"] == 6
+    assert len(prepare) + len(maps) == len(jobs)
+    for _, ran, wildcards in prepare:
+        assert len(wildcards) == 1 and {"tissue", "patches"} <= set(ran), (ran, wildcards)
+        assert ("synth" in ran) == ("slide=synth" in next(iter(wildcards)))
+    for _, ran, wildcards in maps:
+        assert len(wildcards) == 1 and len(ran) == len(set(ran)), (ran, wildcards)
+        assert set(ran) - {"evaluate_slide"} == {"infer", "polygons"}, ran
+    assert sum("evaluate_slide" in ran for _, ran, _ in maps) == counts["evaluate_slide"] == 4
+
+
 def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
     tmp_path: Path, real: Path
 ) -> None:

@@ -34,8 +34,9 @@ SCRIPT = Path(__file__).with_name("slurm.sh")
 BIN = str(Path(sys.executable).parent)
 UNTIL = ("--until", "patches", "folds")
 SLIDES = ("cmu", "tiny-a", "tiny-b")
-# synth 2, tissue 3, patches 3, folds 1
-N_JOBS = 9
+# the profile's `prepare` group: one submission per slide (synth, tissue, patches of the two
+# synthetic slides; tissue, patches of the real one), and folds on its own
+N_JOBS = 4
 
 
 def _free_port() -> int:
@@ -162,13 +163,23 @@ def test_jobs_ran_as_slurm_jobs(runs: tuple[Path, Path, str], slurm: dict[str, s
     ).stdout.split()
     rows = [line.split("|") for line in jobs]
     assert len(rows) == N_JOBS and {r[3] for r in rows} == {"COMPLETED"}, rows
-    rules = sorted(r[0].split("_wildcards")[0].removeprefix("rule_") for r in rows)
-    assert rules == ["folds"] + ["patches"] * 3 + ["synth"] * 2 + ["tissue"] * 3
-    # cpus_per_task follows the rule's threads (patches.threads: 2); patches asks 2000 MB
-    patches = [r for r in rows if r[0].startswith("rule_patches")]
-    assert {(r[1], r[2]) for r in patches} == {("2", "2000M")}
-    logs = list((remote / ".snakemake" / "slurm_logs").rglob("*.log"))
+    names = sorted(r[0].split("_wildcards")[0].removeprefix("rule_") for r in rows)
+    assert names == ["folds", "prepare_patches_synth_tissue", "prepare_patches_synth_tissue",
+                     "prepare_patches_tissue"]  # fmt: skip
+    # a group asks for the most threads (patches.threads: 2) and memory (tissue's default
+    # 4000 MB) of its jobs
+    groups = [r for r in rows if r[0].startswith("rule_prepare")]
+    assert {(r[1], r[2]) for r in groups} == {("2", "4000M")}
+    logs = sorted((remote / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert len(logs) == N_JOBS
+    # every job of a slide ran inside its group's one submission, in order
+    for log in logs:
+        if "group_prepare" in str(log):
+            text = log.read_text()
+            slides = set(re.findall(r"^\s*wildcards: slide=(\S+)$", text, re.M))
+            ran = re.findall(r"^\s*rule (\w+):$", text, re.M)
+            assert len(slides) == 1 and ran[-2:] == ["tissue", "patches"], (log, slides, ran)
+            assert ("synth" in ran) == (slides != {"cmu"}), (log, ran)
 
 
 def _same_slide(meta: dict) -> dict:
