@@ -153,6 +153,33 @@ def test_ome_tiff_pyramid_via_tifffile(tmp_path: Path) -> None:
     np.testing.assert_array_equal(s.read(100, 50, 100, 50, 0.5), rgb[::2, ::2][25:75, 50:150])
 
 
+def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) -> None:
+    """DICOM VL Whole Slide Microscopy (Imaging Data Commons' format): any instance of the
+    folder opens the whole series (here its label, which sorts first, as a folder scan hands
+    it); levels and the mpp (from the pixel spacing) come from the level instances."""
+    from dicom_wsi import write_dicom_slide
+
+    from dsf.scan import scan_folder
+    from dsf.slide import describe_slide
+
+    with open_slide(real / "CMU-1-Small-Region.svs") as src:
+        rgb = src.read(600, 900, 700, 500, src.mpp)
+    paths = write_dicom_slide(tmp_path / "case-7", rgb, mpp=0.5)
+    (tmp_path / "case-7.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    [row] = scan_folder(tmp_path)
+    assert (row["slide"], row["path"]) == ("case-7", str(paths[0]))
+    assert row["labels"] == str(tmp_path / "case-7.geojson")
+    s = open_slide(row["path"], slide_id=row["slide"])
+    assert s.backend_name == "openslide" and s.properties["openslide.vendor"] == "dicom"
+    assert s.mpp == pytest.approx(0.5) and s.objective_power == 20
+    assert [(lv.width, lv.height) for lv in s.levels] == [(700, 500), (350, 250)]
+    assert np.abs(s.read(0, 0, 700, 500, 0.5).astype(float) - rgb).mean() < 5  # JPEG q95, 4:2:2
+    assert s.best_level(1.0) == 1  # 2x coarser is served from the level below
+    assert np.abs(s.read(0, 0, 350, 250, 1.0) - _box_down(rgb, 2)).mean() < 5
+    facts = describe_slide(paths[0])
+    assert (facts.reader, facts.width, facts.levels) == ("openslide (dicom)", 700, 2)
+
+
 def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
     rgb = _pattern(300, 400)
     path = tmp_path / "strips.tif"
