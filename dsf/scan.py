@@ -4,8 +4,9 @@ A researcher points dsf at a folder of slides (DESIGN section 1). The folder is 
 recursively (GDC downloads put every slide in a folder of its own):
 
 - every file with a slide format's suffix is a slide (`SLIDE_SUFFIXES`); a DICOM slide is a
-  folder of `.dcm` instances, one slide per folder; the `.jpg` parts a Hamamatsu `.vms` names
-  and MIRAX's data folders are parts of their slide, not slides;
+  folder of `.dcm` instances of one series (Imaging Data Commons' layout), one slide per folder,
+  and a folder of other DICOM objects (annotations, segmentations) is not a slide; the `.jpg`
+  parts a Hamamatsu `.vms` names and MIRAX's data folders are parts of their slide, not slides;
 - its id is the file name without the format suffix (`.ome.tiff` whole), with characters a
   slide id cannot hold replaced by `_`; two slides with one id are an error naming both;
 - its annotation is found by name: `<id>.geojson`, `<id>.xml` (Aperio ImageScope saves
@@ -16,9 +17,9 @@ recursively (GDC downloads put every slide in a folder of its own):
 - annotations as one binary mask per class (`labels.masks`, e.g. PAIP's `<id>_whole.tif`) are
   found by their pattern anywhere under the folder (or in the labels folder), and are not slides;
   a slide that has them uses them, not an annotation file beside it (PAIP's `<id>.xml`);
-- slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), so one patient's
-  slides never span folds; any other slide is a group of its own (write a sheet with a `group`
-  column when patients are known otherwise).
+- slides named by a TCGA barcode are grouped by patient (`TCGA-TSS-PPPP`), DICOM slides by the
+  PatientID they state, so one patient's slides never span folds; any other slide is a group of
+  its own (write a sheet with a `group` column when patients are known otherwise).
 """
 
 from __future__ import annotations
@@ -65,6 +66,31 @@ def slide_id(name: str) -> str:
     """A slide id from a file or folder name: format suffix off, other characters -> `_`."""
     sid = _BAD_ID_CHARS.sub("_", _stem(name)).strip("._-")
     return sid or "slide"
+
+
+#: SOP class of DICOM whole-slide images (VL Whole Slide Microscopy Image Storage).
+VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def dicom_slide(instances: list[Path]) -> tuple[Path, str | None] | None:
+    """The instance that stands in for a folder of DICOM instances, and the PatientID it states;
+    None when no instance is a whole-slide image (an annotation or segmentation series).
+
+    Only headers are read (pydicom, up to the pixel data), usually of the first instance alone.
+    A file pydicom cannot parse stands in as it is: opening the slide reports it by name.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for f in instances:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            return f, None
+        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == VL_WSI:
+            patient = str(ds.get("PatientID", "") or "").strip()
+            return f, patient or None
+    return None
 
 
 def patient_group(sid: str) -> str | None:
@@ -222,22 +248,29 @@ def scan_folder(
         if f.suffix.lower() == ".vms":
             parts |= _vms_parts(f)
     slides: list[Path] = []
-    dicom_dirs: set[Path] = set()
+    dicom_dirs: dict[Path, list[Path]] = {}
     for f in files:
         suffix = f.suffix.lower()
         if suffix not in SLIDE_SUFFIXES or f.resolve() in parts:
             continue
         if suffix == ".dcm":
-            if f.parent not in dicom_dirs:  # files come sorted: the first instance stands in
-                dicom_dirs.add(f.parent)
-                slides.append(f)
+            if f.parent not in dicom_dirs:  # the folder is the slide, in the files' order
+                slides.append(f.parent)
+            dicom_dirs.setdefault(f.parent, []).append(f)
             continue
         slides.append(f)
     index = _label_index(labels)
     rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
-    for path in slides:
-        dicom = path.suffix.lower() == ".dcm"
+    patients: dict[Path, str | None] = {}
+    for entry in slides:
+        path = entry
+        if dicom := entry in dicom_dirs:
+            found = dicom_slide(dicom_dirs[entry])
+            if found is None:
+                log.info("%s: DICOM objects that are not a whole-slide image; not a slide", entry)
+                continue
+            path, patients[path] = found
         sid = slide_id(path.parent.name if dicom else path.name)
         if sid in seen:
             raise ConfigError(
@@ -251,7 +284,7 @@ def scan_folder(
                 "path": str(path),
                 "mpp": mpp,
                 "labels": _find_labels(path.parent if dicom else path, sid, index),
-                "group": patient_group(sid),
+                "group": patients.get(path) or patient_group(sid),
                 "fold": None,
                 "masks": {cls: str(p) for cls, p in sorted(class_masks.get(sid, {}).items())},
             }

@@ -18,6 +18,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: Microscopy Bulk Simple Annotations: Imaging Data Commons keeps them in series of their own
+ANNOTATIONS = "1.2.840.10008.5.1.4.1.1.91.1"
 
 
 def _frames(rgb: np.ndarray, tile: int) -> list[bytes]:
@@ -44,15 +46,18 @@ def write_instance(
     tile: int,
     series: str,
     study: str,
+    patient: str = "",
+    sop_class: str = VL_WSI,
 ) -> None:
     """One instance: `rgb` as TILED_FULL JPEG frames with its pixel spacing (mpp in um)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = VL_WSI
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = VL_WSI, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "SM"
     ds.ImageType = image_type
     frames = _frames(rgb, tile)
@@ -78,7 +83,7 @@ def write_instance(
 
 
 def write_dicom_slide(
-    folder: Path, rgb: np.ndarray, mpp: float, tile: int = 128, levels: int = 2
+    folder: Path, rgb: np.ndarray, mpp: float, tile: int = 128, levels: int = 2, patient: str = ""
 ) -> list[Path]:
     """A slide as a folder of instances: `levels` pyramid levels (each half the last) and a
     label image, named so that the label sorts first (file names carry no meaning in DICOM)."""
@@ -88,7 +93,7 @@ def write_dicom_slide(
     label = np.full((64, 128, 3), 200, np.uint8)
     write_instance(
         paths[0], label, image_type=["ORIGINAL", "PRIMARY", "LABEL", "NONE"], mpp=50.0,
-        tile=64, series=series, study=study,
+        tile=64, series=series, study=study, patient=patient,
     )  # fmt: skip
     image = rgb
     for level in range(levels):
@@ -99,6 +104,6 @@ def write_dicom_slide(
         paths.append(folder / f"level{level}.dcm")
         write_instance(
             paths[-1], image, image_type=kind, mpp=mpp * 2**level, tile=tile, series=series,
-            study=study,
+            study=study, patient=patient,
         )  # fmt: skip
     return paths

@@ -157,18 +157,27 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
     """DICOM VL Whole Slide Microscopy (Imaging Data Commons' format): any instance of the
     folder opens the whole series (here its label, which sorts first, as a folder scan hands
     it); levels and the mpp (from the pixel spacing) come from the level instances."""
-    from dicom_wsi import write_dicom_slide
+    from dicom_wsi import ANNOTATIONS, write_dicom_slide, write_instance
 
     from dsf.scan import scan_folder
     from dsf.slide import describe_slide
 
     with open_slide(real / "CMU-1-Small-Region.svs") as src:
         rgb = src.read(600, 900, 700, 500, src.mpp)
-    paths = write_dicom_slide(tmp_path / "case-7", rgb, mpp=0.5)
+    paths = write_dicom_slide(tmp_path / "case-7", rgb, mpp=0.5, patient="P-1")
     (tmp_path / "case-7.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-    [row] = scan_folder(tmp_path)
-    assert (row["slide"], row["path"]) == ("case-7", str(paths[0]))
-    assert row["labels"] == str(tmp_path / "case-7.geojson")
+    # another slide of that patient, and a series of annotations (not a slide)
+    write_dicom_slide(tmp_path / "SM_1.2.3", rgb[:256, :256], mpp=0.5, patient="P-1")
+    (tmp_path / "ANN_4.5.6").mkdir()
+    write_instance(
+        tmp_path / "ANN_4.5.6" / "a.dcm", rgb[:64, :64], image_type=["DERIVED"], mpp=0.5,
+        tile=64, series="4.5.6", study="7.8", patient="P-1", sop_class=ANNOTATIONS,
+    )  # fmt: skip
+    rows = {r["slide"]: r for r in scan_folder(tmp_path)}
+    assert set(rows) == {"case-7", "SM_1.2.3"}
+    row = rows["case-7"]
+    assert row["path"] == str(paths[0]) and row["labels"] == str(tmp_path / "case-7.geojson")
+    assert row["group"] == rows["SM_1.2.3"]["group"] == "P-1"  # one patient: one fold
     s = open_slide(row["path"], slide_id=row["slide"])
     assert s.backend_name == "openslide" and s.properties["openslide.vendor"] == "dicom"
     assert s.mpp == pytest.approx(0.5) and s.objective_power == 20
