@@ -72,25 +72,43 @@ def slide_id(name: str) -> str:
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
-def dicom_slide(instances: list[Path]) -> tuple[Path, str | None] | None:
-    """The instance that stands in for a folder of DICOM instances, and the PatientID it states;
-    None when no instance is a whole-slide image (an annotation or segmentation series).
+def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] | None:
+    """The instance that stands in for a folder of DICOM instances (its first pyramid level
+    instance) and the PatientID it states; None when the folder holds no whole-slide image (an
+    annotation or segmentation series). Raises ConfigError when it holds several slides.
 
-    Only headers are read (pydicom, up to the pixel data), usually of the first instance alone.
-    A file pydicom cannot parse stands in as it is: opening the slide reports it by name.
+    Only headers are read (pydicom, up to the pixel data: a fraction of a millisecond each). A
+    file pydicom cannot parse stands in as it is: opening the slide reports it by name.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    series: dict[str, tuple[Path, str | None]] = {}
     for f in instances:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+            ds = pydicom.dcmread(
+                f,
+                stop_before_pixels=True,
+                specific_tags=["PatientID", "SeriesInstanceUID", "ImageType"],
+            )
         except (InvalidDicomError, OSError, ValueError, EOFError):
             return f, None
-        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == VL_WSI:
-            patient = str(ds.get("PatientID", "") or "").strip()
-            return f, patient or None
-    return None
+        image_type = list(ds.get("ImageType", []) or [])
+        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != VL_WSI or (
+            len(image_type) < 3 or image_type[2] != "VOLUME"
+        ):
+            continue  # not a whole-slide image, or its label, overview or thumbnail
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        patient = str(ds.get("PatientID", "") or "").strip() or None
+        series.setdefault(uid, (f, patient))
+    if len(series) > 1:
+        raise ConfigError(
+            f"{folder} holds {len(series)} DICOM slides (series {', '.join(sorted(series))}): "
+            "put each series in a folder of its own (Imaging Data Commons' default download "
+            "layout does), or write the slide sheet by hand, a row per slide with one of its "
+            ".dcm files as `path`"
+        )
+    return next(iter(series.values()), None)
 
 
 def patient_group(sid: str) -> str | None:
@@ -266,7 +284,7 @@ def scan_folder(
     for entry in slides:
         path = entry
         if dicom := entry in dicom_dirs:
-            found = dicom_slide(dicom_dirs[entry])
+            found = dicom_slide(entry, dicom_dirs[entry])
             if found is None:
                 log.info("%s: DICOM objects that are not a whole-slide image; not a slide", entry)
                 continue

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from dsf.errors import SlideError
+from dsf.errors import ConfigError, SlideError
 from dsf.slide import open_slide
 
 
@@ -154,9 +154,9 @@ def test_ome_tiff_pyramid_via_tifffile(tmp_path: Path) -> None:
 
 
 def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) -> None:
-    """DICOM VL Whole Slide Microscopy (Imaging Data Commons' format): any instance of the
-    folder opens the whole series (here its label, which sorts first, as a folder scan hands
-    it); levels and the mpp (from the pixel spacing) come from the level instances."""
+    """DICOM VL Whole Slide Microscopy (Imaging Data Commons' format): a folder of one series'
+    instances is a slide, its first level instance stands in, and any instance opens the whole
+    series; levels and the mpp (from the pixel spacing) come from the level instances."""
     from dicom_wsi import ANNOTATIONS, write_dicom_slide, write_instance
 
     from dsf.scan import scan_folder
@@ -176,7 +176,7 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
     rows = {r["slide"]: r for r in scan_folder(tmp_path)}
     assert set(rows) == {"case-7", "SM_1.2.3"}
     row = rows["case-7"]
-    assert row["path"] == str(paths[0]) and row["labels"] == str(tmp_path / "case-7.geojson")
+    assert row["path"] == str(paths[1]) and row["labels"] == str(tmp_path / "case-7.geojson")
     assert row["group"] == rows["SM_1.2.3"]["group"] == "P-1"  # one patient: one fold
     s = open_slide(row["path"], slide_id=row["slide"])
     assert s.backend_name == "openslide" and s.properties["openslide.vendor"] == "dicom"
@@ -185,8 +185,13 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
     assert np.abs(s.read(0, 0, 700, 500, 0.5).astype(float) - rgb).mean() < 5  # JPEG q95, 4:2:2
     assert s.best_level(1.0) == 1  # 2x coarser is served from the level below
     assert np.abs(s.read(0, 0, 350, 250, 1.0) - _box_down(rgb, 2)).mean() < 5
-    facts = describe_slide(paths[0])
+    facts = describe_slide(paths[0])  # the label instance opens the same slide
     assert (facts.reader, facts.width, facts.levels) == ("openslide (dicom)", 700, 2)
+    # two slides' instances in one folder: which is meant cannot be told, so the scan stops
+    for f in (tmp_path / "SM_1.2.3").iterdir():
+        f.rename(tmp_path / "case-7" / f"other-{f.name}")
+    with pytest.raises(ConfigError, match=r"case-7 holds 2 DICOM slides.*folder of its own"):
+        scan_folder(tmp_path)
 
 
 def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
