@@ -149,15 +149,33 @@ def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Itera
             yield entry
 
 
-def _label_index(labels_dir: Path | None) -> dict[str, list[Path]]:
+def _name_pattern(pattern: str, key: str) -> re.Pattern[str]:
+    """A file-name regex capturing the slide id from a name pattern with `{slide}` once."""
+    name = Path(pattern).name
+    if name.count("{slide}") != 1:
+        raise ConfigError(
+            f"{key}: {pattern!r} must name the file with {{slide}} once, e.g. '{{slide}}_mask.tiff'"
+        )
+    head, tail = name.split("{slide}")
+    return re.compile(f"^{re.escape(head)}(.+){re.escape(tail)}$", re.IGNORECASE)
+
+
+def _label_index(labels_dir: Path | None, name: str | None = None) -> dict[str, list[Path]]:
     """The annotation files of a labels folder by the name they match (`x.png`, `x.labels.tif`
-    and `x.geojson` all match slide `x`)."""
+    and `x.geojson` all match slide `x`; with a `name` pattern, `{slide}_mask.tiff`, only the
+    files it fits, by the part that stands for `{slide}`)."""
+    rx = _name_pattern(name, "--labels-name") if name is not None else None
     index: dict[str, list[Path]] = {}
     for p in sorted(labels_dir.iterdir()) if labels_dir is not None else ():
-        if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES and not p.name.startswith("."):
-            name = p.name[: -len(p.suffix)]
-            name = name[: -len(".labels")] if name.lower().endswith(".labels") else name
-            index.setdefault(name, []).append(p)
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in LABEL_SUFFIXES:
+            continue
+        if rx is not None:
+            if m := rx.match(p.name):
+                index.setdefault(m.group(1), []).append(p)
+            continue
+        stem = p.name[: -len(p.suffix)]
+        stem = stem[: -len(".labels")] if stem.lower().endswith(".labels") else stem
+        index.setdefault(stem, []).append(p)
     return index
 
 
@@ -191,17 +209,7 @@ def _annotation_xml(path: Path) -> bool:
 
 def _mask_patterns(masks: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
     """(class, file-name regex capturing the slide id) of each `labels.masks` pattern."""
-    out = []
-    for cls, pattern in masks.items():
-        name = Path(pattern).name
-        if name.count("{slide}") != 1:
-            raise ConfigError(
-                f"config key labels.masks.{cls}: {pattern!r} must name the file with {{slide}} "
-                "once, e.g. '{slide}_whole.tif'"
-            )
-        head, tail = name.split("{slide}")
-        out.append((cls, re.compile(f"^{re.escape(head)}(.+){re.escape(tail)}$", re.IGNORECASE)))
-    return out
+    return [(cls, _name_pattern(p, f"config key labels.masks.{cls}")) for cls, p in masks.items()]
 
 
 def _split_masks(
@@ -236,6 +244,7 @@ def scan_folder(
     mpp: float | None = None,
     exclude: Iterable[str | Path] = (),
     masks: dict[str, str] | None = None,
+    labels_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Slide-sheet rows (slide, path, mpp, labels, group, fold, masks) of every slide under
     `folder`.
@@ -243,9 +252,14 @@ def scan_folder(
     Paths are absolute. `mpp` fills every row's `mpp` (for images that state none); `exclude`
     names folders not to search (the workflow's results); `masks` (class -> file name with
     `{slide}`, `labels.masks`) finds per-class masks anywhere under the folder or in
-    `labels_dir`. Raises ConfigError when the folder is missing, holds no slide, or two slides
-    get one id.
+    `labels_dir`; `labels_name` (`{slide}_mask.tiff`, PANDA's train_label_masks) is how the
+    annotations in `labels_dir` are named, when not like their slides. Raises ConfigError when
+    the folder is missing, holds no slide, or two slides get one id.
     """
+    if labels_name is not None and labels_dir is None:
+        raise ConfigError(
+            f"--labels-name {labels_name!r} names the files of a labels folder: give --labels"
+        )
     folder = Path(folder).absolute()  # absolute, but symlinks kept as the user named them
     if not folder.is_dir():
         raise ConfigError(f"slide folder {folder} not found")
@@ -277,7 +291,7 @@ def scan_folder(
             dicom_dirs.setdefault(f.parent, []).append(f)
             continue
         slides.append(f)
-    index = _label_index(labels)
+    index = _label_index(labels, labels_name)
     rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     patients: dict[Path, str | None] = {}

@@ -268,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
         "CAMELYON16 lesion_annotations/)",
     )
     p.add_argument(
+        "--labels-name",
+        metavar="PATTERN",
+        help="how the files in --labels are named, with {slide} for the slide id, when not "
+        "like their slides (PANDA: --labels train_label_masks --labels-name '{slide}_mask.tiff')",
+    )
+    p.add_argument(
         "--mask",
         dest="masks",
         action="append",
@@ -301,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not cls or cls in masks:
                 raise ConfigError(f"--mask {item!r}: give each class once, as CLASS=PATTERN")
             masks[cls] = pattern
-        rows = scan_folder(args.folder, args.labels, args.mpp, masks=masks)
+        rows = scan_folder(
+            args.folder, args.labels, args.mpp, masks=masks, labels_name=args.labels_name
+        )
         kept, bad, unresolved, table = [], [], [], []
         with logging_redirect_tqdm():
             for row in tqdm(rows, desc="sheet", unit="slide", disable=len(rows) < 20):

@@ -130,6 +130,29 @@ def test_a_labels_folder_matches_by_file_name(tmp_path: Path) -> None:
         scan_folder(tmp_path / "images", tmp_path / "masks")
 
 
+def test_a_labels_folder_with_its_own_naming(tmp_path: Path) -> None:
+    """PANDA: train_images/<id>.tiff, train_label_masks/<id>_mask.tiff (`--labels-name`);
+    a mask without its slide, or a file the pattern does not fit, is no slide's annotation."""
+    _touch(
+        tmp_path, "train_images/0005f7aa.tiff", "train_images/000920ad.tiff",
+        "train_label_masks/0005f7aa_mask.tiff", "train_label_masks/ffff0000_mask.tiff",
+        "train_label_masks/000920ad.tiff",
+    )  # fmt: skip
+    masks = tmp_path / "train_label_masks"
+    rows = {r["slide"]: r for r in scan_folder(tmp_path / "train_images", masks)}
+    assert rows["000920ad"]["labels"] == str(masks / "000920ad.tiff")  # named like its slide
+    rows = {
+        r["slide"]: r
+        for r in scan_folder(tmp_path / "train_images", masks, labels_name="{slide}_mask.tiff")
+    }
+    assert rows["0005f7aa"]["labels"] == str(masks / "0005f7aa_mask.tiff")
+    assert rows["000920ad"]["labels"] is None  # the pattern is how the folder names them
+    with pytest.raises(ConfigError, match=r"\{slide\} once"):
+        scan_folder(tmp_path / "train_images", masks, labels_name="mask.tiff")
+    with pytest.raises(ConfigError, match="give --labels"):
+        scan_folder(tmp_path / "train_images", labels_name="{slide}_mask.tiff")
+
+
 def test_an_empty_or_missing_folder_is_an_error(tmp_path: Path) -> None:
     _touch(tmp_path, "readme.txt")
     with pytest.raises(ConfigError, match="no slide found"):
