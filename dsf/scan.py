@@ -77,29 +77,30 @@ def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] 
     instance) and the PatientID it states; None when the folder holds no whole-slide image (an
     annotation or segmentation series). Raises ConfigError when it holds several slides.
 
-    Only headers are read (pydicom, up to the pixel data: a fraction of a millisecond each). A
-    file pydicom cannot parse stands in as it is: opening the slide reports it by name.
+    Only headers are read (pydicom, up to the pixel data: about a millisecond each). A folder
+    whose files pydicom cannot parse stands in by its first such file: opening the slide then
+    reports it by name.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     series: dict[str, tuple[Path, str | None]] = {}
+    unreadable: list[Path] = []
     for f in instances:
         try:
             ds = pydicom.dcmread(
                 f,
                 stop_before_pixels=True,
-                specific_tags=["PatientID", "SeriesInstanceUID", "ImageType"],
+                specific_tags=["SOPClassUID", "PatientID", "SeriesInstanceUID", "ImageType"],
             )
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            return f, None
-        image_type = list(ds.get("ImageType", []) or [])
-        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != VL_WSI or (
-            len(image_type) < 3 or image_type[2] != "VOLUME"
-        ):
+            sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+            image_type = [str(v) for v in (ds.get("ImageType", []) or [])]
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            patient = str(ds.get("PatientID", "") or "").strip() or None
+        except Exception:  # noqa: BLE001 - pydicom raises many types on a damaged header
+            unreadable.append(f)
+            continue
+        if sop != VL_WSI or len(image_type) < 3 or image_type[2] != "VOLUME":
             continue  # not a whole-slide image, or its label, overview or thumbnail
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        patient = str(ds.get("PatientID", "") or "").strip() or None
         series.setdefault(uid, (f, patient))
     if len(series) > 1:
         raise ConfigError(
@@ -108,7 +109,11 @@ def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] 
             "layout does), or write the slide sheet by hand, a row per slide with one of its "
             ".dcm files as `path`"
         )
-    return next(iter(series.values()), None)
+    if series:
+        return next(iter(series.values()))
+    if unreadable:
+        return unreadable[0], None
+    return None
 
 
 def patient_group(sid: str) -> str | None:
@@ -300,7 +305,11 @@ def scan_folder(
         if dicom := entry in dicom_dirs:
             found = dicom_slide(entry, dicom_dirs[entry])
             if found is None:
-                log.info("%s: DICOM objects that are not a whole-slide image; not a slide", entry)
+                log.warning(
+                    "%s: its DICOM files hold no whole-slide image (annotations or "
+                    "segmentations?); not a slide",
+                    entry,
+                )
                 continue
             path, patients[path] = found
         sid = slide_id(path.parent.name if dicom else path.name)
@@ -333,5 +342,14 @@ def scan_folder(
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+        )
+    stated = {patients[Path(r["path"])] for r in rows if Path(r["path"]) in patients}
+    if len(patients) > 1 and len(stated) == 1 and None not in stated:
+        log.warning(
+            "all %d DICOM slides state one PatientID (%s), so they form one group and land in "
+            "one fold; if that PatientID is an anonymised placeholder, write a sheet (`dsf "
+            "sheet`) and fill its `group` column",
+            len(patients),
+            stated.pop(),
         )
     return rows

@@ -173,6 +173,7 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
         tmp_path / "ANN_4.5.6" / "a.dcm", rgb[:64, :64], image_type=["DERIVED"], mpp=0.5,
         tile=64, series="4.5.6", study="7.8", patient="P-1", sop_class=ANNOTATIONS,
     )  # fmt: skip
+    (tmp_path / "case-7" / "000-broken.dcm").write_bytes(b"DICM")  # skipped: slides follow
     rows = {r["slide"]: r for r in scan_folder(tmp_path)}
     assert set(rows) == {"case-7", "SM_1.2.3"}
     row = rows["case-7"]
