@@ -300,9 +300,9 @@ def scan_folder(
     rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     patients: dict[Path, str | None] = {}
-    for entry in slides:
+    for entry in slides:  # a slide file, or a DICOM slide's folder
         path = entry
-        if dicom := entry in dicom_dirs:
+        if entry in dicom_dirs:
             found = dicom_slide(entry, dicom_dirs[entry])
             if found is None:
                 log.warning(
@@ -312,7 +312,7 @@ def scan_folder(
                 )
                 continue
             path, patients[path] = found
-        sid = slide_id(path.parent.name if dicom else path.name)
+        sid = slide_id(entry.name)
         if sid in seen:
             raise ConfigError(
                 f"two slides under {folder} get the id {sid!r}: {seen[sid]} and {path}; "
@@ -324,7 +324,7 @@ def scan_folder(
                 "slide": sid,
                 "path": str(path),
                 "mpp": mpp,
-                "labels": _find_labels(path.parent if dicom else path, sid, index),
+                "labels": _find_labels(entry, sid, index),
                 "group": patients.get(path) or patient_group(sid),
                 "fold": None,
                 "masks": {cls: str(p) for cls, p in sorted(class_masks.get(sid, {}).items())},
@@ -343,7 +343,7 @@ def scan_folder(
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
         )
-    stated = {patients[Path(r["path"])] for r in rows if Path(r["path"]) in patients}
+    stated = set(patients.values())
     if len(patients) > 1 and len(stated) == 1 and None not in stated:
         log.warning(
             "all %d DICOM slides state one PatientID (%s), so they form one group and land in "

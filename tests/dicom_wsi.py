@@ -74,9 +74,9 @@ def write_instance(
     shared = Dataset()
     shared.PixelMeasuresSequence = [spacing]
     ds.SharedFunctionalGroupsSequence = [shared]
-    path_ = Dataset()
-    path_.OpticalPathIdentifier, path_.ObjectiveLensPower = "1", 20
-    ds.OpticalPathSequence = [path_]
+    optical = Dataset()
+    optical.OpticalPathIdentifier, optical.ObjectiveLensPower = "1", 20
+    ds.OpticalPathSequence = [optical]
     ds.PixelData = encapsulate(frames)
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
