@@ -172,29 +172,39 @@ def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
 
 def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> None:
     """A folder of slides without any annotation is a pretraining project: pretrained once on
-    every slide; no fine-tuning, maps or evaluation are planned (they could not run), and the
-    run says so."""
+    every slide, however few (no folds: the default folds.k 5 is more than its 3 slides); no
+    fine-tuning, maps or evaluation are planned (they could not run), and the run says so."""
     folder = tmp_path / "slides"
     folder.mkdir()
     for name in ("A", "B", "C"):
         shutil.copy(real / "CMU-1-Small-Region.svs", folder / f"{name}.svs")
     (tmp_path / "k2.yaml").write_text("folds:\n  k: 2\n")
 
-    def plan() -> subprocess.CompletedProcess[str]:
+    def plan(*config: str) -> subprocess.CompletedProcess[str]:
         return smk(
-            "-n", "--cores", "2", "--configfile", str(tmp_path / "k2.yaml"), "--config",
-            f"slides={folder}", f"results={tmp_path / 'res'}",
+            "-n", "-p", "--cores", "2", *config, "--config", f"slides={folder}",
+            f"results={tmp_path / 'res'}",
         )  # fmt: skip
 
     done = plan()
     counts = job_counts(done.stdout)
     assert counts["pretrain"] == 1 and counts["patches"] == 3  # once, on every slide
+    assert counts["norm"] == 1 and "folds" not in counts
     assert "pretrain/dsf/all/encoders.pt" in done.stdout
+    assert "--folds" not in done.stdout and "folds.tsv" not in done.stdout
     assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
     assert "no slide of the sheet has an annotation" in done.stderr
-    # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
+    # once annotated, the folds are back, and folds.k 5 is more than the 3 patients
     (folder / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-    done = plan()
+    refused = smk(
+        "-n", "--cores", "2", "--config", f"slides={folder}", f"results={tmp_path / 'res'}",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "folds.k is 5 but the sheet has only 3 groups" in (
+        refused.stdout + refused.stderr
+    )
+    # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
+    done = plan("--configfile", str(tmp_path / "k2.yaml"))
     counts = job_counts(done.stdout)
     assert "finetune" in counts and counts["pretrain"] == 2  # per fold again
     assert "fine-tuning of folds [0, 1] will stop with an error" in done.stderr

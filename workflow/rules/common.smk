@@ -42,19 +42,21 @@ MEMBERS = {
     for name, models in (APPLY or {}).items()
     if len(models) > 1 and config["apply"]["each_model"]
 }
-# The same deterministic split the `folds` rule writes to folds.tsv, known at parse time so the
-# per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv. A
-# prediction run has no folds (one, holding every slide, keeps the helpers below simple).
-FOLDS = (
-    SHEET[["slide", "group"]].assign(fold=0).reset_index(drop=True)
-    if APPLY
-    else assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
-)
-FOLD_IDS = sorted(set(FOLDS["fold"]))
 INITS = list(config["pretrain"]["methods"])
 # annotated: a `labels` file, or per-class masks painted into one by the `labels` rule
 MASKED = set(SHEET.index[[bool(m) for m in SHEET["masks"]]])
 LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
+# The same deterministic split the `folds` rule writes to folds.tsv, known at parse time so the
+# per-fold rules can name their inputs; `dsf pretrain` checks its stores against folds.tsv. A
+# prediction run has no folds, nor has a pretraining project (no annotation: folds are
+# stratified by annotation, and its slides may be fewer than folds.k); one fold holding every
+# slide keeps the helpers below simple.
+FOLDS = (
+    assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
+    if LABELLED and not APPLY
+    else SHEET[["slide", "group"]].assign(fold=0).reset_index(drop=True)
+)
+FOLD_IDS = sorted(set(FOLDS["fold"]))
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
 if APPLY and LABELLED:  # what would stop the scoring midway, refused before anything runs
@@ -199,6 +201,19 @@ def train_stores(unit):
 def pretrain_unit(fold):
     """The pretraining run fold `fold` fine-tunes from: its encoders, its normalisation."""
     return f"fold{fold}" if config["pretrain"]["scope"] == "fold" else "all"
+
+
+def split_input(unit):
+    """{"folds": folds.tsv} for a fold's pretraining unit, whose stores are checked against the
+    split; {} for `all`, which reads every slide (and is all a pretraining project has)."""
+    return {} if unit == "all" else {"folds": f"{RESULTS}/folds.tsv"}
+
+
+def split_opt(wildcards, input):
+    """`--folds FILE --fold K` for a fold's unit (split_input), nothing for `all`."""
+    if "folds" not in input.keys():
+        return ""
+    return f"--folds {shlex.quote(input.folds)} --fold {wildcards.unit.removeprefix('fold')}"
 
 
 def norm_input(unit):
@@ -413,7 +428,8 @@ def all_outputs():
         finetuned, maps, evaluated = [], [], []
         reported = [r for r in reported if "/curves/pretrain/" in r]
     patches = expand(f"{RESULTS}/patches/{{slide}}.zarr", slide=SLIDES)
+    folds = [f"{RESULTS}/folds.tsv"] if FINETUNING else []
     return [
-        f"{RESULTS}/folds.tsv", *pretrained, *finetuned, *maps, *evaluated, *reported,
+        *folds, *pretrained, *finetuned, *maps, *evaluated, *reported,
         *tissue, *patches,
     ]  # fmt: skip

@@ -5,12 +5,12 @@
 
 rule norm:
     input:
+        unpack(lambda w: split_input(w.unit)),
         stores=lambda w: train_stores(w.unit),
-        folds=f"{RESULTS}/folds.tsv",
     output:
         f"{RESULTS}/norm/{{unit}}.json",
     params:
-        fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+        fold=split_opt,
         tiles=config["pretrain"]["norm_tiles"],
         seed=config["pretrain"]["seed"],
     conda:
@@ -20,6 +20,6 @@ rule norm:
     benchmark:
         f"{RESULTS}/benchmarks/norm/{{unit}}.tsv"
     shell:
-        "dsf norm --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
+        "dsf norm --stores {input.stores:q} {params.fold} "
         "--out {output:q} --norm-tiles {params.tiles} --seed {params.seed} --no-progress "
         "2> {log:q}"

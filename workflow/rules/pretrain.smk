@@ -7,14 +7,14 @@
 rule pretrain:
     input:
         unpack(lambda w: norm_input(w.unit)),
+        unpack(lambda w: split_input(w.unit)),
         stores=lambda w: train_stores(w.unit),
-        folds=f"{RESULTS}/folds.tsv",
     output:
         encoders=f"{RESULTS}/pretrain/{{init}}/{{unit}}/encoders.pt",
         log_tsv=f"{RESULTS}/pretrain/{{init}}/{{unit}}/log.tsv",
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
-        fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+        fold=split_opt,
         launch=pretrain_launcher(),
         opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
         norm=norm_opt,
@@ -30,6 +30,6 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{init}}/{{unit}}.tsv"
     shell:
-        "{params.launch} --stores {input.stores:q} --folds {input.folds:q} {params.fold} "
+        "{params.launch} --stores {input.stores:q} {params.fold} "
         "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
         "--no-progress {params.opts} {params.norm} 2> {log:q}"
