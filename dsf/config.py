@@ -56,6 +56,53 @@ def _fill(schema: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type", [])
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _typed(value: Any, types: set[str]) -> bool:
+    """Whether YAML-parsed `value` is one of the JSON-schema `types`."""
+    checks = {
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "null": lambda v: v is None,
+    }
+    return any(checks[t](value) for t in types if t in checks)
+
+
+def coerce_strings(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with text where the schema wants a number, boolean or null parsed as YAML.
+
+    Snakemake's `--config key={a: 0.5}` reads nested values as text (YAML's base loader), so
+    `--config 'infer={overlap: 0.5}'` would fail validation with "'0.5' is not of type
+    'number'". Text where the schema allows text is left alone; text that does not parse to an
+    allowed type is left for validation to name.
+    """
+    types = _types(schema)
+    if (
+        isinstance(value, str)
+        and "string" not in types
+        and types & {"integer", "number", "boolean", "null"}
+    ):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if _typed(parsed, types) else value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, sub in value.items():
+            sub_schema = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub_schema is not None:
+                value[key] = coerce_strings(sub_schema, sub)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value[:] = [coerce_strings(schema["items"], item) for item in value]
+    return value
+
+
 def section_schema(section: str) -> dict[str, Any]:
     """The schema of one top-level section (`tissue`, `patches`, ...)."""
     props = load_schema()["properties"]

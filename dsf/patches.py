@@ -94,7 +94,9 @@ def make_geometry(slide: Slide, settings: dict[str, Any]) -> Geometry:
     ny, oy = tile_grid(int(h0 / f0 + 1e-6), tile, settings["stride"])
     if eff / slide.mpp < 1 - slide.mpp_tolerance:
         log.warning(
-            "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled",
+            "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled "
+            "(for a cohort scanned at 20x, the 5x/20x geometry fits: patches.target_mpp 0.5, "
+            "as config/presets/paip.yaml sets it)",
             slide.slide_id,
             req,
             slide.mpp,

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsf.config import add_section_arguments, cli_args, defaults, load_config, section_from_args
+from dsf.config import (
+    add_section_arguments,
+    cli_args,
+    coerce_strings,
+    defaults,
+    load_config,
+    load_schema,
+    section_from_args,
+)
 from dsf.config import validate as validate_config
 from dsf.errors import ConfigError
 from dsf.sheet import load_sheet, read_sheet
@@ -34,6 +42,32 @@ def test_config_errors_name_the_key() -> None:
         validate_config({"tissue": {"method": "magic"}})
     with pytest.raises(ConfigError, match="Additional properties"):
         validate_config({"patchez": {}})
+
+
+def test_nested_command_line_values_are_typed_by_the_schema() -> None:
+    """`snakemake --config 'infer={overlap: 0.5}'` hands nested values over as text; the
+    schema types them (numbers, booleans, null, in lists and maps too), text stays text, and
+    text that is no allowed value is still refused naming the key."""
+    from snakemake.cli import parse_config
+
+    given = parse_config(
+        [
+            "infer={overlap: 0.5, amp: false, unlabelled_fold: null, inits: [dsf]}",
+            "pretrain={mean: [0.7, 0.5, 0.6], epochs: 3}",
+            "labels={names: {Tumor: 1, Other: 0}}",
+            "folds={k: 3}",
+        ]
+    )
+    assert given["infer"]["overlap"] == "0.5"  # what Snakemake gives
+    config = validate_config(coerce_strings(load_schema(), given))
+    assert config["infer"]["overlap"] == 0.5 and config["infer"]["amp"] is False
+    assert config["infer"]["unlabelled_fold"] is None and config["infer"]["inits"] == ["dsf"]
+    assert config["pretrain"]["mean"] == [0.7, 0.5, 0.6] and config["pretrain"]["epochs"] == 3
+    assert config["labels"]["names"] == {"Tumor": 1, "Other": 0} and config["folds"]["k"] == 3
+    with pytest.raises(ConfigError, match=r"infer\.overlap"):
+        validate_config(coerce_strings(load_schema(), parse_config(["infer={overlap: lots}"])))
+    with pytest.raises(ConfigError, match=r"folds\.k"):
+        validate_config(coerce_strings(load_schema(), parse_config(["folds={k: 2.5}"])))
 
 
 def test_embedded_config_is_valid() -> None:
