@@ -1,5 +1,6 @@
-"""Training state on disk: atomic saves and resume with a hyperparameter check (pretrain and
-finetune share it, so both refuse a resume under changed settings the same way)."""
+"""Training state on disk: atomic saves and resume with a check of the settings and of the patch
+stores trained on (pretrain and finetune share it, so both refuse a resume under changed
+settings or rebuilt stores the same way)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,43 @@ def load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> 
     return state
 
 
-def load_for_resume(path: Path, hyper: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint (weights_only) whose `hyper` must equal `hyper`; else a ConfigError
-    naming every changed setting with its old and new value.
+def _named(slides: list[str], most: int = 5) -> str:
+    more = f" and {len(slides) - most} more" if len(slides) > most else ""
+    return ", ".join(slides[:most]) + more
+
+
+def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A ConfigError unless the checkpoint at `path` was trained on the stores `now` describes
+    (slide id -> `store_id` of its patch store, `dsf.tiles.store_ids`).
+
+    Snakemake reruns a training job after its stores were rebuilt (a tissue or patch setting
+    changed, slides came or went); resuming would continue, or with no epoch left simply
+    re-export, weights fitted to the old tiles. A checkpoint written before stores had ids
+    (`old` None) cannot be checked and passes."""
+    if old is None:
+        return
+    changed = sorted(s for s in set(old) & set(now) if old[s] != now[s])
+    added, gone = sorted(set(now) - set(old)), sorted(set(old) - set(now))
+    if not (changed or added or gone):
+        return
+    what = [
+        f"{label}: {_named(slides)}"
+        for label, slides in (("rebuilt since", changed), ("new", added), ("gone", gone))
+        if slides
+    ]
+    raise ConfigError(
+        f"{path} was trained on other patch stores ({'; '.join(what)}), so resuming would "
+        "keep weights fitted to the old tiles: delete the checkpoint to train on the stores "
+        "as they are now"
+    )
+
+
+def load_for_resume(
+    path: Path, hyper: dict[str, Any], stores: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint (weights_only) trained on `stores` (`check_stores`; not checked when
+    None) whose `hyper` must equal `hyper`; else a ConfigError naming the rebuilt stores, or
+    every changed setting with its old and new value.
 
     Loaded on the CPU: `load_state_dict` moves weights and optimiser moments to the model's
     device, while Adam's step counts stay on the CPU as in a fresh run (on the GPU every step
@@ -58,6 +93,8 @@ def load_for_resume(path: Path, hyper: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"{path} is not a dsf training checkpoint (no `hyper`): delete it to start over"
         )
+    if stores is not None:  # first: rebuilt stores also change a computed normalisation
+        check_stores(path, state.get("stores"), stores)
     old = state["hyper"]
     changed = sorted(k for k in set(hyper) | set(old) if hyper.get(k) != old.get(k))
     if changed:
@@ -77,7 +114,8 @@ def save_training(
     **state: Any,
 ) -> None:
     """A training checkpoint: model, optimiser and scaler states beside `state` (the epoch,
-    history, `hyper` for `resume_training`'s check, the settings, ...) and the dsf version."""
+    history, `hyper` and `stores` for `resume_training`'s checks, the settings, ...) and the
+    dsf version."""
     full = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -94,10 +132,11 @@ def resume_training(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    stores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load a `save_training` checkpoint trained with `hyper` (`load_for_resume`) into the
-    model, optimiser and scaler; returns the checkpoint for the rest of its state."""
-    state = load_for_resume(path, hyper)
+    """Load a `save_training` checkpoint trained with `hyper` on `stores` (`load_for_resume`)
+    into the model, optimiser and scaler; returns the checkpoint for the rest of its state."""
+    state = load_for_resume(path, hyper, stores)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)

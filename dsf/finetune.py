@@ -53,7 +53,7 @@ from dsf.pretrain import (
     training_device,
 )
 from dsf.runner import run, setup_logging
-from dsf.tiles import loader_worker_init, open_store
+from dsf.tiles import loader_worker_init, open_store, store_ids
 
 log = logging.getLogger(__name__)
 
@@ -385,15 +385,21 @@ class FineTuner:
     def save_checkpoint(self) -> None:
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
-            best=self.best, history=self.history, hyper=self._hyper(), settings=self.st,
+            best=self.best, history=self.history, hyper=self._hyper(),
+            stores=self._store_ids(), settings=self.st,
         )  # fmt: skip
+
+    def _store_ids(self) -> dict[str, str | None]:
+        """The fit and selection stores' ids (`dsf.checkpoints.check_stores`)."""
+        return store_ids([*self.train.stores, *self.select.stores])
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
         state = checkpoints.resume_training(
-            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler
-        )
+            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
+            stores=self._store_ids(),
+        )  # fmt: skip
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)

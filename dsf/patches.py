@@ -20,6 +20,7 @@ import logging
 import queue
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -455,6 +456,8 @@ def extract(
         group.attrs.update(
             {
                 "slide_id": slide.slide_id,
+                # new with every store written: training checkpoints tell a rebuilt store by it
+                "store_id": uuid.uuid4().hex,
                 "source": str(slide.path.resolve()),
                 "source_size": stat.st_size,
                 "source_mtime": stat.st_mtime,

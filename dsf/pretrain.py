@@ -42,7 +42,7 @@ from dsf.norm import check_settings as check_norm
 from dsf.norm import computed_stats, given_stats
 from dsf.runner import run, setup_logging
 from dsf.tile_loader import TileLoader
-from dsf.tiles import TileDataset, open_store
+from dsf.tiles import TileDataset, open_store, store_ids
 
 if TYPE_CHECKING:
     from dsf.augment import Views
@@ -272,7 +272,8 @@ class Trainer:
             return
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
-            hyper=self._hyper(), history=self.history, settings=self.st,
+            hyper=self._hyper(), stores=store_ids(self.data.stores), history=self.history,
+            settings=self.st,
         )  # fmt: skip
 
     def resume(self) -> bool:
@@ -280,8 +281,9 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = checkpoints.resume_training(
-            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler
-        )
+            self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
+            stores=store_ids(self.data.stores),
+        )  # fmt: skip
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)

@@ -73,6 +73,17 @@ def open_store(path: str | Path) -> Any:
     return group
 
 
+def store_ids(stores: list[str | Path]) -> dict[str, str | None]:
+    """Slide id -> `store_id` of each patch store: a fresh id `dsf patches` gives every store
+    it writes, so a training checkpoint can tell whether its stores were rebuilt since
+    (`dsf.checkpoints.check_stores`); None for a store written before stores had ids."""
+    out: dict[str, str | None] = {}
+    for path in stores:
+        attrs = open_store(path).attrs
+        out[str(attrs["slide_id"])] = attrs.get("store_id")
+    return out
+
+
 class TileDataset(Dataset):
     """uint8 tiles (T, T, 3) of several patch stores, indexed globally."""
 

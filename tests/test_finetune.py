@@ -17,6 +17,7 @@ from dsf.errors import ConfigError
 from dsf.finetune import HISTORY_COLUMNS, FineTuner, _shared_jitter_flip, main
 from dsf.metrics import soft_dice_loss
 from dsf.pretrain import TrainingError
+from dsf.tiles import store_ids
 
 from conftest import DEVICE
 
@@ -132,6 +133,13 @@ def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # n
     again = FineTuner(st | {"lr": 0.01}, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
     with pytest.raises(ConfigError, match=r"lr: \[0\.001\] then, \[0\.01\] now"):
         again.resume()
+    # other stores (here another selection slide): refused, naming the slides
+    other = FineTuner(st, [stores[1]], [stores[0]], 1.0, CLASSES, tmp_path)
+    slides = list(store_ids(stores))
+    with pytest.raises(
+        ConfigError, match=rf"other patch stores \(new: {slides[0]}; gone: {slides[2]}\)"
+    ):
+        other.resume()
 
 
 def _settings(**kw: object) -> dict[str, object]:

@@ -88,6 +88,35 @@ def test_resume_continues_exactly(stores: list[Path], tmp_path: Path) -> None:
         changed.resume()
 
 
+def test_resume_on_rebuilt_stores_is_refused(stores: list[Path], tmp_path: Path) -> None:
+    """A checkpoint knows the stores it trained on: after Snakemake rebuilt one (a tissue or
+    patch setting changed) or the slides changed, resuming, which with no epoch left would
+    re-export the old weights as the new run's encoders, is refused naming the slides; the
+    stores as they were resume."""
+    import shutil
+
+    import zarr
+
+    from dsf.checkpoints import check_stores
+
+    copies = [tmp_path / s.name for s in stores]
+    for s, c in zip(stores, copies, strict=True):
+        shutil.copytree(s, c)
+    ids = [zarr.open_group(str(c), mode="r").attrs["store_id"] for c in copies]
+    assert len(set(ids)) == 2 and all(len(i) == 32 for i in ids)  # one fresh id per store
+    out = tmp_path / "run"
+    out.mkdir()
+    Trainer(_settings(epochs=1), copies, out).fit(progress=False)
+    assert Trainer(_settings(epochs=1), copies, out).resume()  # the same stores: resumed
+    with pytest.raises(ConfigError, match=r"other patch stores \(gone: B\).*delete the"):
+        Trainer(_settings(epochs=1), copies[:1], out).resume()
+    zarr.open_group(str(copies[0]), mode="r+").attrs["store_id"] = "rebuilt"
+    with pytest.raises(ConfigError, match=r"other patch stores \(rebuilt since: A\)"):
+        Trainer(_settings(epochs=1), copies, out).resume()
+    # checkpoints from before stores had ids cannot tell, and resume
+    check_stores(out / "checkpoint.pt", None, {"A": "x"})
+
+
 @pytest.mark.parametrize(("check_every", "steps_run"), [(1, 1), (50, 2)])
 def test_nan_loss_stops_with_a_clear_error(
     stores: list[Path],
