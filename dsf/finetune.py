@@ -158,6 +158,8 @@ class FineTuner:
             log.warning("finetune.context_weight is not used by init unet (no context output)")
         self.train = LabelledTiles(fit_stores, fraction, settings["seed"], settings["target_block"])
         self.select = LabelledTiles(select_stores, 1.0, settings["seed"])
+        # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
+        self.store_ids = store_ids([*self.train.stores, *self.select.stores])
         g = open_store(fit_stores[0])
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
         self.target_mpp = float(g.attrs["target_mpp"])
@@ -386,19 +388,15 @@ class FineTuner:
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             best=self.best, history=self.history, hyper=self._hyper(),
-            stores=self._store_ids(), settings=self.st,
+            stores=self.store_ids, settings=self.st,
         )  # fmt: skip
-
-    def _store_ids(self) -> dict[str, str | None]:
-        """The fit and selection stores' ids (`dsf.checkpoints.check_stores`)."""
-        return store_ids([*self.train.stores, *self.select.stores])
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
         state = checkpoints.resume_training(
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
-            stores=self._store_ids(),
+            stores=self.store_ids,
         )  # fmt: skip
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])

@@ -202,6 +202,7 @@ class Trainer:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
         self.data = TileDataset(stores)
+        self.store_ids = store_ids(self.data.stores)  # what a checkpoint was trained on
         scale = int(open_store(stores[0]).attrs["scale"])
         self.n_blocks = scale * scale
         self.aug = _augment_config(settings, scale)
@@ -272,7 +273,7 @@ class Trainer:
             return
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
-            hyper=self._hyper(), stores=store_ids(self.data.stores), history=self.history,
+            hyper=self._hyper(), stores=self.store_ids, history=self.history,
             settings=self.st,
         )  # fmt: skip
 
@@ -282,7 +283,7 @@ class Trainer:
             return False
         state = checkpoints.resume_training(
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
-            stores=store_ids(self.data.stores),
+            stores=self.store_ids,
         )  # fmt: skip
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
