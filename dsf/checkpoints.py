@@ -4,6 +4,7 @@ settings or rebuilt stores the same way)."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,27 @@ def load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> 
     return state
 
 
+def weights_digest(state: Any) -> str:
+    """A digest of every tensor in `state` (nested dicts and lists, keys included): tells
+    whether a fine-tuning checkpoint started from these pretrained encoders."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(obj: Any, key: str) -> None:
+        if isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                walk(obj[k], f"{key}/{k}")
+        elif isinstance(obj, list | tuple):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+        elif isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{obj.dtype}:{tuple(obj.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    walk(state, "")
+    return h.hexdigest()
+
+
 def _named(slides: list[str], most: int = 5) -> str:
     more = f" and {len(slides) - most} more" if len(slides) > most else ""
     return ", ".join(slides[:most]) + more
@@ -79,11 +101,15 @@ def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) ->
 
 
 def load_for_resume(
-    path: Path, hyper: dict[str, Any], stores: dict[str, Any] | None = None
+    path: Path,
+    hyper: dict[str, Any],
+    stores: dict[str, Any] | None = None,
+    encoders: str | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint (weights_only) trained on `stores` (`check_stores`; not checked when
-    None) whose `hyper` must equal `hyper`; else a ConfigError naming the rebuilt stores, or
-    every changed setting with its old and new value.
+    """Load a checkpoint (weights_only) trained on `stores` (`check_stores`) from the pretrained
+    `encoders` (a `weights_digest`; neither is checked when None, here or in the checkpoint)
+    whose `hyper` must equal `hyper`; else a ConfigError naming the rebuilt stores, the other
+    encoders, or every changed setting with its old and new value.
 
     Loaded on the CPU: `load_state_dict` moves weights and optimiser moments to the model's
     device, while Adam's step counts stay on the CPU as in a fresh run (on the GPU every step
@@ -95,6 +121,13 @@ def load_for_resume(
         )
     if stores is not None:  # first: rebuilt stores also change a computed normalisation
         check_stores(path, state.get("stores"), stores)
+    old_encoders = state.get("encoders")
+    if encoders is not None and old_encoders is not None and old_encoders != encoders:
+        raise ConfigError(
+            f"{path} was fine-tuned from other pretrained encoders (pretraining has been redone "
+            "since), so resuming would keep weights grown from the old ones: delete the "
+            "checkpoint to fine-tune from the encoders as they are now"
+        )
     old = state["hyper"]
     changed = sorted(k for k in set(hyper) | set(old) if hyper.get(k) != old.get(k))
     if changed:
@@ -133,10 +166,12 @@ def resume_training(
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     stores: dict[str, Any] | None = None,
+    encoders: str | None = None,
 ) -> dict[str, Any]:
-    """Load a `save_training` checkpoint trained with `hyper` on `stores` (`load_for_resume`)
-    into the model, optimiser and scaler; returns the checkpoint for the rest of its state."""
-    state = load_for_resume(path, hyper, stores)
+    """Load a `save_training` checkpoint trained with `hyper` on `stores` from `encoders`
+    (`load_for_resume`) into the model, optimiser and scaler; returns the checkpoint for the
+    rest of its state."""
+    state = load_for_resume(path, hyper, stores, encoders)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)

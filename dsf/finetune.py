@@ -167,6 +167,10 @@ class FineTuner:
         pretrained = None
         if encoders is not None and init not in BASELINE_INITS:
             pretrained = checkpoints.load(encoders)
+        # what a checkpoint started from: resumed only from the same pretrained weights
+        self.encoders_digest = (
+            checkpoints.weights_digest(pretrained) if pretrained is not None else None
+        )
         mean, std = self._norm(norm, pretrained, encoders, fit_stores)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
@@ -380,15 +384,18 @@ class FineTuner:
         return self.out_dir / "checkpoint.pt"
 
     def _hyper(self) -> dict[str, Any]:
+        # the normalisation too: it may come from the encoders or the stores, not the settings
         return {k: v for k, v in self.st.items() if k not in RESUME_FREE} | {
-            "fraction": self.fraction
+            "fraction": self.fraction,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
         }
 
     def save_checkpoint(self) -> None:
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             best=self.best, history=self.history, hyper=self._hyper(),
-            stores=self.store_ids, settings=self.st,
+            stores=self.store_ids, encoders=self.encoders_digest, settings=self.st,
         )  # fmt: skip
 
     def resume(self) -> bool:
@@ -396,7 +403,7 @@ class FineTuner:
             return False
         state = checkpoints.resume_training(
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
-            stores=self.store_ids,
+            stores=self.store_ids, encoders=self.encoders_digest,
         )  # fmt: skip
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.history = list(state["history"])

@@ -340,3 +340,32 @@ def test_normalisation_follows_the_encoders_unless_given(three, tmp_path, caplog
         )
     assert tuner.mean.flatten().tolist() == pytest.approx(given[0])
     assert "was pretrained with mean" in caplog.text
+
+
+def test_resume_from_other_encoders_or_statistics_is_refused(three, tmp_path) -> None:  # noqa: ANN001
+    """A fine-tuning killed before pretraining was redone must not resume on the new encoders
+    (its weights grew from the old ones), nor under another normalisation; the same encoders
+    resume."""
+    from dsf.models.dsf import DSFModel
+
+    stores, _ = three
+    fit, select = [stores[1]], [stores[2]]
+    stats = {"mean": [0.6, 0.5, 0.4], "std": [0.2, 0.25, 0.3]}
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    for seed, path in ((0, old), (1, new)):
+        torch.manual_seed(seed)
+        state = DSFModel("resnet18", n_blocks=16, method="simsiam").encoder_state()
+        torch.save(state | {"settings": stats}, path)
+    out = tmp_path / "ft"
+    out.mkdir()
+
+    def tuner(encoders: Path, **kw: object) -> FineTuner:
+        st = _settings(init="dsf", epochs=1)
+        return FineTuner(st, fit, select, 1.0, CLASSES, out, encoders, **kw)  # type: ignore[arg-type]
+
+    tuner(old).fit()
+    assert tuner(old).resume()
+    with pytest.raises(ConfigError, match="fine-tuned from other pretrained encoders"):
+        tuner(new).resume()
+    with pytest.raises(ConfigError, match=r"other settings \(mean, std"):
+        tuner(old, norm=([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])).resume()
