@@ -129,7 +129,9 @@ def load_for_resume(
             "checkpoint to fine-tune from the encoders as they are now"
         )
     old = state["hyper"]
-    changed = sorted(k for k in set(hyper) | set(old) if hyper.get(k) != old.get(k))
+    # what a checkpoint of an older dsf did not record (a setting or check added since) is not
+    # compared: it cannot tell, as with stores and encoders
+    changed = sorted(k for k in old if hyper.get(k) != old[k])
     if changed:
         raise ConfigError(
             f"{path} was trained with other settings ({', '.join(changed)}: "

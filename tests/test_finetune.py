@@ -369,3 +369,8 @@ def test_resume_from_other_encoders_or_statistics_is_refused(three, tmp_path) ->
         tuner(new).resume()
     with pytest.raises(ConfigError, match=r"other settings \(mean, std"):
         tuner(old, norm=([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])).resume()
+    # a checkpoint of an older dsf, which recorded neither, cannot tell: it resumes
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["encoders"], ckpt["hyper"]["mean"], ckpt["hyper"]["std"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert tuner(new, norm=([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])).resume()
