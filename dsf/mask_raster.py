@@ -30,8 +30,9 @@ class _Level:
         self.height, self.width = (int(s) for s in array.shape[:2])
 
     def window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        if self.channel_last:  # an RGB(A) mask stores the code in every channel
-            return np.asarray(self.array[r0:r1, c0:c1, 0])
+        """(h, w) codes, or (h, w, 3) for an RGB(A) mask (`MaskRaster._checked` picks)."""
+        if self.channel_last:
+            return np.asarray(self.array[r0:r1, c0:c1, :3])
         return np.asarray(self.array[r0:r1, c0:c1])
 
 
@@ -99,8 +100,8 @@ class MaskRaster:
                 if data.dtype.kind not in "uib":
                     raise ValueError(f"pixels are {data.dtype}, not integers")
                 if data.ndim == 3:
-                    data = data[..., 0]
-                self.levels = [_Level(data, False)]
+                    data = data[..., :3]
+                self.levels = [_Level(data, data.ndim == 3)]
         except AnnotationError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the slide
@@ -140,6 +141,8 @@ class MaskRaster:
         return self._checked(lv.window(0, lv.height, 0, lv.width))
 
     def _checked(self, codes: np.ndarray) -> np.ndarray:
+        if codes.ndim == 3:
+            codes = self._one_channel(codes)
         if codes.dtype == np.uint8:
             return codes
         if codes.dtype.kind == "b":
@@ -151,6 +154,25 @@ class MaskRaster:
                 f"({int(codes.min())}..{int(codes.max())}); a mask holds class codes",
             )
         return codes.astype(np.uint8)
+
+    def _one_channel(self, rgb: np.ndarray) -> np.ndarray:
+        """The codes of an RGB mask: the same in every channel (a grey mask saved as RGB), or in
+        red with green and blue zero (PANDA's masks). A colour-coded mask would read as codes
+        of its red channel alone, its classes merged or lost: refused."""
+        red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        if (np.array_equal(red, green) and np.array_equal(red, blue)) or not (
+            green.any() or blue.any()
+        ):
+            return red
+        odd = np.flatnonzero(((green != red) | (blue != red)).ravel())[0]
+        colour = tuple(int(v) for v in rgb.reshape(-1, 3)[odd])
+        raise AnnotationError(
+            self.slide_id,
+            f"{self.what} {self.path} is a colour image (pixels such as (R, G, B) = {colour}): "
+            "a mask holds one class code per pixel, read from its red channel when all "
+            "channels agree or only red is used (PANDA), so these colours would lose their "
+            "classes. Convert it to a single-channel image of class codes (0 = unlabelled)",
+        )
 
     def _level_for(self, step: float) -> int:
         """The coarsest level whose pixels are no larger than `step` level-0 mask pixels."""

@@ -112,3 +112,35 @@ def test_unreadable_and_multichannel_masks_name_the_slide(tmp_path: Path) -> Non
         MaskRaster(tmp_path / "float.tif", "s", (100, 100), "label mask")
     tifffile.imwrite(tmp_path / "rgb.tif", np.full((10, 10, 3), 2, np.uint8))
     assert (MaskRaster(tmp_path / "rgb.tif", "s", (100, 100), "m").read(0, 0, 5, 5, 10) == 2).all()
+
+
+@pytest.mark.parametrize("fmt", ["tif", "png"])
+def test_rgb_masks_read_their_codes_and_colour_coded_ones_are_refused(
+    tmp_path: Path, fmt: str
+) -> None:
+    """An RGB mask holds its codes in every channel (grey saved as RGB) or in red alone
+    (PANDA); a colour-coded one, green and blue classes, would read as all unlabelled: refused,
+    naming the file and a colour it holds."""
+    codes = np.zeros((40, 40), np.uint8)
+    codes[10:30, 5:20], codes[10:30, 20:35] = 1, 2
+
+    def write(name: str, rgb: np.ndarray) -> Path:
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "png":
+            Image.fromarray(rgb).save(path)
+        else:
+            tifffile.imwrite(path, rgb, photometric="rgb")
+        return path
+
+    grey = write("grey", np.repeat(codes[..., None], 3, axis=2))
+    panda = write("panda", np.stack([codes, 0 * codes, 0 * codes], axis=2))
+    for path in (grey, panda):
+        np.testing.assert_array_equal(
+            MaskRaster(path, "s", (40, 40), "m").read(0, 0, 40, 40, 1), codes
+        )
+    colour = np.zeros((40, 40, 3), np.uint8)
+    colour[codes == 1] = (0, 255, 0)
+    colour[codes == 2] = (0, 0, 255)
+    path = write("colour", colour)
+    with pytest.raises(AnnotationError, match=r"'s'.*colour\.\w+ is a colour image.*\(0, 255, 0\)"):
+        MaskRaster(path, "s", (40, 40), "label mask").read(0, 0, 40, 40, 1)
