@@ -34,7 +34,7 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, nullcontext
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +137,12 @@ def infer_slide(
     thumb_mpp = max(out_mpp, max(slide.dimensions) * slide.mpp / settings["overlay_px"])
     thumbs = ThreadPoolExecutor(1, thread_name_prefix="dsf-thumb")
     thumb = thumbs.submit(slide.thumbnail, thumb_mpp)
-    try:
-        probs_ctx = atomic_path(out_probs) if out_probs is not None else nullcontext()
-        with probs_ctx as probs_tmp:
+    # the probabilities take their final name last, once the map, overlay and JSON are
+    # written: a failure on the way leaves none of them looking complete
+    stack = ExitStack()
+    probs_tmp = stack.enter_context(atomic_path(out_probs)) if out_probs is not None else None
+    with stack:
+        try:
             writer = MapWriter(
                 work,
                 grid,
@@ -168,43 +171,45 @@ def infer_slide(
             bar.close()
             if probs_tmp is not None:
                 write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
-        levels = writer.levels
-        lap("predict")
-        with atomic_path(out_map) as tmp:
-            write_tiff(tmp, levels, out_mpp, len(p.classes), settings["tile"], settings["threads"])
-        lap("tiff")
-        level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
-        small = levels[level]
-        small = small.asarray() if isinstance(small, TileSpool) else small
-        overlay = render_overlay(thumb.result(), small, p.classes)
-        with atomic_path(out_overlay) as tmp:
-            Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
-        lap("overlay")
-    finally:
-        thumbs.shutdown(wait=True, cancel_futures=True)
-        remove(work)
-    ow, oh = grid.out_size
-    meta = {
-        "slide": slide.slide_id,
-        "init": p.init,
-        "fraction": p.meta.get("fraction"),
-        "mpp": out_mpp,
-        "width": ow,
-        "height": oh,
-        "classes": p.classes,
-        "windows": n_windows,
-        "stride": grid.stride,
-        "block": grid.block,
-        "scale": grid.scale,
-        "target_mpp": t,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "phase_seconds": phases,
-        "settings": settings,
-        "dsf_version": __version__,
-        **(extra_meta or {}),
-    }
-    with atomic_path(out_meta) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            levels = writer.levels
+            lap("predict")
+            with atomic_path(out_map) as tmp:
+                write_tiff(
+                    tmp, levels, out_mpp, len(p.classes), settings["tile"], settings["threads"]
+                )
+            lap("tiff")
+            level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
+            small = levels[level]
+            small = small.asarray() if isinstance(small, TileSpool) else small
+            overlay = render_overlay(thumb.result(), small, p.classes)
+            with atomic_path(out_overlay) as tmp:
+                Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+            lap("overlay")
+        finally:
+            thumbs.shutdown(wait=True, cancel_futures=True)
+            remove(work)
+        ow, oh = grid.out_size
+        meta = {
+            "slide": slide.slide_id,
+            "init": p.init,
+            "fraction": p.meta.get("fraction"),
+            "mpp": out_mpp,
+            "width": ow,
+            "height": oh,
+            "classes": p.classes,
+            "windows": n_windows,
+            "stride": grid.stride,
+            "block": grid.block,
+            "scale": grid.scale,
+            "target_mpp": t,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "phase_seconds": phases,
+            "settings": settings,
+            "dsf_version": __version__,
+            **(extra_meta or {}),
+        }
+        with atomic_path(out_meta) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log.info("%s: %d windows in %.1f s -> %s", slide.slide_id, n_windows, meta["seconds"], out_map)
     return meta
 

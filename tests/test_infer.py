@@ -182,6 +182,19 @@ def test_contexts_reduced_on_the_device_give_the_same_map(tmp_path, stripes, mon
     np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
 
 
+def test_a_failed_map_leaves_no_probabilities(tmp_path, stripes, monkeypatch) -> None:  # noqa: ANN001
+    """The probabilities are renamed last: a failure while the map TIFF is written leaves no
+    store that looks complete beside no map (nor any partial one)."""
+
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dsf.infer.write_tiff", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_infer(tmp_path, stripes[0], [oracle(32)], probabilities=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_probabilities_have_no_seams(tmp_path, stripes):
     """The blended probabilities equal the oracle's everywhere: no window border shows."""
     path, cls = stripes

@@ -16,13 +16,17 @@ rule infer:
             labels={"slide": "{slide}", "init": "{finit}"},
         ),
         meta=f"{RESULTS}/maps/{{finit}}/{{slide}}.json",
+        # infer.probabilities: an output too, so a failed job's is removed with the map's
+        **(
+            {"probs": directory(f"{RESULTS}/maps/{{finit}}/{{slide}}.probs.zarr")}
+            if config["infer"]["probabilities"]
+            else {}
+        ),
     params:
         slide=slide_opts,
         routing=lambda w: infer_routing(w.slide)[0],
-        probs=lambda w: (
-            f"--out-probs {shlex.quote(f'{RESULTS}/maps/{w.finit}/{w.slide}.probs.zarr')}"
-            if config["infer"]["probabilities"]
-            else ""
+        probs=lambda w, output: (
+            f"--out-probs {shlex.quote(output.probs)}" if "probs" in output.keys() else ""
         ),
         opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "threads")),
     threads: config["infer"]["threads"]
