@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 from functools import cache
@@ -132,7 +133,24 @@ def validate(config: dict[str, Any], section: str | None = None) -> dict[str, An
         err = errors[0]
         where = ".".join(str(p) for p in ([section] if section else []) + list(err.path))
         raise ConfigError(f"config key {where or '<root>'}: {err.message}")
+    check_finite(filled, section or "")
     return filled
+
+
+def check_finite(value: Any, where: str = "") -> None:
+    """A ConfigError naming the first NaN or infinite number in a config (JSON schema's
+    minimum and maximum let NaN through: every comparison with it is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {where or '<root>'} is {value}: give a finite number")
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, sub in items:
+        check_finite(sub, f"{where}.{key}" if where else str(key))
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:

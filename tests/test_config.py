@@ -42,6 +42,11 @@ def test_config_errors_name_the_key() -> None:
         validate_config({"tissue": {"method": "magic"}})
     with pytest.raises(ConfigError, match="Additional properties"):
         validate_config({"patchez": {}})
+    # NaN passes the schema's bounds (every comparison with it is false): refused by name
+    with pytest.raises(ConfigError, match=r"patches\.target_mpp is nan: give a finite"):
+        validate_config({"patches": {"target_mpp": float("nan")}})
+    with pytest.raises(ConfigError, match=r"pretrain\.mean\.1 is inf"):
+        validate_config({"pretrain": {"mean": [0.5, float("inf"), 0.5], "std": [0.2] * 3}})
 
 
 def test_nested_command_line_values_are_typed_by_the_schema() -> None:
