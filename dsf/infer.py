@@ -242,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from dsf.devices import use_device
-        from dsf.tissue import read_mask
+        from dsf.tissue import check_mask_fits, read_mask
 
         st = section_from_args(args, "infer")
         device = use_device(st["device"], "infer.device")
         preds = [load_predictor(m, device, st["amp"]) for m in args.models]
         slide = open_slide(args.slide, mpp=args.sheet_mpp, slide_id=args.slide_id)
         mask, mask_mpp = read_mask(args.tissue_mask)
+        check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
         infer_slide(
             slide,
             mask,

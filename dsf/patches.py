@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> None:
-        from dsf.tissue import read_mask
+        from dsf.tissue import check_mask_fits, read_mask
 
         settings = section_from_args(args, "patches")
         label_settings = section_from_args(args, "labels")
@@ -523,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             mpp_tolerance=settings["mpp_tolerance"],
         )
         mask, mask_mpp = read_mask(args.tissue_mask)
+        check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
         labels = None
         if args.labels is not None:
             labels = open_labels(

@@ -259,6 +259,24 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, float]:
     return data > 0, um_per_unit * den / num
 
 
+def check_mask_fits(mask: np.ndarray, mask_mpp: float, slide: Slide, path: str | Path) -> None:
+    """A SlideError unless the tissue mask covers the slide: its size at its mpp must be the
+    slide's at that mpp (within a pixel and 1%), else it is another slide's mask (a by-hand
+    run), or the slide's resolution changed since the mask was made."""
+    ew, eh = slide.size_at(mask_mpp)
+    h, w = mask.shape[:2]
+    if abs(w - ew) <= 1 + 0.01 * ew and abs(h - eh) <= 1 + 0.01 * eh:
+        return
+    mm = mask_mpp / 1000
+    raise SlideError(
+        slide.slide_id,
+        f"tissue mask {path} covers {w * mm:.2f} x {h * mm:.2f} mm ({w}x{h} px at "
+        f"{mask_mpp:.4g} um/px), but the slide covers {ew * mm:.2f} x {eh * mm:.2f} mm: it is "
+        "another slide's mask, or the slide's mpp changed since; make it with `dsf tissue` "
+        "for this slide",
+    )
+
+
 # -- overlay ----------------------------------------------------------------------------------
 def render_overlay(rgb: np.ndarray, mask: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     """The thumbnail with background dimmed, ink tinted and a 3 px green tissue outline.

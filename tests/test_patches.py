@@ -257,7 +257,8 @@ def _write_mask(path: Path, mask: np.ndarray, mpp: float) -> None:
 
 def test_killed_patch_job_leaves_no_store_and_rerun_is_valid(real: Path, tmp_path: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
-    _write_mask(tmp_path / "mask.tiff", np.ones((371, 278), bool), 8.0)
+    w, h = slide.size_at(8.0)
+    _write_mask(tmp_path / "mask.tiff", np.ones((h, w), bool), 8.0)
     out = tmp_path / "cmu.zarr"
     cmd = [
         sys.executable,

@@ -356,3 +356,24 @@ def test_bad_setting_exit_2(tmp_path: Path) -> None:
     out = outputs(tmp_path)
     assert main(cli_args(CMU, out, "--rgb-max", "300", "210", "235")) == 2
     assert not any(p.exists() for p in out.values())
+
+
+def test_a_tissue_mask_must_cover_its_slide(real: Path, tmp_path: Path) -> None:
+    """The mask the tissue stage wrote fits its slide; another slide's (other extent) is
+    refused by patches and infer with the extents in mm and the fix."""
+    from dsf.errors import SlideError
+    from dsf.slide import open_slide
+    from dsf.tissue import check_mask_fits, main, read_mask
+
+    out = tmp_path / "t"
+    argv = ["--slide", real / "CMU-1-Small-Region.svs", "--slide-id", "cmu", "--mpp", "8"]
+    argv += ["--mask", out / "m.tiff", "--overlay", out / "m.jpg", "--stats", out / "m.json"]
+    assert main(list(map(str, argv))) == 0
+    slide = open_slide(real / "CMU-1-Small-Region.svs", slide_id="cmu")
+    mask, mpp = read_mask(out / "m.tiff")
+    check_mask_fits(mask, mpp, slide, out / "m.tiff")  # its own slide's: fits
+    other = np.ones((mask.shape[0] + 40, mask.shape[1]), bool)
+    with pytest.raises(
+        SlideError, match=r"'cmu'.*covers 1\.10 x 1\.80 mm.*slide covers 1\.10 x 1\.48 mm.*another"
+    ):
+        check_mask_fits(other, mpp, slide, out / "other.tiff")
