@@ -623,6 +623,10 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
         backend.close()
 
 
+#: Coarser than this (um/px) a sheet's mpp is warned about: an objective power, likely.
+IMPLAUSIBLE_MPP = 16.0
+
+
 def open_slide(
     path: str | os.PathLike[str],
     mpp: float | None = None,
@@ -652,6 +656,14 @@ def open_slide(
         )
     if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
         log.warning("%s: sheet mpp %.4g overrides the file's %.4g um/px", sid, mpp, file_mpp)
+    if mpp is not None and mpp > IMPLAUSIBLE_MPP:
+        log.warning(
+            "%s: sheet mpp %.4g um/px is coarser than any scan (a 1.25x scan is about 8): is "
+            "that an objective power (20, 40) in the `mpp` column? 40x is about 0.25 um/px, "
+            "20x about 0.5",
+            sid,
+            mpp,
+        )
     slide = Slide(
         path=path,
         slide_id=sid,

@@ -320,6 +320,10 @@ def _overlay_image(slide: Slide, thumb: np.ndarray, mask_mpp: float) -> tuple[np
 
 
 # -- the stage --------------------------------------------------------------------------------
+#: Largest tissue thumbnail: 200 Mpx (600 MB of RGB), 20x a 25 mm section at the default 8 um/px.
+MAX_THUMB_PX = 200_000_000
+
+
 def _no_tissue(slide: Slide, settings: dict[str, Any], stats: dict[str, Any]) -> TissueError:
     """The error for a slide without tissue, saying which settings to look at."""
     method = settings["method"]
@@ -346,6 +350,14 @@ def tissue_for_slide(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Mask, overlay image and full statistics of a slide; `TissueError` if it has no tissue."""
     mpp = float(settings["mpp"])
+    w, h = slide.size_at(mpp)
+    if w * h > MAX_THUMB_PX:
+        raise ConfigError(
+            f"tissue.mpp {mpp:g} would read slide {slide.slide_id!r} as a {w}x{h} px image "
+            f"({w * h / 1e6:.0f} Mpx; its own resolution is {slide.mpp:.4g} um/px): tissue is "
+            "found on a low-magnification thumbnail, so give tissue.mpp a few um/px (the "
+            "default 8)"
+        )
     thumb = slide.thumbnail(mpp)
     mask, ink, stats = _detect(thumb, mpp, settings)
     if not mask.any():

@@ -377,3 +377,22 @@ def test_a_tissue_mask_must_cover_its_slide(real: Path, tmp_path: Path) -> None:
         SlideError, match=r"'cmu'.*covers 1\.10 x 1\.80 mm.*slide covers 1\.10 x 1\.48 mm.*another"
     ):
         check_mask_fits(other, mpp, slide, out / "other.tiff")
+
+
+def test_a_tissue_mpp_finer_than_a_thumbnail_is_refused(real: Path, caplog) -> None:  # noqa: ANN001
+    """tissue.mpp 0.01 would read the slide as a 12-gigapixel image (it ended in the OOM
+    killer): refused before reading, naming the key; a sheet mpp of 40 (an objective power
+    typed as mpp) is warned about."""
+    import logging
+
+    from dsf.config import defaults
+    from dsf.errors import ConfigError
+    from dsf.slide import open_slide
+    from dsf.tissue import tissue_for_slide
+
+    slide = open_slide(real / "CMU-1-Small-Region.svs", slide_id="cmu")
+    with pytest.raises(ConfigError, match=r"tissue\.mpp 0\.01 would read slide 'cmu'.*default 8"):
+        tissue_for_slide(slide, defaults("tissue") | {"mpp": 0.01})
+    with caplog.at_level(logging.WARNING, logger="dsf"):
+        open_slide(real / "CMU-1-Small-Region.svs", mpp=40, slide_id="cmu")
+    assert "objective power" in caplog.text
