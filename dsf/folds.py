@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sheet-json",
         required=True,
-        help="the slide sheet as JSON records (slide, group, fold, labelled)",
+        help="the slide sheet as inline JSON records (not a file), e.g. "
+        '\'[{"slide": "a", "group": "p1", "fold": null, "labelled": true}]\'',
     )
     p.add_argument("--out", required=True, type=Path, help="folds.tsv to write")
     add_section_arguments(p, "folds")
@@ -161,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         settings = section_from_args(args, "folds")
-        sheet = pd.DataFrame(json.loads(args.sheet_json))
+        try:
+            sheet = pd.DataFrame(json.loads(args.sheet_json))
+        except ValueError as exc:
+            raise ConfigError(
+                f"--sheet-json is not JSON records ({exc}): give the records themselves, "
+                "not a file name (the workflow's folds rule writes them)"
+            ) from exc
         table = assign_folds(sheet, settings["k"], settings["seed"])
         write_folds(table, args.out)
 

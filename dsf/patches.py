@@ -35,7 +35,7 @@ from dsf import __version__
 from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
-from dsf.errors import SlideError
+from dsf.errors import ConfigError, SlideError
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, open_slide
 
@@ -531,7 +531,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         attrs: dict[str, Any] = {"labels_source": str(args.labels) if args.labels else None}
         if args.tissue_stats is not None:
-            stats = json.loads(args.tissue_stats.read_text())
+            try:
+                stats = json.loads(args.tissue_stats.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"cannot read the tissue statistics {args.tissue_stats}: {exc}; give the "
+                    "JSON `dsf tissue --stats` wrote for this slide, or rerun the tissue stage"
+                ) from exc
             attrs["tissue_method"] = stats.get("method")
             attrs["tissue_stats"] = stats
         extract(

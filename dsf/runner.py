@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -21,11 +22,29 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+#: Errors of the machine, not of dsf: a full disk, a folder the job may not write, ...
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def run(fn: Callable[[], None]) -> int:
-    """Run a stage body: a `DsfError` is logged as one clear line and exits with status 2."""
+    """Run a stage body: a `DsfError`, or a full disk or a folder the job may not write, is
+    logged as one clear line and exits with status 2 (the traceback of the latter at debug
+    level: it is the machine's, not a bug)."""
     try:
         fn()
     except DsfError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT:
+            raise
+        log.debug("traceback", exc_info=True)
+        where = f" {exc.filename}" if exc.filename else ""
+        log.error(
+            "cannot write or read%s: %s; check the free space and permissions of that folder "
+            "(or set `results` elsewhere) and rerun",
+            where,
+            exc.strerror or exc,
+        )
         return 2
     return 0

@@ -184,3 +184,26 @@ def test_bcss_code_mapping() -> None:
 def test_presets_carry_the_paper_pretraining(preset: str, epochs: int) -> None:
     p = load_config(REPO / "config" / "presets" / preset)["pretrain"]
     assert (p["epochs"], p["batch_size"], p["out_size"], p["mask_ratio"]) == (epochs, 32, 224, 0.5)
+
+
+def test_a_full_disk_is_one_clear_line_and_a_bug_keeps_its_traceback(caplog) -> None:  # noqa: ANN001
+    """A stage stopped by its machine (no space, a folder it may not write) exits 2 with the
+    file and the fix in one line; any other OSError is not hidden."""
+    import errno
+    import logging
+
+    from dsf.runner import run
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/results/x.zarr")
+
+    with caplog.at_level(logging.INFO, logger="dsf"):
+        assert run(full) == 2
+    assert "cannot write or read /data/results/x.zarr: No space left on device" in caplog.text
+
+    def bug() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        run(bug)
+    assert run(lambda: None) == 0
