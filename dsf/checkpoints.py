@@ -179,3 +179,19 @@ def resume_training(
     if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)
         scaler.load_state_dict(state["scaler"])
     return state
+
+
+def restart_advice(path: Path, section: str) -> str:
+    """What to do after a non-finite loss: the same settings would diverge again, and other
+    settings do not resume (`load_for_resume`), so the run starts over without its checkpoint
+    (no checkpoint is written after a bad epoch: the last one on disk is good)."""
+    kept = (
+        f" (the last good checkpoint, {path}, is kept: delete it too, since a changed setting "
+        "does not resume)"
+        if path.exists()
+        else ""
+    )
+    return (
+        f"Lower {section}.lr or turn {section}.amp off and rerun{kept}; a rerun unchanged "
+        "would likely diverge again"
+    )

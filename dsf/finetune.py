@@ -324,8 +324,7 @@ class FineTuner:
         if not finite(total):
             raise TrainingError(
                 f"non-finite fine-tuning loss within the first {steps} steps of epoch "
-                f"{self.epoch + 1}; lower finetune.lr or turn finetune.amp off, and rerun with "
-                "--resume"
+                f"{self.epoch + 1}. {checkpoints.restart_advice(self.checkpoint_path, 'finetune')}"
             )
 
     @torch.no_grad()

@@ -362,12 +362,9 @@ class Trainer:
         spoiled by then, but no checkpoint is written after them: the last good one stays. Under
         DDP every rank learns of a bad loss on any rank, so all stop together."""
         if not finite(sums[0], self.world):
-            last = self.epoch - self.epoch % self.st["checkpoint_every"]
             raise TrainingError(
                 f"non-finite pretraining loss within the first {steps} steps of epoch "
-                f"{self.epoch + 1}; the last good checkpoint is {self.checkpoint_path} (epoch "
-                f"{last} or earlier). Lower pretrain.lr, or turn pretrain.amp off, and rerun "
-                "with --resume"
+                f"{self.epoch + 1}. {checkpoints.restart_advice(self.checkpoint_path, 'pretrain')}"
             )
 
     def train_epoch(self, progress: bool = True) -> dict[str, float]:
