@@ -183,7 +183,8 @@ def _asap(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
             skipped[f"type {ann.get('Type')}"] += 1
             continue
         coords = [c for c in ann.iter() if _tag(c) == "Coordinate"]
-        coords.sort(key=lambda c: int(c.get("Order", "0") or 0))
+        order = [_order(c, ci, slide_id, path, what) for ci, c in enumerate(coords)]
+        coords = [c for _, c in sorted(zip(order, coords, strict=True), key=lambda t: t[0])]
         points = [
             (_number(c.get("X"), slide_id, path, what), _number(c.get("Y"), slide_id, path, what))
             for c in coords
@@ -206,6 +207,22 @@ def _asap(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
         out.append((rank.get(chain[0], len(rank)), ai, XMLPolygon(chain, what, ring)))
     _log_skipped(path, skipped)
     return [poly for _, _, poly in sorted(out, key=lambda t: t[:2])]
+
+
+def _order(coord: ET.Element, index: int, slide_id: str, path: Path, what: str) -> int:
+    """An ASAP `<Coordinate>`'s `Order` (0 when absent or empty); an AnnotationError naming
+    the annotation and the coordinate when it is no whole number."""
+    raw = (coord.get("Order") or "").strip()
+    if not raw:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise AnnotationError(
+            slide_id,
+            f"{path}: {what}: Coordinate {index} has Order {raw!r}, not a whole number; number "
+            "the coordinates 0, 1, 2, ... in drawing order, or save the annotation again in ASAP",
+        ) from None
 
 
 def _log_skipped(path: Path, skipped: Counter[str]) -> None:

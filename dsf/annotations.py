@@ -243,11 +243,68 @@ def _class_names(props: dict[str, Any]) -> list[str]:
     if isinstance(info, dict):
         if info.get("name"):
             return [str(info["name"])]
-        parts = [str(p) for p in info.get("names") or [] if p]
+        names = info.get("names")
+        parts = [str(p) for p in names if p] if isinstance(names, list) else []
         if parts:
             return [": ".join(parts), parts[0]] if len(parts) > 1 else parts
     name = props.get("name") or props.get("class")
     return [str(name)] if name else []
+
+
+def _properties(feat: Any) -> dict[str, Any]:
+    """A feature's `properties`, or {} when it has none or is no valid feature."""
+    props = feat.get("properties") if isinstance(feat, dict) else None
+    return props if isinstance(props, dict) else {}
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words, with a short excerpt for a message."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    kind = "null" if value is None else kinds.get(type(value), "a number")
+    text = json.dumps(value)
+    return kind if value is None else f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+#: How GeoJSON polygon coordinates nest, for messages about malformed ones.
+_NESTING = (
+    " (a Polygon's coordinates are a list of rings, the outline then its holes, each a list "
+    "of [x, y] points; a MultiPolygon's are a list of such polygons)"
+)
+
+
+def _geojson_ring(ring: Any) -> tuple[np.ndarray | None, str]:
+    """A GeoJSON ring's points as an (n, 2) array of level-0 x, y, or None and what is wrong
+    with it. Points may carry a z (dropped); every x and y must be a finite number."""
+    if not isinstance(ring, list):
+        return None, f"is {_json_kind(ring)}, not a list of [x, y] points{_NESTING}"
+    if not ring:
+        return None, f"is empty{_NESTING}"
+    try:
+        pts = np.asarray(ring, np.float64)
+    except (TypeError, ValueError):  # ragged, or not numbers: each point is checked below
+        pts = None
+    if pts is None or pts.ndim != 2 or pts.shape[1] < 2:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in ring):
+            return None, f"is a list of numbers, not of [x, y] points{_NESTING}"
+        rows: list[tuple[float, float]] = []
+        for k, point in enumerate(ring):
+            xy = point[:2] if isinstance(point, list) and len(point) >= 2 else None
+            wrong = f"point {k} is {_json_kind(point)}, not [x, y] numbers{_NESTING}"
+            if xy is None or not all(
+                isinstance(v, int | float | str) and not isinstance(v, bool) for v in xy
+            ):
+                return None, wrong
+            try:
+                rows.append((float(xy[0]), float(xy[1])))
+            except ValueError:
+                return None, wrong
+        pts = np.array(rows, np.float64)
+    pts = pts[:, :2]
+    finite = np.isfinite(pts).all(1)
+    if not finite.all():
+        k = int(np.argmin(finite))
+        return None, f"point {k} is {_json_kind(ring[k])}, not finite x, y numbers"
+    return pts, ""
 
 
 def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
@@ -258,12 +315,10 @@ def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
     stack = list(reversed(features))
     while stack:
         feat = stack.pop()
-        yield feat
-        children = (feat.get("properties") or {}).get("childObjects") or []
-        nested = [
-            c
-            for c in children
-            if (c.get("properties") or {}).get("objectType", "annotation") == "annotation"
+        yield feat  # the caller checks it is an object with object properties before going on
+        children = _properties(feat).get("childObjects") or []
+        nested = [  # a child that is no object is yielded too, for the caller to name
+            c for c in children if _properties(c).get("objectType", "annotation") == "annotation"
         ]
         skipped += len(children) - len(nested)
         stack.extend(reversed(nested))
@@ -376,6 +431,12 @@ class GeoJSONLabels(PolygonLabels):
 
     kind = "GeoJSON"
 
+    #: What to do about a malformed feature.
+    FIX = (
+        "fix or remove that feature (QuPath's File > Export objects as GeoJSON writes valid "
+        "GeoJSON)"
+    )
+
     def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
         try:
             with open(path) as fh:
@@ -390,9 +451,27 @@ class GeoJSONLabels(PolygonLabels):
             features = doc
         else:
             raise AnnotationError(self.slide_id, f"{path} is not a GeoJSON feature collection")
+        if not isinstance(features, list):
+            raise AnnotationError(
+                self.slide_id,
+                f"{path}: `features` is {_json_kind(features)}, not a list of features; export "
+                "the annotations again (QuPath: File > Export objects as GeoJSON)",
+            )
         shapes: list[_Shape] = []
         for i, feat in enumerate(_with_annotation_children(features)):
+            if not isinstance(feat, dict):
+                raise self._malformed(path, f"feature {i}", f"is {_json_kind(feat)}, not an object")
             props = feat.get("properties") or {}
+            if not isinstance(props, dict):
+                raise self._malformed(
+                    path, f"feature {i}", f"has properties {_json_kind(props)}, not an object"
+                )
+            if not isinstance(props.get("childObjects") or [], list):
+                raise self._malformed(
+                    path,
+                    f"feature {i}",
+                    f"has childObjects {_json_kind(props['childObjects'])}, not a list",
+                )
             candidates = _class_names(props)
             if not candidates:
                 raise AnnotationError(
@@ -400,23 +479,41 @@ class GeoJSONLabels(PolygonLabels):
                     f"{path}: feature {i} has no classification name; classify it in QuPath",
                 )
             cls = _resolve(candidates, names, settings, f"{path}: feature {i}", self.slide_id)
+            where = f"feature {i} (class {candidates[0]!r})"
             geom = feat.get("geometry") or {}
+            if not isinstance(geom, dict):
+                wrong = f"has geometry {_json_kind(geom)}, not an object"
+                raise self._malformed(path, where, wrong)
             kind = geom.get("type")
-            if kind == "Polygon":
-                polys = [geom["coordinates"]]
-            elif kind == "MultiPolygon":
-                polys = geom["coordinates"]
-            else:
+            if kind not in ("Polygon", "MultiPolygon"):
                 log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
                 continue
-            for rings in polys:
+            coords = geom.get("coordinates")
+            if not isinstance(coords, list):
+                said = "no coordinates" if coords is None else f"coordinates {_json_kind(coords)}"
+                raise self._malformed(path, where, f"is a {kind} with {said}{_NESTING}")
+            polys = [coords] if kind == "Polygon" else coords
+            for pi, rings in enumerate(polys):
+                part = "" if kind == "Polygon" else f"polygon {pi} "
+                if not isinstance(rings, list):
+                    wrong = f"polygon {pi} is {_json_kind(rings)}, not a list of rings"
+                    raise self._malformed(path, where, wrong + _NESTING)
                 if not rings:
                     continue
-                outer = np.asarray(rings[0], np.float64)[:, :2]
-                holes = [np.asarray(r, np.float64)[:, :2] for r in rings[1:]]
+                parsed: list[np.ndarray] = []
+                for ri, ring in enumerate(rings):
+                    pts, wrong = _geojson_ring(ring)
+                    if pts is None:
+                        raise self._malformed(path, where, f"{part}ring {ri} {wrong}")
+                    parsed.append(pts)
+                outer, holes = parsed[0], parsed[1:]
                 bbox = (*outer.min(0), *outer.max(0))
                 shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
         return shapes
+
+    def _malformed(self, path: Path, where: str, wrong: str) -> AnnotationError:
+        """The error for a feature of the file that is not valid GeoJSON."""
+        return AnnotationError(self.slide_id, f"{path}: {where} {wrong}; {self.FIX}")
 
 
 def open_labels(

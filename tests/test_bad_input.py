@@ -287,6 +287,104 @@ def test_polygons_partly_outside_the_slide_are_dropped_with_a_warning(
     assert g.attrs["n_tiles"] > 0 and set(np.unique(g["labels"][:])) == {1}
 
 
+SQUARE = [[0, 0], [50, 0], [50, 50], [0, 50], [0, 0]]
+QUPATH_FIX = "fix or remove that feature (QuPath's File > Export objects as GeoJSON"
+NESTING = "a Polygon's coordinates are a list of rings"
+
+
+def _shape(coordinates: object = None, kind: str = "Polygon") -> dict:
+    """A feature of class TUM with these coordinates as they are (None: without any)."""
+    geom = {"type": kind} | ({} if coordinates is None else {"coordinates": coordinates})
+    return {"type": "Feature", "geometry": geom, "properties": {"classification": {"name": "TUM"}}}
+
+
+def _malformed_geojson(*features: object) -> str:
+    return json.dumps({"type": "FeatureCollection", "features": list(features)})
+
+
+def _asap_order(order: str) -> str:
+    coords = "".join(
+        f'<Coordinate Order="{o}" X="{x}" Y="{y}"/>'
+        for o, (x, y) in zip(["0", order, "2"], [(1, 1), (50, 1), (50, 50)], strict=True)
+    )
+    return (
+        '<ASAP_Annotations><Annotations><Annotation Name="Annotation 0" Type="Polygon" '
+        f'PartOfGroup="TUM"><Coordinates>{coords}</Coordinates></Annotation></Annotations>'
+        '<AnnotationGroups><Group Name="TUM" PartOfGroup="None"/></AnnotationGroups>'
+        "</ASAP_Annotations>"
+    )
+
+
+# case -> (annotation file name, its text, expected words besides the file name)
+MALFORMED_ANNOTATIONS = {
+    "ragged-ring": (
+        "a.geojson",
+        _malformed_geojson(_shape([[[0, 0], [50, 0], [50], [0, 50]]])),
+        ["feature 0 (class 'TUM') ring 0 point 2 is an array [50]", "not [x, y]", NESTING],
+    ),
+    "empty-ring": (
+        "a.geojson",
+        _malformed_geojson(_shape([[]])),
+        ["feature 0 (class 'TUM') ring 0 is empty", NESTING],
+    ),
+    "flat-coordinates": (
+        "a.geojson",
+        _malformed_geojson(_shape(SQUARE)),
+        ["feature 0 (class 'TUM') ring 0 is a list of numbers, not of [x, y] points", NESTING],
+    ),
+    "hole-of-a-multipolygon-ragged": (
+        "a.geojson",
+        _malformed_geojson(_shape([[SQUARE], [SQUARE, [[1, 1], [2]]]], "MultiPolygon")),
+        ["feature 0 (class 'TUM') polygon 1 ring 1 point 1", "not [x, y]"],
+    ),
+    "no-coordinates": (
+        "a.geojson",
+        _malformed_geojson(_shape()),
+        ["feature 0 (class 'TUM') is a Polygon with no coordinates", NESTING],
+    ),
+    "feature-a-string": (
+        "a.geojson",
+        _malformed_geojson(_shape([SQUARE]), "oops"),
+        ['feature 1 is a string "oops", not an object'],
+    ),
+    "feature-a-number": (
+        "a.geojson",
+        _malformed_geojson(7),
+        ["feature 0 is a number 7, not an object"],
+    ),
+    "nan-coordinate": (
+        "a.geojson",
+        _malformed_geojson(_shape([SQUARE]), _shape([[[0, 0], [float("nan"), 0], [9, 9]]])),
+        ["feature 1 (class 'TUM') ring 0 point 1 is an array [NaN, 0], not finite x, y"],
+    ),
+    "asap-order-not-a-number": (
+        "a.xml",
+        _asap_order("x"),
+        [
+            "annotation Annotation 0: Coordinate 1 has Order 'x', not a whole number",
+            "save the annotation again in ASAP",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ANNOTATIONS))
+def test_malformed_annotation_stops_dsf_labels_naming_file_and_feature(
+    case: str, tmp_path: Path
+) -> None:
+    name, text, words = MALFORMED_ANNOTATIONS[case]
+    slide = rgb_slide(tmp_path / "s.tiff", np.full((100, 100, 3), (180, 100, 180), np.uint8), 0.5)
+    annotation = tmp_path / name
+    annotation.write_text(text)
+    out = tmp_path / "out"
+    done = dsf_cli(
+        "labels", "--slide", slide, "--slide-id", "s", "--annotation", annotation,
+        "--out", out / "s.labels.tiff", "--mpp", "2", "--classes", *CLASSES, "--no-progress",
+    )  # fmt: skip
+    fix = ["save the annotation again"] if name.endswith(".xml") else [QUPATH_FIX]
+    assert_refused(done, out, "slide 's'", f"{annotation}:", *words, *fix)
+
+
 # -- sheet paths through the workflow ---------------------------------------------------------
 
 ODD_FILE = "x; touch PWNED $(touch PWNED2) `touch PWNED3` 'q' (1) #2 $HOME.tiff"
