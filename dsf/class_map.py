@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 
 #: Keys a map's JSON description must hold.
 MAP_KEYS = ("slide", "init", "fraction", "mpp", "width", "height", "classes", "folds", "routing")
+#: The fix for a damaged or incomplete class map, in every message that reports one.
+REBUILD_MAP = "delete it (and its .json) and rerun infer"
+#: Errors of a read that are not the map's fault: the machine's memory or permissions (the
+#: CLI reports the latter itself).
+_NOT_DAMAGE = (MemoryError, PermissionError)
+
+
+def damaged_map(path: Path, what: str, exc: BaseException | None = None) -> ConfigError:
+    """The error for a class map that cannot be read: names it, what failed, and the fix."""
+    cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return ConfigError(
+        f"class map {path}: {what}{cause}; it is damaged or incomplete: {REBUILD_MAP}"
+    )
 
 
 @dataclass
@@ -52,14 +66,28 @@ class ClassMap:
         import tifffile
         import zarr
 
-        store = tifffile.imread(str(self.path), key=level, aszarr=True)
-        return store, zarr.open(store, mode="r")
+        try:
+            store = tifffile.imread(str(self.path), key=level, aszarr=True)
+            return store, zarr.open(store, mode="r")
+        except _NOT_DAMAGE:
+            raise
+        except Exception as exc:
+            raise damaged_map(self.path, f"level {level} cannot be opened", exc) from exc
+
+    def _read(self, z: Any, level: int, key: Any, orthogonal: bool = False) -> np.ndarray:
+        """`z[key]` of a level; a tile that does not decode raises naming the map."""
+        try:
+            return np.asarray(z.get_orthogonal_selection(key) if orthogonal else z[key])
+        except _NOT_DAMAGE:
+            raise
+        except Exception as exc:
+            raise damaged_map(self.path, f"level {level} could not be read", exc) from exc
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level, uint8 (h, w) (callers pick one small enough)."""
         store, z = self._array(level)
         try:
-            return np.asarray(z[:])
+            return self._read(z, level, slice(None))
         finally:
             store.close()
 
@@ -68,7 +96,7 @@ class ClassMap:
         store, z = self._array(0)
         try:
             for r0 in range(0, self.height, rows):
-                yield r0, np.asarray(z[r0 : min(self.height, r0 + rows)])
+                yield r0, self._read(z, 0, slice(r0, min(self.height, r0 + rows)))
         finally:
             store.close()
 
@@ -81,7 +109,7 @@ class ClassMap:
             return out
         store, z = self._array(level)
         try:
-            part = z.get_orthogonal_selection((rows[vr], cols[vc]))
+            part = self._read(z, level, (rows[vr], cols[vc]), orthogonal=True)
         finally:
             store.close()
         out[np.ix_(vr, vc)] = part
@@ -92,6 +120,29 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
     """`--map` and `--map-json`: a class map of `dsf infer` for a stage that reads one."""
     parser.add_argument("--map", required=True, type=Path, help="class map TIFF of dsf infer")
     parser.add_argument("--map-json", type=Path, help="its JSON description (default: beside it)")
+
+
+def _truncation(tf: Any, pages: list[Any]) -> str | None:
+    """What shows a TIFF cut short (a partial copy, a write that did not finish), or None:
+    a page without tiles, a tile past the end of the file, or a last page that points to one
+    after it that is not there (tifffile only logs that and stops)."""
+    size = tf.filehandle.size
+    for i, page in enumerate(pages):
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        if offsets.size == 0 or offsets.size != counts.size:
+            return f"page {i} lists no tiles"
+        end = int((offsets + counts).max())
+        if end > size:
+            return f"page {i} has tiles up to byte {end}, past the file's end at {size}"
+    fmt, fh, last = tf.tiff, tf.filehandle, pages[-1]
+    fh.seek(last.offset)
+    (tags,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
+    fh.seek(last.offset + fmt.tagnosize + tags * fmt.tagsize)
+    (following,) = struct.unpack(fmt.offsetformat, fh.read(fmt.offsetsize))
+    if following:
+        return f"page {len(pages) - 1} is followed by a page at byte {following} that is missing"
+    return None
 
 
 def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
@@ -109,14 +160,22 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
     missing = [k for k in MAP_KEYS if k not in meta]
     if missing:
         raise ConfigError(f"map description {meta_json} lacks {missing}; rerun infer")
+    if not tiff.is_file():
+        what = "is a folder, not a class map TIFF" if tiff.is_dir() else "not found"
+        raise ConfigError(f"class map {tiff} {what}; run infer for its slide first")
     try:
         with tifffile.TiffFile(str(tiff)) as tf:
             pages = list(tf.pages)
             first = pages[0]
             levels = [tuple(int(v) for v in p.shape[:2]) for p in pages if p.ndim == 2]
             dtype, ndim, tag_mpp = first.dtype, first.ndim, tiff_tag_mpp(first)
-    except (OSError, tifffile.TiffFileError, IndexError) as exc:
-        raise ConfigError(f"cannot read class map {tiff}: {exc}; rerun infer") from exc
+            damage = _truncation(tf, pages)
+    except PermissionError:
+        raise
+    except (OSError, ValueError, IndexError, KeyError, TypeError, struct.error) as exc:
+        raise damaged_map(tiff, "cannot be read as a TIFF", exc) from exc
+    if damage:
+        raise damaged_map(tiff, damage)
     slide = meta["slide"]
     if ndim != 2 or dtype != np.uint8:
         raise ConfigError(

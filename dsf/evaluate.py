@@ -195,7 +195,7 @@ def _check_geometry(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
 
 def tile_confusion(predictor: Any, store: Path, batch_size: int) -> tuple[int, np.ndarray]:
     """(kept tiles, confusion) of the centre blocks of one labelled store."""
-    from dsf.tiles import open_store
+    from dsf.tiles import open_store, store_array
 
     g = open_store(store)
     slide = str(g.attrs["slide_id"])
@@ -208,11 +208,13 @@ def tile_confusion(predictor: Any, store: Path, batch_size: int) -> tuple[int, n
     centre = slice(c0, c0 + b)
     n = int(g.attrs["n_tiles"])
     cm = np.zeros((k, k + 1), np.int64)
+    # reads that fail name the store, the tiles and the fix
+    contexts, tiles, labels = (store_array(g, a, store) for a in ("context", "tiles", "labels"))
     for i0 in range(0, n, batch_size):
         i1 = min(n, i0 + batch_size)
-        ctx = torch.from_numpy(np.asarray(g["context"][i0:i1]))
-        tgt = torch.from_numpy(np.ascontiguousarray(g["tiles"][i0:i1, centre, centre]))
-        lab = np.asarray(g["labels"][i0:i1, centre, centre])
+        ctx = torch.from_numpy(contexts[i0:i1])
+        tgt = torch.from_numpy(np.ascontiguousarray(tiles[i0:i1, centre, centre]))
+        lab = labels[i0:i1, centre, centre]
         probs = predictor.probabilities(ctx, tgt)
         pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
         cm += confusion(pred, lab, k)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
-from dsf.tiles import open_store
+from dsf.tiles import StoreArray, open_store, store_array
 
 
 def label_subset(n_tiles: int, fraction: float, seed: int) -> np.ndarray:
@@ -123,9 +123,15 @@ class LabelledTiles(Dataset):
         y, x = rng.integers(0, tile - b + 1, size=2)
         return int(y), int(x)
 
-    def _open(self) -> list[Any]:
+    def _open(self) -> list[dict[str, StoreArray]]:
+        """Per store its context, tiles and labels arrays, opened once per process (reads
+        that fail name the store, the tile and the fix)."""
         if self._groups is None or self._pid != os.getpid():
-            self._groups = [open_store(s) for s in self.stores]
+            self._groups = []
+            for path in self.stores:
+                g = open_store(path)
+                arrays = ("context", "tiles", "labels")
+                self._groups.append({a: store_array(g, a, path) for a in arrays})
             self._pid = os.getpid()
         return self._groups
 
@@ -134,10 +140,10 @@ class LabelledTiles(Dataset):
         g = self._open()[store]
         b, s = self.block, self.scale
         y, x = self.offset(i)
-        context = np.asarray(g["context"][local])
-        target = np.asarray(g["tiles"][local, y : y + b, x : x + b])
+        context = g["context"][local]
+        target = g["tiles"][local, y : y + b, x : x + b]
         # one chunk per tile: reading the whole label tile costs no more than its centre
-        tile_labels = np.asarray(g["labels"][local])
+        tile_labels = g["labels"][local]
         labels = np.ascontiguousarray(tile_labels[y : y + b, x : x + b])
         context_labels = np.ascontiguousarray(tile_labels[s // 2 :: s, s // 2 :: s])
         return (

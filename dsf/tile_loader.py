@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, DsfError
 from dsf.tiles import TileDataset, decode_on_one_thread
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,10 @@ def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
             try:
                 data.read_into(slots[slot, : len(indices)], indices)
                 done.put((seq, None))
+            except DsfError as exc:  # a damaged store: its one-line message, raised as such
+                done.put((seq, ("dsf", str(exc))))
             except Exception:  # noqa: BLE001 - sent to the main process, which raises it
-                done.put((seq, traceback.format_exc()))
+                done.put((seq, ("traceback", traceback.format_exc())))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports
         code = 1
     finally:
@@ -260,7 +262,10 @@ class TileLoader:
             self._done[got] = error
         error = self._done.pop(seq)
         if error is not None:
-            raise RuntimeError(f"a tile loader worker failed to read a batch:\n{error}")
+            kind, text = error
+            if kind == "dsf":
+                raise ConfigError(text)
+            raise RuntimeError(f"a tile loader worker failed to read a batch:\n{text}")
 
     def _drop_until(self, epoch: int) -> None:
         """Discard the read-ahead batches of epochs before `epoch` (once read: a worker may

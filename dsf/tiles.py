@@ -56,21 +56,112 @@ def _exit_without_finalizing() -> None:
     os._exit(0)
 
 
+#: The fix for a damaged or incomplete patch store, in every message that reports one.
+REBUILD_STORE = (
+    "delete it and rerun the patches stage (`dsf patches`; the workflow rebuilds a deleted "
+    "store, `snakemake --forcerun patches` all of them)"
+)
+#: Errors of a read that are not the store's fault: the machine's memory or permissions (the
+#: CLI reports the latter itself).
+_NOT_DAMAGE = (MemoryError, PermissionError)
+
+
+def damaged_store(path: str | Path, what: str, exc: BaseException | None = None) -> ConfigError:
+    """The error for a patch store that cannot be read: names it, what failed, and the fix."""
+    cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return ConfigError(
+        f"patch store {path}: {what}{cause}; it is damaged or incomplete: {REBUILD_STORE}"
+    )
+
+
 def open_store(path: str | Path) -> Any:
-    """Open a finished patch store read-only, with a clear error for a missing or partial one."""
+    """Open a finished patch store read-only; a missing, partial or damaged one (its group or
+    an array's metadata gone or unreadable) raises a ConfigError naming it and the fix."""
     import warnings
 
     import zarr
 
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise ConfigError(f"patch store {path} not found; run the patches stage first")
-    with warnings.catch_warnings():  # Snakemake's .snakemake_timestamp inside directory outputs
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
-        group = zarr.open_group(str(path), mode="r")
-    if "n_tiles" not in group.attrs:
-        raise ConfigError(f"patch store {path} is incomplete (no n_tiles); rerun patches")
+    if not path.is_dir():
+        raise ConfigError(
+            f"patch store {path} is a file, not a patch store folder (the Zarr group "
+            f"`dsf patches` writes): give the store folder, or {REBUILD_STORE}"
+        )
+    try:
+        with warnings.catch_warnings():  # Snakemake's .snakemake_timestamp inside directories
+            warnings.filterwarnings("ignore", message=".*not recognized as a component")
+            group = zarr.open_group(str(path), mode="r")
+        complete = "n_tiles" in group.attrs
+    except PermissionError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged_store(path, "cannot open its Zarr group", exc) from exc
+    if not complete:
+        raise damaged_store(path, "no n_tiles (its writing did not finish)")
+    # an array folder without its metadata would read as absent (`"labels" in group` False)
+    meta = ("zarr.json", ".zarray", ".zgroup")
+    for child in sorted(path.iterdir()):
+        hidden = child.name.startswith(".")
+        if child.is_dir() and not hidden and not any((child / m).is_file() for m in meta):
+            raise damaged_store(path, f"array {child.name!r} has no metadata (zarr.json)")
     return group
+
+
+def _array(group: Any, name: str, path: str | Path) -> Any:
+    """The Zarr array `name` of an open store; a missing or unreadable one raises naming it."""
+    try:
+        return group[name]
+    except PermissionError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged_store(path, f"cannot open array {name!r}", exc) from exc
+
+
+class StoreArray:
+    """An array of a patch store whose reads raise a ConfigError naming the store, the tiles
+    and the fix when its chunks are damaged (`store_array`)."""
+
+    def __init__(self, array: Any, path: str | Path) -> None:
+        self.array, self.path = array, Path(path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except _NOT_DAMAGE:
+            raise
+        except Exception as exc:
+            raise damaged_store(self.path, f"{_tiles(key)} could not be read", exc) from exc
+
+
+def store_array(group: Any, name: str, path: str | Path) -> StoreArray:
+    """Array `name` ('tiles', 'context', 'labels', ...) of a store `open_store(path)` gave,
+    for modules that read a store's arrays themselves: opening it or reading it raises a
+    ConfigError naming the store (and the tiles) and the fix, never a Zarr or codec error."""
+    return StoreArray(_array(group, name, path), path)
+
+
+def _tiles(key: Any) -> str:
+    """The tiles a selection reads, for a message: 'tile 5', 'tiles 0 to 63'."""
+    first = key[0] if isinstance(key, tuple) and key else key
+    if isinstance(first, (int, np.integer)):
+        return f"tile {int(first)}"
+    if isinstance(first, slice) and first.step in (None, 1):
+        stop = "the last" if first.stop is None else int(first.stop) - 1
+        return f"tiles {first.start or 0} to {stop}"
+    return "tiles"
 
 
 def store_ids(stores: list[str | Path]) -> dict[str, str | None]:
@@ -99,7 +190,7 @@ class TileDataset(Dataset):
             g = open_store(s)
             counts.append(int(g.attrs["n_tiles"]))
             self.slides.append(str(g.attrs["slide_id"]))
-            t = g[array].shape[1:]
+            t = _array(g, array, s).shape[1:]
             if tile is not None and t != tile:
                 raise ConfigError(f"patch store {s} has tiles {t}, others {tile}: mixed geometry")
             tile = t
@@ -118,7 +209,7 @@ class TileDataset(Dataset):
 
     def _open(self) -> list[Any]:
         if self._arrays is None or self._pid != os.getpid():
-            self._arrays = [open_store(s)[self.array] for s in self.stores]
+            self._arrays = [_array(open_store(s), self.array, s) for s in self.stores]
             self._pid = os.getpid()
         return self._arrays
 
@@ -131,7 +222,17 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         store, local = self.locate(int(index))
-        return torch.from_numpy(np.asarray(self._open()[store][local]))
+        array = self._open()[store]
+        try:
+            tile = np.asarray(array[local])
+        except _NOT_DAMAGE:
+            raise
+        except Exception as exc:
+            raise self._unreadable(store, local, exc) from exc
+        return torch.from_numpy(tile)
+
+    def _unreadable(self, store: int, local: int, exc: Exception) -> ConfigError:
+        return damaged_store(self.stores[store], f"tile {local} could not be read", exc)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         """A whole batch (B, T, T, 3) (`read`), for a DataLoader that asks for batches."""
@@ -146,17 +247,16 @@ class TileDataset(Dataset):
     def read_into(self, out: np.ndarray, indices: list[int]) -> None:
         """Write the tiles `indices` into `out` (B, T, T, 3), tile by tile in store order (each
         tile is one Zarr chunk; zarr's orthogonal selection over a shard measured 20x slower).
-        A tile that cannot be read raises naming its store."""
+        A tile that cannot be read raises a ConfigError naming its store, the tile and the fix."""
         arrays = self._open()
         where = sorted((self.locate(int(i)), k) for k, i in enumerate(indices))
         for (store, local), k in where:
             try:
                 out[k] = arrays[store][local]
-            except Exception as e:
-                raise RuntimeError(
-                    f"patch store {self.stores[store]}: tile {local} could not be read "
-                    f"({type(e).__name__}: {e}); rerun the patches stage for this slide"
-                ) from e
+            except _NOT_DAMAGE:
+                raise
+            except Exception as exc:
+                raise self._unreadable(store, local, exc) from exc
 
 
 def collate_batch(batch: Any) -> torch.Tensor:
