@@ -209,7 +209,8 @@ class TileDataset(Dataset):
 
     def _open(self) -> list[Any]:
         if self._arrays is None or self._pid != os.getpid():
-            self._arrays = [_array(open_store(s), self.array, s) for s in self.stores]
+            # reads that fail name the store, the tile and the fix (StoreArray)
+            self._arrays = [store_array(open_store(s), self.array, s) for s in self.stores]
             self._pid = os.getpid()
         return self._arrays
 
@@ -222,17 +223,7 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         store, local = self.locate(int(index))
-        array = self._open()[store]
-        try:
-            tile = np.asarray(array[local])
-        except _NOT_DAMAGE:
-            raise
-        except Exception as exc:
-            raise self._unreadable(store, local, exc) from exc
-        return torch.from_numpy(tile)
-
-    def _unreadable(self, store: int, local: int, exc: Exception) -> ConfigError:
-        return damaged_store(self.stores[store], f"tile {local} could not be read", exc)
+        return torch.from_numpy(self._open()[store][local])
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         """A whole batch (B, T, T, 3) (`read`), for a DataLoader that asks for batches."""
@@ -251,12 +242,7 @@ class TileDataset(Dataset):
         arrays = self._open()
         where = sorted((self.locate(int(i)), k) for k, i in enumerate(indices))
         for (store, local), k in where:
-            try:
-                out[k] = arrays[store][local]
-            except _NOT_DAMAGE:
-                raise
-            except Exception as exc:
-                raise self._unreadable(store, local, exc) from exc
+            out[k] = arrays[store][local]
 
 
 def collate_batch(batch: Any) -> torch.Tensor:
