@@ -311,7 +311,9 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
         Trainer(_settings(), stores, tmp_path / "fed").fit(progress=False)
     assert not [r for r in caplog.records if "waited for tiles" in r.getMessage()]
     fed = pd.read_csv(tmp_path / "fed" / "log.tsv", sep="\t")
-    assert (fed["data_wait"] < 0.2).all()
+    # the first epoch reads every tile cold (0.22 once on a busy CI machine); later ones are fed
+    assert (fed["data_wait"].iloc[1:] < 0.2).all()
+    assert fed["data_wait"].max() < log["data_wait"].min()
 
 
 def test_the_global_batch_must_split_over_the_processes(
