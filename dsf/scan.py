@@ -243,6 +243,46 @@ def _split_masks(
     return rest, found
 
 
+def _slide_ids(folder: Path, entries: list[Path], unique: bool) -> dict[Path, str]:
+    """Each slide's id: its name (`slide_id`); where two share one and `unique`, their path
+    under `folder` (`site1_s`), with the format suffix kept when that is all they differ by."""
+    by_name: dict[str, list[Path]] = {}
+    for entry in entries:
+        by_name.setdefault(slide_id(entry.name), []).append(entry)
+    ids: dict[Path, str] = {}
+    for name, same in by_name.items():
+        if len(same) == 1:
+            ids[same[0]] = name
+            continue
+        if not unique:
+            raise ConfigError(
+                f"two slides under {folder} get the id {name!r}: {same[0]} and {same[1]}; "
+                f"rename one, or write a slide sheet, `dsf sheet {folder} --out slides.tsv` "
+                "(it names such slides by their folders), and set `slides` to it"
+            )
+        rel = [e.relative_to(folder).as_posix() for e in same]
+        named = [slide_id(r) for r in rel]
+        if len(set(named)) < len(named):
+            named = [_BAD_ID_CHARS.sub("_", r).strip("._-") for r in rel]
+        for entry, sid in zip(same, named, strict=True):
+            ids[entry] = sid
+        log.warning(
+            "%d slides are named %r; their ids are their paths: %s",
+            len(same),
+            name,
+            ", ".join(named),
+        )
+    taken: dict[str, Path] = {}
+    for entry, sid in ids.items():
+        if sid in taken:
+            raise ConfigError(
+                f"two slides under {folder} get the id {sid!r}: {taken[sid]} and {entry}; "
+                "rename one, or write the slide sheet by hand"
+            )
+        taken[sid] = entry
+    return ids
+
+
 def scan_folder(
     folder: str | Path,
     labels_dir: str | Path | None = None,
@@ -250,6 +290,7 @@ def scan_folder(
     exclude: Iterable[str | Path] = (),
     masks: dict[str, str] | None = None,
     labels_name: str | None = None,
+    unique_ids: bool = False,
 ) -> list[dict[str, Any]]:
     """Slide-sheet rows (slide, path, mpp, labels, group, fold, masks) of every slide under
     `folder`.
@@ -258,8 +299,10 @@ def scan_folder(
     names folders not to search (the workflow's results); `masks` (class -> file name with
     `{slide}`, `labels.masks`) finds per-class masks anywhere under the folder or in
     `labels_dir`; `labels_name` (`{slide}_mask.tiff`, PANDA's train_label_masks) is how the
-    annotations in `labels_dir` are named, when not like their slides. Raises ConfigError when
-    the folder is missing, holds no slide, or two slides get one id.
+    annotations in `labels_dir` are named, when not like their slides. Two slides with one
+    name (`site1/s.svs`, `site2/s.svs`) are an error, unless `unique_ids` (`dsf sheet`, whose
+    sheet then fixes the ids) names them by their path under `folder` (`site1_s`, `site2_s`).
+    Raises ConfigError when the folder is missing or holds no slide.
     """
     if labels_name is not None and labels_dir is None:
         raise ConfigError(
@@ -297,37 +340,42 @@ def scan_folder(
             continue
         slides.append(f)
     index = _label_index(labels, labels_name)
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, Path] = {}
+    found: list[tuple[Path, Path]] = []  # (the slide file or DICOM folder, the file to read)
     patients: dict[Path, str | None] = {}
-    for entry in slides:  # a slide file, or a DICOM slide's folder
+    for entry in slides:
         path = entry
         if entry in dicom_dirs:
-            found = dicom_slide(entry, dicom_dirs[entry])
-            if found is None:
+            dicom = dicom_slide(entry, dicom_dirs[entry])
+            if dicom is None:
                 log.warning(
                     "%s: its DICOM files hold no whole-slide image (annotations or "
                     "segmentations?); not a slide",
                     entry,
                 )
                 continue
-            path, patients[path] = found
-        sid = slide_id(entry.name)
-        if sid in seen:
+            path, patients[path] = dicom
+        found.append((entry, path))
+    ids = _slide_ids(folder, [entry for entry, _ in found], unique_ids)
+    rows: list[dict[str, Any]] = []
+    for entry, path in found:
+        sid = ids[entry]
+        name = slide_id(entry.name)
+        if sid != name and (index.get(name) or class_masks.get(name)):
+            theirs = [*index.get(name, []), *class_masks.get(name, {}).values()]
             raise ConfigError(
-                f"two slides under {folder} get the id {sid!r}: {seen[sid]} and {path}; "
-                "rename one, or write a slide sheet (`dsf sheet` writes one to edit)"
+                f"slides under {folder} share the name {name!r}, so {theirs[0]} cannot be told "
+                f"to one of them ({entry} is one); rename the slides so their names differ, or "
+                "write their sheet by hand"
             )
-        seen[sid] = path
         rows.append(
             {
                 "slide": sid,
                 "path": str(path),
                 "mpp": mpp,
                 "labels": _find_labels(entry, sid, index),
-                "group": patients.get(path) or patient_group(sid),
+                "group": patients.get(path) or patient_group(name),
                 "fold": None,
-                "masks": {cls: str(p) for cls, p in sorted(class_masks.get(sid, {}).items())},
+                "masks": {cls: str(p) for cls, p in sorted(class_masks.get(name, {}).items())},
             }
         )
         if rows[-1]["labels"] and rows[-1]["masks"]:

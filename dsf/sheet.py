@@ -8,7 +8,7 @@ folder's sheet to edit (groups, resolution, folds).
 from __future__ import annotations
 
 import argparse
-import io
+import csv
 import logging
 import math
 import os
@@ -62,13 +62,24 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ConfigError(f"slide sheet {path} not found; set config key `slides`")
     try:
         # only whole lines starting with '#' are comments: a '#' inside a path is part of it
-        with open(path, encoding="utf-8-sig") as fh:
-            lines = [ln for ln in fh if ln.strip() and not ln.startswith("#")]
-        df = pd.read_csv(io.StringIO("".join(lines)), sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"slide sheet {path} is not a valid TSV: {exc}") from exc
-    cols = [c.strip() for c in lines[0].rstrip("\n").split("\t")]
-    df.columns = cols
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            numbered = [(n, ln) for n, ln in enumerate(fh, 1) if ln.strip() and ln[0] != "#"]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"slide sheet {path} is not a UTF-8 text file: {exc}") from exc
+    if not numbered:
+        raise ConfigError(f"slide sheet {path} is empty; it needs a header line {COLUMNS}")
+    table = [_cells(ln) for _, ln in numbered]
+    cols = [c.strip() for c in table[0]]
+    for (n, _), cells in zip(numbered[1:], table[1:], strict=True):
+        while len(cells) > len(cols) and not cells[-1].strip():
+            cells.pop()  # a spreadsheet's trailing tabs
+        if len(cells) > len(cols):
+            raise ConfigError(
+                f"slide sheet {path}, line {n} (slide {cells[0]!r}): {len(cells)} tab-separated "
+                f"cells but the header has {len(cols)} columns; remove the stray tab, or name "
+                "the extra column in the header"
+            )
+        cells += [""] * (len(cols) - len(cells))  # empty cells at the end of a short row
     dup_cols = sorted({c for c in cols if cols.count(c) > 1})
     if dup_cols:
         raise ConfigError(f"slide sheet {path}: column(s) {dup_cols} appear more than once")
@@ -85,10 +96,15 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"`{MASK_PREFIX}<class>` columns of per-class masks"
         )
     rows = []
-    for raw in df.to_dict("records"):
+    for raw in (dict(zip(cols, cells, strict=True)) for cells in table[1:]):
         masks = {_mask_class(c): raw.pop(c) for c in cols if _mask_class(c)}
         rows.append({**raw, "masks": {k: v for k, v in masks.items() if _clean(v) is not None}})
-    return validate_rows(rows, str(path), path.parent)
+    return validate_rows(rows, str(path), path.parent, [n for n, _ in numbered[1:]])
+
+
+def _cells(line: str) -> list[str]:
+    """A sheet line's tab-separated cells ("quoted" cells as a spreadsheet writes them)."""
+    return next(csv.reader([line.rstrip("\r\n")], delimiter="\t"))
 
 
 def _mask_class(column: str) -> str:
@@ -96,12 +112,16 @@ def _mask_class(column: str) -> str:
     return column[len(MASK_PREFIX) :].strip() if column.startswith(MASK_PREFIX) else ""
 
 
-def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.DataFrame:
-    """Validate sheet rows (dicts), resolve paths against `base`, return the sheet."""
+def validate_rows(
+    rows: list[dict[str, Any]], where: str, base: Path, lines: list[int] | None = None
+) -> pd.DataFrame:
+    """Validate sheet rows (dicts), resolve paths against `base`, return the sheet. Errors
+    name a row by its line in the sheet file when `lines` gives them, else by its number."""
     schema = load_schema("slides")
     out: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for i, raw in enumerate(rows, start=1):
+    seen: dict[str, str] = {}
+    for n, raw in enumerate(rows, start=1):
+        i = f"line {lines[n - 1]}" if lines is not None else f"row {n}"
         masks = dict(raw.get("masks") or {})
         row = {k: _clean(v) for k, v in raw.items() if k != "masks"}
         for num in ("mpp", "fold"):
@@ -116,13 +136,13 @@ def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.Data
         except jsonschema.ValidationError as exc:
             col = ".".join(str(p) for p in exc.path) or "row"
             raise ConfigError(
-                f"slide sheet {where}, row {i} (slide {row.get('slide')!r}), column `{col}`: "
+                f"slide sheet {where}, {i} (slide {row.get('slide')!r}), column `{col}`: "
                 f"{exc.message}"
             ) from exc
         sid = row["slide"]
         if sid in seen:
             raise ConfigError(
-                f"slide sheet {where}: slide id {sid!r} appears in rows {seen[sid]} and {i}; "
+                f"slide sheet {where}: slide id {sid!r} appears twice ({seen[sid]} and {i}); "
                 "slide ids must be unique"
             )
         seen[sid] = i
@@ -130,7 +150,7 @@ def validate_rows(rows: list[dict[str, Any]], where: str, base: Path) -> pd.Data
         row["labels"] = _resolve(base, row.get("labels"))
         if masks and row["labels"]:
             raise ConfigError(
-                f"slide sheet {where}, row {i} (slide {sid!r}): both a `labels` annotation and "
+                f"slide sheet {where}, {i} (slide {sid!r}): both a `labels` annotation and "
                 f"per-class masks ({', '.join(masks)}); keep one of them"
             )
         row["masks"] = {cls: _resolve(base, str(m)) for cls, m in masks.items()}
@@ -308,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--mask {item!r}: give each class once, as CLASS=PATTERN")
             masks[cls] = pattern
         rows = scan_folder(
-            args.folder, args.labels, args.mpp, masks=masks, labels_name=args.labels_name
+            args.folder,
+            args.labels,
+            args.mpp,
+            masks=masks,
+            labels_name=args.labels_name,
+            unique_ids=True,
         )
         kept, bad, unresolved, table = [], [], [], []
         with logging_redirect_tqdm():

@@ -115,13 +115,28 @@ def test_sheet_resolves_paths_next_to_the_sheet(tmp_path: Path) -> None:
     assert df.loc["B", "group"] == "B"  # a slide without a group is its own group
 
 
+def test_a_spreadsheets_sheet_reads_the_same(tmp_path: Path) -> None:
+    """Trailing tabs, short rows, Windows line ends, a BOM and "quoted" cells, as spreadsheets
+    save a TSV, read as the plain sheet does."""
+    text = '\ufeffslide\tpath\tmpp\tgroup\r\nA\t"a b.svs"\t0.25\t\t\t\r\nB\tb.svs\r\n'
+    (tmp_path / "sheet.tsv").write_text(text, encoding="utf-8", newline="")
+    df = read_sheet(tmp_path / "sheet.tsv")
+    assert list(df.index) == ["A", "B"]
+    assert df.loc["A", "path"] == str(tmp_path / "a b.svs") and df.loc["A", "mpp"] == 0.25
+    assert df.loc["B", "mpp"] is None and df.loc["B", "group"] == "B"
+
+
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
-        ("slide\tpath\nA\ta.svs\nA\tb.svs\n", r"'A' appears in rows 1 and 2"),
+        ("slide\tpath\nA\ta.svs\nA\tb.svs\n", r"'A' appears twice \(line 2 and line 3\)"),
         ("slide\tmpp\nA\t0.5\n", r"required column `path`"),
         ("slide\tpath\tcolour\nA\ta.svs\tred\n", r"unknown column\(s\) \['colour'\]"),
-        ("slide\tpath\tmpp\nA\ta.svs\tfast\n", r"row 1 \(slide 'A'\), column `mpp`"),
+        ("# mine\nslide\tpath\tmpp\nA\ta.svs\tfast\n", r"line 3 \(slide 'A'\), column `mpp`"),
+        # a stray tab would move every later cell a column on: named by line and slide
+        ("slide\tpath\tmpp\nA\ta.svs\t0.5\nB\tb.svs\t\t0.5\n", r"line 3 \(slide 'B'\): 4 tab"),
+        ("slide\tpath\tmpp\nA\ta.svs\t0.5\t1\nB\tb.svs\t0.5\t1\n", r"line 2 \(slide 'A'\): 4"),
+        ("", r"is empty; it needs a header line"),
         ("slide\tpath\tmpp\nA\ta.svs\t-1\n", r"column `mpp`"),
         ("slide\tpath\nA/B\ta.svs\n", r"column `slide`"),
         ("slide\tpath\tpath\nA\ta.svs\tb.svs\n", r"more than once"),

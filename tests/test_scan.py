@@ -112,8 +112,23 @@ def test_slide_ids_lose_the_format_suffix_and_unsafe_characters() -> None:
 
 def test_two_slides_with_one_id_are_named(tmp_path: Path) -> None:
     _touch(tmp_path, "site1/s.svs", "site2/s.tiff")
-    with pytest.raises(ConfigError, match=r"id 's'.*site1/s\.svs.*site2/s\.tiff"):
+    with pytest.raises(ConfigError, match=r"id 's'.*site1/s\.svs.*site2/s\.tiff.*dsf sheet"):
         scan_folder(tmp_path)
+
+
+def test_dsf_sheet_names_slides_that_share_a_name_by_their_paths(tmp_path: Path) -> None:
+    """A multi-centre folder (site1/s.svs, site2/s.svs) gets ids from the paths when a sheet is
+    written, and each keeps the annotation beside it; one name in one folder keeps its suffix."""
+    _touch(tmp_path, "site1/s.svs", "site2/s.svs", "site2/s.geojson", "t.svs", "x/u.svs", "x/u.tif")
+    rows = _rows(scan_folder(tmp_path, unique_ids=True))
+    assert sorted(rows) == ["site1_s", "site2_s", "t", "x_u.svs", "x_u.tif"]
+    assert rows["site2_s"]["labels"] == str(tmp_path / "site2" / "s.geojson")
+    assert rows["site1_s"]["labels"] is None
+    assert rows["site1_s"]["path"] == str(tmp_path / "site1" / "s.svs")
+    # an annotation in a labels folder, named like both, belongs to neither
+    _touch(tmp_path / "labels", "s.geojson")
+    with pytest.raises(ConfigError, match=r"share the name 's'.*labels/s\.geojson"):
+        scan_folder(tmp_path, tmp_path / "labels", unique_ids=True)
 
 
 def test_a_labels_folder_matches_by_file_name(tmp_path: Path) -> None:
@@ -300,7 +315,7 @@ def test_a_sheet_with_mask_columns_round_trips_and_is_checked(
         load_sheet(validate_config({"slides": str(out), "results": str(tmp_path / "r")}))
     text = out.read_text().replace("s1.svs\t\t\t", "s1.svs\t\ts1.geojson\t", 1)
     (tmp_path / "both.tsv").write_text(text)
-    with pytest.raises(ConfigError, match=r"row 1 \(slide 's1'\): both a `labels`.*keep one"):
+    with pytest.raises(ConfigError, match=r"line 2 \(slide 's1'\): both a `labels`.*keep one"):
         read_sheet(tmp_path / "both.tsv")
     # dsf sheet writes the same columns from --mask
     assert main([str(root), "--mask", "whole_tumour={slide}_whole.tif", "--out", str(out)]) == 2

@@ -344,7 +344,8 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     cfg["slides"] = "dup.tsv"
     (tiny / "dup.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("-n", "--configfile", "dup.yaml", cwd=tiny, check=False)
-    assert done.returncode != 0 and "'cmu' appears in rows 1 and 2" in done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "'cmu' appears twice (line 2 and line 3)" in said
 
 
 def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
