@@ -6,6 +6,7 @@ fork. A batch is fetched in one call (`__getitems__`), its tiles read in store o
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,58 @@ def open_store(path: str | Path) -> Any:
         hidden = child.name.startswith(".")
         if child.is_dir() and not hidden and not any((child / m).is_file() for m in meta):
             raise damaged_store(path, f"array {child.name!r} has no metadata (zarr.json)")
+    # every shard of these is written (write_empty_chunks), so a missing one is a lost file;
+    # labels too since stores have a store_id (older ones may skip an all-unlabelled shard)
+    for name in ("tiles", "context", *(("labels",) if "store_id" in group.attrs else ())):
+        _check_shards(path, name)
     return group
+
+
+#: Arrays whose shards were found complete, with their metadata's mtime: a store is listed
+#: once per process (and not again in the tile loader's forked workers).
+_COMPLETE: set[tuple[str, int]] = set()
+
+
+def _check_shards(path: Path, name: str) -> None:
+    """Raise naming the store, the shard and its tiles when a shard file of array `name` is
+    missing (a partial copy, a deleted file): Zarr reads a missing shard as zeros, so training
+    would go on with black tiles and never say."""
+    folder = path / name
+    meta_file = folder / "zarr.json"
+    if not meta_file.is_file():
+        return  # an array the store does not have
+    key = (str(folder.resolve()), meta_file.stat().st_mtime_ns)  # a rebuilt store: new
+    if key in _COMPLETE:
+        return
+    try:
+        meta = json.loads(meta_file.read_text())
+        shape = [int(n) for n in meta["shape"]]
+        grid = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        encoding = meta["chunk_key_encoding"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged_store(path, f"cannot open array {name!r}", exc) from exc
+    if (
+        encoding.get("name") != "default"
+        or encoding.get("configuration", {}).get("separator", "/") != "/"
+    ):
+        return  # not a layout `dsf patches` writes
+    counts = [-(-n // g) for n, g in zip(shape, grid, strict=True)]
+    present = (
+        {p.relative_to(folder).as_posix() for p in (folder / "c").rglob("*") if p.is_file()}
+        if (folder / "c").is_dir()
+        else set()
+    )
+    for index in np.ndindex(*counts):
+        shard = "c/" + "/".join(str(i) for i in index)
+        if shard not in present:
+            first = index[0] * grid[0]
+            last = min(shape[0], first + grid[0]) - 1
+            raise damaged_store(
+                path,
+                f"array {name!r} lacks its shard {shard} (tiles {first} to {last}), which Zarr "
+                "would read as black tiles",
+            )
+    _COMPLETE.add(key)
 
 
 def _array(group: Any, name: str, path: str | Path) -> Any:

@@ -96,11 +96,11 @@ def test_an_array_whose_metadata_is_not_json(store: Path, tmp_path: Path) -> Non
     (broken / "tiles" / "zarr.json").write_text("{")
     with _raises(broken, "cannot open array 'tiles'"):
         TileDataset([broken])
-    g = open_store(broken)
-    with _raises(broken, "cannot open array 'tiles'"):
-        store_array(g, "tiles", broken)
-    with _raises(broken, "cannot open array 'labels'"):  # not in an unlabelled store
-        store_array(g, "labels", broken)
+    with _raises(broken, "cannot open array 'tiles'"):  # found when the store is opened
+        open_store(broken)
+    g = open_store(store)
+    with _raises(store, "cannot open array 'labels'"):  # not in an unlabelled store
+        store_array(g, "labels", store)
 
 
 @pytest.mark.parametrize("keep", [0.5, 3000])
@@ -124,6 +124,18 @@ def test_a_truncated_shard(store: Path, tmp_path: Path, keep: float) -> None:
         context[0:4]
     with _raises(broken, "tile 4 could not be read"):
         context[4, 2:6, 2:6]
+
+
+@pytest.mark.parametrize("array", ["tiles", "context"])
+def test_a_missing_shard(store: Path, tmp_path: Path, array: str) -> None:
+    """A partial copy or a deleted shard file: Zarr would read the tiles as black ones."""
+    n = int(open_store(store).attrs["n_tiles"])
+    broken = _copy(store, tmp_path)
+    _shard(broken, array).unlink()
+    with _raises(broken, rf"array '{array}' lacks its shard c/0/0/0/0 \(tiles 0 to {n - 1}\)"):
+        open_store(broken)
+    with _raises(broken, f"array '{array}' lacks its shard"):
+        TileDataset([broken], array=array)
 
 
 def test_a_shard_of_garbage(store: Path, tmp_path: Path) -> None:
