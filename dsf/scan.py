@@ -8,7 +8,9 @@ recursively (GDC downloads put every slide in a folder of its own):
   and a folder of other DICOM objects (annotations, segmentations) is not a slide; the `.jpg`
   parts a Hamamatsu `.vms` names and MIRAX's data folders are parts of their slide, not slides;
 - its id is the file name without the format suffix (`.ome.tiff` whole), with characters a
-  slide id cannot hold replaced by `_`; two slides with one id are an error naming both;
+  slide id cannot hold replaced by `_` (a DICOM folder named only by a UID, as Imaging Data
+  Commons names them, by the ContainerIdentifier, the slide's barcode); two slides with one id
+  are an error naming both, or named by their paths when a sheet is written (`dsf sheet`);
 - its annotation is found by name: `<id>.geojson`, `<id>.xml` (Aperio ImageScope saves
   `<id>.xml` beside the slide; other XML, e.g. a scanner's, is not taken) or
   `<id>.labels.tif|tiff|png` beside it (`<id>` also as the whole file name, `x.svs.geojson`),
@@ -29,7 +31,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dsf.annotation_xml import is_annotation_xml
 from dsf.errors import ConfigError
@@ -72,10 +74,27 @@ def slide_id(name: str) -> str:
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
-def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] | None:
+#: A folder named only by a series' UID or UUID, as Imaging Data Commons' downloads name them
+#: (`SM_1.2.826...`, `SM_3f2a...-...`): no name for a slide.
+_UID_FOLDER = re.compile(
+    r"(?:[A-Z]{2,}_)?(?:\d+(?:\.\d+)+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})",
+    re.IGNORECASE,
+)
+
+
+class DicomSlide(NamedTuple):
+    """What a folder of DICOM instances says of its slide."""
+
+    path: Path  # the instance that stands in for the slide
+    patient: str | None  # PatientID
+    container: str | None  # ContainerIdentifier: the slide's own label (barcode)
+
+
+def dicom_slide(folder: Path, instances: list[Path]) -> DicomSlide | None:
     """The instance that stands in for a folder of DICOM instances (its first pyramid level
-    instance) and the PatientID it states; None when the folder holds no whole-slide image (an
-    annotation or segmentation series). Raises ConfigError when it holds several slides.
+    instance), the PatientID and ContainerIdentifier it states; None when the folder holds no
+    whole-slide image (an annotation or segmentation series). Raises ConfigError when it holds
+    several slides.
 
     Only headers are read (pydicom, up to the pixel data: about a millisecond each). A folder
     whose files pydicom cannot parse stands in by its first such file: opening the slide then
@@ -83,25 +102,32 @@ def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] 
     """
     import pydicom
 
-    series: dict[str, tuple[Path, str | None]] = {}
+    series: dict[str, DicomSlide] = {}
     unreadable: list[Path] = []
     for f in instances:
         try:
             ds = pydicom.dcmread(
                 f,
                 stop_before_pixels=True,
-                specific_tags=["SOPClassUID", "PatientID", "SeriesInstanceUID", "ImageType"],
+                specific_tags=[
+                    "SOPClassUID",
+                    "PatientID",
+                    "SeriesInstanceUID",
+                    "ImageType",
+                    "ContainerIdentifier",
+                ],
             )
             sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
             image_type = [str(v) for v in (ds.get("ImageType", []) or [])]
             uid = str(ds.get("SeriesInstanceUID", ""))
             patient = str(ds.get("PatientID", "") or "").strip() or None
+            container = str(ds.get("ContainerIdentifier", "") or "").strip() or None
         except Exception:  # noqa: BLE001 - pydicom raises many types on a damaged header
             unreadable.append(f)
             continue
         if sop != VL_WSI or len(image_type) < 3 or image_type[2] != "VOLUME":
             continue  # not a whole-slide image, or its label, overview or thumbnail
-        series.setdefault(uid, (f, patient))
+        series.setdefault(uid, DicomSlide(f, patient, container))
     if len(series) > 1:
         raise ConfigError(
             f"{folder} holds {len(series)} DICOM slides (series {', '.join(sorted(series))}): "
@@ -112,7 +138,7 @@ def dicom_slide(folder: Path, instances: list[Path]) -> tuple[Path, str | None] 
     if series:
         return next(iter(series.values()))
     if unreadable:
-        return unreadable[0], None
+        return DicomSlide(unreadable[0], None, None)
     return None
 
 
@@ -243,12 +269,14 @@ def _split_masks(
     return rest, found
 
 
-def _slide_ids(folder: Path, entries: list[Path], unique: bool) -> dict[Path, str]:
-    """Each slide's id: its name (`slide_id`); where two share one and `unique`, their path
-    under `folder` (`site1_s`), with the format suffix kept when that is all they differ by."""
+def _slide_ids(
+    folder: Path, entries: list[Path], names: dict[Path, str], unique: bool
+) -> dict[Path, str]:
+    """Each slide's id: its name; where two share one and `unique`, their path under `folder`
+    (`site1_s`), with the format suffix kept when that is all they differ by."""
     by_name: dict[str, list[Path]] = {}
     for entry in entries:
-        by_name.setdefault(slide_id(entry.name), []).append(entry)
+        by_name.setdefault(names[entry], []).append(entry)
     ids: dict[Path, str] = {}
     for name, same in by_name.items():
         if len(same) == 1:
@@ -341,9 +369,11 @@ def scan_folder(
         slides.append(f)
     index = _label_index(labels, labels_name)
     found: list[tuple[Path, Path]] = []  # (the slide file or DICOM folder, the file to read)
+    names: dict[Path, str] = {}  # the name a slide's id comes from
     patients: dict[Path, str | None] = {}
     for entry in slides:
         path = entry
+        names[entry] = slide_id(entry.name)
         if entry in dicom_dirs:
             dicom = dicom_slide(entry, dicom_dirs[entry])
             if dicom is None:
@@ -353,15 +383,21 @@ def scan_folder(
                     entry,
                 )
                 continue
-            path, patients[path] = dicom
+            path, patients[path] = dicom.path, dicom.patient
+            if dicom.container and _UID_FOLDER.fullmatch(entry.name):
+                names[entry] = slide_id(dicom.container)  # its barcode, not a UID
         found.append((entry, path))
-    ids = _slide_ids(folder, [entry for entry, _ in found], unique_ids)
+    ids = _slide_ids(folder, [entry for entry, _ in found], names, unique_ids)
     rows: list[dict[str, Any]] = []
     for entry, path in found:
         sid = ids[entry]
-        name = slide_id(entry.name)
-        if sid != name and (index.get(name) or class_masks.get(name)):
-            theirs = [*index.get(name, []), *class_masks.get(name, {}).values()]
+        name = names[entry]
+        if name not in class_masks:  # a DICOM slide's masks may be named by its folder
+            name_masks = class_masks.get(slide_id(entry.name), {})
+        else:
+            name_masks = class_masks[name]
+        if sid != name and (index.get(name) or name_masks):
+            theirs = [*index.get(name, []), *name_masks.values()]
             raise ConfigError(
                 f"slides under {folder} share the name {name!r}, so {theirs[0]} cannot be told "
                 f"to one of them ({entry} is one); rename the slides so their names differ, or "
@@ -375,7 +411,7 @@ def scan_folder(
                 "labels": _find_labels(entry, sid, index),
                 "group": patients.get(path) or patient_group(name),
                 "fold": None,
-                "masks": {cls: str(p) for cls, p in sorted(class_masks.get(name, {}).items())},
+                "masks": {cls: str(p) for cls, p in sorted(name_masks.items())},
             }
         )
         if rows[-1]["labels"] and rows[-1]["masks"]:

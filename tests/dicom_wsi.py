@@ -48,6 +48,7 @@ def write_instance(
     study: str,
     patient: str = "",
     sop_class: str = VL_WSI,
+    container: str = "",
 ) -> None:
     """One instance: `rgb` as TILED_FULL JPEG frames with its pixel spacing (mpp in um)."""
     meta = FileMetaDataset()
@@ -58,6 +59,8 @@ def write_instance(
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.PatientID = patient
+    if container:
+        ds.ContainerIdentifier = container  # the slide's barcode
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "SM"
     ds.ImageType = image_type
     frames = _frames(rgb, tile)
@@ -83,7 +86,13 @@ def write_instance(
 
 
 def write_dicom_slide(
-    folder: Path, rgb: np.ndarray, mpp: float, tile: int = 128, levels: int = 2, patient: str = ""
+    folder: Path,
+    rgb: np.ndarray,
+    mpp: float,
+    tile: int = 128,
+    levels: int = 2,
+    patient: str = "",
+    container: str = "",
 ) -> list[Path]:
     """A slide as a folder of instances: `levels` pyramid levels (each half the last) and a
     label image, named so that the label sorts first (file names carry no meaning in DICOM)."""
@@ -104,6 +113,6 @@ def write_dicom_slide(
         paths.append(folder / f"level{level}.dcm")
         write_instance(
             paths[-1], image, image_type=kind, mpp=mpp * 2**level, tile=tile, series=series,
-            study=study, patient=patient,
+            study=study, patient=patient, container=container,
         )  # fmt: skip
     return paths

@@ -168,6 +168,10 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
     (tmp_path / "case-7.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     # another slide of that patient, and a series of annotations (not a slide)
     write_dicom_slide(tmp_path / "SM_1.2.3", rgb[:256, :256], mpp=0.5, patient="P-1")
+    # Imaging Data Commons names a folder by the series UUID: the slide's barcode names it
+    uuid = "SM_3f2a9c1e-7b4d-4e8a-9c2f-0123456789ab"
+    write_dicom_slide(tmp_path / uuid, rgb[:256, :256], mpp=0.5, container="TCGA-AA-3549-01Z")
+    (tmp_path / "TCGA-AA-3549-01Z.geojson").write_text('{"type": "FeatureCollection"}')
     (tmp_path / "ANN_4.5.6").mkdir()
     write_instance(
         tmp_path / "ANN_4.5.6" / "a.dcm", rgb[:64, :64], image_type=["DERIVED"], mpp=0.5,
@@ -175,7 +179,11 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
     )  # fmt: skip
     (tmp_path / "case-7" / "000-broken.dcm").write_bytes(b"DICM")  # skipped: slides follow
     rows = {r["slide"]: r for r in scan_folder(tmp_path)}
-    assert set(rows) == {"case-7", "SM_1.2.3"}
+    assert set(rows) == {"case-7", "SM_1.2.3", "TCGA-AA-3549-01Z"}
+    barcode = rows["TCGA-AA-3549-01Z"]
+    assert Path(barcode["path"]).parent.name == uuid
+    assert barcode["labels"] == str(tmp_path / "TCGA-AA-3549-01Z.geojson")
+    assert barcode["group"] == "TCGA-AA-3549"  # no PatientID: the barcode's patient
     row = rows["case-7"]
     assert row["path"] == str(paths[1]) and row["labels"] == str(tmp_path / "case-7.geojson")
     assert row["group"] == rows["SM_1.2.3"]["group"] == "P-1"  # one patient: one fold
