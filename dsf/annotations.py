@@ -47,6 +47,7 @@ def check_label_settings(settings: dict[str, Any]) -> None:
     """Every class index of the `labels` section must name one of `labels.classes`, and every
     `class_map` key must be a raster code 0-255; else a ConfigError naming the key."""
     classes = list(settings["classes"])
+    _check_class_names(classes)
     n = len(classes)
     fix = f"class indices are 0..{n - 1} of labels.classes {classes}"
     for key in ("class_map", "names", "geojson_names"):
@@ -76,6 +77,37 @@ def check_label_settings(settings: dict[str, Any]) -> None:
             "config key labels.masks_base is the older name of labels.base (it applies to "
             "every annotation now); it is still read: rename it"
         )
+
+
+def _check_class_names(classes: list[str]) -> None:
+    """Class names are matched case-insensitively and name the score columns (`f1_<class>`,
+    and `cm_<true>_<predicted>` with `bg` for pixels predicted as background,
+    `evaluate.confusion_columns`): two that read alike would merge their scores."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        if name.lower() in seen:
+            raise ConfigError(
+                f"config key labels.classes: {seen[name.lower()]!r} and {name!r} are one class "
+                "name (names are matched case-insensitively); give every class its own name"
+            )
+        seen[name.lower()] = name
+    if "bg" in seen:
+        raise ConfigError(
+            f"config key labels.classes: {seen['bg']!r} is reserved (the score tables' column "
+            "of pixels predicted as background); rename that class, e.g. background"
+        )
+    fg = classes[1:]
+    pairs: dict[str, tuple[str, str]] = {}
+    for t in fg:
+        for p in [*fg, "bg"]:
+            column = f"{t}_{p}".lower()
+            if column in pairs:
+                raise ConfigError(
+                    f"config key labels.classes: the pairs {pairs[column]} and {(t, p)} give "
+                    f"one score column (cm_{column}); rename a class so that its name and "
+                    "another's joined by `_` do not spell a third pair"
+                )
+            pairs[column] = (t, p)
 
 
 def base_class(settings: dict[str, Any]) -> str | None:

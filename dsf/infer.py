@@ -73,12 +73,11 @@ def _check_models(preds: list[Predictor]) -> None:
                     f"{getattr(p, key)}); they must come from one fine-tuning configuration"
                 )
     fractions = sorted({float(p.meta.get("fraction", 1.0)) for p in preds})
-    if len(fractions) > 1:  # e.g. apply.models pointing at results/finetune/<init>, not frac<f>
-        log.warning(
-            "the %d models averaged were fine-tuned on different label fractions %s; to use "
-            "one, give the folder of that fraction (results/finetune/<init>/frac<f>)",
-            len(preds),
-            fractions,
+    if len(fractions) > 1:  # e.g. the models of results/finetune/<init>, not of one frac<f>
+        raise ConfigError(
+            f"the {len(preds)} models to ensemble were fine-tuned on different label fractions "
+            f"{fractions}: averaged, the map would be labelled with one of them; give one "
+            "fraction's models (results/finetune/<init>/frac<f>)"
         )
 
 

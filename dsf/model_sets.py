@@ -5,6 +5,7 @@ the workflow parses without it; only `check_given_models` loads (maps) the model
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[s
         for raw in paths:
             path = Path(raw)
             if path.is_dir():
-                inside = sorted(str(p) for p in path.rglob("model.pt"))
+                inside = sorted((str(p) for p in path.rglob("model.pt")), key=_natural)
                 if not inside:
                     raise ConfigError(
                         f"{key}.{name}: folder {raw} holds no model.pt; give the fine-tuning "
@@ -39,6 +40,27 @@ def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[s
     return found
 
 
+def _natural(path: str) -> list[Any]:
+    """Sort key reading numbers as numbers: fold2 before fold10, so model<i> follows the folds."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def check_results_apart(models: dict[str, list[str]], results: str) -> None:
+    """A prediction run's `results` must not hold its models: its maps, folds and scores would
+    overwrite the training run's, and Snakemake, seeing the training rules' inputs changed
+    (every slide of the new sheet), would retrain the very models it was given."""
+    root = Path(results).resolve()
+    for name, paths in models.items():
+        for path in paths:
+            if Path(path).resolve().is_relative_to(root):
+                raise ConfigError(
+                    f"apply.models.{name}: {path} lies under this run's results folder "
+                    f"{results}: a prediction run would overwrite that training run's outputs "
+                    "and retrain its models; set `results` to a folder of its own "
+                    "(results: results_cohort)"
+                )
+
+
 def trained_on(meta: dict[str, Any]) -> set[str]:
     """The slides a fine-tuned model was fitted or selected on (its model.pt says)."""
     return set(meta.get("fit_slides", [])) | set(meta.get("select_slides", []))
@@ -49,20 +71,32 @@ def check_given_models(
     scored: set[str],
     patches: dict[str, Any] | None,
     classes: list[str],
-    one_fraction: bool,
 ) -> None:
-    """Refuse at the start what would stop a prediction run midway (metadata only, the weights
-    mapped, not read): an annotated slide (`scored`) among a model's fit or selection slides
-    (scoring it would not be validation); with `patches` (the tile protocol) a model whose
-    target mpp, block, scale or classes differ from the `patches` and `labels` sections; with
-    `one_fraction` (each model scored alone) a set whose models differ in label fraction."""
+    """Refuse at the start what would stop a prediction run midway or average what does not
+    belong together (metadata only, the weights mapped, not read): a file that is not a
+    fine-tuned model; a name whose models differ in init, classes, geometry or label fraction
+    (a whole results/finetune/<init> folder: its fractions would be averaged into one map);
+    with annotated slides (`scored`), a model fitted or selected on one of them (scoring it
+    would not be validation) or predicting other classes than `labels.classes`; with `patches`
+    (the tile protocol) a model whose target mpp, block or scale differ from that section."""
     from dsf.checkpoints import load  # torch: only a prediction run pays for it
+    from dsf.predict import REQUIRED
 
     for name, paths in models.items():
-        fractions = set()
+        first: tuple[str, dict[str, Any]] | None = None
         for path in paths:
             meta = load(Path(path), mmap=True)
-            fractions.add(float(meta.get("fraction", 1.0)))
+            missing = [k for k in REQUIRED if k not in meta] if isinstance(meta, dict) else REQUIRED
+            if missing:
+                raise ConfigError(
+                    f"apply.models.{name}: {path} is not a model.pt of `dsf finetune` (it lacks "
+                    f"{list(missing)}): give fine-tuned models (results/finetune/<init>/"
+                    "frac<f>), not encoders or checkpoints"
+                )
+            if first is None:
+                first = (path, meta)
+            else:
+                _check_alike(name, first, (path, meta))
             seen = sorted(scored & trained_on(meta))
             if seen:
                 raise ConfigError(
@@ -71,30 +105,57 @@ def check_given_models(
                     "annotations (labels) from the sheet, or give models that did not train "
                     "on them"
                 )
+            if scored and list(meta["classes"]) != list(classes):
+                raise ConfigError(
+                    f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
+                    f"but labels.classes is {list(classes)}, which the annotated slides are "
+                    "scored in: set labels.classes (and labels.names) to the models' training "
+                    "config's"
+                )
             if patches is not None:
-                _check_geometry(name, path, meta, patches, classes)
-        if one_fraction and len(fractions) > 1:
-            raise ConfigError(
-                f"apply.models.{name} mixes models fine-tuned on label fractions "
-                f"{sorted(fractions)}: scored one by one they would not form one set; give one "
-                "fraction's folder (results/finetune/<init>/frac<f>) per name"
-            )
+                _check_geometry(name, path, meta, patches)
 
 
-def _check_geometry(
-    name: str, path: str, meta: dict[str, Any], patches: dict[str, Any], classes: list[str]
+def _geometry(meta: dict[str, Any]) -> tuple[float, int, int]:
+    return float(meta["target_mpp"]), int(meta["block"]), int(meta["scale"])
+
+
+def _check_alike(
+    name: str, first: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]]
 ) -> None:
-    """The tile protocol's stores must be cut with the model's geometry and classes."""
+    """The models of one name are one fine-tuning configuration's folds: averaged (or scored
+    as one set) only when they share init, classes, geometry and label fraction."""
+    (a, ma), (b, mb) = first, other
+
+    def facts(meta: dict[str, Any]) -> dict[str, Any]:
+        mpp, block, scale = _geometry(meta)
+        return {
+            "init": meta["init"],
+            "classes": list(meta["classes"]),
+            "target_mpp": round(mpp, 4),
+            "block": block,
+            "scale": scale,
+            "fraction": float(meta.get("fraction", 1.0)),
+        }
+
+    fa, fb = facts(ma), facts(mb)
+    differ = [k for k in fa if fa[k] != fb[k]]
+    if differ:
+        key = differ[0]
+        raise ConfigError(
+            f"apply.models.{name} mixes models of different {', '.join(differ)}: {a} has "
+            f"{key} {fa[key]}, {b} {fb[key]}; a name's models are the folds of one "
+            "fine-tuning (give one fraction's folder, results/finetune/<init>/frac<f>, per name)"
+        )
+
+
+def _check_geometry(name: str, path: str, meta: dict[str, Any], patches: dict[str, Any]) -> None:
+    """The tile protocol's stores must be cut with the model's geometry."""
     want = (float(patches["target_mpp"]), int(patches["block"]), int(patches["scale"]))
-    got = (float(meta["target_mpp"]), int(meta["block"]), int(meta["scale"]))
+    got = _geometry(meta)
     if got[1:] != want[1:] or abs(got[0] - want[0]) > 1e-3 * want[0]:
         raise ConfigError(
             f"apply.models.{name}: {path} was fine-tuned on target_mpp, block, scale "
             f"{got}, but patches.target_mpp, patches.block, patches.scale are {want}: "
             "set the patches section to the models' geometry for the tile protocol"
-        )
-    if list(meta["classes"]) != list(classes):
-        raise ConfigError(
-            f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
-            f"labels.classes is {list(classes)}: set labels.classes to the models'"
         )

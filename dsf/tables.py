@@ -26,7 +26,13 @@ import numpy as np
 import pandas as pd
 
 from dsf.errors import ConfigError
-from dsf.evaluate import classes_of, confusion_of, with_provenance, write_tsv
+from dsf.evaluate import (
+    classes_of,
+    confusion_columns,
+    confusion_of,
+    with_provenance,
+    write_tsv,
+)
 from dsf.markdown import (
     Notes,
     cell,
@@ -62,8 +68,26 @@ def read_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     """Concatenate per-slide TSVs (header-only ones included) and their common classes."""
     frames, classes = [], None
     for p in paths:
-        df = pd.read_csv(p, sep="\t", dtype={"slide": str})
+        fix = "delete it and rerun the evaluate stage (Snakemake rebuilds it)"
+        try:
+            df = pd.read_csv(p, sep="\t", dtype={"slide": str})
+        except FileNotFoundError as exc:
+            raise ConfigError(f"score table {p} not found; run the evaluate stage first") from exc
+        except (
+            OSError,
+            UnicodeDecodeError,
+            pd.errors.ParserError,
+            pd.errors.EmptyDataError,
+        ) as exc:
+            raise ConfigError(f"score table {p} is not a readable TSV ({exc}); {fix}") from exc
         cls = classes_of(list(df.columns))
+        missing = [c for c in confusion_columns(cls) if c not in df.columns]
+        if len(cls) < 2 or missing:
+            raise ConfigError(
+                f"score table {p} has no per-class scores and confusion counts "
+                f"({missing[:3] if missing else 'no f1_<class> columns'} missing): it was not "
+                f"written by `dsf evaluate`, or by another dsf version; {fix}"
+            )
         if classes is not None and cls != classes:
             raise ConfigError(
                 f"{p} scores classes {cls[1:]}, other results {classes[1:]}: they come from "

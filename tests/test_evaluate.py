@@ -391,6 +391,28 @@ def test_tile_fold_scores_hand_computed(tmp_path) -> None:  # noqa: ANN001
     assert m2.loc["mean", "f1"] == pytest.approx(0.5) and np.isnan(m2.loc["std", "f1"])
 
 
+def test_damaged_score_tables_are_named(tmp_path) -> None:  # noqa: ANN001
+    """An empty file (a full disk), a truncated TSV or another table: one line naming the file
+    and the fix, not a pandas error."""
+    from dsf.tables import read_results
+
+    good = _tile_tsvs(tmp_path)[0]
+    empty = tmp_path / "empty0.tsv"
+    empty.write_text("")
+    other = tmp_path / "other.tsv"
+    other.write_text("slide\tfold\ns1\t0\n")
+    torn = tmp_path / "torn.tsv"
+    torn.write_text("\n".join(good.read_text().splitlines()[:1]).replace("cm_", "cm__", 1) + "\n")
+    for bad, words in (
+        (empty, "is not a readable TSV"),
+        (other, "no f1_<class> columns"),
+        (torn, "has no per-class scores and confusion counts"),
+        (tmp_path / "gone.tsv", "not found; run the evaluate stage"),
+    ):
+        with pytest.raises(ConfigError, match=rf"score table {bad}.*{words}"):
+            read_results([good, bad])
+
+
 def test_build_tables_markdown_tsvs_and_figure(tmp_path) -> None:  # noqa: ANN001
     tiles = _tile_tsvs(tmp_path)
     slides = []

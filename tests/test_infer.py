@@ -403,18 +403,18 @@ def test_blending_is_the_weighted_mean_of_the_windows(block, overlap, band):
     np.testing.assert_array_equal(got_cls[clear], acc[:n_fg].argmax(0)[clear] + 1)
 
 
-def test_ensemble_averages_models(tmp_path, stripes, caplog):
+def test_ensemble_averages_models(tmp_path, stripes):
     path, cls = stripes
     out, meta = run_infer(tmp_path, path, [oracle(32), oracle(32, from_context=True)])
     np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
-    assert "different label fractions" not in caplog.text
-    # models of different label fractions (a whole results/finetune/<init> folder): said
+    # models of different label fractions (a whole results/finetune/<init> folder): refused,
+    # since the map would be labelled with one fraction
     other = oracle(32, from_context=True)
     other.meta = {"fraction": 0.1}
-    with caplog.at_level("WARNING", logger="dsf"):
-        (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed").mkdir()
+    with pytest.raises(ConfigError, match=r"different label fractions \[0\.1, 1\.0\]"):
         run_infer(tmp_path / "mixed", path, [oracle(32), other])
-    assert "different label fractions [0.1, 1.0]" in caplog.text
+    assert not list((tmp_path / "mixed").rglob("*.tiff"))
 
 
 def test_failure_leaves_no_complete_looking_output(tmp_path, stripes):

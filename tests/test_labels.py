@@ -9,7 +9,9 @@ import openslide
 import pytest
 import tifffile
 
-from dsf.annotations import open_labels
+from dsf.annotations import check_label_settings, open_labels
+from dsf.config import validate as validate_config
+from dsf.errors import ConfigError
 from dsf.labels import main
 from dsf.sheet import main as sheet_main
 
@@ -234,3 +236,23 @@ def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
             np.testing.assert_array_equal(tile, ref)
     folds = (tmp_path / "res" / "folds.tsv").read_text()
     assert "p1" in folds and "p2" in folds and "_whole" not in folds
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        (["ignore", "TUM", "tum"], r"'TUM' and 'tum' are one class name"),
+        (["ignore", "tissue", "BG"], r"'BG' is reserved.*predicted as background"),
+        (["ignore", "a", "a_b", "b_c", "c"], r"\('a', 'b_c'\) and \('a_b', 'c'\).*cm_a_b_c"),
+    ],
+)
+def test_class_names_that_would_merge_score_columns_are_refused(
+    classes: list[str], words: str
+) -> None:
+    """Each class's scores are columns named after it (f1_<class>, cm_<true>_<pred>, `bg` for
+    background): names that read alike would merge two classes' pixels without a word."""
+    settings = validate_config({"labels": {"classes": classes}})["labels"]
+    with pytest.raises(ConfigError, match=words):
+        check_label_settings(settings)
+    paip = validate_config({"labels": {"classes": ["ignore", "tissue", "whole_tumour", "bg_x"]}})
+    check_label_settings(paip["labels"])  # underscores alone are fine

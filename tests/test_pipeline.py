@@ -171,6 +171,7 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "This run is a" in page and "System Message" not in page  # reStructuredText is valid
+    assert "prediction run: the set" in page  # the maps are captioned as such
     meta = json.loads((res / "maps" / "dsf" / "case-7.json").read_text())
     assert meta["routing"] == "given" and meta["folds"] == [0, 1]
     assert all("finetune/dsf/frac1.0/fold" in m for m in meta["models"])

@@ -459,6 +459,20 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
     assert done.returncode != 0 and "gpus" in done.stdout + done.stderr
 
 
+def test_a_stage_that_asks_for_no_gpu_runs_on_the_cpu(tmp_path: Path) -> None:
+    """gpus 0 with device auto: a job that asked for no GPU must not take one another job
+    holds; a job that asked for one keeps auto."""
+    out = demo_plan(tmp_path, "infer:\n  gpus: 1\n")  # the demo's others are 0
+    cmds = {
+        stage: [ln for ln in out.splitlines() if f"dsf {stage} " in ln or f"dsf.{stage} " in ln]
+        for stage in ("pretrain", "finetune", "infer", "evaluate tiles")
+    }
+    assert all(cmds.values())
+    for stage in ("pretrain", "finetune", "evaluate tiles"):
+        assert all("--device cpu" in ln for ln in cmds[stage]), stage
+    assert all("--device auto" in ln for ln in cmds["infer"])
+
+
 def test_imagescope_polygons_are_planned_beside_every_geojson(tmp_path: Path) -> None:
     out = demo_plan(tmp_path, "polygons:\n  imagescope: true\n")
     cmds = [ln for ln in out.splitlines() if "dsf polygons " in ln]
@@ -482,6 +496,7 @@ def _prediction_workdir(tmp_path: Path, real: Path) -> dict:
         shutil.copy(real / "CMU-1-Small-Region.svs", tmp_path / "slides" / f"{name}.svs")
     meta = {k: defaults("patches")[k] for k in ("target_mpp", "block", "scale")}
     meta |= {"classes": defaults("labels")["classes"], "fraction": 1.0, "fit_slides": ["x"]}
+    meta |= {"init": "dsf", "state_dict": {}}  # no weights: the workflow reads metadata only
     for model in ("old/fold1/model.pt", "old/fold0/model.pt", "one.pt"):
         (tmp_path / model).parent.mkdir(parents=True, exist_ok=True)
         torch.save(meta, tmp_path / model)
@@ -569,6 +584,16 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
     torch.save(meta, tmp_path / "one.pt")
     torch.save(meta | {"fraction": 0.1}, tmp_path / "old" / "fold1" / "model.pt")
     done = _plan(tmp_path, cfg, check=False)
-    assert done.returncode != 0 and "apply.models.dsf mixes models fine-tuned on label" in (
+    assert done.returncode != 0 and "apply.models.dsf mixes models of different fraction" in (
         done.stdout + done.stderr
     )
+    torch.save(meta, tmp_path / "old" / "fold1" / "model.pt")
+    # encoders given as a model; models inside the run's own results folder (it would
+    # overwrite that run and retrain them)
+    torch.save({"encoders": {}}, tmp_path / "enc.pt")
+    for changed, message in (
+        ({"apply": cfg["apply"] | {"models": {"enc": ["enc.pt"]}}}, "enc.pt is not a model.pt"),
+        ({"results": "old"}, "apply.models.dsf: old/fold0/model.pt lies under this run's"),
+    ):
+        done = _plan(tmp_path, cfg | changed, check=False)
+        assert done.returncode != 0 and message in done.stdout + done.stderr

@@ -62,15 +62,15 @@ FOLDS = (
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
-if APPLY and LABELLED:  # what would stop the scoring midway, refused before anything runs
-    from dsf.model_sets import check_given_models
+if APPLY:  # what would stop the run midway or mix models, refused before anything runs
+    from dsf.model_sets import check_given_models, check_results_apart
 
+    check_results_apart(APPLY, RESULTS)
     check_given_models(
         APPLY,
         LABELLED,
         config["patches"] if TILE_SCORED else None,
         config["labels"]["classes"],
-        one_fraction=config["apply"]["each_model"] or TILE_SCORED,
     )
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
@@ -150,7 +150,8 @@ def check_finetune_inits(finetune, pretrain):
         )
 
 
-check_finetune_inits(config["finetune"], config["pretrain"])
+if not APPLY:  # a prediction run trains nothing: the training sections are not read
+    check_finetune_inits(config["finetune"], config["pretrain"])
 FRACS = [str(f) for f in config["finetune"]["fractions"]]
 def _infer_choice():
     """Inits that get maps and the label fraction whose models draw them (infer section)."""
@@ -177,9 +178,11 @@ def _infer_choice():
     return inits, frac
 
 
-INFER_INITS, INFER_FRAC = _infer_choice()
-if APPLY:  # the maps are named after apply.models' names
-    INFER_INITS = list(APPLY)
+if APPLY:  # the maps are named after apply.models' names; infer.inits, fraction and
+    # unlabelled_fold choose among the run's own models, which a prediction run has none of
+    INFER_INITS, INFER_FRAC = list(APPLY), None
+else:
+    INFER_INITS, INFER_FRAC = _infer_choice()
 
 
 wildcard_constraints:
@@ -370,11 +373,16 @@ def pretrain_launcher():
 
 
 def stage_opts(section, skip=()):
-    """A config section as `dsf <stage>` options (the same schema, so the same defaults).
+    """A config section as `dsf <stage>` options (the same schema, so the same defaults); a
+    section whose jobs ask for no GPU (`gpus: 0`) runs `device: auto` on the CPU.
     labels.masks is used here, finding the masks (`{slide}` in a params string would also be
     taken for a wildcard): no stage reads it."""
     skip = (*skip, "masks") if section == "labels" else skip
-    return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
+    values = {k: v for k, v in config[section].items() if k not in skip}
+    if config[section].get("gpus") == 0 and values.get("device") == "auto":
+        # a job that asked Snakemake (or SLURM) for no GPU must not take one another job has
+        values["device"] = "cpu"
+    return cli_args(section, values)
 
 
 def polygon_exts(polygons):

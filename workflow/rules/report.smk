@@ -55,7 +55,7 @@ rule report_tables:
             f"{RESULTS}/report/tables.html",
             caption="../report/tables.rst",
             category="5. Evaluation",
-            subcategory="all folds",
+            subcategory="all slides" if APPLY else "all folds",
             labels={"result": "tables"},
         ),
     conda:
