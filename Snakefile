@@ -1,7 +1,12 @@
 # dsf: DSF-WSI whole-slide pipeline. Stages live in workflow/rules/, logic in the dsf package.
 from snakemake.utils import min_version
 
+from dsf.config import export_repo
+
 min_version("9.0")
+
+# the repository envs/dsf.post-deploy.sh installs dsf from into a `--sdm conda` environment
+export_repo(workflow.basedir)
 
 
 # config/config.yaml is the demo's config. A run that names its own slides (`slides` in a
@@ -28,6 +33,15 @@ include: "workflow/rules/infer.smk"
 include: "workflow/rules/polygons.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+
+
+# a moment's work each: run by Snakemake itself, not queued on a cluster
+localrules:
+    all,
+    folds,
+    curves_pretrain,
+    curves_finetune,
+    report_tables,
 
 
 rule all:

@@ -220,3 +220,10 @@ def cli_args(section: str, values: dict[str, Any]) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def export_repo(path: str | os.PathLike[str]) -> None:
+    """Name the repository the workflow runs from in DSF_REPO, for envs/dsf.post-deploy.sh,
+    which installs dsf from it into a `--sdm conda` environment: Snakemake runs that script
+    from a copy in .snakemake/conda/, whose own location names no repository."""
+    os.environ["DSF_REPO"] = str(Path(path).resolve())

@@ -419,7 +419,8 @@ class Trainer:
         self._said_starved = True
         workers = self.st["workers"]
         if workers:
-            now = f"{workers}; this machine has {os.cpu_count()} cores"
+            # the cores this job may use (a SLURM job's share), not the machine's
+            now = f"{workers}; this job has {len(os.sched_getaffinity(0))} cores"
         else:
             now = "0: reading in the training process"
         log.warning(

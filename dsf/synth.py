@@ -191,7 +191,7 @@ def _encoded(tiles: Iterator[np.ndarray], quality: int, inflight: int) -> Iterat
 
     args = {"level": quality, "colorspace": "RGB", "outcolorspace": "YCBCR"}
     args["subsampling"] = (2, 2)
-    workers = max(1, min(4, (os.cpu_count() or 1)))
+    workers = max(1, min(4, len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers, thread_name_prefix="synth-jpeg") as pool:
         pending: deque[Any] = deque()
         for tile in tiles:

@@ -110,7 +110,19 @@ def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
     `map` one slide's map for one init and its polygons; scores stay jobs of their own (a failed
     job removes its whole group's outputs). Every rule the profile names exists, and the rules
     of a group ask for the same partition (SLURM cannot merge two)."""
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
+    profile = yaml.safe_load(text)
+    assert "set-resources" not in profile  # every rule states its own mem_mb and runtime
+    # the commented per-rule example, as a user uncomments it
+    lines = text.splitlines()
+    first = lines.index("# set-resources:")
+    example = []
+    for line in lines[first:]:
+        if not line.startswith("#"):
+            break
+        example.append(line[2:])
+    profile["set-resources"] = yaml.safe_load("\n".join(example))["set-resources"]
+    assert profile["set-resources"]["polygons"] == profile["set-resources"]["infer"]
     groups = profile["groups"]
     rules = smk("--list-rules", "--directory", str(REPO), "--config", f"results={tmp_path}")
     named = {g.split("=")[0] for g in groups} | set(profile["set-resources"])
@@ -129,6 +141,10 @@ def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     jobs = _group_jobs(out)
     counts = job_counts(out)
+    # a command-line --default-resources or --set-resources replaces the profile's blocks, so
+    # every rule states its own memory and wall time
+    asked = [r for r in re.findall(r"^    resources: (.*)$", out, re.M) if r != "tmpdir=/tmp"]
+    assert asked and all("mem_mb=" in r and "runtime=" in r for r in asked), asked  # but `all`
     prepare = [j for j in jobs if j[0] == "prepare"]
     maps = [j for j in jobs if j[0] == "map"]
     assert len(prepare) == counts["tissue"] == 6 and len(maps) == counts["infer"] == 6
@@ -449,7 +465,7 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
         "Shell command: torchrun --standalone --nnodes=1 --nproc-per-node=2 -m" in line
         for line in pre
     )
-    assert "threads: 6" in out  # 3 loader workers for each of the 2 processes
+    assert "threads: 8" in out  # 3 loader workers and itself for each of the 2 processes
     (tmp_path / "infer.yaml").write_text("infer:\n  gpus: 2\n")
     done = smk(
         "-n", "--cores", "2", "--directory", str(REPO), "--configfile",
@@ -471,6 +487,35 @@ def test_a_stage_that_asks_for_no_gpu_runs_on_the_cpu(tmp_path: Path) -> None:
     for stage in ("pretrain", "finetune", "evaluate tiles"):
         assert all("--device cpu" in ln for ln in cmds[stage]), stage
     assert all("--device auto" in ln for ln in cmds["infer"])
+
+
+def test_speed_settings_rerun_nothing(tmp_path: Path) -> None:
+    """Settings of speed, device or memory (FAST_KEYS in common.smk) still reach the commands,
+    but changing one reruns no finished job; a setting that changes the output does."""
+    target = str(tmp_path / "patches" / "CMU-1-Small-Region.zarr")
+    base = ("--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")
+    smk(target, *base)
+    for fast in ("patches={shard_mb: 12, band_tiles: 4, threads: 1}",):
+        out = smk(target, "-n", *base, fast).stdout
+        assert "Nothing to be done" in out, out
+    out = smk(target, "-n", *base, "patches={min_tissue: 0.4}").stdout
+    assert "Params have changed" in out
+    # every stage's fast settings are in its command, outside the params compared
+    plan = smk(
+        "-n", "-p", *base, "pretrain={workers: 3, checkpoint_every: 2}", "finetune={workers: 2}",
+        "infer={batch_size: 5, band_windows: 7}", "evaluate={band_rows: 9, batch_size: 11}",
+    ).stdout  # fmt: skip
+    lines = plan.splitlines()
+    for stage, flags in (
+        ("dsf pretrain ", ("--workers 3", "--checkpoint-every 2", "--device cpu")),
+        ("dsf finetune ", ("--workers 2", "--device cpu")),
+        ("dsf infer ", ("--batch-size 5", "--band-windows 7", "--device cpu")),
+        ("dsf evaluate tiles ", ("--batch-size 11", "--device cpu")),
+        ("dsf evaluate slide ", ("--band-rows 9",)),
+        ("dsf patches ", ("--shard-mb 24",)),
+    ):
+        cmds = [ln for ln in lines if stage in ln]
+        assert cmds and all(f in ln for ln in cmds for f in flags), (stage, cmds[:1])
 
 
 def test_imagescope_polygons_are_planned_beside_every_geojson(tmp_path: Path) -> None:

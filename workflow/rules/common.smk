@@ -372,17 +372,56 @@ def pretrain_launcher():
     return shlex.join(pretrain_command(config["pretrain"]["gpus"]))
 
 
-def stage_opts(section, skip=()):
-    """A config section as `dsf <stage>` options (the same schema, so the same defaults); a
-    section whose jobs ask for no GPU (`gpus: 0`) runs `device: auto` on the CPU.
-    labels.masks is used here, finding the masks (`{slide}` in a params string would also be
-    taken for a wildcard): no stage reads it."""
-    skip = (*skip, "masks") if section == "labels" else skip
-    values = {k: v for k, v in config[section].items() if k not in skip}
+#: Settings that change how fast, on what or in how much memory a job runs, not what it writes
+#: (the training stages' RESUME_FREE and the readers' band sizes): `stage_opts` leaves them out
+#: of the params Snakemake reruns a job for when they change, and `fast_param` passes them, so
+#: raising pretrain.workers or moving a stage to a GPU reruns nothing.
+FAST_KEYS = {
+    "patches": ("threads", "band_tiles", "shard_mb"),
+    "pretrain": ("workers", "device", "compile", "compile_augment", "checkpoint_every", "gpus"),
+    "finetune": ("workers", "device", "gpus"),
+    "infer": ("threads", "batch_size", "band_windows", "device", "gpus"),
+    "evaluate": ("gpus", "batch_size", "band_rows", "device"),
+}
+
+
+def fast_opts(section, keys):
+    """`keys` of a config section as `dsf <stage>` options; a section whose jobs ask for no
+    GPU (`gpus: 0`) runs `device: auto` on the CPU, since a card it took could be one another
+    job holds."""
+    values = {k: config[section][k] for k in keys}
     if config[section].get("gpus") == 0 and values.get("device") == "auto":
-        # a job that asked Snakemake (or SLURM) for no GPU must not take one another job has
         values["device"] = "cpu"
     return cli_args(section, values)
+
+
+# threads is the rule's `threads`; `dsf evaluate tiles` and `slide` take different ones
+FAST = {
+    "patches": fast_opts("patches", ("band_tiles", "shard_mb")),
+    "pretrain": fast_opts("pretrain", [k for k in FAST_KEYS["pretrain"]]),
+    "finetune": fast_opts("finetune", FAST_KEYS["finetune"]),
+    "infer": fast_opts("infer", ("batch_size", "band_windows", "device", "gpus")),
+    "evaluate_tiles": fast_opts("evaluate", ("batch_size", "device")),
+    "evaluate_slide": fast_opts("evaluate", ("band_rows",)),
+    "launch_pretrain": pretrain_launcher(),
+}
+
+
+def fast_param(key):
+    """The param of FAST[key]: a function of the job's threads, which makes it a param
+    Snakemake derives from the job and does not rerun it for (only the params that depend on
+    nothing but wildcards are compared with the last run's), checked by
+    tests/test_workflow.py::test_speed_settings_rerun_nothing."""
+    return lambda wildcards, threads: FAST[key]
+
+
+def stage_opts(section, skip=()):
+    """A config section as `dsf <stage>` options (the same schema, so the same defaults),
+    without its FAST_KEYS (`fast_param`). labels.masks is used here, finding the
+    masks (`{slide}` in a params string would also be taken for a wildcard): no stage reads
+    it."""
+    skip = (*skip, *FAST_KEYS.get(section, ()), *(("masks",) if section == "labels" else ()))
+    return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
 
 
 def polygon_exts(polygons):

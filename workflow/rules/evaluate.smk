@@ -15,7 +15,8 @@ rule evaluate_tiles:
     output:
         tsv=f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
     params:
-        opts=stage_opts("evaluate", skip=("gpus", "band_rows", "panel_slides", "panel_size")),
+        opts=stage_opts("evaluate", skip=("panel_slides", "panel_size")),
+        fast=fast_param("evaluate_tiles"),
         folds=lambda w, input: (
             f"--folds {shlex.quote(input.folds)}" if "folds" in input.keys() else ""
         ),
@@ -24,6 +25,7 @@ rule evaluate_tiles:
     resources:
         gpu=config["evaluate"]["gpus"],
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -32,7 +34,8 @@ rule evaluate_tiles:
         f"{RESULTS}/benchmarks/evaluate/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
     shell:
         "dsf evaluate tiles --model {input.model:q} --stores {input.stores:q} "
-        "{params.folds} {params.method} --out {output.tsv:q} {params.opts} 2> {log:q}"
+        "{params.folds} {params.method} --out {output.tsv:q} {params.opts} {params.fast} "
+        "2> {log:q}"
 
 
 # apply.tile_protocol: one model of a prediction run's name on every annotated slide's store
@@ -44,7 +47,8 @@ use rule evaluate_tiles as evaluate_tiles_model with:
     output:
         tsv=f"{RESULTS}/eval/tiles/{{finit}}/model{{member}}.tsv",
     params:
-        opts=stage_opts("evaluate", skip=("gpus", "band_rows", "panel_slides", "panel_size")),
+        opts=stage_opts("evaluate", skip=("panel_slides", "panel_size")),
+        fast=fast_param("evaluate_tiles"),
         folds="",
         method=lambda w: f"--method {shlex.quote(w.finit)}",
     log:
@@ -66,7 +70,8 @@ rule evaluate_slide:
         panel=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
     params:
         slide=slide_opts,
-        opts=stage_opts("evaluate", skip=("gpus", "batch_size", "device", "amp", "panel_slides")),
+        opts=stage_opts("evaluate", skip=("amp", "panel_slides")),
+        fast=fast_param("evaluate_slide"),
         classes=stage_opts("labels"),
         folds=lambda w, input: (
             f"--folds {shlex.quote(input.folds)}" if "folds" in input.keys() else ""
@@ -74,6 +79,7 @@ rule evaluate_slide:
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -84,7 +90,7 @@ rule evaluate_slide:
         "dsf evaluate slide --map {input.map:q} --map-json {input.meta:q} "
         "--slide {input.slide:q} {params.slide} --labels {input.labels:q} {params.folds} "
         "--method {wildcards.finit} --out {output.tsv:q} --panel {output.panel:q} "
-        "{params.opts} {params.classes} 2> {log:q}"
+        "{params.opts} {params.fast} {params.classes} 2> {log:q}"
 
 
 # apply.each_model: one model of a prediction run's name alone on an annotated slide
@@ -153,12 +159,11 @@ if not APPLY:
         params:
             methods=" ".join(shlex.quote(m) for m in FINITS),
             fractions=" ".join(FRACS),
-            opts=stage_opts(
-                "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
-            ),
+            opts=stage_opts("evaluate", skip=("amp", "panel_size")),
         threads: 1
         resources:
             mem_mb=lambda wildcards, attempt: 2000 * attempt,
+            runtime=lambda wildcards, attempt: 60 * attempt,
         conda:
             "../../envs/dsf.yaml"
         log:
@@ -230,12 +235,11 @@ else:
                 if "tile_scores" in output.keys()
                 else ""
             ),
-            opts=stage_opts(
-                "evaluate", skip=("gpus", "batch_size", "device", "amp", "band_rows", "panel_size")
-            ),
+            opts=stage_opts("evaluate", skip=("amp", "panel_size")),
         threads: 1
         resources:
             mem_mb=lambda wildcards, attempt: 2000 * attempt,
+            runtime=lambda wildcards, attempt: 60 * attempt,
         conda:
             "../../envs/dsf.yaml"
         log:

@@ -15,6 +15,7 @@ rule finetune:
             f"--encoders {shlex.quote(input.encoders)}" if "encoders" in input.keys() else ""
         ),
         opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
+        fast=fast_param("finetune"),
         classes=stage_opts("labels", skip=("class_map", "other_class", "names", "geojson_names")),
         # the pretraining's normalisation: computed (results/norm/) or pretrain.mean/std
         norm=lambda w, input: (
@@ -29,6 +30,7 @@ rule finetune:
     resources:
         gpu=config["finetune"]["gpus"],
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=lambda wildcards, attempt: 720 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -38,4 +40,5 @@ rule finetune:
     shell:
         "dsf finetune --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
         "--fraction {wildcards.frac} --init {wildcards.finit} {params.encoders} "
-        "--out-dir {params.out_dir:q} --resume {params.opts} {params.classes} {params.norm} 2> {log:q}"
+        "--out-dir {params.out_dir:q} --resume {params.opts} {params.fast} {params.classes} "
+        "{params.norm} 2> {log:q}"

@@ -9,6 +9,9 @@ rule folds:
         .assign(labelled=SHEET.index.isin(LABELLED))
         .to_json(orient="records"),
         opts=stage_opts("folds"),
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/dsf.yaml"
     log:

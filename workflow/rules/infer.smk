@@ -28,11 +28,14 @@ rule infer:
         probs=lambda w, output: (
             f"--out-probs {shlex.quote(output.probs)}" if "probs" in output.keys() else ""
         ),
-        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "threads")),
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold")),
+        fast=fast_param("infer"),
     threads: config["infer"]["threads"]
     resources:
         gpu=config["infer"]["gpus"],
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        # about a minute a slide on a GPU (bench/RESULTS.md); hours on a CPU
+        runtime=lambda wildcards, attempt: (120 if config["infer"]["gpus"] else 720) * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -43,7 +46,7 @@ rule infer:
         "dsf infer --slide {input.slide:q} {params.slide} --tissue-mask {input.mask:q} "
         "--models {input.models:q} --routing {params.routing} --out-map {output.map:q} "
         "--out-overlay {output.overlay:q} --out-meta {output.meta:q} {params.probs} "
-        "--threads {threads} --no-progress {params.opts} 2> {log:q}"
+        "--threads {threads} --no-progress {params.opts} {params.fast} 2> {log:q}"
 
 
 # apply.each_model: one model of a prediction run's name alone on an annotated slide, for the
@@ -59,7 +62,8 @@ use rule infer as infer_model with:
         slide=slide_opts,
         routing="given",
         probs="",
-        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "threads")),
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold")),
+        fast=fast_param("infer"),
     log:
         f"{RESULTS}/logs/infer/{{finit}}/model{{member}}/{{slide}}.log",
     benchmark:

@@ -18,6 +18,7 @@ rule labels:
     threads: config["patches"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:

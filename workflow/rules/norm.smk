@@ -13,6 +13,9 @@ rule norm:
         fold=split_opt,
         tiles=config["pretrain"]["norm_tiles"],
         seed=config["pretrain"]["seed"],
+    resources:
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:

@@ -12,11 +12,13 @@ rule patches:
     params:
         slide=slide_opts,
         labels=labels_opt,
-        opts=stage_opts("patches", skip=("threads",)),
+        opts=stage_opts("patches"),
+        fast=fast_param("patches"),
         classes=stage_opts("labels"),
     threads: config["patches"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -26,4 +28,4 @@ rule patches:
     shell:
         "dsf patches --slide {input.slide:q} {params.slide} --tissue-mask {input.mask:q} "
         "--tissue-stats {input.stats:q} {params.labels} --out {output.store:q} --no-progress "
-        "--threads {threads} {params.opts} {params.classes} 2> {log:q}"
+        "--threads {threads} {params.opts} {params.fast} {params.classes} 2> {log:q}"

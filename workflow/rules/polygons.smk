@@ -22,6 +22,7 @@ rule polygons:
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:

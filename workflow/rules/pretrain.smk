@@ -15,14 +15,21 @@ rule pretrain:
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
         fold=split_opt,
-        launch=pretrain_launcher(),
         opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
+        fast=fast_param("pretrain"),
+        launch=fast_param("launch_pretrain"),
         norm=norm_opt,
-    # loader workers are per process, one process per GPU
-    threads: max(1, config["pretrain"]["workers"]) * max(1, config["pretrain"]["gpus"])
+    # per process (one per GPU): its loader workers and itself
+    threads: (config["pretrain"]["workers"] + 1) * max(1, config["pretrain"]["gpus"])
     resources:
         gpu=config["pretrain"]["gpus"],
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        # per process: the tile ring in /dev/shm (1.9 GiB at 8 workers, batch 32 of 1024 px),
+        # the workers (about 0.5 GB each) and the training process
+        mem_mb=lambda wildcards, attempt: 16000 * max(1, config["pretrain"]["gpus"]) * attempt,
+        # a retry resumes from the last checkpoint, so each attempt adds epochs
+        runtime=lambda wildcards, attempt: 1440 * attempt,
+        # torchrun starts every process on one machine
+        nodes=1,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -32,4 +39,4 @@ rule pretrain:
     shell:
         "{params.launch} --stores {input.stores:q} {params.fold} "
         "--out-dir {params.out_dir:q} --method {wildcards.init} --resume "
-        "--no-progress {params.opts} {params.norm} 2> {log:q}"
+        "--no-progress {params.opts} {params.fast} {params.norm} 2> {log:q}"

@@ -18,6 +18,9 @@ rule curves_pretrain:
         ),
     params:
         fold=lambda w: "" if w.unit == "all" else f"--fold {w.unit.removeprefix('fold')}",
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -38,6 +41,9 @@ rule curves_finetune:
             subcategory="fold {fold}",
             labels=lambda w: {"init": w.finit, "label fraction": f"{float(w.frac) * 100:g}%"},
         ),
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/dsf.yaml"
     log:
@@ -58,6 +64,9 @@ rule report_tables:
             subcategory="all slides" if APPLY else "all folds",
             labels={"result": "tables"},
         ),
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/dsf.yaml"
     log:

@@ -13,6 +13,9 @@ rule synth:
             **config["synth"]["slides"][w.slide]
         ),
         opts=stage_opts("synth", skip=("slides",)),
+    resources:
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:

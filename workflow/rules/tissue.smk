@@ -18,6 +18,9 @@ rule tissue:
         slide=slide_opts,
         tolerance=config["patches"]["mpp_tolerance"],
         opts=stage_opts("tissue"),
+    resources:
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     conda:
         "../../envs/dsf.yaml"
     log:
