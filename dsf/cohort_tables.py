@@ -206,7 +206,14 @@ def _over_models(
     rows = []
     for mean, std in pairs:
         note = f"{mean['init']}: {why[0]}"
-        cells = [md.mean_std_cell(mean[c], std[c], notes, note, over="models") for c in cols]
+        mine = per_model[
+            (per_model["init"] == mean["init"])
+            & (per_model["fraction"].astype(float) == float(mean["fraction"]))
+        ]
+        cells = [
+            md.mean_std_cell(mean[c], std[c], notes, note, over="models", of=list(mine[c]))
+            for c in cols
+        ]
         rows.append([_set_label(mean), *(str(int(mean[c])) for c in counts.values()), *cells])
     lines = ["### Mean (std) over the models", ""]
     lines += md.table(["Models", *counts, *names], rows)
@@ -283,7 +290,11 @@ def cohort_markdown(
     for (_, _), sub in cs.groupby(["init", "fraction"], sort=False):
         mean, std = sub[sub["level"] == "mean"].iloc[0], sub[sub["level"] == "std"].iloc[0]
         why = f"{mean['init']}: no slide has this class in its truth or prediction"
-        cells = [md.mean_std_cell(mean[c], std[c], notes, why, over="slides") for c in cols]
+        slides = sub[sub["level"] == "slide"]
+        cells = [
+            md.mean_std_cell(mean[c], std[c], notes, why, over="slides", of=list(slides[c]))
+            for c in cols
+        ]
         rows.append([_set_label(mean), str(int(mean["n_slides"])), *cells])
     lines += md.table(["Models", "Slides", *names], rows)
     for level, title in (("all", "All slides pooled"), ("slide", "Per slide")):

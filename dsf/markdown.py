@@ -5,7 +5,7 @@ version and settings that made it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,17 @@ def cell(v: Any, notes: Notes, why: str) -> str:
     return num(v) if finite(v) else "n/a" + notes.ref(why)
 
 
-def mean_std_cell(mean: Any, std: Any, notes: Notes, why: str, over: str = "folds") -> str:
-    """`mean (std)`; n/a with a footnote for a missing mean, or a std of fewer than two `over`."""
+def mean_std_cell(
+    mean: Any,
+    std: Any,
+    notes: Notes,
+    why: str,
+    over: str = "folds",
+    of: Sequence[Any] | None = None,
+) -> str:
+    """`mean (std)`; n/a with a footnote for a missing mean, or a std of fewer than two `over`.
+    `of`, the values averaged (NaN where a fold, slide or model has no such score: a class it
+    lacks), adds a footnote when the mean is over only some of them."""
     if not finite(mean):
         return "n/a" + notes.ref(why)
     sd = (
@@ -58,7 +67,15 @@ def mean_std_cell(mean: Any, std: Any, notes: Notes, why: str, over: str = "fold
         if finite(std)
         else "n/a" + notes.ref(f"std (ddof 1) needs results of at least two {over}")
     )
-    return f"{num(mean)} ({sd})"
+    part = ""
+    if of is not None:
+        n = sum(1 for v in of if finite(v))
+        if 0 < n < len(of):
+            part = notes.ref(
+                f"over the {n} of {len(of)} {over} that have this score (the others lack the "
+                "class in both truth and prediction, or have no result)"
+            )
+    return f"{num(mean)} ({sd}){part}"
 
 
 def count(n: int, noun: str) -> str:

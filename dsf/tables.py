@@ -238,11 +238,17 @@ def _summary_cell(
 ) -> str:
     """The 'mean (std)' cell of one method, fraction and metric over folds."""
     mean, std = _pick(ts, method, frac, "mean"), _pick(ts, method, frac, "std")
+    folds = ts[
+        (ts["init"] == method)
+        & ts["fraction"].map(lambda f: _frac_eq(f, frac))
+        & ~ts["fold"].isin(["mean", "std"])
+    ]
     return mean_std_cell(
         None if mean is None else mean[metric],
         None if std is None else std[metric],
         notes,
         why,
+        of=list(folds[metric]),
     )
 
 
@@ -378,6 +384,7 @@ def slide_markdown(
                         std[c].iloc[0] if len(std) else None,
                         notes,
                         f"{method}: no whole-slide result for this class or method",
+                        of=list(sub.loc[sub["level"] == "fold", c]),
                     )
                     for c in cols
                 ]

@@ -454,6 +454,12 @@ def test_build_tables_markdown_tsvs_and_figure(tmp_path) -> None:  # noqa: ANN00
     assert "| m1 | 0.8250 | 1.0000 | 0.6000 | 0.8083 (0.2005) |" in md
     m2_line = next(ln for ln in md.splitlines() if ln.startswith("| m2 | 0.5000 |"))
     assert "n/a[^" in m2_line and "0.5000 (n/a[^" in m2_line
+    # a mean over some of the folds says so: m2's over 1 of 3, the whole-slide one over the
+    # 2 of 3 folds with a labelled slide; m1's tile mean has all three and no such note
+    assert "over the 1 of 3 folds that have this score" in md
+    assert "over the 2 of 3 folds that have this score" in md
+    m1_line = next(ln for ln in md.splitlines() if ln.startswith("| m1 | 0.8250 |"))
+    assert m1_line.endswith("0.8083 (0.2005) |")
     assert "[^1]: " in md and "fold 1: no tile-protocol result" in md
     assert "F1 100%" in md  # Table IV header
     assert "fold 0: 2 validation slide(s) (s1, s2), 6 tiles, 60 labelled pixels" in md
