@@ -275,7 +275,10 @@ def cohort_markdown(
         f"Each labelled slide's full class map (at {mpps} um/px) against its ground truth, "
         f"unlabelled pixels ignored: {md.count(raw['slide'].nunique(), 'slide')} "
         f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
-        "background count as misses. F1 = Dice; pixel accuracy = micro F1. The models were "
+        "background count as misses. F1 = Dice; pixel accuracy = micro F1. A slide whose "
+        "truth lacks a class its map predicts scores F1 0 for it (false positives only); one "
+        "with the class in neither is left out of that class's mean, as the footnotes count. "
+        "The models were "
         "trained before, outside this run (`apply.models`); no slide is among their fit or "
         "selection slides by id (checked at start), but whether they saw the same tissue under "
         "another name is for you to know.",

@@ -3,8 +3,11 @@
 Snakemake counts the `gpu` resource (`--resources gpu=N`) but does not say which card a job
 gets. `pick_device` decides, in this order:
 
-1. `torchrun` (`LOCAL_RANK` set): the rank's own card, `cuda:LOCAL_RANK` (`cuda:0` when the
-   launcher shows each rank only its own card).
+1. `torchrun` (`LOCAL_RANK` set) with cards assigned (`CUDA_VISIBLE_DEVICES`, or SLURM's):
+   the rank's own card, `cuda:LOCAL_RANK` (`cuda:0` when the launcher shows each rank only its
+   own card). With none assigned (a local multi-GPU run beside other GPU jobs), each rank locks
+   a card as in 5, so no rank takes a card another job holds; none free is an error, since DDP
+   ranks cannot share a card.
 2. `CUDA_VISIBLE_DEVICES` set (by the user or by SLURM for a job that asked for GPUs): the job
    was given its card(s); it uses the first visible one, `cuda:0`.
 3. A SLURM job whose GPUs SLURM names without restricting visibility (`SLURM_STEP_GPUS`,
@@ -108,11 +111,33 @@ def _slurm_gpu(env: Mapping[str, str]) -> int | None:
     return None
 
 
+def _rank_lock(rank: int, count: int, folder: Path) -> int:
+    """The card a DDP rank locks (the first no other job or rank holds): the workflow's other
+    GPU jobs lock theirs too, so a multi-GPU pretraining never lands on a card they use."""
+    held = _HELD.get(str(folder))
+    if held is not None and held.index < count:
+        return held.index
+    claimed = claim_gpu(count, folder)
+    if claimed is None:
+        raise ConfigError(
+            f"pretraining rank {rank} found all {count} GPUs locked by other jobs ({folder}): "
+            "DDP ranks cannot share a card; run at most as many GPU jobs as GPUs (snakemake "
+            "--resources gpu=N counts pretrain.gpus for this run), or give the run its cards "
+            "with CUDA_VISIBLE_DEVICES"
+        )
+    _HELD[str(folder)] = claimed
+    log.info("rank %d using GPU %d of %d (lock %s)", rank, claimed.index, count, claimed.path)
+    return claimed.index
+
+
 def gpu_index(count: int, env: Mapping[str, str] | None = None, folder: Path | None = None) -> int:
     """Which of `count` (>= 1) visible GPUs this process uses; see the module docstring."""
     env = os.environ if env is None else env
     if env.get("LOCAL_RANK", "").isdigit():
         rank = int(env["LOCAL_RANK"])
+        assigned = env.get("CUDA_VISIBLE_DEVICES", "").strip() or _slurm_gpu(env) is not None
+        if rank < count and not assigned and count > 1:
+            return _rank_lock(rank, count, lock_dir(env) if folder is None else folder)
         if rank < count:
             return rank
         if count == 1:  # the launcher shows each rank its own card only

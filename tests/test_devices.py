@@ -52,13 +52,47 @@ def test_cuda_visible_devices_is_respected(tmp_path: Path) -> None:
 
 
 def test_torchrun_rank_and_slurm_gpus_win(tmp_path: Path) -> None:
-    assert gpu_index(4, {"LOCAL_RANK": "2"}, tmp_path) == 2
     assert gpu_index(4, {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, tmp_path) == 1
+    assert gpu_index(4, {"LOCAL_RANK": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0,1"}) == 1
     slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "3,1"}
     assert gpu_index(4, slurm, tmp_path) == 3
     assert gpu_index(4, slurm | {"SLURM_STEP_GPUS": "2"}, tmp_path) == 2
     assert gpu_index(4, slurm | {"CUDA_VISIBLE_DEVICES": "3"}, tmp_path) == 0
     assert not list(tmp_path.iterdir())
+
+
+def test_ranks_without_assigned_cards_lock_theirs(tmp_path: Path) -> None:
+    """A local multi-GPU pretraining beside other GPU jobs: each rank locks a card no job
+    holds (not simply card LOCAL_RANK, which a fine-tuning job may hold); none free: an error,
+    since DDP ranks cannot share."""
+    import subprocess
+    import sys
+
+    other = claim_gpu(4, tmp_path)  # a fine-tuning job holds card 0
+    assert other is not None and other.index == 0
+    code = (
+        "import sys; from pathlib import Path; from dsf.devices import gpu_index; "
+        "print(gpu_index(4, {'LOCAL_RANK': sys.argv[1]}, Path(sys.argv[2])))"
+    )
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", code + "; sys.stdin.read()", str(r), str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    got = sorted(int(p.stdout.readline()) for p in ranks)  # each holds its lock until exit
+    assert got == [1, 2]
+    rest = claim_gpu(4, tmp_path)  # the fourth card
+    with pytest.raises(ConfigError, match="rank 0 found all 4 GPUs locked.*cannot share"):
+        gpu_index(4, {"LOCAL_RANK": "0"}, tmp_path)
+    for p in ranks:
+        p.communicate("")
+    assert rest is not None
+    rest.release()
+    other.release()
 
 
 def test_one_gpu_needs_no_lock(tmp_path: Path) -> None:
@@ -118,6 +152,7 @@ def test_use_device_picks_and_makes_the_card_current(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # cards given: the rank's own
     assert use_device("auto", "infer.device") == torch.device("cuda", 2)
     assert current == [torch.device("cuda", 2)]  # not left on GPU 0
 
