@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -80,6 +81,25 @@ LOG_COLUMNS = [
 
 class TrainingError(DsfError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class StoppedError(TrainingError):
+    """A signal ended the run (STOP_SIGNALS); a checkpoint of where it was is written."""
+
+
+#: Signals that end a job early: SLURM's at the time limit or on preemption (SIGKILL follows
+#: after its KillWait, 30 s by default), a stopped Snakemake's; USR1 for `sbatch --signal`.
+#: Pretraining then writes a checkpoint of the weights it has reached and stops, instead of
+#: losing up to checkpoint_every epochs.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _InterruptError(Exception):
+    """Raised inside an epoch when a stop signal came, with the steps it had done."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(steps)
+        self.steps = steps
 
 
 class EpochSampler(Sampler[int]):
@@ -259,6 +279,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._epochs_run = 0  # in this process: the first includes the workers' start
         self._said_starved = False
+        self._stop: int | None = None  # the stop signal received, if any
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -268,13 +289,16 @@ class Trainer:
     def _hyper(self) -> dict[str, Any]:
         return {k: v for k, v in self.st.items() if k not in RESUME_FREE}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, interrupted: dict[str, int] | None = None) -> None:
+        """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps) marks
+        one written by a stop signal mid-epoch: its weights are that epoch's so far, and a
+        resume runs that epoch again from them."""
         if self.rank != 0:
             return
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             hyper=self._hyper(), stores=self.store_ids, history=self.history,
-            settings=self.st,
+            settings=self.st, interrupted=interrupted,
         )  # fmt: skip
 
     def resume(self) -> bool:
@@ -287,7 +311,17 @@ class Trainer:
         )  # fmt: skip
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
-        log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
+        if state.get("interrupted"):
+            stop = state["interrupted"]
+            log.info(
+                "resumed from %s, written when a signal stopped epoch %d after %d steps: that "
+                "epoch runs again from the weights it had reached",
+                self.checkpoint_path,
+                stop["epoch"],
+                stop["steps"],
+            )
+        else:
+            log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True
 
     # -- training ----------------------------------------------------------------------------
@@ -384,15 +418,25 @@ class Trainer:
             disable=not progress or self.rank != 0,
             mininterval=5.0,
         )
-        for n, views in self.batches(gen):
-            out = self.update(views)
-            sums += torch.stack([out[k].detach().float() for k in keys])
-            steps += 1
-            samples += n * self.world
-            bar.update(1)
-            if steps % CHECK_EVERY == 0:
-                self._check_finite(sums, steps)
-        bar.close()
+        try:
+            for n, views in self.batches(gen):
+                out = self.update(views)
+                sums += torch.stack([out[k].detach().float() for k in keys])
+                steps += 1
+                samples += n * self.world
+                bar.update(1)
+                if steps % CHECK_EVERY == 0:
+                    self._check_finite(sums, steps)
+                if self._stopping(steps):
+                    raise _InterruptError(steps)
+        except (_InterruptError, TrainingError):
+            raise
+        except Exception as exc:  # the signal reached the loader's workers first
+            if self._stop is not None:
+                raise _InterruptError(steps) from exc
+            raise
+        finally:
+            bar.close()
         self._check_finite(sums, steps)  # waits for the device: the epoch's time ends here
         dt = time.perf_counter() - t0
         self.epoch += 1
@@ -431,9 +475,53 @@ class Trainer:
             now,
         )
 
+    def _stopping(self, steps: int) -> bool:
+        """Whether to stop now for a signal: at once in one process; under DDP every
+        CHECK_EVERY steps, when all ranks learn together whether any received one (one rank
+        stopping alone would leave the others waiting in a collective)."""
+        if self.world == 1:
+            return self._stop is not None
+        if steps % CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self._stop is not None), device=self.device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Note a STOP_SIGNAL instead of dying of it, for the epoch loop to checkpoint and stop
+        (only the main thread can take signals: elsewhere the defaults stay)."""
+
+        def note(signum: int, frame: Any) -> None:
+            self._stop = signum
+
+        try:
+            previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+        except ValueError:  # not the main thread
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def fit(self, progress: bool = True) -> None:
+        with self._stop_on_signals():
+            self._fit(progress)
+
+    def _fit(self, progress: bool) -> None:
         while self.epoch < self.st["epochs"]:
-            row = self.train_epoch(progress)
+            try:
+                row = self.train_epoch(progress)
+            except _InterruptError as stop:
+                at = {"epoch": self.epoch + 1, "steps": stop.steps}
+                self.save_checkpoint(interrupted=at)
+                name = signal.Signals(self._stop or signal.SIGTERM).name
+                raise StoppedError(
+                    f"pretraining stopped by {name} in epoch {at['epoch']} after {at['steps']} "
+                    f"steps; {self.checkpoint_path} holds the weights it reached: run the same "
+                    "command again (the workflow resumes) and that epoch runs again from them"
+                ) from None
             if self.rank == 0:
                 log.info(
                     "epoch %d/%d loss %.4f (context %.4f target %.4f fusion %.4f) "

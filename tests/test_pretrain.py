@@ -88,6 +88,46 @@ def test_resume_continues_exactly(stores: list[Path], tmp_path: Path) -> None:
         changed.resume()
 
 
+def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
+    stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SLURM's SIGTERM at a job's time limit or on preemption: the run checkpoints the weights
+    it reached mid-epoch and stops (not losing up to checkpoint_every epochs), and the rerun
+    runs that epoch again from them. The signal handlers are the process's own again after."""
+    import os
+    import signal
+
+    from dsf.pretrain import StoppedError
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    out.mkdir()
+    trainer = Trainer(_settings(checkpoint_every=5), stores, out)
+    read, calls = trainer.data.read, []
+
+    def read_then_signal(indices: list[int]) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's first batch (2 steps an epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(indices)
+
+    trainer.data.read = read_then_signal  # type: ignore[method-assign]
+    with pytest.raises(StoppedError, match=r"SIGTERM in epoch 2 after 1 steps.*runs again"):
+        trainer.fit(progress=False)
+    assert signal.getsignal(signal.SIGTERM) == before
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["interrupted"] == {"epoch": 2, "steps": 1}
+    torch.testing.assert_close(state["model"], trainer.model.state_dict(), rtol=0, atol=0)
+    assert len(state["history"]) == 1  # epoch 1 finished, checkpoint_every 5 had not saved it
+    resumed = Trainer(_settings(checkpoint_every=5), stores, out)
+    with caplog.at_level(logging.INFO, logger="dsf.pretrain"):
+        assert resumed.resume() and resumed.epoch == 1
+    assert "stopped epoch 2 after 1 steps: that epoch runs again" in caplog.text
+    resumed.fit(progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert not torch.load(out / "checkpoint.pt", weights_only=False).get("interrupted")
+
+
 def test_resume_on_rebuilt_stores_is_refused(stores: list[Path], tmp_path: Path) -> None:
     """A checkpoint knows the stores it trained on: after Snakemake rebuilt one (a tissue or
     patch setting changed) or the slides changed, resuming, which with no epoch left would
