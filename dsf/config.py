@@ -167,10 +167,16 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_section_arguments(parser: argparse.ArgumentParser, section: str) -> None:
-    """Add one option per setting of a schema section, with the schema's default and text."""
+def add_section_arguments(
+    parser: argparse.ArgumentParser, section: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Add one option per setting of a schema section, with the schema's default and text;
+    not for the `skip` keys, which only the workflow reads (an option that did nothing would
+    mislead: `dsf infer --probabilities` without `--out-probs`)."""
     group = parser.add_argument_group(f"{section} settings (config key {section}.*)")
     for key, sub in section_schema(section).get("properties", {}).items():
+        if key in skip:
+            continue
         kind = sub.get("type")
         if isinstance(kind, list):  # e.g. [string, "null"]: the option takes the non-null type
             kind = next(k for k in kind if k != "null")

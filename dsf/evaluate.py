@@ -393,19 +393,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", type=Path, help="folds.tsv: also refuse stores of other folds")
     t.add_argument("--method", help="the rows' method name (default: the model's init)")
     t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
-    add_section_arguments(t, "evaluate")
+    add_section_arguments(t, "evaluate", skip=("gpus",))
 
     s = sub.add_parser("slide", help="whole-slide protocol: one class map against its labels")
     add_map_arguments(s)
     s.add_argument("--slide", required=True, type=Path, help="slide file")
     s.add_argument("--slide-id", help="slide id (default: file stem)")
     s.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    from dsf.slide import add_tolerance_argument
+
+    add_tolerance_argument(s)
     s.add_argument("--labels", required=True, type=Path, help="annotation: mask, GeoJSON or XML")
     s.add_argument("--folds", type=Path, help="folds.tsv (not for maps of apply.models' models)")
     s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
-    add_section_arguments(s, "evaluate")
+    add_section_arguments(s, "evaluate", skip=("gpus",))
     add_section_arguments(s, "labels")
 
     a = sub.add_parser("tables", help="aggregate per-slide TSVs into tables and the figure")
@@ -419,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--tile-scores", required=True, type=Path, help="tile_scores.tsv")
     a.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
     a.add_argument("--figure", type=Path, help="figure.png")
-    add_section_arguments(a, "evaluate")
+    add_section_arguments(a, "evaluate", skip=("gpus",))
 
     c = sub.add_parser(
         "cohort", help="a prediction run's whole-slide TSVs: tables over slides and the figure"
@@ -445,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--markdown", required=True, type=Path, help="tables.md")
     c.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
     c.add_argument("--figure", type=Path, help="figure.png")
-    add_section_arguments(c, "evaluate")
+    add_section_arguments(c, "evaluate", skip=("gpus",))
     return p
 
 
@@ -469,7 +472,9 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
     label_st = section_from_args(args, "labels")
     cmap = open_map(args.map, args.map_json)
-    with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+    with open_slide(
+        args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
+    ) as slide:
         labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_st)
         folds = read_folds(args.folds) if args.folds else None
         df = evaluate_slide(

@@ -71,12 +71,12 @@ def _shared_jitter_flip(
     st: dict[str, Any],
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Brightness, contrast and saturation jitter (pretraining strengths) with p `jitter_p`,
+    """Brightness, contrast and saturation jitter (strengths `jitter`) with p `jitter_p`,
     then a horizontal flip with p `flip_p`; one draw per sample, shared by context, target and
     both label maps so the two branches stay concentric (DESIGN section 5)."""
     b = ctx.shape[0]
     dev = ctx.device
-    strength = torch.tensor(defaults("pretrain")["jitter"][:3], device=dev)
+    strength = torch.tensor(st["jitter"], device=dev)
     on = (torch.rand(b, generator=gen, device=dev) < st["jitter_p"]).float()
     f = 1 + (torch.rand(b, 3, generator=gen, device=dev) * 2 - 1) * strength * on[:, None]
     flip = torch.rand(b, generator=gen, device=dev) < st["flip_p"]
@@ -462,7 +462,7 @@ def _parser() -> argparse.ArgumentParser:
         help="normalisation JSON of `dsf norm` (the workflow's results/norm/); with neither it "
         "nor --norm-mean/--norm-std: the encoders' own, else computed from the stores",
     )
-    add_section_arguments(p, "finetune")
+    add_section_arguments(p, "finetune", skip=("inits", "fractions", "gpus"))
     add_section_arguments(p, "labels")
     return p
 

@@ -50,7 +50,7 @@ from dsf.errors import ConfigError
 from dsf.map_writer import MapWriter, WriterThread, render_overlay, write_ome_attrs
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
-from dsf.slide import Slide, open_slide
+from dsf.slide import Slide, add_tolerance_argument, open_slide
 from dsf.stitch import Stitcher
 from dsf.tilespool import TileSpool
 from dsf.windows import make_grid, out_factor, plan_bands, tissue_windows
@@ -222,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", required=True, type=Path, help="slide file")
     p.add_argument("--slide-id", help="slide id (default: file stem)")
     p.add_argument("--sheet-mpp", type=float, help="mpp from the sheet (overrides the file)")
+    add_tolerance_argument(p)
     p.add_argument("--tissue-mask", required=True, type=Path, help="tissue mask of dsf tissue")
     p.add_argument("--models", nargs="+", required=True, type=Path, help="model.pt (averaged)")
     p.add_argument("--routing", choices=ROUTINGS, default="out_of_fold")
@@ -230,7 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-meta", required=True, type=Path, help="metadata (.json)")
     p.add_argument("--out-probs", type=Path, help="probabilities (OME-Zarr, .zarr)")
     p.add_argument("--no-progress", action="store_true")
-    add_section_arguments(p, "infer")
+    add_section_arguments(
+        p, "infer", skip=("inits", "fraction", "unlabelled_fold", "probabilities", "gpus")
+    )
     return p
 
 
@@ -246,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         st = section_from_args(args, "infer")
         device = use_device(st["device"], "infer.device")
         preds = [load_predictor(m, device, st["amp"]) for m in args.models]
-        slide = open_slide(args.slide, mpp=args.sheet_mpp, slide_id=args.slide_id)
+        slide = open_slide(
+            args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
+        )
         mask, mask_mpp = read_mask(args.tissue_mask)
         check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
         infer_slide(

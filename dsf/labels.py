@@ -40,7 +40,7 @@ from dsf.config import add_section_arguments, defaults, section_from_args
 from dsf.errors import AnnotationError, ConfigError
 from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
-from dsf.slide import Slide, open_slide
+from dsf.slide import Slide, add_tolerance_argument, open_slide
 from dsf.tilespool import TileSpool
 from dsf.tissue import rgb_rule
 
@@ -172,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sheet-mpp", type=float, help="level-0 um/px from the sheet (overrides the file's)"
     )
+    add_tolerance_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--mask",
@@ -201,7 +202,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("R", "G", "B"),
         help="tissue rule of labels.base (default: tissue.rgb_max)",
     )
-    parser.add_argument("--threads", type=int, default=4, help="slide reader threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults("patches")["threads"],
+        help="slide reader threads (patches.threads, default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_section_arguments(parser, "labels")
@@ -218,7 +224,9 @@ def _stage(args: argparse.Namespace) -> None:
         masks[name] = path
     if not math.isfinite(args.mpp) or args.mpp <= 0:
         raise ConfigError(f"--mpp {args.mpp} is not a positive resolution (um/px)")
-    with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+    with open_slide(
+        args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
+    ) as slide:
         for name, path in masks.items():
             if not path.is_file():
                 raise AnnotationError(

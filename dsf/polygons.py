@@ -30,7 +30,7 @@ from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
 from dsf.imagescope import imagescope_xml, written_by_dsf
 from dsf.runner import run, setup_logging
-from dsf.slide import open_slide
+from dsf.slide import add_tolerance_argument, open_slide
 from dsf.trace import class_features
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", required=True, type=Path, help="the slide the map is of")
     p.add_argument("--slide-id", help="slide id (default: from the file name)")
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    add_tolerance_argument(p)
     p.add_argument(
         "--out",
         required=True,
@@ -134,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         help="GeoJSON to write (with --imagescope also the XML: this name with suffix .xml)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_section_arguments(p, "polygons")
+    add_section_arguments(p, "polygons", skip=("enabled",))
     return p
 
 
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             remove(xml)
         cmap = open_map(args.map, args.map_json)
-        with open_slide(args.slide, args.sheet_mpp, args.slide_id) as slide:
+        with open_slide(
+            args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
+        ) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
             mpp0, dims = slide.mpp, slide.dimensions
         collection = map_polygons(cmap, mpp0, settings, dims)

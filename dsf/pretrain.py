@@ -583,7 +583,7 @@ def _parser() -> argparse.ArgumentParser:
         "from the training stores)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_section_arguments(p, "pretrain")
+    add_section_arguments(p, "pretrain", skip=("methods", "scope", "gpus"))
     return p
 
 

@@ -17,6 +17,7 @@ DataLoader workers or other processes after a fork.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import math
@@ -35,8 +36,6 @@ from dsf.errors import SlideError
 
 log = logging.getLogger(__name__)
 
-#: Levels within this relative distance of the requested resolution are read without resampling.
-DEFAULT_MPP_TOLERANCE = 0.05
 #: Refuse single reads above this many level pixels: callers must tile bigger work.
 MAX_READ_PIXELS = 256 * 1024 * 1024
 #: TIFF resolution tags giving a coarser pixel than this are a default DPI, not a scan resolution.
@@ -437,7 +436,9 @@ class Slide:
     levels: list[LevelInfo]
     backend_name: str
     properties: dict[str, str] = field(default_factory=dict)
-    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
+    #: levels within this relative distance of a requested resolution are read without
+    #: resampling (patches.mpp_tolerance; open_slide fills it)
+    mpp_tolerance: float = 0.0
     _backend: _Backend | None = field(default=None, repr=False)
     _pid: int = field(default=-1, repr=False)
 
@@ -627,15 +628,37 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
 IMPLAUSIBLE_MPP = 16.0
 
 
+def tolerance(value: float | None = None) -> float:
+    """`value`, or the schema's patches.mpp_tolerance."""
+    if value is not None:
+        return float(value)
+    from dsf.config import defaults
+
+    return float(defaults("patches")["mpp_tolerance"])
+
+
+def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
+    """`--mpp-tolerance` of a stage that reads a slide: patches.mpp_tolerance (the workflow
+    passes it), so the stage reads the slide at the resolution its patches were cut at."""
+    parser.add_argument(
+        "--mpp-tolerance",
+        type=float,
+        default=tolerance(),
+        help="relative distance from the wanted um/px at which a slide level is read without "
+        "resampling (patches.mpp_tolerance, default %(default)s; give the patches' value)",
+    )
+
+
 def open_slide(
     path: str | os.PathLike[str],
     mpp: float | None = None,
     slide_id: str | None = None,
     *,
-    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE,
+    mpp_tolerance: float | None = None,
     check: bool = True,
 ) -> Slide:
-    """Open a slide; `mpp` (from the sheet) overrides the file's resolution.
+    """Open a slide; `mpp` (from the sheet) overrides the file's resolution. `mpp_tolerance`
+    defaults to patches.mpp_tolerance: every stage reads a slide as the patches were cut.
 
     With `check`, a small region is decoded so corrupt files fail here, with the slide's name,
     rather than deep inside a later stage.
@@ -671,7 +694,7 @@ def open_slide(
         levels=list(backend.levels),
         backend_name=_backend_name(backend),
         properties=dict(backend.properties),
-        mpp_tolerance=mpp_tolerance,
+        mpp_tolerance=tolerance(mpp_tolerance),
         _backend=backend,
         _pid=os.getpid(),
     )

@@ -29,10 +29,10 @@ from PIL import Image
 
 from dsf import __version__
 from dsf.atomic import atomic_path, remove
-from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError, TissueError
 from dsf.runner import run, setup_logging
-from dsf.slide import Slide, open_slide
+from dsf.slide import Slide, add_tolerance_argument, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -418,12 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sheet-mpp", type=float, help="level-0 um/px from the sheet (overrides the file's)"
     )
-    parser.add_argument(
-        "--mpp-tolerance",
-        type=float,
-        default=None,
-        help="relative mpp distance read without resampling (default: patches.mpp_tolerance)",
-    )
+    add_tolerance_argument(parser)
     parser.add_argument("--mask", required=True, type=Path, help="output mask TIFF")
     parser.add_argument("--overlay", required=True, type=Path, help="output overlay JPEG")
     parser.add_argument("--stats", required=True, type=Path, help="output statistics JSON")
@@ -439,10 +434,9 @@ def _stage(args: argparse.Namespace) -> None:
     for path in outputs:
         remove(path)  # a failed rerun must not leave the previous outputs looking current
     settings = section_from_args(args, "tissue")
-    tolerance = args.mpp_tolerance
-    if tolerance is None:
-        tolerance = defaults("patches")["mpp_tolerance"]
-    with open_slide(args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=tolerance) as slide:
+    with open_slide(
+        args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
+    ) as slide:
         mask, overlay, stats = tissue_for_slide(slide, settings)
     write_outputs(
         mask, overlay, stats, mask_path=args.mask, overlay_path=args.overlay, stats_path=args.stats

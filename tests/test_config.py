@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from pathlib import Path
 
@@ -222,3 +223,22 @@ def test_a_full_disk_is_one_clear_line_and_a_bug_keeps_its_traceback(caplog) -> 
     with pytest.raises(OSError, match="Bad file descriptor"):
         run(bug)
     assert run(lambda: None) == 0
+
+
+def test_stage_options_are_only_those_the_stage_reads() -> None:
+    """A setting only the workflow reads is no option of the stage (`dsf infer
+    --probabilities` would write nothing without `--out-probs`); the stage's own settings are,
+    with the schema's defaults."""
+    from dsf import finetune, infer, polygons, pretrain
+
+    for module, absent, present in (
+        (infer, ["--probabilities", "--inits", "--fraction", "--unlabelled-fold", "--gpus"],
+         ["--overlap", "--batch-size", "--device"]),
+        (pretrain, ["--methods", "--scope", "--gpus"], ["--method", "--workers", "--epochs"]),
+        (finetune, ["--inits", "--fractions", "--gpus"], ["--init", "--fraction", "--jitter"]),
+        (polygons, ["--enabled"], ["--min-um2", "--tolerance"]),
+    ):  # fmt: skip
+        text = module._parser().format_help()
+        flags = set(re.findall(r"(--[a-z0-9-]+)", text))
+        assert not flags & set(absent), (module.__name__, flags & set(absent))
+        assert set(present) <= flags, (module.__name__, set(present) - flags)

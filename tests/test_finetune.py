@@ -241,7 +241,7 @@ def test_flip_is_shared_by_both_label_maps() -> None:
     ctx, tgt = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     lab = torch.arange(32, dtype=torch.uint8).view(2, 4, 4)
     clab = torch.arange(32, 64, dtype=torch.uint8).view(2, 4, 4)
-    st = {"jitter_p": 0.0, "flip_p": 1.0}
+    st = {"jitter": [0.4, 0.4, 0.4], "jitter_p": 0.0, "flip_p": 1.0}
     gen = torch.Generator().manual_seed(0)
     c2, t2, l2, cl2 = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
     assert torch.equal(l2, lab.flip(-1)) and torch.equal(cl2, clab.flip(-1))
@@ -249,6 +249,13 @@ def test_flip_is_shared_by_both_label_maps() -> None:
     st["flip_p"] = 0.0
     _, _, l3, cl3 = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
     assert torch.equal(l3, lab) and torch.equal(cl3, clab)
+    # finetune.jitter sets the strengths: none leaves the colours as they are, some change them
+    st |= {"jitter_p": 1.0, "jitter": [0.0, 0.0, 0.0]}
+    c4, t4, *_ = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
+    assert torch.allclose(c4, ctx) and torch.allclose(t4, tgt)
+    st["jitter"] = [0.4, 0.0, 0.0]
+    c5, *_ = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
+    assert not torch.allclose(c5, ctx)
 
 
 def test_random_target_block_is_refused_for_hooknet(three, tmp_path) -> None:  # noqa: ANN001

@@ -475,6 +475,25 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
     assert done.returncode != 0 and "gpus" in done.stdout + done.stderr
 
 
+def test_every_stage_reads_slides_with_the_patches_tolerance(tmp_path: Path) -> None:
+    """patches.mpp_tolerance decides whether a level near the wanted resolution is read as is
+    or resampled: the stages reading a slide after the patches (labels, infer, evaluate,
+    polygons) and the tissue stage read it the same way."""
+    from dsf.config import defaults
+    from dsf.slide import open_slide
+
+    out = demo_plan(tmp_path, "patches:\n  mpp_tolerance: 0.02\n")
+    readers = r"dsf (tissue|labels|infer|evaluate slide|polygons|patches) "
+    cmds = [ln for ln in out.splitlines() if re.search(readers, ln)]
+    stages = {re.search(readers, ln).group(1) for ln in cmds}
+    assert stages == {"tissue", "infer", "evaluate slide", "polygons", "patches"}
+    assert all("--mpp-tolerance 0.02" in ln for ln in cmds)
+    # the demo paints no label masks: the labels rule reads its slide the same way
+    assert "slide=slide_read_opts," in (REPO / "workflow" / "rules" / "labels.smk").read_text()
+    with open_slide(REPO / "config" / "data" / "CMU-1-Small-Region.svs") as slide:
+        assert slide.mpp_tolerance == defaults("patches")["mpp_tolerance"]  # by hand too
+
+
 def test_a_stage_that_asks_for_no_gpu_runs_on_the_cpu(tmp_path: Path) -> None:
     """gpus 0 with device auto: a job that asked for no GPU must not take one another job
     holds; a job that asked for one keeps auto."""

@@ -333,6 +333,13 @@ def slide_opts(wildcards):
     return " ".join(shlex.quote(o) for o in opts)
 
 
+def slide_read_opts(wildcards):
+    """slide_opts and patches.mpp_tolerance, for the stages that read a slide beside its
+    patches (labels, infer, evaluate, polygons): at the resolution the patches were cut at."""
+    tolerance = float(config["patches"]["mpp_tolerance"])
+    return f"{slide_opts(wildcards)} --mpp-tolerance {tolerance!r}"
+
+
 def labels_input(wildcards):
     """The annotation of a slide (painted into one label mask by `labels`), or nothing."""
     if wildcards.slide in PAINTED:
@@ -395,12 +402,15 @@ def fast_opts(section, keys):
     return cli_args(section, values)
 
 
-# threads is the rule's `threads`; `dsf evaluate tiles` and `slide` take different ones
+# threads is the rule's `threads`, gpus its `gpu` resource (and the torchrun launch);
+# `dsf evaluate tiles` and `slide` take different ones
 FAST = {
     "patches": fast_opts("patches", ("band_tiles", "shard_mb")),
-    "pretrain": fast_opts("pretrain", [k for k in FAST_KEYS["pretrain"]]),
-    "finetune": fast_opts("finetune", FAST_KEYS["finetune"]),
-    "infer": fast_opts("infer", ("batch_size", "band_windows", "device", "gpus")),
+    "pretrain": fast_opts(
+        "pretrain", ("workers", "device", "compile", "compile_augment", "checkpoint_every")
+    ),
+    "finetune": fast_opts("finetune", ("workers", "device")),
+    "infer": fast_opts("infer", ("batch_size", "band_windows", "device")),
     "evaluate_tiles": fast_opts("evaluate", ("batch_size", "device")),
     "evaluate_slide": fast_opts("evaluate", ("band_rows",)),
     "launch_pretrain": pretrain_launcher(),

@@ -69,7 +69,7 @@ rule evaluate_slide:
         tsv=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.tsv",
         panel=f"{RESULTS}/eval/slides/{{finit}}/{{slide}}.panel.npz",
     params:
-        slide=slide_opts,
+        slide=slide_read_opts,
         opts=stage_opts("evaluate", skip=("amp", "panel_slides")),
         fast=fast_param("evaluate_slide"),
         classes=stage_opts("labels"),

@@ -23,12 +23,12 @@ rule infer:
             else {}
         ),
     params:
-        slide=slide_opts,
+        slide=slide_read_opts,
         routing=lambda w: infer_routing(w.slide)[0],
         probs=lambda w, output: (
             f"--out-probs {shlex.quote(output.probs)}" if "probs" in output.keys() else ""
         ),
-        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold")),
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "probabilities")),
         fast=fast_param("infer"),
     threads: config["infer"]["threads"]
     resources:
@@ -59,10 +59,10 @@ use rule infer as infer_model with:
         overlay=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.jpg",
         meta=f"{RESULTS}/maps/{{finit}}/model{{member}}/{{slide}}.json",
     params:
-        slide=slide_opts,
+        slide=slide_read_opts,
         routing="given",
         probs="",
-        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold")),
+        opts=stage_opts("infer", skip=("inits", "fraction", "unlabelled_fold", "probabilities")),
         fast=fast_param("infer"),
     log:
         f"{RESULTS}/logs/infer/{{finit}}/model{{member}}/{{slide}}.log",

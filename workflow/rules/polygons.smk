@@ -17,7 +17,7 @@ rule polygons:
             else {}
         ),
     params:
-        slide=slide_opts,
+        slide=slide_read_opts,
         opts=stage_opts("polygons", skip=("enabled",)),
     threads: 1
     resources:

@@ -23,7 +23,7 @@ rule pretrain:
     threads: (config["pretrain"]["workers"] + 1) * max(1, config["pretrain"]["gpus"])
     resources:
         gpu=config["pretrain"]["gpus"],
-        # per process: the tile ring in /dev/shm (1.9 GiB at 8 workers, batch 32 of 1024 px),
+        # per process: the tile ring in /dev/shm (1.8 GiB at 8 workers, batch 32 of 1024 px),
         # the workers (about 0.5 GB each) and the training process
         mem_mb=lambda wildcards, attempt: 16000 * max(1, config["pretrain"]["gpus"]) * attempt,
         # a retry resumes from the last checkpoint, so each attempt adds epochs
