@@ -60,7 +60,9 @@ class ClassMap:
         return self.levels[0][1]
 
     def level_mpp(self, level: int) -> float:
-        return self.mpp * self.width / self.levels[level][1]
+        """um/px of a level: each halves the last (rounding its size up), so exactly
+        2**level times level 0's; a width ratio would be off for odd widths."""
+        return self.mpp * 2**level
 
     def _array(self, level: int) -> tuple[Any, Any]:
         import tifffile

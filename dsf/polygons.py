@@ -91,6 +91,10 @@ def map_polygons(
     if unknown:
         raise ConfigError(f"class map {cmap.path} holds class indices {unknown} beyond {classes}")
     min_px = math.ceil(float(settings["min_um2"]) / level_mpp**2)
+    # a reduced level keeps each block's top-left map pixel, so a region's edges are known to
+    # a block: centre them on the sampled pixels (half a block less the pixel, up and left)
+    scale = cmap.mpp / mpp0  # level-0 px per map px
+    shift = -(2**level - 1) / 2 * scale
     features = list(
         class_features(
             raster,
@@ -98,8 +102,20 @@ def map_polygons(
             {i: named[i] for i in sorted(present)},
             tolerance=float(settings["tolerance"]),
             min_px=min_px,
+            origin=shift,
         )
     )
+    # but the map's own edges are exact: put edges traced there back on them
+    far = np.array([raster.shape[1], raster.shape[0]]) * 2**level * scale + shift
+    edge = np.array([cmap.width, cmap.height]) * scale
+    for feat in features:
+        rings = []
+        for ring in feat["geometry"]["coordinates"]:
+            xy = np.asarray(ring)
+            xy = np.where(np.isclose(xy, shift, atol=0.01), 0.0, xy)
+            xy = np.where(np.isclose(xy, far, atol=0.01), edge, xy)
+            rings.append(xy.tolist())
+        feat["geometry"]["coordinates"] = rings
     if dims is not None:
         for feat in features:
             feat["geometry"]["coordinates"] = [

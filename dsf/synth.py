@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf.synth_tissue import CLASS_COLORS, CLASS_NAMES, render_labels, render_region
+from dsf.synth_tissue import CLASS_NAMES, render_labels, render_region
 
 log = logging.getLogger(__name__)
 
@@ -304,9 +304,12 @@ _GEOJSON_MAX_PX = 16_000_000  # label raster size the polygons are traced on (bo
 
 def _features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
     """One QuPath annotation Feature per connected component per class (`dsf.trace`)."""
+    from dsf.colours import class_colours
     from dsf.trace import class_features
 
-    named = {cls: (name, CLASS_COLORS[cls]) for cls, name in CLASS_NAMES.items()}
+    # the maps' colours (the same class indices): truth and predictions look alike in QuPath
+    colours = class_colours(max(CLASS_NAMES) + 1)
+    named = {cls: (name, tuple(colours[cls].tolist())) for cls, name in CLASS_NAMES.items()}
     return list(class_features(labels, ds, named))
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 CLASS_NAMES = {1: "TUM", 2: "STR", 3: "LYM"}
-CLASS_COLORS = {1: (200, 0, 0), 2: (150, 200, 150), 3: (160, 90, 160)}
 TUM, STR, LYM = 1, 2, 3
 
 # -- procedural constants (appearance, not settings) -------------------------------------------

@@ -1,9 +1,11 @@
 """Class rasters traced into QuPath-style GeoJSON polygons (level-0 pixel coordinates).
 
 Each 4-connected component of a class becomes one Feature: its outer ring, then a ring per
-hole (8-connected, so a hole touching the outline at a corner is still a hole). Rings follow
-the pixel edges (`skimage.measure.find_contours` at 0.5), are simplified by Douglas-Peucker
-(`simplify`) and scaled by the raster's downsample `ds` from raster pixels to level-0 pixels.
+hole (8-connected, so a hole touching the outline at a corner is still a hole). Rings run
+through the midpoints of the boundary pixels' edges (`skimage.measure.find_contours` at 0.5,
+so a region's corners are cut: about half a raster pixel of its outline), are simplified by
+Douglas-Peucker (`simplify`), scaled by the raster's downsample `ds` from raster pixels to
+level-0 pixels and wound as RFC 7946 asks; rings left with no area are dropped.
 Used for the synthetic slides' annotations and for the prediction polygons of `dsf polygons`.
 """
 
@@ -61,13 +63,24 @@ def simplify(path: np.ndarray, tolerance: float) -> np.ndarray:
     return path[keep]
 
 
-def _ring(contour: np.ndarray, ds: float, tolerance: float) -> list[list[float]]:
-    """A closed ring in level-0 px (x, y) from a find_contours (row, col) path."""
+def _ring(
+    contour: np.ndarray, ds: float, tolerance: float, origin: float = 0.0, hole: bool = False
+) -> list[list[float]] | None:
+    """A closed ring in level-0 px (x, y) from a find_contours (row, col) path, wound as
+    RFC 7946 asks (outer rings counterclockwise, holes clockwise, in x-right y-down pixel
+    space read as a plane); None when simplification left it no area (fewer than 4
+    positions: not a ring to GeoJSON or QuPath)."""
     path = simplify(contour, tolerance)
-    xy = np.round((path[:, ::-1] + 0.5) * ds, 2)
+    xy = np.round((path[:, ::-1] + 0.5) * ds + origin, 2)
     ring = xy.tolist()
     if ring[0] != ring[-1]:
         ring.append(ring[0])
+    pts = np.asarray(ring)
+    area = 0.5 * float(np.sum(pts[:-1, 0] * pts[1:, 1] - pts[1:, 0] * pts[:-1, 1]))
+    if len(ring) < 4 or area == 0:
+        return None
+    if (area < 0) != hole:  # the shoelace sign in (x, y): positive = counterclockwise
+        ring.reverse()
     return ring
 
 
@@ -83,13 +96,18 @@ def component_rings(
     offset: tuple[int, int],
     tolerance: float = 0.2,
     min_hole_px: int = 0,
+    origin: float = 0.0,
 ) -> list[list[list[float]]]:
     """Outer ring then hole rings of one 4-connected component (a bool crop with a 1 px False
     border whose top-left is raster pixel `offset`); holes under `min_hole_px` pixels are
-    filled."""
+    filled, and rings simplified to no area are left out (no rings: a component too thin to
+    keep). `origin` (level-0 px) is added to every coordinate."""
     filled = ndimage.binary_fill_holes(sub)
     shift = np.array(offset, np.float64)
-    rings = [_ring(_outline(filled, "low") + shift, ds, tolerance)]
+    outer = _ring(_outline(filled, "low") + shift, ds, tolerance, origin)
+    if outer is None:
+        return []
+    rings = [outer]
     holes, _ = ndimage.label(filled & ~sub, structure=np.ones((3, 3), bool))
     sizes = np.bincount(holes.ravel())
     # each hole is traced in its own box (it lies inside the component, so the box's 1 px of
@@ -99,7 +117,9 @@ def component_rings(
             continue
         corner = shift + (box[0].start - 1, box[1].start - 1)
         hole = np.pad(holes[box] == i, 1)
-        rings.append(_ring(_outline(hole, "high") + corner, ds, tolerance))
+        ring = _ring(_outline(hole, "high") + corner, ds, tolerance, origin, hole=True)
+        if ring is not None:
+            rings.append(ring)
     return rings
 
 
@@ -111,11 +131,13 @@ def class_features(
     tolerance: float = 0.2,
     min_px: int = 0,
     properties: dict[str, Any] | None = None,
+    origin: float = 0.0,
 ) -> Iterator[dict[str, Any]]:
     """One QuPath annotation Feature per connected component of each class of `classes`
     (index -> name, RGB colour) in a (h, w) class raster at downsample `ds` of level 0.
     Components and holes smaller than `min_px` raster pixels are left out (holes filled);
-    `properties` are added to every feature's properties."""
+    `properties` are added to every feature's properties; `origin` (level-0 px) shifts every
+    coordinate (a map level that sampled each block's top-left pixel)."""
     extra = dict(properties or {})
     for cls, (name, colour) in classes.items():
         comps, _ = ndimage.label(labels == cls)
@@ -128,8 +150,10 @@ def class_features(
                 continue
             r0, c0 = box[0].start, box[1].start
             rings = component_rings(
-                np.pad(sub, 1), ds, (r0 - 1, c0 - 1), tolerance, min_hole_px=min_px
+                np.pad(sub, 1), ds, (r0 - 1, c0 - 1), tolerance, min_hole_px=min_px, origin=origin
             )
+            if not rings:
+                continue
             yield {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": rings},

@@ -195,3 +195,31 @@ def test_nesting_depth_counts_the_holes_a_region_lies_in() -> None:
     beside = [square(200, 0, 210, 10)]
     assert nesting_depths([inner, beside, outer, middle]) == [2, 0, 0, 1]
     assert nesting_depths([beside]) == [0]
+
+
+def test_regions_traced_on_a_reduced_level_are_centred_and_wound(
+    slide: Path, tmp_path: Path
+) -> None:
+    """A reduced level keeps each block's top-left map pixel: traced there, a region's edges
+    are centred on those pixels, so over every phase of the block they land where the region
+    is (they lay up to a block right and down before). Holes wind against their outer ring."""
+    starts, ends = [], []
+    for phase in range(4):
+        m = np.zeros((H // 4, W // 4), np.uint8)
+        x0, x1 = 101 + phase, 301 + phase
+        m[40:200, x0:x1] = 1
+        m[100:140, 150:200] = 0  # a hole
+        cmap = _write_map(tmp_path / f"m{phase}.tiff", m)
+        out = tmp_path / f"m{phase}.geojson"
+        assert _run(slide, cmap, out, "--mpp", "8", "--tolerance", "0") == 0  # level 2
+        (feat,) = json.loads(out.read_text())["features"]
+        outer, hole = (np.asarray(r) for r in feat["geometry"]["coordinates"])
+        starts.append(outer[:, 0].min() / 4 - x0)  # map px off the true edge
+        ends.append(outer[:, 0].max() / 4 - x1)
+
+        def area(r: np.ndarray) -> float:
+            return 0.5 * float(np.sum(r[:-1, 0] * r[1:, 1] - r[1:, 0] * r[:-1, 1]))
+
+        assert area(outer) > 0 > area(hole)  # RFC 7946: outer counterclockwise, holes not
+    assert abs(np.mean(starts)) < 0.5 and abs(np.mean(ends)) < 0.5
+    assert max(map(abs, starts + ends)) <= 2

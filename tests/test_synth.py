@@ -14,6 +14,7 @@ from scipy import ndimage
 from skimage.draw import polygon
 
 from dsf import synth, synth_tissue
+from dsf.colours import class_colours
 from dsf.synth import main
 from dsf.synth_tissue import CLASS_NAMES, STR, TUM, render_labels, render_region
 
@@ -241,7 +242,9 @@ def test_geojson_is_qupath_shaped_and_matches_the_mask(small: dict[str, Path]) -
     for feature in features:
         assert feature["type"] == "Feature"
         assert feature["properties"]["objectType"] == "annotation"
-        assert len(feature["properties"]["classification"]["color"]) == 3
+        # the maps' colours of the same class: truth and predictions look alike in QuPath
+        cls = ["ignore", "TUM", "STR", "LYM"].index(feature["properties"]["classification"]["name"])
+        assert feature["properties"]["classification"]["color"] == class_colours(4)[cls].tolist()
         assert feature["geometry"]["type"] == "Polygon"
         for ring in feature["geometry"]["coordinates"]:
             assert len(ring) >= 4 and ring[0] == ring[-1]

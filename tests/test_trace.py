@@ -71,3 +71,22 @@ def test_class_features_cover_every_component_of_each_class() -> None:
     for cls, (name, _) in classes.items():
         n = ndimage.label(labels == cls)[1]
         assert sum(f["properties"]["classification"]["name"] == name for f in feats) == n
+
+
+def test_rings_simplified_to_no_area_are_left_out() -> None:
+    """Specks and one-pixel lines kept with min_px 0: simplified, a ring of 3 positions or no
+    area is no GeoJSON ring (QuPath and RFC 7946 refuse it), so it is dropped, and a feature
+    left without its outer ring with it; what remains is valid and wound as RFC 7946 asks."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 60)) < 0.08).astype(np.uint8)  # single-pixel specks
+    labels[30, 5:40] = 1  # a one-pixel line
+    labels[5:25, 45:58] = 1  # a block with a one-pixel hole
+    labels[15, 50] = 0
+    feats = list(class_features(labels, 1.0, {1: ("TUM", (255, 0, 0))}, tolerance=0.5, min_px=0))
+    assert feats
+    for f in feats:
+        for i, ring in enumerate(f["geometry"]["coordinates"]):
+            xy = np.asarray(ring)
+            area = 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+            assert len(ring) >= 4 and ring[0] == ring[-1] and area != 0
+            assert (area > 0) == (i == 0)  # outer counterclockwise, holes clockwise
