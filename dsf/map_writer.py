@@ -250,15 +250,24 @@ def render_overlay(
     size = max(12, w // 60)
     font = ImageFont.load_default(size=size)
     pad = size // 2
-    canvas = Image.new("RGB", (w, h + size + 2 * pad), (255, 255, 255))
+    # entries wrap onto more rows, so every class is named however many there are
+    measure = ImageDraw.Draw(img)
+    places, x, row = [], pad, 0
+    for name in names[1:]:
+        width = size + pad + int(measure.textlength(name, font=font)) + 2 * pad
+        if x > pad and x + width > w:
+            x, row = pad, row + 1
+        places.append((x, row))
+        x += width
+    rows = row + 1
+    canvas = Image.new("RGB", (w, h + rows * (size + pad) + pad), (255, 255, 255))
     canvas.paste(img, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    x = pad
-    for i, name in enumerate(names[1:], start=1):
+    for i, (name, (x, row)) in enumerate(zip(names[1:], places, strict=True), start=1):
         c = tuple(int(v) for v in colours[i])
-        draw.rectangle([x, h + pad, x + size, h + pad + size], fill=c, outline=(0, 0, 0))
-        draw.text((x + size + pad // 2, h + pad), name, fill=(0, 0, 0), font=font)
-        x += size + pad + int(draw.textlength(name, font=font)) + 2 * pad
+        y = h + pad + row * (size + pad)
+        draw.rectangle([x, y, x + size, y + size], fill=c, outline=(0, 0, 0))
+        draw.text((x + size + pad // 2, y), name, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
 

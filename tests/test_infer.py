@@ -713,3 +713,22 @@ def test_tiff_tiles_are_the_spooled_tiles_copied(tmp_path, monkeypatch):
                 f.seek(off)
                 assert fh.read(page.databytecounts[k]) == f.read(n), f"tile {ty}, {tx}"
     np.testing.assert_array_equal(spool.asarray(), data)
+
+
+def test_the_overlay_legend_names_every_class() -> None:
+    """Many or long class names wrap onto more legend rows, each entry inside the picture,
+    instead of running off its right edge; a few short ones take one row."""
+    from dsf.map_writer import render_overlay
+
+    thumb = np.full((300, 600, 3), 200, np.uint8)
+    cls = np.zeros((30, 60), np.uint8)
+    few = render_overlay(thumb, cls, ["ignore", "TUM", "STR"])
+    names = ["ignore", *(f"tumour_associated_class_{i}" for i in range(10))]
+    many = render_overlay(thumb, cls, names)
+    row = few.shape[0] - 300  # one legend row and its padding
+    assert many.shape[1] == 600 and many.shape[0] - 300 > 3 * (row - 10)
+    legend = many[300:]
+    ink = (legend < 128).all(axis=2)  # the black text and swatch outlines
+    rows_with_ink = np.flatnonzero(ink.any(axis=1))
+    assert rows_with_ink.max() - rows_with_ink.min() > 2 * (row - 10)  # several rows used
+    assert not ink[:, -2:].any()  # nothing drawn up to the right edge: no entry cut off
