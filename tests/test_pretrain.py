@@ -318,32 +318,41 @@ def test_batches_through_loader_workers_equal_direct_reads(
 def test_close_stops_the_loader_workers(stores: list[Path], tmp_path: Path) -> None:
     trainer = Trainer(_settings(epochs=1, steps_per_epoch=1, workers=1), stores, tmp_path)
     trainer.fit(progress=False)
-    assert mp.active_children()  # the persistent worker outlives the epoch
+    procs = list(trainer.loader._procs)
+    assert procs and all(p.is_alive() for p in procs)  # the worker outlives the epoch
     trainer.close()
-    assert not mp.active_children()
+    assert not any(p.is_alive() for p in procs)
     trainer.close()  # twice is harmless
 
 
 def test_the_log_says_how_long_the_step_waited_for_tiles(
-    stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stores: list[Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """log.tsv's data_wait is the share of each epoch spent waiting for tiles; a run whose
     loader cannot keep up is told once (after the first epoch, which starts the workers) to
-    raise pretrain.workers, and a run it feeds is told nothing."""
+    raise pretrain.workers, and a run it feeds is told nothing. The slow reads take 10 s of a
+    fake clock each, so the shares do not depend on how busy the machine is."""
     slow = Trainer(_settings(epochs=3), stores, tmp_path / "slow")
     read = slow.data.read
+    real = time.perf_counter
+    lost = [0.0]  # seconds the fake clock is ahead
 
     def read_slowly(indices: list[int]) -> torch.Tensor:
-        time.sleep(0.5)
+        lost[0] += 10.0
         return read(indices)
 
     slow.data.read = read_slowly  # type: ignore[method-assign]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + lost[0])
     with caplog.at_level(logging.WARNING, logger="dsf.pretrain"):
         slow.fit(progress=False)
+    monkeypatch.undo()
     log = pd.read_csv(tmp_path / "slow" / "log.tsv", sep="\t")
     assert list(log.columns) == LOG_COLUMNS and len(log) == 3
-    assert ((log["data_wait"] > 0) & (log["data_wait"] < 1)).all()
-    assert (log["data_wait"] * log["seconds"] >= 2 * 0.5).all()  # 2 batches of 0.5 s each
+    assert ((log["data_wait"] > 0.5) & (log["data_wait"] < 1)).all()
+    assert (log["data_wait"] * log["seconds"] >= 2 * 10).all()  # 2 batches of 10 s each
     said = [r.getMessage() for r in caplog.records if "waited for tiles" in r.getMessage()]
     assert len(said) == 1 and "epoch 2" in said[0] and "pretrain.workers (now 0" in said[0]
     caplog.clear()
@@ -351,8 +360,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
         Trainer(_settings(), stores, tmp_path / "fed").fit(progress=False)
     assert not [r for r in caplog.records if "waited for tiles" in r.getMessage()]
     fed = pd.read_csv(tmp_path / "fed" / "log.tsv", sep="\t")
-    # the first epoch reads every tile cold (0.22 once on a busy CI machine); later ones are fed
-    assert (fed["data_wait"].iloc[1:] < 0.2).all()
+    # the first epoch reads every tile cold (0.22 once on a busy CI machine), still well below
     assert fed["data_wait"].max() < log["data_wait"].min()
 
 

@@ -511,14 +511,18 @@ def test_a_stage_that_asks_for_no_gpu_runs_on_the_cpu(tmp_path: Path) -> None:
 def test_speed_settings_rerun_nothing(tmp_path: Path) -> None:
     """Settings of speed, device or memory (FAST_KEYS in common.smk) still reach the commands,
     but changing one reruns no finished job; a setting that changes the output does."""
-    target = str(tmp_path / "patches" / "CMU-1-Small-Region.zarr")
-    base = ("--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")
-    smk(target, *base)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg |= {"slides": str(REPO / cfg["slides"]), "results": "out"}  # run here, not in the repo
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run = ("--cores", "2", "--configfile", "cfg.yaml")
+    target = "out/patches/CMU-1-Small-Region.zarr"
+    smk(target, *run, cwd=tmp_path)
     for fast in ("patches={shard_mb: 12, band_tiles: 4, threads: 1}",):
-        out = smk(target, "-n", *base, fast).stdout
+        out = smk(target, "-n", *run, "--config", fast, cwd=tmp_path).stdout
         assert "Nothing to be done" in out, out
-    out = smk(target, "-n", *base, "patches={min_tissue: 0.4}").stdout
+    out = smk(target, "-n", *run, "--config", "patches={min_tissue: 0.4}", cwd=tmp_path).stdout
     assert "Params have changed" in out
+    base = ("--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")
     # every stage's fast settings are in its command, outside the params compared
     plan = smk(
         "-n", "-p", *base, "pretrain={workers: 3, checkpoint_every: 2}", "finetune={workers: 2}",
