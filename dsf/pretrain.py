@@ -88,10 +88,11 @@ class StoppedError(TrainingError):
 
 
 #: Signals that end a job early: SLURM's at the time limit or on preemption (SIGKILL follows
-#: after its KillWait, 30 s by default), a stopped Snakemake's; USR1 for `sbatch --signal`.
+#: after its KillWait, 30 s by default), a stopped Snakemake's, Ctrl-C; USR1 for `sbatch
+#: --signal` (the workflow asks SLURM for it 5 minutes before a pretraining job's time limit).
 #: Pretraining then writes a checkpoint of the weights it has reached and stops, instead of
 #: losing up to checkpoint_every epochs.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class _InterruptError(Exception):

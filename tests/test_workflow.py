@@ -145,6 +145,8 @@ def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
     # every rule states its own memory and wall time
     asked = [r for r in re.findall(r"^    resources: (.*)$", out, re.M) if r != "tmpdir=/tmp"]
     assert asked and all("mem_mb=" in r and "runtime=" in r for r in asked), asked  # but `all`
+    # pretraining asks SLURM for SIGUSR1 before its time limit, to checkpoint where it is
+    assert sum("slurm_extra=--signal=USR1@300" in r for r in asked) == counts["pretrain"]
     prepare = [j for j in jobs if j[0] == "prepare"]
     maps = [j for j in jobs if j[0] == "map"]
     assert len(prepare) == counts["tissue"] == 6 and len(maps) == counts["infer"] == 6

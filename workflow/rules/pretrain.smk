@@ -30,6 +30,9 @@ rule pretrain:
         runtime=lambda wildcards, attempt: 1440 * attempt,
         # torchrun starts every process on one machine
         nodes=1,
+        # SIGUSR1 5 minutes before the time limit: the job checkpoints where it is and its
+        # retry resumes there (dsf.pretrain.STOP_SIGNALS; a site's own slurm_extra replaces it)
+        slurm_extra="--signal=USR1@300",
     conda:
         "../../envs/dsf.yaml"
     log:
