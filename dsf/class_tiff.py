@@ -65,11 +65,21 @@ def write_block(levels: list[np.ndarray | TileSpool], y: int, x: int, block: np.
 
 
 def write_tiff(
-    path: Path, levels: list[Any], mpp: float, n_classes: int, tile: int, threads: int = 4
+    path: Path,
+    levels: list[Any],
+    mpp: float,
+    n_classes: int,
+    tile: int,
+    threads: int = 4,
+    classes: list[str] | None = None,
 ) -> None:
     """Tiled pyramidal BigTIFF, palette-coloured (values stay class indices), resolution tags
     in px/cm per level, zlib (deflate) tiles: the spooled levels' tiles copied as they were
-    compressed while predicting (`TileSpool`), the small in-memory levels encoded here."""
+    compressed while predicting (`TileSpool`), the small in-memory levels encoded here. The
+    first page's ImageDescription names the `classes` of the indices and their colours, as
+    JSON, so the file says what it holds without the JSON beside it (QuPath shows it)."""
+    import json
+
     import tifffile
 
     colours = class_colours(n_classes).astype(np.uint16) * 257
@@ -86,6 +96,17 @@ def write_tiff(
                 t[: part.shape[0], : part.shape[1]] = part
                 yield t
 
+    about = None
+    if classes is not None:
+        about = json.dumps(
+            {
+                "dsf": "class map",
+                "classes": list(classes),
+                "colours": class_colours(n_classes).tolist(),
+                "mpp": mpp,
+                "values": "class index per pixel (0: background or outside the tissue)",
+            }
+        )
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for i, arr in enumerate(levels):
             px_per_cm = 1e4 / (mpp * 2**i)
@@ -102,6 +123,7 @@ def write_tiff(
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if i else 0,
                 software=f"dsf {__version__}",
+                description=about if i == 0 else None,
                 metadata=None,
                 maxworkers=threads,  # zlib per tile in parallel (it frees the GIL)
             )

@@ -174,7 +174,13 @@ def infer_slide(
             lap("predict")
             with atomic_path(out_map) as tmp:
                 write_tiff(
-                    tmp, levels, out_mpp, len(p.classes), settings["tile"], settings["threads"]
+                    tmp,
+                    levels,
+                    out_mpp,
+                    len(p.classes),
+                    settings["tile"],
+                    settings["threads"],
+                    classes=list(p.classes),
                 )
             lap("tiff")
             level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))

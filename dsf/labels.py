@@ -136,7 +136,7 @@ def paint_labels(
             for level in levels:
                 if isinstance(level, TileSpool):
                     level.close()
-            write_tiff(partial, levels, mpp, len(classes), TILE, threads)
+            write_tiff(partial, levels, mpp, len(classes), TILE, threads, classes=list(classes))
     finally:
         for _, _, raster in rasters:
             raster.close()

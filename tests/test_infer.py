@@ -567,6 +567,11 @@ def test_cli_writes_map_overlay_and_meta(tmp_path, stripes):
     assert sum(phases.values()) <= meta["seconds"] + 0.0005 * (len(phases) + 1)
     got = read_map(out / "s.tiff")
     assert got.shape == cls.shape and got.min() >= 1 and got.max() <= 3
+    # the file says what its values are without the JSON beside it
+    with tifffile.TiffFile(out / "s.tiff") as tif:
+        about = json.loads(tif.pages[0].description)
+    assert about["classes"] == meta["classes"] and about["mpp"] == meta["mpp"]
+    assert len(about["colours"]) == len(meta["classes"])
     from PIL import Image
 
     with Image.open(out / "s.jpg") as im:
