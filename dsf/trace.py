@@ -1,11 +1,11 @@
 """Class rasters traced into QuPath-style GeoJSON polygons (level-0 pixel coordinates).
 
 Each 4-connected component of a class becomes one Feature: its outer ring, then a ring per
-hole (8-connected, so a hole touching the outline at a corner is still a hole). Rings run
-through the midpoints of the boundary pixels' edges (`skimage.measure.find_contours` at 0.5,
-so a region's corners are cut: about half a raster pixel of its outline), are simplified by
-Douglas-Peucker (`simplify`), scaled by the raster's downsample `ds` from raster pixels to
-level-0 pixels and wound as RFC 7946 asks; rings left with no area are dropped.
+hole (8-connected, so a hole touching the outline at a corner is still a hole). Rings follow
+the pixel edges (`skimage.measure.find_contours` at 0.5 turned into the pixel corners,
+`pixel_edges`), so a region keeps its area; they are simplified by Douglas-Peucker
+(`simplify`), scaled by the raster's downsample `ds` from raster pixels to level-0 pixels and
+wound as RFC 7946 asks; rings left with no area are dropped.
 Used for the synthetic slides' annotations and for the prediction polygons of `dsf polygons`.
 """
 
@@ -85,9 +85,41 @@ def _ring(
 
 
 def _outline(mask: np.ndarray, connected: str) -> np.ndarray:
-    """The longest contour around the True pixels of a (padded) mask."""
+    """The longest ring around the True pixels of a (padded) mask, along their pixel edges."""
     contours = find_contours(mask.astype(np.float32), 0.5, fully_connected=connected)
-    return max(contours, key=len)
+    return pixel_edges(max(contours, key=len))
+
+
+def pixel_edges(contour: np.ndarray) -> np.ndarray:
+    """The closed (n, 2) find_contours path at 0.5 (through the midpoints of the boundary
+    pixels' edges) turned into the pixel edges themselves: at each turn the pixel corner the
+    two midpoints share, and the midpoints dropped. A region keeps its exact area (a pixel is
+    a square, not a diamond); a corner the ring passes twice (two parts of it meeting
+    diagonally) keeps its two midpoints instead, so the ring does not touch itself."""
+    p = contour[:-1] if len(contour) > 1 and np.array_equal(contour[0], contour[-1]) else contour
+    if len(p) < 3:
+        return contour
+    q = np.roll(p, -1, axis=0)
+    # each midpoint has one half-integer coordinate: the pixel edge it lies on
+    half_p = np.abs(p - np.round(p)) > 0.25
+    half_q = np.abs(q - np.round(q)) > 0.25
+    turn = half_p[:, 0] != half_q[:, 0]
+    corner = np.where(half_p, p, q)  # the half-integer coordinate of each midpoint
+    at = np.flatnonzero(turn)
+    if at.size < 3:
+        return contour
+    corners = corner[at]
+    _, inv, counts = np.unique(corners, axis=0, return_inverse=True, return_counts=True)
+    twice = counts[inv.ravel()] > 1
+    if not twice.any():
+        ring = corners
+    else:
+        parts = [
+            np.stack([p[k], q[k]]) if dup else corners[i : i + 1]
+            for i, (k, dup) in enumerate(zip(at, twice, strict=True))
+        ]
+        ring = np.concatenate(parts)
+    return np.concatenate([ring, ring[:1]])
 
 
 def component_rings(

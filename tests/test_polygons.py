@@ -80,12 +80,12 @@ def test_polygons_trace_the_map_on_the_slide(slide: Path, tmp_path: Path) -> Non
     xy = np.concatenate(rings)
     assert xy.min() >= 0 and xy[:, 0].max() <= W and xy[:, 1].max() <= H  # level-0 px
     back = _back(out)
-    assert (back == truth).mean() > 0.999
+    assert np.array_equal(back, truth)  # the rings follow the pixel edges
     # the defaults: traced at 4 um/px (the map's level 1), simplified, specks dropped
     assert _run(slide, cmap, out) == 0
     assert (_back(out) == truth).mean() > 0.95
     coarse = json.loads(out.read_text())["features"]
-    assert sum(len(r) for f in coarse for r in f["geometry"]["coordinates"]) < len(xy) / 3
+    assert sum(len(r) for f in coarse for r in f["geometry"]["coordinates"]) < len(xy) / 2
 
 
 def test_polygons_stay_on_a_slide_the_map_overhangs(tmp_path: Path) -> None:

@@ -90,3 +90,38 @@ def test_rings_simplified_to_no_area_are_left_out() -> None:
             area = 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
             assert len(ring) >= 4 and ring[0] == ring[-1] and area != 0
             assert (area > 0) == (i == 0)  # outer counterclockwise, holes clockwise
+
+
+def _area(ring: list[list[float]]) -> float:
+    xy = np.asarray(ring)
+    return 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.5])
+def test_rings_follow_the_pixel_edges_and_keep_the_area(tolerance: float) -> None:
+    """A pixel is a square, not a diamond: each region's polygon (outer ring less its holes)
+    has its pixel count as area, a square's ring is its four corners, and where two parts of a
+    region meet only at a corner the ring passes near it twice without touching itself."""
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:8, 2:8] = 1  # a square
+    labels[12:30, 3:20] = 1  # a block with a hole
+    labels[18:22, 8:12] = 0
+    labels[3:10, 25:28] = 1  # an L
+    labels[8:10, 25:36] = 1
+    labels[30:33, 25:28] = 1  # two squares meeting at a corner, joined round the far side
+    labels[33:36, 28:31] = 1
+    labels[27:30, 25:34] = 1
+    labels[27:36, 31:34] = 1
+    feats = list(class_features(labels, 1.0, {1: ("TUM", (255, 0, 0))}, tolerance=tolerance))
+    comps, n = ndimage.label(labels == 1)
+    assert len(feats) == n == 4
+    areas = sorted(sum(_area(r) for r in f["geometry"]["coordinates"]) for f in feats)
+    assert areas == sorted(float(np.count_nonzero(comps == i)) for i in range(1, n + 1))
+    square = min(feats, key=lambda f: len(f["geometry"]["coordinates"][0]))
+    assert sorted(map(tuple, square["geometry"]["coordinates"][0][:-1])) == [
+        (2.0, 2.0), (2.0, 8.0), (8.0, 2.0), (8.0, 8.0),
+    ]  # fmt: skip
+    for f in feats:
+        for ring in f["geometry"]["coordinates"]:
+            body = [tuple(p) for p in ring[:-1]]
+            assert len(set(body)) == len(body)  # no vertex twice: the ring never touches itself
