@@ -80,14 +80,22 @@ def test_a_store_without_n_tiles_is_incomplete(store: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("array", ["tiles", "context"])
-def test_an_array_without_its_metadata(store: Path, tmp_path: Path, array: str) -> None:
-    """Found when the store is opened, so `"labels" in group` never reads a damaged array as
-    an absent one."""
+@pytest.mark.parametrize("lost", ["metadata", "shard"])
+def test_an_array_missing_a_file(store: Path, tmp_path: Path, array: str, lost: str) -> None:
+    """Found when the store is opened: an array's metadata gone (`"labels" in group` would
+    read a damaged array as an absent one) or a shard file gone (a partial copy; Zarr would
+    read its tiles as black ones)."""
+    n = int(open_store(store).attrs["n_tiles"])
     broken = _copy(store, tmp_path)
-    (broken / array / "zarr.json").unlink()
-    with _raises(broken, f"array '{array}' has no metadata"):
+    if lost == "metadata":
+        (broken / array / "zarr.json").unlink()
+        said = f"array '{array}' has no metadata"
+    else:
+        _shard(broken, array).unlink()
+        said = rf"array '{array}' lacks its shard c/0/0/0/0 \(tiles 0 to {n - 1}\)"
+    with _raises(broken, said):
         open_store(broken)
-    with _raises(broken, f"array '{array}' has no metadata"):
+    with _raises(broken, said):
         TileDataset([broken], array=array)
 
 
@@ -124,18 +132,6 @@ def test_a_truncated_shard(store: Path, tmp_path: Path, keep: float) -> None:
         context[0:4]
     with _raises(broken, "tile 4 could not be read"):
         context[4, 2:6, 2:6]
-
-
-@pytest.mark.parametrize("array", ["tiles", "context"])
-def test_a_missing_shard(store: Path, tmp_path: Path, array: str) -> None:
-    """A partial copy or a deleted shard file: Zarr would read the tiles as black ones."""
-    n = int(open_store(store).attrs["n_tiles"])
-    broken = _copy(store, tmp_path)
-    _shard(broken, array).unlink()
-    with _raises(broken, rf"array '{array}' lacks its shard c/0/0/0/0 \(tiles 0 to {n - 1}\)"):
-        open_store(broken)
-    with _raises(broken, f"array '{array}' lacks its shard"):
-        TileDataset([broken], array=array)
 
 
 def test_a_shard_of_garbage(store: Path, tmp_path: Path) -> None:

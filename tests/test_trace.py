@@ -73,6 +73,11 @@ def test_class_features_cover_every_component_of_each_class() -> None:
         assert sum(f["properties"]["classification"]["name"] == name for f in feats) == n
 
 
+def _area(ring: list[list[float]]) -> float:
+    xy = np.asarray(ring)
+    return 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+
+
 def test_rings_simplified_to_no_area_are_left_out() -> None:
     """Specks and one-pixel lines kept with min_px 0: simplified, a ring of 3 positions or no
     area is no GeoJSON ring (QuPath and RFC 7946 refuse it), so it is dropped, and a feature
@@ -86,15 +91,9 @@ def test_rings_simplified_to_no_area_are_left_out() -> None:
     assert feats
     for f in feats:
         for i, ring in enumerate(f["geometry"]["coordinates"]):
-            xy = np.asarray(ring)
-            area = 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+            area = _area(ring)
             assert len(ring) >= 4 and ring[0] == ring[-1] and area != 0
             assert (area > 0) == (i == 0)  # outer counterclockwise, holes clockwise
-
-
-def _area(ring: list[list[float]]) -> float:
-    xy = np.asarray(ring)
-    return 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.5])

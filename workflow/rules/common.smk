@@ -335,7 +335,7 @@ def slide_opts(wildcards):
 
 def slide_read_opts(wildcards):
     """slide_opts and patches.mpp_tolerance, for the stages that read a slide beside its
-    patches (labels, infer, evaluate, polygons): at the resolution the patches were cut at."""
+    patches (tissue, labels, infer, evaluate, polygons): at the resolution they are cut at."""
     tolerance = float(config["patches"]["mpp_tolerance"])
     return f"{slide_opts(wildcards)} --mpp-tolerance {tolerance!r}"
 
@@ -405,12 +405,10 @@ def fast_opts(section, keys):
 # threads is the rule's `threads`, gpus its `gpu` resource (and the torchrun launch);
 # `dsf evaluate tiles` and `slide` take different ones
 FAST = {
-    "patches": fast_opts("patches", ("band_tiles", "shard_mb")),
-    "pretrain": fast_opts(
-        "pretrain", ("workers", "device", "compile", "compile_augment", "checkpoint_every")
-    ),
-    "finetune": fast_opts("finetune", ("workers", "device")),
-    "infer": fast_opts("infer", ("batch_size", "band_windows", "device")),
+    **{
+        section: fast_opts(section, [k for k in FAST_KEYS[section] if k not in ("threads", "gpus")])
+        for section in ("patches", "pretrain", "finetune", "infer")
+    },
     "evaluate_tiles": fast_opts("evaluate", ("batch_size", "device")),
     "evaluate_slide": fast_opts("evaluate", ("band_rows",)),
     "launch_pretrain": pretrain_launcher(),

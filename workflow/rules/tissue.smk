@@ -15,8 +15,7 @@ rule tissue:
         ),
         stats=f"{RESULTS}/tissue/{{slide}}.json",
     params:
-        slide=slide_opts,
-        tolerance=config["patches"]["mpp_tolerance"],
+        slide=slide_read_opts,
         opts=stage_opts("tissue"),
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
@@ -28,6 +27,6 @@ rule tissue:
     benchmark:
         f"{RESULTS}/benchmarks/tissue/{{slide}}.tsv"
     shell:
-        "dsf tissue --slide {input.slide:q} {params.slide} --mpp-tolerance {params.tolerance} "
+        "dsf tissue --slide {input.slide:q} {params.slide} "
         "--mask {output.mask:q} --overlay {output.overlay:q} --stats {output.stats:q} "
         "{params.opts} 2> {log:q}"
