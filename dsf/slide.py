@@ -18,6 +18,7 @@ DataLoader workers or other processes after a fork.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import math
@@ -25,6 +26,7 @@ import os
 import sys
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,12 @@ log = logging.getLogger(__name__)
 
 #: Refuse single reads above this many level pixels: callers must tile bigger work.
 MAX_READ_PIXELS = 256 * 1024 * 1024
-#: TIFF resolution tags giving a coarser pixel than this are a default DPI, not a scan resolution.
-MAX_PLAUSIBLE_MPP = 100.0
+#: A resolution coarser than this (um/px) is no scan: in a file it is a default DPI (72 dpi is
+#: 353 um/px, 600 dpi 42) and is ignored; in the sheet it is warned about (an objective power?).
+#: A 1.25x scan is about 8 um/px.
+MAX_PLAUSIBLE_MPP = 16.0
+#: Pixels whose x and y sizes differ by more than this (relative) are not square.
+SQUARE_TOLERANCE = 0.02
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 _UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -54,11 +60,49 @@ class LevelInfo:
     downsample: float
 
 
+class UnsupportedLayoutError(ValueError):
+    """A readable file whose pixels are not a brightfield RGB slide (fluorescence, ...)."""
+
+
+def file_resolution(
+    x: float | None, y: float | None, source: str
+) -> tuple[float | None, str | None]:
+    """(mpp, why not): a file's stated pixel size as dsf uses it, or None and the reason.
+
+    Stated sizes above MAX_PLAUSIBLE_MPP are a default DPI written by the software, not a
+    scan resolution; pixels that are not square would stretch every read (dsf's geometry is
+    one um/px for both axes), so neither is taken as the slide's resolution.
+    """
+    if x is None or not math.isfinite(x) or x <= 0:
+        return None, None
+    if x > MAX_PLAUSIBLE_MPP:
+        return None, (
+            f"its {source} give {x:.4g} um/px, coarser than any scan: a default DPI written by "
+            "the software that saved it, not the scan's resolution"
+        )
+    if y is not None and math.isfinite(y) and y > 0 and abs(y / x - 1) > SQUARE_TOLERANCE:
+        return None, (
+            f"its {source} give pixels that are not square ({x:.4g} x {y:.4g} um), and dsf "
+            "reads one resolution for both axes (resample it to square pixels, e.g. with "
+            "`vips resize`)"
+        )
+    return x, None
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
 class _Backend:
     """Reads a rectangle of one level in that level's pixel coordinates, as RGB uint8."""
 
     levels: list[LevelInfo]
     file_mpp: float | None
+    #: why the file's stated resolution is not used (a default DPI, non-square pixels), if so
+    mpp_note: str | None = None
     properties: dict[str, str]
     background: tuple[int, int, int] = (255, 255, 255)
 
@@ -134,8 +178,11 @@ class _OpenSlideBackend(_Backend):
                 self._osr.level_dimensions, self._osr.level_downsamples, strict=True
             )
         ]
-        mpp = self.properties.get("openslide.mpp-x")
-        self.file_mpp = float(mpp) if mpp not in (None, "") else None
+        self.file_mpp, self.mpp_note = file_resolution(
+            _number(self.properties.get("openslide.mpp-x")),
+            _number(self.properties.get("openslide.mpp-y")),
+            f"OpenSlide properties ({self.properties.get('openslide.vendor', '?')})",
+        )
         bg = self.properties.get("openslide.background-color")
         if bg and len(bg) == 6:
             self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[assignment]
@@ -166,13 +213,14 @@ class _OpenSlideBackend(_Backend):
         self._osr.close()
 
 
-def tiff_tag_mpp(page: Any) -> float | None:
-    """MPP from TIFF XResolution/ResolutionUnit (2 = inch, 3 = cm); None without a unit."""
+def tiff_tag_mpp(page: Any, axis: str = "X") -> float | None:
+    """MPP from TIFF X/YResolution and ResolutionUnit (2 = inch, 3 = cm); None without a unit."""
     tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+    key = f"{axis}Resolution"
+    if key not in tags or "ResolutionUnit" not in tags:
         return None
     unit = int(tags["ResolutionUnit"].value)
-    num, den = tags["XResolution"].value
+    num, den = tags[key].value
     if num == 0 or den == 0:
         return None
     per_unit = num / den
@@ -180,35 +228,103 @@ def tiff_tag_mpp(page: Any) -> float | None:
     return um / per_unit if um else None
 
 
-def _ome_mpp(xml: str) -> float | None:
-    """PhysicalSizeX of the first OME Pixels element, converted to um."""
+def _ome_mpp(xml: str, axis: str = "X") -> float | None:
+    """PhysicalSize{axis} of the first OME Pixels element, converted to um."""
     root = ET.fromstring(xml)
+    key = f"PhysicalSize{axis}"
     for elem in root.iter():
-        if elem.tag.endswith("Pixels") and "PhysicalSizeX" in elem.attrib:
-            unit = elem.attrib.get("PhysicalSizeXUnit", "µm")
-            return float(elem.attrib["PhysicalSizeX"]) * _UM_PER_UNIT.get(unit, 1.0)
+        if elem.tag.endswith("Pixels") and key in elem.attrib:
+            unit = elem.attrib.get(f"{key}Unit", "µm")
+            return float(elem.attrib[key]) * _UM_PER_UNIT.get(unit, 1.0)
     return None
 
 
+#: TIFF Photometric values read as colour: RGB, and YCbCr (JPEG tiles, decoded to RGB)
+_COLOUR_PHOTOMETRIC = (2, 6)
+
+
+def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse layouts that are not a brightfield scan, which dsf would otherwise read silently
+    wrong: grey channels (fluorescence, multiplex), palette indices (a label or class map),
+    CMYK, white-is-zero grey. One 8-bit grey channel is read as grey RGB."""
+    photometric = int(keyframe.photometric)
+    if photometric in _COLOUR_PHOTOMETRIC:
+        return
+    channels = (
+        shape[axes.index("C")] if "C" in axes else shape[axes.index("S")] if "S" in axes else 1
+    )
+    if photometric == 1 and channels == 1 and dtype == np.uint8:
+        return
+    if photometric == 1:
+        what = (
+            f"{channels} channels of {dtype} grey values"
+            if channels > 1
+            else f"one {dtype} grey channel"
+        )
+        raise UnsupportedLayoutError(
+            f"it holds {what} (a fluorescence or multiplex image?), not a brightfield RGB scan; "
+            "dsf reads brightfield (H&E) slides"
+        )
+    kinds = {0: "white-is-zero grey", 3: "palette indices (a label or class map?)", 5: "CMYK"}
+    name = kinds.get(photometric, f"TIFF Photometric {photometric}")
+    raise UnsupportedLayoutError(
+        f"its pixels are {name}, not an RGB scan; convert it to an RGB TIFF"
+    )
+
+
 class _TiffBackend(_Backend):
-    """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread."""
+    """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread.
+
+    The pyramid is tifffile's: SubIFDs, reduced-resolution pages, or (an OME file whose OME-XML
+    names only the full image, its levels stored as further pages or images) the file read as
+    plain TIFF, whose reduced pages then form the pyramid.
+    """
 
     def __init__(self, path: Path) -> None:
         import tifffile
 
         self._path = path
         self._local = threading.local()
+        self._flags: dict[str, bool] = {}
         tf = tifffile.TiffFile(str(path))
         self._local.tf = tf
         series = tf.series[0]
+        mpp_x = mpp_y = None
+        source = "TIFF resolution tags"
+        if tf.is_ome and tf.ome_metadata:
+            mpp_x, mpp_y = _ome_mpp(tf.ome_metadata), _ome_mpp(tf.ome_metadata, "Y")
+            source = "OME PhysicalSizeX/Y values"
+            if len(series.levels) == 1:
+                flat = tifffile.TiffFile(str(path), is_ome=False)
+                plain = flat.series[0]
+                if len(plain.levels) > 1 and plain.shape == series.shape:
+                    tf.close()
+                    tf, series, self._flags = flat, plain, {"is_ome": False}
+                    self._local.tf = tf
+                else:
+                    flat.close()
+        if mpp_x is None:
+            keyframe = series.levels[0].keyframe
+            mpp_x, mpp_y = tiff_tag_mpp(keyframe), tiff_tag_mpp(keyframe, "Y")
+            source = "TIFF resolution tags"
         self._axes = series.axes
         if self._axes not in {"YXS", "YX", "CYX", "SYX"}:
-            raise ValueError(f"unsupported TIFF layout: axes {self._axes!r} shape {series.shape}")
-        if self._axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
-            raise ValueError(f"unsupported TIFF layout: {series.shape[0]} channels")
+            raise UnsupportedLayoutError(
+                f"its image has axes {self._axes!r} (shape {series.shape}), not one RGB plane"
+            )
         self._dtype = np.dtype(series.dtype)
         if self._dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"unsupported TIFF pixel type {self._dtype} (need uint8 or uint16)")
+            raise UnsupportedLayoutError(
+                f"its pixels are {self._dtype} (dsf reads uint8 or uint16)"
+            )
+        keyframe = series.levels[0].keyframe
+        _check_brightfield(keyframe, self._axes, tuple(series.shape), self._dtype)
+        if self._axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
+            raise UnsupportedLayoutError(
+                f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)"
+            )
+        # a 4th sample is alpha only where ExtraSamples says so (1 associated, 2 unassociated)
+        self._alpha = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1] in ((1,), (2,))
         y_ax, x_ax = self._axes.index("Y"), self._axes.index("X")
         w0 = series.levels[0].shape[x_ax]
         self.levels = [
@@ -216,15 +332,7 @@ class _TiffBackend(_Backend):
         ]
         self._n_levels = len(series.levels)
         self.properties = {"dsf.backend": "tifffile", "tiff.axes": self._axes}
-        mpp = None
-        if tf.is_ome and tf.ome_metadata:
-            mpp = _ome_mpp(tf.ome_metadata)
-        if mpp is None:
-            mpp = tiff_tag_mpp(series.levels[0].keyframe)
-        if mpp is not None and not 0 < mpp <= MAX_PLAUSIBLE_MPP:
-            log.warning("%s: ignoring TIFF resolution %.4g um/px (a default DPI?)", path, mpp)
-            mpp = None
-        self.file_mpp = mpp
+        self.file_mpp, self.mpp_note = file_resolution(mpp_x, mpp_y, source)
 
     def _arrays(self) -> list[Any]:
         arrays = getattr(self._local, "arrays", None)
@@ -232,7 +340,9 @@ class _TiffBackend(_Backend):
             import tifffile
             import zarr
 
-            tf = getattr(self._local, "tf", None) or tifffile.TiffFile(str(self._path))
+            tf = getattr(self._local, "tf", None) or tifffile.TiffFile(
+                str(self._path), **self._flags
+            )
             self._local.tf = tf
             arrays = [
                 zarr.open_array(tf.series[0].aszarr(level=i), mode="r")
@@ -251,7 +361,7 @@ class _TiffBackend(_Backend):
             data = np.repeat(data[..., None], 3, axis=2)
         if self._dtype == np.uint16:
             data = (data.astype(np.uint32) // 257).astype(np.uint8)
-        if data.shape[2] == 4:
+        if data.shape[2] == 4 and self._alpha:
             return _composite(data, self.background)
         return np.ascontiguousarray(data[..., :3])
 
@@ -261,10 +371,12 @@ class _TiffBackend(_Backend):
             tf.close()
 
 
-def _image_mpp(dpi: Any) -> float | None:
-    """A plain image's resolution from its DPI, None when absent or a mere default DPI."""
-    mpp = 25400.0 / float(dpi[0]) if dpi and dpi[0] else None
-    return mpp if mpp is not None and mpp <= MAX_PLAUSIBLE_MPP else None
+def _image_mpp(dpi: Any) -> tuple[float | None, str | None]:
+    """A plain image's resolution from its DPI (see `file_resolution`)."""
+    if not dpi or not dpi[0]:
+        return None, None
+    y = 25400.0 / float(dpi[1]) if len(dpi) > 1 and dpi[1] else None
+    return file_resolution(25400.0 / float(dpi[0]), y, "DPI values")
 
 
 class _ImageBackend(_Backend):
@@ -279,16 +391,54 @@ class _ImageBackend(_Backend):
         h, w = self._data.shape[:2]
         self.levels = [LevelInfo(w, h, 1.0)]
         self.properties = {"dsf.backend": "image"}
-        self.file_mpp = _image_mpp(dpi)
+        self.file_mpp, self.mpp_note = _image_mpp(dpi)
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return self._data[y : y + h, x : x + w]
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's logger while probing a file: a file it half-parses (an SVS named
+    `.ndpi`) logs errors the chosen backend never meets; real failures are raised, not logged."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _is_tiff(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(4)
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
+
+
+#: Leading bytes of the plain image formats PIL reads here.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _is_plain_image(path: Path) -> bool:
+    """A PNG/JPEG/... by its content, whatever its suffix (a PNG saved as `.tif`); a file
+    without a known signature counts by its suffix, so PIL reports what is wrong with it."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return True
+    return path.suffix.lower() in _IMAGE_SUFFIXES and not _is_tiff(path)
+
+
+def _tiff_level_count(path: Path) -> int:
+    """Pyramid levels tifffile sees in the file's first series (SubIFDs included)."""
+    import tifffile
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
+            return len(tf.series[0].levels)
+    except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands
+        return 0
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:
@@ -329,7 +479,7 @@ def _tiff_truncation(path: Path) -> str | None:
 
     size = path.stat().st_size
     try:
-        with tifffile.TiffFile(str(path)) as tf:
+        with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
             if not tf.is_ndpi:  # NDPI keeps the high bits of its offsets elsewhere
                 problem = _ifd_chain_problem(path, size)
                 if problem:
@@ -357,13 +507,16 @@ def _probe(backend: _Backend) -> None:
 def _try(
     factory: type[_Backend], path: Path, check: bool, errors: list[str], name: str
 ) -> _Backend | None:
-    """Open (and probe) one backend; record the failure instead of raising."""
+    """Open (and probe) one backend; record the failure instead of raising (a layout dsf does
+    not read, `UnsupportedLayoutError`, is raised: no other backend would read it either)."""
     backend = None
     try:
         backend = factory(path)
         if check:
             _probe(backend)
         return backend
+    except UnsupportedLayoutError:
+        raise
     except Exception as exc:  # noqa: BLE001 - every backend failure is reported to the user
         if backend is not None:
             backend.close()
@@ -380,7 +533,32 @@ def _open_backend(path: Path, slide_id: str, check: bool = True) -> _Backend:
     if path.stat().st_size == 0:
         raise SlideError(slide_id, f"{path} is empty (0 bytes): copy it again or remove it")
     errors: list[str] = []
-    if path.suffix.lower() in _IMAGE_SUFFIXES:
+    try:
+        backend = _first_backend(path, slide_id, check, errors)
+    except UnsupportedLayoutError as exc:
+        raise SlideError(
+            slide_id, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
+        ) from exc
+    if backend is not None:
+        return backend
+    if not errors:
+        raise SlideError(
+            slide_id,
+            f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "
+            "PNG/JPEG); convert it or remove it from the sheet",
+        )
+    raise SlideError(
+        slide_id,
+        f"cannot read {path}: {'; '.join(errors)}. The file is corrupt, truncated or in an "
+        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it from the sheet",
+    )
+
+
+def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) -> _Backend | None:
+    """The first backend that opens the file: PIL for plain images (by content), OpenSlide for
+    its formats (a generic TIFF whose pyramid only tifffile sees, in SubIFDs, goes to
+    tifffile), tifffile for OME-TIFF and the TIFFs OpenSlide refuses."""
+    if _is_plain_image(path):
         backend = _try(_ImageBackend, path, check, errors, "PIL")
     else:
         import openslide
@@ -398,21 +576,16 @@ def _open_backend(path: Path, slide_id: str, check: bool = True) -> _Backend:
         backend = None
         if vendor is not None and not (is_tiff and _is_ome(path)):
             backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
+        if (
+            backend is not None
+            and vendor == "generic-tiff"
+            and _tiff_level_count(path) > len(backend.levels)
+        ):
+            backend.close()
+            backend = None
         if backend is None and is_tiff:
             backend = _try(_TiffBackend, path, check, errors, "tifffile")
-    if backend is not None:
-        return backend
-    if not errors:
-        raise SlideError(
-            slide_id,
-            f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "
-            "PNG/JPEG); convert it or remove it from the sheet",
-        )
-    raise SlideError(
-        slide_id,
-        f"cannot read {path}: {'; '.join(errors)}. The file is corrupt, truncated or in an "
-        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it from the sheet",
-    )
+    return backend
 
 
 def _is_ome(path: Path) -> bool:
@@ -420,7 +593,7 @@ def _is_ome(path: Path) -> bool:
     import tifffile
 
     try:
-        with tifffile.TiffFile(str(path)) as tf:
+        with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
             return bool(tf.is_ome)
     except Exception:  # noqa: BLE001 - unparsable TIFF: let the backends report it
         return False
@@ -605,14 +778,20 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
     enough and whose pixels would otherwise be decoded whole.
     """
     path = Path(path)
-    sid = slide_id or path.stem
-    if path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file():
+    sid = slide_id or _default_id(path)
+    if path.is_file() and path.stat().st_size and _is_plain_image(path):
         try:
             with Image.open(path) as im:
-                return SlideFacts("image", im.width, im.height, 1, _image_mpp(im.info.get("dpi")))
+                mpp, note = _image_mpp(im.info.get("dpi"))
+                size = im.size
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise SlideError(sid, f"cannot read {path}: {exc}") from exc
+        if note:
+            log.warning("%s: %s", sid, note)
+        return SlideFacts("image", size[0], size[1], 1, mpp)
     backend = _open_backend(path, sid, check=True)
+    if backend.mpp_note:
+        log.warning("%s: %s", sid, backend.mpp_note)
     try:
         props = backend.properties
         reader = _backend_name(backend)
@@ -624,8 +803,11 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
         backend.close()
 
 
-#: Coarser than this (um/px) a sheet's mpp is warned about: an objective power, likely.
-IMPLAUSIBLE_MPP = 16.0
+def _default_id(path: Path) -> str:
+    """A slide's id from its file name, as `dsf sheet` and a slides folder name it."""
+    from dsf.scan import slide_id as id_from_name
+
+    return id_from_name(path.name)
 
 
 def tolerance(value: float | None = None) -> float:
@@ -664,7 +846,7 @@ def open_slide(
     rather than deep inside a later stage.
     """
     path = Path(path)
-    sid = slide_id or path.stem
+    sid = slide_id or _default_id(path)
     if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise SlideError(sid, f"sheet mpp {mpp!r} is not a positive number; fix the `mpp` column")
     backend = _open_backend(path, sid, check)
@@ -673,13 +855,20 @@ def open_slide(
         backend.close()
         raise SlideError(
             sid,
-            f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME PhysicalSizeX or "
-            "TIFF resolution tags); fill the `mpp` column (um/px) of the slide sheet (with "
-            "`slides` a folder: write its sheet with `dsf sheet FOLDER --out slides.tsv`)",
+            (
+                f"{path}: {backend.mpp_note}; "
+                if backend.mpp_note
+                else f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME "
+                "PhysicalSizeX or TIFF resolution tags); "
+            )
+            + "fill the `mpp` column (um/px) of the slide sheet (with `slides` a folder: write "
+            "its sheet with `dsf sheet FOLDER --out slides.tsv`)",
         )
+    if mpp is not None and backend.mpp_note:
+        log.warning("%s: the sheet's mpp %.4g um/px is used (%s)", sid, mpp, backend.mpp_note)
     if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
         log.warning("%s: sheet mpp %.4g overrides the file's %.4g um/px", sid, mpp, file_mpp)
-    if mpp is not None and mpp > IMPLAUSIBLE_MPP:
+    if mpp is not None and mpp > MAX_PLAUSIBLE_MPP:
         log.warning(
             "%s: sheet mpp %.4g um/px is coarser than any scan (a 1.25x scan is about 8): is "
             "that an objective power (20, 40) in the `mpp` column? 40x is about 0.25 um/px, "

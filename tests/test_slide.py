@@ -227,14 +227,120 @@ def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got, rgb[i * 5 : i * 5 + 64, i * 7 : i * 7 + 64])
 
 
-def test_default_dpi_is_not_a_resolution(tmp_path: Path) -> None:
-    path = tmp_path / "dpi72.tif"
+@pytest.mark.parametrize("tiled", [False, True], ids=["strips-tifffile", "tiles-openslide"])
+@pytest.mark.parametrize("dpi", [72, 300, 600])
+def test_default_dpi_is_not_a_resolution(tmp_path: Path, dpi: int, tiled: bool) -> None:
+    """Software writes 72, 300 or 600 dpi into images it saves: 353, 85 or 42 um/px, never a
+    scan. Through either reader (OpenSlide reads tiled generic TIFFs' resolution tags too)."""
+    path = tmp_path / f"dpi{dpi}.tif"
+    tile = {"tile": (64, 64)} if tiled else {}
     tifffile.imwrite(
-        path, _pattern(64, 64), photometric="rgb", resolution=(72, 72), resolutionunit="INCH"
-    )
-    with pytest.raises(SlideError, match="`mpp` column"):
+        path, _pattern(128, 128), photometric="rgb", resolution=(dpi, dpi),
+        resolutionunit="INCH", **tile,
+    )  # fmt: skip
+    with pytest.raises(SlideError, match=r"default DPI.*`mpp` column") as err:
         open_slide(path)
-    assert open_slide(path, mpp=1.0).mpp == 1.0
+    assert f"{25400 / dpi:.4g} um/px" in str(err.value)
+    s = open_slide(path, mpp=1.0)
+    assert s.mpp == 1.0 and s.backend_name == ("openslide" if tiled else "tiff")
+
+
+@pytest.mark.parametrize("ome", [False, True])
+def test_non_square_pixels_are_refused_unless_the_sheet_says(tmp_path: Path, ome: bool) -> None:
+    path = tmp_path / ("ns.ome.tif" if ome else "ns.tif")
+    rgb = _pattern(128, 128)
+    if ome:
+        meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 1.0}
+        tifffile.imwrite(path, rgb, ome=True, photometric="rgb", tile=(64, 64), metadata=meta)
+    else:  # X 0.5 um, Y 1 um, in pixels per centimetre
+        tifffile.imwrite(
+            path, rgb, photometric="rgb", tile=(64, 64), resolution=(2e4, 1e4),
+            resolutionunit="CENTIMETER",
+        )  # fmt: skip
+    with pytest.raises(SlideError, match=r"not square \(0.5 x 1 um\).*`mpp` column"):
+        open_slide(path)
+    assert open_slide(path, mpp=0.5).mpp == 0.5
+    square = tmp_path / "sq.tif"  # a scanner's rounding (0.2527 x 0.2529) is square
+    tifffile.imwrite(
+        square, rgb, photometric="rgb", tile=(64, 64),
+        resolution=(1e4 / 0.2527, 1e4 / 0.2529), resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    assert open_slide(square).mpp == pytest.approx(0.2527)
+
+
+@pytest.mark.parametrize(
+    ("data", "axes", "words"),
+    [
+        (np.zeros((3, 64, 64), np.uint16), "CYX", "3 channels of uint16 grey values"),
+        (np.zeros((4, 64, 64), np.uint8), "CYX", "4 channels of uint8 grey values"),
+        (np.zeros((64, 64), np.uint16), "YX", "one uint16 grey channel"),
+    ],
+    ids=["fluorescence-3", "multiplex-4", "grey16"],
+)
+def test_fluorescence_is_refused(tmp_path: Path, data: np.ndarray, axes: str, words: str) -> None:
+    """Grey channels are not an RGB scan: read as one, 12-bit data in uint16 came out black and
+    a 4th channel was taken for alpha, and the tissue and patch stages ran on that silently."""
+    path = tmp_path / "fluo.ome.tif"
+    meta = {"axes": axes, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    tifffile.imwrite(path, data, ome=True, photometric="minisblack", tile=(64, 64), metadata=meta)
+    with pytest.raises(SlideError, match=rf"'fluo'.*{words}.*brightfield"):
+        open_slide(path)
+    palette = tmp_path / "map.tif"  # a class map (palette indices) given as a slide
+    cmap = np.zeros((3, 256), np.uint16)
+    tifffile.imwrite(palette, np.zeros((64, 64), np.uint8), photometric="palette", colormap=cmap)
+    with pytest.raises(SlideError, match=r"palette indices.*not an RGB scan"):
+        open_slide(palette, mpp=0.5)
+    grey = tmp_path / "grey8.tif"  # an 8-bit grey scan is read as grey RGB
+    tifffile.imwrite(grey, _pattern(64, 64)[..., 0], photometric="minisblack")
+    s = open_slide(grey, mpp=0.5)
+    np.testing.assert_array_equal(s.read(0, 0, 64, 64, 0.5)[..., 1], _pattern(64, 64)[..., 0])
+
+
+def test_a_fourth_sample_is_alpha_only_when_the_file_says(tmp_path: Path) -> None:
+    rgbx = np.concatenate([_pattern(64, 64), np.zeros((64, 64, 1), np.uint8)], axis=2)
+    path = tmp_path / "rgbx.tif"
+    tifffile.imwrite(path, rgbx, photometric="rgb", extrasamples=[0])  # unspecified
+    np.testing.assert_array_equal(open_slide(path, mpp=0.5).read(0, 0, 64, 64, 0.5), rgbx[..., :3])
+    rgba = tmp_path / "rgba.tif"
+    tifffile.imwrite(rgba, rgbx, photometric="rgb", extrasamples=[2])  # unassociated alpha 0
+    assert (open_slide(rgba, mpp=0.5).read(0, 0, 64, 64, 0.5) == 255).all()
+
+
+def test_pyramids_only_tifffile_sees_are_used(tmp_path: Path) -> None:
+    """A plain TIFF with its levels in SubIFDs (`vips --subifd`): OpenSlide sees one level, so
+    tifffile reads it; an OME file with one Image per level: the file's pages form the pyramid."""
+    rgb = _pattern(512, 512)
+    opts = {"tile": (64, 64), "photometric": "rgb"}
+    sub = tmp_path / "subifds.tif"
+    with tifffile.TiffWriter(sub) as tw:
+        tw.write(rgb, subifds=2, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **opts)
+        for k in (2, 4):
+            tw.write(rgb[::k, ::k], subfiletype=1, **opts)
+    assert len(openslide.OpenSlide(str(sub)).level_dimensions) == 1
+    pages = tmp_path / "pages.ome.tif"  # older writers: one OME Image per level
+    with tifffile.TiffWriter(pages, ome=True) as tw:
+        for k in (1, 2, 4):
+            tw.write(rgb[::k, ::k], metadata={"axes": "YXS", "PhysicalSizeX": 0.5 * k}, **opts)
+    for path in (sub, pages):
+        s = open_slide(path)
+        assert s.backend_name == "tiff" and s.mpp == pytest.approx(0.5), path.name
+        assert [lv.width for lv in s.levels] == [512, 256, 128], path.name
+        assert s.best_level(2.0) == 2
+        np.testing.assert_array_equal(s.read(64, 128, 32, 32, 2.0), rgb[::4, ::4][32:64, 16:48])
+
+
+def test_files_are_read_by_what_they_hold_not_their_suffix(tmp_path: Path) -> None:
+    rgb = _pattern(96, 128)
+    png = tmp_path / "region.ome.tif"  # a PNG saved under a TIFF name
+    Image.fromarray(rgb).save(png, format="PNG")
+    s = open_slide(png, mpp=0.5)
+    assert s.slide_id == "region" and s.backend_name == "image"  # `.ome.tif` whole, as scanned
+    np.testing.assert_array_equal(s.read(0, 0, 128, 96, 0.5), rgb)
+    tif = tmp_path / "tiles.png"  # a tiled TIFF under a PNG name is read in tiles, not whole
+    tifffile.imwrite(tif, rgb, photometric="rgb", tile=(32, 32))
+    s = open_slide(tif, mpp=0.5)
+    assert s.backend_name in ("openslide", "tiff")
+    np.testing.assert_array_equal(s.read(0, 0, 128, 96, 0.5), rgb)
 
 
 def _read_in_child(blob: bytes, queue: mp.Queue) -> None:
