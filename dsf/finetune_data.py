@@ -34,12 +34,16 @@ from dsf.tiles import StoreArray, open_store, store_array
 
 
 def label_subset(n_tiles: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a `fraction` of `n_tiles` tiles (at least one), fixed by `seed`."""
+    """Sorted indices of a `fraction` of `n_tiles` tiles (at least one), fixed by `seed`.
+
+    The first k of one seeded permutation, so with one seed the fractions are nested (the 1%
+    tiles are among the 10%, those among the 50%): a smaller fraction only removes labels, and
+    the fraction tables compare more labels with fewer, not other labels (paper IV-D2)."""
     if not 0 < fraction <= 1:
         raise ConfigError(f"label fraction {fraction} must be in (0, 1]")
-    k = max(1, round(n_tiles * fraction))
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_tiles, size=min(k, n_tiles), replace=False))
+    k = min(n_tiles, max(1, round(n_tiles * fraction)))
+    order = np.random.default_rng(seed).permutation(n_tiles)
+    return np.sort(order[:k])
 
 
 def selection_split(

@@ -44,6 +44,9 @@ def test_label_fractions_are_seeded_subsets() -> None:
     assert not np.array_equal(a, label_subset(1000, 0.1, 8))
     assert len(label_subset(50, 0.01, 0)) == 1
     assert set(label_subset(1000, 0.01, 7)) <= set(range(1000))
+    nested = [set(label_subset(1000, f, 7)) for f in (0.01, 0.1, 0.5, 1.0)]
+    assert all(small < big for small, big in zip(nested, nested[1:], strict=False))
+    assert nested[-1] == set(range(1000))
     with pytest.raises(ConfigError):
         label_subset(10, 0.0, 0)
 

@@ -61,12 +61,13 @@ METHODS: dict[str, Method] = {
     "simsiam": Method(("context", "target"), (4,), mask=False, shuffle=False),
     # DSL without CTFM: dense context and target SimSiam over 4 stages, no fusion.
     "dsl_only": Method(("context", "target"), (1, 2, 3, 4), mask=False, shuffle=False),
-    # CTFM without DSL: the fusion loss with the masked jigsaw, last stage only.
+    # Table V's three "w/o DSL" rows: the fusion loss alone, last stage only, with ...
+    # ... the masked jigsaw ("only CTFM", 0.7881),
     "ctfm_only": Method(("fusion",), (4,), mask=True, shuffle=True),
-    # As dsf, without masking: the fusion keeps all n_blocks slots, shuffled.
-    "jigsaw_only": Method(GROUPS, (1, 2, 3, 4), mask=False, shuffle=True),
-    # As dsf, without the jigsaw: the fusion keeps a random n_keep subset of blocks in raster order.
-    "mask_only": Method(GROUPS, (1, 2, 3, 4), mask=True, shuffle=False),
+    # ... the jigsaw without masking: all n_blocks slots, shuffled ("only jigsaw", 0.7753),
+    "jigsaw_only": Method(("fusion",), (4,), mask=False, shuffle=True),
+    # ... masking without the jigsaw: a random n_keep subset in raster order ("only masking").
+    "mask_only": Method(("fusion",), (4,), mask=True, shuffle=False),
 }
 
 
@@ -130,10 +131,11 @@ class DSFModel(nn.Module):
             dsf: everything (dense 4 stages; context, target and fusion; masked jigsaw);
             simsiam: context and target SimSiam at stage 4 only, no fusion (heads for those only);
             dsl_only: dense context and target SimSiam over 4 stages, no fusion;
-            ctfm_only: fusion only (masked jigsaw), stage 4 only; targets past n_keep not encoded;
-            jigsaw_only: as dsf but no masking (the fusion keeps all n_blocks shuffled slots);
-            mask_only: as dsf but no shuffle (pass `draw_perms(..., "mask_only")`: the kept slots
-                are a random subset of blocks in raster order).
+            ctfm_only, jigsaw_only, mask_only: Table V's "w/o DSL" rows, the fusion loss alone
+                at stage 4 (targets past n_keep not encoded), with the masked jigsaw (ctfm_only),
+                the jigsaw without masking (all n_blocks shuffled slots) or masking without the
+                jigsaw (pass `draw_perms(..., "mask_only")`: the kept slots are a random subset
+                of blocks in raster order).
         stage_weights: DSL weight of stages 1-4 (Eq. 7); single-stage methods use the 4th.
         weights: optional local torchvision weights file for both encoders.
     """
