@@ -5,6 +5,7 @@ settings or rebuilt stores the same way)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def save(obj: Any, path: Path) -> None:
@@ -179,6 +182,26 @@ def resume_training(
     if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)
         scaler.load_state_dict(state["scaler"])
     return state
+
+
+def check_epochs(path: Path, done: int, wanted: int, section: str) -> None:
+    """A checkpoint past `{section}.epochs` cannot be trained back: refuse it (its weights
+    would be passed off as a shorter run). One that holds all of them trains nothing more
+    (a forced rerun of a finished job): say so, since its results are the old ones."""
+    if done > wanted:
+        raise ConfigError(
+            f"{path} holds {done} epochs, more than {section}.epochs {wanted}: a run cannot be "
+            f"trained back. Delete it (`rm {path}`) to train {wanted} epochs from the start, or "
+            f"set {section}.epochs to {done} or more"
+        )
+    if done == wanted:
+        log.warning(
+            "%s holds all %d epochs of %s.epochs: nothing is left to train, so its weights are "
+            "exported (a forced rerun gives the old weights again: delete it to train anew)",
+            path,
+            wanted,
+            section,
+        )
 
 
 def restart_advice(path: Path, section: str) -> str:

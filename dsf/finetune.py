@@ -405,6 +405,7 @@ class FineTuner:
             stores=self.store_ids, encoders=self.encoders_digest,
         )  # fmt: skip
         self.epoch, self.best = int(state["epoch"]), state["best"]
+        checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "finetune")
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True

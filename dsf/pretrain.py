@@ -311,6 +311,7 @@ class Trainer:
             stores=self.store_ids,
         )  # fmt: skip
         self.epoch = int(state["epoch"])
+        checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "pretrain")
         self.history = list(state["history"])
         if state.get("interrupted"):
             stop = state["interrupted"]

@@ -128,6 +128,22 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     assert not torch.load(out / "checkpoint.pt", weights_only=False).get("interrupted")
 
 
+def test_a_checkpoint_past_the_epochs_is_refused(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Lowering epochs (or forcing a finished run) had handed back the longer run's weights as
+    the new run's, silently."""
+    from dsf.checkpoints import check_epochs
+
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(ConfigError, match=r"holds 6 epochs, more than pretrain.epochs 2.*rm "):
+        check_epochs(path, 6, 2, "pretrain")
+    with caplog.at_level("WARNING"):
+        check_epochs(path, 2, 2, "finetune")
+    assert "holds all 2 epochs of finetune.epochs: nothing is left to train" in caplog.text
+    caplog.clear()
+    check_epochs(path, 1, 2, "pretrain")  # an unfinished run resumes quietly
+    assert not caplog.text
+
+
 def test_resume_on_rebuilt_stores_is_refused(stores: list[Path], tmp_path: Path) -> None:
     """A checkpoint knows the stores it trained on: after Snakemake rebuilt one (a tissue or
     patch setting changed) or the slides changed, resuming, which with no epoch left would
