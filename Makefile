@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --printshellcmds
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --printshellcmds --show-failed-logs
 	$(BIN)/snakemake --report results/report.html
 
 # The cluster tests start a real SLURM: `make test-cluster`.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import math
 import os
@@ -131,10 +132,26 @@ def validate(config: dict[str, Any], section: str | None = None) -> dict[str, An
     )
     if errors:
         err = errors[0]
-        where = ".".join(str(p) for p in ([section] if section else []) + list(err.path))
-        raise ConfigError(f"config key {where or '<root>'}: {err.message}")
+        path = ([section] if section else []) + [str(p) for p in err.path]
+        raise ConfigError(_schema_message(err, path))
     check_finite(filled, section or "")
     return filled
+
+
+def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
+    """One line for a schema error: the key, what is wrong, and for a misspelt key the
+    nearest known one (Snakemake's own message quotes the whole schema and config)."""
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = list(err.schema.get("properties", {}))
+        lines = []
+        for key in sorted(set(err.instance) - set(known)):
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean `{near[0]}`?" if near else f"known keys: {', '.join(known)}"
+            lines.append(f"config key {'.'.join([*path, key])} is not a setting dsf knows ({hint})")
+        if lines:
+            return "; ".join(lines)
+    message = err.message if len(err.message) <= 300 else err.message[:300] + " ..."
+    return f"config key {'.'.join(path) or '<root>'}: {message}"
 
 
 def check_finite(value: Any, where: str = "") -> None:
@@ -167,6 +184,10 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+#: parser default naming a section's skipped keys (not an option: no flag sets it)
+_SKIPPED = "_workflow_only__"
+
+
 def add_section_arguments(
     parser: argparse.ArgumentParser, section: str, skip: tuple[str, ...] = ()
 ) -> None:
@@ -174,6 +195,7 @@ def add_section_arguments(
     not for the `skip` keys, which only the workflow reads (an option that did nothing would
     mislead: `dsf infer --probabilities` without `--out-probs`)."""
     group = parser.add_argument_group(f"{section} settings (config key {section}.*)")
+    parser.set_defaults(**{f"{_SKIPPED}{section}": tuple(skip)})
     for key, sub in section_schema(section).get("properties", {}).items():
         if key in skip:
             continue
@@ -201,10 +223,13 @@ def add_section_arguments(
 
 
 def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
-    """The validated settings of a section from parsed options (defaults from the schema)."""
+    """The validated settings of a section from parsed options (defaults from the schema),
+    without the keys only the workflow reads (`add_section_arguments`' skip): the command
+    never sees them, so recording their defaults with its outputs would misstate the run."""
     prefix = f"{section}__"
     given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
-    return validate(given, section)
+    skipped = getattr(args, f"{_SKIPPED}{section}", ())
+    return {k: v for k, v in validate(given, section).items() if k not in skipped}
 
 
 def cli_args(section: str, values: dict[str, Any]) -> str:

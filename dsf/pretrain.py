@@ -59,6 +59,7 @@ RESUME_FREE = {
     "compile_augment",
     "checkpoint_every",
     "methods",
+    "scope",  # which stores: those are checked
     "gpus",
     "norm_tiles",  # what it changes, mean and std, are checked
 }

@@ -41,8 +41,11 @@ def test_config_errors_name_the_key() -> None:
         validate_config({"patches": {"stride": "wide"}})
     with pytest.raises(ConfigError, match=r"tissue\.method"):
         validate_config({"tissue": {"method": "magic"}})
-    with pytest.raises(ConfigError, match="Additional properties"):
+    with pytest.raises(ConfigError, match=r"^config key patchez is not a setting.*`patches`\?"):
         validate_config({"patchez": {}})
+    with pytest.raises(ConfigError, match=r"tissue\.metod .*did you mean `method`") as err:
+        validate_config({"tissue": {"metod": "otsu"}})
+    assert len(str(err.value)) < 200  # one line, not the schema
     # NaN passes the schema's bounds (every comparison with it is false): refused by name
     with pytest.raises(ConfigError, match=r"patches\.target_mpp is nan: give a finite"):
         validate_config({"patches": {"target_mpp": float("nan")}})
@@ -96,6 +99,18 @@ def test_cli_options_round_trip_the_config() -> None:
     add_section_arguments(parser, "labels")
     args = parser.parse_args(shlex.split(cli_args("labels", labels)))
     assert section_from_args(args, "labels")["class_map"] == {"1": 1, "19": 1}
+
+
+def test_workflow_only_keys_are_neither_options_nor_recorded_settings() -> None:
+    """`dsf infer` never sees infer.gpus or infer.inits: its map's JSON had recorded their
+    schema defaults (gpus 1, inits null) for a run that used gpus 0 and inits [dsf]."""
+    parser = argparse.ArgumentParser()
+    add_section_arguments(parser, "infer", skip=("inits", "gpus"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gpus", "0"])
+    st = section_from_args(parser.parse_args(["--overlap", "0.25"]), "infer")
+    assert st["overlap"] == 0.25 and not {"inits", "gpus"} & set(st)
+    assert set(st) == set(defaults("infer")) - {"inits", "gpus"}
 
 
 def _sheet(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,8 @@ from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
 from dsf.annotations import base_class, check_label_settings
-from dsf.config import check_finite, cli_args, coerce_strings, load_schema
+from dsf.config import cli_args, coerce_strings, load_schema
+from dsf.config import validate as check_config
 from dsf.folds import assign_folds, finetune_gaps
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
@@ -16,8 +17,8 @@ from dsf.sheet import load_sheet
 
 # nested `--config` values come as text ('infer={overlap: 0.5}'): typed by the schema first
 coerce_strings(load_schema(), config)
+check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
-check_finite(config)  # the schema's bounds let NaN (.nan in YAML) through
 check_label_settings(config["labels"])  # class names and indices, before any job runs
 # pretrain.mean/std null: computed per pretraining unit by the norm rule (results/norm/)
 NORM_COMPUTED = check_norm_settings(config["pretrain"])
