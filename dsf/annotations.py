@@ -269,12 +269,15 @@ def _resolve(
 def _class_names(props: dict[str, Any]) -> list[str]:
     """The names a feature's class may be known by, most specific first. QuPath writes
     `classification.name`, or for a derived class (e.g. Tumor: Positive) `classification.names`
-    ["Tumor", "Positive"]: its full name "Tumor: Positive", then its base class "Tumor". Other
-    tools put the class in `properties.name` or `properties.class`."""
+    ["Tumor", "Positive"] (QuPath 0.4 on; earlier versions wrote it as the one name "Tumor:
+    Positive"): its full name "Tumor: Positive", then its base class "Tumor". Other tools put
+    the class in `properties.name` or `properties.class`."""
     info = props.get("classification")
     if isinstance(info, dict):
         if info.get("name"):
-            return [str(info["name"])]
+            full = str(info["name"])
+            base = full.split(":", 1)[0].strip()
+            return [full, base] if ":" in full and base else [full]
         names = info.get("names")
         parts = [str(p) for p in names if p] if isinstance(names, list) else []
         if parts:

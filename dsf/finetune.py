@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.stores:
             raise ConfigError(
                 f"fold {args.fold} has no annotated training slide to fine-tune on: fill the "
-                "sheet's `labels` column for more slides, or lower folds.k"
+                "sheet's `labels` column for slides of more patients"
             )
         folds = read_folds(args.folds)
         by_slide = {str(open_store(s).attrs["slide_id"]): s for s in args.stores}

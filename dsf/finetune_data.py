@@ -56,7 +56,7 @@ def selection_split(
     if len(groups) < 2:
         raise ConfigError(
             f"fold {fold} has {len(groups)} training group(s): model selection needs at least "
-            "2 (one held out); add slides or lower folds.k"
+            "2 (one held out): annotate slides of more patients (fewer folds leave fewer out)"
         )
     random.Random(seed * 1009 + fold).shuffle(groups)
     n_sel = min(len(groups) - 1, max(1, round(len(groups) * held_out)))

@@ -122,6 +122,23 @@ def finetune_gaps(folds: pd.DataFrame, labelled: set[str]) -> list[int]:
     return [k for k, n in zip(sorted(set(folds["fold"])), outside, strict=True) if n < 2]
 
 
+def groups_needed(k: int) -> int:
+    """Annotated groups that k folds spread evenly need so that every fold leaves 2 outside it
+    (n - ceil(n / k) >= 2): 4 for 2 folds, 3 for 3 or more."""
+    n = 2
+    while n - -(-n // k) < 2:
+        n += 1
+    return n
+
+
+def gap_advice(k: int) -> str:
+    """What to do about `finetune_gaps` (fewer folds never helps: 2 folds need 4 groups)."""
+    return (
+        f"annotate slides of at least {groups_needed(k)} patients in all (folds.k {k}), or "
+        "assign folds in the sheet's `fold` column so that each leaves 2 annotated patients out"
+    )
+
+
 def write_folds(table: pd.DataFrame, out: Path) -> None:
     """Write folds.tsv atomically."""
     with atomic_path(out) as tmp:

@@ -186,7 +186,13 @@ def infer_slide(
             level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
             small = levels[level]
             small = small.asarray() if isinstance(small, TileSpool) else small
-            overlay = render_overlay(thumb.result(), small, p.classes)
+            overlay = render_overlay(
+                thumb.result(),
+                small,
+                p.classes,
+                title=f"{slide.slide_id}: predicted classes",
+                mpp=thumb_mpp,
+            )
             with atomic_path(out_overlay) as tmp:
                 Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
             lap("overlay")

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from dsf.captions import add_legend
 from dsf.class_tiff import pyramid_levels, write_block
 from dsf.colours import class_colours
 from dsf.errors import SlideError
@@ -235,9 +236,16 @@ class WriterThread:
 
 
 def render_overlay(
-    thumb: np.ndarray, classes_map: np.ndarray, names: list[str], alpha: float = 0.45
+    thumb: np.ndarray,
+    classes_map: np.ndarray,
+    names: list[str],
+    alpha: float = 0.45,
+    *,
+    title: str | None = None,
+    mpp: float | None = None,
 ) -> np.ndarray:
-    """The thumbnail with predicted classes tinted (background untouched) and a legend strip."""
+    """The thumbnail with predicted classes tinted (background untouched) and a legend strip
+    (`dsf.captions`: the class colours, and with `mpp` the thumbnail's a scale bar)."""
     h, w = thumb.shape[:2]
     cmap = Image.fromarray(classes_map).resize((w, h), Image.Resampling.NEAREST)
     cls = np.asarray(cmap)
@@ -245,30 +253,9 @@ def render_overlay(
     out = thumb.astype(np.float32)
     fg = cls > 0
     out[fg] = out[fg] * (1 - alpha) + colours[cls[fg]] * alpha
-    img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    # the legend scales with the picture so it stays readable at any overlay size
-    size = max(12, w // 60)
-    font = ImageFont.load_default(size=size)
-    pad = size // 2
-    # entries wrap onto more rows, so every class is named however many there are
-    measure = ImageDraw.Draw(img)
-    places, x, row = [], pad, 0
-    for name in names[1:]:
-        width = size + pad + int(measure.textlength(name, font=font)) + 2 * pad
-        if x > pad and x + width > w:
-            x, row = pad, row + 1
-        places.append((x, row))
-        x += width
-    rows = row + 1
-    canvas = Image.new("RGB", (w, h + rows * (size + pad) + pad), (255, 255, 255))
-    canvas.paste(img, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, (x, row)) in enumerate(zip(names[1:], places, strict=True), start=1):
-        c = tuple(int(v) for v in colours[i])
-        y = h + pad + row * (size + pad)
-        draw.rectangle([x, y, x + size, y + size], fill=c, outline=(0, 0, 0))
-        draw.text((x + size + pad // 2, y), name, fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+    keys = [(tuple(int(v) for v in colours[i]), name) for i, name in enumerate(names) if i]
+    picture = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return add_legend(picture, keys, title=title, mpp=mpp)  # type: ignore[arg-type]
 
 
 def write_ome_attrs(store: Path, names: list[str], mpp: float) -> None:

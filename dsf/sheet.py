@@ -58,8 +58,13 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     id, a value that breaks `workflow/schemas/slides.schema.yaml`.
     """
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"config key `slides`: {path} does not exist (from {Path.cwd()}); give a folder of "
+            "slides or a slide sheet (.tsv), absolute or relative to where snakemake runs"
+        )
     if not path.is_file():
-        raise ConfigError(f"slide sheet {path} not found; set config key `slides`")
+        raise ConfigError(f"slide sheet {path} is not a file; set config key `slides`")
     try:
         # only whole lines starting with '#' are comments: a '#' inside a path is part of it
         with open(path, encoding="utf-8-sig", newline="") as fh:
@@ -131,6 +136,12 @@ def validate_rows(
                     row[num] = int(value) if num == "fold" and value.is_integer() else value
                 except ValueError:
                     pass  # the schema reports the bad value below
+        for col in ("slide", "path"):
+            if row.get(col) is None:
+                raise ConfigError(
+                    f"slide sheet {where}, {i} (slide {row.get('slide')!r}): the `{col}` cell "
+                    "is empty; fill it or remove the line"
+                )
         try:
             jsonschema.validate(row, schema)
         except jsonschema.ValidationError as exc:
@@ -263,13 +274,18 @@ def _next_step(out: Path | None, masks: dict[str, str]) -> str:
     if masks:
         return (
             f"; edit it, then run it with a config whose labels.classes has {list(masks)} (PAIP: "
-            f"snakemake --cores N --configfile config/presets/paip.yaml --config slides={out})"
+            "snakemake --cores N --configfile config/presets/paip.yaml --config "
+            f"slides={out.resolve()})"
         )
-    return f"; edit it, then run: snakemake --cores N --config slides={out}"
+    return (
+        "; edit it, then run (in dsf's folder): snakemake --cores N --config "
+        f"slides={out.resolve()}"
+    )
 
 
 def _relative(path: str, base: Path) -> str:
-    p = Path(path)
+    """`path` relative to `base` when under it, else absolute; `..` resolved either way."""
+    p = Path(os.path.normpath(os.path.abspath(path)))
     return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
 
 

@@ -862,7 +862,8 @@ def open_slide(
                 "PhysicalSizeX or TIFF resolution tags); "
             )
             + "fill the `mpp` column (um/px) of the slide sheet (with `slides` a folder: write "
-            "its sheet with `dsf sheet FOLDER --out slides.tsv`)",
+            "its sheet with `dsf sheet FOLDER --out slides.tsv`; a stage run by hand takes "
+            "`--sheet-mpp`)",
         )
     if mpp is not None and backend.mpp_note:
         log.warning("%s: the sheet's mpp %.4g um/px is used (%s)", sid, mpp, backend.mpp_note)

@@ -5,7 +5,8 @@ the paper's RGB rule (tissue where R, G, B <= 235, 210, 235) or CLAM-style Otsu 
 cleans the mask up with sizes given in square microns, and optionally rejects pen ink. It writes:
 
 - `{slide}.tiff`: the mask, uint8 0/255, deflate, with resolution tags stating its mpp;
-- `{slide}.jpg`: an overlay (tissue outline in green, background dimmed, ink in orange);
+- `{slide}.jpg`: an overlay (tissue outline in green, background dimmed, ink in orange)
+  above a caption: slide, tissue share and area, method, colour keys and a scale bar;
 - `{slide}.json`: statistics, thresholds and settings, so a run can be audited.
 
 A slide without tissue is an error naming the slide (`TissueError`), never an empty mask.
@@ -29,6 +30,7 @@ from PIL import Image
 
 from dsf import __version__
 from dsf.atomic import atomic_path, remove
+from dsf.captions import add_legend
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError, TissueError
 from dsf.runner import run, setup_logging
@@ -51,6 +53,14 @@ RED_INK_MIN_VALUE = 0.45  # seed only: darker saturated red is the eosin-rich ri
 DARK_INK_HUE = (315.0, 20.0)  # dark red/maroon/black ink core: fringe only
 DARK_INK_MAX_VALUE = 0.5
 DARK_INK_MIN_SAT = 0.3
+#: Pixels whose brightest channel is at or below this are no tissue for either method: black
+#: scanner borders, no-data fill and marker cores (no stain is this dark on a low-magnification
+#: thumbnail, and dark specks inside tissue come back as filled holes).
+NO_DATA_MAX = 40
+#: Otsu's split is within tissue, not tissue against glass, when more than this share of the
+#: pixels it calls background are tissue by the paper's RGB rule (a slide with no glass in
+#: view): the RGB rule is used instead.
+OTSU_TISSUE_BACKGROUND = 0.5
 #: The overlay is rendered at least this many pixels on its long side (finer read, if possible).
 OVERLAY_MIN_SIDE = 1024
 OVERLAY_OUTLINE = (0, 255, 0)
@@ -167,13 +177,28 @@ def _detect(
     method = settings["method"]
     thresholds: dict[str, Any]
     planes = hsv(rgb) if method == "otsu" or settings["pen_marks"] else None
+    lit = rgb[..., :3].max(axis=-1) > NO_DATA_MAX
     if method == "rgb":
-        raw = rgb_rule(rgb, settings["rgb_max"])
+        raw = rgb_rule(rgb, settings["rgb_max"]) & lit
         thresholds = {"rgb_max": list(settings["rgb_max"])}
     elif method == "otsu":
         raw, thresholds = _otsu_rule(planes[1], settings["min_saturation"])
+        raw &= lit
+        by_rgb = rgb_rule(rgb, settings["rgb_max"]) & lit
+        background = ~raw & lit
+        share = float(by_rgb[background].mean()) if background.any() else 0.0
+        thresholds["background_tissue_by_rgb"] = share
+        if share > OTSU_TISSUE_BACKGROUND:
+            log.info(
+                "Otsu split the tissue itself (%.0f%% of what it left out is tissue by the RGB "
+                "rule: no glass in view): using the RGB rule",
+                100 * share,
+            )
+            raw = by_rgb
+            thresholds |= {"fallback": "rgb", "rgb_max": list(settings["rgb_max"])}
     else:
         raise ValueError(f"unknown tissue method {method!r} (rgb or otsu)")
+    thresholds["no_data_max"] = NO_DATA_MAX
     min_obj = _area_px(settings["min_object_um2"], mpp)
     max_hole = _area_px(settings["max_hole_um2"], mpp)
     ink = np.zeros(raw.shape, bool)
@@ -294,9 +319,42 @@ def render_overlay(rgb: np.ndarray, mask: np.ndarray, ink: np.ndarray | None = N
     if ink is not None and ink.any():
         ink = _fit(ink, shape)
         out[ink] = out[ink] * 0.4 + np.asarray(OVERLAY_INK, np.float32) * 0.6
-    edge = dilation(find_boundaries(mask, mode="inner"), np.ones((3, 3), bool))
+    # padded: tissue running off the image is outlined along the image's edge too
+    inner = find_boundaries(np.pad(mask, 1), mode="inner")[1:-1, 1:-1]
+    edge = dilation(inner, np.ones((3, 3), bool))
     out[edge] = OVERLAY_OUTLINE
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _dimmed(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """What `render_overlay` makes of a background pixel of `colour`."""
+    return tuple(  # type: ignore[return-value]
+        round(c * OVERLAY_DIM + t * (1.0 - OVERLAY_DIM))
+        for c, t in zip(colour, OVERLAY_TINT, strict=True)
+    )
+
+
+def caption_overlay(
+    overlay: np.ndarray, slide_id: str, stats: dict[str, Any], settings: dict[str, Any], mpp: float
+) -> np.ndarray:
+    """The overlay above a strip saying whose it is, what was found and how (tissue share,
+    area, pieces, method), what its colours mean, and its scale."""
+    method = stats["method"]
+    if stats["thresholds"].get("fallback"):
+        method += f" (no glass in view: {stats['thresholds']['fallback']})"
+    title = (
+        f"{slide_id}: tissue {100 * stats['tissue_fraction']:.1f}% "
+        f"({stats['tissue_area_mm2']:.2f} mm2, {stats['n_components']} pieces), method {method}"
+    )
+    keys: list[tuple[tuple[int, int, int], str]] = [
+        (OVERLAY_OUTLINE, "tissue outline"),
+        (_dimmed((255, 255, 255)), "not tissue (dimmed)"),
+    ]
+    if settings["pen_marks"]:
+        keys.append((OVERLAY_INK, f"pen ink ({100 * stats['pen_fraction']:.1f}%)"))
+    return add_legend(
+        overlay, keys, title=title, mpp=mpp, outline_keys=frozenset(["tissue outline"])
+    )
 
 
 def _fit(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -364,6 +422,7 @@ def tissue_for_slide(
         raise _no_tissue(slide, settings, stats)
     base, overlay_mpp = _overlay_image(slide, thumb, mpp)
     overlay = render_overlay(base, mask, ink if settings["pen_marks"] else None)
+    overlay = caption_overlay(overlay, slide.slide_id, stats, settings, overlay_mpp)
     path = Path(slide.path)
     info = {
         "slide_id": slide.slide_id,

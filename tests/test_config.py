@@ -157,6 +157,7 @@ def test_a_spreadsheets_sheet_reads_the_same(tmp_path: Path) -> None:
         ("slide\tpath\nA/B\ta.svs\n", r"column `slide`"),
         ("slide\tpath\tpath\nA\ta.svs\tb.svs\n", r"more than once"),
         ("slide\tpath\n", r"lists no slides"),
+        ("slide\tpath\tmpp\nA\t\t0.5\n", r"line 2 \(slide 'A'\): the `path` cell is empty"),
     ],
 )
 def test_bad_sheets_name_row_and_column(tmp_path: Path, text: str, pattern: str) -> None:
@@ -165,8 +166,8 @@ def test_bad_sheets_name_row_and_column(tmp_path: Path, text: str, pattern: str)
 
 
 def test_missing_sheet_names_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config key `slides`"):
-        read_sheet(tmp_path / "nope.tsv")
+    with pytest.raises(ConfigError, match=r"config key `slides`: .*nope does not exist"):
+        read_sheet(tmp_path / "nope")  # a mistyped folder is not called a sheet
 
 
 def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from dsf.errors import ConfigError
-from dsf.folds import assign_folds, finetune_gaps, main, read_folds
+from dsf.folds import assign_folds, finetune_gaps, gap_advice, groups_needed, main, read_folds
 
 
 def _sheet(groups: list[str], folds: list[int | None] | None = None) -> pd.DataFrame:
@@ -69,6 +69,9 @@ def test_folds_that_cannot_fine_tune_are_found() -> None:
     # without d: fold 0 has only q outside it, fold 1 only p; fold 2 has p and q
     assert finetune_gaps(folds, {"a", "b", "c"}) == [0, 1]
     assert finetune_gaps(folds, {"c"}) == [0, 1, 2]
+    # evenly spread, 2 folds need 4 groups and 3 or more folds 3: fewer folds never helps
+    assert [groups_needed(k) for k in (2, 3, 5, 10)] == [4, 3, 3, 3]
+    assert "at least 4 patients" in gap_advice(2) and "lower" not in gap_advice(2)
 
 
 def test_fold_column_is_honoured() -> None:

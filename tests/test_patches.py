@@ -192,6 +192,11 @@ def test_qupath_derived_classes_and_nested_annotations(tmp_path: Path, real: Pat
         0, 0, 500, 500, slide.mpp
     )
     assert lab[150, 150] == 2 and lab[250, 250] == 3
+    # QuPath before 0.4 wrote a derived class as one name: its base class too
+    parent["properties"]["classification"] = {"name": "A: Positive", "colorRGB": -3670016}
+    path.write_text(json.dumps([parent]))
+    lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
+    assert lab.read(0, 0, 500, 500, slide.mpp)[150, 150] == 1
     parent["properties"]["classification"] = {"names": ["Unicorn", "Positive"]}
     path.write_text(json.dumps([parent]))
     with pytest.raises(AnnotationError, match="'Unicorn: Positive', 'Unicorn'.*labels.names"):

@@ -275,6 +275,60 @@ def test_overlay_outline_and_dimming() -> None:
     np.testing.assert_array_equal(out[30:50, 30:50], rgb[30:50, 30:50])  # tissue untouched
 
 
+def _stained(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """H&E-like noise: pink with purple specks, JPEG-free."""
+    rng = np.random.default_rng(seed)
+    rgb = np.empty((*shape, 3), np.uint8)
+    rgb[:] = (215, 150, 200)
+    specks = rng.random(shape) < 0.3
+    rgb[specks] = (120, 70, 160)
+    return rgb
+
+
+@pytest.mark.parametrize("method", ["rgb", "otsu"])
+def test_black_no_data_is_not_tissue(method: str) -> None:
+    """Black scanner borders and no-data fill pass the RGB rule's upper bounds (and Otsu's
+    saturation is noise on them): they had been a third of such a slide's 'tissue'."""
+    rgb = np.full((200, 300, 3), 245, np.uint8)
+    rgb[:, :60] = (12, 12, 18)  # a black border, with a little noise
+    rgb[:, :60, 2] += np.random.default_rng(1).integers(0, 9, (200, 60), dtype=np.uint8)
+    rgb[50:150, 120:220] = _stained((100, 100))
+    mask, stats = detect_tissue(rgb, 8.0, settings(method=method, min_object_um2=0))
+    assert not mask[:, :60].any()
+    assert mask[50:150, 120:220].mean() > 0.95 and not mask[:, 230:].any()
+    assert stats["thresholds"]["no_data_max"] == 40
+
+
+def test_otsu_falls_back_to_the_rgb_rule_without_glass() -> None:
+    """A field of tissue with no glass in view: Otsu's split runs through the tissue (it had
+    kept 37% of an all-tissue slide in 98 pieces); the RGB rule takes over, and says so."""
+    rgb = _stained((160, 160))
+    mask, stats = detect_tissue(rgb, 8.0, settings(method="otsu"))
+    assert mask.all()
+    assert stats["thresholds"]["fallback"] == "rgb"
+    assert stats["thresholds"]["background_tissue_by_rgb"] > 0.5
+    # with glass in view Otsu stands
+    mask, stats = detect_tissue(on_background(rgb), 8.0, settings(method="otsu"))
+    assert "fallback" not in stats["thresholds"] and mask[:160, :160].mean() > 0.95
+
+
+def test_overlay_outlines_tissue_at_the_picture_edge_and_has_a_caption() -> None:
+    from dsf.tissue import caption_overlay
+
+    rgb = _stained((120, 200))
+    rgb[:, 150:] = 245
+    mask, stats = detect_tissue(rgb, 8.0, settings(min_object_um2=0))
+    out = render_overlay(rgb, mask)
+    green = (out == (0, 255, 0)).all(axis=2)
+    assert green[0, 10:140].all() and green[:, 0].all()  # tissue running off the picture
+    st = settings()
+    captioned = caption_overlay(out, "slide-7", stats, st, mpp=8.0)
+    assert captioned.shape[1] == out.shape[1] and captioned.shape[0] > out.shape[0] + 30
+    np.testing.assert_array_equal(captioned[: out.shape[0]], out)
+    strip = captioned[out.shape[0] :]
+    assert (strip < 100).all(axis=2).sum() > 100  # title, keys and the scale bar's ink
+
+
 # -- the stage and its CLI ----------------------------------------------------------------
 def outputs(tmp_path: Path) -> dict[str, Path]:
     return {k: tmp_path / "out" / f"s.{k}" for k in ("tiff", "jpg", "json")}

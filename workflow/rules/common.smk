@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from dsf.annotations import base_class, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
-from dsf.folds import assign_folds, finetune_gaps
+from dsf.folds import assign_folds, finetune_gaps, gap_advice
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import load_sheet
@@ -95,11 +95,11 @@ elif gaps := finetune_gaps(FOLDS, LABELLED):
     logging.getLogger("dsf").warning(
         "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
         "at least 2 patients (groups) outside it, one to train on and one to choose the epoch "
-        "(%d annotated groups for folds.k %d); annotate slides of more patients or lower "
-        "folds.k",
+        "(%d annotated groups for folds.k %d); %s",
         gaps,
         SHEET.loc[list(LABELLED), "group"].nunique(),
         config["folds"]["k"],
+        gap_advice(config["folds"]["k"]),
     )
 
 
