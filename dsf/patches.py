@@ -471,11 +471,14 @@ def extract(
                 "tile": geo.tile,
                 "stride": geo.stride,
                 "grid": {"nx": geo.nx, "ny": geo.ny, "offset_x": geo.ox, "offset_y": geo.oy},
-                "class_names": classes,
+                # an unannotated slide's store holds no labels: no classes, no label settings
+                "class_names": classes if labels is not None else None,
                 "labelled": labels is not None,
                 "tissue_mask_mpp": mask_mpp,
-                "settings": settings,
-                "label_settings": label_settings,
+                "settings": settings
+                if labels is not None
+                else {k: v for k, v in settings.items() if k != "min_label_frac"},
+                "label_settings": label_settings if labels is not None else None,
                 "dsf_version": __version__,
                 "n_tiles": n,
                 **(attrs or {}),

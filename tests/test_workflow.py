@@ -521,9 +521,14 @@ def test_speed_settings_rerun_nothing(tmp_path: Path) -> None:
     run = ("--cores", "2", "--configfile", "cfg.yaml")
     target = "out/patches/CMU-1-Small-Region.zarr"
     smk(target, *run, cwd=tmp_path)
-    for fast in ("patches={shard_mb: 12, band_tiles: 4, threads: 1}",):
+    # speed settings; and label settings, which an unannotated slide's store does not use
+    for fast in (
+        "patches={shard_mb: 12, band_tiles: 4, threads: 1}",
+        "patches={min_label_frac: 0.3}",
+        "labels={names: {Tumour: 1}}",
+    ):
         out = smk(target, "-n", *run, "--config", fast, cwd=tmp_path).stdout
-        assert "Nothing to be done" in out, out
+        assert "Nothing to be done" in out, (fast, out)
     out = smk(target, "-n", *run, "--config", "patches={min_tissue: 0.4}", cwd=tmp_path).stdout
     assert "Params have changed" in out
     base = ("--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")

@@ -368,6 +368,22 @@ def mask_opts(wildcards, input):
     return " ".join(f"--mask {shlex.quote(pair)}" for pair in pairs)
 
 
+#: patches settings only an annotated slide's store uses
+LABEL_ONLY_PATCH_KEYS = ("min_label_frac",)
+
+
+def patches_opts(wildcards):
+    """The patches section as options; an unannotated slide's store does not depend on the
+    label-only keys, so changing them reruns only the annotated slides' stores."""
+    return stage_opts("patches", () if labels_input(wildcards) else LABEL_ONLY_PATCH_KEYS)
+
+
+def patches_label_opts(wildcards):
+    """The labels section as options for an annotated slide's store; none for another (its
+    store holds no labels, and a new class name must not rebuild it)."""
+    return stage_opts("labels") if labels_input(wildcards) else ""
+
+
 def labels_opt(wildcards, input):
     """`--labels PATH` when the slide has an annotation."""
     return f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else ""

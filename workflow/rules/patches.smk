@@ -12,9 +12,9 @@ rule patches:
     params:
         slide=slide_opts,
         labels=labels_opt,
-        opts=stage_opts("patches"),
+        opts=patches_opts,
         fast=fast_param("patches"),
-        classes=stage_opts("labels"),
+        classes=patches_label_opts,
     threads: config["patches"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
