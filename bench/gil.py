@@ -6,8 +6,8 @@ time (PIL's channel check, RGBA -> RGB and `tobytes` in `OpenSlide.read_region`)
 at every call. This measures it without a GPU: the main thread runs tiny torch ops (a stand-in
 for launches) while `threads` readers run `dsf.chunk_reader.ChunkReader._read` on a synthetic
 slide: with openslide-python's `read_region` (the previous reader), with dsf's direct read
-(`dsf.slide._OPENSLIDE_READ`), and with the context reduction left to the device as a GPU run
-does (here the "device" is the CPU, so only the reader's share is measured). Reported:
+(`dsf.slide_readers._OPENSLIDE_READ`), and with the context reduction left to the device as a
+GPU run does (here the "device" is the CPU, so only the reader's share is measured). Reported:
 main-thread ops/s and reader Mpx/s (target rows read; contexts not counted).
 
     python bench/gil.py --threads 2 16
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from extract import _ensure_synth  # noqa: E402 - bench helper reuse
 
-import dsf.slide  # noqa: E402
+import dsf.slide_readers  # noqa: E402
 from dsf.chunk_reader import ChunkReader  # noqa: E402
 from dsf.slide import open_slide  # noqa: E402
 from dsf.windows import make_grid, plan_bands  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
           f"{torch.__version__}; main thread alone: {ops / secs:,.0f} ops/s")  # fmt: skip
     print("| readers | reader | main-thread ops/s | reader Mpx/s |")
     print("|---|---|---|---|")
-    direct = dsf.slide._OPENSLIDE_READ
+    direct = dsf.slide_readers._OPENSLIDE_READ
     readers = (
         ("openslide-python read_region, contexts by PIL in the thread", None, False),
         ("dsf direct read, contexts by PIL in the thread", direct, False),
@@ -111,7 +111,7 @@ def main() -> None:
     )
     for threads in args.threads:
         for name, fn, device_contexts in readers:
-            dsf.slide._OPENSLIDE_READ = fn
+            dsf.slide_readers._OPENSLIDE_READ = fn
             ops_s, mpx_s = measure(path, threads, args.seconds, device_contexts)
             print(f"| {threads} | {name} | {ops_s:,.0f} | {mpx_s:.1f} |", flush=True)
 

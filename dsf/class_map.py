@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dsf.errors import ConfigError
-from dsf.slide import tiff_tag_mpp
+from dsf.slide_readers import tiff_tag_mpp
 
 log = logging.getLogger(__name__)
 

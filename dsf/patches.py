@@ -484,7 +484,19 @@ def extract(
                 **(attrs or {}),
             }
         )
-    log.info("%s: wrote %d tiles to %s", slide.slide_id, n, out)
+    if n < n_cand:
+        log.info(
+            "%s: wrote %d of the %d tissue tiles to %s (the other %d have a labelled fraction "
+            "under patches.min_label_frac %s)",
+            slide.slide_id,
+            n,
+            n_cand,
+            out,
+            n_cand - n,
+            settings["min_label_frac"],
+        )
+    else:
+        log.info("%s: wrote %d tiles to %s", slide.slide_id, n, out)
     return n
 
 

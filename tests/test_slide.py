@@ -367,7 +367,7 @@ def test_premultiplied_argb_over_background_matches_openslide_python() -> None:
     rounding) for partly transparent pixels, and is exact for opaque and empty ones."""
     from openslide.lowlevel import _load_image
 
-    from dsf.slide import _composite, _premultiplied_to_rgb
+    from dsf.slide_readers import _composite, _premultiplied_to_rgb
 
     rng = np.random.default_rng(0)
     alpha = rng.integers(0, 256, (40, 50), dtype=np.uint32)
@@ -390,13 +390,13 @@ def test_premultiplied_argb_over_background_matches_openslide_python() -> None:
 def test_openslide_python_fallback_reads_the_same_pixels(real: Path, monkeypatch) -> None:
     """Without openslide-python's ctypes entry point, reads go through `read_region` and
     give the same pixels, inside the slide and across its edge (background)."""
-    import dsf.slide
+    import dsf.slide_readers
 
     s = open_slide(real / "CMU-1-Small-Region.svs")
     w, h = s.dimensions
     boxes = [(700, 900, 300, 200), (w - 50, h - 40, 120, 90)]
     direct = [s.read(*box, s.mpp) for box in boxes]
-    monkeypatch.setattr(dsf.slide, "_OPENSLIDE_READ", None)
+    monkeypatch.setattr(dsf.slide_readers, "_OPENSLIDE_READ", None)
     for box, ref in zip(boxes, direct, strict=True):
         np.testing.assert_array_equal(s.read(*box, s.mpp), ref)
 
