@@ -410,6 +410,15 @@ class PolygonLabels(LabelSource):
         """The file's polygons with their class indices, in painting order."""
         raise NotImplementedError
 
+    @classmethod
+    def check_file(cls, path: Path, slide_id: str, settings: dict[str, Any]) -> None:
+        """Parse the file as opening it for a slide does, short of the slide's geometry: an
+        AnnotationError for a class `labels` cannot map, a malformed or an empty file."""
+        parser = cls.__new__(cls)
+        parser.slide_id, parser.path = slide_id, path
+        if not parser._parse(path, _name_map(settings), settings):
+            raise AnnotationError(slide_id, f"{path} holds no polygon annotations")
+
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         f = mpp / self._mpp0
         out = np.zeros((height, width), np.uint8)
@@ -549,6 +558,53 @@ class GeoJSONLabels(PolygonLabels):
     def _malformed(self, path: Path, where: str, wrong: str) -> AnnotationError:
         """The error for a feature of the file that is not valid GeoJSON."""
         return AnnotationError(self.slide_id, f"{path}: {where} {wrong}; {self.FIX}")
+
+
+#: Seconds `check_annotations` spends before leaving the other files to their jobs.
+CHECK_BUDGET_S = 10.0
+
+
+def check_annotations(
+    files: dict[str, str], settings: dict[str, Any], budget_s: float = CHECK_BUDGET_S
+) -> None:
+    """Parse the sheet's polygon annotations (GeoJSON, XML) before any job runs: a class name
+    that `labels.classes`/`labels.names` cannot map, or a malformed or empty file, stops the
+    run at once naming every such slide, instead of failing one patches job per slide after
+    the tissue jobs ran. Raster masks need their pixels and are left to their jobs, as is what
+    `budget_s` leaves unchecked."""
+    import time
+
+    check_label_settings(settings)
+    start = time.monotonic()
+    problems: list[str] = []
+    unchecked = 0
+    for sid, name in files.items():
+        path = Path(name)
+        kind = {".geojson": GeoJSONLabels, ".json": GeoJSONLabels, ".xml": XMLLabels}.get(
+            path.suffix.lower()
+        )
+        if kind is None:
+            continue
+        if time.monotonic() - start > budget_s:
+            unchecked += 1
+            continue
+        if not path.is_file():  # a workflow output (synthetic), or Snakemake names it missing
+            continue
+        try:
+            kind.check_file(path, sid, settings)
+        except AnnotationError as exc:
+            problems.append(str(exc))
+    if unchecked:
+        log.info(
+            "%d annotation files are checked by their own jobs (over %.0f s)", unchecked, budget_s
+        )
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(
+            f"{len(problems)} of the sheet's annotations cannot be used; fix them (or the "
+            f"`labels` column, labels.classes or labels.names) before running:\n{shown}{more}"
+        )
 
 
 def open_labels(

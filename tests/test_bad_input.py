@@ -444,6 +444,59 @@ def test_sheet_paths_are_never_interpreted_by_a_shell(work: Path, tmp_path: Path
     assert not [p for p in made if p.name in MARKERS]
 
 
+def test_annotations_that_cannot_be_used_stop_the_run_before_any_job(
+    work: Path, tmp_path: Path
+) -> None:
+    """A class name labels.classes lacks, or a malformed GeoJSON, had failed one patches job
+    per slide, after the tissue jobs ran: every such slide is named at once, nothing runs."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    square = [[[10, 10], [90, 10], [90, 90], [10, 90], [10, 10]]]
+
+    def geojson(name: str) -> dict:
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": square},
+            "properties": {"classification": {"name": name}},
+        }
+
+    rows = ["slide\tpath\tlabels"]
+    for sid, text in (
+        ("good", json.dumps([geojson(CLASSES[1])])),
+        ("tumor", json.dumps([geojson("Tumor")])),
+        ("broken", '{"type": "FeatureCollection", "features": [{"type": '),
+    ):
+        shutil.copy(work / "A.tiff", wd / f"{sid}.tiff")
+        (wd / f"{sid}.geojson").write_text(text)
+        rows.append(f"{sid}\t{sid}.tiff\t{sid}.geojson")
+    (wd / "sheet.tsv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "results": "out",
+        "slides": "sheet.tsv",
+        "labels": {"classes": CLASSES},
+        "folds": {"k": 2},
+    }
+    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = os.environ | {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "--cores", "1",
+         "--configfile", "cfg.yaml"],
+        cwd=wd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert "2 of the sheet's annotations cannot be used" in said, said
+    assert "slide 'tumor'" in said and "'Tumor', which is not one of labels.classes" in said
+    assert "slide 'broken'" in said and "cannot read GeoJSON" in said
+    assert "slide 'good'" not in said and not (wd / "out").exists()
+    # past its time budget the check leaves the rest to the jobs, which check them again
+    from dsf.annotations import check_annotations
+    from dsf.config import defaults
+
+    files = {sid: str(wd / f"{sid}.geojson") for sid in ("tumor", "broken")}
+    check_annotations(files, defaults("labels") | {"classes": CLASSES}, budget_s=-1)
+
+
 # -- model files ------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import shlex
 from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
-from dsf.annotations import base_class, check_label_settings
+from dsf.annotations import base_class, check_annotations, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
 from dsf.folds import assign_folds, finetune_gaps, gap_advice
@@ -76,6 +76,12 @@ if APPLY:  # what would stop the run midway or mix models, refused before anythi
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
 PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
+# class names and the files' form, once, before any job (not again inside each cluster job)
+if workflow.is_main_process:
+    check_annotations(
+        {s: SHEET.loc[s, "labels"] for s in SHEET.index if SHEET.loc[s, "labels"]},
+        config["labels"],
+    )
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
