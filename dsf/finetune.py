@@ -289,6 +289,7 @@ class FineTuner:
         return loss
 
     def train_epoch(self) -> float:
+        """One epoch over the sampled labelled tiles (paper IV-C); the mean training loss."""
         self.sampler.set_epoch(self.epoch)
         self.train.set_epoch(self.epoch)
         gen = torch.Generator(device=self.device).manual_seed(self.st["seed"] * 7919 + self.epoch)
@@ -340,6 +341,8 @@ class FineTuner:
         return scores(cm)
 
     def fit(self) -> None:
+        """Train up to `epochs`, scoring the selection slides after each epoch and keeping the
+        best state by macro F1; checkpointed every epoch."""
         while self.epoch < self.st["epochs"]:
             t0 = time.perf_counter()
             loss = self.train_epoch()
@@ -375,6 +378,7 @@ class FineTuner:
         self.write_history()  # also when a resumed run had no epoch left (killed while exporting)
 
     def write_history(self) -> None:
+        """history.tsv: loss and selection scores per epoch (atomically)."""
         with atomic_path(self.out_dir / "history.tsv") as tmp:
             pd.DataFrame(self.history, columns=HISTORY_COLUMNS).to_csv(tmp, sep="\t", index=False)
 
@@ -391,6 +395,7 @@ class FineTuner:
         }
 
     def save_checkpoint(self) -> None:
+        """checkpoint.pt: the full training state, for a resume after a kill."""
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             best=self.best, history=self.history, hyper=self._hyper(),
@@ -398,6 +403,7 @@ class FineTuner:
         )  # fmt: skip
 
     def resume(self) -> bool:
+        """Load the checkpoint if there is one (refused if trained otherwise); True if loaded."""
         if not self.checkpoint_path.exists():
             return False
         state = checkpoints.resume_training(
@@ -411,6 +417,7 @@ class FineTuner:
         return True
 
     def export(self) -> None:
+        """model.pt: the best epoch's weights with everything inference and scoring need."""
         out = {
             "state_dict": self.best["state"],
             "epoch": self.best["epoch"],

@@ -405,6 +405,7 @@ class Trainer:
             )
 
     def train_epoch(self, progress: bool = True) -> dict[str, float]:
+        """One epoch of DSF-WSI steps (paper III); its row of log.tsv (losses, z_std, speed)."""
         self.sampler.set_epoch(self.epoch)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.st["seed"] * 7_919 + self.epoch * 104_729 + self.rank)
@@ -509,6 +510,7 @@ class Trainer:
                 signal.signal(s, handler)
 
     def fit(self, progress: bool = True) -> None:
+        """Train up to `epochs`; a stop signal checkpoints mid-epoch and raises StoppedError."""
         with self._stop_on_signals():
             self._fit(progress)
 
@@ -551,10 +553,12 @@ class Trainer:
         self.loader.close()
 
     def write_log(self) -> None:
+        """log.tsv: one row per epoch (atomically)."""
         with atomic_path(self.out_dir / "log.tsv") as tmp:
             pd.DataFrame(self.history, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False)
 
     def export_encoders(self) -> None:
+        """encoders.pt: both encoders and what fine-tuning needs to know of them (rank 0)."""
         if self.rank != 0:
             return
         state = self.model.encoder_state() | {
