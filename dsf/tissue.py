@@ -393,7 +393,13 @@ def _no_tissue(slide: Slide, settings: dict[str, Any], stats: dict[str, Any]) ->
             f"{stats['thresholds']['otsu_saturation']:.3f})"
         )
     other = "otsu" if method == "rgb" else "rgb"
-    pen = "; or set tissue.pen_marks false" if settings["pen_marks"] else ""
+    ink = stats.get("pen_fraction", 0.0)
+    pen = (
+        f"; {100 * ink:.1f}% of the slide was taken for pen ink: if that was tissue, set "
+        "tissue.pen_marks false (a slide holding only ink is rightly empty)"
+        if settings["pen_marks"] and ink > 0
+        else ""
+    )
     return TissueError(
         slide.slide_id,
         f"no tissue found in {slide.path} (method {method!r} on a {stats['mask_mpp']} um/px "

@@ -118,6 +118,12 @@ def test_pen_only_tiles_lose_their_ink(name: str) -> None:
     assert fraction(name, pen_marks=False) > 0.4  # ink passes the colour rule ...
     assert fraction(name, pen_marks=True) < 0.2  # ... and is rejected as ink
     assert fraction(name, pen_marks=True, method="otsu") < 0.2
+    if name == "no-tissue-green-pen.png":  # nothing but ink: the error says what was taken
+        with (
+            open_slide(TILES / name, mpp=TILE_MPP) as slide,
+            pytest.raises(TissueError, match=r"% of the slide was taken for pen ink: if that"),
+        ):
+            tissue_for_slide(slide, tile_settings(pen_marks=True))
 
 
 @pytest.mark.parametrize("name", TISSUE_TILES + ["medium-nuclei-score-level1.png"])
