@@ -109,13 +109,14 @@ def with_provenance(df: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
 
 def write_tsv(df: pd.DataFrame, out: Path) -> None:
     """A TSV written atomically (NaN as `nan`, so an empty score is visible, never a 0);
-    counts (`n_*`, `cm_*`) stay integers."""
+    counts (`n_*`, `cm_*`) stay integers; scores to 10 significant digits, so means taken of
+    the per-slide files agree with the exact ones far below the tables' 4 decimals."""
     df = df.copy()
     for c in df.columns:
         if str(c).startswith(("n_", "cm_")):
             df[c] = pd.to_numeric(df[c]).astype("Int64")
     with atomic_path(out) as tmp:
-        df.to_csv(tmp, sep="\t", index=False, na_rep="nan", float_format="%.6g")
+        df.to_csv(tmp, sep="\t", index=False, na_rep="nan", float_format="%.10g")
 
 
 # -- tile protocol ----------------------------------------------------------------------------

@@ -31,8 +31,15 @@ def overlay(thumbnail: np.ndarray, classes: np.ndarray, n: int, alpha: float = 0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _bars(ax: Any, df: pd.DataFrame, classes: list[str], title: str) -> None:
-    """Grouped bars: classes on x, one bar per method (mean rows, std rows as error bars)."""
+#: Bar colours (Okabe-Ito and a grey), given to methods in order of first appearance.
+PALETTE = ["#4d4d4d", "#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9"]
+
+
+def _bars(
+    ax: Any, df: pd.DataFrame, classes: list[str], title: str, colours: dict[str, str]
+) -> None:
+    """Grouped bars: classes on x, one bar per method (mean rows, std rows as error bars), each
+    method in its colour of `colours`, the same in every panel."""
     k = len(classes) - 1
     methods = list(dict.fromkeys(df["init"])) if len(df) else []
     ax.set_title(title, fontsize=9)
@@ -44,7 +51,6 @@ def _bars(ax: Any, df: pd.DataFrame, classes: list[str], title: str) -> None:
         ax.text(0.5, 0.5, "n/a: no results", ha="center", va="center", transform=ax.transAxes)
         return
     width = 0.8 / len(methods)
-    palette = ["#4d4d4d", "#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9"]
     for j, method in enumerate(methods):
         sub = df[df["init"] == method]
         mean = sub[sub["fold"] == "mean"]
@@ -53,7 +59,7 @@ def _bars(ax: Any, df: pd.DataFrame, classes: list[str], title: str) -> None:
         e = np.array([float(std[f"f1_{c}"].iloc[0]) if len(std) else np.nan for c in classes[1:]])
         x = np.arange(k) - 0.4 + width * (j + 0.5)
         ok = np.isfinite(h)
-        colour = palette[j % len(palette)]
+        colour = colours[method]
         label = method if ok.any() else f"{method} (n/a)"
         ax.bar(x[ok], h[ok], width, label=label, color=colour)
         err = ok & np.isfinite(e)  # no error bar where the std is n/a (one fold)
@@ -121,12 +127,15 @@ def evaluation_figure(
     grid = fig.add_gridspec(nrows, 2 * ncols)
     frac_txt = f", label fraction {frac * 100:g}%" if frac is not None else ""
     slide_title = f"Whole-slide protocol, mean (std) over {over[1]}"
+    frames = [slide] if tile_scores is None else [tile, slide]
+    methods = dict.fromkeys(m for f in frames if len(f) for m in f["init"])
+    by_method = {m: PALETTE[j % len(PALETTE)] for j, m in enumerate(methods)}
     if tile_scores is None:
-        _bars(fig.add_subplot(grid[0, :]), slide, classes, slide_title)
+        _bars(fig.add_subplot(grid[0, :]), slide, classes, slide_title, by_method)
     else:
         tile_title = f"Tile protocol{frac_txt}, mean (std) over {over[0]}"
-        _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, tile_title)
-        _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, slide_title)
+        _bars(fig.add_subplot(grid[0, :ncols]), tile, classes, tile_title, by_method)
+        _bars(fig.add_subplot(grid[0, ncols:]), slide, classes, slide_title, by_method)
     n = len(classes)
     for r, sid in enumerate(slides, start=1):
         entry = shown[sid]

@@ -653,3 +653,33 @@ def test_cohort_tables_tile_protocol_per_model(tmp_path) -> None:  # noqa: ANN00
     assert main([*args, "--tile-scores", str(out / "e_tiles.tsv")]) == 0
     assert "No result: no tile" in (out / "e.md").read_text()
     assert len(pd.read_csv(out / "e_tiles.tsv", sep="\t")) == 0
+
+
+def test_a_method_has_one_colour_in_both_bar_panels(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Colours had followed each panel's own order: with dsf alone in the whole-slide panel,
+    its bars took the colour random had in the tile panel."""
+    import matplotlib.colors as mcolors
+
+    import dsf.figures as figures
+
+    seen: dict[str, dict[str, str]] = {}
+    real = figures._bars
+
+    def spy(ax, df, classes, title, colours):  # noqa: ANN001, ANN202
+        real(ax, df, classes, title, colours)
+        seen[title] = {c.get_label(): mcolors.to_hex(c.patches[0].get_facecolor())
+                       for c in ax.containers if hasattr(c, "patches") and c.patches}  # fmt: skip
+
+    monkeypatch.setattr(figures, "_bars", spy)
+
+    def rows(inits: list[str]) -> pd.DataFrame:
+        base = {"f1": 0.55, "f1_A": 0.5, "f1_B": 0.6, "fraction": 1.0}
+        return pd.DataFrame([base | {"init": i, "fold": f} for i in inits for f in ("mean", "std")])
+
+    slide = rows(["dsf"]).assign(level=lambda d: d["fold"])
+    figures.evaluation_figure(
+        rows(["random", "dsf"]), slide, TWO, [], tmp_path / "f.png", panel_slides=0
+    )
+    tile, whole = (seen[t] for t in sorted(seen, key=lambda t: not t.startswith("Tile")))
+    assert set(tile) == {"random", "dsf"} and set(whole) == {"dsf"}
+    assert whole["dsf"] == tile["dsf"] != tile["random"]
