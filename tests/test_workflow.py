@@ -17,6 +17,12 @@ import yaml
 import zarr
 
 REPO = Path(__file__).resolve().parents[1]
+#: A QuPath GeoJSON of one polygon of the schema's first class (the run start parses it)
+ANNOTATION = (
+    '{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": '
+    '"Polygon", "coordinates": [[[10, 10], [90, 10], [90, 90], [10, 10]]]}, "properties": '
+    '{"classification": {"name": "TUM"}}}]}'
+)
 BIN = str(Path(sys.executable).parent)
 # The workflow tests cover the data stages; pretraining is tested in test_pretrain.py.
 UNTIL = ("--until", "patches", "folds")
@@ -213,7 +219,7 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
     assert "no slide of the sheet has an annotation" in done.stderr
     # once annotated, the folds are back, and folds.k 5 is more than the 3 patients
-    (folder / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (folder / "A.geojson").write_text(ANNOTATION)
     refused = smk(
         "-n", "--cores", "2", "--config", f"slides={folder}", f"results={tmp_path / 'res'}",
         check=False,
@@ -597,7 +603,7 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert all("--models old/fold0/model.pt old/fold1/model.pt --routing" in ln for ln in dsf)
     assert sum("--models one.pt --routing" in ln for ln in infer) == 2
     # an annotated slide is scored per model set, and the scores tabled over slides
-    (tmp_path / "slides" / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (tmp_path / "slides" / "A.geojson").write_text(ANNOTATION)
     out = _plan(tmp_path, cfg).stdout
     counts = job_counts(out)
     assert counts["evaluate_slide"] == 2 and counts["evaluate_cohort"] == 1
@@ -623,7 +629,7 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
     import torch
 
     cfg = _prediction_workdir(tmp_path, real)
-    (tmp_path / "slides" / "A.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (tmp_path / "slides" / "A.geojson").write_text(ANNOTATION)
     cfg["apply"]["each_model"] = True
     out = _plan(tmp_path, cfg).stdout
     counts = job_counts(out)  # the name of one model is not mapped twice
