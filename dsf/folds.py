@@ -161,11 +161,14 @@ def read_folds(path: str | Path) -> pd.DataFrame:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsf folds", description=__doc__)
-    p.add_argument(
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument(
         "--sheet-json",
-        required=True,
         help="the slide sheet as inline JSON records (not a file), e.g. "
         '\'[{"slide": "a", "group": "p1", "fold": null, "labelled": true}]\'',
+    )
+    given.add_argument(
+        "--sheet-file", type=Path, help="a file of those records (the workflow's folds rule)"
     )
     p.add_argument("--out", required=True, type=Path, help="folds.tsv to write")
     add_section_arguments(p, "folds")
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         settings = section_from_args(args, "folds")
         try:
-            sheet = pd.DataFrame(json.loads(args.sheet_json))
+            text = args.sheet_json if args.sheet_file is None else args.sheet_file.read_text()
+            sheet = pd.DataFrame(json.loads(text))
         except ValueError as exc:
             raise ConfigError(
                 f"--sheet-json is not JSON records ({exc}): give the records themselves, "

@@ -122,7 +122,9 @@ def validate_rows(
 ) -> pd.DataFrame:
     """Validate sheet rows (dicts), resolve paths against `base`, return the sheet. Errors
     name a row by its line in the sheet file when `lines` gives them, else by its number."""
-    schema = load_schema("slides")
+    # one compiled validator: `jsonschema.validate` checks the schema itself at every call,
+    # which dominated reading a sheet of thousands of slides (in every cluster job's start)
+    validator = jsonschema.Draft202012Validator(load_schema("slides"))
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     for n, raw in enumerate(rows, start=1):
@@ -143,7 +145,7 @@ def validate_rows(
                     "is empty; fill it or remove the line"
                 )
         try:
-            jsonschema.validate(row, schema)
+            validator.validate(row)
         except jsonschema.ValidationError as exc:
             col = ".".join(str(p) for p in exc.path) or "row"
             raise ConfigError(

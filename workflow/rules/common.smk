@@ -60,6 +60,8 @@ FOLDS = (
     if LABELLED and not APPLY
     else SHEET[["slide", "group"]].assign(fold=0).reset_index(drop=True)
 )
+# slide -> fold, looked up per job (FOLDS.set_index per call was quadratic in the slides)
+FOLD_OF = {str(r.slide): int(r.fold) for r in FOLDS.itertuples()}
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
@@ -262,7 +264,7 @@ def infer_routing(slide):
     if APPLY:
         return "given", []
     if slide in LABELLED:
-        return "out_of_fold", [int(FOLDS.set_index("slide").loc[slide, "fold"])]
+        return "out_of_fold", [FOLD_OF[slide]]
     fold = config["infer"]["unlabelled_fold"]
     if fold is None:
         return "ensemble", list(FOLD_IDS)
@@ -297,11 +299,10 @@ def member_infer_inputs(wildcards):
 
 def labelled_stores(fold=None):
     """Patch stores of the annotated slides (of validation fold `fold`, when given)."""
-    of = FOLDS.set_index("slide")["fold"]
     return [
         f"{RESULTS}/patches/{s}.zarr"
         for s in sorted(LABELLED)
-        if fold is None or int(of.loc[s]) == int(fold)
+        if fold is None or FOLD_OF[s] == int(fold)
     ]
 
 

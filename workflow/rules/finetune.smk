@@ -30,7 +30,7 @@ rule finetune:
     resources:
         gpu=config["finetune"]["gpus"],
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=lambda wildcards, attempt: 720 * attempt,
+        runtime=720,  # a retry resumes from its last epoch's checkpoint
     conda:
         "../../envs/dsf.yaml"
     log:

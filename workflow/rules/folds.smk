@@ -18,5 +18,5 @@ rule folds:
         f"{RESULTS}/logs/folds.log",
     benchmark:
         f"{RESULTS}/benchmarks/folds.tsv"
-    shell:
-        "dsf folds --sheet-json {params.sheet:q} --out {output:q} {params.opts} 2> {log:q}"
+    script:
+        "../scripts/folds.py"

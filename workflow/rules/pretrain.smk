@@ -26,8 +26,9 @@ rule pretrain:
         # per process: the tile ring in /dev/shm (1.8 GiB at 8 workers, batch 32 of 1024 px),
         # the workers (about 0.5 GB each) and the training process
         mem_mb=lambda wildcards, attempt: 16000 * max(1, config["pretrain"]["gpus"]) * attempt,
-        # a retry resumes from the last checkpoint, so each attempt adds epochs
-        runtime=lambda wildcards, attempt: 1440 * attempt,
+        # a retry resumes from the last checkpoint and adds epochs: one job's 24 h each time
+        # (a growing request would outgrow the 24-48 h most GPU partitions cap a job at)
+        runtime=1440,
         # torchrun starts every process on one machine
         nodes=1,
         # SIGUSR1 5 minutes before the time limit: the job checkpoints where it is and its
