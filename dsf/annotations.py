@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -560,6 +561,12 @@ class GeoJSONLabels(PolygonLabels):
         return AnnotationError(self.slide_id, f"{path}: {where} {wrong}; {self.FIX}")
 
 
+#: Annotation file suffix -> its polygon reader (`open_labels` reads anything else as a raster).
+_POLYGON_READERS: dict[str, type[PolygonLabels]] = {
+    ".geojson": GeoJSONLabels,
+    ".json": GeoJSONLabels,
+    ".xml": XMLLabels,
+}
 #: Seconds `check_annotations` spends before leaving the other files to their jobs.
 CHECK_BUDGET_S = 10.0
 
@@ -572,17 +579,13 @@ def check_annotations(
     run at once naming every such slide, instead of failing one patches job per slide after
     the tissue jobs ran. Raster masks need their pixels and are left to their jobs, as is what
     `budget_s` leaves unchecked."""
-    import time
-
     check_label_settings(settings)
     start = time.monotonic()
     problems: list[str] = []
     unchecked = 0
     for sid, name in files.items():
         path = Path(name)
-        kind = {".geojson": GeoJSONLabels, ".json": GeoJSONLabels, ".xml": XMLLabels}.get(
-            path.suffix.lower()
-        )
+        kind = _POLYGON_READERS.get(path.suffix.lower())
         if kind is None:
             continue
         if time.monotonic() - start > budget_s:
@@ -622,10 +625,9 @@ def open_labels(
         raise AnnotationError(
             slide_id, f"annotation {path} not found; fix the `labels` column of the sheet"
         )
-    if path.suffix.lower() in {".geojson", ".json"}:
-        return GeoJSONLabels(path, slide_id, slide_dims, mpp0, settings)
-    if path.suffix.lower() == ".xml":
-        return XMLLabels(path, slide_id, slide_dims, mpp0, settings)
+    reader = _POLYGON_READERS.get(path.suffix.lower())
+    if reader is not None:
+        return reader(path, slide_id, slide_dims, mpp0, settings)
     return RasterLabels(path, slide_id, slide_dims, mpp0, settings)
 
 

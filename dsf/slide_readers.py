@@ -282,10 +282,9 @@ class _TiffBackend(Backend):
         self._local.tf = tf
         series = tf.series[0]
         mpp_x = mpp_y = None
-        source = "TIFF resolution tags"
+        source = "OME PhysicalSizeX/Y values"
         if tf.is_ome and tf.ome_metadata:
             mpp_x, mpp_y = _ome_mpp(tf.ome_metadata), _ome_mpp(tf.ome_metadata, "Y")
-            source = "OME PhysicalSizeX/Y values"
             if len(series.levels) == 1:
                 flat = tifffile.TiffFile(str(path), is_ome=False)
                 plain = flat.series[0]
@@ -422,15 +421,16 @@ def is_plain_image(path: Path) -> bool:
     return path.suffix.lower() in _IMAGE_SUFFIXES and not _is_tiff(path)
 
 
-def _tiff_level_count(path: Path) -> int:
-    """Pyramid levels tifffile sees in the file's first series (SubIFDs included)."""
+def _tiff_layout(path: Path) -> tuple[bool, int]:
+    """(OME-TIFF?, pyramid levels tifffile sees in the first series, SubIFDs included), from
+    one parse; (False, 0) when tifffile cannot parse it (the backends then report why)."""
     import tifffile
 
     try:
         with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
-            return len(tf.series[0].levels)
+            return bool(tf.is_ome), len(tf.series[0].levels)
     except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands
-        return 0
+        return False, 0
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:
@@ -548,8 +548,8 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
 
 def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) -> Backend | None:
     """The first backend that opens the file: PIL for plain images (by content), OpenSlide for
-    its formats (a generic TIFF whose pyramid only tifffile sees, in SubIFDs, goes to
-    tifffile), tifffile for OME-TIFF and the TIFFs OpenSlide refuses."""
+    its formats, tifffile for the TIFFs whose pyramid OpenSlide does not see (OME-TIFF, a
+    generic TIFF with its levels in SubIFDs) and those OpenSlide refuses."""
     if is_plain_image(path):
         backend = _try(_ImageBackend, path, check, errors, "PIL")
     else:
@@ -565,30 +565,17 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
                 "from the sheet",
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
+        # what tifffile sees, only where OpenSlide would otherwise read the file
+        ome, tiff_levels = _tiff_layout(path) if is_tiff and vendor is not None else (False, 0)
         backend = None
-        if vendor is not None and not (is_tiff and _is_ome(path)):
+        if vendor is not None and not ome:
             backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
-        if (
-            backend is not None
-            and vendor == "generic-tiff"
-            and _tiff_level_count(path) > len(backend.levels)
-        ):
+        if backend is not None and vendor == "generic-tiff" and tiff_levels > len(backend.levels):
             backend.close()
             backend = None
         if backend is None and is_tiff:
             backend = _try(_TiffBackend, path, check, errors, "tifffile")
     return backend
-
-
-def _is_ome(path: Path) -> bool:
-    """OME-TIFF files go to tifffile: OpenSlide ignores their SubIFD pyramids."""
-    import tifffile
-
-    try:
-        with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
-            return bool(tf.is_ome)
-    except Exception:  # noqa: BLE001 - unparsable TIFF: let the backends report it
-        return False
 
 
 def backend_name(backend: Backend) -> str:
