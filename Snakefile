@@ -38,6 +38,7 @@ include: "workflow/rules/report.smk"
 # a moment's work each: run by Snakemake itself, not queued on a cluster
 localrules:
     all,
+    data,
     folds,
     curves_pretrain,
     curves_finetune,
@@ -48,3 +49,9 @@ rule all:
     input:
         all_outputs(),
     default_target: True
+
+
+# `snakemake data`: the data stages only (tissue, patches, labels, folds), before any training
+rule data:
+    input:
+        data_outputs(),

@@ -112,9 +112,8 @@ def run_extract(
     slide = open_slide(slide_path, mpp=mpp)
     mask, mask_mpp = read_mask(mask_path)
     st = _settings(target, threads)
-    labels = defaults("labels")
     t0 = time.perf_counter()
-    n = extract(slide, mask, mask_mpp, Path(out), st, labels, progress=False)
+    n = extract(slide, mask, mask_mpp, Path(out), st, progress=False)
     dt = time.perf_counter() - t0
     return {"mode": "extract", "seconds": dt, "tiles": n, "peak_rss_mb": _peak_rss_mb()}
 

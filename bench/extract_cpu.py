@@ -3,7 +3,7 @@
 `bench/extract.py` compares extraction with reading the needed pixels once. This script says
 why they differ: it runs `dsf.patches.extract` once at the paper's geometry and splits the
 process's CPU time per written tile into the reader threads' (`Slide.read`: decoding and
-resampling), the main thread's (cutting tiles, the context level, labels) and the rest (the
+resampling), the main thread's (cutting tiles, the context level) and the rest (the
 writer thread and Zarr's codec pool: Blosc compression and shard assembly). The main thread's
 share bounds extraction on many cores (1 / its time per tile); decoding over the total bounds
 the read-once ratio on any number of cores.
@@ -57,10 +57,7 @@ def main() -> None:
     mask, mask_mpp = read_mask(args.mask)
     with tempfile.TemporaryDirectory() as tmp:
         cpu0, main0, wall0 = _cpu(), time.thread_time(), time.perf_counter()
-        n = extract(
-            slide, mask, mask_mpp, Path(tmp) / "s.zarr", settings, defaults("labels"), None,
-            progress=False,
-        )  # fmt: skip
+        n = extract(slide, mask, mask_mpp, Path(tmp) / "s.zarr", settings, progress=False)
         wall, main = time.perf_counter() - wall0, time.thread_time() - main0
         cpu = _cpu() - cpu0
     ms = {k: 1000 * v / n for k, v in (("read", reads[0]), ("main", main), ("all", cpu))}

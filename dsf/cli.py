@@ -14,6 +14,7 @@ STAGES = {
     "tissue": "dsf.tissue",
     "labels": "dsf.labels",
     "patches": "dsf.patches",
+    "tile-labels": "dsf.tile_labels",
     "folds": "dsf.folds",
     "norm": "dsf.norm",
     "pretrain": "dsf.pretrain",

@@ -38,6 +38,7 @@ from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
 from dsf.model_sets import trained_on
 from dsf.runner import run, setup_logging
+from dsf.tile_labels import LabelledStore, pair_stores
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,6 @@ def write_tsv(df: pd.DataFrame, out: Path) -> None:
 # -- tile protocol ----------------------------------------------------------------------------
 
 
-def _store_slide(store: Path) -> str:
-    from dsf.tiles import open_store
-
-    return str(open_store(store).attrs["slide_id"])
-
-
 def check_not_trained_on(cmap: ClassMap, slide: str) -> None:
     """Refuse to score a prediction run's map of a slide that one of its models was fitted or
     selected on (by slide id, as the tile protocol refuses its store): that is not validation.
@@ -186,45 +181,50 @@ def _check_geometry(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
             f"patch store {store} has scale, block, target mpp {got}, the model {want}: "
             "evaluate with stores cut by the same patches settings as fine-tuning"
         )
+
+
+def _check_classes(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
+    """The labels store must name the classes the model was fine-tuned on."""
     names = attrs.get("class_names")
     if names is not None and list(names) != list(predictor.classes):
         raise ConfigError(
-            f"patch store {store} has classes {list(names)}, the model {predictor.classes}: "
-            "labels.classes must be the same for patches, finetune and evaluate"
+            f"labels store {store} has classes {list(names)}, the model {predictor.classes}: "
+            "labels.classes must be the same for tile-labels, finetune and evaluate"
         )
 
 
-def tile_confusion(predictor: Any, store: Path, batch_size: int) -> tuple[int, np.ndarray]:
-    """(kept tiles, confusion) of the centre blocks of one labelled store."""
+def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tuple[int, np.ndarray]:
+    """(labelled tiles, confusion) of the centre blocks of one slide's labelled tiles."""
     from dsf.tiles import open_store, store_array
 
-    g = open_store(store)
-    slide = str(g.attrs["slide_id"])
-    if "labels" not in g:
-        raise ConfigError(f"patch store {store} of slide {slide!r} has no labels: unannotated")
-    _check_geometry(dict(g.attrs), predictor, store)
+    g, lab = open_store(store.tiles), open_store(store.labels)
+    _check_geometry(dict(g.attrs), predictor, store.tiles)
+    _check_classes(dict(lab.attrs), predictor, store.labels)
     k = len(predictor.classes) - 1
     b, scale = predictor.block, predictor.scale
     c0 = b * (scale - 1) // 2  # the centre b x b block of the scale*b tile (as LabelledTiles)
     centre = slice(c0, c0 + b)
-    n = int(g.attrs["n_tiles"])
+    n = int(lab.attrs["n_tiles"])
     cm = np.zeros((k, k + 1), np.int64)
     # reads that fail name the store, the tiles and the fix
-    contexts, tiles, labels = (store_array(g, a, store) for a in ("context", "tiles", "labels"))
+    contexts, tiles = (store_array(g, a, store.tiles) for a in ("context", "tiles"))
+    labels = store_array(lab, "labels", store.labels)
+    tile_of = store_array(lab, "index", store.labels)[:]
     for i0 in range(0, n, batch_size):
         i1 = min(n, i0 + batch_size)
-        ctx = torch.from_numpy(contexts[i0:i1])
-        tgt = torch.from_numpy(np.ascontiguousarray(tiles[i0:i1, centre, centre]))
-        lab = labels[i0:i1, centre, centre]
+        which = tile_of[i0:i1]
+        ctx = torch.from_numpy(np.stack([contexts[int(t)] for t in which]))
+        tgt = torch.from_numpy(np.stack([tiles[int(t), centre, centre] for t in which]))
+        lab_blocks = labels[i0:i1, centre, centre]
         probs = predictor.probabilities(ctx, tgt)
         pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
-        cm += confusion(pred, lab, k)
+        cm += confusion(pred, lab_blocks, k)
     return n, cm
 
 
 def evaluate_tiles(
     predictor: Any,
-    stores: list[Path],
+    stores: list[LabelledStore],
     batch_size: int,
     model: Path,
     folds: pd.DataFrame | None = None,
@@ -233,7 +233,7 @@ def evaluate_tiles(
     """One row per store: slide, fold, init, fraction, model, n_tiles, confusion counts and
     scores. `method` names the rows (default the model's init)."""
     meta = predictor.meta
-    slides = [_store_slide(s) for s in stores]
+    slides = [s.slide for s in stores]
     check_validation_stores(slides, meta, model, folds)
     rows = []
     for slide, store in zip(slides, stores, strict=True):
@@ -391,6 +391,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--stores", nargs="*", default=[], type=Path, help="labelled validation stores of fold k"
     )
+    t.add_argument(
+        "--label-stores",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="their labels stores (.labels.zarr of `dsf tile-labels`)",
+    )
     t.add_argument("--folds", type=Path, help="folds.tsv: also refuse stores of other folds")
     t.add_argument("--method", help="the rows' method name (default: the model's init)")
     t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
@@ -460,9 +467,8 @@ def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
     predictor = load_predictor(args.model, use_device(st["device"], "evaluate.device"), st["amp"])
     folds = read_folds(args.folds) if args.folds else None
-    df = evaluate_tiles(
-        predictor, list(args.stores), st["batch_size"], args.model, folds, args.method
-    )
+    stores = pair_stores(list(args.stores), list(args.label_stores))
+    df = evaluate_tiles(predictor, stores, st["batch_size"], args.model, folds, args.method)
     write_tsv(with_provenance(df, {"evaluate": st}), args.out)
 
 

@@ -53,7 +53,8 @@ from dsf.pretrain import (
     training_device,
 )
 from dsf.runner import run, setup_logging
-from dsf.tiles import loader_worker_init, open_store, store_ids
+from dsf.tile_labels import LabelledStore, labelled_store_ids, pair_stores
+from dsf.tiles import loader_worker_init, open_store
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ class FineTuner:
     def __init__(
         self,
         settings: dict[str, Any],
-        fit_stores: list[Path],
-        select_stores: list[Path],
+        fit_stores: list[LabelledStore],
+        select_stores: list[LabelledStore],
         fraction: float,
         classes: list[str],
         out_dir: Path,
@@ -159,8 +160,8 @@ class FineTuner:
         self.train = LabelledTiles(fit_stores, fraction, settings["seed"], settings["target_block"])
         self.select = LabelledTiles(select_stores, 1.0, settings["seed"])
         # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
-        self.store_ids = store_ids([*self.train.stores, *self.select.stores])
-        g = open_store(fit_stores[0])
+        self.store_ids = labelled_store_ids([*self.train.stores, *self.select.stores])
+        g = open_store(fit_stores[0].tiles)
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
         self.target_mpp = float(g.attrs["target_mpp"])
         # encoders.pt read once: for its weights and the statistics they were pretrained with
@@ -229,7 +230,7 @@ class FineTuner:
         norm: tuple[list[float], list[float]] | None,
         encoder_state: dict[str, Any] | None,
         encoders: Path | None,
-        fit_stores: list[Path],
+        fit_stores: list[LabelledStore],
     ) -> tuple[list[float], list[float]]:
         """The given (mean, std), else the encoders' own, else computed from the fit stores; a
         given one that differs from the encoders' is logged (their features expect theirs)."""
@@ -238,7 +239,8 @@ class FineTuner:
             norm = pretrained
             log_stats(norm, f"of the encoders {encoders}")
         elif norm is None:
-            norm = computed_stats(fit_stores, defaults("pretrain")["norm_tiles"], self.st["seed"])
+            tiles = [pair.tiles for pair in fit_stores]
+            norm = computed_stats(tiles, defaults("pretrain")["norm_tiles"], self.st["seed"])
         elif pretrained is not None and not np.allclose(norm, pretrained, atol=1e-6):
             log.warning(
                 "fine-tuning normalises with mean %s, std %s, but %s was pretrained with mean "
@@ -450,6 +452,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stores", nargs="*", required=True, type=Path, help="annotated training stores (.zarr)"
     )
+    p.add_argument(
+        "--label-stores",
+        nargs="*",
+        required=True,
+        type=Path,
+        help="their labels stores (.labels.zarr of `dsf tile-labels`)",
+    )
     p.add_argument("--folds", required=True, type=Path, help="folds.tsv")
     p.add_argument("--fold", required=True, type=int, help="validation fold (never read)")
     p.add_argument("--fraction", type=float, default=1.0, help="label fraction")
@@ -489,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sheet's `labels` column for slides of more patients"
             )
         folds = read_folds(args.folds)
-        by_slide = {str(open_store(s).attrs["slide_id"]): s for s in args.stores}
+        by_slide = {p.slide: p for p in pair_stores(args.stores, args.label_stores)}
         val = set(folds.loc[folds["fold"] == args.fold, "slide"])
         if val & set(by_slide):
             raise ConfigError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
+from dsf.tile_labels import LabelledStore
 from dsf.tiles import StoreArray, open_store, store_array
 
 
@@ -73,11 +73,13 @@ class LabelledTiles(Dataset):
     """(context, target, labels, context labels) uint8 tensors of labelled tiles: context
     (b, b, 3) = the whole tile at the context mpp, context labels (b, b) = the tile's labels on
     that grid, target (b, b, 3) and labels (b, b) = the centre block, or with `target_block`
-    "random" a b x b window at an offset drawn from (`seed`, epoch, item) (see `set_epoch`)."""
+    "random" a b x b window at an offset drawn from (`seed`, epoch, item) (see `set_epoch`).
+
+    The tiles are those of each patch store its labels store keeps (`dsf.tile_labels`)."""
 
     def __init__(
         self,
-        stores: list[Path],
+        stores: list[LabelledStore],
         fraction: float = 1.0,
         seed: int = 0,
         target_block: str = "centre",
@@ -86,16 +88,18 @@ class LabelledTiles(Dataset):
             raise ConfigError(
                 f"finetune.target_block {target_block!r}: choose one of {list(TARGET_BLOCKS)}"
             )
-        self.stores = [Path(s) for s in stores]
+        self.stores = list(stores)
         self.seed, self.target_block, self.epoch = seed, target_block, 0
         self.index: list[tuple[int, int]] = []
-        for k, path in enumerate(self.stores):
-            g = open_store(path)
-            if "labels" not in g:
-                raise ConfigError(f"patch store {path} has no labels: its slide is unannotated")
+        #: per store, the patch-store tile number of each labelled tile
+        self.tile_of: list[np.ndarray] = []
+        for k, pair in enumerate(self.stores):
+            g = open_store(pair.tiles)
             self.block = int(g.attrs["block"])
             self.scale = int(g.attrs["scale"])
-            self.index += [(k, i) for i in range(int(g.attrs["n_tiles"]))]
+            lab = open_store(pair.labels)
+            self.tile_of.append(store_array(lab, "index", pair.labels)[:])
+            self.index += [(k, i) for i in range(int(lab.attrs["n_tiles"]))]
         if not self.index:
             raise ConfigError("no labelled tiles to fine-tune on")
         keep = label_subset(len(self.index), fraction, seed)
@@ -132,10 +136,11 @@ class LabelledTiles(Dataset):
         that fail name the store, the tile and the fix)."""
         if self._groups is None or self._pid != os.getpid():
             self._groups = []
-            for path in self.stores:
-                g = open_store(path)
-                arrays = ("context", "tiles", "labels")
-                self._groups.append({a: store_array(g, a, path) for a in arrays})
+            for pair in self.stores:
+                g, lab = open_store(pair.tiles), open_store(pair.labels)
+                arrays = {a: store_array(g, a, pair.tiles) for a in ("context", "tiles")}
+                arrays["labels"] = store_array(lab, "labels", pair.labels)
+                self._groups.append(arrays)
             self._pid = os.getpid()
         return self._groups
 
@@ -144,8 +149,9 @@ class LabelledTiles(Dataset):
         g = self._open()[store]
         b, s = self.block, self.scale
         y, x = self.offset(i)
-        context = g["context"][local]
-        target = g["tiles"][local, y : y + b, x : x + b]
+        tile = int(self.tile_of[store][local])
+        context = g["context"][tile]
+        target = g["tiles"][tile, y : y + b, x : x + b]
         # one chunk per tile: reading the whole label tile costs no more than its centre
         tile_labels = g["labels"][local]
         labels = np.ascontiguousarray(tile_labels[y : y + b, x : x + b])

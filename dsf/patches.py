@@ -1,8 +1,9 @@
 """Context/target patch pyramids in a sharded Zarr v3 store (DESIGN sections 3-4).
 
 A grid of tiles of `scale * block` px at the target mpp, `stride` px apart, centred on the slide;
-tiles whose tissue fraction (from the tissue mask) passes `min_tissue` are read, and on annotated
-slides kept when their labelled fraction passes `min_label_frac`.
+tiles whose tissue fraction (from the tissue mask) passes `min_tissue` are read and kept. The
+store holds pixels only, annotated slide or not: `dsf.tile_labels` labels its tiles in a store of
+their own, so pretraining, which reads no labels, never depends on an annotation.
 
 Reading is streaming and decodes every needed slide pixel once: the grid is cut into column bands
 of `band_tiles` tiles; down each band a rolling buffer keeps the rows that the next tile row
@@ -32,7 +33,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from dsf import __version__
-from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError
@@ -236,7 +236,7 @@ def iter_tiles(
 # -- Zarr store -------------------------------------------------------------------------------
 
 
-class _ShardWriter:
+class ShardWriter:
     """Buffers whole shards and writes them from one background thread."""
 
     def __init__(self, arrays: dict[str, Any], shard: int) -> None:
@@ -301,19 +301,15 @@ def _compressors() -> Any:
     return [zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")]
 
 
-def _create(
-    group: Any,
-    name: str,
-    shape: tuple[int, ...],
-    chunk: tuple[int, ...],
-    shard: tuple[int, ...] | None,
-    dtype: Any,
+def create_array(
+    group: Any, name: str, shape: tuple[int, ...], chunk: tuple[int, ...], shard: int, dtype: Any
 ) -> Any:
+    """A per-tile array of a store: one chunk per tile (`chunk`), `shard` tiles per file."""
     return group.create_array(
         name,
         shape=shape,
         chunks=chunk,
-        shards=shard,
+        shards=(shard, *shape[1:]),
         dtype=dtype,
         compressors=_compressors(),
         fill_value=0,
@@ -329,8 +325,6 @@ def extract(
     mask_mpp: float,
     out: Path,
     settings: dict[str, Any],
-    label_settings: dict[str, Any],
-    labels: LabelSource | None = None,
     attrs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> int:
@@ -354,8 +348,6 @@ def extract(
             f"no tile has tissue fraction >= patches.min_tissue ({settings['min_tissue']}) "
             f"(best {frac.max():.2f}); lower patches.min_tissue or check the tissue mask",
         )
-    classes = list(label_settings["classes"])
-    n_cls = len(classes)
     tile, block = geo.tile, geo.block
     shard = max(1, min(n_cand, int(settings["shard_mb"] * 1e6 // (tile * tile * 3))))
     log.info(
@@ -371,36 +363,16 @@ def extract(
     with atomic_path(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         arrays = {
-            "tiles": _create(
-                group,
-                "tiles",
-                (n_cand, tile, tile, 3),
-                (1, tile, tile, 3),
-                (shard, tile, tile, 3),
-                np.uint8,
+            "tiles": create_array(
+                group, "tiles", (n_cand, tile, tile, 3), (1, tile, tile, 3), shard, np.uint8
             ),
-            "context": _create(
-                group,
-                "context",
-                (n_cand, block, block, 3),
-                (1, block, block, 3),
-                (shard, block, block, 3),
-                np.uint8,
+            "context": create_array(
+                group, "context", (n_cand, block, block, 3), (1, block, block, 3), shard, np.uint8
             ),
         }
-        if labels is not None:
-            arrays["labels"] = _create(
-                group,
-                "labels",
-                (n_cand, tile, tile),
-                (1, tile, tile),
-                (shard, tile, tile),
-                np.uint8,
-            )
-        writer = _ShardWriter(arrays, shard)
+        writer = ShardWriter(arrays, shard)
         coords: list[tuple[int, int]] = []
         tissue: list[float] = []
-        label_frac: list[np.ndarray] = []
         bar = tqdm(
             total=n_cand,
             desc=f"patches {slide.slide_id}",
@@ -415,43 +387,21 @@ def extract(
             ):
                 bar.update(1)
                 tx, ty = geo.origin(row, col)
-                lab = None
-                if labels is not None:
-                    lab = labels.read(tx * f0, ty * f0, tile, tile, geo.target_mpp)
-                    fr = class_fractions(lab, n_cls)
-                    if 1.0 - fr[0] < settings["min_label_frac"]:
-                        continue
-                    label_frac.append(fr)
                 slot = writer.slot()
                 slot["tiles"][...] = pix
                 slot["context"][...] = downsample_mean(slot["tiles"], geo.scale)
-                if lab is not None:
-                    slot["labels"][...] = lab
                 writer.commit()
                 coords.append((int(round(tx * f0)), int(round(ty * f0))))
                 tissue.append(float(frac[row, col]))
         finally:
             bar.close()
             n = writer.close()
-        if n == 0:
-            raise SlideError(
-                slide.slide_id,
-                f"none of the {n_cand} tissue tiles has a labelled fraction >= "
-                f"patches.min_label_frac ({settings['min_label_frac']}); check that the "
-                "annotation belongs to this slide or lower patches.min_label_frac",
-            )
-        for arr in arrays.values():
-            arr.resize((n, *arr.shape[1:]))
+        if n != n_cand:
+            raise RuntimeError(f"{slide.slide_id}: wrote {n} of the {n_cand} tiles read")
         group.create_array(
             "coords", data=np.asarray(coords, np.int64).reshape(n, 2), chunks=(max(1, n), 2)
         )
         group.create_array("tissue", data=np.asarray(tissue, np.float32), chunks=(max(1, n),))
-        if labels is not None:
-            group.create_array(
-                "label_frac",
-                data=np.stack(label_frac).astype(np.float32),
-                chunks=(max(1, n), n_cls),
-            )
         stat = slide.path.stat()
         group.attrs.update(
             {
@@ -471,32 +421,14 @@ def extract(
                 "tile": geo.tile,
                 "stride": geo.stride,
                 "grid": {"nx": geo.nx, "ny": geo.ny, "offset_x": geo.ox, "offset_y": geo.oy},
-                # an unannotated slide's store holds no labels: no classes, no label settings
-                "class_names": classes if labels is not None else None,
-                "labelled": labels is not None,
                 "tissue_mask_mpp": mask_mpp,
-                "settings": settings
-                if labels is not None
-                else {k: v for k, v in settings.items() if k != "min_label_frac"},
-                "label_settings": label_settings if labels is not None else None,
+                "settings": settings,
                 "dsf_version": __version__,
                 "n_tiles": n,
                 **(attrs or {}),
             }
         )
-    if n < n_cand:
-        log.info(
-            "%s: wrote %d of the %d tissue tiles to %s (the other %d have a labelled fraction "
-            "under patches.min_label_frac %s)",
-            slide.slide_id,
-            n,
-            n_cand,
-            out,
-            n_cand - n,
-            settings["min_label_frac"],
-        )
-    else:
-        log.info("%s: wrote %d tiles to %s", slide.slide_id, n, out)
+    log.info("%s: wrote %d tiles to %s", slide.slide_id, n, out)
     return n
 
 
@@ -513,11 +445,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
     p.add_argument("--tissue-mask", required=True, type=Path, help="mask TIFF of `dsf tissue`")
     p.add_argument("--tissue-stats", type=Path, help="stats JSON of `dsf tissue` (recorded)")
-    p.add_argument("--labels", type=Path, help="annotation: raster mask, GeoJSON or XML")
     p.add_argument("--out", required=True, type=Path, help="output store (.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_section_arguments(p, "patches")
-    add_section_arguments(p, "labels")
+    # the tiles do not depend on the annotation: `dsf tile-labels` labels them
+    add_section_arguments(p, "patches", skip=("min_label_frac",))
     return p
 
 
@@ -530,7 +461,6 @@ def main(argv: list[str] | None = None) -> int:
         from dsf.tissue import check_mask_fits, read_mask
 
         settings = section_from_args(args, "patches")
-        label_settings = section_from_args(args, "labels")
         slide = open_slide(
             args.slide,
             mpp=args.sheet_mpp,
@@ -539,12 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         mask, mask_mpp = read_mask(args.tissue_mask)
         check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
-        labels = None
-        if args.labels is not None:
-            labels = open_labels(
-                args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_settings
-            )
-        attrs: dict[str, Any] = {"labels_source": str(args.labels) if args.labels else None}
+        attrs: dict[str, Any] = {}
         if args.tissue_stats is not None:
             try:
                 stats = json.loads(args.tissue_stats.read_text())
@@ -561,8 +486,6 @@ def main(argv: list[str] | None = None) -> int:
             mask_mpp,
             args.out,
             settings,
-            label_settings,
-            labels,
             attrs,
             progress=not args.no_progress,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,13 +119,15 @@ def _synthetic_store(
     stride: int,
     scale: int = 4,
     labelled: bool = False,
-) -> Path:
-    """A patch store cut at 1 um/px from a 1024 x 1024 synthetic slide at 0.5 um/px."""
+) -> Any:
+    """A patch store cut at 1 um/px from a 1024 x 1024 synthetic slide at 0.5 um/px; with
+    `labelled` a `LabelledStore`: the store and its labels store."""
     from dsf.annotations import open_labels
     from dsf.config import defaults
     from dsf.patches import extract
     from dsf.slide import open_slide
     from dsf.synth import write_synthetic_slide
+    from dsf.tile_labels import LabelledStore, build, labels_store_path
     from dsf.tissue import detect_tissue
 
     labels_tiff = folder / f"{name}.labels.tiff" if labelled else None
@@ -142,9 +145,6 @@ def _synthetic_store(
     slide = open_slide(folder / f"{name}.tiff", slide_id=name)
     mask, _ = detect_tissue(slide.thumbnail(8.0), 8.0, defaults("tissue"))
     classes = defaults("labels") | {"classes": SYNTH_CLASSES}
-    labels = None
-    if labels_tiff is not None:
-        labels = open_labels(labels_tiff, name, slide.dimensions, slide.mpp, classes)
     st = defaults("patches") | {
         "target_mpp": 1.0,
         "block": block,
@@ -153,8 +153,13 @@ def _synthetic_store(
         "min_tissue": 0.3,
     }
     out = folder / f"{name}.zarr"
-    extract(slide, mask, 8.0, out, st, classes, labels, progress=False)
-    return out
+    extract(slide, mask, 8.0, out, st, progress=False)
+    if labels_tiff is None:
+        return out
+    labels = open_labels(labels_tiff, name, slide.dimensions, slide.mpp, classes)
+    lab = labels_store_path(out)
+    build(out, labels, lab, classes, st["min_label_frac"], progress=False)
+    return LabelledStore(name, out, lab)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ from PIL import Image
 
 import dsf
 from dsf.config import defaults
+from dsf.tile_labels import LabelledStore
 
 from conftest import rgb_slide
 
@@ -247,43 +248,64 @@ LABEL_CASES = {
     ),
     "schema-violation": (
         lambda d: _mask(d / "m.tiff", 1),
-        ["--stride", "0"],
-        ["config key patches.stride", "minimum"],
+        ["--min-label-frac", "2"],
+        ["config key patches.min_label_frac", "must be in [0, 1]"],
     ),
 }
 
 
-def _patches_args(work: Path, labels: Path, out: Path, *extra: str) -> list[object]:
+def _patches_args(work: Path, out: Path, *extra: str) -> list[object]:
     return [
         "patches", "--slide", work / "A.tiff", "--slide-id", "A",
         "--tissue-mask", work / "tissue" / "A.tiff", "--tissue-stats", work / "tissue" / "A.json",
-        "--labels", labels, "--out", out / "A.zarr", "--no-progress", "--target-mpp", "1.0",
-        "--block", "16", "--scale", "4", "--stride", "32", "--min-tissue", "0.3",
-        "--classes", *CLASSES, *extra,
+        "--out", out / "A.zarr", "--no-progress", "--target-mpp", "1.0",
+        "--block", "16", "--scale", "4", "--stride", "32", "--min-tissue", "0.3", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def a_store(work: Path) -> Path:
+    """The patch store of slide A (16 px blocks), cut by `dsf patches`."""
+    done = dsf_cli(*_patches_args(work, work / "a-store"))
+    assert done.returncode == 0, done.stderr
+    return work / "a-store" / "A.zarr"
+
+
+def _tile_labels_args(store: Path, labels: Path, out: Path, *extra: str) -> list[object]:
+    return [
+        "tile-labels", "--store", store, "--labels", labels, "--out", out / "A.labels.zarr",
+        "--no-progress", "--classes", *CLASSES, *extra,
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(LABEL_CASES))
-def test_bad_annotation_stops_its_patches_job(case: str, work: Path, tmp_path: Path) -> None:
+def test_bad_annotation_stops_its_tile_labels_job(case: str, a_store: Path, tmp_path: Path) -> None:
     make, extra, words = LABEL_CASES[case]
     labels = make(tmp_path)
     out = tmp_path / "out"
-    done = dsf_cli(*_patches_args(work, labels, out, *extra))
+    done = dsf_cli(*_tile_labels_args(a_store, labels, out, *extra))
     slide = [] if "config key" in words[0] else ["slide 'A'"]
     assert_refused(done, out, *slide, *words)
 
 
+def test_an_annotation_of_no_tile_leaves_no_labels_store(a_store: Path, tmp_path: Path) -> None:
+    small = _geojson(tmp_path / "a.geojson", _feature("TUM", [[0, 0], [8, 0], [8, 8], [0, 0]]))
+    out = tmp_path / "out"
+    done = dsf_cli(*_tile_labels_args(a_store, small, out))
+    assert_refused(done, out, "slide 'A'", "labelled fraction", "patches.min_label_frac")
+
+
 def test_polygons_partly_outside_the_slide_are_dropped_with_a_warning(
-    work: Path, tmp_path: Path
+    a_store: Path, tmp_path: Path
 ) -> None:
     import zarr
 
     labels = _geojson(tmp_path / "a.geojson", _feature("TUM", WHOLE), _feature("STR", FAR))
     out = tmp_path / "out"
-    done = dsf_cli(*_patches_args(work, labels, out))
+    done = dsf_cli(*_tile_labels_args(a_store, labels, out))
     assert done.returncode == 0, done.stderr
     assert "A: 1 of 2 annotations lie wholly outside the slide and are ignored" in done.stderr
-    g = zarr.open_group(str(out / "A.zarr"), mode="r")
+    g = zarr.open_group(str(out / "A.labels.zarr"), mode="r")
     assert g.attrs["n_tiles"] > 0 and set(np.unique(g["labels"][:])) == {1}
 
 
@@ -502,7 +524,7 @@ def test_annotations_that_cannot_be_used_stop_the_run_before_any_job(
 
 
 @pytest.fixture(scope="module")
-def stores(work: Path, make_store) -> tuple[list[Path], Path]:  # noqa: ANN001
+def stores(work: Path, make_store) -> tuple[list[LabelledStore], Path]:  # noqa: ANN001
     """Labelled stores of B and C (fold 1; A is fold 0), 64 px blocks at scale 4."""
     d = work / "stores"
     d.mkdir()
@@ -515,7 +537,7 @@ def stores(work: Path, make_store) -> tuple[list[Path], Path]:  # noqa: ANN001
 
 
 def test_encoders_of_another_backbone_are_refused_by_name(
-    stores: tuple[list[Path], Path], tmp_path: Path
+    stores: tuple[list[LabelledStore], Path], tmp_path: Path
 ) -> None:
     from dsf.models.encoders import build_encoder
 
@@ -526,7 +548,8 @@ def test_encoders_of_another_backbone_are_refused_by_name(
     made, folds = stores
     out = tmp_path / "out"
     done = dsf_cli(
-        "finetune", "--stores", *made, "--folds", folds, "--fold", "0", "--out-dir", out,
+        "finetune", "--stores", *(m.tiles for m in made), "--label-stores",
+        *(m.labels for m in made), "--folds", folds, "--fold", "0", "--out-dir", out,
         "--init", "dsf", "--encoders", other, "--epochs", "1", "--batch-size", "2",
         "--workers", "0", "--device", "cpu", "--classes", *CLASSES,
     )  # fmt: skip
@@ -623,19 +646,23 @@ def test_every_torch_load_is_weights_only() -> None:
 
 
 @pytest.fixture(scope="module")
-def artifacts(work: Path, stores: tuple[list[Path], Path], make_store) -> dict[str, Path]:  # noqa: ANN001
+def artifacts(work: Path, stores: tuple[list[LabelledStore], Path], make_store) -> dict[str, Path]:  # noqa: ANN001
     """One artifact of every kind, each made by its stage."""
     from dsf.evaluate import main as evaluate_main
     from dsf.finetune import FineTuner
     from dsf.infer import main as infer_main
     from dsf.patches import main as patches_main
     from dsf.pretrain import main as pretrain_main
+    from dsf.tile_labels import main as tile_labels_main
 
     made, folds = stores
     d = work / "artifacts"
     a = {"tissue": work / "tissue" / "A.json", "store": d / "A.zarr"}
-    argv = _patches_args(work, work / "A.labels.tiff", d, "--block", "64", "--stride", "64")[1:]
+    argv = _patches_args(work, d, "--block", "64", "--stride", "64")[1:]
     assert patches_main(list(map(str, argv))) == 0
+    a["labels_store"] = d / "A.labels.zarr"
+    argv = _tile_labels_args(a["store"], work / "A.labels.tiff", d)[1:]
+    assert tile_labels_main(list(map(str, argv))) == 0
     small = [make_store(d, n, s, block=16, scale=2, stride=24) for n, s in (("P", 4), ("Q", 5))]
     pre = d / "pretrain"
     assert pretrain_main(list(map(str, [
@@ -665,7 +692,8 @@ def artifacts(work: Path, stores: tuple[list[Path], Path], make_store) -> dict[s
     ev = d / "eval"
     a |= {"eval_tiles": ev / "tiles.tsv", "eval_slide": ev / "slide.tsv"}
     assert evaluate_main(list(map(str, [
-        "tiles", "--model", a["model"], "--stores", a["store"], "--folds", folds,
+        "tiles", "--model", a["model"], "--stores", a["store"], "--label-stores",
+        a["labels_store"], "--folds", folds,
         "--out", a["eval_tiles"], "--device", "cpu",
     ]))) == 0  # fmt: skip
     assert evaluate_main(list(map(str, [
@@ -706,8 +734,9 @@ def _provenance(kind: str, path: Path) -> tuple[object, object]:
 
 
 KINDS = [
-    "tissue", "store", "encoders", "pretrain_checkpoint", "model", "finetune_checkpoint", "map",
-    "eval_tiles", "eval_slide", "tile_scores", "slide_scores", "tables",
+    "tissue", "store", "labels_store", "encoders", "pretrain_checkpoint", "model",
+    "finetune_checkpoint", "map", "eval_tiles", "eval_slide", "tile_scores", "slide_scores",
+    "tables",
 ]  # fmt: skip
 
 
@@ -716,7 +745,7 @@ def test_every_artifact_records_version_and_settings(kind: str, artifacts: dict[
     version, settings = _provenance(kind, artifacts[kind])
     assert version == dsf.__version__
     assert isinstance(settings, dict) and settings, settings
-    if kind == "store":  # the label settings too: the class map decides the labels
+    if kind == "labels_store":  # the label settings too: the class map decides the labels
         import zarr
 
         attrs = zarr.open_group(str(artifacts[kind]), mode="r").attrs

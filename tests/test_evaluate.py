@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from dsf.evaluate import (
 )
 from dsf.predict import Predictor
 from dsf.tables import build_tables, mean_std, tile_fold_scores
+from dsf.tile_labels import LabelledStore
 from dsf.tiles import open_store
 
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
@@ -85,7 +87,7 @@ def _predictor(model: nn.Module, **meta: object) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, Path]:  # noqa: ANN001
+def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, Any]:  # noqa: ANN001
     d = tmp_path_factory.mktemp("evstores")
     out = {
         name: make_store(d, name, seed, block=64, stride=128, labelled=True)
@@ -96,11 +98,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, Pa
     return out
 
 
-def _expected_brightness_cm(store: Path) -> tuple[int, np.ndarray]:
-    """The stub's confusion by hand: centre block (rows/cols 96..160 of the 256 px tile)."""
-    g = open_store(store)
-    tiles = np.asarray(g["tiles"][:, 96:160, 96:160]).astype(np.float32) / 255.0
-    labels = np.asarray(g["labels"][:, 96:160, 96:160])
+def _expected_brightness_cm(store: LabelledStore) -> tuple[int, np.ndarray]:
+    """The stub's confusion by hand: centre block (rows/cols 96..160 of the 256 px tile) of
+    the tiles the labels store keeps."""
+    g, lab = open_store(store.tiles), open_store(store.labels)
+    index = np.asarray(lab["index"][:])
+    tiles = np.asarray(g["tiles"][:, 96:160, 96:160])[index].astype(np.float32) / 255.0
+    labels = np.asarray(lab["labels"][:, 96:160, 96:160])
     pred = np.where(tiles.mean(-1) > 0.5, 1, 3)
     cm = np.zeros((3, 4), np.int64)
     for t in (1, 2, 3):
@@ -166,17 +170,32 @@ def _tiny_model(path: Path, fold: int = 0) -> Path:
     return path
 
 
+def _store_args(*pairs: LabelledStore) -> list[str]:
+    """`--stores ... --label-stores ...` of `dsf evaluate tiles` for these slides."""
+    return [
+        "--stores", *(str(p.tiles) for p in pairs),
+        "--label-stores", *(str(p.labels) for p in pairs),
+    ]  # fmt: skip
+
+
 def test_tiles_cli_writes_rows_and_refuses_train_stores(stores, tmp_path) -> None:  # noqa: ANN001
     model = _tiny_model(tmp_path / "model.pt")
     common = ["--model", str(model), "--folds", str(stores["folds"]), "--device", "cpu"]
     out = tmp_path / "fold0.tsv"
-    assert main(["tiles", *common, "--stores", str(stores["A"]), "--out", str(out)]) == 0
+    assert main(["tiles", *common, *_store_args(stores["A"]), "--out", str(out)]) == 0
     df = pd.read_csv(out, sep="\t")
     assert list(df["slide"]) == ["A"] and df.loc[0, "init"] == "dsf"
     assert df.loc[0, "n_pixels"] == sum(df.loc[0, c] for c in confusion_columns(CLASSES))
     assert 0 <= df.loc[0, "micro_f1"] <= 1
     bad = tmp_path / "bad.tsv"
-    assert main(["tiles", *common, "--stores", str(stores["B"]), "--out", str(bad)]) == 2
+    assert main(["tiles", *common, *_store_args(stores["B"]), "--out", str(bad)]) == 2
+    assert not bad.exists()
+    # each patch store with its own labels store, of the same build
+    a, d = stores["A"], stores["D"]
+    mixed = ["--stores", str(a.tiles), "--label-stores", str(d.labels)]
+    assert main(["tiles", *common, *mixed, "--out", str(bad)]) == 2
+    alone = ["--stores", str(a.tiles), "--label-stores"]
+    assert main(["tiles", *common, *alone, "--out", str(bad)]) == 2
     assert not bad.exists()
     # a fold without labelled validation stores: a header-only table, not a crash
     empty = tmp_path / "empty.tsv"

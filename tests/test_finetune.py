@@ -17,7 +17,7 @@ from dsf.errors import ConfigError
 from dsf.finetune import HISTORY_COLUMNS, FineTuner, _shared_jitter_flip, main
 from dsf.metrics import soft_dice_loss
 from dsf.pretrain import TrainingError
-from dsf.tiles import store_ids
+from dsf.tile_labels import LabelledStore
 
 from conftest import DEVICE
 
@@ -25,7 +25,7 @@ CLASSES = ["ignore", "TUM", "STR", "LYM"]
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory: pytest.TempPathFactory, make_store) -> tuple[list[Path], Path]:  # noqa: ANN001
+def three(tmp_path_factory: pytest.TempPathFactory, make_store) -> tuple[list[LabelledStore], Path]:  # noqa: ANN001
     """Three labelled stores (A in fold 0; B, C in fold 1), 64 px blocks, scale 4 (the smallest
     block whose hook crop falls on whole cells: the centre 1/4 must be 8 px cells)."""
     d = tmp_path_factory.mktemp("ftune")
@@ -38,10 +38,12 @@ def three(tmp_path_factory: pytest.TempPathFactory, make_store) -> tuple[list[Pa
     return stores, folds
 
 
-def _args(stores: list[Path], folds: Path, out: Path, *extra: str) -> list[str]:
+def _args(stores: list[LabelledStore], folds: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--stores",
-        *map(str, stores),
+        *(str(s.tiles) for s in stores),
+        "--label-stores",
+        *(str(s.labels) for s in stores),
         "--folds",
         str(folds),
         "--fold",
@@ -135,7 +137,7 @@ def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # n
         again.resume()
     # other stores (here another selection slide): refused, naming the slides
     other = FineTuner(st, [stores[1]], [stores[0]], 1.0, CLASSES, tmp_path)
-    slides = list(store_ids(stores))
+    slides = [s.slide for s in stores]
     with pytest.raises(
         ConfigError, match=rf"other patch stores \(new: {slides[0]}; gone: {slides[2]}\)"
     ):
@@ -328,7 +330,9 @@ def test_normalisation_follows_the_encoders_unless_given(three, tmp_path, caplog
     fit, select = [stores[1]], [stores[2]]
     # no encoders, nothing given: computed from the fit stores
     tuner = FineTuner(_settings(init="random"), fit, select, 1.0, CLASSES, tmp_path / "r")
-    sample = store_stats(fit, defaults("pretrain")["norm_tiles"], 0, progress=False)
+    sample = store_stats(
+        [s.tiles for s in fit], defaults("pretrain")["norm_tiles"], 0, progress=False
+    )
     assert tuner.mean.flatten().tolist() == pytest.approx(sample.mean)
     assert tuner.std.flatten().tolist() == pytest.approx(sample.std)
     # encoders that record their pretraining's statistics: those

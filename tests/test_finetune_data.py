@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,27 +9,34 @@ import zarr
 
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, label_subset, selection_split
+from dsf.tile_labels import LabelledStore
 
 
 @pytest.fixture(scope="module")
-def labelled_store(tmp_path_factory: pytest.TempPathFactory, make_store) -> Path:  # noqa: ANN001
+def labelled_store(tmp_path_factory: pytest.TempPathFactory, make_store) -> LabelledStore:  # noqa: ANN001
     return make_store(tmp_path_factory.mktemp("ft"), "s", 4, block=16, stride=32, labelled=True)
 
 
-def test_items_are_context_and_the_centre_block(labelled_store: Path) -> None:
+def _groups(store: LabelledStore) -> tuple[zarr.Group, zarr.Group, np.ndarray]:
+    g = zarr.open_group(str(store.tiles), mode="r")
+    lab = zarr.open_group(str(store.labels), mode="r")
+    return g, lab, lab["index"][:]
+
+
+def test_items_are_context_and_the_centre_block(labelled_store: LabelledStore) -> None:
     data = LabelledTiles([labelled_store])
-    g = zarr.open_group(str(labelled_store), mode="r")
-    assert len(data) == g.attrs["n_tiles"]
-    ctx, tgt, lab, clab = data[3]
-    assert ctx.shape == (16, 16, 3) and tgt.shape == (16, 16, 3) and lab.shape == (16, 16)
-    tile = g["tiles"][3]
+    g, lab, index = _groups(labelled_store)
+    assert len(data) == lab.attrs["n_tiles"] == len(index)
+    ctx, tgt, labels, clab = data[3]
+    assert ctx.shape == (16, 16, 3) and tgt.shape == (16, 16, 3) and labels.shape == (16, 16)
+    tile = g["tiles"][index[3]]
     np.testing.assert_array_equal(tgt.numpy(), tile[24:40, 24:40])  # (64 - 16) / 2 = 24
-    np.testing.assert_array_equal(lab.numpy(), g["labels"][3][24:40, 24:40])
-    np.testing.assert_array_equal(ctx.numpy(), g["context"][3])
+    np.testing.assert_array_equal(labels.numpy(), lab["labels"][3][24:40, 24:40])
+    np.testing.assert_array_equal(ctx.numpy(), g["context"][index[3]])
     # context labels: the tile's labels at the centre pixel of each 4 x 4 context cell
     assert clab.shape == (16, 16)
-    np.testing.assert_array_equal(clab.numpy(), g["labels"][3][2::4, 2::4])
-    assert clab.numpy()[9, 7] == g["labels"][3][9 * 4 + 2, 7 * 4 + 2]
+    np.testing.assert_array_equal(clab.numpy(), lab["labels"][3][2::4, 2::4])
+    assert clab.numpy()[9, 7] == lab["labels"][3][9 * 4 + 2, 7 * 4 + 2]
     # the target's field of view is the centre 1/scale of the context's
     centre = ctx.numpy()[6:10, 6:10].astype(float)
     down = tgt.numpy().reshape(4, 4, 4, 4, 3).mean((1, 3))
@@ -68,22 +73,22 @@ def test_selection_uses_held_out_training_groups_never_the_validation_fold() -> 
         selection_split(folds.iloc[:3], 0, 0.2, 0)
 
 
-def test_random_target_block_is_a_seeded_window_per_epoch(labelled_store: Path) -> None:
+def test_random_target_block_is_a_seeded_window_per_epoch(labelled_store: LabelledStore) -> None:
     import pickle
 
     data = LabelledTiles([labelled_store], seed=5, target_block="random")
-    g = zarr.open_group(str(labelled_store), mode="r")
+    g, lab, index = _groups(labelled_store)
     n = len(data)
     first = [data.offset(i) for i in range(n)]
     assert all(0 <= y <= 48 and 0 <= x <= 48 for y, x in first)  # 64 - 16
     assert len(set(first)) > 1  # not one fixed place
-    ctx, tgt, lab, clab = data[2]
+    ctx, tgt, labels, clab = data[2]
     y, x = first[2]
-    np.testing.assert_array_equal(tgt.numpy(), g["tiles"][2][y : y + 16, x : x + 16])
-    np.testing.assert_array_equal(lab.numpy(), g["labels"][2][y : y + 16, x : x + 16])
+    np.testing.assert_array_equal(tgt.numpy(), g["tiles"][index[2]][y : y + 16, x : x + 16])
+    np.testing.assert_array_equal(labels.numpy(), lab["labels"][2][y : y + 16, x : x + 16])
     # the context stays the whole tile (only the U-Net baseline uses this variant)
-    np.testing.assert_array_equal(ctx.numpy(), g["context"][2])
-    np.testing.assert_array_equal(clab.numpy(), g["labels"][2][2::4, 2::4])
+    np.testing.assert_array_equal(ctx.numpy(), g["context"][index[2]])
+    np.testing.assert_array_equal(clab.numpy(), lab["labels"][2][2::4, 2::4])
     # a worker's copy (pickled) and a fresh dataset draw the same offsets: resume stays exact
     copy = pickle.loads(pickle.dumps(data))
     again = LabelledTiles([labelled_store], seed=5, target_block="random")

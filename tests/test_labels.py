@@ -217,19 +217,20 @@ def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
     preset = Path(__file__).resolve().parents[1] / "config" / "presets" / "paip.yaml"
     done = smk(
-        "--cores", "2", "--configfile", str(preset), str(tmp_path / "small.yaml"),
-        "--config", f"slides={root}", f"results={tmp_path / 'res'}",
-        "--until", "patches", "folds", cwd=tmp_path,
+        "data", "--cores", "2", "--configfile", str(preset), str(tmp_path / "small.yaml"),
+        "--config", f"slides={root}", f"results={tmp_path / 'res'}", cwd=tmp_path,
     )  # fmt: skip
     counts = job_counts(done.stdout + done.stderr)
     assert counts["tissue"] == 2 and counts["labels"] == 2 and counts["patches"] == 2
+    assert counts["tile_labels"] == 2
     expected = _expected()
     for name in ("p1", "p2"):
         lab = tifffile.imread(tmp_path / "res" / "labels" / f"{name}.tiff", level=0)
         assert lab.shape == (400, 600)  # at patches.target_mpp, 1 um/px
         np.testing.assert_array_equal(lab, expected[::2, ::2])
         g = zarr.open_group(str(tmp_path / "res" / "patches" / f"{name}.zarr"), mode="r")
-        coords, labels = g["coords"][:], g["labels"][:]
+        lab = zarr.open_group(str(tmp_path / "res" / "patches" / f"{name}.labels.zarr"), mode="r")
+        coords, labels = g["coords"][:][lab["index"][:]], lab["labels"][:]
         assert set(np.unique(labels)) <= {0, 1, 2, 3} and {2, 3} <= set(np.unique(labels))
         for (x, y), tile in zip(coords, labels, strict=True):
             ref = expected[y : y + 128 : 2, x : x + 128 : 2]

@@ -37,6 +37,23 @@ def _labels_settings(**kw: object) -> dict:
     return defaults("labels") | {"classes": ["ignore", "A", "B", "C"]} | kw
 
 
+def _cut_labelled(
+    slide: object, mask: np.ndarray, out: Path, st: dict, classes: dict, labels: object
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Patch store and labels store of a slide: (labelled tiles, their pixels, labels, class
+    fractions and level-0 coords), the pixels and coords looked up by the labels' index."""
+    from dsf.tile_labels import build, labels_store_path
+
+    extract(slide, mask, 8.0, out, st, progress=False)
+    lab_path = labels_store_path(out)
+    n = build(out, labels, lab_path, classes, st["min_label_frac"], progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    lab = zarr.open_group(str(lab_path), mode="r")
+    index = lab["index"][:]
+    assert lab["labels"].shape[0] == n == len(index)
+    return n, g["tiles"][:][index], lab["labels"][:], lab["label_frac"][:], g["coords"][:][index]
+
+
 def test_tile_grid_is_centred() -> None:
     assert tile_grid(1000, 256, 128) == (6, (1000 - 256 - 5 * 128) // 2)
     assert tile_grid(100, 256, 128) == (0, 0)
@@ -72,7 +89,7 @@ def test_cmu_store_matches_openslide_pixels(real: Path, tmp_path: Path) -> None:
     mask = _rgb_mask(slide.thumbnail(8.0))
     st = _settings(target_mpp=0.5, block=32, stride=96, min_tissue=0.3, band_tiles=3)
     out = tmp_path / "cmu.zarr"
-    n = extract(slide, mask, 8.0, out, st, _labels_settings(), progress=False)
+    n = extract(slide, mask, 8.0, out, st, progress=False)
     g = zarr.open_group(str(out), mode="r")
     assert g.metadata.zarr_format == 3
     assert g["tiles"].shape == (n, 128, 128, 3) and g["tiles"].dtype == np.uint8
@@ -135,9 +152,7 @@ def test_labels_align_with_pixels_from_raster_and_geojson(tmp_path: Path) -> Non
             tmp_path / name, "stripes", slide.dimensions, slide.mpp, _labels_settings()
         )
         out = tmp_path / f"{name}.zarr"
-        n = extract(slide, mask, 8.0, out, st, _labels_settings(), labels, progress=False)
-        g = zarr.open_group(str(out), mode="r")
-        tiles, labs, fr = g["tiles"][:], g["labels"][:], g["label_frac"][:]
+        n, tiles, labs, fr, _ = _cut_labelled(slide, mask, out, st, _labels_settings(), labels)
         assert labs.shape == (n, 64, 64) and fr.shape == (n, 4)
         np.testing.assert_allclose(fr.sum(1), 1.0, atol=1e-5)
         for i in range(n):
@@ -245,7 +260,6 @@ def test_no_tissue_tile_is_an_error_naming_the_slide(real: Path, tmp_path: Path)
             8.0,
             tmp_path / "x.zarr",
             _settings(target_mpp=0.5, block=32),
-            _labels_settings(),
             progress=False,
         )
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
@@ -340,9 +354,7 @@ def test_synthetic_labels_align_with_ground_truth(synth_slide: dict, labels_file
     labels = open_labels(d / labels_file, "s", slide.dimensions, slide.mpp, classes)
     st = _settings(target_mpp=1.0, block=16, stride=48, min_tissue=0.5)
     out = d / f"{labels_file}.zarr"
-    n = extract(slide, mask, 8.0, out, st, classes, labels, progress=False)
-    g = zarr.open_group(str(out), mode="r")
-    labs, coords = g["labels"][:], g["coords"][:]
+    n, _, labs, _, coords = _cut_labelled(slide, mask, out, st, classes, labels)
     agree = []
     for i in range(n):
         x, y = (int(v) for v in coords[i])

@@ -167,7 +167,10 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     f1 = {(r["init"], Path(r["model"]).parent.name): r["f1"] for _, r in per_model.iterrows()}
     assert f1[("fold0", "fold0")] == pytest.approx(f1[("dsf", "fold0")])  # the same model
     assert per_model["f1"].between(0, 1).all() and "## Tile protocol" in md
-    assert sorted(p.name for p in (res / "patches").iterdir()) == ["case-8.zarr"]
+    assert sorted(p.name for p in (res / "patches").iterdir()) == [
+        "case-8.labels.zarr",
+        "case-8.zarr",
+    ]
     smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "This run is a" in page and "System Message" not in page  # reStructuredText is valid

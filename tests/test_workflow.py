@@ -26,7 +26,8 @@ ANNOTATION = (
 )
 BIN = str(Path(sys.executable).parent)
 # The workflow tests cover the data stages; pretraining is tested in test_pretrain.py.
-UNTIL = ("--until", "patches", "folds")
+# (the target after an option: --configfile would take it for a config file)
+UNTIL = ("--cores", "2", "data")
 
 
 def smk(
@@ -42,9 +43,11 @@ def smk(
 
 
 def job_counts(out: str) -> dict[str, int]:
-    """Rule -> count from snakemake's 'Job stats' table."""
+    """Rule -> count from snakemake's 'Job stats' table (not the target rule data, which only
+    gathers the data stages' outputs)."""
     table = out.split("Job stats:")[1].split("total")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    return {rule: n for rule, n in counts.items() if rule != "data"}
 
 
 def test_the_workflow_parses_without_importing_torch(tmp_path: Path) -> None:
@@ -325,7 +328,14 @@ def test_tiny_run_writes_every_artifact(tiny: Path) -> None:
         g = zarr.open_group(str(tiny / "out" / "patches" / f"{sid}.zarr"), mode="r")
         n = g.attrs["n_tiles"]
         assert n > 0 and g["tiles"].shape == (n, 64, 64, 3)
-        assert ("labels" in g) == (sid != "cmu")
+        assert "labels" not in g  # pixels only: the labels have a store of their own
+        labels = tiny / "out" / "patches" / f"{sid}.labels.zarr"
+        assert labels.exists() == (sid != "cmu")  # annotated slides only
+        if sid != "cmu":
+            lab = zarr.open_group(str(labels), mode="r")
+            assert lab.attrs["tiles_store_id"] == g.attrs["store_id"]
+            assert lab["labels"].shape == (lab.attrs["n_tiles"], 64, 64)
+            assert 0 < lab.attrs["n_tiles"] <= n and lab["index"][-1] < n
         assert (tiny / "out" / "logs" / "patches" / f"{sid}.log").exists()
         assert (tiny / "out" / "benchmarks" / "patches" / f"{sid}.tsv").exists()
     # the slide at a path with spaces and parentheses was read, not interpreted by a shell
@@ -346,11 +356,31 @@ def test_up_to_date_then_tissue_change_reruns_tissue_and_patches_only(tiny: Path
     cfg["tissue"] = {"min_object_um2": 5000}
     (tiny / "cfg2.yaml").write_text(yaml.safe_dump(cfg))
     counts = job_counts(smk("-n", "--configfile", "cfg2.yaml", *UNTIL, cwd=tiny).stdout)
-    assert counts == {"tissue": 3, "patches": 3}
+    assert counts == {"tissue": 3, "patches": 3, "tile_labels": 2}
     counts = job_counts(
         smk("-n", "--configfile", "cfg.yaml", "--forcerun", "patches", *UNTIL, cwd=tiny).stdout
     )
-    assert counts == {"patches": 3}
+    assert counts == {"patches": 3, "tile_labels": 2}
+
+
+def test_annotation_edits_rerun_the_labels_not_the_tiles_or_pretraining(tiny: Path) -> None:
+    """An edited annotation, class name or min_label_frac rebuilds the annotated slides' labels
+    stores only: the patch stores, and so the pretrainings that read them, stay."""
+    ann = tiny / "out" / "synth" / "tiny-b.geojson"
+    ann.write_text(ann.read_text() + "\n")  # edited (Snakemake compares checksums, not times)
+    counts = job_counts(smk("-n", "--configfile", "cfg.yaml", *UNTIL, cwd=tiny).stdout)
+    assert counts == {"tile_labels": 1}
+    for change in ("patches={min_label_frac: 0.3}", "labels={names: {Tumour: 1}}"):
+        out = smk("-n", "--configfile", "cfg.yaml", *UNTIL, "--config", change, cwd=tiny).stdout
+        assert job_counts(out) == {"tile_labels": 2}, (change, out)
+    # in the whole plan, the labels stores feed fine-tuning and the tile protocol only
+    graph = smk("--rulegraph", "--configfile", "cfg.yaml", cwd=tiny).stdout
+    names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", graph, re.M))
+    edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", graph, re.M)]
+    after = {b for a, b in edges if a == "tile_labels"}
+    assert after == {"finetune", "evaluate_tiles"}, edges
+    assert ("patches", "pretrain") in edges
+    smk("--configfile", "cfg.yaml", "--cores", "2", *UNTIL, cwd=tiny)  # up to date again
 
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
@@ -386,10 +416,10 @@ def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
     done = smk(
         "--configfile",
         "badslide.yaml",
+        "--keep-going",
         "--cores",
         "1",
-        "--keep-going",
-        *UNTIL,
+        "data",
         cwd=tiny,
         check=False,
     )

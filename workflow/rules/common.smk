@@ -251,7 +251,7 @@ def finetune_inputs(wildcards):
     the computed normalisation of the pretraining it belongs to."""
     fold = int(wildcards.fold)
     slides = FOLDS.loc[(FOLDS["fold"] != fold) & FOLDS["slide"].isin(LABELLED), "slide"]
-    inputs = {"stores": [f"{RESULTS}/patches/{s}.zarr" for s in slides]}
+    inputs = labelled_stores(slides=slides)
     unit = pretrain_unit(fold)
     if wildcards.finit == "imagenet":
         inputs["weights"] = config["finetune"]["weights"]
@@ -300,13 +300,15 @@ def member_infer_inputs(wildcards):
     }
 
 
-def labelled_stores(fold=None):
-    """Patch stores of the annotated slides (of validation fold `fold`, when given)."""
-    return [
-        f"{RESULTS}/patches/{s}.zarr"
-        for s in sorted(LABELLED)
-        if fold is None or FOLD_OF[s] == int(fold)
-    ]
+def labelled_stores(fold=None, slides=None):
+    """{"stores": patch stores, "label_stores": their labels stores} of the annotated slides
+    (of validation fold `fold`, or `slides`, when given)."""
+    if slides is None:
+        slides = [s for s in sorted(LABELLED) if fold is None or FOLD_OF[s] == int(fold)]
+    return {
+        "stores": [f"{RESULTS}/patches/{s}.zarr" for s in slides],
+        "label_stores": [f"{RESULTS}/patches/{s}.labels.zarr" for s in slides],
+    }
 
 
 def member_tile_scores():
@@ -378,27 +380,6 @@ def mask_opts(wildcards, input):
     return " ".join(f"--mask {shlex.quote(pair)}" for pair in pairs)
 
 
-#: patches settings only an annotated slide's store uses
-LABEL_ONLY_PATCH_KEYS = ("min_label_frac",)
-
-
-def patches_opts(wildcards):
-    """The patches section as options; an unannotated slide's store does not depend on the
-    label-only keys, so changing them reruns only the annotated slides' stores."""
-    return stage_opts("patches", () if labels_input(wildcards) else LABEL_ONLY_PATCH_KEYS)
-
-
-def patches_label_opts(wildcards):
-    """The labels section as options for an annotated slide's store; none for another (its
-    store holds no labels, and a new class name must not rebuild it)."""
-    return stage_opts("labels") if labels_input(wildcards) else ""
-
-
-def labels_opt(wildcards, input):
-    """`--labels PATH` when the slide has an annotation."""
-    return f"--labels {shlex.quote(input.labels)}" if "labels" in input.keys() else ""
-
-
 def pretrain_launcher():
     """`dsf pretrain`, or with pretrain.gpus above 1 one process per GPU through torchrun."""
     from dsf.cli import pretrain_command
@@ -464,6 +445,19 @@ def polygon_exts(polygons):
     if not polygons["enabled"]:
         return []
     return ["geojson"] + (["xml"] if polygons["imagescope"] else [])
+
+
+def data_outputs():
+    """What `snakemake data` builds: the CPU stages before any training (tissue, label masks,
+    patch stores, labels stores of the annotated slides, folds), e.g. on a cluster's CPU nodes
+    before the GPU jobs."""
+    tissue = expand(
+        f"{RESULTS}/tissue/{{slide}}.{{ext}}", slide=SLIDES, ext=["tiff", "jpg", "json"]
+    )
+    stores = expand(f"{RESULTS}/patches/{{slide}}.zarr", slide=SLIDES)
+    labelled = labelled_stores()["label_stores"]
+    folds = [f"{RESULTS}/folds.tsv"] if FINETUNING and not APPLY else []
+    return [*tissue, *stores, *labelled, *folds]
 
 
 def all_outputs():

@@ -8,9 +8,9 @@
 
 rule evaluate_tiles:
     input:
-        model=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
         # the labelled validation slides of the fold (maybe none: the table says n/a)
-        stores=lambda w: labelled_stores(w.fold),
+        unpack(lambda w: labelled_stores(w.fold)),
+        model=f"{RESULTS}/finetune/{{finit}}/frac{{frac}}/fold{{fold}}/model.pt",
         folds=f"{RESULTS}/folds.tsv",
     output:
         tsv=f"{RESULTS}/eval/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv",
@@ -34,6 +34,7 @@ rule evaluate_tiles:
         f"{RESULTS}/benchmarks/evaluate/tiles/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
     shell:
         "dsf evaluate tiles --model {input.model:q} --stores {input.stores:q} "
+        "--label-stores {input.label_stores:q} "
         "{params.folds} {params.method} --out {output.tsv:q} {params.opts} {params.fast} "
         "2> {log:q}"
 
@@ -42,8 +43,8 @@ rule evaluate_tiles:
 # (no folds: the models were trained elsewhere; their own fit/selection slides are refused)
 use rule evaluate_tiles as evaluate_tiles_model with:
     input:
+        unpack(lambda w: labelled_stores()),
         model=lambda w: APPLY[w.finit][int(w.member)],
-        stores=labelled_stores(),
     output:
         tsv=f"{RESULTS}/eval/tiles/{{finit}}/model{{member}}.tsv",
     params:

@@ -38,7 +38,7 @@ rule finetune:
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{{finit}}/frac{{frac}}/fold{{fold}}.tsv"
     shell:
-        "dsf finetune --stores {input.stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
+        "dsf finetune --stores {input.stores:q} --label-stores {input.label_stores:q} --folds {input.folds:q} --fold {wildcards.fold} "
         "--fraction {wildcards.frac} --init {wildcards.finit} {params.encoders} "
         "--out-dir {params.out_dir:q} --resume {params.opts} {params.fast} {params.classes} "
         "{params.norm} 2> {log:q}"

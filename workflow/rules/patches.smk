@@ -1,9 +1,10 @@
-# Context/target patch pyramids per slide: one sharded Zarr v3 store each.
+# Context/target patch pyramids per slide: one sharded Zarr v3 store each, pixels only; the
+# labels of an annotated slide's tiles in a store of their own (tile_labels), so editing an
+# annotation reruns fine-tuning and evaluation but never a slide's tiles or a pretraining.
 
 
 rule patches:
     input:
-        unpack(labels_input),
         slide=slide_path,
         mask=f"{RESULTS}/tissue/{{slide}}.tiff",
         stats=f"{RESULTS}/tissue/{{slide}}.json",
@@ -11,10 +12,8 @@ rule patches:
         store=directory(f"{RESULTS}/patches/{{slide}}.zarr"),
     params:
         slide=slide_opts,
-        labels=labels_opt,
-        opts=patches_opts,
+        opts=stage_opts("patches", skip=("min_label_frac",)),
         fast=fast_param("patches"),
-        classes=patches_label_opts,
     threads: config["patches"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
@@ -27,5 +26,30 @@ rule patches:
         f"{RESULTS}/benchmarks/patches/{{slide}}.tsv"
     shell:
         "dsf patches --slide {input.slide:q} {params.slide} --tissue-mask {input.mask:q} "
-        "--tissue-stats {input.stats:q} {params.labels} --out {output.store:q} --no-progress "
-        "--threads {threads} {params.opts} {params.fast} {params.classes} 2> {log:q}"
+        "--tissue-stats {input.stats:q} --out {output.store:q} --no-progress "
+        "--threads {threads} {params.opts} {params.fast} 2> {log:q}"
+
+
+rule tile_labels:
+    input:
+        unpack(labels_input),
+        store=f"{RESULTS}/patches/{{slide}}.zarr",
+    output:
+        store=directory(f"{RESULTS}/patches/{{slide}}.labels.zarr"),
+    params:
+        min_frac=config["patches"]["min_label_frac"],
+        classes=stage_opts("labels"),
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/tile_labels/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tile_labels/{{slide}}.tsv"
+    shell:
+        "dsf tile-labels --store {input.store:q} --labels {input.labels:q} "
+        "--out {output.store:q} --min-label-frac {params.min_frac} --no-progress "
+        "{params.classes} 2> {log:q}"

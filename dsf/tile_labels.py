@@ -1,0 +1,284 @@
+"""Labels of a slide's patch tiles: the store `patches/{slide}.labels.zarr` beside the tiles.
+
+A patch store holds pixels only (`dsf.patches`): every tissue tile, whatever the annotation.
+Its labels store holds, for the tiles whose labelled fraction passes `patches.min_label_frac`,
+their tile numbers (`index`), their labels at the target mpp (`labels`, the tile's size) and
+their class fractions (`label_frac`). Fine-tuning and the tile protocol read the two together
+(`pair_stores`); self-supervised pretraining reads the patch store alone (DESIGN section 5: it
+uses no labels). So editing an annotation, a class name or `min_label_frac` rebuilds this small
+store, and with it fine-tuning and evaluation, never the slide's tiles or a pretraining (in
+the paper's setting days of GPU time per fold).
+
+DESIGN section 3 has the labels inside the patch store; they live here instead for that reason.
+A labels store names the build of the patch store it was cut from (`tiles_store_id`), so one
+left from an earlier build is refused, not read against other tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dsf import __version__
+from dsf.annotations import LabelSource, class_fractions, open_labels
+from dsf.atomic import atomic_path
+from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.errors import ConfigError, SlideError
+from dsf.runner import run, setup_logging
+
+log = logging.getLogger(__name__)
+
+#: The fix for a labels store that does not belong to its patch store.
+REBUILD_LABELS = (
+    "rerun the tile_labels stage for it (`dsf tile-labels`; the workflow rebuilds it after "
+    "its patch store by itself)"
+)
+
+
+def labels_store_path(store: str | Path) -> Path:
+    """The labels store beside patch store `store`: `x.zarr` -> `x.labels.zarr`."""
+    store = Path(store)
+    return store.with_name(store.name.removesuffix(".zarr") + ".labels.zarr")
+
+
+def tile_origins(attrs: dict[str, Any], coords: np.ndarray) -> np.ndarray:
+    """(N, 2) top-left x, y of each tile in target pixels, on the store's grid.
+
+    The store records level-0 coordinates rounded to whole pixels; the grid (offset and stride
+    in target pixels) recovers the exact origins the tiles were cut at, so labels are read at
+    the same sub-pixel position as the tiles."""
+    f0 = float(attrs["target_mpp"]) / float(attrs["mpp"])
+    grid, stride = attrs["grid"], int(attrs["stride"])
+    offset = np.array([grid["offset_x"], grid["offset_y"]], np.int64)
+    cells = np.rint((coords / f0 - offset) / stride).astype(np.int64)
+    return offset + cells * stride
+
+
+def build(
+    store: Path,
+    labels: LabelSource,
+    out: Path,
+    label_settings: dict[str, Any],
+    min_label_frac: float,
+    attrs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> int:
+    """Write the labels store of patch store `store` from the annotation `labels` to `out`
+    (atomically); return how many tiles it keeps."""
+    import zarr
+
+    from dsf.patches import ShardWriter, create_array
+    from dsf.tiles import open_store, store_array
+
+    g = open_store(store)
+    st = dict(g.attrs)
+    slide = str(st["slide_id"])
+    if slide != labels.slide_id:
+        raise ConfigError(
+            f"patch store {store} is slide {slide!r}, the annotation is for {labels.slide_id!r}: "
+            "give the annotation of the store's slide"
+        )
+    classes = list(label_settings["classes"])
+    tile, target_mpp = int(st["tile"]), float(st["target_mpp"])
+    f0 = target_mpp / float(st["mpp"])
+    origins = tile_origins(st, store_array(g, "coords", store)[:])
+    n_all = len(origins)
+    shard = int((g["tiles"].shards or g["tiles"].chunks)[0])
+    index: list[int] = []
+    label_frac: list[np.ndarray] = []
+    with atomic_path(out) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        arr = create_array(group, "labels", (n_all, tile, tile), (1, tile, tile), shard, np.uint8)
+        writer = ShardWriter({"labels": arr}, shard)
+        bar = tqdm(
+            total=n_all,
+            desc=f"tile labels {slide}",
+            unit="tile",
+            disable=not progress,
+            mininterval=1.0 if sys.stderr.isatty() else 10.0,
+        )
+        try:
+            for i, (tx, ty) in enumerate(origins):
+                bar.update(1)
+                slot = writer.slot()["labels"]
+                slot[...] = labels.read(tx * f0, ty * f0, tile, tile, target_mpp)
+                fr = class_fractions(slot, len(classes))
+                if 1.0 - fr[0] < min_label_frac:
+                    continue
+                writer.commit()
+                index.append(i)
+                label_frac.append(fr)
+        finally:
+            bar.close()
+            n = writer.close()
+        if n == 0:
+            raise SlideError(
+                slide,
+                f"none of the {n_all} tissue tiles has a labelled fraction >= "
+                f"patches.min_label_frac ({min_label_frac}); check that the annotation belongs "
+                "to this slide or lower patches.min_label_frac",
+            )
+        arr.resize((n, tile, tile))
+        group.create_array("index", data=np.asarray(index, np.int64), chunks=(n,))
+        group.create_array(
+            "label_frac", data=np.stack(label_frac).astype(np.float32), chunks=(n, len(classes))
+        )
+        group.attrs.update(
+            {
+                "slide_id": slide,
+                "store_id": uuid.uuid4().hex,
+                "tiles_store_id": st.get("store_id"),
+                "class_names": classes,
+                "label_settings": label_settings,
+                "settings": {"min_label_frac": min_label_frac},
+                "tile": tile,
+                "target_mpp": target_mpp,
+                "n_tissue_tiles": n_all,
+                "dsf_version": __version__,
+                "n_tiles": n,
+                **(attrs or {}),
+            }
+        )
+    log.info(
+        "%s: %d of the %d tissue tiles are labelled (labelled fraction >= "
+        "patches.min_label_frac %s): %s",
+        slide,
+        n,
+        n_all,
+        min_label_frac,
+        out,
+    )
+    return n
+
+
+@dataclass(frozen=True)
+class LabelledStore:
+    """A slide's patch store and the labels store cut from it (`pair_stores`)."""
+
+    slide: str
+    tiles: Path
+    labels: Path
+
+
+def pair_stores(stores: list[Path], label_stores: list[Path]) -> list[LabelledStore]:
+    """Match patch stores with their labels stores by slide id, in the order of `stores`.
+
+    Every patch store needs its labels store and every labels store its patch store, of the
+    build it was cut from; else a ConfigError naming the store and the fix."""
+    from dsf.tiles import open_store
+
+    tiles: dict[str, tuple[Path, Any]] = {}
+    for path in stores:
+        attrs = open_store(path).attrs
+        tiles[str(attrs["slide_id"])] = (Path(path), attrs)
+    labels: dict[str, Path] = {}
+    for path in label_stores:
+        attrs = open_store(path).attrs
+        slide = str(attrs["slide_id"])
+        if "tiles_store_id" not in attrs:
+            raise ConfigError(
+                f"{path} is not a labels store (no tiles_store_id): give the "
+                "`<slide>.labels.zarr` that `dsf tile-labels` wrote"
+            )
+        if slide not in tiles:
+            raise ConfigError(
+                f"labels store {path} is slide {slide!r}, whose patch store was not given: give "
+                "each slide's patch store with its labels store"
+            )
+        store, store_attrs = tiles[slide]
+        if attrs["tiles_store_id"] != store_attrs.get("store_id"):
+            raise ConfigError(
+                f"labels store {path} was cut from an earlier build of the patch store {store} "
+                f"of slide {slide!r}, so its tile numbers name other tiles: {REBUILD_LABELS}"
+            )
+        labels[slide] = Path(path)
+    missing = [s for s in tiles if s not in labels]
+    if missing:
+        raise ConfigError(
+            f"no labels store was given for the patch stores of slides {missing}: give each "
+            "annotated slide's `<slide>.labels.zarr` too (an unannotated slide has none)"
+        )
+    return [LabelledStore(s, path, labels[s]) for s, (path, _) in tiles.items()]
+
+
+def labelled_store_ids(pairs: list[LabelledStore]) -> dict[str, str | None]:
+    """Slide id -> the `store_id`s of its patch and labels stores, joined: what a fine-tuning
+    checkpoint records (`dsf.checkpoints.check_stores`), so rebuilt tiles or labels both tell."""
+    from dsf.tiles import store_ids
+
+    tiles = store_ids([p.tiles for p in pairs])
+    labels = store_ids([p.labels for p in pairs])
+    return {s: f"{tiles[s]}+{labels[s]}" for s in tiles}
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsf tile-labels",
+        description="Label the tiles of one slide's patch store from its annotation: the "
+        "labels store fine-tuning and the tile protocol read beside the patch store.",
+    )
+    p.add_argument("--store", required=True, type=Path, help="the slide's patch store (.zarr)")
+    p.add_argument(
+        "--labels", required=True, type=Path, help="annotation: raster mask, GeoJSON or XML"
+    )
+    p.add_argument("--out", required=True, type=Path, help="labels store to write (.labels.zarr)")
+    p.add_argument(
+        "--min-label-frac",
+        type=float,
+        default=defaults("patches")["min_label_frac"],
+        help="keep tiles whose labelled fraction is at least this (config key "
+        "patches.min_label_frac; default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_section_arguments(p, "labels")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsf tile-labels`: one patch store and its annotation -> `{slide}.labels.zarr`."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        from dsf.tiles import open_store
+
+        if not 0 <= args.min_label_frac <= 1:
+            raise ConfigError(
+                f"config key patches.min_label_frac (--min-label-frac) {args.min_label_frac} "
+                "must be in [0, 1]"
+            )
+        label_settings = section_from_args(args, "labels")
+        attrs = open_store(args.store).attrs
+        labels = open_labels(
+            args.labels,
+            str(attrs["slide_id"]),
+            tuple(attrs["level0_size"]),
+            float(attrs["mpp"]),
+            label_settings,
+        )
+        build(
+            args.store,
+            labels,
+            args.out,
+            label_settings,
+            args.min_label_frac,
+            {"labels_source": str(args.labels)},
+            progress=not args.no_progress,
+        )
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

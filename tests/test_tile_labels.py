@@ -1,0 +1,125 @@
+"""Labels stores: the labels of a patch store's tiles, kept apart from the tiles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from dsf.annotations import open_labels
+from dsf.config import defaults
+from dsf.errors import ConfigError
+from dsf.patches import extract
+from dsf.slide import open_slide
+from dsf.tile_labels import build, labels_store_path, pair_stores, tile_origins
+
+from conftest import rgb_slide
+
+CLASSES = defaults("labels") | {"classes": ["ignore", "A", "B"]}
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 600 x 400 slide, all tissue, at 0.5 um/px; its patch store at 0.75 um/px (tiles not on
+    whole level-0 pixels); a GeoJSON labelling its left third A and a square of B."""
+    d = tmp_path_factory.mktemp("tile-labels")
+    rgb = np.full((400, 600, 3), 150, np.uint8)
+    rgb_slide(d / "s.tif", rgb, 0.5, tile=64)
+    slide = open_slide(d / "s.tif")
+
+    def feature(name: str, x0: int, y0: int, x1: int, y1: int) -> dict:
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"classification": {"name": name}},
+        }
+
+    ann = d / "s.geojson"
+    feats = [feature("A", 0, 0, 200, 400), feature("B", 400, 100, 500, 200)]
+    ann.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    st = defaults("patches") | {"target_mpp": 0.75, "block": 16, "stride": 24, "min_tissue": 0.5}
+    store = d / "s.zarr"
+    n_all = extract(slide, np.ones((50, 75), bool), 8.0, store, st, progress=False)
+    return {"dir": d, "slide": slide, "ann": ann, "store": store, "n_all": n_all, "st": st}
+
+
+def _labels(cut: dict, out: Path, min_frac: float = 0.1) -> int:
+    src = open_labels(cut["ann"], "s", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
+    return build(cut["store"], src, out, CLASSES, min_frac, progress=False)
+
+
+def test_labels_store_keeps_the_labelled_tiles_of_an_unfiltered_patch_store(
+    cut: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "s.labels.zarr"
+    n = _labels(cut, out)
+    g = zarr.open_group(str(cut["store"]), mode="r")
+    lab = zarr.open_group(str(out), mode="r")
+    # the patch store holds every tissue tile, labelled or not, and no labels
+    assert "labels" not in g and "label_frac" not in g and g.attrs["n_tiles"] == cut["n_all"]
+    index, labels, frac = lab["index"][:], lab["labels"][:], lab["label_frac"][:]
+    assert 0 < n < cut["n_all"] and len(index) == len(labels) == len(frac) == n
+    assert np.all(np.diff(index) > 0) and index[-1] < cut["n_all"]
+    # the labels are those of the annotation where each kept tile lies
+    src = open_labels(cut["ann"], "s", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
+    origins = tile_origins(dict(g.attrs), g["coords"][:])
+    f0 = 0.75 / cut["slide"].mpp
+    for j in (0, n // 2, n - 1):
+        x, y = origins[index[j]]
+        np.testing.assert_array_equal(labels[j], src.read(x * f0, y * f0, 64, 64, 0.75))
+    np.testing.assert_allclose(frac.sum(1), 1.0, atol=1e-5)
+    assert (1 - frac[:, 0] >= 0.1).all()
+    # every dropped tile is labelled under the threshold
+    dropped = sorted(set(range(cut["n_all"])) - set(index))
+    for i in dropped[:: max(1, len(dropped) // 5)]:
+        x, y = origins[i]
+        assert (src.read(x * f0, y * f0, 64, 64, 0.75) > 0).mean() < 0.1
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert lab.attrs["tiles_store_id"] == g.attrs["store_id"] != lab.attrs["store_id"]
+    assert lab.attrs["class_names"] == CLASSES["classes"]
+    assert lab.attrs["settings"] == {"min_label_frac": 0.1}
+    # a higher min_label_frac keeps fewer tiles: only the labels store changes
+    assert _labels(cut, tmp_path / "strict.labels.zarr", 0.9) < n
+
+
+def test_tile_origins_recover_the_grid_from_rounded_coords(cut: dict) -> None:
+    g = zarr.open_group(str(cut["store"]), mode="r")
+    attrs = dict(g.attrs)
+    origins = tile_origins(attrs, g["coords"][:])
+    grid = attrs["grid"]
+    assert ((origins[:, 0] - grid["offset_x"]) % attrs["stride"] == 0).all()
+    assert ((origins[:, 1] - grid["offset_y"]) % attrs["stride"] == 0).all()
+    # the stored level-0 coords are these origins, rounded
+    f0 = attrs["target_mpp"] / attrs["mpp"]
+    np.testing.assert_array_equal(np.rint(origins * f0).astype(np.int64), g["coords"][:])
+
+
+def test_a_labels_store_belongs_to_one_build_of_its_patch_store(cut: dict, tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    shutil.copytree(cut["store"], store)
+    labels = labels_store_path(store)
+    assert labels == tmp_path / "s.labels.zarr"
+    src = open_labels(cut["ann"], "s", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
+    build(store, src, labels, CLASSES, 0.1, progress=False)
+    (pair,) = pair_stores([store], [labels])
+    assert (pair.slide, pair.tiles, pair.labels) == ("s", store, labels)
+    with pytest.raises(ConfigError, match="no labels store was given.*'s'"):
+        pair_stores([store], [])
+    with pytest.raises(ConfigError, match="not a labels store"):
+        pair_stores([store], [store])
+    # the patch store rebuilt: its tile numbers may name other tiles now
+    extract(cut["slide"], np.ones((50, 75), bool), 8.0, store, cut["st"], progress=False)
+    with pytest.raises(ConfigError, match="earlier build of the patch store.*tile-labels"):
+        pair_stores([store], [labels])
+    with pytest.raises(ConfigError, match="whose patch store was not given"):
+        pair_stores([], [labels])
+    # an annotation of another slide is refused
+    other = open_labels(cut["ann"], "t", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
+    with pytest.raises(ConfigError, match="slide 's', the annotation is for 't'"):
+        build(store, other, tmp_path / "t.labels.zarr", CLASSES, 0.1, progress=False)
+    assert not (tmp_path / "t.labels.zarr").exists()
