@@ -79,7 +79,7 @@ def _named(slides: list[str], most: int = 5) -> str:
 
 def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """A ConfigError unless the checkpoint at `path` was trained on the stores `now` describes
-    (slide id -> `store_id` of its patch store, `dsf.tiles.store_ids`).
+    (slide id -> `store_id` of its patch store, `dsf.stores.store_ids`).
 
     Snakemake reruns a training job after its stores were rebuilt (a tissue or patch setting
     changed, slides came or went); resuming would continue, or with no epoch left simply

@@ -195,7 +195,7 @@ def _check_classes(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
 
 def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tuple[int, np.ndarray]:
     """(labelled tiles, confusion) of the centre blocks of one slide's labelled tiles."""
-    from dsf.tiles import open_store, store_array
+    from dsf.stores import open_store, store_array
 
     g, lab = open_store(store.tiles), open_store(store.labels)
     _check_geometry(dict(g.attrs), predictor, store.tiles)

@@ -53,8 +53,9 @@ from dsf.pretrain import (
     training_device,
 )
 from dsf.runner import run, setup_logging
+from dsf.stores import open_store
 from dsf.tile_labels import LabelledStore, labelled_store_ids, pair_stores
-from dsf.tiles import loader_worker_init, open_store
+from dsf.tiles import loader_worker_init
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
+from dsf.stores import StoreArray, open_store, store_array
 from dsf.tile_labels import LabelledStore
-from dsf.tiles import StoreArray, open_store, store_array
 
 
 def label_subset(n_tiles: int, fraction: float, seed: int) -> np.ndarray:

@@ -42,8 +42,9 @@ from dsf.folds import read_folds
 from dsf.norm import check_settings as check_norm
 from dsf.norm import computed_stats, given_stats
 from dsf.runner import run, setup_logging
+from dsf.stores import open_store, store_ids
 from dsf.tile_loader import TileLoader
-from dsf.tiles import TileDataset, open_store, store_ids
+from dsf.tiles import TileDataset
 
 if TYPE_CHECKING:
     from dsf.augment import Views

@@ -326,3 +326,74 @@ def open_slide(
         _pid=os.getpid(),
     )
     return slide
+
+
+#: Seconds the start-up check of the slides' resolution may take (`check_resolutions`).
+CHECK_BUDGET_S = 10.0
+
+
+def check_resolutions(
+    slides: dict[str, tuple[str, float | None]],
+    budget_s: float = CHECK_BUDGET_S,
+    cache: Path | None = None,
+) -> None:
+    """Open the sheet's slides that have no `mpp` in the sheet (slide id -> (path, sheet mpp))
+    before any job runs: slides that state no resolution, or that cannot be opened, stop the
+    run at once naming every such slide, instead of failing one tissue job per slide (on a
+    cluster each submitted and retried). Only headers are read (no pixels: about 10 ms a
+    slide); what `budget_s` leaves unchecked, and files not there yet (a workflow's own
+    synthetic slides), are left to their jobs. `cache` (a JSON file) remembers the files found
+    good, by path, size and modification time, so the next start opens only new or changed
+    files."""
+    import json
+    import time
+
+    from dsf.atomic import atomic_path
+
+    known: dict[str, list[int]] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON: every slide is checked again", cache)
+    start = time.monotonic()
+    problems: list[str] = []
+    unchecked = 0
+    good: dict[str, list[int]] = {}
+    for sid, (path, mpp) in slides.items():
+        file = Path(path)
+        if mpp is not None or not file.exists():
+            continue
+        stat = file.stat()
+        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if known.get(key) == stamp:
+            good[key] = stamp
+            continue
+        if time.monotonic() - start > budget_s:
+            unchecked += 1
+            continue
+        try:
+            open_slide(path, None, sid, check=False).close()
+        except SlideError as exc:
+            problems.append(str(exc))
+            continue
+        good[key] = stamp
+    if unchecked:
+        log.info("%d slides are checked by their own jobs (over %.0f s)", unchecked, budget_s)
+    if cache is not None and good != known:
+        try:
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps(good))
+        except OSError as exc:  # a read-only working folder: the next start checks again
+            log.warning(
+                "cannot write %s (%s): slides are checked again at the next start", cache, exc
+            )
+    if problems:
+        from dsf.errors import ConfigError
+
+        shown = "\n".join(f"  {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(
+            f"{len(problems)} of the sheet's slides cannot be used; fix them (or the sheet's "
+            f"`path` and `mpp` columns) before running:\n{shown}{more}"
+        )

@@ -76,7 +76,7 @@ def build(
     import zarr
 
     from dsf.patches import ShardWriter, create_array
-    from dsf.tiles import open_store, store_array
+    from dsf.stores import open_store, store_array
 
     g = open_store(store)
     st = dict(g.attrs)
@@ -173,7 +173,7 @@ def pair_stores(stores: list[Path], label_stores: list[Path]) -> list[LabelledSt
 
     Every patch store needs its labels store and every labels store its patch store, of the
     build it was cut from; else a ConfigError naming the store and the fix."""
-    from dsf.tiles import open_store
+    from dsf.stores import open_store
 
     tiles: dict[str, tuple[Path, Any]] = {}
     for path in stores:
@@ -212,7 +212,7 @@ def pair_stores(stores: list[Path], label_stores: list[Path]) -> list[LabelledSt
 def labelled_store_ids(pairs: list[LabelledStore]) -> dict[str, str | None]:
     """Slide id -> the `store_id`s of its patch and labels stores, joined: what a fine-tuning
     checkpoint records (`dsf.checkpoints.check_stores`), so rebuilt tiles or labels both tell."""
-    from dsf.tiles import store_ids
+    from dsf.stores import store_ids
 
     tiles = store_ids([p.tiles for p in pairs])
     labels = store_ids([p.labels for p in pairs])
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> None:
-        from dsf.tiles import open_store
+        from dsf.stores import open_store
 
         if not 0 <= args.min_label_frac <= 1:
             raise ConfigError(

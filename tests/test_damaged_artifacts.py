@@ -17,7 +17,8 @@ import tifffile
 from dsf.class_map import open_map
 from dsf.class_tiff import pyramid_shapes, write_tiff
 from dsf.errors import ConfigError
-from dsf.tiles import TileDataset, open_store, store_array
+from dsf.stores import open_store, store_array
+from dsf.tiles import TileDataset
 
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
 FIX = r"damaged or incomplete: delete it and rerun the patches stage"

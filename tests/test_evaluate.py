@@ -28,9 +28,9 @@ from dsf.evaluate import (
     score_row,
 )
 from dsf.predict import Predictor
+from dsf.stores import open_store
 from dsf.tables import build_tables, mean_std, tile_fold_scores
 from dsf.tile_labels import LabelledStore
-from dsf.tiles import open_store
 
 CLASSES = ["ignore", "TUM", "STR", "LYM"]
 

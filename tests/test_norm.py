@@ -11,7 +11,7 @@ import torch
 
 from dsf.errors import ConfigError
 from dsf.norm import check_settings, given_stats, main, read_stats, store_stats, tile_stats
-from dsf.tiles import open_store
+from dsf.stores import open_store
 
 
 @pytest.fixture(scope="module")

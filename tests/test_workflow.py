@@ -405,28 +405,53 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     assert done.returncode != 0 and "'cmu' appears twice (line 2 and line 3)" in said
 
 
-def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
+def test_unreadable_slides_and_slides_without_mpp_stop_the_run_at_start(
+    tiny: Path, real: Path
+) -> None:
+    """Slides that cannot be opened or state no resolution are named together before any job
+    (on a cluster each would be a submitted, retried, failed job)."""
     (tiny / "broken.svs").write_bytes(b"this is not a slide")
+    shutil.copy(real / "TCGA-CR-7395-01A-01-TS1.histolab.svs", tiny / "tcga.svs")  # no mpp
+    sheet = "slide\tpath\tmpp\nbroken\tbroken.svs\t\ntcga\ttcga.svs\t\n"
+    (tiny / "bad.tsv").write_text(sheet + "good\tmy slides/CMU 1 (small).svs\t\n")
+    cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
+    cfg |= {"slides": "bad.tsv", "results": "out-start", "synth": {"slides": {}}}
+    (tiny / "start.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk("-n", "--configfile", "start.yaml", cwd=tiny, check=False)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "2 of the sheet's slides cannot be used" in said
+    assert "slide 'broken'" in said and "not a slide format" in said
+    assert "slide 'tcga'" in said and "fill the `mpp` column" in said
+    assert "Traceback" not in said and not (tiny / "out-start").exists()
+    # the sheet's mpp is enough
+    (tiny / "bad.tsv").write_text("slide\tpath\tmpp\ntcga\ttcga.svs\t0.25\n")
+    smk("-n", "--configfile", "start.yaml", cwd=tiny)
+
+
+def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
+    """A slide whose header reads but whose pixels fail (here: blank, no tissue) fails its own
+    job with its name; the good slide beside it completes."""
+    import tifffile
+
+    blank = np.full((1024, 1024, 3), 245, np.uint8)
+    tifffile.imwrite(
+        tiny / "blank.tif", blank, photometric="rgb", tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER",
+    )  # fmt: skip
     (tiny / "bad.tsv").write_text(
-        "slide\tpath\nbroken\tbroken.svs\ngood\tmy slides/CMU 1 (small).svs\n"
+        "slide\tpath\nblank\tblank.tif\ngood\tmy slides/CMU 1 (small).svs\n"
     )
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     cfg |= {"slides": "bad.tsv", "results": "out-bad", "synth": {"slides": {}}}
     (tiny / "badslide.yaml").write_text(yaml.safe_dump(cfg))
     done = smk(
-        "--configfile",
-        "badslide.yaml",
-        "--keep-going",
-        "--cores",
-        "1",
-        "data",
-        cwd=tiny,
+        "--configfile", "badslide.yaml", "--keep-going", "--cores", "1", "data", cwd=tiny,
         check=False,
-    )
+    )  # fmt: skip
     assert done.returncode != 0
-    log = (tiny / "out-bad" / "logs" / "tissue" / "broken.log").read_text()
-    assert "slide 'broken'" in log and "not a slide format" in log
-    assert not list((tiny / "out-bad" / "tissue").glob("broken.*"))
+    log = (tiny / "out-bad" / "logs" / "tissue" / "blank.log").read_text()
+    assert "slide 'blank'" in log and "no tissue found" in log
+    assert not list((tiny / "out-bad" / "tissue").glob("blank.*"))
     # the good slide beside it completes
     assert (tiny / "out-bad" / "patches" / "good.zarr" / "zarr.json").exists()
 

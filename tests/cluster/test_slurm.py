@@ -195,7 +195,7 @@ def _same_slide(meta: dict) -> dict:
 
 
 # Snakemake marks directory outputs with a .snakemake_timestamp file, which zarr's listing of
-# a store's arrays reports as not part of the hierarchy (dsf.tiles.open_store ignores it too)
+# a store's arrays reports as not part of the hierarchy (dsf.stores.open_store ignores it too)
 @pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")
 def test_slurm_outputs_equal_the_local_run(runs: tuple[Path, Path, str]) -> None:
     local, remote, _ = runs

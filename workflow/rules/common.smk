@@ -2,6 +2,7 @@
 import logging
 import os
 import shlex
+from pathlib import Path
 
 from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
@@ -83,6 +84,13 @@ if workflow.is_main_process:
     check_annotations(
         {s: SHEET.loc[s, "labels"] for s in SHEET.index if SHEET.loc[s, "labels"]},
         config["labels"],
+    )
+    # slides without a resolution (no sheet mpp, none in the file), named together at start
+    from dsf.slide import check_resolutions
+
+    check_resolutions(
+        {s: (SHEET.loc[s, "path"], SHEET.loc[s, "mpp"]) for s in SHEET.index},
+        cache=Path(".snakemake") / "dsf-slides-checked.json",
     )
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
