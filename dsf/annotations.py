@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dsf.annotation_xml import read_xml
-from dsf.errors import AnnotationError, ConfigError
+from dsf.errors import AnnotationError, ConfigError, found_at_start
 from dsf.mask_raster import MaskRaster
 
 log = logging.getLogger(__name__)
@@ -602,11 +602,8 @@ def check_annotations(
             "%d annotation files are checked by their own jobs (over %.0f s)", unchecked, budget_s
         )
     if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ConfigError(
-            f"{len(problems)} of the sheet's annotations cannot be used; fix them (or the "
-            f"`labels` column, labels.classes or labels.names) before running:\n{shown}{more}"
+        raise found_at_start(
+            problems, "annotations", "or the `labels` column, labels.classes or labels.names"
         )
 
 

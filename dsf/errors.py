@@ -11,6 +11,17 @@ class ConfigError(DsfError):
     """A config value or slide-sheet entry is invalid; the message names the key or column."""
 
 
+def found_at_start(problems: list[str], what: str, fix: str) -> ConfigError:
+    """The one error of a start-up check (slides, annotations) that found `problems`: how many
+    of the sheet's `what` cannot be used, the `fix`, and the first ten messages."""
+    shown = "\n".join(f"  {p}" for p in problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    return ConfigError(
+        f"{len(problems)} of the sheet's {what} cannot be used; fix them ({fix}) before "
+        f"running:\n{shown}{more}"
+    )
+
+
 class SlideError(DsfError):
     """A slide cannot be opened or read; the message names the slide and the fix."""
 

@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError
-from dsf.runner import run, setup_logging
+from dsf.runner import progress_bar, run, setup_logging
 from dsf.slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
@@ -373,13 +372,7 @@ def extract(
         writer = ShardWriter(arrays, shard)
         coords: list[tuple[int, int]] = []
         tissue: list[float] = []
-        bar = tqdm(
-            total=n_cand,
-            desc=f"patches {slide.slide_id}",
-            unit="tile",
-            disable=not progress,
-            mininterval=1.0 if sys.stderr.isatty() else 10.0,
-        )
+        bar = progress_bar(n_cand, f"patches {slide.slide_id}", "tile", progress)
         f0 = geo.f0
         try:
             for row, col, pix in iter_tiles(

@@ -6,6 +6,7 @@ import errno
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from dsf.errors import DsfError
 
@@ -19,6 +20,20 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
+    )
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr for long work: redrawn every second on a terminal, every 10 s in a
+    job's log file (which keeps every redraw)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        mininterval=1.0 if sys.stderr.isatty() else 10.0,
     )
 
 

@@ -389,11 +389,6 @@ def check_resolutions(
                 "cannot write %s (%s): slides are checked again at the next start", cache, exc
             )
     if problems:
-        from dsf.errors import ConfigError
+        from dsf.errors import found_at_start
 
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ConfigError(
-            f"{len(problems)} of the sheet's slides cannot be used; fix them (or the sheet's "
-            f"`path` and `mpp` columns) before running:\n{shown}{more}"
-        )
+        raise found_at_start(problems, "slides", "or the sheet's `path` and `mpp` columns")

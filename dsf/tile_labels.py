@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from dsf import __version__
 from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, defaults, section_from_args
 from dsf.errors import ConfigError, SlideError
-from dsf.runner import run, setup_logging
+from dsf.runner import progress_bar, run, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +97,7 @@ def build(
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         arr = create_array(group, "labels", (n_all, tile, tile), (1, tile, tile), shard, np.uint8)
         writer = ShardWriter({"labels": arr}, shard)
-        bar = tqdm(
-            total=n_all,
-            desc=f"tile labels {slide}",
-            unit="tile",
-            disable=not progress,
-            mininterval=1.0 if sys.stderr.isatty() else 10.0,
-        )
+        bar = progress_bar(n_all, f"tile labels {slide}", "tile", progress)
         try:
             for i, (tx, ty) in enumerate(origins):
                 bar.update(1)
