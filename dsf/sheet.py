@@ -258,6 +258,33 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         table.to_csv(sys.stdout, sep="\t", index=False)
 
 
+def keep_folds(rows: list[dict[str, Any]], folds_tsv: Path) -> None:
+    """Set the `fold` of every row whose slide an earlier run's folds.tsv lists, so adding
+    slides to a project keeps its folds (and so its trained fold models) where they were; new
+    slides are left for the run to place (around the fixed ones, patients kept together)."""
+    from dsf.folds import read_folds
+
+    known = read_folds(folds_tsv)
+    fold_of = dict(zip(known["slide"], known["fold"], strict=True))
+    kept = [r for r in rows if r["slide"] in fold_of]
+    for row in kept:
+        row["fold"] = int(fold_of[row["slide"]])
+    gone = sorted(set(fold_of) - {r["slide"] for r in rows})
+    log.info(
+        "folds of %d slides kept from %s; %d new slides get theirs when the run starts",
+        len(kept),
+        folds_tsv,
+        len(rows) - len(kept),
+    )
+    if gone:
+        log.warning(
+            "%d slides of %s are not in the folder (%s): they are left out",
+            len(gone),
+            folds_tsv,
+            ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""),
+        )
+
+
 def _aligned(rows: list[dict[str, Any]]) -> str:
     """Rows as a text table, columns left-aligned (names read from the left)."""
     cols = list(rows[0])
@@ -324,6 +351,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, help="level-0 um/px of every slide (PNG/JPEG regions)")
     p.add_argument("--out", type=Path, help="sheet to write (default: standard output)")
     p.add_argument(
+        "--folds",
+        type=Path,
+        metavar="FOLDS_TSV",
+        help="keep the folds of an earlier run (its results/folds.tsv): its slides keep their "
+        "fold in the `fold` column, new slides get theirs when the run starts",
+    )
+    p.add_argument(
         "--skip-unreadable",
         action="store_true",
         help="leave out slides dsf cannot open (default: list them and write nothing)",
@@ -388,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not kept:
             raise ConfigError(f"no readable slide under {args.folder}")
+        if args.folds is not None:
+            keep_folds(kept, args.folds)
         write_sheet(kept, args.out)
         log.info(
             "%d slides, %d with annotations%s -> %s%s",

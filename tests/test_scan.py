@@ -244,6 +244,40 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     assert main([str(folder), "--mpp", "-1"]) == 2
 
 
+def test_dsf_sheet_keeps_the_folds_of_an_earlier_run(
+    tmp_path: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Slides added to a project: `--folds results/folds.tsv` keeps every earlier slide in its
+    fold, so the fold models trained on them stay valid; a new slide is placed by the run."""
+    from dsf.folds import assign_folds
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b", "c", "new"):
+        shutil.copy(real / "CMU-1-Small-Region.svs", folder / f"{name}.svs")
+    earlier = tmp_path / "folds.tsv"  # an earlier run's: c in fold 0, a and b in fold 1
+    earlier.write_text("slide\tgroup\tfold\na\ta\t1\nb\tb\t1\nc\tc\t0\ngone\tgone\t0\n")
+    out = tmp_path / "sheet.tsv"
+    assert main([str(folder), "--out", str(out), "--folds", str(earlier)]) == 0
+    said = capsys.readouterr().err
+    assert "folds of 3 slides kept" in said and "1 new slides" in said
+    assert "1 slides of" in said and "gone" in said  # listed there, no longer in the folder
+    sheet = read_sheet(out)
+    assert sheet["fold"].to_dict() == {"a": 1, "b": 1, "c": 0, "new": None}
+    config = _config(tmp_path, out)
+    folds = assign_folds(load_sheet(config), 2, config["folds"]["seed"])
+    assert dict(zip(folds["slide"], folds["fold"], strict=True)) == {
+        "a": 1,
+        "b": 1,
+        "c": 0,
+        "new": 0,  # the smaller fold
+    }
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("slide\tfold\na\t1\n")
+    assert main([str(folder), "--out", str(tmp_path / "x.tsv"), "--folds", str(bad)]) == 2
+    assert not (tmp_path / "x.tsv").exists()
+
+
 PAIP_MASKS = {"whole_tumour": "{slide}_whole.tif", "viable_tumour": "{slide}_viable.tif"}
 
 
