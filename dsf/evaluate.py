@@ -195,7 +195,7 @@ def _check_classes(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
 
 def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tuple[int, np.ndarray]:
     """(labelled tiles, confusion) of the centre blocks of one slide's labelled tiles."""
-    from dsf.stores import open_store, store_array
+    from dsf.stores import open_store, read_rows, store_array
 
     g, lab = open_store(store.tiles), open_store(store.labels)
     _check_geometry(dict(g.attrs), predictor, store.tiles)
@@ -213,8 +213,8 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
     for i0 in range(0, n, batch_size):
         i1 = min(n, i0 + batch_size)
         which = tile_of[i0:i1]
-        ctx = torch.from_numpy(np.stack([contexts[int(t)] for t in which]))
-        tgt = torch.from_numpy(np.stack([tiles[int(t), centre, centre] for t in which]))
+        ctx = torch.from_numpy(read_rows(contexts, which))
+        tgt = torch.from_numpy(np.ascontiguousarray(read_rows(tiles, which, centre, centre)))
         lab_blocks = labels[i0:i1, centre, centre]
         probs = predictor.probabilities(ctx, tgt)
         pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only

@@ -181,3 +181,16 @@ def store_ids(stores: list[str | Path]) -> dict[str, str | None]:
         attrs = open_store(path).attrs
         out[str(attrs["slide_id"])] = attrs.get("store_id")
     return out
+
+
+def read_rows(array: StoreArray, rows: np.ndarray, *rest: Any) -> np.ndarray:
+    """`array[rows, *rest]` for sorted row numbers, read as one slice per run of consecutive
+    rows (a labels store's tile numbers are mostly runs): Zarr's integer-array selection reads
+    tile by tile, and one call per tile costs its own overhead."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        raise ValueError("read_rows needs at least one row")
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = np.split(rows, breaks)
+    parts = [array[(slice(int(r[0]), int(r[-1]) + 1), *rest)] for r in runs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -123,3 +123,16 @@ def test_a_labels_store_belongs_to_one_build_of_its_patch_store(cut: dict, tmp_p
     with pytest.raises(ConfigError, match="slide 's', the annotation is for 't'"):
         build(store, other, tmp_path / "t.labels.zarr", CLASSES, 0.1, progress=False)
     assert not (tmp_path / "t.labels.zarr").exists()
+
+
+def test_read_rows_reads_runs_of_rows_as_slices(cut: dict) -> None:
+    from dsf.stores import open_store, read_rows, store_array
+
+    tiles = store_array(open_store(cut["store"]), "tiles", cut["store"])
+    full = tiles[:]
+    for rows in ([0], [0, 1, 2], [1, 2, 5, 6, 7, 9], list(range(cut["n_all"]))):
+        np.testing.assert_array_equal(read_rows(tiles, np.array(rows)), full[rows])
+    np.testing.assert_array_equal(
+        read_rows(tiles, np.array([2, 3, 7]), slice(8, 24), slice(8, 24)),
+        full[[2, 3, 7], 8:24, 8:24],
+    )
