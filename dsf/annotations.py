@@ -576,9 +576,9 @@ def check_annotations(
 ) -> None:
     """Parse the sheet's polygon annotations (GeoJSON, XML) before any job runs: a class name
     that `labels.classes`/`labels.names` cannot map, or a malformed or empty file, stops the
-    run at once naming every such slide, instead of failing one patches job per slide after
-    the tissue jobs ran. Raster masks need their pixels and are left to their jobs, as is what
-    `budget_s` leaves unchecked."""
+    run at once naming every such slide, instead of failing one tile-labels job per slide
+    after the tissue and patches jobs ran. Raster masks need their pixels and are left to
+    their jobs, as is what `budget_s` leaves unchecked."""
     check_label_settings(settings)
     start = time.monotonic()
     problems: list[str] = []
