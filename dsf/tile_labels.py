@@ -29,7 +29,7 @@ import numpy as np
 from dsf import __version__
 from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path
-from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import progress_bar, run, setup_logging
 
@@ -226,14 +226,10 @@ def _parser() -> argparse.ArgumentParser:
         "--labels", required=True, type=Path, help="annotation: raster mask, GeoJSON or XML"
     )
     p.add_argument("--out", required=True, type=Path, help="labels store to write (.labels.zarr)")
-    p.add_argument(
-        "--min-label-frac",
-        type=float,
-        default=defaults("patches")["min_label_frac"],
-        help="keep tiles whose labelled fraction is at least this (config key "
-        "patches.min_label_frac; default: %(default)s)",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # of the patches settings only min_label_frac: the tiles are cut already
+    others = tuple(k for k in section_schema("patches")["properties"] if k != "min_label_frac")
+    add_section_arguments(p, "patches", skip=others)
     add_section_arguments(p, "labels")
     return p
 
@@ -246,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from dsf.stores import open_store
 
-        if not 0 <= args.min_label_frac <= 1:
-            raise ConfigError(
-                f"config key patches.min_label_frac (--min-label-frac) {args.min_label_frac} "
-                "must be in [0, 1]"
-            )
+        min_label_frac = section_from_args(args, "patches")["min_label_frac"]
         label_settings = section_from_args(args, "labels")
         attrs = open_store(args.store).attrs
         labels = open_labels(
@@ -265,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             labels,
             args.out,
             label_settings,
-            args.min_label_frac,
+            min_label_frac,
             {"labels_source": str(args.labels)},
             progress=not args.no_progress,
         )

@@ -249,7 +249,7 @@ LABEL_CASES = {
     "schema-violation": (
         lambda d: _mask(d / "m.tiff", 1),
         ["--min-label-frac", "2"],
-        ["config key patches.min_label_frac", "must be in [0, 1]"],
+        ["config key patches.min_label_frac", "greater than the maximum of 1"],
     ),
 }
 
