@@ -117,7 +117,8 @@ def _group_jobs(out: str) -> list[tuple[str, list[str], set[str]]]:
 def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
     """profiles/slurm submits a slide's chain of jobs as one group job (Snakemake ignores
     groups locally, so the plan shows them): `prepare` is one slide's synth, tissue and patches,
-    `map` one slide's map for one init and its polygons; scores stay jobs of their own (a failed
+    `labels` its label mask and labels store, `map` one slide's map for one init and its
+    polygons; scores stay jobs of their own (a failed
     job removes its whole group's outputs). Every rule the profile names exists, and the rules
     of a group ask for the same partition (SLURM cannot merge two)."""
     text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
@@ -159,14 +160,26 @@ def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
     assert sum("slurm_extra=--signal=USR1@300" in r for r in asked) == counts["pretrain"]
     prepare = [j for j in jobs if j[0] == "prepare"]
     maps = [j for j in jobs if j[0] == "map"]
+    labels = [j for j in jobs if j[0] == "labels"]
     assert len(prepare) == counts["tissue"] == 6 and len(maps) == counts["infer"] == 6
-    assert len(prepare) + len(maps) == len(jobs)
+    assert len(labels) == counts["tile_labels"] == 4
+    assert len(prepare) + len(maps) + len(labels) == len(jobs)
+    for _, ran, wildcards in labels:  # the demo's annotations need no label mask
+        assert len(wildcards) == 1 and ran == ["tile_labels"], (ran, wildcards)
     for _, ran, wildcards in prepare:
         assert len(wildcards) == 1 and {"tissue", "patches"} <= set(ran), (ran, wildcards)
         assert ("synth" in ran) == ("slide=synth" in next(iter(wildcards)))
     for _, ran, wildcards in maps:
         assert len(wildcards) == 1 and sorted(ran) == ["infer", "polygons"], (ran, wildcards)
     assert counts["evaluate_slide"] == 4  # on their own
+    # with labels.base each annotated slide's label mask runs in its labels store's group
+    classes = '["ignore", "TUM", "STR", "LYM"]'
+    out = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--groups", *groups, "--config",
+        f"results={tmp_path}", f'labels={{"classes": {classes}, "base": "STR"}}',
+    ).stdout  # fmt: skip
+    labels = [j for j in _group_jobs(out) if j[0] == "labels"]
+    assert len(labels) == 4 and all(sorted(ran) == ["labels", "tile_labels"] for _, ran, _ in labels)
 
 
 def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
