@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -179,7 +180,8 @@ def test_the_slurm_profile_groups_a_slides_jobs(tmp_path: Path) -> None:
         f"results={tmp_path}", f'labels={{"classes": {classes}, "base": "STR"}}',
     ).stdout  # fmt: skip
     labels = [j for j in _group_jobs(out) if j[0] == "labels"]
-    assert len(labels) == 4 and all(sorted(ran) == ["labels", "tile_labels"] for _, ran, _ in labels)
+    assert len(labels) == 4
+    assert all(sorted(ran) == ["labels", "tile_labels"] for _, ran, _ in labels), labels
 
 
 def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
@@ -394,6 +396,33 @@ def test_annotation_edits_rerun_the_labels_not_the_tiles_or_pretraining(tiny: Pa
     assert after == {"finetune", "evaluate_tiles"}, edges
     assert ("patches", "pretrain") in edges
     smk("--configfile", "cfg.yaml", "--cores", "2", *UNTIL, cwd=tiny)  # up to date again
+
+
+def test_sheet_edits_that_keep_the_split_rerun_no_fold_job(tiny: Path, tmp_path: Path) -> None:
+    """folds.tsv, an input of every fold's jobs, is rewritten only when the split changes: with
+    the folds kept in the sheet's `fold` column (as `dsf sheet --folds` writes them), annotating
+    a slide reruns neither the folds nor any fold's normalisation (nor so its pretraining);
+    moving a slide to another fold reruns them."""
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny, wd, symlinks=True)
+    norms = ("out/norm/fold0.json", "out/norm/fold1.json")
+    smk(*norms, "--configfile", "cfg.yaml", "--cores", "2", cwd=wd)
+    before = (wd / "out" / "folds.tsv").read_text()
+    fold = dict(line.split("\t")[::2] for line in before.splitlines()[1:])["cmu"]
+    square = [[[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]]
+    feature = {"type": "Polygon", "coordinates": square}
+    (wd / "my slides" / "cmu.geojson").write_text(
+        json.dumps({"type": "Feature", "geometry": feature,
+                    "properties": {"classification": {"name": "TUM"}}})
+    )  # fmt: skip
+    sheet = wd / "my slides" / "sheet.tsv"
+    row = "cmu\tCMU 1 (small).svs\t\t{}\tp1\t{}\n"
+    sheet.write_text("slide\tpath\tmpp\tlabels\tgroup\tfold\n" + row.format("cmu.geojson", fold))
+    out = smk(*norms, "-n", "--configfile", "cfg.yaml", "--cores", "2", cwd=wd).stdout
+    assert "Nothing to be done" in out, out
+    sheet.write_text(sheet.read_text().replace(f"\tp1\t{fold}\n", f"\tp1\t{1 - int(fold)}\n"))
+    out = smk(*norms, "-n", "--configfile", "cfg.yaml", "--cores", "2", cwd=wd).stdout
+    assert job_counts(out) == {"folds": 1, "norm": 2}, out
 
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:

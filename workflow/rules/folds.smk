@@ -1,13 +1,25 @@
 # Cross-validation folds over the slides, grouped by patient (the sheet's `group` column).
 
 
+# Rerun when the split changes, not on every edit of the sheet: folds.tsv is an input of every
+# pretraining, fine-tuning and score of a fold, so rewriting it (even unchanged) would rerun
+# them all, e.g. for a slide annotated with its fold kept in the sheet (`dsf sheet --folds`).
+# The split compared is FOLDS, which common.smk computes from the sheet with the same
+# `assign_folds` the job runs; the sheet's records reach the job as a param Snakemake derives
+# from the job and does not compare (`fast_param`).
+SHEET_RECORDS = (
+    SHEET[["slide", "group", "fold"]]
+    .assign(labelled=SHEET.index.isin(LABELLED))
+    .to_json(orient="records")
+)
+
+
 rule folds:
     output:
         f"{RESULTS}/folds.tsv",
     params:
-        sheet=SHEET[["slide", "group", "fold"]]
-        .assign(labelled=SHEET.index.isin(LABELLED))
-        .to_json(orient="records"),
+        split=FOLDS[["slide", "group", "fold"]].to_json(orient="records"),
+        sheet=lambda wildcards, threads: SHEET_RECORDS,
         opts=stage_opts("folds"),
     resources:
         mem_mb=1000,
