@@ -96,10 +96,13 @@ def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) ->
         for label, slides in (("rebuilt since", changed), ("new", added), ("gone", gone))
         if slides
     ]
+    # a fine-tuning records "<patch store_id>+<labels store_id>" (dsf.tile_labels)
+    labelled = any("+" in str(v) for v in (*old.values(), *now.values()))
+    stores, fitted = ("patch or labels", "tiles or labels") if labelled else ("patch", "tiles")
     raise ConfigError(
-        f"{path} was trained on other patch stores ({'; '.join(what)}), so resuming would "
-        "keep weights fitted to the old tiles: delete the checkpoint to train on the stores "
-        "as they are now"
+        f"{path} was trained on other {stores} stores ({'; '.join(what)}), so resuming would "
+        f"keep weights fitted to the old {fitted}: delete the checkpoint to train on the "
+        "stores as they are now"
     )
 
 

@@ -197,7 +197,7 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
     """(labelled tiles, confusion) of the centre blocks of one slide's labelled tiles."""
     from dsf.stores import open_store, read_rows, store_array
 
-    g, lab = open_store(store.tiles), open_store(store.labels)
+    g, lab = open_store(store.tiles), open_store(store.labels, kind="labels")
     _check_geometry(dict(g.attrs), predictor, store.tiles)
     _check_classes(dict(lab.attrs), predictor, store.labels)
     k = len(predictor.classes) - 1

@@ -142,7 +142,7 @@ class FineTuner:
         """`norm` = (mean, std) of the input normalisation; by default the statistics the
         encoders were pretrained with (recorded in `encoders.pt`), else computed from the fit
         stores (`dsf.norm`)."""
-        from dsf.hook_geometry import check_hook
+        from dsf.hook_geometry import check_hook, check_unet
         from dsf.models.hooknet import HookNet, UNet
 
         self.st, self.out_dir, self.meta = settings, out_dir, meta or {}
@@ -179,6 +179,8 @@ class FineTuner:
         torch.manual_seed(settings["seed"])
         if init != "unet":
             check_hook(self.block, self.scale)
+        else:
+            check_unet(self.block)
         if init == "unet":
             model: torch.nn.Module = UNet(len(classes), backbone=backbone)
         elif init == "imagenet":
@@ -499,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sheet's `labels` column for slides of more patients"
             )
         folds = read_folds(args.folds)
-        by_slide = {p.slide: p for p in pair_stores(args.stores, args.label_stores)}
+        pairs = pair_stores(args.stores, args.label_stores, classes)
+        by_slide = {p.slide: p for p in pairs}
         val = set(folds.loc[folds["fold"] == args.fold, "slide"])
         if val & set(by_slide):
             raise ConfigError(

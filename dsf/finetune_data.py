@@ -97,7 +97,7 @@ class LabelledTiles(Dataset):
             g = open_store(pair.tiles)
             self.block = int(g.attrs["block"])
             self.scale = int(g.attrs["scale"])
-            lab = open_store(pair.labels)
+            lab = open_store(pair.labels, kind="labels")
             self.tile_of.append(store_array(lab, "index", pair.labels)[:])
             self.index += [(k, i) for i in range(int(lab.attrs["n_tiles"]))]
         if not self.index:
@@ -137,7 +137,7 @@ class LabelledTiles(Dataset):
         if self._groups is None or self._pid != os.getpid():
             self._groups = []
             for pair in self.stores:
-                g, lab = open_store(pair.tiles), open_store(pair.labels)
+                g, lab = open_store(pair.tiles), open_store(pair.labels, kind="labels")
                 arrays = {a: store_array(g, a, pair.tiles) for a in ("context", "tiles")}
                 arrays["labels"] = store_array(lab, "labels", pair.labels)
                 self._groups.append(arrays)

@@ -79,6 +79,21 @@ def hook_geometry(scale: int, input_size: int, strides: Sequence[int]) -> HookGe
 ENCODER_STRIDES = (2, 4, 8, 16, 32)
 
 
+def check_unet(block: int) -> None:
+    """Refuse a block the U-Net baseline (finetune init unet) cannot segment: its decoder joins
+    each encoder stage, and the encoder halves the block five times, so the block must be a
+    multiple of the last stride; a ConfigError naming `patches.block` and blocks that fit."""
+    stride = ENCODER_STRIDES[-1]
+    if block % stride:
+        first = max(1, block // stride)
+        fits = ", ".join(str(stride * k) for k in range(first, block // stride + 4))
+        raise ConfigError(
+            f"patches.block {block} does not fit the U-Net baseline (finetune init unet): its "
+            f"encoder halves the block five times, so it must be a multiple of {stride}: use "
+            f"patches.block {fits}, ... (or leave unet out of finetune.inits)"
+        )
+
+
 def check_hook(block: int, scale: int) -> None:
     """Refuse a patch geometry HookNet cannot hook (`hook_geometry` with the encoders' strides),
     as a ConfigError naming `patches.block` and `patches.scale` and blocks that would fit."""

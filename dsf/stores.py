@@ -20,34 +20,55 @@ REBUILD_STORE = (
     "delete it and rerun the patches stage (`dsf patches`; the workflow rebuilds a deleted "
     "store, `snakemake --forcerun patches` all of them)"
 )
+#: The fix for a labels store that is damaged or does not belong to its patch store.
+REBUILD_LABELS = (
+    "delete it and rerun the tile_labels stage for it (`dsf tile-labels`; the workflow "
+    "rebuilds a deleted labels store from its patch store by itself)"
+)
+#: How `dsf tile-labels` names the labels store beside a patch store `x.zarr`.
+LABELS_SUFFIX = ".labels.zarr"
 #: Errors of a read that are not the store's fault: the machine's memory or permissions (the
 #: CLI reports the latter itself).
 _NOT_DAMAGE = (MemoryError, PermissionError)
 
 
-def damaged_store(path: str | Path, what: str, exc: BaseException | None = None) -> ConfigError:
-    """The error for a patch store that cannot be read: names it, what failed, and the fix."""
+def _kind(path: str | Path, labels: bool | None = None) -> tuple[str, str]:
+    """("patch store" or "labels store", its fix): by `labels`, else by the name."""
+    if labels is None:
+        labels = Path(path).name.endswith(LABELS_SUFFIX)
+    return ("labels store", REBUILD_LABELS) if labels else ("patch store", REBUILD_STORE)
+
+
+def damaged_store(
+    path: str | Path, what: str, exc: BaseException | None = None, labels: bool | None = None
+) -> ConfigError:
+    """The error for a patch (or, `labels`, labels) store that cannot be read: names it, what
+    failed, and the fix (which stage rebuilds it)."""
+    kind, fix = _kind(path, labels)
     cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-    return ConfigError(
-        f"patch store {path}: {what}{cause}; it is damaged or incomplete: {REBUILD_STORE}"
-    )
+    return ConfigError(f"{kind} {path}: {what}{cause}; it is damaged or incomplete: {fix}")
 
 
-def open_store(path: str | Path, check_shards: bool = True) -> Any:
-    """Open a finished patch store read-only; a missing, partial or damaged one (its group or
-    an array's metadata gone or unreadable, with `check_shards` a shard file missing) raises a
-    ConfigError naming it and the fix."""
+def open_store(path: str | Path, check_shards: bool = True, kind: str | None = "patch") -> Any:
+    """Open a finished store read-only: a patch store (`kind` "patch"), the labels store of
+    one ("labels", `dsf.tile_labels`) or either (None). A missing, partial or damaged one (its
+    group or an array's metadata gone or unreadable; with `check_shards` a shard file missing,
+    or a labels store's tile index broken) or one of the other kind raises a ConfigError naming
+    it and the fix."""
     import warnings
 
     import zarr
 
     path = Path(path)
+    hint = True if kind == "labels" else None  # else by the name, until the attrs tell
+    named, fix = _kind(path, hint)
     if not path.exists():
-        raise ConfigError(f"patch store {path} not found; run the patches stage first")
+        stage = "tile_labels" if named == "labels store" else "patches"
+        raise ConfigError(f"{named} {path} not found; run the {stage} stage first")
     if not path.is_dir():
         raise ConfigError(
-            f"patch store {path} is a file, not a patch store folder (the Zarr group "
-            f"`dsf patches` writes): give the store folder, or {REBUILD_STORE}"
+            f"{named} {path} is a file, not a {named} folder (the Zarr group dsf writes): "
+            f"give the store folder, or {fix}"
         )
     try:
         with warnings.catch_warnings():  # Snakemake's .snakemake_timestamp inside directories
@@ -57,20 +78,40 @@ def open_store(path: str | Path, check_shards: bool = True) -> Any:
     except PermissionError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise damaged_store(path, "cannot open its Zarr group", exc) from exc
+        raise damaged_store(path, "cannot open its Zarr group", exc, hint) from exc
+    labels = "tiles_store_id" in group.attrs
+    if kind == "patch" and labels:
+        raise ConfigError(
+            f"{path} is a labels store (`dsf tile-labels`), not a patch store: give the "
+            f"slide's patch store `<slide>.zarr` (a glob of *.zarr also takes the "
+            f"*{LABELS_SUFFIX} beside the stores: leave those out)"
+        )
+    if kind == "labels" and complete and not labels:
+        raise ConfigError(
+            f"{path} is not a labels store (no tiles_store_id): give the "
+            f"`<slide>{LABELS_SUFFIX}` that `dsf tile-labels` wrote"
+        )
     if not complete:
-        raise damaged_store(path, "no n_tiles (its writing did not finish)")
+        raise damaged_store(path, "no n_tiles (its writing did not finish)", labels=labels)
     # an array folder without its metadata would read as absent (`"labels" in group` False)
     meta = ("zarr.json", ".zarray", ".zgroup")
     for child in sorted(path.iterdir()):
         hidden = child.name.startswith(".")
         if child.is_dir() and not hidden and not any((child / m).is_file() for m in meta):
-            raise damaged_store(path, f"array {child.name!r} has no metadata (zarr.json)")
+            raise damaged_store(
+                path, f"array {child.name!r} has no metadata (zarr.json)", labels=labels
+            )
+    if not check_shards:
+        return group
     # every shard of these is written (write_empty_chunks), so a missing one is a lost file;
-    # labels too since stores have a store_id (older ones may skip an all-unlabelled shard)
-    for name in ("tiles", "context", *(("labels",) if "store_id" in group.attrs else ())):
-        if check_shards:
-            _check_shards(path, name)
+    # labels too since stores have a store_id (older ones may skip an all-unlabelled shard);
+    # a labels store's class fractions are never all 0 (the fill), so each chunk is written
+    names = ("labels", "label_frac") if labels else ("tiles", "context")
+    names += ("labels",) if "store_id" in group.attrs and not labels else ()
+    for name in names:
+        _check_shards(path, name, labels)
+    if labels:
+        _check_index(group, path)
     return group
 
 
@@ -79,10 +120,41 @@ def open_store(path: str | Path, check_shards: bool = True) -> Any:
 _COMPLETE: set[tuple[str, int]] = set()
 
 
-def _check_shards(path: Path, name: str) -> None:
+def _check_index(group: Any, path: Path) -> None:
+    """A labels store's `index` must name its n_tiles tiles of the patch store, ascending: a
+    lost chunk reads as its fill value (0, or -1 since stores fill with -1), which would pair
+    every labelled tile with the pixels of one tile and never say."""
+    folder = path / "index"
+    meta_file = folder / "zarr.json"
+    key = (str(folder.resolve()), meta_file.stat().st_mtime_ns if meta_file.is_file() else 0)
+    if key in _COMPLETE:
+        return
+    index = _array(group, "index", path, labels=True)
+    try:
+        rows = np.asarray(index[:])
+    except _NOT_DAMAGE:
+        raise
+    except Exception as exc:
+        raise damaged_store(path, "its tile index could not be read", exc, labels=True) from exc
+    n, total = int(group.attrs["n_tiles"]), group.attrs.get("n_tissue_tiles")
+    ok = rows.shape == (n,) and (
+        n == 0
+        or (rows[0] >= 0 and np.all(np.diff(rows) > 0) and (total is None or rows[-1] < total))
+    )
+    if not ok:
+        raise damaged_store(
+            path,
+            f"its tile index is not {n} ascending tile numbers of the patch store (a lost "
+            "chunk reads as zeros)",
+            labels=True,
+        )
+    _COMPLETE.add(key)
+
+
+def _check_shards(path: Path, name: str, labels: bool = False) -> None:
     """Raise naming the store, the shard and its tiles when a shard file of array `name` is
     missing (a partial copy, a deleted file): Zarr reads a missing shard as zeros, so training
-    would go on with black tiles and never say."""
+    would go on with black tiles (or unlabelled ones) and never say."""
     folder = path / name
     meta_file = folder / "zarr.json"
     if not meta_file.is_file():
@@ -96,7 +168,7 @@ def _check_shards(path: Path, name: str) -> None:
         grid = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
         encoding = meta["chunk_key_encoding"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise damaged_store(path, f"cannot open array {name!r}", exc) from exc
+        raise damaged_store(path, f"cannot open array {name!r}", exc, labels) from exc
     if (
         encoding.get("name") != "default"
         or encoding.get("configuration", {}).get("separator", "/") != "/"
@@ -109,22 +181,24 @@ def _check_shards(path: Path, name: str) -> None:
         if not os.path.isfile(folder / shard):
             first = index[0] * grid[0]
             last = min(shape[0], first + grid[0]) - 1
+            zeros = "unlabelled" if labels else "black"
             raise damaged_store(
                 path,
                 f"array {name!r} lacks its shard {shard} (tiles {first} to {last}), which Zarr "
-                "would read as black tiles",
+                f"would read as {zeros} tiles",
+                labels=labels,
             )
     _COMPLETE.add(key)
 
 
-def _array(group: Any, name: str, path: str | Path) -> Any:
+def _array(group: Any, name: str, path: str | Path, labels: bool | None = None) -> Any:
     """The Zarr array `name` of an open store; a missing or unreadable one raises naming it."""
     try:
         return group[name]
     except PermissionError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise damaged_store(path, f"cannot open array {name!r}", exc) from exc
+        raise damaged_store(path, f"cannot open array {name!r}", exc, labels) from exc
 
 
 class StoreArray:
@@ -173,12 +247,12 @@ def _tiles(key: Any) -> str:
 
 
 def store_ids(stores: list[str | Path]) -> dict[str, str | None]:
-    """Slide id -> `store_id` of each patch store: a fresh id `dsf patches` gives every store
-    it writes, so a training checkpoint can tell whether its stores were rebuilt since
+    """Slide id -> `store_id` of each patch (or labels) store: a fresh id dsf gives every
+    store it writes, so a training checkpoint can tell whether its stores were rebuilt since
     (`dsf.checkpoints.check_stores`); None for a store written before stores had ids."""
     out: dict[str, str | None] = {}
     for path in stores:
-        attrs = open_store(path).attrs
+        attrs = open_store(path, kind=None).attrs
         out[str(attrs["slide_id"])] = attrs.get("store_id")
     return out
 

@@ -32,20 +32,15 @@ from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import progress_bar, run, setup_logging
+from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
 log = logging.getLogger(__name__)
-
-#: The fix for a labels store that does not belong to its patch store.
-REBUILD_LABELS = (
-    "rerun the tile_labels stage for it (`dsf tile-labels`; the workflow rebuilds it after "
-    "its patch store by itself)"
-)
 
 
 def labels_store_path(store: str | Path) -> Path:
     """The labels store beside patch store `store`: `x.zarr` -> `x.labels.zarr`."""
     store = Path(store)
-    return store.with_name(store.name.removesuffix(".zarr") + ".labels.zarr")
+    return store.with_name(store.name.removesuffix(".zarr") + LABELS_SUFFIX)
 
 
 def tile_origins(attrs: dict[str, Any], coords: np.ndarray) -> np.ndarray:
@@ -78,6 +73,7 @@ def build(
     from dsf.stores import open_store, store_array
 
     g = open_store(store)
+    check_out(out, store)
     st = dict(g.attrs)
     slide = str(st["slide_id"])
     if slide != labels.slide_id:
@@ -93,6 +89,7 @@ def build(
     shard = int((g["tiles"].shards or g["tiles"].chunks)[0])
     index: list[int] = []
     label_frac: list[np.ndarray] = []
+    best = 0.0  # the largest labelled fraction of a tile, for the message when none passes
     with atomic_path(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         arr = create_array(group, "labels", (n_all, tile, tile), (1, tile, tile), shard, np.uint8)
@@ -104,6 +101,7 @@ def build(
                 slot = writer.slot()["labels"]
                 slot[...] = labels.read(tx * f0, ty * f0, tile, tile, target_mpp)
                 fr = class_fractions(slot, len(classes))
+                best = max(best, 1.0 - float(fr[0]))
                 if 1.0 - fr[0] < min_label_frac:
                     continue
                 writer.commit()
@@ -116,11 +114,15 @@ def build(
             raise SlideError(
                 slide,
                 f"none of the {n_all} tissue tiles has a labelled fraction >= "
-                f"patches.min_label_frac ({min_label_frac}); check that the annotation belongs "
-                "to this slide or lower patches.min_label_frac",
+                f"patches.min_label_frac ({min_label_frac}; the best tile has {best:.3g}): "
+                "check that the annotation belongs to this slide (and that its classes map to "
+                "labels.classes), lower patches.min_label_frac, or leave the slide's `labels` "
+                "cell in the sheet empty to use it unannotated",
             )
         arr.resize((n, tile, tile))
-        group.create_array("index", data=np.asarray(index, np.int64), chunks=(n,))
+        # filled with -1, so a lost chunk reads as no tile number (dsf.stores checks it)
+        idx = group.create_array("index", shape=(n,), dtype=np.int64, chunks=(n,), fill_value=-1)
+        idx[:] = np.asarray(index, np.int64)
         group.create_array(
             "label_frac", data=np.stack(label_frac).astype(np.float32), chunks=(n, len(classes))
         )
@@ -161,25 +163,68 @@ class LabelledStore:
     labels: Path
 
 
-def pair_stores(stores: list[Path], label_stores: list[Path]) -> list[LabelledStore]:
+def check_out(out: Path, store: Path) -> None:
+    """`dsf tile-labels` replaces its output whole: refuse an `out` that is the patch store
+    itself or any existing folder that is not a labels store (a mistyped path would be
+    deleted)."""
+    import json
+
+    out, store = Path(out), Path(store)
+    if out.resolve() == store.resolve():
+        raise ConfigError(
+            f"--out {out} is the patch store itself: write the labels store beside it, "
+            f"{labels_store_path(store)}"
+        )
+    if not out.exists():
+        return
+    try:
+        attrs = json.loads((out / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        attrs = {}
+    if "tiles_store_id" not in attrs:
+        raise ConfigError(
+            f"--out {out} exists and is not a labels store, and dsf tile-labels replaces its "
+            f"output: give a new path such as {labels_store_path(store)} (or delete {out} "
+            "yourself if it is a broken labels store)"
+        )
+
+
+def pair_stores(
+    stores: list[Path], label_stores: list[Path], classes: list[str] | None = None
+) -> list[LabelledStore]:
     """Match patch stores with their labels stores by slide id, in the order of `stores`.
 
     Every patch store needs its labels store and every labels store its patch store, of the
-    build it was cut from; else a ConfigError naming the store and the fix."""
+    build it was cut from (and, given `classes`, labelled with those classes); else a
+    ConfigError naming the store and the fix."""
     from dsf.stores import open_store
 
     tiles: dict[str, tuple[Path, Any]] = {}
     for path in stores:
         attrs = open_store(path).attrs
-        tiles[str(attrs["slide_id"])] = (Path(path), attrs)
+        slide = str(attrs["slide_id"])
+        if slide in tiles:
+            raise ConfigError(
+                f"patch stores {tiles[slide][0]} and {path} are both slide {slide!r}: give each "
+                "slide's store once"
+            )
+        tiles[slide] = (Path(path), attrs)
     labels: dict[str, Path] = {}
     for path in label_stores:
-        attrs = open_store(path).attrs
+        attrs = open_store(path, kind="labels").attrs
         slide = str(attrs["slide_id"])
-        if "tiles_store_id" not in attrs:
+        if slide in labels:
             raise ConfigError(
-                f"{path} is not a labels store (no tiles_store_id): give the "
-                "`<slide>.labels.zarr` that `dsf tile-labels` wrote"
+                f"labels stores {labels[slide]} and {path} are both slide {slide!r}: give each "
+                "slide's labels store once"
+            )
+        if classes is not None and list(attrs["class_names"]) != list(classes):
+            raise ConfigError(
+                f"labels store {path} has classes {list(attrs['class_names'])}, labels.classes "
+                f"is {list(classes)}: the class indices would mean other classes. Set "
+                "labels.classes back, or rebuild the labels store with these classes (delete "
+                "it and rerun tile-labels; the workflow does so itself when labels.classes "
+                "changes)"
             )
         if slide not in tiles:
             raise ConfigError(

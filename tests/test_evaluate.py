@@ -101,7 +101,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, An
 def _expected_brightness_cm(store: LabelledStore) -> tuple[int, np.ndarray]:
     """The stub's confusion by hand: centre block (rows/cols 96..160 of the 256 px tile) of
     the tiles the labels store keeps."""
-    g, lab = open_store(store.tiles), open_store(store.labels)
+    g, lab = open_store(store.tiles), open_store(store.labels, kind="labels")
     index = np.asarray(lab["index"][:])
     tiles = np.asarray(g["tiles"][:, 96:160, 96:160])[index].astype(np.float32) / 255.0
     labels = np.asarray(lab["labels"][:, 96:160, 96:160])

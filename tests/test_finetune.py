@@ -139,7 +139,7 @@ def test_resume_under_changed_settings_is_refused(three, tmp_path) -> None:  # n
     other = FineTuner(st, [stores[1]], [stores[0]], 1.0, CLASSES, tmp_path)
     slides = [s.slide for s in stores]
     with pytest.raises(
-        ConfigError, match=rf"other patch stores \(new: {slides[0]}; gone: {slides[2]}\)"
+        ConfigError, match=rf"other patch or labels stores \(new: {slides[0]}; gone: {slides[2]}\)"
     ):
         other.resume()
 

@@ -329,3 +329,28 @@ def test_imagenet_weights_file_loads_into_both_encoders(tmp_path: Path) -> None:
         plain.context_encoder.state_dict()["stem.conv1.weight"],
         model.context_encoder.state_dict()["stem.conv1.weight"],
     )
+
+
+def test_check_unet_passes_exactly_the_blocks_the_unet_can_segment() -> None:
+    """The U-Net baseline's decoder joins every encoder stage: blocks it cannot segment (a raw
+    tensor-size error deep in training) are refused first, naming patches.block and blocks
+    that fit."""
+    from dsf.errors import ConfigError
+    from dsf.hook_geometry import check_unet
+
+    model = UNet(3).eval()
+    for block in (16, 32, 48, 64, 80, 96):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, block, block))
+            runs = True
+        except RuntimeError:
+            runs = False
+        try:
+            check_unet(block)
+            passes = True
+        except ConfigError as exc:
+            assert f"patches.block {block} does not fit the U-Net" in str(exc)
+            assert "use patches.block" in str(exc)
+            passes = False
+        assert passes == runs, block

@@ -136,3 +136,69 @@ def test_read_rows_reads_runs_of_rows_as_slices(cut: dict) -> None:
         read_rows(tiles, np.array([2, 3, 7]), slice(8, 24), slice(8, 24)),
         full[[2, 3, 7], 8:24, 8:24],
     )
+
+
+def test_labels_and_patch_stores_are_not_taken_for_each_other(cut: dict, tmp_path: Path) -> None:
+    """A labels store given where a patch store belongs (a glob of results/patches/*.zarr),
+    or labelled with other classes than the run's, is refused by name with the fix."""
+    from dsf.stores import open_store
+
+    labels = tmp_path / "s.labels.zarr"
+    _labels(cut, labels)
+    with pytest.raises(ConfigError, match=r"s.labels.zarr is a labels store .*not a patch store"):
+        open_store(labels)
+    with pytest.raises(ConfigError, match=r"give the slide's patch store"):
+        build(labels, None, tmp_path / "x.labels.zarr", CLASSES, 0.1)  # type: ignore[arg-type]
+    assert open_store(labels, kind=None).attrs["n_tiles"] > 0
+    (pair,) = pair_stores([cut["store"]], [labels], ["ignore", "A", "B"])
+    assert pair.labels == labels
+    with pytest.raises(ConfigError, match=r"has classes \['ignore', 'A', 'B'\], labels.classes"):
+        pair_stores([cut["store"]], [labels], ["ignore", "B", "A"])
+    with pytest.raises(ConfigError, match="both slide 's'"):
+        pair_stores([cut["store"]], [labels, labels])
+
+
+def test_a_labels_store_with_a_lost_chunk_is_refused_as_a_labels_store(
+    cut: dict, tmp_path: Path
+) -> None:
+    """A lost index chunk would read as zeros (every labelled tile paired with tile 0's pixels)
+    and a lost labels shard as unlabelled tiles: both are refused, naming the labels store and
+    the tile_labels fix, not the patch store."""
+    from dsf.stores import open_store
+
+    labels = tmp_path / "s.labels.zarr"
+    _labels(cut, labels)
+    assert zarr.open_group(str(labels), mode="r")["index"].fill_value == -1
+    for lost in ("index/c/0", "labels/c/0/0/0", "label_frac/c/0/0"):
+        broken = tmp_path / f"broken-{lost.split('/')[0]}.labels.zarr"
+        shutil.copytree(labels, broken)
+        (broken / lost).unlink()
+        with pytest.raises(ConfigError, match=r"^labels store .*broken.*tile_labels stage") as e:
+            open_store(broken, kind="labels")
+        assert "patches stage" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"labels store .*gone.labels.zarr not found.*labels"):
+        open_store(tmp_path / "gone.labels.zarr", kind="labels")
+
+
+def test_tile_labels_never_replaces_what_is_not_its_own_output(cut: dict, tmp_path: Path) -> None:
+    """--out is replaced whole: the patch store itself, or a folder that is not a labels store
+    (a mistyped path), is refused and left as it was; an earlier labels store is replaced."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(cut["store"], store)
+    with pytest.raises(ConfigError, match="is the patch store itself.*s.labels.zarr"):
+        _labels(cut | {"store": store}, store)
+    other = tmp_path / "results"
+    (other / "keep").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="exists and is not a labels store"):
+        _labels(cut | {"store": store}, other)
+    assert (other / "keep").is_dir() and (store / "tiles").is_dir()
+    labels = labels_store_path(store)
+    first = _labels(cut | {"store": store}, labels)
+    assert _labels(cut | {"store": store}, labels, min_frac=0.9) < first  # replaced
+
+
+def test_no_labelled_tile_says_the_best_fraction_and_how_to_go_on(
+    cut: dict, tmp_path: Path
+) -> None:
+    with pytest.raises(Exception, match=r"the best tile has 1\): .*leave the slide's `labels`"):
+        _labels(cut, tmp_path / "s.labels.zarr", min_frac=1.01)

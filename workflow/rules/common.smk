@@ -153,13 +153,17 @@ def check_finetune_inits(finetune, pretrain):
             f"ImageNet weights of {finetune['backbone']} once (resnet18: resnet18-f37072fd.pth) "
             "and set finetune.weights to that file"
         )
-    if set(inits) - {"unet"} and FINETUNING and not APPLY:
-        from dsf.hook_geometry import check_hook
+    if FINETUNING and not APPLY:
+        from dsf.hook_geometry import check_hook, check_unet
 
-        try:  # a warning: the data stages still run (`--until patches`), fine-tuning would not
-            check_hook(config["patches"]["block"], config["patches"]["scale"])
-        except ConfigError as exc:
-            logging.getLogger("dsf").warning("fine-tuning will stop with an error: %s", exc)
+        block, scale = config["patches"]["block"], config["patches"]["scale"]
+        checks = [lambda: check_hook(block, scale)] if set(inits) - {"unet"} else []
+        checks += [lambda: check_unet(block)] if "unet" in inits else []
+        for check in checks:
+            try:  # a warning: the data stages still run (`snakemake data`), fine-tuning not
+                check()
+            except ConfigError as exc:
+                logging.getLogger("dsf").warning("fine-tuning will stop with an error: %s", exc)
     if finetune["target_block"] == "random" and set(inits) != {"unet"}:
         raise ConfigError(
             "finetune.target_block random is for init unet only (HookNet needs the centre "
