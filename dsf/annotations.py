@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dsf.annotation_xml import read_xml
+from dsf.class_tiff import described_classes
 from dsf.errors import AnnotationError, ConfigError, found_at_start
 from dsf.mask_raster import MaskRaster
 
@@ -163,11 +164,30 @@ class RasterLabels(LabelSource):
         self._mpp0 = mpp0
         self._lut = _code_lut(settings)
         self._n_classes = len(settings["classes"])
+        if Path(path).suffix.lower() in {".tif", ".tiff"}:
+            self._indices_of(described_classes(path), list(settings["classes"]))
         self._raster = MaskRaster(path, slide_id, slide_dims, "label mask")
         self.ds_x, self.ds_y = self._raster.ds_x, self._raster.ds_y
         coarse = self._raster.coarsest(self.CHECK_PX)
         if coarse is not None:  # most bad codes are named now, not in the middle of a stage
             self._check(np.unique(coarse))
+
+    def _indices_of(self, named: list[str] | None, classes: list[str]) -> None:
+        """A mask dsf painted (`dsf labels`, results/labels/) or drew (a map) holds class
+        indices of the classes its description names, not raster codes: read as they are,
+        never through labels.class_map again, and only for the same classes."""
+        if named is None:
+            return
+        if [c.lower() for c in named] != [c.lower() for c in classes]:
+            raise AnnotationError(
+                self.slide_id,
+                f"label mask {self.path} holds the class indices of {named}, but labels.classes "
+                f"is {classes}: rebuild it with these classes (delete it and rerun the labels "
+                "stage; the workflow does so itself when labels.classes changes) or set "
+                "labels.classes back",
+            )
+        self._lut = np.full(256, _UNMAPPED, np.uint8)
+        self._lut[: len(classes)] = np.arange(len(classes), dtype=np.uint8)
 
     def _check(self, present: np.ndarray) -> None:
         bad = [int(c) for c in present if self._lut[c] == _UNMAPPED]

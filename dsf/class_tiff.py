@@ -127,3 +127,23 @@ def write_tiff(
                 metadata=None,
                 maxworkers=threads,  # zlib per tile in parallel (it frees the GIL)
             )
+
+
+def described_classes(path: str | Path) -> list[str] | None:
+    """The `classes` a TIFF written by `write_tiff` names in its first page's description
+    (dsf's label masks and maps hold class indices of those classes), or None for any other
+    file, a mask of raster codes."""
+    import json
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            about = json.loads(tf.pages[0].description or "null")
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError):
+        return None
+    if isinstance(about, dict) and about.get("dsf") == "class map":
+        classes = about.get("classes")
+        if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+            return classes
+    return None

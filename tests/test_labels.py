@@ -257,3 +257,35 @@ def test_class_names_that_would_merge_score_columns_are_refused(
         check_label_settings(settings)
     paip = validate_config({"labels": {"classes": ["ignore", "tissue", "whole_tumour", "bg_x"]}})
     check_label_settings(paip["labels"])  # underscores alone are fine
+
+
+def test_a_painted_label_mask_is_read_as_class_indices_never_mapped_again(
+    tmp_path: Path,
+) -> None:
+    """A raster annotation of codes mapped by labels.class_map (tumour = 200) painted over the
+    base class: the label mask holds class indices, which tile-labels and the scores read as
+    they are, not through class_map once more (which sent them all to other_class). One
+    painted for other classes is refused, naming the classes."""
+    from dsf.annotations import AnnotationError
+
+    slide = _slide(tmp_path / "s.tif")
+    codes = np.zeros((H, W), np.uint8)
+    codes[200:600, 500:1100] = 200
+    tifffile.imwrite(tmp_path / "s_codes.tif", codes, tile=(64, 64))
+    out = tmp_path / "s.labels.tiff"
+    classes = ["ignore", "normal", "tumour"]
+    opts = ["--classes", *classes, "--class-map", '{"200": 2}', "--other-class", "0"]
+    assert main(["--slide", str(slide), "--slide-id", "s", "--annotation",
+                 str(tmp_path / "s_codes.tif"), *opts, "--base", "normal", "--mpp", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    painted = tifffile.imread(out, level=0)
+    assert set(np.unique(painted)) == {0, 1, 2}
+    settings = validate_config({"labels": {"classes": classes, "class_map": {"200": 2}}})
+    src = open_labels(out, "s", (W, H), 0.5, settings["labels"])
+    np.testing.assert_array_equal(src.read(0, 0, W, H, 0.5), painted)
+    # the codes file itself still goes through the class map
+    raw = open_labels(tmp_path / "s_codes.tif", "s", (W, H), 0.5, settings["labels"])
+    assert set(np.unique(raw.read(0, 0, W, H, 0.5))) == {0, 2}
+    other = validate_config({"labels": {"classes": ["ignore", "tumour", "normal"]}})
+    with pytest.raises(AnnotationError, match=r"class indices of \['ignore', 'normal', 'tumour'\]"):
+        open_labels(out, "s", (W, H), 0.5, other["labels"])
