@@ -16,6 +16,7 @@ import logging
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -40,6 +41,16 @@ def _labelled(sheet: pd.DataFrame) -> list[bool]:
     return out
 
 
+def _group_key(slide: Any, group: Any) -> str:
+    """A group as one string: missing (None, NaN, "") is the slide's own group; a number (JSON
+    records, where pandas may widen 1 to 1.0) is the group of its text ("1")."""
+    if group is None or (not isinstance(group, str) and pd.isna(group)) or str(group) == "":
+        return str(slide)
+    if isinstance(group, float) and group.is_integer():
+        return str(int(group))
+    return str(group)
+
+
 def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     """A (slide, group, fold) table: fixed folds kept, other groups spread over the k folds.
 
@@ -49,7 +60,9 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     folds stay balanced in size, and the split is reproducible.
     """
     df = sheet[["slide", "group", "fold"]].copy()
-    df["group"] = [g if g else s for s, g in zip(df["slide"], df["group"], strict=True)]
+    # one string key per group: a missing group (None, NaN, "") is the slide's own, and a
+    # number (JSON records, a sheet read by hand) is the same group as its text
+    df["group"] = [_group_key(s, g) for s, g in zip(df["slide"], df["group"], strict=True)]
     labelled = pd.Series(_labelled(sheet), index=df.index)
     fixed: dict[str, int] = {}
     for group, rows in df.groupby("group", sort=True):
@@ -66,7 +79,7 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
                     f"slide sheet: group {group!r} has fold {fold}, but folds.k is {k} "
                     f"(folds 0..{k - 1})"
                 )
-            fixed[str(group)] = fold
+            fixed[group] = fold
     sizes = df.groupby("group").size()
     annotated = labelled.groupby(df["group"]).sum()
     n_groups = len(sizes)
@@ -148,13 +161,28 @@ def write_folds(table: pd.DataFrame, out: Path) -> None:
 def read_folds(path: str | Path) -> pd.DataFrame:
     """Read folds.tsv (slide, group, fold); an unreadable table is a ConfigError naming it."""
     try:
-        folds = pd.read_csv(path, sep="\t", dtype={"slide": str, "group": str, "fold": int})
+        # no NA strings: `NA`, `null` and `nan` are valid slide ids
+        folds = pd.read_csv(
+            path,
+            sep="\t",
+            dtype={"slide": str, "group": str, "fold": int},
+            keep_default_na=False,
+            na_values=[],
+        )
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ConfigError(f"cannot read folds table {path}: {exc}; rerun the folds rule") from exc
     missing = {"slide", "group", "fold"} - set(folds.columns)
     if missing:
         raise ConfigError(
             f"folds table {path} lacks columns {sorted(missing)}; rerun the folds rule"
+        )
+    twice = sorted(set(folds.loc[folds["slide"].duplicated(), "slide"]))
+    if twice:
+        raise ConfigError(f"folds table {path} lists slides {twice} twice; rerun the folds rule")
+    if (folds["fold"] < 0).any():
+        bad = list(folds.loc[folds["fold"] < 0, "slide"])
+        raise ConfigError(
+            f"folds table {path} gives slides {bad} a negative fold; rerun the folds rule"
         )
     return folds
 

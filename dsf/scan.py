@@ -162,6 +162,14 @@ def _vms_parts(vms: Path) -> set[Path]:
     return parts
 
 
+def _is_results(folder: Path) -> bool:
+    """Whether `folder` is a dsf results folder (a run started inside the slide folder, or one
+    kept beside the slides): its folds table, or its tissue masks beside its logs."""
+    return (folder / "folds.tsv").is_file() or (
+        (folder / "tissue").is_dir() and (folder / "logs").is_dir()
+    )
+
+
 def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Iterable[Path]:
     """Files under `folder`, sorted, without hidden ones, Zarr stores or the `skip` folders;
     a folder reached twice (a symlink loop) is searched once."""
@@ -175,6 +183,9 @@ def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Itera
                 continue
             if (entry.parent / f"{entry.name}.mrxs").is_file():
                 continue  # a MIRAX slide's data folder
+            if _is_results(entry):
+                log.warning("%s: a dsf results folder (maps are no slides), not searched", entry)
+                continue
             yield from _walk(entry, skip, seen)
         elif entry.is_file():
             yield entry
@@ -270,10 +281,15 @@ def _split_masks(
 
 
 def _slide_ids(
-    folder: Path, entries: list[Path], names: dict[Path, str], unique: bool
+    folder: Path,
+    entries: list[Path],
+    names: dict[Path, str],
+    unique: bool,
+    keep: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[Path, str]:
     """Each slide's id: its name; where two share one and `unique`, their path under `folder`
-    (`site1_s`), with the format suffix kept when that is all they differ by."""
+    (`site1_s`), with the format suffix kept when that is all they differ by, unless the name
+    is one of `keep` (an earlier run's id: only the user knows which file that slide is)."""
     by_name: dict[str, list[Path]] = {}
     for entry in entries:
         by_name.setdefault(names[entry], []).append(entry)
@@ -287,6 +303,14 @@ def _slide_ids(
                 f"two slides under {folder} get the id {name!r}: {same[0]} and {same[1]}; "
                 f"rename one, or write a slide sheet, `dsf sheet {folder} --out slides.tsv` "
                 "(it names such slides by their folders), and set `slides` to it"
+            )
+        if name in keep:
+            raise ConfigError(
+                f"{len(same)} slides under {folder} are named {name!r} "
+                f"({', '.join(map(str, same))}), and the earlier run has a slide {name!r}: "
+                "naming them by their paths would give "
+                "it a new id (its artifacts rebuilt, its fold lost). Rename the file(s) added "
+                "since, or write the sheet by hand with the earlier slide under its id"
             )
         rel = [e.relative_to(folder).as_posix() for e in same]
         named = [slide_id(r) for r in rel]
@@ -319,6 +343,7 @@ def scan_folder(
     masks: dict[str, str] | None = None,
     labels_name: str | None = None,
     unique_ids: bool = False,
+    keep_ids: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """Slide-sheet rows (slide, path, mpp, labels, group, fold, masks) of every slide under
     `folder`.
@@ -329,8 +354,9 @@ def scan_folder(
     `labels_dir`; `labels_name` (`{slide}_mask.tiff`, PANDA's train_label_masks) is how the
     annotations in `labels_dir` are named, when not like their slides. Two slides with one
     name (`site1/s.svs`, `site2/s.svs`) are an error, unless `unique_ids` (`dsf sheet`, whose
-    sheet then fixes the ids) names them by their path under `folder` (`site1_s`, `site2_s`).
-    Raises ConfigError when the folder is missing or holds no slide.
+    sheet then fixes the ids) names them by their path under `folder` (`site1_s`, `site2_s`),
+    except a name in `keep_ids` (an earlier run's slide: renamed, it would lose its artifacts
+    and its fold). Raises ConfigError when the folder is missing or holds no slide.
     """
     if labels_name is not None and labels_dir is None:
         raise ConfigError(
@@ -387,7 +413,7 @@ def scan_folder(
             if dicom.container and _UID_FOLDER.fullmatch(entry.name):
                 names[entry] = slide_id(dicom.container)  # its barcode, not a UID
         found.append((entry, path))
-    ids = _slide_ids(folder, [entry for entry, _ in found], names, unique_ids)
+    ids = _slide_ids(folder, [entry for entry, _ in found], names, unique_ids, set(keep_ids))
     rows: list[dict[str, Any]] = []
     for entry, path in found:
         sid = ids[entry]

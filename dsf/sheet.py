@@ -258,24 +258,52 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         table.to_csv(sys.stdout, sep="\t", index=False)
 
 
-def keep_folds(rows: list[dict[str, Any]], folds_tsv: Path) -> None:
-    """Set the `fold` of every row whose slide an earlier run's folds.tsv lists, so adding
-    slides to a project keeps its folds (and so its trained fold models) where they were; new
-    slides are left for the run to place (around the fixed ones, patients kept together)."""
+def keep_folds(
+    rows: list[dict[str, Any]], folds_tsv: Path, found: set[str] | None = None
+) -> None:
+    """Set the `fold` and `group` of every row whose slide an earlier run's folds.tsv lists,
+    so adding slides to a project keeps its folds (and so its trained fold models) where they
+    were; new slides are left for the run to place (around the fixed ones, patients kept
+    together). The earlier groups are kept too (they may have been edited by hand, and the
+    split was made with them); a scan that now groups a slide otherwise is warned about.
+    `found`: the ids of every slide in the folder, readable or not (default: the rows')."""
     from dsf.folds import read_folds
 
     known = read_folds(folds_tsv)
     fold_of = dict(zip(known["slide"], known["fold"], strict=True))
+    group_of = dict(zip(known["slide"], known["group"], strict=True))
     kept = [r for r in rows if r["slide"] in fold_of]
+    regrouped = []
     for row in kept:
-        row["fold"] = int(fold_of[row["slide"]])
-    gone = sorted(set(fold_of) - {r["slide"] for r in rows})
+        sid = row["slide"]
+        row["fold"] = int(fold_of[sid])
+        earlier = group_of[sid]
+        if row["group"] and row["group"] != earlier:
+            regrouped.append(f"{sid} ({earlier}, now {row['group']})")
+        # kept even where it is the slide's own (the default): regrouping kept slides could
+        # put one group in two folds, which the run refuses
+        row["group"] = earlier
+    if regrouped:
+        log.warning(
+            "the folder groups %d slides otherwise than %s (%s): their earlier groups are "
+            "kept, as the split was made with them",
+            len(regrouped),
+            folds_tsv,
+            ", ".join(regrouped[:5]) + (" ..." if len(regrouped) > 5 else ""),
+        )
+    gone = sorted(set(fold_of) - (found if found is not None else {r["slide"] for r in rows}))
     log.info(
         "folds of %d slides kept from %s; %d new slides get theirs when the run starts",
         len(kept),
         folds_tsv,
         len(rows) - len(kept),
     )
+    if not kept:
+        log.warning(
+            "none of the %d slides of %s is in the folder: is it this project's folds table?",
+            len(fold_of),
+            folds_tsv,
+        )
     if gone:
         log.warning(
             "%d slides of %s are not in the folder (%s): they are left out",
@@ -379,13 +407,20 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not cls or cls in masks:
                 raise ConfigError(f"--mask {item!r}: give each class once, as CLASS=PATTERN")
             masks[cls] = pattern
+        earlier: set[str] = set()
+        if args.folds is not None:
+            from dsf.folds import read_folds
+
+            earlier = set(read_folds(args.folds)["slide"])
         rows = scan_folder(
             args.folder,
             args.labels,
             args.mpp,
+            exclude=[args.folds.parent] if args.folds is not None else [],
             masks=masks,
             labels_name=args.labels_name,
             unique_ids=True,
+            keep_ids=earlier,
         )
         kept, bad, unresolved, table = [], [], [], []
         with logging_redirect_tqdm():
@@ -423,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         if not kept:
             raise ConfigError(f"no readable slide under {args.folder}")
         if args.folds is not None:
-            keep_folds(kept, args.folds)
+            keep_folds(kept, args.folds, {r["slide"] for r in rows})
         write_sheet(kept, args.out)
         log.info(
             "%d slides, %d with annotations%s -> %s%s",

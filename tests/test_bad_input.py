@@ -251,6 +251,11 @@ LABEL_CASES = {
         ["--min-label-frac", "2"],
         ["config key patches.min_label_frac", "greater than the maximum of 1"],
     ),
+    "min-label-frac-zero": (  # would keep tiles without a labelled pixel, and never tell
+        lambda d: _mask(d / "m.tiff", 1),
+        ["--min-label-frac", "0"],
+        ["config key patches.min_label_frac", "less than or equal to the minimum of 0"],
+    ),
 }
 
 

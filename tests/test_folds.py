@@ -96,3 +96,32 @@ def test_cli_writes_folds_tsv(tmp_path) -> None:  # noqa: ANN001
     assert sorted(t["fold"].value_counts().tolist()) == [2, 2]
     assert main(["--sheet-json", sheet, "--out", str(tmp_path / "g.tsv"), "--k", "9"]) == 2
     assert not (tmp_path / "g.tsv").exists()
+
+
+def test_numeric_and_missing_groups_are_one_string_key_each() -> None:
+    """Records written by hand (`dsf folds --sheet-json`): group 1 is the group "1" (its fixed
+    fold holds), a null group is the slide's own; both had raised a KeyError."""
+    records = pd.DataFrame(
+        [
+            {"slide": "a", "group": 1, "fold": 0},
+            {"slide": "b", "group": 1, "fold": None},
+            {"slide": "c", "group": None, "fold": None},
+            {"slide": "d", "group": 2, "fold": None},
+        ]
+    )
+    t = assign_folds(records, k=2, seed=0)
+    assert list(t["group"]) == ["1", "1", "c", "2"]
+    assert t.loc[t["slide"] == "b", "fold"].item() == 0  # with its patient's fixed fold
+
+
+def test_folds_table_keeps_na_like_slide_ids_and_refuses_a_broken_one(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "folds.tsv"
+    path.write_text("slide\tgroup\tfold\nNA\tNA\t1\nnull\tnull\t0\nnan\tp\t0\n")
+    assert list(read_folds(path)["slide"]) == ["NA", "null", "nan"]
+    for body, said in (
+        ("a\ta\t1\na\ta\t0\n", "lists slides \\['a'\\] twice"),
+        ("a\ta\t-1\n", "negative fold"),
+    ):
+        path.write_text("slide\tgroup\tfold\n" + body)
+        with pytest.raises(ConfigError, match=said):
+            read_folds(path)

@@ -278,6 +278,55 @@ def test_dsf_sheet_keeps_the_folds_of_an_earlier_run(
     assert not (tmp_path / "x.tsv").exists()
 
 
+def test_dsf_sheet_keeps_an_earlier_runs_groups_and_ids(
+    tmp_path: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--folds keeps the earlier groups (edited by hand, or one slide each where the scan now
+    reads a TCGA patient: regrouped, one patient would span two folds and the run refuse it),
+    never renames an earlier slide for a new file of its name, and does not take an earlier
+    run's results folder inside the slide folder for slides."""
+    folder = tmp_path / "slides"
+    (folder / "batch2").mkdir(parents=True)
+    for name in ("a", "b", "TCGA-AA-0001-01Z-00-DX1", "TCGA-AA-0001-01Z-00-DX2", "new"):
+        shutil.copy(real / "CMU-1-Small-Region.svs", folder / f"{name}.svs")
+    results = folder / "results"
+    for sub in ("tissue", "logs", "maps/dsf"):
+        (results / sub).mkdir(parents=True)
+    shutil.copy(real / "CMU-1-Small-Region.svs", results / "maps" / "dsf" / "a.tiff")
+    other = folder / "old-run"  # another run's results, found by what they hold
+    for sub in ("tissue", "logs", "maps/dsf"):
+        (other / sub).mkdir(parents=True)
+    shutil.copy(real / "CMU-1-Small-Region.svs", other / "maps" / "dsf" / "b.tiff")
+    earlier = results / "folds.tsv"
+    earlier.write_text(
+        "slide\tgroup\tfold\na\tP7\t1\nb\tP7\t1\n"
+        "TCGA-AA-0001-01Z-00-DX1\tTCGA-AA-0001-01Z-00-DX1\t1\n"
+        "TCGA-AA-0001-01Z-00-DX2\tTCGA-AA-0001-01Z-00-DX2\t0\n"
+    )
+    out = tmp_path / "sheet.tsv"
+    assert main([str(folder), "--out", str(out), "--folds", str(earlier)]) == 0
+    sheet = read_sheet(out)
+    assert sorted(sheet.index) == ["TCGA-AA-0001-01Z-00-DX1", "TCGA-AA-0001-01Z-00-DX2", "a",
+                                   "b", "new"]  # fmt: skip
+    assert sheet.loc["a", "group"] == sheet.loc["b", "group"] == "P7"
+    assert sheet.loc["TCGA-AA-0001-01Z-00-DX2", "group"] == "TCGA-AA-0001-01Z-00-DX2"
+    said = capsys.readouterr().err
+    assert "groups 2 slides otherwise" in said  # the two TCGA slides' patient
+    assert "old-run: a dsf results folder" in said
+    from dsf.folds import assign_folds
+
+    folds = assign_folds(load_sheet(_config(tmp_path, out)), 2, 0)  # no patient in two folds
+    assert folds.set_index("slide").loc[["a", "b", "TCGA-AA-0001-01Z-00-DX2"], "fold"].tolist() == [
+        1,
+        1,
+        0,
+    ]
+    shutil.copy(real / "CMU-1-Small-Region.svs", folder / "batch2" / "a.svs")
+    assert main([str(folder), "--out", str(tmp_path / "x.tsv"), "--folds", str(earlier)]) == 2
+    assert "the earlier run has a slide 'a'" in capsys.readouterr().err
+    assert not (tmp_path / "x.tsv").exists()
+
+
 PAIP_MASKS = {"whole_tumour": "{slide}_whole.tif", "viable_tumour": "{slide}_viable.tif"}
 
 
