@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dsf.class_tiff import described_classes
 from dsf.errors import ConfigError
 from dsf.slide_readers import tiff_tag_mpp
 
@@ -188,6 +189,12 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
         raise ConfigError(
             f"class map {tiff} is {levels[0][1]} x {levels[0][0]} px, its JSON says "
             f"{meta['width']} x {meta['height']}: the two are from different runs; rerun infer"
+        )
+    named = described_classes(tiff)
+    if named is not None and list(named) != list(meta["classes"]):
+        raise ConfigError(
+            f"class map {tiff} holds classes {named}, its JSON {list(meta['classes'])}: the two "
+            "are from different runs; rerun infer"
         )
     if tag_mpp is None:
         log.warning("%s has no resolution tags; using the JSON's mpp %s", tiff, meta["mpp"])

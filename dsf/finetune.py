@@ -164,7 +164,9 @@ class FineTuner:
         self.store_ids = labelled_store_ids([*self.train.stores, *self.select.stores])
         g = open_store(fit_stores[0].tiles)
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
-        self.target_mpp = float(g.attrs["target_mpp"])
+        # the geometry's mpp as configured (patches.target_mpp): each slide's store holds what
+        # its level delivered (0.2527 for 0.25), which differs between slides and folds
+        self.target_mpp = float(g.attrs.get("requested_target_mpp", g.attrs["target_mpp"]))
         # encoders.pt read once: for its weights and the statistics they were pretrained with
         pretrained = None
         if encoders is not None and init not in BASELINE_INITS:

@@ -63,11 +63,18 @@ log = logging.getLogger(__name__)
 ROUTINGS = ("out_of_fold", "ensemble", "fold", "given")
 
 
+#: Models whose target mpp differ by less than this (relative) share one geometry: models
+#: fine-tuned before they recorded the requested mpp hold their first store's actual one
+#: (0.2527 for 0.25), which differs between folds.
+MPP_ALIKE = 0.05
+
+
 def _check_models(preds: list[Predictor]) -> None:
     ref = preds[0]
     for p in preds[1:]:
         for key in ("classes", "scale", "block", "target_mpp", "init"):
-            if getattr(p, key) != getattr(ref, key):
+            a, b = getattr(p, key), getattr(ref, key)
+            if a != b and not (key == "target_mpp" and math.isclose(a, b, rel_tol=MPP_ALIKE)):
                 raise ConfigError(
                     f"models to ensemble differ in {key} ({getattr(ref, key)} vs "
                     f"{getattr(p, key)}); they must come from one fine-tuning configuration"
@@ -99,9 +106,17 @@ def infer_slide(
 
     t0 = time.perf_counter()
     _check_models(preds)
+    # earlier outputs go first: a run that fails midway must not leave a new map beside an
+    # old JSON or overlay that `open_map` would take as one
+    for old in (out_map, out_overlay, out_meta, *([out_probs] if out_probs is not None else [])):
+        remove(old)
     p = preds[0]
-    t = p.target_mpp
-    f = out_factor(settings["out_mpp"], t)
+    f = out_factor(settings["out_mpp"], p.target_mpp)
+    # the slide is read at what its level delivers for the model's mpp, as its tiles were cut
+    # (`dsf.patches`): within patches.mpp_tolerance the level as it is (0.2527 for 0.25), so
+    # the grid, the reads and the map's mpp are all in those pixels and a map pixel covers
+    # the slide region it claims (a grid at the nominal mpp drifted across each band)
+    t = slide.effective_mpp(p.target_mpp)
     width, height = slide.size_at(t)
     grid = make_grid(
         width, height, p.block, p.scale, settings["overlap"], f, settings["band_windows"]
@@ -140,87 +155,94 @@ def infer_slide(
     # written: a failure on the way leaves none of them looking complete
     stack = ExitStack()
     probs_tmp = stack.enter_context(atomic_path(out_probs)) if out_probs is not None else None
-    with stack:
-        try:
-            writer = MapWriter(
-                work,
-                grid,
-                n_fg,
-                tissue,
-                out_mpp / mask_mpp,
-                probs_tmp,
-                settings["tile"],
-                settings["threads"],
-            )
-            bar = tqdm(
-                total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
-            )
-            sink = WriterThread(writer, slide.slide_id, out_map)
+    try:
+        with stack:
             try:
-                stitcher = Stitcher(grid, run_grid, preds, sink, settings["batch_size"], bar)
-                pin = p.device.type == "cuda"
-                reader = ChunkReader(slide, grid, t, settings["threads"], pin=pin)
-                with closing(reader.stream(bands)) as chunks:
-                    stitcher.run(bands, chunks)
-                sink.join()
-            finally:  # the writer stops before its work directory is removed
-                sink.join(raise_error=False)
-                writer.close()
-            n_windows = stitcher.windows
-            bar.close()
-            if probs_tmp is not None:
-                write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
-            levels = writer.levels
-            lap("predict")
-            with atomic_path(out_map) as tmp:
-                write_tiff(
-                    tmp,
-                    levels,
-                    out_mpp,
-                    len(p.classes),
+                writer = MapWriter(
+                    work,
+                    grid,
+                    n_fg,
+                    tissue,
+                    out_mpp / mask_mpp,
+                    probs_tmp,
                     settings["tile"],
                     settings["threads"],
-                    classes=list(p.classes),
                 )
-            lap("tiff")
-            level = min(len(levels) - 1, max(0, int(math.floor(math.log2(thumb_mpp / out_mpp)))))
-            small = levels[level]
-            small = small.asarray() if isinstance(small, TileSpool) else small
-            overlay = render_overlay(
-                thumb.result(),
-                small,
-                p.classes,
-                title=f"{slide.slide_id}: predicted classes",
-                mpp=thumb_mpp,
-            )
-            with atomic_path(out_overlay) as tmp:
-                Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
-            lap("overlay")
-        finally:
-            thumbs.shutdown(wait=True, cancel_futures=True)
-            remove(work)
-        ow, oh = grid.out_size
-        meta = {
-            "slide": slide.slide_id,
-            "init": p.init,
-            "fraction": p.meta.get("fraction"),
-            "mpp": out_mpp,
-            "width": ow,
-            "height": oh,
-            "classes": p.classes,
-            "windows": n_windows,
-            "stride": grid.stride,
-            "block": grid.block,
-            "scale": grid.scale,
-            "target_mpp": t,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "phase_seconds": phases,
-            "settings": settings,
-            "dsf_version": __version__,
-            **(extra_meta or {}),
-        }
-        with atomic_path(out_meta) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+                bar = tqdm(
+                    total=int(run_grid.sum()), unit="win", disable=not progress, desc=slide.slide_id
+                )
+                sink = WriterThread(writer, slide.slide_id, out_map)
+                try:
+                    stitcher = Stitcher(grid, run_grid, preds, sink, settings["batch_size"], bar)
+                    pin = p.device.type == "cuda"
+                    reader = ChunkReader(slide, grid, t, settings["threads"], pin=pin)
+                    with closing(reader.stream(bands)) as chunks:
+                        stitcher.run(bands, chunks)
+                    sink.join()
+                finally:  # the writer stops before its work directory is removed
+                    sink.join(raise_error=False)
+                    writer.close()
+                n_windows = stitcher.windows
+                bar.close()
+                if probs_tmp is not None:
+                    write_ome_attrs(probs_tmp, p.classes[1:], out_mpp)
+                levels = writer.levels
+                lap("predict")
+                with atomic_path(out_map) as tmp:
+                    write_tiff(
+                        tmp,
+                        levels,
+                        out_mpp,
+                        len(p.classes),
+                        settings["tile"],
+                        settings["threads"],
+                        classes=list(p.classes),
+                    )
+                lap("tiff")
+                finer = int(math.floor(math.log2(thumb_mpp / out_mpp)))
+                level = min(len(levels) - 1, max(0, finer))
+                small = levels[level]
+                small = small.asarray() if isinstance(small, TileSpool) else small
+                overlay = render_overlay(
+                    thumb.result(),
+                    small,
+                    p.classes,
+                    title=f"{slide.slide_id}: predicted classes",
+                    mpp=thumb_mpp,
+                )
+                with atomic_path(out_overlay) as tmp:
+                    Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+                lap("overlay")
+            finally:
+                thumbs.shutdown(wait=True, cancel_futures=True)
+                remove(work)
+            ow, oh = grid.out_size
+            meta = {
+                "slide": slide.slide_id,
+                "init": p.init,
+                "fraction": p.meta.get("fraction"),
+                "mpp": out_mpp,
+                "width": ow,
+                "height": oh,
+                "classes": p.classes,
+                "windows": n_windows,
+                "stride": grid.stride,
+                "block": grid.block,
+                "scale": grid.scale,
+                "target_mpp": t,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "phase_seconds": phases,
+                "settings": settings,
+                "dsf_version": __version__,
+                **(extra_meta or {}),
+            }
+            with atomic_path(out_meta) as tmp:
+                tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    except BaseException:
+        # what this run renamed into place so far goes too: no map without its JSON
+        for done in (out_map, out_overlay, out_meta):
+            remove(done)
+        raise
     log.info("%s: %d windows in %.1f s -> %s", slide.slide_id, n_windows, meta["seconds"], out_map)
     return meta
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +44,32 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (a stopped Snakemake, SLURM's time limit or preemption) end the stage as
+    Ctrl-C does, through an exception: `finally` blocks and `atomic_path` then remove their
+    work files (the default action ends the process at once and leaves them). Processes forked
+    from this one (loader workers) keep the default action."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return  # someone else's handler
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked child: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(fn: Callable[[], None]) -> int:
     """Run a stage body: a `DsfError`, or a full disk or a folder the job may not write, is
     logged as one clear line and exits with status 2 (the traceback of the latter at debug
-    level: it is the machine's, not a bug)."""
+    level: it is the machine's, not a bug). SIGTERM exits with 143 after cleaning up."""
+    _stop_on_sigterm()
     try:
         fn()
     except DsfError as exc:

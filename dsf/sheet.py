@@ -258,9 +258,7 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         table.to_csv(sys.stdout, sep="\t", index=False)
 
 
-def keep_folds(
-    rows: list[dict[str, Any]], folds_tsv: Path, found: set[str] | None = None
-) -> None:
+def keep_folds(rows: list[dict[str, Any]], folds_tsv: Path, found: set[str] | None = None) -> None:
     """Set the `fold` and `group` of every row whose slide an earlier run's folds.tsv lists,
     so adding slides to a project keeps its folds (and so its trained fold models) where they
     were; new slides are left for the run to place (around the fixed ones, patients kept

@@ -114,6 +114,12 @@ class BandAccumulator:
             return torch.zeros((h, w), dtype=torch.uint8, device=self.device), None
         acc = self.rows.pop(r)[:, :, self.own]
         if f > 1:
+            # the last core row and column reach past the slide's edge: those pixels are
+            # padding, zeroed (weights too) so they take no part in an output pixel's average
+            rows_in = max(0, g.height - r * g.stride)
+            cols_in = max(0, g.width - self.band.cores[0] * g.stride)
+            acc[:, rows_in:] = 0
+            acc[:, :, cols_in:] = 0
             acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
         acc, wsum = acc[:-1], acc[-1]
         # argmax over the few class planes by elementwise comparison: torch's argmax over the

@@ -301,3 +301,29 @@ def test_killed_inference_leaves_no_map_and_reruns(wf: Workflow) -> None:
     assert not list(wf.out.rglob("*.partial")) and not list(wf.out.rglob(".*.work"))
     dry = smk("-n", wf.target, "--configfile", "cfg.yaml", cwd=wf.wd).stdout
     assert "Nothing to be done" in dry or job_counts(dry) == {}
+
+
+def test_sigterm_ends_a_stage_through_its_cleanup(tmp_path: Path) -> None:
+    """SIGTERM (a stopped Snakemake, SLURM's time limit) exits 143 after the stage's cleanup:
+    its partial output is removed, not left beside the results as the default action would."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.txt"
+    code = f"""
+import os, signal, sys, time
+from pathlib import Path
+from dsf.atomic import atomic_path
+from dsf.runner import run
+
+def body():
+    with atomic_path(Path({str(out)!r})) as tmp:
+        tmp.write_text("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+sys.exit(run(body))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -276,6 +276,64 @@ def test_map_lines_up_with_the_labels(tmp_path, stripes):
     assert np.nanmin(sc["f1"]) == 1.0
 
 
+def test_a_coarser_map_averages_only_the_slide_not_the_padding_past_its_edge(tmp_path, stripes):
+    """At out_mpp 4x the target, the last map row and column cover 1 to 3 target px of slide
+    and the rest padding: they take the slide's class (they were mostly the padding's)."""
+    path, cls = stripes  # 301 x 427: the last output row holds slide row 300 only
+    out, _ = run_infer(tmp_path, path, [oracle(32)], out_mpp=4 * MPP)
+    # every 4 x 4 block of the stripes lies in one cell, so the map is the classes subsampled
+    np.testing.assert_array_equal(read_map(out / "map.tiff"), cls[::4, ::4])
+
+
+def test_a_scan_within_the_tolerance_is_mapped_in_its_own_pixels(tmp_path) -> None:
+    """A 0.505 um/px scan for a model of 0.5 (within patches.mpp_tolerance) is read as its
+    level is, as its tiles were cut: the map is at 0.505 um/px, pixel for pixel on the slide,
+    across bands (a grid at the model's 0.5 drifted up to 18 um within each band)."""
+    cls = stripe_classes(96, 1500)
+    path = tmp_path / "scan.tiff"
+    rgb_slide(path, COLOURS[cls - 1], 0.505, tile=64)
+    slide = open_slide(path)
+    out = tmp_path / "out"
+    meta = infer_slide(slide, np.ones((13, 190), bool), 0.505 * 8, [oracle(32)],
+                       settings(band_windows=2), out / "map.tiff", out / "map.jpg",
+                       out / "map.json", progress=False)  # fmt: skip
+    assert meta["mpp"] == pytest.approx(0.505) and meta["target_mpp"] == pytest.approx(0.505)
+    np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
+
+
+def test_a_failed_rerun_leaves_no_earlier_outputs_beside_it(tmp_path, stripes, monkeypatch):
+    """A rerun removes the earlier map, overlay and JSON first: failing midway, it leaves none
+    of them to be taken for one run's; a map and a JSON of different runs are refused."""
+    from dsf.class_map import open_map
+
+    out, _ = run_infer(tmp_path, stripes[0], [oracle(32)])
+    meta = json.loads((out / "map.json").read_text())
+    other = {"classes": ["ignore", "X", "Y", "Z"], "folds": [0], "routing": "given"}
+    (out / "map.json").write_text(json.dumps(meta | other))
+    with pytest.raises(ConfigError, match=r"holds classes \['ignore', 'A', 'B', 'C'\], its JSON"):
+        open_map(out / "map.tiff")
+
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dsf.infer.render_overlay", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_infer(tmp_path, stripes[0], [oracle(32)])
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_models_whose_mpp_differ_within_the_tolerance_are_one_geometry() -> None:
+    """Models fine-tuned before they recorded the configured mpp hold their first store's
+    actual one (0.2527 for 0.25): folds differing so are still ensembled; 0.5 is not."""
+    from dsf.infer import _check_models
+
+    a, b, c = oracle(32), oracle(32), oracle(32)
+    a.target_mpp, b.target_mpp, c.target_mpp = 0.25, 0.2527, 0.5
+    _check_models([a, b])
+    with pytest.raises(ConfigError, match="differ in target_mpp"):
+        _check_models([a, c])
+
+
 def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     path, cls = stripes
     h, w = cls.shape
