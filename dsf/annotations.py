@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dsf.annotation_xml import read_xml
-from dsf.class_tiff import described_classes
+from dsf.class_tiff import described_codes
 from dsf.errors import AnnotationError, ConfigError, found_at_start
 from dsf.mask_raster import MaskRaster
 
@@ -50,6 +50,7 @@ def check_label_settings(settings: dict[str, Any]) -> None:
     `class_map` key must be a raster code 0-255; else a ConfigError naming the key."""
     classes = list(settings["classes"])
     _check_class_names(classes)
+    _check_name_keys(settings)
     n = len(classes)
     fix = f"class indices are 0..{n - 1} of labels.classes {classes}"
     for key in ("class_map", "names", "geojson_names"):
@@ -81,12 +82,42 @@ def check_label_settings(settings: dict[str, Any]) -> None:
         )
 
 
+def _check_name_keys(settings: dict[str, Any]) -> None:
+    """`labels.names` keys are matched like class names (case and outer spaces aside): two
+    keys that read alike for different classes, or a key that reads as a class name but maps
+    elsewhere, would leave the class to the order the keys come in."""
+    own = {c.strip().lower(): i for i, c in enumerate(settings["classes"])}
+    seen: dict[str, tuple[str, int]] = {}
+    for key in ("geojson_names", "names"):
+        for name, cls in (settings.get(key) or {}).items():
+            low = str(name).strip().lower()
+            if low in own and own[low] != int(cls):
+                raise ConfigError(
+                    f"config key labels.{key}: {name!r} -> {cls}, but {name!r} is the class "
+                    f"name of index {own[low]} in labels.classes: map only names that are not "
+                    "class names (or rename the class)"
+                )
+            if low in seen and seen[low][1] != int(cls):
+                raise ConfigError(
+                    f"config key labels.{key}: {seen[low][0]!r} and {name!r} read as one name "
+                    f"(names are matched case-insensitively) but map to {seen[low][1]} and "
+                    f"{cls}: keep one"
+                )
+            seen[low] = (str(name), int(cls))
+
+
 def _check_class_names(classes: list[str]) -> None:
     """Class names are matched case-insensitively and name the score columns (`f1_<class>`,
     and `cm_<true>_<predicted>` with `bg` for pixels predicted as background,
     `evaluate.confusion_columns`): two that read alike would merge their scores."""
     seen: dict[str, str] = {}
     for name in classes:
+        if not name.strip() or name.strip() != name or name.startswith("-"):
+            raise ConfigError(
+                f"config key labels.classes: {name!r} cannot be a class name (empty, outer "
+                "spaces, or a leading `-`, which reads as an option on a command line); "
+                "rename it, e.g. 'negative' for '-ve'"
+            )
         if name.lower() in seen:
             raise ConfigError(
                 f"config key labels.classes: {seen[name.lower()]!r} and {name!r} are one class "
@@ -165,29 +196,37 @@ class RasterLabels(LabelSource):
         self._lut = _code_lut(settings)
         self._n_classes = len(settings["classes"])
         if Path(path).suffix.lower() in {".tif", ".tiff"}:
-            self._indices_of(described_classes(path), list(settings["classes"]))
+            self._by_name(described_codes(path), list(settings["classes"]))
         self._raster = MaskRaster(path, slide_id, slide_dims, "label mask")
         self.ds_x, self.ds_y = self._raster.ds_x, self._raster.ds_y
         coarse = self._raster.coarsest(self.CHECK_PX)
         if coarse is not None:  # most bad codes are named now, not in the middle of a stage
             self._check(np.unique(coarse))
 
-    def _indices_of(self, named: list[str] | None, classes: list[str]) -> None:
-        """A mask dsf painted (`dsf labels`, results/labels/) or drew (a map) holds class
-        indices of the classes its description names, not raster codes: read as they are,
-        never through labels.class_map again, and only for the same classes."""
-        if named is None:
+    def _by_name(self, codes: dict[int, str] | None, classes: list[str]) -> None:
+        """A mask dsf wrote names the class of each of its values: a painted label mask
+        (`dsf labels`, results/labels/) or a map holds class indices of its classes, a `dsf
+        synth` mask its codes. Those are mapped to labels.classes by name (never through
+        labels.class_map, which is for raster codes; a class the run does not have is
+        refused), so a reordered class list cannot swap classes."""
+        if codes is None:
             return
-        if [c.lower() for c in named] != [c.lower() for c in classes]:
-            raise AnnotationError(
-                self.slide_id,
-                f"label mask {self.path} holds the class indices of {named}, but labels.classes "
-                f"is {classes}: rebuild it with these classes (delete it and rerun the labels "
-                "stage; the workflow does so itself when labels.classes changes) or set "
-                "labels.classes back",
-            )
-        self._lut = np.full(256, _UNMAPPED, np.uint8)
-        self._lut[: len(classes)] = np.arange(len(classes), dtype=np.uint8)
+        lower = [c.lower() for c in classes]
+        lut = np.full(256, _UNMAPPED, np.uint8)
+        lut[0] = 0
+        for code, name in codes.items():
+            if code == 0 or not 0 <= code < 256:
+                continue  # 0: unlabelled, whatever the mask calls it
+            if name.lower() not in lower[1:]:
+                raise AnnotationError(
+                    self.slide_id,
+                    f"label mask {self.path} holds class {name!r} (value {code}), which is not "
+                    f"one of labels.classes {classes[1:]}: rebuild it with these classes "
+                    "(delete it and rerun the labels stage; the workflow does so itself when "
+                    "labels.classes changes) or set labels.classes back",
+                )
+            lut[code] = lower.index(name.lower(), 1)
+        self._lut = lut
 
     def _check(self, present: np.ndarray) -> None:
         bad = [int(c) for c in present if self._lut[c] == _UNMAPPED]
@@ -266,9 +305,9 @@ class _Shape:
 def _name_map(settings: dict[str, Any]) -> dict[str, int]:
     """Annotation class name (lower case) -> class index: the classes' own names, then
     `labels.names` (and its older name `geojson_names`)."""
-    names = {name.lower(): i for i, name in enumerate(settings["classes"])}
+    names = {name.strip().lower(): i for i, name in enumerate(settings["classes"])}
     for key in ("geojson_names", "names"):
-        names.update({k.lower(): int(v) for k, v in settings.get(key, {}).items()})
+        names.update({str(k).strip().lower(): int(v) for k, v in settings.get(key, {}).items()})
     return names
 
 
@@ -276,9 +315,9 @@ def _resolve(
     candidates: list[str], names: dict[str, int], settings: dict[str, Any], where: str, sid: str
 ) -> int:
     """The class index of the first of an annotation's `candidates` names that is known."""
-    for name in candidates:
-        if name.lower() in names:
-            return names[name.lower()]
+    for name in candidates:  # matched as XML names are: case and outer spaces aside
+        if name.strip().lower() in names:
+            return names[name.strip().lower()]
     said = repr(candidates[0]) if len(candidates) == 1 else f"names {candidates}"
     raise AnnotationError(
         sid,
@@ -363,23 +402,30 @@ def _geojson_ring(ring: Any) -> tuple[np.ndarray | None, str]:
     return pts, ""
 
 
+def _is_annotation(feat: Any) -> bool:
+    """Whether a feature is a region label: QuPath's annotations (or a feature of another tool,
+    which states no `objectType`), not its detections, cells or tiles."""
+    return str(_properties(feat).get("objectType", "annotation")).lower() == "annotation"
+
+
 def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
-    """Each feature, followed by the annotations nested in its `properties.childObjects` (QuPath
-    exports the hierarchy this way), depth first, so a child annotation is painted over its
-    parent. Nested detections and cells (cell outlines, tiles) are not region labels: skipped."""
+    """Each annotation feature, followed by the annotations nested in its
+    `properties.childObjects` (QuPath exports the hierarchy this way), depth first, so a child
+    annotation is painted over its parent. Detections and cells (cell outlines, tiles), nested
+    or at the top level as QuPath's export of all objects lists them, are not region labels:
+    skipped."""
     skipped = 0
     stack = list(reversed(features))
     while stack:
         feat = stack.pop()
+        if not _is_annotation(feat):
+            skipped += 1
+            continue
         yield feat  # the caller checks it is an object with object properties before going on
         children = _properties(feat).get("childObjects") or []
-        nested = [  # a child that is no object is yielded too, for the caller to name
-            c for c in children if _properties(c).get("objectType", "annotation") == "annotation"
-        ]
-        skipped += len(children) - len(nested)
-        stack.extend(reversed(nested))
+        stack.extend(reversed(children) if isinstance(children, list) else [])
     if skipped:
-        log.info("%d nested detection or cell objects are not region labels: skipped", skipped)
+        log.info("%d detection or cell objects are not region labels: skipped", skipped)
 
 
 class PolygonLabels(LabelSource):
@@ -537,6 +583,14 @@ class GeoJSONLabels(PolygonLabels):
                     f"feature {i}",
                     f"has childObjects {_json_kind(props['childObjects'])}, not a list",
                 )
+            geom = feat.get("geometry") or {}
+            if not isinstance(geom, dict):
+                wrong = f"has geometry {_json_kind(geom)}, not an object"
+                raise self._malformed(path, f"feature {i}", wrong)
+            kind = geom.get("type")
+            if kind not in ("Polygon", "MultiPolygon"):  # a point, a ruler: no area, any class
+                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
+                continue
             candidates = _class_names(props)
             if not candidates:
                 raise AnnotationError(
@@ -545,14 +599,6 @@ class GeoJSONLabels(PolygonLabels):
                 )
             cls = _resolve(candidates, names, settings, f"{path}: feature {i}", self.slide_id)
             where = f"feature {i} (class {candidates[0]!r})"
-            geom = feat.get("geometry") or {}
-            if not isinstance(geom, dict):
-                wrong = f"has geometry {_json_kind(geom)}, not an object"
-                raise self._malformed(path, where, wrong)
-            kind = geom.get("type")
-            if kind not in ("Polygon", "MultiPolygon"):
-                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
-                continue
             coords = geom.get("coordinates")
             if not isinstance(coords, list):
                 said = "no coordinates" if coords is None else f"coordinates {_json_kind(coords)}"

@@ -129,21 +129,44 @@ def write_tiff(
             )
 
 
-def described_classes(path: str | Path) -> list[str] | None:
-    """The `classes` a TIFF written by `write_tiff` names in its first page's description
-    (dsf's label masks and maps hold class indices of those classes), or None for any other
-    file, a mask of raster codes."""
+def _description(path: str | Path) -> Any:
+    """The first page's description of a TIFF, parsed as JSON (None when it is not)."""
     import json
 
     import tifffile
 
     try:
         with tifffile.TiffFile(str(path)) as tf:
-            about = json.loads(tf.pages[0].description or "null")
+            return json.loads(tf.pages[0].description or "null")
     except (OSError, ValueError, IndexError, tifffile.TiffFileError):
         return None
+
+
+def described_classes(path: str | Path) -> list[str] | None:
+    """The `classes` a TIFF written by `write_tiff` names in its first page's description
+    (dsf's label masks and maps hold class indices of those classes), or None for any other
+    file."""
+    about = _description(path)
     if isinstance(about, dict) and about.get("dsf") == "class map":
         classes = about.get("classes")
         if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
             return classes
+    return None
+
+
+def described_codes(path: str | Path) -> dict[int, str] | None:
+    """Pixel value -> class name, where a mask dsf wrote says it: a class map or painted label
+    mask (`write_tiff`: value i is class i of its classes) or a `dsf synth` label mask (its
+    codes and their names); None for any other file, whose values are raster codes."""
+    classes = described_classes(path)
+    if classes is not None:
+        return dict(enumerate(classes))
+    about = _description(path)
+    if isinstance(about, dict) and about.get("generator") == "dsf.synth":
+        codes = about.get("classes")
+        if isinstance(codes, dict):
+            try:
+                return {int(k): str(v) for k, v in codes.items()}
+            except ValueError:
+                return None
     return None

@@ -94,6 +94,16 @@ def coerce_strings(schema: dict[str, Any], value: Any) -> Any:
             return value
         return parsed if _typed(parsed, types) else value
     if isinstance(value, dict):
+        # YAML reads `3:` as a number: a mapping's keys are text (labels.names {3: 1}: the
+        # annotation class "3"); `no:`/`yes:`/`on:` read as booleans cannot be told back
+        for key in list(value):
+            if isinstance(key, bool):
+                raise ConfigError(
+                    f"config: the key {key} of a mapping is read by YAML as a boolean (it was "
+                    "written yes, no, on, off, true or false): quote it, e.g. 'no'"
+                )
+            if not isinstance(key, str):
+                value[str(key)] = value.pop(key)
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         for key, sub in value.items():

@@ -258,3 +258,33 @@ def test_stage_options_are_only_those_the_stage_reads() -> None:
         flags = set(re.findall(r"(--[a-z0-9-]+)", text))
         assert not flags & set(absent), (module.__name__, flags & set(absent))
         assert set(present) <= flags, (module.__name__, set(present) - flags)
+
+
+def test_label_name_keys_are_text_and_never_ambiguous() -> None:
+    """YAML reads `3:` as a number: the keys of labels.names and class_map become text (the
+    start-up check had crashed on them, the jobs not); keys that read alike for other classes,
+    a key that is another class's name, a boolean key and class names an option parser would
+    misread are refused by key."""
+    from dsf.annotations import check_label_settings
+    from dsf.config import coerce_strings, load_schema
+
+    config = yaml.safe_load("labels:\n  classes: [ignore, G3, G4]\n  names: {3: 1, 4: 2}\n")
+    coerce_strings(load_schema(), config)
+    labels = validate_config(config)["labels"]
+    assert labels["names"] == {"3": 1, "4": 2}
+    check_label_settings(labels)
+    mixed = yaml.safe_load("labels:\n  classes: [ignore, A]\n  class_map: {0: 0, '19': 1}\n")
+    coerce_strings(load_schema(), mixed)
+    assert cli_args("labels", validate_config(mixed)["labels"]).count("class-map") == 1
+    with pytest.raises(ConfigError, match="boolean"):
+        coerce_strings(load_schema(), yaml.safe_load("labels:\n  names: {no: 1}\n"))
+    base = {"classes": ["ignore", "TUM", "STR"]}
+    for bad, said in (
+        ({"names": {"tumor": 1, "Tumor": 2}}, "'tumor' and 'Tumor' read as one name"),
+        ({"names": {"tum": 2}}, "'tum' is the class name of index 1"),
+        ({"classes": ["ignore", "-ve", "+ve"]}, "'-ve' cannot be a class name"),
+        ({"classes": ["ignore", "TUM "]}, "'TUM ' cannot be a class name"),
+    ):
+        settings = validate_config({"labels": base | bad})["labels"]
+        with pytest.raises(ConfigError, match=said):
+            check_label_settings(settings)

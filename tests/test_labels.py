@@ -264,8 +264,9 @@ def test_a_painted_label_mask_is_read_as_class_indices_never_mapped_again(
 ) -> None:
     """A raster annotation of codes mapped by labels.class_map (tumour = 200) painted over the
     base class: the label mask holds class indices, which tile-labels and the scores read as
-    they are, not through class_map once more (which sent them all to other_class). One
-    painted for other classes is refused, naming the classes."""
+    they are, not through class_map once more (which sent them all to other_class); for
+    classes in another order by the names the mask gives them, and a class the run lacks is
+    refused."""
     from dsf.annotations import AnnotationError
 
     slide = _slide(tmp_path / "s.tif")
@@ -286,6 +287,10 @@ def test_a_painted_label_mask_is_read_as_class_indices_never_mapped_again(
     # the codes file itself still goes through the class map
     raw = open_labels(tmp_path / "s_codes.tif", "s", (W, H), 0.5, settings["labels"])
     assert set(np.unique(raw.read(0, 0, W, H, 0.5))) == {0, 2}
+    # read for classes in another order, each value is mapped by the name the mask gives it
     other = validate_config({"labels": {"classes": ["ignore", "tumour", "normal"]}})
-    with pytest.raises(AnnotationError, match=r"class indices of \['ignore', 'normal', 'tumour'\]"):
-        open_labels(out, "s", (W, H), 0.5, other["labels"])
+    swapped = open_labels(out, "s", (W, H), 0.5, other["labels"]).read(0, 0, W, H, 0.5)
+    np.testing.assert_array_equal(swapped, np.array([0, 2, 1], np.uint8)[painted])
+    fewer = validate_config({"labels": {"classes": ["ignore", "tumour"]}})
+    with pytest.raises(AnnotationError, match=r"holds class 'normal' \(value 1\)"):
+        open_labels(out, "s", (W, H), 0.5, fewer["labels"])

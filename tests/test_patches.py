@@ -218,6 +218,33 @@ def test_qupath_derived_classes_and_nested_annotations(tmp_path: Path, real: Pat
         open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
 
 
+def test_qupath_exports_of_all_objects_and_odd_features(tmp_path: Path, real: Path) -> None:
+    """QuPath's export of all objects lists detections and cells beside the annotations: they
+    are skipped at the top level as when nested (a top-level cell had relabelled its region
+    and, classed Positive, stopped the run). A point or ruler of any class is ignored, not a
+    reason to refuse the file; class names match with outer spaces as in XML."""
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+
+    def feature(kind: str, name: str, geometry: dict) -> dict:
+        props = {"objectType": kind, "classification": {"name": name}}
+        return {"type": "Feature", "geometry": geometry, "properties": props}
+
+    region = feature(
+        "annotation", "B ", {"type": "Polygon", "coordinates": [_square(100, 100, 300)]}
+    )
+    cell = feature("cell", "Positive", {"type": "Polygon", "coordinates": [_square(150, 150, 50)]})
+    tile = feature("detection", "A", {"type": "Polygon", "coordinates": [_square(300, 300, 50)]})
+    point = feature("annotation", "Ki67 hotspot", {"type": "Point", "coordinates": [120, 120]})
+    path = tmp_path / "all.geojson"
+    path.write_text(
+        json.dumps({"type": "FeatureCollection", "features": [region, cell, tile, point]})
+    )
+    lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
+    lab = lab.read(0, 0, 500, 500, slide.mpp)
+    assert lab[175, 175] == lab[325, 325] == lab[250, 250] == 2  # B, under the cell and tile
+    assert lab[50, 50] == 0
+
+
 def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     far = [[10_000, 10_000], [10_100, 10_000], [10_100, 10_100], [10_000, 10_000]]

@@ -315,3 +315,19 @@ def test_a_rerun_clears_leftovers_of_a_killed_run(tmp_path: Path) -> None:
         region_um=50.0,
     )  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == ["s.tiff"]
+
+
+def test_a_synthetic_label_mask_is_read_by_its_class_names(small: dict[str, Path]) -> None:
+    """Its description names its codes (1 TUM, 2 STR, 3 LYM): with labels.classes in another
+    order the mask still agrees with its GeoJSON (the codes had been taken as indices, which
+    swapped TUM and LYM)."""
+    from dsf.annotations import open_labels
+    from dsf.config import defaults
+
+    size, mpp = (SMALL["width"], SMALL["height"]), SMALL["mpp"]
+    settings = defaults("labels") | {"classes": ["ignore", "LYM", "STR", "TUM"]}
+    mask = open_labels(small["mask"], "small", size, mpp, settings)
+    polygons = open_labels(small["geojson"], "small", size, mpp, settings)
+    a, b = (src.read(0, 0, 256, 192, mpp * 4) for src in (mask, polygons))
+    labelled = (a > 0) & (b > 0)
+    assert labelled.sum() > 1000 and (a[labelled] == b[labelled]).mean() > 0.95
