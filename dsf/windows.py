@@ -70,9 +70,15 @@ def make_grid(
     unit = math.lcm(scale, out_factor)
     stride = int(block * (1.0 - overlap)) // unit * unit
     if stride < unit:
+        fix = (
+            "lower infer.overlap"
+            if block >= unit
+            else f"use a smaller infer.out_mpp: a map pixel ({out_factor} target px, with the "
+            f"scale {scale} one step of {unit}) must fit in one {block} px block"
+        )
         raise ConfigError(
             f"infer.overlap {overlap} leaves no stride for {block} px blocks at scale {scale} and "
-            f"output factor {out_factor}; lower infer.overlap"
+            f"output factor {out_factor}; {fix}"
         )
     # the core sits near the block's centre, shifted so every context starts on a multiple of
     # `scale` (one reduction grid anchored at the slide origin, like a global low-power image)

@@ -766,3 +766,13 @@ def test_the_overlay_legend_names_every_class() -> None:
     rows_with_ink = np.flatnonzero(ink.any(axis=1))
     assert rows_with_ink.max() - rows_with_ink.min() > 2 * (row - 10)  # several rows used
     assert not ink[:, -2:].any()  # nothing drawn up to the right edge: no entry cut off
+
+
+def test_a_grid_with_no_stride_says_which_setting_helps() -> None:
+    """Too much overlap: lower it; a map pixel larger than a block: no overlap would help,
+    the message says to lower infer.out_mpp instead."""
+    with pytest.raises(ConfigError, match="lower infer.overlap"):
+        make_grid(1000, 1000, 64, 4, 0.99, 2, 4)
+    with pytest.raises(ConfigError, match="use a smaller infer.out_mpp") as e:
+        make_grid(1000, 1000, 64, 4, 0.0, 128, 4)
+    assert "lower infer.overlap" not in str(e.value)
