@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf.class_tiff import described_classes
+from dsf.class_tiff import description_codes
 from dsf.errors import ConfigError
 from dsf.slide_readers import tiff_tag_mpp
 
@@ -172,6 +172,7 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
             first = pages[0]
             levels = [tuple(int(v) for v in p.shape[:2]) for p in pages if p.ndim == 2]
             dtype, ndim, tag_mpp = first.dtype, first.ndim, tiff_tag_mpp(first)
+            codes = description_codes(first.description)
             damage = _truncation(tf, pages)
     except PermissionError:
         raise
@@ -190,8 +191,8 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
             f"class map {tiff} is {levels[0][1]} x {levels[0][0]} px, its JSON says "
             f"{meta['width']} x {meta['height']}: the two are from different runs; rerun infer"
         )
-    named = described_classes(tiff)
-    if named is not None and list(named) != list(meta["classes"]):
+    named = list(codes.values()) if codes is not None else None
+    if named is not None and named != list(meta["classes"]):
         raise ConfigError(
             f"class map {tiff} holds classes {named}, its JSON {list(meta['classes'])}: the two "
             "are from different runs; rerun infer"

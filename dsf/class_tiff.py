@@ -129,44 +129,41 @@ def write_tiff(
             )
 
 
-def _description(path: str | Path) -> Any:
-    """The first page's description of a TIFF, parsed as JSON (None when it is not)."""
-    import json
-
+def _description(path: str | Path) -> str | None:
+    """The first page's description of a TIFF (None when it cannot be read)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(str(path)) as tf:
-            return json.loads(tf.pages[0].description or "null")
+            return tf.pages[0].description
     except (OSError, ValueError, IndexError, tifffile.TiffFileError):
         return None
 
 
-def described_classes(path: str | Path) -> list[str] | None:
-    """The `classes` a TIFF written by `write_tiff` names in its first page's description
-    (dsf's label masks and maps hold class indices of those classes), or None for any other
-    file."""
-    about = _description(path)
-    if isinstance(about, dict) and about.get("dsf") == "class map":
-        classes = about.get("classes")
+def description_codes(description: str | None) -> dict[int, str] | None:
+    """Pixel value -> class name, where a TIFF description dsf wrote says it: a class map or
+    painted label mask (`write_tiff`: value i is class i of its classes) or a `dsf synth` label
+    mask (its codes and their names); None for any other, whose values are raster codes."""
+    import json
+
+    try:
+        about = json.loads(description or "null")
+    except ValueError:
+        return None
+    if not isinstance(about, dict):
+        return None
+    classes = about.get("classes")
+    if about.get("dsf") == "class map":
         if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-            return classes
+            return dict(enumerate(classes))
+    elif about.get("generator") == "dsf.synth" and isinstance(classes, dict):
+        try:
+            return {int(k): str(v) for k, v in classes.items()}
+        except ValueError:
+            return None
     return None
 
 
 def described_codes(path: str | Path) -> dict[int, str] | None:
-    """Pixel value -> class name, where a mask dsf wrote says it: a class map or painted label
-    mask (`write_tiff`: value i is class i of its classes) or a `dsf synth` label mask (its
-    codes and their names); None for any other file, whose values are raster codes."""
-    classes = described_classes(path)
-    if classes is not None:
-        return dict(enumerate(classes))
-    about = _description(path)
-    if isinstance(about, dict) and about.get("generator") == "dsf.synth":
-        codes = about.get("classes")
-        if isinstance(codes, dict):
-            try:
-                return {int(k): str(v) for k, v in codes.items()}
-            except ValueError:
-                return None
-    return None
+    """`description_codes` of a TIFF file's first page."""
+    return description_codes(_description(path))
