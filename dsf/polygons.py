@@ -91,10 +91,12 @@ def map_polygons(
     if unknown:
         raise ConfigError(f"class map {cmap.path} holds class indices {unknown} beyond {classes}")
     min_px = math.ceil(float(settings["min_um2"]) / level_mpp**2)
-    # a reduced level keeps each block's top-left map pixel, so a region's edges are known to
-    # a block: centre them on the sampled pixels (half a block less the pixel, up and left)
+    # a reduced level keeps the pixel at offset f // 2 of each f-square of map pixels, so a
+    # region's edges are known to a block: centre them on the sampled pixels (half a map
+    # pixel right and down of the square's centre when f is even)
     scale = cmap.mpp / mpp0  # level-0 px per map px
-    shift = -(2**level - 1) / 2 * scale
+    f = 2**level
+    shift = (f // 2 + 0.5 - f / 2) * scale
     features = list(
         class_features(
             raster,

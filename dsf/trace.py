@@ -169,7 +169,7 @@ def class_features(
     (index -> name, RGB colour) in a (h, w) class raster at downsample `ds` of level 0.
     Components and holes smaller than `min_px` raster pixels are left out (holes filled);
     `properties` are added to every feature's properties; `origin` (level-0 px) shifts every
-    coordinate (a map level that sampled each block's top-left pixel)."""
+    coordinate (a map level whose pixels sample a point off their squares' centres)."""
     extra = dict(properties or {})
     for cls, (name, colour) in classes.items():
         comps, _ = ndimage.label(labels == cls)

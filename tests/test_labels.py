@@ -62,7 +62,7 @@ def test_masks_are_painted_in_class_order_over_the_tissue_rule(tmp_path: Path) -
         assert [lv.shape for lv in levels] == [(800, 1200), (400, 600), (200, 300)]
         assert tf.pages[0].photometric == tifffile.PHOTOMETRIC.PALETTE
         np.testing.assert_array_equal(levels[0].asarray(), _expected())
-        np.testing.assert_array_equal(levels[1].asarray(), _expected()[::2, ::2])
+        np.testing.assert_array_equal(levels[1].asarray(), _expected()[1::2, 1::2])
     with openslide.OpenSlide(out) as osr:  # viewers open it at the slide's scale
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     # the other stages read it like any label mask
@@ -294,3 +294,29 @@ def test_a_painted_label_mask_is_read_as_class_indices_never_mapped_again(
     fewer = validate_config({"labels": {"classes": ["ignore", "tumour"]}})
     with pytest.raises(AnnotationError, match=r"holds class 'normal' \(value 1\)"):
         open_labels(out, "s", (W, H), 0.5, fewer["labels"])
+
+
+def test_a_coarser_read_of_a_painted_mask_matches_level_0_read_at_that_scale(
+    tmp_path: Path,
+) -> None:
+    """Scores at infer.out_mpp 2x or 4x the mask's read its reduced levels: they sample each
+    square's centre pixel, as a nearest read of level 0 at pixel centres does, so class
+    borders at odd rows and columns land where level 0 puts them (top-left sampling had
+    shifted them by a pixel)."""
+    slide = _slide(tmp_path / "s.tif")
+    codes = np.zeros((H, W), np.uint8)
+    codes[201:599, 503:1101] = 1  # borders off the 2 x 2 and 4 x 4 grids
+    codes[301:333, 601:705] = 2
+    tifffile.imwrite(tmp_path / "s_codes.tif", codes, tile=(64, 64))
+    out = tmp_path / "s.labels.tiff"
+    classes = ["ignore", "normal", "tumour"]
+    assert main(["--slide", str(slide), "--slide-id", "s", "--annotation",
+                 str(tmp_path / "s_codes.tif"), "--classes", *classes, "--mpp", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    painted = tifffile.imread(out, level=0)
+    np.testing.assert_array_equal(painted, codes)
+    settings = validate_config({"labels": {"classes": classes}})["labels"]
+    src = open_labels(out, "s", (W, H), 0.5, settings)
+    for f in (2, 4):
+        got = src.read(0, 0, W // f, H // f, 0.5 * f)
+        np.testing.assert_array_equal(got, painted[f // 2 :: f, f // 2 :: f], err_msg=f"{f}x")

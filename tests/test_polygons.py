@@ -24,10 +24,14 @@ W, H = 1600, 1200  # slide, level-0 px
 
 
 def _write_map(path: Path, level0: np.ndarray, slide: str = "s", mpp: float = MAP_MPP) -> Path:
-    """A class map as `dsf infer` writes it: palette pyramid (levels halved) and its JSON."""
+    """A class map as `dsf infer` writes it: palette pyramid (level i samples the centre pixel
+    of each 2**i square, the edge pixel for a square cut short) and its JSON."""
     levels = [level0]
-    for h, w in pyramid_shapes(*level0.shape, 64)[1:]:
-        levels.append(levels[-1][::2, ::2][:h, :w])
+    for i, (h, w) in enumerate(pyramid_shapes(*level0.shape, 64)[1:], start=1):
+        f = 2**i
+        rows = np.minimum(np.arange(h) * f + f // 2, level0.shape[0] - 1)
+        cols = np.minimum(np.arange(w) * f + f // 2, level0.shape[1] - 1)
+        levels.append(level0[np.ix_(rows, cols)])
     write_tiff(path, levels, mpp, len(CLASSES), tile=64, threads=1)
     meta = {"slide": slide, "init": "dsf", "fraction": 1.0, "mpp": mpp, "classes": CLASSES,
             "width": level0.shape[1], "height": level0.shape[0], "folds": [0],
@@ -200,9 +204,9 @@ def test_nesting_depth_counts_the_holes_a_region_lies_in() -> None:
 def test_regions_traced_on_a_reduced_level_are_centred_and_wound(
     slide: Path, tmp_path: Path
 ) -> None:
-    """A reduced level keeps each block's top-left map pixel: traced there, a region's edges
-    are centred on those pixels, so over every phase of the block they land where the region
-    is (they lay up to a block right and down before). Holes wind against their outer ring."""
+    """A reduced level keeps one map pixel of each block (off its centre): traced there, a
+    region's edges are centred on those pixels, so over every phase of the block they land
+    where the region is. Holes wind against their outer ring."""
     starts, ends = [], []
     for phase in range(4):
         m = np.zeros((H // 4, W // 4), np.uint8)
