@@ -799,3 +799,20 @@ def test_the_folds_of_a_cohort_of_thousands_are_written(tmp_path: Path, real: Pa
     folds = pd.read_csv(tmp_path / "res" / "folds.tsv", sep="\t")
     assert len(folds) == 1600 and set(folds["fold"]) == set(range(5))
     assert (tmp_path / "res" / "logs" / "folds.log").exists()
+
+
+def test_whole_number_label_fractions_name_the_folders_infer_reads(tmp_path: Path) -> None:
+    """finetune.fractions [1, 0.1] (the schema takes integers) plans frac1.0, the fraction
+    infer.fraction defaults to; it had stopped the run saying 1.0 was not one of ['1', '0.1']."""
+    out = demo_plan(tmp_path, "finetune:\n  fractions: [1, 0.1]\n")
+    ft = [line for line in out.splitlines() if "dsf finetune " in line]
+    assert ft and {("frac1.0" in f, "frac0.1" in f) for f in ft} == {(True, False), (False, True)}
+    maps = [line for line in out.splitlines() if "dsf infer " in line]
+    assert maps and all("frac1.0" in m and "frac0.1" not in m for m in maps)
+    (tmp_path / "twice.yaml").write_text("finetune:\n  fractions: [1, 1.0]\n")
+    twice = smk(
+        "-n", "--cores", "1", "--directory", str(REPO), "--configfile",
+        str(REPO / "config" / "config.yaml"), str(tmp_path / "twice.yaml"), "--config",
+        f"results={tmp_path}", check=False,
+    )  # fmt: skip
+    assert twice.returncode != 0 and "lists a fraction twice" in twice.stdout + twice.stderr

@@ -173,7 +173,15 @@ def check_finetune_inits(finetune, pretrain):
 
 if not APPLY:  # a prediction run trains nothing: the training sections are not read
     check_finetune_inits(config["finetune"], config["pretrain"])
-FRACS = [str(f) for f in config["finetune"]["fractions"]]
+# one spelling per fraction (1 and 1.0 name one folder, frac1.0), as infer.fraction is read
+FRACS = [str(float(f)) for f in config["finetune"]["fractions"]]
+if len(set(FRACS)) < len(FRACS):
+    from dsf.errors import ConfigError
+
+    raise ConfigError(
+        f"finetune.fractions {config['finetune']['fractions']} lists a fraction twice: "
+        "keep each once"
+    )
 def _infer_choice():
     """Inits that get maps and the label fraction whose models draw them (infer section)."""
     from dsf.errors import ConfigError
