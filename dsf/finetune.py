@@ -158,8 +158,17 @@ class FineTuner:
             )
         if init == "unet" and settings["context_weight"] > 0:
             log.warning("finetune.context_weight is not used by init unet (no context output)")
-        self.train = LabelledTiles(fit_stores, fraction, settings["seed"], settings["target_block"])
-        self.select = LabelledTiles(select_stores, 1.0, settings["seed"])
+        # a tile whose target block holds no label trains nothing, unless a context loss
+        # reads its context labels; selection scores target blocks only
+        context_loss = init != "unet" and settings["context_weight"] > 0
+        self.train = LabelledTiles(
+            fit_stores,
+            fraction,
+            settings["seed"],
+            settings["target_block"],
+            labelled_target=not context_loss,
+        )
+        self.select = LabelledTiles(select_stores, 1.0, settings["seed"], labelled_target=True)
         # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
         self.store_ids = labelled_store_ids([*self.train.stores, *self.select.stores])
         g = open_store(fit_stores[0].tiles)
@@ -171,6 +180,7 @@ class FineTuner:
         pretrained = None
         if encoders is not None and init not in BASELINE_INITS:
             pretrained = checkpoints.load(encoders)
+            check_encoders_fold(pretrained, self.meta.get("fold"), encoders)
         # what a checkpoint started from: resumed only from the same pretrained weights
         self.encoders_digest = (
             checkpoints.weights_digest(pretrained) if pretrained is not None else None
@@ -263,16 +273,17 @@ class FineTuner:
         return prep(ctx), prep(tgt)
 
     def _forward(
-        self, ctx: torch.Tensor, tgt: torch.Tensor
+        self, ctx: torch.Tensor, tgt: torch.Tensor, context_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(target logits, context logits); the U-Net has no context output (None)."""
+        """(target logits, context logits); the context logits only when asked for (their
+        decoder blocks past the hook are a third of HookNet's work), None for the U-Net."""
         ctx, tgt = (ctx - self.mean) / self.std, (tgt - self.mean) / self.std
         with torch.autocast(
             self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         ):
             if self.st["init"] == "unet":
                 return self.model(tgt), None
-            return self.model(ctx, tgt)
+            return self.model(ctx, tgt, context_logits=context_logits)
 
     def _loss(self, logits: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         """Soft Dice over the foreground classes, or cross-entropy ignoring class 0 (0 with a
@@ -288,9 +299,9 @@ class FineTuner:
     ) -> torch.Tensor:
         """Loss on the target output plus `context_weight` x the loss on the context output
         against the context labels (DESIGN 5; weight 0 = the paper's lambda 1)."""
-        t_logits, c_logits = self._forward(ctx, tgt)
-        loss = self._loss(t_logits, lab)
         w = float(self.st["context_weight"])
+        t_logits, c_logits = self._forward(ctx, tgt, context_logits=w > 0)
+        loss = self._loss(t_logits, lab)
         if w > 0 and c_logits is not None:
             loss = loss + w * self._loss(c_logits, clab)
         return loss
@@ -487,6 +498,21 @@ def _parser() -> argparse.ArgumentParser:
     add_section_arguments(p, "finetune", skip=("inits", "fractions", "gpus"))
     add_section_arguments(p, "labels")
     return p
+
+
+def check_encoders_fold(pretrained: dict[str, Any], fold: int | None, path: Path) -> None:
+    """Refuse encoders pretrained for another fold: they saw this fold's validation slides
+    (DESIGN section 4: no validation tile in pretraining). Encoders of `pretrain.scope all`
+    (no fold) were pretrained on every slide by choice and pass."""
+    own = pretrained.get("fold")
+    if fold is None or own is None or int(own) == int(fold):
+        return
+    raise ConfigError(
+        f"{path} was pretrained for fold {own}, on slides that include fold {fold}'s "
+        f"validation slides: fine-tune fold {fold} from the encoders of fold {fold} "
+        f"(results/pretrain/<init>/fold{fold}/encoders.pt), or pretrain once on every slide "
+        "(pretrain.scope all)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ model that is used differently at inference. `FineTuner` refuses the combination
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from typing import Any
@@ -69,13 +70,29 @@ def selection_split(
 TARGET_BLOCKS = ("centre", "random")
 
 
+def _labelled_targets(lab: Any, pair: LabelledStore, n: int) -> np.ndarray | range:
+    """Indices (of a labels store's `n` tiles) whose centre block holds a labelled pixel, by
+    the store's `target_frac`; every tile for a store of an older dsf, which lacks it."""
+    if "target_frac" not in lab:
+        logging.getLogger(__name__).warning(
+            "labels store %s was written by an older dsf (no target_frac): tiles whose centre "
+            "block holds no label are not left out; delete it to rebuild it",
+            pair.labels,
+        )
+        return range(n)
+    frac = store_array(lab, "target_frac", pair.labels)[:]
+    return np.flatnonzero(frac > 0)
+
+
 class LabelledTiles(Dataset):
     """(context, target, labels, context labels) uint8 tensors of labelled tiles: context
     (b, b, 3) = the whole tile at the context mpp, context labels (b, b) = the tile's labels on
     that grid, target (b, b, 3) and labels (b, b) = the centre block, or with `target_block`
     "random" a b x b window at an offset drawn from (`seed`, epoch, item) (see `set_epoch`).
 
-    The tiles are those of each patch store its labels store keeps (`dsf.tile_labels`)."""
+    The tiles are those of each patch store its labels store keeps (`dsf.tile_labels`); with
+    `labelled_target` (and the centre block) only those whose centre block holds a label, the
+    others give a loss of nothing (class 0 is ignored) and only dilute a label fraction."""
 
     def __init__(
         self,
@@ -83,6 +100,7 @@ class LabelledTiles(Dataset):
         fraction: float = 1.0,
         seed: int = 0,
         target_block: str = "centre",
+        labelled_target: bool = False,
     ) -> None:
         if target_block not in TARGET_BLOCKS:
             raise ConfigError(
@@ -91,6 +109,7 @@ class LabelledTiles(Dataset):
         self.stores = list(stores)
         self.seed, self.target_block, self.epoch = seed, target_block, 0
         self.index: list[tuple[int, int]] = []
+        n_all = 0  # labelled tiles before `labelled_target` drops any
         #: per store, the patch-store tile number of each labelled tile
         self.tile_of: list[np.ndarray] = []
         for k, pair in enumerate(self.stores):
@@ -99,9 +118,27 @@ class LabelledTiles(Dataset):
             self.scale = int(g.attrs["scale"])
             lab = open_store(pair.labels, kind="labels")
             self.tile_of.append(store_array(lab, "index", pair.labels)[:])
-            self.index += [(k, i) for i in range(int(lab.attrs["n_tiles"]))]
+            n = int(lab.attrs["n_tiles"])
+            if labelled_target and target_block == "centre":
+                n_all += n
+                kept = _labelled_targets(lab, pair, n)
+            else:
+                kept = range(n)
+            self.index += [(k, int(i)) for i in kept]
         if not self.index:
-            raise ConfigError("no labelled tiles to fine-tune on")
+            raise ConfigError(
+                f"none of the {n_all} labelled tiles of {[p.slide for p in self.stores]} has a "
+                "label in its target (centre) block, which fine-tuning trains on: annotate "
+                "more of these slides, or raise patches.min_label_frac"
+                if n_all
+                else "no labelled tiles to fine-tune on"
+            )
+        if labelled_target and n_all > len(self.index):
+            logging.getLogger(__name__).info(
+                "%d of %d labelled tiles have no label in their target (centre) block: left out",
+                n_all - len(self.index),
+                n_all,
+            )
         keep = label_subset(len(self.index), fraction, seed)
         self.index = [self.index[i] for i in keep]
         self._groups: list[Any] | None = None

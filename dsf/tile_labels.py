@@ -2,12 +2,13 @@
 
 A patch store holds pixels only (`dsf.patches`): every tissue tile, whatever the annotation.
 Its labels store holds, for the tiles whose labelled fraction passes `patches.min_label_frac`,
-their tile numbers (`index`), their labels at the target mpp (`labels`, the tile's size) and
-their class fractions (`label_frac`). Fine-tuning and the tile protocol read the two together
-(`pair_stores`); self-supervised pretraining reads the patch store alone (DESIGN section 5: it
-uses no labels). So editing an annotation, a class name or `min_label_frac` rebuilds this small
-store, and with it fine-tuning and evaluation, never the slide's tiles or a pretraining (in
-the paper's setting days of GPU time per fold).
+their tile numbers (`index`), their labels at the target mpp (`labels`, the tile's size),
+their class fractions (`label_frac`) and the labelled share of their centre block
+(`target_frac`: fine-tuning skips tiles whose target block holds no label). Fine-tuning and
+the tile protocol read the two together (`pair_stores`); self-supervised pretraining reads the
+patch store alone (DESIGN section 5: it uses no labels). So editing an annotation, a class
+name or `min_label_frac` rebuilds this small store, and with it fine-tuning and evaluation,
+never the slide's tiles or a pretraining (in the paper's setting days of GPU time per fold).
 
 DESIGN section 3 has the labels inside the patch store; they live here instead for that reason.
 A labels store names the build of the patch store it was cut from (`tiles_store_id`), so one
@@ -56,6 +57,12 @@ def tile_origins(attrs: dict[str, Any], coords: np.ndarray) -> np.ndarray:
     return offset + cells * stride
 
 
+def centre_offset(block: int, scale: int) -> int:
+    """Row (and column) of the centre block in a tile of `scale` x `scale` blocks: the target
+    HookNet trains and the tile protocol scores on (DESIGN section 5)."""
+    return block * (scale - 1) // 2
+
+
 def build(
     store: Path,
     labels: LabelSource,
@@ -87,8 +94,11 @@ def build(
     origins = tile_origins(st, store_array(g, "coords", store)[:])
     n_all = len(origins)
     shard = int((g["tiles"].shards or g["tiles"].chunks)[0])
+    block, scale = int(st["block"]), int(st["scale"])
+    c0 = centre_offset(block, scale)
     index: list[int] = []
     label_frac: list[np.ndarray] = []
+    target_frac: list[float] = []  # labelled share of the centre block (fine-tuning's target)
     best = 0.0  # the largest labelled fraction of a tile, for the message when none passes
     with atomic_path(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -107,6 +117,7 @@ def build(
                 writer.commit()
                 index.append(i)
                 label_frac.append(fr)
+                target_frac.append(float(np.count_nonzero(slot[c0 : c0 + block, c0 : c0 + block])))
         finally:
             bar.close()
             n = writer.close()
@@ -125,6 +136,11 @@ def build(
         idx[:] = np.asarray(index, np.int64)
         group.create_array(
             "label_frac", data=np.stack(label_frac).astype(np.float32), chunks=(n, len(classes))
+        )
+        group.create_array(
+            "target_frac",
+            data=np.asarray(target_frac, np.float32) / (block * block),
+            chunks=(n,),
         )
         group.attrs.update(
             {

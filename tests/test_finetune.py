@@ -385,3 +385,24 @@ def test_resume_from_other_encoders_or_statistics_is_refused(three, tmp_path) ->
     del ckpt["encoders"], ckpt["hyper"]["mean"], ckpt["hyper"]["std"]
     torch.save(ckpt, out / "checkpoint.pt")
     assert tuner(new, norm=([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])).resume()
+
+
+def test_encoders_of_another_fold_are_refused(three, tmp_path) -> None:  # noqa: ANN001
+    """Fold 1's encoders were pretrained on fold 0's validation slide: fine-tuning fold 0 from
+    them is refused naming both folds; fold 0's own and scope-all encoders (no fold) are used."""
+    from dsf.models.dsf import DSFModel
+
+    stores, folds = three
+    state = DSFModel("resnet18", n_blocks=16, method="simsiam").encoder_state()
+    for fold in (1, 0, None):
+        enc = tmp_path / f"enc{fold}.pt"
+        torch.save(state | {"fold": fold, "slides": ["A", "B", "C"]}, enc)
+        args = _args(stores[1:], folds, tmp_path / f"ft{fold}", "--init", "dsf", "--encoders",
+                     str(enc), "--epochs", "1", "--steps-per-epoch", "1")  # fmt: skip
+        if fold == 1:
+            with pytest.raises(ConfigError, match="pretrained for fold 1.*fold 0's validation"):
+                FineTuner(_settings(init="dsf"), stores[1:2], stores[2:], 1.0, CLASSES,
+                          tmp_path / "x", enc, {"fold": 0})  # fmt: skip
+            assert main(args) == 2 and not (tmp_path / f"ft{fold}" / "model.pt").exists()
+        else:
+            assert main(args) == 0 and (tmp_path / f"ft{fold}" / "model.pt").exists()

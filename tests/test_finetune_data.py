@@ -104,3 +104,63 @@ def test_random_target_block_is_a_seeded_window_per_epoch(labelled_store: Labell
     assert {centre.offset(i) for i in range(n)} == {(24, 24)}
     with pytest.raises(ConfigError, match="finetune.target_block"):
         LabelledTiles([labelled_store], target_block="corner")
+
+
+class _CornerLabels:
+    """An annotation labelling each tile's top-left 8 x 8 corner, and (`centres`) the centre
+    block of the tiles in even grid columns."""
+
+    def __init__(self, slide_id: str, stride: int, centres: bool = True) -> None:
+        self.slide_id, self.stride, self.centres = slide_id, stride, centres
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        out = np.zeros((height, width), np.uint8)
+        out[:8, :8] = 1
+        if self.centres and round(x / (mpp / 0.5) / self.stride) % 2 == 0:  # 0.5 um/px
+            out[24:40, 24:40] = 2
+        return out
+
+
+def test_tiles_whose_target_block_holds_no_label_are_left_out(
+    labelled_store: LabelledStore,
+    tmp_path,
+    caplog,  # noqa: ANN001
+) -> None:
+    """The labels store records each kept tile's labelled share of the centre block, and
+    fine-tuning leaves out tiles without a label there (they train nothing, and took places in
+    a label fraction) unless asked for every tile (a context loss reads the whole tile)."""
+    from dsf.config import defaults
+    from dsf.tile_labels import build
+
+    from conftest import SYNTH_CLASSES
+
+    out = tmp_path / "s.labels.zarr"
+    classes = defaults("labels") | {"classes": SYNTH_CLASSES}
+    n = build(labelled_store.tiles, _CornerLabels("s", 32), out, classes, 0.01, progress=False)
+    lab = zarr.open_group(str(out), mode="r")
+    frac, index = lab["target_frac"][:], lab["index"][:]
+    labels = lab["labels"][:]
+    np.testing.assert_allclose(frac, (labels[:, 24:40, 24:40] > 0).mean((1, 2)))
+    assert n == len(frac) and 0 < int((frac > 0).sum()) < n  # both kinds of tile
+    pair = LabelledStore("s", labelled_store.tiles, out)
+    every = LabelledTiles([pair])
+    useful = LabelledTiles([pair], labelled_target=True)
+    assert len(every) == n and len(useful) == int((frac > 0).sum())
+    assert all((useful[i][2].numpy() > 0).any() for i in range(len(useful)))
+    assert useful.tile_of[0][[loc for _, loc in useful.index]].tolist() == [
+        t for t, f in zip(index, frac, strict=True) if f > 0
+    ]
+    # a random target block (the U-Net baseline) may land anywhere: every tile is kept
+    assert len(LabelledTiles([pair], target_block="random", labelled_target=True)) == n
+    # no labelled centre at all: refused, saying why
+    none = tmp_path / "none.labels.zarr"
+    build(labelled_store.tiles, _CornerLabels("s", 32, False), none, classes, 0.01, progress=False)
+    with pytest.raises(ConfigError, match=r"none of the \d+ labelled tiles .* target \(centre\)"):
+        LabelledTiles([LabelledStore("s", labelled_store.tiles, none)], labelled_target=True)
+    # a labels store of an older dsf (no target_frac) keeps every tile, with a warning
+    import shutil
+
+    shutil.rmtree(none / "target_frac")
+    with caplog.at_level("WARNING", logger="dsf"):
+        old = LabelledTiles([LabelledStore("s", labelled_store.tiles, none)], labelled_target=True)
+    assert len(old) == n and "older dsf (no target_frac)" in caplog.text
