@@ -232,8 +232,8 @@ def _over_models(
 
 def models_markdown(ms: pd.DataFrame, classes: list[str], notes: md.Notes) -> list[str]:
     """The tables of each model alone: mean (std) over a set's models, and per model."""
-    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
-    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
+    names = [*classes[1:], "Macro F1", "Pixel acc."]
     lines = [
         "## Each model alone (`apply.each_model`)",
         "",
@@ -275,17 +275,17 @@ def cohort_markdown(
         f"Each labelled slide's full class map (at {mpps} um/px) against its ground truth, "
         f"unlabelled pixels ignored: {md.count(raw['slide'].nunique(), 'slide')} "
         f"({', '.join(sorted(set(raw['slide'])))}). Labelled pixels the map leaves as "
-        "background count as misses. F1 = Dice; pixel accuracy = micro F1. A slide whose "
+        "background count as misses (of their class for F1). F1 = Dice. A slide whose "
         "truth lacks a class its map predicts scores F1 0 for it (false positives only); one "
         "with the class in neither is left out of that class's mean, as the footnotes count. "
-        "The models were "
+        "Mean and sample std (ddof 1) over slides. The models were "
         "trained before, outside this run (`apply.models`); no slide is among their fit or "
         "selection slides by id (checked at start), but whether they saw the same tissue under "
         "another name is for you to know.",
         "",
     ]
-    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
-    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
+    names = [*classes[1:], "Macro F1", "Pixel acc."]
     absent = "class absent from both truth and prediction"
 
     lines += ["### Mean (std) over slides", ""]

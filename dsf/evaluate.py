@@ -61,8 +61,9 @@ def confusion_columns(classes: list[str]) -> list[str]:
 def one_vs_rest_accuracy(cm: np.ndarray) -> float:
     """The paper's accuracy, (TP + TN) / all, per class one-vs-rest, averaged over the K classes.
 
-    Over single-label pixels this is 1 - 2 (1 - micro F1) / K, which is how the paper's Table III
-    (0.9180 for BCSS, K = 5) relates to its Table II (0.7949).
+    Where no labelled pixel is predicted background (the tile protocol) this is
+    1 - 2 (1 - micro F1) / K, which is how the paper's Table III (0.9180 for BCSS, K = 5)
+    relates to its Table II (0.7949).
     """
     k = cm.shape[0]
     total = cm.sum()

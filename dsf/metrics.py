@@ -42,6 +42,11 @@ def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarra
     tissue of a map), which counts as a miss of the true class."""
     m = labels > 0
     t = labels[m].astype(np.int64) - 1
+    if t.size and int(t.max()) >= n_classes:
+        raise ValueError(
+            f"label value {int(t.max()) + 1} is beyond the {n_classes} foreground classes "
+            "(labels must be class indices of labels.classes)"
+        )
     p = pred[m].astype(np.int64) - 1
     p = np.where((p < 0) | (p >= n_classes), n_classes, p)
     cm = np.bincount(t * (n_classes + 1) + p, minlength=n_classes * (n_classes + 1))
@@ -51,8 +56,10 @@ def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarra
 def scores(cm: np.ndarray) -> dict[str, object]:
     """Per-class F1 (= Dice), pixel accuracy, macro and micro F1 from a (K, K[+1]) confusion.
 
-    A class absent from both truth and prediction has F1 NaN and is left out of the macro mean;
-    micro F1 over single-label pixels equals the accuracy.
+    A class absent from both truth and prediction has F1 NaN and is left out of the macro mean.
+    Micro F1 pools every class's TP, FP and FN: it equals the accuracy unless labelled pixels
+    are predicted background (the last column), which are misses of their class but no class's
+    false positive, so the micro F1 is then the higher.
     """
     k = cm.shape[0]
     tp = np.diag(cm[:, :k]).astype(np.float64)
@@ -64,4 +71,6 @@ def scores(cm: np.ndarray) -> dict[str, object]:
     total = cm.sum()
     acc = float(tp.sum() / total) if total else float("nan")
     macro = float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
-    return {"f1": f1, "accuracy": acc, "macro_f1": macro, "micro_f1": acc}
+    pooled = float(denom.sum())
+    micro = float(2 * tp.sum() / pooled) if pooled else float("nan")
+    return {"f1": f1, "accuracy": acc, "macro_f1": macro, "micro_f1": micro}

@@ -6,7 +6,7 @@ accuracy (mean one-vs-rest accuracy, Table III); per-class F1, macro F1 and pixe
 the fold's pooled confusion; then mean and std (ddof 1) over folds, one table per label fraction
 and a summary over fractions (Table IV).
 
-Whole-slide protocol: per-class F1 (= Dice), pixel accuracy (= micro F1) and macro F1 per slide
+Whole-slide protocol: per-class F1 (= Dice), pixel accuracy and macro F1 per slide
 and per fold (pooled confusion), then mean (std) over folds.
 
 Nothing is ever shown as 0 for want of data: a fold or method without results is `n/a` with a
@@ -276,8 +276,9 @@ def tile_markdown(
         "ignored. **F1** is the micro F1 of each slide averaged over the fold's slides (the "
         "paper's Table II); **ACC** the paper's accuracy, (TP + TN) / all per class one-vs-rest, "
         "averaged over classes and then over slides (Table III; = 1 - 2 (1 - F1) / K); pixel "
-        "accuracy, macro F1 and per-class F1 come from the fold's pooled confusion. Mean (std) "
-        "over folds, std with ddof 1."
+        "accuracy, macro F1 and per-class F1 come from the fold's pooled confusion (a class "
+        "predicted in a fold whose truth lacks it scores F1 0 there; one in neither is left out "
+        "of that fold, as the footnotes count). Mean (std) over folds, std with ddof 1."
     )
     lines.append("")
     if len(raw):
@@ -359,12 +360,13 @@ def slide_markdown(
         f"Each labelled slide's full class map (at {mpps} um/px, routing {routing}) against its "
         f"ground truth, unlabelled pixels ignored: {n_slides} slides "
         f"({', '.join(sorted(set(raw['slide'])))}), {n_px} labelled pixels per method. Labelled "
-        "pixels the map leaves as background count as misses. F1 = Dice; pixel accuracy = micro "
-        "F1; per fold from the pooled confusion of its slides."
+        "pixels the map leaves as background count as misses (for the pixel accuracy, and as "
+        "misses of their class for F1). F1 = Dice; per fold from the pooled confusion of its "
+        "slides; mean and sample std (ddof 1) over folds."
     )
     lines.append("")
-    cols = [*(f"f1_{c}" for c in classes[1:]), "pixel_accuracy", "macro_f1"]
-    names = [*classes[1:], "Pixel acc. (= micro F1)", "Macro F1"]
+    cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
+    names = [*classes[1:], "Macro F1", "Pixel acc."]
     lines += ["### Mean (std) over folds", ""]
     rows = []
     for method in methods:
@@ -397,7 +399,7 @@ def slide_markdown(
             ss[ss["level"] == level],
             ["Method", *(["Slide"] if per_slide else []), "Fold", "Labelled px", *names],
             lambda r, s=per_slide: [
-                str(r["init"]),
+                f"{r['init']} ({pct(r['fraction'])})" if finite(r["fraction"]) else str(r["init"]),
                 *([str(r["slide"])] if s else []),
                 str(r["fold"]),
                 str(int(r["n_pixels"])),

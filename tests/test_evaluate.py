@@ -493,7 +493,7 @@ def test_build_tables_markdown_tsvs_and_figure(tmp_path) -> None:  # noqa: ANN00
     assert mean["pixel_accuracy"] == pytest.approx((0.9 + 0.75) / 2)
     std = ss[ss["level"] == "std"].iloc[0]
     assert std["pixel_accuracy"] == pytest.approx(np.std([0.9, 0.75], ddof=1))
-    assert "| m1 | s3 | 1 | 20 |" in md
+    assert "| m1 (100%) | s3 | 1 | 20 |" in md  # the fraction named, as in the summary
     with Image.open(out["figure"]) as im:
         assert im.format == "PNG" and im.size[0] > 300
 

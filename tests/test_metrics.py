@@ -46,4 +46,14 @@ def test_f1_accuracy_by_hand_with_an_absent_class() -> None:
     assert s["f1"][0] == pytest.approx(0.8) and s["f1"][1] == pytest.approx(0.5)
     assert math.isnan(s["f1"][2])
     assert s["macro_f1"] == pytest.approx(0.65)
-    assert s["accuracy"] == pytest.approx(3 / 5) == s["micro_f1"]
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    # pooled: tp 3, fp 1 (the 2 predicted for a 1), fn 2 (that pixel and the background one)
+    assert s["micro_f1"] == pytest.approx(6 / 9)
+    # without a background prediction, micro F1 is the accuracy
+    no_bg = scores(np.array([[2, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0]]))
+    assert no_bg["micro_f1"] == pytest.approx(no_bg["accuracy"]) == pytest.approx(4 / 5)
+
+
+def test_a_label_beyond_the_classes_is_named() -> None:
+    with pytest.raises(ValueError, match="label value 4 is beyond the 3 foreground classes"):
+        confusion(np.array([1, 2]), np.array([1, 4]), 3)
