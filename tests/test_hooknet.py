@@ -354,3 +354,24 @@ def test_check_unet_passes_exactly_the_blocks_the_unet_can_segment() -> None:
             assert "use patches.block" in str(exc)
             passes = False
         assert passes == runs, block
+
+
+def test_logits_are_float32_under_bf16_autocast() -> None:
+    """bf16 logits tie between close classes and argmax then picks the lower index: the heads
+    give float32 logits under autocast, from the same weights (state_dict keys unchanged)."""
+    import torch.nn.functional as F  # noqa: N812
+
+    torch.manual_seed(0)
+    model, unet = HookNet(3, input_size=128).eval(), UNet(3).eval()
+    ctx, tgt = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
+    head_in = torch.rand(1, 16, 8, 8).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t_logits, c_logits = model(ctx, tgt)
+        u_logits = unet(tgt)
+        head = model.target_head(head_in)
+    assert t_logits.dtype == c_logits.dtype == u_logits.dtype == torch.float32
+    w, b = model.target_head.weight, model.target_head.bias
+    torch.testing.assert_close(head, F.conv2d(head_in.float(), w, b, padding=1))
+    assert {"target_head.weight", "target_head.bias", "head.weight"} <= set(
+        model.state_dict()
+    ) | set(unet.state_dict())

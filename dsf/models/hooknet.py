@@ -135,9 +135,20 @@ def _init_decoder(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class Float32Head(nn.Conv2d):
+    """A segmentation head whose logits are float32 also under autocast: bf16 logits (8 bits
+    of mantissa, steps of 1/32 near 4) tie between close classes, and argmax then always
+    picks the lower class index, a bias towards the first classes in maps and scores. The
+    head's cost is a few channels at full resolution; its weights are a Conv2d's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def _head(in_ch: int, n_classes: int) -> nn.Conv2d:
     """smp's `SegmentationHead`: Conv3x3 to the classes (Xavier-uniform, zero bias)."""
-    head = nn.Conv2d(in_ch, n_classes, 3, padding=1)
+    head = Float32Head(in_ch, n_classes, 3, padding=1)
     nn.init.xavier_uniform_(head.weight)
     nn.init.zeros_(head.bias)
     return head
