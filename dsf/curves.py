@@ -190,11 +190,16 @@ def plot_finetune(
     marker = "o" if len(df) <= 30 else None
     if len(df):
         ax_loss.plot(df["epoch"], df["train_loss"], marker=marker, color="tab:blue")
-        ax_sel.plot(df["epoch"], df["select_macro_f1"], marker=marker, label="macro F1")
-        ax_sel.plot(df["epoch"], df["select_accuracy"], marker=marker, label="accuracy")
-        # model.pt keeps the first epoch of the best finite macro F1 (dsf.finetune)
+        # model.pt keeps the first epoch of the best finite macro F1 (dsf.finetune), or the
+        # last one without selection slides (finetune.held_out 0: every score NaN)
         score = df["select_macro_f1"].where(df["select_macro_f1"].notna(), 0.0)
-        best = int(score.to_numpy().argmax())
+        selected = bool(df["select_macro_f1"].notna().any())
+        best = int(score.to_numpy().argmax()) if selected else len(df) - 1
+        if selected:
+            ax_sel.plot(df["epoch"], df["select_macro_f1"], marker=marker, label="macro F1")
+            ax_sel.plot(df["epoch"], df["select_accuracy"], marker=marker, label="accuracy")
+        else:
+            ax_sel.set_xlim(ax_loss.get_xlim())
         ax_sel.axvline(
             df["epoch"].iloc[best],
             color="grey",
@@ -207,7 +212,12 @@ def plot_finetune(
     _frame((ax_loss, ax_sel), df, str(history))
     ax_loss.set_title("Training loss", fontsize=10)
     ax_loss.set_ylabel("loss (mean over the epoch)")
-    ax_sel.set_title("Model selection on held-out training slides", fontsize=10)
+    ax_sel.set_title(
+        "Model selection on held-out training slides"
+        if len(df) == 0 or df["select_macro_f1"].notna().any()
+        else "No model selection (finetune.held_out 0): the last epoch kept",
+        fontsize=10,
+    )
     ax_sel.set_ylabel("score")
     _save(fig, Path(out), dpi)
     plt.close(fig)

@@ -168,9 +168,15 @@ class FineTuner:
             settings["target_block"],
             labelled_target=not context_loss,
         )
-        self.select = LabelledTiles(select_stores, 1.0, settings["seed"], labelled_target=True)
+        # no selection slides (finetune.held_out 0): the last epoch is kept
+        self.select = (
+            LabelledTiles(select_stores, 1.0, settings["seed"], labelled_target=True)
+            if select_stores
+            else None
+        )
         # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
-        self.store_ids = labelled_store_ids([*self.train.stores, *self.select.stores])
+        selected = self.select.stores if self.select is not None else []
+        self.store_ids = labelled_store_ids([*self.train.stores, *selected])
         g = open_store(fit_stores[0].tiles)
         self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
         # the geometry's mpp as configured (patches.target_mpp): each slide's store holds what
@@ -360,11 +366,15 @@ class FineTuner:
 
     def fit(self) -> None:
         """Train up to `epochs`, scoring the selection slides after each epoch and keeping the
-        best state by macro F1; checkpointed every epoch."""
+        best state by macro F1 (without selection slides, the last epoch); checkpointed every
+        epoch."""
         while self.epoch < self.st["epochs"]:
             t0 = time.perf_counter()
             loss = self.train_epoch()
-            sel = self.evaluate(self.select)
+            if self.select is None:
+                sel = {"macro_f1": float("nan"), "accuracy": float("nan")}
+            else:
+                sel = self.evaluate(self.select)
             self.epoch += 1
             score = sel["macro_f1"] if np.isfinite(sel["macro_f1"]) else 0.0
             self.history.append(
@@ -376,21 +386,30 @@ class FineTuner:
                     "seconds": time.perf_counter() - t0,
                 }
             )
-            if score > self.best["score"]:
+            if self.select is None or score > self.best["score"]:
                 self.best = {
-                    "score": score,
+                    "score": score if self.select is not None else float("nan"),
                     "epoch": self.epoch,
                     "state": copy.deepcopy(self.model.state_dict()),
                 }
-            log.info(
-                "epoch %d/%d loss %.4f selection macro F1 %.4f (best %.4f @ %d)",
-                self.epoch,
-                self.st["epochs"],
-                loss,
-                sel["macro_f1"],
-                self.best["score"],
-                self.best["epoch"],
-            )
+            if self.select is None:
+                log.info(
+                    "epoch %d/%d loss %.4f (no selection slides, finetune.held_out 0: the last "
+                    "epoch is kept)",
+                    self.epoch,
+                    self.st["epochs"],
+                    loss,
+                )
+            else:
+                log.info(
+                    "epoch %d/%d loss %.4f selection macro F1 %.4f (best %.4f @ %d)",
+                    self.epoch,
+                    self.st["epochs"],
+                    loss,
+                    sel["macro_f1"],
+                    self.best["score"],
+                    self.best["epoch"],
+                )
             self.save_checkpoint()
             self.write_history()
         self.write_history()  # also when a resumed run had no epoch left (killed while exporting)

@@ -51,9 +51,15 @@ def selection_split(
     folds: pd.DataFrame, fold: int, held_out: float, seed: int
 ) -> tuple[list[str], list[str]]:
     """(training slides, selection slides) of fold `fold`: groups outside the validation fold,
-    a seeded `held_out` share of them (at least one group) kept for model selection."""
+    a seeded `held_out` share of them (at least one group) kept for model selection; with
+    `held_out` 0 every training slide fits and none selects (the paper's fit on the whole
+    training set, the last epoch kept)."""
     train = folds[folds["fold"] != fold]
     groups = sorted(set(train["group"]))
+    if held_out == 0:
+        if not groups:
+            raise ConfigError(f"fold {fold} has no training group to fine-tune on")
+        return sorted(train["slide"]), []
     if len(groups) < 2:
         raise ConfigError(
             f"fold {fold} has {len(groups)} training group(s): model selection needs at least "

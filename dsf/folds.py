@@ -125,30 +125,33 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def finetune_gaps(folds: pd.DataFrame, labelled: set[str]) -> list[int]:
-    """Folds whose fine-tuning cannot run: fewer than 2 annotated groups outside the fold (one
-    trains, one is held out to choose the epoch; `dsf.finetune_data.selection_split`)."""
+def finetune_gaps(folds: pd.DataFrame, labelled: set[str], need: int = 2) -> list[int]:
+    """Folds whose fine-tuning cannot run: fewer than `need` annotated groups outside the fold
+    (2: one trains, one is held out to choose the epoch, `dsf.finetune_data.selection_split`;
+    1 with finetune.held_out 0)."""
     outside = [
         folds.loc[(folds["fold"] != k) & folds["slide"].isin(labelled), "group"].nunique()
         for k in sorted(set(folds["fold"]))
     ]
-    return [k for k, n in zip(sorted(set(folds["fold"])), outside, strict=True) if n < 2]
+    return [k for k, n in zip(sorted(set(folds["fold"])), outside, strict=True) if n < need]
 
 
-def groups_needed(k: int) -> int:
-    """Annotated groups that k folds spread evenly need so that every fold leaves 2 outside it
-    (n - ceil(n / k) >= 2): 4 for 2 folds, 3 for 3 or more."""
-    n = 2
-    while n - -(-n // k) < 2:
+def groups_needed(k: int, need: int = 2) -> int:
+    """Annotated groups that k folds spread evenly need so that every fold leaves `need`
+    outside it (n - ceil(n / k) >= need): with 2, 4 for 2 folds and 3 for 3 or more."""
+    n = need
+    while n - -(-n // k) < need:
         n += 1
     return n
 
 
-def gap_advice(k: int) -> str:
+def gap_advice(k: int, need: int = 2) -> str:
     """What to do about `finetune_gaps` (fewer folds never helps: 2 folds need 4 groups)."""
+    patients = "patient" if need == 1 else "patients"
     return (
-        f"annotate slides of at least {groups_needed(k)} patients in all (folds.k {k}), or "
-        "assign folds in the sheet's `fold` column so that each leaves 2 annotated patients out"
+        f"annotate slides of at least {groups_needed(k, need)} patients in all (folds.k {k}), "
+        f"or assign folds in the sheet's `fold` column so that each leaves {need} annotated "
+        f"{patients} out"
     )
 
 

@@ -406,3 +406,22 @@ def test_encoders_of_another_fold_are_refused(three, tmp_path) -> None:  # noqa:
             assert main(args) == 2 and not (tmp_path / f"ft{fold}" / "model.pt").exists()
         else:
             assert main(args) == 0 and (tmp_path / f"ft{fold}" / "model.pt").exists()
+
+
+def test_held_out_0_fits_every_training_slide_and_keeps_the_last_epoch(three, tmp_path) -> None:  # noqa: ANN001
+    """finetune.held_out 0 (the paper's fit on the whole training set): no selection slide,
+    the last epoch's weights kept, selection scores NaN in history.tsv and model.pt."""
+    import math
+
+    from dsf.curves import plot_finetune
+
+    stores, folds = three
+    out = tmp_path / "all"
+    assert main(_args(stores[1:], folds, out, "--held-out", "0")) == 0
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["fit_slides"] == ["B", "C"] and model["select_slides"] == []
+    assert model["epoch"] == 2 and math.isnan(model["select_macro_f1"])
+    hist = pd.read_csv(out / "history.tsv", sep="\t")
+    assert len(hist) == 2 and hist["select_macro_f1"].isna().all()
+    plot_finetune(out / "history.tsv", tmp_path / "curve.png", "random", 1.0, 0)
+    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -71,6 +71,9 @@ def test_selection_uses_held_out_training_groups_never_the_validation_fold() -> 
     assert selection_split(folds, 0, 0.2, 3) == (fit, sel)
     with pytest.raises(ConfigError, match="at least 2"):
         selection_split(folds.iloc[:3], 0, 0.2, 0)
+    # held_out 0: every training slide fits, none selects (one training group is enough)
+    assert selection_split(folds, 0, 0.0, 3) == (sorted(set(folds["slide"]) - val), [])
+    assert selection_split(folds.iloc[:3], 0, 0.0, 0) == (["s2"], [])
 
 
 def test_random_target_block_is_a_seeded_window_per_epoch(labelled_store: LabelledStore) -> None:

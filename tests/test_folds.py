@@ -72,6 +72,11 @@ def test_folds_that_cannot_fine_tune_are_found() -> None:
     # evenly spread, 2 folds need 4 groups and 3 or more folds 3: fewer folds never helps
     assert [groups_needed(k) for k in (2, 3, 5, 10)] == [4, 3, 3, 3]
     assert "at least 4 patients" in gap_advice(2) and "lower" not in gap_advice(2)
+    # without model selection (finetune.held_out 0) one group outside a fold is enough
+    assert finetune_gaps(folds, {"a", "b", "c"}, need=1) == []
+    assert finetune_gaps(folds, {"c"}, need=1) == [1]
+    assert [groups_needed(k, 1) for k in (2, 3, 5)] == [2, 2, 2]
+    assert "leaves 1 annotated patient out" in gap_advice(5, 1)
 
 
 def test_fold_column_is_honoured() -> None:

@@ -97,6 +97,9 @@ if workflow.is_main_process:
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
 # now would not fit the folds of the annotated project).
 FINETUNING = bool(LABELLED)
+# annotated groups a fold's fine-tuning needs outside it: one to fit, one to choose the epoch
+# (none is chosen with finetune.held_out 0: the last epoch is kept)
+NEED_GROUPS = 1 if config["finetune"]["held_out"] == 0 else 2
 if APPLY:
     described = "; ".join(f"{name}: {len(models)} model(s)" for name, models in APPLY.items())
     snakemake_logger.info(f"prediction run (apply.models): {described}; nothing is trained")
@@ -107,15 +110,17 @@ elif not FINETUNING:
         "fine-tune, map and evaluate (folds depend on which slides are annotated, so per-fold "
         "pretraining waits for them)"
     )
-elif gaps := finetune_gaps(FOLDS, LABELLED):
+elif gaps := finetune_gaps(FOLDS, LABELLED, NEED_GROUPS):
     logging.getLogger("dsf").warning(
         "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
-        "at least 2 patients (groups) outside it, one to train on and one to choose the epoch "
-        "(%d annotated groups for folds.k %d); %s",
+        "at least %s outside it (%d annotated groups for folds.k %d); %s",
         gaps,
+        "1 patient (group), to train on"
+        if NEED_GROUPS == 1
+        else "2 patients (groups), one to train on and one to choose the epoch",
         SHEET.loc[list(LABELLED), "group"].nunique(),
         config["folds"]["k"],
-        gap_advice(config["folds"]["k"]),
+        gap_advice(config["folds"]["k"], NEED_GROUPS),
     )
 
 
