@@ -3,7 +3,10 @@
 
 Every read is asked in microns per pixel (mpp) and is a bounded region: the reader picks the
 pyramid level at or finer than the request, reads just the level pixels the region needs, and
-resamples them with exact sub-pixel geometry (PIL box filter over the region's float box).
+resamples them over the region's float box, so a read covers exactly what it asks (PIL's box
+filter when reducing, which weighs a source pixel by where its centre falls, not by its exact
+overlap; bilinear when enlarging). A level within the tolerance is read as it is only when
+asked at its own mpp (`Slide.effective_mpp`).
 
 The mpp comes from the sheet (`mpp`, which wins) or the file (OpenSlide's `openslide.mpp-x`,
 which covers Aperio `MPP` and TIFF resolution tags; OME `PhysicalSizeX`; TIFF resolution tags
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Refuse single reads above this many level pixels: callers must tile bigger work.
 MAX_READ_PIXELS = 256 * 1024 * 1024
+#: A read is at a level's own scale when the ratio is within this of 1 (float rounding of
+#: mpp * downsample / mpp; over 100,000 px it drifts a tenth of a pixel).
+LEVEL_MATCH = 1e-6
 
 
 @dataclass
@@ -108,10 +114,11 @@ class Slide:
         return best
 
     def effective_mpp(self, mpp: float) -> float:
-        """The resolution `read` actually delivers for a request of `mpp`.
+        """The resolution to read at for `mpp` without resampling where a level is close.
 
-        A level within the tolerance is served as it is, so its own mpp is what the caller gets
-        (e.g. 0.2527 for a 0.25 request); otherwise the request itself.
+        A level within the tolerance has its own mpp returned (e.g. 0.2527 for a 0.25
+        request): reading at it (`read`) gives that level's pixels as they are, and the caller
+        works at that mpp (patches, maps). Otherwise the request itself.
         """
         lv = self.levels[self.best_level(mpp)]
         level_mpp = self.mpp * lv.downsample
@@ -130,8 +137,11 @@ class Slide:
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """RGB uint8 (height, width, 3) of the region with level-0 top-left (x, y) at `mpp`.
 
-        The region covers width * mpp by height * mpp microns. Outside the slide reads as the
-        slide background (never wraps).
+        The region covers exactly width * mpp by height * mpp microns: a level within the
+        tolerance of `mpp` but not at it (0.2527 for 0.25) is resampled, since read as it is its
+        pixels would cover more or less than asked and drift from the positions the caller
+        computes. To read such a level as it is, ask for its own mpp (`effective_mpp`).
+        Outside the slide reads as the slide background (never wraps).
         """
         if width <= 0 or height <= 0:
             raise ValueError(f"empty read {width}x{height}")
@@ -139,15 +149,19 @@ class Slide:
         level = self.best_level(mpp)
         lv = self.levels[level]
         r = f / lv.downsample
-        if abs(r - 1.0) <= self.mpp_tolerance:
+        if abs(r - 1.0) <= LEVEL_MATCH:
             r = 1.0
         lx, ly = x / lv.downsample, y / lv.downsample
         if r == 1.0 and lx == int(lx) and ly == int(ly):
             return self._read_padded(level, int(lx), int(ly), width, height)
         if r < 1.0:
             log.debug("%s: upsampling x%.2f from level %d", self.slide_id, 1 / r, level)
-        ix0, iy0 = math.floor(lx), math.floor(ly)
-        ix1, iy1 = math.ceil(lx + width * r), math.ceil(ly + height * r)
+        # upsampling (bilinear) reads a level pixel more on every side, so a pixel at the
+        # read's edge blends its true neighbour, as one read of the whole would (streamed
+        # bands and strips had seams where the filter clamped at the read's edge)
+        m = 1 if r < 1.0 else 0
+        ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
+        ix1, iy1 = math.ceil(lx + width * r) + m, math.ceil(ly + height * r) + m
         src = self._read_padded(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         box = (lx - ix0, ly - iy0, lx - ix0 + width * r, ly - iy0 + height * r)
         resample = Image.Resampling.BOX if r > 1.0 else Image.Resampling.BILINEAR

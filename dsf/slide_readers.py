@@ -105,14 +105,18 @@ class Backend:
         """Release file handles."""
 
 
-def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """RGBA -> RGB over a background colour (transparent = no scan data)."""
+def _composite(
+    rgba: np.ndarray, background: tuple[int, int, int], premultiplied: bool = False
+) -> np.ndarray:
+    """RGBA -> RGB over a background colour (transparent = no scan data); `premultiplied`
+    (TIFF associated alpha) colours are already scaled by their alpha."""
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
     a = alpha[..., None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    own = rgb.astype(np.float32) if premultiplied else rgb.astype(np.float32) * a
+    out = own + np.asarray(background, np.float32) * (1.0 - a)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -315,7 +319,9 @@ class _TiffBackend(Backend):
                 f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)"
             )
         # a 4th sample is alpha only where ExtraSamples says so (1 associated, 2 unassociated)
-        self._alpha = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1] in ((1,), (2,))
+        extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
+        self._alpha = extra in ((1,), (2,))
+        self._premultiplied = extra == (1,)
         y_ax, x_ax = self._axes.index("Y"), self._axes.index("X")
         w0 = series.levels[0].shape[x_ax]
         self.levels = [
@@ -335,8 +341,11 @@ class _TiffBackend(Backend):
                 str(self._path), **self._flags
             )
             self._local.tf = tf
+            # tiles a sparse pyramid leaves out (byte count 0) read as white, the background,
+            # not as black, which the tissue rule would take for tissue
+            fill = np.iinfo(self._dtype).max
             arrays = [
-                zarr.open_array(tf.series[0].aszarr(level=i), mode="r")
+                zarr.open_array(tf.series[0].aszarr(level=i, fillvalue=fill), mode="r")
                 for i in range(self._n_levels)
             ]
             self._local.arrays = arrays
@@ -353,7 +362,7 @@ class _TiffBackend(Backend):
         if self._dtype == np.uint16:
             data = (data.astype(np.uint32) // 257).astype(np.uint8)
         if data.shape[2] == 4 and self._alpha:
-            return _composite(data, self.background)
+            return _composite(data, self.background, self._premultiplied)
         return np.ascontiguousarray(data[..., :3])
 
     def close(self) -> None:

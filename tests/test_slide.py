@@ -417,3 +417,77 @@ def test_openslide_reads_from_many_threads_are_exact(real: Path) -> None:
     for (x, y, w, h), got in zip(boxes, results, strict=True):
         ref = np.asarray(osr.read_region((x, y), 0, (w, h)))[..., :3]
         np.testing.assert_array_equal(got, ref)
+
+
+def test_a_level_within_the_tolerance_is_resampled_unless_read_at_its_own_mpp(
+    tmp_path: Path,
+) -> None:
+    """A read covers exactly width * mpp microns: a level at 0.2527 read for 0.25 (within the
+    tolerance) is resampled, not read as it is (its pixels had covered 1% more per pixel, so a
+    thumbnail or a painted label mask drifted from the positions its caller computed, up to
+    about 20 px at the end of a 2,048 px chunk); read at its own mpp (`effective_mpp`) it is
+    the level's pixels, unchanged."""
+    from conftest import rgb_slide
+
+    rgb = np.full((64, 2400, 3), 230, np.uint8)
+    rgb[:, 2000:] = 40  # an edge at level-0 column 2000, 505.4 um at 0.2527 um/px
+    slide = open_slide(rgb_slide(tmp_path / "s.tif", rgb, 0.2527), slide_id="s")
+    assert slide.effective_mpp(0.25) == pytest.approx(0.2527)
+    exact = slide.read(0, 0, 2300, 8, 0.25)
+    edge = int(np.argmax(exact[4, :, 0] < 135))
+    assert abs(edge - 2000 * 0.2527 / 0.25) <= 1  # 2021.6, not 2000
+    as_is = slide.read(0, 0, 2300, 8, slide.effective_mpp(0.25))
+    np.testing.assert_array_equal(as_is, rgb[:8, :2300])
+    # a thumbnail at 8 um/px of a slide whose level is 8.03 um/px: in place over its width
+    wide = np.full((32, 4000, 3), 230, np.uint8)
+    wide[:, 3000:] = 40
+    coarse = open_slide(rgb_slide(tmp_path / "c.tif", wide, 8.03), slide_id="c")
+    thumb = coarse.thumbnail(8.0, chunk=512)
+    assert thumb.shape[1] == round(4000 * 8.03 / 8.0)
+    edge = int(np.argmax(thumb[16, :, 0] < 135))
+    assert abs(edge - 3000 * 8.03 / 8.0) <= 1  # 3011.25; chunks had drifted and jumped back
+
+
+def test_tifffile_pyramids_read_missing_tiles_as_background_and_associated_alpha(
+    tmp_path: Path,
+) -> None:
+    """Through the tifffile reader (a SubIFD pyramid OpenSlide does not open): a tile a sparse
+    file leaves out reads as the white background, not black (which the tissue rule takes
+    for tissue); associated (premultiplied) alpha is composited as such, unassociated as
+    straight alpha."""
+    tile = np.full((256, 256, 3), (200, 100, 150), np.uint8)
+    sparse = tmp_path / "sparse.tif"
+    with tifffile.TiffWriter(sparse) as tw:
+        tw.write((None if i == 1 else tile for i in range(4)), shape=(512, 512, 3),
+                 dtype=np.uint8, photometric="rgb", tile=(256, 256), subifds=1,
+                 resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")  # fmt: skip
+        tw.write(tile, photometric="rgb", tile=(256, 256), subfiletype=1)
+    s = open_slide(sparse, slide_id="sparse")
+    assert s.properties["dsf.backend"] == "tifffile"
+    assert s.read(300, 10, 1, 1, 0.5)[0, 0].tolist() == [255, 255, 255]  # the missing tile
+    assert s.read(10, 10, 1, 1, 0.5)[0, 0].tolist() == [200, 100, 150]
+    for extra, px in ((2, (255, 0, 0, 128)), (1, (128, 0, 0, 128))):  # 50% red both ways
+        path = tmp_path / f"rgba{extra}.tif"
+        img = np.zeros((512, 512, 4), np.uint8)
+        img[:] = px
+        with tifffile.TiffWriter(path) as tw:
+            tw.write(img, photometric="rgb", extrasamples=[extra], tile=(256, 256), subifds=1,
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")  # fmt: skip
+            tw.write(img[::2, ::2], photometric="rgb", extrasamples=[extra], tile=(128, 128),
+                     subfiletype=1)  # fmt: skip
+        rgb = open_slide(path, slide_id="a").read(10, 10, 1, 1, 0.5)[0, 0].tolist()
+        assert rgb == pytest.approx([255, 127, 127], abs=1), f"extrasamples {extra}"
+
+
+def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
+    """A slide at 0.5 um/px read at 0.25 (upsampled, bilinear) in strips gives the pixels of
+    one read of the whole: each read takes a level pixel more on every side (strips had
+    differed by up to 40 grey levels at their edges)."""
+    from conftest import rgb_slide
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    s = open_slide(rgb_slide(tmp_path / "s.tif", rgb, 0.5), slide_id="s")
+    whole = s.read(20, 20, 160, 160, 0.25)
+    pieces = np.concatenate([s.read(20 + 20 * k, 20, 40, 160, 0.25) for k in range(4)], axis=1)
+    np.testing.assert_array_equal(pieces, whole)
