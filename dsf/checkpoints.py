@@ -207,6 +207,18 @@ def check_epochs(path: Path, done: int, wanted: int, section: str) -> None:
         )
 
 
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers holding a NaN or inf (one device sync): a
+    step whose loss was finite can still spoil the weights (a non-finite gradient), and a
+    checkpoint of such weights would resume a ruined run."""
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()]
+             if t.is_floating_point()]  # fmt: skip
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
+    return [n for (n, _), good in zip(named, ok, strict=True) if not good]
+
+
 def restart_advice(path: Path, section: str) -> str:
     """What to do after a non-finite loss: the same settings would diverge again, and other
     settings do not resume (`load_for_resume`), so the run starts over without its checkpoint

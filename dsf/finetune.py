@@ -433,7 +433,15 @@ class FineTuner:
         }
 
     def save_checkpoint(self) -> None:
-        """checkpoint.pt: the full training state, for a resume after a kill."""
+        """checkpoint.pt: the full training state, for a resume after a kill (never of
+        non-finite weights: the last good checkpoint stays)."""
+        bad = checkpoints.nonfinite_tensors(self.model)
+        if bad:
+            raise TrainingError(
+                f"non-finite weights after fine-tuning epoch {self.epoch} ({len(bad)} tensors, "
+                f"e.g. {bad[0]}): no checkpoint written. "
+                f"{checkpoints.restart_advice(self.checkpoint_path, 'finetune')}"
+            )
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             best=self.best, history=self.history, hyper=self._hyper(),

@@ -10,8 +10,11 @@ supported, else fp16 with a scaler; fp32 on the CPU), optionally channels_last a
 Artifacts in `--out-dir`: `encoders.pt` (the two encoders' state_dicts, for fine-tuning),
 `checkpoint.pt` (full state: model, optimiser, scaler, epoch; written every `checkpoint_every`
 epochs and at the end) and `log.tsv` (per epoch: the three group losses, throughput and the
-collapse monitor). `--resume` continues from the checkpoint exactly: sampling and augmentation
-are seeded per epoch, and any changed hyperparameter other than `epochs` is an error.
+collapse monitor; rank 0's losses and z_std under DDP, throughput over all ranks). `--resume`
+continues from the checkpoint exactly at an epoch's end: sampling and augmentation are seeded
+per epoch, and any changed hyperparameter other than those of RESUME_FREE is an error. A
+checkpoint a stop signal wrote mid-epoch holds that epoch's weights so far, and the resumed run
+trains that epoch again from them (its first steps twice), as the stop message says.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Settings that may differ on resume without changing the result.
+#: Settings that may differ on resume: speed, device and bookkeeping. Most leave the result as
+#: it was; `gpus` changes how an epoch's tiles are split over ranks and seeded, and `device` the
+#: random stream of augmentation, so a resume with another of these continues validly but not
+#: bit for bit.
 RESUME_FREE = {
     "epochs",
     "workers",
@@ -295,7 +301,16 @@ class Trainer:
     def save_checkpoint(self, interrupted: dict[str, int] | None = None) -> None:
         """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps) marks
         one written by a stop signal mid-epoch: its weights are that epoch's so far, and a
-        resume runs that epoch again from them."""
+        resume runs that epoch again from them. Non-finite weights are never written (every
+        rank checks: DDP keeps them equal), so the last good checkpoint stays."""
+        bad = checkpoints.nonfinite_tensors(self.model)
+        if bad:
+            where = f"epoch {self.epoch + 1}" if interrupted else f"epoch {self.epoch}"
+            advice = checkpoints.restart_advice(self.checkpoint_path, "pretrain")
+            raise TrainingError(
+                f"non-finite weights after {where} ({len(bad)} tensors, e.g. {bad[0]}): no "
+                f"checkpoint written. {advice}"
+            )
         if self.rank != 0:
             return
         checkpoints.save_training(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import multiprocessing
 import os
 import queue
 import sys
@@ -46,16 +47,36 @@ PREFETCH = 2
 #: augmented, one whose copy to the device is in flight)
 HELD = 3
 SHM = "/dev/shm"
+#: seconds between a waiting worker's checks that the training process still lives
+PARENT_POLL_S = 1.0
+
+
+def _next_task(tasks: Any, parent: Any) -> Any:
+    """The next task, or None when told to stop or when the training process is gone (killed
+    by SIGKILL, the OOM killer or a scheduler: nothing ran its clean-up, and a worker left
+    waiting would hold its share of the ring in /dev/shm until killed by hand)."""
+    while True:
+        try:
+            return tasks.get(timeout=PARENT_POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                raise _OrphanedError from None
+
+
+class _OrphanedError(Exception):
+    """The process that started this worker has died."""
 
 
 def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
-    """A worker: read each task's tiles into its slot of the ring until told to stop (None)."""
+    """A worker: read each task's tiles into its slot of the ring until told to stop (None),
+    or until the training process is gone."""
     code = 0
+    parent = multiprocessing.parent_process()
     try:
         decode_on_one_thread()
         torch.set_num_threads(1)
         slots = ring.numpy()
-        while (task := tasks.get()) is not None:
+        while (task := _next_task(tasks, parent)) is not None:
             seq, slot, indices = task
             try:
                 data.read_into(slots[slot, : len(indices)], indices)
@@ -66,9 +87,12 @@ def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
                 done.put((seq, ("traceback", traceback.format_exc())))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports
         code = 1
+    except _OrphanedError:  # nobody reads the results: do not wait to flush them
+        code = 1
+        done.cancel_join_thread()
     finally:
         done.close()
-        done.join_thread()  # flushed: the process then exits normally
+        done.join_thread()  # flushed (unless cancelled): the process then exits normally
     sys.exit(code)
 
 

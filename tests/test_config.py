@@ -36,6 +36,32 @@ def test_defaults_come_from_the_schema() -> None:
     assert full["results"] == "results"
 
 
+def test_every_schema_entry_is_whole() -> None:
+    """No schema entry holds an unknown keyword or a null (but a default): an unquoted comma
+    in a one-line `{..., description: a, b}` had split the text into a stray key (the help
+    said "Seed of init"), and every setting's help text comes from here."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    words = {"type", "default", "description", "minimum", "maximum", "exclusiveMinimum",
+             "enum", "items", "minItems", "maxItems", "properties", "additionalProperties",
+             "required", "uniqueItems", "oneOf", "anyOf", "$schema", "title", "pattern",
+             "minLength", "propertyNames", "not", "const", "multipleOf"}  # fmt: skip
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert value is not None or key == "default", f"{where}.{key} is null"
+                if where.endswith(".properties"):
+                    walk(value, f"{where}.{key}")
+                    continue
+                assert key in words, f"{where}: unknown schema keyword {key!r}"
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+
+    walk(schema, "schema")
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"patches\.stride"):
         validate_config({"patches": {"stride": "wide"}})

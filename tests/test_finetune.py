@@ -425,3 +425,17 @@ def test_held_out_0_fits_every_training_slide_and_keeps_the_last_epoch(three, tm
     assert len(hist) == 2 and hist["select_macro_f1"].isna().all()
     plot_finetune(out / "history.tsv", tmp_path / "curve.png", "random", 1.0, 0)
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_non_finite_weights_are_never_checkpointed(three, tmp_path) -> None:  # noqa: ANN001
+    """A step whose loss was finite can still spoil the weights (a NaN gradient): the epoch's
+    checkpoint is then not written, and the last good one stays."""
+    stores, _ = three
+    tuner = FineTuner(_settings(epochs=1), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+    tuner.save_checkpoint()
+    good = tuner.checkpoint_path.read_bytes()
+    with torch.no_grad():
+        tuner.model.target_head.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=r"non-finite weights .*target_head.weight.*\.lr"):
+        tuner.save_checkpoint()
+    assert tuner.checkpoint_path.read_bytes() == good

@@ -209,6 +209,38 @@ def test_nan_loss_stops_with_a_clear_error(
     assert trainer.checkpoint_path.read_bytes() == good  # the last good checkpoint is kept
 
 
+def test_a_stop_signal_after_the_weights_went_non_finite_keeps_the_good_checkpoint(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    """The loss is checked every CHECK_EVERY steps: a time limit's SIGTERM arriving before the
+    next check after the weights went NaN had written them as the checkpoint the rerun resumes
+    from. Non-finite weights are never written; the error says so and gives the advice."""
+    import os
+    import signal
+
+    (tmp_path / "n").mkdir()
+    trainer = Trainer(_settings(epochs=1), stores, tmp_path / "n")
+    trainer.fit(progress=False)
+    good = trainer.checkpoint_path.read_bytes()
+    read, calls = trainer.data.read, []
+
+    def spoil_then_signal(indices: list[int]) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(indices)
+
+    trainer.data.read = spoil_then_signal  # type: ignore[method-assign]
+    trainer.st = trainer.st | {"epochs": 3}
+    with pytest.raises(
+        TrainingError, match=r"non-finite weights after epoch 2 .*no checkpoint written.*lr"
+    ):
+        trainer.fit(progress=False)
+    assert trainer.checkpoint_path.read_bytes() == good
+
+
 def _ddp_worker(rank: int, port: int, stores: list[str], out: str) -> None:
     os.environ.update(
         RANK=str(rank),

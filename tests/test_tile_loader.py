@@ -180,3 +180,47 @@ def test_too_little_shared_memory_is_a_config_error(
     with pytest.raises(ConfigError, match=r"shared memory.*pretrain\.workers.*--shm-size"):
         TileLoader(data, _order, 4, 2)
     assert not mp.active_children()
+
+
+def test_workers_exit_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, a scheduler, kill -9) runs no clean-up: the workers notice
+    their parent is gone within a poll and exit, giving back the ring's shared memory (they
+    had waited for tasks forever, holding it)."""
+    import subprocess
+    import sys
+
+    store = noise_store(tmp_path / "k.zarr", 12, 64)
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from dsf.tile_loader import TileLoader
+from dsf.tiles import TileDataset
+loader = TileLoader(TileDataset([{str(store)!r}]), lambda e: list(range(12)), 2, 2)
+slot, _ = next(loader.epoch(0))
+print("PIDS", *(p.pid for p in loader._procs), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    log = tmp_path / "out.txt"
+    with log.open("w") as out:  # a file, not a pipe: a worker left alive would hold a pipe open
+        done = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, timeout=120)
+    assert done.returncode == -signal.SIGKILL, log.read_text()
+    line = next(ln for ln in log.read_text().splitlines() if ln.startswith("PIDS "))
+    pids = [int(p) for p in line.split()[1:]]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie is gone too (its init has not reaped it yet)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if alive(p)]
+    for p in left:  # do not leave them behind if the check fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the killed training process"
