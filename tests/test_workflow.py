@@ -535,14 +535,22 @@ def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
             assert routing == "ensemble" and model_folds == sorted(set(folds["fold"]))
 
 
-def demo_plan(tmp_path: Path, overrides: str) -> str:
-    """The dry run (commands printed) of the demo config with `overrides` (YAML) on top."""
-    (tmp_path / "overrides.yaml").write_text(overrides)
+def demo_dry_run(
+    tmp_path: Path, overrides: str, name: str = "overrides", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The dry run (commands printed) of the demo config with `overrides` (YAML, written to
+    `name`.yaml) on top."""
+    (tmp_path / f"{name}.yaml").write_text(overrides)
     return smk(
         "-n", "-p", "--cores", "2", "--directory", str(REPO), "--configfile",
-        str(REPO / "config" / "config.yaml"), str(tmp_path / "overrides.yaml"), "--config",
-        f"results={tmp_path}",
-    ).stdout  # fmt: skip
+        str(REPO / "config" / "config.yaml"), str(tmp_path / f"{name}.yaml"), "--config",
+        f"results={tmp_path}", check=check,
+    )  # fmt: skip
+
+
+def demo_plan(tmp_path: Path, overrides: str) -> str:
+    """The printed commands of the demo config's dry run with `overrides` on top."""
+    return demo_dry_run(tmp_path, overrides).stdout
 
 
 def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> None:
@@ -574,12 +582,7 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
         for line in pre
     )
     assert "threads: 8" in out  # 3 loader workers and itself for each of the 2 processes
-    (tmp_path / "infer.yaml").write_text("infer:\n  gpus: 2\n")
-    done = smk(
-        "-n", "--cores", "2", "--directory", str(REPO), "--configfile",
-        str(REPO / "config" / "config.yaml"), str(tmp_path / "infer.yaml"), "--config",
-        f"results={tmp_path}", check=False,
-    )  # fmt: skip
+    done = demo_dry_run(tmp_path, "infer:\n  gpus: 2\n", "infer", check=False)
     assert done.returncode != 0 and "gpus" in done.stdout + done.stderr
 
 
@@ -809,10 +812,5 @@ def test_whole_number_label_fractions_name_the_folders_infer_reads(tmp_path: Pat
     assert ft and {("frac1.0" in f, "frac0.1" in f) for f in ft} == {(True, False), (False, True)}
     maps = [line for line in out.splitlines() if "dsf infer " in line]
     assert maps and all("frac1.0" in m and "frac0.1" not in m for m in maps)
-    (tmp_path / "twice.yaml").write_text("finetune:\n  fractions: [1, 1.0]\n")
-    twice = smk(
-        "-n", "--cores", "1", "--directory", str(REPO), "--configfile",
-        str(REPO / "config" / "config.yaml"), str(tmp_path / "twice.yaml"), "--config",
-        f"results={tmp_path}", check=False,
-    )  # fmt: skip
+    twice = demo_dry_run(tmp_path, "finetune:\n  fractions: [1, 1.0]\n", "twice", check=False)
     assert twice.returncode != 0 and "lists a fraction twice" in twice.stdout + twice.stderr
