@@ -415,6 +415,27 @@ def slide_markdown(
     return lines
 
 
+#: What each init of `finetune.inits` is, in the paper's words (Tables II-V), for the tables.
+METHOD_NAMES = {
+    "random": "HookNet from random init, the supervised baseline",
+    "unet": "U-Net on target patches, random init",
+    "imagenet": "HookNet from ImageNet encoders",
+    "dsf": "HookNet from DSF-WSI encoders, the paper's method",
+    "simsiam": "HookNet from SimSiam encoders, each branch alone",
+    "dsl_only": "HookNet from DSF-WSI without CTFM, DSL only",
+    "ctfm_only": "HookNet from DSF-WSI without DSL, only CTFM",
+    "jigsaw_only": "HookNet from DSF-WSI without DSL, only the jigsaw",
+    "mask_only": "HookNet from DSF-WSI without DSL, only masking",
+}
+
+
+def method_legend(methods: list[str]) -> str:
+    """The methods as the tables name them, each with what it is where dsf knows it."""
+    if not methods:
+        return "none"
+    return ", ".join(f"{m} ({METHOD_NAMES[m]})" if m in METHOD_NAMES else m for m in methods)
+
+
 # -- entry ------------------------------------------------------------------------------------
 
 
@@ -457,7 +478,7 @@ def build_tables(
     lines = ["# Evaluation", ""]
     lines.append(
         f"{classes_text(classes)} Folds: {', '.join(map(str, fold_ids))}. "
-        f"Methods: {', '.join(methods) or 'none'}."
+        f"Methods: {method_legend(methods)}."
     )
     lines.append("")
     lines += tile_markdown(ts, traw, classes, methods, fractions, fold_ids, notes)

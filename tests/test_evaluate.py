@@ -702,3 +702,14 @@ def test_a_method_has_one_colour_in_both_bar_panels(tmp_path, monkeypatch) -> No
     tile, whole = (seen[t] for t in sorted(seen, key=lambda t: not t.startswith("Tile")))
     assert set(tile) == {"random", "dsf"} and set(whole) == {"dsf"}
     assert whole["dsf"] == tile["dsf"] != tile["random"]
+
+
+def test_the_tables_say_what_each_method_is() -> None:
+    """Inits are config keys (random, dsf, unet): the tables' legend gives the paper's names;
+    names dsf does not know (a prediction run's model sets) stay as they are."""
+    from dsf.tables import method_legend
+
+    legend = method_legend(["random", "dsf", "m1"])
+    assert legend.startswith("random (HookNet from random init, the supervised baseline), dsf (")
+    assert "DSF-WSI encoders, the paper's method), m1" in legend
+    assert method_legend([]) == "none"
