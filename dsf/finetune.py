@@ -75,7 +75,10 @@ def _shared_jitter_flip(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Brightness, contrast and saturation jitter (strengths `jitter`) with p `jitter_p`,
     then a horizontal flip with p `flip_p`; one draw per sample, shared by context, target and
-    both label maps so the two branches stay concentric (DESIGN section 5)."""
+    both label maps so the two branches stay concentric (DESIGN section 5). As torchvision's
+    ColorJitter each op clamps to [0, 1] and contrast blends with the mean grey, here the
+    whole tile's (the context's) for both inputs, so the target block, part of that tile, is
+    transformed exactly as its pixels in the context are (the ops in a fixed order)."""
     b = ctx.shape[0]
     dev = ctx.device
     strength = torch.tensor(st["jitter"], device=dev)
@@ -83,13 +86,17 @@ def _shared_jitter_flip(
     f = 1 + (torch.rand(b, 3, generator=gen, device=dev) * 2 - 1) * strength * on[:, None]
     flip = torch.rand(b, generator=gen, device=dev) < st["flip_p"]
 
+    def grey(x: torch.Tensor) -> torch.Tensor:
+        return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+    # the tile's mean grey after brightness, the contrast pivot of both inputs
+    pivot = grey((ctx * f[:, 0, None, None, None]).clamp(0, 1)).mean(dim=(1, 2, 3), keepdim=True)
+
     def colour(x: torch.Tensor) -> torch.Tensor:
-        x = x * f[:, 0, None, None, None]
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * f[:, 1, None, None, None] + mean
-        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-        x = (x - grey) * f[:, 2, None, None, None] + grey
-        return x.clamp(0, 1)
+        x = (x * f[:, 0, None, None, None]).clamp(0, 1)
+        x = ((x - pivot) * f[:, 1, None, None, None] + pivot).clamp(0, 1)
+        g = grey(x)
+        return ((x - g) * f[:, 2, None, None, None] + g).clamp(0, 1)
 
     ctx, tgt = colour(ctx), colour(tgt)
     m = flip[:, None, None, None]

@@ -260,6 +260,23 @@ def test_flip_is_shared_by_both_label_maps() -> None:
     assert not torch.allclose(c5, ctx)
 
 
+def test_colour_jitter_transforms_the_target_as_its_pixels_in_the_context() -> None:
+    """The target block is part of the tile the context shows: jittered, each target pixel
+    must equal its pixel in the context, so both share one contrast pivot (the tile's mean
+    grey; each input's own mean had given the two branches different colours)."""
+    torch.manual_seed(0)
+    ctx = torch.rand(3, 3, 8, 8)
+    # the target: the context's centre 4 x 4, each pixel repeated 2 x 2 (same field of view)
+    tgt = ctx[:, :, 2:6, 2:6].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    lab = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    st = {"jitter": [0.4, 0.4, 0.4], "jitter_p": 1.0, "flip_p": 0.0}
+    c2, t2, _, _ = _shared_jitter_flip(ctx, tgt, lab, lab, st, torch.Generator().manual_seed(1))
+    assert not torch.allclose(c2, ctx)
+    centre = c2[:, :, 2:6, 2:6].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(t2, centre)
+    assert float(c2.min()) >= 0 and float(c2.max()) <= 1
+
+
 def test_random_target_block_is_refused_for_hooknet(three, tmp_path) -> None:  # noqa: ANN001
     stores, _ = three
     for init in ("random", "imagenet", "dsf"):
