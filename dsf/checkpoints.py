@@ -207,16 +207,23 @@ def check_epochs(path: Path, done: int, wanted: int, section: str) -> None:
         )
 
 
-def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of the module's parameters and buffers holding a NaN or inf (one device sync): a
-    step whose loss was finite can still spoil the weights (a non-finite gradient), and a
-    checkpoint of such weights would resume a ruined run."""
+def nonfinite_weights(module: torch.nn.Module, path: Path, section: str, when: str) -> str | None:
+    """Why the weights of `module` must not be checkpointed to `path`, or None: a parameter or
+    buffer holds a NaN or inf (one device sync). A step whose loss was finite can still spoil
+    the weights (a non-finite gradient), and a checkpoint of them would resume a ruined run;
+    `when` says where training stood (e.g. "epoch 3")."""
     named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()]
              if t.is_floating_point()]  # fmt: skip
     if not named:
-        return []
+        return None
     ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
-    return [n for (n, _), good in zip(named, ok, strict=True) if not good]
+    bad = [n for (n, _), good in zip(named, ok, strict=True) if not good]
+    if not bad:
+        return None
+    return (
+        f"non-finite weights after {when} ({len(bad)} tensors, e.g. {bad[0]}): no checkpoint "
+        f"written. {restart_advice(path, section)}"
+    )
 
 
 def restart_advice(path: Path, section: str) -> str:

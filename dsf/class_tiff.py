@@ -4,7 +4,7 @@ One uint8 class index per pixel, as a tiled pyramidal BigTIFF: palette-coloured 
 (QuPath, OpenSlide) show the classes in colour while the values stay class indices, resolution
 tags per level so they open at the slide's scale. Levels are built while level 0 streams in,
 block by block (`write_block`): level i is level 0 subsampled by 2**i (nearest: the pixel at
-offset 2**(i-1) of each 2**i square, `sample_index`), large levels spooled to disk as
+offset 2**(i-1) of each 2**i square, `_sampled`), large levels spooled to disk as
 compressed tiles (`TileSpool`), so memory stays flat in slide size and no pass over the
 finished level 0 is needed.
 """
@@ -49,19 +49,14 @@ def pyramid_levels(
     return levels
 
 
-def sample_index(j: int, f: int, n: int) -> int:
-    """The level-0 row (or column) that pixel `j` of a level reduced by `f` (a power of two)
-    samples, in a level-0 axis of `n` px: the centre of its f-square, `j * f + f // 2`, the
-    pixel a nearest-neighbour read at centres picks (`MaskRaster.read`), so a coarse level
-    reads as level 0 read at its scale; the last square, cut short by the image's edge,
-    samples the edge pixel."""
-    return min(j * f + f // 2, n - 1)
-
-
 def _sampled(start: int, size: int, f: int, n: int) -> tuple[int, slice | np.ndarray]:
     """(first reduced index, offsets within the block) of the level-0 pixels in
-    [start, start + size) that a level reduced by `f` samples (`sample_index`): a strided
-    slice (a view), or an index array where the image's edge cuts the last square short."""
+    [start, start + size) that a level reduced by `f` (a power of two) samples, in a level-0
+    axis of `n` px: pixel j of the level samples `min(j * f + f // 2, n - 1)`, the centre of
+    its f-square, the pixel a nearest-neighbour read at centres picks (`MaskRaster.read`), so
+    a coarse level reads as level 0 read at its scale; the last square, cut short by the
+    image's edge, samples the edge pixel. A strided slice (a view), or an index array where
+    the edge cuts the last square short."""
     c, n_red = f // 2, -(-n // f)
     j0 = max(0, -(-(start - c) // f))
     j1 = min(n_red, -(-(start + size - c) // f))
@@ -75,7 +70,7 @@ def _sampled(start: int, size: int, f: int, n: int) -> tuple[int, slice | np.nda
 
 def write_block(levels: list[np.ndarray | TileSpool], y: int, x: int, block: np.ndarray) -> None:
     """Store a block of level 0 at (y, x) and, on each reduced level, the level-0 pixels of
-    the block that the level samples (`sample_index`)."""
+    the block that the level samples (`_sampled`)."""
     h, w = levels[0].shape
     for i, level in enumerate(levels):
         f = 1 << i

@@ -188,12 +188,13 @@ def plot_finetune(
         f"Fine-tuning {init}, label fraction {fraction * 100:g}%, fold {fold}: {len(df)} epoch(s)"
     )
     marker = "o" if len(df) <= 30 else None
+    # without selection slides (finetune.held_out 0) every score is NaN
+    selected = len(df) == 0 or bool(df["select_macro_f1"].notna().any())
     if len(df):
         ax_loss.plot(df["epoch"], df["train_loss"], marker=marker, color="tab:blue")
         # model.pt keeps the first epoch of the best finite macro F1 (dsf.finetune), or the
-        # last one without selection slides (finetune.held_out 0: every score NaN)
+        # last one without selection slides
         score = df["select_macro_f1"].where(df["select_macro_f1"].notna(), 0.0)
-        selected = bool(df["select_macro_f1"].notna().any())
         best = int(score.to_numpy().argmax()) if selected else len(df) - 1
         if selected:
             ax_sel.plot(df["epoch"], df["select_macro_f1"], marker=marker, label="macro F1")
@@ -214,7 +215,7 @@ def plot_finetune(
     ax_loss.set_ylabel("loss (mean over the epoch)")
     ax_sel.set_title(
         "Model selection on held-out training slides"
-        if len(df) == 0 or df["select_macro_f1"].notna().any()
+        if selected
         else "No model selection (finetune.held_out 0): the last epoch kept",
         fontsize=10,
     )

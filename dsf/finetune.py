@@ -400,24 +400,13 @@ class FineTuner:
                     "epoch": self.epoch,
                     "state": copy.deepcopy(self.model.state_dict()),
                 }
-            if self.select is None:
-                log.info(
-                    "epoch %d/%d loss %.4f (no selection slides, finetune.held_out 0: the last "
-                    "epoch is kept)",
-                    self.epoch,
-                    self.st["epochs"],
-                    loss,
-                )
-            else:
-                log.info(
-                    "epoch %d/%d loss %.4f selection macro F1 %.4f (best %.4f @ %d)",
-                    self.epoch,
-                    self.st["epochs"],
-                    loss,
-                    sel["macro_f1"],
-                    self.best["score"],
-                    self.best["epoch"],
-                )
+            chosen = (
+                "(no selection slides, finetune.held_out 0: the last epoch is kept)"
+                if self.select is None
+                else f"selection macro F1 {sel['macro_f1']:.4f} "
+                f"(best {self.best['score']:.4f} @ {self.best['epoch']})"
+            )
+            log.info("epoch %d/%d loss %.4f %s", self.epoch, self.st["epochs"], loss, chosen)
             self.save_checkpoint()
             self.write_history()
         self.write_history()  # also when a resumed run had no epoch left (killed while exporting)
@@ -442,13 +431,9 @@ class FineTuner:
     def save_checkpoint(self) -> None:
         """checkpoint.pt: the full training state, for a resume after a kill (never of
         non-finite weights: the last good checkpoint stays)."""
-        bad = checkpoints.nonfinite_tensors(self.model)
-        if bad:
-            raise TrainingError(
-                f"non-finite weights after fine-tuning epoch {self.epoch} ({len(bad)} tensors, "
-                f"e.g. {bad[0]}): no checkpoint written. "
-                f"{checkpoints.restart_advice(self.checkpoint_path, 'finetune')}"
-            )
+        when = f"fine-tuning epoch {self.epoch}"
+        if why := checkpoints.nonfinite_weights(self.model, self.checkpoint_path, "finetune", when):
+            raise TrainingError(why)
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             best=self.best, history=self.history, hyper=self._hyper(),

@@ -74,7 +74,7 @@ class RowsToHost:
 class MapWriter:
     """The map's pyramid (and optional probabilities), band by band, in whole row chunks so
     no chunk is written twice. Level i is level 0 subsampled by 2**i (nearest, the centre
-    pixel of each 2**i square: `class_tiff.sample_index`), written from each block as level 0
+    pixel of each 2**i square: `class_tiff.write_block`), written from each block as level 0
     is, so no pass over the finished level 0 is needed. Levels larger than MEMORY_LEVEL_PX are
     spooled to the work directory as compressed TIFF tiles (`TileSpool`, where rows of a
     reduced level wait until they fill whole tile rows), so the TIFF is written by copying

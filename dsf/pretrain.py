@@ -303,14 +303,9 @@ class Trainer:
         one written by a stop signal mid-epoch: its weights are that epoch's so far, and a
         resume runs that epoch again from them. Non-finite weights are never written (every
         rank checks: DDP keeps them equal), so the last good checkpoint stays."""
-        bad = checkpoints.nonfinite_tensors(self.model)
-        if bad:
-            where = f"epoch {self.epoch + 1}" if interrupted else f"epoch {self.epoch}"
-            advice = checkpoints.restart_advice(self.checkpoint_path, "pretrain")
-            raise TrainingError(
-                f"non-finite weights after {where} ({len(bad)} tensors, e.g. {bad[0]}): no "
-                f"checkpoint written. {advice}"
-            )
+        when = f"epoch {self.epoch + 1 if interrupted else self.epoch}"
+        if why := checkpoints.nonfinite_weights(self.model, self.checkpoint_path, "pretrain", when):
+            raise TrainingError(why)
         if self.rank != 0:
             return
         checkpoints.save_training(
