@@ -76,29 +76,39 @@ def _shared_jitter_flip(
     """Brightness, contrast and saturation jitter (strengths `jitter`) with p `jitter_p`,
     then a horizontal flip with p `flip_p`; one draw per sample, shared by context, target and
     both label maps so the two branches stay concentric (DESIGN section 5). As torchvision's
-    ColorJitter each op clamps to [0, 1] and contrast blends with the mean grey, here the
-    whole tile's (the context's) for both inputs, so the target block, part of that tile, is
-    transformed exactly as its pixels in the context are (the ops in a fixed order)."""
+    ColorJitter the three ops run in a random order (drawn per sample), each clamps to [0, 1]
+    and contrast blends with the mean grey, here the whole tile's (the context's, as it stands
+    at the contrast step) for both inputs, so the target block, part of that tile, is
+    transformed exactly as its pixels in the context are."""
     b = ctx.shape[0]
     dev = ctx.device
     strength = torch.tensor(st["jitter"], device=dev)
     on = (torch.rand(b, generator=gen, device=dev) < st["jitter_p"]).float()
     f = 1 + (torch.rand(b, 3, generator=gen, device=dev) * 2 - 1) * strength * on[:, None]
+    order = torch.rand(b, 3, generator=gen, device=dev).argsort(dim=1)  # op at each step
     flip = torch.rand(b, generator=gen, device=dev) < st["flip_p"]
 
     def grey(x: torch.Tensor) -> torch.Tensor:
         return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
-    # the tile's mean grey after brightness, the contrast pivot of both inputs
-    pivot = grey((ctx * f[:, 0, None, None, None]).clamp(0, 1)).mean(dim=(1, 2, 3), keepdim=True)
+    def op(k: int, x: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
+        a = f[:, k, None, None, None]
+        if k == 0:  # brightness
+            return (x * a).clamp(0, 1)
+        if k == 1:  # contrast, about the tile's mean grey
+            return ((x - pivot) * a + pivot).clamp(0, 1)
+        g = grey(x)  # saturation
+        return ((x - g) * a + g).clamp(0, 1)
 
-    def colour(x: torch.Tensor) -> torch.Tensor:
-        x = (x * f[:, 0, None, None, None]).clamp(0, 1)
-        x = ((x - pivot) * f[:, 1, None, None, None] + pivot).clamp(0, 1)
-        g = grey(x)
-        return ((x - g) * f[:, 2, None, None, None] + g).clamp(0, 1)
-
-    ctx, tgt = colour(ctx), colour(tgt)
+    for step in range(3):
+        # the contrast pivot: the context's mean grey before this step, shared by the target
+        pivot = grey(ctx).mean(dim=(1, 2, 3), keepdim=True)
+        pick = [(order[:, step] == k)[:, None, None, None] for k in range(3)]
+        c, t = ctx, tgt
+        for k in range(3):
+            c = torch.where(pick[k], op(k, ctx, pivot), c)
+            t = torch.where(pick[k], op(k, tgt, pivot), t)
+        ctx, tgt = c, t
     m = flip[:, None, None, None]
     ctx = torch.where(m, ctx.flip(-1), ctx)
     tgt = torch.where(m, tgt.flip(-1), tgt)

@@ -277,6 +277,31 @@ def test_colour_jitter_transforms_the_target_as_its_pixels_in_the_context() -> N
     assert float(c2.min()) >= 0 and float(c2.max()) <= 1
 
 
+def test_colour_jitter_is_torchvisions_in_a_random_order_per_sample() -> None:
+    """The context is jittered as torchvision's ColorJitter would (brightness, contrast about
+    its own mean grey, saturation, each clamped), its ops in an order drawn per sample (a fixed
+    order had made the model see only one of the six compositions)."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    b = 12
+    ctx = torch.rand(b, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    lab = torch.zeros(b, 8, 8, dtype=torch.uint8)
+    st = {"jitter": [0.4, 0.4, 0.4], "jitter_p": 1.0, "flip_p": 0.0}
+    c2, *_ = _shared_jitter_flip(ctx, ctx.clone(), lab, lab, st, torch.Generator().manual_seed(3))
+    # the same draws, in the function's order: on, factors, op order
+    gen = torch.Generator().manual_seed(3)
+    torch.rand(b, generator=gen)
+    f = 1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * torch.tensor([0.4, 0.4, 0.4])
+    order = torch.rand(b, 3, generator=gen).argsort(dim=1)
+    assert len({tuple(o) for o in order.tolist()}) > 1
+    ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation)
+    for i in range(b):
+        x = ctx[i]
+        for k in order[i].tolist():
+            x = ops[k](x, float(f[i, k]))
+        torch.testing.assert_close(c2[i], x, atol=2e-3, rtol=0)
+
+
 def test_random_target_block_is_refused_for_hooknet(three, tmp_path) -> None:  # noqa: ANN001
     stores, _ = three
     for init in ("random", "imagenet", "dsf"):
