@@ -32,7 +32,9 @@ from dsf.slide_readers import (
     MAX_PLAUSIBLE_MPP,
     Backend,
     LevelInfo,
+    UnsupportedLayoutError,
     backend_name,
+    check_image_mode,
     image_mpp,
     is_plain_image,
     open_backend,
@@ -235,6 +237,11 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
             with Image.open(path) as im:
                 mpp, note = image_mpp(im.info.get("dpi"))
                 size = im.size
+                check_image_mode(im.mode)
+        except UnsupportedLayoutError as exc:
+            raise SlideError(
+                sid, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
+            ) from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise SlideError(sid, f"cannot read {path}: {exc}") from exc
         if note:

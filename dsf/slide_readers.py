@@ -268,6 +268,21 @@ def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: 
     )
 
 
+def _check_layout(series: Any) -> None:
+    """Refuse a tifffile series that is not one brightfield RGB(A) or 8-bit grey plane."""
+    axes = series.axes
+    if axes not in {"YXS", "YX", "CYX", "SYX"}:
+        raise UnsupportedLayoutError(
+            f"its image has axes {axes!r} (shape {series.shape}), not one RGB plane"
+        )
+    dtype = np.dtype(series.dtype)
+    if dtype not in (np.uint8, np.uint16):
+        raise UnsupportedLayoutError(f"its pixels are {dtype} (dsf reads uint8 or uint16)")
+    _check_brightfield(series.levels[0].keyframe, axes, tuple(series.shape), dtype)
+    if axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
+        raise UnsupportedLayoutError(f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)")
+
+
 class _TiffBackend(Backend):
     """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread.
 
@@ -302,22 +317,10 @@ class _TiffBackend(Backend):
             keyframe = series.levels[0].keyframe
             mpp_x, mpp_y = tiff_tag_mpp(keyframe), tiff_tag_mpp(keyframe, "Y")
             source = "TIFF resolution tags"
+        _check_layout(series)
         self._axes = series.axes
-        if self._axes not in {"YXS", "YX", "CYX", "SYX"}:
-            raise UnsupportedLayoutError(
-                f"its image has axes {self._axes!r} (shape {series.shape}), not one RGB plane"
-            )
         self._dtype = np.dtype(series.dtype)
-        if self._dtype not in (np.uint8, np.uint16):
-            raise UnsupportedLayoutError(
-                f"its pixels are {self._dtype} (dsf reads uint8 or uint16)"
-            )
         keyframe = series.levels[0].keyframe
-        _check_brightfield(keyframe, self._axes, tuple(series.shape), self._dtype)
-        if self._axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
-            raise UnsupportedLayoutError(
-                f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)"
-            )
         # a 4th sample is alpha only where ExtraSamples says so (1 associated, 2 unassociated)
         extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
         self._alpha = extra in ((1,), (2,))
@@ -379,13 +382,39 @@ def image_mpp(dpi: Any) -> tuple[float | None, str | None]:
     return file_resolution(25400.0 / float(dpi[0]), y, "DPI values")
 
 
+#: PIL modes of a brightfield image: RGB(A) or one 8-bit grey channel (with alpha).
+_IMAGE_MODES = ("RGB", "RGBA", "L", "LA")
+
+
+def check_image_mode(mode: str) -> None:
+    """Refuse a plain image that is no brightfield RGB or 8-bit grey picture, as the TIFF
+    readers do (PIL would convert 16-bit grey by clipping, palettes and CMYK silently)."""
+    if mode in _IMAGE_MODES:
+        return
+    kinds = {
+        "P": "palette indices (a label or class map?)",
+        "PA": "palette indices (a label or class map?)",
+        "CMYK": "CMYK",
+        "1": "one bit per pixel (a mask?)",
+    }
+    what = kinds.get(mode) or (
+        f"one {'16-bit' if mode.startswith('I;16') else mode} grey channel (a fluorescence "
+        "image or a label mask?)"
+    )
+    raise UnsupportedLayoutError(
+        f"its pixels are {what} (PIL mode {mode}), not a brightfield RGB image; "
+        "save it as 8-bit RGB"
+    )
+
+
 class _ImageBackend(Backend):
     """A plain image decoded once (PNG/JPEG cannot be read in parts); for ROI crops."""
 
     def __init__(self, path: Path) -> None:
         with Image.open(path) as im:
             dpi = im.info.get("dpi")
-            im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+            check_image_mode(im.mode)
+            im = im.convert("RGBA") if im.mode in ("RGBA", "LA") else im.convert("RGB")
             data = np.asarray(im)
         self._data = _composite(data, self.background) if data.shape[2] == 4 else data
         h, w = self._data.shape[:2]
@@ -432,14 +461,26 @@ def is_plain_image(path: Path) -> bool:
 
 def _tiff_layout(path: Path) -> tuple[bool, int]:
     """(OME-TIFF?, pyramid levels tifffile sees in the first series, SubIFDs included), from
-    one parse; (False, 0) when tifffile cannot parse it (the backends then report why)."""
+    one parse; (False, 0) when tifffile cannot parse it (the backends then report why).
+
+    Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
+    read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint."""
     import tifffile
 
     try:
         with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
-            return bool(tf.is_ome), len(tf.series[0].levels)
+            series = tf.series[0]
+            ome, levels = bool(tf.is_ome), len(series.levels)
+            layout: UnsupportedLayoutError | None = None
+            try:
+                _check_layout(series)
+            except UnsupportedLayoutError as exc:
+                layout = exc
     except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands
         return False, 0
+    if layout is not None:
+        raise layout
+    return ome, levels
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:

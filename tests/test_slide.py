@@ -16,7 +16,7 @@ import tifffile
 from PIL import Image
 
 from dsf.errors import ConfigError, SlideError
-from dsf.slide import open_slide
+from dsf.slide import describe_slide, open_slide
 
 
 def _box_down(a: np.ndarray, k: int) -> np.ndarray:
@@ -294,6 +294,60 @@ def test_fluorescence_is_refused(tmp_path: Path, data: np.ndarray, axes: str, wo
     tifffile.imwrite(grey, _pattern(64, 64)[..., 0], photometric="minisblack")
     s = open_slide(grey, mpp=0.5)
     np.testing.assert_array_equal(s.read(0, 0, 64, 64, 0.5)[..., 1], _pattern(64, 64)[..., 0])
+
+
+@pytest.mark.parametrize(
+    ("data", "kw", "words"),
+    [
+        (np.zeros((64, 64), np.uint16), {"photometric": "minisblack"}, "one uint16 grey"),
+        (
+            np.zeros((3, 64, 64), np.uint8),
+            {"photometric": "minisblack", "planarconfig": "separate"},
+            "3 channels of uint8 grey",
+        ),
+        (np.zeros((64, 64, 4), np.uint8), {"photometric": "separated"}, "CMYK"),
+        (
+            np.zeros((64, 64), np.uint8),
+            {"photometric": "palette", "colormap": np.zeros((3, 256), np.uint16)},
+            "palette indices",
+        ),
+    ],
+    ids=["grey16", "channels", "cmyk", "palette"],
+)
+def test_tiled_tiffs_that_are_no_scan_are_refused(
+    tmp_path: Path, data: np.ndarray, kw: dict, words: str
+) -> None:
+    """A tiled plain TIFF goes to OpenSlide, which reads any layout as RGB without complaint:
+    12-bit fluorescence came out black and passed as tissue. The layout is checked first."""
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, data, tile=(32, 32), resolution=(2e4, 2e4), resolutionunit=3, **kw)
+    with pytest.raises(SlideError, match=rf"'tiled'.*{words}"):
+        open_slide(path)
+    with pytest.raises(SlideError, match=words):
+        describe_slide(path)
+
+
+def test_plain_images_that_are_no_rgb_picture_are_refused(tmp_path: Path) -> None:
+    """PIL converted a 16-bit grey PNG to RGB by clipping (0 or 255), and palettes and CMYK
+    silently; they are refused by name as in TIFF, while 8-bit grey is read as grey RGB."""
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :8] = (200, 30, 90)
+    grey16 = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257
+    images = {
+        "grey16.png": (Image.fromarray(grey16), "16-bit grey"),
+        "palette.png": (Image.fromarray(rgb).quantize(4), "palette indices"),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), "CMYK"),
+        "bits.png": (Image.fromarray(rgb[..., 0] > 0), "one bit per pixel"),
+    }  # fmt: skip
+    for name, (im, words) in images.items():
+        im.save(tmp_path / name)
+        with pytest.raises(SlideError, match=rf"'{name.split('.')[0]}'.*{words}.*PIL mode"):
+            open_slide(tmp_path / name, mpp=0.5)
+        with pytest.raises(SlideError, match=words):
+            describe_slide(tmp_path / name)
+    Image.fromarray(_pattern(16, 16)[..., 0]).save(tmp_path / "grey8.png")
+    got = open_slide(tmp_path / "grey8.png", mpp=0.5).read(0, 0, 16, 16, 0.5)
+    np.testing.assert_array_equal(got[..., 2], _pattern(16, 16)[..., 0])
 
 
 def test_a_fourth_sample_is_alpha_only_when_the_file_says(tmp_path: Path) -> None:
