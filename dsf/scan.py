@@ -26,8 +26,10 @@ recursively (GDC downloads put every slide in a folder of its own):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,10 +66,30 @@ def _stem(name: str) -> str:
     return name
 
 
+def _id_text(text: str) -> str:
+    """`text` as id characters: accents off (`ä` -> `a`), other characters -> `_`; where a
+    letter or digit has no ASCII form (`標本`, `ß`) a hash of `text` follows, so names that
+    differ only there keep different ids."""
+    chars, lost = [], False
+    for c in text:
+        plain = (
+            unicodedata.normalize("NFKD", c).encode("ascii", "ignore").decode()
+            if ord(c) > 127
+            else c
+        )
+        lost |= not plain and unicodedata.category(c)[0] in "LN"
+        chars.append(plain or "_")
+    sid = _BAD_ID_CHARS.sub("_", "".join(chars)).strip("._-")
+    if lost:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        sid = f"{sid}_{digest}" if sid else f"slide_{digest}"
+    return sid
+
+
 def slide_id(name: str) -> str:
-    """A slide id from a file or folder name: format suffix off, other characters -> `_`."""
-    sid = _BAD_ID_CHARS.sub("_", _stem(name)).strip("._-")
-    return sid or "slide"
+    """A slide id from a file or folder name: format suffix off, accents off, other characters
+    -> `_` (and a hash of the name where letters have no ASCII form, `_id_text`)."""
+    return _id_text(_stem(name)) or "slide"
 
 
 #: SOP class of DICOM whole-slide images (VL Whole Slide Microscopy Image Storage).
@@ -172,7 +194,8 @@ def _is_results(folder: Path) -> bool:
 
 def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Iterable[Path]:
     """Files under `folder`, sorted, without hidden ones, Zarr stores or the `skip` folders;
-    a folder reached twice (a symlink loop) is searched once."""
+    a folder or a file reached twice (a symlink) is taken once, where it is met first (one
+    slide under two names would get two ids and could sit in two folds)."""
     seen = set() if seen is None else seen
     seen.add(folder.resolve())
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
@@ -188,6 +211,11 @@ def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Itera
                 continue
             yield from _walk(entry, skip, seen)
         elif entry.is_file():
+            real = entry.resolve()
+            if real in seen:
+                log.warning("%s: the same file as one met before (a link), not taken again", entry)
+                continue
+            seen.add(real)
             yield entry
 
 
@@ -315,7 +343,7 @@ def _slide_ids(
         rel = [e.relative_to(folder).as_posix() for e in same]
         named = [slide_id(r) for r in rel]
         if len(set(named)) < len(named):
-            named = [_BAD_ID_CHARS.sub("_", r).strip("._-") for r in rel]
+            named = [_id_text(r) for r in rel]
         for entry, sid in zip(same, named, strict=True):
             ids[entry] = sid
         log.warning(

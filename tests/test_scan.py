@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,31 @@ def test_slide_ids_lose_the_format_suffix_and_unsafe_characters() -> None:
     assert slide_id("CMU 1 (small).svs") == "CMU_1_small"
     assert slide_id("TCGA-CR-7395-01A-01-TS1.histolab.svs") == "TCGA-CR-7395-01A-01-TS1.histolab"
     assert slide_id("(1).svs") == "1"
+
+
+def test_slide_ids_keep_names_apart_that_differ_outside_ascii(tmp_path: Path) -> None:
+    """Accents are dropped (`Schnitt_ä` and `Schnitt_ö` had both become `Schnitt`); letters with
+    no ASCII form add a hash of the name (every all-CJK name had become `slide`)."""
+    assert slide_id("Schnitt_ä.svs") == "Schnitt_a"
+    assert slide_id("Schnitt_ö.svs") == "Schnitt_o"
+    assert slide_id("café—x.svs") == "cafe_x"
+    cjk = {slide_id("標本.svs"), slide_id("症例.svs"), slide_id("標本_01.svs")}
+    assert len(cjk) == 3 and all(re.fullmatch(r"(slide|01)_[0-9a-f]{8}", c) for c in cjk)
+    assert slide_id("標本.svs") == slide_id("標本.svs")  # stable: it names every artifact
+    _touch(tmp_path, "標本.svs", "症例.svs", "標本.geojson")
+    rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert len(rows) == 2
+    assert rows[slide_id("標本.svs")]["labels"] == str(tmp_path / "標本.geojson")
+
+
+def test_a_slide_reached_twice_through_a_link_is_one_slide(tmp_path: Path) -> None:
+    """One file under two names (a symlink beside it, or in a linked folder) had been two
+    slides, with two ids and two groups, so one slide could be trained on and tested on."""
+    _touch(tmp_path, "all/TCGA-AA-0001-01Z-00-DX1.svs", "b.svs")
+    (tmp_path / "case1.svs").symlink_to(tmp_path / "all" / "TCGA-AA-0001-01Z-00-DX1.svs")
+    (tmp_path / "zlink").symlink_to(tmp_path / "all")
+    rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert set(rows) == {"b", "TCGA-AA-0001-01Z-00-DX1"}
 
 
 def test_two_slides_with_one_id_are_named(tmp_path: Path) -> None:
