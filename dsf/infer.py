@@ -108,7 +108,9 @@ def infer_slide(
     _check_models(preds)
     # earlier outputs go first: a run that fails midway must not leave a new map beside an
     # old JSON or overlay that `open_map` would take as one
-    for old in (out_map, out_overlay, out_meta, *([out_probs] if out_probs is not None else [])):
+    # (probabilities of an earlier run with infer.probabilities on, too, when none are asked)
+    probs = out_probs if out_probs is not None else out_map.with_suffix(".probs.zarr")
+    for old in (out_map, out_overlay, out_meta, probs):
         remove(old)
     p = preds[0]
     f = out_factor(settings["out_mpp"], p.target_mpp)

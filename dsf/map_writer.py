@@ -166,11 +166,13 @@ class MapWriter:
         h, w = min(n, oh - self.y), min(self.band_w, ow - x)
         if h > 0 and w > 0:
             block = cls[:h, :w]
-            if self.tissue is not None:
-                block = np.where(self._mask(self.y, x, h, w), block, 0).astype(np.uint8)
+            tissue = self._mask(self.y, x, h, w) if self.tissue is not None else None
+            if tissue is not None:
+                block = np.where(tissue, block, 0).astype(np.uint8)
             write_block(self.levels, self.y, x, block)
             if self.probs is not None and probs is not None:
-                self.probs[:, self.y : self.y + h, x : x + w] = probs[:, :h, :w]
+                p = probs[:, :h, :w]  # the map's background has no probabilities either
+                self.probs[:, self.y : self.y + h, x : x + w] = p if tissue is None else p * tissue
         self.y += n
         self.cls_rows = [cls[n:]] if n < cls.shape[0] else []
         if probs is not None:

@@ -120,7 +120,12 @@ class BandAccumulator:
             cols_in = max(0, g.width - self.band.cores[0] * g.stride)
             acc[:, rows_in:] = 0
             acc[:, :, cols_in:] = 0
-            acc = torch.nn.functional.avg_pool2d(acc[None], f)[0]
+            # an output pixel is the mean of its target pixels' blended probabilities, each
+            # pixel counted once (pooled as weighted sums, pixels near a core's corner, of small
+            # blending weight, had counted less) over the pixels windows covered
+            covered = (acc[-1] > 0).to(acc.dtype)
+            mean = acc[:-1] / acc[-1].clamp_min(1e-12) * covered
+            acc = torch.nn.functional.avg_pool2d(torch.cat([mean, covered[None]])[None], f)[0]
         acc, wsum = acc[:-1], acc[-1]
         # argmax over the few class planes by elementwise comparison: torch's argmax over the
         # leading dimension was 30% of a CPU run

@@ -10,6 +10,7 @@ import openslide
 import pytest
 import tifffile
 import torch
+import zarr
 from torch import nn
 
 from dsf.chunk_reader import reduce_rgb, reduce_rows
@@ -290,6 +291,22 @@ def test_a_coarser_map_averages_only_the_slide_not_the_padding_past_its_edge(tmp
     np.testing.assert_array_equal(read_map(out / "map.tiff"), cls[::4, ::4])
 
 
+def test_a_coarser_map_pixel_is_the_class_most_of_its_pixels_hold(tmp_path) -> None:
+    """At out_mpp 3x the target, each map pixel is the class of highest mean probability over
+    its 3 x 3 target px, here (a sure oracle, random classes) the class most of them hold. Pooled
+    as blending-weighted sums, pixels near a core's corner had counted less, and at borders the
+    minority class won."""
+    h, w, f = 96, 144, 3
+    cls = np.random.default_rng(0).integers(1, 4, (h, w)).astype(np.uint8)
+    rgb_slide(tmp_path / "noise.tiff", COLOURS[cls - 1], MPP, tile=16)
+    out, _ = run_infer(tmp_path, tmp_path / "noise.tiff", [oracle(32)], out_mpp=f * MPP, tile=16)
+    boxes = cls.reshape(h // f, f, w // f, f).transpose(0, 2, 1, 3).reshape(h // f, w // f, -1)
+    counts = np.stack([(boxes == k).sum(-1) for k in (1, 2, 3)], -1)
+    one_winner = (counts == counts.max(-1, keepdims=True)).sum(-1) == 1
+    got = read_map(out / "map.tiff")
+    np.testing.assert_array_equal(got[one_winner], counts.argmax(-1)[one_winner] + 1)
+
+
 def test_a_scan_within_the_tolerance_is_mapped_in_its_own_pixels(tmp_path) -> None:
     """A 0.505 um/px scan for a model of 0.5 (within patches.mpp_tolerance) is read as its
     level is, as its tiles were cut: the map is at 0.505 um/px, pixel for pixel on the slide,
@@ -327,6 +344,15 @@ def test_a_failed_rerun_leaves_no_earlier_outputs_beside_it(tmp_path, stripes, m
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+def test_a_map_without_probabilities_leaves_none_of_an_earlier_run(tmp_path, stripes) -> None:
+    """Turning infer.probabilities off: the next map of the slide must not sit beside the
+    probabilities of an earlier, different map."""
+    out, _ = run_infer(tmp_path, stripes[0], [oracle(32)], probabilities=True)
+    assert (out / "map.probs.zarr").is_dir()
+    run_infer(tmp_path, stripes[0], [oracle(32)], probabilities=False)
+    assert sorted(p.name for p in out.iterdir()) == ["map.jpg", "map.json", "map.tiff"]
+
+
 def test_models_whose_mpp_differ_within_the_tolerance_are_one_geometry() -> None:
     """Models fine-tuned before they recorded the configured mpp hold their first store's
     actual one (0.2527 for 0.25): folds differing so are still ensembled; 0.5 is not."""
@@ -344,12 +370,17 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     h, w = cls.shape
     mask = np.zeros((h // 8 + 1, w // 8 + 1), bool)
     mask[10:20, 5:30] = True  # target px rows 80-160, cols 40-240
-    out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, mask_output=True)
+    out, meta = run_infer(
+        tmp_path, path, [oracle(32)], mask=mask, mask_output=True, probabilities=True
+    )
     got = read_map(out / "map.tiff")
     inside = np.zeros_like(got, bool)
     inside[80:160, 40:240] = True
     np.testing.assert_array_equal(got[inside], cls[inside])
     assert (got[~inside] == 0).all()
+    # the probabilities are the map's: none outside the tissue (they had been kept there)
+    probs = np.asarray(zarr.open_group(out / "map.probs.zarr", mode="r")["0"][:])
+    assert (probs[:, ~inside] == 0).all() and (probs.max(0)[inside] > 200).all()
     full = make_grid(w, h, 32, 4, 0.25, 1, 4)
     assert meta["windows"] < tissue_windows(full, np.ones_like(mask), MPP * 8, MPP).sum()
 
@@ -529,6 +560,16 @@ def test_output_mpp_must_be_a_multiple(tmp_path, stripes):
     path, _ = stripes
     with pytest.raises(ConfigError, match="infer.out_mpp"):
         run_infer(tmp_path, path, [oracle(32)], out_mpp=0.75)
+
+
+def test_a_map_tile_tiff_cannot_hold_is_refused_before_any_prediction() -> None:
+    """TIFF tiles are multiples of 16: `infer.tile` 24 had passed the config and failed each
+    slide's job only when writing its map, after the whole slide was predicted."""
+    from dsf.config import validate
+
+    with pytest.raises(ConfigError, match=r"infer\.tile: 24 is not a multiple of 16"):
+        validate(defaults("infer") | {"tile": 24}, "infer")
+    assert validate(defaults("infer") | {"tile": 48}, "infer")["tile"] == 48
 
 
 def test_models_that_disagree_on_geometry_are_refused(tmp_path, stripes):
