@@ -39,6 +39,11 @@ MAX_PLAUSIBLE_MPP = 16.0
 #: Pixels whose x and y sizes differ by more than this (relative) are not square.
 SQUARE_TOLERANCE = 0.02
 
+#: A compressed chunk (tile or strip) that decodes to more than this is refused: every read
+#: would decode it whole (a single-strip image); above SLOW_CHUNK_BYTES a warning says so.
+MAX_CHUNK_BYTES = 1 << 30
+SLOW_CHUNK_BYTES = 64 << 20
+
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 _UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -321,6 +326,26 @@ class _TiffBackend(Backend):
         self._axes = series.axes
         self._dtype = np.dtype(series.dtype)
         keyframe = series.levels[0].keyframe
+        # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
+        # otherwise a read decodes each chunk (tile or strip) it meets whole
+        self._mapped = [
+            lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in series.levels
+        ]
+        chunk = math.prod(keyframe.chunks) * self._dtype.itemsize
+        if not self._mapped[0] and chunk > MAX_CHUNK_BYTES:
+            raise UnsupportedLayoutError(
+                f"its full-resolution image is stored in compressed chunks of "
+                f"{chunk / 2**20:.0f} MiB ({'x'.join(map(str, keyframe.chunks))}), each "
+                "decoded whole by every read of a few pixels; re-save it tiled, e.g. "
+                "`vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`"
+            )
+        if not self._mapped[0] and chunk > SLOW_CHUNK_BYTES:
+            log.warning(
+                "%s: stored in compressed chunks of %.0f MiB, each decoded whole by every "
+                "read; re-save it tiled (`vips tiffsave ... --tile --pyramid`) for speed",
+                path,
+                chunk / 2**20,
+            )
         # a 4th sample is alpha only where ExtraSamples says so (1 associated, 2 unassociated)
         extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
         self._alpha = extra in ((1,), (2,))
@@ -348,7 +373,9 @@ class _TiffBackend(Backend):
             # not as black, which the tissue rule would take for tissue
             fill = np.iinfo(self._dtype).max
             arrays = [
-                zarr.open_array(tf.series[0].aszarr(level=i, fillvalue=fill), mode="r")
+                tifffile.memmap(str(self._path), level=i, mode="r", **self._flags)
+                if self._mapped[i]
+                else zarr.open_array(tf.series[0].aszarr(level=i, fillvalue=fill), mode="r")
                 for i in range(self._n_levels)
             ]
             self._local.arrays = arrays

@@ -350,6 +350,29 @@ def test_plain_images_that_are_no_rgb_picture_are_refused(tmp_path: Path) -> Non
     np.testing.assert_array_equal(got[..., 2], _pattern(16, 16)[..., 0])
 
 
+def test_a_one_strip_tiff_is_read_in_parts_or_refused(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A TIFF stored as one strip (ImageJ, some exporters): every read of a few pixels had
+    decoded the whole image, in each reader thread. Uncompressed, it is memory-mapped; a
+    compressed chunk too large to decode per read is refused with the fix."""
+    import dsf.slide_readers as readers
+
+    rgb = _pattern(300, 200)
+    raw = tmp_path / "raw.tif"
+    tifffile.imwrite(raw, rgb, photometric="rgb", rowsperstrip=300)
+    s = open_slide(raw, mpp=0.5)
+    np.testing.assert_array_equal(s.read(50, 100, 16, 16, 0.5), rgb[100:116, 50:66])
+    assert isinstance(s._backend._arrays()[0], np.memmap)
+    lzw = tmp_path / "lzw.tif"
+    tifffile.imwrite(lzw, rgb, photometric="rgb", rowsperstrip=300, compression="lzw")
+    np.testing.assert_array_equal(
+        open_slide(lzw, mpp=0.5).read(50, 100, 16, 16, 0.5), rgb[100:116, 50:66]
+    )
+    monkeypatch.setattr(readers, "MAX_CHUNK_BYTES", 100_000)  # the strip is 180,000 bytes
+    with pytest.raises(SlideError, match=r"'lzw'.*compressed chunks.*300x200.*tiffsave"):
+        open_slide(lzw, mpp=0.5)
+    assert open_slide(raw, mpp=0.5).dimensions == (200, 300)  # mapped: no decoding
+
+
 def test_a_fourth_sample_is_alpha_only_when_the_file_says(tmp_path: Path) -> None:
     rgbx = np.concatenate([_pattern(64, 64), np.zeros((64, 64, 1), np.uint8)], axis=2)
     path = tmp_path / "rgbx.tif"
