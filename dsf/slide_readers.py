@@ -45,7 +45,11 @@ MAX_CHUNK_BYTES = 1 << 30
 SLOW_CHUNK_BYTES = 64 << 20
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-_UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+#: OME's length units (UnitsLength) in um; "µm" also with the Greek mu some writers use.
+_UM_PER_UNIT = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "mm": 1e3,
+    "cm": 1e4, "dm": 1e5, "m": 1e6, "thou": 25.4, "in": 25400.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,10 @@ def _ome_mpp(xml: str, axis: str = "X") -> float | None:
     for elem in root.iter():
         if elem.tag.endswith("Pixels") and key in elem.attrib:
             unit = elem.attrib.get(f"{key}Unit", "µm")
-            return float(elem.attrib[key]) * _UM_PER_UNIT.get(unit, 1.0)
+            if unit not in _UM_PER_UNIT:  # "pixel", "reference frame": no physical size
+                log.warning("OME %sUnit %r is no length dsf knows; resolution not taken", key, unit)
+                return None
+            return float(elem.attrib[key]) * _UM_PER_UNIT[unit]
     return None
 
 

@@ -245,6 +245,26 @@ def test_default_dpi_is_not_a_resolution(tmp_path: Path, dpi: int, tiled: bool) 
     assert s.mpp == 1.0 and s.backend_name == ("openslide" if tiled else "tiff")
 
 
+@pytest.mark.parametrize(
+    ("size", "unit", "mpp"),
+    [(500.0, "nm", 0.5), (5000.0, "Å", 0.5), (0.5, "\u03bcm", 0.5), (0.5, "pixel", None)],
+)
+def test_ome_sizes_are_read_in_their_unit(
+    tmp_path: Path, size: float, unit: str, mpp: float | None
+) -> None:
+    """Every OME length unit is converted (Å had been taken for um: 5000 um/px); a unit that
+    is no length ('pixel') states no resolution, so the sheet must give it."""
+    path = tmp_path / "u.ome.tif"
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit}
+    meta |= {"PhysicalSizeY": size, "PhysicalSizeYUnit": unit}
+    tifffile.imwrite(path, _pattern(64, 64), ome=True, photometric="rgb", metadata=meta)
+    if mpp is None:
+        with pytest.raises(SlideError, match=r"`mpp` column"):
+            open_slide(path)
+    else:
+        assert open_slide(path).mpp == pytest.approx(mpp)
+
+
 @pytest.mark.parametrize("ome", [False, True])
 def test_non_square_pixels_are_refused_unless_the_sheet_says(tmp_path: Path, ome: bool) -> None:
     path = tmp_path / ("ns.ome.tif" if ome else "ns.tif")
