@@ -304,8 +304,9 @@ class _Shape:
 
 def _name_map(settings: dict[str, Any]) -> dict[str, int]:
     """Annotation class name (lower case) -> class index: the classes' own names, then
-    `labels.names` (and its older name `geojson_names`)."""
-    names = {name.strip().lower(): i for i, name in enumerate(settings["classes"])}
+    `labels.names` (and its older name `geojson_names`). The name of class 0 (unlabelled) is
+    not among them: only `labels.names` erases (`_resolve` says why)."""
+    names = {name.strip().lower(): i for i, name in enumerate(settings["classes"]) if i}
     for key in ("geojson_names", "names"):
         names.update({str(k).strip().lower(): int(v) for k, v in settings.get(key, {}).items()})
     return names
@@ -319,6 +320,16 @@ def _resolve(
         if name.strip().lower() in names:
             return names[name.strip().lower()]
     said = repr(candidates[0]) if len(candidates) == 1 else f"names {candidates}"
+    first = settings["classes"][0]
+    if any(name.strip().lower() == first.strip().lower() for name in candidates):
+        # `classes: [TUM, STR, LYM]` had silently erased every TUM region
+        raise AnnotationError(
+            sid,
+            f"{where} has class {said}, labels.classes[0], which is index 0, the unlabelled "
+            "class (its pixels are never trained on or scored). List an unlabelled class "
+            f"first (classes: [ignore, {', '.join(settings['classes'])}]), or, to erase such "
+            f"regions, map the name to 0 with labels.names ({{{first}: 0}})",
+        )
     raise AnnotationError(
         sid,
         f"{where} has class {said}, which is not one of labels.classes {settings['classes']}; "

@@ -266,6 +266,18 @@ def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Pa
         open_labels(
             tmp_path / "odd.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
         )
+    # a class named like labels.classes[0], the unlabelled index 0 (`classes: [A, B]` had
+    # erased every A region silently); labels.names may erase it on purpose
+    feat["properties"]["classification"]["name"] = "a"
+    inside = {"type": "Polygon", "coordinates": [_square(100, 100, 300)]}
+    (tmp_path / "first.geojson").write_text(json.dumps([feat | {"geometry": inside}]))
+    only_drawn = _labels_settings(classes=["A", "B"])
+    said = r"'a', labels.classes\[0\].*unlabelled.*\[ignore, A, B\]"
+    with pytest.raises(AnnotationError, match=said):
+        open_labels(tmp_path / "first.geojson", "cmu", slide.dimensions, slide.mpp, only_drawn)
+    erase = _labels_settings(classes=["A", "B"], names={"A": 0})
+    lab = open_labels(tmp_path / "first.geojson", "cmu", slide.dimensions, slide.mpp, erase)
+    assert (lab.read(0, 0, 500, 500, slide.mpp) == 0).all()
     tifffile.imwrite(tmp_path / "wrong.tif", np.ones((100, 900), np.uint8))
     with pytest.raises(AnnotationError, match="'cmu'.*does not cover the slide"):
         open_labels(tmp_path / "wrong.tif", "cmu", slide.dimensions, slide.mpp, _labels_settings())
