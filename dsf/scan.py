@@ -165,8 +165,9 @@ def dicom_slide(folder: Path, instances: list[Path]) -> DicomSlide | None:
 
 
 def patient_group(sid: str) -> str | None:
-    """The TCGA patient (`TCGA-A1-A0SK`) of a slide named by its barcode, else None."""
-    m = _TCGA.match(sid)
+    """The TCGA patient (`TCGA-A1-A0SK`) of a slide named by its barcode (in any case), else
+    None."""
+    m = _TCGA.match(sid.upper())
     return m.group(1) if m else None
 
 

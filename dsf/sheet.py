@@ -25,7 +25,7 @@ from dsf.atomic import atomic_path
 from dsf.config import load_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import run, setup_logging
-from dsf.scan import IMAGE_SUFFIXES, scan_folder
+from dsf.scan import IMAGE_SUFFIXES, patient_group, scan_folder
 from dsf.slide import describe_slide
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def validate_rows(
             )
         row["masks"] = {cls: _resolve(base, str(m)) for cls, m in masks.items()}
         row.setdefault("mpp", None)
-        row["group"] = row.get("group") or sid
+        # a slide without a group: its TCGA patient (as in a folder), else a group of its own
+        row["group"] = row.get("group") or patient_group(sid) or sid
         row.setdefault("fold", None)
         out.append(row)
     if not out:

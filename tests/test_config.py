@@ -157,6 +157,18 @@ def test_sheet_resolves_paths_next_to_the_sheet(tmp_path: Path) -> None:
     assert df.loc["B", "group"] == "B"  # a slide without a group is its own group
 
 
+def test_sheet_slides_without_a_group_keep_their_tcga_patient_together(tmp_path: Path) -> None:
+    """Without a `group`, TCGA barcodes are grouped by patient as in a folder: a hand-written
+    sheet had put DX1 and DX2 of one patient in different folds (validation on a patient the
+    model trained on)."""
+    text = (
+        "slide\tpath\tgroup\nTCGA-A1-A0SK-01Z-00-DX1\ta.svs\t\ntcga-a1-a0sk-01z-00-dx2\tb.svs\t\n"
+    )
+    text += "TCGA-A2-0001-01Z-00-DX1\tc.svs\tsite3\nother\td.svs\t\n"
+    df = read_sheet(_sheet(tmp_path, text))
+    assert list(df["group"]) == ["TCGA-A1-A0SK", "TCGA-A1-A0SK", "site3", "other"]
+
+
 def test_a_spreadsheets_sheet_reads_the_same(tmp_path: Path) -> None:
     """Trailing tabs, short rows, Windows line ends, a BOM and "quoted" cells, as spreadsheets
     save a TSV, read as the plain sheet does."""
