@@ -375,7 +375,20 @@ def _parser() -> argparse.ArgumentParser:
         "anywhere under FOLDER or --labels (PAIP: --mask whole_tumour={slide}_whole.tif "
         "--mask viable_tumour={slide}_viable.tif); written as `mask:CLASS` columns",
     )
-    p.add_argument("--mpp", type=float, help="level-0 um/px of every slide (PNG/JPEG regions)")
+    mpp = p.add_mutually_exclusive_group()
+    mpp.add_argument(
+        "--mpp",
+        type=float,
+        help="level-0 um/px of the slides that state none (PNG/JPEG regions); a resolution a "
+        "file states is kept",
+    )
+    mpp.add_argument(
+        "--mpp-override",
+        type=float,
+        metavar="MPP",
+        help="level-0 um/px of every slide, over what the files state (a scanner known to "
+        "write a wrong one)",
+    )
     p.add_argument("--out", type=Path, help="sheet to write (default: standard output)")
     p.add_argument(
         "--folds",
@@ -392,14 +405,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _same(a: float, b: float) -> bool:
+    """Two resolutions equal within 1% (a rounded value in a header)."""
+    return abs(a - b) <= 0.01 * max(a, b)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`dsf sheet`: a folder of slides -> a slide sheet."""
     args = _parser().parse_args(argv)
     setup_logging()
 
     def body() -> None:
-        if args.mpp is not None and not args.mpp > 0:
-            raise ConfigError(f"--mpp {args.mpp} is not a positive number of um/px")
+        for flag, value in (("--mpp", args.mpp), ("--mpp-override", args.mpp_override)):
+            if value is not None and not value > 0:
+                raise ConfigError(f"{flag} {value} is not a positive number of um/px")
         masks: dict[str, str] = {}
         for item in args.masks:
             cls, sep, pattern = item.partition("=")
@@ -414,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = scan_folder(
             args.folder,
             args.labels,
-            args.mpp,
+            args.mpp_override,
             exclude=[args.folds.parent] if args.folds is not None else [],
             masks=masks,
             labels_name=args.labels_name,
@@ -430,6 +449,30 @@ def main(argv: list[str] | None = None) -> int:
                     bad.append(str(exc))
                     log.error("%s", exc)
                     continue
+                if facts.mpp is None and args.mpp is not None:
+                    row["mpp"] = args.mpp  # only where the file states none
+                elif (
+                    facts.mpp is not None
+                    and args.mpp is not None
+                    and not _same(facts.mpp, args.mpp)
+                ):
+                    log.info(
+                        "%s states %.4g um/px, kept (--mpp gives slides that state none theirs; "
+                        "--mpp-override replaces every slide's)",
+                        row["slide"],
+                        facts.mpp,
+                    )
+                elif (
+                    row["mpp"] is not None
+                    and facts.mpp is not None
+                    and not _same(facts.mpp, row["mpp"])
+                ):
+                    log.warning(
+                        "%s states %.4g um/px; --mpp-override gives it %.4g",
+                        row["slide"],
+                        facts.mpp,
+                        row["mpp"],
+                    )
                 mpp = row["mpp"] if row["mpp"] is not None else facts.mpp
                 if mpp is None:
                     unresolved.append(row["slide"])
@@ -470,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if unresolved:
             log.warning(
                 "%d slides state no resolution (%s): fill their `mpp` column (um/px), or "
-                "rerun with --mpp",
+                "rerun with --mpp (given to slides that state none)",
                 len(unresolved),
                 ", ".join(unresolved[:5]) + (" ..." if len(unresolved) > 5 else ""),
             )

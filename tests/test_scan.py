@@ -260,9 +260,18 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     assert list(df.index) == ["CMU-1-Small-Region", "TCGA-CR-7395"]
     assert df.loc["CMU-1-Small-Region", "labels"] == str(folder / "CMU-1-Small-Region.geojson")
     assert df.loc["TCGA-CR-7395", "group"] == "TCGA-CR-7395" and df["mpp"].isna().all()
-    # --mpp fills the column; without --out the sheet goes to standard output, paths absolute
-    assert main([str(folder), "--out", str(out), "--skip-unreadable", "--mpp", "0.5"]) == 0
-    assert set(read_sheet(out)["mpp"]) == {0.5}
+    # --mpp fills the column of the slide stating none (TCGA) and keeps CMU's 0.499: it had
+    # overwritten every slide's (CMU tiled at 4x the wrong scale); --mpp-override replaces all
+    assert main([str(folder), "--out", str(out), "--skip-unreadable", "--mpp", "2.0"]) == 0
+    mpp = read_sheet(out)["mpp"]
+    assert mpp["TCGA-CR-7395"] == 2.0 and mpp["CMU-1-Small-Region"] is None
+    assert "CMU-1-Small-Region states 0.499 um/px, kept" in capsys.readouterr().err
+    assert main([str(folder), "--out", str(out), "--skip-unreadable", "--mpp-override", "2"]) == 0
+    assert set(read_sheet(out)["mpp"]) == {2.0}
+    assert "CMU-1-Small-Region states 0.499 um/px; --mpp-override gives it 2" in (
+        capsys.readouterr().err
+    )
+    # without --out the sheet goes to standard output, paths absolute
     capsys.readouterr()
     assert main([str(folder), "--skip-unreadable"]) == 0
     printed = capsys.readouterr().out
