@@ -361,8 +361,9 @@ def check_resolutions(
     """Open the sheet's slides that have no `mpp` in the sheet (slide id -> (path, sheet mpp))
     before any job runs: slides that state no resolution, or that cannot be opened, stop the
     run at once naming every such slide, instead of failing one tissue job per slide (on a
-    cluster each submitted and retried). Only headers are read (no pixels: about 10 ms a
-    slide); what `budget_s` leaves unchecked, and files not there yet (a workflow's own
+    cluster each submitted and retried). Headers and a few pixels of the coarsest level are
+    read (a file whose pixels no reader decodes is named as such, not for its resolution);
+    what `budget_s` leaves unchecked, and files not there yet (a workflow's own
     synthetic slides), are left to their jobs. `cache` (a JSON file) remembers the files found
     good, by path, size and modification time, so the next start opens only new or changed
     files."""
@@ -394,7 +395,7 @@ def check_resolutions(
             unchecked += 1
             continue
         try:
-            open_slide(path, None, sid, check=False).close()
+            open_slide(path, None, sid, check=True).close()
         except SlideError as exc:
             problems.append(str(exc))
             continue

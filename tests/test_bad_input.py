@@ -537,11 +537,16 @@ def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: 
         "given": (tcga, 0.25),  # the sheet's mpp: not opened
         "later": (str(tmp_path / "synth.tiff"), None),  # made by the workflow: its job checks
         "cmu": (str(real / "CMU-1-Small-Region.svs"), None),
+        # its header reads (72 dpi) but its pixels decode nowhere: named for that, not for
+        # its resolution (filling the `mpp` column, as had been said, only moved the failure)
+        "unopenable": (str(real / "openslide-python-fixtures" / "unopenable.tiff"), None),
     }
-    with pytest.raises(ConfigError, match="2 of the sheet's slides") as err:
+    with pytest.raises(ConfigError, match="3 of the sheet's slides") as err:
         check_resolutions(slides)
     said = str(err.value)
     assert "slide 'tcga'" in said and "fill the `mpp` column" in said and "'broken'" in said
+    unopenable = next(line for line in said.splitlines() if "'unopenable'" in line)
+    assert "52479" in unopenable and "mpp" not in unopenable.split("unopenable.tiff")[-1]
     assert "'given'" not in said and "'later'" not in said and "'cmu'" not in said
     check_resolutions(slides, budget_s=-1)  # over its budget: left to the tissue jobs
     # files found good are remembered by path, size and time: the next start opens only others
