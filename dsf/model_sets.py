@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsf.errors import ConfigError
+from dsf.windows import out_factor
 
 
 def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[str, list[str]]:
@@ -71,6 +72,7 @@ def check_given_models(
     scored: set[str],
     patches: dict[str, Any] | None,
     classes: list[str],
+    out_mpp: float | None = None,
 ) -> None:
     """Refuse at the start what would stop a prediction run midway or average what does not
     belong together (metadata only, the weights mapped, not read): a file that is not a
@@ -78,7 +80,8 @@ def check_given_models(
     (a whole results/finetune/<init> folder: its fractions would be averaged into one map);
     with annotated slides (`scored`), a model fitted or selected on one of them (scoring it
     would not be validation) or predicting other classes than `labels.classes`; with `patches`
-    (the tile protocol) a model whose target mpp, block or scale differ from that section."""
+    (the tile protocol) a model whose target mpp, block or scale differ from that section;
+    an `infer.out_mpp` that is no whole multiple of the models' target mpp."""
     from dsf.checkpoints import load  # torch: only a prediction run pays for it
     from dsf.predict import REQUIRED
 
@@ -95,6 +98,10 @@ def check_given_models(
                 )
             if first is None:
                 first = (path, meta)
+                try:
+                    out_factor(out_mpp, _geometry(meta)[0])
+                except ConfigError as exc:
+                    raise ConfigError(f"apply.models.{name} ({path}): {exc}") from exc
             else:
                 _check_alike(name, first, (path, meta))
             seen = sorted(scored & trained_on(meta))

@@ -766,6 +766,12 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
         done = _plan(tmp_path, cfg, check=False)
         assert done.returncode != 0 and message in done.stdout + done.stderr
     torch.save(meta, tmp_path / "one.pt")
+    # a map resolution no whole multiple of the models' mpp (each infer job had failed)
+    odd = {"infer": cfg.get("infer", {}) | {"out_mpp": 1.5 * float(meta["target_mpp"])}}
+    done = _plan(tmp_path, cfg | odd, check=False)
+    assert done.returncode != 0 and "apply.models.dsf (old/fold0/model.pt): infer.out_mpp" in (
+        done.stdout + done.stderr
+    )
     torch.save(meta | {"fraction": 0.1}, tmp_path / "old" / "fold1" / "model.pt")
     done = _plan(tmp_path, cfg, check=False)
     assert done.returncode != 0 and "apply.models.dsf mixes models of different fraction" in (
@@ -814,3 +820,17 @@ def test_whole_number_label_fractions_name_the_folders_infer_reads(tmp_path: Pat
     assert maps and all("frac1.0" in m and "frac0.1" not in m for m in maps)
     twice = demo_dry_run(tmp_path, "finetune:\n  fractions: [1, 1.0]\n", "twice", check=False)
     assert twice.returncode != 0 and "lists a fraction twice" in twice.stdout + twice.stderr
+
+
+
+def test_settings_that_must_fit_each_other_stop_the_run_before_any_job(tmp_path: Path) -> None:
+    """infer.out_mpp no whole multiple of the target mpp, a pretraining batch that does not
+    split over its GPUs: each had been planned and failed in every job, after the data stages
+    and the pretraining had run."""
+    for overrides, said in (
+        ("infer:\n  out_mpp: 3.0\n", "infer.out_mpp 3.0 must be a whole multiple"),
+        ("pretrain:\n  gpus: 3\n  batch_size: 8\n", "pretrain.batch_size 8 does not split"),
+    ):
+        run = demo_dry_run(tmp_path, overrides, "fit", check=False)
+        out = run.stdout + run.stderr
+        assert run.returncode != 0 and said in out and "dsf tissue" not in run.stdout

@@ -75,6 +75,7 @@ if APPLY:  # what would stop the run midway or mix models, refused before anythi
         LABELLED,
         config["patches"] if TILE_SCORED else None,
         config["labels"]["classes"],
+        config["infer"]["out_mpp"],
     )
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
@@ -217,6 +218,19 @@ if APPLY:  # the maps are named after apply.models' names; infer.inits, fraction
     INFER_INITS, INFER_FRAC = list(APPLY), None
 else:
     INFER_INITS, INFER_FRAC = _infer_choice()
+    # settings that must fit other settings, refused now, not in each job after training
+    # (a prediction run checks infer.out_mpp against its models' mpp, check_given_models)
+    from dsf.windows import out_factor
+
+    out_factor(config["infer"]["out_mpp"], config["patches"]["target_mpp"])
+_PRE = config["pretrain"]
+if _PRE["gpus"] > 1 and _PRE["batch_size"] % _PRE["gpus"]:
+    from dsf.errors import ConfigError
+
+    raise ConfigError(
+        f"pretrain.batch_size {config['pretrain']['batch_size']} does not split evenly over "
+        f"pretrain.gpus {config['pretrain']['gpus']}: make it a multiple of the GPUs"
+    )
 
 
 wildcard_constraints:
