@@ -413,28 +413,51 @@ def _geojson_ring(ring: Any) -> tuple[np.ndarray | None, str]:
     return pts, ""
 
 
+#: QuPath 0.2 named an object's type by its class in the feature's `id`.
+_LEGACY_TYPES = {
+    "pathannotationobject": "annotation",
+    "pathdetectionobject": "detection",
+    "pathcellobject": "cell",
+    "pathtileobject": "tile",
+    "tmacoreobject": "tma_core",
+    "pathrootobject": "root",
+}
+
+
 def _is_annotation(feat: Any) -> bool:
     """Whether a feature is a region label: QuPath's annotations (or a feature of another tool,
-    which states no `objectType`), not its detections, cells or tiles."""
-    return str(_properties(feat).get("objectType", "annotation")).lower() == "annotation"
+    which states no type), not its detections, cells, tiles, TMA cores or root. The type is
+    `properties.objectType` (QuPath 0.4 on), `properties.object_type` (0.3) or the feature's
+    `id` (0.2), as QuPath itself reads them."""
+    props = _properties(feat)
+    kind = props.get("objectType") or props.get("object_type")
+    if kind is None and isinstance(feat, dict):
+        kind = _LEGACY_TYPES.get(str(feat.get("id", "")).lower())
+    return str(kind or "annotation").lower() == "annotation"
 
 
-def _with_annotation_children(features: list[Any]) -> Iterator[dict[str, Any]]:
-    """Each annotation feature, followed by the annotations nested in its
-    `properties.childObjects` (QuPath exports the hierarchy this way), depth first, so a child
-    annotation is painted over its parent. Detections and cells (cell outlines, tiles), nested
-    or at the top level as QuPath's export of all objects lists them, are not region labels:
-    skipped."""
+def _with_annotation_children(features: list[Any]) -> Iterator[tuple[str, Any]]:
+    """Each annotation feature with where it is in the file (`features[2].childObjects[0]`),
+    followed by the objects nested in its `properties.childObjects` (QuPath exports the
+    hierarchy this way), depth first, so a child annotation is painted over its parent.
+    Detections and cells (cell outlines, tiles), nested or at the top level as QuPath's export
+    of all objects lists them, are not region labels: skipped, while the annotations nested in
+    them (under a TMA core or the root object) are not."""
     skipped = 0
-    stack = list(reversed(features))
+    stack = [(f"features[{i}]", f) for i, f in reversed(list(enumerate(features)))]
     while stack:
-        feat = stack.pop()
-        if not _is_annotation(feat):
-            skipped += 1
-            continue
-        yield feat  # the caller checks it is an object with object properties before going on
+        where, feat = stack.pop()
         children = _properties(feat).get("childObjects") or []
-        stack.extend(reversed(children) if isinstance(children, list) else [])
+        nested = (
+            [(f"{where}.childObjects[{j}]", c) for j, c in enumerate(children)]
+            if isinstance(children, list)
+            else []
+        )
+        if _is_annotation(feat):
+            yield where, feat  # the caller checks it is an object with object properties
+        else:
+            skipped += 1
+        stack.extend(reversed(nested))
     if skipped:
         log.info("%d detection or cell objects are not region labels: skipped", skipped)
 
@@ -580,36 +603,36 @@ class GeoJSONLabels(PolygonLabels):
                 "the annotations again (QuPath: File > Export objects as GeoJSON)",
             )
         shapes: list[_Shape] = []
-        for i, feat in enumerate(_with_annotation_children(features)):
+        for at, feat in _with_annotation_children(features):
             if not isinstance(feat, dict):
-                raise self._malformed(path, f"feature {i}", f"is {_json_kind(feat)}, not an object")
+                raise self._malformed(path, at, f"is {_json_kind(feat)}, not an object")
             props = feat.get("properties") or {}
             if not isinstance(props, dict):
                 raise self._malformed(
-                    path, f"feature {i}", f"has properties {_json_kind(props)}, not an object"
+                    path, at, f"has properties {_json_kind(props)}, not an object"
                 )
             if not isinstance(props.get("childObjects") or [], list):
                 raise self._malformed(
                     path,
-                    f"feature {i}",
+                    at,
                     f"has childObjects {_json_kind(props['childObjects'])}, not a list",
                 )
             geom = feat.get("geometry") or {}
             if not isinstance(geom, dict):
                 wrong = f"has geometry {_json_kind(geom)}, not an object"
-                raise self._malformed(path, f"feature {i}", wrong)
+                raise self._malformed(path, at, wrong)
             kind = geom.get("type")
             if kind not in ("Polygon", "MultiPolygon"):  # a point, a ruler: no area, any class
-                log.warning("%s: feature %d is a %s, not a polygon; ignored", path, i, kind)
+                log.warning("%s: %s is a %s, not a polygon; ignored", path, at, kind)
                 continue
             candidates = _class_names(props)
             if not candidates:
                 raise AnnotationError(
                     self.slide_id,
-                    f"{path}: feature {i} has no classification name; classify it in QuPath",
+                    f"{path}: {at} has no classification name; classify it in QuPath",
                 )
-            cls = _resolve(candidates, names, settings, f"{path}: feature {i}", self.slide_id)
-            where = f"feature {i} (class {candidates[0]!r})"
+            cls = _resolve(candidates, names, settings, f"{path}: {at}", self.slide_id)
+            where = f"{at} (class {candidates[0]!r})"
             coords = geom.get("coordinates")
             if not isinstance(coords, list):
                 said = "no coordinates" if coords is None else f"coordinates {_json_kind(coords)}"

@@ -99,8 +99,12 @@ class MaskRaster:
                     data = np.asarray(im)
                 if data.dtype.kind not in "uib":
                     raise ValueError(f"pixels are {data.dtype}, not integers")
-                if data.ndim == 3:
+                if data.ndim == 3 and data.shape[2] == 2:  # grey + alpha: the grey codes
+                    data = data[..., 0]
+                elif data.ndim == 3 and data.shape[2] in (3, 4):  # RGB(A): codes in RGB
                     data = data[..., :3]
+                elif data.ndim != 2:
+                    raise ValueError(f"it has shape {data.shape}")
                 self.levels = [_Level(data, data.ndim == 3)]
         except AnnotationError:
             raise

@@ -347,42 +347,42 @@ MALFORMED_ANNOTATIONS = {
     "ragged-ring": (
         "a.geojson",
         _malformed_geojson(_shape([[[0, 0], [50, 0], [50], [0, 50]]])),
-        ["feature 0 (class 'TUM') ring 0 point 2 is an array [50]", "not [x, y]", NESTING],
+        ["features[0] (class 'TUM') ring 0 point 2 is an array [50]", "not [x, y]", NESTING],
     ),
     "empty-ring": (
         "a.geojson",
         _malformed_geojson(_shape([[]])),
-        ["feature 0 (class 'TUM') ring 0 is empty", NESTING],
+        ["features[0] (class 'TUM') ring 0 is empty", NESTING],
     ),
     "flat-coordinates": (
         "a.geojson",
         _malformed_geojson(_shape(SQUARE)),
-        ["feature 0 (class 'TUM') ring 0 is a list of numbers, not of [x, y] points", NESTING],
+        ["features[0] (class 'TUM') ring 0 is a list of numbers, not of [x, y] points", NESTING],
     ),
     "hole-of-a-multipolygon-ragged": (
         "a.geojson",
         _malformed_geojson(_shape([[SQUARE], [SQUARE, [[1, 1], [2]]]], "MultiPolygon")),
-        ["feature 0 (class 'TUM') polygon 1 ring 1 point 1", "not [x, y]"],
+        ["features[0] (class 'TUM') polygon 1 ring 1 point 1", "not [x, y]"],
     ),
     "no-coordinates": (
         "a.geojson",
         _malformed_geojson(_shape()),
-        ["feature 0 (class 'TUM') is a Polygon with no coordinates", NESTING],
+        ["features[0] (class 'TUM') is a Polygon with no coordinates", NESTING],
     ),
     "feature-a-string": (
         "a.geojson",
         _malformed_geojson(_shape([SQUARE]), "oops"),
-        ['feature 1 is a string "oops", not an object'],
+        ['features[1] is a string "oops", not an object'],
     ),
     "feature-a-number": (
         "a.geojson",
         _malformed_geojson(7),
-        ["feature 0 is a number 7, not an object"],
+        ["features[0] is a number 7, not an object"],
     ),
     "nan-coordinate": (
         "a.geojson",
         _malformed_geojson(_shape([SQUARE]), _shape([[[0, 0], [float("nan"), 0], [9, 9]]])),
-        ["feature 1 (class 'TUM') ring 0 point 1 is an array [NaN, 0], not finite x, y"],
+        ["features[1] (class 'TUM') ring 0 point 1 is an array [NaN, 0], not finite x, y"],
     ),
     "asap-order-not-a-number": (
         "a.xml",

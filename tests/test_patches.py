@@ -245,6 +245,56 @@ def test_qupath_exports_of_all_objects_and_odd_features(tmp_path: Path, real: Pa
     assert lab[50, 50] == 0
 
 
+def test_qupath_02_and_03_exports_and_annotations_under_a_tma_core(
+    tmp_path: Path, real: Path
+) -> None:
+    """QuPath 0.2 named an object's type in the feature's `id`, 0.3 in `object_type`: their
+    cells had been painted as region labels (a `Positive` cell stopped the run). Annotations
+    nested in a TMA core or the root object count (they had been dropped with it), and an
+    error names the object where it sits in the file."""
+    slide = open_slide(real / "CMU-1-Small-Region.svs")
+    square = {"type": "Polygon", "coordinates": [_square(100, 100, 300)]}
+    inner = {"type": "Polygon", "coordinates": [_square(200, 200, 50)]}
+
+    def obj(name: str, geometry: dict, **extra: object) -> dict:
+        props = {"classification": {"name": name}} | extra.pop("props", {})
+        return {"type": "Feature", "geometry": geometry, "properties": props} | extra
+
+    exports = {
+        "v02": [obj("B", square, id="PathAnnotationObject"),
+                obj("Positive", inner, id="PathCellObject")],
+        "v03": [obj("B", square, props={"object_type": "annotation"}),
+                obj("Positive", inner, props={"object_type": "cell"})],
+        "tma": [obj("Core", {"type": "Polygon", "coordinates": [_square(0, 0, 500)]},
+                    props={"objectType": "tma_core", "childObjects": [obj("B", square)]})],
+    }  # fmt: skip
+    for name, features in exports.items():
+        path = tmp_path / f"{name}.geojson"
+        path.write_text(json.dumps(features))
+        lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
+        lab = lab.read(0, 0, 500, 500, slide.mpp)
+        assert lab[225, 225] == lab[150, 150] == 2 and lab[50, 50] == 0, name
+    nested = [obj("A", square), obj("B", square, props={"childObjects": [obj("Necrosis", inner)]})]
+    (tmp_path / "bad.geojson").write_text(json.dumps(nested))
+    with pytest.raises(
+        AnnotationError, match=r"features\[1\]\.childObjects\[0\] has class 'Necrosis'"
+    ):
+        open_labels(
+            tmp_path / "bad.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
+        )
+
+
+def test_a_grey_and_alpha_png_mask_reads_its_grey_codes(tmp_path: Path) -> None:
+    """A label mask saved as grey + alpha (PIL mode LA) had raised a bare IndexError."""
+    from PIL import Image
+
+    codes = np.zeros((50, 50), np.uint8)
+    codes[10:30, 10:30] = 2
+    Image.fromarray(np.stack([codes, np.full_like(codes, 255)], -1), "LA").save(tmp_path / "m.png")
+    lab = open_labels(tmp_path / "m.png", "s", (100, 100), 0.25, _labels_settings())
+    np.testing.assert_array_equal(lab.read(0, 0, 100, 100, 0.25)[::2, ::2], codes)
+
+
 def test_annotation_outside_the_slide_and_unknown_class(tmp_path: Path, real: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     far = [[10_000, 10_000], [10_100, 10_000], [10_100, 10_100], [10_000, 10_000]]
