@@ -436,6 +436,23 @@ def _is_annotation(feat: Any) -> bool:
     return str(kind or "annotation").lower() == "annotation"
 
 
+def _polygonal(geom: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The (type, geometry) of a geometry's polygonal parts: itself when a Polygon or
+    MultiPolygon, the polygonal members of a GeometryCollection (QuPath writes one for an
+    annotation of mixed parts), none for points and lines."""
+    kind = geom.get("type")
+    if kind in ("Polygon", "MultiPolygon"):
+        return [(str(kind), geom)]
+    if kind == "GeometryCollection" and isinstance(geom.get("geometries"), list):
+        return [
+            part
+            for member in geom["geometries"]
+            if isinstance(member, dict)
+            for part in _polygonal(member)
+        ]
+    return []
+
+
 def _with_annotation_children(features: list[Any]) -> Iterator[tuple[str, Any]]:
     """Each annotation feature with where it is in the file (`features[2].childObjects[0]`),
     followed by the objects nested in its `properties.childObjects` (QuPath exports the
@@ -621,9 +638,9 @@ class GeoJSONLabels(PolygonLabels):
             if not isinstance(geom, dict):
                 wrong = f"has geometry {_json_kind(geom)}, not an object"
                 raise self._malformed(path, at, wrong)
-            kind = geom.get("type")
-            if kind not in ("Polygon", "MultiPolygon"):  # a point, a ruler: no area, any class
-                log.warning("%s: %s is a %s, not a polygon; ignored", path, at, kind)
+            parts = _polygonal(geom)
+            if not parts:  # a point, a ruler: no area, any class
+                log.warning("%s: %s is a %s, not a polygon; ignored", path, at, geom.get("type"))
                 continue
             candidates = _class_names(props)
             if not candidates:
@@ -633,27 +650,30 @@ class GeoJSONLabels(PolygonLabels):
                 )
             cls = _resolve(candidates, names, settings, f"{path}: {at}", self.slide_id)
             where = f"{at} (class {candidates[0]!r})"
-            coords = geom.get("coordinates")
-            if not isinstance(coords, list):
-                said = "no coordinates" if coords is None else f"coordinates {_json_kind(coords)}"
-                raise self._malformed(path, where, f"is a {kind} with {said}{_NESTING}")
-            polys = [coords] if kind == "Polygon" else coords
-            for pi, rings in enumerate(polys):
-                part = "" if kind == "Polygon" else f"polygon {pi} "
-                if not isinstance(rings, list):
-                    wrong = f"polygon {pi} is {_json_kind(rings)}, not a list of rings"
-                    raise self._malformed(path, where, wrong + _NESTING)
-                if not rings:
-                    continue
-                parsed: list[np.ndarray] = []
-                for ri, ring in enumerate(rings):
-                    pts, wrong = _geojson_ring(ring)
-                    if pts is None:
-                        raise self._malformed(path, where, f"{part}ring {ri} {wrong}")
-                    parsed.append(pts)
-                outer, holes = parsed[0], parsed[1:]
-                bbox = (*outer.min(0), *outer.max(0))
-                shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
+            for kind, part in parts:
+                coords = part.get("coordinates")
+                if not isinstance(coords, list):
+                    said = (
+                        "no coordinates" if coords is None else f"coordinates {_json_kind(coords)}"
+                    )
+                    raise self._malformed(path, where, f"is a {kind} with {said}{_NESTING}")
+                polys = [coords] if kind == "Polygon" else coords
+                for pi, rings in enumerate(polys):
+                    part = "" if kind == "Polygon" else f"polygon {pi} "
+                    if not isinstance(rings, list):
+                        wrong = f"polygon {pi} is {_json_kind(rings)}, not a list of rings"
+                        raise self._malformed(path, where, wrong + _NESTING)
+                    if not rings:
+                        continue
+                    parsed: list[np.ndarray] = []
+                    for ri, ring in enumerate(rings):
+                        pts, wrong = _geojson_ring(ring)
+                        if pts is None:
+                            raise self._malformed(path, where, f"{part}ring {ri} {wrong}")
+                        parsed.append(pts)
+                    outer, holes = parsed[0], parsed[1:]
+                    bbox = (*outer.min(0), *outer.max(0))
+                    shapes.append(_Shape(cls, outer, holes, tuple(bbox)))  # type: ignore[arg-type]
         return shapes
 
     def _malformed(self, path: Path, where: str, wrong: str) -> AnnotationError:

@@ -245,7 +245,7 @@ def test_qupath_exports_of_all_objects_and_odd_features(tmp_path: Path, real: Pa
     assert lab[50, 50] == 0
 
 
-def test_qupath_02_and_03_exports_and_annotations_under_a_tma_core(
+def test_qupath_02_and_03_exports_tma_cores_and_mixed_geometries(
     tmp_path: Path, real: Path
 ) -> None:
     """QuPath 0.2 named an object's type in the feature's `id`, 0.3 in `object_type`: their
@@ -274,6 +274,14 @@ def test_qupath_02_and_03_exports_and_annotations_under_a_tma_core(
         lab = open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
         lab = lab.read(0, 0, 500, 500, slide.mpp)
         assert lab[225, 225] == lab[150, 150] == 2 and lab[50, 50] == 0, name
+    # an annotation of mixed parts (a GeometryCollection): its polygons count, lines not
+    line = {"type": "LineString", "coordinates": [[0, 0], [50, 50]]}
+    mixed = {"type": "GeometryCollection", "geometries": [line, square]}
+    (tmp_path / "mixed.geojson").write_text(json.dumps([obj("B", mixed)]))
+    lab = open_labels(
+        tmp_path / "mixed.geojson", "cmu", slide.dimensions, slide.mpp, _labels_settings()
+    )
+    assert lab.read(0, 0, 500, 500, slide.mpp)[150, 150] == 2
     nested = [obj("A", square), obj("B", square, props={"childObjects": [obj("Necrosis", inner)]})]
     (tmp_path / "bad.geojson").write_text(json.dumps(nested))
     with pytest.raises(
