@@ -8,6 +8,8 @@ colours mean and how large it is; the text scales with the picture to stay reada
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -23,6 +25,23 @@ def _bar(width_px: int, mpp: float) -> tuple[int, str] | None:
         return None
     um = fits[-1]
     return round(um / mpp), (f"{um // 1000} mm" if um >= 1000 else f"{um} um")
+
+
+def _wrap(text: str, fits: Any) -> list[str]:
+    """`text` in lines that `fits(line)` accepts, broken at spaces (a word too long for a line
+    alone, such as a long slide id, broken where it must)."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and fits(candidate):
+            lines[-1] = candidate
+            continue
+        while not fits(word) and len(word) > 1:
+            cut = next((i for i in range(len(word) - 1, 0, -1) if fits(word[:i])), 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
 
 
 def add_legend(
@@ -52,13 +71,17 @@ def add_legend(
         places.append((x, row))
         x += width
     key_rows = row + 1 if keys else 0
-    top = line if title else 0
+    # the title wraps to the picture's width (a narrow slide's had been cut off)
+    titles = (
+        _wrap(title, lambda t: measure.textlength(t, font=font) <= w - 2 * pad) if title else []
+    )
+    top = line * len(titles)
     bar_rows = 1 if bar else 0
     canvas = Image.new("RGB", (w, h + top + (key_rows + bar_rows) * line + pad), (255, 255, 255))
     canvas.paste(img, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, h + pad), title, fill=(0, 0, 0), font=font)
+    for i, text in enumerate(titles):
+        draw.text((pad, h + pad + i * line), text, fill=(0, 0, 0), font=font)
     for (colour, label), (x, row) in zip(keys, places, strict=True):
         y = h + top + pad + row * line
         box = [x, y, x + size, y + size]

@@ -42,7 +42,7 @@ from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, add_tolerance_argument, open_slide
 from dsf.tilespool import TileSpool
-from dsf.tissue import rgb_rule
+from dsf.tissue import NO_DATA_MAX, rgb_rule
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,12 @@ def _tissue_band(
     pool: ThreadPoolExecutor,
 ) -> np.ndarray:
     """The rgb_max rule over output rows [y, y + height) of the whole width, read in column
-    chunks on the pool's threads."""
+    chunks on the pool's threads; black no-data is never tissue (as in `dsf.tissue`)."""
 
     def chunk(x0: int) -> np.ndarray:
         w = min(READ_COLS, width - x0)
-        return rgb_rule(slide.read(x0 * f, y * f, w, height, mpp), rgb_max)
+        rgb = slide.read(x0 * f, y * f, w, height, mpp)
+        return rgb_rule(rgb, rgb_max) & (rgb.max(axis=-1) > NO_DATA_MAX)
 
     return np.concatenate(list(pool.map(chunk, range(0, width, READ_COLS))), axis=1)
 

@@ -57,6 +57,8 @@ DARK_INK_MIN_SAT = 0.3
 #: scanner borders, no-data fill and marker cores (no stain is this dark on a low-magnification
 #: thumbnail, and dark specks inside tissue come back as filled holes).
 NO_DATA_MAX = 40
+#: Beside no-data, a pixel less saturated than this (HSV) is a black and glass mix, not tissue.
+NO_DATA_EDGE_SATURATION = 0.1
 #: Otsu's split is within tissue, not tissue against glass, when more than this share of the
 #: pixels it calls background are tissue by the paper's RGB rule (a slide with no glass in
 #: view): the RGB rule is used instead.
@@ -163,11 +165,32 @@ def _drop_small(mask: np.ndarray, min_px: float, *, holes: bool) -> np.ndarray:
     fn = remove_small_holes if holes else remove_small_objects
     # Tissue is 8-connected, so background (holes) is 4-connected.
     connectivity = 1 if holes else 2
+    if holes:  # background open to the picture's edge is no hole: a ring of it joins them
+        mask = np.pad(mask, 1)
     params = inspect.signature(fn).parameters
     if "max_size" in params:
-        return fn(mask, max_size=n - 1, connectivity=connectivity)
-    old = "area_threshold" if holes else "min_size"
-    return fn(mask, **{old: n}, connectivity=connectivity)
+        out = fn(mask, max_size=n - 1, connectivity=connectivity)
+    else:
+        old = "area_threshold" if holes else "min_size"
+        out = fn(mask, **{old: n}, connectivity=connectivity)
+    return out[1:-1, 1:-1] if holes else out
+
+
+def _no_data_edge(rgb: np.ndarray, lit: np.ndarray) -> np.ndarray:
+    """Grey pixels next to black no-data: a thumbnail pixel on the edge of no-data and glass
+    averages black and white to a grey that the RGB rule takes for tissue (a line along a
+    whole scan border, joined to the tissue). Stain mixed with black keeps its saturation; a
+    black and white mix has none."""
+    if lit.all():
+        return np.zeros(lit.shape, bool)
+    from scipy.ndimage import binary_dilation
+
+    edge = binary_dilation(~lit, np.ones((3, 3), bool)) & lit
+    out = np.zeros(lit.shape, bool)
+    px = rgb[edge][:, :3].astype(np.float32)
+    top = px.max(axis=1)
+    out[edge] = (top - px.min(axis=1)) < NO_DATA_EDGE_SATURATION * top
+    return out
 
 
 def _detect(
@@ -179,7 +202,7 @@ def _detect(
     planes = hsv(rgb) if method == "otsu" or settings["pen_marks"] else None
     lit = rgb[..., :3].max(axis=-1) > NO_DATA_MAX
     if method == "rgb":
-        raw = rgb_rule(rgb, settings["rgb_max"]) & lit
+        raw = rgb_rule(rgb, settings["rgb_max"]) & lit & ~_no_data_edge(rgb, lit)
         thresholds = {"rgb_max": list(settings["rgb_max"])}
     elif method == "otsu":
         raw, thresholds = _otsu_rule(planes[1], settings["min_saturation"])

@@ -160,6 +160,21 @@ def test_an_annotation_is_painted_over_the_base_class(tmp_path: Path) -> None:
     assert stop.value.code == 2
 
 
+def test_black_no_data_is_never_the_base_class(tmp_path: Path) -> None:
+    """Black scanner fill passes the RGB rule's upper bounds: it had been painted `normal`
+    tissue (the tissue masks never took it for tissue)."""
+    rgb = np.full((H, W, 3), (180, 100, 180), np.uint8)
+    rgb[:, 1150:] = (5, 5, 8)  # no data, outside the annotation
+    slide = rgb_slide(tmp_path / "s.tif", rgb, 0.5)
+    out = tmp_path / "s.labels.tiff"
+    args = ["--slide", str(slide), "--slide-id", "s", "--annotation", str(_camelyon_xml(
+        tmp_path / "s.xml")), "--classes", *CAMELYON, "--names", '{"_0": 2, "_1": 2, "_2": 0}',
+        "--base", "normal", "--mpp", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    lab = tifffile.imread(out, level=0)
+    assert (lab[:, 1150:] == 0).all() and (lab[:, :300] == 1).all()
+
+
 def test_labels_base_paints_every_annotated_slide(tmp_path: Path) -> None:
     """With labels.base the workflow sends annotated slides of any format through `labels`;
     without it, only slides with per-class masks."""

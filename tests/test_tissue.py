@@ -250,6 +250,11 @@ def test_max_hole_um2_in_square_microns(mpp: float) -> None:
     big, _ = detect_tissue(blob_image(blob, hole_px=math.ceil(n * 1.05)), mpp, s)
     assert small.sum() == blob  # the hole is filled
     assert big.sum() == blob - math.ceil(n * 1.05)
+    # glass open to the picture's edge is no hole, however small (a bay had been filled)
+    rgb = np.full((60, 60, 3), (170, 90, 170), np.uint8)
+    rgb[25:30, :4] = 245  # a 20 px bay at the left edge
+    mask, _ = detect_tissue(rgb, mpp, s)
+    assert not mask[25:30, :4].any() and mask.sum() == 60 * 60 - 20
 
 
 # -- mask file and overlay ---------------------------------------------------------------
@@ -305,6 +310,22 @@ def test_black_no_data_is_not_tissue(method: str) -> None:
     assert stats["thresholds"]["no_data_max"] == 40
 
 
+def test_the_edge_of_black_no_data_off_the_mask_grid_is_not_tissue(tmp_path: Path) -> None:
+    """A thumbnail pixel that straddles black no-data and glass averages them to a grey the
+    RGB rule takes for tissue: a line along the whole border, joined to the tissue (+6% area
+    on CMU-1 in a black frame). Stain beside no-data stays tissue."""
+    rgb = np.full((1200, 2000, 3), 245, np.uint8)
+    rgb[:, :500] = 0  # 500 / 16 level-0 px per mask px: the edge is inside a mask pixel
+    rgb[300:900, 1000:1600] = (170, 90, 170)
+    rgb[300:900, 500:700] = (170, 90, 170)  # tissue touching the no-data
+    path = tmp_path / "framed.png"
+    Image.fromarray(rgb).save(path)
+    with open_slide(path, 0.5) as slide:
+        mask, _, stats = tissue_for_slide(slide, settings(min_object_um2=0, max_hole_um2=0))
+    assert not mask[:, :31].any() and not mask[:18, 31:33].any()  # no line along the edge
+    assert mask[20:55, 32:43].all() and stats["n_components"] == 2
+
+
 def test_otsu_falls_back_to_the_rgb_rule_without_glass() -> None:
     """A field of tissue with no glass in view: Otsu's split runs through the tissue (it had
     kept 37% of an all-tissue slide in 98 pieces); the RGB rule takes over, and says so."""
@@ -316,6 +337,25 @@ def test_otsu_falls_back_to_the_rgb_rule_without_glass() -> None:
     # with glass in view Otsu stands
     mask, stats = detect_tissue(on_background(rgb), 8.0, settings(method="otsu"))
     assert "fallback" not in stats["thresholds"] and mask[:160, :160].mean() > 0.95
+
+
+def test_a_narrow_overlays_caption_wraps_instead_of_being_cut_off() -> None:
+    """The title was drawn on one line: a portrait or small slide's overlay lost its tissue
+    share, area, pieces and method past the picture's edge."""
+    from PIL import ImageDraw, ImageFont
+
+    from dsf.captions import _wrap, add_legend
+
+    title = "TCGA-A1-A0SK-01Z-00-DX1: tissue 21% (0.52 mm2), 3 pieces, rgb rule (235, 210, 235)"
+    narrow = np.full((400, 160, 3), 200, np.uint8)
+    one = add_legend(narrow, [], title="x")
+    wrapped = add_legend(narrow, [], title=title)
+    assert wrapped.shape[1] == 160 and wrapped.shape[0] > one.shape[0] + 3 * 12
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(title, lambda t: draw.textlength(t, font=font) <= 160 - 12)
+    assert all(draw.textlength(t, font=font) <= 148 for t in lines)
+    assert "".join(lines).replace(" ", "") == title.replace(" ", "")
 
 
 def test_overlay_outlines_tissue_at_the_picture_edge_and_has_a_caption() -> None:
