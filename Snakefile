@@ -47,7 +47,7 @@ localrules:
 
 rule all:
     input:
-        all_outputs(),
+        all_targets,
     default_target: True
 
 

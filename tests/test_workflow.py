@@ -247,11 +247,23 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     assert refused.returncode != 0 and "folds.k is 5 but the sheet has only 3 groups" in (
         refused.stdout + refused.stderr
     )
-    # one annotated patient cannot fine-tune any fold (train + select need 2): said up front
-    done = plan("--configfile", str(tmp_path / "k2.yaml"))
-    counts = job_counts(done.stdout)
-    assert "finetune" in counts and counts["pretrain"] == 2  # per fold again
-    assert "fine-tuning of folds [0, 1] will stop with an error" in done.stderr
+    # one annotated patient cannot fine-tune any fold (train + select need 2): the whole
+    # workflow is refused before any job (it had pretrained every fold first, then failed);
+    # the stages before fine-tuning still run alone, with a warning
+    k2 = ("--configfile", str(tmp_path / "k2.yaml"))
+    where = ("--config", f"slides={folder}", f"results={tmp_path / 'res2'}")
+    refused = smk("--cores", "2", *k2, *where, check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "fine-tuning cannot run: folds [0, 1] lack annotated" in (
+        said
+    )
+    assert "`--until pretrain`" in said and not (tmp_path / "res2" / "tissue").exists()
+    for partial in (("--until", "pretrain"), ()):  # and a dry run: the plan, under a warning
+        done = smk("-n", "--cores", "2", *partial, *k2, *where)
+        counts = job_counts(done.stdout)
+        assert counts["pretrain"] == 2  # per fold again
+        assert ("finetune" in counts) == (not partial)
+        assert "fine-tuning will stop with an error: folds [0, 1] lack annotated" in done.stderr
 
 
 def test_lint_is_clean() -> None:
@@ -390,7 +402,8 @@ def test_annotation_edits_rerun_the_labels_not_the_tiles_or_pretraining(tiny: Pa
         out = smk("-n", "--configfile", "cfg.yaml", *UNTIL, "--config", change, cwd=tiny).stdout
         assert job_counts(out) == {"tile_labels": 2}, (change, out)
     # in the whole plan, the labels stores feed fine-tuning and the tile protocol only
-    graph = smk("--rulegraph", "--configfile", "cfg.yaml", cwd=tiny).stdout
+    fits = ("--config", "patches={block: 64}", "finetune={held_out: 0}")  # fine-tuning can run
+    graph = smk("--rulegraph", "--configfile", "cfg.yaml", *fits, cwd=tiny).stdout
     names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", graph, re.M))
     edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", graph, re.M)]
     after = {b for a, b in edges if a == "tile_labels"}
@@ -457,7 +470,8 @@ def test_sheet_edits_that_keep_the_split_rerun_no_fold_job(tiny: Path, tmp_path:
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     # the tiny blocks (16 px) serve the data stages, but HookNet could not fine-tune on them:
-    # said when the run starts, with blocks that fit
+    # said when the run starts, with blocks that fit (a real run of the whole workflow is
+    # refused then, as tested with the folds above)
     done = smk("-n", "--configfile", "cfg.yaml", cwd=tiny)
     assert "fine-tuning will stop with an error: patches.block 16 at patches.scale 4" in (
         done.stderr
@@ -850,7 +864,6 @@ def test_whole_number_label_fractions_name_the_folders_infer_reads(tmp_path: Pat
     assert maps and all("frac1.0" in m and "frac0.1" not in m for m in maps)
     twice = demo_dry_run(tmp_path, "finetune:\n  fractions: [1, 1.0]\n", "twice", check=False)
     assert twice.returncode != 0 and "lists a fraction twice" in twice.stdout + twice.stderr
-
 
 
 def test_settings_that_must_fit_each_other_stop_the_run_before_any_job(tmp_path: Path) -> None:

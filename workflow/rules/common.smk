@@ -101,6 +101,9 @@ FINETUNING = bool(LABELLED)
 # annotated groups a fold's fine-tuning needs outside it: one to fit, one to choose the epoch
 # (none is chosen with finetune.held_out 0: the last epoch is kept)
 NEED_GROUPS = 1 if config["finetune"]["held_out"] == 0 else 2
+# why fine-tuning would fail: warned at parse time (the data stages still run), refused when
+# the whole workflow is asked for (all_targets), before the pretraining it would follow
+FINETUNE_PROBLEMS = []
 if APPLY:
     described = "; ".join(f"{name}: {len(models)} model(s)" for name, models in APPLY.items())
     snakemake_logger.info(f"prediction run (apply.models): {described}; nothing is trained")
@@ -112,16 +115,20 @@ elif not FINETUNING:
         "pretraining waits for them)"
     )
 elif gaps := finetune_gaps(FOLDS, LABELLED, NEED_GROUPS):
+    FINETUNE_PROBLEMS.append(
+        "folds {} lack annotated slides: each fold needs annotated slides of at least {} "
+        "outside it ({} annotated groups for folds.k {}); {}".format(
+            gaps,
+            "1 patient (group), to train on"
+            if NEED_GROUPS == 1
+            else "2 patients (groups), one to train on and one to choose the epoch",
+            SHEET.loc[list(LABELLED), "group"].nunique(),
+            config["folds"]["k"],
+            gap_advice(config["folds"]["k"], NEED_GROUPS),
+        )
+    )
     logging.getLogger("dsf").warning(
-        "fine-tuning of folds %s will stop with an error: each fold needs annotated slides of "
-        "at least %s outside it (%d annotated groups for folds.k %d); %s",
-        gaps,
-        "1 patient (group), to train on"
-        if NEED_GROUPS == 1
-        else "2 patients (groups), one to train on and one to choose the epoch",
-        SHEET.loc[list(LABELLED), "group"].nunique(),
-        config["folds"]["k"],
-        gap_advice(config["folds"]["k"], NEED_GROUPS),
+        "fine-tuning will stop with an error: %s", FINETUNE_PROBLEMS[-1]
     )
 
 
@@ -169,6 +176,7 @@ def check_finetune_inits(finetune, pretrain):
             try:  # a warning: the data stages still run (`snakemake data`), fine-tuning not
                 check()
             except ConfigError as exc:
+                FINETUNE_PROBLEMS.append(str(exc))
                 logging.getLogger("dsf").warning("fine-tuning will stop with an error: %s", exc)
     if finetune["target_block"] == "random" and set(inits) != {"unet"}:
         raise ConfigError(
@@ -497,6 +505,25 @@ def data_outputs():
     labelled = labelled_stores()["label_stores"]
     folds = [f"{RESULTS}/folds.tsv"] if FINETUNING and not APPLY else []
     return [*tissue, *stores, *labelled, *folds]
+
+
+def all_targets(wildcards):
+    """Rule all's inputs. A run that would fail at fine-tuning stops now, not after the data
+    stages and a pretraining (hours on GPUs) that a fix would redo: more annotated patients
+    change the folds, another geometry the patch stores. `snakemake data` and `--until` ask
+    for less and pass; a dry run, which spends nothing, shows its plan under the warning."""
+    chosen = workflow.dag_settings
+    partial = chosen is not None and bool(chosen.until or chosen.omit_from)
+    if FINETUNE_PROBLEMS and not partial and not workflow.dryrun:
+        from dsf.errors import ConfigError
+
+        raise ConfigError(
+            "fine-tuning cannot run: "
+            + "; ".join(FINETUNE_PROBLEMS)
+            + ". Fix this first, or run the stages before fine-tuning alone: `snakemake data` "
+            "(tissue, patches, labels, folds) or `--until pretrain`"
+        )
+    return all_outputs()
 
 
 def all_outputs():
