@@ -18,8 +18,9 @@ def soft_dice_loss(logits: Tensor, labels: Tensor, eps: float = 1e-6) -> Tensor:
     `logits` (B, C, H, W) with channel c = class c, `labels` (B, H, W) with 0 ignored. Per class
     c in 1..C-1, Dice = 2 sum(p y) / (sum p + sum y) over the labelled pixels of the batch
     (softmax over all C channels); classes absent from the batch's labels do not enter the mean
-    (as segmentation_models_pytorch's DiceLoss). Returns 1 - mean Dice, or 0 (with a graph) when
-    nothing is labelled.
+    (segmentation_models_pytorch's DiceLoss averages over every class, an absent one adding 0
+    loss, so its loss shrinks with the share of classes a batch lacks). Returns 1 - mean Dice,
+    or 0 (with a graph) when nothing is labelled.
     """
     c = logits.shape[1]
     valid = (labels > 0).unsqueeze(1)
