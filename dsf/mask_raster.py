@@ -10,6 +10,7 @@ practice: they are held in memory.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,24 @@ class _Squeezed:
         return np.asarray(self.array[(0, *key)] if isinstance(key, tuple) else self.array[0, key])
 
 
+def _factors(big: tuple[int, int], small: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) downsample of an image of size `small` made from one of size `big`: a whole
+    factor when both sizes are that factor's rounding up or down (as pyramids and exporters
+    round; of two such factors, a small image's, the power of two), else size / size (a
+    rounded-up mask had been stretched by up to one of its pixels towards its far edge)."""
+    ratio = big[0] / small[0]
+    whole = [
+        d
+        for d in sorted({math.floor(ratio), math.ceil(ratio)})
+        if d >= 1 and all(m in (n // d, -(-n // d)) for m, n in zip(small, big, strict=True))
+    ]
+    if len(whole) == 2:
+        whole = [d for d in whole if d & (d - 1) == 0]
+    if len(whole) == 1:
+        return float(whole[0]), float(whole[0])
+    return ratio, big[1] / small[1]
+
+
 class MaskRaster:
     """An integer mask (codes 0-255) over a slide of level-0 size `slide_dims`, at a downsample
     inferred from its size (the same in x and y, else an AnnotationError naming the slide)."""
@@ -117,7 +136,7 @@ class MaskRaster:
         lv0 = self.levels[0]
         mw, mh = lv0.width, lv0.height
         sw, sh = slide_dims
-        self.ds_x, self.ds_y = sw / mw, sh / mh
+        self.ds_x, self.ds_y = _factors((sw, sh), (mw, mh))
         if abs(self.ds_x / self.ds_y - 1) > 0.02 + 2 / min(mw, mh):
             self.close()
             raise AnnotationError(
@@ -192,8 +211,8 @@ class MaskRaster:
         `f` level-0 slide px per output px, nearest-neighbour; outside the mask reads 0."""
         level = self._level_for(f / self.ds_x)
         lv = self.levels[level]
-        sx = self.ds_x * self.levels[0].width / lv.width  # slide px per level px
-        sy = self.ds_y * self.levels[0].height / lv.height
+        kx, ky = _factors((self.levels[0].width, self.levels[0].height), (lv.width, lv.height))
+        sx, sy = self.ds_x * kx, self.ds_y * ky  # slide px per level px
         cols = np.floor((x + (np.arange(width) + 0.5) * f) / sx).astype(np.int64)
         rows = np.floor((y + (np.arange(height) + 0.5) * f) / sy).astype(np.int64)
         out = np.zeros((height, width), np.uint8)

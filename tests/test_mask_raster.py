@@ -144,3 +144,25 @@ def test_rgb_masks_read_their_codes_and_colour_coded_ones_are_refused(
     path = write("colour", colour)
     with pytest.raises(AnnotationError, match=r"'s'.*colour\.\w+ is a colour image.*\(0, 255, 0\)"):
         MaskRaster(path, "s", (40, 40), "label mask").read(0, 0, 40, 40, 1)
+
+
+@pytest.mark.parametrize("size", [100, 101])
+def test_a_mask_at_a_whole_downsample_rounded_either_way_is_read_at_that_factor(
+    tmp_path: Path, size: int
+) -> None:
+    """A mask at downsample 64 of a 6401 px slide is 100 px (rounded down) or 101 (up, as
+    pyramid levels often are): both start class 1 at level-0 x 3200, mask column 50. Read at
+    size / size (63.4 for 101 px), a rounded-up mask had been stretched, its edge at 3150."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, 50:] = 1
+    tifffile.imwrite(tmp_path / "m.tif", mask)
+    raster = MaskRaster(tmp_path / "m.tif", "s", (6401, 6401), "mask")
+    assert raster.ds_x == raster.ds_y == 64.0
+    row = raster.read(0, 0, 6401, 1, 1.0)[0]
+    assert int(np.argmax(row > 0)) == 3200
+    raster.close()
+    # not a whole downsample (a 1/3.9 mask): the sizes' ratio, as before
+    tifffile.imwrite(tmp_path / "n.tif", np.zeros((1641, 1641), np.uint8))
+    raster = MaskRaster(tmp_path / "n.tif", "s", (6401, 6401), "mask")
+    assert raster.ds_x == pytest.approx(6401 / 1641)
+    raster.close()
