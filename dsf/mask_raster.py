@@ -39,13 +39,18 @@ class _Level:
 
 def _tiff_levels(path: Path) -> tuple[list[_Level], list[Any]]:
     """The pyramid levels of a TIFF's first image series as lazy Zarr arrays (finest first),
-    and the open stores to close."""
+    and the open stores to close. The reduced levels only of a mask dsf wrote (each keeps the
+    centre pixel of its squares): another tool's may average codes (libvips does), which makes
+    classes no pixel holds at class borders (1 beside 3 reads 2), so its full resolution only."""
     import tifffile
     import zarr
 
+    from dsf.class_tiff import description_codes
+
     with tifffile.TiffFile(str(path)) as tf:
         series = tf.series[0]
-        n_levels = len(series.levels)
+        own = description_codes(tf.pages[0].description) is not None
+        n_levels = len(series.levels) if own else 1
         shapes = [tuple(lv.shape) for lv in series.levels]
         dtype = series.dtype
     if dtype.kind not in "uib":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 from pathlib import Path
 
@@ -77,10 +78,12 @@ def test_a_full_size_tiled_mask_is_read_by_the_window_not_whole(tmp_path: Path) 
 
 def test_the_coarsest_level_that_is_fine_enough_is_read(tmp_path: Path) -> None:
     """A pyramid's level 1 is chosen for a request at least 2x coarser than level 0; finer
-    requests read level 0 (the levels here differ on purpose, to tell them apart)."""
+    requests read level 0 (the levels here differ on purpose, to tell them apart). Its levels
+    are read as a mask dsf wrote says what it holds."""
     path = tmp_path / "pyr.tif"
+    about = json.dumps({"dsf": "class map", "classes": ["ignore", "a", "b"]})
     with tifffile.TiffWriter(path) as tw:
-        tw.write(np.full((512, 512), 1, np.uint8), tile=(128, 128), subifds=1)
+        tw.write(np.full((512, 512), 1, np.uint8), tile=(128, 128), subifds=1, description=about)
         tw.write(np.full((256, 256), 2, np.uint8), tile=(128, 128), subfiletype=1)
     raster = MaskRaster(path, "s", (1024, 1024), "label mask")
     assert len(raster.levels) == 2
@@ -165,4 +168,20 @@ def test_a_mask_at_a_whole_downsample_rounded_either_way_is_read_at_that_factor(
     tifffile.imwrite(tmp_path / "n.tif", np.zeros((1641, 1641), np.uint8))
     raster = MaskRaster(tmp_path / "n.tif", "s", (6401, 6401), "mask")
     assert raster.ds_x == pytest.approx(6401 / 1641)
+    raster.close()
+
+
+def test_another_tools_averaged_pyramid_levels_are_not_read(tmp_path: Path) -> None:
+    """A label mask whose reduced level averages codes (libvips' default): 1 beside 3 had read
+    2, a class drawn nowhere. Only a mask dsf wrote (centre-sampled levels) is read from its
+    reduced levels; another's from its full resolution."""
+    l0 = np.ones((64, 64), np.uint8)
+    l0[:, 33:] = 3
+    l1 = l0.reshape(32, 2, 32, 2).mean((1, 3)).round().astype(np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pyr.tif") as tw:
+        tw.write(l0, tile=(16, 16), subifds=1)
+        tw.write(l1, tile=(16, 16), subfiletype=1)
+    raster = MaskRaster(tmp_path / "pyr.tif", "s", (64, 64), "mask")
+    assert len(raster.levels) == 1
+    np.testing.assert_array_equal(raster.read(0, 0, 32, 32, 2.0), l0[::2, 1::2])
     raster.close()
