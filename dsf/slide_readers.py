@@ -295,6 +295,26 @@ def _check_layout(series: Any) -> None:
         raise UnsupportedLayoutError(f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)")
 
 
+def _page_levels(tf: Any, series: Any) -> list[tuple[int, Any]]:
+    """(series index, series) of the file's further images that are downsamples of `series`
+    (same axes and type, both sides one factor of it, rounded either way), largest first: a
+    pyramid written as plain pages, not flagged as reduced, which tifffile and OpenSlide take
+    for separate images (coarse reads then decoded the full level). A label or macro image,
+    of another shape, is not one."""
+    y_ax, x_ax = series.axes.index("Y"), series.axes.index("X")
+    h0, w0 = series.shape[y_ax], series.shape[x_ax]
+    found: dict[int, tuple[int, Any]] = {}
+    for k, other in enumerate(tf.series[1:], 1):
+        if other.axes != series.axes or other.dtype != series.dtype or len(other.levels) != 1:
+            continue
+        h, w = other.shape[y_ax], other.shape[x_ax]
+        if not 1 <= w < w0 or w in found:
+            continue
+        if abs(h - h0 * w / w0) <= 1:  # one factor for both sides, rounded either way
+            found[w] = (k, other)
+    return [found[w] for w in sorted(found, reverse=True)]
+
+
 class _TiffBackend(Backend):
     """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread.
 
@@ -333,11 +353,17 @@ class _TiffBackend(Backend):
         self._axes = series.axes
         self._dtype = np.dtype(series.dtype)
         keyframe = series.levels[0].keyframe
+        # (series, level) of each pyramid level: tifffile's, or further images of the file
+        # that are downsamples of the first without being flagged as reduced (`_page_levels`)
+        self._refs = [(0, i) for i in range(len(series.levels))]
+        levels = list(series.levels)
+        if len(levels) == 1:
+            for k, image in _page_levels(tf, series):
+                self._refs.append((k, 0))
+                levels.append(image)
         # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
         # otherwise a read decodes each chunk (tile or strip) it meets whole
-        self._mapped = [
-            lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in series.levels
-        ]
+        self._mapped = [lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in levels]
         chunk = math.prod(keyframe.chunks) * self._dtype.itemsize
         if not self._mapped[0] and chunk > MAX_CHUNK_BYTES:
             raise UnsupportedLayoutError(
@@ -360,9 +386,8 @@ class _TiffBackend(Backend):
         y_ax, x_ax = self._axes.index("Y"), self._axes.index("X")
         w0 = series.levels[0].shape[x_ax]
         self.levels = [
-            LevelInfo(lv.shape[x_ax], lv.shape[y_ax], w0 / lv.shape[x_ax]) for lv in series.levels
+            LevelInfo(lv.shape[x_ax], lv.shape[y_ax], w0 / lv.shape[x_ax]) for lv in levels
         ]
-        self._n_levels = len(series.levels)
         self.properties = {"dsf.backend": "tifffile", "tiff.axes": self._axes}
         self.file_mpp, self.mpp_note = file_resolution(mpp_x, mpp_y, source)
 
@@ -380,10 +405,10 @@ class _TiffBackend(Backend):
             # not as black, which the tissue rule would take for tissue
             fill = np.iinfo(self._dtype).max
             arrays = [
-                tifffile.memmap(str(self._path), level=i, mode="r", **self._flags)
-                if self._mapped[i]
-                else zarr.open_array(tf.series[0].aszarr(level=i, fillvalue=fill), mode="r")
-                for i in range(self._n_levels)
+                tifffile.memmap(str(self._path), series=k, level=i, mode="r", **self._flags)
+                if mapped
+                else zarr.open_array(tf.series[k].aszarr(level=i, fillvalue=fill), mode="r")
+                for (k, i), mapped in zip(self._refs, self._mapped, strict=True)
             ]
             self._local.arrays = arrays
         return arrays
@@ -505,6 +530,8 @@ def _tiff_layout(path: Path) -> tuple[bool, int]:
         with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
             series = tf.series[0]
             ome, levels = bool(tf.is_ome), len(series.levels)
+            if levels == 1:
+                levels += len(_page_levels(tf, series))
             layout: UnsupportedLayoutError | None = None
             try:
                 _check_layout(series)

@@ -403,6 +403,24 @@ def test_a_fourth_sample_is_alpha_only_when_the_file_says(tmp_path: Path) -> Non
     assert (open_slide(rgba, mpp=0.5).read(0, 0, 64, 64, 0.5) == 255).all()
 
 
+def test_a_pyramid_of_plain_pages_is_a_pyramid(tmp_path: Path) -> None:
+    """Levels written as plain pages, not flagged as reduced (a script's own tifffile loop):
+    OpenSlide and tifffile saw one level, so every coarse read decoded the full image. Pages
+    that are downsamples of the first are its levels; a macro of another shape is not."""
+    rgb = np.random.default_rng(0).integers(0, 255, (1000, 1500, 3), dtype=np.uint8)
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in (1, 2, 4):
+            level = np.ascontiguousarray(rgb[::k, ::k])
+            tw.write(level, tile=(256, 256), photometric="rgb", resolution=(2e4 / k, 2e4 / k),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+        tw.write(np.zeros((300, 800, 3), np.uint8), photometric="rgb")  # a macro image
+    s = open_slide(path)
+    assert [(lv.width, lv.height) for lv in s.levels] == [(1500, 1000), (750, 500), (375, 250)]
+    np.testing.assert_array_equal(s.read(0, 0, 375, 250, 2.0), rgb[::4, ::4])
+    assert describe_slide(path).levels == 3
+
+
 def test_pyramids_only_tifffile_sees_are_used(tmp_path: Path) -> None:
     """A plain TIFF with its levels in SubIFDs (`vips --subifd`): OpenSlide sees one level, so
     tifffile reads it; an OME file with one Image per level: the file's pages form the pyramid."""
