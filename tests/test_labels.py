@@ -140,14 +140,19 @@ def _camelyon_xml(path: Path) -> Path:
     return path
 
 
+def _camelyon_args(slide: Path, folder: Path, out: Path) -> list[str]:
+    """`dsf labels` arguments painting `_camelyon_xml` over base class normal."""
+    return ["--slide", str(slide), "--slide-id", "s", "--annotation", str(_camelyon_xml(
+        folder / "s.xml")), "--classes", *CAMELYON, "--names", '{"_0": 2, "_1": 2, "_2": 0}',
+        "--base", "normal", "--mpp", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+
+
 def test_an_annotation_is_painted_over_the_base_class(tmp_path: Path) -> None:
     """CAMELYON: tumour polygons drawn, the rest of the tissue normal (`labels.base`); the
     exclusion group, mapped to 0, is normal tissue too."""
     slide = _slide(tmp_path / "s.tif")
     out = tmp_path / "s.labels.tiff"
-    args = ["--slide", str(slide), "--slide-id", "s", "--annotation", str(_camelyon_xml(
-        tmp_path / "s.xml")), "--classes", *CAMELYON, "--names", '{"_0": 2, "_1": 2, "_2": 0}',
-        "--base", "normal", "--mpp", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    args = _camelyon_args(slide, tmp_path, out)
     assert main(args) == 0
     lab = tifffile.imread(out, level=0)
     expected = np.zeros((H, W), np.uint8)
@@ -167,10 +172,7 @@ def test_black_no_data_is_never_the_base_class(tmp_path: Path) -> None:
     rgb[:, 1150:] = (5, 5, 8)  # no data, outside the annotation
     slide = rgb_slide(tmp_path / "s.tif", rgb, 0.5)
     out = tmp_path / "s.labels.tiff"
-    args = ["--slide", str(slide), "--slide-id", "s", "--annotation", str(_camelyon_xml(
-        tmp_path / "s.xml")), "--classes", *CAMELYON, "--names", '{"_0": 2, "_1": 2, "_2": 0}',
-        "--base", "normal", "--mpp", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
-    assert main(args) == 0
+    assert main(_camelyon_args(slide, tmp_path, out)) == 0
     lab = tifffile.imread(out, level=0)
     assert (lab[:, 1150:] == 0).all() and (lab[:, :300] == 1).all()
 
