@@ -89,7 +89,7 @@ def test_tables_hold_both_protocols(run: Path) -> None:
 def test_the_report_describes_the_run(run: Path) -> None:
     smk("--configfile", "cfg.yaml", "--report", "report.html", cwd=run)
     page = (run / "report.html").read_text()
-    assert "input normalisation: computed per pretraining run from 1000" in page
+    assert "input normalisation: computed per pretraining run from up to 1000 of its" in page
     assert "System Message" not in page  # the description's reStructuredText is valid
 
 
