@@ -245,7 +245,15 @@ def infer_slide(
         for done in (out_map, out_overlay, out_meta):
             remove(done)
         raise
-    log.info("%s: %d windows in %.1f s -> %s", slide.slide_id, n_windows, meta["seconds"], out_map)
+    log.info(
+        "%s: %d windows run (%d over tissue, %d again at band edges) in %.1f s -> %s",
+        slide.slide_id,
+        n_windows,
+        int(run_grid.sum()),
+        n_windows - int(run_grid.sum()),
+        meta["seconds"],
+        out_map,
+    )
     return meta
 
 
