@@ -16,7 +16,8 @@ This stage paints them into the one class-index mask the other stages read:
 
 The slide and the masks are read band by band (masks lazily, `dsf.mask_raster`), and the result
 is written as a tiled pyramidal TIFF coloured like the maps (`dsf.class_tiff`), so memory
-stays flat in slide size and QuPath shows it over the slide.
+is a band of 512 rows of bytes across the slide plus a few column blocks (about 50 MB at
+100k px wide) and QuPath shows it over the slide.
 """
 
 from __future__ import annotations
@@ -52,25 +53,29 @@ TILE = 512
 READ_COLS = 4096
 
 
-def _tissue_band(
+def _paint_tissue(
     slide: Slide,
+    band: np.ndarray,
     y: float,
     f: float,
-    width: int,
-    height: int,
     mpp: float,
     rgb_max: list[int],
+    value: int,
     pool: ThreadPoolExecutor,
-) -> np.ndarray:
-    """The rgb_max rule over output rows [y, y + height) of the whole width, read in column
-    chunks on the pool's threads; black no-data is never tissue (as in `dsf.tissue`)."""
+) -> None:
+    """Set `value` in `band` (output rows from `y`, the whole width) where the slide passes the
+    rgb_max rule, read in column blocks on the pool's threads, each painting its own columns;
+    black no-data is never tissue (as in `dsf.tissue`)."""
+    h, width = band.shape
 
-    def chunk(x0: int) -> np.ndarray:
+    def block(x0: int) -> None:
         w = min(READ_COLS, width - x0)
-        rgb = slide.read(x0 * f, y * f, w, height, mpp)
-        return rgb_rule(rgb, rgb_max) & (rgb.max(axis=-1) > NO_DATA_MAX)
+        rgb = slide.read(x0 * f, y * f, w, h, mpp)
+        tissue = rgb_rule(rgb, rgb_max) & (rgb.max(axis=-1) > NO_DATA_MAX)
+        band[:, x0 : x0 + w][tissue] = value
 
-    return np.concatenate(list(pool.map(chunk, range(0, width, READ_COLS))), axis=1)
+    for _ in pool.map(block, range(0, width, READ_COLS)):
+        pass
 
 
 def paint_labels(
@@ -124,15 +129,21 @@ def paint_labels(
             )
             for y in bands:
                 h = min(TILE, height - y)
+                # the band's one full-width array; everything else is read and painted a
+                # column block at a time: 512 bytes per column of slide, not a dozen times that
                 band = np.zeros((h, width), np.uint8)
                 if base_idx is not None:
-                    band[_tissue_band(slide, y, f, width, h, mpp, rgb_max, pool)] = base_idx
-                for idx, _, raster in rasters:
-                    band[raster.read(0.0, y * f, width, h, f) > 0] = idx
-                if source is not None:
-                    drawn = source.read(0.0, y * f, width, h, mpp)
-                    np.copyto(band, drawn, where=drawn > 0)
-                counts += np.bincount(band.ravel(), minlength=len(classes))[: len(classes)]
+                    _paint_tissue(slide, band, y, f, mpp, rgb_max, base_idx, pool)
+                for x0 in range(0, width, READ_COLS):
+                    w = min(READ_COLS, width - x0)
+                    block = band[:, x0 : x0 + w]
+                    for idx, _, raster in rasters:
+                        block[raster.read(x0 * f, y * f, w, h, f) > 0] = idx
+                    if source is not None:
+                        drawn = source.read(x0 * f, y * f, w, h, mpp)
+                        np.copyto(block, drawn, where=drawn > 0)
+                    # per block: bincount copies its input as int64, 8 bytes a pixel
+                    counts += np.bincount(block.ravel(), minlength=len(classes))[: len(classes)]
                 write_block(levels, y, 0, band)
             for level in levels:
                 if isinstance(level, TileSpool):

@@ -71,6 +71,29 @@ def test_masks_are_painted_in_class_order_over_the_tissue_rule(tmp_path: Path) -
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("dsf-labels-*"))
 
 
+@pytest.mark.parametrize("cols", [100, 333])
+def test_bands_painted_in_column_blocks_equal_the_whole(
+    tmp_path: Path, cols: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Masks, the annotation and the tissue rule are read a column block at a time (whole
+    bands had grown memory a dozen bytes per slide column): blocks that do not divide the
+    slide paint what the whole band does, for masks and for an annotation over the base."""
+    import dsf.labels
+
+    monkeypatch.setattr(dsf.labels, "READ_COLS", cols)
+    out = tmp_path / "s.labels.tiff"
+    assert _run(tmp_path, "--mpp", "0.5", "--base", "tissue", "--out", str(out)) == 0
+    np.testing.assert_array_equal(tifffile.imread(out, level=0), _expected())
+    slide = _slide(tmp_path / "c.tif")
+    assert main(_camelyon_args(slide, tmp_path, tmp_path / "c.tiff")) == 0
+    monkeypatch.setattr(dsf.labels, "READ_COLS", 4096)
+    assert main(_camelyon_args(slide, tmp_path, tmp_path / "whole.tiff")) == 0
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "c.tiff", level=0),
+        tifffile.imread(tmp_path / "whole.tiff", level=0),
+    )
+
+
 def _settings() -> dict:
     return {"class_map": {}, "other_class": 0, "geojson_names": {}}
 
