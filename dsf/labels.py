@@ -43,7 +43,7 @@ from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, add_tolerance_argument, open_slide
 from dsf.tilespool import TileSpool
-from dsf.tissue import NO_DATA_MAX, rgb_rule
+from dsf.tissue import has_data, rgb_rule
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _paint_tissue(
     def block(x0: int) -> None:
         w = min(READ_COLS, width - x0)
         rgb = slide.read(x0 * f, y * f, w, h, mpp)
-        tissue = rgb_rule(rgb, rgb_max) & (rgb.max(axis=-1) > NO_DATA_MAX)
+        tissue = rgb_rule(rgb, rgb_max) & has_data(rgb)
         band[:, x0 : x0 + w][tissue] = value
 
     for _ in pool.map(block, range(0, width, READ_COLS)):

@@ -37,6 +37,7 @@ from dsf.slide_readers import (
     check_image_mode,
     image_mpp,
     is_plain_image,
+    layout_refusal,
     open_backend,
 )
 
@@ -239,9 +240,7 @@ def describe_slide(path: str | os.PathLike[str], slide_id: str | None = None) ->
                 size = im.size
                 check_image_mode(im.mode)
         except UnsupportedLayoutError as exc:
-            raise SlideError(
-                sid, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
-            ) from exc
+            raise layout_refusal(sid, path, exc) from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise SlideError(sid, f"cannot read {path}: {exc}") from exc
         if note:

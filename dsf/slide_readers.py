@@ -315,6 +315,14 @@ def _page_levels(tf: Any, series: Any) -> list[tuple[int, Any]]:
     return [found[w] for w in sorted(found, reverse=True)]
 
 
+def _pyramid(tf: Any, series: Any) -> list[tuple[int, int, Any]]:
+    """(series index, level index, level) of each pyramid level of `series`: tifffile's
+    levels, or, where it sees one, that image and the plain pages that downsample it."""
+    if len(series.levels) > 1:
+        return [(0, i, level) for i, level in enumerate(series.levels)]
+    return [(0, 0, series.levels[0]), *((k, 0, image) for k, image in _page_levels(tf, series))]
+
+
 class _TiffBackend(Backend):
     """tifffile + zarr: bounded reads of tiled or stripped TIFF levels, one handle per thread.
 
@@ -355,12 +363,9 @@ class _TiffBackend(Backend):
         keyframe = series.levels[0].keyframe
         # (series, level) of each pyramid level: tifffile's, or further images of the file
         # that are downsamples of the first without being flagged as reduced (`_page_levels`)
-        self._refs = [(0, i) for i in range(len(series.levels))]
-        levels = list(series.levels)
-        if len(levels) == 1:
-            for k, image in _page_levels(tf, series):
-                self._refs.append((k, 0))
-                levels.append(image)
+        pyramid = _pyramid(tf, series)
+        self._refs = [(k, i) for k, i, _ in pyramid]
+        levels = [level for _, _, level in pyramid]
         # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
         # otherwise a read decodes each chunk (tile or strip) it meets whole
         self._mapped = [lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in levels]
@@ -529,9 +534,7 @@ def _tiff_layout(path: Path) -> tuple[bool, int]:
     try:
         with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
             series = tf.series[0]
-            ome, levels = bool(tf.is_ome), len(series.levels)
-            if levels == 1:
-                levels += len(_page_levels(tf, series))
+            ome, levels = bool(tf.is_ome), len(_pyramid(tf, series))
             layout: UnsupportedLayoutError | None = None
             try:
                 _check_layout(series)
@@ -627,6 +630,13 @@ def _try(
         return None
 
 
+def layout_refusal(slide_id: str, path: Path, exc: UnsupportedLayoutError) -> SlideError:
+    """The error for a readable file that is no brightfield slide (`UnsupportedLayoutError`)."""
+    return SlideError(
+        slide_id, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
+    )
+
+
 def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
     """Choose and open a backend; every failure becomes a SlideError naming the slide."""
     if not path.exists():
@@ -639,9 +649,7 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
     try:
         backend = _first_backend(path, slide_id, check, errors)
     except UnsupportedLayoutError as exc:
-        raise SlideError(
-            slide_id, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
-        ) from exc
+        raise layout_refusal(slide_id, path, exc) from exc
     if backend is not None:
         return backend
     if not errors:

@@ -78,6 +78,12 @@ def rgb_rule(rgb: np.ndarray, rgb_max: list[int]) -> np.ndarray:
     return np.all(rgb[..., :3] <= np.asarray(rgb_max, dtype=rgb.dtype), axis=-1)
 
 
+def has_data(rgb: np.ndarray) -> np.ndarray:
+    """Where a scan has data: black no-data fill (every channel at most NO_DATA_MAX) passes
+    the RGB rule's upper bounds but is never tissue."""
+    return rgb[..., :3].max(axis=-1) > NO_DATA_MAX
+
+
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue (degrees, 0..360), saturation and value (0..1) of RGB uint8, as float32.
 
@@ -187,9 +193,7 @@ def _no_data_edge(rgb: np.ndarray, lit: np.ndarray) -> np.ndarray:
 
     edge = binary_dilation(~lit, np.ones((3, 3), bool)) & lit
     out = np.zeros(lit.shape, bool)
-    px = rgb[edge][:, :3].astype(np.float32)
-    top = px.max(axis=1)
-    out[edge] = (top - px.min(axis=1)) < NO_DATA_EDGE_SATURATION * top
+    out[edge] = hsv(rgb[edge])[1] < NO_DATA_EDGE_SATURATION
     return out
 
 
@@ -200,7 +204,7 @@ def _detect(
     method = settings["method"]
     thresholds: dict[str, Any]
     planes = hsv(rgb) if method == "otsu" or settings["pen_marks"] else None
-    lit = rgb[..., :3].max(axis=-1) > NO_DATA_MAX
+    lit = has_data(rgb)
     if method == "rgb":
         raw = rgb_rule(rgb, settings["rgb_max"]) & lit & ~_no_data_edge(rgb, lit)
         thresholds = {"rgb_max": list(settings["rgb_max"])}
