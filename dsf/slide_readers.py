@@ -233,12 +233,14 @@ def tiff_tag_mpp(page: Any, axis: str = "X") -> float | None:
     return um / per_unit if um else None
 
 
-def _ome_mpp(xml: str, axis: str = "X") -> float | None:
-    """PhysicalSize{axis} of the first OME Pixels element, converted to um."""
+def _ome_mpp(xml: str, axis: str, size: tuple[int, int]) -> float | None:
+    """PhysicalSize{axis} of the OME image of `size` (width, height), converted to um: the
+    file's main image, which need not be its first (a label or macro image may come first)."""
     root = ET.fromstring(xml)
     key = f"PhysicalSize{axis}"
     for elem in root.iter():
-        if elem.tag.endswith("Pixels") and key in elem.attrib:
+        shape = (elem.attrib.get("SizeX"), elem.attrib.get("SizeY"))
+        if elem.tag.endswith("Pixels") and shape == tuple(map(str, size)) and key in elem.attrib:
             unit = elem.attrib.get(f"{key}Unit", "µm")
             if unit not in _UM_PER_UNIT:  # "pixel", "reference frame": no physical size
                 log.warning("OME %sUnit %r is no length dsf knows; resolution not taken", key, unit)
@@ -295,16 +297,34 @@ def _check_layout(series: Any) -> None:
         raise UnsupportedLayoutError(f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)")
 
 
-def _page_levels(tf: Any, series: Any) -> list[tuple[int, Any]]:
-    """(series index, series) of the file's further images that are downsamples of `series`
-    (same axes and type, both sides one factor of it, rounded either way), largest first: a
-    pyramid written as plain pages, not flagged as reduced, which tifffile and OpenSlide take
-    for separate images (coarse reads then decoded the full level). A label or macro image,
-    of another shape, is not one."""
+def _plane_size(series: Any) -> tuple[int, int]:
+    """(width, height) of a tifffile series' full-resolution plane; (0, 0) without Y and X."""
+    if "Y" not in series.axes or "X" not in series.axes:
+        return 0, 0
+    return series.shape[series.axes.index("X")], series.shape[series.axes.index("Y")]
+
+
+def _main_series(tf: Any) -> int:
+    """Index of the file's main image: the series with the most pixels (the first of equals).
+    A converter may write a label, macro or overview image before the scan; OpenSlide's
+    generic TIFF reader and a first-series rule would then read that as the slide."""
+    areas = [math.prod(_plane_size(s)) for s in tf.series]
+    return areas.index(max(areas))
+
+
+def _page_levels(tf: Any, main: int) -> list[tuple[int, Any]]:
+    """(series index, series) of the file's other images that are downsamples of its main
+    image (same axes and type, both sides one factor of it, rounded either way), largest
+    first: a pyramid written as plain pages, not flagged as reduced, which tifffile and
+    OpenSlide take for separate images (coarse reads then decoded the full level). A label or
+    macro image, of another shape, is not one."""
+    series = tf.series[main]
     y_ax, x_ax = series.axes.index("Y"), series.axes.index("X")
     h0, w0 = series.shape[y_ax], series.shape[x_ax]
     found: dict[int, tuple[int, Any]] = {}
-    for k, other in enumerate(tf.series[1:], 1):
+    for k, other in enumerate(tf.series):
+        if k == main:
+            continue
         if other.axes != series.axes or other.dtype != series.dtype or len(other.levels) != 1:
             continue
         h, w = other.shape[y_ax], other.shape[x_ax]
@@ -315,12 +335,13 @@ def _page_levels(tf: Any, series: Any) -> list[tuple[int, Any]]:
     return [found[w] for w in sorted(found, reverse=True)]
 
 
-def _pyramid(tf: Any, series: Any) -> list[tuple[int, int, Any]]:
-    """(series index, level index, level) of each pyramid level of `series`: tifffile's
+def _pyramid(tf: Any, main: int) -> list[tuple[int, int, Any]]:
+    """(series index, level index, level) of each pyramid level of series `main`: tifffile's
     levels, or, where it sees one, that image and the plain pages that downsample it."""
+    series = tf.series[main]
     if len(series.levels) > 1:
-        return [(0, i, level) for i, level in enumerate(series.levels)]
-    return [(0, 0, series.levels[0]), *((k, 0, image) for k, image in _page_levels(tf, series))]
+        return [(main, i, level) for i, level in enumerate(series.levels)]
+    return [(main, 0, series.levels[0]), *((k, 0, im) for k, im in _page_levels(tf, main))]
 
 
 class _TiffBackend(Backend):
@@ -339,20 +360,25 @@ class _TiffBackend(Backend):
         self._flags: dict[str, bool] = {}
         tf = tifffile.TiffFile(str(path))
         self._local.tf = tf
-        series = tf.series[0]
+        main = _main_series(tf)
+        series = tf.series[main]
         mpp_x = mpp_y = None
         source = "OME PhysicalSizeX/Y values"
         if tf.is_ome and tf.ome_metadata:
-            mpp_x, mpp_y = _ome_mpp(tf.ome_metadata), _ome_mpp(tf.ome_metadata, "Y")
+            size = _plane_size(series)
+            mpp_x, mpp_y = (_ome_mpp(tf.ome_metadata, axis, size) for axis in "XY")
             if len(series.levels) == 1:
                 flat = tifffile.TiffFile(str(path), is_ome=False)
-                plain = flat.series[0]
+                flat_main = _main_series(flat)
+                plain = flat.series[flat_main]
                 if len(plain.levels) > 1 and plain.shape == series.shape:
                     tf.close()
-                    tf, series, self._flags = flat, plain, {"is_ome": False}
+                    tf, main, series, self._flags = flat, flat_main, plain, {"is_ome": False}
                     self._local.tf = tf
                 else:
                     flat.close()
+        if main:
+            log.info("%s: its main image is image %d of the file (the largest)", path, main)
         if mpp_x is None:
             keyframe = series.levels[0].keyframe
             mpp_x, mpp_y = tiff_tag_mpp(keyframe), tiff_tag_mpp(keyframe, "Y")
@@ -362,8 +388,8 @@ class _TiffBackend(Backend):
         self._dtype = np.dtype(series.dtype)
         keyframe = series.levels[0].keyframe
         # (series, level) of each pyramid level: tifffile's, or further images of the file
-        # that are downsamples of the first without being flagged as reduced (`_page_levels`)
-        pyramid = _pyramid(tf, series)
+        # that are downsamples of the main image without being flagged as reduced (`_page_levels`)
+        pyramid = _pyramid(tf, main)
         self._refs = [(k, i) for k, i, _ in pyramid]
         levels = [level for _, _, level in pyramid]
         # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
@@ -523,9 +549,10 @@ def is_plain_image(path: Path) -> bool:
     return path.suffix.lower() in _IMAGE_SUFFIXES and not _is_tiff(path)
 
 
-def _tiff_layout(path: Path) -> tuple[bool, int]:
-    """(OME-TIFF?, pyramid levels tifffile sees in the first series, SubIFDs included), from
-    one parse; (False, 0) when tifffile cannot parse it (the backends then report why).
+def _tiff_layout(path: Path) -> tuple[bool, int, int]:
+    """(OME-TIFF?, pyramid levels tifffile sees in the main image, SubIFDs included, the main
+    image's series index), from one parse; (False, 0, 0) when tifffile cannot parse it (the
+    backends then report why).
 
     Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
     read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint."""
@@ -533,18 +560,19 @@ def _tiff_layout(path: Path) -> tuple[bool, int]:
 
     try:
         with _quiet_tifffile(), tifffile.TiffFile(str(path)) as tf:
-            series = tf.series[0]
-            ome, levels = bool(tf.is_ome), len(_pyramid(tf, series))
+            main = _main_series(tf)
+            series = tf.series[main]
+            ome, levels = bool(tf.is_ome), len(_pyramid(tf, main))
             layout: UnsupportedLayoutError | None = None
             try:
                 _check_layout(series)
             except UnsupportedLayoutError as exc:
                 layout = exc
     except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands
-        return False, 0
+        return False, 0, 0
     if layout is not None:
         raise layout
-    return ome, levels
+    return ome, levels, main
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:
@@ -685,9 +713,11 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
         # what tifffile sees, only where OpenSlide would otherwise read the file
-        ome, tiff_levels = _tiff_layout(path) if is_tiff and vendor is not None else (False, 0)
+        layout = _tiff_layout(path) if is_tiff and vendor is not None else (False, 0, 0)
+        ome, tiff_levels, main = layout
         backend = None
-        if vendor is not None and not ome:
+        # OpenSlide's generic TIFF reader takes the first image for the slide
+        if vendor is not None and not ome and not (vendor == "generic-tiff" and main):
             backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
         if backend is not None and vendor == "generic-tiff" and tiff_levels > len(backend.levels):
             backend.close()

@@ -153,6 +153,28 @@ def test_ome_tiff_pyramid_via_tifffile(tmp_path: Path) -> None:
     np.testing.assert_array_equal(s.read(100, 50, 100, 50, 0.5), rgb[::2, ::2][25:75, 50:150])
 
 
+@pytest.mark.parametrize("ome", [True, False], ids=["ome", "generic-tiff"])
+def test_the_largest_image_is_the_slide_when_a_macro_comes_first(tmp_path: Path, ome: bool) -> None:
+    """A converter may write the macro (overview) image before the scan: the first image had
+    been read as the slide (OpenSlide's generic TIFF reader too), with the macro's 20 um/px."""
+    rgb, macro = _pattern(600, 900), np.full((120, 300, 3), 200, np.uint8)
+    path = tmp_path / ("m.ome.tif" if ome else "m.tif")
+    with tifffile.TiffWriter(path, ome=ome) as tw:
+        for image, mpp, name in ((macro, 20.0, "macro"), (rgb, 0.25, "scan")):
+            tags = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+            meta = {"axes": "YXS", "Name": name, "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
+            tw.write(
+                image, photometric="rgb", tile=(64, 64), subifds=int(image is rgb and ome),
+                **({"metadata": meta} if ome else tags),
+            )  # fmt: skip
+        if ome:
+            tw.write(rgb[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
+    s = open_slide(path)
+    assert (s.backend_name, s.dimensions, s.mpp) == ("tiff", (900, 600), pytest.approx(0.25))
+    assert len(s.levels) == (2 if ome else 1)
+    np.testing.assert_array_equal(s.read(100, 50, 200, 100, 0.25), rgb[50:150, 100:300])
+
+
 def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) -> None:
     """DICOM VL Whole Slide Microscopy (Imaging Data Commons' format): a folder of one series'
     instances is a slide, its first level instance stands in, and any instance opens the whole
