@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --printshellcmds --show-failed-logs
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --printshellcmds --show-failed-logs \
+		--max-checksum-file-size 67108864
 	$(BIN)/snakemake --report results/report.html
 
 # The cluster tests start a real SLURM: `make test-cluster`.

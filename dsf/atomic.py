@@ -4,17 +4,58 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dsf.errors import ConfigError
+
+#: Files at the top of a Zarr store (v3, v2): dsf's folder outputs are all Zarr stores.
+_STORE_MARKS = ("zarr.json", ".zgroup", ".zarray")
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` is a Zarr store's folder."""
+    return path.is_dir() and any((path / mark).is_file() for mark in _STORE_MARKS)
+
 
 def remove(path: Path) -> None:
-    """Delete a file or folder if it exists."""
+    """Delete an earlier output if it exists: a file, or a Zarr store (dsf's folder outputs).
+
+    Any other folder is refused, never deleted: a folder given for an output by mistake (the
+    slide folder, `.`) holds the user's files."""
+    if path.is_dir() and not path.is_symlink():
+        if not is_store(path):
+            raise ConfigError(
+                f"output {path} is an existing folder that dsf did not write: it is left "
+                "alone; give the output a path that is not an existing folder"
+            )
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_scratch(path: Path) -> None:
+    """Delete dsf's own work file or folder (a `.partial`, a `.work` folder) if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def check_outputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None]) -> None:
+    """Refuse, before anything is deleted or read, an output that is one of the inputs (a slide
+    given for its own mask would be overwritten) or that names an existing folder which is not
+    a Zarr store."""
+    given = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    for out in (Path(p) for p in outputs if p is not None):
+        if out.resolve() in given:
+            raise ConfigError(
+                f"output {out} is the input {given[out.resolve()]}: it would be overwritten; "
+                "give the output another path"
+            )
+        if out.is_dir() and not out.is_symlink() and not is_store(out):
+            remove(out)  # raises: a folder dsf did not write
 
 
 @contextmanager
@@ -24,13 +65,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Works for files and folders (a Zarr store). Parent folders are created.
     """
     final = Path(path)
+    check_outputs([final], [])
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".partial")
-    remove(partial)  # left over from a killed run
+    remove_scratch(partial)  # left over from a killed run
     try:
         yield partial
     except BaseException:
-        remove(partial)
+        remove_scratch(partial)
         raise
     if not partial.exists():
         raise FileNotFoundError(f"{partial} was not written")

@@ -99,11 +99,25 @@ def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) ->
     # a fine-tuning records "<patch store_id>+<labels store_id>" (dsf.tile_labels)
     labelled = any("+" in str(v) for v in (*old.values(), *now.values()))
     stores, fitted = ("patch or labels", "tiles or labels") if labelled else ("patch", "tiles")
-    raise ConfigError(
+    raise _mismatch(
         f"{path} was trained on other {stores} stores ({'; '.join(what)}), so resuming would "
         f"keep weights fitted to the old {fitted}: delete the checkpoint to train on the "
-        "stores as they are now"
+        "stores as they are now",
+        f"other {stores} stores: {'; '.join(what)}",
     )
+
+
+def _mismatch(message: str, what: str) -> ConfigError:
+    """The ConfigError of a checkpoint that does not match the run, `what` differs in short."""
+    err = ConfigError(message)
+    err.what = what  # type: ignore[attr-defined]
+    return err
+
+
+def finished(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint is of a run that trained all its epochs (not one a signal stopped)."""
+    epochs = (state.get("settings") or {}).get("epochs")
+    return epochs is not None and not state.get("interrupted") and state["epoch"] >= epochs
 
 
 def load_for_resume(
@@ -111,11 +125,18 @@ def load_for_resume(
     hyper: dict[str, Any],
     stores: dict[str, Any] | None = None,
     encoders: str | None = None,
-) -> dict[str, Any]:
+    restart_finished: bool = False,
+) -> dict[str, Any] | None:
     """Load a checkpoint (weights_only) trained on `stores` (`check_stores`) from the pretrained
     `encoders` (a `weights_digest`; neither is checked when None, here or in the checkpoint)
     whose `hyper` must equal `hyper`; else a ConfigError naming the rebuilt stores, the other
     encoders, or every changed setting with its old and new value.
+
+    With `restart_finished` (pretraining, whose checkpoint outlives its run so that more epochs
+    can follow), the checkpoint of a finished run is no run to continue under other settings or
+    stores but the last one's end: None then (train from the start, replacing it), as
+    Snakemake reruns a finished job whose settings or inputs changed. A setting changed in an
+    unfinished run stays refused (resuming it would mix two runs).
 
     Loaded on the CPU: `load_state_dict` moves weights and optimiser moments to the model's
     device, while Adam's step counts stay on the CPU as in a fresh run (on the GPU every step
@@ -125,26 +146,53 @@ def load_for_resume(
         raise ConfigError(
             f"{path} is not a dsf training checkpoint (no `hyper`): delete it to start over"
         )
+    try:
+        _check_resume(path, state, hyper, stores, encoders)
+    except ConfigError as exc:
+        if not (restart_finished and finished(state)):
+            raise
+        log.warning(
+            "%s is of a finished run that cannot be continued (%s): training starts over and "
+            "replaces it",
+            path,
+            getattr(exc, "what", exc),
+        )
+        return None
+    return state
+
+
+def _check_resume(
+    path: Path,
+    state: dict[str, Any],
+    hyper: dict[str, Any],
+    stores: dict[str, Any] | None,
+    encoders: str | None,
+) -> None:
+    """load_for_resume's checks: a ConfigError naming what differs from the checkpoint."""
     if stores is not None:  # first: rebuilt stores also change a computed normalisation
         check_stores(path, state.get("stores"), stores)
     old_encoders = state.get("encoders")
     if encoders is not None and old_encoders is not None and old_encoders != encoders:
-        raise ConfigError(
+        raise _mismatch(
             f"{path} was fine-tuned from other pretrained encoders (pretraining has been redone "
             "since), so resuming would keep weights grown from the old ones: delete the "
-            "checkpoint to fine-tune from the encoders as they are now"
+            "checkpoint to fine-tune from the encoders as they are now",
+            "other pretrained encoders",
         )
     old = state["hyper"]
     # what a checkpoint of an older dsf did not record (a setting or check added since) is not
     # compared: it cannot tell, as with stores and encoders
     changed = sorted(k for k in old if hyper.get(k) != old[k])
     if changed:
-        raise ConfigError(
-            f"{path} was trained with other settings ({', '.join(changed)}: "
-            f"{[old.get(k) for k in changed]} then, {[hyper.get(k) for k in changed]} now); "
-            "restore them, or delete the checkpoint to start over"
+        detail = (
+            f"{', '.join(changed)}: {[old.get(k) for k in changed]} then, "
+            f"{[hyper.get(k) for k in changed]} now"
         )
-    return state
+        raise _mismatch(
+            f"{path} was trained with other settings ({detail}); restore them, or delete the "
+            "checkpoint to start over",
+            f"other settings, {detail}",
+        )
 
 
 def save_training(
@@ -175,11 +223,14 @@ def resume_training(
     scaler: torch.amp.GradScaler,
     stores: dict[str, Any] | None = None,
     encoders: str | None = None,
-) -> dict[str, Any]:
+    restart_finished: bool = False,
+) -> dict[str, Any] | None:
     """Load a `save_training` checkpoint trained with `hyper` on `stores` from `encoders`
     (`load_for_resume`) into the model, optimiser and scaler; returns the checkpoint for the
-    rest of its state."""
-    state = load_for_resume(path, hyper, stores, encoders)
+    rest of its state, or None (nothing loaded) for a finished run's that starts over."""
+    state = load_for_resume(path, hyper, stores, encoders, restart_finished)
+    if state is None:
+        return None
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # empty when saved without fp16 (on the CPU, or with bf16)

@@ -171,7 +171,8 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
             pages = list(tf.pages)
             first = pages[0]
             levels = [tuple(int(v) for v in p.shape[:2]) for p in pages if p.ndim == 2]
-            dtype, ndim, tag_mpp = first.dtype, first.ndim, tiff_tag_mpp(first)
+            dtype, ndim = first.dtype, first.ndim
+            tag_mpp, tag_mpp_y = tiff_tag_mpp(first), tiff_tag_mpp(first, "Y")
             codes = description_codes(first.description)
             damage = _truncation(tf, pages)
     except PermissionError:
@@ -199,9 +200,11 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
         )
     if tag_mpp is None:
         log.warning("%s has no resolution tags; using the JSON's mpp %s", tiff, meta["mpp"])
-    elif not math.isclose(tag_mpp, float(meta["mpp"]), rel_tol=1e-3):
-        raise ConfigError(
-            f"class map {tiff}: resolution tags give {tag_mpp:.6g} um/px, its JSON "
-            f"{meta['mpp']}: rerun infer"
-        )
+    else:
+        for axis, value in (("X", tag_mpp), ("Y", tag_mpp_y)):
+            if value is None or not math.isclose(value, float(meta["mpp"]), rel_tol=1e-3):
+                raise ConfigError(
+                    f"class map {tiff}: its {axis} resolution tag gives {value or 0:.6g} um/px, "
+                    f"its JSON {meta['mpp']}: rerun infer"
+                )
     return ClassMap(Path(tiff), meta, levels)  # type: ignore[arg-type]

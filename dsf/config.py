@@ -232,6 +232,38 @@ def add_section_arguments(
         group.add_argument(_flag(key), **kwargs)
 
 
+def add_setting_argument(
+    parser: argparse.ArgumentParser, flag: str, key: str, help: str, **kwargs: Any
+) -> None:
+    """An option that sets one schema setting (`section.key`) outside its section's options
+    (`dsf labels --rgb-max` is tissue.rgb_max): its default, type and bounds from the schema,
+    so a value the config would refuse is refused here too, naming the key."""
+    section, name = key.split(".")
+    sub = section_schema(section)["properties"][name]
+    default = defaults(section)[name]
+    item = sub.get("items", {}) if sub.get("type") == "array" else sub
+    kind = item.get("type")
+    kind = next(k for k in kind if k != "null") if isinstance(kind, list) else kind
+    convert_type = {"integer": int, "number": float}.get(kind, str)
+    checker = jsonschema.Draft202012Validator(item)
+
+    def convert(text: str) -> Any:
+        value = convert_type(text)
+        problem = next((e.message for e in checker.iter_errors(value)), None)
+        if problem is None and isinstance(value, float) and not math.isfinite(value):
+            problem = "not a finite number"
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} (config key {key}: {problem})")
+        return value
+
+    if sub.get("type") == "array":
+        fixed = sub.get("minItems") is not None and sub.get("minItems") == sub.get("maxItems")
+        kwargs.setdefault("nargs", sub["minItems"] if fixed else "+")
+    parser.add_argument(
+        flag, type=convert, default=default, help=f"{help} ({key}, default {default})", **kwargs
+    )
+
+
 def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """The validated settings of a section from parsed options (defaults from the schema),
     without the keys only the workflow reads (`add_section_arguments`' skip): the command

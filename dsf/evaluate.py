@@ -420,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
     add_section_arguments(s, "evaluate", skip=("gpus",))
-    add_section_arguments(s, "labels")
+    add_section_arguments(s, "labels", skip=("masks",))  # the workflow's file patterns
 
     a = sub.add_parser("tables", help="aggregate per-slide TSVs into tables and the figure")
     a.add_argument("--tiles", nargs="*", default=[], type=Path, help="tile-protocol TSVs")

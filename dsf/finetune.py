@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
-from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.config import add_section_arguments, defaults, section_from_args, section_schema
 from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
@@ -458,6 +458,7 @@ class FineTuner:
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
             stores=self.store_ids, encoders=self.encoders_digest,
         )  # fmt: skip
+        assert state is not None  # only pretraining restarts a finished run
         self.epoch, self.best = int(state["epoch"]), state["best"]
         checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "finetune")
         self.history = list(state["history"])
@@ -526,7 +527,9 @@ def _parser() -> argparse.ArgumentParser:
         "nor --norm-mean/--norm-std: the encoders' own, else computed from the stores",
     )
     add_section_arguments(p, "finetune", skip=("inits", "fractions", "gpus"))
-    add_section_arguments(p, "labels")
+    # of the labels settings only the classes: the tiles are labelled already
+    others = tuple(k for k in section_schema("labels")["properties"] if k != "classes")
+    add_section_arguments(p, "labels", skip=others)
     return p
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from dsf import __version__
-from dsf.atomic import atomic_path, remove
+from dsf.atomic import atomic_path, check_outputs, remove, remove_scratch
 from dsf.chunk_reader import ChunkReader
 from dsf.class_tiff import write_tiff
 from dsf.config import add_section_arguments, section_from_args
@@ -146,7 +146,7 @@ def infer_slide(
         clock[0] = now
 
     work = out_map.with_name(f".{out_map.name}.work")
-    remove(work)
+    remove_scratch(work)
     out_mpp = t * f
     tissue = mask if settings["mask_output"] else None
     # the overlay's thumbnail is read beside the prediction, not after it
@@ -217,7 +217,7 @@ def infer_slide(
                 lap("overlay")
             finally:
                 thumbs.shutdown(wait=True, cancel_futures=True)
-                remove(work)
+                remove_scratch(work)
             ow, oh = grid.out_size
             meta = {
                 "slide": slide.slide_id,
@@ -290,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         from dsf.devices import use_device
         from dsf.tissue import check_mask_fits, read_mask
 
+        outputs = [args.out_map, args.out_overlay, args.out_meta, args.out_probs]
+        check_outputs(outputs, [args.slide, args.tissue_mask, *args.models])
         st = section_from_args(args, "infer")
         device = use_device(st["device"], "infer.device")
         preds = [load_predictor(m, device, st["amp"]) for m in args.models]
         slide = open_slide(
             args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
         )
-        mask, mask_mpp = read_mask(args.tissue_mask)
+        mask, mask_mpp = read_mask(args.tissue_mask, slide.slide_id)
         check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
         infer_slide(
             slide,

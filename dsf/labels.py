@@ -35,9 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dsf.annotations import base_class, check_label_settings, class_index, open_labels
-from dsf.atomic import atomic_path, remove
+from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.class_tiff import pyramid_levels, write_block, write_tiff
-from dsf.config import add_section_arguments, defaults, section_from_args
+from dsf.config import add_section_arguments, add_setting_argument, section_from_args
 from dsf.errors import AnnotationError, ConfigError
 from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
@@ -200,33 +200,20 @@ def _parser() -> argparse.ArgumentParser:
         help="an annotation (label mask, GeoJSON or XML) painted over labels.base",
     )
     parser.add_argument("--out", required=True, type=Path, help="output label mask TIFF")
-    parser.add_argument(
-        "--mpp",
-        type=float,
-        default=defaults("patches")["target_mpp"],
-        help="resolution of the label mask, um/px (default: patches.target_mpp)",
+    add_setting_argument(parser, "--mpp", "patches.target_mpp", "label mask resolution, um/px")
+    add_setting_argument(
+        parser, "--rgb-max", "tissue.rgb_max", "tissue rule of labels.base", metavar=("R", "G", "B")
     )
-    parser.add_argument(
-        "--rgb-max",
-        type=int,
-        nargs=3,
-        default=defaults("tissue")["rgb_max"],
-        metavar=("R", "G", "B"),
-        help="tissue rule of labels.base (default: tissue.rgb_max)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=defaults("patches")["threads"],
-        help="slide reader threads (patches.threads, default %(default)s)",
-    )
+    add_setting_argument(parser, "--threads", "patches.threads", "slide reader threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_section_arguments(parser, "labels")
+    # labels.masks are the workflow's file patterns: a run by hand gives --mask CLASS=FILE
+    add_section_arguments(parser, "labels", skip=("masks",))
     return parser
 
 
 def _stage(args: argparse.Namespace) -> None:
+    check_outputs([args.out], [args.slide, args.annotation, *(p for _, p in args.masks or [])])
     remove(args.out)  # a failed rerun must not leave the previous mask looking current
     settings = section_from_args(args, "labels")
     masks: dict[str, Path] = {}

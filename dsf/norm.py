@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dsf import __version__
 from dsf.atomic import atomic_path
-from dsf.config import defaults
+from dsf.config import add_setting_argument
 from dsf.errors import ConfigError
 from dsf.runner import run, setup_logging
 
@@ -190,21 +190,13 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    pre = defaults("pretrain")
     p = argparse.ArgumentParser(prog="dsf norm", description=__doc__)
     p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
     p.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
     p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
     p.add_argument("--out", required=True, type=Path, help="the JSON to write")
-    p.add_argument(
-        "--norm-tiles",
-        type=int,
-        default=pre["norm_tiles"],
-        help=f"tiles sampled (default pretrain.norm_tiles: {pre['norm_tiles']})",
-    )
-    p.add_argument(
-        "--seed", type=int, default=pre["seed"], help=f"sampling seed (default {pre['seed']})"
-    )
+    add_setting_argument(p, "--norm-tiles", "pretrain.norm_tiles", "tiles sampled")
+    add_setting_argument(p, "--seed", "pretrain.seed", "sampling seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from dsf import __version__
-from dsf.atomic import atomic_path
+from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import progress_bar, run, setup_logging
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from dsf.tissue import check_mask_fits, read_mask
 
+        check_outputs([args.out], [args.slide, args.tissue_mask, args.tissue_stats])
+        remove(args.out)  # a failed rerun must not leave the previous store looking current
         settings = section_from_args(args, "patches")
         slide = open_slide(
             args.slide,
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             slide_id=args.slide_id,
             mpp_tolerance=settings["mpp_tolerance"],
         )
-        mask, mask_mpp = read_mask(args.tissue_mask)
+        mask, mask_mpp = read_mask(args.tissue_mask, slide.slide_id)
         check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
         attrs: dict[str, Any] = {}
         if args.tissue_stats is not None:

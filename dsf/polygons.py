@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf.atomic import atomic_path, remove
+from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
@@ -157,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: A foreign member at the head of the GeoJSON written here (QuPath ignores it): a rerun may
+#: replace a file that carries it; any other file (a pathologist's annotation) is left alone.
+MARK = {"generator": "dsf polygons"}
+
+
+def _written_by_dsf(path: Path) -> bool:
+    """Whether an existing GeoJSON or ImageScope XML is one `dsf polygons` wrote."""
+    if path.suffix.lower() == ".xml":
+        return written_by_dsf(path)
+    with open(path, "rb") as fh:
+        return json.dumps(MARK, separators=(",", ":"))[1:-1].encode() in fh.read(512)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`dsf polygons`."""
     args = _parser().parse_args(argv)
@@ -167,15 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         xml = args.out.with_suffix(".xml") if settings["imagescope"] else None
         if xml == args.out:
             raise ConfigError(f"--out {args.out}: the GeoJSON needs another suffix than .xml")
-        # a failed rerun must not leave the previous polygons looking current
-        remove(args.out)
-        if xml is not None:
-            if xml.exists() and not written_by_dsf(xml):
+        check_outputs([args.out, xml], [args.map, args.map_json, args.slide])
+        for out in (args.out, xml):
+            if out is not None and out.is_file() and not _written_by_dsf(out):
                 raise ConfigError(
-                    f"{xml} exists and was not written by dsf (an ImageScope annotation beside "
-                    "its slide?): it is left alone; give --out a name in another folder"
+                    f"{out} exists and was not written by dsf polygons (an annotation beside "
+                    "its slide?): it is left alone; give --out a name in another folder (or "
+                    "delete it, if an older dsf wrote it)"
                 )
-            remove(xml)
+        # a failed rerun must not leave the previous polygons looking current
+        for out in (args.out, xml):
+            if out is not None:
+                remove(out)
         cmap = open_map(args.map, args.map_json)
         with open_slide(
             args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
@@ -183,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
             mpp0, dims = slide.mpp, slide.dimensions
         collection = map_polygons(cmap, mpp0, settings, dims)
+        collection = {"type": collection["type"], **MARK, "features": collection["features"]}
         with atomic_path(args.out) as tmp:  # dumps: json's C encoder (dump's is Python)
             tmp.write_text(json.dumps(collection, separators=(",", ":")))
         if xml is not None:

@@ -102,6 +102,26 @@ class StoppedError(TrainingError):
 #: losing up to checkpoint_every epochs.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
+#: A SLURM job's pretraining checkpoints and stops on its own this long before the job's time
+#: limit (at most a tenth of the limit): on clusters that track a job's processes by cgroup,
+#: SLURM's signals before the limit end Snakemake's job step, and the training with it, before
+#: the training process can act on them.
+STOP_BEFORE_LIMIT_S = 600.0
+
+
+def job_deadline(
+    time_limit_min: float | None, now: float | None = None, env: dict[str, str] | None = None
+) -> float | None:
+    """When (`time.time()`) pretraining in a SLURM job stops itself: STOP_BEFORE_LIMIT_S before
+    its time limit of `time_limit_min` minutes from `now` (the rule's runtime, which the job
+    was submitted with). None without a limit or outside a SLURM job (no SLURM_JOB_ID): a
+    local run has no limit to stop before."""
+    env = os.environ if env is None else env
+    if time_limit_min is None or "SLURM_JOB_ID" not in env:
+        return None
+    limit = time_limit_min * 60.0
+    return (time.time() if now is None else now) + limit - min(STOP_BEFORE_LIMIT_S, limit / 10)
+
 
 class _InterruptError(Exception):
     """Raised inside an epoch when a stop signal came, with the steps it had done."""
@@ -289,6 +309,7 @@ class Trainer:
         self._epochs_run = 0  # in this process: the first includes the workers' start
         self._said_starved = False
         self._stop: int | None = None  # the stop signal received, if any
+        self.deadline: float | None = None  # `time.time()` to stop at by itself (job_deadline)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -320,8 +341,10 @@ class Trainer:
             return False
         state = checkpoints.resume_training(
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
-            stores=self.store_ids,
+            stores=self.store_ids, restart_finished=True,
         )  # fmt: skip
+        if state is None:  # a finished run's, under other settings or stores: start over
+            return False
         self.epoch = int(state["epoch"])
         checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "pretrain")
         self.history = list(state["history"])
@@ -494,11 +517,12 @@ class Trainer:
         """Whether to stop now for a signal: at once in one process; under DDP every
         CHECK_EVERY steps, when all ranks learn together whether any received one (one rank
         stopping alone would leave the others waiting in a collective)."""
+        due = self._stop is not None or (self.deadline is not None and time.time() >= self.deadline)
         if self.world == 1:
-            return self._stop is not None
+            return due
         if steps % CHECK_EVERY:
             return False
-        flag = torch.tensor(float(self._stop is not None), device=self.device)
+        flag = torch.tensor(float(due), device=self.device)
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
 
@@ -532,7 +556,10 @@ class Trainer:
             except _InterruptError as stop:
                 at = {"epoch": self.epoch + 1, "steps": stop.steps}
                 self.save_checkpoint(interrupted=at)
-                name = signal.Signals(self._stop or signal.SIGTERM).name
+                if self._stop is None and self.deadline is not None:
+                    name = "its job's coming time limit"
+                else:
+                    name = signal.Signals(self._stop or signal.SIGTERM).name
                 raise StoppedError(
                     f"pretraining stopped by {name} in epoch {at['epoch']} after {at['steps']} "
                     f"steps; {self.checkpoint_path} holds the weights it reached: run the same "
@@ -600,6 +627,13 @@ def _parser() -> argparse.ArgumentParser:
         help="normalisation JSON of `dsf norm` (instead of --mean/--std; with neither, computed "
         "from the training stores)",
     )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        help="the SLURM job's time limit: checkpoint and stop shortly before it (up to "
+        f"{STOP_BEFORE_LIMIT_S / 60:.0f} min); ignored outside a SLURM job",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_section_arguments(p, "pretrain", skip=("methods", "scope", "gpus"))
     return p
@@ -623,7 +657,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume:
             for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):
                 (args.out_dir / name).unlink(missing_ok=True)
+        deadline = job_deadline(args.time_limit)
         trainer = Trainer(settings, stores, args.out_dir, meta)
+        trainer.deadline = deadline
+        if deadline is not None and trainer.rank == 0:
+            log.info(
+                "SLURM job: checkpoints and stops by itself at %s, before its %g min limit",
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(deadline)),
+                args.time_limit,
+            )
         if args.resume:
             trainer.resume()
         try:

@@ -393,7 +393,12 @@ def scan_folder(
         )
     folder = Path(folder).absolute()  # absolute, but symlinks kept as the user named them
     if not folder.is_dir():
-        raise ConfigError(f"slide folder {folder} not found")
+        what = (
+            "is a file, not a folder: give the folder that holds it"
+            if folder.exists()
+            else ("not found")
+        )
+        raise ConfigError(f"slide folder {folder} {what}")
     labels = Path(labels_dir).absolute() if labels_dir is not None else None
     if labels is not None and not labels.is_dir():
         raise ConfigError(f"labels folder {labels} not found")

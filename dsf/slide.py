@@ -279,12 +279,14 @@ def tolerance(value: float | None = None) -> float:
 def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
     """`--mpp-tolerance` of a stage that reads a slide: patches.mpp_tolerance (the workflow
     passes it), so the stage reads the slide at the resolution its patches were cut at."""
-    parser.add_argument(
+    from dsf.config import add_setting_argument
+
+    add_setting_argument(
+        parser,
         "--mpp-tolerance",
-        type=float,
-        default=tolerance(),
-        help="relative distance from the wanted um/px at which a slide level is read without "
-        "resampling (patches.mpp_tolerance, default %(default)s; give the patches' value)",
+        "patches.mpp_tolerance",
+        "relative distance from the wanted um/px at which a slide level is read without "
+        "resampling (give the patches' value)",
     )
 
 

@@ -668,7 +668,10 @@ def layout_refusal(slide_id: str, path: Path, exc: UnsupportedLayoutError) -> Sl
 def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
     """Choose and open a backend; every failure becomes a SlideError naming the slide."""
     if not path.exists():
-        raise SlideError(slide_id, f"file not found: {path}; fix the `path` column of the sheet")
+        raise SlideError(
+            slide_id,
+            f"file not found: {path}; fix the `path` column of the sheet (or --slide, run by hand)",
+        )
     if not path.is_file():
         raise SlideError(slide_id, f"{path} is not a file (for MIRAX give the .mrxs file)")
     if path.stat().st_size == 0:

@@ -29,7 +29,7 @@ import numpy as np
 
 from dsf import __version__
 from dsf.annotations import LabelSource, class_fractions, open_labels
-from dsf.atomic import atomic_path
+from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import progress_bar, run, setup_logging
@@ -291,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     # of the patches settings only min_label_frac: the tiles are cut already
     others = tuple(k for k in section_schema("patches")["properties"] if k != "min_label_frac")
     add_section_arguments(p, "patches", skip=others)
-    add_section_arguments(p, "labels")
+    add_section_arguments(p, "labels", skip=("masks",))  # the workflow's file patterns
     return p
 
 
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from dsf.stores import open_store
 
+        check_outputs([args.out], [args.store, args.labels])
         min_label_frac = section_from_args(args, "patches")["min_label_frac"]
         label_settings = section_from_args(args, "labels")
         attrs = open_store(args.store).attrs

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from dsf import __version__
-from dsf.atomic import atomic_path, remove
+from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.captions import add_legend
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError, TissueError
@@ -287,8 +287,9 @@ def write_mask(path: str | Path, mask: np.ndarray, mpp: float) -> None:
     )
 
 
-def read_mask(path: str | Path) -> tuple[np.ndarray, float]:
-    """Read a mask written by `write_mask`: (bool array, mpp in um/px)."""
+def read_mask(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray, float]:
+    """Read a mask written by `write_mask`: (bool array, mpp in um/px); errors name the slide
+    `slide_id` (default: the mask's file name)."""
     import tifffile
 
     path = Path(path)
@@ -301,12 +302,13 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, float]:
             num, den = tags["XResolution"].value if "XResolution" in tags else (0, 1)
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise SlideError(
-            path.stem, f"cannot read tissue mask {path}: {exc}; rerun dsf tissue"
+            slide_id or path.stem, f"cannot read tissue mask {path}: {exc}; rerun dsf tissue"
         ) from exc
     um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
     if um_per_unit is None or num == 0 or den == 0:
         raise SlideError(
-            path.stem, f"tissue mask {path} states no resolution; regenerate it with dsf tissue"
+            slide_id or path.stem,
+            f"tissue mask {path} states no resolution; regenerate it with dsf tissue",
         )
     return data > 0, um_per_unit * den / num
 
@@ -523,6 +525,7 @@ def _stage(args: argparse.Namespace) -> None:
     outputs = [args.mask, args.overlay, args.stats]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ConfigError("--mask, --overlay and --stats must be three different files")
+    check_outputs(outputs, [args.slide])
     for path in outputs:
         remove(path)  # a failed rerun must not leave the previous outputs looking current
     settings = section_from_args(args, "tissue")

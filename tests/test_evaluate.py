@@ -98,11 +98,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory, make_store) -> dict[str, An
     return out
 
 
-def _expected_brightness_cm(store: LabelledStore) -> tuple[int, np.ndarray]:
+def _expected_brightness_cm(
+    store: LabelledStore, index: np.ndarray | None = None
+) -> tuple[int, np.ndarray]:
     """The stub's confusion by hand: centre block (rows/cols 96..160 of the 256 px tile) of
-    the tiles the labels store keeps."""
+    the tiles the labels store keeps (or, given `index`, of those patch-store tiles)."""
     g, lab = open_store(store.tiles), open_store(store.labels, kind="labels")
-    index = np.asarray(lab["index"][:])
+    index = np.asarray(lab["index"][:]) if index is None else index
     tiles = np.asarray(g["tiles"][:, 96:160, 96:160])[index].astype(np.float32) / 255.0
     labels = np.asarray(lab["labels"][:, 96:160, 96:160])
     pred = np.where(tiles.mean(-1) > 0.5, 1, 3)
@@ -134,6 +136,48 @@ def test_tile_protocol_matches_hand_computed_confusion(stores) -> None:  # noqa:
             assert row["f1_STR"] == 0.0
         else:  # absent from truth and prediction: NaN, never a silent 0
             assert np.isnan(row["f1_STR"])
+
+
+class _RightHalf:
+    """An annotation cut to the right half of the slide: `labels` where level-0 x >= `x0`,
+    unlabelled to the left (the tiles there are left out of the labels store)."""
+
+    def __init__(self, labels: Any, x0: float, mpp0: float) -> None:
+        self.labels, self.x0, self.mpp0 = labels, x0, mpp0
+        self.slide_id = labels.slide_id
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        out = self.labels.read(x, y, width, height, mpp)
+        out[:, x + np.arange(width) * (mpp / self.mpp0) < self.x0] = 0
+        return out
+
+
+def test_tile_protocol_scores_the_tiles_the_labels_store_names(stores, tmp_path) -> None:  # noqa: ANN001
+    """Labelled tile j is patch-store tile `index[j]`: with an annotation of half the slide
+    the labels store keeps a strict subset of the tissue tiles, so predicting tile j instead
+    would score other pixels against these labels (the fixture's stores label every tile,
+    where `index` is 0..n-1 and the two are one tile)."""
+    from dsf.annotations import open_labels
+    from dsf.config import defaults
+    from dsf.tile_labels import build
+
+    a = stores["A"]
+    classes = defaults("labels") | {"classes": CLASSES}
+    full = open_labels(a.tiles.with_name("A.labels.tiff"), "A", (1024, 1024), 0.5, classes)
+    out = tmp_path / "A.labels.zarr"
+    n = build(a.tiles, _RightHalf(full, 512.0, 0.5), out, classes, 0.01, progress=False)
+    pair = LabelledStore("A", a.tiles, out)
+    index = np.asarray(open_store(out, kind="labels")["index"][:])
+    n_tissue = int(open_store(a.tiles).attrs["n_tiles"])
+    assert 0 < n < n_tissue and not np.array_equal(index, np.arange(n))
+    want_n, want = _expected_brightness_cm(pair)
+    # the test can tell: the first n tissue tiles give other counts against these labels
+    assert not np.array_equal(_expected_brightness_cm(pair, np.arange(n))[1], want)
+    for batch in (2, n):  # several batches, and one
+        row = evaluate_tiles(_predictor(BrightnessStub()), [pair], batch, Path("m.pt")).iloc[0]
+        assert row["n_tiles"] == want_n == n
+        np.testing.assert_array_equal(confusion_of(row, CLASSES), want)
+        assert row["n_pixels"] == want.sum() > 0
 
 
 def test_tile_protocol_refuses_training_slides(stores) -> None:  # noqa: ANN001
@@ -323,8 +367,14 @@ def test_map_contract_is_checked(slide_files, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="different runs"):
         open_map(tmp_path / "b.tiff", tmp_path / "b.json")
     _write_map(tmp_path / "c.tiff", _truth(), mpp=1.0)
-    with pytest.raises(ConfigError, match="resolution tags"):
+    with pytest.raises(ConfigError, match="X resolution tag gives"):
         open_map(tmp_path / "c.tiff", tmp_path / "c.json")
+    # pixels twice as tall as the JSON says (only the X tag had been compared)
+    _write_map(tmp_path / "d.tiff", _truth())
+    with tifffile.TiffFile(tmp_path / "d.tiff", mode="r+b") as tf:
+        tf.pages.first.tags["YResolution"].overwrite((round(1e4 / (MAP_MPP * 2)), 1))
+    with pytest.raises(ConfigError, match=r"its Y resolution tag gives 4 um/px, its JSON 2"):
+        open_map(tmp_path / "d.tiff", tmp_path / "d.json")
 
 
 def test_panel_reads_the_lower_level(slide_files, tmp_path) -> None:  # noqa: ANN001
@@ -379,6 +429,28 @@ def _tile_tsvs(folder: Path) -> list[Path]:
     empty = folder / "empty.tsv"
     pd.DataFrame(columns=list(rows[0])).to_csv(empty, sep="\t", index=False)
     return [*paths, empty]
+
+
+def test_paper_accuracy_is_one_vs_rest_accuracy_averaged_over_three_classes() -> None:
+    """The paper's accuracy (Table III): per class one-vs-rest (TP + TN) / all, i.e.
+    (all - FN - FP) / all, averaged over the K classes. With K = 2 it equals the micro F1,
+    so the tables' two-class tests cannot tell the two apart; with K = 3 they differ."""
+    three = ["ignore", "A", "B", "C"]
+    # rows: true A, B, C; columns: predicted A, B, C and background
+    cm = np.array([[5, 1, 0, 0], [2, 6, 1, 0], [0, 1, 3, 0]])
+    # 19 pixels. A: FN 1, FP 2 -> 16/19; B: FN 3, FP 2 -> 14/19; C: FN 1, FP 1 -> 17/19
+    row = score_row(cm, three)
+    assert row["paper_accuracy"] == pytest.approx((16 + 14 + 17) / (3 * 19))
+    assert row["micro_f1"] == row["accuracy"] == pytest.approx(14 / 19)
+    # no pixel predicted background: 1 - 2 (1 - micro F1) / K, the docstring's relation
+    assert row["paper_accuracy"] == pytest.approx(1 - 2 * (1 - 14 / 19) / 3)
+    # background predictions are misses (FN) of their class but no class's FP
+    bg = np.array([[5, 1, 0, 2], [2, 6, 1, 0], [0, 1, 3, 1]])
+    # 22 pixels. A: FN 3, FP 2 -> 17/22; B: FN 3, FP 2 -> 17/22; C: FN 2, FP 1 -> 19/22
+    row = score_row(bg, three)
+    assert row["paper_accuracy"] == pytest.approx((17 + 17 + 19) / (3 * 22))
+    assert row["micro_f1"] == pytest.approx(2 * 14 / (2 * 14 + 5 + 8))  # TP 14, FP 5, FN 8
+    assert row["accuracy"] == pytest.approx(14 / 22)
 
 
 def test_mean_std_ddof1_and_na() -> None:

@@ -167,3 +167,58 @@ def test_tiles_whose_target_block_holds_no_label_are_left_out(
     with caplog.at_level("WARNING", logger="dsf"):
         old = LabelledTiles([LabelledStore("s", labelled_store.tiles, none)], labelled_target=True)
     assert len(old) == n and "older dsf (no target_frac)" in caplog.text
+
+
+class _RightHalfLabels:
+    """An annotation of the right half of a 0.5 um/px slide only (level-0 x >= `x0`): classes
+    1..3 in diagonal stripes there, nothing to the left, so the tiles of the left half are not
+    labelled and the labels store's `index` skips them."""
+
+    def __init__(self, slide_id: str, x0: float) -> None:
+        self.slide_id, self.x0 = slide_id, x0
+
+    def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+        f = mpp / 0.5  # level-0 px per px read
+        cols = x + np.arange(width) * f
+        rows = y + np.arange(height) * f
+        out = ((rows[:, None] // 24 + cols[None, :] // 40) % 3 + 1).astype(np.uint8)
+        out[:, cols < self.x0] = 0
+        return out
+
+
+def test_items_read_the_tile_their_labels_store_names(
+    labelled_store: LabelledStore,
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """Item j is labelled tile j of the labels store, whose pixels are patch-store tile
+    `index[j]`, not tile j. The fixture's stores label every tissue tile (`index` is 0..n-1,
+    where the two are one tile), so an annotation of half the slide is needed to tell a
+    context or target read from the wrong tile, paired with another tile's labels."""
+    from dsf.config import defaults
+    from dsf.tile_labels import build
+
+    from conftest import SYNTH_CLASSES
+
+    out = tmp_path / "half.labels.zarr"
+    classes = defaults("labels") | {"classes": SYNTH_CLASSES}
+    source = _RightHalfLabels("s", 512.0)  # the slide is 1024 px wide
+    n = build(labelled_store.tiles, source, out, classes, 0.01, progress=False)
+    pair = LabelledStore("s", labelled_store.tiles, out)
+    g, lab, index = _groups(pair)
+    assert 0 < n < int(g.attrs["n_tiles"]) and len(index) == n
+    assert not np.array_equal(index, np.arange(n))
+    data = LabelledTiles([pair])
+    assert len(data) == n
+    tiles, contexts, coords = g["tiles"][:], g["context"][:], g["coords"][:]
+    moved = [j for j in range(n) if index[j] != j]
+    assert moved
+    for j in moved[:2] + moved[-2:]:
+        ctx, tgt, labels, clab = data[j]
+        # the wrong tile would be told apart: its pixels differ
+        assert not np.array_equal(contexts[j], contexts[index[j]])
+        np.testing.assert_array_equal(ctx.numpy(), contexts[index[j]])
+        np.testing.assert_array_equal(tgt.numpy(), tiles[index[j], 24:40, 24:40])
+        # the labels are those of the same tile: the annotation read at its origin (1 um/px)
+        want = source.read(*coords[index[j]], 64, 64, 1.0)
+        np.testing.assert_array_equal(labels.numpy(), want[24:40, 24:40])
+        np.testing.assert_array_equal(clab.numpy(), want[2::4, 2::4])

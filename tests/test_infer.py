@@ -20,6 +20,7 @@ from dsf.infer import infer_slide
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
+from dsf.slide_readers import tiff_tag_mpp
 from dsf.windows import make_grid, tissue_windows
 
 from conftest import DEVICE, rgb_slide
@@ -243,6 +244,7 @@ def test_map_opens_in_openslide_with_scale_and_pyramid(tmp_path, stripes):
     h, w = cls.shape
     assert s.dimensions == ((w + 1) // 2, (h + 1) // 2)
     assert float(s.properties["openslide.mpp-x"]) == pytest.approx(2 * MPP)
+    assert float(s.properties["openslide.mpp-y"]) == pytest.approx(2 * MPP)
     assert s.level_count >= 3  # 64 px tiles: 214 -> 107 -> 54
     assert s.level_downsamples[1] == pytest.approx(2.0, rel=0.02)
     rgba = np.asarray(s.read_region((0, 0), 0, s.dimensions))
@@ -254,6 +256,13 @@ def test_map_opens_in_openslide_with_scale_and_pyramid(tmp_path, stripes):
     assert meta["mpp"] == pytest.approx(2 * MPP)
     assert json.loads((out / "map.json").read_text())["width"] == (w + 1) // 2
     s.close()
+    # every pyramid level says its own scale, on both axes: level i is 2**i map px per px
+    with tifffile.TiffFile(out / "map.tiff") as tf:
+        tagged = [(tiff_tag_mpp(p, "X"), tiff_tag_mpp(p, "Y")) for p in tf.pages]
+    assert len(tagged) >= 3
+    for i, (x, y) in enumerate(tagged):
+        assert x == pytest.approx(2 * MPP * 2**i, rel=1e-6), f"level {i}"
+        assert y == pytest.approx(2 * MPP * 2**i, rel=1e-6), f"level {i}"
 
 
 def test_map_lines_up_with_the_labels(tmp_path, stripes):
@@ -440,6 +449,30 @@ def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monk
     np.testing.assert_array_equal(contexts, np.stack(expected_ctx))
     got = read_map(out / "map.tiff")
     assert (got > 0).sum() > 10 * 24 * 24
+
+
+def test_hann_weights_are_the_floored_sine_squared_window() -> None:
+    """The blending weights, written out: per axis sin^2(pi (k + 0.5) / b) floored at 1e-3
+    (so a pixel only a window's edge covers keeps a weight), their outer product. The
+    blending test computes its expectation with hann_weights itself, so it passes whatever
+    the weights are, flat ones included."""
+    from dsf.windows import hann_weights
+
+    a = (2 - np.sqrt(2)) / 4  # sin^2(pi / 8); sin^2(3 pi / 8) = 1 - a
+    w4 = np.array([a, 1 - a, 1 - a, a])
+    np.testing.assert_allclose(hann_weights(4), np.outer(w4, w4), rtol=1e-6)
+    w = hann_weights(64)
+    assert w.shape == (64, 64) and w.dtype == np.float32
+    edge = np.maximum(np.sin(np.pi * (np.arange(64) + 0.5) / 64) ** 2, 1e-3)
+    np.testing.assert_allclose(w, np.outer(edge, edge), rtol=1e-6)
+    # sin^2(pi / 128) = 6.0e-4 is below the floor: the corner is 1e-3 squared, never 0
+    assert w[0, 0] == pytest.approx(1e-6, rel=1e-6) and w.min() > 0
+    assert w[0, 32] == pytest.approx(1e-3 * np.sin(np.pi * 32.5 / 64) ** 2, rel=1e-6)
+    # symmetric, highest at the centre, falling off towards every edge
+    np.testing.assert_array_equal(w, w.T)
+    np.testing.assert_allclose(w, w[::-1, ::-1], rtol=1e-6)
+    assert w[31, 31] == pytest.approx(w.max()) and w.max() > 0.99
+    assert w[31, 31] > w[16, 31] > w[4, 31] > w[0, 31]
 
 
 @pytest.mark.parametrize(

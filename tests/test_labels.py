@@ -277,6 +277,15 @@ def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
             np.testing.assert_array_equal(tile, ref)
     folds = (tmp_path / "res" / "folds.tsv").read_text()
     assert "p1" in folds and "p2" in folds and "_whole" not in folds
+    # masks swapped between the classes: the same files (no input changed), other labels
+    swapped = {"whole_tumour": "{slide}_viable.tif", "viable_tumour": "{slide}_whole.tif"}
+    (tmp_path / "swap.yaml").write_text(yaml.safe_dump({"labels": {"masks": swapped}}))
+    plan = smk(
+        "data", "-n", "--cores", "2", "--configfile", str(preset), str(tmp_path / "small.yaml"),
+        str(tmp_path / "swap.yaml"), "--config", f"slides={root}", f"results={tmp_path / 'res'}",
+        cwd=tmp_path,
+    ).stdout  # fmt: skip
+    assert job_counts(plan)["labels"] == 2 and "Params have changed" in plan
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,30 @@ def test_dice_loss_by_hand() -> None:
     assert got.item() == pytest.approx(1 - (d1 + d2) / 2, abs=1e-5)
 
 
+def test_dice_loss_softmax_spans_the_ignore_channel() -> None:
+    """The probabilities are a softmax over all C channels, ignore channel included, then
+    channel 0 dropped (the docstring's definition): mass the model puts on channel 0 is mass
+    taken from the classes. The test above pins channel 0 near zero, where a softmax over the
+    foreground channels alone gives the same loss; here channel 0 holds 0.3 or 0.1."""
+    # 1 image, channels ignore + 2 classes, 1 x 3 px; labels: class 1, class 2, unlabelled
+    labels = torch.tensor([[[1, 2, 0]]])
+    p = torch.tensor(
+        [
+            [0.3, 0.3, 0.1],  # ignore channel
+            [0.6, 0.2, 0.1],  # class 1
+            [0.1, 0.5, 0.8],  # class 2
+        ]
+    )
+    logits = torch.log(p).unsqueeze(1).unsqueeze(0)  # (1, 3, 1, 3): softmax gives back p
+    # labelled pixels only (the third is left out whatever it holds):
+    # class 1: inter 0.6, sum p 0.6 + 0.2 = 0.8, sum y 1 -> Dice 1.2 / 1.8 = 2/3
+    # class 2: inter 0.5, sum p 0.1 + 0.5 = 0.6, sum y 1 -> Dice 1.0 / 1.6 = 5/8
+    want = 1 - (2 / 3 + 5 / 8) / 2
+    assert soft_dice_loss(logits, labels).item() == pytest.approx(want, abs=1e-5)
+    # a softmax over channels 1..2 alone would give 1 - (0.8 + 10/13) / 2, another loss
+    assert abs(want - (1 - (0.8 + 10 / 13) / 2)) > 0.05
+
+
 def test_dice_loss_skips_absent_classes_and_is_zero_when_perfect() -> None:
     labels = torch.tensor([[[1, 1], [1, 0]]])  # class 2 and 3 absent
     logits = torch.full((1, 4, 2, 2), -20.0)

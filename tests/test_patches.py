@@ -84,6 +84,35 @@ def test_downsample_mean_matches_block_average() -> None:
     assert got.shape == (2, 3, 3) and np.abs(got - ref).max() <= 0.5
 
 
+def test_kept_tiles_are_those_whose_mask_footprint_holds_enough_tissue(tmp_path: Path) -> None:
+    """Which tiles a store keeps, computed here from the mask alone: a tile's tissue fraction
+    is the mean of the mask pixels under its footprint, and it is kept at >= min_tissue.
+    Checking that the kept tiles' `tissue` passes the threshold restates the filter: the
+    fractions could come from the wrong part of the mask (a row of tiles lower) unseen. The
+    random mask gives neighbouring tiles different fractions, so any shift changes the set."""
+    h, w = 336, 368  # 0.5 um/px, read at 0.5: 64 px tiles 32 px apart, 9 rows x 10 columns
+    ox = oy = 8  # the grid is centred: (368 - 64) % 32 = (336 - 64) % 32 = 16 px left, 8 a side
+    rgb = np.full((h, w, 3), (200, 120, 180), np.uint8)
+    slide = open_slide(rgb_slide(tmp_path / "s.tif", rgb, 0.5, tile=64))
+    mask_mpp = 4.0  # 8 slide px per mask px: a tile is 8 x 8 mask px, the stride 4
+    mask = np.random.default_rng(3).random((h // 8, w // 8)) < 0.45
+    st = _settings(target_mpp=0.5, block=16, scale=4, stride=32, min_tissue=0.45, band_tiles=3)
+    want: dict[tuple[int, int], float] = {}
+    for row in range(9):
+        for col in range(10):
+            x, y = ox + col * 32, oy + row * 32
+            frac = float(mask[y // 8 : (y + 64) // 8, x // 8 : (x + 64) // 8].mean())
+            if frac >= 0.45:
+                want[(x, y)] = frac
+    assert 10 < len(want) < 80  # some tiles kept, some left out
+    n = extract(slide, mask, mask_mpp, tmp_path / "s.zarr", st, progress=False)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    got = [tuple(int(v) for v in c) for c in g["coords"][:]]
+    assert n == len(got) == len(set(got))
+    assert set(got) == set(want)
+    np.testing.assert_allclose(g["tissue"][:], [want[c] for c in got], rtol=1e-6)
+
+
 def test_cmu_store_matches_openslide_pixels(real: Path, tmp_path: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     mask = _rgb_mask(slide.thumbnail(8.0))

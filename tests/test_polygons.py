@@ -179,10 +179,28 @@ def test_imagescope_xml_reads_back_as_the_map(slide: Path, tmp_path: Path) -> No
     back = _back(xml)
     assert back[215, 105] == 1 and back[215, 120] == 3 and back[190, 80] == 2
     assert (back == nested).mean() > 0.999
-    # an XML dsf did not write (a pathologist's annotation beside the slide) is never replaced
+    # an XML dsf did not write (a pathologist's annotation beside the slide) is never replaced,
+    # and the refused run touches nothing
     xml.write_text("<Annotations><Annotation Name='mine'/></Annotations>")
+    before = out.read_bytes()
     assert _run(slide, cmap, out, *opts) == 2
-    assert "mine" in xml.read_text() and not out.exists()
+    assert "mine" in xml.read_text() and out.read_bytes() == before
+
+
+def test_a_geojson_dsf_did_not_write_is_never_replaced(slide: Path, tmp_path: Path) -> None:
+    """`--out` naming the slide's own annotation had deleted it; dsf's GeoJSON carries a mark
+    (a foreign member QuPath ignores), so a rerun replaces only its own file."""
+    cmap = _write_map(tmp_path / "m.tiff", _truth())
+    out = tmp_path / "s.geojson"
+    mine = '{"type": "FeatureCollection", "features": []}'
+    out.write_text(mine)
+    assert _run(slide, cmap, out, "--mpp", str(MAP_MPP)) == 2
+    assert out.read_text() == mine
+    out.unlink()
+    assert _run(slide, cmap, out, "--mpp", str(MAP_MPP)) == 0
+    assert json.loads(out.read_text())["generator"] == "dsf polygons"
+    assert _run(slide, cmap, out, "--mpp", str(MAP_MPP)) == 0  # a rerun replaces its own
+    assert (_back(out) == _truth()).mean() > 0.99
 
 
 def test_nesting_depth_counts_the_holes_a_region_lies_in() -> None:

@@ -82,10 +82,22 @@ def test_resume_continues_exactly(stores: list[Path], tmp_path: Path) -> None:
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
-    # a changed hyperparameter is refused, naming it
+    # a finished run under a changed setting trains anew (Snakemake reruns it for the change:
+    # it had been refused, after Snakemake had deleted its encoders)
     changed = Trainer(_settings(lr=0.01), stores, tmp_path / "b")
+    assert not changed.resume() and changed.epoch == 0 and not changed.history
+    # an unfinished run's changed setting is refused, naming it (it would mix two runs)
+    _unfinish(tmp_path / "b" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="lr"):
         changed.resume()
+
+
+def _unfinish(path: Path) -> None:
+    """Make a checkpoint one of a run with epochs still to go (as one killed between
+    checkpoints is)."""
+    state = torch.load(path, weights_only=False)
+    state["settings"] = {**state["settings"], "epochs": state["epoch"] + 3}
+    torch.save(state, path)
 
 
 def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
@@ -128,6 +140,34 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     assert not torch.load(out / "checkpoint.pt", weights_only=False).get("interrupted")
 
 
+def test_a_slurm_job_stops_itself_before_its_time_limit(stores: list[Path], tmp_path: Path) -> None:
+    """Where SLURM tracks a job's processes by cgroup, its signal before the time limit ends
+    Snakemake's job step and the training with it: a SLURM job's pretraining checkpoints and
+    stops on its own shortly before the limit (the rule passes its runtime), a local run never."""
+    import time
+
+    from dsf.pretrain import StoppedError, job_deadline
+
+    slurm = {"SLURM_JOB_ID": "7"}
+    assert job_deadline(1440, now=0.0, env=slurm) == 1440 * 60 - 600  # 10 min before 24 h
+    assert job_deadline(30, now=0.0, env=slurm) == 30 * 60 - 180  # a tenth of a short limit
+    assert job_deadline(1440, now=0.0, env={}) is None  # no SLURM job: no limit
+    assert job_deadline(None, now=0.0, env=slurm) is None
+    out = tmp_path / "run"
+    out.mkdir()
+    trainer = Trainer(_settings(checkpoint_every=5), stores, out)
+    trainer.fit(progress=False)  # no deadline: all epochs
+    assert [r["epoch"] for r in trainer.history] == [1, 2]
+    out2 = tmp_path / "run2"
+    out2.mkdir()
+    trainer = Trainer(_settings(checkpoint_every=5), stores, out2)
+    trainer.deadline = time.time() - 1  # past: stops after the first step
+    with pytest.raises(StoppedError, match=r"time limit in epoch 1 after 1 steps.*runs again"):
+        trainer.fit(progress=False)
+    state = torch.load(out2 / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["interrupted"] == {"epoch": 1, "steps": 1}
+
+
 def test_a_checkpoint_past_the_epochs_is_refused(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     """Lowering epochs (or forcing a finished run) had handed back the longer run's weights as
     the new run's, silently."""
@@ -164,6 +204,10 @@ def test_resume_on_rebuilt_stores_is_refused(stores: list[Path], tmp_path: Path)
     out.mkdir()
     Trainer(_settings(epochs=1), copies, out).fit(progress=False)
     assert Trainer(_settings(epochs=1), copies, out).resume()  # the same stores: resumed
+    # the finished run's checkpoint on other stores: trained anew (Snakemake reran the job
+    # because the stores changed; it had been refused after Snakemake deleted the encoders)
+    assert not Trainer(_settings(epochs=1), copies[:1], out).resume()
+    _unfinish(out / "checkpoint.pt")  # an unfinished run's: refused
     with pytest.raises(ConfigError, match=r"other patch stores \(gone: B\).*delete the"):
         Trainer(_settings(epochs=1), copies[:1], out).resume()
     zarr.open_group(str(copies[0]), mode="r+").attrs["store_id"] = "rebuilt"

@@ -119,7 +119,11 @@ def test_slide_ids_keep_names_apart_that_differ_outside_ascii(tmp_path: Path) ->
     assert slide_id("café—x.svs") == "cafe_x"
     cjk = {slide_id("標本.svs"), slide_id("症例.svs"), slide_id("標本_01.svs")}
     assert len(cjk) == 3 and all(re.fullmatch(r"(slide|01)_[0-9a-f]{8}", c) for c in cjk)
-    assert slide_id("標本.svs") == slide_id("標本.svs")  # stable: it names every artifact
+    # stable across processes and machines (it names every artifact): the hash is the first
+    # 8 hex digits of the SHA-1 of the UTF-8 stem, hashlib.sha1("標本".encode()).hexdigest()[:8]
+    # (Python's own hash() of a str changes from one process to the next); README's example
+    assert slide_id("標本.svs") == "slide_57eb8426"
+    assert slide_id("標本_01.svs") == "01_b9e13eda"  # the whole stem is hashed, "_01" too
     _touch(tmp_path, "標本.svs", "症例.svs", "標本.geojson")
     rows = _rows(scan_folder(tmp_path, mpp=0.5))
     assert len(rows) == 2

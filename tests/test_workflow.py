@@ -482,6 +482,10 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     (tiny / "bad.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("-n", "--configfile", "bad.yaml", cwd=tiny, check=False)
     assert done.returncode != 0 and "stride" in done.stdout + done.stderr
+    # one run's method is `dsf pretrain`'s option: the workflow would have ignored it
+    done = smk("-n", "--configfile", "cfg.yaml", "--config", "pretrain={method: simsiam}",
+               cwd=tiny, check=False)  # fmt: skip
+    assert done.returncode != 0 and "set `methods: [simsiam]`" in done.stdout + done.stderr
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     (tiny / "dup.tsv").write_text("slide\tpath\ncmu\ta.svs\ncmu\tb.svs\n")
     cfg["slides"] = "dup.tsv"

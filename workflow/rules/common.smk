@@ -18,6 +18,16 @@ from dsf.sheet import load_sheet
 
 # nested `--config` values come as text ('infer={overlap: 0.5}'): typed by the schema first
 coerce_strings(load_schema(), config)
+# one run's method/init are `dsf pretrain`/`dsf finetune` options: the workflow runs the lists
+for _section, _key, _listed in (("pretrain", "method", "methods"), ("finetune", "init", "inits")):
+    if isinstance(config.get(_section), dict) and _key in config[_section]:
+        from dsf.errors import ConfigError
+
+        raise ConfigError(
+            f"config key {_section}.{_key} sets one `dsf {_section}` run by hand; the "
+            f"workflow runs each of {_section}.{_listed}: set `{_listed}: "
+            f"[{config[_section][_key]}]` instead"
+        )
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
@@ -292,6 +302,14 @@ def norm_opt(wildcards, input):
     return f"--norm {shlex.quote(input.norm)}" if "norm" in input.keys() else ""
 
 
+def given_norm_opts():
+    """` --norm-mean ... --norm-std ...` of a given pretrain.mean/std (not NORM_COMPUTED)."""
+    if NORM_COMPUTED:
+        return ""
+    mean, std = config["pretrain"]["mean"], config["pretrain"]["std"]
+    return " " + " ".join(["--norm-mean", *map(repr, mean), "--norm-std", *map(repr, std)])
+
+
 def finetune_inputs(wildcards):
     """Annotated training stores of the fold, the fold's encoders for a pretrained init
     (random, unet and imagenet read none; imagenet reads the local file finetune.weights), and
@@ -418,13 +436,19 @@ def mask_inputs(wildcards):
 
 
 def mask_opts(wildcards, input):
-    """`--mask CLASS=FILE` per class of the slide's masks, or `--annotation FILE`,
-    shell-quoted."""
+    """`--annotation FILE` of a slide without per-class masks (shell-quoted), else nothing."""
     if "annotation" in input.keys():
         return f"--annotation {shlex.quote(input.annotation)}"
-    masks = sorted(SHEET.loc[wildcards.slide, "masks"])
-    pairs = [f"{c}={input[f'mask_{i}']}" for i, c in enumerate(masks)]
-    return " ".join(f"--mask {shlex.quote(pair)}" for pair in pairs)
+    return ""
+
+
+def labels_read_opts(wildcards):
+    """slide_read_opts and `--mask CLASS=FILE` per class of the slide's masks (shell-quoted):
+    a param of the wildcards alone, which Snakemake compares with the last run's, so masks
+    swapped between classes (the same files: no input changed) rerun the label mask."""
+    masks = SHEET.loc[wildcards.slide, "masks"]
+    pairs = [f"{c}={masks[c]}" for c in sorted(masks)]
+    return " ".join([slide_read_opts(wildcards), *(f"--mask {shlex.quote(p)}" for p in pairs)])
 
 
 def pretrain_launcher():
@@ -538,7 +562,10 @@ def all_outputs():
     maps = expand(
         f"{RESULTS}/maps/{{finit}}/{{slide}}.{{ext}}",
         finit=INFER_INITS, slide=SLIDES,
-        ext=["tiff", "jpg", "json"] + polygon_exts(config["polygons"]),
+        ext=["tiff", "jpg", "json"]
+        + polygon_exts(config["polygons"])
+        # asked for, so that turning infer.probabilities on after a run writes them
+        + (["probs.zarr"] if config["infer"]["probabilities"] else []),
     )
     evaluated = [
         f"{RESULTS}/eval/{name}"

@@ -14,19 +14,15 @@ rule finetune:
         encoders=lambda w, input: (
             f"--encoders {shlex.quote(input.encoders)}" if "encoders" in input.keys() else ""
         ),
-        opts=stage_opts("finetune", skip=("init", "inits", "fractions")),
+        # with the given pretrain.mean/std: in opts, a param Snakemake compares with the last
+        # run's (one of the input, as `norm` is, it never compares), so a change reruns
+        opts=stage_opts("finetune", skip=("init", "inits", "fractions")) + given_norm_opts(),
         fast=fast_param("finetune"),
         classes=stage_opts("labels", skip=("class_map", "other_class", "names", "geojson_names")),
-        # the pretraining's normalisation: computed (results/norm/) or pretrain.mean/std
-        norm=lambda w, input: (
-            norm_opt(w, input)
-            if NORM_COMPUTED
-            else " ".join(
-                ["--norm-mean", *map(repr, config["pretrain"]["mean"])]
-                + ["--norm-std", *map(repr, config["pretrain"]["std"])]
-            )
-        ),
-    threads: max(1, config["finetune"]["workers"])
+        # a computed normalisation (results/norm/): the file, an input
+        norm=norm_opt,
+    # its loader workers and itself
+    threads: config["finetune"]["workers"] + 1
     resources:
         gpu=config["finetune"]["gpus"],
         mem_mb=lambda wildcards, attempt: 8000 * attempt,

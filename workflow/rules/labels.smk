@@ -10,7 +10,7 @@ rule labels:
     output:
         tiff=f"{RESULTS}/labels/{{slide}}.tiff",
     params:
-        slide=slide_read_opts,
+        slide=labels_read_opts,
         masks=mask_opts,
         mpp=config["patches"]["target_mpp"],
         rgb_max=" ".join(str(v) for v in config["tissue"]["rgb_max"]),
