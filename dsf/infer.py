@@ -119,6 +119,16 @@ def infer_slide(
     # the grid, the reads and the map's mpp are all in those pixels and a map pixel covers
     # the slide region it claims (a grid at the nominal mpp drifted across each band)
     t = slide.effective_mpp(p.target_mpp)
+    if t / slide.mpp < 1 - slide.mpp_tolerance:  # as dsf.patches warns for training tiles
+        log.warning(
+            "%s: the models' %.4g um/px is finer than the slide's %.4g um/px: the slide is "
+            "upsampled for them, and the map shows what they make of blurred tissue (map such "
+            "slides with models trained at their resolution, e.g. the 5x/20x geometry for 20x "
+            "scans)",
+            slide.slide_id,
+            t,
+            slide.mpp,
+        )
     width, height = slide.size_at(t)
     grid = make_grid(
         width, height, p.block, p.scale, settings["overlap"], f, settings["band_windows"]
@@ -232,6 +242,7 @@ def infer_slide(
                 "block": grid.block,
                 "scale": grid.scale,
                 "target_mpp": t,
+                "slide_mpp": slide.mpp,  # level 0's: coarser than target_mpp means upsampled
                 "seconds": round(time.perf_counter() - t0, 3),
                 "phase_seconds": phases,
                 "settings": settings,

@@ -37,7 +37,12 @@ def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[s
                     f"{key}.{name}: {raw} not found (paths are relative to the working "
                     f"directory {Path.cwd()}); give model.pt files or folders holding them"
                 )
-        found[name] = list(dict.fromkeys(models))
+        # one file named twice (a folder and its file, a relative and an absolute path) is one
+        # model, not two votes in the average
+        unique: dict[Path, str] = {}
+        for model in models:
+            unique.setdefault(Path(model).resolve(), model)
+        found[name] = list(unique.values())
     return found
 
 
@@ -51,6 +56,14 @@ def check_results_apart(models: dict[str, list[str]], results: str) -> None:
     overwrite the training run's, and Snakemake, seeing the training rules' inputs changed
     (every slide of the new sheet), would retrain the very models it was given."""
     root = Path(results).resolve()
+    trained = [p.name for p in (root / "folds.tsv", root / "finetune") if p.exists()]
+    if trained:
+        raise ConfigError(
+            f"results: {results} holds a training run ({', '.join(trained)}): a prediction run "
+            "there would overwrite its maps and scores (and its tissue masks, for slides of "
+            "the same name); set `results` to a folder of the prediction run's own "
+            "(results: results_cohort)"
+        )
     for name, paths in models.items():
         for path in paths:
             if Path(path).resolve().is_relative_to(root):
@@ -88,7 +101,13 @@ def check_given_models(
     for name, paths in models.items():
         first: tuple[str, dict[str, Any]] | None = None
         for path in paths:
-            meta = load(Path(path), mmap=True)
+            try:
+                meta = load(Path(path), mmap=True)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"apply.models.{name}: {path} is not a model.pt of `dsf finetune` that "
+                    f"can be read ({exc}); give the fine-tuned models of a finished run"
+                ) from exc
             missing = [k for k in REQUIRED if k not in meta] if isinstance(meta, dict) else REQUIRED
             if missing:
                 raise ConfigError(
@@ -131,13 +150,16 @@ def _check_alike(
     name: str, first: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]]
 ) -> None:
     """The models of one name are one fine-tuning configuration's folds: averaged (or scored
-    as one set) only when they share init, classes, geometry and label fraction."""
+    as one set) only when they share init, backbone, target block, classes, geometry and label
+    fraction."""
     (a, ma), (b, mb) = first, other
 
     def facts(meta: dict[str, Any]) -> dict[str, Any]:
         mpp, block, scale = _geometry(meta)
         return {
             "init": meta["init"],
+            "backbone": meta.get("backbone", "resnet18"),  # older models: the only one then
+            "target_block": meta.get("target_block"),
             "classes": list(meta["classes"]),
             "target_mpp": f"{mpp:.2g}",  # older models hold an actual mpp: 0.2527 is 0.25
             "block": block,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,30 @@ def test_a_scan_within_the_tolerance_is_mapped_in_its_own_pixels(tmp_path) -> No
                        out / "map.json", progress=False)  # fmt: skip
     assert meta["mpp"] == pytest.approx(0.505) and meta["target_mpp"] == pytest.approx(0.505)
     np.testing.assert_array_equal(read_map(out / "map.tiff"), cls)
+
+
+def test_a_slide_coarser_than_the_models_is_mapped_with_a_warning(tmp_path, caplog) -> None:
+    """A 20x cohort under 40x models is upsampled for them: said in the log (a prediction run
+    has no patches stage, whose warning a training run gets) and recorded in the map's JSON."""
+    cls = stripe_classes(96, 300)
+    path = tmp_path / "coarse.tiff"
+    rgb_slide(path, COLOURS[cls - 1], 2 * MPP, tile=64)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="dsf.infer"):
+        meta = infer_slide(open_slide(path), np.ones((13, 190), bool), MPP * 16, [oracle(32)],
+                           settings(), out / "map.tiff", out / "map.jpg", out / "map.json",
+                           progress=False)  # fmt: skip
+    assert "finer than the slide's 1 um/px: the slide is upsampled" in caplog.text
+    assert meta["slide_mpp"] == pytest.approx(2 * MPP) and meta["mpp"] == pytest.approx(MPP)
+    assert json.loads((out / "map.json").read_text())["slide_mpp"] == pytest.approx(2 * MPP)
+    caplog.clear()
+    path = tmp_path / "same.tiff"
+    rgb_slide(path, COLOURS[cls - 1], MPP, tile=64)
+    with caplog.at_level(logging.WARNING, logger="dsf.infer"):
+        infer_slide(open_slide(path), np.ones((13, 190), bool), MPP * 8, [oracle(32)],
+                    settings(), out / "map.tiff", out / "map.jpg", out / "map.json",
+                    progress=False)  # fmt: skip
+    assert "upsampled" not in caplog.text
 
 
 def test_a_failed_rerun_leaves_no_earlier_outputs_beside_it(tmp_path, stripes, monkeypatch):

@@ -281,11 +281,14 @@ def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
     swapped = {"whole_tumour": "{slide}_viable.tif", "viable_tumour": "{slide}_whole.tif"}
     (tmp_path / "swap.yaml").write_text(yaml.safe_dump({"labels": {"masks": swapped}}))
     plan = smk(
-        "data", "-n", "--cores", "2", "--configfile", str(preset), str(tmp_path / "small.yaml"),
-        str(tmp_path / "swap.yaml"), "--config", f"slides={root}", f"results={tmp_path / 'res'}",
-        cwd=tmp_path,
+        "data", "-n", "-p", "--cores", "2", "--configfile", str(preset),
+        str(tmp_path / "small.yaml"), str(tmp_path / "swap.yaml"), "--config", f"slides={root}",
+        f"results={tmp_path / 'res'}", cwd=tmp_path,
     ).stdout  # fmt: skip
     assert job_counts(plan)["labels"] == 2 and "Params have changed" in plan
+    cmds = [ln for ln in plan.splitlines() if "dsf labels " in ln]
+    assert len(cmds) == 2 and all("--mpp-tolerance" in c for c in cmds)  # read as patches do
+    assert any(f"--mask whole_tumour={root}/p1_viable.tif" in c for c in cmds), cmds
 
 
 @pytest.mark.parametrize(

@@ -647,8 +647,9 @@ def test_every_stage_reads_slides_with_the_patches_tolerance(tmp_path: Path) -> 
     stages = {re.search(readers, ln).group(1) for ln in cmds}
     assert stages == {"tissue", "infer", "evaluate slide", "polygons", "patches"}
     assert all("--mpp-tolerance 0.02" in ln for ln in cmds)
-    # the demo paints no label masks: the labels rule reads its slide the same way
-    assert "slide=slide_read_opts," in (REPO / "workflow" / "rules" / "labels.smk").read_text()
+    # the demo paints no label masks: the labels rule reads its slide the same way (its
+    # commands: tests/test_labels.py::test_the_paip_preset_runs_on_a_paip_folder)
+    assert "slide=labels_read_opts," in (REPO / "workflow" / "rules" / "labels.smk").read_text()
     with open_slide(REPO / "config" / "data" / "CMU-1-Small-Region.svs") as slide:
         assert slide.mpp_tolerance == defaults("patches")["mpp_tolerance"]  # by hand too
 

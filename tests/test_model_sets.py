@@ -1,0 +1,67 @@
+"""A prediction run's model sets (`apply.models`): what is refused before any job runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsf.config import defaults
+from dsf.errors import ConfigError
+from dsf.model_sets import check_given_models, check_results_apart, find_models
+
+
+def _model(path: Path, **changed: object) -> Path:
+    """A model.pt's metadata (no weights: the checks read metadata only)."""
+    meta = {k: defaults("patches")[k] for k in ("target_mpp", "block", "scale")}
+    meta |= {"classes": defaults("labels")["classes"], "fraction": 1.0, "init": "dsf"}
+    meta |= {"backbone": "resnet18", "target_block": "centre", "state_dict": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(meta | changed, path)
+    return path
+
+
+def test_a_model_named_twice_is_one_model(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A folder and its file, or a relative and an absolute path, had counted one model twice
+    in the average."""
+    a, b = (
+        _model(tmp_path / "m" / "fold0" / "model.pt"),
+        _model(tmp_path / "m" / "fold1" / "model.pt"),
+    )
+    monkeypatch.chdir(tmp_path)
+    found = find_models({"x": ["m", str(a), os.path.relpath(b, tmp_path)]})
+    assert [Path(p).resolve() for p in found["x"]] == [a, b]
+
+
+def test_a_results_folder_of_a_training_run_is_refused(tmp_path: Path) -> None:
+    """A prediction run whose `results` is the training run's (the default, once the models
+    were copied elsewhere) had overwritten its tables and would its maps and tissue masks."""
+    models = {"dsf": [str(_model(tmp_path / "moved" / "model.pt"))]}
+    check_results_apart(models, str(tmp_path / "results"))  # a new folder: fine
+    for mark in ("folds.tsv", "finetune"):
+        run = tmp_path / f"run-{mark}"
+        run.mkdir()
+        (run / mark).mkdir() if mark == "finetune" else (run / mark).write_text("slide\tfold\n")
+        with pytest.raises(ConfigError, match=rf"holds a training run \({mark}\).*own"):
+            check_results_apart(models, str(run))
+
+
+def test_models_of_other_backbones_or_unreadable_files_are_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    a = str(_model(tmp_path / "a.pt"))
+    b = str(_model(tmp_path / "b.pt", backbone="resnet34"))
+    with pytest.raises(ConfigError, match=r"apply.models.x mixes models of different backbone"):
+        check_given_models({"x": [a, b]}, set(), None, defaults("labels")["classes"])
+    c = str(_model(tmp_path / "c.pt", target_block="whole"))
+    with pytest.raises(ConfigError, match=r"different target_block"):
+        check_given_models({"x": [a, c]}, set(), None, defaults("labels")["classes"])
+    bad = tmp_path / "bad" / "model.pt"
+    bad.parent.mkdir()
+    bad.write_text("not a model")
+    with pytest.raises(ConfigError, match=r"apply.models.y: .*model.pt is not a model.pt of `dsf"):
+        check_given_models({"y": [str(bad)]}, set(), None, defaults("labels")["classes"])
+    check_given_models({"x": [a, str(_model(tmp_path / "d.pt"))]}, set(), None,
+                       defaults("labels")["classes"])  # fmt: skip
