@@ -157,6 +157,9 @@ def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
         for key in sorted(set(err.instance) - set(known)):
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean `{near[0]}`?" if near else f"known keys: {', '.join(known)}"
+            name, colon, _ = str(key).partition(":")
+            if colon and name in known:  # `--config 'pretrain={epochs:2}'`: YAML needs ': '
+                hint = f"a space is missing after the colon: `{name}: ...`"
             lines.append(f"config key {'.'.join([*path, key])} is not a setting dsf knows ({hint})")
         if lines:
             return "; ".join(lines)

@@ -72,6 +72,9 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"tissue\.metod .*did you mean `method`") as err:
         validate_config({"tissue": {"metod": "otsu"}})
     assert len(str(err.value)) < 200  # one line, not the schema
+    # `--config 'pretrain={epochs:2}'` (YAML reads `epochs:2` as a key)
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs:2 .*space is missing after the"):
+        validate_config({"pretrain": {"epochs:2": None}})
     # NaN passes the schema's bounds (every comparison with it is false): refused by name
     with pytest.raises(ConfigError, match=r"patches\.target_mpp is nan: give a finite"):
         validate_config({"patches": {"target_mpp": float("nan")}})
