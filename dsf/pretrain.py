@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,17 +110,56 @@ STOP_BEFORE_LIMIT_S = 600.0
 
 
 def job_deadline(
-    time_limit_min: float | None, now: float | None = None, env: dict[str, str] | None = None
+    time_limit_min: float | None,
+    now: float | None = None,
+    env: Mapping[str, str] | None = None,
+    time_left: Callable[[str], float | None] | None = None,
 ) -> float | None:
-    """When (`time.time()`) pretraining in a SLURM job stops itself: STOP_BEFORE_LIMIT_S before
-    its time limit of `time_limit_min` minutes from `now` (the rule's runtime, which the job
-    was submitted with). None without a limit or outside a SLURM job (no SLURM_JOB_ID): a
-    local run has no limit to stop before."""
+    """When (`time.time()`) pretraining stops itself: STOP_BEFORE_LIMIT_S (at most a tenth of
+    the time) before `time_limit_min` minutes from `now` (`--time-limit`, a run by hand), or
+    in a SLURM job or allocation before the time SLURM says it has left (`squeue`; a job of
+    the workflow's, or Snakemake run inside `sbatch`/`salloc`). None outside SLURM, or when
+    SLURM cannot tell (then its signals are all there is)."""
     env = os.environ if env is None else env
-    if time_limit_min is None or "SLURM_JOB_ID" not in env:
+    if time_limit_min is not None:
+        limit: float | None = time_limit_min * 60.0
+    elif "SLURM_JOB_ID" in env:
+        limit = (time_left or slurm_time_left)(env["SLURM_JOB_ID"])
+    else:
         return None
-    limit = time_limit_min * 60.0
+    if limit is None:
+        return None
     return (time.time() if now is None else now) + limit - min(STOP_BEFORE_LIMIT_S, limit / 10)
+
+
+def slurm_time_left(job_id: str) -> float | None:
+    """Seconds SLURM gives job `job_id` still (`squeue -o %L`), or None: no limit, or squeue
+    missing or silent."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot ask SLURM for the job's time left (%s): no stop before it", exc)
+        return None
+    return slurm_duration(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def slurm_duration(text: str) -> float | None:
+    """Seconds of a SLURM duration (`[days-][hours:]minutes:seconds`); None for UNLIMITED,
+    NOT_SET, INVALID or anything else."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not (1 <= len(parts) <= 3) or not all(p.isdigit() for p in parts):
+        return None
+    if days and not days.isdigit():
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(seconds + int(days or 0) * 86_400)
 
 
 class _InterruptError(Exception):
@@ -631,8 +670,9 @@ def _parser() -> argparse.ArgumentParser:
         "--time-limit",
         type=float,
         metavar="MINUTES",
-        help="the SLURM job's time limit: checkpoint and stop shortly before it (up to "
-        f"{STOP_BEFORE_LIMIT_S / 60:.0f} min); ignored outside a SLURM job",
+        help="checkpoint and stop shortly (up to "
+        f"{STOP_BEFORE_LIMIT_S / 60:.0f} min) before this many minutes from the start (default: "
+        "in a SLURM job or allocation, before the time SLURM gives it; else never)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_section_arguments(p, "pretrain", skip=("methods", "scope", "gpus"))
@@ -662,9 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.deadline = deadline
         if deadline is not None and trainer.rank == 0:
             log.info(
-                "SLURM job: checkpoints and stops by itself at %s, before its %g min limit",
+                "checkpoints and stops by itself at %s, before its time limit",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(deadline)),
-                args.time_limit,
             )
         if args.resume:
             trainer.resume()

@@ -142,17 +142,23 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
 
 def test_a_slurm_job_stops_itself_before_its_time_limit(stores: list[Path], tmp_path: Path) -> None:
     """Where SLURM tracks a job's processes by cgroup, its signal before the time limit ends
-    Snakemake's job step and the training with it: a SLURM job's pretraining checkpoints and
-    stops on its own shortly before the limit (the rule passes its runtime), a local run never."""
+    Snakemake's job step and the training with it: pretraining in a SLURM job or allocation
+    checkpoints and stops on its own shortly before the time SLURM says it has left (inside
+    `salloc` that is the allocation's, not the rule's runtime), a run outside SLURM never."""
     import time
 
-    from dsf.pretrain import StoppedError, job_deadline
+    from dsf.pretrain import StoppedError, job_deadline, slurm_duration
 
     slurm = {"SLURM_JOB_ID": "7"}
-    assert job_deadline(1440, now=0.0, env=slurm) == 1440 * 60 - 600  # 10 min before 24 h
-    assert job_deadline(30, now=0.0, env=slurm) == 30 * 60 - 180  # a tenth of a short limit
-    assert job_deadline(1440, now=0.0, env={}) is None  # no SLURM job: no limit
-    assert job_deadline(None, now=0.0, env=slurm) is None
+    left = {"7": 24 * 3600.0}.get
+    assert job_deadline(None, now=0.0, env=slurm, time_left=left) == 24 * 3600 - 600
+    assert job_deadline(None, now=0.0, env=slurm, time_left={"7": 1800.0}.get) == 1800 - 180
+    assert job_deadline(None, now=0.0, env=slurm, time_left=lambda job: None) is None
+    assert job_deadline(None, now=0.0, env={}, time_left=left) is None  # no SLURM: no limit
+    assert job_deadline(30, now=0.0, env={}) == 30 * 60 - 180  # --time-limit by hand
+    assert [slurm_duration(t) for t in ("1-02:03:04", "02:03:04", "03:04", "UNLIMITED", "")] == [
+        93784.0, 7384.0, 184.0, None, None,
+    ]  # fmt: skip
     out2 = tmp_path / "run2"
     out2.mkdir()
     trainer = Trainer(_settings(checkpoint_every=5), stores, out2)

@@ -601,6 +601,40 @@ def demo_plan(tmp_path: Path, overrides: str) -> str:
     return demo_dry_run(tmp_path, overrides).stdout
 
 
+def test_every_command_the_workflow_prints_parses(tmp_path: Path) -> None:
+    """Each job's command line is parsed by its stage's own parser, with settings that add
+    options (labels.base, a given normalisation, two GPUs): a rule passing an option its
+    stage no longer takes (finetune had been given --base) fails every such job at run time."""
+    import importlib
+    import shlex
+
+    from dsf.cli import STAGES
+
+    out = demo_plan(
+        tmp_path,
+        "labels:\n  base: STR\npretrain:\n  gpus: 2\n  mean: [0.7, 0.5, 0.7]\n"
+        "  std: [0.2, 0.2, 0.2]\ninfer:\n  probabilities: true\n",
+    )
+    parsed: set[str] = set()
+    for line in out.splitlines():
+        command = line.removeprefix("Shell command: ").split(" 2> ")[0]
+        tokens = shlex.split(command) if line.startswith("Shell command: ") else []
+        if not tokens or tokens[0] not in ("dsf", "torchrun"):
+            continue
+        if tokens[0] == "torchrun":
+            at = tokens.index("-m")
+            module, args = tokens[at + 1], tokens[at + 2 :]
+        else:
+            module, args = STAGES[tokens[1]], tokens[2:]
+        try:
+            importlib.import_module(module)._parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{module} refuses its workflow command: {line[:300]}")
+        parsed.add(module)
+    assert {"dsf.tissue", "dsf.labels", "dsf.patches", "dsf.pretrain", "dsf.finetune",
+            "dsf.infer", "dsf.polygons", "dsf.evaluate"} <= parsed  # fmt: skip
+
+
 def test_pretrain_scope_all_pretrains_once_for_every_fold(tmp_path: Path) -> None:
     out = demo_plan(tmp_path, "pretrain:\n  scope: all\n")
     assert job_counts(out)["pretrain"] == 1

@@ -18,7 +18,8 @@ rule finetune:
         # run's (one of the input, as `norm` is, it never compares), so a change reruns
         opts=stage_opts("finetune", skip=("init", "inits", "fractions")) + given_norm_opts(),
         fast=fast_param("finetune"),
-        classes=stage_opts("labels", skip=("class_map", "other_class", "names", "geojson_names")),
+        # of the labels settings only the classes: the tiles are labelled already
+        classes=cli_args("labels", {"classes": config["labels"]["classes"]}),
         # a computed normalisation (results/norm/): the file, an input
         norm=norm_opt,
     # its loader workers and itself

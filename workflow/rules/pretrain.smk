@@ -16,11 +16,7 @@ rule pretrain:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
         fold=split_opt,
         opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
-        # speed settings and the job's time limit (--time-limit: a SLURM job stops by itself
-        # before it), derived from the job, so a change or a site's runtime reruns nothing
-        fast=lambda w, threads, resources: (
-            f"{FAST['pretrain']} --time-limit {resources.runtime}"
-        ),
+        fast=fast_param("pretrain"),
         launch=fast_param("launch_pretrain"),
         norm=norm_opt,
     # per process (one per GPU): its loader workers and itself
@@ -38,7 +34,7 @@ rule pretrain:
         # SIGUSR1 5 minutes before the time limit: the job checkpoints where it is and its
         # retry resumes there (dsf.pretrain.STOP_SIGNALS; a site's own slurm_extra replaces it).
         # Where SLURM tracks processes by cgroup the signal ends Snakemake's job step instead:
-        # --time-limit (params.fast) makes a SLURM job checkpoint and stop by itself earlier
+        # pretraining in a SLURM job also stops by itself before the time squeue says it has
         slurm_extra="--signal=USR1@300",
     conda:
         "../../envs/dsf.yaml"
