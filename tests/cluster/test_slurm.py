@@ -237,3 +237,26 @@ def test_rerun_through_slurm_has_nothing_to_do(
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "Nothing to be done" in out or re.search(r"^total\s+0$", out, re.M), out
+
+
+def test_pretraining_reads_the_time_its_slurm_job_has_left(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    """Inside a SLURM job, pretraining stops itself before the time squeue says the job has
+    left (SLURM's signals before the limit do not reach it through Snakemake's job step where
+    processes are tracked by cgroup): read in a real job with a 30-minute limit."""
+    out = tmp_path / "left.txt"
+    code = (
+        "import os; from dsf.pretrain import slurm_time_left, job_deadline; "
+        "left = slurm_time_left(os.environ['SLURM_JOB_ID']); "
+        "print(left, job_deadline(None, now=0.0, time_left=lambda job: left))"
+    )
+    done = subprocess.run(
+        ["sbatch", "--wait", "--time=30", f"--output={out}", "--wrap",
+         f"{sys.executable} -c \"{code}\""],
+        env=slurm, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + _tail(out)
+    left, deadline = (float(v) for v in out.read_text().split())
+    assert 25 * 60 < left <= 30 * 60  # the job's 30 minutes, less its start
+    assert deadline == pytest.approx(left - left / 10)  # a tenth of its time before the end
