@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,8 @@ def folder_rows(
         raise ConfigError(
             f"config key `slides` is the folder {folder}, which holds plain images ({shown}) "
             "that state no resolution: write a sheet that gives it, `dsf sheet "
-            f"{folder} --mpp <um/px> --out slides.tsv`, and set `slides` to that sheet"
+            f"{shlex.quote(str(folder))} --mpp <um/px> --out slides.tsv`, and set `slides` to "
+            "that sheet"
         )
     return rows
 
@@ -331,11 +333,11 @@ def _next_step(out: Path | None, masks: dict[str, str]) -> str:
         return (
             f"; edit it, then run it with a config whose labels.classes has {list(masks)} (PAIP: "
             "snakemake --cores N --configfile config/presets/paip.yaml --config "
-            f"slides={out.resolve()})"
+            f"{shlex.quote(f'slides={out.resolve()}')})"
         )
     return (
         "; edit it, then run (in dsf's folder): snakemake --cores N --config "
-        f"slides={out.resolve()}"
+        f"{shlex.quote(f'slides={out.resolve()}')}"
     )
 
 

@@ -257,6 +257,10 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     err = capsys.readouterr().err
     assert "TCGA-CR-7395" in err and "state no resolution" in err and "2220 x 2967" in err
     assert f"--config slides={out}" in err  # the next step
+    from dsf.sheet import _next_step
+
+    spaced = _next_step(tmp_path / "my slides" / "s.tsv", {})  # pasted, it must stay one word
+    assert spaced.endswith(f"--config 'slides={tmp_path / 'my slides' / 's.tsv'}'")
     text = out.read_text()
     assert text.splitlines()[0] == "slide\tpath\tmpp\tlabels\tgroup\tfold"
     assert "slides/CMU-1-Small-Region.svs" in text and str(tmp_path) not in text  # relative
