@@ -19,20 +19,22 @@ def is_store(path: Path) -> bool:
     return path.is_dir() and any((path / mark).is_file() for mark in _STORE_MARKS)
 
 
+def _foreign_folder(path: Path) -> ConfigError:
+    """The refusal of an output that names an existing folder dsf did not write."""
+    return ConfigError(
+        f"output {path} is an existing folder that dsf did not write: it is left alone; give "
+        "the output a path that is not an existing folder"
+    )
+
+
 def remove(path: Path) -> None:
     """Delete an earlier output if it exists: a file, or a Zarr store (dsf's folder outputs).
 
     Any other folder is refused, never deleted: a folder given for an output by mistake (the
     slide folder, `.`) holds the user's files."""
-    if path.is_dir() and not path.is_symlink():
-        if not is_store(path):
-            raise ConfigError(
-                f"output {path} is an existing folder that dsf did not write: it is left "
-                "alone; give the output a path that is not an existing folder"
-            )
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    if path.is_dir() and not path.is_symlink() and not is_store(path):
+        raise _foreign_folder(path)
+    remove_scratch(path)
 
 
 def remove_scratch(path: Path) -> None:
@@ -55,7 +57,7 @@ def check_outputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None])
                 "give the output another path"
             )
         if out.is_dir() and not out.is_symlink() and not is_store(out):
-            remove(out)  # raises: a folder dsf did not write
+            raise _foreign_folder(out)
 
 
 @contextmanager

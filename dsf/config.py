@@ -193,6 +193,14 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return validate(data)
 
 
+def _value_type(schema: dict[str, Any]) -> Any:
+    """The Python type an option converts a schema value's text to (int, float, else str), of
+    its non-null type where the schema allows null too."""
+    kind = schema.get("type")
+    kind = next(k for k in kind if k != "null") if isinstance(kind, list) else kind
+    return {"integer": int, "number": float}.get(kind, str)
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -224,12 +232,11 @@ def add_section_arguments(
         if kind == "boolean":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind == "array":
-            item = {"integer": int, "number": float}.get(sub.get("items", {}).get("type"), str)
-            kwargs.update(type=item, nargs="+")
+            kwargs.update(type=_value_type(sub.get("items", {})), nargs="+")
         elif kind == "object":
             kwargs.update(type=json.loads, metavar="JSON")
         else:
-            kwargs["type"] = {"integer": int, "number": float}.get(kind, str)
+            kwargs["type"] = _value_type(sub)
             if "enum" in sub:
                 kwargs["choices"] = sub["enum"]
         group.add_argument(_flag(key), **kwargs)
@@ -245,9 +252,7 @@ def add_setting_argument(
     sub = section_schema(section)["properties"][name]
     default = defaults(section)[name]
     item = sub.get("items", {}) if sub.get("type") == "array" else sub
-    kind = item.get("type")
-    kind = next(k for k in kind if k != "null") if isinstance(kind, list) else kind
-    convert_type = {"integer": int, "number": float}.get(kind, str)
+    convert_type = _value_type(item)
     checker = jsonschema.Draft202012Validator(item)
 
     def convert(text: str) -> Any:

@@ -119,7 +119,7 @@ def infer_slide(
     # the grid, the reads and the map's mpp are all in those pixels and a map pixel covers
     # the slide region it claims (a grid at the nominal mpp drifted across each band)
     t = slide.effective_mpp(p.target_mpp)
-    if t / slide.mpp < 1 - slide.mpp_tolerance:  # as dsf.patches warns for training tiles
+    if slide.upsamples(t):  # as dsf.patches warns for training tiles
         log.warning(
             "%s: the models' %.4g um/px is finer than the slide's %.4g um/px: the slide is "
             "upsampled for them, and the map shows what they make of blurred tissue (map such "

@@ -12,6 +12,9 @@ from typing import Any
 from dsf.errors import ConfigError
 from dsf.windows import out_factor
 
+#: The backbone of models whose model.pt names none (written before there was a choice).
+LEGACY_BACKBONE = "resnet18"
+
 
 def find_models(spec: dict[str, list[str]], key: str = "apply.models") -> dict[str, list[str]]:
     """The model.pt files of each name of `spec` (files, or folders searched for `model.pt`),
@@ -158,7 +161,7 @@ def _check_alike(
         mpp, block, scale = _geometry(meta)
         return {
             "init": meta["init"],
-            "backbone": meta.get("backbone", "resnet18"),  # older models: the only one then
+            "backbone": meta.get("backbone", LEGACY_BACKBONE),
             "target_block": meta.get("target_block"),
             "classes": list(meta["classes"]),
             "target_mpp": f"{mpp:.2g}",  # older models hold an actual mpp: 0.2527 is 0.25

@@ -92,7 +92,7 @@ def make_geometry(slide: Slide, settings: dict[str, Any]) -> Geometry:
     f0 = eff / slide.mpp
     nx, ox = tile_grid(int(w0 / f0 + 1e-6), tile, settings["stride"])
     ny, oy = tile_grid(int(h0 / f0 + 1e-6), tile, settings["stride"])
-    if eff / slide.mpp < 1 - slide.mpp_tolerance:
+    if slide.upsamples(eff):
         log.warning(
             "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled "
             "(for a cohort scanned at 20x, the 5x/20x geometry fits: patches.target_mpp 0.5, "

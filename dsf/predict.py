@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dsf import checkpoints
 from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
+from dsf.model_sets import LEGACY_BACKBONE
 
 REQUIRED = ("state_dict", "init", "classes", "scale", "block", "target_mpp")
 
@@ -86,7 +87,7 @@ def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> 
         )
     classes = list(meta["classes"])
     settings = meta.get("settings", {})
-    backbone = meta.get("backbone", settings.get("backbone", "resnet18"))
+    backbone = meta.get("backbone", settings.get("backbone", LEGACY_BACKBONE))
     if meta["init"] == "unet":
         model: nn.Module = UNet(len(classes), backbone=backbone)
     else:

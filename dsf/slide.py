@@ -127,6 +127,11 @@ class Slide:
         level_mpp = self.mpp * lv.downsample
         return level_mpp if abs(mpp / level_mpp - 1.0) <= self.mpp_tolerance else mpp
 
+    def upsamples(self, mpp: float) -> bool:
+        """Whether reading at `mpp` (an `effective_mpp`) enlarges the slide's finest pixels:
+        a request finer than level 0 beyond the tolerance."""
+        return mpp / self.mpp < 1 - self.mpp_tolerance
+
     @property
     def objective_power(self) -> float | None:
         """Objective power stated by the file, if any (informational: dsf works in mpp)."""
