@@ -40,6 +40,14 @@ def damaged_map(path: Path, what: str, exc: BaseException | None = None) -> Conf
     )
 
 
+def class_counts(classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Pixels of each class index 0..n_classes-1 in a uint8 class raster (int64); index 0
+    takes every pixel that is no other class. A pass per class: `np.bincount` first converts
+    every pixel to int64, about 8x slower on a map's bands."""
+    fg = [np.count_nonzero(classes == k) for k in range(1, n_classes)]
+    return np.asarray([classes.size - sum(fg), *fg], np.int64)
+
+
 @dataclass
 class ClassMap:
     """A whole-slide class map of `dsf infer`: the pyramidal TIFF and its JSON description."""

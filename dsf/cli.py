@@ -8,21 +8,23 @@ from __future__ import annotations
 import importlib
 import sys
 
+#: stage -> (module, what it does), in the workflow's order; `dsf <stage> -h` tells the rest
 STAGES = {
-    "sheet": "dsf.sheet",
-    "synth": "dsf.synth",
-    "tissue": "dsf.tissue",
-    "labels": "dsf.labels",
-    "patches": "dsf.patches",
-    "tile-labels": "dsf.tile_labels",
-    "folds": "dsf.folds",
-    "norm": "dsf.norm",
-    "pretrain": "dsf.pretrain",
-    "finetune": "dsf.finetune",
-    "infer": "dsf.infer",
-    "polygons": "dsf.polygons",
-    "evaluate": "dsf.evaluate",
-    "curves": "dsf.curves",
+    "sheet": ("dsf.sheet", "write a slide sheet for a folder of slides (groups, mpp, labels)"),
+    "synth": ("dsf.synth", "write a synthetic H&E-like slide with exact class labels"),
+    "tissue": ("dsf.tissue", "tissue mask, QC overlay and statistics of one slide"),
+    "labels": ("dsf.labels", "one label mask of a slide from per-class masks or an annotation"),
+    "patches": ("dsf.patches", "context/target patch store (Zarr) over a slide's tissue"),
+    "tile-labels": ("dsf.tile_labels", "labels of a patch store's tiles from its slide's labels"),
+    "folds": ("dsf.folds", "cross-validation folds over the slides, grouped by patient"),
+    "norm": ("dsf.norm", "input normalisation mean and std of a set of patch stores"),
+    "pretrain": ("dsf.pretrain", "self-supervised DSF-WSI pretraining of one fold (GPUs or CPU)"),
+    "finetune": ("dsf.finetune", "HookNet fine-tuning of one init, label fraction and fold"),
+    "infer": ("dsf.infer", "whole-slide class map (pyramidal TIFF for QuPath) of one slide"),
+    "polygons": ("dsf.polygons", "a class map traced into QuPath GeoJSON / ImageScope XML"),
+    "areas": ("dsf.areas", "each slide's predicted area per class (mm², % of the mapped area)"),
+    "evaluate": ("dsf.evaluate", "per-class F1 and accuracy, and the paper's tables"),
+    "curves": ("dsf.curves", "training curves and report pages"),
 }
 
 
@@ -36,12 +38,24 @@ def pretrain_command(gpus: int) -> list[str]:
     return ["dsf", "pretrain"]
 
 
+def usage() -> str:
+    """`dsf -h`: the stages, one line each, in the workflow's order."""
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {what}" for name, (_, what) in STAGES.items()]
+    return (
+        "usage: dsf <stage> [options]   (dsf <stage> -h: the stage's options; dsf --version)\n"
+        "DSF-WSI whole-slide pipeline stages (the Snakemake workflow runs them all):\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a stage's `main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
-        names = ", ".join(STAGES)
-        sys.stderr.write(f"usage: dsf <stage> [options]\nstages: {names}\n")
+        out = sys.stdout if argv else sys.stderr  # asked for: stdout; a bare `dsf`: an error
+        out.write(usage())
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage in {"-V", "--version"}:
@@ -52,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         sys.stderr.write(f"dsf: unknown stage {stage!r}; stages: {', '.join(STAGES)}\n")
         return 2
-    module = importlib.import_module(STAGES[stage])
+    module = importlib.import_module(STAGES[stage][0])
     return module.main(rest)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from dsf import __version__
 from dsf.atomic import atomic_path
@@ -175,11 +176,15 @@ def check_validation_stores(
 
 def _check_geometry(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
     """The store must be cut with the geometry and classes the model was fine-tuned on."""
+    from dsf.slide import tolerance
+
     mpp = float(attrs.get("requested_target_mpp", attrs["target_mpp"]))
     got = (int(attrs["scale"]), int(attrs["block"]), mpp)
     want = (predictor.scale, predictor.block, predictor.target_mpp)
-    # within the tolerance a slide level serves (models before 2026-12-06 hold an actual mpp)
-    if got[:2] != want[:2] or not math.isclose(got[2], want[2], rel_tol=0.05):
+    # within the tolerance the store was cut with (patches.mpp_tolerance), as a slide level
+    # serves (models before 2026-12-06 hold an actual mpp)
+    tol = tolerance(attrs.get("settings", {}).get("mpp_tolerance"))
+    if got[:2] != want[:2] or not math.isclose(got[2], want[2], rel_tol=tol):
         raise ConfigError(
             f"patch store {store} has scale, block, target mpp {got}, the model {want}: "
             "evaluate with stores cut by the same patches settings as fine-tuning"
@@ -213,7 +218,8 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
     contexts, tiles = (store_array(g, a, store.tiles) for a in ("context", "tiles"))
     labels = store_array(lab, "labels", store.labels)
     tile_of = store_array(lab, "index", store.labels)[:]
-    for i0 in range(0, n, batch_size):
+    # a bar on a terminal only (a job's log gets the per-slide line)
+    for i0 in tqdm(range(0, n, batch_size), desc=store.slide, unit="batch", disable=None):
         i1 = min(n, i0 + batch_size)
         which = tile_of[i0:i1]
         ctx = torch.from_numpy(read_rows(contexts, which))

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
@@ -330,8 +331,9 @@ class FineTuner:
             loss = loss + w * self._loss(c_logits, clab)
         return loss
 
-    def train_epoch(self) -> float:
-        """One epoch over the sampled labelled tiles (paper IV-C); the mean training loss."""
+    def train_epoch(self, progress: bool | None = None) -> float:
+        """One epoch over the sampled labelled tiles (paper IV-C); the mean training loss.
+        `progress`: a bar (None: only on a terminal, not in a job's log)."""
         self.sampler.set_epoch(self.epoch)
         self.train.set_epoch(self.epoch)
         gen = torch.Generator(device=self.device).manual_seed(self.st["seed"] * 7919 + self.epoch)
@@ -339,6 +341,12 @@ class FineTuner:
         self.model.train()
         total, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync
         cap = self.st["steps_per_epoch"] or len(self.loader)
+        bar = tqdm(
+            total=min(cap, len(self.loader)),
+            desc=f"epoch {self.epoch + 1}",
+            disable=None if progress is None else not progress,
+            mininterval=5.0,
+        )
         for ctx, tgt, lab, clab in self.loader:
             ctx, tgt = self._inputs(ctx, tgt)
             ctx, tgt, lab, clab = _shared_jitter_flip(
@@ -353,10 +361,12 @@ class FineTuner:
             optimise(loss, self.opt, self.scaler)
             total += loss.detach().float()
             steps += 1
+            bar.update(1)
             if steps % CHECK_EVERY == 0:
                 self._check_finite(total, steps)
             if steps >= cap:
                 break
+        bar.close()
         self._check_finite(total, steps)
         return float(total) / max(1, steps)
 
@@ -382,13 +392,13 @@ class FineTuner:
             cm += confusion(pred, lab.numpy(), k)
         return scores(cm)
 
-    def fit(self) -> None:
+    def fit(self, progress: bool | None = None) -> None:
         """Train up to `epochs`, scoring the selection slides after each epoch and keeping the
         best state by macro F1 (without selection slides, the last epoch); checkpointed every
-        epoch."""
+        epoch. `progress`: a bar per epoch (None: only on a terminal)."""
         while self.epoch < self.st["epochs"]:
             t0 = time.perf_counter()
-            loss = self.train_epoch()
+            loss = self.train_epoch(progress)
             if self.select is None:
                 sel = {"macro_f1": float("nan"), "accuracy": float("nan")}
             else:
@@ -517,6 +527,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoders", type=Path, help="encoders.pt of this fold's pretraining")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (without it: a bar per epoch on a terminal, none in a log file)",
+    )
     for stat, meta in (("mean", "M"), ("std", "S")):
         p.add_argument(
             f"--norm-{stat}",
@@ -594,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.resume:
             tuner.resume()
-        tuner.fit()
+        tuner.fit(progress=False if args.no_progress else None)
         tuner.export()
         # model.pt and history.tsv hold the result; the full state (about 12x the model with
         # Adam's moments) only served an interrupted run

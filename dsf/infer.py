@@ -63,18 +63,16 @@ log = logging.getLogger(__name__)
 ROUTINGS = ("out_of_fold", "ensemble", "fold", "given")
 
 
-#: Models whose target mpp differ by less than this (relative) share one geometry: models
-#: fine-tuned before they recorded the requested mpp hold their first store's actual one
-#: (0.2527 for 0.25), which differs between folds.
-MPP_ALIKE = 0.05
-
-
-def _check_models(preds: list[Predictor]) -> None:
+def _check_models(preds: list[Predictor], mpp_tolerance: float) -> None:
+    """Refuse models that cannot be averaged. Target mpp within `mpp_tolerance` (relative,
+    patches.mpp_tolerance) are one geometry: models fine-tuned before they recorded the
+    requested mpp hold their first store's actual one (0.2527 for 0.25), which differs between
+    folds, as the stores of one run differ within that tolerance."""
     ref = preds[0]
     for p in preds[1:]:
         for key in ("classes", "scale", "block", "target_mpp", "init"):
             a, b = getattr(p, key), getattr(ref, key)
-            if a != b and not (key == "target_mpp" and math.isclose(a, b, rel_tol=MPP_ALIKE)):
+            if a != b and not (key == "target_mpp" and math.isclose(a, b, rel_tol=mpp_tolerance)):
                 raise ConfigError(
                     f"models to ensemble differ in {key} ({getattr(ref, key)} vs "
                     f"{getattr(p, key)}); they must come from one fine-tuning configuration"
@@ -105,7 +103,7 @@ def infer_slide(
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    _check_models(preds)
+    _check_models(preds, slide.mpp_tolerance)
     # earlier outputs go first: a run that fails midway must not leave a new map beside an
     # old JSON or overlay that `open_map` would take as one
     # (probabilities of an earlier run with infer.probabilities on, too, when none are asked)
@@ -221,6 +219,7 @@ def infer_slide(
                     p.classes,
                     title=f"{slide.slide_id}: predicted classes",
                     mpp=thumb_mpp,
+                    counts=writer.counts,
                 )
                 with atomic_path(out_overlay) as tmp:
                     Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
@@ -243,6 +242,8 @@ def infer_slide(
                 "scale": grid.scale,
                 "target_mpp": t,
                 "slide_mpp": slide.mpp,  # level 0's: coarser than target_mpp means upsampled
+                # level-0 pixels per class index (0: background), for the areas (dsf.areas)
+                "class_pixels": [int(n) for n in writer.counts],
                 "seconds": round(time.perf_counter() - t0, 3),
                 "phase_seconds": phases,
                 "settings": settings,

@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dsf.annotations import base_class, check_label_settings, class_index, open_labels
+from dsf.annotations import open_labels
 from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.class_tiff import pyramid_levels, write_block, write_tiff
 from dsf.config import add_section_arguments, add_setting_argument, section_from_args
 from dsf.errors import AnnotationError, ConfigError
+from dsf.label_settings import base_class, check_label_settings, class_index
 from dsf.mask_raster import MaskRaster
 from dsf.runner import run, setup_logging
 from dsf.slide import Slide, add_tolerance_argument, open_slide
@@ -85,7 +86,7 @@ def paint_labels(
     rgb_max: list[int],
     mpp: float,
     out: Path,
-    threads: int = 4,
+    threads: int,
     progress: bool = True,
     annotation: Path | None = None,
 ) -> dict[str, float]:

@@ -23,11 +23,13 @@ class Notes:
         self.texts: list[str] = []
 
     def ref(self, text: str) -> str:
+        """The footnote mark of `text`, numbered at its first use."""
         if text not in self.texts:
             self.texts.append(text)
         return f"[^{self.texts.index(text) + 1}]"
 
     def render(self) -> list[str]:
+        """The footnotes' lines, in the order they were first used."""
         return [f"[^{i}]: {t}" for i, t in enumerate(self.texts, 1)]
 
 
@@ -109,6 +111,7 @@ def rows_table(
 
 
 def classes_text(classes: list[str]) -> str:
+    """The classes line of a table's caption (index 0 is never scored)."""
     return f"Classes: {', '.join(classes[1:])} (index 0, {classes[0]}, is unlabelled and ignored)."
 
 

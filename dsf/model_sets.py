@@ -5,6 +5,7 @@ the workflow parses without it; only `check_given_models` loads (maps) the model
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def check_given_models(
     patches: dict[str, Any] | None,
     classes: list[str],
     out_mpp: float | None = None,
+    mpp_tolerance: float | None = None,
 ) -> None:
     """Refuse at the start what would stop a prediction run midway or average what does not
     belong together (metadata only, the weights mapped, not read): a file that is not a
@@ -97,9 +99,13 @@ def check_given_models(
     with annotated slides (`scored`), a model fitted or selected on one of them (scoring it
     would not be validation) or predicting other classes than `labels.classes`; with `patches`
     (the tile protocol) a model whose target mpp, block or scale differ from that section;
-    an `infer.out_mpp` that is no whole multiple of the models' target mpp."""
+    an `infer.out_mpp` that is no whole multiple of the models' target mpp. Target mpp
+    within `mpp_tolerance` (patches.mpp_tolerance) are one geometry."""
     from dsf.checkpoints import load  # torch: only a prediction run pays for it
     from dsf.predict import REQUIRED
+    from dsf.slide import tolerance
+
+    tol = tolerance(mpp_tolerance)
 
     for name, paths in models.items():
         first: tuple[str, dict[str, Any]] | None = None
@@ -125,7 +131,7 @@ def check_given_models(
                 except ConfigError as exc:
                     raise ConfigError(f"apply.models.{name} ({path}): {exc}") from exc
             else:
-                _check_alike(name, first, (path, meta))
+                _check_alike(name, first, (path, meta), tol)
             seen = sorted(scored & trained_on(meta))
             if seen:
                 raise ConfigError(
@@ -142,7 +148,7 @@ def check_given_models(
                     "config's"
                 )
             if patches is not None:
-                _check_geometry(name, path, meta, patches)
+                _check_geometry(name, path, meta, patches, tol)
 
 
 def _geometry(meta: dict[str, Any]) -> tuple[float, int, int]:
@@ -150,11 +156,15 @@ def _geometry(meta: dict[str, Any]) -> tuple[float, int, int]:
 
 
 def _check_alike(
-    name: str, first: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]]
+    name: str,
+    first: tuple[str, dict[str, Any]],
+    other: tuple[str, dict[str, Any]],
+    mpp_tolerance: float,
 ) -> None:
     """The models of one name are one fine-tuning configuration's folds: averaged (or scored
     as one set) only when they share init, backbone, target block, classes, geometry and label
-    fraction."""
+    fraction (target mpp within `mpp_tolerance`: older models hold an actual mpp, 0.2527 for
+    0.25)."""
     (a, ma), (b, mb) = first, other
 
     def facts(meta: dict[str, Any]) -> dict[str, Any]:
@@ -164,13 +174,15 @@ def _check_alike(
             "backbone": meta.get("backbone", LEGACY_BACKBONE),
             "target_block": meta.get("target_block"),
             "classes": list(meta["classes"]),
-            "target_mpp": f"{mpp:.2g}",  # older models hold an actual mpp: 0.2527 is 0.25
+            "target_mpp": mpp,
             "block": block,
             "scale": scale,
             "fraction": float(meta.get("fraction", 1.0)),
         }
 
     fa, fb = facts(ma), facts(mb)
+    if math.isclose(fa["target_mpp"], fb["target_mpp"], rel_tol=mpp_tolerance):
+        fb["target_mpp"] = fa["target_mpp"]
     differ = [k for k in fa if fa[k] != fb[k]]
     if differ:
         key = differ[0]
@@ -181,11 +193,13 @@ def _check_alike(
         )
 
 
-def _check_geometry(name: str, path: str, meta: dict[str, Any], patches: dict[str, Any]) -> None:
+def _check_geometry(
+    name: str, path: str, meta: dict[str, Any], patches: dict[str, Any], mpp_tolerance: float
+) -> None:
     """The tile protocol's stores must be cut with the model's geometry."""
     want = (float(patches["target_mpp"]), int(patches["block"]), int(patches["scale"]))
     got = _geometry(meta)
-    if got[1:] != want[1:] or abs(got[0] - want[0]) > 0.05 * want[0]:
+    if got[1:] != want[1:] or not math.isclose(got[0], want[0], rel_tol=mpp_tolerance):
         raise ConfigError(
             f"apply.models.{name}: {path} was fine-tuned on target_mpp, block, scale "
             f"{got}, but patches.target_mpp, patches.block, patches.scale are {want}: "

@@ -283,6 +283,7 @@ class ShardWriter:
             self._fill = 0
 
     def close(self) -> int:
+        """Write the last tiles and wait for the writer (raising its error); the tile count."""
         self._flush()
         self._queue.put(None)
         self._thread.join()

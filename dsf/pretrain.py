@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from tqdm import tqdm
 from dsf import __version__, checkpoints
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
+from dsf.deadline import STOP_BEFORE_LIMIT_S, job_deadline
 from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import read_folds
@@ -102,65 +103,6 @@ class StoppedError(TrainingError):
 #: losing up to checkpoint_every epochs.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-#: A SLURM job's pretraining checkpoints and stops on its own this long before the job's time
-#: limit (at most a tenth of the limit): on clusters that track a job's processes by cgroup,
-#: SLURM's signals before the limit end Snakemake's job step, and the training with it, before
-#: the training process can act on them.
-STOP_BEFORE_LIMIT_S = 600.0
-
-
-def job_deadline(
-    time_limit_min: float | None,
-    now: float | None = None,
-    env: Mapping[str, str] | None = None,
-    time_left: Callable[[str], float | None] | None = None,
-) -> float | None:
-    """When (`time.time()`) pretraining stops itself: STOP_BEFORE_LIMIT_S (at most a tenth of
-    the time) before `time_limit_min` minutes from `now` (`--time-limit`, a run by hand), or
-    in a SLURM job or allocation before the time SLURM says it has left (`squeue`; a job of
-    the workflow's, or Snakemake run inside `sbatch`/`salloc`). None outside SLURM, or when
-    SLURM cannot tell (then its signals are all there is)."""
-    env = os.environ if env is None else env
-    if time_limit_min is not None:
-        limit: float | None = time_limit_min * 60.0
-    elif "SLURM_JOB_ID" in env:
-        limit = (time_left or slurm_time_left)(env["SLURM_JOB_ID"])
-    else:
-        return None
-    if limit is None:
-        return None
-    return (time.time() if now is None else now) + limit - min(STOP_BEFORE_LIMIT_S, limit / 10)
-
-
-def slurm_time_left(job_id: str) -> float | None:
-    """Seconds SLURM gives job `job_id` still (`squeue -o %L`), or None: no limit, or squeue
-    missing or silent."""
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("cannot ask SLURM for the job's time left (%s): no stop before it", exc)
-        return None
-    return slurm_duration(done.stdout.strip()) if done.returncode == 0 else None
-
-
-def slurm_duration(text: str) -> float | None:
-    """Seconds of a SLURM duration (`[days-][hours:]minutes:seconds`); None for UNLIMITED,
-    NOT_SET, INVALID or anything else."""
-    days, _, clock = text.rpartition("-")
-    parts = clock.split(":")
-    if not (1 <= len(parts) <= 3) or not all(p.isdigit() for p in parts):
-        return None
-    if days and not days.isdigit():
-        return None
-    seconds = 0
-    for part in parts:
-        seconds = seconds * 60 + int(part)
-    return float(seconds + int(days or 0) * 86_400)
-
 
 class _InterruptError(Exception):
     """Raised inside an epoch when a stop signal came, with the steps it had done."""
@@ -181,6 +123,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the order of `epoch` next (the same on every rank, each taking its share)."""
         self.epoch = epoch
 
     def __iter__(self):  # noqa: ANN204 - Sampler protocol

@@ -48,7 +48,8 @@ def _clean(value: Any) -> Any:
 def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
-    path = Path(os.path.expanduser(value))
+    path = Path(value).expanduser()
+    # lexical: `..` collapses without resolving links (pathlib has no such step)
     return os.path.normpath(path if path.is_absolute() else base / path)
 
 
@@ -182,7 +183,7 @@ def validate_rows(
 def check_mask_classes(sheet: pd.DataFrame, classes: list[str], where: str) -> None:
     """Every per-class mask of the sheet names a class of `classes` (else a ConfigError naming
     the sheet's column)."""
-    from dsf.annotations import class_index
+    from dsf.label_settings import class_index
 
     for cls in sorted({c for m in sheet["masks"] for c in m}):
         class_index(cls, classes, f"`{MASK_PREFIX}{cls}` (slide sheet {where}); labels.classes")

@@ -108,6 +108,7 @@ class Backend:
     background: tuple[int, int, int] = (255, 255, 255)
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `level` from its pixel (x, y); each backend implements it."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ error, and a missing shard (which Zarr would read as black tiles) is found when 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +177,7 @@ def _check_shards(path: Path, name: str, labels: bool = False) -> None:
     # one stat per shard (a store holds about one per 7 tiles of 1024 px), no tree walk
     for index in np.ndindex(*counts):
         shard = "c/" + "/".join(str(i) for i in index)
-        if not os.path.isfile(folder / shard):
+        if not (folder / shard).is_file():
             first = index[0] * grid[0]
             last = min(shape[0], first + grid[0]) - 1
             zeros = "unlabelled" if labels else "black"

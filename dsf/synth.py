@@ -300,6 +300,9 @@ def _write_label_tiff(path: Path, spec: _Spec, ds: int) -> None:
 
 
 _GEOJSON_MAX_PX = 16_000_000  # label raster size the polygons are traced on (bounded memory)
+#: Douglas-Peucker tolerance (raster px) of the synthetic annotation's outlines: a fifth of a
+#: pixel keeps them on the painted truth (the maps' polygons use polygons.tolerance)
+_GEOJSON_TOLERANCE_PX = 0.2
 
 
 def _features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
@@ -310,7 +313,7 @@ def _features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
     # the maps' colours (the same class indices): truth and predictions look alike in QuPath
     colours = class_colours(max(CLASS_NAMES) + 1)
     named = {cls: (name, tuple(colours[cls].tolist())) for cls, name in CLASS_NAMES.items()}
-    return list(class_features(labels, ds, named))
+    return list(class_features(labels, ds, named, tolerance=_GEOJSON_TOLERANCE_PX))
 
 
 def _write_geojson(path: Path, spec: _Spec, ds: int) -> None:
@@ -407,7 +410,7 @@ def write_synthetic_slide(
 
 # -- command line --------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from dsf.config import section_schema
+    from dsf.config import add_section_arguments
 
     parser = argparse.ArgumentParser(
         prog="dsf synth",
@@ -421,16 +424,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels-tiff", type=Path, help="class mask TIFF to write")
     parser.add_argument("--labels-geojson", type=Path, help="QuPath GeoJSON to write")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    group = parser.add_argument_group("synth settings (config key synth.*)")
-    for key, sub in section_schema("synth")["properties"].items():
-        if key == "slides":
-            continue
-        kind = {"integer": int, "number": float}[sub["type"]]
-        group.add_argument(
-            "--" + key.replace("_", "-"), dest=f"synth__{key}", type=kind,
-            default=argparse.SUPPRESS, metavar=key.upper(),
-            help=f"{sub.get('description', '').strip()} (default: {sub.get('default')!r})",
-        )  # fmt: skip
+    add_section_arguments(parser, "synth", skip=("slides",))
     return parser
 
 

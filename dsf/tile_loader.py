@@ -31,6 +31,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ PREFETCH = 2
 #: slots the consumer holds besides the workers' (the batch in the step, the next one being
 #: augmented, one whose copy to the device is in flight)
 HELD = 3
-SHM = "/dev/shm"
+SHM = Path("/dev/shm")
 #: seconds between a waiting worker's checks that the training process still lives
 PARENT_POLL_S = 1.0
 
@@ -165,7 +166,7 @@ class TileLoader:
         slots = self.workers * PREFETCH + HELD
         shape = (slots, self.batch_size, *self.data.tile_shape)
         nbytes = math.prod(shape)
-        if os.path.isdir(SHM):  # a segment larger than /dev/shm's room dies of SIGBUS on use
+        if SHM.is_dir():  # a segment larger than /dev/shm's room dies of SIGBUS on use
             st = os.statvfs(SHM)
             room = st.f_bavail * st.f_frsize
             if nbytes > room:

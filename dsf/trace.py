@@ -126,7 +126,7 @@ def component_rings(
     sub: np.ndarray,
     ds: float,
     offset: tuple[int, int],
-    tolerance: float = 0.2,
+    tolerance: float,
     min_hole_px: int = 0,
     origin: float = 0.0,
 ) -> list[list[list[float]]]:
@@ -160,16 +160,17 @@ def class_features(
     ds: float,
     classes: dict[int, tuple[str, tuple[int, int, int]]],
     *,
-    tolerance: float = 0.2,
+    tolerance: float,
     min_px: int = 0,
     properties: dict[str, Any] | None = None,
     origin: float = 0.0,
 ) -> Iterator[dict[str, Any]]:
     """One QuPath annotation Feature per connected component of each class of `classes`
-    (index -> name, RGB colour) in a (h, w) class raster at downsample `ds` of level 0.
-    Components and holes smaller than `min_px` raster pixels are left out (holes filled);
-    `properties` are added to every feature's properties; `origin` (level-0 px) shifts every
-    coordinate (a map level whose pixels sample a point off their squares' centres)."""
+    (index -> name, RGB colour) in a (h, w) class raster at downsample `ds` of level 0,
+    outlines simplified within `tolerance` raster pixels (Douglas-Peucker). Components and
+    holes smaller than `min_px` raster pixels are left out (holes filled); `properties` are
+    added to every feature's properties; `origin` (level-0 px) shifts every coordinate (a map
+    level whose pixels sample a point off their squares' centres)."""
     extra = dict(properties or {})
     for cls, (name, colour) in classes.items():
         comps, _ = ndimage.label(labels == cls)

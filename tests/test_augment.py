@@ -146,6 +146,29 @@ def test_crop_boxes_follow_random_resized_crop():
     assert area.std() > 0.05  # random, per crop
 
 
+def test_the_two_views_draw_their_own_crops_and_the_hue_shifts_both_ways():
+    """DESIGN 5: two independent views (SimSiam's two augmentations): every crop box of view 2
+    differs from view 1's; the colour factors lie in torchvision's ColorJitter ranges,
+    [1 - j, 1 + j] for brightness, contrast, saturation and [-h, h] for the hue, both signs."""
+    cfg = AugmentConfig(out_size=16, scale=SCALE)
+    _, draws = _augment(rand_tiles(32), rand_perms(32), cfg, gen(5))
+    boxes = draws.boxes  # (2, B, 1 + n, 4)
+    assert ((boxes[0] - boxes[1]).abs().amax(-1) > 1e-3).all()
+    f = draws.factors.reshape(-1, 4)  # (view, sample, group) x (b, c, s, h)
+    j = torch.tensor(cfg.jitter)
+    assert (f[:, :3] >= 1 - j[:3] - 1e-6).all() and (f[:, :3] <= 1 + j[:3] + 1e-6).all()
+    assert (f[:, 3].abs() <= j[3] + 1e-6).all()
+    assert f[:, 3].min() < -j[3] / 2 and f[:, 3].max() > j[3] / 2
+
+
+def test_blur_kernels_scale_with_the_crop_size():
+    """The paper's 19-23 px kernels are for 224 px crops (SimSiam's 10% of the side): smaller
+    crops (the demo's 64 px) get proportionally smaller odd kernels, at least 3 px."""
+    assert AugmentConfig(out_size=224).kernel_sizes() == [19, 21, 23]
+    assert AugmentConfig(out_size=112).kernel_sizes() == [9, 11, 11]
+    assert AugmentConfig(out_size=16).kernel_sizes() == [3, 3, 3]
+
+
 def uniform_blocks(colours: torch.Tensor) -> torch.Tensor:
     """(B, n, 3) uint8 colours -> tiles (B, T, T, 3) whose block k is uniform colours[:, k]."""
     b = colours.shape[0]

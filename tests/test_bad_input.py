@@ -27,6 +27,7 @@ import ast
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import subprocess
@@ -793,3 +794,20 @@ def test_every_artifact_records_version_and_settings(kind: str, artifacts: dict[
 
         attrs = zarr.open_group(str(artifacts[kind]), mode="r").attrs
         assert attrs["label_settings"]["classes"] == CLASSES
+
+
+def test_dsf_help_lists_every_stage_and_a_bare_or_unknown_stage_is_an_error() -> None:
+    """`dsf -h` names each stage with what it does (on stdout, exit 0); `dsf` alone or an
+    unknown stage is a usage error (exit 2) that lists the stages."""
+    from dsf.cli import STAGES
+
+    done = dsf_cli("-h")
+    assert done.returncode == 0 and done.stderr == ""
+    for stage, (_, what) in STAGES.items():
+        assert re.search(rf"^  {re.escape(stage)} +{re.escape(what)}$", done.stdout, re.M)
+    bare = dsf_cli()
+    assert bare.returncode == 2 and "usage: dsf <stage>" in bare.stderr and bare.stdout == ""
+    unknown = dsf_cli("tisue")
+    assert unknown.returncode == 2 and "unknown stage 'tisue'" in unknown.stderr
+    assert all(stage in unknown.stderr for stage in STAGES)
+    assert dsf_cli("--version").stdout.startswith("dsf ")

@@ -306,8 +306,8 @@ def test_label_name_keys_are_text_and_never_ambiguous() -> None:
     start-up check had crashed on them, the jobs not); keys that read alike for other classes,
     a key that is another class's name, a boolean key and class names an option parser would
     misread are refused by key."""
-    from dsf.annotations import check_label_settings
     from dsf.config import coerce_strings, load_schema
+    from dsf.label_settings import check_label_settings
 
     config = yaml.safe_load("labels:\n  classes: [ignore, G3, G4]\n  names: {3: 1, 4: 2}\n")
     coerce_strings(load_schema(), config)

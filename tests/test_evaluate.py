@@ -482,6 +482,29 @@ def test_tile_fold_scores_hand_computed(tmp_path) -> None:  # noqa: ANN001
     assert m2.loc["mean", "f1"] == pytest.approx(0.5) and np.isnan(m2.loc["std", "f1"])
 
 
+def test_whole_slide_folds_and_models_pool_their_slides_confusions(tmp_path) -> None:  # noqa: ANN001
+    """The whole-slide protocol's fold rows (and a prediction run's per-model rows) score the
+    summed confusion of their slides, as the paper pools a fold: a large slide weighs more
+    than a small one (the mean of the slides' scores would give each the same weight)."""
+    from dsf.cohort_tables import model_cohort_scores
+    from dsf.tables import slide_fold_scores
+
+    big = [[90, 10, 0], [0, 0, 0]]  # 100 px, 90 right; class B absent from truth
+    small = [[0, 0, 0], [5, 5, 0]]  # 10 px, 5 right
+    df = pd.DataFrame([_row("s1", 0, "m1", big), _row("s2", 0, "m1", small)])
+    fold = slide_fold_scores(df, TWO, ["m1"], [0])
+    fold = fold[fold["level"] == "fold"].iloc[0]
+    assert fold["pixel_accuracy"] == pytest.approx(95 / 110)  # not (0.9 + 0.5) / 2
+    # pooled [[90, 10], [5, 5]]: F1 A = 180 / 195, F1 B = 10 / 25
+    assert fold["f1_A"] == pytest.approx(180 / 195) and fold["f1_B"] == pytest.approx(10 / 25)
+    assert fold["n_pixels"] == 110
+    members = df.assign(models="a.pt", routing="given")
+    one = model_cohort_scores(members, TWO, ["m1"])
+    one = one[one["level"] == "model"].iloc[0]
+    assert one["pixel_accuracy"] == pytest.approx(95 / 110)
+    assert one["f1_B"] == pytest.approx(10 / 25)
+
+
 def test_damaged_score_tables_are_named(tmp_path) -> None:  # noqa: ANN001
     """An empty file (a full disk), a truncated TSV or another table: one line naming the file
     and the fix, not a pandas error."""

@@ -66,10 +66,11 @@ def _args(stores: list[LabelledStore], folds: Path, out: Path, *extra: str) -> l
     ]
 
 
-def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path) -> None:  # noqa: ANN001
+def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path, capsys) -> None:  # noqa: ANN001
     stores, folds = three
     out = tmp_path / "ft"
     assert main(_args(stores[1:], folds, out, "--context-weight", "0.5")) == 0
+    assert "epoch 1:" not in capsys.readouterr().err  # no bar in a log file (not a terminal)
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["fold"] == 0 and "A" not in model["fit_slides"] + model["select_slides"]
     assert (model["backbone"], model["target_block"], model["context_weight"]) == (
@@ -162,7 +163,7 @@ def _batch(tuner: FineTuner) -> tuple[torch.Tensor, ...]:
     return (*tuner._inputs(ctx, tgt), lab, clab)
 
 
-def test_cross_entropy_ignores_class_0_and_trains(three, tmp_path) -> None:  # noqa: ANN001
+def test_cross_entropy_ignores_class_0_and_trains(three, tmp_path, capsys) -> None:  # noqa: ANN001
     stores, _ = three
     tuner = FineTuner(_settings(loss="ce"), [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]], [[1.0, 3.0]], [[0.5, 0.5]]]])  # (1,4,1,2)
@@ -181,9 +182,13 @@ def test_cross_entropy_ignores_class_0_and_trains(three, tmp_path) -> None:  # n
             tuner.batch_loss(ctx, tgt, lab, clab),
             F.cross_entropy(out, lab.long(), ignore_index=0),
         )
-    tuner.fit()
+    tuner.fit(progress=True)
     loss = tuner.history[0]["train_loss"]
     assert torch.isfinite(torch.tensor(loss)) and loss > 0
+    # a bar per epoch, counting its steps (hours of fine-tuning show their progress)
+    steps = min(tuner.st["steps_per_epoch"] or len(tuner.loader), len(tuner.loader))
+    err = capsys.readouterr().err
+    assert "epoch 1: 100%" in err and f"| {steps}/{steps} [" in err
 
 
 def test_context_weight_adds_the_context_loss(three, tmp_path) -> None:  # noqa: ANN001

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -56,6 +59,22 @@ def test_label_fractions_are_seeded_subsets() -> None:
         label_subset(10, 0.0, 0)
 
 
+def test_a_label_fraction_is_of_the_tiles_pooled_over_the_slides(
+    tmp_path: Path, make_store: Any, labelled_store: LabelledStore
+) -> None:
+    """Paper IV-D: a fraction of the labelled tiles, drawn from all fit slides together (not
+    a fraction of the slides with all their tiles), seeded and nested in the larger ones."""
+    other = make_store(tmp_path, "t", 5, block=16, stride=32, labelled=True)
+    full = LabelledTiles([labelled_store, other])
+    n = len(full)
+    assert {k for k, _ in full.index} == {0, 1}
+    half = LabelledTiles([labelled_store, other], fraction=0.5, seed=3)
+    assert half.index == [full.index[i] for i in label_subset(n, 0.5, 3)]
+    assert len(half) == round(n * 0.5) and {k for k, _ in half.index} == {0, 1}
+    tenth = LabelledTiles([labelled_store, other], fraction=0.1, seed=3)
+    assert set(tenth.index) < set(half.index)
+
+
 def test_selection_uses_held_out_training_groups_never_the_validation_fold() -> None:
     folds = pd.DataFrame(
         {
@@ -69,6 +88,9 @@ def test_selection_uses_held_out_training_groups_never_the_validation_fold() -> 
     assert sel and fit and not (set(fit) | set(sel)) & val and not set(fit) & set(sel)
     assert set(fit) | set(sel) == set(folds["slide"]) - val
     assert selection_split(folds, 0, 0.2, 3) == (fit, sel)
+    # the held-out groups are a seeded draw, not the first groups by name
+    drawn = {tuple(selection_split(folds, 0, 0.2, seed)[1]) for seed in range(10)}
+    assert len(drawn) > 2
     with pytest.raises(ConfigError, match="at least 2"):
         selection_split(folds.iloc[:3], 0, 0.2, 0)
     # held_out 0: every training slide fits, none selects (one training group is enough)

@@ -48,6 +48,27 @@ def test_annotated_slides_are_spread_evenly_over_the_folds() -> None:
     assert assign_folds(flags, 4, 3).equals(assign_folds(sheet, 4, 3))
 
 
+def test_groups_go_largest_first_so_the_folds_balance() -> None:
+    """Unlabelled patients of 4, 4, 3, 3, 2, 2, 1, 1 slides over 2 folds: largest first, each
+    to the smaller fold, gives 10 and 10 for any seed (the seeded order alone would not)."""
+    sizes = [4, 4, 3, 3, 2, 2, 1, 1]
+    sheet = _sheet([f"p{g}" for g, n in enumerate(sizes) for _ in range(n)])
+    for seed in range(20):
+        assert assign_folds(sheet, 2, seed)["fold"].value_counts().tolist() == [10, 10], seed
+
+
+def test_annotated_slides_spread_first_whatever_their_patients_size() -> None:
+    """A patient of 5 slides (1 annotated) and 4 single annotated slides over 2 folds: the
+    annotated slides split 2 and 3 (by annotated count first, size only breaking ties), not
+    1 and 4 as filling the smaller fold would."""
+    sheet = _sheet(["big"] * 5 + ["a", "b", "c", "d"])
+    sheet["labels"] = ["x.geojson", None, None, None, None, "a", "b", "c", "d"]
+    for seed in range(5):
+        t = assign_folds(sheet, 2, seed)
+        annotated = t["fold"][sheet["labels"].notna()].value_counts()
+        assert sorted(annotated.tolist()) == [2, 3], seed
+
+
 def test_folds_without_an_annotated_slide_are_named(caplog: pytest.LogCaptureFixture) -> None:
     sheet = _sheet(["a", "b", "c", "d"])
     sheet["labels"] = ["a.tiff", "b.tiff", None, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,8 @@ def test_stitched_map_is_exact(tmp_path, stripes, block, overlap, band, from_con
     assert got.shape == cls.shape
     np.testing.assert_array_equal(got, cls)
     assert meta["windows"] > 0
+    # the pixels of each class, counted as the map was written (dsf areas reads them)
+    assert meta["class_pixels"] == np.bincount(cls.ravel(), minlength=4).tolist()
 
 
 @pytest.mark.parametrize("factor", [2, 3, 4, 5, 8])
@@ -389,14 +392,18 @@ def test_a_map_without_probabilities_leaves_none_of_an_earlier_run(tmp_path, str
 
 def test_models_whose_mpp_differ_within_the_tolerance_are_one_geometry() -> None:
     """Models fine-tuned before they recorded the configured mpp hold their first store's
-    actual one (0.2527 for 0.25): folds differing so are still ensembled; 0.5 is not."""
+    actual one (0.2527 for 0.25): folds differing so are still ensembled; 0.5 is not. The
+    tolerance is patches.mpp_tolerance, the one the stores were cut within."""
     from dsf.infer import _check_models
 
-    a, b, c = oracle(32), oracle(32), oracle(32)
-    a.target_mpp, b.target_mpp, c.target_mpp = 0.25, 0.2527, 0.5
-    _check_models([a, b])
+    a, b, c, d = oracle(32), oracle(32), oracle(32), oracle(32)
+    a.target_mpp, b.target_mpp, c.target_mpp, d.target_mpp = 0.25, 0.2527, 0.5, 0.27
+    _check_models([a, b], 0.05)
     with pytest.raises(ConfigError, match="differ in target_mpp"):
-        _check_models([a, c])
+        _check_models([a, c], 0.05)
+    with pytest.raises(ConfigError, match="differ in target_mpp"):
+        _check_models([a, d], 0.05)
+    _check_models([a, d], 0.1)  # a user who raised the tolerance
 
 
 def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
@@ -412,6 +419,9 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     inside[80:160, 40:240] = True
     np.testing.assert_array_equal(got[inside], cls[inside])
     assert (got[~inside] == 0).all()
+    # counted after the mask: outside the tissue is background (index 0)
+    assert meta["class_pixels"] == np.bincount(got.ravel(), minlength=4).tolist()
+    assert meta["class_pixels"][0] == (~inside).sum()
     # the probabilities are the map's: none outside the tissue (they had been kept there)
     probs = np.asarray(zarr.open_group(out / "map.probs.zarr", mode="r")["0"][:])
     assert (probs[:, ~inside] == 0).all() and (probs.max(0)[inside] > 200).all()
@@ -880,3 +890,51 @@ def test_a_grid_with_no_stride_says_which_setting_helps() -> None:
     with pytest.raises(ConfigError, match="use a smaller infer.out_mpp") as e:
         make_grid(1000, 1000, 64, 4, 0.0, 128, 4)
     assert "lower infer.overlap" not in str(e.value)
+
+
+def test_the_overlay_legend_gives_each_class_its_share_of_the_mapped_area(monkeypatch) -> None:  # noqa: ANN001
+    """With the map's pixel counts the legend reads "TUM 25.0%" (of the pixels that got a
+    class, the background left out); without them, the names alone."""
+    import dsf.map_writer as mw
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(
+        mw, "add_legend", lambda pic, keys, **kw: seen.append([k for _, k in keys]) or pic
+    )
+    thumb = np.full((30, 60, 3), 200, np.uint8)
+    cls = np.zeros((30, 60), np.uint8)
+    mw.render_overlay(thumb, cls, ["ignore", "TUM", "STR"], counts=np.array([500, 10, 30]))
+    mw.render_overlay(thumb, cls, ["ignore", "TUM", "STR"])
+    mw.render_overlay(thumb, cls, ["ignore", "TUM", "STR"], counts=np.array([500, 0, 0]))
+    assert seen == [["TUM 25.0%", "STR 75.0%"], ["TUM", "STR"], ["TUM", "STR"]]
+
+
+@pytest.mark.parametrize(
+    ("block", "overlap", "ratio"), [(40, 0.3, 3.0), (32, 0.25, 8.0), (24, 0.5, 2.5)]
+)
+def test_window_planning_matches_its_definitions(block: int, overlap: float, ratio: float) -> None:
+    """Brute force over every window: `tissue_windows` keeps exactly the windows whose block
+    overlaps a tissue pixel of the mask (`ratio` target px per mask px, a block's edge often
+    inside a mask pixel), and `final_rows` is the count of leading core rows whose every
+    touching window row is done."""
+    from dsf.windows import final_rows
+
+    grid = make_grid(433, 389, block, 4, overlap, 1, 4)
+    rng = np.random.default_rng(block)
+    mh, mw = math.ceil(389 / ratio), math.ceil(433 / ratio)
+    mask = rng.random((mh, mw)) < 0.03
+    got = tissue_windows(grid, mask, MPP * ratio, MPP)
+    r0, r1 = grid.windows_touching(0, grid.cores[0] - 1)
+    c0, c1 = grid.windows_touching(0, grid.cores[1] - 1)
+    want = np.zeros((r1 - r0 + 1, c1 - c0 + 1), bool)
+    for i in range(r0, r1 + 1):
+        for j in range(c0, c1 + 1):
+            y, x = i * grid.stride - grid.offset, j * grid.stride - grid.offset
+            ys = slice(max(0, math.floor(y / ratio)), max(0, math.ceil((y + block) / ratio)))
+            xs = slice(max(0, math.floor(x / ratio)), max(0, math.ceil((x + block) / ratio)))
+            want[i - r0, j - c0] = mask[ys, xs].any()
+    np.testing.assert_array_equal(got, want)
+    assert 0 < want.sum() < want.size
+    for done in range(r0, r1 + 1):
+        rows = next(r for r in range(10**4) if grid.windows_touching(r, r)[1] > done)
+        assert final_rows(grid, done) == rows, done

@@ -9,9 +9,10 @@ import openslide
 import pytest
 import tifffile
 
-from dsf.annotations import check_label_settings, open_labels
+from dsf.annotations import open_labels
 from dsf.config import validate as validate_config
 from dsf.errors import ConfigError
+from dsf.label_settings import check_label_settings
 from dsf.labels import main
 from dsf.sheet import main as sheet_main
 

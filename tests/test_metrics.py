@@ -54,6 +54,11 @@ def test_dice_loss_skips_absent_classes_and_is_zero_when_perfect() -> None:
     logits = torch.full((1, 4, 2, 2), -20.0)
     logits[:, 1] = 20.0
     assert soft_dice_loss(logits, labels).item() == pytest.approx(0.0, abs=1e-5)
+    # mass on an absent class counts against the present one only: class 1 Dice
+    # 2 * 1.8 / (1.8 + 3) = 0.75; class 2 (absent, 0.4 per pixel) does not enter the mean
+    p = torch.tensor([1e-12, 0.6, 0.4]).view(1, 3, 1, 1).expand(1, 3, 1, 3)
+    three = torch.tensor([[[1, 1, 1]]])
+    assert soft_dice_loss(torch.log(p), three).item() == pytest.approx(0.25, abs=1e-5)
     logits.requires_grad_(True)
     loss = soft_dice_loss(logits, torch.zeros(1, 2, 2, dtype=torch.long))
     loss.backward()  # nothing labelled: zero, with a graph

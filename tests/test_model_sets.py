@@ -65,3 +65,21 @@ def test_models_of_other_backbones_or_unreadable_files_are_refused_by_name(
         check_given_models({"y": [str(bad)]}, set(), None, defaults("labels")["classes"])
     check_given_models({"x": [a, str(_model(tmp_path / "d.pt"))]}, set(), None,
                        defaults("labels")["classes"])  # fmt: skip
+
+
+def test_models_whose_mpp_differ_within_the_tolerance_are_one_set(tmp_path: Path) -> None:
+    """Older models hold their store's actual mpp (0.2527 for 0.25): within
+    patches.mpp_tolerance they are one set, beyond it refused; a user's raised tolerance
+    counts, as it does where the slide levels are read."""
+    classes = defaults("labels")["classes"]
+    a = str(_model(tmp_path / "a.pt", target_mpp=0.25))
+    b = str(_model(tmp_path / "b.pt", target_mpp=0.2527))
+    c = str(_model(tmp_path / "c.pt", target_mpp=0.27))
+    check_given_models({"x": [a, b]}, set(), None, classes)
+    with pytest.raises(ConfigError, match=r"different target_mpp"):
+        check_given_models({"x": [a, c]}, set(), None, classes)
+    check_given_models({"x": [a, c]}, set(), None, classes, mpp_tolerance=0.1)
+    patches = defaults("patches") | {"target_mpp": 0.25}
+    with pytest.raises(ConfigError, match=r"patches.target_mpp"):
+        check_given_models({"x": [c]}, set(), patches, classes)
+    check_given_models({"x": [c]}, set(), patches | {"mpp_tolerance": 0.1}, classes, None, 0.1)

@@ -552,6 +552,7 @@ def test_keep_counts() -> None:
     assert keep_count(16, 0.5, "jigsaw_only") == 16
     assert keep_count(16, 0.75, "dsf") == 4
     assert keep_count(4, 0.5, "dsf") == 2
+    assert keep_count(16, 0.7, "dsf") == 5 and keep_count(16, 0.45, "dsf") == 9  # rounded
 
 
 @pytest.mark.parametrize("method", ["simsiam", "dsl_only", "ctfm_only", "jigsaw_only", "mask_only"])
@@ -569,9 +570,12 @@ def test_variants_switch_off_what_they_name(method: str) -> None:
     context = torch.randn(2, B, 3, PX, PX, generator=g)
     targets = torch.randn(2, B, n_blocks, 3, PX, PX, generator=g)
     out = model(context, targets, model.draw_perms(B, g))
+    weights = (0.1, 0.4, 0.7, 1.0)  # Eq. 7; a single-stage variant's stage 4 weighs 1.0
     for group in GROUPS:
         if group in groups:
             assert out[group].item() != 0.0
+            expected = sum(weights[st - 1] * out[f"{group}_s{st}"].item() for st in stages)
+            assert out[group].item() == pytest.approx(expected, rel=1e-5)
         else:
             assert out[group].item() == 0.0 and not out[group].requires_grad
     unused = {f"{g}_s{s}" for g in GROUPS for s in range(1, 5)} - {
@@ -582,6 +586,20 @@ def test_variants_switch_off_what_they_name(method: str) -> None:
     out["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_the_collapse_monitor_is_the_std_over_rows_of_normalised_vectors() -> None:
+    """SimSiam's z_std: 0 when every row is one vector (collapse), about 1/sqrt(d) for
+    random directions; the mean over channels and views of the std over rows."""
+    from dsf.models.dsf import _normalised_std
+
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 2, 256, generator=g).expand(64, 2, 256)
+    assert _normalised_std(same).item() == pytest.approx(0.0, abs=1e-6)
+    spread = torch.randn(4096, 2, 256, generator=g)
+    assert _normalised_std(spread).item() == pytest.approx(256**-0.5, rel=0.03)
+    scaled = spread * torch.rand(4096, 2, 1, generator=g).add(0.5)  # lengths do not count
+    assert _normalised_std(scaled).item() == pytest.approx(_normalised_std(spread).item())
 
 
 def test_bad_arguments() -> None:

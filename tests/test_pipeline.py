@@ -93,6 +93,24 @@ def test_the_report_describes_the_run(run: Path) -> None:
     assert "System Message" not in page  # the description's reStructuredText is valid
 
 
+def test_each_init_has_a_table_of_the_predicted_areas(run: Path) -> None:
+    """maps/<init>/areas.tsv: a row per slide, each class's area in mm² from its map (the
+    mapped init only: infer.inits)."""
+    assert not (run / "out" / "maps" / "random").exists()
+    for init in ("dsf",):
+        table = pd.read_csv(run / "out" / "maps" / init / "areas.tsv", sep="\t")
+        assert sorted(table["slide"]) == sorted([*SLIDES, "cmu"]) and set(table["init"]) == {init}
+        for row in table.itertuples():
+            path = run / "out" / "maps" / init / f"{row.slide}.tiff"
+            mpp = json.loads(path.with_suffix(".json").read_text())["mpp"]
+            counts = np.bincount(tifffile.imread(path, key=0).ravel(), minlength=4)
+            px_mm2 = (mpp / 1000) ** 2
+            assert row.TUM_mm2 == pytest.approx(counts[1] * px_mm2, rel=1e-5)
+            assert row.mapped_mm2 == pytest.approx(counts[1:].sum() * px_mm2, rel=1e-5)
+            assert row.mapped_mm2 > 0
+            assert row.TUM_pct + row.STR_pct + row.LYM_pct == pytest.approx(100, abs=1e-3)
+
+
 def test_nothing_left_to_do_and_no_partial_files(run: Path) -> None:
     out = smk("-n", "--configfile", "cfg.yaml", cwd=run).stdout
     assert "Nothing to be done" in out or job_counts(out) == {}
@@ -148,6 +166,10 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     assert (res / "eval" / "figure.png").stat().st_size > 10_000
     # apply.each_model: dsf's two fold models alone on the annotated slide; alone, fold 0's
     # model draws exactly the map of the set `fold0`
+    # each set's predicted areas per slide
+    for name in ("dsf", "fold0"):
+        areas = pd.read_csv(res / "maps" / name / "areas.tsv", sep="\t")
+        assert list(areas["slide"]) == ["case-7", "case-8"] and (areas["mapped_mm2"] > 0).all()
     alone = sorted(str(p.relative_to(res / "maps")) for p in res.glob("maps/*/model*/*.tiff"))
     assert alone == ["dsf/model0/case-8.tiff", "dsf/model1/case-8.tiff"]
     assert np.array_equal(

@@ -147,7 +147,8 @@ def test_a_slurm_job_stops_itself_before_its_time_limit(stores: list[Path], tmp_
     `salloc` that is the allocation's, not the rule's runtime), a run outside SLURM never."""
     import time
 
-    from dsf.pretrain import StoppedError, job_deadline, slurm_duration
+    from dsf.deadline import job_deadline, slurm_duration
+    from dsf.pretrain import StoppedError
 
     slurm = {"SLURM_JOB_ID": "7"}
     left = {"7": 24 * 3600.0}.get
@@ -426,7 +427,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
 ) -> None:
     """log.tsv's data_wait is the share of each epoch spent waiting for tiles; a run whose
     loader cannot keep up is told once (after the first epoch, which starts the workers) to
-    raise pretrain.workers, and a run it feeds is told nothing. The slow reads take 10 s of a
+    raise pretrain.workers, and a run it feeds is told nothing. The slow reads take 1000 s of a
     fake clock each, so the shares do not depend on how busy the machine is."""
     slow = Trainer(_settings(epochs=3), stores, tmp_path / "slow")
     read = slow.data.read
@@ -434,7 +435,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
     lost = [0.0]  # seconds the fake clock is ahead
 
     def read_slowly(indices: list[int]) -> torch.Tensor:
-        lost[0] += 10.0
+        lost[0] += 1000.0
         return read(indices)
 
     slow.data.read = read_slowly  # type: ignore[method-assign]
@@ -445,7 +446,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
     log = pd.read_csv(tmp_path / "slow" / "log.tsv", sep="\t")
     assert list(log.columns) == LOG_COLUMNS and len(log) == 3
     assert ((log["data_wait"] > 0.5) & (log["data_wait"] < 1)).all()
-    assert (log["data_wait"] * log["seconds"] >= 2 * 10).all()  # 2 batches of 10 s each
+    assert (log["data_wait"] * log["seconds"] >= 2 * 1000).all()  # 2 batches of 1000 s each
     said = [r.getMessage() for r in caplog.records if "waited for tiles" in r.getMessage()]
     assert len(said) == 1 and "epoch 2" in said[0] and "pretrain.workers (now 0" in said[0]
     caplog.clear()

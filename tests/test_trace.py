@@ -67,7 +67,7 @@ def test_class_features_cover_every_component_of_each_class() -> None:
     labels = np.where(_blobs(4), 1, 2).astype(np.uint8)
     labels[:10] = 0
     classes = {1: ("TUM", (213, 94, 0)), 2: ("STR", (86, 180, 233))}
-    feats = list(class_features(labels, 1.0, classes, min_px=0))
+    feats = list(class_features(labels, 1.0, classes, tolerance=0.2, min_px=0))
     for cls, (name, _) in classes.items():
         n = ndimage.label(labels == cls)[1]
         assert sum(f["properties"]["classification"]["name"] == name for f in feats) == n

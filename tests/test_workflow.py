@@ -549,6 +549,7 @@ def test_a_bad_slide_fails_its_job_by_name(tiny: Path) -> None:
 def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
     """Each annotated slide is mapped by the model of the fold that held it out; a slide
     without annotation by every fold's model (infer.unlabelled_fold null)."""
+    from dsf.config import defaults
     from dsf.folds import assign_folds
     from dsf.sheet import load_sheet
 
@@ -572,7 +573,8 @@ def test_inference_is_routed_out_of_fold(tmp_path: Path) -> None:
             sorted(int(re.search(r"fold(\d+)/model\.pt$", m)[1]) for m in models),
         )
     sheet = load_sheet(cfg)
-    folds = assign_folds(sheet, cfg["folds"]["k"], cfg["folds"]["seed"]).set_index("slide")
+    seed = cfg["folds"].get("seed", defaults("folds")["seed"])
+    folds = assign_folds(sheet, cfg["folds"]["k"], seed).set_index("slide")
     labelled = set(sheet.index[sheet["labels"].notna()])
     assert {sid for sid, _ in jobs} == set(sheet.index)
     for (sid, path), (routing, model_folds) in jobs.items():
@@ -625,7 +627,7 @@ def test_every_command_the_workflow_prints_parses(tmp_path: Path) -> None:
             at = tokens.index("-m")
             module, args = tokens[at + 1], tokens[at + 2 :]
         else:
-            module, args = STAGES[tokens[1]], tokens[2:]
+            module, args = STAGES[tokens[1]][0], tokens[2:]
         try:
             importlib.import_module(module)._parser().parse_args(args)
         except SystemExit:
@@ -780,7 +782,7 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     folder's model.pt files, sorted) and routing `given`; a missing path names its key."""
     cfg = _prediction_workdir(tmp_path, real)
     out = _plan(tmp_path, cfg).stdout
-    assert job_counts(out) == {"tissue": 2, "infer": 4, "polygons": 4, "all": 1}
+    assert job_counts(out) == {"tissue": 2, "infer": 4, "polygons": 4, "areas": 2, "all": 1}
     infer = [ln for ln in out.splitlines() if "dsf infer " in ln]
     dsf = [ln for ln in infer if "maps/dsf/" in ln]
     assert len(dsf) == 2 and all("--routing given" in ln for ln in infer)

@@ -78,7 +78,8 @@ def _method(name: str) -> Method:
 
 
 def keep_count(n_blocks: int, mask_ratio: float, method: str = "dsf") -> int:
-    """Slots the fusion keeps: round(n_blocks * (1 - mask_ratio)) if `method` masks, else all."""
+    """Slots the fusion keeps (the masked jigsaw, paper III-D): round(n_blocks * (1 -
+    mask_ratio)) if `method` masks, else all."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if not _method(method).mask:
@@ -97,7 +98,8 @@ def draw_perms(
     device: torch.device | str | None = None,
     mask_ratio: float = 0.5,
 ) -> Tensor:
-    """Slot orders of the target blocks, (2, batch, n_blocks) long: perms[v, b, j] fills slot j.
+    """Slot orders of the target blocks (the jigsaw, paper III-D), (2, batch, n_blocks) long:
+    perms[v, b, j] fills slot j.
 
     Drawn independently per view and per sample. Shuffling methods (dsf, ctfm_only, jigsaw_only)
     get uniform random permutations. mask_only gets a random subset of n_keep blocks in ascending

@@ -52,7 +52,8 @@ BACKBONES: dict[str, tuple[Callable[..., nn.Module], Callable[[nn.Module], list[
 
 
 class StageEncoder(nn.Module):
-    """A backbone as `stem` + four `stages`; returns the four pooled stage features.
+    """A backbone as `stem` + four `stages`; returns the four pooled stage features (the
+    multi-stage features of Dense SimSiam learning, paper III-E).
 
     Attributes:
         name: backbone name (a key of `BACKBONES`).

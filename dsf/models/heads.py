@@ -126,7 +126,8 @@ def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
 
 
 def paired_simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
-    """`simsiam_loss` of two views held as (R, 2, d): each view's p against the other's z.
+    """`simsiam_loss` (Eq. 2) of two views held as (R, 2, d): each view's p against the
+    other's z.
 
     Both views have R rows, so the mean over all 2R rows is the mean of the two D terms.
     """

@@ -67,6 +67,7 @@ class DecoderBlock(nn.Module):
         self.conv2 = ConvBNReLU(out_ch, out_ch)
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """x upsampled 2x, joined with `skip`, through the two convolutions."""
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
@@ -74,7 +75,8 @@ class DecoderBlock(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """smp-style U-Net decoder over [stem, stage1..stage4] maps (strides 2, 4, 8, 16, 32).
+    """smp-style U-Net decoder over [stem, stage1..stage4] maps (strides 2, 4, 8, 16, 32): each
+    HookNet branch's decoder (paper III-F, IV-B; DESIGN 5).
 
     Block i (1-based) upsamples by 2 and takes the encoder map of matching resolution as skip
     (stage3, stage2, stage1, stem, then none), so its output stride is bottleneck stride / 2**i.

@@ -247,7 +247,7 @@ def test_pretraining_reads_the_time_its_slurm_job_has_left(
     processes are tracked by cgroup): read in a real job with a 30-minute limit."""
     out = tmp_path / "left.txt"
     code = (
-        "import os; from dsf.pretrain import slurm_time_left, job_deadline; "
+        "import os; from dsf.deadline import slurm_time_left, job_deadline; "
         "left = slurm_time_left(os.environ['SLURM_JOB_ID']); "
         "print(left, job_deadline(None, now=0.0, time_left=lambda job: left))"
     )

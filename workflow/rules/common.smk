@@ -7,7 +7,8 @@ from pathlib import Path
 from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
-from dsf.annotations import base_class, check_annotations, check_label_settings
+from dsf.annotations import check_annotations
+from dsf.label_settings import base_class, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
 from dsf.folds import assign_folds, finetune_gaps, gap_advice
@@ -86,6 +87,7 @@ if APPLY:  # what would stop the run midway or mix models, refused before anythi
         config["patches"] if TILE_SCORED else None,
         config["labels"]["classes"],
         config["infer"]["out_mpp"],
+        config["patches"]["mpp_tolerance"],
     )
 # slides painted into one label mask by `labels` (per-class masks; with labels.base, the
 # class of tissue no annotation covers, every annotated slide)
@@ -566,7 +568,7 @@ def all_outputs():
         + polygon_exts(config["polygons"])
         # asked for, so that turning infer.probabilities on after a run writes them
         + (["probs.zarr"] if config["infer"]["probabilities"] else []),
-    )
+    ) + expand(f"{RESULTS}/maps/{{finit}}/areas.tsv", finit=INFER_INITS)
     evaluated = [
         f"{RESULTS}/eval/{name}"
         for name in ("tables.md", "tile_scores.tsv", "slide_scores.tsv", "figure.png")

@@ -68,3 +68,30 @@ use rule infer as infer_model with:
         f"{RESULTS}/logs/infer/{{finit}}/model{{member}}/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/infer/{{finit}}/model{{member}}/{{slide}}.tsv"
+
+
+# per init (or model set): each slide's predicted area per class, in mm² and as a share of the
+# mapped area, one table (the counts are in the maps' JSON: no map is read again)
+rule areas:
+    input:
+        maps=lambda w: expand(f"{RESULTS}/maps/{w.finit}/{{slide}}.tiff", slide=SLIDES),
+        meta=lambda w: expand(f"{RESULTS}/maps/{w.finit}/{{slide}}.json", slide=SLIDES),
+    output:
+        report(
+            f"{RESULTS}/maps/{{finit}}/areas.tsv",
+            caption="../report/areas.rst",
+            category="4. Maps",
+            subcategory="all slides",
+            labels={"slide": "all (TSV, download)", "init": "{finit}"},
+        ),
+    resources:
+        mem_mb=1000,
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    conda:
+        "../../envs/dsf.yaml"
+    log:
+        f"{RESULTS}/logs/areas/{{finit}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/areas/{{finit}}.tsv"
+    script:
+        "../scripts/areas.py"

@@ -1,0 +1,89 @@
+"""`dsf areas`: each slide's predicted area per class, from the class maps of `dsf infer`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from dsf.areas import areas_table, main
+from dsf.class_tiff import write_tiff
+
+CLASSES = ["ignore", "TUM", "STR", "LYM"]
+
+
+def _map(folder: Path, slide: str, cls: np.ndarray, mpp: float, counts: bool = True,
+         classes: list[str] = CLASSES) -> Path:  # fmt: skip
+    """A class map as `dsf infer` writes it: pyramidal TIFF and its JSON."""
+    path = folder / f"{slide}.tiff"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiff(path, [cls], mpp, len(classes), 64, 1, classes=classes)
+    h, w = cls.shape
+    meta = {"slide": slide, "init": "dsf", "fraction": 1.0, "mpp": mpp, "width": w,
+            "height": h, "classes": classes, "folds": [0], "routing": "out_of_fold"}  # fmt: skip
+    if counts:
+        meta["class_pixels"] = np.bincount(cls.ravel(), minlength=len(classes)).tolist()
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_areas_in_mm2_and_shares_of_the_mapped_area(tmp_path: Path) -> None:
+    """At 2 um/px a pixel is 4e-6 mm²; shares are of the pixels that got a class (0, the
+    background, is no class); a map with nothing mapped has empty shares."""
+    cls = np.zeros((300, 500), np.uint8)
+    cls[:100, :200] = 1  # 20,000 px TUM
+    cls[100:150, :] = 2  # 25,000 px STR
+    a = _map(tmp_path, "a", cls, 2.0)
+    b = _map(tmp_path, "b", np.zeros((64, 64), np.uint8), 2.0)
+    out = tmp_path / "areas.tsv"
+    assert main(["--maps", str(a), str(b), "--out", str(out)]) == 0
+    table = pd.read_csv(out, sep="\t")
+    assert list(table.columns) == [
+        "slide", "init", "mpp", "mapped_mm2", "TUM_mm2", "STR_mm2", "LYM_mm2",
+        "TUM_pct", "STR_pct", "LYM_pct",
+    ]  # fmt: skip
+    row = table.iloc[0]
+    assert row["slide"] == "a" and row["mpp"] == 2.0
+    assert row["TUM_mm2"] == pytest.approx(20_000 * 4e-6)
+    assert row["STR_mm2"] == pytest.approx(25_000 * 4e-6) and row["LYM_mm2"] == 0
+    assert row["mapped_mm2"] == pytest.approx(45_000 * 4e-6)
+    assert row["TUM_pct"] == pytest.approx(100 * 20 / 45) and row["LYM_pct"] == 0
+    empty = table.iloc[1]
+    assert empty["mapped_mm2"] == 0 and np.isnan(empty["TUM_pct"])
+
+
+def test_a_map_without_counts_is_counted_and_bad_counts_are_refused(tmp_path: Path) -> None:
+    """A map of an older dsf (no class_pixels in its JSON) is counted band by band, to the
+    same numbers; counts that do not fit the map, or a class index beyond the classes, name
+    the map and the fix."""
+    rng = np.random.default_rng(0)
+    cls = rng.integers(0, 4, (333, 517), dtype=np.uint8)
+    new = areas_table([_map(tmp_path / "new", "s", cls, 0.5)])
+    old = areas_table([_map(tmp_path / "old", "s", cls, 0.5, counts=False)])
+    pd.testing.assert_frame_equal(new, old)
+    bad = _map(tmp_path / "bad", "s", cls, 0.5)
+    meta = json.loads(bad.with_suffix(".json").read_text())
+    meta["class_pixels"][1] += 1
+    bad.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match=r"class_pixels .* rerun infer"):
+        areas_table([bad])
+    wild = _map(tmp_path / "wild", "s", np.full((8, 8), 7, np.uint8), 0.5, counts=False)
+    with pytest.raises(Exception, match=r"class index 7 of 4 classes.*rerun infer"):
+        areas_table([wild])
+
+
+def test_maps_of_other_classes_are_refused_and_a_failed_run_leaves_no_table(
+    tmp_path: Path,
+) -> None:
+    a = _map(tmp_path / "x", "a", np.ones((64, 64), np.uint8), 1.0)
+    b = _map(tmp_path / "y", "b", np.ones((64, 64), np.uint8), 1.0, classes=["bg", "tumour"])
+    out = tmp_path / "areas.tsv"
+    out.write_text("an earlier table\n")
+    assert main(["--maps", str(a), str(b), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["--maps", str(a), "--out", str(a)]) == 2  # never over its input
+    assert tifffile.imread(a).shape == (64, 64)
