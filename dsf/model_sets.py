@@ -181,9 +181,13 @@ def _check_alike(
         }
 
     fa, fb = facts(ma), facts(mb)
-    if math.isclose(fa["target_mpp"], fb["target_mpp"], rel_tol=mpp_tolerance):
-        fb["target_mpp"] = fa["target_mpp"]
-    differ = [k for k in fa if fa[k] != fb[k]]
+
+    def alike(key: str) -> bool:
+        if key == "target_mpp":
+            return math.isclose(fa[key], fb[key], rel_tol=mpp_tolerance)
+        return fa[key] == fb[key]
+
+    differ = [k for k in fa if not alike(k)]
     if differ:
         key = differ[0]
         raise ConfigError(
