@@ -19,7 +19,7 @@ import numpy as np
 
 from dsf.class_tiff import description_codes
 from dsf.errors import ConfigError
-from dsf.slide_readers import tiff_tag_mpp
+from dsf.tiff_backend import tiff_tag_mpp
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
     tiff = Path(tiff)
     meta_json = tiff.with_suffix(".json") if meta_json is None else meta_json
 
+    if not tiff.is_file():
+        what = "is a folder, not a class map TIFF" if tiff.is_dir() else "not found"
+        raise ConfigError(f"class map {tiff} {what}; run infer for its slide first")
     try:
         meta = json.loads(Path(meta_json).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -171,9 +174,6 @@ def open_map(tiff: Path, meta_json: Path | None = None) -> ClassMap:
     missing = [k for k in MAP_KEYS if k not in meta]
     if missing:
         raise ConfigError(f"map description {meta_json} lacks {missing}; rerun infer")
-    if not tiff.is_file():
-        what = "is a folder, not a class map TIFF" if tiff.is_dir() else "not found"
-        raise ConfigError(f"class map {tiff} {what}; run infer for its slide first")
     try:
         with tifffile.TiffFile(str(tiff)) as tf:
             pages = list(tf.pages)

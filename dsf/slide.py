@@ -28,11 +28,8 @@ import numpy as np
 from PIL import Image
 
 from dsf.errors import SlideError
+from dsf.slide_backend import MAX_PLAUSIBLE_MPP, Backend, LevelInfo, UnsupportedLayoutError
 from dsf.slide_readers import (
-    MAX_PLAUSIBLE_MPP,
-    Backend,
-    LevelInfo,
-    UnsupportedLayoutError,
     backend_name,
     check_image_mode,
     image_mpp,

@@ -211,6 +211,17 @@ def test_a_valid_map_reads(class_map: Path) -> None:
     assert np.array_equal(cmap.sample(0, rows, cols), level0[np.ix_(rows, cols)])
 
 
+def test_a_missing_map_is_named_before_its_json(class_map: Path, tmp_path: Path) -> None:
+    """A map and its JSON both gone (a slide never mapped): the message names the map."""
+    gone = tmp_path / "never.tiff"
+    with pytest.raises(ConfigError, match=r"class map .*never\.tiff not found; run infer"):
+        open_map(gone)
+    cmap = _copy_map(class_map, tmp_path)
+    cmap.with_suffix(".json").unlink()
+    with pytest.raises(ConfigError, match=r"cannot read map description .*; rerun infer"):
+        open_map(cmap)
+
+
 @pytest.mark.parametrize("keep", [0, 5, 3000, -100])
 def test_a_truncated_map(class_map: Path, tmp_path: Path, keep: int) -> None:
     cmap = _copy_map(class_map, tmp_path)

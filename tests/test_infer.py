@@ -22,7 +22,7 @@ from dsf.infer import infer_slide
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
-from dsf.slide_readers import tiff_tag_mpp
+from dsf.tiff_backend import tiff_tag_mpp
 from dsf.windows import make_grid, tissue_windows
 
 from conftest import DEVICE, rgb_slide

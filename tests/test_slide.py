@@ -396,7 +396,7 @@ def test_a_one_strip_tiff_is_read_in_parts_or_refused(tmp_path: Path, monkeypatc
     """A TIFF stored as one strip (ImageJ, some exporters): every read of a few pixels had
     decoded the whole image, in each reader thread. Uncompressed, it is memory-mapped; a
     compressed chunk too large to decode per read is refused with the fix."""
-    import dsf.slide_readers as readers
+    import dsf.tiff_backend as readers
 
     rgb = _pattern(300, 200)
     raw = tmp_path / "raw.tif"
@@ -504,7 +504,8 @@ def test_premultiplied_argb_over_background_matches_openslide_python() -> None:
     rounding) for partly transparent pixels, and is exact for opaque and empty ones."""
     from openslide.lowlevel import _load_image
 
-    from dsf.slide_readers import _composite, _premultiplied_to_rgb
+    from dsf.slide_backend import composite
+    from dsf.slide_readers import _premultiplied_to_rgb
 
     rng = np.random.default_rng(0)
     alpha = rng.integers(0, 256, (40, 50), dtype=np.uint32)
@@ -515,7 +516,7 @@ def test_premultiplied_argb_over_background_matches_openslide_python() -> None:
     bg = (240, 230, 250)
     got = _premultiplied_to_rgb(argb.view(np.uint8).reshape(40, 50, 4), bg)
     buf = (ctypes.c_uint32 * argb.size).from_buffer_copy(argb.astype(np.uint32).tobytes())
-    ref = _composite(np.asarray(_load_image(buf, (50, 40))), bg)
+    ref = composite(np.asarray(_load_image(buf, (50, 40))), bg)
     assert got.shape == (40, 50, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got[:20], ref[:20])
     assert (got[10:20] == bg).all()
