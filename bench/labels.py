@@ -71,14 +71,13 @@ def _polygons(path: Path, width: int, height: int) -> int:
     16x downsample; returns the number of polygons."""
     import json
 
-    from dsf.synth_tissue import CLASS_COLORS, CLASS_NAMES, render_labels
-    from dsf.trace import class_features
+    from dsf.synth import annotation_features
+    from dsf.synth_tissue import render_labels
 
     ds = 16
     labels = render_labels(1, 0, 0, -(-width // ds), -(-height // ds), 0.25, float(ds),
                            slide_width=width, slide_height=height)  # fmt: skip
-    named = {c: (n, CLASS_COLORS[c]) for c, n in CLASS_NAMES.items()}
-    features = list(class_features(labels, float(ds), named))
+    features = annotation_features(labels, float(ds))
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return len(features)
 

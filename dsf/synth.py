@@ -305,8 +305,9 @@ _GEOJSON_MAX_PX = 16_000_000  # label raster size the polygons are traced on (bo
 _GEOJSON_TOLERANCE_PX = 0.2
 
 
-def _features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
-    """One QuPath annotation Feature per connected component per class (`dsf.trace`)."""
+def annotation_features(labels: np.ndarray, ds: float) -> list[dict[str, Any]]:
+    """The synthetic truth as QuPath annotations: one Feature per connected component per class
+    of a label raster at downsample `ds` (`dsf.trace`), in the maps' class colours."""
     from dsf.colours import class_colours
     from dsf.trace import class_features
 
@@ -326,7 +327,7 @@ def _write_geojson(path: Path, spec: _Spec, ds: int) -> None:
         spec.seed, 0, 0, width, height, spec.mpp, float(ds), spec.region_um,
         slide_width=spec.width, slide_height=spec.height,
     )  # fmt: skip
-    collection = {"type": "FeatureCollection", "features": _features(labels, float(ds))}
+    collection = {"type": "FeatureCollection", "features": annotation_features(labels, float(ds))}
     path.write_text(json.dumps(collection, separators=(",", ":")))  # dumps: the C encoder
 
 

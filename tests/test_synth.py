@@ -259,7 +259,7 @@ def test_geojson_holes() -> None:
     labels = np.zeros((40, 50), np.uint8)
     labels[5:35, 5:45] = STR
     labels[15:25, 20:30] = TUM
-    features = synth._features(labels, 2.0)
+    features = synth.annotation_features(labels, 2.0)
     stroma = [f for f in features if f["properties"]["classification"]["name"] == "STR"]
     assert len(stroma) == 1 and len(stroma[0]["geometry"]["coordinates"]) == 2
     back = _rasterise({"features": features}, labels.shape, 2.0)
