@@ -8,7 +8,9 @@ inside tissue a Voronoi partition into regions of about `region_um`, each of one
 local texture (light-purple cytoplasm, dense round nuclei) and differ only by architecture: TUM
 regions carry a dark rim along their boundary. A 64 um field of view inside a region cannot tell
 them apart, a 256 um one usually can. Colours follow Beer-Lambert mixing of a haematoxylin and an
-eosin concentration, looked up in a small table with dithering as the pixel noise.
+eosin concentration, looked up in a small table with dithering as the pixel noise
+(`dsf.synth_colour`); every random quantity is hashed from the seed and a cell's coordinates
+(`dsf.synth_noise`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from typing import Any
 
 import numpy as np
 
+from dsf.synth_colour import BG_STAIN, dither_values, noise_texture, shade
+from dsf.synth_noise import (
+    S_CLASS,
+    S_LATTICE,
+    S_NUC,
+    S_SEED,
+    S_SNUC,
+    Table,
+    add_octave,
+    axis_cells,
+    cell_table,
+    hash_keys,
+    smoothstep,
+    spread,
+    uniform,
+)
+
 CLASS_NAMES = {1: "TUM", 2: "STR", 3: "LYM"}
 TUM, STR, LYM = 1, 2, 3
 
 # -- procedural constants (appearance, not settings) -------------------------------------------
-_BACKGROUND = (240.0, 238.0, 242.0)  # incident light: RGB of empty glass
-_STAIN_H = (1.06, 1.10, 0.31)  # optical density per unit haematoxylin (purple-blue)
-_STAIN_E = (0.045, 0.46, 0.24)  # optical density per unit eosin (pink)
-_LUT_LEVELS = 128  # quantisation levels per stain in the colour table
-_LUT_MAX_OD = 2.5  # stain concentration of the last level
-_BG_STAIN = 0.012  # faint stain on the glass so the background carries noise too
-_NOISE_TILE = 256  # px; the dither tables repeat with this period
 # stain concentrations: epithelium (TUM and LYM alike), TUM rim, stroma
 _H_EPI, _E_EPI, _H_NUC = 0.15, 0.9, 1.0
 _H_RIM, _E_RIM = 0.55, 0.3
@@ -59,42 +71,8 @@ _MAX_CANDIDATES = 64  # seeds searched per chunk before falling back to per-poin
 _FEW_CANDIDATES = 16  # up to this many, single pixels are searched among them too
 _RIM_SLACK_UM = 0.05  # float32 rounding allowance when skipping deep bisectors
 
-_U64 = np.uint64
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_MIX1 = _U64(0xBF58476D1CE4E5B9)
-_MIX2 = _U64(0x94D049BB133111EB)
 
-# hash streams: one per kind of random quantity
-_S_LATTICE, _S_SEED, _S_CLASS, _S_NUC, _S_SNUC, _S_NOISE = range(1, 7)
-
-
-# -- hashing -------------------------------------------------------------------------------------
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array."""
-    z = (z ^ (z >> _U64(30))) * _MIX1
-    z = (z ^ (z >> _U64(27))) * _MIX2
-    return z ^ (z >> _U64(31))
-
-
-def _hash(seed: int, *keys: Any) -> np.ndarray:
-    """uint64 hash of a seed and integer keys (arrays broadcast together), no global state."""
-    with np.errstate(over="ignore"):
-        h = _mix(np.atleast_1d(np.asarray(seed % 2**64, dtype=_U64)) + _GOLDEN)
-        for key in keys:
-            k = np.atleast_1d(np.asarray(key, dtype=np.int64)).view(_U64)
-            h = _mix((h + _GOLDEN) ^ k)
-    return h
-
-
-def _uniform(h: np.ndarray, salt: int = 0) -> np.ndarray:
-    """float64 in [0, 1) from a hash (salt picks independent draws from the same hash)."""
-    if salt:
-        with np.errstate(over="ignore"):
-            h = _mix(h ^ _U64(salt * 0x2545F4914F6CDD1D % 2**64))
-    return (h >> _U64(11)).astype(np.float64) * 2.0**-53
-
-
-# -- slide-wide parameters and per-call tables ---------------------------------------------------
+# -- slide-wide parameters ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Slide:
     """What every pixel depends on besides its coordinates (lengths in um)."""
@@ -124,101 +102,29 @@ class _Slide:
         return noise + ramp / self.width_um, noise + ramp / self.height_um
 
 
-@dataclass(frozen=True)
-class _Table:
-    """Per-cell values on a square grid of `cell` um, for the cells from (x0, y0) on."""
-
-    cell: float
-    x0: int
-    y0: int
-    values: dict[str, np.ndarray]  # name -> float32 (rows, cols)
-
-
-def _cell_range(lo: float, hi: float, cell: float, margin: int) -> np.ndarray:
-    return np.arange(math.floor(lo / cell) - margin, math.floor(hi / cell) + margin + 1)
-
-
-def _table(
-    seed: int, stream: int, cell: float, box: tuple[float, ...], margin: int, fill: Any
-) -> _Table:
-    """Hash the cells covering box (x0, x1, y0, y1 um) and derive their values with `fill`."""
-    gx = _cell_range(box[0], box[1], cell, margin)
-    gy = _cell_range(box[2], box[3], cell, margin)
-    cx, cy = np.meshgrid(gx, gy)
-    values = fill(_hash(seed, stream, cx, cy), cx, cy)
-    return _Table(cell, int(gx[0]), int(gy[0]), values)
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """Samples of one axis against a _Table: cell index into the table, offset from the centre."""
-
-    index: np.ndarray
-    local: np.ndarray  # float32 um
-
-
-def _axis_cells(coords: np.ndarray, table: _Table, origin: int) -> _Axis:
-    k = np.floor(coords / table.cell).astype(np.int64)
-    local = (coords - (k + 0.5) * table.cell).astype(np.float32)
-    return _Axis(k - origin, local)
-
-
-def _spread(table: _Table, name: str, ax: _Axis, ay: _Axis) -> np.ndarray:
-    """Per-pixel values of a per-cell table."""
-    return table.values[name][ay.index][:, ax.index]
-
-
 # -- tissue --------------------------------------------------------------------------------------
-def _smoothstep(t: np.ndarray) -> np.ndarray:
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def _lattice_values(amp: float) -> Callable[..., dict[str, np.ndarray]]:
     def fill(h: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> dict[str, np.ndarray]:
-        return {"v": ((_uniform(h) * 2.0 - 1.0) * amp).astype(np.float32)}
+        return {"v": ((uniform(h) * 2.0 - 1.0) * amp).astype(np.float32)}
 
     return fill
 
 
-def _lattices(sl: _Slide, box: tuple[float, ...]) -> list[_Table]:
+def _lattices(sl: _Slide, box: tuple[float, ...]) -> list[Table]:
     """Value-noise lattices of the tissue field, one per octave (amplitude folded in)."""
     norm = _TISSUE_GAIN / sum(_TISSUE_OCTAVES)
     return [
-        _table(
-            sl.seed, _S_LATTICE + 100 * o, sl.blob_um / 2.0**o, box, 2,
+        cell_table(
+            sl.seed, S_LATTICE + 100 * o, sl.blob_um / 2.0**o, box, 2,
             _lattice_values(amp * norm),
         )
         for o, amp in enumerate(_TISSUE_OCTAVES)
     ]  # fmt: skip
 
 
-def _octave(lattice: _Table, xu: np.ndarray, yu: np.ndarray, out: np.ndarray) -> None:
-    """Add one octave of value noise at points xu x yu (um) to `out` (float32, in place).
-
-    Separable: each lattice row is interpolated along x once (small), then rows are blended.
-    """
-    ux, uy = xu / lattice.cell, yu / lattice.cell
-    kx, ky = np.floor(ux), np.floor(uy)
-    wx = _smoothstep(ux - kx).astype(np.float32)
-    wy = _smoothstep(uy - ky).astype(np.float32)
-    cx = kx.astype(np.int64) - lattice.x0
-    cy = ky.astype(np.int64) - lattice.y0
-    values = lattice.values["v"]
-    top, bottom = int(cy[0]), int(cy[-1]) + 2
-    left, right = values[top:bottom, cx], values[top:bottom, cx + 1]
-    rows = left + wx * (right - left)  # (lattice rows, w)
-    band = cy - top
-    starts = np.flatnonzero(np.r_[True, band[1:] != band[:-1]])
-    for lo, hi in zip(starts, np.r_[starts[1:], band.size], strict=True):
-        b = band[lo]
-        out[lo:hi] += rows[b]
-        out[lo:hi] += np.multiply.outer(wy[lo:hi], rows[b + 1] - rows[b])
-
-
 def _falloff(u: np.ndarray) -> np.ndarray:
     """1 inside, falling smoothly to 0 within the margin at both ends of [0, 1]."""
-    return _smoothstep(u / _TISSUE_MARGIN) * _smoothstep((1.0 - u) / _TISSUE_MARGIN)
+    return smoothstep(u / _TISSUE_MARGIN) * smoothstep((1.0 - u) / _TISSUE_MARGIN)
 
 
 def _tissue_field(ctx: _Context, xu: np.ndarray, yu: np.ndarray) -> np.ndarray:
@@ -228,7 +134,7 @@ def _tissue_field(ctx: _Context, xu: np.ndarray, yu: np.ndarray) -> np.ndarray:
     gy = _falloff(yu / sl.height_um).astype(np.float32)
     field = np.multiply.outer(gy, gx)
     for lattice in ctx.lattices:
-        _octave(lattice, xu, yu, field)
+        add_octave(lattice, xu, yu, field)
     return field
 
 
@@ -299,17 +205,17 @@ _REGION_ATTRS = (
 
 def _region_values(sl: _Slide) -> Callable[..., dict[str, np.ndarray]]:
     """Seed position, class, stain strengths (TUM and LYM drawn alike) and fibre geometry."""
-    offset = int(_hash(sl.seed, _S_CLASS)[0] % _U64(3))
+    offset = int(hash_keys(sl.seed, S_CLASS)[0] % np.uint64(3))
 
     def fill(h: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> dict[str, np.ndarray]:
         g = sl.region_um
         # a Latin pattern keeps neighbours apart and every class nearby; some drawn at random
         cls = (cx + 2 * cy + offset) % 3
-        drawn = _uniform(h, 3) < _CLASS_RANDOM
-        cls = np.where(drawn, (_uniform(h, 4) * 3).astype(np.int64), cls) + 1
-        hk = 0.9 + 0.2 * _uniform(h, 6)
-        ek = 0.9 + 0.2 * _uniform(h, 7)
-        theta = _uniform(h, 5) * np.pi
+        drawn = uniform(h, 3) < _CLASS_RANDOM
+        cls = np.where(drawn, (uniform(h, 4) * 3).astype(np.int64), cls) + 1
+        hk = 0.9 + 0.2 * uniform(h, 6)
+        ek = 0.9 + 0.2 * uniform(h, 7)
+        theta = uniform(h, 5) * np.pi
         cos, sin = np.cos(theta), np.sin(theta)
         rows = [
             _H_NUC * hk, _H_EPI * hk, _H_RIM * hk, _H_STROMA * hk,
@@ -317,8 +223,8 @@ def _region_values(sl: _Slide) -> Callable[..., dict[str, np.ndarray]]:
             cos, sin, cos / _WAVE_UM, sin / _WAVE_UM, -sin / _FIBRE_UM, cos / _FIBRE_UM,
         ]  # fmt: skip
         return {
-            "sx": ((cx + 0.5 + _JITTER * (2.0 * _uniform(h, 1) - 1.0)) * g).ravel(),
-            "sy": ((cy + 0.5 + _JITTER * (2.0 * _uniform(h, 2) - 1.0)) * g).ravel(),
+            "sx": ((cx + 0.5 + _JITTER * (2.0 * uniform(h, 1) - 1.0)) * g).ravel(),
+            "sy": ((cy + 0.5 + _JITTER * (2.0 * uniform(h, 2) - 1.0)) * g).ravel(),
             "cls": cls.ravel().astype(np.uint8),
             "attrs": np.stack([r.ravel() for r in rows]).astype(np.float32),
             "nx": np.array(cx.shape[1]),
@@ -520,26 +426,26 @@ def _nucleus_values(h: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> dict[str, 
     """Round epithelial nuclei: centre offset and radius, each fully inside its cell."""
     half = _NUC_CELL_UM / 2.0
     lo, hi = _NUC_R_UM
-    r = lo + (hi - lo) * _uniform(h, 1)
-    r = np.where(_uniform(h, 2) < _NUC_PRESENT, r, -10.0)
+    r = lo + (hi - lo) * uniform(h, 1)
+    r = np.where(uniform(h, 2) < _NUC_PRESENT, r, -10.0)
     room = np.maximum(half - np.abs(r) - 0.2, 0.0)
     return {
-        "ox": ((2.0 * _uniform(h, 3) - 1.0) * room).astype(np.float32),
-        "oy": ((2.0 * _uniform(h, 4) - 1.0) * room).astype(np.float32),
+        "ox": ((2.0 * uniform(h, 3) - 1.0) * room).astype(np.float32),
+        "oy": ((2.0 * uniform(h, 4) - 1.0) * room).astype(np.float32),
         "r": r.astype(np.float32),
-        "dark": (0.75 + 0.5 * _uniform(h, 5)).astype(np.float32),
+        "dark": (0.75 + 0.5 * uniform(h, 5)).astype(np.float32),
     }
 
 
 def _stroma_nucleus_values(h: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> dict[str, np.ndarray]:
     """Sparse elongated stroma nuclei: centre offset and inverse half-length, inside the cell."""
     half = _SNUC_CELL_UM / 2.0
-    a = _SNUC_AXES_UM[0] * (0.6 + 0.4 * _uniform(h, 1))
+    a = _SNUC_AXES_UM[0] * (0.6 + 0.4 * uniform(h, 1))
     room = half - a - 0.2
     return {
-        "ox": ((2.0 * _uniform(h, 3) - 1.0) * room).astype(np.float32),
-        "oy": ((2.0 * _uniform(h, 4) - 1.0) * room).astype(np.float32),
-        "inv_a": np.where(_uniform(h, 2) < _SNUC_PRESENT, 1.0 / a, 1e3).astype(np.float32),
+        "ox": ((2.0 * uniform(h, 3) - 1.0) * room).astype(np.float32),
+        "oy": ((2.0 * uniform(h, 4) - 1.0) * room).astype(np.float32),
+        "inv_a": np.where(uniform(h, 2) < _SNUC_PRESENT, 1.0 / a, 1e3).astype(np.float32),
     }
 
 
@@ -551,18 +457,18 @@ def _epithelial_nuclei(ctx: _Context, xu: np.ndarray, yu: np.ndarray, fp_um: flo
     if fade >= 1.0:
         return np.float32(mean)
     t = ctx.nuclei
-    ax, ay = _axis_cells(xu, t, t.x0), _axis_cells(yu, t, t.y0)
-    dx = ax.local[None, :] - _spread(t, "ox", ax, ay)
-    dy = ay.local[:, None] - _spread(t, "oy", ax, ay)
+    ax, ay = axis_cells(xu, t, t.x0), axis_cells(yu, t, t.y0)
+    dx = ax.local[None, :] - spread(t, "ox", ax, ay)
+    dy = ay.local[:, None] - spread(t, "oy", ax, ay)
     dx *= dx
     dy *= dy
     dx += dy
     d = np.sqrt(dx, out=dx)
-    cov = _spread(t, "r", ax, ay) - d
+    cov = spread(t, "r", ax, ay) - d
     cov *= np.float32(1.0 / fp_um)
     cov += np.float32(0.5)
     np.clip(cov, 0.0, 1.0, out=cov)
-    cov *= _spread(t, "dark", ax, ay)
+    cov *= spread(t, "dark", ax, ay)
     return _faded(cov, fade, mean)
 
 
@@ -576,10 +482,10 @@ def _stroma_nuclei(
     if fade >= 1.0:
         return np.float32(mean)
     t = ctx.stroma_nuclei
-    ax, ay = _axis_cells(xu, t, t.x0), _axis_cells(yu, t, t.y0)
-    dx = ax.local[None, :] - _spread(t, "ox", ax, ay)
-    dy = ay.local[:, None] - _spread(t, "oy", ax, ay)
-    u = (dx * cos + dy * sin) * _spread(t, "inv_a", ax, ay)
+    ax, ay = axis_cells(xu, t, t.x0), axis_cells(yu, t, t.y0)
+    dx = ax.local[None, :] - spread(t, "ox", ax, ay)
+    dy = ay.local[:, None] - spread(t, "oy", ax, ay)
+    u = (dx * cos + dy * sin) * spread(t, "inv_a", ax, ay)
     v = (dy * cos - dx * sin) * np.float32(1.0 / across)
     u *= u
     v *= v
@@ -661,59 +567,16 @@ def _stains(ctx: _Context, rm: _RegionMap, xu: np.ndarray, yu: np.ndarray, fp_um
     return hema, eosin
 
 
-def _noise_texture(seed: int) -> np.ndarray:
-    """Two tables of dither values in [0, 1) (float32) of period _NOISE_TILE, tiled far enough
-    that any chunk of consecutive pixels is a view of them."""
-    i = np.arange(_NOISE_TILE)
-    h = _hash(seed, _S_NOISE, i[None, :], i[:, None])
-    table = np.stack([_uniform(h, 1), _uniform(h, 2)]).astype(np.float32)
-    reps = (1, 1 + math.ceil(_CHUNK[0] / _NOISE_TILE), 1 + math.ceil(_CHUNK[1] / _NOISE_TILE))
-    return np.tile(table, reps)
-
-
-def _dither(noise: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Dither values (2, h, w) at the samples' level-0 px (a view when the step is 1 px)."""
-    n = _NOISE_TILE
-    kx = np.floor(xs).astype(np.int64) % n
-    ky = np.floor(ys).astype(np.int64) % n
-    unit = all(a.size < 2 or a[1] - a[0] == 1.0 for a in (xs, ys))
-    if unit and ys.size <= noise.shape[1] - n and xs.size <= noise.shape[2] - n:
-        return noise[:, ky[0] : ky[0] + ys.size, kx[0] : kx[0] + xs.size]
-    return noise[:, ky[:, None], kx[None, :]]
-
-
-def _colour_table() -> np.ndarray:
-    """RGB (as 3-byte records) per quantised (haematoxylin, eosin) pair: Beer-Lambert on glass."""
-    conc = np.arange(_LUT_LEVELS) * (_LUT_MAX_OD / (_LUT_LEVELS - 1))
-    od = conc[:, None, None] * np.array(_STAIN_H) + conc[None, :, None] * np.array(_STAIN_E)
-    rgb = np.round(np.array(_BACKGROUND) * np.exp(-od)).astype(np.uint8)
-    return rgb.reshape(-1, 3).view("V3").ravel()
-
-
-_LUT = _colour_table()
-
-
-def _shade(hema: Any, eosin: Any, dither: np.ndarray, out: np.ndarray) -> None:
-    """Write RGB (uint8) of stain concentrations into `out`, dithered (the pixel noise)."""
-    scale = np.float32((_LUT_LEVELS - 1) / _LUT_MAX_OD)
-    top = _LUT_LEVELS - 1
-    qh = np.minimum((hema * scale + dither[0]).astype(np.int32), top)
-    qe = np.minimum((eosin * scale + dither[1]).astype(np.int32), top)
-    qh *= _LUT_LEVELS
-    qh += qe
-    np.take(_LUT, qh, out=out.view("V3")[..., 0])
-
-
 # -- rendering -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Context:
     """Everything a render call derives from the seed once: hashed tables over its extent."""
 
     slide: _Slide
-    lattices: list[_Table]
-    regions: _Table
-    nuclei: _Table
-    stroma_nuclei: _Table
+    lattices: list[Table]
+    regions: Table
+    nuclei: Table
+    stroma_nuclei: Table
     noise: np.ndarray
     coarse: _CoarseField | None = None
 
@@ -726,16 +589,16 @@ def _context(sl: _Slide, box: tuple[float, ...], spacing_um: float) -> _Context:
     ctx = _Context(
         sl,
         _lattices(sl, box),
-        _with_planes(_table(sl.seed, _S_SEED, sl.region_um, box, 3, _region_values(sl))),
-        _table(sl.seed, _S_NUC, _NUC_CELL_UM, box, 1, _nucleus_values),
-        _table(sl.seed, _S_SNUC, _SNUC_CELL_UM, box, 1, _stroma_nucleus_values),
-        _noise_texture(sl.seed),
+        _with_planes(cell_table(sl.seed, S_SEED, sl.region_um, box, 3, _region_values(sl))),
+        cell_table(sl.seed, S_NUC, _NUC_CELL_UM, box, 1, _nucleus_values),
+        cell_table(sl.seed, S_SNUC, _SNUC_CELL_UM, box, 1, _stroma_nucleus_values),
+        noise_texture(sl.seed, _CHUNK),
     )
     inner = (box[0] + pad, box[1] - pad, box[2] + pad, box[3] - pad)
     return dataclasses.replace(ctx, coarse=_coarse_field(ctx, inner, step))
 
 
-def _with_planes(table: _Table) -> _Table:
+def _with_planes(table: Table) -> Table:
     table.values["planes"] = _neighbour_planes(table.values)
     return table
 
@@ -765,18 +628,18 @@ def _rgb_chunk(
     mpp = ctx.slide.mpp
     fp_um = fp_px * mpp
     xu, yu = xs * mpp, ys * mpp
-    dither = _dither(ctx.noise, xs, ys)
+    dither = dither_values(ctx.noise, xs, ys)
     cover, inside = _tissue(ctx, xu, yu, fp_um)
     if inside is False:
-        glass = np.float32(_BG_STAIN)
-        _shade(glass, glass, dither, out)
+        glass = np.float32(BG_STAIN)
+        shade(glass, glass, dither, out)
         return np.zeros((ys.size, xs.size), np.uint8)
     rm = _region_map(ctx, xu, yu, fp_um, rim=True)
     hema, eosin = _stains(ctx, rm, xu, yu, fp_um)
     if inside is not True:
         hema = hema * cover
         eosin = eosin * cover
-    _shade(hema + np.float32(_BG_STAIN), eosin + np.float32(_BG_STAIN), dither, out)
+    shade(hema + np.float32(BG_STAIN), eosin + np.float32(BG_STAIN), dither, out)
     return _labels(ctx, rm, inside)
 
 
