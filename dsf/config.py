@@ -283,12 +283,16 @@ def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
 
 
 def cli_args(section: str, values: dict[str, Any]) -> str:
-    """Render a config section as shell-quoted options of `dsf <stage>` (for Snakemake rules)."""
+    """Render a config section as shell-quoted options of `dsf <stage>` (for Snakemake rules),
+    in the schema's order of the keys, not the config's: Snakemake compares these strings with
+    the last run's, and the same settings written in another order (a `--config` override,
+    a re-saved YAML) had rerun every job after them."""
     parts: list[str] = []
     props = section_schema(section).get("properties", {})
-    for key, value in values.items():
-        if key not in props:
+    for key in props:
+        if key not in values:
             continue
+        value = values[key]
         flag = _flag(key)
         if value is None:  # null = not set: the option keeps its schema default
             continue

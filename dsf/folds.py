@@ -155,6 +155,15 @@ def gap_advice(k: int, need: int = 2) -> str:
     )
 
 
+def split_key(folds: pd.DataFrame) -> str:
+    """The split as one string the workflow compares with the last run's (the folds rule's
+    param): slide, group and fold of every slide, sorted by slide, so reordering the sheet's
+    rows (the split does not depend on their order) does not rerun the folds and so every
+    fold's jobs."""
+    rows = folds[["slide", "group", "fold"]].sort_values("slide", kind="stable")
+    return rows.to_json(orient="records")
+
+
 def write_folds(table: pd.DataFrame, out: Path) -> None:
     """Write folds.tsv atomically."""
     with atomic_path(out) as tmp:

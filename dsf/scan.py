@@ -193,11 +193,18 @@ def _is_results(folder: Path) -> bool:
     )
 
 
-def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Iterable[Path]:
+def _walk(
+    folder: Path,
+    skip: set[Path],
+    seen: set[Path] | None = None,
+    names: dict[Path, list[Path]] | None = None,
+) -> Iterable[Path]:
     """Files under `folder`, sorted, without hidden ones, Zarr stores or the `skip` folders;
     a folder or a file reached twice (a symlink) is taken once, where it is met first (one
-    slide under two names would get two ids and could sit in two folds)."""
+    slide under two names would get two ids and could sit in two folds). `names` collects
+    every name of each file met (its real path -> names in walk order), for `_one_name`."""
     seen = set() if seen is None else seen
+    names = {} if names is None else names
     seen.add(folder.resolve())
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.resolve() in skip:
@@ -210,14 +217,39 @@ def _walk(folder: Path, skip: set[Path], seen: set[Path] | None = None) -> Itera
             if _is_results(entry):
                 log.warning("%s: a dsf results folder (maps are no slides), not searched", entry)
                 continue
-            yield from _walk(entry, skip, seen)
+            yield from _walk(entry, skip, seen, names)
         elif entry.is_file():
             real = entry.resolve()
+            names.setdefault(real, []).append(entry)
             if real in seen:
-                log.warning("%s: the same file as one met before (a link), not taken again", entry)
                 continue
             seen.add(real)
             yield entry
+
+
+def _one_name(
+    entry: Path, names: list[Path], index: dict[str, list[Path]], beside: dict[Path, list[str]]
+) -> Path:
+    """The name a slide file reached under several names (links) is taken by: the one its
+    annotation is found beside (a link elsewhere must not take an annotated slide's place and
+    leave its annotation behind), else the first met. Two names with annotations of their own
+    are an error: which is the slide's cannot be told."""
+    annotated = [n for n in names if _find_labels(n, slide_id(n.name), index, beside)]
+    if len(annotated) > 1:
+        raise ConfigError(
+            f"{' and '.join(map(str, annotated))} are one file (links) with an annotation "
+            "beside each; remove one of the links or one of the annotations"
+        )
+    chosen = annotated[0] if annotated else entry
+    log.warning(
+        "%s: one file reached under %d names (links: %s); taken once, as slide %r%s",
+        chosen,
+        len(names),
+        ", ".join(str(n) for n in names if n != chosen),
+        slide_id(chosen.name),
+        " (the name its annotation is found by)" if annotated else " (the first met)",
+    )
+    return chosen
 
 
 def _name_pattern(pattern: str, key: str) -> re.Pattern[str]:
@@ -250,13 +282,32 @@ def _label_index(labels_dir: Path | None, name: str | None = None) -> dict[str, 
     return index
 
 
-def _find_labels(slide: Path, sid: str, index: dict[str, list[Path]]) -> str | None:
+def _sidecars(slide: Path, stems: set[str], beside: dict[Path, list[str]]) -> list[Path]:
+    """Files beside `slide` named `<stem><sidecar suffix>` for one of `stems`, the suffix in
+    any case (`x.GeoJSON`, `x.LABELS.TIF`: slide suffixes are matched so too), the stem as is.
+    `beside` caches each folder's file names (one listing per folder, not per slide)."""
+    folder = slide.parent
+    if folder not in beside:
+        try:
+            beside[folder] = [p.name for p in folder.iterdir() if p.is_file()]
+        except OSError:
+            beside[folder] = []
+    return [
+        folder / name
+        for name in beside[folder]
+        for stem in stems
+        if name.startswith(stem) and name[len(stem) :].lower() in SIDECARS
+    ]
+
+
+def _find_labels(
+    slide: Path, sid: str, index: dict[str, list[Path]], beside: dict[Path, list[str]]
+) -> str | None:
     """The one annotation file of a slide (a file, or a DICOM folder), found by its id or its
-    file name without the format suffix, beside it or in the labels folder's `index`; two
-    candidates are an error."""
+    file name without the format suffix, beside it (`beside`: see `_sidecars`) or in the
+    labels folder's `index`; two candidates are an error."""
     stems = {sid, _stem(slide.name), slide.name}  # QuPath may name exports `x.svs.geojson`
-    found = [slide.parent / f"{stem}{s}" for stem in stems for s in SIDECARS]
-    found = [p for p in found if p.is_file()]
+    found = _sidecars(slide, stems, beside)
     found += [p for stem in stems for p in index.get(stem, [])]
     found = sorted(p for p in set(found) if p.suffix.lower() != ".xml" or _annotation_xml(p))
     if len(found) > 1:
@@ -405,7 +456,8 @@ def scan_folder(
     skip = {Path(p).resolve() for p in exclude}
     if labels is not None:
         skip.add(labels.resolve())
-    files = [f for f in _walk(folder, skip) if ".labels." not in f.name.lower()]
+    links: dict[Path, list[Path]] = {}
+    files = [f for f in _walk(folder, skip, names=links) if ".labels." not in f.name.lower()]
     if labels is not None and masks:
         files += [f for f in _walk(labels, set()) if ".labels." not in f.name.lower()]
     files, class_masks = _split_masks(files, masks or {})
@@ -428,6 +480,13 @@ def scan_folder(
             continue
         slides.append(f)
     index = _label_index(labels, labels_name)
+    beside: dict[Path, list[str]] = {}
+    slides = [
+        _one_name(f, links[f.resolve()], index, beside)
+        if len(links.get(f.resolve(), ())) > 1
+        else f
+        for f in slides
+    ]
     found: list[tuple[Path, Path]] = []  # (the slide file or DICOM folder, the file to read)
     names: dict[Path, str] = {}  # the name a slide's id comes from
     patients: dict[Path, str | None] = {}
@@ -468,7 +527,7 @@ def scan_folder(
                 "slide": sid,
                 "path": str(path),
                 "mpp": mpp,
-                "labels": _find_labels(entry, sid, index),
+                "labels": _find_labels(entry, sid, index, beside),
                 "group": patients.get(path) or patient_group(name),
                 "fold": None,
                 "masks": {cls: str(p) for cls, p in sorted(name_masks.items())},

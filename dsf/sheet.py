@@ -53,6 +53,27 @@ def _resolve(base: Path, value: str | None) -> str | None:
     return os.path.normpath(path if path.is_absolute() else base / path)
 
 
+def canonical_path(path: str) -> str:
+    """One spelling of a file's path however the sheet or the config reached it: relative to
+    the working folder when under it, else absolute (lexical, links kept). Snakemake compares
+    its jobs' input paths as strings, so `../cohort/a.svs` and `/data/cohort/a.svs` (the same
+    file, named once by a relative, once by an absolute `slides`) would rerun the project."""
+    p = os.path.normpath(os.path.abspath(path))
+    cwd = os.getcwd()
+    return os.path.relpath(p, cwd) if Path(p).is_relative_to(cwd) else p
+
+
+def _canonical_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A sheet row with its slide, annotation and mask paths in `canonical_path` form."""
+    row = dict(row)
+    for key in ("path", "labels"):
+        if _clean(row.get(key)) is not None:
+            row[key] = canonical_path(str(row[key]))
+    if row.get("masks"):
+        row["masks"] = {cls: canonical_path(str(m)) for cls, m in row["masks"].items()}
+    return row
+
+
 def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and validate a slide sheet; the index is the slide id.
 
@@ -238,6 +259,7 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
         rows += folder_rows(sheet, config["results"], config["labels"]["masks"])
     elif config["slides"]:
         rows += read_sheet(sheet).to_dict("records")
+    rows = [_canonical_row(row) for row in rows]
     rows += synthetic_rows(config)
     table = validate_rows(rows, f"{sheet} + synth.slides", Path("."))
     check_mask_classes(table, list(config["labels"]["classes"]), str(sheet))

@@ -130,6 +130,20 @@ def test_cli_options_round_trip_the_config() -> None:
     assert section_from_args(args, "labels")["class_map"] == {"1": 1, "19": 1}
 
 
+def test_options_follow_the_schema_not_the_configs_key_order() -> None:
+    """Snakemake compares the option strings with the last run's: the same settings in
+    another order (a `--config` override stating a default, a YAML saved again sorted) had
+    rerun every job after them."""
+    values = defaults("pretrain") | {"epochs": 3, "lr": 0.01, "mean": [0.5, 0.5, 0.5]}
+    reordered = dict(reversed(list(values.items())))
+    assert list(reordered) != list(values)
+    assert cli_args("pretrain", reordered) == cli_args("pretrain", values)
+    assert cli_args("pretrain", values).index("--epochs") < cli_args("pretrain", values).index(
+        "--lr"
+    )  # the schema's order: epochs before lr
+    assert cli_args("pretrain", values) != cli_args("pretrain", values | {"epochs": 4})
+
+
 def test_workflow_only_keys_are_neither_options_nor_recorded_settings() -> None:
     """`dsf infer` never sees infer.gpus or infer.inits: its map's JSON had recorded their
     schema defaults (gpus 1, inits null) for a run that used gpus 0 and inits [dsf]."""
@@ -231,6 +245,45 @@ def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:
     cfg["synth"]["slides"]["real"] = {"seed": 3, "width": 256, "height": 256}
     with pytest.raises(ConfigError, match="'real' appears"):
         load_sheet(cfg)
+
+
+def test_a_slide_has_one_path_however_the_sheet_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same sheet named by a relative or an absolute `slides` (or a folder either way)
+    gives the same slide, annotation and mask paths: Snakemake compares input paths as
+    strings, so two spellings of one file reran the whole project. Under the working folder
+    they are relative to it (the demo's), elsewhere absolute."""
+    cohort, work = tmp_path / "cohort", tmp_path / "work"
+    (cohort / "sub").mkdir(parents=True)
+    (work / "local").mkdir(parents=True)
+    for name in ("a.svs", "a.geojson", "sub/b.svs"):
+        (cohort / name).write_bytes(b"x")
+    (work / "local" / "c.svs").write_bytes(b"x")
+    rows = (
+        "slide\tpath\tlabels\tmask:TUM\n"
+        "a\ta.svs\ta.geojson\t\n"
+        "b\t./sub/../sub/b.svs\t\tsub/b.svs\n"
+        f"c\t{work / 'local' / 'c.svs'}\t\t\n"
+    )
+    sheet = _sheet(cohort, rows)
+    monkeypatch.chdir(work)
+    seen = []
+    for slides in (str(sheet), "../cohort/sheet.tsv", "../work/../cohort/sheet.tsv"):
+        cfg = validate_config({"results": "res", "slides": slides, "labels": {"masks": {}}})
+        df = load_sheet(cfg)
+        seen.append(df[["path", "labels"]].to_dict() | {"masks": dict(df["masks"])})
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0]["path"] == {
+        "a": str(cohort / "a.svs"), "b": str(cohort / "sub" / "b.svs"), "c": "local/c.svs"
+    }  # fmt: skip
+    assert seen[0]["labels"]["a"] == str(cohort / "a.geojson")
+    assert seen[0]["masks"]["b"] == {"TUM": str(cohort / "sub" / "b.svs")}
+    folder = [
+        load_sheet(validate_config({"results": "res", "slides": s}))["path"].to_dict()
+        for s in (str(cohort / "sub"), "../cohort/sub")
+    ]
+    assert folder[0] == folder[1] == {"b": str(cohort / "sub" / "b.svs")}
 
 
 @pytest.mark.parametrize("preset", ["bcss.yaml", "paip.yaml"])

@@ -6,7 +6,15 @@ import pandas as pd
 import pytest
 
 from dsf.errors import ConfigError
-from dsf.folds import assign_folds, finetune_gaps, gap_advice, groups_needed, main, read_folds
+from dsf.folds import (
+    assign_folds,
+    finetune_gaps,
+    gap_advice,
+    groups_needed,
+    main,
+    read_folds,
+    split_key,
+)
 
 
 def _sheet(groups: list[str], folds: list[int | None] | None = None) -> pd.DataFrame:
@@ -31,6 +39,23 @@ def test_seeded_and_seed_matters() -> None:
     a, b = assign_folds(sheet, 4, 7), assign_folds(sheet, 4, 7)
     assert a.equals(b)
     assert not a["fold"].equals(assign_folds(sheet, 4, 8)["fold"])
+
+
+def test_the_split_the_workflow_compares_ignores_the_sheets_row_order() -> None:
+    """The split does not depend on the order of the sheet's rows, and neither does the
+    string the folds rule compares (it had listed the slides in sheet order, so sorting a
+    sheet reran the folds and every fold's jobs); another split is another string."""
+    sheet = _sheet([f"p{i % 7}" for i in range(20)])
+    sheet["slide"] = [f"s{(i * 7) % 20:02d}" for i in range(20)]
+    shuffled = sheet.sample(frac=1.0, random_state=3)
+    a, b = assign_folds(sheet, 3, 0), assign_folds(shuffled, 3, 0)
+    assert dict(zip(a["slide"], a["fold"], strict=True)) == dict(
+        zip(b["slide"], b["fold"], strict=True)
+    )
+    assert list(a["slide"]) != list(b["slide"])
+    assert split_key(a) == split_key(b)
+    assert split_key(a) != split_key(assign_folds(sheet, 3, 1))
+    assert split_key(a).index('"s00"') < split_key(a).index('"s01"')
 
 
 def test_annotated_slides_are_spread_evenly_over_the_folds() -> None:

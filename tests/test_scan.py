@@ -140,6 +140,39 @@ def test_a_slide_reached_twice_through_a_link_is_one_slide(tmp_path: Path) -> No
     assert set(rows) == {"b", "TCGA-AA-0001-01Z-00-DX1"}
 
 
+def test_a_link_never_takes_an_annotated_slides_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link met first (`real/` sorts before `siteA/`) had become the slide, and the
+    annotation beside the file's own name was silently left behind."""
+    _touch(tmp_path, "siteA/case1/alpha.tif", "siteA/case1/alpha.geojson", "siteB/beta.tif")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "alpha_again.tif").symlink_to(tmp_path / "siteA/case1/alpha.tif")
+    (tmp_path / "real" / "beta2.tif").symlink_to(tmp_path / "siteB/beta.tif")
+    with caplog.at_level("WARNING", logger="dsf.scan"):
+        rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert set(rows) == {"alpha", "beta2"}  # without annotations: the first name met
+    assert rows["alpha"]["labels"] == str(tmp_path / "siteA/case1/alpha.geojson")
+    assert rows["alpha"]["path"] == str(tmp_path / "siteA/case1/alpha.tif")
+    said = caplog.text
+    assert "taken once, as slide 'alpha' (the name its annotation is found by)" in said
+    assert "real/alpha_again.tif" in said and "siteB/beta.tif" in said
+    _touch(tmp_path, "real/alpha_again.geojson")
+    with pytest.raises(ConfigError, match=r"alpha_again\.tif and .*alpha\.tif are one file"):
+        scan_folder(tmp_path, mpp=0.5)
+
+
+def test_annotation_suffixes_match_in_any_case(tmp_path: Path) -> None:
+    """Slide suffixes were matched in any case (`.SVS`), annotation suffixes only in lower
+    case: `one.GeoJSON` and `three.LABELS.TIF` were silently no annotation."""
+    _touch(tmp_path, "one.tif", "one.GeoJSON", "three.TIF", "three.LABELS.TIF", "Two.svs")
+    _touch(tmp_path, "two.geojson")  # another stem: not Two's
+    rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert rows["one"]["labels"] == str(tmp_path / "one.GeoJSON")
+    assert rows["three"]["labels"] == str(tmp_path / "three.LABELS.TIF")
+    assert rows["Two"]["labels"] is None
+
+
 def test_two_slides_with_one_id_are_named(tmp_path: Path) -> None:
     _touch(tmp_path, "site1/s.svs", "site2/s.tiff")
     with pytest.raises(ConfigError, match=r"id 's'.*site1/s\.svs.*site2/s\.tiff.*dsf sheet"):

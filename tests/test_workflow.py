@@ -468,6 +468,17 @@ def test_sheet_edits_that_keep_the_split_rerun_no_fold_job(tiny: Path, tmp_path:
     assert job_counts(out) == {"folds": 1, "norm": 2}, out
 
 
+def test_the_same_settings_in_another_order_rerun_nothing(tiny: Path) -> None:
+    """Stating defaults on the command line, in another order than the schema's, had
+    rerun every tissue mask and all after it ("Params have changed": the options were
+    rendered in the config's key order)."""
+    out = smk(
+        "-n", "--configfile", "cfg.yaml", "--config", "tissue={method: rgb, mpp: 8.0}",
+        "folds={seed: 0, k: 2}", "--cores", "2", "data", cwd=tiny,
+    ).stdout  # fmt: skip
+    assert "Nothing to be done" in out, out
+
+
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     # the tiny blocks (16 px) serve the data stages, but HookNet could not fine-tune on them:
     # said when the run starts, with blocks that fit (a real run of the whole workflow is

@@ -11,7 +11,7 @@ from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
-from dsf.folds import assign_folds, finetune_gaps, gap_advice
+from dsf.folds import assign_folds, finetune_gaps, gap_advice, split_key
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import load_sheet

@@ -4,7 +4,8 @@
 # Rerun when the split changes, not on every edit of the sheet: folds.tsv is an input of every
 # pretraining, fine-tuning and score of a fold, so rewriting it (even unchanged) would rerun
 # them all, e.g. for a slide annotated with its fold kept in the sheet (`dsf sheet --folds`).
-# The split compared is FOLDS, which common.smk computes from the sheet with the same
+# The split compared is FOLDS (`split_key`: by slide, so reordered sheet rows are the same
+# split), which common.smk computes from the sheet with the same
 # `assign_folds` the job runs; the sheet's records reach the job as a param Snakemake derives
 # from the job and does not compare (`fast_param`).
 SHEET_RECORDS = (
@@ -18,7 +19,7 @@ rule folds:
     output:
         f"{RESULTS}/folds.tsv",
     params:
-        split=FOLDS[["slide", "group", "fold"]].to_json(orient="records"),
+        split=split_key(FOLDS),
         sheet=lambda wildcards, threads: SHEET_RECORDS,
         opts=stage_opts("folds"),
     resources:
