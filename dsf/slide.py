@@ -62,6 +62,8 @@ class Slide:
     mpp_tolerance: float = 0.0
     _backend: Backend | None = field(default=None, repr=False)
     _pid: int = field(default=-1, repr=False)
+    #: handles a failed read set aside, closed by `close` (see `_retire`)
+    _retired: list[Backend] = field(default_factory=list, repr=False)
 
     # -- process-safe handle ----------------------------------------------------------------
     def _handle(self) -> Backend:
@@ -72,14 +74,26 @@ class Slide:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_backend"], state["_pid"] = None, -1
+        state["_backend"], state["_pid"], state["_retired"] = None, -1, []
         return state
 
+    def _retire(self, backend: Backend) -> None:
+        """Set aside a handle a read failed on, so the next read opens a fresh one (OpenSlide
+        keeps an error once met), without closing it: other reader threads may be inside it,
+        and closing an OpenSlide handle under them aborts the process (a C assertion, no
+        message). `close` closes it once the readers are done."""
+        if self._backend is backend:
+            self._backend = None
+            self._retired.append(backend)
+
     def close(self) -> None:
-        """Close the file handle of this process (reopened on the next read)."""
-        if self._backend is not None and self._pid == os.getpid():
-            self._backend.close()
+        """Close the file handles of this process (reopened on the next read); only when no
+        other thread reads this slide."""
+        if self._pid == os.getpid():
+            for backend in [*self._retired, *([self._backend] if self._backend else [])]:
+                backend.close()
         self._backend = None
+        self._retired = []
 
     def __enter__(self) -> Slide:
         return self
@@ -193,7 +207,7 @@ class Slide:
         except SlideError:
             raise
         except Exception as exc:
-            self.close()
+            self._retire(backend)
             raise SlideError(
                 self.slide_id,
                 f"cannot decode pixels of {self.path} (level {level}, x {x}, y {y}): "

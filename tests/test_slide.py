@@ -539,6 +539,45 @@ def test_openslide_python_fallback_reads_the_same_pixels(real: Path, monkeypatch
         np.testing.assert_array_equal(s.read(*box, s.mpp), ref)
 
 
+def test_a_corrupt_tile_read_by_many_threads_fails_with_the_slides_name(
+    real: Path, tmp_path: Path
+) -> None:
+    """A read that failed closed the OpenSlide handle while other reader threads were inside
+    it: the process died of a C assertion (exit 134 or 139, no dsf message) in most runs of
+    `dsf patches` and `dsf infer` with several threads. Run in a child process, which such an
+    abort would kill, several times (the race needs threads reading at once)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "c.svs"
+    shutil.copy(real / "CMU-1-Small-Region.svs", bad)
+    with open(bad, "r+b") as fh:  # the tiles from byte 300,000 on no longer decode
+        fh.seek(300_000)
+        fh.write(b"\xff" * 100_000)
+    child = (
+        "import sys; from concurrent.futures import ThreadPoolExecutor\n"
+        "from dsf.errors import SlideError\n"
+        "from dsf.slide import open_slide\n"
+        "s = open_slide(sys.argv[1])\n"
+        "boxes = [(x, y) for y in range(0, 2900, 240) for x in range(0, 2200, 240)]\n"
+        "try:\n"
+        "    with ThreadPoolExecutor(8) as pool:\n"
+        "        list(pool.map(lambda b: s.read(b[0], b[1], 240, 240, s.mpp), boxes))\n"
+        "except SlideError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(2)\n"
+        "finally:\n"
+        "    s.close()\n"
+    )
+    for _ in range(4):
+        done = subprocess.run(
+            [sys.executable, "-c", child, str(bad)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr[-500:]
+        assert "slide 'c': cannot decode pixels of" in done.stdout
+        assert "re-export it or remove it from the sheet" in done.stdout
+
+
 def test_openslide_reads_from_many_threads_are_exact(real: Path) -> None:
     """Each reader thread has its own scratch buffer: concurrent reads of different sizes
     return exactly what OpenSlide returns for each."""
