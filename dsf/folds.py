@@ -82,12 +82,8 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
             fixed[group] = fold
     sizes = df.groupby("group").size()
     annotated = labelled.groupby(df["group"]).sum()
-    n_groups = len(sizes)
-    if n_groups < k:
-        raise ConfigError(
-            f"folds.k is {k} but the sheet has only {n_groups} groups (patients); "
-            "lower folds.k or add slides"
-        )
+    if too_few := too_few_groups(sheet, k):
+        raise ConfigError(too_few)
     load, load_lab = [0] * k, [0] * k
     for group, fold in fixed.items():
         load[fold] += int(sizes[group])
@@ -123,6 +119,20 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
             k,
         )
     return df.reset_index(drop=True)
+
+
+def too_few_groups(sheet: pd.DataFrame, k: int) -> str | None:
+    """Why the sheet's slides cannot be split into k folds (fewer groups, patients, than
+    folds), or None."""
+    groups = {_group_key(s, g) for s, g in zip(sheet["slide"], sheet["group"], strict=True)}
+    if len(groups) >= k:
+        return None
+    least = 2 if k > 2 else k
+    return (
+        f"folds.k is {k} but the sheet has only {len(groups)} group(s) (patients): every fold "
+        f"holds patients of its own, so add slides of more patients (at least {k}; fine-tuning "
+        f"needs annotated slides of {groups_needed(k)}){' or lower folds.k' if k > least else ''}"
+    )
 
 
 def finetune_gaps(folds: pd.DataFrame, labelled: set[str], need: int = 2) -> list[int]:

@@ -134,7 +134,7 @@ def test_fold_column_is_honoured() -> None:
 def test_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="group 'a' has slides in folds"):
         assign_folds(_sheet(["a", "a", "b"], [0, 1, None]), 2, 0)
-    with pytest.raises(ConfigError, match="folds.k is 5 but the sheet has only 2 groups"):
+    with pytest.raises(ConfigError, match=r"folds.k is 5 but the sheet has only 2 group\(s\)"):
         assign_folds(_sheet(["a", "b"]), 5, 0)
     with pytest.raises(ConfigError, match="folds.k is 2"):
         assign_folds(_sheet(["a", "b", "c"], [3, None, None]), 2, 0)

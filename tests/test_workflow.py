@@ -238,15 +238,23 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     assert "--folds" not in done.stdout and "folds.tsv" not in done.stdout
     assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
     assert "no slide of the sheet has an annotation" in done.stderr
-    # once annotated, the folds are back, and folds.k 5 is more than the 3 patients
+    # once annotated, the folds are back, and folds.k 5 is more than the 3 patients: the
+    # whole workflow is refused before any job, the stages before the folds still run (they
+    # had been refused too, with advice to lower folds.k below its minimum of 2 for one patient)
     (folder / "A.geojson").write_text(ANNOTATION)
-    refused = smk(
-        "-n", "--cores", "2", "--config", f"slides={folder}", f"results={tmp_path / 'res'}",
-        check=False,
-    )  # fmt: skip
-    assert refused.returncode != 0 and "folds.k is 5 but the sheet has only 3 groups" in (
-        refused.stdout + refused.stderr
+    where = ("--config", f"slides={folder}", f"results={tmp_path / 'res'}")
+    refused = smk("--cores", "2", *where, check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "fine-tuning cannot run: folds.k is 5 but the sheet " in (
+        said
     )
+    assert "only 3 group(s)" in said and not (tmp_path / "res" / "tissue").exists()
+    done = smk("-n", "--cores", "2", "data", *where)
+    counts = job_counts(done.stdout)
+    assert counts["patches"] == 3 and counts["tile_labels"] == 1 and "folds" not in counts
+    assert "no folds can be made: folds.k is 5" in done.stderr
+    counts = job_counts(smk("-n", "--cores", "2", "--until", "pretrain", *where).stdout)
+    assert "pretrain" not in counts and "norm" not in counts, counts
     # one annotated patient cannot fine-tune any fold (train + select need 2): the whole
     # workflow is refused before any job (it had pretrained every fold first, then failed);
     # the stages before fine-tuning still run alone, with a warning

@@ -11,7 +11,7 @@ from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
-from dsf.folds import assign_folds, finetune_gaps, gap_advice, split_key
+from dsf.folds import assign_folds, finetune_gaps, gap_advice, split_key, too_few_groups
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import load_sheet
@@ -67,9 +67,12 @@ LABELLED = set(SHEET.index[SHEET["labels"].notna()]) | MASKED
 # prediction run has no folds, nor has a pretraining project (no annotation: folds are
 # stratified by annotation, and its slides may be fewer than folds.k); one fold holding every
 # slide keeps the helpers below simple.
+# Fewer patients than folds.k: no split, so nothing per fold is planned (the data stages run;
+# the whole workflow is refused below, with what to do).
+SPLIT_PROBLEM = too_few_groups(SHEET, config["folds"]["k"]) if LABELLED and not APPLY else None
 FOLDS = (
     assign_folds(SHEET, config["folds"]["k"], config["folds"]["seed"])
-    if LABELLED and not APPLY
+    if LABELLED and not APPLY and not SPLIT_PROBLEM
     else SHEET[["slide", "group"]].assign(fold=0).reset_index(drop=True)
 )
 # slide -> fold, looked up per job (FOLDS.set_index per call was quadratic in the slides)
@@ -109,7 +112,7 @@ if workflow.is_main_process:
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
 # now would not fit the folds of the annotated project).
-FINETUNING = bool(LABELLED)
+FINETUNING = bool(LABELLED) and not SPLIT_PROBLEM
 # annotated groups a fold's fine-tuning needs outside it: one to fit, one to choose the epoch
 # (none is chosen with finetune.held_out 0: the last epoch is kept)
 NEED_GROUPS = 1 if config["finetune"]["held_out"] == 0 else 2
@@ -119,6 +122,13 @@ FINETUNE_PROBLEMS = []
 if APPLY:
     described = "; ".join(f"{name}: {len(models)} model(s)" for name, models in APPLY.items())
     snakemake_logger.info(f"prediction run (apply.models): {described}; nothing is trained")
+elif SPLIT_PROBLEM:
+    FINETUNE_PROBLEMS.append(SPLIT_PROBLEM)
+    logging.getLogger("dsf").warning(
+        "no folds can be made: %s. The stages before the folds run (`snakemake data`, "
+        "`--until patches`); pretraining, fine-tuning, maps and scores wait for the folds",
+        SPLIT_PROBLEM,
+    )
 elif not FINETUNING:
     logging.getLogger("dsf").warning(
         "no slide of the sheet has an annotation (`labels`): the workflow pretrains once on "
@@ -145,9 +155,11 @@ elif gaps := finetune_gaps(FOLDS, LABELLED, NEED_GROUPS):
 
 
 # Pretraining runs: one per fold (pretrain.scope fold) or one on every slide (all, and always
-# without annotations).
+# without annotations); none while annotated slides are too few patients for the folds.
 PRETRAIN_UNITS = (
-    [f"fold{k}" for k in FOLD_IDS]
+    []
+    if SPLIT_PROBLEM
+    else [f"fold{k}" for k in FOLD_IDS]
     if config["pretrain"]["scope"] == "fold" and FINETUNING
     else ["all"]
 )
