@@ -37,11 +37,14 @@ MASK_PREFIX = "mask:"
 
 
 def _clean(value: Any) -> Any:
-    """Empty cells are None; floats that are whole numbers stay as read (pandas NaN -> None)."""
+    """Empty cells are None; text is trimmed (a spreadsheet's stray space had made `p1 ` a
+    patient of its own, split from `p1` across folds); floats that are whole numbers stay as
+    read (pandas NaN -> None)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, str) and value.strip() == "":
-        return None
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
     return value
 
 
@@ -72,6 +75,60 @@ def _canonical_row(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("masks"):
         row["masks"] = {cls: canonical_path(str(m)) for cls, m in row["masks"].items()}
     return row
+
+
+def _check_one_file_one_slide(rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse one slide file under two ids: as two slides of two groups it could be trained
+    on in one fold and tested on in another."""
+    first: dict[str, str] = {}
+    for row in rows:
+        real = os.path.realpath(row["path"])
+        if real in first:
+            raise ConfigError(
+                f"slide sheet {where}: slides {first[real]!r} and {row['slide']!r} are one file "
+                f"({row['path']}): as two slides it could be trained on and tested on; keep one "
+                "row"
+            )
+        first[real] = row["slide"]
+
+
+def _warn_groups_alike(rows: list[dict[str, Any]], where: str) -> None:
+    """Warn of groups that differ only in case (`P1`, `p1`): two patients to the folds, which
+    may put one patient's slides in two folds."""
+    spelled: dict[str, set[str]] = {}
+    for row in rows:
+        group = str(row["group"])
+        spelled.setdefault(group.casefold(), set()).add(group)
+    alike = [sorted(names) for names in spelled.values() if len(names) > 1]
+    if alike:
+        log.warning(
+            "slide sheet %s: groups %s differ only in case, so they are different patients "
+            "to the folds; if each is one patient, write its group one way in the `group` "
+            "column (or the folds may split its slides)",
+            where,
+            "; ".join(" and ".join(repr(n) for n in names) for names in alike[:5]),
+        )
+
+
+def check_files(rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse sheet rows naming slide, annotation or mask files that are not there, all named
+    at once: Snakemake would stop on the first with its own error, naming no sheet or fix."""
+    gone = [
+        f"slide {row['slide']!r} `{col}` {path}"
+        for row in rows
+        for col, path in [
+            ("path", row.get("path")),
+            ("labels", row.get("labels")),
+            *((f"{MASK_PREFIX}{c}", m) for c, m in (row.get("masks") or {}).items()),
+        ]
+        if _clean(path) is not None and not Path(path).exists()
+    ]
+    if gone:
+        raise ConfigError(
+            f"slide sheet {where}: {len(gone)} file(s) it names are not there: "
+            f"{'; '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}. Fix those cells (a "
+            "relative path is read from the sheet's folder) or remove their rows"
+        )
 
 
 def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -197,6 +254,8 @@ def validate_rows(
         out.append(row)
     if not out:
         raise ConfigError(f"slide sheet {where} lists no slides")
+    _check_one_file_one_slide(out, where)
+    _warn_groups_alike(out, where)
     df = pd.DataFrame(out, columns=[*COLUMNS, "masks"], dtype=object)
     return df.set_index("slide", drop=False)
 
@@ -260,6 +319,8 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     elif config["slides"]:
         rows += read_sheet(sheet).to_dict("records")
     rows = [_canonical_row(row) for row in rows]
+    if rows and not sheet.is_dir():  # a folder's files are there: it was just searched
+        check_files(rows, str(sheet))
     rows += synthetic_rows(config)
     table = validate_rows(rows, f"{sheet} + synth.slides", Path("."))
     check_mask_classes(table, list(config["labels"]["classes"]), str(sheet))

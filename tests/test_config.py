@@ -226,6 +226,7 @@ def test_missing_sheet_names_the_key(tmp_path: Path) -> None:
 
 
 def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:
+    (tmp_path / "real.svs").write_bytes(b"x")
     cfg = validate_config(
         {
             "results": str(tmp_path / "res"),
@@ -284,6 +285,37 @@ def test_a_slide_has_one_path_however_the_sheet_is_named(
         for s in (str(cohort / "sub"), "../cohort/sub")
     ]
     assert folder[0] == folder[1] == {"b": str(cohort / "sub" / "b.svs")}
+
+
+def test_sheet_cells_that_would_split_a_patient_or_a_slide(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stray space made `p1 ` a patient apart from `p1` (their slides in two folds); groups
+    that differ only in case are warned about; one file under two ids is refused (trained on
+    in one fold, tested on in another); files that are not there are named together, before
+    Snakemake would stop on the first with its own error."""
+    for name in ("a.svs", "b.svs", "c.svs"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="dsf.sheet"):
+        df = read_sheet(_sheet(tmp_path, "slide\tpath\tgroup\na\ta.svs \tp1\nb\tb.svs\t p1 \n"
+                                         "c\tc.svs\tP1\n"))  # fmt: skip
+    assert list(df["group"]) == ["p1", "p1", "P1"] and df.loc["a", "path"].endswith("a.svs")
+    assert "groups 'P1' and 'p1' differ only in case" in caplog.text
+    (tmp_path / "link.svs").symlink_to(tmp_path / "a.svs")
+    for second in ("a.svs", "./a.svs", "link.svs"):
+        with pytest.raises(ConfigError, match=r"slides 'a' and 'x' are one file .*keep one row"):
+            read_sheet(_sheet(tmp_path, f"slide\tpath\na\ta.svs\nx\t{second}\n"))
+    sheet = _sheet(
+        tmp_path,
+        "slide\tpath\tlabels\tmask:TUM\na\ta.svs\tgone.geojson\t\nb\tnothere.svs\t\t\n"
+        "c\tc.svs\t\tmask.tif\n",
+    )
+    cfg = validate_config({"results": str(tmp_path / "r"), "slides": str(sheet)})
+    with pytest.raises(ConfigError, match="3 file.s. it names are not there") as err:
+        load_sheet(cfg)
+    said = str(err.value)
+    assert "slide 'a' `labels` " in said and said.count("gone.geojson") == 1
+    assert "slide 'b' `path` " in said and "slide 'c' `mask:TUM` " in said
 
 
 @pytest.mark.parametrize("preset", ["bcss.yaml", "paip.yaml"])
