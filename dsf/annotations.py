@@ -365,6 +365,14 @@ def _with_annotation_children(features: list[Any]) -> Iterator[tuple[str, Any]]:
         log.info("%d detection or cell objects are not region labels: skipped", skipped)
 
 
+def _empty(path: Path) -> str:
+    """The message for an annotation file without a polygon (as ImageScope saves one)."""
+    return (
+        f"{path} holds no polygon annotations: draw them, or move the file away from the slide "
+        "(or clear the slide's `labels` cell in a sheet) to leave the slide unannotated"
+    )
+
+
 class PolygonLabels(LabelSource):
     """Polygon annotations, rasterised per requested region."""
 
@@ -384,7 +392,7 @@ class PolygonLabels(LabelSource):
         self._mpp0 = mpp0
         self._shapes = self._parse(path, _name_map(settings), settings)
         if not self._shapes:
-            raise AnnotationError(slide_id, f"{path} holds no polygon annotations")
+            raise AnnotationError(slide_id, _empty(path))
         sw, sh = slide_dims
         inside = [
             s
@@ -421,7 +429,7 @@ class PolygonLabels(LabelSource):
         parser = cls.__new__(cls)
         parser.slide_id, parser.path = slide_id, path
         if not parser._parse(path, _name_map(settings), settings):
-            raise AnnotationError(slide_id, f"{path} holds no polygon annotations")
+            raise AnnotationError(slide_id, _empty(path))
 
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """Class indices of the region at level-0 (x, y), `width` x `height` px at `mpp`."""

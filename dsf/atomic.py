@@ -47,10 +47,17 @@ def remove_scratch(path: Path) -> None:
 
 def check_outputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None]) -> None:
     """Refuse, before anything is deleted or read, an output that is one of the inputs (a slide
-    given for its own mask would be overwritten) or that names an existing folder which is not
-    a Zarr store."""
+    given for its own mask would be overwritten) or another output, or that names an existing
+    folder which is not a Zarr store."""
     given = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    written: dict[Path, Path] = {}
     for out in (Path(p) for p in outputs if p is not None):
+        if out.resolve() in written:
+            raise ConfigError(
+                f"outputs {written[out.resolve()]} and {out} are one file: one would overwrite "
+                "the other; give each output its own path"
+            )
+        written[out.resolve()] = out
         if out.resolve() in given:
             raise ConfigError(
                 f"output {out} is the input {given[out.resolve()]}: it would be overwritten; "

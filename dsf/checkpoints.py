@@ -141,7 +141,16 @@ def load_for_resume(
     Loaded on the CPU: `load_state_dict` moves weights and optimiser moments to the model's
     device, while Adam's step counts stay on the CPU as in a fresh run (on the GPU every step
     would wait on them)."""
-    state = load(path)
+    try:
+        state = load(path)
+    except ConfigError as exc:
+        cause = exc.__cause__ or exc
+        why = " ".join(f"{type(cause).__name__}: {cause}".split())[:200]
+        raise ConfigError(
+            f"the training checkpoint {path} cannot be read ({why}): cut short (a job killed "
+            "while it was written by an older dsf, a full disk) or damaged; delete it, and the "
+            "rerun trains from the start"
+        ) from exc
     if not isinstance(state.get("hyper"), dict):
         raise ConfigError(
             f"{path} is not a dsf training checkpoint (no `hyper`): delete it to start over"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -218,6 +219,13 @@ def _walk(
                 log.warning("%s: a dsf results folder (maps are no slides), not searched", entry)
                 continue
             yield from _walk(entry, skip, seen, names)
+        elif entry.is_symlink() and not entry.exists():
+            log.warning(
+                "%s: a link to %s, which is not there: not a slide (restore its target or "
+                "remove the link)",
+                entry,
+                os.readlink(entry),
+            )
         elif entry.is_file():
             real = entry.resolve()
             names.setdefault(real, []).append(entry)

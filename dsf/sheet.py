@@ -22,11 +22,11 @@ import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dsf.atomic import atomic_path
+from dsf.atomic import atomic_path, check_outputs
 from dsf.config import load_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import run, setup_logging
-from dsf.scan import IMAGE_SUFFIXES, patient_group, scan_folder
+from dsf.scan import IMAGE_SUFFIXES, SLIDE_SUFFIXES, patient_group, scan_folder
 from dsf.slide import describe_slide
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,17 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
+def check_sheet_out(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Refuse a sheet path that is a slide or annotation of the folder, or named like one: `dsf
+    sheet FOLDER --out FOLDER/a.svs` had replaced the slide with the sheet."""
+    named = [(r["path"], r.get("labels"), *(r.get("masks") or {}).values()) for r in rows]
+    check_outputs([out], [p for paths in named for p in paths])
+    if out.suffix.lower() in SLIDE_SUFFIXES | {".geojson", ".xml"}:
+        raise ConfigError(
+            f"--out {out} is named like a slide or an annotation; a sheet is a .tsv file"
+        )
+
+
 def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
     """Write sheet rows as a TSV with every column, to `out` (atomically, paths relative to
     its folder when they lie under it) or to standard output (absolute paths)."""
@@ -587,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"no readable slide under {args.folder}")
         if args.folds is not None:
             keep_folds(kept, args.folds, {r["slide"] for r in rows})
+        if args.out is not None:
+            check_sheet_out(args.out, rows)
         write_sheet(kept, args.out)
         log.info(
             "%d slides, %d with annotations%s -> %s%s",

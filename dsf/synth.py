@@ -439,10 +439,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         settings = section_from_args(args, "synth")
-        if args.seed < 0 or args.width < 1 or args.height < 1:
-            from dsf.errors import ConfigError
+        from dsf.atomic import check_outputs
+        from dsf.errors import ConfigError
 
+        if args.seed < 0 or args.width < 1 or args.height < 1:
             raise ConfigError("--seed must be >= 0 and --width/--height >= 1")
+        if args.out.suffix.lower() not in (".tif", ".tiff"):
+            raise ConfigError(f"--out {args.out}: the slide is a TIFF; name it .tif or .tiff")
+        check_outputs([args.out, args.labels_tiff, args.labels_geojson], [])
         write_synthetic_slide(
             args.out, seed=args.seed, width=args.width, height=args.height,
             mpp=settings["mpp"], tile=settings["tile"], quality=settings["quality"],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from dsf.checkpoints import resume_training, save_training
+from dsf.errors import ConfigError
 
 
 def test_resume_restores_the_model_optimiser_and_fp16_loss_scale(tmp_path: Path) -> None:
@@ -35,3 +38,17 @@ def test_resume_restores_the_model_optimiser_and_fp16_loss_scale(tmp_path: Path)
     assert torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])
     assert fresh_scaler.state_dict()["scale"] == 1024.0
     assert fresh_scaler.state_dict()["_growth_tracker"] == 7
+
+
+def test_a_damaged_checkpoint_says_to_delete_it(tmp_path: Path) -> None:
+    """A checkpoint cut short had been reported as an artifact to rebuild by rerunning its
+    stage, which reads it again and fails the same way: the fix is to delete it."""
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    path = tmp_path / "checkpoint.pt"
+    save_training(path, model, opt, scaler, epoch=1, hyper={"lr": 1e-3})
+    os.truncate(path, path.stat().st_size // 2)
+    what = r"checkpoint .*checkpoint\.pt cannot be read .*delete it"
+    with pytest.raises(ConfigError, match=what):
+        resume_training(path, {"lr": 1e-3}, model, opt, scaler)

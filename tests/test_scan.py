@@ -157,6 +157,13 @@ def test_a_link_never_takes_an_annotated_slides_place(
     said = caplog.text
     assert "taken once, as slide 'alpha' (the name its annotation is found by)" in said
     assert "real/alpha_again.tif" in said and "siteB/beta.tif" in said
+    (tmp_path / "gone.svs").symlink_to(tmp_path / "archive" / "gone.svs")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dsf.scan"):
+        assert set(_rows(scan_folder(tmp_path, mpp=0.5))) == {"alpha", "beta2"}
+    assert "gone.svs: a link to " in caplog.text and "which is not there: not a slide" in (
+        caplog.text
+    )
     _touch(tmp_path, "real/alpha_again.geojson")
     with pytest.raises(ConfigError, match=r"alpha_again\.tif and .*alpha\.tif are one file"):
         scan_folder(tmp_path, mpp=0.5)
@@ -282,6 +289,14 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
         folder, "CMU-1-Small-Region.geojson", text='{"type": "FeatureCollection", "features": []}'
     )
     out = tmp_path / "project" / "slides.tsv"
+    # a sheet written over a slide of the folder (it had replaced the slide) or named like one
+    slide = folder / "CMU-1-Small-Region.svs"
+    before = slide.read_bytes()
+    assert main([str(folder), "--out", str(slide), "--skip-unreadable"]) == 2
+    assert f"output {slide} is the input" in capsys.readouterr().err
+    assert slide.read_bytes() == before
+    assert main([str(folder), "--out", str(tmp_path / "s.svs"), "--skip-unreadable"]) == 2
+    assert "a sheet is a .tsv file" in capsys.readouterr().err
     # an unreadable slide: named, non-zero exit, no sheet
     assert main([str(folder), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -288,6 +288,20 @@ def test_cli_rejects_a_bad_tile(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_refuses_outputs_that_overwrite_each_other_or_a_misnamed_slide(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--labels-geojson` naming the slide itself had replaced the slide with GeoJSON, and
+    `--out c.png` wrote a TIFF under a PNG name; both exit 2 with nothing written."""
+    args = ["--seed", "1", "--width", "64", "--height", "64", "--tile", "64"]
+    slide = tmp_path / "d.tiff"
+    assert main(["--out", str(slide), *args, "--labels-geojson", str(slide)]) == 2
+    assert f"outputs {slide} and {slide} are one file" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "c.png"), *args]) == 2
+    assert "name it .tif or .tiff" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
