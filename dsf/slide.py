@@ -374,7 +374,7 @@ def check_resolutions(
     slides: dict[str, tuple[str, float | None]],
     budget_s: float = CHECK_BUDGET_S,
     cache: Path | None = None,
-) -> None:
+) -> dict[str, float]:
     """Open the sheet's slides that have no `mpp` in the sheet (slide id -> (path, sheet mpp))
     before any job runs: slides that state no resolution, or that cannot be opened, stop the
     run at once naming every such slide, instead of failing one tissue job per slide (on a
@@ -382,8 +382,9 @@ def check_resolutions(
     read (a file whose pixels no reader decodes is named as such, not for its resolution);
     what `budget_s` leaves unchecked, and files not there yet (a workflow's own
     synthetic slides), are left to their jobs. `cache` (a JSON file) remembers the files found
-    good, by path, size and modification time, so the next start opens only new or changed
-    files."""
+    good, by path, size and modification time (and their resolution), so the next start opens
+    only new or changed files. Returns the resolution (um/px) of each slide known now: the
+    sheet's, or the file's for those checked (or remembered)."""
     import json
     import time
 
@@ -398,25 +399,31 @@ def check_resolutions(
     start = time.monotonic()
     problems: list[str] = []
     unchecked = 0
-    good: dict[str, list[int]] = {}
+    good: dict[str, list[float]] = {}
+    mpps: dict[str, float] = {}
     for sid, (path, mpp) in slides.items():
         file = Path(path)
-        if mpp is not None or not file.exists():
+        if mpp is not None:
+            mpps[sid] = float(mpp)
+            continue
+        if not file.exists():
             continue
         stat = file.stat()
         key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
-        if known.get(key) == stamp:
-            good[key] = stamp
+        entry = known.get(key)
+        if entry is not None and len(entry) == 3 and entry[:2] == stamp:
+            good[key], mpps[sid] = entry, float(entry[2])
             continue
         if time.monotonic() - start > budget_s:
             unchecked += 1
             continue
         try:
-            open_slide(path, None, sid, check=True).close()
+            opened = open_slide(path, None, sid, check=True)
         except SlideError as exc:
             problems.append(str(exc))
             continue
-        good[key] = stamp
+        opened.close()
+        good[key], mpps[sid] = [*stamp, opened.mpp], opened.mpp
     if unchecked:
         log.info("%d slides are checked by their own jobs (over %.0f s)", unchecked, budget_s)
     if cache is not None and good != known:
@@ -431,3 +438,24 @@ def check_resolutions(
         from dsf.errors import found_at_start
 
         raise found_at_start(problems, "slides", "or the sheet's `path` and `mpp` columns")
+    return mpps
+
+
+def upsampling_note(mpps: dict[str, float], target_mpp: float, tolerance: float) -> str | None:
+    """What to say, at the start of a run, of slides scanned coarser than `patches.target_mpp`
+    (beyond `tolerance`): their tiles are upsampled, which adds no detail and multiplies the
+    stores' size (a 20x cohort under a 40x setting); None when there are none. The stages
+    would say it only in each slide's job log."""
+    coarse = {s: m for s, m in mpps.items() if m > target_mpp * (1.0 + tolerance)}
+    if not coarse:
+        return None
+    named = ", ".join(f"{s} ({m:.4g})" for s, m in list(coarse.items())[:5])
+    more = f" and {len(coarse) - 5} more" if len(coarse) > 5 else ""
+    finest = min(coarse.values())
+    return (
+        f"{len(coarse)} of {len(mpps)} slides are scanned coarser than patches.target_mpp "
+        f"{target_mpp:g} um/px: {named}{more} um/px. Their tiles are upsampled (up to "
+        f"{max(coarse.values()) / target_mpp:.2g}x), which adds no detail and makes their patch "
+        f"stores larger; for such a cohort set patches.target_mpp to {finest:.4g} or coarser "
+        "(the paper's 5x/20x pair: 0.5)"
+    )

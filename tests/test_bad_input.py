@@ -552,16 +552,36 @@ def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: 
     check_resolutions(slides, budget_s=-1)  # over its budget: left to the tissue jobs
     # files found good are remembered by path, size and time: the next start opens only others
     cache = tmp_path / "checked.json"
-    check_resolutions({"cmu": slides["cmu"]}, cache=cache)
+    # with each slide's resolution: the sheet's, or the file's (read, or remembered)
+    mpps = check_resolutions({"cmu": slides["cmu"], "given": slides["given"]}, cache=cache)
+    assert mpps == {"cmu": pytest.approx(0.499), "given": 0.25}
     assert list(json.loads(cache.read_text())) == [str(Path(slides["cmu"][0]).resolve())]
+    assert check_resolutions({"cmu": slides["cmu"]}, cache=cache) == {"cmu": mpps["cmu"]}
     copy = tmp_path / "tcga.svs"
     shutil.copy(tcga, copy)
     stat = copy.stat()
-    cache.write_text(json.dumps({str(copy.resolve()): [stat.st_size, stat.st_mtime_ns]}))
-    check_resolutions({"tcga": (str(copy), None)}, cache=cache)  # taken as checked
+    remembered = [stat.st_size, stat.st_mtime_ns, 0.5]
+    cache.write_text(json.dumps({str(copy.resolve()): remembered}))
+    assert check_resolutions({"tcga": (str(copy), None)}, cache=cache) == {"tcga": 0.5}
+    cache.write_text(json.dumps({str(copy.resolve()): remembered[:2]}))  # an older dsf's entry
+    with pytest.raises(ConfigError, match="slide 'tcga'"):
+        check_resolutions({"tcga": (str(copy), None)}, cache=cache)  # opened again
+    cache.write_text(json.dumps({str(copy.resolve()): remembered}))
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # changed since
     with pytest.raises(ConfigError, match="slide 'tcga'"):
         check_resolutions({"tcga": (str(copy), None)}, cache=cache)
+
+
+def test_slides_coarser_than_the_target_are_named_at_the_start() -> None:
+    """A 20x cohort under a 40x setting had its tiles upsampled, said only in each slide's
+    patches log; the start of the run names them and the setting that fits them."""
+    from dsf.slide import upsampling_note
+
+    assert upsampling_note({"a": 0.25, "b": 0.2527, "c": 0.24}, 0.25, 0.05) is None
+    note = upsampling_note({"a": 0.25, "b": 0.5, "c": 0.499, "d": 1.0}, 0.25, 0.05)
+    assert note is not None and note.startswith("3 of 4 slides are scanned coarser")
+    assert "b (0.5), c (0.499), d (1)" in note and "up to 4x" in note
+    assert "set patches.target_mpp to 0.499 or coarser" in note
 
 
 # -- model files ------------------------------------------------------------------------------

@@ -102,12 +102,16 @@ if workflow.is_main_process:
         config["labels"],
     )
     # slides without a resolution (no sheet mpp, none in the file), named together at start
-    from dsf.slide import check_resolutions
+    from dsf.slide import check_resolutions, upsampling_note
 
-    check_resolutions(
+    SLIDE_MPPS = check_resolutions(
         {s: (SHEET.loc[s, "path"], SHEET.loc[s, "mpp"]) for s in SHEET.index},
         cache=Path(".snakemake") / "dsf-slides-checked.json",
     )
+    if note := upsampling_note(
+        SLIDE_MPPS, config["patches"]["target_mpp"], config["patches"]["mpp_tolerance"]
+    ):
+        logging.getLogger("dsf").warning(note)
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
