@@ -139,7 +139,7 @@ def _aperio(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
             ]
             ring = _ring(points, kind)
             if ring is None:
-                skipped["with fewer than 3 corners"] += 1
+                skipped["with under 3 corners"] += 1
                 continue
             if region.get("NegativeROA", "0").strip() == "1":
                 negatives.append(ring)
@@ -191,7 +191,7 @@ def _asap(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
         ]
         ring = _ring(points, kind)
         if ring is None:
-            skipped["with fewer than 3 corners"] += 1
+            skipped["with under 3 corners"] += 1
             continue
         chain: list[str] = []
         group = (ann.get("PartOfGroup") or "None").strip()
@@ -228,7 +228,9 @@ def _order(coord: ET.Element, index: int, slide_id: str, path: Path, what: str) 
 def _log_skipped(path: Path, skipped: Counter[str]) -> None:
     if skipped:
         parts = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
-        log.warning("%s: %s regions are no areas (lines, arrows, points): skipped", path, parts)
+        log.warning(
+            "%s: regions that are no areas (lines, arrows, points) skipped: %s", path, parts
+        )
 
 
 def read_xml(path: Path, slide_id: str) -> list[XMLPolygon]:

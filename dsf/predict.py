@@ -81,6 +81,12 @@ def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> 
     meta = checkpoints.load(path, device)
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
+        if "model" in meta or "optimizer" in meta or "context" in meta:
+            raise ConfigError(
+                f"{path} is not a fine-tuned model (it lacks {missing}): encoders or a training "
+                "checkpoint; give the model.pt of `dsf finetune` (results/finetune/<init>/"
+                "frac<f>/fold<k>/model.pt)"
+            )
         raise ConfigError(
             f"{path} lacks {missing}: it was not written by this version of `dsf finetune`; "
             "rerun the finetune stage (snakemake --forcerun finetune)"

@@ -145,6 +145,11 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
         )
     if not path.is_file():
         raise ConfigError(f"slide sheet {path} is not a file; set config key `slides`")
+    if path.suffix.lower() in SLIDE_SUFFIXES | {".dcm"}:
+        raise ConfigError(
+            f"config key `slides`: {path} is a slide, not a sheet; give the folder that holds "
+            "the slides, or a slide sheet (.tsv) that lists them"
+        )
     try:
         # only whole lines starting with '#' are comments: a '#' inside a path is part of it
         with open(path, encoding="utf-8-sig", newline="") as fh:

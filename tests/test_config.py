@@ -223,6 +223,9 @@ def test_bad_sheets_name_row_and_column(tmp_path: Path, text: str, pattern: str)
 def test_missing_sheet_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config key `slides`: .*nope does not exist"):
         read_sheet(tmp_path / "nope")  # a mistyped folder is not called a sheet
+    (tmp_path / "one.svs").write_bytes(b"II*\x00")
+    with pytest.raises(ConfigError, match=r"one\.svs is a slide, not a sheet; give the folder"):
+        read_sheet(tmp_path / "one.svs")  # had been "not a UTF-8 text file"
 
 
 def test_synthetic_slides_join_the_sheet(tmp_path: Path) -> None:

@@ -938,3 +938,24 @@ def test_window_planning_matches_its_definitions(block: int, overlap: float, rat
     for done in range(r0, r1 + 1):
         rows = next(r for r in range(10**4) if grid.windows_touching(r, r)[1] > done)
         assert final_rows(grid, done) == rows, done
+
+
+def test_encoders_given_as_a_model_are_named_for_what_they_are(tmp_path: Path) -> None:
+    """`dsf infer --models encoders.pt` had been told the file was of an older `dsf
+    finetune`, to be rerun; it is pretraining's encoders (or a training checkpoint)."""
+    from dsf.checkpoints import save
+    from dsf.errors import ConfigError
+    from dsf.predict import load_predictor
+
+    for name, state in (
+        ("encoders.pt", {"context": {}, "target": {}}),
+        ("checkpoint.pt", {"model": {}, "optimizer": {}}),
+    ):
+        save(state, tmp_path / name)
+        with pytest.raises(
+            ConfigError, match=r"is not a fine-tuned model .*model\.pt of `dsf finetune`"
+        ):
+            load_predictor(tmp_path / name, torch.device("cpu"))
+    save({"state_dict": {}}, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match=r"not written by this version of `dsf finetune`"):
+        load_predictor(tmp_path / "old.pt", torch.device("cpu"))

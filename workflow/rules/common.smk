@@ -80,6 +80,11 @@ FOLD_OF = {str(r.slide): int(r.fold) for r in FOLDS.itertuples()}
 FOLD_IDS = sorted(set(FOLDS["fold"]))
 # apply.tile_protocol: the annotated slides' stores scored by every model of every name
 TILE_SCORED = bool(APPLY and config["apply"]["tile_protocol"] and LABELLED)
+if APPLY and config["apply"]["tile_protocol"] and not LABELLED:
+    logging.getLogger("dsf").warning(
+        "apply.tile_protocol: no slide of the sheet has an annotation, so no tile is scored "
+        "(the maps are drawn); give the slides' annotations to score the models"
+    )
 if APPLY:  # what would stop the run midway or mix models, refused before anything runs
     from dsf.model_sets import check_given_models, check_results_apart
 
