@@ -13,11 +13,12 @@ class ConfigError(DsfError):
 
 def found_at_start(problems: list[str], what: str, fix: str) -> ConfigError:
     """The one error of a start-up check (slides, annotations) that found `problems`: how many
-    of the sheet's `what` cannot be used, the `fix`, and the first ten messages."""
+    of the run's `what` (its sheet's or folder's) cannot be used, the `fix`, and the first ten
+    messages."""
     shown = "\n".join(f"  {p}" for p in problems[:10])
     more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
     return ConfigError(
-        f"{len(problems)} of the sheet's {what} cannot be used; fix them ({fix}) before "
+        f"{len(problems)} of the run's {what} cannot be used; fix them ({fix}) before "
         f"running:\n{shown}{more}"
     )
 

@@ -514,7 +514,7 @@ def test_annotations_that_cannot_be_used_stop_the_run_before_any_job(
     )  # fmt: skip
     said = done.stdout + done.stderr
     assert done.returncode != 0, said
-    assert "2 of the sheet's annotations cannot be used" in said, said
+    assert "2 of the run's annotations cannot be used" in said, said
     assert "slide 'tumor'" in said and "'Tumor', which is not one of labels.classes" in said
     assert "slide 'broken'" in said and "cannot read GeoJSON" in said
     assert "slide 'good'" not in said and not (wd / "out").exists()
@@ -542,7 +542,7 @@ def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: 
         # its resolution (filling the `mpp` column, as had been said, only moved the failure)
         "unopenable": (str(real / "openslide-python-fixtures" / "unopenable.tiff"), None),
     }
-    with pytest.raises(ConfigError, match="3 of the sheet's slides") as err:
+    with pytest.raises(ConfigError, match="3 of the run's slides") as err:
         check_resolutions(slides)
     said = str(err.value)
     assert "slide 'tcga'" in said and "fill the `mpp` column" in said and "'broken'" in said

@@ -528,7 +528,7 @@ def test_unreadable_slides_and_slides_without_mpp_stop_the_run_at_start(
     (tiny / "start.yaml").write_text(yaml.safe_dump(cfg))
     done = smk("-n", "--configfile", "start.yaml", cwd=tiny, check=False)
     said = done.stdout + done.stderr
-    assert done.returncode != 0 and "2 of the sheet's slides cannot be used" in said
+    assert done.returncode != 0 and "2 of the run's slides cannot be used" in said
     assert "slide 'broken'" in said and "not a slide format" in said
     assert "slide 'tcga'" in said and "fill the `mpp` column" in said
     assert "Traceback" not in said and not (tiny / "out-start").exists()
