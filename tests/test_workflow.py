@@ -893,16 +893,16 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
         assert done.returncode != 0 and message in done.stdout + done.stderr
 
 
-def test_the_folds_of_a_cohort_of_thousands_are_written(tmp_path: Path, real: Path) -> None:
+def test_the_folds_of_a_cohort_of_thousands_are_written(tmp_path: Path) -> None:
     """The sheet reached `dsf folds` as one command-line argument, which Linux caps at 128 KiB
     (about 1,000 TCGA-named slides): the folds of a larger cohort were never written, and no
     training could start. The rule's script hands the records over in a file."""
-    slide = tmp_path / "s.svs"
-    shutil.copy(real / "CMU-1-Small-Region.svs", slide)
-    rows = ["slide\tpath\tlabels\tgroup"]
-    for i in range(1600):
+    rows = ["slide\tpath\tmpp\tlabels\tgroup"]
+    for i in range(1600):  # a file each (one file is one slide), not opened: the sheet's mpp
         sid = f"TCGA-A{i % 7}-{i:04d}-01Z-00-DX1.5E1C58B1-63C6-4F4A-8F4D-{i:012d}"
-        rows.append(f"{sid}\ts.svs\t{'a.geojson' if i % 3 == 0 else ''}\tTCGA-A{i % 7}-{i:04d}")
+        (tmp_path / f"s{i}.svs").touch()
+        labels = "a.geojson" if i % 3 == 0 else ""
+        rows.append(f"{sid}\ts{i}.svs\t0.5\t{labels}\tTCGA-A{i % 7}-{i:04d}")
     (tmp_path / "a.geojson").write_text(ANNOTATION)
     (tmp_path / "sheet.tsv").write_text("\n".join(rows) + "\n")
     cfg = {"slides": "sheet.tsv", "results": "res", "labels": {"classes": ["ignore", "TUM"]}}
