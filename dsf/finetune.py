@@ -582,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
                 "sheet's `labels` column for slides of more patients"
             )
         folds = read_folds(args.folds)
+        if args.fold not in set(folds["fold"]):
+            raise ConfigError(
+                f"--fold {args.fold} is not a fold of {args.folds} (folds "
+                f"{sorted(int(f) for f in set(folds['fold']))}); give one of them"
+            )
         pairs = pair_stores(args.stores, args.label_stores, classes)
         by_slide = {p.slide: p for p in pairs}
         val = set(folds.loc[folds["fold"] == args.fold, "slide"])

@@ -361,6 +361,18 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         table.to_csv(sys.stdout, sep="\t", index=False)
 
 
+def _earlier_folds(folds_tsv: Path) -> pd.DataFrame:
+    """The folds table `--folds` names (an earlier run's), or a ConfigError saying what to give."""
+    from dsf.folds import read_folds
+
+    if not Path(folds_tsv).is_file():
+        raise ConfigError(
+            f"--folds {folds_tsv} not found: give the folds.tsv an earlier run wrote "
+            "(results/folds.tsv), whose folds the sheet keeps"
+        )
+    return read_folds(folds_tsv)
+
+
 def keep_folds(rows: list[dict[str, Any]], folds_tsv: Path, found: set[str] | None = None) -> None:
     """Set the `fold` and `group` of every row whose slide an earlier run's folds.tsv lists,
     so adding slides to a project keeps its folds (and so its trained fold models) where they
@@ -368,9 +380,7 @@ def keep_folds(rows: list[dict[str, Any]], folds_tsv: Path, found: set[str] | No
     together). The earlier groups are kept too (they may have been edited by hand, and the
     split was made with them); a scan that now groups a slide otherwise is warned about.
     `found`: the ids of every slide in the folder, readable or not (default: the rows')."""
-    from dsf.folds import read_folds
-
-    known = read_folds(folds_tsv)
+    known = _earlier_folds(folds_tsv)
     fold_of = dict(zip(known["slide"], known["fold"], strict=True))
     group_of = dict(zip(known["slide"], known["group"], strict=True))
     kept = [r for r in rows if r["slide"] in fold_of]
@@ -529,9 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             masks[cls] = pattern
         earlier: set[str] = set()
         if args.folds is not None:
-            from dsf.folds import read_folds
-
-            earlier = set(read_folds(args.folds)["slide"])
+            earlier = set(_earlier_folds(args.folds)["slide"])
         rows = scan_folder(
             args.folder,
             args.labels,

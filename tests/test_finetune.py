@@ -66,6 +66,16 @@ def _args(stores: list[LabelledStore], folds: Path, out: Path, *extra: str) -> l
     ]
 
 
+def test_a_fold_the_folds_table_lacks_is_named(three, tmp_path, capsys) -> None:  # noqa: ANN001
+    """`--fold 5` with folds 0 and 1 had been told "fold 5 has 1 training group(s)"."""
+    stores, folds = three
+    args = _args(stores[1:], folds, tmp_path / "ft")
+    args[args.index("--fold") + 1] = "5"
+    assert main(args) == 2
+    assert "--fold 5 is not a fold of" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
 def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path, capsys) -> None:  # noqa: ANN001
     stores, folds = three
     out = tmp_path / "ft"

@@ -367,6 +367,12 @@ def test_dsf_sheet_keeps_the_folds_of_an_earlier_run(
     bad.write_text("slide\tfold\na\t1\n")
     assert main([str(folder), "--out", str(tmp_path / "x.tsv"), "--folds", str(bad)]) == 2
     assert not (tmp_path / "x.tsv").exists()
+    capsys.readouterr()
+    missing = tmp_path / "nope.tsv"  # had been told to "rerun the folds rule"
+    assert main([str(folder), "--out", str(tmp_path / "x.tsv"), "--folds", str(missing)]) == 2
+    assert f"--folds {missing} not found: give the folds.tsv an earlier run" in (
+        capsys.readouterr().err
+    )
 
 
 def test_dsf_sheet_keeps_an_earlier_runs_groups_and_ids(

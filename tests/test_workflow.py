@@ -505,6 +505,11 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     done = smk("-n", "--configfile", "cfg.yaml", "--config", "pretrain={method: simsiam}",
                cwd=tiny, check=False)  # fmt: skip
     assert done.returncode != 0 and "set `methods: [simsiam]`" in done.stdout + done.stderr
+    # an empty results folder: one line naming the key (Snakemake had dumped its schema)
+    done = smk("-n", "--configfile", "cfg.yaml", "--config", "results=", cwd=tiny, check=False)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "config key `results` is empty" in said
+    assert "Failed validating" not in said
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     (tiny / "dup.tsv").write_text("slide\tpath\ncmu\ta.svs\ncmu\tb.svs\n")
     cfg["slides"] = "dup.tsv"
