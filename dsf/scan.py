@@ -194,6 +194,29 @@ def _is_results(folder: Path) -> bool:
     )
 
 
+#: Name endings of a label mask saved beside its slide under another convention than
+#: `<name>.labels.tif` (`a_mask.tif`, `a-labels.tiff`, `a_gt.png`): taken for slides otherwise.
+_MASK_LIKE = re.compile(r"^(.+?)[_\-. ](mask|masks|label|labels|annotation|annotations|gt)$", re.I)
+
+
+def _warn_mask_like(slides: list[Path]) -> None:
+    """Warn of slide files named like a label mask of another slide beside them: they are
+    taken for slides (and fail as slides without tissue) unless named `<name>.labels.tif`."""
+    stems = {(f.parent, _stem(f.name)) for f in slides}
+    for f in slides:
+        m = _MASK_LIKE.match(_stem(f.name))
+        if m and (f.parent, m.group(1)) in stems:
+            log.warning(
+                "%s is named like a label mask of slide %r beside it, and is taken for a slide: "
+                "name it %s.labels%s to make it that slide's annotation (or give per-class "
+                "masks with labels.masks), or move it away",
+                f,
+                m.group(1),
+                m.group(1),
+                f.suffix.lower(),
+            )
+
+
 def _walk(
     folder: Path,
     skip: set[Path],
@@ -487,6 +510,7 @@ def scan_folder(
             dicom_dirs.setdefault(f.parent, []).append(f)
             continue
         slides.append(f)
+    _warn_mask_like(slides)
     index = _label_index(labels, labels_name)
     beside: dict[Path, list[str]] = {}
     slides = [

@@ -180,6 +180,22 @@ def test_annotation_suffixes_match_in_any_case(tmp_path: Path) -> None:
     assert rows["Two"]["labels"] is None
 
 
+def test_a_mask_named_otherwise_beside_its_slide_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`a_mask.tif` beside `a.tif` was taken for a slide without a word, and failed later as a
+    slide without tissue; the scan now says how to name it to be `a`'s annotation."""
+    _touch(tmp_path, "a.tif", "a_mask.tif", "b.svs", "b-GT.png", "lone_labels.tif")
+    with caplog.at_level("WARNING", logger="dsf.scan"):
+        rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert "a_mask" in rows  # still a slide: the name is a hint, not proof
+    said = caplog.text
+    assert "a_mask.tif is named like a label mask of slide 'a'" in said
+    assert "name it a.labels.tif" in said
+    assert "b-GT.png is named like a label mask of slide 'b'" in said
+    assert "lone_labels" not in said  # no slide `lone` beside it
+
+
 def test_two_slides_with_one_id_are_named(tmp_path: Path) -> None:
     _touch(tmp_path, "site1/s.svs", "site2/s.tiff")
     with pytest.raises(ConfigError, match=r"id 's'.*site1/s\.svs.*site2/s\.tiff.*dsf sheet"):
