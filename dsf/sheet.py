@@ -327,6 +327,11 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     if rows and not sheet.is_dir():  # a folder's files are there: it was just searched
         check_files(rows, str(sheet))
     rows += synthetic_rows(config)
+    if not rows:
+        raise ConfigError(
+            "config key `slides` is empty and synth.slides names none: give a folder of slides "
+            "or a slide sheet (.tsv)"
+        )
     table = validate_rows(rows, f"{sheet} + synth.slides", Path("."))
     check_mask_classes(table, list(config["labels"]["classes"]), str(sheet))
     return table

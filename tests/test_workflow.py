@@ -510,6 +510,9 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "config key `results` is empty" in said
     assert "Failed validating" not in said
+    done = smk("-n", "--config", "slides=", "results=r", cwd=tiny, check=False)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "config key `slides` is empty and synth.slides names" in said
     cfg = yaml.safe_load((tiny / "cfg.yaml").read_text())
     (tiny / "dup.tsv").write_text("slide\tpath\ncmu\ta.svs\ncmu\tb.svs\n")
     cfg["slides"] = "dup.tsv"

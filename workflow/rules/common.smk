@@ -29,15 +29,16 @@ for _section, _key, _listed in (("pretrain", "method", "methods"), ("finetune", 
             f"workflow runs each of {_section}.{_listed}: set `{_listed}: "
             f"[{config[_section][_key]}]` instead"
         )
-for _key in ("results", "slides"):  # `--config results=` is no folder, nor the default
-    if _key in config and config[_key] in (None, ""):
-        from dsf.errors import ConfigError
+# `--config results=` is no folder; an empty `slides` is no sheet (only synth.slides run)
+if "slides" in config and config["slides"] is None:
+    config["slides"] = ""
+if "results" in config and config["results"] in (None, ""):
+    from dsf.errors import ConfigError
 
-        raise ConfigError(
-            f"config key `{_key}` is empty: give "
-            + ("the folder to write to" if _key == "results" else "a slide folder or sheet")
-            + " (or leave the key out for its default)"
-        )
+    raise ConfigError(
+        "config key `results` is empty: give the folder to write to (or leave the key out "
+        "for its default, results)"
+    )
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
