@@ -112,7 +112,9 @@ def _warn_groups_alike(rows: list[dict[str, Any]], where: str) -> None:
 
 def check_files(rows: list[dict[str, Any]], where: str) -> None:
     """Refuse sheet rows naming slide, annotation or mask files that are not there, all named
-    at once: Snakemake would stop on the first with its own error, naming no sheet or fix."""
+    at once: Snakemake would stop on the first with its own error, naming no sheet or fix.
+    The workflow runs it once, at the start (not in each cluster job), on the rows that are
+    not its own synthetic slides."""
     gone = [
         f"slide {row['slide']!r} `{col}` {path}"
         for row in rows
@@ -189,7 +191,12 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     for raw in (dict(zip(cols, cells, strict=True)) for cells in table[1:]):
         masks = {_mask_class(c): raw.pop(c) for c in cols if _mask_class(c)}
         rows.append({**raw, "masks": {k: v for k, v in masks.items() if _clean(v) is not None}})
-    return validate_rows(rows, str(path), path.parent, [n for n, _ in numbered[1:]])
+    table = validate_rows(rows, str(path), path.parent, [n for n, _ in numbered[1:]])
+    # once per sheet (load_sheet validates its rows again, with the synthetic slides)
+    records = table.to_dict("records")
+    _check_one_file_one_slide(records, str(path))
+    _warn_groups_alike(records, str(path))
+    return table
 
 
 def _cells(line: str) -> list[str]:
@@ -259,8 +266,6 @@ def validate_rows(
         out.append(row)
     if not out:
         raise ConfigError(f"slide sheet {where} lists no slides")
-    _check_one_file_one_slide(out, where)
-    _warn_groups_alike(out, where)
     df = pd.DataFrame(out, columns=[*COLUMNS, "masks"], dtype=object)
     return df.set_index("slide", drop=False)
 
@@ -324,8 +329,6 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     elif config["slides"]:
         rows += read_sheet(sheet).to_dict("records")
     rows = [_canonical_row(row) for row in rows]
-    if rows and not sheet.is_dir():  # a folder's files are there: it was just searched
-        check_files(rows, str(sheet))
     rows += synthetic_rows(config)
     if not rows:
         raise ConfigError(

@@ -510,6 +510,13 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "config key `results` is empty" in said
     assert "Failed validating" not in said
+    # a sheet naming files that are not there: named together at the start, by the sheet
+    (tiny / "gone.tsv").write_text("slide\tpath\tlabels\na\tnothere.svs\tgone.geojson\n")
+    done = smk("-n", "--configfile", "cfg.yaml", "--config", "slides=gone.tsv", cwd=tiny,
+               check=False)  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "slide sheet gone.tsv: 2 file(s) it names are not" in said
+    assert "MissingInputException" not in said
     done = smk("-n", "--config", "slides=", "results=r", cwd=tiny, check=False)
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "config key `slides` is empty and synth.slides names" in said

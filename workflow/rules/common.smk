@@ -14,7 +14,7 @@ from dsf.config import validate as check_config
 from dsf.folds import assign_folds, finetune_gaps, gap_advice, split_key, too_few_groups
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
-from dsf.sheet import load_sheet
+from dsf.sheet import check_files, load_sheet
 
 
 # nested `--config` values come as text ('infer={overlap: 0.5}'): typed by the schema first
@@ -112,6 +112,11 @@ if APPLY:  # what would stop the run midway or mix models, refused before anythi
 PAINTED = LABELLED if base_class(config["labels"]) is not None else MASKED
 # class names and the files' form, once, before any job (not again inside each cluster job)
 if workflow.is_main_process:
+    # the files the sheet names are there (the synthetic slides are made by the run)
+    check_files(
+        [r for r in SHEET.to_dict("records") if r["slide"] not in config["synth"]["slides"]],
+        config["slides"],
+    )
     check_annotations(
         {s: SHEET.loc[s, "labels"] for s in SHEET.index if SHEET.loc[s, "labels"]},
         config["labels"],
