@@ -164,7 +164,20 @@ def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
         if lines:
             return "; ".join(lines)
     message = err.message if len(err.message) <= 300 else err.message[:300] + " ..."
-    return f"config key {'.'.join(path) or '<root>'}: {message}"
+    message = f"config key {'.'.join(path) or '<root>'}: {message}"
+    wanted = err.validator_value if err.validator == "type" else None
+    if isinstance(err.instance, str) and wanted in ("object", "array") and path:
+        # `--config 'pretrain={epochs: 2'`: YAML read an unclosed brace or bracket as text
+        first = next(iter(err.schema.get("properties", {})), "key")
+        example = f"{{{first}: ...}}" if wanted == "object" else "[..., ...]"
+        for key in reversed(path[1:]):
+            example = f"{{{key}: {example}}}"
+        message += (
+            f"; a {'section' if wanted == 'object' else 'list'} was read as text: check that its "
+            "braces and brackets are closed and that a space follows each colon, "
+            f"e.g. --config '{path[0]}={example}'"
+        )
+    return message
 
 
 def check_finite(value: Any, where: str = "") -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dsf.errors import DsfError
@@ -79,12 +82,56 @@ def run(fn: Callable[[], None]) -> int:
         if exc.errno not in _ENVIRONMENT:
             raise
         log.debug("traceback", exc_info=True)
-        where = f" {exc.filename}" if exc.filename else ""
+        where, what, free = f" {exc.filename}", "that folder", ""
+        if not exc.filename:  # a failed write() names no file: say what is free where it writes
+            where, what = "", "the job's folders"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = f" (free: {free_space_note(sys.argv[1:])})"
         log.error(
-            "cannot write or read%s: %s; check the free space and permissions of that folder "
-            "(or set `results` elsewhere) and rerun",
+            "cannot write or read%s: %s%s; check the free space and permissions of %s "
+            "(or set `results` elsewhere, TMPDIR for temporary files) and rerun",
             where,
             exc.strerror or exc,
+            free,
+            what,
         )
         return 2
     return 0
+
+
+#: Options whose value is a file or folder the stage writes (`--out`, `--out-dir`, ...).
+_OUTPUT_OPTIONS = ("--out", "--mask", "--overlay", "--stats")
+
+
+def free_space_note(argv: list[str]) -> str:
+    """'results/patches 12 MB, /tmp 30 GB': the free space of each file system a
+    job writes to (the folders of its output options, and the temporary folder), so that a
+    full disk's error, which names no file when a write fails, says which disk is full."""
+    folders: list[Path] = []
+    for option, value in zip(argv, argv[1:], strict=False):
+        if "=" not in option and option.startswith(_OUTPUT_OPTIONS):
+            folders.append(Path(value).parent)
+    for token in argv:  # the --option=value form
+        name, _, value = token.partition("=")
+        if value and name.startswith(_OUTPUT_OPTIONS):
+            folders.append(Path(value).parent)
+    folders.append(Path(tempfile.gettempdir()))  # last: an output folder on its disk is named
+    seen: dict[int, str] = {}
+    for folder in folders:
+        existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+        if existing is None:
+            continue
+        device = existing.stat().st_dev
+        if device not in seen:
+            seen[device] = f"{folder} {_size(shutil.disk_usage(existing).free)}"
+    return ", ".join(seen.values())
+
+
+def _size(n: int) -> str:
+    """Bytes as the largest unit that keeps the number at least 1 ('12 MB')."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}"
+        value /= 1000
+    return f"{value:.0f} TB"

@@ -75,6 +75,19 @@ def test_config_errors_name_the_key() -> None:
     # `--config 'pretrain={epochs:2}'` (YAML reads `epochs:2` as a key)
     with pytest.raises(ConfigError, match=r"pretrain\.epochs:2 .*space is missing after the"):
         validate_config({"pretrain": {"epochs:2": None}})
+    # an unclosed brace or bracket: YAML gives the section or list as text
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key pretrain: .*section was read as text.*"
+        r"closed.*--config 'pretrain=\{",
+    ):
+        validate_config({"pretrain": "{epochs: 2"})
+    with pytest.raises(
+        ConfigError,
+        match=r"finetune\.fractions: .*list was read as text.*"
+        r"--config 'finetune=\{fractions: \[",
+    ):
+        validate_config({"finetune": {"fractions": "[0.1, 1.0"}})
     # NaN passes the schema's bounds (every comparison with it is false): refused by name
     with pytest.raises(ConfigError, match=r"patches\.target_mpp is nan: give a finite"):
         validate_config({"patches": {"target_mpp": float("nan")}})
@@ -348,7 +361,11 @@ def test_presets_carry_the_paper_pretraining(preset: str, epochs: int) -> None:
     assert (p["epochs"], p["batch_size"], p["out_size"], p["mask_ratio"]) == (epochs, 32, 224, 0.5)
 
 
-def test_a_full_disk_is_one_clear_line_and_a_bug_keeps_its_traceback(caplog) -> None:  # noqa: ANN001
+def test_a_full_disk_is_one_clear_line_and_a_bug_keeps_its_traceback(
+    caplog,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
     """A stage stopped by its machine (no space, a folder it may not write) exits 2 with the
     file and the fix in one line; any other OSError is not hidden."""
     import errno
@@ -362,6 +379,21 @@ def test_a_full_disk_is_one_clear_line_and_a_bug_keeps_its_traceback(caplog) -> 
     with caplog.at_level(logging.INFO, logger="dsf"):
         assert run(full) == 2
     assert "cannot write or read /data/results/x.zarr: No space left on device" in caplog.text
+
+    # a failed write() names no file: the message names the job's output folders and the
+    # temporary folder, each with its free space
+    out = tmp_path / "results" / "patches" / "a.zarr"
+    monkeypatch.setattr("sys.argv", ["dsf", "patches", "--slide", "a.svs", "--out", str(out)])
+
+    def full_write() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsf"):
+        assert run(full_write) == 2
+    line = caplog.records[-1].getMessage()
+    assert f"No space left on device (free: {out.parent} " in line and "a.svs" not in line, line
+    assert "TMPDIR" in line
 
     def bug() -> None:
         raise OSError(errno.EBADF, "Bad file descriptor")
