@@ -174,6 +174,51 @@ def split_key(folds: pd.DataFrame) -> str:
     return rows.to_json(orient="records")
 
 
+def moved_note(
+    earlier_path: Path, now: pd.DataFrame, labelled: set[str], slides: str | Path
+) -> str | None:
+    """A warning when the run's split moves slides that the earlier `folds.tsv` at
+    `earlier_path` placed (the folds are balanced over all slides, so adding slides moves
+    others; so do folds.k and folds.seed): every fold whose slides change is trained again,
+    and its scores are no longer comparable with the earlier ones. Names the moved slides
+    (annotated first) and how to keep the earlier folds. None when nothing moves or there is
+    no earlier table."""
+    if not Path(earlier_path).is_file():
+        return None
+    try:
+        earlier = read_folds(earlier_path)
+    except ConfigError as exc:  # the folds job rewrites it; the comparison is only advice
+        log.debug("earlier folds not compared: %s", exc)
+        return None
+    before = dict(zip(earlier["slide"].astype(str), earlier["fold"].astype(int), strict=True))
+    moved = [
+        (slide, before[slide], int(fold))
+        for slide, fold in zip(now["slide"].astype(str), now["fold"], strict=True)
+        if slide in before and before[slide] != int(fold)
+    ]
+    if not moved:
+        return None
+    moved.sort(key=lambda m: (m[0] not in labelled, m[0]))
+    n_lab = sum(m[0] in labelled for m in moved)
+    shown = ", ".join(f"{s} fold {a} -> {b}" for s, a, b in moved[:3])
+    more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+    if Path(slides).is_dir():
+        keep = (
+            f"write a sheet with them, `dsf sheet {slides} --folds {earlier_path} --out "
+            "slides.tsv`, and run on it (`--config slides=slides.tsv`)"
+        )
+    else:
+        keep = f"copy the `fold` column of {earlier_path} into the sheet's `fold` column"
+    return (
+        f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
+        f"annotated): {shown}{more}. The folds are balanced over all slides, so added or "
+        "removed slides or annotations move others (as folds.k and folds.seed do): every fold "
+        "whose slides change is pretrained, fine-tuned and scored again, and its scores are "
+        f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep}; "
+        "new slides are then placed around them"
+    )
+
+
 def write_folds(table: pd.DataFrame, out: Path) -> None:
     """Write folds.tsv atomically."""
     with atomic_path(out) as tmp:

@@ -176,3 +176,28 @@ def test_folds_table_keeps_na_like_slide_ids_and_refuses_a_broken_one(tmp_path) 
         path.write_text("slide\tgroup\tfold\n" + body)
         with pytest.raises(ConfigError, match=said):
             read_folds(path)
+
+
+def test_slides_the_earlier_folds_placed_and_the_run_moves_are_named(tmp_path) -> None:  # noqa: ANN001
+    """Adding slides rebalances the folds: a run that moves slides an earlier folds.tsv placed
+    names them (annotated first) and the way to keep the earlier folds, by a folder's
+    `dsf sheet --folds` or a sheet's `fold` column; nothing when nothing moved."""
+    from dsf.folds import moved_note, write_folds
+
+    sheet = _sheet([f"p{i}" for i in range(8)]).assign(labelled=[True] * 4 + [False] * 4)
+    earlier = assign_folds(sheet, 2, 0)
+    path = tmp_path / "folds.tsv"
+    assert moved_note(path, earlier, {"s0"}, tmp_path) is None  # no earlier table
+    write_folds(earlier, path)
+    assert moved_note(path, earlier, {"s0"}, tmp_path) is None  # the same split
+    now = earlier.copy()
+    now.loc[now["slide"].isin(["s7", "s1"]), "fold"] = 1 - now["fold"]
+    now = pd.concat([now, pd.DataFrame({"slide": ["s8"], "group": ["p8"], "fold": [0]})])
+    note = moved_note(path, now, {"s0", "s1", "s2", "s3"}, tmp_path)
+    assert note is not None and f"move 2 slide(s) that {path} placed (1 annotated): s1 " in note
+    assert note.index("s1 fold") < note.index("s7 fold")  # annotated first; s8 is new
+    assert "s8" not in note and f"dsf sheet {tmp_path} --folds {path} --out" in note
+    sheet_note = moved_note(path, now, set(), tmp_path / "slides.tsv")
+    assert sheet_note is not None and "copy the `fold` column" in sheet_note
+    path.write_text("not a folds table\n")  # damaged: the folds job rewrites it; no advice
+    assert moved_note(path, now, set(), tmp_path) is None

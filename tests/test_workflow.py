@@ -66,6 +66,16 @@ def test_the_workflow_parses_without_importing_torch(tmp_path: Path) -> None:
     assert job_counts(done.stdout)["pretrain"] == 2
 
 
+def test_a_split_that_moves_earlier_slides_is_warned_about(tmp_path: Path) -> None:
+    """A run whose folds move slides the earlier folds.tsv placed (added slides rebalance the
+    folds) says so at the start, naming the slide and how to keep the earlier folds."""
+    (tmp_path / "folds.tsv").write_text("slide\tgroup\tfold\nsynth-01\tpatient-a\t7\n")
+    done = smk("-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")
+    said = done.stdout + done.stderr
+    assert f"move 1 slide(s) that {tmp_path}/folds.tsv placed (1 annotated)" in said, said
+    assert "synth-01 fold 7 -> " in said and "copy the `fold` column" in said
+
+
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:
     out = smk(
         "-n", "-p", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}"

@@ -11,7 +11,14 @@ from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
-from dsf.folds import assign_folds, finetune_gaps, gap_advice, split_key, too_few_groups
+from dsf.folds import (
+    assign_folds,
+    finetune_gaps,
+    gap_advice,
+    moved_note,
+    split_key,
+    too_few_groups,
+)
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import check_files, load_sheet
@@ -132,6 +139,12 @@ if workflow.is_main_process:
         SLIDE_MPPS, config["patches"]["target_mpp"], config["patches"]["mpp_tolerance"]
     ):
         logging.getLogger("dsf").warning(note)
+    # slides the earlier split placed and this one moves (added slides rebalance the folds)
+    if LABELLED and not APPLY and not SPLIT_PROBLEM:
+        if note := moved_note(
+            Path(RESULTS) / "folds.tsv", FOLDS, LABELLED, config["slides"] or "the slides"
+        ):
+            logging.getLogger("dsf").warning(note)
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
 # stop at the pretrained encoders, pretrained once on every slide (a folder of unlabelled slides
 # is a pretraining project, and folds are stratified by annotation, so per-fold encoders made
