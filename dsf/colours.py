@@ -44,3 +44,21 @@ def class_colours(n: int) -> np.ndarray:
         r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.9)
         out[fixed + i] = (round(r * 255), round(g * 255), round(b * 255))
     return out
+
+
+def tint(thumbnail: np.ndarray, classes: np.ndarray, alpha: float) -> np.ndarray:
+    """(H, W, 3) float32: the class colours of `classes` (H, W; 0 untouched) blended at
+    `alpha` over the thumbnail made grey where a class is drawn. Over the stain's own pink
+    and purple a blend shifts the hue (sky blue turned lavender), so the tint would not match
+    its legend swatch; over grey it keeps the class's hue and the tissue's texture."""
+    n = int(classes.max()) + 1 if classes.size else 1
+    colours = class_colours(max(n, 1)).astype(np.float32)
+    out = thumbnail.astype(np.float32)
+    fg = classes > 0
+    grey = out[fg] @ np.asarray(_LUMA, np.float32)
+    out[fg] = grey[:, None] * (1 - alpha) + colours[classes[fg]] * alpha
+    return out
+
+
+#: ITU-R 601 luma weights (the grey under a class tint).
+_LUMA = (0.299, 0.587, 0.114)

@@ -16,18 +16,15 @@ import numpy as np
 import pandas as pd
 
 from dsf.atomic import atomic_path
-from dsf.colours import class_colours
+from dsf.colours import class_colours, tint
 
 log = logging.getLogger(__name__)
 
 
 def overlay(thumbnail: np.ndarray, classes: np.ndarray, n: int, alpha: float = 0.5) -> np.ndarray:
-    """Class indices blended over an RGB thumbnail; index 0 leaves the thumbnail as it is."""
-    colours = class_colours(n).astype(np.float32)
-    idx = np.clip(classes, 0, n - 1)
-    out = thumbnail.astype(np.float32)
-    m = idx > 0
-    out[m] = (1 - alpha) * out[m] + alpha * colours[idx[m]]
+    """Class indices blended over an RGB thumbnail (`dsf.colours.tint`); index 0 leaves the
+    thumbnail as it is."""
+    out = tint(thumbnail, np.clip(classes, 0, n - 1), alpha)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 

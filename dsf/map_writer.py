@@ -16,7 +16,7 @@ from PIL import Image
 from dsf.captions import add_legend
 from dsf.class_map import class_counts
 from dsf.class_tiff import pyramid_levels, write_block
-from dsf.colours import class_colours
+from dsf.colours import class_colours, tint
 from dsf.errors import SlideError
 from dsf.tilespool import TileSpool
 from dsf.windows import Grid
@@ -260,16 +260,15 @@ def render_overlay(
     mpp: float | None = None,
     counts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The thumbnail with predicted classes tinted (background untouched) and a legend strip
+    """The thumbnail with predicted classes tinted (`dsf.colours.tint`: over the tissue in grey,
+    so each tint has its legend swatch's hue; background untouched) and a legend strip
     (`dsf.captions`: the class colours, with `counts`, the map's pixels per class index, each
     class's share of the mapped area, and with `mpp` the thumbnail's a scale bar)."""
     h, w = thumb.shape[:2]
     cmap = Image.fromarray(classes_map).resize((w, h), Image.Resampling.NEAREST)
     cls = np.asarray(cmap)
     colours = class_colours(len(names)).astype(np.float32)
-    out = thumb.astype(np.float32)
-    fg = cls > 0
-    out[fg] = out[fg] * (1 - alpha) + colours[cls[fg]] * alpha
+    out = tint(thumb, np.minimum(cls, len(names) - 1), alpha)
     if counts is not None and (mapped := int(counts[1:].sum())):
         names = [
             n if i == 0 else f"{n} {100 * int(counts[i]) / mapped:.1f}%"

@@ -882,6 +882,30 @@ def test_the_overlay_legend_names_every_class() -> None:
     assert not ink[:, -2:].any()  # nothing drawn up to the right edge: no entry cut off
 
 
+def test_each_class_tint_keeps_its_legend_colours_hue_over_stained_tissue() -> None:
+    """Over pink and purple H&E a plain blend shifted a tint's hue (STR's sky blue looked
+    lavender, unlike its legend swatch): the tint goes over the tissue in grey, so each class
+    keeps its swatch's hue, and the background is left as it was."""
+    import colorsys
+
+    from dsf.colours import class_colours
+    from dsf.figures import overlay
+    from dsf.map_writer import render_overlay
+
+    names = ["ignore", "TUM", "STR", "LYM", "NEC", "OTR"]
+    colours = class_colours(len(names))
+    for stain in ((230, 150, 200), (120, 70, 160)):  # eosin pink, haematoxylin purple
+        thumb = np.zeros((10, 60, 3), np.uint8) + np.array(stain, np.uint8)
+        cls = np.repeat(np.arange(6, dtype=np.uint8), 10)[None].repeat(10, 0)
+        for picture in (render_overlay(thumb, cls, names)[:10], overlay(thumb, cls, 6)):
+            np.testing.assert_array_equal(picture[:, :10], thumb[:, :10])  # background
+            for c in range(1, 6):
+                got = colorsys.rgb_to_hsv(*(picture[5, 10 * c + 5] / 255))
+                want = colorsys.rgb_to_hsv(*(colours[c] / 255))
+                turn = abs(got[0] - want[0])
+                assert min(turn, 1 - turn) < 0.02, (stain, names[c], got, want)
+
+
 def test_a_grid_with_no_stride_says_which_setting_helps() -> None:
     """Too much overlap: lower it; a map pixel larger than a block: no overlap would help,
     the message says to lower infer.out_mpp instead."""
