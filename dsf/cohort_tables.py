@@ -59,8 +59,7 @@ def slide_cohort_scores(df: pd.DataFrame, classes: list[str], methods: list[str]
         per_slide = []
         for _, r in sub.iterrows():
             row = key | {"level": "slide", "fold": "", "slide": r["slide"], "n_slides": 1}
-            row |= {"n_pixels": int(r["n_pixels"]), "pixel_accuracy": r["accuracy"]}
-            row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
+            row |= {"n_pixels": int(r["n_pixels"])} | {m: r[m] for m in metrics}
             per_slide.append(row)
         out += per_slide
         pooled = key | {"level": "all", "fold": "all", "slide": "", "n_slides": len(sub)}

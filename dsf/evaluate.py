@@ -83,7 +83,7 @@ def score_row(cm: np.ndarray, classes: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"n_pixels": int(cm.sum())}
     row |= dict(zip(confusion_columns(classes), (int(v) for v in cm.ravel()), strict=True))
     row |= {
-        "accuracy": s["accuracy"],
+        "pixel_accuracy": s["accuracy"],
         "micro_f1": s["micro_f1"],
         "macro_f1": s["macro_f1"],
         "paper_accuracy": one_vs_rest_accuracy(cm),
@@ -378,7 +378,7 @@ def evaluate_slide(
         sid,
         row["init"],
         row["n_pixels"],
-        row["accuracy"],
+        row["pixel_accuracy"],
         row["macro_f1"],
     )
     return pd.DataFrame([row])

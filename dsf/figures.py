@@ -28,8 +28,10 @@ def overlay(thumbnail: np.ndarray, classes: np.ndarray, n: int, alpha: float = 0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-#: Bar colours (Okabe-Ito and a grey), given to methods in order of first appearance.
-PALETTE = ["#4d4d4d", "#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9"]
+#: Bar colours, given to methods in order of first appearance: dark and muted tones that no
+#: class colour (`dsf.colours.CLASS_COLOURS`) comes near, since the figure shows both (a
+#: method's bars in the TUM colour read as the tumour class).
+PALETTE = ["#4d4d4d", "#332288", "#bdbdbd", "#8c510a", "#00443a", "#40004b", "#1a1a1a"]
 
 
 def _bars(

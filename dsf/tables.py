@@ -94,6 +94,10 @@ def read_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
                 "runs with different labels.classes; rerun evaluate"
             )
         classes = cls
+        # dsf before 2026-12-07 named the per-slide pixel accuracy `accuracy`, which read as
+        # the paper's accuracy (`paper_accuracy`)
+        if "accuracy" in df.columns and "pixel_accuracy" not in df.columns:
+            df = df.rename(columns={"accuracy": "pixel_accuracy"})
         if len(df):
             frames.append(df)
     if not frames:
@@ -185,8 +189,9 @@ def slide_fold_scores(
     df: pd.DataFrame, classes: list[str], methods: list[str], fold_ids: list[int]
 ) -> pd.DataFrame:
     """Whole-slide protocol, rows with `level` slide (each map), fold (pooled confusion of the
-    fold's slides), mean and std (over folds) per method x fraction."""
-    metrics = ["pixel_accuracy", "micro_f1", "macro_f1", *(f"f1_{c}" for c in classes[1:])]
+    fold's slides, with f1 and paper_accuracy the slides' averaged as the tile protocol's),
+    mean and std (over folds) per method x fraction."""
+    metrics = [*FOLD_METRICS, "micro_f1", *(f"f1_{c}" for c in classes[1:])]
     out: list[dict[str, Any]] = []
     for method in methods:
         mine = df[df["init"] == method] if len(df) else df
@@ -200,9 +205,8 @@ def slide_fold_scores(
             sub_m = mine[mine["fraction"] == frac] if len(mine) else mine
             for _, r in sub_m.iterrows():
                 row = key | {"level": "slide", "fold": str(int(r["fold"])), "slide": r["slide"]}
-                row |= {"n_slides": 1, "n_pixels": int(r["n_pixels"])}
-                row |= {"pixel_accuracy": r["accuracy"]}
-                row |= {m: r[m] for m in metrics if m != "pixel_accuracy"}
+                row |= {"n_slides": 1, "n_pixels": int(r["n_pixels"]), "f1": r["micro_f1"]}
+                row |= {m: r[m] for m in metrics if m != "f1"}
                 out.append(row)
             folds = []
             for fold in fold_ids:
@@ -211,6 +215,9 @@ def slide_fold_scores(
                 row["n_folds"] = int(len(sub) > 0)
                 if len(sub):
                     row |= pooled_scores(sub, classes)
+                    evaluated = sub[sub["n_pixels"] > 0]
+                    row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
+                    row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
                 else:
                     row |= {"n_pixels": 0} | {m: float("nan") for m in metrics}
                 folds.append(row)
@@ -361,12 +368,15 @@ def slide_markdown(
         f"ground truth, unlabelled pixels ignored: {n_slides} slides "
         f"({', '.join(sorted(set(raw['slide'])))}), {n_px} labelled pixels per method. Labelled "
         "pixels the map leaves as background count as misses (for the pixel accuracy, and as "
-        "misses of their class for F1). F1 = Dice; per fold from the pooled confusion of its "
-        "slides; mean and sample std (ddof 1) over folds."
+        "misses of their class for F1). **F1** is each slide's micro F1 averaged over the "
+        "fold's slides and **ACC** the paper's accuracy likewise, as the tile protocol's "
+        "Tables II-III; per-class F1 (= Dice), macro F1 and pixel accuracy per fold from the "
+        "pooled confusion of its slides; mean and sample std (ddof 1) over folds."
     )
     lines.append("")
-    cols = [*(f"f1_{c}" for c in classes[1:]), "macro_f1", "pixel_accuracy"]
-    names = [*classes[1:], "Macro F1", "Pixel acc."]
+    cols = ["f1", "paper_accuracy", *(f"f1_{c}" for c in classes[1:]), "macro_f1"]
+    cols.append("pixel_accuracy")
+    names = ["F1", "ACC", *classes[1:], "Macro F1", "Pixel acc."]
     lines += ["### Mean (std) over folds", ""]
     rows = []
     for method in methods:

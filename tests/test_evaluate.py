@@ -129,7 +129,7 @@ def test_tile_protocol_matches_hand_computed_confusion(stores) -> None:  # noqa:
         assert cm[:, 1].sum() == 0 < cm[:, [0, 2]].sum()  # never STR, never background
         assert row["n_pixels"] == cm.sum() > 0
         assert row["micro_f1"] == pytest.approx(np.trace(cm[:, :3]) / cm.sum())
-        assert row["accuracy"] == row["micro_f1"]
+        assert row["pixel_accuracy"] == row["micro_f1"]
         tp, fp, fn = cm[0, 0], cm[1:, 0].sum(), cm[0, 1:].sum()
         assert row["f1_TUM"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
         if cm[1].sum():  # STR in the truth but never predicted: F1 0
@@ -320,13 +320,13 @@ def test_oracle_map_scores_one_and_shifted_map_does_not(slide_files, tmp_path) -
     oracle = open_map(_write_map(tmp_path / "oracle.tiff", _truth()), tmp_path / "oracle.json")
     row = evaluate_slide(oracle, slide, labels, folds, CLASSES, band_rows=7).iloc[0]
     assert row["n_pixels"] == 64 * 128 + 64 * 64
-    assert row["f1_TUM"] == row["f1_STR"] == row["accuracy"] == row["macro_f1"] == 1.0
+    assert row["f1_TUM"] == row["f1_STR"] == row["pixel_accuracy"] == row["macro_f1"] == 1.0
     assert np.isnan(row["f1_LYM"])  # absent from truth and prediction: not a 0
     shifted = open_map(
         _write_map(tmp_path / "shift.tiff", np.roll(_truth(), 8, axis=0)), tmp_path / "shift.json"
     )
     row = evaluate_slide(shifted, slide, labels, folds, CLASSES, band_rows=1024).iloc[0]
-    assert row["f1_TUM"] < 1 and row["accuracy"] < 1
+    assert row["f1_TUM"] < 1 and row["pixel_accuracy"] < 1
 
 
 def test_imperfect_map_hand_checked(slide_files, tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -346,7 +346,7 @@ def test_imperfect_map_hand_checked(slide_files, tmp_path, monkeypatch) -> None:
     row = evaluate_slide(cmap, slide, labels, folds, CLASSES, 16).iloc[0]
     assert row["f1_TUM"] == pytest.approx(6 / 11)  # 2*4608 / (2*4608 + 4096 + 3584)
     assert row["f1_STR"] == 0.0
-    assert row["accuracy"] == pytest.approx(4608 / 12288)
+    assert row["pixel_accuracy"] == pytest.approx(4608 / 12288)
     assert row["macro_f1"] == pytest.approx(3 / 11)
     assert row["fold"] == 0 and row["routing"] == "out_of_fold"
 
@@ -396,7 +396,7 @@ def test_slide_cli_writes_row_and_panel(slide_files, tmp_path) -> None:  # noqa:
     args += ["--classes", *CLASSES, "--band-rows", "10", "--panel-size", "128"]
     assert main(args) == 0
     row = pd.read_csv(out, sep="\t").iloc[0]
-    assert row["slide"] == "S" and row["accuracy"] == 1.0 and row["cm_TUM_TUM"] == 8192
+    assert row["slide"] == "S" and row["pixel_accuracy"] == 1.0 and row["cm_TUM_TUM"] == 8192
     with np.load(pan) as z:
         assert z["prediction"].shape == z["truth"].shape == (128, 128)
         assert json.loads(str(z["meta"]))["init"] == "dsf"
@@ -441,7 +441,7 @@ def test_paper_accuracy_is_one_vs_rest_accuracy_averaged_over_three_classes() ->
     # 19 pixels. A: FN 1, FP 2 -> 16/19; B: FN 3, FP 2 -> 14/19; C: FN 1, FP 1 -> 17/19
     row = score_row(cm, three)
     assert row["paper_accuracy"] == pytest.approx((16 + 14 + 17) / (3 * 19))
-    assert row["micro_f1"] == row["accuracy"] == pytest.approx(14 / 19)
+    assert row["micro_f1"] == row["pixel_accuracy"] == pytest.approx(14 / 19)
     # no pixel predicted background: 1 - 2 (1 - micro F1) / K, the docstring's relation
     assert row["paper_accuracy"] == pytest.approx(1 - 2 * (1 - 14 / 19) / 3)
     # background predictions are misses (FN) of their class but no class's FP
@@ -450,7 +450,7 @@ def test_paper_accuracy_is_one_vs_rest_accuracy_averaged_over_three_classes() ->
     row = score_row(bg, three)
     assert row["paper_accuracy"] == pytest.approx((17 + 17 + 19) / (3 * 22))
     assert row["micro_f1"] == pytest.approx(2 * 14 / (2 * 14 + 5 + 8))  # TP 14, FP 5, FN 8
-    assert row["accuracy"] == pytest.approx(14 / 22)
+    assert row["pixel_accuracy"] == pytest.approx(14 / 22)
 
 
 def test_mean_std_ddof1_and_na() -> None:
@@ -498,11 +498,31 @@ def test_whole_slide_folds_and_models_pool_their_slides_confusions(tmp_path) -> 
     # pooled [[90, 10], [5, 5]]: F1 A = 180 / 195, F1 B = 10 / 25
     assert fold["f1_A"] == pytest.approx(180 / 195) and fold["f1_B"] == pytest.approx(10 / 25)
     assert fold["n_pixels"] == 110
+    # and the paper's F1 and ACC, as the tile protocol's: the slides' averaged
+    assert fold["f1"] == pytest.approx((0.9 + 0.5) / 2)
+    assert fold["paper_accuracy"] == pytest.approx((0.9 + 0.5) / 2)  # K = 2: = micro F1
+    every = slide_fold_scores(df, TWO, ["m1"], [0])
+    assert list(every.loc[every["level"] == "slide", "f1"]) == pytest.approx([0.9, 0.5])
     members = df.assign(models="a.pt", routing="given")
     one = model_cohort_scores(members, TWO, ["m1"])
     one = one[one["level"] == "model"].iloc[0]
     assert one["pixel_accuracy"] == pytest.approx(95 / 110)
     assert one["f1_B"] == pytest.approx(10 / 25)
+
+
+def test_score_tables_name_pixel_accuracy_and_earlier_ones_still_read(tmp_path) -> None:  # noqa: ANN001
+    """A per-slide row's pixel accuracy is `pixel_accuracy` (`accuracy` had read as the
+    paper's accuracy, `paper_accuracy`); tables of earlier dsf, with `accuracy`, still read."""
+    from dsf.tables import read_results
+
+    row = _row("s1", 0, "m1", [[8, 2, 0], [0, 10, 0]])
+    assert "accuracy" not in row and row["pixel_accuracy"] == pytest.approx(0.9)
+    old = tmp_path / "old.tsv"
+    pd.DataFrame([row]).rename(columns={"pixel_accuracy": "accuracy"}).to_csv(
+        old, sep="\t", index=False
+    )
+    raw, _ = read_results([old, *_tile_tsvs(tmp_path)])
+    assert raw["pixel_accuracy"].notna().all() and "accuracy" not in raw.columns
 
 
 def test_damaged_score_tables_are_named(tmp_path) -> None:  # noqa: ANN001
@@ -617,7 +637,11 @@ def test_a_given_models_map_is_scored_without_folds(slide_files, tmp_path) -> No
     slide, labels = _open(slide_files)
     given = _write_map(tmp_path / "g.tiff", _truth(), routing="given", folds=[0, 1])
     row = evaluate_slide(open_map(given, None), slide, labels, None, CLASSES, 64, "cohort")
-    assert (row["fold"].iloc[0], row["init"].iloc[0], row["accuracy"].iloc[0]) == (-1, "cohort", 1)
+    assert (row["fold"].iloc[0], row["init"].iloc[0], row["pixel_accuracy"].iloc[0]) == (
+        -1,
+        "cohort",
+        1,
+    )
     assert row["models"].iloc[0] == "model.pt"  # the map's models, naming each model alone
     # a model that trained on the slide (by id, its model.pt says) is refused: not validation
     torch.save({"fit_slides": ["other"], "select_slides": ["S"]}, tmp_path / "m.pt")
@@ -797,6 +821,19 @@ def test_a_method_has_one_colour_in_both_bar_panels(tmp_path, monkeypatch) -> No
     tile, whole = (seen[t] for t in sorted(seen, key=lambda t: not t.startswith("Tile")))
     assert set(tile) == {"random", "dsf"} and set(whole) == {"dsf"}
     assert whole["dsf"] == tile["dsf"] != tile["random"]
+
+
+def test_method_colours_stay_clear_of_the_class_colours() -> None:
+    """The figure shows bars per method and overlays per class: no method colour is within
+    reach of a class colour (the first method had TUM's vermillion exactly)."""
+    from dsf.colours import class_colours
+    from dsf.figures import PALETTE
+
+    methods = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in PALETTE], float)
+    classes = class_colours(14)[1:].astype(float)
+    gap = np.linalg.norm(methods[:, None] - classes[None], axis=-1).min()
+    assert gap > 60, gap
+    assert len({tuple(m) for m in methods}) == len(PALETTE)
 
 
 def test_the_tables_say_what_each_method_is() -> None:
