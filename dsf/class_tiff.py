@@ -106,9 +106,11 @@ def write_tiff(
 
     import tifffile
 
-    colours = class_colours(n_classes).astype(np.uint16) * 257
+    # index 0 (background, outside the tissue) white, as glass, where viewers draw the palette
+    palette = class_colours(n_classes)
+    palette[:1] = 255
     cmap = np.zeros((3, 256), np.uint16)
-    cmap[:, :n_classes] = colours.T
+    cmap[:, :n_classes] = palette.T.astype(np.uint16) * 257
 
     def tiles(arr: Any) -> Iterator[np.ndarray]:
         h, w = arr.shape
@@ -126,7 +128,7 @@ def write_tiff(
             {
                 "dsf": "class map",
                 "classes": list(classes),
-                "colours": class_colours(n_classes).tolist(),
+                "colours": palette.tolist(),
                 "mpp": mpp,
                 "values": "class index per pixel (0: background or outside the tissue)",
             }

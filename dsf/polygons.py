@@ -125,14 +125,36 @@ def map_polygons(
                 for ring in feat["geometry"]["coordinates"]
             ]
     counts = Counter(f["properties"]["classification"]["name"] for f in features)
+    traced: Counter[str] = Counter()
+    for feat in features:
+        traced[feat["properties"]["classification"]["name"]] += _area(feat) * mpp0**2
+    mapped = np.bincount(raster.ravel(), minlength=len(classes)) * level_mpp**2
     log.info(
-        "%s: %d regions traced at %.3g um/px (%s)",
+        "%s: %d regions traced at %.3g um/px (%s), covering %s of the map (regions under "
+        "%g um2 left out: the class areas are in areas.tsv)",
         cmap.meta["slide"],
         len(features),
         level_mpp,
         ", ".join(f"{name} {counts[name]}" for name in classes if counts[name]) or "none",
+        ", ".join(
+            f"{name} {traced[name] / 1e6:.3g} of {mapped[i] / 1e6:.3g} mm2"
+            for i, name in enumerate(classes)
+            if i and mapped[i]
+        )
+        or "none",
+        float(settings["min_um2"]),
     )
     return {"type": "FeatureCollection", "features": features}
+
+
+def _area(feature: dict[str, Any]) -> float:
+    """A polygon feature's area in its coordinates' square units (outer ring less holes)."""
+    total = 0.0
+    for i, ring in enumerate(feature["geometry"]["coordinates"]):
+        x, y = np.asarray(ring, np.float64).T
+        shoelace = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+        total += shoelace if i == 0 else -shoelace
+    return total
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -271,7 +271,8 @@ def detect_tissue(
 
 # -- mask file --------------------------------------------------------------------------------
 def write_mask(path: str | Path, mask: np.ndarray, mpp: float) -> None:
-    """Write a mask as uint8 0/255 TIFF, deflate, with resolution tags in px/cm = 1e4 / mpp."""
+    """Write a mask as uint8 0/255 TIFF, deflate, with resolution tags in px/cm = 1e4 / mpp,
+    in 256 px tiles (OpenSlide opens tiled TIFFs only: the mask can be viewed like the maps)."""
     import tifffile
 
     px_per_cm = 1e4 / float(mpp)
@@ -279,6 +280,7 @@ def write_mask(path: str | Path, mask: np.ndarray, mpp: float) -> None:
         Path(path),
         np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8),
         photometric="minisblack",
+        tile=(256, 256),
         compression="zlib",
         resolution=(px_per_cm, px_per_cm),
         resolutionunit="CENTIMETER",
@@ -363,6 +365,11 @@ def _dimmed(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     )
 
 
+def _pieces(n: int) -> str:
+    """'1 piece', '3 pieces'."""
+    return f"{n} piece" if n == 1 else f"{n} pieces"
+
+
 def caption_overlay(
     overlay: np.ndarray, slide_id: str, stats: dict[str, Any], settings: dict[str, Any], mpp: float
 ) -> np.ndarray:
@@ -373,7 +380,7 @@ def caption_overlay(
         method += f" (no glass in view: {stats['thresholds']['fallback']})"
     title = (
         f"{slide_id}: tissue {100 * stats['tissue_fraction']:.1f}% "
-        f"({stats['tissue_area_mm2']:.2f} mm2, {stats['n_components']} pieces), method {method}"
+        f"({stats['tissue_area_mm2']:.2f} mm2, {_pieces(stats['n_components'])}), method {method}"
     )
     keys: list[tuple[tuple[int, int, int], str]] = [
         (OVERLAY_OUTLINE, "tissue outline"),
@@ -537,11 +544,11 @@ def _stage(args: argparse.Namespace) -> None:
         mask, overlay, stats, mask_path=args.mask, overlay_path=args.overlay, stats_path=args.stats
     )
     log.info(
-        "%s: tissue %.1f%% (%.2f mm^2, %d pieces) at %.3g um/px, method %s -> %s",
+        "%s: tissue %.1f%% (%.2f mm^2, %s) at %.3g um/px, method %s -> %s",
         stats["slide_id"],
         100 * stats["tissue_fraction"],
         stats["tissue_area_mm2"],
-        stats["n_components"],
+        _pieces(stats["n_components"]),
         stats["mask_mpp"],
         stats["method"],
         args.mask,

@@ -742,8 +742,16 @@ def test_cli_writes_map_overlay_and_meta(tmp_path, stripes):
     # the file says what its values are without the JSON beside it
     with tifffile.TiffFile(out / "s.tiff") as tif:
         about = json.loads(tif.pages[0].description)
+        palette = tif.pages[0].colormap
     assert about["classes"] == meta["classes"] and about["mpp"] == meta["mpp"]
     assert len(about["colours"]) == len(meta["classes"])
+    # viewers draw the palette: the classes in their colours, the background white as glass
+    from dsf.colours import class_colours
+
+    assert about["colours"][0] == [255, 255, 255] and (palette[:, 0] == 65535).all()
+    want = class_colours(len(meta["classes"]))[1:].astype(int).tolist()
+    assert about["colours"][1:] == want
+    assert (palette[:, 1 : len(want) + 1].T // 257).tolist() == want
     from PIL import Image
 
     with Image.open(out / "s.jpg") as im:

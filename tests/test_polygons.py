@@ -107,7 +107,11 @@ def test_polygons_stay_on_a_slide_the_map_overhangs(tmp_path: Path) -> None:
     assert xy[:, 0].max() == w and xy[:, 1].max() == h and xy.min() >= 0
 
 
-def test_small_regions_and_holes_are_left_out(slide: Path, tmp_path: Path) -> None:
+def test_small_regions_and_holes_are_left_out(
+    slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regions and holes under polygons.min_um2 are left out, and the log says how much of
+    each class's area the polygons cover (summing them in QuPath misses the left-out ones)."""
     m = np.zeros((H // 4, W // 4), np.uint8)
     m[20:120, 20:200] = 1
     m[50:52, 50:52] = 2  # 4 map px = 64 um^2: a speck inside TUM
@@ -115,9 +119,12 @@ def test_small_regions_and_holes_are_left_out(slide: Path, tmp_path: Path) -> No
     cmap = _write_map(tmp_path / "m.tiff", m)
     out = tmp_path / "m.geojson"
     assert _run(slide, cmap, out, "--mpp", str(MAP_MPP), "--min-um2", "500") == 0
+    said = capsys.readouterr().err  # dsf's logging writes to stderr
     feats = json.loads(out.read_text())["features"]
     names = sorted(f["properties"]["classification"]["name"] for f in feats)
     assert names == ["LYM", "TUM"]
+    # TUM: 18,000 map px less the hole, 4 um2 each; the speck (16 um2) is left out
+    assert "TUM 0.0672 of 0.0672 mm2, STR 0 of 1.6e-05 mm2, LYM 0.0048 of 0.0048" in said
     tum = next(f for f in feats if f["properties"]["classification"]["name"] == "TUM")
     assert len(tum["geometry"]["coordinates"]) == 2  # the LYM hole, not the speck's
     back = _back(out)

@@ -278,6 +278,14 @@ def test_mask_round_trip(tmp_path: Path, mpp: float) -> None:
         assert set(np.unique(page.asarray())) == {0, 255}
         assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
         assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+    # tiled, so OpenSlide (and viewers built on it) open the mask at its scale too
+    import openslide
+
+    with openslide.OpenSlide(path) as view:
+        assert view.dimensions == (53, 37)
+        assert float(view.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-4)
+        grey = np.asarray(view.read_region((0, 0), 0, (53, 37)).convert("L"))
+    np.testing.assert_array_equal(grey == 255, mask)
 
 
 def test_overlay_outline_and_dimming() -> None:
