@@ -252,6 +252,8 @@ def add_section_arguments(
             kwargs["type"] = _value_type(sub)
             if "enum" in sub:
                 kwargs["choices"] = sub["enum"]
+        if sub.get("description", "").startswith("Older name of"):
+            kwargs["help"] = argparse.SUPPRESS  # still read, never offered
         group.add_argument(_flag(key), **kwargs)
 
 

@@ -2,7 +2,7 @@
 
 `dsf curves pretrain`: a pretraining run's log.tsv as a PNG: the total, context, target and
 fusion losses per epoch, the collapse monitor `z_std` per epoch, and the throughput with the
-share of each epoch spent waiting for tiles (`data_wait`, in logs since 2026-12-04).
+share of each epoch spent waiting for tiles (`data_wait`; logs of older dsf lack it).
 `dsf curves finetune`: a fine-tuning run's history.tsv as a PNG: training loss per epoch, and the
 selection macro F1 and accuracy per epoch with the epoch kept in model.pt marked.
 `dsf curves tables`: eval/tables.md as a self-contained HTML page (the report shows HTML, not
@@ -334,8 +334,12 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="what", required=True)
-    pre = sub.add_parser("pretrain", help="a pretraining log.tsv as a PNG")
+    sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    pre = sub.add_parser(
+        "pretrain",
+        help="a pretraining log.tsv as a PNG",
+        description="a pretraining log.tsv as a PNG",
+    )
     pre.add_argument(
         "--log", required=True, type=Path, help="pretrain/{init}/{fold{k} or all}/log.tsv"
     )
@@ -343,7 +347,11 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--fold", type=int, default=None, help="fold, for the title (none: all slides)"
     )
-    fine = sub.add_parser("finetune", help="a fine-tuning history.tsv as a PNG")
+    fine = sub.add_parser(
+        "finetune",
+        help="a fine-tuning history.tsv as a PNG",
+        description="a fine-tuning history.tsv as a PNG",
+    )
     fine.add_argument(
         "--history", required=True, type=Path, help="finetune/{init}/frac{f}/fold{k}/history.tsv"
     )
@@ -353,7 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     for s in (pre, fine):
         s.add_argument("--out", required=True, type=Path, help="PNG to write")
         s.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
-    tab = sub.add_parser("tables", help="eval/tables.md as an HTML page")
+    tab = sub.add_parser(
+        "tables",
+        help="eval/tables.md as an HTML page",
+        description="eval/tables.md as an HTML page",
+    )
     tab.add_argument("--markdown", required=True, type=Path, help="eval/tables.md")
     tab.add_argument("--out", required=True, type=Path, help="HTML page to write")
     return p

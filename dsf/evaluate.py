@@ -393,9 +393,13 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="mode", required=True)
+    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
 
-    t = sub.add_parser("tiles", help="tile protocol: one fold model on its validation stores")
+    t = sub.add_parser(
+        "tiles",
+        help="tile protocol: one fold model on its validation stores",
+        description="tile protocol: one fold model on its validation stores",
+    )
     t.add_argument("--model", required=True, type=Path, help="model.pt of fold k")
     t.add_argument(
         "--stores", nargs="*", default=[], type=Path, help="labelled validation stores of fold k"
@@ -412,7 +416,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
     add_section_arguments(t, "evaluate", skip=("gpus",))
 
-    s = sub.add_parser("slide", help="whole-slide protocol: one class map against its labels")
+    s = sub.add_parser(
+        "slide",
+        help="whole-slide protocol: one class map against its labels",
+        description="whole-slide protocol: one class map against its labels",
+    )
     add_map_arguments(s)
     s.add_argument("--slide", required=True, type=Path, help="slide file")
     s.add_argument("--slide-id", help="slide id (default: file stem)")
@@ -428,7 +436,11 @@ def _parser() -> argparse.ArgumentParser:
     add_section_arguments(s, "evaluate", skip=("gpus",))
     add_section_arguments(s, "labels", skip=("masks",))  # the workflow's file patterns
 
-    a = sub.add_parser("tables", help="aggregate per-slide TSVs into tables and the figure")
+    a = sub.add_parser(
+        "tables",
+        help="aggregate per-slide TSVs into tables and the figure",
+        description="aggregate per-slide TSVs into tables and the figure",
+    )
     a.add_argument("--tiles", nargs="*", default=[], type=Path, help="tile-protocol TSVs")
     a.add_argument("--slides", nargs="*", default=[], type=Path, help="whole-slide TSVs")
     a.add_argument("--panels", nargs="*", default=[], type=Path, help="panel .npz files")
@@ -442,7 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     add_section_arguments(a, "evaluate", skip=("gpus",))
 
     c = sub.add_parser(
-        "cohort", help="a prediction run's whole-slide TSVs: tables over slides and the figure"
+        "cohort",
+        help="a prediction run's whole-slide TSVs: tables over slides and the figure",
+        description="a prediction run's whole-slide TSVs: tables over slides and the figure",
     )
     c.add_argument("--slides", nargs="+", required=True, type=Path, help="whole-slide TSVs")
     c.add_argument("--panels", nargs="*", default=[], type=Path, help="panel .npz files")
@@ -484,9 +498,11 @@ def _tiles(args: argparse.Namespace, st: dict[str, Any]) -> None:
 def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
     from dsf.annotations import open_labels
     from dsf.folds import read_folds
+    from dsf.label_settings import check_base_painted
     from dsf.slide import open_slide
 
     label_st = section_from_args(args, "labels")
+    check_base_painted(label_st, args.labels, "evaluate slide")
     cmap = open_map(args.map, args.map_json)
     with open_slide(
         args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance

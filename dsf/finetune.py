@@ -525,8 +525,17 @@ def _parser() -> argparse.ArgumentParser:
         help="label fraction of this run (default: the first of finetune.fractions, %(default)s)",
     )
     p.add_argument("--encoders", type=Path, help="encoders.pt of this fold's pretraining")
-    p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--out-dir",
+        required=True,
+        type=Path,
+        help="folder for model.pt, history.tsv and, while it runs, checkpoint.pt",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the folder's checkpoint.pt (of a killed run) with the same settings",
+    )
     p.add_argument(
         "--no-progress",
         action="store_true",

@@ -263,11 +263,56 @@ def _parser() -> argparse.ArgumentParser:
         '\'[{"slide": "a", "group": "p1", "fold": null, "labelled": true}]\'',
     )
     given.add_argument(
-        "--sheet-file", type=Path, help="a file of those records (the workflow's folds rule)"
+        "--sheet-file",
+        type=Path,
+        help="a file of those records (the workflow's folds rule writes one), or a slide "
+        "sheet (.tsv, as `dsf sheet` writes)",
     )
     p.add_argument("--out", required=True, type=Path, help="folds.tsv to write")
     add_section_arguments(p, "folds")
     return p
+
+
+def _records(text: str, option: str) -> pd.DataFrame:
+    """The sheet of JSON records `text` (given by `option`), each with a slide id, checked."""
+    try:
+        records = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{option} is not JSON records ({exc}): give a list of records such as "
+            '[{"slide": "a", "group": "p1", "fold": null, "labelled": true}]'
+        ) from exc
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"{option}: give a JSON list of records (one object per slide)")
+    if not records:
+        raise ConfigError(f"{option} lists no slide")
+    sheet = pd.DataFrame(records)
+    if "slide" not in sheet or sheet["slide"].isna().any():
+        raise ConfigError(f"{option}: every record needs a `slide` id")
+    for column in ("group", "fold"):  # optional: the slide's own group, no fixed fold
+        if column not in sheet:
+            sheet[column] = None
+    return sheet
+
+
+def read_sheet_records(args: argparse.Namespace) -> pd.DataFrame:
+    """The sheet `dsf folds` splits: --sheet-json, or --sheet-file with JSON records or a
+    slide sheet (.tsv) as `dsf sheet` writes (its `labels` and mask columns say which slides
+    are annotated)."""
+    if args.sheet_file is None:
+        return _records(args.sheet_json, "--sheet-json")
+    path = args.sheet_file
+    if not path.is_file():
+        raise ConfigError(
+            f"--sheet-file {path} not found: give the JSON records the folds rule writes, or "
+            "a slide sheet (.tsv) as `dsf sheet` writes"
+        )
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip()[:1] in ("[", "{"):
+        return _records(text, f"--sheet-file {path}")
+    from dsf.sheet import read_sheet
+
+    return read_sheet(path).reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,14 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         settings = section_from_args(args, "folds")
-        try:
-            text = args.sheet_json if args.sheet_file is None else args.sheet_file.read_text()
-            sheet = pd.DataFrame(json.loads(text))
-        except ValueError as exc:
-            raise ConfigError(
-                f"--sheet-json is not JSON records ({exc}): give the records themselves, "
-                "not a file name (the workflow's folds rule writes them)"
-            ) from exc
+        sheet = read_sheet_records(args)
         table = assign_folds(sheet, settings["k"], settings["seed"])
         write_folds(table, args.out)
 

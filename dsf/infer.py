@@ -1,4 +1,4 @@
-"""Stitched whole-slide inference: full-slide class maps from fine-tuned HookNets (issue 5).
+"""Stitched whole-slide inference: full-slide class maps from fine-tuned HookNets.
 
 Windows: every target block of `block` px at the target mpp, with its concentric context
 (`scale` x the field of view, reduced by `scale` exactly as `dsf patches` made the training
@@ -281,12 +281,20 @@ def _parser() -> argparse.ArgumentParser:
     add_tolerance_argument(p)
     p.add_argument("--tissue-mask", required=True, type=Path, help="tissue mask of dsf tissue")
     p.add_argument("--models", nargs="+", required=True, type=Path, help="model.pt (averaged)")
-    p.add_argument("--routing", choices=ROUTINGS, default="out_of_fold")
+    p.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default="out_of_fold",
+        help="how the models were chosen, recorded in the map's JSON for `dsf evaluate slide`: "
+        "out_of_fold (an annotated slide, by the model of the fold that held it out), ensemble "
+        "(every fold's model averaged), fold (one fold's model), given (models trained "
+        "elsewhere: a prediction run, or maps made by hand from new models)",
+    )
     p.add_argument("--out-map", required=True, type=Path, help="class map (.tiff)")
     p.add_argument("--out-overlay", required=True, type=Path, help="overlay (.jpg)")
     p.add_argument("--out-meta", required=True, type=Path, help="metadata (.json)")
     p.add_argument("--out-probs", type=Path, help="probabilities (OME-Zarr, .zarr)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_section_arguments(
         p, "infer", skip=("inits", "fraction", "unlabelled_fold", "probabilities", "gpus")
     )

@@ -8,6 +8,7 @@ with the score tables' columns; each problem is a ConfigError naming its config 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from dsf.errors import ConfigError
@@ -117,6 +118,24 @@ def base_class(settings: dict[str, Any]) -> str | None:
     """The class of tissue no annotation covers (`labels.base`, or its older name)."""
     base = settings.get("base")
     return base if base is not None else settings.get("masks_base")
+
+
+def check_base_painted(settings: dict[str, Any], labels: str | Path, stage: str) -> None:
+    """A ConfigError when `--base` is given to a stage that reads labels (`stage`) with an
+    annotation rather than the label mask `dsf labels` painted over the base class: such a
+    stage reads the base class from that mask and would have ignored the option."""
+    from dsf.class_tiff import described_codes
+
+    base = base_class(settings)
+    path = Path(labels)
+    painted = path.suffix.lower() in {".tif", ".tiff"} and described_codes(path) is not None
+    if base is not None and not painted:
+        raise ConfigError(
+            f"--base {base}: `dsf {stage}` reads the base class from the label mask `dsf "
+            f"labels` paints, not from {path}: run `dsf labels --slide SLIDE --annotation "
+            f"{path} --base {base} --out mask.tiff` and give mask.tiff as --labels (or leave "
+            "--base out)"
+        )
 
 
 def class_index(name: str, classes: list[str], key: str) -> int:

@@ -112,6 +112,12 @@ def write_stats(stats: NormStats, path: Path) -> None:
 
 def read_stats(path: Path) -> tuple[list[float], list[float]]:
     """(mean, std) from a `dsf norm` JSON; a missing or malformed file names itself."""
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"normalisation file {path} not found: write it with `dsf norm --stores "
+            f"STORE.zarr ... --out {path}` (the workflow's norm rule), or leave --norm out to "
+            "use the mean and std given as settings"
+        )
     try:
         data = json.loads(Path(path).read_text())
         mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]

@@ -12,9 +12,10 @@ Artifacts in `--out-dir`: `encoders.pt` (the two encoders' state_dicts, for fine
 epochs and at the end) and `log.tsv` (per epoch: the three group losses, throughput and the
 collapse monitor; rank 0's losses and z_std under DDP, throughput over all ranks). `--resume`
 continues from the checkpoint exactly at an epoch's end: sampling and augmentation are seeded
-per epoch, and any changed hyperparameter other than those of RESUME_FREE is an error. A
-checkpoint a stop signal wrote mid-epoch holds that epoch's weights so far, and the resumed run
-trains that epoch again from them (its first steps twice), as the stop message says.
+per epoch, and a changed hyperparameter is an error (epochs, workers, device, compile and
+checkpoint settings may change: `RESUME_FREE`). A checkpoint a stop signal wrote mid-epoch
+holds that epoch's weights so far, and the resumed run trains that epoch again from them (its
+first steps twice), as the stop message says.
 """
 
 from __future__ import annotations

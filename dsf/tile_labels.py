@@ -32,6 +32,7 @@ from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
+from dsf.label_settings import check_base_painted
 from dsf.runner import progress_bar, run, setup_logging
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs([args.out], [args.store, args.labels])
         min_label_frac = section_from_args(args, "patches")["min_label_frac"]
         label_settings = section_from_args(args, "labels")
+        check_base_painted(label_settings, args.labels, "tile-labels")
         attrs = open_store(args.store).attrs
         labels = open_labels(
             args.labels,

@@ -450,3 +450,19 @@ def test_label_name_keys_are_text_and_never_ambiguous() -> None:
         settings = validate_config({"labels": base | bad})["labels"]
         with pytest.raises(ConfigError, match=said):
             check_label_settings(settings)
+
+
+def test_older_setting_names_are_read_but_not_offered() -> None:
+    """`labels.masks_base` and `labels.geojson_names` (older names) still parse as options,
+    for old commands, but `--help` offers only the current names."""
+    import argparse
+
+    from dsf.config import add_section_arguments, section_from_args
+
+    p = argparse.ArgumentParser()
+    add_section_arguments(p, "labels", skip=("masks",))
+    shown = p.format_help()
+    assert "--base" in shown and "--names" in shown
+    assert "--masks-base" not in shown and "--geojson-names" not in shown
+    args = p.parse_args(["--masks-base", "STR", "--classes", "ignore", "TUM", "STR"])
+    assert section_from_args(args, "labels")["masks_base"] == "STR"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -201,3 +203,38 @@ def test_slides_the_earlier_folds_placed_and_the_run_moves_are_named(tmp_path) -
     assert sheet_note is not None and "copy the `fold` column" in sheet_note
     path.write_text("not a folds table\n")  # damaged: the folds job rewrites it; no advice
     assert moved_note(path, now, set(), tmp_path) is None
+
+
+def test_cli_reads_a_slide_sheet_and_names_what_is_wrong(tmp_path) -> None:  # noqa: ANN001
+    """By hand, `dsf folds --sheet-file` takes the sheet `dsf sheet` writes as well as JSON
+    records (whose group and fold may be left out); a missing file or records of another
+    shape are one line naming the option, not a traceback."""
+    from dsf.folds import _parser, read_sheet_records
+
+    slides = ["a", "b", "c"]
+    for name in slides:
+        (tmp_path / f"{name}.tif").write_bytes(b"II*\x00")  # the split reads no pixel
+    (tmp_path / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    sheet = tmp_path / "sheet.tsv"
+    sheet.write_text(
+        "slide\tpath\tlabels\tgroup\n"
+        + "".join(
+            f"{s}\t{tmp_path / (s + '.tif')}\t{'a.geojson' if s == 'a' else ''}\tp{s}\n"
+            for s in slides
+        )
+    )
+    out = tmp_path / "f.tsv"
+    assert main(["--sheet-file", str(sheet), "--out", str(out), "--k", "2"]) == 0
+    t = read_folds(out)
+    assert sorted(t["slide"]) == slides and set(t["group"]) == {"pa", "pb", "pc"}
+    bare = json.dumps([{"slide": "a"}, {"slide": "b"}])
+    assert main(["--sheet-json", bare, "--out", str(tmp_path / "g.tsv"), "--k", "2"]) == 0
+    assert set(read_folds(tmp_path / "g.tsv")["group"]) == {"a", "b"}  # each its own group
+    for given, said in (
+        (["--sheet-file", str(tmp_path / "gone.json")], "--sheet-file .*gone.json not found"),
+        (["--sheet-json", '{"slide": "a"}'], "--sheet-json: give a JSON list of records"),
+        (["--sheet-json", '[{"group": "p"}]'], "every record needs a `slide` id"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            read_sheet_records(_parser().parse_args([*given, "--out", "x.tsv"]))
+        assert main([*given, "--out", str(tmp_path / "h.tsv")]) == 2

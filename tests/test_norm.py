@@ -89,7 +89,7 @@ def test_settings_and_files_that_cannot_be_used_are_named(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="pretrain.mean and pretrain.std"):
         check_settings({"mean": [0.5] * 3, "std": None})
     missing = tmp_path / "gone.json"
-    with pytest.raises(ConfigError, match="gone.json cannot be read"):
+    with pytest.raises(ConfigError, match=r"gone.json not found: write it with `dsf norm"):
         read_stats(missing)
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}))

@@ -202,3 +202,25 @@ def test_no_labelled_tile_says_the_best_fraction_and_how_to_go_on(
 ) -> None:
     with pytest.raises(Exception, match=r"the best tile has 1\): .*leave the slide's `labels`"):
         _labels(cut, tmp_path / "s.labels.zarr", min_frac=1.01)
+
+
+def test_base_is_refused_where_it_would_be_ignored(cut: dict, tmp_path: Path) -> None:
+    """`--base` paints the tissue no annotation covers, which `dsf labels` does: given to
+    `dsf tile-labels` (or `dsf evaluate slide`) with an annotation it had been ignored
+    silently; now it is refused with the way to the painted mask, which it accepts."""
+    from dsf.class_tiff import write_tiff
+    from dsf.label_settings import check_base_painted
+    from dsf.tile_labels import main
+
+    out = tmp_path / "b.labels.zarr"
+    argv = ["--store", str(cut["store"]), "--labels", str(cut["ann"]), "--out", str(out)]
+    argv += ["--classes", "ignore", "A", "B"]
+    assert main([*argv, "--base", "B"]) == 2 and not out.exists()
+    with pytest.raises(ConfigError, match=r"--base B: `dsf evaluate slide` .*dsf labels --slide"):
+        check_base_painted(CLASSES | {"base": "B"}, cut["ann"], "evaluate slide")
+    painted = tmp_path / "painted.tiff"
+    mask = np.zeros((400, 600), np.uint8)
+    write_tiff(painted, [mask], 0.5, 3, tile=64, threads=1, classes=["ignore", "A", "B"])
+    check_base_painted(CLASSES | {"base": "B"}, painted, "evaluate slide")  # the painted mask
+    check_base_painted(CLASSES, cut["ann"], "tile-labels")  # no base: any annotation
+    assert main(argv) == 0 and out.is_dir()
