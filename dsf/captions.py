@@ -8,10 +8,13 @@ colours mean and how large it is; the text scales with the picture to stay reada
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from dsf.errors import ConfigError
 
 #: Scale bar lengths to choose from (um): the longest that fits a sixth of the picture.
 BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000)
@@ -96,3 +99,26 @@ def add_legend(
         draw.rectangle([pad, y + size // 3, pad + length, y + 2 * size // 3], fill=(0, 0, 0))
         draw.text((2 * pad + length, y), label, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+#: Picture formats by suffix (an overlay named `.png` had been JPEG data).
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def picture_format(path: Path, option: str) -> str:
+    """The PIL format a picture named `path` (given as `option`) is saved in: JPEG for
+    .jpg/.jpeg, PNG for .png; another suffix is a ConfigError naming the option."""
+    fmt = _FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{option} {path}: name the picture .jpg (JPEG) or .png (PNG)")
+    return fmt
+
+
+def save_picture(
+    picture: np.ndarray, tmp: Path, path: Path, quality: int, option: str = "--overlay"
+) -> None:
+    """Save an RGB picture to `tmp` (a work name of `path`) in the format `path`'s suffix
+    names (`picture_format`), JPEG at `quality`."""
+    fmt = picture_format(path, option)
+    extra = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(picture).save(tmp, format=fmt, **extra)

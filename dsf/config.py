@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import re
 import shlex
 from functools import cache
 from pathlib import Path
@@ -294,7 +295,14 @@ def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
     prefix = f"{section}__"
     given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
     skipped = getattr(args, f"{_SKIPPED}{section}", ())
-    return {k: v for k, v in validate(given, section).items() if k not in skipped}
+    try:
+        filled = validate(given, section)
+    except ConfigError as exc:  # by hand the setting was an option: name it as typed
+        key = re.match(rf"config key {section}\.(\w+)", str(exc))
+        if key is None:
+            raise
+        raise ConfigError(f"{exc} (option {_flag(key[1])})") from exc
+    return {k: v for k, v in filled.items() if k not in skipped}
 
 
 def cli_args(section: str, values: dict[str, Any]) -> str:

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from dsf import __version__
 from dsf.atomic import atomic_path, check_outputs, remove, remove_scratch
+from dsf.captions import picture_format, save_picture
 from dsf.chunk_reader import ChunkReader
 from dsf.class_tiff import write_tiff
 from dsf.config import add_section_arguments, section_from_args
@@ -222,7 +222,7 @@ def infer_slide(
                     counts=writer.counts,
                 )
                 with atomic_path(out_overlay) as tmp:
-                    Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+                    save_picture(overlay, tmp, out_overlay, 90, "--out-overlay")
                 lap("overlay")
             finally:
                 thumbs.shutdown(wait=True, cancel_futures=True)
@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         from dsf.tissue import check_mask_fits, read_mask
 
         outputs = [args.out_map, args.out_overlay, args.out_meta, args.out_probs]
+        picture_format(args.out_overlay, "--out-overlay")
         check_outputs(outputs, [args.slide, args.tissue_mask, *args.models])
         st = section_from_args(args, "infer")
         device = use_device(st["device"], "infer.device")

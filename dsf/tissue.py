@@ -30,7 +30,7 @@ from PIL import Image
 
 from dsf import __version__
 from dsf.atomic import atomic_path, check_outputs, remove
-from dsf.captions import add_legend
+from dsf.captions import add_legend, picture_format, save_picture
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError, TissueError
 from dsf.runner import run, setup_logging
@@ -505,7 +505,7 @@ def write_outputs(
     """Write mask TIFF, overlay JPEG and stats JSON, all or none."""
     with _all_or_none([mask_path, overlay_path, stats_path]) as (m, o, s):
         write_mask(m, mask, stats["mask_mpp"])
-        Image.fromarray(overlay).save(o, format="JPEG", quality=OVERLAY_QUALITY)
+        save_picture(overlay, o, overlay_path, OVERLAY_QUALITY)
         s.write_text(json.dumps(stats, indent=2) + "\n")
 
 
@@ -532,6 +532,7 @@ def _stage(args: argparse.Namespace) -> None:
     outputs = [args.mask, args.overlay, args.stats]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ConfigError("--mask, --overlay and --stats must be three different files")
+    picture_format(args.overlay, "--overlay")
     check_outputs(outputs, [args.slide])
     for path in outputs:
         remove(path)  # a failed rerun must not leave the previous outputs looking current

@@ -466,3 +466,15 @@ def test_older_setting_names_are_read_but_not_offered() -> None:
     assert "--masks-base" not in shown and "--geojson-names" not in shown
     args = p.parse_args(["--masks-base", "STR", "--classes", "ignore", "TUM", "STR"])
     assert section_from_args(args, "labels")["masks_base"] == "STR"
+
+
+def test_a_bad_option_value_names_the_option_typed() -> None:
+    """By hand a setting is an option: its error names the config key and the flag."""
+    import argparse
+
+    from dsf.config import add_section_arguments, section_from_args
+
+    p = argparse.ArgumentParser()
+    add_section_arguments(p, "infer")
+    with pytest.raises(ConfigError, match=r"infer\.overlap: .*0\.75 \(option --overlap\)$"):
+        section_from_args(p.parse_args(["--overlap", "2"]), "infer")

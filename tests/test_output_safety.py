@@ -93,3 +93,20 @@ def test_options_of_one_setting_are_checked_by_the_schema(
         module.main(args if module is norm else [*base, *args])  # type: ignore[attr-defined]
     assert stop.value.code == 2
     assert f"config key {words}" in capsys.readouterr().err
+
+
+def test_an_overlay_is_written_in_the_format_its_name_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--overlay o.png` is a PNG (it had been JPEG data under a .png name); a suffix that is
+    no picture format is refused before any work, naming the option."""
+    from PIL import Image
+
+    slide = rgb_slide(tmp_path / "s.tif", np.full((256, 256, 3), 200, np.uint8), 0.5)
+    out = tmp_path / "t"
+    common = ["--slide", str(slide), "--mask", str(out / "m.tiff"), "--stats", str(out / "s.json")]
+    assert tissue.main([*common, "--overlay", str(out / "o.png")]) == 0
+    with Image.open(out / "o.png") as im:
+        assert im.format == "PNG"
+    assert tissue.main([*common, "--overlay", str(out / "o.gif")]) == 2
+    assert "--overlay" in capsys.readouterr().err and not (out / "o.gif").exists()
