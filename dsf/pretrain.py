@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         given = given_stats(settings["mean"], settings["std"], args.norm)
         if given is not None:  # else the Trainer counts them from its stores
             settings["mean"], settings["std"] = given
+        if missing := [str(s) for s in stores if not Path(s).is_dir()]:  # before any output
+            raise ConfigError(f"patch stores {missing} not found; run the patches stage first")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):

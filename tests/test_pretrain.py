@@ -583,3 +583,12 @@ def test_the_normalisation_comes_from_the_norm_file_or_the_training_tiles(
     ]
     twice[twice.index(str(out))] = str(tmp_path / "twice")
     assert main(twice) == 2 and not (tmp_path / "twice").exists()
+
+
+def test_missing_stores_are_named_before_anything_is_written(tmp_path: Path) -> None:
+    """A store that is not there is named, and the output folder is not made (an empty one
+    had been left behind)."""
+    out = tmp_path / "p"
+    argv = ["--stores", str(tmp_path / "a.zarr"), "--out-dir", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert not out.exists()
