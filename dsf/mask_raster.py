@@ -10,6 +10,7 @@ practice: they are held in memory.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from dsf.errors import AnnotationError
 
 #: Level pixels read at once when a request subsamples a large window (rows are read in blocks).
 _WINDOW_PX = 32 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class _Level:
@@ -148,7 +151,29 @@ class MaskRaster:
                 slide_id,
                 f"{what} {self.path} is {mw}x{mh} px, which is not a downsample of the slide "
                 f"({sw}x{sh} px; x factor {self.ds_x:.3f} vs y factor {self.ds_y:.3f}): the mask "
-                "does not cover the slide. Check that the sheet names this slide's mask",
+                "does not cover the slide. Check that it is this slide's mask (the sheet's, or "
+                "the file found for it beside the slides)",
+            )
+        coarser = max(self.ds_x, self.ds_y)
+        # within 1.5% of the slide's size: its own (exporters round; a mask written at a
+        # nominal 0.25 um/px for a 0.2527 um/px scan is 1.1% off), else at least 1.5x smaller
+        if coarser < 0.95 or 1.015 + 2 / min(mw, mh) < coarser < 1.5:
+            self.close()
+            size = "larger than" if coarser < 1 else "near the size of, but not equal to,"
+            raise AnnotationError(
+                slide_id,
+                f"{what} {self.path} is {mw}x{mh} px, {size} the slide ({sw}x{sh} px): a mask "
+                "is the slide's own size or a downsample of it (2x, 4x, ...). Check that it is "
+                "this slide's mask (the sheet's, or the file found for it beside the slides)",
+            )
+        if coarser != round(coarser):  # worth a line: a mask at a whole factor is the norm
+            log.info(
+                "%s: %s %s is 1/%.3f of the slide's size (no whole downsample): its pixels "
+                "are spread over the slide by that factor",
+                slide_id,
+                what,
+                self.path,
+                coarser,
             )
 
     def close(self) -> None:

@@ -199,11 +199,28 @@ def _is_results(folder: Path) -> bool:
 _MASK_LIKE = re.compile(r"^(.+?)[_\-. ](mask|masks|label|labels|annotation|annotations|gt)$", re.I)
 
 
-def _warn_mask_like(slides: list[Path]) -> None:
+#: `<another slide's name>_<word>`: a per-class mask whose name fits no `labels.masks` pattern.
+_CLASS_MASK_LIKE = re.compile(r"^(.+)[_\-. ]([^_\-. ]+)$")
+
+
+def _warn_mask_like(slides: list[Path], masks: dict[str, str] | None = None) -> None:
     """Warn of slide files named like a label mask of another slide beside them: they are
-    taken for slides (and fail as slides without tissue) unless named `<name>.labels.tif`."""
+    taken for slides (and fail as slides without tissue) unless named `<name>.labels.tif`.
+    With per-class masks (`labels.masks`), also of files named `<slide>_<word>` anywhere
+    among the slides (`case02_viabel.tif`, a typo of `case02_viable.tif`)."""
     stems = {(f.parent, _stem(f.name)) for f in slides}
+    anywhere = {_stem(f.name) for f in slides}
     for f in slides:
+        c = _CLASS_MASK_LIKE.match(_stem(f.name)) if masks else None
+        if c and c.group(1) in anywhere:
+            log.warning(
+                "%s is named like a per-class mask of slide %r but fits no labels.masks "
+                "pattern (%s), so it is taken for a slide: rename it, or move it away",
+                f,
+                c.group(1),
+                ", ".join(pattern.replace("{slide}", c.group(1)) for pattern in masks.values()),
+            )
+            continue
         m = _MASK_LIKE.match(_stem(f.name))
         if m and (f.parent, m.group(1)) in stems:
             log.warning(
@@ -215,6 +232,34 @@ def _warn_mask_like(slides: list[Path]) -> None:
                 m.group(1),
                 f.suffix.lower(),
             )
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """'a, b, c and 4 more'."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _warn_missing_masks(
+    rows: list[dict[str, Any]], masks: dict[str, str], names: dict[str, str]
+) -> None:
+    """Warn of slides that have some of the per-class masks of `labels.masks` but not all (a
+    PAIP slide without its `_viable.tif` would train its viable tumour as whole tumour),
+    naming each missing file as the pattern expects it."""
+    gaps = []
+    for row in rows:
+        if not row["masks"]:
+            continue
+        name = names.get(row["slide"], row["slide"])
+        lacking = [cls for cls in masks if cls not in row["masks"]]
+        gaps += [f"{row['slide']} {cls} ({masks[cls].replace('{slide}', name)})" for cls in lacking]
+    if gaps:
+        log.warning(
+            "slides with per-class masks lack some classes' masks, so those classes go "
+            "unlabelled or as another class there: %s. Give each slide every mask of "
+            "labels.masks (an empty one where a class is absent), or check the file names",
+            _some(gaps, 5),
+        )
 
 
 def _walk(
@@ -510,7 +555,7 @@ def scan_folder(
             dicom_dirs.setdefault(f.parent, []).append(f)
             continue
         slides.append(f)
-    _warn_mask_like(slides)
+    _warn_mask_like(slides, masks)
     index = _label_index(labels, labels_name)
     beside: dict[Path, list[str]] = {}
     slides = [
@@ -540,6 +585,7 @@ def scan_folder(
         found.append((entry, path))
     ids = _slide_ids(folder, [entry for entry, _ in found], names, unique_ids, set(keep_ids))
     rows: list[dict[str, Any]] = []
+    unused: list[str] = []  # annotation files beside slides whose per-class masks are used
     for entry, path in found:
         sid = ids[entry]
         name = names[entry]
@@ -566,18 +612,21 @@ def scan_folder(
             }
         )
         if rows[-1]["labels"] and rows[-1]["masks"]:
-            log.warning(
-                "slide %s: per-class masks (%s) are its annotation (labels.masks); %s beside it "
-                "is not used",
-                sid,
-                ", ".join(Path(m).name for m in rows[-1]["masks"].values()),
-                rows[-1]["labels"],
-            )
+            unused.append(Path(rows[-1]["labels"]).name)
             rows[-1]["labels"] = None
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
         )
+    if unused:
+        log.warning(
+            "per-class masks (labels.masks) are the annotation of %d slide(s) that also have "
+            "an annotation file beside them, which is not used: %s",
+            len(unused),
+            _some(unused),
+        )
+    if masks:
+        _warn_missing_masks(rows, masks, {sid: names[e] for e, sid in ids.items()})
     stated = set(patients.values())
     if len(patients) > 1 and len(stated) == 1 and None not in stated:
         log.warning(

@@ -185,3 +185,27 @@ def test_another_tools_averaged_pyramid_levels_are_not_read(tmp_path: Path) -> N
     assert len(raster.levels) == 1
     np.testing.assert_array_equal(raster.read(0, 0, 32, 32, 2.0), l0[::2, 1::2])
     raster.close()
+
+
+def test_a_mask_near_the_slides_size_but_not_its_own_is_refused(tmp_path: Path) -> None:
+    """Another slide's full-size mask (2% smaller, about square) had been stretched over the
+    slide silently, as had one larger than the slide; one within rounding of the slide's size
+    (or written at a nominal 0.25 um/px for a 0.2527 scan), or a 1.5x or coarser downsample, is
+    read."""
+    for w, h, ok in (
+        (3008, 2976, False),  # another slide's mask
+        (3400, 3400, False),  # larger than the slide
+        (2400, 2400, False),  # 1.28x: neither its size nor a downsample
+        (3072, 3072, True),
+        (3105, 3105, True),  # 0.2527 / 0.25 um/px
+        (3073, 3071, True),  # an exporter's rounding
+        (2048, 2048, True),  # 1.5x
+        (768, 768, True),
+    ):
+        path = tmp_path / f"m{w}x{h}.tif"
+        tifffile.imwrite(path, np.zeros((h, w), np.uint8))
+        if ok:
+            MaskRaster(path, "s", (3072, 3072), "mask").close()
+            continue
+        with pytest.raises(AnnotationError, match=rf"slide 's'.*{w}x{h} px, .*this slide's mask"):
+            MaskRaster(path, "s", (3072, 3072), "mask")

@@ -470,7 +470,9 @@ def test_per_class_masks_are_found_by_pattern_and_are_not_slides(
     }
     assert rows["01_01_0083"]["masks"]["whole_tumour"] == str(root / "01_01_0083_whole.tif")
     assert rows["other_whole"]["masks"] == {} and rows["01_01_0083"]["labels"] is None
-    assert "01_01_0083.xml beside it is not used" in caplog.text
+    assert "also have an annotation file beside them, which is not used: 01_01_0083.xml" in (
+        caplog.text
+    )
     # a labels folder is searched for masks as well, and its files are no slides
     masks = tmp_path / "masks"
     _touch(masks, "x_whole.tif")
@@ -483,6 +485,29 @@ def test_per_class_masks_are_found_by_pattern_and_are_not_slides(
         scan_folder(root, masks=PAIP_MASKS)
     with pytest.raises(ConfigError, match=r"labels.masks.whole_tumour.*\{slide\} once"):
         scan_folder(root, masks={"whole_tumour": "whole.tif"})
+
+
+def test_a_missing_or_misnamed_per_class_mask_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide with some of its per-class masks but not all (PAIP's case02 without its
+    `_viable.tif`) trains the missing class as another: warned, naming the file expected; a
+    mask named with a typo (`case03_viabel.tif`) is taken for a slide: warned, with the name
+    the patterns expect."""
+    root = tmp_path / "paip"
+    _touch(root, "case01.svs", "case01_whole.tif", "case01_viable.tif")
+    _touch(root, "case02.svs", "case02_whole.tif")
+    _touch(root, "case03.svs", "case03_whole.tif", "masks/case03_viabel.tif")
+    _touch(root, "case04.svs")  # no mask at all: an unannotated slide, nothing to say
+    rows = _rows(scan_folder(root, masks=PAIP_MASKS))
+    assert sorted(rows) == ["case01", "case02", "case03", "case03_viabel", "case04"]
+    said = caplog.text
+    assert "lack some classes' masks" in said
+    assert "case02 viable_tumour (case02_viable.tif)" in said
+    assert "case03 viable_tumour (case03_viable.tif)" in said and "case01 viable" not in said
+    assert "case04" not in said.split("lack some classes")[1].split("\n")[0]
+    assert "case03_viabel.tif is named like a per-class mask of slide 'case03'" in said
+    assert "case03_whole.tif, case03_viable.tif" in said
 
 
 def test_a_sheet_with_mask_columns_round_trips_and_is_checked(
