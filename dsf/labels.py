@@ -118,6 +118,7 @@ def paint_labels(
         for idx, name, path in layers
     ]
     counts = np.zeros(len(classes), np.int64)
+    own = np.zeros(len(classes), np.int64)  # pixels each mask marks, before later ones paint
     try:
         with (
             atomic_path(out) as partial,
@@ -139,7 +140,9 @@ def paint_labels(
                     w = min(READ_COLS, width - x0)
                     block = band[:, x0 : x0 + w]
                     for idx, _, raster in rasters:
-                        block[raster.read(x0 * f, y * f, w, h, f) > 0] = idx
+                        marked = raster.read(x0 * f, y * f, w, h, f) > 0
+                        block[marked] = idx
+                        own[idx] += np.count_nonzero(marked)
                     if source is not None:
                         drawn = source.read(x0 * f, y * f, w, h, mpp)
                         np.copyto(block, drawn, where=drawn > 0)
@@ -156,7 +159,16 @@ def paint_labels(
     total = max(1, width * height)
     shares = {name: float(n) / total for name, n in zip(classes, counts, strict=True)}
     for idx, name, _ in rasters:
-        if counts[idx] == 0:
+        if counts[idx] == 0 and own[idx]:
+            later = [n for i, n, _ in rasters if i > idx] + (["the annotation"] if source else [])
+            log.warning(
+                "%s: every pixel the %s mask marks is painted over by %s (later in "
+                "labels.classes, or the annotation): check the order of labels.classes",
+                slide.slide_id,
+                name,
+                " or ".join(later) or "a later class",
+            )
+        elif counts[idx] == 0:
             log.warning(
                 "%s: the %s mask marks no pixel of the slide (an empty mask, or codes 0 only)",
                 slide.slide_id,

@@ -72,6 +72,22 @@ def test_masks_are_painted_in_class_order_over_the_tissue_rule(tmp_path: Path) -
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("dsf-labels-*"))
 
 
+def test_a_mask_painted_over_entirely_is_told_from_an_empty_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With whole tumour after viable in labels.classes, whole paints over every viable pixel:
+    the warning says so and points at the class order (it had called the mask empty)."""
+    slide = _slide(tmp_path / "s.tif")
+    whole, viable = _masks(tmp_path)
+    classes = ["ignore", "tissue", "viable_tumour", "whole_tumour"]
+    args = ["--slide", str(slide), "--slide-id", "s", "--mask", f"viable_tumour={viable}"]
+    args += ["--mask", f"whole_tumour={whole}", "--classes", *classes, "--no-progress"]
+    assert main([*args, "--mpp", "2", "--out", str(tmp_path / "o.tiff")]) == 0
+    said = capsys.readouterr().err
+    assert "every pixel the viable_tumour mask marks is painted over by whole_tumour" in said
+    assert "marks no pixel" not in said
+
+
 @pytest.mark.parametrize("cols", [100, 333])
 def test_bands_painted_in_column_blocks_equal_the_whole(
     tmp_path: Path, cols: int, monkeypatch: pytest.MonkeyPatch
