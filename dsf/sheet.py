@@ -273,10 +273,14 @@ def validate_rows(
 def check_mask_classes(sheet: pd.DataFrame, classes: list[str], where: str) -> None:
     """Every per-class mask of the sheet names a class of `classes` (else a ConfigError naming
     the sheet's column)."""
-    from dsf.label_settings import class_index
-
+    lower = [c.lower() for c in classes]
     for cls in sorted({c for m in sheet["masks"] for c in m}):
-        class_index(cls, classes, f"`{MASK_PREFIX}{cls}` (slide sheet {where}); labels.classes")
+        if cls.lower() not in lower[1:]:
+            raise ConfigError(
+                f"slide sheet {where}: column `{MASK_PREFIX}{cls}` names class {cls!r}, which is "
+                f"not one of labels.classes {classes[1:]}: rename the column to one of them, or "
+                "add the class to labels.classes"
+            )
 
 
 def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:

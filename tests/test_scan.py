@@ -532,7 +532,9 @@ def test_a_sheet_with_mask_columns_round_trips_and_is_checked(
     cfg = validate_config({"slides": str(out), "results": str(tmp_path / "r"), "labels": paip})
     assert load_sheet(cfg).loc["s1", "masks"]["viable_tumour"] == str(root / "s1_viable.tif")
     # a mask column of a class the config does not have, or a mask and an annotation
-    with pytest.raises(ConfigError, match=r"`mask:viable_tumour`.*not a class of labels.classes"):
+    with pytest.raises(
+        ConfigError, match=r"slide sheet .*column `mask:viable_tumour` .*not one of labels.classes"
+    ):
         load_sheet(validate_config({"slides": str(out), "results": str(tmp_path / "r")}))
     text = out.read_text().replace("s1.svs\t\t\t", "s1.svs\t\ts1.geojson\t", 1)
     (tmp_path / "both.tsv").write_text(text)
