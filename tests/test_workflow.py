@@ -433,8 +433,8 @@ def test_annotation_edits_rerun_the_labels_not_the_tiles_or_pretraining(tiny: Pa
 def test_a_large_annotation_saved_unchanged_reruns_nothing(tiny: Path, tmp_path: Path) -> None:
     """Snakemake compares an input's content only up to --max-checksum-file-size (1 MB by
     default): a detailed QuPath export saved unchanged had rerun its labels store and every
-    fine-tuning after it. The profiles raise the limit (the Snakefile cannot: Snakemake reads
-    its DAG settings after parsing it)."""
+    fine-tuning after it. The profiles raise the limit, the default one for plain snakemake
+    (the Snakefile cannot: Snakemake reads its DAG settings after parsing it)."""
     wd = tmp_path / "wd"
     shutil.copytree(tiny, wd, symlinks=True)
     square = [[[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]]
@@ -454,8 +454,12 @@ def test_a_large_annotation_saved_unchanged_reruns_nothing(tiny: Path, tmp_path:
     os.utime(ann, ns=(later, later))  # saved again, unchanged
     out = smk(target, "-n", "--configfile", "cfg.yaml", *profile, "--cores", "2", cwd=wd).stdout
     assert "Nothing to be done" in out, out
-    # without it (plain snakemake) the file is compared by time: the README says so
+    # plain snakemake too: profiles/default, Snakemake's workflow profile, raises the limit
     out = smk(target, "-n", "--configfile", "cfg.yaml", "--cores", "2", cwd=wd).stdout
+    assert "Nothing to be done" in out, out
+    # without it the file is compared by time
+    bare = ("--workflow-profile", "none")
+    out = smk(target, "-n", "--configfile", "cfg.yaml", *bare, "--cores", "2", cwd=wd).stdout
     assert "Updated input files: my slides/cmu.geojson" in out, out
 
 
