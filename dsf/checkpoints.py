@@ -14,7 +14,7 @@ import torch
 
 from dsf import __version__
 from dsf.atomic import atomic_path
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, some
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,6 @@ def weights_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-def _named(slides: list[str], most: int = 5) -> str:
-    more = f" and {len(slides) - most} more" if len(slides) > most else ""
-    return ", ".join(slides[:most]) + more
-
-
 def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """A ConfigError unless the checkpoint at `path` was trained on the stores `now` describes
     (slide id -> `store_id` of its patch store, `dsf.stores.store_ids`).
@@ -92,7 +87,7 @@ def check_stores(path: Path, old: dict[str, Any] | None, now: dict[str, Any]) ->
     if not (changed or added or gone):
         return
     what = [
-        f"{label}: {_named(slides)}"
+        f"{label}: {some(slides, 5)}"
         for label, slides in (("rebuilt since", changed), ("new", added), ("gone", gone))
         if slides
     ]

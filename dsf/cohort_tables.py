@@ -16,7 +16,14 @@ import pandas as pd
 from dsf import markdown as md
 from dsf.errors import ConfigError
 from dsf.evaluate import with_provenance, write_tsv
-from dsf.tables import FOLD_METRICS, mean_std, pooled_scores, read_results, summary_rows
+from dsf.tables import (
+    FOLD_METRICS,
+    mean_std,
+    pooled_scores,
+    read_results,
+    slide_averages,
+    summary_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +141,7 @@ def model_tile_scores(df: pd.DataFrame, classes: list[str], methods: list[str]) 
             one = sub[sub["model"] == model]
             row: dict[str, Any] = key | {"fold": "", "model": model, "n_slides": len(one)}
             row |= {"n_folds": 1, "n_tiles": int(one["n_tiles"].sum())}
-            row |= pooled_scores(one, classes)
-            evaluated = one[one["n_pixels"] > 0]
-            row["f1"] = mean_std(list(evaluated["micro_f1"]))[0]
-            row["paper_accuracy"] = mean_std(list(evaluated["paper_accuracy"]))[0]
+            row |= pooled_scores(one, classes) | slide_averages(one)
             rows.append(row)
         summary = summary_rows(rows, key | {"model": ""}, metrics)
         for r in summary:  # every model scored the same slides: count them once

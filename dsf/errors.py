@@ -11,6 +11,12 @@ class ConfigError(DsfError):
     """A config value or slide-sheet entry is invalid; the message names the key or column."""
 
 
+def some(items: list[str], most: int = 3) -> str:
+    """The first `most` of `items` for a message: 'a, b, c and 4 more'."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
 def found_at_start(problems: list[str], what: str, fix: str) -> ConfigError:
     """The one error of a start-up check (slides, annotations) that found `problems`: how many
     of the run's `what` (its sheet's or folder's) cannot be used, the `fix`, and the first ten

@@ -22,7 +22,7 @@ import pandas as pd
 
 from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, some
 from dsf.runner import run, setup_logging
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,7 @@ def moved_note(
         return None
     moved.sort(key=lambda m: (m[0] not in labelled, m[0]))
     n_lab = sum(m[0] in labelled for m in moved)
-    shown = ", ".join(f"{s} fold {a} -> {b}" for s, a, b in moved[:3])
-    more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+    shown = some([f"{s} fold {a} -> {b}" for s, a, b in moved])
     if Path(slides).is_dir():
         keep = (
             f"write a sheet with them, `dsf sheet {slides} --folds {earlier_path} --out "
@@ -211,7 +210,7 @@ def moved_note(
         keep = f"copy the `fold` column of {earlier_path} into the sheet's `fold` column"
     return (
         f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
-        f"annotated): {shown}{more}. The folds are balanced over all slides, so added or "
+        f"annotated): {shown}. The folds are balanced over all slides, so added or "
         "removed slides or annotations move others (as folds.k and folds.seed do): every fold "
         "whose slides change is pretrained, fine-tuned and scored again, and its scores are "
         f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep}; "

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dsf.annotation_xml import is_annotation_xml
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, some
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,6 @@ def _warn_mask_like(slides: list[Path], masks: dict[str, str] | None = None) -> 
             )
 
 
-def _some(names: list[str], n: int = 3) -> str:
-    """'a, b, c and 4 more'."""
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def _warn_missing_masks(
     rows: list[dict[str, Any]], masks: dict[str, str], names: dict[str, str]
 ) -> None:
@@ -258,7 +252,7 @@ def _warn_missing_masks(
             "slides with per-class masks lack some classes' masks, so those classes go "
             "unlabelled or as another class there: %s. Give each slide every mask of "
             "labels.masks (an empty one where a class is absent), or check the file names",
-            _some(gaps, 5),
+            some(gaps, 5),
         )
 
 
@@ -623,7 +617,7 @@ def scan_folder(
             "per-class masks (labels.masks) are the annotation of %d slide(s) that also have "
             "an annotation file beside them, which is not used: %s",
             len(unused),
-            _some(unused),
+            some(unused),
         )
     if masks:
         _warn_missing_masks(rows, masks, {sid: names[e] for e, sid in ids.items()})

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import load_schema
-from dsf.errors import ConfigError, SlideError
+from dsf.errors import ConfigError, SlideError, some
 from dsf.runner import run, setup_logging
 from dsf.scan import IMAGE_SUFFIXES, SLIDE_SUFFIXES, patient_group, scan_folder
 from dsf.slide import describe_slide
@@ -313,7 +313,7 @@ def folder_rows(
     rows = scan_folder(folder, exclude=[results], masks=masks)
     images = [r["path"] for r in rows if Path(r["path"]).suffix.lower() in IMAGE_SUFFIXES]
     if images:
-        shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
+        shown = some(images)
         raise ConfigError(
             f"config key `slides` is the folder {folder}, which holds plain images ({shown}) "
             "that state no resolution: write a sheet that gives it, `dsf sheet "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dsf.errors import SlideError
+from dsf.errors import SlideError, some
 from dsf.slide_backend import MAX_PLAUSIBLE_MPP, Backend, LevelInfo, UnsupportedLayoutError
 from dsf.slide_readers import (
     backend_name,
@@ -449,12 +449,11 @@ def upsampling_note(mpps: dict[str, float], target_mpp: float, tolerance: float)
     coarse = {s: m for s, m in mpps.items() if m > target_mpp * (1.0 + tolerance)}
     if not coarse:
         return None
-    named = ", ".join(f"{s} ({m:.4g})" for s, m in list(coarse.items())[:5])
-    more = f" and {len(coarse) - 5} more" if len(coarse) > 5 else ""
+    named = some([f"{s} ({m:.4g})" for s, m in coarse.items()], 5)
     finest = min(coarse.values())
     return (
         f"{len(coarse)} of {len(mpps)} slides are scanned coarser than patches.target_mpp "
-        f"{target_mpp:g} um/px: {named}{more} um/px. Their tiles are upsampled (up to "
+        f"{target_mpp:g} um/px: {named} um/px. Their tiles are upsampled (up to "
         f"{max(coarse.values()) / target_mpp:.2g}x), which adds no detail and makes their patch "
         f"stores larger; for such a cohort set patches.target_mpp to {finest:.4g} or coarser "
         "(the paper's 5x/20x pair: 0.5)"
