@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.class_map import ClassMap, add_map_arguments, open_map
-from dsf.config import add_section_arguments, section_from_args
+from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
 from dsf.model_sets import trained_on
@@ -387,6 +387,24 @@ def evaluate_slide(
 # -- command line -----------------------------------------------------------------------------
 
 
+#: the evaluate settings each mode reads (the others, shown by every mode, misled: `dsf evaluate
+#: tables --device cuda` did nothing); gpus is the workflow's
+_MODE_SETTINGS = {
+    "tiles": ("batch_size", "device", "amp"),
+    "slide": ("band_rows", "panel_size"),
+    "tables": ("panel_slides",),
+    "cohort": ("panel_slides",),
+}
+
+
+def _add_mode_settings(parser: argparse.ArgumentParser, mode: str) -> None:
+    """The evaluate settings of one mode as options, without those it does not read."""
+    keys = section_schema("evaluate").get("properties", {})
+    add_section_arguments(
+        parser, "evaluate", skip=tuple(k for k in keys if k not in _MODE_SETTINGS[mode])
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsf evaluate",
@@ -414,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", type=Path, help="folds.tsv: also refuse stores of other folds")
     t.add_argument("--method", help="the rows' method name (default: the model's init)")
     t.add_argument("--out", required=True, type=Path, help="per-slide TSV to write")
-    add_section_arguments(t, "evaluate", skip=("gpus",))
+    _add_mode_settings(t, "tiles")
 
     s = sub.add_parser(
         "slide",
@@ -433,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")
-    add_section_arguments(s, "evaluate", skip=("gpus",))
+    _add_mode_settings(s, "slide")
     add_section_arguments(s, "labels", skip=("masks",))  # the workflow's file patterns
 
     a = sub.add_parser(
@@ -451,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--tile-scores", required=True, type=Path, help="tile_scores.tsv")
     a.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
     a.add_argument("--figure", type=Path, help="figure.png")
-    add_section_arguments(a, "evaluate", skip=("gpus",))
+    _add_mode_settings(a, "tables")
 
     c = sub.add_parser(
         "cohort",
@@ -479,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--markdown", required=True, type=Path, help="tables.md")
     c.add_argument("--slide-scores", required=True, type=Path, help="slide_scores.tsv")
     c.add_argument("--figure", type=Path, help="figure.png")
-    add_section_arguments(c, "evaluate", skip=("gpus",))
+    _add_mode_settings(c, "cohort")
     return p
 
 

@@ -422,6 +422,27 @@ def test_stage_options_are_only_those_the_stage_reads() -> None:
         assert set(present) <= flags, (module.__name__, set(present) - flags)
 
 
+def test_evaluate_modes_offer_only_the_settings_they_read() -> None:
+    """`dsf evaluate tables -h` offered --device and --band-rows, which only other modes
+    read: each mode offers its own evaluate settings and refuses the others."""
+    from dsf import evaluate
+
+    p = evaluate._parser()
+    modes = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    expect = {
+        "tiles": {"--batch-size", "--device", "--amp"},
+        "slide": {"--band-rows", "--panel-size"},
+        "tables": {"--panel-slides"},
+        "cohort": {"--panel-slides"},
+    }
+    every = set().union(*expect.values()) | {"--gpus"}
+    for mode, own in expect.items():
+        flags = set(re.findall(r"(--[a-z0-9-]+)", modes[mode].format_help()))
+        assert flags & every == own, (mode, flags & every)
+    with pytest.raises(SystemExit):
+        modes["tables"].parse_args(["--device", "cuda"])
+
+
 def test_label_name_keys_are_text_and_never_ambiguous() -> None:
     """YAML reads `3:` as a number: the keys of labels.names and class_map become text (the
     start-up check had crashed on them, the jobs not); keys that read alike for other classes,
