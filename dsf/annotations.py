@@ -209,12 +209,14 @@ def _resolve(
     first = settings["classes"][0]
     if any(name.strip().lower() == first.strip().lower() for name in candidates):
         # `classes: [TUM, STR, LYM]` had silently erased every TUM region
+        spare = "unlabelled" if first.strip().lower() == "ignore" else "ignore"
         raise AnnotationError(
             sid,
             f"{where} has class {said}, labels.classes[0], which is index 0, the unlabelled "
-            "class (its pixels are never trained on or scored). List an unlabelled class "
-            f"first (classes: [ignore, {', '.join(settings['classes'])}]), or, to erase such "
-            f"regions, map the name to 0 with labels.names ({{{first}: 0}})",
+            f"class (its pixels are never trained on or scored). To leave such regions "
+            f"unlabelled, map the name to 0 with labels.names ({{{first}: 0}}); if {first} is "
+            f"a class to learn, list an unlabelled class first (classes: [{spare}, "
+            f"{', '.join(settings['classes'])}])",
         )
     raise AnnotationError(
         sid,
@@ -230,6 +232,10 @@ def _class_names(props: dict[str, Any]) -> list[str]:
     Positive"): its full name "Tumor: Positive", then its base class "Tumor". Other tools put
     the class in `properties.name` or `properties.class`."""
     info = props.get("classification")
+    if isinstance(info, str) and info.strip():  # other tools write the class as its name
+        full = info.strip()
+        base = full.split(":", 1)[0].strip()
+        return [full, base] if ":" in full and base else [full]
     if isinstance(info, dict):
         if info.get("name"):
             full = str(info["name"])
@@ -407,13 +413,16 @@ class PolygonLabels(LabelSource):
                 "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
         if len(inside) < len(self._shapes):
-            log.warning(
-                "%s: %d of %d annotations lie wholly outside the slide and are ignored "
-                "(check their coordinates in the %s)",
+            # a scale error (um for px, a downsampled image's coordinates) leaves some in:
+            # training on the rest would learn from misplaced regions without a word
+            far = next(s for s in self._shapes if s not in inside)
+            raise AnnotationError(
                 slide_id,
-                len(self._shapes) - len(inside),
-                len(self._shapes),
-                self.kind,
+                f"{len(self._shapes) - len(inside)} of {len(self._shapes)} annotations of "
+                f"{path} lie wholly outside the slide (0..{sw} x 0..{sh} level-0 px), one at "
+                f"x {far.bbox[0]:.0f}..{far.bbox[2]:.0f}, y {far.bbox[1]:.0f}..{far.bbox[3]:.0f}: "
+                f"the {self.kind} uses other coordinates (another scale, or another slide's). "
+                "Export the annotations in level-0 pixels, or remove those outside",
             )
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
@@ -495,10 +504,18 @@ class GeoJSONLabels(PolygonLabels):
     )
 
     def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+        again = "export the annotations again (QuPath: File > Export objects as GeoJSON)"
         try:
-            with open(path) as fh:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is no error
+            with open(path, encoding="utf-8-sig") as fh:
                 doc = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise AnnotationError(
+                self.slide_id, f"{path} is not text, so not GeoJSON (a binary file?); {again}"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            if path.is_file() and path.stat().st_size == 0:
+                raise AnnotationError(self.slide_id, f"{path} is empty (0 bytes); {again}") from exc
             raise AnnotationError(self.slide_id, f"cannot read GeoJSON {path}: {exc}") from exc
         if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
             features = doc.get("features", [])

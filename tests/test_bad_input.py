@@ -7,11 +7,11 @@ Snakemake workflow without ever being interpreted by a shell. Checkpoints load w
 Every artifact records the dsf version and the settings that produced it.
 
 Decided here: a GeoJSON whose polygons all lie outside the slide is an error (the annotation
-belongs to another slide or uses other coordinates); one whose polygons partly lie outside is
-read, and the polygons wholly outside are dropped with a warning naming the slide and their
-count (the labels inside the slide are still right). Raster codes that are not class indices
-(no `labels.class_map`), GeoJSON class names that are not classes (nor `labels.names`),
-and class indices in the `labels` section beyond `labels.classes` are errors.
+belongs to another slide or uses other coordinates), and so is one with some polygons wholly
+outside (a scale error leaves some inside); polygons crossing the slide's edge are clipped.
+Raster codes that are not class indices (no `labels.class_map`), GeoJSON class names that
+are not classes (nor `labels.names`), and class indices in the `labels` section beyond
+`labels.classes` are errors.
 
 Covered elsewhere, not repeated: a missing slide file and a bad tissue setting through
 `dsf tissue` (test_tissue); duplicate slide ids and a config that fails the schema through
@@ -301,18 +301,46 @@ def test_an_annotation_of_no_tile_leaves_no_labels_store(a_store: Path, tmp_path
     assert_refused(done, out, "slide 'A'", "labelled fraction", "patches.min_label_frac")
 
 
-def test_polygons_partly_outside_the_slide_are_dropped_with_a_warning(
-    a_store: Path, tmp_path: Path
-) -> None:
-    import zarr
-
+def test_polygons_wholly_outside_the_slide_stop_the_job(a_store: Path, tmp_path: Path) -> None:
+    """Some polygons far outside the slide are a scale error (coordinates in um, or of a
+    downsampled image), which had left the rest to be trained on with a warning only in the
+    job's log: the job stops, naming how many, where one lies and the fix."""
     labels = _geojson(tmp_path / "a.geojson", _feature("TUM", WHOLE), _feature("STR", FAR))
     out = tmp_path / "out"
     done = dsf_cli(*_tile_labels_args(a_store, labels, out))
-    assert done.returncode == 0, done.stderr
-    assert "A: 1 of 2 annotations lie wholly outside the slide and are ignored" in done.stderr
-    g = zarr.open_group(str(out / "A.labels.zarr"), mode="r")
-    assert g.attrs["n_tiles"] > 0 and set(np.unique(g["labels"][:])) == {1}
+    assert_refused(
+        done, out, "slide 'A'", "1 of 2 annotations", "wholly outside the slide",
+        "x 5000..5100", "level-0 pixels",
+    )  # fmt: skip
+
+
+def test_geojson_as_editors_and_other_tools_save_it(tmp_path: Path) -> None:
+    """A byte-order mark (Windows editors) and a class written as a plain string are read;
+    a binary or empty file named .geojson is named as such (a UnicodeDecodeError traceback
+    had named neither slide nor file); a region of labels.classes[0] says how to leave it
+    unlabelled without listing a class twice."""
+    from dsf.annotations import AnnotationError, open_labels
+
+    settings = defaults("labels") | {"classes": CLASSES}
+    plain = _feature("TUM", WHOLE)
+    plain["properties"]["classification"] = "TUM"
+    bom = tmp_path / "bom.geojson"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([plain]).encode())
+    labels = open_labels(bom, "A", (1024, 1024), 1.0, settings)
+    assert set(np.unique(labels.read(0, 0, 64, 64, 16.0))) == {CLASSES.index("TUM")}
+    binary, empty = tmp_path / "png.geojson", tmp_path / "empty.geojson"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    empty.write_bytes(b"")
+    for path, words in ((binary, "is not text"), (empty, "is empty (0 bytes)")):
+        with pytest.raises(AnnotationError, match=re.escape(words)) as exc:
+            open_labels(path, "A", (1024, 1024), 1.0, settings)
+        assert "slide 'A'" in str(exc.value) and "Export objects as GeoJSON" in str(exc.value)
+    first = _geojson(tmp_path / "first.geojson", _feature(CLASSES[0], WHOLE))
+    with pytest.raises(AnnotationError) as exc:
+        open_labels(first, "A", (1024, 1024), 1.0, settings)
+    said = str(exc.value)
+    assert f"labels.names ({{{CLASSES[0]}: 0}})" in said, said
+    assert f"[{CLASSES[0]}, {CLASSES[0]}," not in said, said
 
 
 SQUARE = [[0, 0], [50, 0], [50, 50], [0, 50], [0, 0]]

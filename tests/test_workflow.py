@@ -524,6 +524,12 @@ def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
     said = done.stdout + done.stderr
     assert done.returncode != 0 and "config key `results` is empty" in said
     assert "Failed validating" not in said
+    # results naming a file: the key and the fix (Snakemake's NotADirectoryError traceback)
+    done = smk("-n", "--configfile", "cfg.yaml", "--config", "results=bad.yaml", cwd=tiny,
+               check=False)  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "config key `results` is bad.yaml, a file" in said, said
+    assert "Traceback" not in said
     # a sheet naming files that are not there: named together at the start, by the sheet
     (tiny / "gone.tsv").write_text("slide\tpath\tlabels\na\tnothere.svs\tgone.geojson\n")
     done = smk("-n", "--configfile", "cfg.yaml", "--config", "slides=gone.tsv", cwd=tiny,

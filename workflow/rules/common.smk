@@ -46,6 +46,15 @@ if "results" in config and config["results"] in (None, ""):
         "config key `results` is empty: give the folder to write to (or leave the key out "
         "for its default, results)"
     )
+if "results" in config and Path(str(config["results"])).exists() and not Path(
+    str(config["results"])
+).is_dir():
+    from dsf.errors import ConfigError
+
+    raise ConfigError(
+        f"config key `results` is {config['results']}, a file: give the folder to write to "
+        "(a new or existing folder, not a file in it)"
+    )
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
