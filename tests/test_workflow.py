@@ -248,6 +248,8 @@ def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> N
     assert "--folds" not in done.stdout and "folds.tsv" not in done.stdout
     assert not {"finetune", "infer", "evaluate_tiles", "evaluate_tables"} & set(counts)
     assert "no slide of the sheet has an annotation" in done.stderr
+    # the three are one scan: said at the start, with what to do
+    assert "3 slides are copies of one another (A = B = C:" in done.stderr
     # once annotated, the folds are back, and folds.k 5 is more than the 3 patients: the
     # whole workflow is refused before any job, the stages before the folds still run (they
     # had been refused too, with advice to lower folds.k below its minimum of 2 for one patient)

@@ -148,6 +148,11 @@ if workflow.is_main_process:
         SLIDE_MPPS, config["patches"]["target_mpp"], config["patches"]["mpp_tolerance"]
     ):
         logging.getLogger("dsf").warning(note)
+    # one scan under two names: its copies can land in different folds
+    from dsf.copies import copies_note
+
+    if note := copies_note({s: SHEET.loc[s, "path"] for s in SHEET.index}):
+        logging.getLogger("dsf").warning(note)
     # slides the earlier split placed and this one moves (added slides rebalance the folds)
     if LABELLED and not APPLY and not SPLIT_PROBLEM:
         if note := moved_note(
