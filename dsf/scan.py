@@ -32,6 +32,7 @@ import os
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -256,6 +257,17 @@ def _warn_missing_masks(
         )
 
 
+def _is_qupath_project(folder: Path) -> bool:
+    """A QuPath project folder (its `project.qpproj`), or the `data` folder of one, which
+    holds each image's thumbnail and objects: pictures, not slides."""
+    try:
+        if any(folder.glob("*.qpproj")):
+            return True
+        return folder.name == "data" and any(folder.parent.glob("*.qpproj"))
+    except OSError:
+        return False
+
+
 def _walk(
     folder: Path,
     skip: set[Path],
@@ -279,6 +291,9 @@ def _walk(
                 continue  # a MIRAX slide's data folder
             if _is_results(entry):
                 log.warning("%s: a dsf results folder (maps are no slides), not searched", entry)
+                continue
+            if _is_qupath_project(entry):
+                log.info("%s: a QuPath project (its thumbnails are no slides), not searched", entry)
                 continue
             yield from _walk(entry, skip, seen, names)
         elif entry.is_symlink() and not entry.exists():
@@ -371,12 +386,32 @@ def _sidecars(slide: Path, stems: set[str], beside: dict[Path, list[str]]) -> li
 
 
 def _find_labels(
-    slide: Path, sid: str, index: dict[str, list[Path]], beside: dict[Path, list[str]]
+    slide: Path,
+    sid: str,
+    index: dict[str, list[Path]],
+    beside: dict[Path, list[str]],
+    shared_stem: bool = False,
 ) -> str | None:
     """The one annotation file of a slide (a file, or a DICOM folder), found by its id or its
     file name without the format suffix, beside it (`beside`: see `_sidecars`) or in the
-    labels folder's `index`; two candidates are an error."""
-    stems = {sid, _stem(slide.name), slide.name}  # QuPath may name exports `x.svs.geojson`
+    labels folder's `index`; two candidates are an error. With `shared_stem` (another slide
+    beside it has its name without the suffix: `s1.svs`, `s1.tiff`), only its whole file name
+    (`s1.svs.geojson`) or its id names its annotation: `s1.geojson` would be both slides'."""
+    stem = _stem(slide.name)
+    stems = {sid, stem, slide.name}  # QuPath may name exports `x.svs.geojson`
+    if shared_stem:
+        stems -= {stem}
+        bare = [
+            p
+            for p in _sidecars(slide, {stem}, beside)
+            if p.suffix.lower() != ".xml" or _annotation_xml(p)
+        ]
+        if bare:
+            raise ConfigError(
+                f"{bare[0]} lies beside slides that share its name ({slide.name} is one), so "
+                f"it cannot be told to one of them; name it after its slide's whole file name "
+                f"({slide.name}{bare[0].name[len(stem) :]})"
+            )
     found = _sidecars(slide, stems, beside)
     found += [p for stem in stems for p in index.get(stem, [])]
     found = sorted(p for p in set(found) if p.suffix.lower() != ".xml" or _annotation_xml(p))
@@ -386,6 +421,26 @@ def _find_labels(
             f"{', '.join(str(p) for p in found)}; keep one, or write the sheet by hand"
         )
     return str(found[0]) if found else None
+
+
+def _warn_unmatched(walked: list[Path], index: dict[str, list[Path]], matched: set[Path]) -> None:
+    """Warn of annotation files no slide takes (`s9.geojson` for slide `s4`, a typo: the
+    slide had silently gone unannotated): named like annotations beside the slides, or in
+    the labels folder."""
+    beside = [
+        f
+        for f in walked
+        if f.name.lower().endswith(SIDECARS) and (f.suffix.lower() != ".xml" or _annotation_xml(f))
+    ]
+    theirs = sorted({f for f in [*beside, *(p for ps in index.values() for p in ps)]} - matched)
+    if theirs:
+        log.warning(
+            "%d annotation file(s) are named after no slide, so no slide is annotated by them: "
+            "%s. Name each after its slide (`<slide>.geojson`, `<slide file name>.geojson`), "
+            "or move it away",
+            len(theirs),
+            some([str(f) for f in theirs], 5),
+        )
 
 
 def _annotation_xml(path: Path) -> bool:
@@ -527,7 +582,8 @@ def scan_folder(
     if labels is not None:
         skip.add(labels.resolve())
     links: dict[Path, list[Path]] = {}
-    files = [f for f in _walk(folder, skip, names=links) if ".labels." not in f.name.lower()]
+    walked = list(_walk(folder, skip, names=links))
+    files = [f for f in walked if ".labels." not in f.name.lower()]
     if labels is not None and masks:
         files += [f for f in _walk(labels, set()) if ".labels." not in f.name.lower()]
     files, class_masks = _split_masks(files, masks or {})
@@ -580,6 +636,8 @@ def scan_folder(
     ids = _slide_ids(folder, [entry for entry, _ in found], names, unique_ids, set(keep_ids))
     rows: list[dict[str, Any]] = []
     unused: list[str] = []  # annotation files beside slides whose per-class masks are used
+    stems = Counter((entry.parent, _stem(entry.name)) for entry, _ in found)
+    matched: set[Path] = set()  # the annotation files some slide takes
     for entry, path in found:
         sid = ids[entry]
         name = names[entry]
@@ -599,12 +657,16 @@ def scan_folder(
                 "slide": sid,
                 "path": str(path),
                 "mpp": mpp,
-                "labels": _find_labels(entry, sid, index, beside),
+                "labels": _find_labels(
+                    entry, sid, index, beside, stems[entry.parent, _stem(entry.name)] > 1
+                ),
                 "group": patients.get(path) or patient_group(name),
                 "fold": None,
                 "masks": {cls: str(p) for cls, p in sorted(name_masks.items())},
             }
         )
+        if rows[-1]["labels"]:
+            matched.add(Path(rows[-1]["labels"]))
         if rows[-1]["labels"] and rows[-1]["masks"]:
             unused.append(Path(rows[-1]["labels"]).name)
             rows[-1]["labels"] = None
@@ -619,6 +681,7 @@ def scan_folder(
             len(unused),
             some(unused),
         )
+    _warn_unmatched(walked, index, matched)
     if masks:
         _warn_missing_masks(rows, masks, {sid: names[e] for e, sid in ids.items()})
     stated = set(patients.values())

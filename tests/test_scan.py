@@ -215,6 +215,15 @@ def test_dsf_sheet_names_slides_that_share_a_name_by_their_paths(tmp_path: Path)
     _touch(tmp_path / "labels", "s.geojson")
     with pytest.raises(ConfigError, match=r"share the name 's'.*labels/s\.geojson"):
         scan_folder(tmp_path, tmp_path / "labels", unique_ids=True)
+    # nor does one beside two slides of one name in one folder (it had gone to both)
+    _touch(tmp_path, "x/u.geojson")
+    with pytest.raises(ConfigError, match=r"x/u\.geojson lies beside slides that share its name.*"
+                       r"\(u\.svs\.geojson\)"):  # fmt: skip
+        scan_folder(tmp_path, unique_ids=True)
+    (tmp_path / "x" / "u.geojson").rename(tmp_path / "x" / "u.svs.geojson")
+    rows = _rows(scan_folder(tmp_path, unique_ids=True))
+    assert rows["x_u.svs"]["labels"] == str(tmp_path / "x" / "u.svs.geojson")
+    assert rows["x_u.tif"]["labels"] is None
 
 
 def test_a_labels_folder_matches_by_file_name(tmp_path: Path) -> None:
@@ -543,3 +552,29 @@ def test_a_sheet_with_mask_columns_round_trips_and_is_checked(
     # dsf sheet writes the same columns from --mask
     assert main([str(root), "--mask", "whole_tumour={slide}_whole.tif", "--out", str(out)]) == 2
     assert "cannot be read" in capsys.readouterr().err  # the touched files are no slides
+
+
+def test_annotations_named_after_no_slide_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in an annotation's name (`s9.geojson` for slide s4) had left the slide
+    unannotated without a word; files that annotate a slide are not named."""
+    _touch(tmp_path, "s1.svs", "s1.geojson", "s4.svs", "s9.geojson", "s2.svs", "s2.svs.geojson")
+    _touch(tmp_path, "s3.svs")
+    _touch(tmp_path / "masks", "s3.png", "gone.png")
+    with caplog.at_level("WARNING", logger="dsf"):
+        rows = _rows(scan_folder(tmp_path, tmp_path / "masks", mpp=0.5))
+    assert rows["s4"]["labels"] is None
+    said = caplog.text
+    assert "2 annotation file(s) are named after no slide" in said, said
+    assert "gone.png" in said and "s9.geojson" in said
+    assert "s1.geojson" not in said and "s2.svs.geojson" not in said
+
+
+def test_a_qupath_project_in_the_slide_folder_is_not_searched(tmp_path: Path) -> None:
+    """A QuPath project kept beside the slides holds thumbnails (`data/1/thumbnail.jpg`) that
+    had stopped the run as plain images without a resolution."""
+    _touch(tmp_path, "a.svs", "proj/project.qpproj", "proj/data/1/thumbnail.jpg")
+    _touch(tmp_path / "inside", "b.svs", "project.qpproj", "data/1/thumbnail.jpg")
+    assert sorted(_rows(scan_folder(tmp_path))) == ["a"]
+    assert sorted(_rows(scan_folder(tmp_path / "inside"))) == ["b"]
