@@ -220,8 +220,16 @@ def test_a_run_with_its_own_slides_starts_from_the_schema_not_the_demo(
     assert all("--mean 0.6998 0.4785 0.6609 --std 0.2203 0.2407 0.1983" in ln for ln in pre)
     assert f"--slide {shlex.quote(str(folder / 'case-1' / 'B.svs'))}" in out
     # without slides of its own a run is the demo
-    demo = job_counts(smk("-n", "--cores", "2", "--config", f"results={tmp_path / 'd'}").stdout)
-    assert demo["synth"] == 4
+    done = smk("-n", "--cores", "2", "--config", f"results={tmp_path / 'd'}")
+    assert job_counts(done.stdout)["synth"] == 4
+    assert "synth.slides adds" not in done.stderr
+    # the demo's config copied for one's own slides brings its synthetic slides: said
+    done = smk("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
+               "--config", f"slides={folder}", f"results={tmp_path / 'c'}")  # fmt: skip
+    assert "synth.slides adds 4 synthetic slides (synth-01, synth-02, synth-03 and 1 more)" in (
+        done.stderr
+    )
+    assert "drop its `synth` section" in done.stderr
 
 
 def test_unannotated_slides_stop_at_pretraining(tmp_path: Path, real: Path) -> None:

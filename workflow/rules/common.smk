@@ -148,6 +148,19 @@ if workflow.is_main_process:
         SLIDE_MPPS, config["patches"]["target_mpp"], config["patches"]["mpp_tolerance"]
     ):
         logging.getLogger("dsf").warning(note)
+    # a copy of the demo's config keeps its synthetic slides: they would join the user's
+    demo_sheet = Path(workflow.basedir) / "config" / "slides.tsv"
+    if SYNTH and config["slides"] and Path(config["slides"]).resolve() != demo_sheet.resolve():
+        from dsf.errors import some
+
+        logging.getLogger("dsf").warning(
+            "the config's synth.slides adds %d synthetic slides (%s) to %s: they are "
+            "trained on and scored with your slides. If the config is a copy of the demo's "
+            "(config/config.yaml), drop its `synth` section",
+            len(SYNTH),
+            some(SYNTH),
+            config["slides"],
+        )
     # one scan under two names: its copies can land in different folds
     from dsf.copies import copies_note
 
