@@ -28,7 +28,13 @@ import numpy as np
 from PIL import Image
 
 from dsf.errors import SlideError, some
-from dsf.slide_backend import MAX_PLAUSIBLE_MPP, Backend, LevelInfo, UnsupportedLayoutError
+from dsf.slide_backend import (
+    MAX_PLAUSIBLE_MPP,
+    NOT_SQUARE,
+    Backend,
+    LevelInfo,
+    UnsupportedLayoutError,
+)
 from dsf.slide_readers import (
     backend_name,
     check_image_mode,
@@ -306,6 +312,26 @@ def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def no_resolution(sid: str, path: Path, note: str | None) -> SlideError:
+    """The error of a slide without a usable resolution (`note`: why the file's is not used),
+    with the fix: the sheet's `mpp` column, except for pixels that are not square, which no
+    single um/px reads right."""
+    if note and NOT_SQUARE in note:
+        return SlideError(sid, f"{path}: {note}")
+    return SlideError(
+        sid,
+        (
+            f"{path}: {note}; "
+            if note
+            else f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME "
+            "PhysicalSizeX or TIFF resolution tags); "
+        )
+        + "fill the `mpp` column (um/px) of the slide sheet (with `slides` a folder: write "
+        "its sheet with `dsf sheet FOLDER --out slides.tsv`; a stage run by hand takes "
+        "`--sheet-mpp`)",
+    )
+
+
 def open_slide(
     path: str | os.PathLike[str],
     mpp: float | None = None,
@@ -328,18 +354,7 @@ def open_slide(
     file_mpp = backend.file_mpp
     if mpp is None and file_mpp is None:
         backend.close()
-        raise SlideError(
-            sid,
-            (
-                f"{path}: {backend.mpp_note}; "
-                if backend.mpp_note
-                else f"{path} states no resolution (no openslide.mpp-x, Aperio MPP, OME "
-                "PhysicalSizeX or TIFF resolution tags); "
-            )
-            + "fill the `mpp` column (um/px) of the slide sheet (with `slides` a folder: write "
-            "its sheet with `dsf sheet FOLDER --out slides.tsv`; a stage run by hand takes "
-            "`--sheet-mpp`)",
-        )
+        raise no_resolution(sid, path, backend.mpp_note)
     if mpp is not None and backend.mpp_note:
         log.warning("%s: the sheet's mpp %.4g um/px is used (%s)", sid, mpp, backend.mpp_note)
     if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
@@ -368,6 +383,8 @@ def open_slide(
 
 #: Seconds the start-up check of the slides' resolution may take (`check_resolutions`).
 CHECK_BUDGET_S = 10.0
+#: A sheet `mpp` further than this (relative) from the file's own is warned about at start.
+SHEET_MPP_WARN = 0.1
 
 
 def check_resolutions(
@@ -375,22 +392,24 @@ def check_resolutions(
     budget_s: float = CHECK_BUDGET_S,
     cache: Path | None = None,
 ) -> dict[str, float]:
-    """Open the sheet's slides that have no `mpp` in the sheet (slide id -> (path, sheet mpp))
-    before any job runs: slides that state no resolution, or that cannot be opened, stop the
-    run at once naming every such slide, instead of failing one tissue job per slide (on a
-    cluster each submitted and retried). Headers and a few pixels of the coarsest level are
-    read (a file whose pixels no reader decodes is named as such, not for its resolution);
-    what `budget_s` leaves unchecked, and files not there yet (a workflow's own
-    synthetic slides), are left to their jobs. `cache` (a JSON file) remembers the files found
-    good, by path, size and modification time (and their resolution), so the next start opens
-    only new or changed files. Returns the resolution (um/px) of each slide known now: the
-    sheet's, or the file's for those checked (or remembered)."""
+    """Open the sheet's slides (slide id -> (path, sheet mpp)) before any job runs: slides
+    without a sheet `mpp` that state no resolution, or cannot be opened, stop the run at once
+    naming every such slide, instead of failing one tissue job per slide (on a
+    cluster each submitted and retried); a sheet `mpp` far from the file's own, or given for
+    pixels that are not square, is warned about here, where it is seen (the jobs say it only
+    in their logs). Headers and a few pixels of the coarsest level are read (a file whose
+    pixels no reader decodes is named as such, not for its resolution); what `budget_s` leaves
+    unchecked, and files not there yet (a workflow's own synthetic slides), are left to their
+    jobs. `cache` (a JSON file) remembers the files found good, by path, size and modification
+    time (and their resolution), so the next start opens only new or changed files. Returns
+    the resolution (um/px) of each slide known now: the sheet's, or the file's for those
+    checked (or remembered)."""
     import json
     import time
 
     from dsf.atomic import atomic_path
 
-    known: dict[str, list[int]] = {}
+    known: dict[str, list[Any]] = {}
     if cache is not None and cache.is_file():
         try:
             known = json.loads(cache.read_text())
@@ -398,32 +417,44 @@ def check_resolutions(
             log.warning("%s is not valid JSON: every slide is checked again", cache)
     start = time.monotonic()
     problems: list[str] = []
+    overridden: list[str] = []
     unchecked = 0
-    good: dict[str, list[float]] = {}
+    good: dict[str, list[Any]] = {}
     mpps: dict[str, float] = {}
     for sid, (path, mpp) in slides.items():
         file = Path(path)
         if mpp is not None:
             mpps[sid] = float(mpp)
-            continue
         if not file.exists():
             continue
         stat = file.stat()
         key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
         entry = known.get(key)
-        if entry is not None and len(entry) == 3 and entry[:2] == stamp:
-            good[key], mpps[sid] = entry, float(entry[2])
-            continue
-        if time.monotonic() - start > budget_s:
+        # [size, mtime, the file's mpp or None, why not] (older caches: [size, mtime, mpp])
+        if entry is not None and len(entry) == 4 and entry[:2] == stamp:
+            facts = entry
+        elif time.monotonic() - start > budget_s:
             unchecked += 1
             continue
-        try:
-            opened = open_slide(path, None, sid, check=True)
-        except SlideError as exc:
-            problems.append(str(exc))
-            continue
-        opened.close()
-        good[key], mpps[sid] = [*stamp, opened.mpp], opened.mpp
+        else:
+            try:
+                backend = open_backend(file, sid, True)
+            except SlideError as exc:
+                if mpp is None:  # with the sheet's mpp, a file that fails is its job's to name
+                    problems.append(str(exc))
+                continue
+            facts = [*stamp, backend.file_mpp, backend.mpp_note]
+            backend.close()
+        good[key] = facts
+        file_mpp, note = facts[2], facts[3]
+        if mpp is None and file_mpp is None:
+            problems.append(str(no_resolution(sid, file, note)))
+        elif mpp is None:
+            mpps[sid] = float(file_mpp)
+        elif note and NOT_SQUARE in note:
+            overridden.append(f"{sid} (the sheet's {mpp:.4g} um/px is read, but {note})")
+        elif file_mpp is not None and abs(mpp / file_mpp - 1) > SHEET_MPP_WARN:
+            overridden.append(f"{sid} (sheet {mpp:.4g}, file {file_mpp:.4g} um/px)")
     if unchecked:
         log.info("%d slides are checked by their own jobs (over %.0f s)", unchecked, budget_s)
     if cache is not None and good != known:
@@ -434,6 +465,14 @@ def check_resolutions(
             log.warning(
                 "cannot write %s (%s): slides are checked again at the next start", cache, exc
             )
+    if overridden:
+        log.warning(
+            "%d slides have a sheet `mpp` that overrides what their files state: %s. The "
+            "sheet's wins, so their tiles are cut at its scale; if the files are right, empty "
+            "those cells of the `mpp` column (pixels that are not square need resampling)",
+            len(overridden),
+            some(overridden, 5),
+        )
     if problems:
         from dsf.errors import found_at_start
 

@@ -18,6 +18,8 @@ import numpy as np
 MAX_PLAUSIBLE_MPP = 16.0
 #: Pixels whose x and y sizes differ by more than this (relative) are not square.
 SQUARE_TOLERANCE = 0.02
+#: The words of `file_resolution`'s reason for pixels that are not square.
+NOT_SQUARE = "pixels that are not square"
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def file_resolution(
         )
     if y is not None and math.isfinite(y) and y > 0 and abs(y / x - 1) > SQUARE_TOLERANCE:
         return None, (
-            f"its {source} give pixels that are not square ({x:.4g} x {y:.4g} um), and dsf "
+            f"its {source} give {NOT_SQUARE} ({x:.4g} x {y:.4g} um), and dsf "
             "reads one resolution for both axes (resample it to square pixels, e.g. with "
             "`vips resize`)"
         )

@@ -554,7 +554,9 @@ def test_annotations_that_cannot_be_used_stop_the_run_before_any_job(
     check_annotations(files, defaults("labels") | {"classes": CLASSES}, budget_s=-1)
 
 
-def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: Path) -> None:
+def test_resolution_check_names_every_slide_it_cannot_use(
+    real: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from dsf.errors import ConfigError
     from dsf.slide import check_resolutions
 
@@ -563,7 +565,7 @@ def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: 
     slides = {
         "tcga": (tcga, None),
         "broken": (str(tmp_path / "broken.svs"), None),
-        "given": (tcga, 0.25),  # the sheet's mpp: not opened
+        "given": (tcga, 0.25),  # the sheet's mpp: used
         "later": (str(tmp_path / "synth.tiff"), None),  # made by the workflow: its job checks
         "cmu": (str(real / "CMU-1-Small-Region.svs"), None),
         # its header reads (72 dpi) but its pixels decode nowhere: named for that, not for
@@ -583,21 +585,28 @@ def test_resolution_check_names_every_slide_it_cannot_use(real: Path, tmp_path: 
     # with each slide's resolution: the sheet's, or the file's (read, or remembered)
     mpps = check_resolutions({"cmu": slides["cmu"], "given": slides["given"]}, cache=cache)
     assert mpps == {"cmu": pytest.approx(0.499), "given": 0.25}
-    assert list(json.loads(cache.read_text())) == [str(Path(slides["cmu"][0]).resolve())]
+    assert sorted(json.loads(cache.read_text())) == sorted(
+        str(Path(slides[s][0]).resolve()) for s in ("cmu", "given")
+    )
     assert check_resolutions({"cmu": slides["cmu"]}, cache=cache) == {"cmu": mpps["cmu"]}
     copy = tmp_path / "tcga.svs"
     shutil.copy(tcga, copy)
     stat = copy.stat()
-    remembered = [stat.st_size, stat.st_mtime_ns, 0.5]
+    remembered = [stat.st_size, stat.st_mtime_ns, 0.5, None]
     cache.write_text(json.dumps({str(copy.resolve()): remembered}))
     assert check_resolutions({"tcga": (str(copy), None)}, cache=cache) == {"tcga": 0.5}
-    cache.write_text(json.dumps({str(copy.resolve()): remembered[:2]}))  # an older dsf's entry
+    cache.write_text(json.dumps({str(copy.resolve()): remembered[:3]}))  # an older dsf's entry
     with pytest.raises(ConfigError, match="slide 'tcga'"):
         check_resolutions({"tcga": (str(copy), None)}, cache=cache)  # opened again
     cache.write_text(json.dumps({str(copy.resolve()): remembered}))
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # changed since
     with pytest.raises(ConfigError, match="slide 'tcga'"):
         check_resolutions({"tcga": (str(copy), None)}, cache=cache)
+    # a sheet mpp far from the file's is said at the start (the jobs said it in their logs)
+    with caplog.at_level("WARNING", logger="dsf"):
+        assert check_resolutions({"cmu": (slides["cmu"][0], 0.25)}) == {"cmu": 0.25}
+    assert "1 slides have a sheet `mpp` that overrides" in caplog.text
+    assert "cmu (sheet 0.25, file 0.499 um/px)" in caplog.text
 
 
 def test_slides_coarser_than_the_target_are_named_at_the_start() -> None:

@@ -16,7 +16,7 @@ import tifffile
 from PIL import Image
 
 from dsf.errors import ConfigError, SlideError
-from dsf.slide import describe_slide, open_slide
+from dsf.slide import check_resolutions, describe_slide, open_slide
 
 
 def _box_down(a: np.ndarray, k: int) -> np.ndarray:
@@ -288,7 +288,9 @@ def test_ome_sizes_are_read_in_their_unit(
 
 
 @pytest.mark.parametrize("ome", [False, True])
-def test_non_square_pixels_are_refused_unless_the_sheet_says(tmp_path: Path, ome: bool) -> None:
+def test_non_square_pixels_are_refused_unless_the_sheet_says(
+    tmp_path: Path, ome: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / ("ns.ome.tif" if ome else "ns.tif")
     rgb = _pattern(128, 128)
     if ome:
@@ -299,9 +301,13 @@ def test_non_square_pixels_are_refused_unless_the_sheet_says(tmp_path: Path, ome
             path, rgb, photometric="rgb", tile=(64, 64), resolution=(2e4, 1e4),
             resolutionunit="CENTIMETER",
         )  # fmt: skip
-    with pytest.raises(SlideError, match=r"not square \(0.5 x 1 um\).*`mpp` column"):
+    with pytest.raises(SlideError, match=r"not square \(0.5 x 1 um\).*resample") as err:
         open_slide(path)
+    assert "`mpp` column" not in str(err.value)  # one um/px reads such pixels wrong
     assert open_slide(path, mpp=0.5).mpp == 0.5
+    with caplog.at_level("WARNING", logger="dsf"):  # and said at the start of a run
+        check_resolutions({"ns": (str(path), 0.5)})
+    assert "ns (the sheet's 0.5 um/px is read, but its " in caplog.text
     square = tmp_path / "sq.tif"  # a scanner's rounding (0.2527 x 0.2529) is square
     tifffile.imwrite(
         square, rgb, photometric="rgb", tile=(64, 64),
