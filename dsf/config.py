@@ -93,6 +93,12 @@ def coerce_strings(schema: dict[str, Any], value: Any) -> Any:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
+        if isinstance(parsed, str) and "number" in types:  # YAML 1.1 reads `1e-3` as text
+            try:
+                number = float(parsed)
+            except ValueError:
+                return value
+            return number if math.isfinite(number) else value
         return parsed if _typed(parsed, types) else value
     if isinstance(value, dict):
         # YAML reads `3:` as a number: a mapping's keys are text (labels.names {3: 1}: the
@@ -305,6 +311,24 @@ def section_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return {k: v for k, v in filled.items() if k not in skipped}
 
 
+def _number_form(value: Any, schema: dict[str, Any], like: Any) -> Any:
+    """One written form of a number for a command line: `2` and `2.0` are one value, but
+    Snakemake compares the command's text with the last run's, and the other spelling reran
+    a whole project. Integer settings are written as integers; number settings as the schema
+    default `like` writes them (`500` for polygons.min_um2, `2.0` for patches.target_mpp), so
+    the defaults' and presets' commands read as before."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    kinds = _types(schema)
+    whole = float(value).is_integer()
+    if "integer" in kinds and whole:
+        return int(value)
+    if "number" in kinds:
+        as_int = isinstance(like, int) and not isinstance(like, bool)
+        return int(value) if as_int and whole else float(value)
+    return value
+
+
 def cli_args(section: str, values: dict[str, Any]) -> str:
     """Render a config section as shell-quoted options of `dsf <stage>` (for Snakemake rules),
     in the schema's order of the keys, not the config's: Snakemake compares these strings with
@@ -315,7 +339,14 @@ def cli_args(section: str, values: dict[str, Any]) -> str:
     for key in props:
         if key not in values:
             continue
+        sub = props[key]
         value = values[key]
+        if isinstance(value, list) and isinstance(sub.get("items"), dict):
+            like = sub.get("default")
+            first = like[0] if isinstance(like, list) and like else None
+            value = [_number_form(v, sub["items"], first) for v in value]
+        else:
+            value = _number_form(value, sub, sub.get("default"))
         flag = _flag(key)
         if value is None:  # null = not set: the option keeps its schema default
             continue

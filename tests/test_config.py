@@ -422,6 +422,22 @@ def test_stage_options_are_only_those_the_stage_reads() -> None:
         assert set(present) <= flags, (module.__name__, set(present) - flags)
 
 
+def test_one_number_is_one_command_whatever_its_spelling() -> None:
+    """`target_mpp: 2` for the demo's 2.0 reran the whole project (Snakemake compares the
+    command's text): numbers are written as the schema default writes them, integers as
+    integers; YAML's text `1e-3` (YAML 1.1 wants a dot) is a number."""
+    from dsf.config import coerce_strings, load_schema
+
+    assert cli_args("patches", {"target_mpp": 2}) == cli_args("patches", {"target_mpp": 2.0})
+    assert cli_args("patches", {"target_mpp": 2}) == "--target-mpp 2.0"
+    assert cli_args("patches", {"block": 256.0}) == "--block 256"
+    assert cli_args("polygons", {"min_um2": 500.0}) == "--min-um2 500"  # default 500
+    assert cli_args("pretrain", {"crop_scale": [1, 1]}) == "--crop-scale 1.0 1.0"
+    config = yaml.safe_load("finetune:\n  lr: 1e-3\n")
+    coerce_strings(load_schema(), config)
+    assert config["finetune"]["lr"] == 0.001
+
+
 def test_evaluate_modes_offer_only_the_settings_they_read() -> None:
     """`dsf evaluate tables -h` offered --device and --band-rows, which only other modes
     read: each mode offers its own evaluate settings and refuses the others."""

@@ -509,6 +509,12 @@ def test_the_same_settings_in_another_order_rerun_nothing(tiny: Path) -> None:
         "folds={seed: 0, k: 2}", "--cores", "2", "data", cwd=tiny,
     ).stdout  # fmt: skip
     assert "Nothing to be done" in out, out
+    # nor does a number written without its decimal (8 for 8.0), or as 1e-3 (YAML's text)
+    out = smk(
+        "-n", "--configfile", "cfg.yaml", "--config", "tissue={mpp: 8}",
+        "finetune={lr: 1e-3}", "--cores", "2", "data", cwd=tiny,
+    ).stdout  # fmt: skip
+    assert "Nothing to be done" in out, out
 
 
 def test_bad_config_and_sheet_stop_before_any_job(tiny: Path) -> None:
