@@ -348,7 +348,8 @@ def evaluate_slide(
         raise ConfigError(f"map {cmap.path} is of slide {cmap.meta['slide']!r}, not {sid!r}")
     if list(cmap.meta["classes"]) != list(classes):
         raise ConfigError(
-            f"map {cmap.path} has classes {cmap.meta['classes']}, labels.classes is {classes}: "
+            f"map {cmap.path} has classes {cmap.meta['classes']}, labels.classes (option "
+            f"--classes) is {classes}: "
             "predict and evaluate with the same classes"
         )
     if cmap.meta["routing"] == "given":
@@ -520,8 +521,10 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
     from dsf.slide import open_slide
 
     label_st = section_from_args(args, "labels")
-    check_base_painted(label_st, args.labels, "evaluate slide")
     cmap = open_map(args.map, args.map_json)
+    if "labels__classes" not in vars(args):  # by hand: the map's own classes, not the schema's
+        label_st["classes"] = [str(c) for c in cmap.meta["classes"]]
+    check_base_painted(label_st, args.labels, "evaluate slide")
     with open_slide(
         args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
     ) as slide:

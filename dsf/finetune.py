@@ -55,7 +55,12 @@ from dsf.pretrain import (
 )
 from dsf.runner import run, setup_logging
 from dsf.stores import open_store
-from dsf.tile_labels import LabelledStore, labelled_store_ids, pair_stores
+from dsf.tile_labels import (
+    LabelledStore,
+    labelled_store_ids,
+    labels_store_classes,
+    pair_stores,
+)
 from dsf.tiles import loader_worker_init
 
 log = logging.getLogger(__name__)
@@ -585,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         st = section_from_args(args, "finetune")
         classes = section_from_args(args, "labels")["classes"]
+        if "labels__classes" not in vars(args) and args.label_stores:
+            # by hand without --classes: the labels stores' classes, not the schema's
+            classes = labels_store_classes(args.label_stores[0])
         if not args.stores:
             raise ConfigError(
                 f"fold {args.fold} has no annotated training slide to fine-tune on: fill the "

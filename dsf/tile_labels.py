@@ -206,6 +206,13 @@ def check_out(out: Path, store: Path) -> None:
         )
 
 
+def labels_store_classes(path: Path) -> list[str]:
+    """The class names a labels store was labelled with."""
+    from dsf.stores import open_store
+
+    return [str(c) for c in open_store(path, kind="labels").attrs["class_names"]]
+
+
 def pair_stores(
     stores: list[Path], label_stores: list[Path], classes: list[str] | None = None
 ) -> list[LabelledStore]:
@@ -238,10 +245,10 @@ def pair_stores(
         if classes is not None and list(attrs["class_names"]) != list(classes):
             raise ConfigError(
                 f"labels store {path} has classes {list(attrs['class_names'])}, labels.classes "
-                f"is {list(classes)}: the class indices would mean other classes. Set "
-                "labels.classes back, or rebuild the labels store with these classes (delete "
-                "it and rerun tile-labels; the workflow does so itself when labels.classes "
-                "changes)"
+                f"(option --classes) is {list(classes)}: the class indices would mean other "
+                "classes. Set labels.classes back, or rebuild the labels store with these "
+                "classes (delete it and rerun tile-labels; the workflow does so itself when "
+                "labels.classes changes)"
             )
         if slide not in tiles:
             raise ConfigError(

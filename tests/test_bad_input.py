@@ -648,11 +648,12 @@ def test_encoders_of_another_backbone_are_refused_by_name(
     torch.save({"backbone": "efficientnet_b0", "context": state, "target": state}, other)
     made, folds = stores
     out = tmp_path / "out"
+    # no --classes: the labels stores' classes, not the schema's six
     done = dsf_cli(
         "finetune", "--stores", *(m.tiles for m in made), "--label-stores",
         *(m.labels for m in made), "--folds", folds, "--fold", "0", "--out-dir", out,
         "--init", "dsf", "--encoders", other, "--epochs", "1", "--batch-size", "2",
-        "--workers", "0", "--device", "cpu", "--classes", *CLASSES,
+        "--workers", "0", "--device", "cpu",
     )  # fmt: skip
     assert_refused(
         done,
@@ -797,10 +798,10 @@ def artifacts(work: Path, stores: tuple[list[LabelledStore], Path], make_store) 
         a["labels_store"], "--folds", folds,
         "--out", a["eval_tiles"], "--device", "cpu",
     ]))) == 0  # fmt: skip
+    # no --classes: the map's classes, not the schema's six
     assert evaluate_main(list(map(str, [
         "slide", "--map", maps / "A.tiff", "--slide", work / "A.tiff", "--slide-id", "A",
         "--labels", work / "A.labels.tiff", "--folds", folds, "--out", a["eval_slide"],
-        "--classes", *CLASSES,
     ]))) == 0  # fmt: skip
     a |= {"tile_scores": ev / "tile_scores.tsv", "slide_scores": ev / "slide_scores.tsv"}
     a["tables"] = ev / "tables.md"
