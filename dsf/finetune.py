@@ -433,13 +433,17 @@ class FineTuner:
             )
             log.info("epoch %d/%d loss %.4f %s", self.epoch, self.st["epochs"], loss, chosen)
             self.save_checkpoint()
-            self.write_history()
-        self.write_history()  # also when a resumed run had no epoch left (killed while exporting)
+            self.write_history(final=False)
 
-    def write_history(self) -> None:
-        """history.tsv: loss and selection scores per epoch (atomically)."""
-        with atomic_path(self.out_dir / "history.tsv") as tmp:
+    def write_history(self, final: bool = True) -> None:
+        """history.tsv: loss and selection scores per epoch (atomically), written with
+        model.pt; while the run goes on, the epochs so far are in history.running.tsv (an
+        interrupted run left a history.tsv that looked finished)."""
+        name = "history.tsv" if final else "history.running.tsv"
+        with atomic_path(self.out_dir / name) as tmp:
             pd.DataFrame(self.history, columns=HISTORY_COLUMNS).to_csv(tmp, sep="\t", index=False)
+        if final:
+            (self.out_dir / "history.running.tsv").unlink(missing_ok=True)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -481,7 +485,8 @@ class FineTuner:
         return True
 
     def export(self) -> None:
-        """model.pt: the best epoch's weights with everything inference and scoring need."""
+        """model.pt: the best epoch's weights with everything inference and scoring need; then
+        history.tsv."""
         out = {
             "state_dict": self.best["state"],
             "epoch": self.best["epoch"],
@@ -503,6 +508,7 @@ class FineTuner:
             **self.meta,
         }
         checkpoints.save(out, self.out_dir / "model.pt")
+        self.write_history()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -562,24 +562,28 @@ class Trainer:
                     row["samples_per_s"],
                     row["data_wait"] * 100,
                 )
-                self.write_log()
+                self.write_log(final=False)
             if self.epoch % self.st["checkpoint_every"] == 0 or self.epoch == self.st["epochs"]:
                 self.save_checkpoint()
-        if self.rank == 0:  # also when a resumed run had no epoch left (killed while exporting)
-            self.write_log()
 
     def close(self) -> None:
         """Stop the tile loader's worker processes and give back its shared memory now, not at
         the interpreter's exit (they may still be reading ahead)."""
         self.loader.close()
 
-    def write_log(self) -> None:
-        """log.tsv: one row per epoch (atomically)."""
-        with atomic_path(self.out_dir / "log.tsv") as tmp:
+    def write_log(self, final: bool = True) -> None:
+        """log.tsv: one row per epoch (atomically), written with encoders.pt; while the run
+        goes on, the epochs so far are in log.running.tsv (an interrupted run left a log.tsv
+        that looked finished)."""
+        name = "log.tsv" if final else "log.running.tsv"
+        with atomic_path(self.out_dir / name) as tmp:
             pd.DataFrame(self.history, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False)
+        if final:
+            (self.out_dir / "log.running.tsv").unlink(missing_ok=True)
 
     def export_encoders(self) -> None:
-        """encoders.pt: both encoders and what fine-tuning needs to know of them (rank 0)."""
+        """encoders.pt: both encoders and what fine-tuning needs to know of them (rank 0);
+        then log.tsv."""
         if self.rank != 0:
             return
         state = self.model.encoder_state() | {
@@ -591,6 +595,7 @@ class Trainer:
             **self.meta,
         }
         checkpoints.save(state, self.out_dir / "encoders.pt")
+        self.write_log()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -641,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"patch stores {missing} not found; run the patches stage first")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
-            for name in ("checkpoint.pt", "log.tsv", "encoders.pt"):
+            for name in ("checkpoint.pt", "log.tsv", "log.running.tsv", "encoders.pt"):
                 (args.out_dir / name).unlink(missing_ok=True)
         deadline = job_deadline(args.time_limit)
         trainer = Trainer(settings, stores, args.out_dir, meta)

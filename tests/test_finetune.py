@@ -93,6 +93,7 @@ def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_pat
     hist = pd.read_csv(out / "history.tsv", sep="\t")
     assert list(hist.columns) == HISTORY_COLUMNS and len(hist) == 2
     assert not (out / "checkpoint.pt").exists()  # only kept while a run is unfinished
+    assert not (out / "history.running.tsv").exists()  # the epochs so far, while it runs
     assert model["select_macro_f1"] == pytest.approx(hist["select_macro_f1"].max())
     # a validation slide's store is refused
     assert main(_args(stores, folds, tmp_path / "bad")) == 2
@@ -374,6 +375,9 @@ def test_imagenet_init_loads_the_local_weights_file(three, tmp_path) -> None:  #
         for tv_key, our_key in encoder.key_map.items():
             assert torch.equal(own[our_key], file_state[tv_key]), tv_key
     tuner.fit()
+    # until model.pt is written no history.tsv looks finished: the epochs so far are apart
+    assert not (tmp_path / "history.tsv").exists()
+    assert len(pd.read_csv(tmp_path / "history.running.tsv", sep="\t")) == tuner.epoch
     tuner.export()
     model = torch.load(tmp_path / "model.pt", weights_only=True)
     assert model["init"] == "imagenet" and model["settings"]["weights"] == str(path)

@@ -334,6 +334,7 @@ def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_
     assert "DDP: 2 processes, 2 tiles per process and step" in done.stderr
     log_tsv = pd.read_csv(out / "log.tsv", sep="\t")
     assert list(log_tsv["epoch"]) == [1, 2]  # written once (rank 0), not once per process
+    assert not (out / "log.running.tsv").exists()  # the epochs so far: only while it runs
     enc = torch.load(out / "encoders.pt", weights_only=True)
     assert enc["epochs"] == 2 and (out / "checkpoint.pt").exists()
 
@@ -443,7 +444,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
     with caplog.at_level(logging.WARNING, logger="dsf.pretrain"):
         slow.fit(progress=False)
     monkeypatch.undo()
-    log = pd.read_csv(tmp_path / "slow" / "log.tsv", sep="\t")
+    log = pd.read_csv(tmp_path / "slow" / "log.running.tsv", sep="\t")
     assert list(log.columns) == LOG_COLUMNS and len(log) == 3
     assert ((log["data_wait"] > 0.5) & (log["data_wait"] < 1)).all()
     assert (log["data_wait"] * log["seconds"] >= 2 * 1000).all()  # 2 batches of 1000 s each
@@ -453,7 +454,7 @@ def test_the_log_says_how_long_the_step_waited_for_tiles(
     with caplog.at_level(logging.WARNING, logger="dsf.pretrain"):
         Trainer(_settings(), stores, tmp_path / "fed").fit(progress=False)
     assert not [r for r in caplog.records if "waited for tiles" in r.getMessage()]
-    fed = pd.read_csv(tmp_path / "fed" / "log.tsv", sep="\t")
+    fed = pd.read_csv(tmp_path / "fed" / "log.running.tsv", sep="\t")
     # the first epoch reads every tile cold (0.22 once on a busy CI machine), still well below
     assert fed["data_wait"].max() < log["data_wait"].min()
 
