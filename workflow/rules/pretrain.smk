@@ -25,7 +25,9 @@ rule pretrain:
         gpu=config["pretrain"]["gpus"],
         # per process: the tile ring in /dev/shm (1.8 GiB at 8 workers, batch 32 of 1024 px),
         # the workers (about 0.5 GB each) and the training process
-        mem_mb=lambda wildcards, attempt: 16000 * max(1, config["pretrain"]["gpus"]) * attempt,
+        # the same at every retry: a retry mostly follows a time limit (16, 32, 48 GB per GPU
+        # had outgrown 4-GPU nodes), and the need does not grow with the epochs
+        mem_mb=16000 * max(1, config["pretrain"]["gpus"]),
         # a retry resumes from the last checkpoint and adds epochs: one job's 24 h each time
         # (a growing request would outgrow the 24-48 h most GPU partitions cap a job at)
         runtime=1440,
