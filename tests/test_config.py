@@ -515,3 +515,17 @@ def test_a_bad_option_value_names_the_option_typed() -> None:
     add_section_arguments(p, "infer")
     with pytest.raises(ConfigError, match=r"infer\.overlap: .*0\.75 \(option --overlap\)$"):
         section_from_args(p.parse_args(["--overlap", "2"]), "infer")
+
+
+def test_a_results_folder_that_cannot_be_written_is_named_with_its_key(tmp_path: Path) -> None:
+    """A place the run cannot write to is said before any job, naming the key (the first job
+    had failed in Snakemake's words); a writable one keeps no trace of the check."""
+    from dsf.errors import ConfigError
+    from dsf.runner import check_writable
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"config key `results`: cannot write to .*a-file/out"):
+        check_writable(blocker / "out", "results")
+    check_writable(tmp_path / "new" / "results", "results")  # made by the jobs, not here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -161,6 +161,11 @@ if workflow.is_main_process:
             some(SYNTH),
             config["slides"],
         )
+    # a results folder that cannot be written: said once, not by the first job's mkdir
+    if not workflow.dryrun:
+        from dsf.runner import check_writable
+
+        check_writable(Path(RESULTS), "results")
     # one scan under two names: its copies can land in different folds
     from dsf.copies import copies_note
 
