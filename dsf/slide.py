@@ -218,7 +218,7 @@ class Slide:
                 self.slide_id,
                 f"cannot decode pixels of {self.path} (level {level}, x {x}, y {y}): "
                 f"{type(exc).__name__}: {exc}; the file is corrupt or truncated: re-export it "
-                "or remove it from the sheet",
+                "or remove it (from the slide folder, or its row from the sheet)",
             ) from exc
 
     def thumbnail(self, mpp: float, chunk: int = 2048) -> np.ndarray:

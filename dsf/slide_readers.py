@@ -229,7 +229,9 @@ def _try(
 def layout_refusal(slide_id: str, path: Path, exc: UnsupportedLayoutError) -> SlideError:
     """The error for a readable file that is no brightfield slide (`UnsupportedLayoutError`)."""
     return SlideError(
-        slide_id, f"{path} is not a slide dsf can read: {exc}; remove it from the sheet"
+        slide_id,
+        f"{path} is not a slide dsf can read: {exc}; remove it (from the slide folder, or "
+        "its row from the sheet)",
     )
 
 
@@ -244,6 +246,14 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
         raise SlideError(slide_id, f"{path} is not a file (for MIRAX give the .mrxs file)")
     if path.stat().st_size == 0:
         raise SlideError(slide_id, f"{path} is empty (0 bytes): copy it again or remove it")
+    data = path.parent / path.stem
+    if path.suffix.lower() == ".mrxs" and not (data / "Slidedat.ini").is_file():
+        raise SlideError(
+            slide_id,
+            f"{path} is a MIRAX index whose data folder {data} (with Slidedat.ini) is "
+            f"{'incomplete' if data.is_dir() else 'missing'}: copy the .mrxs file together with "
+            "its folder of the same name",
+        )
     errors: list[str] = []
     try:
         backend = _first_backend(path, slide_id, check, errors)
@@ -255,12 +265,13 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
         raise SlideError(
             slide_id,
             f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "
-            "PNG/JPEG); convert it or remove it from the sheet",
+            "PNG/JPEG); convert it or remove it (from the slide folder, or its row from the sheet)",
         )
     raise SlideError(
         slide_id,
         f"cannot read {path}: {'; '.join(errors)}. The file is corrupt, truncated or in an "
-        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it from the sheet",
+        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it (from the slide "
+        "folder, or its row from the sheet)",
     )
 
 
@@ -280,7 +291,7 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
                 slide_id,
                 f"{path} is truncated: its {problem}, past the end of the file "
                 f"({path.stat().st_size} bytes). Copy or export it again in full, or remove it "
-                "from the sheet",
+                "(from the slide folder, or its row from the sheet)",
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
         # what tifffile sees, only where OpenSlide would otherwise read the file

@@ -441,7 +441,9 @@ def _no_tissue(slide: Slide, settings: dict[str, Any], stats: dict[str, Any]) ->
         f"no tissue found in {slide.path} (method {method!r} on a {stats['mask_mpp']} um/px "
         f"thumbnail). Check that the slide holds tissue and its mpp ({slide.mpp} um/px) is "
         f"right; otherwise try tissue.method {other}, {knob}, or lower "
-        f"tissue.min_object_um2 (now {settings['min_object_um2']}){pen}",
+        f"tissue.min_object_um2 (now {settings['min_object_um2']}){pen}. A slide without "
+        "tissue (a blank scan, a label image) has no place in the run: move it out of the "
+        "slide folder, or drop its row from the sheet",
     )
 
 

@@ -114,7 +114,7 @@ def _truncated_png(path: Path) -> Path:
 
 
 TRUNCATED = ["is truncated", "past the end of the file", "Copy or export it again"]
-CORRUPT = ["corrupt", "re-export it", "remove it from the sheet"]
+CORRUPT = ["corrupt", "re-export it", "remove it (from the slide folder"]
 NO_MPP = ["states no resolution", "fill the `mpp` column"]
 
 
@@ -158,7 +158,11 @@ SLIDE_CASES = {
     ),
     "text-as-svs": (
         lambda real, f: _copy(real / "README.md", f.with_suffix(".svs")),
-        ["not a slide format", "convert it or remove it from the sheet"],
+        ["not a slide format", "convert it or remove it (from the slide folder"],
+    ),
+    "mirax-without-its-folder": (
+        lambda real, f: _copy(real / "README.md", f.with_suffix(".mrxs")),
+        ["MIRAX index", "(with Slidedat.ini) is missing", "together with its folder"],
     ),
     "text-as-png": (
         lambda real, f: _copy(real / "README.md", f.with_suffix(".png")),
@@ -176,7 +180,7 @@ SLIDE_CASES = {
     ),
     "zero-tissue": (
         lambda real, f: _blank_tiff(f),
-        ["no tissue found", "tissue.method otsu", "tissue.rgb_max"],
+        ["no tissue found", "tissue.method otsu", "tissue.rgb_max", "out of the slide folder"],
     ),
 }
 
