@@ -171,6 +171,8 @@ def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
         if lines:
             return "; ".join(lines)
     message = err.message if len(err.message) <= 300 else err.message[:300] + " ..."
+    if err.validator == "pattern" and "x-form" in err.schema:  # not the regular expression
+        message = f"{err.instance!r} is not of the form wanted: {err.schema['x-form']}"
     message = f"config key {'.'.join(path) or '<root>'}: {message}"
     wanted = err.validator_value if err.validator == "type" else None
     if isinstance(err.instance, str) and wanted in ("object", "array") and path:

@@ -152,6 +152,12 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"config key `slides`: {path} is a slide, not a sheet; give the folder that holds "
             "the slides, or a slide sheet (.tsv) that lists them"
         )
+    if path.suffix.lower() in {".geojson", ".json", ".xml"}:
+        raise ConfigError(
+            f"config key `slides`: {path} is an annotation file, not a sheet; give the folder "
+            "that holds the slides (annotations beside them are found by name), or a slide "
+            "sheet (.tsv) with a `labels` column"
+        )
     try:
         # only whole lines starting with '#' are comments: a '#' inside a path is part of it
         with open(path, encoding="utf-8-sig", newline="") as fh:
@@ -240,9 +246,11 @@ def validate_rows(
             validator.validate(row)
         except jsonschema.ValidationError as exc:
             col = ".".join(str(p) for p in exc.path) or "row"
+            said = exc.message
+            if exc.validator == "pattern" and "x-form" in exc.schema:  # not the expression
+                said = f"{exc.instance!r} is not of the form wanted: {exc.schema['x-form']}"
             raise ConfigError(
-                f"slide sheet {where}, {i} (slide {row.get('slide')!r}), column `{col}`: "
-                f"{exc.message}"
+                f"slide sheet {where}, {i} (slide {row.get('slide')!r}), column `{col}`: {said}"
             ) from exc
         sid = row["slide"]
         if sid in seen:

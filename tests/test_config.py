@@ -529,3 +529,25 @@ def test_a_results_folder_that_cannot_be_written_is_named_with_its_key(tmp_path:
         check_writable(blocker / "out", "results")
     check_writable(tmp_path / "new" / "results", "results")  # made by the jobs, not here
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_value_of_the_wrong_form_is_told_in_words(tmp_path: Path) -> None:
+    """A slide id, model set name or mask pattern of the wrong form is said in words, not as
+    the schema's regular expression; an annotation file given as `slides` is named so (its
+    whole JSON had been shown as the sheet's columns)."""
+    from dsf.errors import ConfigError
+    from dsf.sheet import read_sheet, validate_rows
+
+    with pytest.raises(ConfigError) as err:
+        validate_config({"labels": {"masks": {"TUM": "x.tif"}}})
+    assert "{slide} standing for the slide id" in str(err.value) and "\\{" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate_config({"apply": {"models": {"my set": ["a.pt"]}}})
+    assert "'my set' is not of the form wanted: letters, digits" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate_rows([{"slide": "x y", "path": "a.svs"}], "s.tsv", tmp_path)
+    assert "(no spaces)" in str(err.value) and "^[A-Za-z0-9]" not in str(err.value)
+    annotation = tmp_path / "a.geojson"
+    annotation.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(ConfigError, match=r"a\.geojson is an annotation file, not a sheet"):
+        read_sheet(annotation)
