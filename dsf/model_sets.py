@@ -136,9 +136,10 @@ def check_given_models(
             if seen:
                 raise ConfigError(
                     f"apply.models.{name}: {path} was fitted or selected on annotated slides "
-                    f"{seen} of this run: scoring them would not be validation; drop their "
-                    "annotations (labels) from the sheet, or give models that did not train "
-                    "on them"
+                    f"{seen} of this run (by slide id): scoring them would not be validation; "
+                    "drop their annotations (labels) from the sheet, or give models that did "
+                    "not train on them. If they are other slides that share those names, give "
+                    "them other ids (the sheet's `slide` column)"
                 )
             if scored and list(meta["classes"]) != list(classes):
                 raise ConfigError(

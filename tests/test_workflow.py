@@ -916,6 +916,7 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
     for changed, message in (
         ({"block": 2 * meta["block"]}, "apply.models.single: one.pt was fine-tuned on"),
         ({"select_slides": ["A"]}, "one.pt was fitted or selected on annotated slides ['A']"),
+        ({"fit_slides": ["A"]}, "give them other ids (the sheet's `slide` column)"),
     ):
         torch.save(meta | changed, tmp_path / "one.pt")
         done = _plan(tmp_path, cfg, check=False)
