@@ -467,7 +467,8 @@ def _next_step(out: Path | None, masks: dict[str, str]) -> str:
         )
     return (
         "; edit it, then run (in dsf's folder): snakemake --cores N --config "
-        f"{shlex.quote(f'slides={out.resolve()}')}"
+        f"{shlex.quote(f'slides={out.resolve()}')} (the schema's settings; for the paper's "
+        "protocol add --configfile config/presets/bcss.yaml, or paip.yaml, before --config)"
     )
 
 

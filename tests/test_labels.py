@@ -217,9 +217,12 @@ def test_black_no_data_is_never_the_base_class(tmp_path: Path) -> None:
     assert (lab[:, 1150:] == 0).all() and (lab[:, :300] == 1).all()
 
 
-def test_labels_base_paints_every_annotated_slide(tmp_path: Path) -> None:
+def test_labels_base_paints_every_annotated_slide(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """With labels.base the workflow sends annotated slides of any format through `labels`;
-    without it, only slides with per-class masks."""
+    without it, only slides with per-class masks. `dsf sheet` says how to run the sheet it
+    wrote, with the schema's settings or a preset's."""
     import yaml
     from test_workflow import job_counts, smk
 
@@ -232,6 +235,8 @@ def test_labels_base_paints_every_annotated_slide(tmp_path: Path) -> None:
     sheet = tmp_path / "sheet.tsv"
     assert sheet_main([str(root), "--labels", str(root / "lesion_annotations"),
                        "--out", str(sheet)]) == 0  # fmt: skip
+    said = capsys.readouterr().err
+    assert "--config " in said and "add --configfile config/presets/bcss.yaml" in said, said
     cfg = {
         "slides": str(sheet),
         "results": str(tmp_path / "res"),
