@@ -216,7 +216,8 @@ class Slide:
             self._retire(backend)
             raise SlideError(
                 self.slide_id,
-                f"cannot decode pixels of {self.path} (level {level}, x {x}, y {y}): "
+                f"cannot decode pixels of {self.path} (in the region read: level {level}, "
+                f"x {x}, y {y}, {w} x {h} px): "
                 f"{type(exc).__name__}: {exc}; the file is corrupt or truncated: re-export it "
                 "or remove it (from the slide folder, or its row from the sheet)",
             ) from exc

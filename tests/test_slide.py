@@ -581,6 +581,7 @@ def test_a_corrupt_tile_read_by_many_threads_fails_with_the_slides_name(
         )
         assert done.returncode == 2, done.stderr[-500:]
         assert "slide 'c': cannot decode pixels of" in done.stdout
+        assert "(in the region read: level 0, x " in done.stdout and " x 240 px)" in done.stdout
         assert "re-export it or remove it (from the slide folder, or its row" in done.stdout
 
 
