@@ -213,8 +213,9 @@ def moved_note(
         f"annotated): {shown}. The folds are balanced over all slides, so added or "
         "removed slides or annotations move others (as folds.k and folds.seed do): every fold "
         "whose slides change is pretrained, fine-tuned and scored again, and its scores are "
-        f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep}; "
-        "new slides are then placed around them"
+        f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep} "
+        "(a synthetic slide's: `fold:` in its synth.slides entry); new slides are then placed "
+        "around them"
     )
 
 

@@ -304,6 +304,7 @@ def synthetic_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
                 "path": str(root / f"{sid}.tiff"),
                 "labels": str(root / labels) if labels else None,
                 "group": spec.get("group"),
+                "fold": spec.get("fold"),
             }
         )
     return rows

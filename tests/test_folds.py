@@ -238,3 +238,17 @@ def test_cli_reads_a_slide_sheet_and_names_what_is_wrong(tmp_path) -> None:  # n
         with pytest.raises(ConfigError, match=said):
             read_sheet_records(_parser().parse_args([*given, "--out", "x.tsv"]))
         assert main([*given, "--out", str(tmp_path / "h.tsv")]) == 2
+
+
+def test_a_synthetic_slide_can_keep_its_fold() -> None:
+    """A synth.slides entry takes `fold`, as a sheet row does (the demo's synthetic slides had
+    moved between folds when a slide was added, with no way to keep them)."""
+    from dsf.config import validate
+    from dsf.sheet import synthetic_rows
+
+    config = validate(
+        {"synth": {"slides": {"s1": {"seed": 1, "width": 64, "height": 64, "fold": 1},
+                              "s2": {"seed": 2, "width": 64, "height": 64}}}}
+    )  # fmt: skip
+    rows = {r["slide"]: r for r in synthetic_rows(config)}
+    assert rows["s1"]["fold"] == 1 and rows["s2"]["fold"] is None
