@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("workflow/scripts/*.py")])
+SCRIPTS = sorted(ROOT.glob("bench/*.py"))
 
 
 def _resolve(module: str, name: str) -> Any:

@@ -948,7 +948,7 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
 def test_the_folds_of_a_cohort_of_thousands_are_written(tmp_path: Path) -> None:
     """The sheet reached `dsf folds` as one command-line argument, which Linux caps at 128 KiB
     (about 1,000 TCGA-named slides): the folds of a larger cohort were never written, and no
-    training could start. The rule's script hands the records over in a file."""
+    training could start. The rule's run block hands the records over in a file."""
     rows = ["slide\tpath\tmpp\tlabels\tgroup"]
     for i in range(1600):  # a file each (one file is one slide), not opened: the sheet's mpp
         sid = f"TCGA-A{i % 7}-{i:04d}-01Z-00-DX1.5E1C58B1-63C6-4F4A-8F4D-{i:012d}"
@@ -964,6 +964,16 @@ def test_the_folds_of_a_cohort_of_thousands_are_written(tmp_path: Path) -> None:
     folds = pd.read_csv(tmp_path / "res" / "folds.tsv", sep="\t")
     assert len(folds) == 1600 and set(folds["fold"]) == set(range(5))
     assert (tmp_path / "res" / "logs" / "folds.log").exists()
+
+
+def test_no_rule_is_rerun_by_a_files_time() -> None:
+    """Snakemake reruns a `script:` rule whenever its script file is newer than its outputs:
+    a fresh clone or a checkout reran the folds job, and after it every fold's pretraining,
+    fine-tuning and scores. Rules run shell commands or `run:` blocks, compared by their
+    text."""
+    for smk_file in (REPO / "workflow" / "rules").glob("*.smk"):
+        for n, line in enumerate(smk_file.read_text().splitlines(), 1):
+            assert not re.match(r"\s+(script|notebook):", line), f"{smk_file.name}:{n}: {line}"
 
 
 def test_whole_number_label_fractions_name_the_folders_infer_reads(tmp_path: Path) -> None:

@@ -594,6 +594,34 @@ def stage_opts(section, skip=()):
     return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
 
 
+def stage_process(module, argv, log, files=None):
+    """Run `python -m <module> <argv>` (a dsf stage) in a process of its own, its messages in
+    `log`, for a rule's `run:` block; `files` (name -> text) are written to a temporary folder
+    first, and `{name}` in `argv` becomes its path (a cohort's sheet records outgrow the 128 KiB
+    one command-line argument may hold). A `run:` rule, not a `script:` one: Snakemake reruns a
+    script rule whenever the script's file is newer than its outputs, so a fresh clone or a
+    checkout reran the folds and every fold's jobs after them; a run block is compared by its
+    text. Its own process keeps the stage's logging set-up out of Snakemake's."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out = Path(log).parent
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".stage-") as tmp:
+        paths = {}
+        for name, text in (files or {}).items():
+            paths[name] = Path(tmp) / name
+            paths[name].write_text(text)
+        argv = [str(paths.get(a.strip("{}"), a)) if a.startswith("{") else str(a) for a in argv]
+        with open(log, "w") as fh:
+            done = subprocess.run([sys.executable, "-m", module, *argv], stderr=fh, check=False)
+    if done.returncode:
+        from snakemake.exceptions import WorkflowError
+
+        raise WorkflowError(f"{module} failed (exit {done.returncode}): its message is in {log}")
+
+
 def polygon_exts(polygons):
     """Suffixes of the polygon files beside each map (polygons.enabled, polygons.imagescope)."""
     if not polygons["enabled"]:

@@ -7,7 +7,8 @@
 # The split compared is FOLDS (`split_key`: by slide, so reordered sheet rows are the same
 # split), which common.smk computes from the sheet with the same
 # `assign_folds` the job runs; the sheet's records reach the job as a param Snakemake derives
-# from the job and does not compare (`fast_param`).
+# from the job and does not compare (`fast_param`), written to a file for `dsf folds` by the
+# run block (`stage_process`).
 SHEET_RECORDS = (
     SHEET[["slide", "group", "fold"]]
     .assign(labelled=SHEET.index.isin(LABELLED))
@@ -25,11 +26,10 @@ rule folds:
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/dsf.yaml"
     log:
         f"{RESULTS}/logs/folds.log",
     benchmark:
         f"{RESULTS}/benchmarks/folds.tsv"
-    script:
-        "../scripts/folds.py"
+    run:
+        argv = ["--sheet-file", "{sheet.json}", "--out", output[0], *shlex.split(params.opts)]
+        stage_process("dsf.folds", argv, log[0], {"sheet.json": params.sheet})

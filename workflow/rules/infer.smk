@@ -87,11 +87,9 @@ rule areas:
     resources:
         mem_mb=1000,
         runtime=lambda wildcards, attempt: 30 * attempt,
-    conda:
-        "../../envs/dsf.yaml"
     log:
         f"{RESULTS}/logs/areas/{{finit}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/areas/{{finit}}.tsv"
-    script:
-        "../scripts/areas.py"
+    run:
+        stage_process("dsf.areas", ["--maps", *input.maps, "--out", output[0]], log[0])
