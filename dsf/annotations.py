@@ -221,7 +221,7 @@ def _resolve(
     raise AnnotationError(
         sid,
         f"{where} has class {said}, which is not one of labels.classes {settings['classes']}; "
-        "map it with labels.names",
+        "map it with labels.names (`--names` of a stage run by hand)",
     )
 
 
