@@ -41,10 +41,12 @@ def test_every_schema_entry_is_whole() -> None:
     in a one-line `{..., description: a, b}` had split the text into a stray key (the help
     said "Seed of init"), and every setting's help text comes from here."""
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    # x-form: a pattern's form in words, for its message
     words = {"type", "default", "description", "minimum", "maximum", "exclusiveMinimum",
              "enum", "items", "minItems", "maxItems", "properties", "additionalProperties",
              "required", "uniqueItems", "oneOf", "anyOf", "$schema", "title", "pattern",
-             "minLength", "propertyNames", "not", "const", "multipleOf"}  # fmt: skip
+             "minLength", "propertyNames", "not", "const", "multipleOf",
+             "x-form"}  # fmt: skip
 
     def walk(node: object, where: str) -> None:
         if isinstance(node, dict):
