@@ -152,7 +152,7 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"config key `slides`: {path} is a slide, not a sheet; give the folder that holds "
             "the slides, or a slide sheet (.tsv) that lists them"
         )
-    if path.suffix.lower() in {".geojson", ".json", ".xml"}:
+    if path.suffix.lower() in {".geojson", ".xml"}:  # (.json: `dsf folds` records)
         raise ConfigError(
             f"config key `slides`: {path} is an annotation file, not a sheet; give the folder "
             "that holds the slides (annotations beside them are found by name), or a slide "

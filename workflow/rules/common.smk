@@ -594,8 +594,8 @@ def stage_opts(section, skip=()):
     return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
 
 
-def stage_process(module, argv, log, files=None):
-    """Run `python -m <module> <argv>` (a dsf stage) in a process of its own, its messages in
+def stage_process(stage, argv, log, files=None):
+    """Run `dsf <stage> <argv>` (as `python -m dsf`) in a process of its own, its messages in
     `log`, for a rule's `run:` block; `files` (name -> text) are written to a temporary folder
     first, and `{name}` in `argv` becomes its path (a cohort's sheet records outgrow the 128 KiB
     one command-line argument may hold). A `run:` rule, not a `script:` one: Snakemake reruns a
@@ -615,11 +615,11 @@ def stage_process(module, argv, log, files=None):
             paths[name].write_text(text)
         argv = [str(paths.get(a.strip("{}"), a)) if a.startswith("{") else str(a) for a in argv]
         with open(log, "w") as fh:
-            done = subprocess.run([sys.executable, "-m", module, *argv], stderr=fh, check=False)
+            done = subprocess.run([sys.executable, "-m", "dsf", stage, *argv], stderr=fh)
     if done.returncode:
         from snakemake.exceptions import WorkflowError
 
-        raise WorkflowError(f"{module} failed (exit {done.returncode}): its message is in {log}")
+        raise WorkflowError(f"dsf {stage} failed (exit {done.returncode}): see {log}")
 
 
 def polygon_exts(polygons):

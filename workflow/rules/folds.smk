@@ -32,4 +32,4 @@ rule folds:
         f"{RESULTS}/benchmarks/folds.tsv"
     run:
         argv = ["--sheet-file", "{sheet.json}", "--out", output[0], *shlex.split(params.opts)]
-        stage_process("dsf.folds", argv, log[0], {"sheet.json": params.sheet})
+        stage_process("folds", argv, log[0], {"sheet.json": params.sheet})
