@@ -225,6 +225,12 @@ def _resolve(
     )
 
 
+def _full_and_base(full: str) -> list[str]:
+    """A class name, then for a derived one (`Tumor: Positive`) its base class (`Tumor`)."""
+    base = full.split(":", 1)[0].strip()
+    return [full, base] if ":" in full and base else [full]
+
+
 def _class_names(props: dict[str, Any]) -> list[str]:
     """The names a feature's class may be known by, most specific first. QuPath writes
     `classification.name`, or for a derived class (e.g. Tumor: Positive) `classification.names`
@@ -233,14 +239,10 @@ def _class_names(props: dict[str, Any]) -> list[str]:
     the class in `properties.name` or `properties.class`."""
     info = props.get("classification")
     if isinstance(info, str) and info.strip():  # other tools write the class as its name
-        full = info.strip()
-        base = full.split(":", 1)[0].strip()
-        return [full, base] if ":" in full and base else [full]
+        return _full_and_base(info.strip())
     if isinstance(info, dict):
         if info.get("name"):
-            full = str(info["name"])
-            base = full.split(":", 1)[0].strip()
-            return [full, base] if ":" in full and base else [full]
+            return _full_and_base(str(info["name"]))
         names = info.get("names")
         parts = [str(p) for p in names if p] if isinstance(names, list) else []
         if parts:

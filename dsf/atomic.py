@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dsf.errors import ConfigError
 
@@ -87,3 +88,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise FileNotFoundError(f"{partial} was not written")
     remove(final)
     os.replace(partial, final)
+
+
+def write_epochs(rows: list[dict[str, Any]], columns: list[str], path: Path, final: bool) -> None:
+    """A training run's table of epochs as TSV (atomically): at `path` once the run's result
+    is written, else at `<name>.running.tsv` beside it, so an interrupted run leaves no table
+    that looks finished (the final one removes the running one)."""
+    import pandas as pd
+
+    running = path.with_name(f"{path.stem}.running{path.suffix}")
+    with atomic_path(path if final else running) as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, sep="\t", index=False)
+    if final:
+        running.unlink(missing_ok=True)

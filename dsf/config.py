@@ -155,6 +155,20 @@ def validate(config: dict[str, Any], section: str | None = None) -> dict[str, An
     return filled
 
 
+def schema_problem(err: jsonschema.ValidationError) -> str:
+    """What a schema error says of its value: a pattern's form in words (the schema's
+    `x-form`), not its regular expression; other messages cut at 300 characters."""
+    if err.validator == "pattern" and "x-form" in err.schema:
+        return f"{err.instance!r} is not of the form wanted: {err.schema['x-form']}"
+    return err.message if len(err.message) <= 300 else err.message[:300] + " ..."
+
+
+def given(args: argparse.Namespace, section: str, key: str) -> bool:
+    """Whether a setting's option (`add_section_arguments`) was given on the command line,
+    not left to the schema's default."""
+    return f"{section}__{key}" in vars(args)
+
+
 def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
     """One line for a schema error: the key, what is wrong, and for a misspelt key the
     nearest known one (Snakemake's own message quotes the whole schema and config)."""
@@ -170,9 +184,7 @@ def _schema_message(err: jsonschema.ValidationError, path: list[str]) -> str:
             lines.append(f"config key {'.'.join([*path, key])} is not a setting dsf knows ({hint})")
         if lines:
             return "; ".join(lines)
-    message = err.message if len(err.message) <= 300 else err.message[:300] + " ..."
-    if err.validator == "pattern" and "x-form" in err.schema:  # not the regular expression
-        message = f"{err.instance!r} is not of the form wanted: {err.schema['x-form']}"
+    message = schema_problem(err)
     message = f"config key {'.'.join(path) or '<root>'}: {message}"
     wanted = err.validator_value if err.validator == "type" else None
     if isinstance(err.instance, str) and wanted in ("object", "array") and path:

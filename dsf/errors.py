@@ -7,6 +7,10 @@ class DsfError(Exception):
     """Base class; the CLI prints the message (no traceback) and exits with status 2."""
 
 
+#: How a bad slide leaves the run, in slide messages (a slide comes from a folder or a sheet).
+REMOVE_SLIDE = "remove it (from the slide folder, or its row from the sheet)"
+
+
 class ConfigError(DsfError):
     """A config value or slide-sheet entry is invalid; the message names the key or column."""
 

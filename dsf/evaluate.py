@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.class_map import ClassMap, add_map_arguments, open_map
-from dsf.config import add_section_arguments, section_from_args, section_schema
+from dsf.config import add_section_arguments, given, section_from_args, section_schema
 from dsf.errors import ConfigError
 from dsf.metrics import confusion, scores
 from dsf.model_sets import trained_on
@@ -522,7 +522,7 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
 
     label_st = section_from_args(args, "labels")
     cmap = open_map(args.map, args.map_json)
-    if "labels__classes" not in vars(args):  # by hand: the map's own classes, not the schema's
+    if not given(args, "labels", "classes"):  # by hand: the map's classes, not the schema's
         label_st["classes"] = [str(c) for c in cmap.meta["classes"]]
     check_base_painted(label_st, args.labels, "evaluate slide")
     with open_slide(

@@ -30,15 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dsf import __version__, checkpoints
-from dsf.atomic import atomic_path
-from dsf.config import add_section_arguments, defaults, section_from_args, section_schema
+from dsf.atomic import write_epochs
+from dsf.config import (
+    add_section_arguments,
+    defaults,
+    given,
+    section_from_args,
+    section_schema,
+)
 from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
@@ -439,11 +444,7 @@ class FineTuner:
         """history.tsv: loss and selection scores per epoch (atomically), written with
         model.pt; while the run goes on, the epochs so far are in history.running.tsv (an
         interrupted run left a history.tsv that looked finished)."""
-        name = "history.tsv" if final else "history.running.tsv"
-        with atomic_path(self.out_dir / name) as tmp:
-            pd.DataFrame(self.history, columns=HISTORY_COLUMNS).to_csv(tmp, sep="\t", index=False)
-        if final:
-            (self.out_dir / "history.running.tsv").unlink(missing_ok=True)
+        write_epochs(self.history, HISTORY_COLUMNS, self.out_dir / "history.tsv", final)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         st = section_from_args(args, "finetune")
         classes = section_from_args(args, "labels")["classes"]
-        if "labels__classes" not in vars(args) and args.label_stores:
+        if not given(args, "labels", "classes") and args.label_stores:
             # by hand without --classes: the labels stores' classes, not the schema's
             classes = labels_store_classes(args.label_stores[0])
         if not args.stores:

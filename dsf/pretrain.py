@@ -38,7 +38,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from dsf import __version__, checkpoints
-from dsf.atomic import atomic_path
+from dsf.atomic import write_epochs
 from dsf.config import add_section_arguments, section_from_args
 from dsf.deadline import STOP_BEFORE_LIMIT_S, job_deadline
 from dsf.devices import amp_dtype, use_device
@@ -575,11 +575,7 @@ class Trainer:
         """log.tsv: one row per epoch (atomically), written with encoders.pt; while the run
         goes on, the epochs so far are in log.running.tsv (an interrupted run left a log.tsv
         that looked finished)."""
-        name = "log.tsv" if final else "log.running.tsv"
-        with atomic_path(self.out_dir / name) as tmp:
-            pd.DataFrame(self.history, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False)
-        if final:
-            (self.out_dir / "log.running.tsv").unlink(missing_ok=True)
+        write_epochs(self.history, LOG_COLUMNS, self.out_dir / "log.tsv", final)
 
     def export_encoders(self) -> None:
         """encoders.pt: both encoders and what fine-tuning needs to know of them (rank 0);

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dsf.atomic import atomic_path, check_outputs
-from dsf.config import load_schema
+from dsf.config import load_schema, schema_problem
 from dsf.errors import ConfigError, SlideError, some
 from dsf.runner import run, setup_logging
 from dsf.scan import IMAGE_SUFFIXES, SLIDE_SUFFIXES, patient_group, scan_folder
@@ -246,11 +246,9 @@ def validate_rows(
             validator.validate(row)
         except jsonschema.ValidationError as exc:
             col = ".".join(str(p) for p in exc.path) or "row"
-            said = exc.message
-            if exc.validator == "pattern" and "x-form" in exc.schema:  # not the expression
-                said = f"{exc.instance!r} is not of the form wanted: {exc.schema['x-form']}"
             raise ConfigError(
-                f"slide sheet {where}, {i} (slide {row.get('slide')!r}), column `{col}`: {said}"
+                f"slide sheet {where}, {i} (slide {row.get('slide')!r}), column `{col}`: "
+                f"{schema_problem(exc)}"
             ) from exc
         sid = row["slide"]
         if sid in seen:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dsf.errors import SlideError, some
+from dsf.errors import REMOVE_SLIDE, SlideError, some
 from dsf.slide_backend import (
     MAX_PLAUSIBLE_MPP,
     NOT_SQUARE,
@@ -219,7 +219,7 @@ class Slide:
                 f"cannot decode pixels of {self.path} (in the region read: level {level}, "
                 f"x {x}, y {y}, {w} x {h} px): "
                 f"{type(exc).__name__}: {exc}; the file is corrupt or truncated: re-export it "
-                "or remove it (from the slide folder, or its row from the sheet)",
+                f"or {REMOVE_SLIDE}",
             ) from exc
 
     def thumbnail(self, mpp: float, chunk: int = 2048) -> np.ndarray:
@@ -313,6 +313,10 @@ def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: A sheet `mpp` further than this (relative) from the file's own is warned about at start.
+SHEET_MPP_WARN = 0.1
+
+
 def no_resolution(sid: str, path: Path, note: str | None) -> SlideError:
     """The error of a slide without a usable resolution (`note`: why the file's is not used),
     with the fix: the sheet's `mpp` column, except for pixels that are not square, which no
@@ -384,8 +388,6 @@ def open_slide(
 
 #: Seconds the start-up check of the slides' resolution may take (`check_resolutions`).
 CHECK_BUDGET_S = 10.0
-#: A sheet `mpp` further than this (relative) from the file's own is warned about at start.
-SHEET_MPP_WARN = 0.1
 
 
 def check_resolutions(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dsf.errors import SlideError
+from dsf.errors import REMOVE_SLIDE, SlideError
 from dsf.slide_backend import (
     Backend,
     LevelInfo,
@@ -230,8 +230,7 @@ def layout_refusal(slide_id: str, path: Path, exc: UnsupportedLayoutError) -> Sl
     """The error for a readable file that is no brightfield slide (`UnsupportedLayoutError`)."""
     return SlideError(
         slide_id,
-        f"{path} is not a slide dsf can read: {exc}; remove it (from the slide folder, or "
-        "its row from the sheet)",
+        f"{path} is not a slide dsf can read: {exc}; {REMOVE_SLIDE}",
     )
 
 
@@ -265,13 +264,12 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
         raise SlideError(
             slide_id,
             f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "
-            "PNG/JPEG); convert it or remove it (from the slide folder, or its row from the sheet)",
+            f"PNG/JPEG); convert it or {REMOVE_SLIDE}",
         )
     raise SlideError(
         slide_id,
         f"cannot read {path}: {'; '.join(errors)}. The file is corrupt, truncated or in an "
-        "unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or remove it (from the slide "
-        "folder, or its row from the sheet)",
+        f"unsupported encoding: re-export it (e.g. as tiled JPEG TIFF) or {REMOVE_SLIDE}",
     )
 
 
@@ -290,8 +288,8 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
             raise SlideError(
                 slide_id,
                 f"{path} is truncated: its {problem}, past the end of the file "
-                f"({path.stat().st_size} bytes). Copy or export it again in full, or remove it "
-                "(from the slide folder, or its row from the sheet)",
+                f"({path.stat().st_size} bytes). Copy or export it again in full, or "
+                f"{REMOVE_SLIDE}",
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
         # what tifffile sees, only where OpenSlide would otherwise read the file
