@@ -313,8 +313,9 @@ def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: A sheet `mpp` further than this (relative) from the file's own is warned about at start.
-SHEET_MPP_WARN = 0.1
+#: A sheet `mpp` further than this (relative) from the file's own is warned about, at the
+#: start of a run and in the slide's jobs alike.
+SHEET_MPP_WARN = 0.05
 
 
 def no_resolution(sid: str, path: Path, note: str | None) -> SlideError:
@@ -362,7 +363,7 @@ def open_slide(
         raise no_resolution(sid, path, backend.mpp_note)
     if mpp is not None and backend.mpp_note:
         log.warning("%s: the sheet's mpp %.4g um/px is used (%s)", sid, mpp, backend.mpp_note)
-    if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > 0.05:
+    if mpp is not None and file_mpp is not None and abs(mpp / file_mpp - 1) > SHEET_MPP_WARN:
         log.warning("%s: sheet mpp %.4g overrides the file's %.4g um/px", sid, mpp, file_mpp)
     if mpp is not None and mpp > MAX_PLAUSIBLE_MPP:
         log.warning(

@@ -611,6 +611,10 @@ def test_resolution_check_names_every_slide_it_cannot_use(
         assert check_resolutions({"cmu": (slides["cmu"][0], 0.25)}) == {"cmu": 0.25}
     assert "1 slides have a sheet `mpp` that overrides" in caplog.text
     assert "cmu (sheet 0.25, file 0.499 um/px)" in caplog.text
+    caplog.clear()  # the jobs' threshold (5%), not a second one of the start's
+    with caplog.at_level("WARNING", logger="dsf"):
+        check_resolutions({"cmu": (slides["cmu"][0], 0.47)})
+    assert "cmu (sheet 0.47, file 0.499 um/px)" in caplog.text
 
 
 def test_slides_coarser_than_the_target_are_named_at_the_start() -> None:
