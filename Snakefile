@@ -45,6 +45,15 @@ localrules:
     report_tables,
 
 
+# the warnings the jobs logged, listed when the run ends (a log is shown only for a failed job)
+onsuccess:
+    list_job_warnings()
+
+
+onerror:
+    list_job_warnings()
+
+
 rule all:
     input:
         all_targets,

@@ -269,6 +269,17 @@ def infer_slide(
     return meta
 
 
+def default_routing(preds: list[Predictor], slide_id: str) -> str:
+    """The routing a map made by hand records when `--routing` is not given, read from its
+    models: several are an ensemble; one is its fold's model, out of fold unless the slide is
+    among its fit or selection slides."""
+    from dsf.model_sets import trained_on
+
+    if len(preds) > 1:
+        return "ensemble"
+    return "fold" if slide_id in trained_on(preds[0].meta) else "out_of_fold"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsf infer",
@@ -284,11 +295,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--routing",
         choices=ROUTINGS,
-        default="out_of_fold",
         help="how the models were chosen, recorded in the map's JSON for `dsf evaluate slide`: "
         "out_of_fold (an annotated slide, by the model of the fold that held it out), ensemble "
         "(every fold's model averaged), fold (one fold's model), given (models trained "
-        "elsewhere: a prediction run, or maps made by hand from new models)",
+        "elsewhere: a prediction run, or maps made by hand from new models). Default: from "
+        "the models, ensemble for several, fold for one that trained on the slide, else "
+        "out_of_fold",
     )
     p.add_argument("--out-map", required=True, type=Path, help="class map (.tiff)")
     p.add_argument("--out-overlay", required=True, type=Path, help="overlay (.jpg)")
@@ -334,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_meta={
                 "models": [str(m) for m in args.models],
                 "folds": [int(pr.meta.get("fold", -1)) for pr in preds],
-                "routing": args.routing,
+                "routing": args.routing or default_routing(preds, slide.slide_id),
             },
             progress=not args.no_progress,
         )

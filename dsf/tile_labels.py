@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ from dsf.runner import progress_bar, run, setup_logging
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
 log = logging.getLogger(__name__)
+
+#: Under this share of a slide's annotated area in its tissue tiles, the annotation is warned
+#: about: misplaced (another scale or slide) or over tissue the tissue mask missed.
+MIN_ANNOTATED_IN_TILES = 0.5
+#: The longest side of the grid (pixels) the annotated area is measured on.
+COVER_PX = 2048
 
 
 def labels_store_path(store: str | Path) -> Path:
@@ -62,6 +69,29 @@ def centre_offset(block: int, scale: int) -> int:
     """Row (and column) of the centre block in a tile of `scale` x `scale` blocks: the target
     HookNet trains and the tile protocol scores on (DESIGN section 5)."""
     return block * (scale - 1) // 2
+
+
+def annotated_in_tiles(labels: LabelSource, attrs: dict[str, Any], origins: np.ndarray) -> float:
+    """The share of the slide's annotated area (any class but 0) that lies in its tissue tiles
+    (`origins` in target pixels, the store's `attrs`), measured on a grid of at most
+    `COVER_PX` a side; 1 where nothing is annotated. An annotation exported at another scale or
+    for another slide mostly misses the tiles, whose labels it would still give."""
+    w0, h0 = (int(v) for v in attrs["level0_size"])
+    mpp0, target_mpp = float(attrs["mpp"]), float(attrs["target_mpp"])
+    mpp = max(target_mpp, max(w0, h0) * mpp0 / COVER_PX)
+    w, h = math.ceil(w0 * mpp0 / mpp), math.ceil(h0 * mpp0 / mpp)
+    annotated = labels.read(0.0, 0.0, w, h, mpp) > 0
+    total = int(np.count_nonzero(annotated))
+    if not total:
+        return 1.0
+    covered = np.zeros((h, w), bool)
+    step, size = target_mpp / mpp, int(attrs["tile"]) * target_mpp / mpp
+    for tx, ty in origins:
+        x, y = tx * step, ty * step
+        covered[
+            max(0, math.floor(y)) : math.ceil(y + size), max(0, math.floor(x)) : math.ceil(x + size)
+        ] = True
+    return int(np.count_nonzero(annotated & covered)) / total
 
 
 def build(
@@ -131,6 +161,19 @@ def build(
                 "labels.classes), lower patches.min_label_frac, or leave the slide's `labels` "
                 "cell in the sheet empty to use it unannotated",
             )
+        share = annotated_in_tiles(labels, st, origins)
+        if share < MIN_ANNOTATED_IN_TILES:
+            log.warning(
+                "%s: only %.0f%% of the annotated area lies in the slide's tissue tiles "
+                "(patches.min_tissue %s): the annotation may be at another scale or of another "
+                "slide (its coordinates must be this slide's level-0 pixels), or the tissue "
+                "mask misses the annotated tissue (see its overlay, tissue/%s.jpg). Only the "
+                "tiles are labelled: the rest of the annotation is unused",
+                slide,
+                100 * share,
+                st.get("settings", {}).get("min_tissue"),
+                slide,
+            )
         arr.resize((n, tile, tile))
         # filled with -1, so a lost chunk reads as no tile number (dsf.stores checks it)
         idx = group.create_array("index", shape=(n,), dtype=np.int64, chunks=(n,), fill_value=-1)
@@ -154,6 +197,7 @@ def build(
                 "tile": tile,
                 "target_mpp": target_mpp,
                 "n_tissue_tiles": n_all,
+                "annotated_in_tiles": round(share, 4),
                 "dsf_version": __version__,
                 "n_tiles": n,
                 **(attrs or {}),

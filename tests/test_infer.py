@@ -991,3 +991,18 @@ def test_encoders_given_as_a_model_are_named_for_what_they_are(tmp_path: Path) -
     save({"state_dict": {}}, tmp_path / "old.pt")
     with pytest.raises(ConfigError, match=r"not written by this version of `dsf finetune`"):
         load_predictor(tmp_path / "old.pt", torch.device("cpu"))
+
+
+def test_routing_by_hand_follows_the_models():
+    """`dsf infer` without --routing records what its models are: several an ensemble, one that
+    trained on the slide its fold's model, else out of fold (it had said out_of_fold always)."""
+    from types import SimpleNamespace
+
+    from dsf.infer import default_routing
+
+    fold0 = SimpleNamespace(meta={"fold": 0, "fit_slides": ["a"], "select_slides": ["b"]})
+    fold1 = SimpleNamespace(meta={"fold": 1, "fit_slides": ["c"], "select_slides": ["d"]})
+    assert default_routing([fold0, fold1], "a") == "ensemble"
+    assert default_routing([fold0], "c") == "out_of_fold"
+    assert default_routing([fold0], "a") == "fold"
+    assert default_routing([fold0], "b") == "fold"

@@ -224,3 +224,29 @@ def test_base_is_refused_where_it_would_be_ignored(cut: dict, tmp_path: Path) ->
     check_base_painted(CLASSES | {"base": "B"}, painted, "evaluate slide")  # the painted mask
     check_base_painted(CLASSES, cut["ann"], "tile-labels")  # no base: any annotation
     assert main(argv) == 0 and out.is_dir()
+
+
+def test_an_annotation_that_mostly_misses_the_tissue_tiles_is_warned_about(
+    cut: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where most of the annotated area lies outside the tissue tiles (an annotation at another
+    scale or of another slide), the labels store says how much lies in them and warns; the
+    annotation of the fixture, whose tiles cover the whole slide, is not warned about."""
+    import logging
+
+    caplog.set_level(logging.WARNING, "dsf.tile_labels")
+    _labels(cut, tmp_path / "all.labels.zarr")
+    # the grid's tiles leave a margin at the slide's edges
+    assert zarr.open_group(str(tmp_path / "all.labels.zarr")).attrs["annotated_in_tiles"] > 0.9
+    assert not caplog.records
+    # tissue only in the right half: A (the left third, 80,000 px²) lies outside every tile,
+    # B (10,000 px², in the right half) inside
+    mask = np.zeros((50, 75), bool)
+    mask[:, 19:] = True  # the mask is 8 um/px, the slide 300 um wide
+    store = tmp_path / "right.zarr"
+    extract(cut["slide"], mask, 8.0, store, cut["st"], progress=False)
+    _labels(cut | {"store": store}, tmp_path / "right.labels.zarr")
+    share = zarr.open_group(str(tmp_path / "right.labels.zarr")).attrs["annotated_in_tiles"]
+    assert 0.09 < share < 0.14
+    [warned] = caplog.records
+    assert "s: only 1" in warned.getMessage() and "another scale" in warned.getMessage()

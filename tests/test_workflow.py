@@ -999,3 +999,18 @@ def test_settings_that_must_fit_each_other_stop_the_run_before_any_job(tmp_path:
         run = demo_dry_run(tmp_path, overrides, "fit", check=False)
         out = run.stdout + run.stderr
         assert run.returncode != 0 and said in out and "dsf tissue" not in run.stdout
+
+
+def test_the_warnings_of_a_runs_jobs_are_listed_when_it_ends(tmp_path: Path, real: Path) -> None:
+    """A warning logged inside a job (here a sheet mpp 6% off the file's) is listed at the end
+    of the run that wrote its log, naming the log; a later run that runs no job lists none."""
+    shutil.copy(real / "CMU-1-Small-Region.svs", tmp_path / "cmu.svs")
+    (tmp_path / "sheet.tsv").write_text("slide\tpath\tmpp\ncmu\tcmu.svs\t0.53\n")
+    cfg = {"results": "out", "slides": "sheet.tsv", "tissue": {"mpp": 8.0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    target = "out/tissue/cmu.json"
+    said = smk("--configfile", "cfg.yaml", "--cores", "1", target, cwd=tmp_path).stderr
+    listed = said[said.index("1 warning in 1 job log of this run") :]
+    assert "tissue/cmu.log: cmu: sheet mpp 0.53 overrides the file's 0.499 um/px" in listed
+    again = smk("--configfile", "cfg.yaml", "--cores", "1", target, cwd=tmp_path)
+    assert "of this run" not in again.stdout + again.stderr

@@ -2,6 +2,7 @@
 import logging
 import os
 import shlex
+import time
 from pathlib import Path
 
 from snakemake.logging import logger as snakemake_logger
@@ -19,11 +20,14 @@ from dsf.folds import (
     split_key,
     too_few_groups,
 )
+from dsf.job_warnings import job_warnings, summary as warnings_summary
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import check_files, load_sheet
 
 
+# the job logs this run writes are those changed since now (list_job_warnings)
+RUN_STARTED = time.time()
 # nested `--config` values come as text ('infer={overlap: 0.5}'): typed by the schema first
 coerce_strings(load_schema(), config)
 # one run's method/init are `dsf pretrain`/`dsf finetune` options: the workflow runs the lists
@@ -620,6 +624,15 @@ def stage_process(stage, argv, log, files=None):
         from snakemake.exceptions import WorkflowError
 
         raise WorkflowError(f"dsf {stage} failed (exit {done.returncode}): see {log}")
+
+
+def list_job_warnings():
+    """Log the warnings of the job logs this run wrote, when it ends (the Snakefile's
+    onsuccess/onerror): Snakemake shows a log only when its job fails. A second of slack for
+    file systems that keep whole seconds."""
+    logs = Path(RESULTS) / "logs"
+    if text := warnings_summary(job_warnings(logs, RUN_STARTED - 1.0), logs):
+        logging.getLogger("dsf").warning(text)
 
 
 def polygon_exts(polygons):
