@@ -447,7 +447,14 @@ def _parser() -> argparse.ArgumentParser:
     from dsf.slide import add_tolerance_argument
 
     add_tolerance_argument(s)
-    s.add_argument("--labels", required=True, type=Path, help="annotation: mask, GeoJSON or XML")
+    s.add_argument(
+        "--labels",
+        "--annotation",  # dsf labels' name for it
+        dest="labels",
+        required=True,
+        type=Path,
+        help="annotation: mask, GeoJSON or XML",
+    )
     s.add_argument("--folds", type=Path, help="folds.tsv (not for maps of apply.models' models)")
     s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")

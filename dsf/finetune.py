@@ -556,6 +556,8 @@ def _parser() -> argparse.ArgumentParser:
     for stat, meta in (("mean", "M"), ("std", "S")):
         p.add_argument(
             f"--norm-{stat}",
+            f"--{stat}",  # dsf pretrain's name for it
+            dest=f"norm_{stat}",
             nargs=3,
             type=float,
             metavar=meta,

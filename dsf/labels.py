@@ -209,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--annotation",
+        "--labels",  # dsf tile-labels' and dsf evaluate slide's name for it
+        dest="annotation",
         type=Path,
         help="an annotation (label mask, GeoJSON or XML) painted over labels.base",
     )

@@ -336,7 +336,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", required=True, type=Path, help="the slide's patch store (.zarr)")
     p.add_argument(
-        "--labels", required=True, type=Path, help="annotation: raster mask, GeoJSON or XML"
+        "--labels",
+        "--annotation",  # dsf labels' name for it
+        dest="labels",
+        required=True,
+        type=Path,
+        help="annotation: raster mask, GeoJSON or XML",
     )
     p.add_argument("--out", required=True, type=Path, help="labels store to write (.labels.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -553,3 +553,26 @@ def test_a_value_of_the_wrong_form_is_told_in_words(tmp_path: Path) -> None:
     annotation.write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(ConfigError, match=r"a\.geojson is an annotation file, not a sheet"):
         read_sheet(annotation)
+
+
+def test_an_annotation_and_a_normalisation_take_either_stages_option_name() -> None:
+    """`dsf labels --annotation` and `dsf tile-labels`/`evaluate slide --labels` name one
+    thing, as do `dsf pretrain --mean/--std` and `dsf finetune --norm-mean/--norm-std`: each
+    stage reads both names."""
+    from dsf import evaluate, finetune, labels, tile_labels
+
+    base = ["--slide", "s.tif", "--out", "o.tiff"]
+    for flag in ("--annotation", "--labels"):
+        assert (
+            labels._parser().parse_args([*base, flag, "a.geojson"]).annotation.name == "a.geojson"
+        )
+        got = tile_labels._parser().parse_args(["--store", "s.zarr", flag, "a.xml", "--out", "o"])
+        assert got.labels.name == "a.xml"
+        slide = ["slide", "--map", "m.tiff", "--map-json", "m.json", "--slide", "s.tif"]
+        got = evaluate._parser().parse_args([*slide, flag, "b.geojson", "--out", "o.tsv"])
+        assert got.labels.name == "b.geojson"
+    need = ["--stores", "a.zarr", "--label-stores", "a.labels.zarr", "--folds", "f.tsv"]
+    need += ["--fold", "0", "--out-dir", "ft"]
+    for mean, std in (("--mean", "--std"), ("--norm-mean", "--norm-std")):
+        args = finetune._parser().parse_args([*need, mean, "1", "2", "3", std, "4", "5", "6"])
+        assert args.norm_mean == [1, 2, 3] and args.norm_std == [4, 5, 6]
