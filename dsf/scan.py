@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 #: Suffixes of the formats dsf reads (OpenSlide's, TIFF/OME-TIFF, DICOM, plain image regions).
 OPENSLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"}
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES | {".dcm"}

@@ -225,6 +225,42 @@ def test_a_dicom_wsi_folder_reads_through_openslide(tmp_path: Path, real: Path) 
         scan_folder(tmp_path)
 
 
+def test_a_zeiss_czi_slide_of_two_scenes_reads_through_openslide(
+    tmp_path: Path, real: Path
+) -> None:
+    """A Zeiss CZI (Axio Scan) is found by its suffix and read through OpenSlide: level 0
+    exactly, its coarser levels, the mpp from its metadata; the glass between its scenes (tissue
+    sections), which it does not store, reads as background and is no tissue."""
+    from czi_slide import write_czi
+
+    from dsf.config import defaults
+    from dsf.scan import scan_folder
+    from dsf.tissue import detect_tissue
+
+    with open_slide(real / "CMU-1-Small-Region.svs") as src:
+        rgb = src.read(600, 900, 1024, 768, src.mpp)
+    second = rgb[:512, :512].copy()
+    path = tmp_path / "axio 7.czi"
+    write_czi(path, [(5000, 3000, rgb), (7000, 3000, second)], mpp=0.22)
+    (tmp_path / "axio 7.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    [row] = scan_folder(tmp_path)
+    assert (row["slide"], row["path"]) == ("axio_7", str(path))
+    assert row["labels"] == str(tmp_path / "axio 7.geojson")
+    s = open_slide(path)
+    assert s.properties["openslide.vendor"] == "zeiss" and s.mpp == pytest.approx(0.22)
+    assert [(lv.width, lv.height) for lv in s.levels] == [(2512, 768), (628, 192)]
+    np.testing.assert_array_equal(s.read(0, 0, 1024, 768, 0.22), rgb)
+    np.testing.assert_array_equal(s.read(2000, 0, 512, 512, 0.22), second)
+    assert s.best_level(0.88) == 1
+    assert np.abs(s.read(0, 0, 256, 192, 0.88) - _box_down(rgb, 4)).mean() < 1
+    gap = s.read(1100, 0, 800, 768, 0.22)
+    assert (gap == 255).all()  # no scene there: background, as OpenSlide's transparent pixels
+    thumb = s.read(0, 0, 69, 21, 8.0)  # scenes at columns 0-28 and 55-69 of 8 um/px
+    mask, _ = detect_tissue(thumb, 8.0, defaults("tissue") | {"min_object_um2": 0})
+    cols = mask.any(axis=0)
+    assert cols[:28].any() and not cols[29:55].any() and cols[56:].any()
+
+
 def test_stripped_tiff_with_inch_resolution_and_threads(tmp_path: Path) -> None:
     rgb = _pattern(300, 400)
     path = tmp_path / "strips.tif"
