@@ -48,6 +48,18 @@ OPENSLIDE_SUFFIXES = frozenset(
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES | {".dcm"}
+#: Slide formats no reader here opens, named when a folder holds them (not passed over).
+UNREAD_FORMATS = {
+    ".vsi": "Olympus/Evident VSI",
+    ".isyntax": "Philips iSyntax",
+    ".kfb": "KFBio KFB",
+    ".sdpc": "SQRAY SDPC",
+}
+#: What to do with a slide of one of `UNREAD_FORMATS`.
+CONVERT = (
+    "convert them to pyramidal OME-TIFF (Bio-Formats' bfconvert and QuPath can; the vendor's "
+    "own tools write tiled TIFF) and give those"
+)
 #: Annotation files beside a slide: `<id><suffix>`.
 SIDECARS = (".geojson", ".xml", ".labels.tif", ".labels.tiff", ".labels.png")
 #: Annotations in a separate labels folder may also carry the slide's own file name.
@@ -266,6 +278,15 @@ def _is_qupath_project(folder: Path) -> bool:
         return folder.name == "data" and any(folder.parent.glob("*.qpproj"))
     except OSError:
         return False
+
+
+def _unread_note(files: list[Path]) -> str:
+    """`3 slides in formats dsf does not read (Olympus/Evident VSI: a.vsi, ...)`."""
+    kinds = Counter(UNREAD_FORMATS[f.suffix.lower()] for f in files)
+    return (
+        f"{len(files)} slide{'s' * (len(files) != 1)} in formats dsf does not read "
+        f"({', '.join(sorted(kinds))}: {some([f.name for f in files])})"
+    )
 
 
 def _walk(
@@ -595,6 +616,7 @@ def scan_folder(
             parts |= _vms_parts(f)
     slides: list[Path] = []
     dicom_dirs: dict[Path, list[Path]] = {}
+    unread = [f for f in files if f.suffix.lower() in UNREAD_FORMATS]
     for f in files:
         suffix = f.suffix.lower()
         if suffix not in SLIDE_SUFFIXES or f.resolve() in parts:
@@ -673,7 +695,10 @@ def scan_folder(
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+            + (f"; it holds {_unread_note(unread)}: {CONVERT}" if unread else "")
         )
+    if unread:
+        log.warning("%s, left out of the run: %s", _unread_note(unread), CONVERT)
     if unused:
         log.warning(
             "per-class masks (labels.masks) are the annotation of %d slide(s) that also have "

@@ -578,3 +578,24 @@ def test_a_qupath_project_in_the_slide_folder_is_not_searched(tmp_path: Path) ->
     _touch(tmp_path / "inside", "b.svs", "project.qpproj", "data/1/thumbnail.jpg")
     assert sorted(_rows(scan_folder(tmp_path))) == ["a"]
     assert sorted(_rows(scan_folder(tmp_path / "inside"))) == ["b"]
+
+
+def test_slides_in_formats_no_reader_opens_are_named_not_passed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Olympus .vsi or Philips .isyntax file beside readable slides had been passed over in
+    silence, and a folder of them only said that no slide was found: both now name them and the
+    conversion that makes them readable."""
+    _touch(tmp_path / "olympus", "b1.vsi", "_b1_/stack1/frame_t.ets", "b2.vsi")
+    with pytest.raises(ConfigError, match=r"holds 2 slides in formats dsf does not read "
+                       r"\(Olympus/Evident VSI: b1.vsi, b2.vsi\): convert them to pyramidal "
+                       r"OME-TIFF"):  # fmt: skip
+        scan_folder(tmp_path / "olympus")
+    _touch(tmp_path, "a.svs", "c.iSyntax")
+    with caplog.at_level("WARNING", logger="dsf.scan"):
+        rows = _rows(scan_folder(tmp_path, mpp=0.5))
+    assert set(rows) == {"a"}
+    assert "3 slides in formats dsf does not read (Olympus/Evident VSI, Philips iSyntax: " in (
+        caplog.text
+    )
+    assert "left out of the run: convert them" in caplog.text
