@@ -55,10 +55,10 @@ UNREAD_FORMATS = {
     ".kfb": "KFBio KFB",
     ".sdpc": "SQRAY SDPC",
 }
-#: What to do with a slide of one of `UNREAD_FORMATS`.
-CONVERT = (
-    "convert them to pyramidal OME-TIFF (Bio-Formats' bfconvert and QuPath can; the vendor's "
-    "own tools write tiled TIFF) and give those"
+#: What to convert a slide of one of `UNREAD_FORMATS` to.
+CONVERT_TO = (
+    "pyramidal OME-TIFF (Bio-Formats' bfconvert and QuPath write it; the vendor's own tools "
+    "write tiled TIFF)"
 )
 #: Annotation files beside a slide: `<id><suffix>`.
 SIDECARS = (".geojson", ".xml", ".labels.tif", ".labels.tiff", ".labels.png")
@@ -695,10 +695,10 @@ def scan_folder(
     if not rows:
         raise ConfigError(
             f"no slide found under {folder} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
-            + (f"; it holds {_unread_note(unread)}: {CONVERT}" if unread else "")
+            + (f"; it holds {_unread_note(unread)}: convert them to {CONVERT_TO}" if unread else "")
         )
     if unread:
-        log.warning("%s, left out of the run: %s", _unread_note(unread), CONVERT)
+        log.warning("%s, left out of the run: convert them to %s", _unread_note(unread), CONVERT_TO)
     if unused:
         log.warning(
             "per-class masks (labels.masks) are the annotation of %d slide(s) that also have "

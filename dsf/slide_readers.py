@@ -261,6 +261,14 @@ def open_backend(path: Path, slide_id: str, check: bool = True) -> Backend:
     if backend is not None:
         return backend
     if not errors:
+        from dsf.scan import CONVERT_TO, UNREAD_FORMATS
+
+        if kind := UNREAD_FORMATS.get(path.suffix.lower()):
+            raise SlideError(
+                slide_id,
+                f"{path} is a slide in {kind} format, which dsf does not read: convert it to "
+                f"{CONVERT_TO}, or {REMOVE_SLIDE}",
+            )
         raise SlideError(
             slide_id,
             f"{path} is not a slide format dsf can read (OpenSlide formats, TIFF/OME-TIFF, "

@@ -598,4 +598,8 @@ def test_slides_in_formats_no_reader_opens_are_named_not_passed_over(
     assert "3 slides in formats dsf does not read (Olympus/Evident VSI, Philips iSyntax: " in (
         caplog.text
     )
-    assert "left out of the run: convert them" in caplog.text
+    assert "left out of the run: convert them to pyramidal OME-TIFF" in caplog.text
+    # named in a sheet, such a slide's message says the same
+    with pytest.raises(SlideError, match=r"c.iSyntax is a slide in Philips iSyntax format, "
+                       r"which dsf does not read: convert it to pyramidal OME-TIFF"):  # fmt: skip
+        describe_slide(tmp_path / "c.iSyntax")
