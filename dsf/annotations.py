@@ -402,11 +402,11 @@ class PolygonLabels(LabelSource):
         if not self._shapes:
             raise AnnotationError(slide_id, _empty(path))
         sw, sh = slide_dims
-        inside = [
-            s
+        meets = [
+            s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw and s.bbox[1] < sh
             for s in self._shapes
-            if s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw and s.bbox[1] < sh
         ]
+        inside = [s for s, m in zip(self._shapes, meets, strict=True) if m]
         if not inside:
             raise AnnotationError(
                 slide_id,
@@ -417,7 +417,7 @@ class PolygonLabels(LabelSource):
         if len(inside) < len(self._shapes):
             # a scale error (um for px, a downsampled image's coordinates) leaves some in:
             # training on the rest would learn from misplaced regions without a word
-            far = next(s for s in self._shapes if s not in inside)
+            far = self._shapes[meets.index(False)]  # shapes hold arrays: no `in`
             raise AnnotationError(
                 slide_id,
                 f"{len(self._shapes) - len(inside)} of {len(self._shapes)} annotations of "
