@@ -45,6 +45,11 @@ localrules:
     report_tables,
 
 
+# a real run (not a dry run) first checks that its results folder can be written
+onstart:
+    check_results_writable()
+
+
 # the warnings the jobs logged, listed when the run ends (a log is shown only for a failed job)
 onsuccess:
     list_job_warnings()

@@ -137,11 +137,11 @@ def _size(n: int) -> str:
     return f"{value:.0f} TB"
 
 
-def check_writable(folder: Path, key: str) -> None:
+def check_writable(folder: Path, key: str, write: bool = True) -> None:
     """Write and remove a file in `folder` (config key `key`), or in the nearest folder above
     it that exists (where it would be made), before any job: a read-only place had failed the
-    first job, in Snakemake's words, with no fix. Leaves nothing behind. Raises ConfigError
-    naming the key and the folder."""
+    first job, in Snakemake's words, with no fix. Leaves nothing behind. Without `write` (a dry
+    run) only that the place is a folder. Raises ConfigError naming the key and the folder."""
     from dsf.errors import ConfigError
 
     place = folder.absolute()
@@ -150,8 +150,9 @@ def check_writable(folder: Path, key: str) -> None:
     try:
         if not place.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{place} is a file")
-        with tempfile.NamedTemporaryFile(dir=place, prefix=".dsf-write-check-"):
-            pass
+        if write:
+            with tempfile.NamedTemporaryFile(dir=place, prefix=".dsf-write-check-"):
+                pass
     except OSError as exc:
         raise ConfigError(
             f"config key `{key}`: cannot write to {folder} ({exc.strerror or exc}); give a "

@@ -1014,3 +1014,28 @@ def test_the_warnings_of_a_runs_jobs_are_listed_when_it_ends(tmp_path: Path, rea
     assert "tissue/cmu.log: cmu: sheet mpp 0.53 overrides the file's 0.499 um/px" in listed
     again = smk("--configfile", "cfg.yaml", "--cores", "1", target, cwd=tmp_path)
     assert "of this run" not in again.stdout + again.stderr
+
+
+def test_results_that_cannot_be_written_stop_a_real_run_not_a_dry_run(
+    tmp_path: Path, real: Path
+) -> None:
+    """A dry run of a finished project whose results cannot be written (archived, shared)
+    plans as usual; a real run stops before any job, naming the key (the check had run, and
+    written its test file, while the Snakefile was read, where a dry run is not yet known).
+    /proc stands in for a read-only place: not even root writes there."""
+    shutil.copy(real / "CMU-1-Small-Region.svs", tmp_path / "cmu.svs")
+    (tmp_path / "sheet.tsv").write_text("slide\tpath\ncmu\tcmu.svs\n")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"slides": "sheet.tsv"}))
+    where = ("--configfile", "cfg.yaml", "--config", "results=/proc/dsf-results", "--cores", "1")
+    plan = smk("-n", *where, "/proc/dsf-results/tissue/cmu.json", cwd=tmp_path)
+    assert job_counts(plan.stdout) == {"tissue": 1}
+    done = smk(*where, "/proc/dsf-results/tissue/cmu.json", cwd=tmp_path, check=False)
+    said = done.stdout + done.stderr
+    assert (
+        done.returncode != 0 and "config key `results`: cannot write to /proc/dsf-results" in said
+    )
+    assert "Select jobs to execute" not in said
+    (tmp_path / "afile").write_text("")  # under a file: said by a dry run too, not a traceback
+    plan = smk("-n", *where[:3], "results=afile/out", "--cores", "1", cwd=tmp_path, check=False)
+    said = plan.stdout + plan.stderr
+    assert plan.returncode != 0 and "afile is a file" in said and "NotADirectoryError" not in said

@@ -165,11 +165,11 @@ if workflow.is_main_process:
             some(SYNTH),
             config["slides"],
         )
-    # a results folder that cannot be written: said once, not by the first job's mkdir
-    if not workflow.dryrun:
-        from dsf.runner import check_writable
+    # a results folder under a file (Snakemake's own listing of it would fail with a
+    # traceback); that it can be written is checked when a real run starts (onstart)
+    from dsf.runner import check_writable
 
-        check_writable(Path(RESULTS), "results")
+    check_writable(Path(RESULTS), "results", write=False)
     # one scan under two names: its copies can land in different folds
     from dsf.copies import copies_note
 
@@ -624,6 +624,16 @@ def stage_process(stage, argv, log, files=None):
         from snakemake.exceptions import WorkflowError
 
         raise WorkflowError(f"dsf {stage} failed (exit {done.returncode}): see {log}")
+
+
+def check_results_writable():
+    """Refuse a results folder that cannot be written, once, before any job (the Snakefile's
+    onstart: a real run only; while the Snakefile is read, a dry run is not known yet, and a
+    dry run of an archived, read-only project must pass): not the first job's mkdir, in
+    Snakemake's words."""
+    from dsf.runner import check_writable
+
+    check_writable(Path(RESULTS), "results")
 
 
 def list_job_warnings():
