@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 #: stage -> (module, what it does), in the workflow's order; `dsf <stage> -h` tells the rest
 STAGES = {
@@ -50,6 +51,37 @@ def usage() -> str:
     )
 
 
+#: `dsf <stage> --args-file F`: the stage's arguments are the JSON list in F (the workflow's
+#: run: rules pass a cohort's thousands of paths so: a command line holds at most 2 MiB)
+ARGS_FILE = "--args-file"
+#: Arguments longer than this (bytes, all together) go in an arguments file.
+ARGS_INLINE = 100_000
+
+
+def spill_args(argv: list[str], folder: Path) -> list[str]:
+    """`argv`, or `--args-file F` with them written to F in `folder` when they pass
+    `ARGS_INLINE` bytes (a cohort's paths: more than the process could be started with)."""
+    if sum(len(a.encode()) + 1 for a in argv) <= ARGS_INLINE:
+        return argv
+    import json
+
+    path = folder / "args.json"
+    path.write_text(json.dumps(argv))
+    return [ARGS_FILE, str(path)]
+
+
+def _args_from_file(rest: list[str]) -> list[str]:
+    """`rest`, or the arguments its `--args-file F` names."""
+    if len(rest) != 2 or rest[0] != ARGS_FILE:
+        return rest
+    import json
+
+    args = json.loads(Path(rest[1]).read_text())
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SystemExit(f"dsf: {rest[1]} holds no JSON list of arguments")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a stage's `main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -67,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"dsf: unknown stage {stage!r}; stages: {', '.join(STAGES)}\n")
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    return module.main(rest)
+    return module.main(_args_from_file(rest))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,28 @@ def test_maps_of_other_classes_are_refused_and_a_failed_run_leaves_no_table(
     assert not out.exists()
     assert main(["--maps", str(a), "--out", str(a)]) == 2  # never over its input
     assert tifffile.imread(a).shape == (64, 64)
+
+
+def test_a_cohorts_maps_reach_dsf_areas_through_an_arguments_file(tmp_path: Path) -> None:
+    """The areas rule starts `dsf areas` with every map's path, which for some 16,000 slides
+    is more than a process can be started with (2 MiB; the job had failed with 'Argument list
+    too long'): past 100 kB the arguments go in a file, read back the same."""
+    import subprocess
+    import sys
+
+    from dsf.cli import ARGS_FILE, spill_args
+
+    cls = np.ones((40, 60), np.uint8)
+    maps = [_map(tmp_path / "maps", f"s{i}", cls, 2.0) for i in range(40)]
+    # named through long paths (./././...), 4 kB each, as a cohort's thousands of paths add up
+    deep = "/".join(["."] * 2000)
+    argv = ["--maps", *(f"{tmp_path}/{deep}/maps/{m.name}" for m in maps)]
+    argv += ["--out", str(tmp_path / "areas.tsv")]
+    assert spill_args(argv[:4], tmp_path) == argv[:4]  # short: as they are
+    spilled = spill_args(argv, tmp_path)
+    assert spilled == [ARGS_FILE, str(tmp_path / "args.json")]
+    assert json.loads(Path(spilled[1]).read_text()) == argv
+    done = subprocess.run([sys.executable, "-m", "dsf", "areas", *spilled], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "areas.tsv", sep="\t")
+    assert list(table["slide"]) == [f"s{i}" for i in range(40)]

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings
+from dsf.cli import spill_args
 from dsf.config import cli_args, coerce_strings, load_schema
 from dsf.config import validate as check_config
 from dsf.folds import (
@@ -602,10 +603,12 @@ def stage_process(stage, argv, log, files=None):
     """Run `dsf <stage> <argv>` (as `python -m dsf`) in a process of its own, its messages in
     `log`, for a rule's `run:` block; `files` (name -> text) are written to a temporary folder
     first, and `{name}` in `argv` becomes its path (a cohort's sheet records outgrow the 128 KiB
-    one command-line argument may hold). A `run:` rule, not a `script:` one: Snakemake reruns a
-    script rule whenever the script's file is newer than its outputs, so a fresh clone or a
-    checkout reran the folds and every fold's jobs after them; a run block is compared by its
-    text. Its own process keeps the stage's logging set-up out of Snakemake's."""
+    one command-line argument may hold); arguments past 100 kB go in a file of their own
+    (`dsf <stage> --args-file`: a whole command line holds 2 MiB, some 16,000 map paths). A
+    `run:` rule, not a `script:` one: Snakemake reruns a script rule whenever the script's file
+    is newer than its outputs, so a fresh clone or a checkout reran the folds and every fold's
+    jobs after them; a run block is compared by its text. Its own process keeps the stage's
+    logging set-up out of Snakemake's."""
     import subprocess
     import sys
     import tempfile
@@ -618,6 +621,7 @@ def stage_process(stage, argv, log, files=None):
             paths[name] = Path(tmp) / name
             paths[name].write_text(text)
         argv = [str(paths.get(a.strip("{}"), a)) if a.startswith("{") else str(a) for a in argv]
+        argv = spill_args(argv, Path(tmp))
         with open(log, "w") as fh:
             done = subprocess.run([sys.executable, "-m", "dsf", stage, *argv], stderr=fh)
     if done.returncode:
