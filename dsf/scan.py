@@ -269,12 +269,11 @@ def _warn_missing_masks(
         )
 
 
-def _is_qupath_project(folder: Path) -> bool:
-    """A QuPath project folder (its `project.qpproj`), or the `data` folder of one, which
-    holds each image's thumbnail and objects: pictures, not slides."""
+def _is_qupath_data(folder: Path) -> bool:
+    """The `data` folder of a QuPath project (beside its `project.qpproj`), which holds each
+    image's thumbnail and objects: pictures, not slides. The project's other files are searched:
+    slides may be kept in its folder."""
     try:
-        if any(folder.glob("*.qpproj")):
-            return True
         return folder.name == "data" and any(folder.parent.glob("*.qpproj"))
     except OSError:
         return False
@@ -313,8 +312,8 @@ def _walk(
             if _is_results(entry):
                 log.warning("%s: a dsf results folder (maps are no slides), not searched", entry)
                 continue
-            if _is_qupath_project(entry):
-                log.info("%s: a QuPath project (its thumbnails are no slides), not searched", entry)
+            if _is_qupath_data(entry):
+                log.info("%s: a QuPath project's data (thumbnails, no slides), not searched", entry)
                 continue
             yield from _walk(entry, skip, seen, names)
         elif entry.is_symlink() and not entry.exists():
@@ -706,6 +705,8 @@ def scan_folder(
             len(unused),
             some(unused),
         )
+    # per-class masks in a labels folder are taken through labels.masks, not by name
+    matched |= {p for found_masks in class_masks.values() for p in found_masks.values()}
     _warn_unmatched(walked, index, matched)
     if masks:
         _warn_missing_masks(rows, masks, {sid: names[e] for e, sid in ids.items()})

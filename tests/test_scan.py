@@ -486,9 +486,11 @@ def test_per_class_masks_are_found_by_pattern_and_are_not_slides(
     masks = tmp_path / "masks"
     _touch(masks, "x_whole.tif")
     _touch(root, "x.svs")
+    caplog.clear()
     assert _rows(scan_folder(root, masks, masks=PAIP_MASKS))["x"]["masks"] == {
         "whole_tumour": str(masks / "x_whole.tif")
     }
+    assert "x_whole.tif" not in caplog.text  # taken as a mask: not "named after no slide"
     _touch(root, "more/01_01_0083_whole.tif")
     with pytest.raises(ConfigError, match="'01_01_0083' has two whole_tumour masks"):
         scan_folder(root, masks=PAIP_MASKS)
@@ -571,12 +573,13 @@ def test_annotations_named_after_no_slide_are_warned_about(
     assert "s1.geojson" not in said and "s2.svs.geojson" not in said
 
 
-def test_a_qupath_project_in_the_slide_folder_is_not_searched(tmp_path: Path) -> None:
+def test_a_qupath_projects_data_in_the_slide_folder_is_not_searched(tmp_path: Path) -> None:
     """A QuPath project kept beside the slides holds thumbnails (`data/1/thumbnail.jpg`) that
-    had stopped the run as plain images without a resolution."""
-    _touch(tmp_path, "a.svs", "proj/project.qpproj", "proj/data/1/thumbnail.jpg")
+    had stopped the run as plain images without a resolution; slides kept in the project's
+    folder are found (the whole folder had been passed over, its slides with it)."""
+    _touch(tmp_path, "a.svs", "proj/project.qpproj", "proj/data/1/thumbnail.jpg", "proj/c.svs")
     _touch(tmp_path / "inside", "b.svs", "project.qpproj", "data/1/thumbnail.jpg")
-    assert sorted(_rows(scan_folder(tmp_path))) == ["a"]
+    assert sorted(_rows(scan_folder(tmp_path))) == ["a", "b", "c"]
     assert sorted(_rows(scan_folder(tmp_path / "inside"))) == ["b"]
 
 
