@@ -33,7 +33,7 @@ from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
-from dsf.label_settings import check_base_painted
+from dsf.label_settings import base_class, check_base_painted
 from dsf.runner import progress_bar, run, setup_logging
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
@@ -71,16 +71,20 @@ def centre_offset(block: int, scale: int) -> int:
     return block * (scale - 1) // 2
 
 
-def annotated_in_tiles(labels: LabelSource, attrs: dict[str, Any], origins: np.ndarray) -> float:
-    """The share of the slide's annotated area (any class but 0) that lies in its tissue tiles
-    (`origins` in target pixels, the store's `attrs`), measured on a grid of at most
-    `COVER_PX` a side; 1 where nothing is annotated. An annotation exported at another scale or
-    for another slide mostly misses the tiles, whose labels it would still give."""
+def annotated_in_tiles(
+    labels: LabelSource, attrs: dict[str, Any], origins: np.ndarray, base: int | None = None
+) -> float:
+    """The share of the slide's annotated area (any class but 0 and the `base` class, which
+    `dsf labels` paints wherever the pixel rule finds tissue, dust and pen too) that lies in
+    its tissue tiles (`origins` in target pixels, the store's `attrs`), measured on a grid of
+    at most `COVER_PX` a side; 1 where nothing is annotated. An annotation exported at another
+    scale or for another slide mostly misses the tiles, whose labels it would still give."""
     w0, h0 = (int(v) for v in attrs["level0_size"])
     mpp0, target_mpp = float(attrs["mpp"]), float(attrs["target_mpp"])
     mpp = max(target_mpp, max(w0, h0) * mpp0 / COVER_PX)
     w, h = math.ceil(w0 * mpp0 / mpp), math.ceil(h0 * mpp0 / mpp)
-    annotated = labels.read(0.0, 0.0, w, h, mpp) > 0
+    read = labels.read(0.0, 0.0, w, h, mpp)
+    annotated = (read > 0) & (read != base) if base is not None else read > 0
     total = int(np.count_nonzero(annotated))
     if not total:
         return 1.0
@@ -161,7 +165,8 @@ def build(
                 "labels.classes), lower patches.min_label_frac, or leave the slide's `labels` "
                 "cell in the sheet empty to use it unannotated",
             )
-        share = annotated_in_tiles(labels, st, origins)
+        base = base_class(label_settings)
+        share = annotated_in_tiles(labels, st, origins, classes.index(base) if base else None)
         if share < MIN_ANNOTATED_IN_TILES:
             log.warning(
                 "%s: only %.0f%% of the annotated area lies in the slide's tissue tiles "

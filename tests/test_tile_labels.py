@@ -15,7 +15,13 @@ from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.patches import extract
 from dsf.slide import open_slide
-from dsf.tile_labels import build, labels_store_path, pair_stores, tile_origins
+from dsf.tile_labels import (
+    annotated_in_tiles,
+    build,
+    labels_store_path,
+    pair_stores,
+    tile_origins,
+)
 
 from conftest import rgb_slide
 
@@ -250,3 +256,8 @@ def test_an_annotation_that_mostly_misses_the_tissue_tiles_is_warned_about(
     assert 0.09 < share < 0.14
     [warned] = caplog.records
     assert "s: only 1" in warned.getMessage() and "another scale" in warned.getMessage()
+    # a base class (painted wherever the pixel rule sees tissue, dust too) is not counted
+    g = zarr.open_group(str(store), mode="r")
+    src = open_labels(cut["ann"], "s", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
+    origins = tile_origins(dict(g.attrs), g["coords"][:])
+    assert annotated_in_tiles(src, dict(g.attrs), origins, base=1) > 0.9
