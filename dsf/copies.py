@@ -27,6 +27,16 @@ def _ends_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def _compared_file(path: Path) -> Path:
+    """The file that tells one scan from another: a MIRAX slide's `Slidedat.ini` (its slide id
+    and layout), not its `.mrxs` file, which can be alike for every slide of a scanner."""
+    if path.suffix.lower() == ".mrxs":
+        ini = path.parent / path.stem / "Slidedat.ini"
+        if ini.is_file():
+            return ini
+    return path
+
+
 def find_copies(paths: dict[str, str | os.PathLike[str]]) -> list[list[str]]:
     """Groups of slide ids (slide id -> file) whose files are one file (a link, or one path
     in two sheet rows) or copies: equal sizes and equal bytes at both ends. Only files of
@@ -34,7 +44,7 @@ def find_copies(paths: dict[str, str | os.PathLike[str]]) -> list[list[str]]:
     (DICOM, MIRAX data) and files not there yet are left out."""
     by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
     for sid, name in paths.items():
-        path = Path(name)
+        path = _compared_file(Path(name))
         if path.is_file():
             by_size[path.stat().st_size].append((sid, path))
     groups: list[list[str]] = []
