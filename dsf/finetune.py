@@ -627,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         norm = given_stats(args.norm_mean, args.norm_std, args.norm)
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a new run: an earlier one's results must not outlive a kill
+            for name in ("checkpoint.pt", "history.tsv", "history.running.tsv", "model.pt"):
+                (args.out_dir / name).unlink(missing_ok=True)
         tuner = FineTuner(
             st,
             [by_slide[s] for s in fit],

@@ -500,3 +500,24 @@ def test_non_finite_weights_are_never_checkpointed(three, tmp_path) -> None:  # 
     with pytest.raises(TrainingError, match=r"non-finite weights .*target_head.weight.*\.lr"):
         tuner.save_checkpoint()
     assert tuner.checkpoint_path.read_bytes() == good
+
+
+def test_a_new_run_stopped_midway_leaves_no_earlier_result(three, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Without --resume, an earlier run's model.pt, history and checkpoint in the output folder
+    are removed before training (as pretraining does), so a run stopped midway does not leave
+    them looking like its own."""
+    from dsf import finetune
+
+    stores, folds = three
+    out = tmp_path / "ft"
+    out.mkdir()
+    for name in ("model.pt", "history.tsv", "history.running.tsv", "checkpoint.pt"):
+        (out / name).write_text("an earlier run's")
+
+    def stopped(self, progress=None) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.FineTuner, "fit", stopped)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while training
+        main(_args(stores[1:], folds, out))
+    assert sorted(p.name for p in out.iterdir()) == []
