@@ -64,13 +64,30 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), std, int(v.size)
 
 
+#: Columns of a score table that are names, never numbers or NaN (a slide may be called `NA`).
+TEXT_COLUMNS = ("slide", "init", "model", "models", "routing")
+
+
+def _read_scores(path: Path) -> pd.DataFrame:
+    """A score TSV of `write_tsv`: `nan` (and empty) is NaN in the number columns only, so
+    slides named `NA`, `nan` or `null` keep their names (as folds.tsv keeps them)."""
+    header = pd.read_csv(path, sep="\t", nrows=0).columns
+    return pd.read_csv(
+        path,
+        sep="\t",
+        keep_default_na=False,
+        na_values={c: ["nan", "NaN", ""] for c in header if c not in TEXT_COLUMNS},
+        dtype={c: str for c in TEXT_COLUMNS if c in header},
+    )
+
+
 def read_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     """Concatenate per-slide TSVs (header-only ones included) and their common classes."""
     frames, classes = [], None
     for p in paths:
         fix = "delete it and rerun the evaluate stage (Snakemake rebuilds it)"
         try:
-            df = pd.read_csv(p, sep="\t", dtype={"slide": str})
+            df = _read_scores(p)
         except FileNotFoundError as exc:
             raise ConfigError(f"score table {p} not found; run the evaluate stage first") from exc
         except (

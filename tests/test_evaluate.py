@@ -845,3 +845,29 @@ def test_the_tables_say_what_each_method_is() -> None:
     assert legend.startswith("random (HookNet from random init, the supervised baseline), dsf (")
     assert "DSF-WSI encoders, the paper's method), m1" in legend
     assert method_legend([]) == "none"
+
+
+def test_slides_named_like_missing_values_keep_their_names_in_the_tables(tmp_path) -> None:  # noqa: ANN001
+    """Slide ids `NA`, `nan` and `null` are valid (folds.tsv keeps them): the score tables read
+    them as names, not as missing values, which had merged them and crashed the tables; a
+    score written as `nan` is still missing."""
+    from dsf.evaluate import write_tsv
+    from dsf.tables import read_results
+
+    paths = []
+    for i, (slide, fold) in enumerate((("NA", 0), ("nan", 0), ("null", 1), ("s2", 1))):
+        row = _row(slide, fold, "m1", [[10, 0, 0], [0, 0, 0]])  # B absent: f1_B is nan
+        write_tsv(pd.DataFrame([row]), tmp_path / f"t{i}.tsv")
+        paths.append(tmp_path / f"t{i}.tsv")
+    raw, classes = read_results(paths)
+    assert list(raw["slide"]) == ["NA", "nan", "null", "s2"] and classes == TWO
+    assert raw["f1_B"].isna().all() and raw["f1_A"].notna().all()
+    folds = pd.DataFrame({"slide": ["NA", "nan", "null", "s2"], "group": list("abcd")})
+    folds["fold"] = [0, 0, 1, 1]
+    out = {k: tmp_path / "eval" / v for k, v in
+           dict(markdown="tables.md", tile_scores="tile_scores.tsv",
+                slide_scores="slide_scores.tsv", figure="figure.png").items()}  # fmt: skip
+    build_tables(tiles=paths, slides=[], panels=[], folds=folds, methods=["m1"],
+                 fractions=[1.0], panel_slides=0, **out)  # fmt: skip
+    md = out["markdown"].read_text()
+    assert "fold 0: 2 validation slide(s) (NA, nan)" in md
