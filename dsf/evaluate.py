@@ -126,8 +126,8 @@ def write_tsv(df: pd.DataFrame, out: Path) -> None:
 
 
 def check_not_trained_on(cmap: ClassMap, slide: str) -> None:
-    """Refuse to score a prediction run's map of a slide that one of its models was fitted or
-    selected on (by slide id, as the tile protocol refuses its store): that is not validation.
+    """Refuse to score a map of a slide that one of its models was fitted or selected on (by
+    slide id, as the tile protocol refuses its store): that is not validation.
     A model file no longer at its recorded path is skipped with a warning."""
     from dsf import checkpoints
 
@@ -341,7 +341,8 @@ def evaluate_slide(
 
     A map of this run's fold models must be out of fold (checked against `folds`); one of
     models given by `apply.models` (routing `given`, a prediction run) is scored as it is, fold
-    -1, unless one of its models lists the slide among its fit or selection slides. `method`
+    -1. Neither is scored where one of its models lists the slide among its fit or selection
+    slides. `method`
     names the row (default the models' init)."""
     sid = slide.slide_id
     if str(cmap.meta["slide"]) != sid:
@@ -352,8 +353,10 @@ def evaluate_slide(
             f"--classes) is {classes}: "
             "predict and evaluate with the same classes"
         )
+    # no map is scored on a slide one of its models fitted or selected on, whatever folds.tsv
+    # says now (rebuilt with another seed or k after the models, or a map made by hand)
+    check_not_trained_on(cmap, sid)
     if cmap.meta["routing"] == "given":
-        check_not_trained_on(cmap, sid)
         fold = -1
     elif folds is None:
         raise ConfigError(

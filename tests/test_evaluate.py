@@ -363,6 +363,12 @@ def test_map_contract_is_checked(slide_files, tmp_path) -> None:  # noqa: ANN001
     )
     with pytest.raises(ConfigError, match="out-of-fold maps only"):
         evaluate_slide(ens, slide, labels, folds, CLASSES, 64)
+    # the slide's own fold by folds.tsv, but its model trained on the slide (folds.tsv made
+    # again with another seed after the models, or a map made by hand): refused by the model
+    torch.save({"fold": 0, "fit_slides": ["S"], "select_slides": []}, tmp_path / "f0.pt")
+    stale = _write_map(tmp_path / "st.tiff", _truth(), folds=[0], models=[str(tmp_path / "f0.pt")])
+    with pytest.raises(ConfigError, match=r"slide 'S' is training data of .*f0\.pt"):
+        evaluate_slide(open_map(stale, None), slide, labels, folds, CLASSES, 64)
     _write_map(tmp_path / "b.tiff", _truth(), width=129)
     with pytest.raises(ConfigError, match="different runs"):
         open_map(tmp_path / "b.tiff", tmp_path / "b.json")
