@@ -226,6 +226,12 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
         tgt = torch.from_numpy(np.ascontiguousarray(read_rows(tiles, which, centre, centre)))
         lab_blocks = labels[i0:i1, centre, centre]
         probs = predictor.probabilities(ctx, tgt)
+        if not bool(torch.isfinite(probs).all()):  # argmax would take NaN for a class
+            raise ConfigError(
+                f"the model gave NaN or infinite probabilities on the tiles of {store.tiles}: "
+                "its weights hold NaN, or autocast overflowed; check the model, or set "
+                "evaluate.amp to false (--no-amp)"
+            )
         pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
         cm += confusion(pred, lab_blocks, k)
     return n, cm

@@ -46,7 +46,7 @@ from dsf.captions import picture_format, save_picture
 from dsf.chunk_reader import ChunkReader
 from dsf.class_tiff import write_tiff
 from dsf.config import add_section_arguments, section_from_args
-from dsf.errors import ConfigError
+from dsf.errors import ConfigError, SlideError
 from dsf.map_writer import MapWriter, WriterThread, render_overlay, write_ome_attrs
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
@@ -188,6 +188,16 @@ def infer_slide(
                     reader = ChunkReader(slide, grid, t, settings["threads"], pin=pin)
                     with closing(reader.stream(bands)) as chunks:
                         stitcher.run(bands, chunks)
+                    if bool(stitcher.nonfinite):  # a NaN takes no class: not a map
+                        amp = {str(pr.amp).removeprefix("torch.") for pr in preds if pr.amp}
+                        raise SlideError(
+                            slide.slide_id,
+                            "the models gave NaN or infinite probabilities for some windows: "
+                            "their weights hold NaN"
+                            + (f", or {'/'.join(sorted(amp))} autocast overflowed" if amp else "")
+                            + ". Check the models (`dsf evaluate tiles`)"
+                            + (", or set infer.amp to false (--no-amp)" if amp else ""),
+                        )
                     sink.join()
                 finally:  # the writer stops before its work directory is removed
                     sink.join(raise_error=False)

@@ -173,6 +173,9 @@ class Stitcher:
         self.acc: BandAccumulator | None = None
         self.pending: deque[int] = deque()  # window rows of the band still to cut
         self.next_row = 0  # next core row of the band to write
+        # a window whose probabilities were not finite (NaN weights, an fp16 overflow): kept
+        # on the device, so no batch waits for the GPU; read once, when the slide is done
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def run(self, bands: list[Band], chunks: Iterator[tuple[int, int, Any, Any]]) -> None:
         """Consume (band, chunk, target rows, context rows) in band and row order."""
@@ -258,6 +261,7 @@ class Stitcher:
         ctx = torch.cat([c for *_, c, _ in take]) if len(take) > 1 else take[0][2]
         tgt = torch.cat([t for *_, t in take]) if len(take) > 1 else take[0][3]
         probs = sum(m.probabilities(ctx, tgt) for m in self.preds) / len(self.preds)
+        self.nonfinite |= ~torch.isfinite(probs).all()
         start = 0
         for wr, cells, *_ in take:
             self.acc.add(wr, cells, probs[start : start + cells.shape[0], 1:])

@@ -180,6 +180,14 @@ def test_tile_protocol_scores_the_tiles_the_labels_store_names(stores, tmp_path)
         assert row["n_pixels"] == want.sum() > 0
 
 
+def test_tile_protocol_refuses_nan_probabilities(stores) -> None:  # noqa: ANN001
+    """NaN probabilities had been argmaxed into a class (torch takes NaN for the largest)."""
+    pred = _predictor(BrightnessStub())
+    pred.probabilities = lambda ctx, tgt: torch.full((len(tgt), 3, 4, 4), float("nan"))
+    with pytest.raises(ConfigError, match=r"NaN or infinite probabilities on the tiles of"):
+        evaluate_tiles(pred, [stores["A"]], 8, Path("m.pt"))
+
+
 def test_tile_protocol_refuses_training_slides(stores) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match=r"\['B'\] are training data"):
         evaluate_tiles(_predictor(BrightnessStub()), [stores["A"], stores["B"]], 8, Path("m.pt"))

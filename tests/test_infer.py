@@ -1006,3 +1006,24 @@ def test_routing_by_hand_follows_the_models():
     assert default_routing([fold0], "c") == "out_of_fold"
     assert default_routing([fold0], "a") == "fold"
     assert default_routing([fold0], "b") == "fold"
+
+
+def test_a_model_that_gives_nan_leaves_no_map(tmp_path, stripes):
+    """NaN probabilities (NaN weights, or an fp16 overflow) took the first class everywhere,
+    a whole slide of tumour without a word: the job stops, naming the cause, and writes no map."""
+    from dsf.errors import SlideError
+
+    path, _ = stripes
+    pred = oracle(32)
+    sure = pred.probabilities
+
+    def some_nan(context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = sure(context, target)
+        probs[0] = float("nan")  # one window of each batch
+        return probs
+
+    pred.probabilities = some_nan
+    with pytest.raises(SlideError, match=r"NaN or infinite probabilities for some windows: "
+                       r"their weights hold NaN\. Check the models"):  # fmt: skip
+        run_infer(tmp_path, path, [pred])
+    assert not any((tmp_path / "out").glob("map.*"))
