@@ -61,7 +61,5 @@ def summary(found: list[JobWarning], logs: Path, shown: int = SHOWN) -> str:
     for w in found[:shown]:
         lines.append(f"  {w.log.relative_to(logs)}: {w.message}")
     if len(found) > shown:
-        lines.append(
-            f"  ... and {len(found) - shown} more: grep -r WARNING {logs} lists them all"
-        )
+        lines.append(f"  ... and {len(found) - shown} more: grep -r WARNING {logs} lists them all")
     return "\n".join(lines)
