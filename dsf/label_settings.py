@@ -100,6 +100,11 @@ def _check_class_names(classes: list[str]) -> None:
             f"config key labels.classes: {seen['bg']!r} is reserved (the score tables' column "
             "of pixels predicted as background); rename that class, e.g. background"
         )
+    if "mapped" in classes[1:]:  # areas.tsv's `mapped_mm2` is every class's area together
+        raise ConfigError(
+            "config key labels.classes: 'mapped' is reserved (areas.tsv's column of the area "
+            "that got any class); rename that class"
+        )
     fg = classes[1:]
     pairs: dict[str, tuple[str, str]] = {}
     for t in fg:

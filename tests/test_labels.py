@@ -320,6 +320,7 @@ def test_the_paip_preset_runs_on_a_paip_folder(tmp_path: Path) -> None:
     [
         (["ignore", "TUM", "tum"], r"'TUM' and 'tum' are one class name"),
         (["ignore", "tissue", "BG"], r"'BG' is reserved.*predicted as background"),
+        (["ignore", "TUM", "mapped"], r"'mapped' is reserved \(areas.tsv's column"),
         (["ignore", "a", "a_b", "b_c", "c"], r"\('a', 'b_c'\) and \('a_b', 'c'\).*cm_a_b_c"),
     ],
 )
