@@ -496,10 +496,17 @@ class Trainer:
             now,
         )
 
+    def _stop_name(self) -> str:
+        """What stopped the run: its signal, or the job's time limit."""
+        if self._stop is None and self.deadline is not None:
+            return "its job's coming time limit"
+        return signal.Signals(self._stop or signal.SIGTERM).name
+
     def _stopping(self, steps: int) -> bool:
-        """Whether to stop now for a signal: at once in one process; under DDP every
-        CHECK_EVERY steps, when all ranks learn together whether any received one (one rank
-        stopping alone would leave the others waiting in a collective)."""
+        """Whether to stop now for a signal or the time limit: at once in one process; under
+        DDP every CHECK_EVERY steps (and with `steps` 0, at the end of every epoch), when all
+        ranks learn together whether any received one (one rank stopping alone would leave
+        the others waiting in a collective)."""
         due = self._stop is not None or (self.deadline is not None and time.time() >= self.deadline)
         if self.world == 1:
             return due
@@ -539,14 +546,11 @@ class Trainer:
             except _InterruptError as stop:
                 at = {"epoch": self.epoch + 1, "steps": stop.steps}
                 self.save_checkpoint(interrupted=at)
-                if self._stop is None and self.deadline is not None:
-                    name = "its job's coming time limit"
-                else:
-                    name = signal.Signals(self._stop or signal.SIGTERM).name
                 raise StoppedError(
-                    f"pretraining stopped by {name} in epoch {at['epoch']} after {at['steps']} "
-                    f"steps; {self.checkpoint_path} holds the weights it reached: run the same "
-                    "command again (the workflow resumes) and that epoch runs again from them"
+                    f"pretraining stopped by {self._stop_name()} in epoch {at['epoch']} after "
+                    f"{at['steps']} steps; {self.checkpoint_path} holds the weights it reached: "
+                    "run the same command again (the workflow resumes) and that epoch runs "
+                    "again from them"
                 ) from None
             if self.rank == 0:
                 log.info(
@@ -563,8 +567,19 @@ class Trainer:
                     row["data_wait"] * 100,
                 )
                 self.write_log(final=False)
-            if self.epoch % self.st["checkpoint_every"] == 0 or self.epoch == self.st["epochs"]:
+            saved = self.epoch % self.st["checkpoint_every"] == 0
+            if saved or self.epoch == self.st["epochs"]:
                 self.save_checkpoint()
+            # under DDP the steps check only every CHECK_EVERY steps: an epoch of fewer (or
+            # its last steps) had let a signal or the time limit pass unseen
+            if self.epoch < self.st["epochs"] and self._stopping(0):
+                if not saved:
+                    self.save_checkpoint()
+                raise StoppedError(
+                    f"pretraining stopped by {self._stop_name()} after epoch {self.epoch}; "
+                    f"{self.checkpoint_path} holds it: run the same command again (the "
+                    f"workflow resumes) and training goes on from epoch {self.epoch + 1}"
+                )
 
     def close(self) -> None:
         """Stop the tile loader's worker processes and give back its shared memory now, not at

@@ -315,6 +315,45 @@ def test_two_process_ddp_keeps_replicas_equal(stores: list[Path], tmp_path: Path
     assert not torch.equal(init, r0)  # the replicas trained, and stayed equal
 
 
+def _ddp_deadline_worker(rank: int, port: int, stores: list[str], out: str) -> None:
+    import time
+
+    from dsf.pretrain import StoppedError
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    settings = _settings(epochs=3, steps_per_epoch=2, checkpoint_every=5)
+    trainer = Trainer(settings, [Path(s) for s in stores], Path(out))
+    trainer.deadline = time.time() - 1  # the job's time limit is near
+    try:
+        trainer.fit(progress=False)
+        said = "trained on"
+    except StoppedError as exc:
+        said = str(exc)
+    (Path(out) / f"rank{rank}.txt").write_text(said)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_stops_at_the_time_limit_even_with_short_epochs(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    """Under DDP the ranks agree on a stop every 50 steps: epochs of fewer steps (BCSS folds of
+    under 1,600 tiles at batch 32) had trained through the time limit until SLURM killed the
+    job. Every rank now also checks at each epoch's end, and the checkpoint holds that epoch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_deadline_worker, args=(port, [str(s) for s in stores], str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "stopped by its job's coming time limit after epoch 1" in said, said
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and not state.get("interrupted")
+
+
 def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_path: Path) -> None:
     """pretrain.gpus 2: the rule's command (torchrun, one process per GPU), here on the CPU
     (gloo); the global batch is split over the processes."""
