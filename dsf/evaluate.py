@@ -125,24 +125,31 @@ def write_tsv(df: pd.DataFrame, out: Path) -> None:
 # -- tile protocol ----------------------------------------------------------------------------
 
 
-def check_not_trained_on(cmap: ClassMap, slide: str) -> None:
+def check_not_trained_on(cmap: ClassMap, slide: str) -> bool:
     """Refuse to score a map of a slide that one of its models was fitted or selected on (by
-    slide id, as the tile protocol refuses its store): that is not validation.
-    A model file no longer at its recorded path is skipped with a warning."""
+    slide id, as the tile protocol refuses its store): that is not validation. A model file
+    no longer at its recorded path is skipped with a warning. True when every model of the map
+    was found and names its training slides (the check is complete)."""
     from dsf import checkpoints
 
-    for path in map(Path, cmap.meta.get("models", [])):
+    paths = list(map(Path, cmap.meta.get("models", [])))
+    complete = bool(paths)
+    for path in paths:
         if not path.is_file():
             log.warning(
                 "%s: model %s of the map is gone: its training slides are unchecked", slide, path
             )
+            complete = False
             continue
-        if slide in trained_on(checkpoints.load(path, mmap=True)):
+        seen = trained_on(checkpoints.load(path, mmap=True))
+        complete = complete and bool(seen)
+        if slide in seen:
             raise ConfigError(
                 f"slide {slide!r} is training data of {path} (its fit or selection slides): "
                 "scoring it would not be validation; drop the slide's annotation from the "
                 "prediction run, or map it with models that did not train on it"
             )
+    return complete
 
 
 def check_validation_stores(
@@ -361,13 +368,17 @@ def evaluate_slide(
         )
     # no map is scored on a slide one of its models fitted or selected on, whatever folds.tsv
     # says now (rebuilt with another seed or k after the models, or a map made by hand)
-    check_not_trained_on(cmap, sid)
+    checked = check_not_trained_on(cmap, sid)
+    used = sorted({int(f) for f in cmap.meta["folds"]})
     if cmap.meta["routing"] == "given":
         fold = -1
+    elif folds is None and checked:  # by hand: the models themselves say it is out of fold
+        fold = used[0] if len(used) == 1 else -1
     elif folds is None:
         raise ConfigError(
             f"map {cmap.path} of slide {sid!r} is of this run's fold models (routing "
-            f"{cmap.meta['routing']!r}): give --folds (folds.tsv) to check it is out of fold"
+            f"{cmap.meta['routing']!r}), which are not at their recorded paths or name no "
+            "training slides: give --folds (folds.tsv) to check it is out of fold"
         )
     else:
         fold = check_out_of_fold(cmap, sid, folds)

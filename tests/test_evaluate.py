@@ -665,8 +665,14 @@ def test_a_given_models_map_is_scored_without_folds(slide_files, tmp_path) -> No
     with pytest.raises(ConfigError, match=r"slide 'S' is training data of .*m\.pt"):
         evaluate_slide(open_map(seen, None), slide, labels, None, CLASSES, 64, "cohort")
     own = open_map(_write_map(tmp_path / "o.tiff", _truth()), None)
-    with pytest.raises(ConfigError, match="give --folds"):
+    with pytest.raises(ConfigError, match="not at their recorded paths.*give --folds"):
         evaluate_slide(own, slide, labels, None, CLASSES, 64)
+    # a fold model that names its training slides, the slide not among them: the model says
+    # the map is out of fold, so a map made by hand is scored without folds.tsv
+    torch.save({"fold": 1, "fit_slides": ["other"], "select_slides": []}, tmp_path / "f1.pt")
+    oof = _write_map(tmp_path / "f.tiff", _truth(), folds=[1], models=[str(tmp_path / "f1.pt")])
+    row = evaluate_slide(open_map(oof, None), slide, labels, None, CLASSES, 64)
+    assert (row["fold"].iloc[0], row["pixel_accuracy"].iloc[0]) == (1, 1)
 
 
 def test_cohort_tables_average_over_slides(tmp_path) -> None:  # noqa: ANN001
