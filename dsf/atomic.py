@@ -86,8 +86,32 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     if not partial.exists():
         raise FileNotFoundError(f"{partial} was not written")
-    remove(final)
+    if partial.is_file() and not final.is_dir():
+        # a file replaces the earlier one in one step: a kill between a removal and the rename
+        # had left only the .partial (a checkpoint's progress lost), and its bytes reach the
+        # disk first, so a node's crash cannot leave an empty file under the final name
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, final)
+        _sync_folder(final.parent)
+        return
+    remove(final)  # a folder (a Zarr store) cannot be replaced in one step
     os.replace(partial, final)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (fsync of the folder), where the file system allows
+    it: some (network ones, Windows) refuse to open or sync a folder, and lose nothing by it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_epochs(rows: list[dict[str, Any]], columns: list[str], path: Path, final: bool) -> None:

@@ -110,3 +110,27 @@ def test_an_overlay_is_written_in_the_format_its_name_says(
         assert im.format == "PNG"
     assert tissue.main([*common, "--overlay", str(out / "o.gif")]) == 2
     assert "--overlay" in capsys.readouterr().err and not (out / "o.gif").exists()
+
+
+def test_a_file_output_is_replaced_in_one_step(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The earlier file stays until the new one takes its name: a kill between removing it and
+    the rename had left only `<name>.partial`, so a rerun found no checkpoint and trained from
+    epoch 0. A folder output (a Zarr store) is still replaced by removing it first."""
+    from dsf import atomic
+    from dsf.atomic import atomic_path
+
+    out = tmp_path / "checkpoint.pt"
+    with atomic_path(out) as tmp:
+        tmp.write_text("epoch 10")
+
+    def killed(src: object, dst: object) -> None:
+        raise SystemExit("killed")  # SLURM's SIGKILL while the new checkpoint is renamed
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "replace", killed)
+        with pytest.raises(SystemExit), atomic_path(out) as tmp:
+            tmp.write_text("epoch 11")
+    assert out.read_text() == "epoch 10"  # the earlier checkpoint, whole
+    with atomic_path(out) as tmp:  # the rerun writes over it
+        tmp.write_text("epoch 11")
+    assert out.read_text() == "epoch 11" and not (tmp_path / "checkpoint.pt.partial").exists()
