@@ -254,6 +254,23 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return folds
 
 
+def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--folds folds.tsv --fold K` of a stage that trains or samples on a fold's training
+    slides (`check_fold_arguments` requires them together)."""
+    parser.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
+    parser.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
+
+
+def check_fold_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop when only one of --fold and --folds is given: --fold alone would be recorded (in
+    encoders.pt, which fine-tuning trusts) without its validation slides being left out."""
+    if (args.fold is None) != (args.folds is None):
+        parser.error(
+            "--fold and --folds go together: --folds names folds.tsv, which says which stores "
+            "are fold K's validation slides (left out); give both, or neither for all stores"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsf folds", description=__doc__)
     given = p.add_mutually_exclusive_group(required=True)

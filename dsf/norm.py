@@ -27,6 +27,7 @@ from dsf import __version__
 from dsf.atomic import atomic_path
 from dsf.config import add_setting_argument
 from dsf.errors import ConfigError
+from dsf.folds import add_fold_arguments, check_fold_arguments
 from dsf.runner import run, setup_logging
 
 if TYPE_CHECKING:  # torch is not imported here: the workflow imports this module to parse
@@ -198,8 +199,7 @@ def _fmt(values: Sequence[float]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsf norm", description=__doc__)
     p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
-    p.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
-    p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
+    add_fold_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="the JSON to write")
     add_setting_argument(p, "--norm-tiles", "pretrain.norm_tiles", "tiles sampled")
     add_setting_argument(p, "--seed", "pretrain.seed", "sampling seed")
@@ -209,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`dsf norm`: training stores -> normalisation JSON (mean, std, what they come from)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_fold_arguments(parser, args)
     setup_logging()
 
     def body() -> None:

@@ -43,7 +43,7 @@ from dsf.config import add_section_arguments, section_from_args
 from dsf.deadline import STOP_BEFORE_LIMIT_S, job_deadline
 from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
-from dsf.folds import read_folds
+from dsf.folds import add_fold_arguments, check_fold_arguments, read_folds
 from dsf.norm import check_settings as check_norm
 from dsf.norm import computed_stats, given_stats
 from dsf.runner import run, setup_logging
@@ -616,8 +616,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--stores", nargs="+", required=True, type=Path, help="patch stores (.zarr)")
-    p.add_argument("--folds", type=Path, help="folds.tsv; with --fold, checks the stores")
-    p.add_argument("--fold", type=int, help="the fold whose validation slides are excluded")
+    add_fold_arguments(p)
     p.add_argument("--out-dir", required=True, type=Path, help="folder for the artifacts")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt if any")
     p.add_argument(
@@ -641,7 +640,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`dsf pretrain`: one fold's training stores -> encoders.pt, checkpoint.pt, log.tsv."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_fold_arguments(parser, args)
     setup_logging()
 
     def body() -> None:

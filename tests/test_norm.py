@@ -81,6 +81,14 @@ def test_cli_writes_the_statistics_of_the_training_slides_only(
         == 2
     )
     assert not bad.exists() and not list(tmp_path.glob("bad*"))
+    # --fold without --folds (or the reverse) would leave no slide out: refused, as in pretrain
+    from dsf import pretrain
+
+    for stage, out_opt in ((main, ["--out", str(bad)]), (pretrain.main, ["--out-dir", str(bad)])):
+        for half in (["--fold", "1"], ["--folds", str(folds)]):
+            with pytest.raises(SystemExit) as stop:
+                stage(["--stores", *map(str, stores), *half, *out_opt])
+            assert stop.value.code == 2 and not bad.exists()
 
 
 def test_settings_and_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
