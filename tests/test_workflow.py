@@ -736,6 +736,10 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
         for line in pre
     )
     assert "threads: 8" in out  # 3 loader workers and itself for each of the 2 processes
+    # SLURM's warning before the time limit is SIGTERM, which torchrun forwards to its
+    # processes (SIGUSR1 killed torchrun and left them running)
+    asked = re.findall(r"^    resources: (.*slurm_extra.*)$", out, re.M)
+    assert len(asked) == 2 and all("slurm_extra=--signal=TERM@300" in r for r in asked), asked
     done = demo_dry_run(tmp_path, "infer:\n  gpus: 2\n", "infer", check=False)
     assert done.returncode != 0 and "gpus" in done.stdout + done.stderr
 

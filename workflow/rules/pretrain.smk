@@ -36,8 +36,11 @@ rule pretrain:
         # SIGUSR1 5 minutes before the time limit: the job checkpoints where it is and its
         # retry resumes there (dsf.pretrain.STOP_SIGNALS; a site's own slurm_extra replaces it).
         # Where SLURM tracks processes by cgroup the signal ends Snakemake's job step instead:
-        # pretraining in a SLURM job also stops by itself before the time squeue says it has
-        slurm_extra="--signal=USR1@300",
+        # pretraining in a SLURM job also stops by itself before the time squeue says it has.
+        # torchrun (several GPUs) dies of SIGUSR1, leaving its ranks behind: it forwards SIGTERM
+        slurm_extra=(
+            "--signal=USR1@300" if config["pretrain"]["gpus"] <= 1 else "--signal=TERM@300"
+        ),
     conda:
         "../../envs/dsf.yaml"
     log:
