@@ -11,17 +11,18 @@ Artifacts in `--out-dir`: `encoders.pt` (the two encoders' state_dicts, for fine
 `checkpoint.pt` (full state: model, optimiser, scaler, epoch; written every `checkpoint_every`
 epochs and at the end) and `log.tsv` (per epoch: the three group losses, throughput and the
 collapse monitor; rank 0's losses and z_std under DDP, throughput over all ranks). `--resume`
-continues from the checkpoint exactly at an epoch's end: sampling and augmentation are seeded
-per epoch, and a changed hyperparameter is an error (epochs, workers, device, compile and
-checkpoint settings may change: `RESUME_FREE`). A checkpoint a stop signal wrote mid-epoch
-holds that epoch's weights so far, and the resumed run trains that epoch again from them (its
-first steps twice), as the stop message says.
+continues from the checkpoint exactly: sampling is seeded per epoch, augmentation and the
+model's own randomness per step, and a changed hyperparameter is an error (epochs, workers,
+device, compile and checkpoint settings may change: `RESUME_FREE`). A checkpoint a stop
+signal or the job's time limit wrote mid-epoch holds the steps done and that epoch's loss sums
+so far, and the resumed run goes on from the next step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -106,11 +107,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class _InterruptError(Exception):
-    """Raised inside an epoch when a stop signal came, with the steps it had done."""
+    """Raised inside an epoch when a stop signal came, with the steps it had done (of the
+    whole epoch) and the epoch's loss sums so far."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, sums: list[float]) -> None:
         super().__init__(steps)
-        self.steps = steps
+        self.steps, self.sums = steps, sums
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int, stream: int) -> int:
+    """The seed of one step's draws (`stream` 0: its augmentation, 1: the model's own
+    randomness, e.g. EfficientNet's stochastic depth): fixed by the step, so a run resumed
+    mid-epoch draws what the straight run drew from there on."""
+    key = f"{seed}/{epoch}/{step}/{rank}/{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 class EpochSampler(Sampler[int]):
@@ -290,6 +300,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self._epochs_run = 0  # in this process: the first includes the workers' start
+        # a run resumed mid-epoch: the steps of that epoch done before, and their loss sums
+        self._resume_at: tuple[int, list[float]] | None = None
         self._said_starved = False
         self._stop: int | None = None  # the stop signal received, if any
         self.deadline: float | None = None  # `time.time()` to stop at by itself (job_deadline)
@@ -302,11 +314,11 @@ class Trainer:
     def _hyper(self) -> dict[str, Any]:
         return {k: v for k, v in self.st.items() if k not in RESUME_FREE}
 
-    def save_checkpoint(self, interrupted: dict[str, int] | None = None) -> None:
-        """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps) marks
-        one written by a stop signal mid-epoch: its weights are that epoch's so far, and a
-        resume runs that epoch again from them. Non-finite weights are never written (every
-        rank checks: DDP keeps them equal), so the last good checkpoint stays."""
+    def save_checkpoint(self, interrupted: dict[str, Any] | None = None) -> None:
+        """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps, the
+        epoch's loss sums) marks one written by a stop mid-epoch: its weights are that epoch's
+        so far, and a resume goes on from the next step. Non-finite weights are never written
+        (every rank checks: DDP keeps them equal), so the last good checkpoint stays."""
         when = f"epoch {self.epoch + 1 if interrupted else self.epoch}"
         if why := checkpoints.nonfinite_weights(self.model, self.checkpoint_path, "pretrain", when):
             raise TrainingError(why)
@@ -333,19 +345,26 @@ class Trainer:
         self.history = list(state["history"])
         if state.get("interrupted"):
             stop = state["interrupted"]
+            # a checkpoint of an older dsf holds no loss sums (and drew otherwise): the
+            # epoch runs again from the weights it had reached
+            again = "sums" not in stop
+            if not again:
+                self._resume_at = (int(stop["steps"]), [float(v) for v in stop["sums"]])
             log.info(
-                "resumed from %s, written when a signal stopped epoch %d after %d steps: that "
-                "epoch runs again from the weights it had reached",
+                "resumed from %s, written when epoch %d was stopped after %d steps: %s",
                 self.checkpoint_path,
                 stop["epoch"],
                 stop["steps"],
+                "that epoch runs again from the weights it had reached"
+                if again
+                else "it goes on from the next step",
             )
         else:
             log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True
 
     # -- training ----------------------------------------------------------------------------
-    def batches(self, gen: torch.Generator) -> Iterator[tuple[int, Views]]:
+    def batches(self, gen: torch.Generator, start: int = 0) -> Iterator[tuple[int, Views]]:
         """The epoch's batches as (tiles, augmented views on the device).
 
         The next batch's copy to the device and its augmentation are queued before a batch is
@@ -356,13 +375,17 @@ class Trainer:
         does not depend on the overlap; on the CPU it is the same order without a side stream.
         """
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        batches = self.loader.epoch(self.epoch)
+        batches = self.loader.epoch(self.epoch, start)
+        step = start
 
         def prepare() -> tuple[int, Views, torch.cuda.Event | None] | None:
+            nonlocal step
             got = next(batches, None)
             if got is None:
                 return None
             slot, tiles = got
+            gen.manual_seed(step_seed(self.st["seed"], self.epoch, step, self.rank, 0))
+            step += 1
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 on_device = tiles.to(self.device, non_blocking=True)
                 # the loader's slot is free again once the copy is (on the CPU, the views)
@@ -424,23 +447,26 @@ class Trainer:
     def train_epoch(self, progress: bool = True) -> dict[str, float]:
         """One epoch of DSF-WSI steps (paper III); its row of log.tsv (losses, z_std, speed)."""
         self.sampler.set_epoch(self.epoch)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.st["seed"] * 7_919 + self.epoch * 104_729 + self.rank)
-        # the model's own randomness (e.g. EfficientNet's stochastic depth) too, per epoch
-        torch.manual_seed(self.st["seed"] * 1_000_033 + self.epoch * 31 + self.rank)
+        gen = torch.Generator(device=self.device)  # seeded per step (`batches`)
         self.net.train()
         keys = ("loss", "context", "target", "fusion", "z_std")
-        sums = torch.zeros(len(keys), device=self.device)  # on the device: no sync per step
-        steps, samples = 0, 0
+        # a run resumed mid-epoch goes on from the next step, with the epoch's sums so far
+        start, done = self._resume_at or (0, [0.0] * len(keys))
+        self._resume_at = None
+        sums = torch.tensor(done, device=self.device)  # on the device: no sync per step
+        steps, samples = start, 0
         t0, waited = time.perf_counter(), self.loader.waited
         bar = tqdm(
             total=len(self.loader),
+            initial=start,
             desc=f"epoch {self.epoch + 1}",
             disable=not progress or self.rank != 0,
             mininterval=5.0,
         )
         try:
-            for n, views in self.batches(gen):
+            for n, views in self.batches(gen, start):
+                # the model's own randomness (e.g. EfficientNet's stochastic depth), per step
+                torch.manual_seed(step_seed(self.st["seed"], self.epoch, steps, self.rank, 1))
                 out = self.update(views)
                 sums += torch.stack([out[k].detach().float() for k in keys])
                 steps += 1
@@ -449,12 +475,12 @@ class Trainer:
                 if steps % CHECK_EVERY == 0:
                     self._check_finite(sums, steps)
                 if self._stopping(steps):
-                    raise _InterruptError(steps)
+                    raise _InterruptError(steps, sums.tolist())
         except (_InterruptError, TrainingError):
             raise
         except Exception as exc:  # the signal reached the loader's workers first
             if self._stop is not None:
-                raise _InterruptError(steps) from exc
+                raise _InterruptError(steps, sums.tolist()) from exc
             raise
         finally:
             bar.close()
@@ -544,13 +570,13 @@ class Trainer:
             try:
                 row = self.train_epoch(progress)
             except _InterruptError as stop:
-                at = {"epoch": self.epoch + 1, "steps": stop.steps}
+                at = {"epoch": self.epoch + 1, "steps": stop.steps, "sums": stop.sums}
                 self.save_checkpoint(interrupted=at)
                 raise StoppedError(
                     f"pretraining stopped by {self._stop_name()} in epoch {at['epoch']} after "
-                    f"{at['steps']} steps; {self.checkpoint_path} holds the weights it reached: "
-                    "run the same command again (the workflow resumes) and that epoch runs "
-                    "again from them"
+                    f"{at['steps']} steps; {self.checkpoint_path} holds where it was: run the "
+                    "same command again (the workflow resumes) and it goes on from the next "
+                    "step"
                 ) from None
             if self.rank == 0:
                 log.info(

@@ -217,12 +217,13 @@ class TileLoader:
         self.ring = None
 
     # -- planning ---------------------------------------------------------------------------
-    def _batches(self, first: int) -> Iterator[tuple[int, int, list[int]]]:
-        """(epoch, batch number, tile indices) from epoch `first` on, up to `epochs`."""
+    def _batches(self, first: int, start: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, batch number, tile indices) from batch `start` of epoch `first` on, up to
+        `epochs`."""
         e, last = first, max(first + 1, self.epochs or 0)  # at least the epoch asked for
         while self.epochs is None or e < last:
             order, b = self.order(e), self.batch_size
-            for k in range(self.batches_per_epoch):
+            for k in range(start if e == first else 0, self.batches_per_epoch):
                 yield e, k, order[k * b : (k + 1) * b]
             e += 1
 
@@ -301,12 +302,13 @@ class TileLoader:
             self._free.append(slot)
 
     # -- the consumer's side ----------------------------------------------------------------
-    def epoch(self, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """The epoch's batches in order as (slot, tiles (B, T, T, 3) uint8); `release` each."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """The epoch's batches in order as (slot, tiles (B, T, T, 3) uint8), from batch `start`
+        (a run resumed mid-epoch); `release` each."""
         if self.workers == 0:
             b = self.batch_size
             order = self.order(epoch)
-            for k in range(self.batches_per_epoch):
+            for k in range(start, self.batches_per_epoch):
                 t0 = time.perf_counter()
                 tiles = self.data.read(order[k * b : (k + 1) * b])
                 self.waited += time.perf_counter() - t0
@@ -316,10 +318,10 @@ class TileLoader:
             raise RuntimeError("the tile loader is closed")
         self._check_workers()
         self._drop_until(epoch)
-        if self._head() != (epoch, 0):  # first use, or not the epoch read ahead: start over
+        if self._head() != (epoch, start):  # first use, or not the batch read ahead: start over
             self._drop_until(sys.maxsize)
-            self._plan, self._next = self._batches(epoch), None
-        for _ in range(self.batches_per_epoch):
+            self._plan, self._next = self._batches(epoch, start), None
+        for _ in range(start, self.batches_per_epoch):
             t0 = time.perf_counter()
             self._submit(block=True)
             seq, _, _, slot = self._queue.popleft()

@@ -103,15 +103,20 @@ def _unfinish(path: Path) -> None:
 def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """SLURM's SIGTERM at a job's time limit or on preemption: the run checkpoints the weights
-    it reached mid-epoch and stops (not losing up to checkpoint_every epochs), and the rerun
-    runs that epoch again from them. The signal handlers are the process's own again after."""
+    """SLURM's SIGTERM at a job's time limit or on preemption: the run checkpoints where it is
+    mid-epoch and stops (not losing up to checkpoint_every epochs), and the rerun goes on from
+    the next step, to exactly the straight run's weights and losses (it had run that epoch
+    again from its first step: never done, where an epoch outlasts a job). The signal handlers
+    are the process's own again after."""
     import os
     import signal
 
     from dsf.pretrain import StoppedError
 
     before = signal.getsignal(signal.SIGTERM)
+    straight = Trainer(_settings(checkpoint_every=5), stores, tmp_path / "straight")
+    (tmp_path / "straight").mkdir()
+    straight.fit(progress=False)
     out = tmp_path / "run"
     out.mkdir()
     trainer = Trainer(_settings(checkpoint_every=5), stores, out)
@@ -124,20 +129,27 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
         return read(indices)
 
     trainer.data.read = read_then_signal  # type: ignore[method-assign]
-    with pytest.raises(StoppedError, match=r"SIGTERM in epoch 2 after 1 steps.*runs again"):
+    with pytest.raises(StoppedError, match=r"SIGTERM in epoch 2 after 1 steps.*next step"):
         trainer.fit(progress=False)
     assert signal.getsignal(signal.SIGTERM) == before
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 1 and state["interrupted"] == {"epoch": 2, "steps": 1}
+    stop = state["interrupted"]
+    assert state["epoch"] == 1 and (stop["epoch"], stop["steps"], len(stop["sums"])) == (2, 1, 5)
     torch.testing.assert_close(state["model"], trainer.model.state_dict(), rtol=0, atol=0)
     assert len(state["history"]) == 1  # epoch 1 finished, checkpoint_every 5 had not saved it
     resumed = Trainer(_settings(checkpoint_every=5), stores, out)
     with caplog.at_level(logging.INFO, logger="dsf.pretrain"):
         assert resumed.resume() and resumed.epoch == 1
-    assert "stopped epoch 2 after 1 steps: that epoch runs again" in caplog.text
+    assert "stopped after 1 steps: it goes on from the next step" in caplog.text
     resumed.fit(progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert not torch.load(out / "checkpoint.pt", weights_only=False).get("interrupted")
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    for key in ("loss", "context", "target", "fusion", "z_std"):
+        want = [r[key] for r in straight.history]
+        assert [r[key] for r in resumed.history] == pytest.approx(want, rel=1e-6), key
 
 
 def test_a_slurm_job_stops_itself_before_its_time_limit(stores: list[Path], tmp_path: Path) -> None:
@@ -164,10 +176,10 @@ def test_a_slurm_job_stops_itself_before_its_time_limit(stores: list[Path], tmp_
     out2.mkdir()
     trainer = Trainer(_settings(checkpoint_every=5), stores, out2)
     trainer.deadline = time.time() - 1  # past: stops after the first step
-    with pytest.raises(StoppedError, match=r"time limit in epoch 1 after 1 steps.*runs again"):
+    with pytest.raises(StoppedError, match=r"time limit in epoch 1 after 1 steps.*next step"):
         trainer.fit(progress=False)
     state = torch.load(out2 / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 0 and state["interrupted"] == {"epoch": 1, "steps": 1}
+    assert state["epoch"] == 0 and state["interrupted"]["steps"] == 1
 
 
 def test_a_checkpoint_past_the_epochs_is_refused(tmp_path: Path, caplog) -> None:  # noqa: ANN001
@@ -383,7 +395,10 @@ def test_batches_queue_the_next_augmentation_and_keep_the_draws(
 ) -> None:
     """`Trainer.batches` augments batch i + 1 before it hands out batch i (on a GPU, on a side
     stream while step i runs), gives each loader slot back once its tiles are copied, and gives
-    the views that one batch at a time from the same generator gives."""
+    the views that the generator seeded for each step gives (`step_seed`: a resumed run
+    draws from any step what the straight run drew)."""
+    from dsf.pretrain import step_seed
+
     trainer = Trainer(_settings(), stores, tmp_path)
     order = trainer.sampler.order(0)
     tiles = [trainer.data.read(order[k * 4 : (k + 1) * 4]) for k in range(4)]
@@ -393,7 +408,7 @@ def test_batches_queue_the_next_augmentation_and_keep_the_draws(
     class Loader:
         n = 3
 
-        def epoch(self, epoch: int):  # noqa: ANN202
+        def epoch(self, epoch: int, start: int = 0):  # noqa: ANN202
             for i, t in enumerate(tiles[: self.n]):
                 pulled.append(i)
                 yield i, t
@@ -417,8 +432,9 @@ def test_batches_queue_the_next_augmentation_and_keep_the_draws(
         handed.append((len(pulled), list(released), views))
     assert [p for p, _, _ in handed] == [2, 3, 3]  # one ahead, and nothing past the epoch
     assert [r for _, r, _ in handed] == [[0, 1], [0, 1, 2], [0, 1, 2]]
-    ref = torch.Generator(device=dev).manual_seed(5)
-    for t, (_, _, views) in zip(tiles, handed, strict=False):
+    ref = torch.Generator(device=dev)
+    for k, (t, (_, _, views)) in enumerate(zip(tiles, handed, strict=False)):
+        ref.manual_seed(step_seed(trainer.st["seed"], trainer.epoch, k, trainer.rank, 0))
         one = trainer.views(t.to(dev), ref)
         for a, b in zip(views, one, strict=True):
             assert torch.equal(a, b)

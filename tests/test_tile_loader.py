@@ -81,6 +81,24 @@ def test_the_next_epoch_is_read_ahead_and_any_epoch_can_follow(data: TileDataset
         loader.close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_resumed_mid_way_starts_at_its_next_batch(data: TileDataset, workers: int) -> None:
+    """A run resumed after k steps of an epoch reads that epoch from batch k, then the next
+    epochs whole (it had read the epoch from its first batch again)."""
+    loader = TileLoader(data, _order, 4, workers, epochs=3)
+    try:
+        for e, start in ((1, 3), (2, 0)):
+            got = []
+            for slot, tiles in loader.epoch(e, start):
+                got.append(tiles.clone())
+                loader.release(slot)
+            assert len(got) == 4 - start
+            for k, tiles in enumerate(got, start):
+                assert torch.equal(tiles, _expected(data, e, k)), (e, k)
+    finally:
+        loader.close()
+
+
 def test_waited_counts_the_consumers_wait_for_batches(data: TileDataset) -> None:
     """`waited` grows by the time `epoch` blocks for a batch: in this process with no workers
     (the reads themselves), next to nothing when workers have read ahead of a slow consumer."""
