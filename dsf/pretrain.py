@@ -694,8 +694,11 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoints and stops by itself at %s, before its time limit",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(deadline)),
             )
-        if args.resume:
-            trainer.resume()
+        if args.resume and not trainer.resume() and trainer.rank == 0:
+            # training anew (a finished run's settings or stores changed): the earlier run's
+            # results must not outlive this one stopped midway, looking like its own
+            for name in ("log.tsv", "log.running.tsv", "encoders.pt"):
+                (args.out_dir / name).unlink(missing_ok=True)
         try:
             trainer.fit(progress=not args.no_progress)
         finally:

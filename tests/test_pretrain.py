@@ -562,6 +562,17 @@ def test_cli_writes_encoders_checkpoint_and_log(stores: list[Path], tmp_path: Pa
     bad = list(args)
     bad[1] = str(stores[1])  # B is fold 1's validation slide
     assert main(bad) == 2
+    # --resume under a changed setting trains anew: stopped midway, it leaves no earlier result
+    from dsf import pretrain
+
+    def stopped(self, progress: bool = True) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pretrain.Trainer, "fit", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--resume", "--lr", "0.01"])
+    assert not (out / "encoders.pt").exists() and not (out / "log.tsv").exists()
 
 
 def test_tile_dataset_batches_match_single_reads(stores: list[Path]) -> None:
