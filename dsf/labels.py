@@ -105,7 +105,9 @@ def paint_labels(
     )
     base = base_class(settings)
     base_idx = class_index(base, classes, "labels.base") if base is not None else None
-    mpp = max(float(mpp), slide.mpp)
+    # where the patches are cut (a level within the tolerance as it is: 0.243 for a 0.25
+    # target), so the mask is the slide's size or a whole downsample of it, as masks are read
+    mpp = max(slide.effective_mpp(float(mpp)), slide.mpp)
     f = mpp / slide.mpp  # level-0 slide px per label px
     width, height = slide.size_at(mpp)
     source = (

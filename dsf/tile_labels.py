@@ -33,7 +33,7 @@ from dsf.annotations import LabelSource, class_fractions, open_labels
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
-from dsf.label_settings import base_class, check_base_painted
+from dsf.label_settings import base_class, check_base_painted, class_index
 from dsf.runner import progress_bar, run, setup_logging
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
@@ -165,8 +165,9 @@ def build(
                 "labels.classes), lower patches.min_label_frac, or leave the slide's `labels` "
                 "cell in the sheet empty to use it unannotated",
             )
-        base = base_class(label_settings)
-        share = annotated_in_tiles(labels, st, origins, classes.index(base) if base else None)
+        base = base_class(label_settings)  # matched to the classes as dsf labels does
+        base_idx = class_index(base, classes, "labels.base") if base else None
+        share = annotated_in_tiles(labels, st, origins, base_idx)
         if share < MIN_ANNOTATED_IN_TILES:
             log.warning(
                 "%s: only %.0f%% of the annotated area lies in the slide's tissue tiles "

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from dsf.annotations import open_labels
+from dsf.config import defaults
 from dsf.config import validate as validate_config
 from dsf.errors import ConfigError
 from dsf.label_settings import check_label_settings
@@ -397,3 +398,22 @@ def test_a_coarser_read_of_a_painted_mask_matches_level_0_read_at_that_scale(
     for f in (2, 4):
         got = src.read(0, 0, W // f, H // f, 0.5 * f)
         np.testing.assert_array_equal(got, painted[f // 2 :: f, f // 2 :: f], err_msg=f"{f}x")
+
+
+def test_a_slide_a_little_finer_than_the_target_gets_a_mask_of_its_own_size(
+    tmp_path: Path,
+) -> None:
+    """A 0.486 um/px scan (within patches.mpp_tolerance of a 0.5 target) has its patches cut
+    at 0.486: its label mask is painted there too, so it is the slide's own size. Painted at
+    0.5 it was 97% of it, which the labels stores and evaluation then refused (a mask is the
+    slide's size or a whole downsample)."""
+    rgb = np.full((H, W, 3), (180, 100, 180), np.uint8)
+    slide = rgb_slide(tmp_path / "s.tif", rgb, 0.486)
+    out = tmp_path / "s.labels.tiff"
+    args = _camelyon_args(slide, tmp_path, out)
+    assert main(args) == 0
+    lab = tifffile.imread(out, level=0)
+    assert lab.shape == (H, W)
+    settings = defaults("labels") | {"classes": CAMELYON, "base": "normal"}
+    src = open_labels(out, "s", (W, H), 0.486, settings)
+    np.testing.assert_array_equal(src.read(0, 0, W, H, 0.486), lab)

@@ -261,3 +261,8 @@ def test_an_annotation_that_mostly_misses_the_tissue_tiles_is_warned_about(
     src = open_labels(cut["ann"], "s", cut["slide"].dimensions, cut["slide"].mpp, CLASSES)
     origins = tile_origins(dict(g.attrs), g["coords"][:])
     assert annotated_in_tiles(src, dict(g.attrs), origins, base=1) > 0.9
+    # labels.base in another case than labels.classes, as dsf labels accepts it: not a crash
+    # at the end of the job (`classes.index` had matched the case)
+    lower = CLASSES | {"base": "a"}
+    build(store, src, tmp_path / "base.labels.zarr", lower, 0.1, progress=False)
+    assert zarr.open_group(str(tmp_path / "base.labels.zarr")).attrs["annotated_in_tiles"] > 0.9
