@@ -72,6 +72,9 @@ def _ome_mpp(xml: str, axis: str, size: tuple[int, int]) -> float | None:
 
 #: TIFF Photometric values read as colour: RGB, and YCbCr (JPEG tiles, decoded to RGB)
 _COLOUR_PHOTOMETRIC = (2, 6)
+#: Compressions whose decoder turns YCbCr into RGB (JPEG, JPEG 2000); with any other, tifffile
+#: gives the Y, Cb and Cr samples as they are
+_YCBCR_DECODED = (6, 7, 33003, 33004, 33005, 34712)
 
 
 def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -79,6 +82,11 @@ def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: 
     wrong: grey channels (fluorescence, multiplex), palette indices (a label or class map),
     CMYK, white-is-zero grey. One 8-bit grey channel is read as grey RGB."""
     photometric = int(keyframe.photometric)
+    if photometric == 6 and int(keyframe.compression) not in _YCBCR_DECODED:
+        raise UnsupportedLayoutError(
+            "its pixels are YCbCr stored without JPEG compression, which would be read as "
+            "false colours; convert it to an RGB TIFF (or a JPEG-compressed one)"
+        )
     if photometric in _COLOUR_PHOTOMETRIC:
         return
     channels = (

@@ -374,6 +374,20 @@ def test_fluorescence_is_refused(tmp_path: Path, data: np.ndarray, axes: str, wo
     tifffile.imwrite(palette, np.zeros((64, 64), np.uint8), photometric="palette", colormap=cmap)
     with pytest.raises(SlideError, match=r"palette indices.*not an RGB scan"):
         open_slide(palette, mpp=0.5)
+    # YCbCr samples stored uncompressed: tifffile gives them as they are (they had been read
+    # as RGB, false colours); JPEG-compressed YCbCr decodes to RGB and is read
+    ycc = tmp_path / "ycc.tif"
+    rgb = np.full((64, 64, 3), (200, 100, 50), np.uint8)
+    tifffile.imwrite(ycc, rgb, photometric="ycbcr", subsampling=(1, 1))
+    with pytest.raises(SlideError, match=r"YCbCr stored without JPEG compression.*convert"):
+        open_slide(ycc, mpp=0.5)
+    jpeg = tmp_path / "ycc-jpeg.tif"
+    tifffile.imwrite(jpeg, rgb, photometric="rgb", compression="jpeg", rowsperstrip=16)
+    assert tifffile.TiffFile(jpeg).pages[0].photometric == 6  # JPEG stores YCbCr
+    stripped = open_slide(jpeg, mpp=0.5)  # stripped: read by tifffile, not OpenSlide
+    assert stripped.backend_name == "tiff"
+    got = stripped.read(0, 0, 64, 64, 0.5)
+    assert np.abs(got.astype(int) - rgb).max() < 8
     grey = tmp_path / "grey8.tif"  # an 8-bit grey scan is read as grey RGB
     tifffile.imwrite(grey, _pattern(64, 64)[..., 0], photometric="minisblack")
     s = open_slide(grey, mpp=0.5)
