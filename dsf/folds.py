@@ -44,7 +44,7 @@ def _labelled(sheet: pd.DataFrame) -> list[bool]:
 def _group_key(slide: Any, group: Any) -> str:
     """A group as one string: missing (None, NaN, "") is the slide's own group; a number (JSON
     records, where pandas may widen 1 to 1.0) is the group of its text ("1")."""
-    if group is None or (not isinstance(group, str) and pd.isna(group)) or str(group) == "":
+    if _missing(group):
         return str(slide)
     if isinstance(group, float) and group.is_integer():
         return str(int(group))
@@ -119,6 +119,26 @@ def assign_folds(sheet: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
             k,
         )
     return df.reset_index(drop=True)
+
+
+def _missing(group: Any) -> bool:
+    return group is None or (not isinstance(group, str) and pd.isna(group)) or str(group) == ""
+
+
+def group_clash_note(sheet: pd.DataFrame) -> str | None:
+    """A warning for slides without a group whose id is another row's group: a slide is its
+    own group when it has none, so it joins that patient's group and fold. None when none."""
+    named = {_group_key(s, g) for s, g in zip(sheet["slide"], sheet["group"], strict=True)
+             if not _missing(g)}  # fmt: skip
+    clash = sorted(str(s) for s, g in zip(sheet["slide"], sheet["group"], strict=True)
+                   if _missing(g) and str(s) in named)  # fmt: skip
+    if not clash:
+        return None
+    return (
+        f"slides {some(clash)} have no group, so each is a group of its own, named by its id, "
+        "which other slides have as their group: they share that patient's fold. If they are "
+        "not that patient's, give them a group of their own in the sheet's `group` column"
+    )
 
 
 def too_few_groups(sheet: pd.DataFrame, k: int) -> str | None:

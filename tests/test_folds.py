@@ -252,3 +252,20 @@ def test_a_synthetic_slide_can_keep_its_fold() -> None:
     )  # fmt: skip
     rows = {r["slide"]: r for r in synthetic_rows(config)}
     assert rows["s1"]["fold"] == 1 and rows["s2"]["fold"] is None
+
+
+def test_a_slide_without_a_group_named_like_a_patient_is_warned_about() -> None:
+    """A slide with no group is its own group, named by its id: one called `P7` beside slides
+    of patient `P7` joins that patient and its fold, which the start of a run now says."""
+    from dsf.folds import group_clash_note
+
+    sheet = pd.DataFrame(
+        {"slide": ["a", "b", "P7", "c"], "group": ["P7", "P7", None, ""], "fold": [None] * 4},
+        dtype=object,
+    )
+    t = assign_folds(sheet, k=2, seed=0)
+    assert t.loc[t["slide"] == "P7", "fold"].item() == t.loc[t["slide"] == "a", "fold"].item()
+    note = group_clash_note(sheet)
+    assert note is not None and note.startswith("slides P7 have no group")
+    assert "give them a group of their own" in note
+    assert group_clash_note(sheet.assign(group=["P7", "P7", "P8", ""])) is None
