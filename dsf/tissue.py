@@ -221,7 +221,7 @@ def _detect(
                 "rule: no glass in view): using the RGB rule",
                 100 * share,
             )
-            raw = by_rgb
+            raw = by_rgb & ~_no_data_edge(rgb, lit)  # as method rgb: no scan border
             thresholds |= {"fallback": "rgb", "rgb_max": list(settings["rgb_max"])}
     else:
         raise ValueError(f"unknown tissue method {method!r} (rgb or otsu)")

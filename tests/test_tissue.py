@@ -349,6 +349,14 @@ def test_otsu_falls_back_to_the_rgb_rule_without_glass() -> None:
     # with glass in view Otsu stands
     mask, stats = detect_tissue(on_background(rgb), 8.0, settings(method="otsu"))
     assert "fallback" not in stats["thresholds"] and mask[:160, :160].mean() > 0.95
+    # the RGB rule it falls back to leaves out the grey edge of black no-data, as method rgb
+    # does (a line along the scan border had become tissue)
+    framed = np.concatenate([np.zeros((160, 40, 3), np.uint8), rgb], axis=1)
+    framed[:, 40] = 128  # a mask pixel half black no-data, half glass
+    mask, stats = detect_tissue(framed, 8.0, settings(method="otsu", min_object_um2=0,
+                                                      max_hole_um2=0))  # fmt: skip
+    assert stats["thresholds"]["fallback"] == "rgb"
+    assert not mask[:, :41].any() and mask[:, 41:].all()
 
 
 def test_a_narrow_overlays_caption_wraps_instead_of_being_cut_off() -> None:
