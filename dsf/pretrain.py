@@ -478,7 +478,7 @@ class Trainer:
                     raise _InterruptError(steps, sums.tolist())
         except (_InterruptError, TrainingError):
             raise
-        except Exception as exc:  # the signal reached the loader's workers first
+        except Exception as exc:  # the loader failed (a worker killed) after a stop signal came
             if self._stop is not None:
                 raise _InterruptError(steps, sums.tolist()) from exc
             raise

@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 import traceback
@@ -73,6 +74,12 @@ def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
     or until the training process is gone."""
     code = 0
     parent = multiprocessing.parent_process()
+    # a stop signal (SLURM's to every process of the job, Ctrl-C to the process group) is the
+    # training process's to act on: it checkpoints and stops at a step all DDP ranks agree on,
+    # then stops its workers. A worker dying of it first made each rank stop on its own, one
+    # possibly waiting in a collective for another that had left
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         decode_on_one_thread()
         torch.set_num_threads(1)
@@ -86,8 +93,6 @@ def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
                 done.put((seq, ("dsf", str(exc))))
             except Exception:  # noqa: BLE001 - sent to the main process, which raises it
                 done.put((seq, ("traceback", traceback.format_exc())))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports
-        code = 1
     except _OrphanedError:  # nobody reads the results: do not wait to flush them
         code = 1
         done.cancel_join_thread()
@@ -110,8 +115,8 @@ def _stop(workers: list[Any], tasks: Any, results: Any, pinned: list[int]) -> No
             break
     for p in workers:
         p.join(timeout=5)
-        if p.is_alive():
-            p.terminate()
+        if p.is_alive():  # still reading (workers ignore SIGTERM): ended outright
+            p.kill()
             p.join(timeout=5)
     workers.clear()
     for q in (tasks, results):

@@ -147,6 +147,27 @@ def test_a_tile_that_cannot_be_read_names_its_store(tmp_path: Path) -> None:
         loader.close()
 
 
+def test_workers_leave_stop_signals_to_the_training_process(data: TileDataset) -> None:
+    """SLURM signals every process of a job (Ctrl-C, the process group): a worker dying of it
+    made each DDP rank stop at its own step. Workers ignore stop signals and keep reading;
+    the training process, which checkpoints at an agreed step, stops them when it closes."""
+    loader = TileLoader(data, _order, 4, 2, epochs=3)
+    try:
+        batches = loader.epoch(0)
+        slot, _ = next(batches)
+        loader.release(slot)
+        for p in loader._procs:
+            for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(p.pid, signum)
+        for k, (slot, tiles) in enumerate(batches, 1):
+            assert torch.equal(tiles, _expected(data, 0, k))
+            loader.release(slot)
+        assert all(p.is_alive() for p in loader._procs)
+    finally:
+        loader.close()
+    assert not mp.active_children()
+
+
 def test_a_dead_worker_raises_instead_of_hanging(data: TileDataset) -> None:
     loader = TileLoader(data, _order, 4, 2, epochs=4)
     try:
