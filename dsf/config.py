@@ -343,6 +343,13 @@ def _number_form(value: Any, schema: dict[str, Any], like: Any) -> Any:
     return value
 
 
+def setting_text(section: str, key: str, value: Any) -> str:
+    """One setting's value as a command line writes it (`_number_form`: `2` and `2.0` read as
+    the schema default writes them), for a rule that passes a single setting."""
+    sub = section_schema(section)["properties"][key]
+    return str(_number_form(value, sub, sub.get("default")))
+
+
 def cli_args(section: str, values: dict[str, Any]) -> str:
     """Render a config section as shell-quoted options of `dsf <stage>` (for Snakemake rules),
     in the schema's order of the keys, not the config's: Snakemake compares these strings with

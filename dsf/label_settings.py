@@ -119,6 +119,19 @@ def _check_class_names(classes: list[str]) -> None:
             pairs[column] = (t, p)
 
 
+def fold_older_keys(settings: dict[str, Any]) -> None:
+    """Move the older keys' values to the keys that replace them (`geojson_names` into
+    `names`, `masks_base` into `base`), in place: renamed as the warning asks, a config then
+    gives the stages the same options, so the rename reruns nothing."""
+    if settings.get("geojson_names"):
+        settings["names"] = {**settings["geojson_names"], **settings.get("names", {})}
+        settings["geojson_names"] = {}
+    if settings.get("masks_base") is not None:
+        if settings.get("base") is None:
+            settings["base"] = settings["masks_base"]
+        settings["masks_base"] = None
+
+
 def base_class(settings: dict[str, Any]) -> str | None:
     """The class of tissue no annotation covers (`labels.base`, or its older name)."""
     base = settings.get("base")

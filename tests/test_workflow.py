@@ -871,6 +871,10 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     assert "folds" not in counts and "dsf evaluate cohort " in out and "--folds" not in out
     assert "infer_model" not in counts and "patches" not in counts
     assert re.search(r"--model-slides\s+--tiles\s+--methods", out)
+    # `snakemake data` of a prediction run cuts no patch store it would not read
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    data = smk("data", "-n", "--cores", "2", "--configfile", "cfg.yaml", cwd=tmp_path).stdout
+    assert job_counts(data) == {"tissue": 2}
     cfg["apply"]["models"]["dsf"] = ["gone"]
     done = _plan(tmp_path, cfg, check=False)
     assert done.returncode != 0 and "apply.models.dsf: gone not found" in done.stdout + done.stderr
@@ -1043,3 +1047,56 @@ def test_results_that_cannot_be_written_stop_a_real_run_not_a_dry_run(
     plan = smk("-n", *where[:3], "results=afile/out", "--cores", "1", cwd=tmp_path, check=False)
     said = plan.stdout + plan.stderr
     assert plan.returncode != 0 and "afile is a file" in said and "NotADirectoryError" not in said
+
+
+def test_settings_a_job_does_not_read_leave_its_command_alone(tmp_path: Path) -> None:
+    """Snakemake reruns a job whose options changed: settings its stage does not read are
+    written at their default (pretraining is given its normalisation, so norm_tiles is the
+    norm job's; min_saturation is Otsu's; the U-Net has no context branch; only init imagenet
+    reads finetune.weights), and numbers and renamed keys read one way, so changing them
+    reran the whole project or every fold. Read settings still reach their commands."""
+    base = demo_plan(tmp_path, "{}\n")
+    changed = demo_plan(
+        tmp_path,
+        "tissue:\n  min_saturation: 0.1\npretrain:\n  norm_tiles: 50\n"
+        "finetune:\n  context_weight: 0.5\n  weights: /nowhere/resnet18.pth\n"
+        "patches:\n  min_label_frac: 0.1\nlabels:\n  geojson_names: {Tumour: 1}\n",
+    )
+
+    def cmds(out: str, stage: str) -> list[str]:
+        return sorted(ln for ln in out.splitlines() if f"dsf {stage} " in ln)
+
+    for stage in ("tissue", "pretrain"):
+        assert cmds(changed, stage) == cmds(base, stage), stage
+    unet = [c for c in cmds(changed, "finetune") if "--init unet" in c]
+    assert unet and unet == [c for c in cmds(base, "finetune") if "--init unet" in c]
+    random = [c for c in cmds(changed, "finetune") if "--init random" in c]
+    assert random and all("--context-weight 0.5" in c and "--weights" not in c for c in random)
+    assert all("--norm-tiles 50" in c for c in cmds(changed, "norm"))
+    renamed = demo_plan(
+        tmp_path, "labels:\n  names: {Tumour: 1}\npatches:\n  min_label_frac: 0.1\n"
+    )
+    for stage in ("tile-labels", "evaluate slide"):
+        assert cmds(changed, stage) == cmds(renamed, stage) != cmds(base, stage), stage
+    one = demo_plan(tmp_path, "patches:\n  min_label_frac: 1\n")
+    assert cmds(one, "tile-labels") == cmds(
+        demo_plan(tmp_path, "patches:\n  min_label_frac: 1.0\n"), "tile-labels"
+    )
+    otsu = demo_plan(tmp_path, "tissue:\n  method: otsu\n  min_saturation: 0.1\n")
+    assert all("--min-saturation 0.1" in c for c in cmds(otsu, "tissue"))
+
+
+def test_pretraining_weights_are_an_input_and_data_runs_without_folds(tmp_path: Path) -> None:
+    """pretrain.weights (a local torchvision file) is an input of pretraining: replaced, it
+    reruns it (it had been an option alone). infer.unlabelled_fold is checked only where maps
+    are drawn: `snakemake data` of a project too small for its folds had been refused."""
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"weights")
+    out = demo_plan(tmp_path, f"pretrain:\n  weights: {weights}\n")
+    jobs = re.findall(r"rule pretrain:\n((?:    .*\n)+)", out)
+    assert jobs and all(str(weights) in re.search(r"input: (.*)", j)[1] for j in jobs)
+    done = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "data", "--config",
+        f"results={tmp_path}", "folds={k: 7}", "infer={unlabelled_fold: 2}",
+    )  # fmt: skip
+    assert job_counts(done.stdout)["patches"] == 6

@@ -9,9 +9,10 @@ from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
 from dsf.annotations import check_annotations
-from dsf.label_settings import base_class, check_label_settings
+from dsf.label_settings import base_class, check_label_settings, fold_older_keys
 from dsf.cli import spill_args
-from dsf.config import cli_args, coerce_strings, load_schema
+from dsf.config import cli_args, coerce_strings, load_schema, setting_text
+from dsf.config import defaults as schema_defaults
 from dsf.config import validate as check_config
 from dsf.folds import (
     assign_folds,
@@ -64,6 +65,8 @@ if "results" in config and Path(str(config["results"])).exists() and not Path(
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
+# older key names read as the new ones: renaming them then changes no job's options
+fold_older_keys(config["labels"])
 # pretrain.mean/std null: computed per pretraining unit by the norm rule (results/norm/)
 NORM_COMPUTED = check_norm_settings(config["pretrain"])
 
@@ -315,7 +318,8 @@ def _infer_choice():
             f"infer.fraction {frac} is not one of finetune.fractions {FRACS}: pick one of them"
         )
     fold = config["infer"]["unlabelled_fold"]
-    if fold is not None and fold not in FOLD_IDS:
+    # without folds (too few patients, no annotation) no map is drawn: the data stages run
+    if fold is not None and FINETUNING and fold not in FOLD_IDS:
         raise ConfigError(
             f"infer.unlabelled_fold {fold} is not a fold (folds are {FOLD_IDS}); "
             "use null to average all folds"
@@ -594,13 +598,27 @@ def fast_param(key):
     return lambda wildcards, threads: FAST[key]
 
 
-def stage_opts(section, skip=()):
+def stage_opts(section, skip=(), inert=()):
     """A config section as `dsf <stage>` options (the same schema, so the same defaults),
     without its FAST_KEYS (`fast_param`). labels.masks is used here, finding the
     masks (`{slide}` in a params string would also be taken for a wildcard): no stage reads
-    it."""
+    it. `inert` settings, which these jobs do not read, are written at their schema default:
+    Snakemake compares the options with the last run's, so changing one had rerun jobs it does
+    not touch (and a project made before reads the same options)."""
     skip = (*skip, *FAST_KEYS.get(section, ()), *(("masks",) if section == "labels" else ()))
-    return cli_args(section, {k: v for k, v in config[section].items() if k not in skip})
+    values = {k: v for k, v in config[section].items() if k not in skip}
+    if inert:
+        default = schema_defaults(section)
+        values |= {k: default[k] for k in inert if k in values}
+    return cli_args(section, values)
+
+
+def finetune_opts(finit):
+    """Fine-tuning's options for init `finit`: the U-Net reads no context_weight, and only
+    init imagenet reads weights (`stage_opts`' inert settings)."""
+    inert = ("context_weight",) if finit == "unet" else ()
+    inert += ("weights",) if finit != "imagenet" else ()
+    return stage_opts("finetune", skip=("init", "inits", "fractions"), inert=inert)
 
 
 def stage_process(stage, argv, log, files=None):
@@ -667,9 +685,12 @@ def data_outputs():
     tissue = expand(
         f"{RESULTS}/tissue/{{slide}}.{{ext}}", slide=SLIDES, ext=["tiff", "jpg", "json"]
     )
+    if APPLY:  # a prediction run reads patch stores only for apply.tile_protocol
+        scored = labelled_stores() if TILE_SCORED else {"stores": [], "label_stores": []}
+        return [*tissue, *scored["stores"], *scored["label_stores"]]
     stores = expand(f"{RESULTS}/patches/{{slide}}.zarr", slide=SLIDES)
     labelled = labelled_stores()["label_stores"]
-    folds = [f"{RESULTS}/folds.tsv"] if FINETUNING and not APPLY else []
+    folds = [f"{RESULTS}/folds.tsv"] if FINETUNING else []
     return [*tissue, *stores, *labelled, *folds]
 
 

@@ -16,7 +16,7 @@ rule finetune:
         ),
         # with the given pretrain.mean/std: in opts, a param Snakemake compares with the last
         # run's (one of the input, as `norm` is, it never compares), so a change reruns
-        opts=stage_opts("finetune", skip=("init", "inits", "fractions")) + given_norm_opts(),
+        opts=lambda w: finetune_opts(w.finit) + given_norm_opts(),
         fast=fast_param("finetune"),
         # of the labels settings only the classes: the tiles are labelled already
         classes=cli_args("labels", {"classes": config["labels"]["classes"]}),

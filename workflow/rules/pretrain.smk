@@ -8,6 +8,8 @@ rule pretrain:
     input:
         unpack(lambda w: norm_input(w.unit)),
         unpack(lambda w: split_input(w.unit)),
+        # a local weights file both encoders start from: replaced, it reruns the pretraining
+        unpack(lambda w: {"weights": p} if (p := config["pretrain"]["weights"]) else {}),
         stores=lambda w: train_stores(w.unit),
     output:
         encoders=f"{RESULTS}/pretrain/{{init}}/{{unit}}/encoders.pt",
@@ -15,7 +17,8 @@ rule pretrain:
     params:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
         fold=split_opt,
-        opts=stage_opts("pretrain", skip=("method", "methods", "scope")),
+        # the norm rule samples norm_tiles; pretraining is given its result or the mean/std
+        opts=stage_opts("pretrain", skip=("method", "methods", "scope"), inert=("norm_tiles",)),
         fast=fast_param("pretrain"),
         launch=fast_param("launch_pretrain"),
         norm=norm_opt,

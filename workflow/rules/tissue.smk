@@ -16,7 +16,10 @@ rule tissue:
         stats=f"{RESULTS}/tissue/{{slide}}.json",
     params:
         slide=slide_read_opts,
-        opts=stage_opts("tissue"),
+        # min_saturation is method otsu's alone
+        opts=stage_opts(
+            "tissue", inert=("min_saturation",) if config["tissue"]["method"] != "otsu" else ()
+        ),
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
