@@ -343,11 +343,12 @@ def _number_form(value: Any, schema: dict[str, Any], like: Any) -> Any:
     return value
 
 
-def setting_text(section: str, key: str, value: Any) -> str:
-    """One setting's value as a command line writes it (`_number_form`: `2` and `2.0` read as
-    the schema default writes them), for a rule that passes a single setting."""
+def setting_value(section: str, key: str, value: Any) -> Any:
+    """One setting's value in the form a command line writes it (`_number_form`: `2` and `2.0`
+    as the schema default writes them), for a rule that passes a single setting as a param
+    (Snakemake compares it, type and all, with the last run's)."""
     sub = section_schema(section)["properties"][key]
-    return str(_number_form(value, sub, sub.get("default")))
+    return _number_form(value, sub, sub.get("default"))
 
 
 def cli_args(section: str, values: dict[str, Any]) -> str:

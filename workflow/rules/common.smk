@@ -11,7 +11,7 @@ from snakemake.utils import validate
 from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings, fold_older_keys
 from dsf.cli import spill_args
-from dsf.config import cli_args, coerce_strings, load_schema, setting_text
+from dsf.config import cli_args, coerce_strings, load_schema, setting_value
 from dsf.config import defaults as schema_defaults
 from dsf.config import validate as check_config
 from dsf.folds import (

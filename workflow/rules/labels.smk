@@ -12,7 +12,7 @@ rule labels:
     params:
         slide=labels_read_opts,
         masks=mask_opts,
-        mpp=setting_text("patches", "target_mpp", config["patches"]["target_mpp"]),
+        mpp=setting_value("patches", "target_mpp", config["patches"]["target_mpp"]),
         rgb_max=" ".join(str(v) for v in config["tissue"]["rgb_max"]),
         classes=stage_opts("labels"),
     threads: config["patches"]["threads"]

@@ -37,7 +37,7 @@ rule tile_labels:
     output:
         store=directory(f"{RESULTS}/patches/{{slide}}.labels.zarr"),
     params:
-        min_frac=setting_text("patches", "min_label_frac", config["patches"]["min_label_frac"]),
+        min_frac=setting_value("patches", "min_label_frac", config["patches"]["min_label_frac"]),
         classes=stage_opts("labels"),
     threads: 1
     resources:
