@@ -641,6 +641,19 @@ def check_annotations(
         )
 
 
+def add_annotation_argument(parser: Any) -> None:
+    """`--labels FILE` of a stage that reads a slide's annotation (also `--annotation`, the
+    name `dsf labels` gives it)."""
+    parser.add_argument(
+        "--labels",
+        "--annotation",
+        dest="labels",
+        required=True,
+        type=Path,
+        help="annotation: raster mask, GeoJSON or XML",
+    )
+
+
 def open_labels(
     path: str | Path,
     slide_id: str,

@@ -464,17 +464,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--slide", required=True, type=Path, help="slide file")
     s.add_argument("--slide-id", help="slide id (default: file stem)")
     s.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
+    from dsf.annotations import add_annotation_argument
     from dsf.slide import add_tolerance_argument
 
     add_tolerance_argument(s)
-    s.add_argument(
-        "--labels",
-        "--annotation",  # dsf labels' name for it
-        dest="labels",
-        required=True,
-        type=Path,
-        help="annotation: mask, GeoJSON or XML",
-    )
+    add_annotation_argument(s)
     s.add_argument("--folds", type=Path, help="folds.tsv (not for maps of apply.models' models)")
     s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")

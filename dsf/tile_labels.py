@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dsf import __version__
-from dsf.annotations import LabelSource, class_fractions, open_labels
+from dsf.annotations import LabelSource, add_annotation_argument, class_fractions, open_labels
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
@@ -341,14 +341,7 @@ def _parser() -> argparse.ArgumentParser:
         "labels store fine-tuning and the tile protocol read beside the patch store.",
     )
     p.add_argument("--store", required=True, type=Path, help="the slide's patch store (.zarr)")
-    p.add_argument(
-        "--labels",
-        "--annotation",  # dsf labels' name for it
-        dest="labels",
-        required=True,
-        type=Path,
-        help="annotation: raster mask, GeoJSON or XML",
-    )
+    add_annotation_argument(p)
     p.add_argument("--out", required=True, type=Path, help="labels store to write (.labels.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # of the patches settings only min_label_frac: the tiles are cut already
