@@ -125,19 +125,17 @@ def _missing(group: Any) -> bool:
     return group is None or (not isinstance(group, str) and pd.isna(group)) or str(group) == ""
 
 
-def group_clash_note(sheet: pd.DataFrame) -> str | None:
-    """A warning for slides without a group whose id is another row's group: a slide is its
-    own group when it has none, so it joins that patient's group and fold. None when none."""
-    named = {_group_key(s, g) for s, g in zip(sheet["slide"], sheet["group"], strict=True)
-             if not _missing(g)}  # fmt: skip
-    clash = sorted(str(s) for s, g in zip(sheet["slide"], sheet["group"], strict=True)
-                   if _missing(g) and str(s) in named)  # fmt: skip
-    if not clash:
+def group_clash_note(slides: list[str], where: str) -> str | None:
+    """A warning for `slides`, which have no group in sheet `where` and whose ids are other
+    slides' group: a slide without a group is its own group, named by its id, so each joins
+    that patient's group and fold. None when there is none."""
+    if not slides:
         return None
     return (
-        f"slides {some(clash)} have no group, so each is a group of its own, named by its id, "
-        "which other slides have as their group: they share that patient's fold. If they are "
-        "not that patient's, give them a group of their own in the sheet's `group` column"
+        f"slide sheet {where}: slides {some(slides)} have no group, so each is a group of its "
+        "own, named by its id, which other slides have as their group: they share that "
+        "patient's fold. If they are not that patient's, give them a group of their own in the "
+        "sheet's `group` column"
     )
 
 

@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import load_schema, schema_problem
 from dsf.errors import ConfigError, SlideError, some
+from dsf.folds import group_clash_note
 from dsf.runner import run, setup_logging
 from dsf.scan import IMAGE_SUFFIXES, SLIDE_SUFFIXES, patient_group, scan_folder
 from dsf.slide import describe_slide
@@ -225,6 +226,7 @@ def validate_rows(
     validator = jsonschema.Draft202012Validator(load_schema("slides"))
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
+    own: list[str] = []  # slides without a group: each is a group of its own, by its id
     for n, raw in enumerate(rows, start=1):
         i = f"line {lines[n - 1]}" if lines is not None else f"row {n}"
         masks = dict(raw.get("masks") or {})
@@ -267,11 +269,16 @@ def validate_rows(
         row["masks"] = {cls: _resolve(base, str(m)) for cls, m in masks.items()}
         row.setdefault("mpp", None)
         # a slide without a group: its TCGA patient (as in a folder), else a group of its own
+        if row.get("group") is None and patient_group(sid) is None:
+            own.append(sid)
         row["group"] = row.get("group") or patient_group(sid) or sid
         row.setdefault("fold", None)
         out.append(row)
     if not out:
         raise ConfigError(f"slide sheet {where} lists no slides")
+    given = {str(r["group"]) for r in out if r["slide"] not in set(own)}
+    if note := group_clash_note(sorted(set(own) & given), where):
+        log.warning(note)
     df = pd.DataFrame(out, columns=[*COLUMNS, "masks"], dtype=object)
     return df.set_index("slide", drop=False)
 

@@ -254,18 +254,23 @@ def test_a_synthetic_slide_can_keep_its_fold() -> None:
     assert rows["s1"]["fold"] == 1 and rows["s2"]["fold"] is None
 
 
-def test_a_slide_without_a_group_named_like_a_patient_is_warned_about() -> None:
+def test_a_slide_without_a_group_named_like_a_patient_is_warned_about(tmp_path, caplog) -> None:  # noqa: ANN001
     """A slide with no group is its own group, named by its id: one called `P7` beside slides
-    of patient `P7` joins that patient and its fold, which the start of a run now says."""
-    from dsf.folds import group_clash_note
+    of patient `P7` joins that patient and its fold, which reading the sheet now says (before
+    the missing groups are filled in)."""
+    from dsf.config import validate
+    from dsf.sheet import load_sheet
 
-    sheet = pd.DataFrame(
-        {"slide": ["a", "b", "P7", "c"], "group": ["P7", "P7", None, ""], "fold": [None] * 4},
-        dtype=object,
-    )
-    t = assign_folds(sheet, k=2, seed=0)
-    assert t.loc[t["slide"] == "P7", "fold"].item() == t.loc[t["slide"] == "a", "fold"].item()
-    note = group_clash_note(sheet)
-    assert note is not None and note.startswith("slides P7 have no group")
-    assert "give them a group of their own" in note
-    assert group_clash_note(sheet.assign(group=["P7", "P7", "P8", ""])) is None
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("slide\tpath\tgroup\na\ta.svs\tP7\nb\tb.svs\tP7\nP7\tp.svs\t\nc\tc.svs\t\n")
+    config = validate({"slides": str(sheet), "results": str(tmp_path / "out")})
+    with caplog.at_level("WARNING", logger="dsf.sheet"):
+        table = load_sheet(config)
+    assert table.loc["P7", "group"] == "P7"  # the same fold as a and b
+    assert f"slide sheet {sheet}: slides P7 have no group" in caplog.text
+    assert "give them a group of their own" in caplog.text and "slides c " not in caplog.text
+    caplog.clear()
+    sheet.write_text("slide\tpath\tgroup\na\ta.svs\tP7\nP7\tp.svs\tP8\n")
+    with caplog.at_level("WARNING", logger="dsf.sheet"):
+        load_sheet(config)
+    assert "have no group" not in caplog.text

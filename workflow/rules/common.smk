@@ -18,7 +18,6 @@ from dsf.folds import (
     assign_folds,
     finetune_gaps,
     gap_advice,
-    group_clash_note,
     moved_note,
     split_key,
     too_few_groups,
@@ -179,9 +178,6 @@ if workflow.is_main_process:
     from dsf.copies import copies_note
 
     if note := copies_note({s: SHEET.loc[s, "path"] for s in SHEET.index}):
-        logging.getLogger("dsf").warning(note)
-    # a slide without a group named like another's group shares its fold
-    if LABELLED and not APPLY and (note := group_clash_note(SHEET)):
         logging.getLogger("dsf").warning(note)
     # slides the earlier split placed and this one moves (added slides rebalance the folds)
     if LABELLED and not APPLY and not SPLIT_PROBLEM:
