@@ -185,8 +185,8 @@ def _check_resume(
         )
     old = state["hyper"]
     # what a checkpoint of an older dsf did not record (a setting or check added since) is not
-    # compared: it cannot tell, as with stores and encoders
-    changed = sorted(k for k in old if hyper.get(k) != old[k])
+    # compared: it cannot tell, as with stores and encoders; nor what the run no longer reads
+    changed = sorted(k for k in old if k in hyper and hyper[k] != old[k])
     if changed:
         detail = (
             f"{', '.join(changed)}: {[old.get(k) for k in changed]} then, "

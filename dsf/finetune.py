@@ -48,6 +48,7 @@ from dsf.devices import amp_dtype
 from dsf.errors import ConfigError
 from dsf.finetune_data import LabelledTiles, selection_split
 from dsf.folds import read_folds
+from dsf.inits import BASELINE_INITS, unread_settings
 from dsf.metrics import confusion, scores, soft_dice_loss
 from dsf.norm import computed_stats, encoder_stats, given_stats, log_stats
 from dsf.pretrain import (
@@ -71,8 +72,6 @@ from dsf.tiles import loader_worker_init
 log = logging.getLogger(__name__)
 
 RESUME_FREE = {"epochs", "workers", "device", "inits", "fractions", "gpus"}
-# inits that read no encoders.pt; every other init is a pretraining method
-BASELINE_INITS = ("random", "unet", "imagenet")
 HISTORY_COLUMNS = ["epoch", "train_loss", "select_macro_f1", "select_accuracy", "seconds"]
 
 
@@ -451,8 +450,10 @@ class FineTuner:
         return self.out_dir / "checkpoint.pt"
 
     def _hyper(self) -> dict[str, Any]:
-        # the normalisation too: it may come from the encoders or the stores, not the settings
-        return {k: v for k, v in self.st.items() if k not in RESUME_FREE} | {
+        # the normalisation too: it may come from the encoders or the stores, not the settings;
+        # not the settings this init does not read (the workflow writes them at their defaults)
+        free = RESUME_FREE | unread_settings(self.st["init"])
+        return {k: v for k, v in self.st.items() if k not in free} | {
             "fraction": self.fraction,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),

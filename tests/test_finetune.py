@@ -521,3 +521,20 @@ def test_a_new_run_stopped_midway_leaves_no_earlier_result(three, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C while training
         main(_args(stores[1:], folds, out))
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_settings_an_init_does_not_read_do_not_stop_its_resume(tmp_path) -> None:  # noqa: ANN001
+    """The workflow writes the settings an init does not read at their defaults (the U-Net's
+    context_weight, weights for all but imagenet), and a fine-tuning leaves them out of the
+    settings its checkpoint is resumed under: a checkpoint written under other values of them
+    resumes, while a changed setting the init reads is still refused."""
+    from dsf import checkpoints
+    from dsf.inits import unread_settings
+
+    assert unread_settings("unet") == {"context_weight", "weights"}
+    assert unread_settings("imagenet") == set() and unread_settings("dsf") == {"weights"}
+    saved = {"hyper": {"weights": "/old/resnet18.pth", "context_weight": 0.5, "lr": 0.001}}
+    now = {"lr": 0.001}  # a U-Net's settings: neither is compared
+    checkpoints._check_resume(tmp_path / "c.pt", saved, now, None, None)
+    with pytest.raises(ConfigError, match="lr"):
+        checkpoints._check_resume(tmp_path / "c.pt", saved, {"lr": 0.01}, None, None)

@@ -14,6 +14,7 @@ from dsf.cli import spill_args
 from dsf.config import cli_args, coerce_strings, load_schema, setting_value
 from dsf.config import defaults as schema_defaults
 from dsf.config import validate as check_config
+from dsf.inits import BASELINE_INITS, unread_settings
 from dsf.folds import (
     assign_folds,
     finetune_gaps,
@@ -248,7 +249,7 @@ def check_finetune_inits(finetune, pretrain):
     from dsf.errors import ConfigError
 
     inits = list(finetune["inits"])
-    pretrained = [i for i in inits if i not in ("random", "unet", "imagenet")]
+    pretrained = [i for i in inits if i not in BASELINE_INITS]
     missing = [i for i in pretrained if i not in pretrain["methods"]]
     if missing:
         raise ConfigError(
@@ -610,10 +611,9 @@ def stage_opts(section, skip=(), inert=()):
 
 
 def finetune_opts(finit):
-    """Fine-tuning's options for init `finit`: the U-Net reads no context_weight, and only
-    init imagenet reads weights (`stage_opts`' inert settings)."""
-    inert = ("context_weight",) if finit == "unet" else ()
-    inert += ("weights",) if finit != "imagenet" else ()
+    """Fine-tuning's options for init `finit`, the settings it does not read written at their
+    defaults (`stage_opts`' inert settings; `dsf.finetune.unread_settings`)."""
+    inert = tuple(sorted(unread_settings(finit)))
     return stage_opts("finetune", skip=("init", "inits", "fractions"), inert=inert)
 
 
