@@ -700,8 +700,10 @@ def test_predictor_runs_only_what_the_target_logits_need(tmp_path, exact_float32
         for x in (ctx, tgt)
     ]
     with torch.no_grad():
-        full = pred.model(*prep)[0].float().softmax(dim=1)
-    torch.testing.assert_close(probs, full, rtol=1e-4, atol=1e-5)
+        full = pred.model(*prep)[0].float()
+    # over the foreground classes: class 0 (ignore) takes no share
+    want = torch.cat([torch.zeros_like(full[:, :1]), full[:, 1:].softmax(dim=1)], dim=1)
+    torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)
 
 
 def _cli(tmp_path: Path, slide: Path, model: Path) -> list[str]:
@@ -1027,3 +1029,31 @@ def test_a_model_that_gives_nan_leaves_no_map(tmp_path, stripes):
                        r"their weights hold NaN\. Check the models"):  # fmt: skip
         run_infer(tmp_path, path, [pred])
     assert not any((tmp_path / "out").glob("map.*"))
+
+
+def test_an_ensembles_models_count_alike_whatever_they_give_class_0():
+    """Fine-tuning never scores class 0 (ignore), so the share a model gives it is arbitrary:
+    taken into the softmax, it set how much each model counted in an averaged map, and a model
+    giving it nearly all mapped foreground pixels as probability 0. Probabilities are over the
+    foreground classes: each model's sum to 1 there."""
+    from torch import nn
+
+    class Fixed(nn.Module):
+        def __init__(self, per_class: list[float]) -> None:
+            super().__init__()
+            self.per_class = torch.tensor(per_class)
+
+        def forward(self, context, target, context_logits=False):  # noqa: ANN001, ANN201
+            b, _, h, w = target.shape
+            return (self.per_class.view(1, -1, 1, 1).expand(b, -1, h, w).to(target.device),)
+
+    ctx = tgt = torch.zeros((2, 8, 8, 3), dtype=torch.uint8)
+    mostly_ignore = oracle(8)
+    mostly_ignore.model = Fixed([30.0, 0.0, 2.0, 0.0])
+    sure = oracle(8)
+    sure.model = Fixed([0.0, 5.0, 0.0, 0.0])
+    p1, p2 = (m.probabilities(ctx.to(DEVICE), tgt.to(DEVICE)).cpu() for m in (mostly_ignore, sure))
+    for p in (p1, p2):
+        assert torch.all(p[:, 0] == 0)
+        torch.testing.assert_close(p[:, 1:].sum(1), torch.ones(2, 8, 8))
+    torch.testing.assert_close(p1[0, 1:, 0, 0], torch.tensor([0.0, 2.0, 0.0]).softmax(0))
