@@ -178,10 +178,10 @@ def _check_resume(
     old_encoders = state.get("encoders")
     if encoders is not None and old_encoders is not None and old_encoders != encoders:
         raise _mismatch(
-            f"{path} was fine-tuned from other pretrained encoders (pretraining has been redone "
-            "since), so resuming would keep weights grown from the old ones: delete the "
-            "checkpoint to fine-tune from the encoders as they are now",
-            "other pretrained encoders",
+            f"{path} was trained from other starting weights (the pretrained encoders, or the "
+            "weights file, have changed since), so resuming would keep weights grown from the "
+            "old ones: delete the checkpoint to train from them as they are now",
+            "other starting weights",
         )
     old = state["hyper"]
     # what a checkpoint of an older dsf did not record (a setting or check added since) is not

@@ -248,6 +248,13 @@ class Trainer:
         scale = int(open_store(stores[0]).attrs["scale"])
         self.n_blocks = scale * scale
         self.aug = _augment_config(settings, scale)
+        # what both encoders start from (a local weights file): a checkpoint records it, so a
+        # file replaced since restarts a finished run instead of re-exporting the old encoders
+        self.weights_digest = (
+            checkpoints.weights_digest(checkpoints.load(settings["weights"], "cpu"))
+            if settings["weights"]
+            else None
+        )
         torch.manual_seed(settings["seed"])
         model = DSFModel(
             backbone=settings["backbone"],
@@ -327,7 +334,7 @@ class Trainer:
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,
             hyper=self._hyper(), stores=self.store_ids, history=self.history,
-            settings=self.st, interrupted=interrupted,
+            settings=self.st, interrupted=interrupted, encoders=self.weights_digest,
         )  # fmt: skip
 
     def resume(self) -> bool:
@@ -336,7 +343,7 @@ class Trainer:
             return False
         state = checkpoints.resume_training(
             self.checkpoint_path, self._hyper(), self.model, self.opt, self.scaler,
-            stores=self.store_ids, restart_finished=True,
+            stores=self.store_ids, encoders=self.weights_digest, restart_finished=True,
         )  # fmt: skip
         if state is None:  # a finished run's, under other settings or stores: start over
             return False

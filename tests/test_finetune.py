@@ -437,7 +437,7 @@ def test_resume_from_other_encoders_or_statistics_is_refused(three, tmp_path) ->
 
     tuner(old).fit()
     assert tuner(old).resume()
-    with pytest.raises(ConfigError, match="fine-tuned from other pretrained encoders"):
+    with pytest.raises(ConfigError, match="trained from other starting weights"):
         tuner(new).resume()
     with pytest.raises(ConfigError, match=r"other settings \(mean, std"):
         tuner(old, norm=([0.7, 0.5, 0.6], [0.2, 0.2, 0.2])).resume()

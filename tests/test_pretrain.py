@@ -659,3 +659,26 @@ def test_missing_stores_are_named_before_anything_is_written(tmp_path: Path) -> 
     argv = ["--stores", str(tmp_path / "a.zarr"), "--out-dir", str(out), "--device", "cpu"]
     assert main(argv) == 2
     assert not out.exists()
+
+
+def test_a_replaced_weights_file_restarts_a_finished_pretraining(
+    stores: list[Path], tmp_path: Path
+) -> None:
+    """pretrain.weights is an input: Snakemake reruns a pretraining whose file was replaced,
+    and the rerun (with --resume, as the workflow runs it) trains from the new file instead of
+    re-exporting the finished run's encoders; the same file resumes as before."""
+    import torchvision.models as tvm
+
+    weights = tmp_path / "effnet.pth"
+    torch.manual_seed(1)
+    torch.save(tvm.efficientnet_b0(weights=None).state_dict(), weights)
+    out = tmp_path / "run"
+    out.mkdir()
+    first = Trainer(_settings(epochs=1, weights=str(weights)), stores, out)
+    first.fit(progress=False)
+    same = Trainer(_settings(epochs=1, weights=str(weights)), stores, out)
+    assert same.resume() and same.epoch == 1  # finished: nothing left to train
+    torch.manual_seed(2)
+    torch.save(tvm.efficientnet_b0(weights=None).state_dict(), weights)  # replaced
+    again = Trainer(_settings(epochs=1, weights=str(weights)), stores, out)
+    assert not again.resume() and again.epoch == 0
