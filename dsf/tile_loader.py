@@ -65,6 +65,10 @@ def _next_task(tasks: Any, parent: Any) -> Any:
                 raise _OrphanedError from None
 
 
+#: Signals that stop a training run: the training process acts on them, its workers never.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class _OrphanedError(Exception):
     """The process that started this worker has died."""
 
@@ -77,9 +81,11 @@ def _work(data: TileDataset, ring: torch.Tensor, tasks: Any, done: Any) -> None:
     # a stop signal (SLURM's to every process of the job, Ctrl-C to the process group) is the
     # training process's to act on: it checkpoints and stops at a step all DDP ranks agree on,
     # then stops its workers. A worker dying of it first made each rank stop on its own, one
-    # possibly waiting in a collective for another that had left
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # possibly waiting in a collective for another that had left. The signals were blocked
+    # from the worker's start (`TileLoader._start`): ignored now, those pending are dropped
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         decode_on_one_thread()
         torch.set_num_threads(1)
@@ -107,7 +113,8 @@ def _done(event: Any) -> bool:
 
 
 def _stop(workers: list[Any], tasks: Any, results: Any, pinned: list[int]) -> None:
-    """Stop the workers (a None task each, then terminate what is left) and unpin the ring."""
+    """Stop the workers (a None task each, then kill what is left: they ignore SIGTERM) and
+    unpin the ring."""
     for _ in workers:
         try:
             tasks.put(None)
@@ -195,15 +202,22 @@ class TileLoader:
             self._pinned.append(ptr)
         ctx = tmp.get_context("spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        for i in range(self.workers):
-            p = ctx.Process(
-                target=_work,
-                args=(self.data, self.ring, self._tasks, self._results),
-                name=f"dsf-tile-loader-{i}",
-                daemon=True,
-            )
-            p.start()
-            self._procs.append(p)
+        # blocked while the workers start (a spawned process keeps the mask), so a stop signal
+        # in the seconds before a worker ignores them cannot end it (`_work`); the signals of
+        # this process are delivered when they are unblocked
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for i in range(self.workers):
+                p = ctx.Process(
+                    target=_work,
+                    args=(self.data, self.ring, self._tasks, self._results),
+                    name=f"dsf-tile-loader-{i}",
+                    daemon=True,
+                )
+                p.start()
+                self._procs.append(p)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._finalizer = weakref.finalize(
             self, _stop, self._procs, self._tasks, self._results, self._pinned
         )

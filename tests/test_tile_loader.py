@@ -153,6 +153,9 @@ def test_workers_leave_stop_signals_to_the_training_process(data: TileDataset) -
     the training process, which checkpoints at an agreed step, stops them when it closes."""
     loader = TileLoader(data, _order, 4, 2, epochs=3)
     try:
+        # at once, while the workers still start (signals are blocked until they ignore them)
+        for p in loader._procs:
+            os.kill(p.pid, signal.SIGTERM)
         batches = loader.epoch(0)
         slot, _ = next(batches)
         loader.release(slot)
