@@ -234,10 +234,13 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
         lab_blocks = labels[i0:i1, centre, centre]
         probs = predictor.probabilities(ctx, tgt)
         if not bool(torch.isfinite(probs).all()):  # argmax would take NaN for a class
+            amp = predictor.amp is not None
             raise ConfigError(
                 f"the model gave NaN or infinite probabilities on the tiles of {store.tiles}: "
-                "its weights hold NaN, or autocast overflowed; check the model, or set "
-                "evaluate.amp to false (--no-amp)"
+                "its weights hold NaN"
+                + (", or autocast overflowed" if amp else "")
+                + "; check the model"
+                + (", or set evaluate.amp to false (--no-amp)" if amp else "")
             )
         pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
         cm += confusion(pred, lab_blocks, k)
@@ -352,7 +355,8 @@ def evaluate_slide(
 ) -> pd.DataFrame:
     """One row: slide, fold, init, fraction, routing, mpp, confusion counts and scores.
 
-    A map of this run's fold models must be out of fold (checked against `folds`); one of
+    A map of this run's fold models must be out of fold (checked against `folds`, or without
+    them against its models' fit and selection slides, where they can be read); one of
     models given by `apply.models` (routing `given`, a prediction run) is scored as it is, fold
     -1. Neither is scored where one of its models lists the slide among its fit or selection
     slides. `method`
@@ -469,7 +473,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_tolerance_argument(s)
     add_annotation_argument(s)
-    s.add_argument("--folds", type=Path, help="folds.tsv (not for maps of apply.models' models)")
+    s.add_argument(
+        "--folds",
+        type=Path,
+        help="folds.tsv; without it a fold model's map is checked against its models' training "
+        "slides (not for maps of apply.models' models)",
+    )
     s.add_argument("--method", help="the row's method name (default: the models' init)")
     s.add_argument("--out", required=True, type=Path, help="one-row TSV to write")
     s.add_argument("--panel", type=Path, help="thumbnail/truth/prediction .npz for the figure")

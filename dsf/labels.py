@@ -91,8 +91,9 @@ def paint_labels(
     annotation: Path | None = None,
 ) -> dict[str, float]:
     """Paint the per-class `masks` (class name -> file) of `slide`, or its `annotation`, over
-    the base class into a label mask TIFF at `mpp` (no finer than the slide) written
-    atomically to `out`; returns each class's share of the mask's pixels."""
+    the base class into a label mask TIFF where the patches for `mpp` are cut (a level within
+    the slide's mpp tolerance at its own mpp; no finer than the slide), written atomically to
+    `out`; returns each class's share of the mask's pixels."""
     check_label_settings(settings)
     classes = list(settings["classes"])
     if bool(masks) == (annotation is not None):
@@ -217,7 +218,12 @@ def _parser() -> argparse.ArgumentParser:
         help="an annotation (label mask, GeoJSON or XML) painted over labels.base",
     )
     parser.add_argument("--out", required=True, type=Path, help="output label mask TIFF")
-    add_setting_argument(parser, "--mpp", "patches.target_mpp", "label mask resolution, um/px")
+    add_setting_argument(
+        parser,
+        "--mpp",
+        "patches.target_mpp",
+        "label mask resolution, um/px (a slide level within --mpp-tolerance: its own)",
+    )
     add_setting_argument(
         parser, "--rgb-max", "tissue.rgb_max", "tissue rule of labels.base", metavar=("R", "G", "B")
     )

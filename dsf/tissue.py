@@ -197,6 +197,12 @@ def _no_data_edge(rgb: np.ndarray, lit: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rgb_tissue(rgb: np.ndarray, rgb_max: list[int], lit: np.ndarray) -> np.ndarray:
+    """The paper's RGB rule on the pixels with scan data (`lit`), less the grey edge of black
+    no-data (`_no_data_edge`): method rgb, and Otsu's fallback to it."""
+    return rgb_rule(rgb, rgb_max) & lit & ~_no_data_edge(rgb, lit)
+
+
 def _detect(
     rgb: np.ndarray, mpp: float, settings: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -206,7 +212,7 @@ def _detect(
     planes = hsv(rgb) if method == "otsu" or settings["pen_marks"] else None
     lit = has_data(rgb)
     if method == "rgb":
-        raw = rgb_rule(rgb, settings["rgb_max"]) & lit & ~_no_data_edge(rgb, lit)
+        raw = _rgb_tissue(rgb, settings["rgb_max"], lit)
         thresholds = {"rgb_max": list(settings["rgb_max"])}
     elif method == "otsu":
         raw, thresholds = _otsu_rule(planes[1], settings["min_saturation"])
@@ -221,7 +227,7 @@ def _detect(
                 "rule: no glass in view): using the RGB rule",
                 100 * share,
             )
-            raw = by_rgb & ~_no_data_edge(rgb, lit)  # as method rgb: no scan border
+            raw = _rgb_tissue(rgb, settings["rgb_max"], lit)  # as method rgb: no scan border
             thresholds |= {"fallback": "rgb", "rgb_max": list(settings["rgb_max"])}
     else:
         raise ValueError(f"unknown tissue method {method!r} (rgb or otsu)")
