@@ -50,7 +50,7 @@ from dsf.errors import ConfigError, SlideError
 from dsf.map_writer import MapWriter, WriterThread, render_overlay, write_ome_attrs
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
-from dsf.slide import Slide, add_tolerance_argument, open_slide
+from dsf.slide import TWENTY_X_MPP, Slide, add_tolerance_argument, open_slide
 from dsf.stitch import Stitcher
 from dsf.tilespool import TileSpool
 from dsf.windows import make_grid, out_factor, plan_bands, tissue_windows
@@ -118,14 +118,15 @@ def infer_slide(
     # the slide region it claims (a grid at the nominal mpp drifted across each band)
     t = slide.effective_mpp(p.target_mpp)
     if slide.upsamples(t):  # as dsf.patches warns for training tiles
+        example = ", e.g. the 5x/20x geometry for 20x scans" if slide.mpp <= TWENTY_X_MPP else ""
         log.warning(
             "%s: the models' %.4g um/px is finer than the slide's %.4g um/px: the slide is "
             "upsampled for them, and the map shows what they make of blurred tissue (map such "
-            "slides with models trained at their resolution, e.g. the 5x/20x geometry for 20x "
-            "scans)",
+            "slides with models trained at their resolution%s)",
             slide.slide_id,
             t,
             slide.mpp,
+            example,
         )
     width, height = slide.size_at(t)
     grid = make_grid(

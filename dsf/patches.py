@@ -36,7 +36,7 @@ from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, SlideError
 from dsf.runner import progress_bar, run, setup_logging
-from dsf.slide import Slide, open_slide
+from dsf.slide import TWENTY_X_MPP, Slide, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,18 @@ def make_geometry(slide: Slide, settings: dict[str, Any]) -> Geometry:
     nx, ox = tile_grid(int(w0 / f0 + 1e-6), tile, settings["stride"])
     ny, oy = tile_grid(int(h0 / f0 + 1e-6), tile, settings["stride"])
     if slide.upsamples(eff):
+        fits = (
+            " (for a cohort scanned at 20x, the 5x/20x geometry fits: patches.target_mpp 0.5, "
+            "as config/presets/paip.yaml sets it)"
+            if slide.mpp <= TWENTY_X_MPP
+            else ""
+        )
         log.warning(
-            "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled "
-            "(for a cohort scanned at 20x, the 5x/20x geometry fits: patches.target_mpp 0.5, "
-            "as config/presets/paip.yaml sets it)",
+            "%s: target %.4g um/px is finer than the slide's %.4g um/px: tiles are upsampled%s",
             slide.slide_id,
             req,
             slide.mpp,
+            fits,
         )
     return Geometry(
         eff,

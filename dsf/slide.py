@@ -316,6 +316,9 @@ def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
 #: A sheet `mpp` further than this (relative) from the file's own is warned about, at the
 #: start of a run and in the slide's jobs alike.
 SHEET_MPP_WARN = 0.05
+#: A scan this fine or finer (um/px) is 20x or finer (20x is about 0.5), which the paper's
+#: 5x/20x geometry reads as it is: the upsampling warnings suggest it only for such slides
+TWENTY_X_MPP = 0.6
 
 
 def no_resolution(sid: str, path: Path, note: str | None) -> SlideError:
@@ -498,6 +501,6 @@ def upsampling_note(mpps: dict[str, float], target_mpp: float, tolerance: float)
         f"{len(coarse)} of {len(mpps)} slides are scanned coarser than patches.target_mpp "
         f"{target_mpp:g} um/px: {named} um/px. Their tiles are upsampled (up to "
         f"{max(coarse.values()) / target_mpp:.2g}x), which adds no detail and makes their patch "
-        f"stores larger; for such a cohort set patches.target_mpp to {finest:.4g} or coarser "
-        "(the paper's 5x/20x pair: 0.5)"
+        f"stores larger; for such a cohort set patches.target_mpp to {finest:.4g} or coarser"
+        + (" (the paper's 5x/20x pair: 0.5)" if finest <= TWENTY_X_MPP else "")
     )

@@ -630,7 +630,9 @@ def test_slides_coarser_than_the_target_are_named_at_the_start() -> None:
     note = upsampling_note({"a": 0.25, "b": 0.5, "c": 0.499, "d": 1.0}, 0.25, 0.05)
     assert note is not None and note.startswith("3 of 4 slides are scanned coarser")
     assert "b (0.5), c (0.499), d (1)" in note and "up to 4x" in note
-    assert "set patches.target_mpp to 0.499 or coarser" in note
+    assert "set patches.target_mpp to 0.499 or coarser (the paper's 5x/20x pair" in note
+    coarse = upsampling_note({"a": 0.25, "d": 4.0}, 0.25, 0.05)  # no 20x scan: no 5x/20x
+    assert coarse is not None and coarse.endswith("set patches.target_mpp to 4 or coarser")
 
 
 # -- model files ------------------------------------------------------------------------------

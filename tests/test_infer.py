@@ -348,6 +348,7 @@ def test_a_slide_coarser_than_the_models_is_mapped_with_a_warning(tmp_path, capl
                            settings(), out / "map.tiff", out / "map.jpg", out / "map.json",
                            progress=False)  # fmt: skip
     assert "finer than the slide's 1 um/px: the slide is upsampled" in caplog.text
+    assert "5x/20x" not in caplog.text  # a 1 um/px scan: that geometry would upsample it too
     assert meta["slide_mpp"] == pytest.approx(2 * MPP) and meta["mpp"] == pytest.approx(MPP)
     assert json.loads((out / "map.json").read_text())["slide_mpp"] == pytest.approx(2 * MPP)
     caplog.clear()
