@@ -242,7 +242,7 @@ def tile_confusion(predictor: Any, store: LabelledStore, batch_size: int) -> tup
                 + "; check the model"
                 + (", or set evaluate.amp to false (--no-amp)" if amp else "")
             )
-        pred = probs[:, 1:].argmax(1).cpu().numpy() + 1  # foreground classes only
+        pred = probs.argmax(1).cpu().numpy() + 1  # over the foreground classes
         cm += confusion(pred, lab_blocks, k)
     return n, cm
 

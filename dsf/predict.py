@@ -43,8 +43,8 @@ class Predictor:
         return self.init != "unet"
 
     def probabilities(self, context: Tensor, target: Tensor) -> Tensor:
-        """Softmax over the foreground class channels, (B, C, block, block) float32 on the
-        device, channel 0 (ignore, which no model is trained to predict) 0.
+        """Softmax over the foreground classes, (B, C - 1, block, block) float32 on the
+        device: channel k is class k + 1 (class 0, ignore, is no model's to predict).
 
         `context` and `target` are uint8 (B, block, block, 3), the context the whole
         scale*block tile reduced by `scale`, concentric with the target block.
@@ -74,8 +74,7 @@ class Predictor:
         # so the share a model gives it is arbitrary, and averaged over an ensemble it had set
         # how much each model counted (a model near all-ignore had mapped its pixels as zero
         # probability)
-        fg = logits[:, 1:].float().softmax(dim=1)
-        return torch.nn.functional.pad(fg, (0, 0, 0, 0, 1, 0))  # channel 0: zero
+        return logits[:, 1:].float().softmax(dim=1)
 
 
 def load_predictor(path: str | Path, device: torch.device, amp: bool = True) -> Predictor:

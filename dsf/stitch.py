@@ -264,7 +264,7 @@ class Stitcher:
         self.nonfinite |= ~torch.isfinite(probs).all()
         start = 0
         for wr, cells, *_ in take:
-            self.acc.add(wr, cells, probs[start : start + cells.shape[0], 1:])
+            self.acc.add(wr, cells, probs[start : start + cells.shape[0]])
             start += cells.shape[0]
         self.queued -= n
         self.windows += n
