@@ -301,11 +301,12 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
         # what tifffile sees, only where OpenSlide would otherwise read the file
-        layout = tiff_layout(path) if tiff and vendor is not None else (False, 0, 0)
-        ome, tiff_levels, main = layout
+        layout = tiff_layout(path) if tiff and vendor is not None else (False, 0, 0, False)
+        ome, tiff_levels, main, wide = layout
         backend = None
-        # OpenSlide's generic TIFF reader takes the first image for the slide
-        if vendor is not None and not ome and not (vendor == "generic-tiff" and main):
+        # OpenSlide's generic TIFF reader takes the first image for the slide, and reads
+        # 16-bit samples against 65535 whatever their range (MaxSampleValue; `sample_max`)
+        if vendor is not None and not ome and not (vendor == "generic-tiff" and (main or wide)):
             backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
         if backend is not None and vendor == "generic-tiff" and tiff_levels > len(backend.levels):
             backend.close()

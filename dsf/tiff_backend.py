@@ -70,6 +70,38 @@ def _ome_mpp(xml: str, axis: str, size: tuple[int, int]) -> float | None:
     return None
 
 
+def _ome_significant_bits(xml: str, size: tuple[int, int]) -> int | None:
+    """SignificantBits of the OME image of `size` (width, height), if it says."""
+    root = ET.fromstring(xml)
+    for elem in root.iter():
+        shape = (elem.attrib.get("SizeX"), elem.attrib.get("SizeY"))
+        if elem.tag.endswith("Pixels") and shape == tuple(map(str, size)):
+            bits = elem.attrib.get("SignificantBits")
+            return int(bits) if bits and bits.isdigit() else None
+    return None
+
+
+def sample_max(
+    keyframe: Any, dtype: np.dtype, significant_bits: int | None = None
+) -> tuple[int, str]:
+    """The value of full intensity in 16-bit pixels and where it comes from: MaxSampleValue
+    where the TIFF gives it, else the OME SignificantBits, else 65535. A camera's 12-bit data
+    stored in 16-bit samples (0-4095), read against 65535, came out nearly black: tissue lost,
+    colours wrong. 8-bit pixels are read as they are (255)."""
+    top = int(np.iinfo(dtype).max)
+    if dtype != np.uint16:
+        return top, "the pixel type"
+    tag = keyframe.tags.get(281)  # MaxSampleValue: one value, or one per sample
+    if tag is not None:
+        values = tag.value if isinstance(tag.value, tuple) else (tag.value,)
+        value = max(int(v) for v in values)
+        if 0 < value < top:
+            return value, "its MaxSampleValue tag"
+    if significant_bits is not None and 8 <= significant_bits < 16:
+        return 2**significant_bits - 1, "its OME SignificantBits"
+    return top, "the pixel type"
+
+
 #: TIFF Photometric values read as colour: RGB, and YCbCr (JPEG tiles, decoded to RGB)
 _COLOUR_PHOTOMETRIC = (2, 6)
 #: Compressions whose decoder turns YCbCr into RGB (JPEG, JPEG 2000); with any other, tifffile
@@ -216,6 +248,12 @@ class TiffBackend(Backend):
         self._axes = series.axes
         self._dtype = np.dtype(series.dtype)
         keyframe = series.levels[0].keyframe
+        bits = None
+        if tf.is_ome and tf.ome_metadata:
+            bits = _ome_significant_bits(tf.ome_metadata, _plane_size(series))
+        self._max, whence = sample_max(keyframe, self._dtype, bits)
+        if self._max != np.iinfo(self._dtype).max:
+            log.info("%s: samples of 0-%d (%s) read as 0-255", path, self._max, whence)
         # (series, level) of each pyramid level: tifffile's, or further images of the file
         # that are downsamples of the main image without being flagged as reduced (`_page_levels`)
         pyramid = _pyramid(tf, main)
@@ -281,8 +319,9 @@ class TiffBackend(Backend):
             data = np.asarray(arr[y : y + h, x : x + w])
         if data.ndim == 2:
             data = np.repeat(data[..., None], 3, axis=2)
-        if self._dtype == np.uint16:
-            data = (data.astype(np.uint32) // 257).astype(np.uint8)
+        if self._dtype == np.uint16:  # to 0-255 against the samples' full intensity
+            scaled = data.astype(np.uint32) * 255 // self._max
+            data = np.minimum(scaled, 255).astype(np.uint8)
         if data.shape[2] == 4 and self._alpha:
             return composite(data, self.background, self._premultiplied)
         return np.ascontiguousarray(data[..., :3])
@@ -312,10 +351,10 @@ def is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
-def tiff_layout(path: Path) -> tuple[bool, int, int]:
+def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
     """(OME-TIFF?, pyramid levels tifffile sees in the main image, SubIFDs included, the main
-    image's series index), from one parse; (False, 0, 0) when tifffile cannot parse it (the
-    backends then report why).
+    image's series index, 16-bit samples?), from one parse; (False, 0, 0, False) when tifffile
+    cannot parse it (the backends then report why).
 
     Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
     read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint."""
@@ -326,16 +365,17 @@ def tiff_layout(path: Path) -> tuple[bool, int, int]:
             main = _main_series(tf)
             series = tf.series[main]
             ome, levels = bool(tf.is_ome), len(_pyramid(tf, main))
+            wide = np.dtype(series.dtype) == np.uint16
             layout: UnsupportedLayoutError | None = None
             try:
                 _check_layout(series)
             except UnsupportedLayoutError as exc:
                 layout = exc
     except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands
-        return False, 0, 0
+        return False, 0, 0, False
     if layout is not None:
         raise layout
-    return ome, levels, main
+    return ome, levels, main, wide
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:

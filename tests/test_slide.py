@@ -725,3 +725,35 @@ def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
     whole = s.read(20, 20, 160, 160, 0.25)
     pieces = np.concatenate([s.read(20 + 20 * k, 20, 40, 160, 0.25) for k in range(4)], axis=1)
     np.testing.assert_array_equal(pieces, whole)
+
+
+@pytest.mark.parametrize(
+    ("kind", "top"),
+    [("full", 65535), ("max-sample-tag", 4095), ("ome-significant-bits", 4095)],
+)
+def test_sixteen_bit_rgb_reads_against_its_sample_range(
+    tmp_path: Path, kind: str, top: int
+) -> None:
+    """16-bit RGB is read against its full intensity: MaxSampleValue, else the OME
+    SignificantBits, else 65535. A camera's 12-bit data (0-4095) had been read against 65535:
+    a scan nearly black, taken for tissue everywhere."""
+    rgb8 = _pattern(64, 64)
+    data = (rgb8.astype(np.uint32) * top // 255).astype(np.uint16)
+    path = tmp_path / f"{kind}.tif"
+    kw: dict = {"photometric": "rgb", "tile": (32, 32), "resolution": (20000, 20000)}
+    kw["resolutionunit"] = "CENTIMETER"
+    if kind == "max-sample-tag":
+        kw["extratags"] = [(281, "H", 3, (top,) * 3, True)]
+    if kind == "ome-significant-bits":
+        path = tmp_path / f"{kind}.ome.tif"
+        kw = {
+            "photometric": "rgb",
+            "tile": (32, 32),
+            "ome": True,
+            "metadata": {"SignificantBits": 12, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        }
+    tifffile.imwrite(path, data, **kw)
+    s = open_slide(path)
+    got = s.read(0, 0, 64, 64, s.mpp).astype(int)
+    assert np.abs(got - rgb8).max() <= 1
+    assert got.mean() == pytest.approx(rgb8.mean(), abs=1)
