@@ -29,13 +29,21 @@ STAGES = {
 }
 
 
+#: Seconds torchrun gives its processes after a signal before it kills them (its default is
+#: 30): the rule asks SLURM for the signal 300 s before the time limit, and the processes
+#: checkpoint at the next step they agree on (up to 50 steps, then a 1.5 GB file). torch reads
+#: it from 2.12 on (`--shutdown-timeout`, which older torchruns refuse); older ones ignore it.
+TORCHRUN_SHUTDOWN_S = 270
+
+
 def pretrain_command(gpus: int) -> list[str]:
     """The command that starts pretraining on `gpus` GPUs: `dsf pretrain`, or above one GPU one
     process per GPU through torchrun (DDP on one node; --standalone picks a free rendezvous
     port, so jobs side by side do not clash)."""
     if gpus > 1:
+        grace = f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}"
         torchrun = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}"]
-        return [*torchrun, "-m", "dsf.pretrain"]
+        return ["env", grace, *torchrun, "-m", "dsf.pretrain"]
     return ["dsf", "pretrain"]
 
 

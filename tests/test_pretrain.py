@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dsf.cli import pretrain_command
+from dsf.cli import TORCHRUN_SHUTDOWN_S, pretrain_command
 from dsf.config import defaults
 from dsf.errors import ConfigError
 from dsf.pretrain import LOG_COLUMNS, Trainer, TrainingError, main, training_stores
@@ -370,12 +370,15 @@ def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_
     """pretrain.gpus 2: the rule's command (torchrun, one process per GPU), here on the CPU
     (gloo); the global batch is split over the processes."""
     cmd = pretrain_command(2)
-    assert cmd[0] == "torchrun" and "--nproc-per-node=2" in cmd
+    # torchrun gives its processes time to checkpoint after a signal (its default: 30 s)
+    assert cmd[:3] == ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}", "torchrun"]
+    assert TORCHRUN_SHUTDOWN_S < 300  # SLURM's signal comes 300 s before the time limit
+    assert "--nproc-per-node=2" in cmd
     assert pretrain_command(1)[0] == "dsf"
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "ddp"
     done = subprocess.run(
-        [str(bin_dir / cmd[0]), *cmd[1:], "--stores", *map(str, stores), "--out-dir", str(out),
+        [*cmd, "--stores", *map(str, stores), "--out-dir", str(out),
          "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "4", "--out-size", "32",
          "--workers", "0", "--device", "cpu", "--no-progress", "--backbone", "efficientnet_b0"],
         capture_output=True, text=True, timeout=600,

@@ -691,6 +691,8 @@ def test_every_command_the_workflow_prints_parses(tmp_path: Path) -> None:
     for line in out.splitlines():
         command = line.removeprefix("Shell command: ").split(" 2> ")[0]
         tokens = shlex.split(command) if line.startswith("Shell command: ") else []
+        if tokens[:1] == ["env"]:  # torchrun's environment
+            tokens = tokens[2:]
         if not tokens or tokens[0] not in ("dsf", "torchrun"):
             continue
         if tokens[0] == "torchrun":
@@ -732,7 +734,8 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
     ).stdout  # fmt: skip
     pre = [line for line in out.splitlines() if "-m dsf.pretrain " in line]
     assert len(pre) == 2 and all(
-        "Shell command: torchrun --standalone --nnodes=1 --nproc-per-node=2 -m" in line
+        "Shell command: env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=270 torchrun --standalone --nnodes=1 "
+        "--nproc-per-node=2 -m" in line
         for line in pre
     )
     assert "threads: 8" in out  # 3 loader workers and itself for each of the 2 processes
