@@ -31,8 +31,8 @@ STAGES = {
 
 #: Seconds torchrun gives its processes after a signal before it kills them (its default is
 #: 30): the rule asks SLURM for the signal 300 s before the time limit, and the processes
-#: checkpoint at the next step they agree on (up to 50 steps, then a 1.5 GB file). torch reads
-#: it from 2.12 on (`--shutdown-timeout`, which older torchruns refuse); older ones ignore it.
+#: checkpoint at the next step they agree on (up to 50 steps, then a 1.5 GB file). torch 2.14 reads
+#: it (as `--shutdown-timeout`, which older torchruns refuse); older ones ignore it.
 TORCHRUN_SHUTDOWN_S = 270
 
 
