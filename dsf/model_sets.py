@@ -109,6 +109,7 @@ def check_given_models(
 
     for name, paths in models.items():
         first: tuple[str, dict[str, Any]] | None = None
+        seen: dict[str, list[str]] = {}  # annotated slide: the models that trained on it
         for path in paths:
             try:
                 meta = load(Path(path), mmap=True)
@@ -132,15 +133,8 @@ def check_given_models(
                     raise ConfigError(f"apply.models.{name} ({path}): {exc}") from exc
             else:
                 _check_alike(name, first, (path, meta), tol)
-            seen = sorted(scored & trained_on(meta))
-            if seen:
-                raise ConfigError(
-                    f"apply.models.{name}: {path} was fitted or selected on annotated slides "
-                    f"{seen} of this run (by slide id): scoring them would not be validation; "
-                    "drop their annotations (labels) from the sheet, or give models that did "
-                    "not train on them. If they are other slides that share those names, give "
-                    "them other ids (the sheet's `slide` column)"
-                )
+            for slide in scored & trained_on(meta):
+                seen.setdefault(slide, []).append(path)
             if scored and list(meta["classes"]) != list(classes):
                 raise ConfigError(
                     f"apply.models.{name}: {path} predicts classes {list(meta['classes'])}, "
@@ -150,6 +144,16 @@ def check_given_models(
                 )
             if patches is not None:
                 _check_geometry(name, path, meta, patches, tol)
+        if seen:
+            models_seen = sorted({m for ms in seen.values() for m in ms}, key=_natural)
+            raise ConfigError(
+                f"apply.models.{name}: {len(models_seen)} of its {len(paths)} models were "
+                f"fitted or selected on annotated slides of this run (by slide id), "
+                f"{len(seen)} of them: {sorted(seen)} (models: {models_seen}). Scoring them "
+                "would not be validation; drop their annotations (labels) from the sheet, or "
+                "give models that did not train on them. If they are other slides that share "
+                "those names, give them other ids (the sheet's `slide` column)"
+            )
 
 
 def _geometry(meta: dict[str, Any]) -> tuple[float, int, int]:

@@ -83,3 +83,18 @@ def test_models_whose_mpp_differ_within_the_tolerance_are_one_set(tmp_path: Path
     with pytest.raises(ConfigError, match=r"patches.target_mpp"):
         check_given_models({"x": [c]}, set(), patches, classes)
     check_given_models({"x": [c]}, set(), patches | {"mpp_tolerance": 0.1}, classes, None, 0.1)
+
+
+def test_a_model_set_trained_on_scored_slides_names_every_such_slide(tmp_path: Path) -> None:
+    """A cross-validation folder whose models each trained on some annotated slides: the
+    refusal named the first model's slides alone, so dropping those led to the next refusal."""
+    classes = defaults("labels")["classes"]
+    a = str(_model(tmp_path / "fold0.pt", fit_slides=["A", "B"], select_slides=["C"]))
+    b = str(_model(tmp_path / "fold1.pt", fit_slides=["C", "D"], select_slides=["A"]))
+    c = str(_model(tmp_path / "fold2.pt", fit_slides=["Z"], select_slides=[]))
+    with pytest.raises(ConfigError) as err:
+        check_given_models({"cv": [a, b, c]}, {"A", "C", "D", "Q"}, None, classes)
+    text = str(err.value)
+    assert "apply.models.cv: 2 of its 3 models" in text
+    assert "3 of them: ['A', 'C', 'D']" in text and f"models: [{a!r}, {b!r}]" in text
+    check_given_models({"cv": [c]}, {"A", "C", "D", "Q"}, None, classes)  # Z is not scored

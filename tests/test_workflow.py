@@ -926,7 +926,11 @@ def test_a_prediction_run_scores_each_model_and_the_tile_protocol(
     meta = torch.load(tmp_path / "one.pt")
     for changed, message in (
         ({"block": 2 * meta["block"]}, "apply.models.single: one.pt was fine-tuned on"),
-        ({"select_slides": ["A"]}, "one.pt was fitted or selected on annotated slides ['A']"),
+        (
+            {"select_slides": ["A"]},
+            "single: 1 of its 1 models were fitted or selected on "
+            "annotated slides of this run (by slide id), 1 of them: ['A'] (models: ['one.pt'])",
+        ),
         ({"fit_slides": ["A"]}, "give them other ids (the sheet's `slide` column)"),
     ):
         torch.save(meta | changed, tmp_path / "one.pt")
