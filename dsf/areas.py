@@ -55,16 +55,17 @@ def class_pixels(cmap: ClassMap) -> np.ndarray:
     return counts
 
 
-def area_row(cmap: ClassMap) -> dict[str, Any]:
-    """One slide's row: slide, init, map mpp, mapped area and each foreground class's area
-    (mm²) and share of the mapped area (%; empty when nothing was mapped)."""
+def area_row(cmap: ClassMap, method: str | None = None) -> dict[str, Any]:
+    """One slide's row: slide, init (`method`, a prediction run's model set, else the models'
+    init), map mpp, mapped area and each foreground class's area (mm²) and share of the mapped
+    area (%; empty when nothing was mapped)."""
     classes = list(cmap.meta["classes"])
     counts = class_pixels(cmap)
     px_mm2 = (cmap.mpp / 1000.0) ** 2
     mapped = int(counts[1:].sum())
     row: dict[str, Any] = {
         "slide": cmap.meta["slide"],
-        "init": cmap.meta["init"],
+        "init": method or cmap.meta["init"],
         "mpp": cmap.mpp,
         "mapped_mm2": mapped * px_mm2,
     }
@@ -75,9 +76,10 @@ def area_row(cmap: ClassMap) -> dict[str, Any]:
     return row
 
 
-def areas_table(maps: list[Path]) -> pd.DataFrame:
-    """The rows of `maps` (each with its JSON beside it), in the order given; the maps must
-    predict the same classes (one table's columns)."""
+def areas_table(maps: list[Path], method: str | None = None) -> pd.DataFrame:
+    """The rows of `maps` (each with its JSON beside it), in the order given, their init
+    column `method` where given; the maps must predict the same classes (one table's
+    columns)."""
     rows, first = [], None
     for path in maps:
         cmap = open_map(path)
@@ -89,7 +91,7 @@ def areas_table(maps: list[Path]) -> pd.DataFrame:
                 f"class maps {first[0]} and {path} predict different classes ({first[1][1:]} "
                 f"vs {classes[1:]}): one areas table holds the maps of one set of models"
             )
-        rows.append(area_row(cmap))
+        rows.append(area_row(cmap, method))
         log.info(
             "%s: %.4g mm² mapped%s",
             cmap.meta["slide"],
@@ -109,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         "--maps", nargs="+", required=True, type=Path, help="class maps of dsf infer (.tiff)"
     )
     p.add_argument("--out", required=True, type=Path, help="table to write (.tsv)")
+    p.add_argument(
+        "--method",
+        help="the rows' init column (default: the models' init; a prediction run gives its "
+        "model set's name, as its score tables do)",
+    )
     return p
 
 
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         check_outputs([args.out], args.maps)
         remove(args.out)  # a failed rerun leaves no earlier table looking current
-        table = areas_table(args.maps)
+        table = areas_table(args.maps, args.method)
         with atomic_path(args.out) as tmp:
             table.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="")
         log.info("%d slides -> %s", len(table), args.out)

@@ -54,6 +54,10 @@ def test_areas_in_mm2_and_shares_of_the_mapped_area(tmp_path: Path) -> None:
     assert row["TUM_pct"] == pytest.approx(100 * 20 / 45) and row["LYM_pct"] == 0
     empty = table.iloc[1]
     assert empty["mapped_mm2"] == 0 and np.isnan(empty["TUM_pct"])
+    assert list(table["init"]) == ["dsf", "dsf"]  # the models' init
+    # a prediction run's rows carry its model set's name, as its score tables do
+    assert main(["--maps", str(a), "--out", str(out), "--method", "site_b"]) == 0
+    assert list(pd.read_csv(out, sep="\t")["init"]) == ["site_b"]
 
 
 def test_a_map_without_counts_is_counted_and_bad_counts_are_refused(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def test_a_prediction_run_maps_new_slides_with_the_trained_models(
     for name in ("dsf", "fold0"):
         areas = pd.read_csv(res / "maps" / name / "areas.tsv", sep="\t")
         assert list(areas["slide"]) == ["case-7", "case-8"] and (areas["mapped_mm2"] > 0).all()
+        assert set(areas["init"]) == {name}  # the set's name, as in slide_scores.tsv
     alone = sorted(str(p.relative_to(res / "maps")) for p in res.glob("maps/*/model*/*.tiff"))
     assert alone == ["dsf/model0/case-8.tiff", "dsf/model1/case-8.tiff"]
     assert np.array_equal(

@@ -92,4 +92,8 @@ rule areas:
     benchmark:
         f"{RESULTS}/benchmarks/areas/{{finit}}.tsv"
     run:
-        stage_process("areas", ["--maps", *input.maps, "--out", output[0]], log[0])
+        stage_process(
+            "areas",
+            ["--maps", *input.maps, "--out", output[0], "--method", wildcards.finit],
+            log[0],
+        )
