@@ -62,6 +62,8 @@ CONVERT_TO = (
 )
 #: Annotation files beside a slide: `<id><suffix>`.
 SIDECARS = (".geojson", ".xml", ".labels.tif", ".labels.tiff", ".labels.png")
+#: Per folder, its files' names by the stem before a sidecar suffix (`_sidecars`).
+Beside = dict[Path, dict[str, list[str]]]
 #: Annotations in a separate labels folder may also carry the slide's own file name.
 LABEL_SUFFIXES = frozenset({".geojson", ".xml", ".tif", ".tiff", ".png"})
 
@@ -302,10 +304,13 @@ def _walk(
     names = {} if names is None else names
     seen.add(folder.resolve())
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or entry.resolve() in skip:
+        if entry.name.startswith("."):
+            continue
+        real = entry.resolve()  # once per entry: a cohort's folder holds tens of thousands
+        if real in skip:
             continue
         if entry.is_dir():
-            if entry.suffix.lower() == ".zarr" or entry.resolve() in seen:
+            if entry.suffix.lower() == ".zarr" or real in seen:
                 continue
             if (entry.parent / f"{entry.name}.mrxs").is_file():
                 continue  # a MIRAX slide's data folder
@@ -324,7 +329,6 @@ def _walk(
                 os.readlink(entry),
             )
         elif entry.is_file():
-            real = entry.resolve()
             names.setdefault(real, []).append(entry)
             if real in seen:
                 continue
@@ -332,9 +336,7 @@ def _walk(
             yield entry
 
 
-def _one_name(
-    entry: Path, names: list[Path], index: dict[str, list[Path]], beside: dict[Path, list[str]]
-) -> Path:
+def _one_name(entry: Path, names: list[Path], index: dict[str, list[Path]], beside: Beside) -> Path:
     """The name a slide file reached under several names (links) is taken by: the one its
     annotation is found beside (a link elsewhere must not take an annotated slide's place and
     leave its annotation behind), else the first met. Two names with annotations of their own
@@ -387,29 +389,33 @@ def _label_index(labels_dir: Path | None, name: str | None = None) -> dict[str, 
     return index
 
 
-def _sidecars(slide: Path, stems: set[str], beside: dict[Path, list[str]]) -> list[Path]:
+def _sidecars(slide: Path, stems: set[str], beside: Beside) -> list[Path]:
     """Files beside `slide` named `<stem><sidecar suffix>` for one of `stems`, the suffix in
     any case (`x.GeoJSON`, `x.LABELS.TIF`: slide suffixes are matched so too), the stem as is.
-    `beside` caches each folder's file names (one listing per folder, not per slide)."""
+    `beside` caches each folder's files by stem: one listing per folder, and a lookup per slide
+    (matching every file against every slide had taken minutes in a folder of 30,000 slides,
+    at every start of the workflow and of each cluster job)."""
     folder = slide.parent
     if folder not in beside:
+        by_stem: dict[str, list[str]] = {}
         try:
-            beside[folder] = [p.name for p in folder.iterdir() if p.is_file()]
+            names = [p.name for p in folder.iterdir() if p.is_file()]
         except OSError:
-            beside[folder] = []
-    return [
-        folder / name
-        for name in beside[folder]
-        for stem in stems
-        if name.startswith(stem) and name[len(stem) :].lower() in SIDECARS
-    ]
+            names = []
+        for name in names:
+            low = name.lower()
+            for suffix in SIDECARS:
+                if low.endswith(suffix) and len(name) > len(suffix):
+                    by_stem.setdefault(name[: -len(suffix)], []).append(name)
+        beside[folder] = by_stem
+    return [folder / name for stem in stems for name in beside[folder].get(stem, [])]
 
 
 def _find_labels(
     slide: Path,
     sid: str,
     index: dict[str, list[Path]],
-    beside: dict[Path, list[str]],
+    beside: Beside,
     shared_stem: bool = False,
 ) -> str | None:
     """The one annotation file of a slide (a file, or a DICOM folder), found by its id or its
@@ -603,6 +609,12 @@ def scan_folder(
         skip.add(labels.resolve())
     links: dict[Path, list[Path]] = {}
     walked = list(_walk(folder, skip, names=links))
+    reals = {name: real for real, named in links.items() for name in named}
+
+    def real_of(f: Path) -> Path:
+        """`f` resolved, from the walk where it was met (a mask in the labels folder: here)."""
+        return reals.get(f) or f.resolve()
+
     files = [f for f in walked if ".labels." not in f.name.lower()]
     if labels is not None and masks:
         files += [f for f in _walk(labels, set()) if ".labels." not in f.name.lower()]
@@ -618,7 +630,7 @@ def scan_folder(
     unread = [f for f in files if f.suffix.lower() in UNREAD_FORMATS]
     for f in files:
         suffix = f.suffix.lower()
-        if suffix not in SLIDE_SUFFIXES or f.resolve() in parts:
+        if suffix not in SLIDE_SUFFIXES or real_of(f) in parts:
             continue
         if suffix == ".dcm":
             if f.parent not in dicom_dirs:  # the folder is the slide, in the files' order
@@ -628,11 +640,9 @@ def scan_folder(
         slides.append(f)
     _warn_mask_like(slides, masks)
     index = _label_index(labels, labels_name)
-    beside: dict[Path, list[str]] = {}
+    beside: Beside = {}
     slides = [
-        _one_name(f, links[f.resolve()], index, beside)
-        if len(links.get(f.resolve(), ())) > 1
-        else f
+        _one_name(f, links[real_of(f)], index, beside) if len(links.get(real_of(f), ())) > 1 else f
         for f in slides
     ]
     found: list[tuple[Path, Path]] = []  # (the slide file or DICOM folder, the file to read)
