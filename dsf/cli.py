@@ -31,20 +31,25 @@ STAGES = {
 
 #: Seconds torchrun gives its processes after a signal before it kills them (its default is
 #: 30): the rule asks SLURM for the signal 300 s before the time limit, and the processes
-#: checkpoint at the next step they agree on (up to 50 steps, then a 1.5 GB file). torch 2.14 reads
-#: it (as `--shutdown-timeout`, which older torchruns refuse); older ones ignore it.
+#: checkpoint at the next step they agree on (up to 50 steps, then a 1.5 GB file). torch 2.14
+#: reads it (as `--shutdown-timeout`, which older torchruns refuse); older ones ignore it.
 TORCHRUN_SHUTDOWN_S = 270
 
 
 def pretrain_command(gpus: int) -> list[str]:
-    """The command that starts pretraining on `gpus` GPUs: `dsf pretrain`, or above one GPU one
-    process per GPU through torchrun (DDP on one node; --standalone picks a free rendezvous
-    port, so jobs side by side do not clash)."""
-    if gpus > 1:
-        grace = f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}"
-        torchrun = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}"]
-        return ["env", grace, *torchrun, "-m", "dsf.pretrain"]
-    return ["dsf", "pretrain"]
+    """The command that starts pretraining on `gpus` GPUs: `dsf pretrain --gpus N`, which
+    above one GPU starts itself again under torchrun, one process per GPU (`torchrun_argv`)."""
+    return ["dsf", "pretrain", f"--gpus={gpus}"]
+
+
+def torchrun_argv(module: str, gpus: int, argv: list[str], folder: Path) -> list[str]:
+    """The command that runs `python -m module argv` as `gpus` processes through torchrun on
+    this machine (DDP; --standalone picks a free rendezvous port, so jobs side by side do not
+    clash), with this Python; a cohort's arguments go in a file in `folder` (`spill_args`):
+    torchrun starts each process with them."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+    spilled = spill_args(argv, folder, ".torchrun-args.json")
+    return [*launcher, f"--nproc-per-node={gpus}", "-m", module, *spilled]
 
 
 def usage() -> str:
@@ -59,34 +64,57 @@ def usage() -> str:
     )
 
 
-#: `dsf <stage> --args-file F`: the stage's arguments are the JSON list in F (the workflow's
-#: run: rules pass a cohort's thousands of paths so: a command line holds at most 2 MiB)
+#: `dsf <stage> --args-file F`: the stage's arguments are those in F, a JSON list or each
+#: ended by a NUL byte (the workflow passes a cohort's thousands of paths so: a command line
+#: holds at most 2 MiB, about 24,000 store paths)
 ARGS_FILE = "--args-file"
 #: Arguments longer than this (bytes, all together) go in an arguments file.
 ARGS_INLINE = 100_000
 
+#: The prefix of every shell rule's command (Snakemake's `shell.prefix`): bash's strict mode,
+#: as Snakemake's own prefix sets it, and a shell function `dsf` that passes arguments past
+#: ARGS_INLINE to `dsf <stage>` in a file (`--args-file`). A shell function is called without
+#: the kernel's limit on a command line, so a rule's `dsf pretrain --stores {input.stores}`
+#: of any cohort starts; the rules' commands, which Snakemake compares, stay as they were.
+SHELL_PREFIX = (
+    "set -euo pipefail; "
+    "dsf() { "
+    "local _n=0 _a _f _s _rc=0; "
+    'for _a in "$@"; do _n=$((_n + ${#_a} + 1)); done; '
+    f'if [ "$_n" -le {ARGS_INLINE} ] || [ "$#" -lt 2 ]; then command dsf "$@"; return; fi; '
+    '_f=$(mktemp "${TMPDIR:-/tmp}/dsf-args.XXXXXX"); '
+    '_s=$1; shift; printf \'%s\\0\' "$@" > "$_f"; '
+    f'command dsf "$_s" {ARGS_FILE} "$_f" || _rc=$?; '
+    'rm -f "$_f"; return "$_rc"; '
+    "}; "
+)
 
-def spill_args(argv: list[str], folder: Path) -> list[str]:
-    """`argv`, or `--args-file F` with them written to F in `folder` when they pass
+
+def spill_args(argv: list[str], folder: Path, name: str = "args.json") -> list[str]:
+    """`argv`, or `--args-file F` with them written to F (`name` in `folder`) when they pass
     `ARGS_INLINE` bytes (a cohort's paths: more than the process could be started with)."""
     if sum(len(a.encode()) + 1 for a in argv) <= ARGS_INLINE:
         return argv
     import json
 
-    path = folder / "args.json"
+    path = folder / name
     path.write_text(json.dumps(argv))
     return [ARGS_FILE, str(path)]
 
 
-def _args_from_file(rest: list[str]) -> list[str]:
-    """`rest`, or the arguments its `--args-file F` names."""
+def args_from_file(rest: list[str]) -> list[str]:
+    """`rest`, or the arguments its `--args-file F` names: F's NUL-ended arguments (as the
+    workflow's shell function writes them), or its JSON list (`spill_args`)."""
     if len(rest) != 2 or rest[0] != ARGS_FILE:
         return rest
     import json
 
-    args = json.loads(Path(rest[1]).read_text())
+    text = Path(rest[1]).read_text()
+    if text.endswith("\0"):
+        return text[:-1].split("\0")
+    args = json.loads(text) if text.lstrip().startswith("[") else None
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise SystemExit(f"dsf: {rest[1]} holds no JSON list of arguments")
+        raise SystemExit(f"dsf: {rest[1]} holds neither a JSON list nor NUL-ended arguments")
     return args
 
 
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"dsf: unknown stage {stage!r}; stages: {', '.join(STAGES)}\n")
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    return module.main(_args_from_file(rest))
+    return module.main(args_from_file(rest))
 
 
 if __name__ == "__main__":

@@ -667,12 +667,33 @@ def _parser() -> argparse.ArgumentParser:
         "in a SLURM job or allocation, before the time SLURM gives it; else never)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_section_arguments(p, "pretrain", skip=("methods", "scope", "gpus"))
+    add_section_arguments(p, "pretrain", skip=("methods", "scope"))
     return p
+
+
+def _start_ranks(argv: list[str], gpus: int, out_dir: Path) -> None:
+    """Start this command again as `gpus` processes through torchrun (DDP on this machine):
+    `dsf pretrain --gpus N` does what the workflow's job does (this process becomes torchrun,
+    so SLURM's signals reach it). torchrun is given TORCHRUN_SHUTDOWN_S to let its processes
+    checkpoint after a signal, unless the environment sets it."""
+    from dsf.cli import TORCHRUN_SHUTDOWN_S, torchrun_argv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchrun_argv("dsf.pretrain", gpus, argv, out_dir)
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(TORCHRUN_SHUTDOWN_S)} | dict(os.environ)
+    log.info("pretraining on %d GPUs: one process each, through torchrun", gpus)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # returns never: exec replaces this process
 
 
 def main(argv: list[str] | None = None) -> int:
     """`dsf pretrain`: one fold's training stores -> encoders.pt, checkpoint.pt, log.tsv."""
+    from dsf.cli import args_from_file
+
+    argv = args_from_file(list(sys.argv[1:] if argv is None else argv))
     parser = _parser()
     args = parser.parse_args(argv)
     check_fold_arguments(parser, args)
@@ -680,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         settings = section_from_args(args, "pretrain")
+        gpus = settings.pop("gpus")  # how it is started; under torchrun, WORLD_SIZE says
+        if gpus > 1 and "LOCAL_RANK" not in os.environ:  # not yet one of torchrun's processes
+            _start_ranks(argv, gpus, args.out_dir)
         stores = list(args.stores)
         meta: dict[str, Any] = {"fold": args.fold}
         if args.folds is not None and args.fold is not None:

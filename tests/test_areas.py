@@ -116,3 +116,42 @@ def test_a_cohorts_maps_reach_dsf_areas_through_an_arguments_file(tmp_path: Path
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(tmp_path / "areas.tsv", sep="\t")
     assert list(table["slide"]) == [f"s{i}" for i in range(40)]
+
+
+def test_the_workflows_shell_function_starts_dsf_with_any_number_of_arguments(
+    tmp_path: Path,
+) -> None:
+    """A shell rule's `dsf <stage> {input.stores}` of a cohort of some 24,000 slides passed
+    the 2 MiB a process can be started with ('Argument list too long'): the `dsf` shell
+    function every shell rule's command is prefixed with (`SHELL_PREFIX`) hands arguments past
+    100 kB over in a file, and short ones as they are. Its failures keep their exit status."""
+    import os
+    import subprocess
+    import sys
+
+    from dsf.cli import SHELL_PREFIX
+
+    one = _map(tmp_path / "maps", "s", np.ones((40, 60), np.uint8), 2.0)
+    deep = f"{tmp_path}/{'/'.join(['.'] * 2000)}/maps/{one.name}"  # 4 kB naming one map
+    maps = " ".join([deep] * 600)  # 2.4 MB: more than the kernel starts a process with
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["TMPDIR"] = str(tmp_path)
+
+    def bash(command: str) -> subprocess.CompletedProcess:
+        """`command` run as Snakemake runs a long one: a script file for bash."""
+        script = tmp_path / "script.sh"
+        script.write_text(command + "\n")
+        return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+
+    out = tmp_path / "areas.tsv"
+    plain = bash(f"command dsf areas --maps {maps} --out {out}")  # without the function
+    assert plain.returncode != 0 and "Argument list too long" in plain.stderr
+    done = bash(f"{SHELL_PREFIX}dsf areas --maps {maps} --out {out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(pd.read_csv(out, sep="\t")) == 600
+    assert not list(tmp_path.glob("dsf-args.*"))  # its file is removed
+    short = bash(f"{SHELL_PREFIX}dsf areas --maps {one} --out {out} --method m")
+    assert short.returncode == 0 and list(pd.read_csv(out, sep="\t")["init"]) == ["m"]
+    failed = bash(f"{SHELL_PREFIX}dsf areas --maps {maps} {tmp_path}/gone.tiff --out {out}")
+    assert failed.returncode == 2 and "gone.tiff" in failed.stderr
+    assert not list(tmp_path.glob("dsf-args.*"))

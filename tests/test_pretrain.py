@@ -367,30 +367,41 @@ def test_ddp_stops_at_the_time_limit_even_with_short_epochs(
 
 
 def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_path: Path) -> None:
-    """pretrain.gpus 2: the rule's command (torchrun, one process per GPU), here on the CPU
-    (gloo); the global batch is split over the processes."""
+    """pretrain.gpus 2: the rule's command, `dsf pretrain --gpus=2`, starts itself again as
+    one process per GPU through torchrun, here on the CPU (gloo); the global batch is split
+    over the processes. A cohort's store paths reach the processes in a file (torchrun starts
+    each with its arguments: past 2 MiB, 'Argument list too long'), and torchrun gives them
+    TORCHRUN_SHUTDOWN_S to checkpoint after a signal (its default: 30 s)."""
+    from dsf.cli import torchrun_argv
+
     cmd = pretrain_command(2)
-    # torchrun gives its processes time to checkpoint after a signal (its default: 30 s)
-    assert cmd[:3] == ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}", "torchrun"]
+    assert cmd == ["dsf", "pretrain", "--gpus=2"] and pretrain_command(1)[-1] == "--gpus=1"
     assert TORCHRUN_SHUTDOWN_S < 300  # SLURM's signal comes 300 s before the time limit
-    assert "--nproc-per-node=2" in cmd
-    assert pretrain_command(1)[0] == "dsf"
+    launch = torchrun_argv("dsf.pretrain", 2, ["--stores", "a.zarr"], tmp_path)
+    assert launch[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in launch
+    assert launch[-3:] == ["dsf.pretrain", "--stores", "a.zarr"]  # short: as they are
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "ddp"
+    deep = "/".join(["."] * 2000)  # 4 kB naming each store, as a cohort's paths add up
+    named = [f"{s.parent}/{deep}/{s.name}" for s in stores for _ in range(14)]
     done = subprocess.run(
-        [*cmd, "--stores", *map(str, stores), "--out-dir", str(out),
+        [str(bin_dir / cmd[0]), *cmd[1:], "--stores", *named, "--out-dir", str(out),
          "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "4", "--out-size", "32",
          "--workers", "0", "--device", "cpu", "--no-progress", "--backbone", "efficientnet_b0"],
         capture_output=True, text=True, timeout=600,
         env=os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "pretraining on 2 GPUs: one process each, through torchrun" in done.stderr
     assert "DDP: 2 processes, 2 tiles per process and step" in done.stderr
+    spilled = json.loads((out / ".torchrun-args.json").read_text())
+    assert spilled[spilled.index("--stores") + 1 :][: len(named)] == named
     log_tsv = pd.read_csv(out / "log.tsv", sep="\t")
     assert list(log_tsv["epoch"]) == [1, 2]  # written once (rank 0), not once per process
     assert not (out / "log.running.tsv").exists()  # the epochs so far: only while it runs
     enc = torch.load(out / "encoders.pt", weights_only=True)
     assert enc["epochs"] == 2 and (out / "checkpoint.pt").exists()
+    assert "gpus" not in enc.get("settings", {})  # how it was started is no setting
 
 
 def test_batches_queue_the_next_augmentation_and_keep_the_draws(

@@ -691,15 +691,9 @@ def test_every_command_the_workflow_prints_parses(tmp_path: Path) -> None:
     for line in out.splitlines():
         command = line.removeprefix("Shell command: ").split(" 2> ")[0]
         tokens = shlex.split(command) if line.startswith("Shell command: ") else []
-        if tokens[:1] == ["env"]:  # torchrun's environment
-            tokens = tokens[2:]
-        if not tokens or tokens[0] not in ("dsf", "torchrun"):
+        if not tokens or tokens[0] != "dsf":
             continue
-        if tokens[0] == "torchrun":
-            at = tokens.index("-m")
-            module, args = tokens[at + 1], tokens[at + 2 :]
-        else:
-            module, args = STAGES[tokens[1]][0], tokens[2:]
+        module, args = STAGES[tokens[1]][0], tokens[2:]
         try:
             importlib.import_module(module)._parser().parse_args(args)
         except SystemExit:
@@ -732,12 +726,8 @@ def test_several_gpus_pretrain_through_torchrun_and_other_stages_refuse_them(
         "--configfile", str(REPO / "config" / "config.yaml"), str(tmp_path / "gpus.yaml"),
         "--config", f"results={tmp_path}", "--until", "pretrain",
     ).stdout  # fmt: skip
-    pre = [line for line in out.splitlines() if "-m dsf.pretrain " in line]
-    assert len(pre) == 2 and all(
-        "Shell command: env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=270 torchrun --standalone --nnodes=1 "
-        "--nproc-per-node=2 -m" in line
-        for line in pre
-    )
+    pre = [line for line in out.splitlines() if "dsf pretrain " in line]
+    assert len(pre) == 2 and all("Shell command: dsf pretrain --gpus=2 --stores" in x for x in pre)
     assert "threads: 8" in out  # 3 loader workers and itself for each of the 2 processes
     # SLURM's warning before the time limit is SIGTERM, which torchrun forwards to its
     # processes (SIGUSR1 killed torchrun and left them running)

@@ -10,7 +10,7 @@ from snakemake.utils import validate
 
 from dsf.annotations import check_annotations
 from dsf.label_settings import base_class, check_label_settings, fold_older_keys
-from dsf.cli import spill_args
+from dsf.cli import SHELL_PREFIX, spill_args
 from dsf.config import cli_args, coerce_strings, load_schema, setting_value
 from dsf.config import defaults as schema_defaults
 from dsf.config import validate as check_config
@@ -27,6 +27,11 @@ from dsf.job_warnings import job_warnings, summary as warnings_summary
 from dsf.norm import check_settings as check_norm_settings
 from dsf.model_sets import find_models
 from dsf.sheet import check_files, load_sheet
+
+# every shell rule's command starts with bash's strict mode and the `dsf` shell function that
+# hands a cohort's thousands of paths to `dsf <stage>` in a file (Linux starts a process with
+# at most 2 MiB of arguments); braces doubled, as Snakemake formats the prefix
+shell.prefix(SHELL_PREFIX.replace("{", "{{").replace("}", "}}"))
 
 
 # the job logs this run writes are those changed since now (list_job_warnings)
