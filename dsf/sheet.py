@@ -169,6 +169,8 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ConfigError(f"slide sheet {path} is empty; it needs a header line {COLUMNS}")
     table = [_cells(ln) for _, ln in numbered]
     cols = [c.strip() for c in table[0]]
+    while len(cols) > 1 and not cols[-1]:
+        cols.pop()  # a spreadsheet's trailing tabs, after the header too (an empty column)
     for (n, _), cells in zip(numbered[1:], table[1:], strict=True):
         while len(cells) > len(cols) and not cells[-1].strip():
             cells.pop()  # a spreadsheet's trailing tabs

@@ -210,6 +210,16 @@ def test_a_spreadsheets_sheet_reads_the_same(tmp_path: Path) -> None:
     assert list(df.index) == ["A", "B"]
     assert df.loc["A", "path"] == str(tmp_path / "a b.svs") and df.loc["A", "mpp"] == 0.25
     assert df.loc["B", "mpp"] is None and df.loc["B", "group"] == "B"
+    # an empty column at the right of the used range: the header ends in tabs too (it had
+    # been refused as an unknown column '')
+    text = "slide\tpath\tmpp\t\t\nA\ta.svs\t0.5\t\t\nB\tb.svs\t\t\t\n"
+    (tmp_path / "sheet.tsv").write_text(text, encoding="utf-8", newline="")
+    df = read_sheet(tmp_path / "sheet.tsv")
+    assert list(df.index) == ["A", "B"] and df.loc["A", "mpp"] == 0.5
+    # a cell under no named column is still refused, naming its line
+    (tmp_path / "sheet.tsv").write_text("slide\tpath\t\nA\ta.svs\tx\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 2 \(slide 'A'\): 3 tab-separated cells"):
+        read_sheet(tmp_path / "sheet.tsv")
 
 
 @pytest.mark.parametrize(
