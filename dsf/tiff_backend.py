@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -40,12 +41,14 @@ _UM_PER_UNIT = {
 
 
 def tiff_tag_mpp(page: Any, axis: str = "X") -> float | None:
-    """MPP from TIFF X/YResolution and ResolutionUnit (2 = inch, 3 = cm); None without a unit."""
+    """MPP from TIFF X/YResolution and ResolutionUnit (2 = inch, 3 = cm; without the tag, inch,
+    TIFF's default, as OpenSlide reads it: a default DPI is then refused as implausible by
+    `file_resolution`); None with unit 1 (none) or no resolution."""
     tags = page.tags
     key = f"{axis}Resolution"
-    if key not in tags or "ResolutionUnit" not in tags:
+    if key not in tags:
         return None
-    unit = int(tags["ResolutionUnit"].value)
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
     num, den = tags[key].value
     if num == 0 or den == 0:
         return None
@@ -102,6 +105,50 @@ def sample_max(
     return top, "the pixel type"
 
 
+#: ImageJ's `unit=` values and their size in um
+_IMAGEJ_UM = {"micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "mm": 1e3}
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.]+)")
+
+
+def description_mpp(tf: Any, keyframe: Any) -> tuple[float | None, float | None, str]:
+    """(x, y, source) from a TIFF's text: an Aperio ImageDescription's `MPP =` (OpenSlide
+    reads it only from tiled Aperio files), or ImageJ's resolution in its `unit=` (Fiji
+    writes ResolutionUnit none and says the unit in its description); (None, None, "")."""
+    desc = keyframe.description or ""
+    if desc.startswith("Aperio") and (m := _APERIO_MPP.search(desc)):
+        mpp = float(m.group(1))
+        return mpp, mpp, "Aperio MPP"
+    unit = (tf.imagej_metadata or {}).get("unit") if tf.is_imagej else None
+    if unit in _IMAGEJ_UM and "XResolution" in keyframe.tags:
+        x, y = (_per_pixel(keyframe, axis) for axis in "XY")
+        k = _IMAGEJ_UM[unit]
+        return (x * k if x else None), (y * k if y else None), f"ImageJ resolution ({unit})"
+    return None, None, ""
+
+
+def _per_pixel(page: Any, axis: str) -> float | None:
+    """Units per pixel of X/YResolution (pixels per unit), or None."""
+    tag = page.tags.get(f"{axis}Resolution")
+    if tag is None:
+        return None
+    num, den = tag.value
+    return den / num if num and den else None
+
+
+#: TIFF compression of Aperio's JPEG 2000 with YCbCr samples (33005: with RGB samples)
+APERIO_J2K_YCBCR = 33003
+
+
+def ycbcr_to_rgb(data: np.ndarray) -> np.ndarray:
+    """RGB uint8 of full-range YCbCr samples (JFIF's BT.601, as OpenSlide converts Aperio's
+    JPEG 2000 tiles); a 4th sample is kept."""
+    ycc = data[..., :3].astype(np.float32)
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 128.0, ycc[..., 2] - 128.0
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    out = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.concatenate([out, data[..., 3:]], axis=-1) if data.shape[-1] > 3 else out
+
+
 #: TIFF Photometric values read as colour: RGB, and YCbCr (JPEG tiles, decoded to RGB)
 _COLOUR_PHOTOMETRIC = (2, 6)
 #: Compressions whose decoder turns YCbCr into RGB (JPEG, JPEG 2000); with any other, tifffile
@@ -153,7 +200,16 @@ def _check_layout(series: Any) -> None:
     dtype = np.dtype(series.dtype)
     if dtype not in (np.uint8, np.uint16):
         raise UnsupportedLayoutError(f"its pixels are {dtype} (dsf reads uint8 or uint16)")
-    _check_brightfield(series.levels[0].keyframe, axes, tuple(series.shape), dtype)
+    keyframe = series.levels[0].keyframe
+    orientation = int(keyframe.tags.valueof(274, 1) or 1)  # TIFF Orientation
+    if orientation != 1:
+        raise UnsupportedLayoutError(
+            f"it is stored rotated or mirrored (TIFF Orientation {orientation}), which readers "
+            "apply differently (OpenSlide to each tile, not to the image); re-save it upright, "
+            "e.g. `vips autorot in.tif up.v && vips tiffsave up.v out.tif --tile --pyramid "
+            "--compression jpeg`"
+        )
+    _check_brightfield(keyframe, axes, tuple(series.shape), dtype)
     if axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
         raise UnsupportedLayoutError(f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)")
 
@@ -242,6 +298,8 @@ class TiffBackend(Backend):
             log.info("%s: its main image is image %d of the file (the largest)", path, main)
         if mpp_x is None:
             keyframe = series.levels[0].keyframe
+            mpp_x, mpp_y, source = description_mpp(tf, keyframe)
+        if mpp_x is None:
             mpp_x, mpp_y = tiff_tag_mpp(keyframe), tiff_tag_mpp(keyframe, "Y")
             source = "TIFF resolution tags"
         _check_layout(series)
@@ -262,6 +320,8 @@ class TiffBackend(Backend):
         # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
         # otherwise a read decodes each chunk (tile or strip) it meets whole
         self._mapped = [lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in levels]
+        # Aperio's JPEG 2000 YCbCr (33003): the decoder gives Y, Cb and Cr as they are
+        self._ycbcr = [int(lv.keyframe.compression) == APERIO_J2K_YCBCR for lv in levels]
         chunk = math.prod(keyframe.chunks) * self._dtype.itemsize
         if not self._mapped[0] and chunk > MAX_CHUNK_BYTES:
             raise UnsupportedLayoutError(
@@ -319,6 +379,8 @@ class TiffBackend(Backend):
             data = np.asarray(arr[y : y + h, x : x + w])
         if data.ndim == 2:
             data = np.repeat(data[..., None], 3, axis=2)
+        if self._ycbcr[level]:
+            data = ycbcr_to_rgb(data)
         if self._dtype == np.uint16:  # to 0-255 against the samples' full intensity
             scaled = data.astype(np.uint32) * 255 // self._max
             data = np.minimum(scaled, 255).astype(np.uint8)
@@ -353,8 +415,9 @@ def is_tiff(path: Path) -> bool:
 
 def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
     """(OME-TIFF?, pyramid levels tifffile sees in the main image, SubIFDs included, the main
-    image's series index, 16-bit samples?), from one parse; (False, 0, 0, False) when tifffile
-    cannot parse it (the backends then report why).
+    image's series index, whether tifffile reads it better than OpenSlide's generic TIFF reader:
+    16-bit samples, a 4th sample that is no alpha), from one parse; (False, 0, 0, False) when
+    tifffile cannot parse it (the backends then report why).
 
     Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
     read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint."""
@@ -365,7 +428,13 @@ def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
             main = _main_series(tf)
             series = tf.series[main]
             ome, levels = bool(tf.is_ome), len(_pyramid(tf, main))
-            wide = np.dtype(series.dtype) == np.uint16
+            # OpenSlide reads 16-bit samples against 65535 whatever their range (`sample_max`)
+            # and a 4th sample as alpha though the file says it is none (ExtraSamples 0)
+            keyframe = series.levels[0].keyframe
+            extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
+            own = np.dtype(series.dtype) == np.uint16 or (
+                keyframe.samplesperpixel == 4 and extra not in ((1,), (2,))
+            )
             layout: UnsupportedLayoutError | None = None
             try:
                 _check_layout(series)
@@ -375,7 +444,7 @@ def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
         return False, 0, 0, False
     if layout is not None:
         raise layout
-    return ome, levels, main, wide
+    return ome, levels, main, own
 
 
 def _ifd_chain_problem(path: Path, size: int) -> str | None:

@@ -757,3 +757,108 @@ def test_sixteen_bit_rgb_reads_against_its_sample_range(
     got = s.read(0, 0, 64, 64, s.mpp).astype(int)
     assert np.abs(got - rgb8).max() <= 1
     assert got.mean() == pytest.approx(rgb8.mean(), abs=1)
+
+
+def _marked(h: int = 256, w: int = 320) -> np.ndarray:
+    """A gradient with a red block in one corner: flips, rotations and false colours show."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), np.full_like(x, 128)], -1)
+    rgb = rgb.astype(np.uint8)
+    rgb[: h // 8, : w // 8] = (255, 0, 0)
+    return rgb
+
+
+_RES = {"resolution": (20000, 20000), "resolutionunit": "CENTIMETER"}
+
+
+@pytest.mark.parametrize("layout", [{"tile": (128, 128)}, {"rowsperstrip": 32}])
+def test_a_rotated_or_mirrored_tiff_is_refused(tmp_path: Path, layout: dict) -> None:
+    """TIFF Orientation 3/6/8: OpenSlide turned each tile and left the tiles in place (a
+    mosaic), tifffile gave the stored pixels: one slide read three ways, none of them right."""
+    path = tmp_path / "turned.tif"
+    tifffile.imwrite(path, _marked(), photometric="rgb", extratags=[(274, 3, 1, 6, True)],
+                     **layout, **_RES)  # fmt: skip
+    with pytest.raises(SlideError, match=r"'turned'.*TIFF Orientation 6.*vips autorot"):
+        open_slide(path)
+
+
+@pytest.mark.parametrize("layout", [{"tile": (128, 128)}, {"rowsperstrip": 32}])
+def test_a_fourth_sample_that_is_no_alpha_is_dropped(tmp_path: Path, layout: dict) -> None:
+    """RGB plus a padding sample (ExtraSamples 0, unspecified): OpenSlide took it for alpha in
+    tiled files, so a zero 4th sample read as a white slide (no tissue found)."""
+    rgb = _marked()
+    for pad in (0, 128):
+        rgbx = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), pad, np.uint8)], -1)
+        path = tmp_path / f"rgbx{pad}.tif"
+        tifffile.imwrite(path, rgbx, photometric="rgb", extrasamples=[0], **layout, **_RES)
+        s = open_slide(path)
+        np.testing.assert_array_equal(s.read(0, 0, 320, 256, s.mpp), rgb)
+
+
+def test_aperio_jpeg2000_ycbcr_tiles_read_in_their_colours(tmp_path: Path) -> None:
+    """Aperio's JPEG 2000 tiles (compression 33003) hold YCbCr. Where OpenSlide does not read
+    the file (its description rewritten, e.g. by de-identification) tifffile gave the Y, Cb, Cr
+    samples as RGB: false colours. Read now as OpenSlide reads the original."""
+    import imagecodecs
+
+    rgb = _marked()
+    f = rgb.astype(np.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    ycc = np.stack([0.299 * r + 0.587 * g + 0.114 * b,
+                    128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+                    128 + 0.5 * r - 0.418688 * g - 0.081312 * b], -1)  # fmt: skip
+    ycc = np.clip(np.rint(ycc), 0, 255).astype(np.uint8)
+
+    def tiles():  # noqa: ANN202
+        for j in range(0, 256, 128):
+            for i in range(0, 320, 128):
+                tile = np.zeros((128, 128, 3), np.uint8)  # edge tiles padded, as writers do
+                part = ycc[j : j + 128, i : i + 128]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield imagecodecs.jpeg2k_encode(tile, level=0, codecformat="j2k", mct=False)
+
+    aperio = (
+        "Aperio Image Library v12.0.15 \r\n320x256 (64x128) J2K/YUV16 Q=70|AppMag = 20|MPP = 0.5"
+    )
+    reads = {}
+    for name, desc in (("aperio", aperio), ("rewritten", "de-identified")):
+        path = tmp_path / f"{name}.tif"
+        tifffile.imwrite(path, tiles(), shape=rgb.shape, dtype=np.uint8, tile=(128, 128),
+                         compression=33003, photometric="rgb", description=desc,
+                         metadata=None, **_RES)  # fmt: skip
+        s = open_slide(path)
+        reads[name] = (s.backend_name, s.read(0, 0, 320, 256, s.mpp).astype(int))
+    assert reads["aperio"][0] == "openslide" and reads["rewritten"][0] == "tiff"
+    assert np.abs(reads["rewritten"][1] - reads["aperio"][1]).max() <= 2
+    assert np.abs(reads["rewritten"][1] - rgb).mean() < 1.5
+    assert tuple(reads["rewritten"][1][5, 5]) == pytest.approx((255, 0, 0), abs=3)
+
+
+def test_a_resolution_stated_otherwise_is_read(tmp_path: Path) -> None:
+    """The resolution in a stripped Aperio file's description (OpenSlide reads only tiled
+    Aperio files), in ImageJ's `unit=micron` (Fiji writes ResolutionUnit none), and in
+    X/YResolution without ResolutionUnit (TIFF's default, inch) had been 'no resolution';
+    a default DPI is still refused as no scan's."""
+    rgb = _marked()
+    aperio = tmp_path / "aperio.tif"
+    tifffile.imwrite(aperio, rgb, photometric="rgb", rowsperstrip=32,
+                     description="Aperio Image Library v12.0.15 \r\n320x256 JPEG/RGB Q=70|"
+                     "AppMag = 20|MPP = 0.4990")  # fmt: skip
+    imagej = tmp_path / "fiji.tif"
+    tifffile.imwrite(imagej, rgb, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"})
+    assert open_slide(aperio).mpp == pytest.approx(0.499)
+    assert open_slide(imagej).mpp == pytest.approx(0.5)
+    for dpi, mpp in ((50800, 0.5), (72, None)):
+        path = tmp_path / f"nounit{dpi}.tif"
+        tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=32,
+                         resolution=(dpi, dpi), resolutionunit="NONE")  # fmt: skip
+        with tifffile.TiffFile(path) as tf:  # drop the ResolutionUnit tag (tifffile writes 1)
+            offset = tf.pages[0].tags["ResolutionUnit"].offset
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write((65000).to_bytes(2, "little"))  # an unknown tag's code: the tag is gone
+        if mpp is not None:
+            assert open_slide(path).mpp == pytest.approx(mpp)
+        else:
+            with pytest.raises(SlideError, match=r"coarser than any scan: a default DPI"):
+                open_slide(path)
