@@ -221,12 +221,20 @@ def _plane_size(series: Any) -> tuple[int, int]:
     return series.shape[series.axes.index("X")], series.shape[series.axes.index("Y")]
 
 
+#: Names of a file's side images (tifffile's series names, an OME Image's Name): the slide's
+#: label, the macro photo of the whole glass, an overview or thumbnail
+_SIDE_IMAGE = re.compile(r"\b(label|macro|overview|thumbnail)\b", re.IGNORECASE)
+
+
 def _main_series(tf: Any) -> int:
-    """Index of the file's main image: the series with the most pixels (the first of equals).
-    A converter may write a label, macro or overview image before the scan; OpenSlide's
-    generic TIFF reader and a first-series rule would then read that as the slide."""
+    """Index of the file's main image: the series with the most pixels (the first of equals)
+    among those not named as a side image (label, macro, overview, thumbnail). A converter may
+    write such an image before the scan; OpenSlide's generic TIFF reader and a first-series
+    rule would then read that as the slide, and a region's scan may be smaller than the macro
+    photo carried along with it (bfconvert converts every image of a file)."""
     areas = [math.prod(_plane_size(s)) for s in tf.series]
-    return areas.index(max(areas))
+    scans = [k for k, s in enumerate(tf.series) if not _SIDE_IMAGE.search(s.name or "")]
+    return max(scans or range(len(areas)), key=lambda k: (areas[k], -k))
 
 
 def _page_levels(tf: Any, main: int) -> list[tuple[int, Any]]:

@@ -862,3 +862,21 @@ def test_a_resolution_stated_otherwise_is_read(tmp_path: Path) -> None:
         else:
             with pytest.raises(SlideError, match=r"coarser than any scan: a default DPI"):
                 open_slide(path)
+
+
+def test_a_region_smaller_than_its_macro_image_is_the_slide(tmp_path: Path) -> None:
+    """A region's scan with the macro photo of the glass carried along (bfconvert converts
+    every image of a file): the macro, larger, had been taken for the slide at 16 um/px."""
+    rgb = _marked(400, 500)
+    path = tmp_path / "region.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(rgb, photometric="rgb", tile=(128, 128), subifds=1,
+                 metadata={"axes": "YXS", "Name": "scan", "PhysicalSizeX": 0.5,
+                           "PhysicalSizeY": 0.5})  # fmt: skip
+        tw.write(rgb[::2, ::2], photometric="rgb", tile=(128, 128), subfiletype=1)
+        tw.write(np.full((431, 1280, 3), 90, np.uint8), photometric="rgb",
+                 metadata={"axes": "YXS", "Name": "macro image", "PhysicalSizeX": 16.0,
+                           "PhysicalSizeY": 16.0})  # fmt: skip
+    s = open_slide(path)
+    assert s.dimensions == (500, 400) and s.mpp == pytest.approx(0.5)
+    np.testing.assert_array_equal(s.read(0, 0, 500, 400, 0.5), rgb)
