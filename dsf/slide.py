@@ -137,7 +137,9 @@ class Slide:
         """The resolution to read at for `mpp` without resampling where a level is close.
 
         A level within the tolerance has its own mpp returned (e.g. 0.2527 for a 0.25
-        request): reading at it (`read`) gives that level's pixels as they are, and the caller
+        request): reading at it (`read`) gives that level's pixels as they are (through
+        OpenSlide, where the level's downsample is not whole, as Aperio's are not, resampled by
+        up to half a level-0 pixel: OpenSlide places reads in level-0 pixels), and the caller
         works at that mpp (patches, maps). Otherwise the request itself.
         """
         lv = self.levels[self.best_level(mpp)]
