@@ -424,7 +424,8 @@ def test_stage_options_are_only_those_the_stage_reads() -> None:
     for module, absent, present in (
         (infer, ["--probabilities", "--inits", "--fraction", "--unlabelled-fold", "--gpus"],
          ["--overlap", "--batch-size", "--device"]),
-        (pretrain, ["--methods", "--scope", "--gpus"], ["--method", "--workers", "--epochs"]),
+        # pretraining starts itself under torchrun for --gpus above 1 (`dsf pretrain --gpus 4`)
+        (pretrain, ["--methods", "--scope"], ["--method", "--workers", "--epochs", "--gpus"]),
         (finetune, ["--inits", "--fractions", "--gpus"], ["--init", "--fraction", "--jitter"]),
         (polygons, ["--enabled"], ["--min-um2", "--tolerance"]),
     ):  # fmt: skip
