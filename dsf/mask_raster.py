@@ -4,8 +4,9 @@ Annotation masks come at any downsample of the slide, up to the slide's full lev
 (PAIP's per-class masks, CAMELYON's and ASAP's exports: tens of gigapixels). A TIFF mask is read
 through tifffile's Zarr view of its pages, from the coarsest pyramid level that is still at
 least as fine as the request, one window of tiles or strips at a time, so memory stays bounded
-by the request, not the mask. PNG and JPEG masks cannot be read in parts and are small in
-practice: they are held in memory.
+by the request, not the mask. PNG masks cannot be read in parts and are small in practice:
+they are held in memory. JPEG masks (files, or JPEG-compressed TIFFs) are refused: lossy
+compression changes the codes along every border and adds codes no class has.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from dsf.errors import AnnotationError
 _WINDOW_PX = 32 * 1024 * 1024
 
 log = logging.getLogger(__name__)
+
+#: TIFF compressions of JPEG (old-style and new), which no class mask survives
+_JPEG_TIFF = (6, 7)
+
+
+class _LossyMaskError(Exception):
+    """A mask stored with lossy compression (the reason in its text)."""
 
 
 class _Level:
@@ -52,6 +60,8 @@ def _tiff_levels(path: Path) -> tuple[list[_Level], list[Any]]:
 
     with tifffile.TiffFile(str(path)) as tf:
         series = tf.series[0]
+        if int(series.keyframe.compression) in _JPEG_TIFF:
+            raise _LossyMaskError("its pixels are JPEG-compressed")
         own = description_codes(tf.pages[0].description) is not None
         n_levels = len(series.levels) if own else 1
         shapes = [tuple(lv.shape) for lv in series.levels]
@@ -123,6 +133,8 @@ class MaskRaster:
                 from PIL import Image
 
                 with Image.open(self.path) as im:
+                    if im.format == "JPEG":
+                        raise _LossyMaskError("it is a JPEG")
                     data = np.asarray(im)
                 if data.dtype.kind not in "uib":
                     raise ValueError(f"pixels are {data.dtype}, not integers")
@@ -135,6 +147,16 @@ class MaskRaster:
                 self.levels = [_Level(data, data.ndim == 3)]
         except AnnotationError:
             raise
+        except _LossyMaskError as exc:
+            self.close()
+            raise AnnotationError(
+                slide_id,
+                f"{what} {self.path}: {exc}, whose lossy compression changes the class codes "
+                "along every border and adds codes no class has (a 95%-quality JPEG mislabels "
+                "some 3% of the annotated pixels): export the mask again without loss (PNG, or "
+                "TIFF with LZW or Deflate: `vips tiffsave in out.tif --compression deflate "
+                "--tile --pyramid` from the original)",
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - any reader failure is reported with the slide
             self.close()
             raise AnnotationError(
@@ -160,11 +182,19 @@ class MaskRaster:
         if coarser < 0.95 or 1.015 + 2 / min(mw, mh) < coarser < 1.5:
             self.close()
             size = "larger than" if coarser < 1 else "near the size of, but not equal to,"
+            other = (
+                ""
+                if coarser < 1
+                else f" If it is, it was written at another resolution ({coarser:.3f}x "
+                "coarser, as a mask exported at 0.25 um/px for a 0.2265 um/px scan is): "
+                "resample it to the slide's size or to a whole downsample"
+            )
             raise AnnotationError(
                 slide_id,
                 f"{what} {self.path} is {mw}x{mh} px, {size} the slide ({sw}x{sh} px): a mask "
                 "is the slide's own size or a downsample of it (2x, 4x, ...). Check that it is "
-                "this slide's mask (the sheet's, or the file found for it beside the slides)",
+                "this slide's mask (the sheet's, or the file found for it beside the slides)."
+                + other,
             )
         if coarser != round(coarser):  # worth a line: a mask at a whole factor is the norm
             log.info(

@@ -209,3 +209,26 @@ def test_a_mask_near_the_slides_size_but_not_its_own_is_refused(tmp_path: Path) 
             continue
         with pytest.raises(AnnotationError, match=rf"slide 's'.*{w}x{h} px, .*this slide's mask"):
             MaskRaster(path, "s", (3072, 3072), "mask")
+
+
+def test_jpeg_masks_are_refused_and_a_mask_at_another_resolution_is_named(
+    tmp_path: Path,
+) -> None:
+    """A JPEG mask (a file, or a JPEG-compressed TIFF as pyramid tools write) had been read
+    with the compression's noise as codes: borders mislabelled, classes no one drew. A mask
+    1.1x smaller than the slide is refused naming the other resolution it may be at."""
+    codes = np.zeros((300, 400), np.uint8)
+    codes[50:150, 60:200] = 1
+    codes[180:260, 220:380] = 2
+    jpg = tmp_path / "m.jpg"
+    Image.fromarray(codes * 100).save(jpg, quality=95)
+    tif = tmp_path / "m.tif"
+    tifffile.imwrite(tif, codes * 100, compression="jpeg", tile=(128, 128))
+    for path in (jpg, tif):
+        with pytest.raises(AnnotationError, match=r"slide 's'.*JPEG.*lossy compression.*PNG"):
+            MaskRaster(path, "s", (1600, 1200), "label mask")
+    png = tmp_path / "m.png"
+    Image.fromarray(codes).save(png)
+    MaskRaster(png, "s", (1600, 1200), "label mask").close()
+    with pytest.raises(AnnotationError, match=r"another resolution \(1\.10\dx coarser"):
+        MaskRaster(png, "s", (442, 331), "label mask")
