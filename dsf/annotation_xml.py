@@ -6,6 +6,8 @@
   corners; newer versions also write `GeoShape`); arrows, rulers and pins are no areas and are
   skipped. A negative region (`NegativeROA="1"`) is cut out of its layer's other regions.
   Layers are painted in file order, a later one over an earlier one, as ImageScope shows them.
+  **Indica Labs HALO** writes the same layout with named types (`Type="Polygon"`, `Rectangle`,
+  `Ellipse`; pins and rulers are skipped) and `<V X Y>` corners: read alike.
 - **ASAP** (`<ASAP_Annotations>`; CAMELYON16/17): `<Annotation Type PartOfGroup>` with ordered
   `<Coordinate X Y>`; the group is the class. Polygons, splines (their control polygon, as
   ASAP's own mask converter fills them) and rectangles are areas; dots, point sets and
@@ -125,7 +127,10 @@ def _aperio(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
             rid = region.get("Id", "?")
             what = f"region {rid} of layer {layer.get('Id', li + 1)}"
             shape = (region.get("GeoShape") or "").lower()
-            kind = _GEOSHAPES.get(shape) if shape else _APERIO_AREAS.get(region.get("Type", "0"))
+            rtype = (region.get("Type") or "0").strip()
+            if not shape and not rtype.isdigit():  # HALO names its types
+                shape = rtype.lower()
+            kind = _GEOSHAPES.get(shape) if shape else _APERIO_AREAS.get(rtype)
             if kind is None:
                 skipped[f"type {shape or region.get('Type')}"] += 1
                 continue
@@ -135,7 +140,7 @@ def _aperio(root: ET.Element, slide_id: str, path: Path) -> list[XMLPolygon]:
                     _number(v.get("Y"), slide_id, path, what),
                 )
                 for v in region.iter()
-                if _tag(v) == "Vertex"
+                if _tag(v) in ("Vertex", "V")  # HALO: <V X Y>
             ]
             ring = _ring(points, kind)
             if ring is None:

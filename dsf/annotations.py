@@ -347,14 +347,17 @@ def _polygonal(geom: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return []
 
 
-def _with_annotation_children(features: list[Any]) -> Iterator[tuple[str, Any]]:
+def _with_annotation_children(
+    features: list[Any], skipped: list[int] | None = None
+) -> Iterator[tuple[str, Any]]:
     """Each annotation feature with where it is in the file (`features[2].childObjects[0]`),
     followed by the objects nested in its `properties.childObjects` (QuPath exports the
     hierarchy this way), depth first, so a child annotation is painted over its parent.
     Detections and cells (cell outlines, tiles), nested or at the top level as QuPath's export
     of all objects lists them, are not region labels: skipped, while the annotations nested in
-    them (under a TMA core or the root object) are not."""
-    skipped = 0
+    them (under a TMA core or the root object) are not. `skipped` gets the count of the
+    objects skipped (for the message of a file of detections alone)."""
+    count = 0
     stack = [(f"features[{i}]", f) for i, f in reversed(list(enumerate(features)))]
     while stack:
         where, feat = stack.pop()
@@ -367,14 +370,25 @@ def _with_annotation_children(features: list[Any]) -> Iterator[tuple[str, Any]]:
         if _is_annotation(feat):
             yield where, feat  # the caller checks it is an object with object properties
         else:
-            skipped += 1
+            count += 1
         stack.extend(reversed(nested))
-    if skipped:
-        log.info("%d detection or cell objects are not region labels: skipped", skipped)
+    if count:
+        log.info("%d detection or cell objects are not region labels: skipped", count)
+    if skipped is not None:
+        skipped.append(count)
 
 
-def _empty(path: Path) -> str:
-    """The message for an annotation file without a polygon (as ImageScope saves one)."""
+def _empty(path: Path, detections: int = 0) -> str:
+    """The message for an annotation file without a polygon (as ImageScope saves one), or
+    with QuPath detections alone (a pixel classifier's objects created as detections)."""
+    if detections:
+        return (
+            f"{path} holds no polygon annotations, only {detections} detection or cell "
+            "objects, which dsf does not take as region labels (cells, tiles, a classifier's "
+            "detections): in QuPath, convert the regions to annotations (a pixel classifier "
+            "creates annotations when its objects are asked to be annotations), then export "
+            "them again"
+        )
     return (
         f"{path} holds no polygon annotations: draw them, or move the file away from the slide "
         "(or clear the slide's `labels` cell in a sheet) to leave the slide unannotated"
@@ -400,7 +414,7 @@ class PolygonLabels(LabelSource):
         self._mpp0 = mpp0
         self._shapes = self._parse(path, _name_map(settings), settings)
         if not self._shapes:
-            raise AnnotationError(slide_id, _empty(path))
+            raise AnnotationError(slide_id, _empty(path, sum(getattr(self, "_detections", []))))
         sw, sh = slide_dims
         meets = [
             s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw and s.bbox[1] < sh
@@ -440,7 +454,8 @@ class PolygonLabels(LabelSource):
         parser = cls.__new__(cls)
         parser.slide_id, parser.path = slide_id, path
         if not parser._parse(path, _name_map(settings), settings):
-            raise AnnotationError(slide_id, _empty(path))
+            detections = sum(getattr(parser, "_detections", []))
+            raise AnnotationError(slide_id, _empty(path, detections))
 
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """Class indices of the region at level-0 (x, y), `width` x `height` px at `mpp`."""
@@ -534,7 +549,8 @@ class GeoJSONLabels(PolygonLabels):
                 "the annotations again (QuPath: File > Export objects as GeoJSON)",
             )
         shapes: list[_Shape] = []
-        for at, feat in _with_annotation_children(features):
+        self._detections: list[int] = []
+        for at, feat in _with_annotation_children(features, self._detections):
             if not isinstance(feat, dict):
                 raise self._malformed(path, at, f"is {_json_kind(feat)}, not an object")
             props = feat.get("properties") or {}

@@ -277,3 +277,36 @@ def test_a_region_with_many_holes_reads_the_same_in_any_window(tmp_path: Path) -
         got = src.read(x, y, w, h, MPP * f)
         np.testing.assert_array_equal(got == 1, want)
         assert set(np.unique(got)) <= {0, 1}
+
+
+def test_halo_xml_is_read_as_imagescopes_layout(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Indica Labs HALO writes ImageScope's layout with named types and `<V X Y>` corners: it
+    had been 'no polygon annotations', its polygons listed as skipped regions."""
+
+    def region(kind: str, *xy: tuple[float, float], negative: bool = False) -> str:
+        corners = "".join(f'<V X="{x}" Y="{y}"/>' for x, y in xy)
+        return (f'<Region Type="{kind}" HasEndcaps="0" NegativeROA="{int(negative)}">'
+                f"<Vertices>{corners}</Vertices></Region>")  # fmt: skip
+
+    tumour = (
+        '<Annotation LineColor="65280" Name="Tumor" Visible="True"><Regions>'
+        + region("Polygon", *_square(10, 10, 100))
+        + region("Polygon", *_square(40, 40, 30), negative=True)
+        + region("Rectangle", *_square(200, 10, 50))
+        + region("Ruler", (0, 0), (300, 300))
+        + "</Regions></Annotation>"
+    )
+    stroma = (
+        '<Annotation LineColor="255" Name="Stroma" Visible="True"><Regions>'
+        + region("Ellipse", (100, 150), (180, 190))
+        + "</Regions></Annotation>"
+    )
+    path = tmp_path / "s.xml"
+    path.write_text(f'<?xml version="1.0"?>\n<Annotations>{tumour}{stroma}</Annotations>')
+    with caplog.at_level(logging.WARNING):
+        lab = _read(path, tumor=1, stroma=2)
+    assert "type ruler" in caplog.text  # named as skipped
+    assert lab[20, 20] == 1 and lab[105, 105] == 1 and lab[55, 55] == 0  # a hole cut
+    assert lab[30, 220] == 1 and lab[5, 205] == 0  # the rectangle
+    assert lab[170, 140] == 2 and lab[152, 102] == 0  # ellipse centre in, box corner out
+    assert (lab == 1).sum() == 100 * 100 - 30 * 30 + 50 * 50

@@ -272,6 +272,11 @@ def test_qupath_exports_of_all_objects_and_odd_features(tmp_path: Path, real: Pa
     lab = lab.read(0, 0, 500, 500, slide.mpp)
     assert lab[175, 175] == lab[325, 325] == lab[250, 250] == 2  # B, under the cell and tile
     assert lab[50, 50] == 0
+    # detections alone (a pixel classifier's objects): the message says so and how to convert
+    # them (it had said only "draw them")
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [cell, tile]}))
+    with pytest.raises(AnnotationError, match=r"only 2 detection or cell objects.*convert"):
+        open_labels(path, "cmu", slide.dimensions, slide.mpp, _labels_settings())
 
 
 def test_qupath_02_and_03_exports_tma_cores_and_mixed_geometries(
