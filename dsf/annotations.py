@@ -378,6 +378,12 @@ def _with_annotation_children(
         skipped.append(count)
 
 
+#: How far past a slide's edge an annotation part may lie and be dropped with a warning, not
+#: taken for other coordinates: px, and a share of the slide's longer side (the larger)
+EDGE_MARGIN_PX = 256
+EDGE_MARGIN = 0.02
+
+
 def _empty(path: Path, detections: int = 0) -> str:
     """The message for an annotation file without a polygon (as ImageScope saves one), or
     with QuPath detections alone (a pixel classifier's objects created as detections)."""
@@ -428,6 +434,24 @@ class PolygonLabels(LabelSource):
                 f"the {self.kind} belongs to another slide or uses other coordinates. Check the "
                 "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
+        # a shape drawn just past the slide's edge (a stroke beyond the image, a piece of a
+        # region) is dropped with a word; farther ones mean other coordinates (below)
+        margin = max(EDGE_MARGIN_PX, EDGE_MARGIN * max(sw, sh))
+        near = [
+            not m and s.bbox[2] > -margin and s.bbox[3] > -margin
+            and s.bbox[0] < sw + margin and s.bbox[1] < sh + margin
+            for s, m in zip(self._shapes, meets, strict=True)
+        ]  # fmt: skip
+        if any(near):
+            log.warning(
+                "%s: %d annotation part(s) lie just outside the slide (within %.0f px of its "
+                "edge): left out",
+                path,
+                sum(near),
+                margin,
+            )
+            self._shapes = [s for s, n in zip(self._shapes, near, strict=True) if not n]
+            meets = [m for m, n in zip(meets, near, strict=True) if not n]
         if len(inside) < len(self._shapes):
             # a scale error (um for px, a downsampled image's coordinates) leaves some in:
             # training on the rest would learn from misplaced regions without a word

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import pickle
 import re
@@ -320,6 +321,30 @@ def test_polygons_wholly_outside_the_slide_stop_the_job(a_store: Path, tmp_path:
         done, out, "slide 'A'", "1 of 3 annotations", "wholly outside the slide",
         "x 5000..5100", "level-0 pixels",
     )  # fmt: skip
+
+
+def test_a_part_drawn_just_past_the_slides_edge_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A piece of a region drawn past the image's edge (a MultiPolygon's sliver beyond it) had
+    stopped the job as coordinates of another scale; within 2% of the slide (at least 256 px)
+    of its edge it is left out with a warning, and farther ones still stop it."""
+    from dsf.annotations import AnnotationError, open_labels
+    from dsf.config import defaults
+
+    settings = defaults("labels") | {"classes": ["ignore", "TUM"]}
+    inside = [[100, 100], [900, 100], [900, 700], [100, 700], [100, 100]]
+    sliver = [[1000, 100], [1100, 100], [1100, 200], [1000, 200], [1000, 100]]  # x >= width
+    multi = {"type": "MultiPolygon", "coordinates": [[inside], [sliver]]}
+    feature = _feature("TUM", inside) | {"geometry": multi}
+    path = _geojson(tmp_path / "a.geojson", feature)
+    with caplog.at_level(logging.WARNING, logger="dsf"):
+        lab = open_labels(path, "A", (1000, 800), 0.5, settings).read(0, 0, 1000, 800, 0.5)
+    assert "1 annotation part(s) lie just outside the slide" in caplog.text
+    assert lab[400, 500] == 1 and (lab == 1).sum() == 800 * 600
+    far = _geojson(tmp_path / "b.geojson", feature, _feature("TUM", FAR))
+    with pytest.raises(AnnotationError, match=r"1 of 2 annotations .* wholly outside"):
+        open_labels(far, "A", (1000, 800), 0.5, settings)
 
 
 def test_geojson_as_editors_and_other_tools_save_it(tmp_path: Path) -> None:
