@@ -82,7 +82,7 @@ SHELL_PREFIX = (
     "local _n=0 _a _f _s _rc=0; "
     'for _a in "$@"; do _n=$((_n + ${#_a} + 1)); done; '
     f'if [ "$_n" -le {ARGS_INLINE} ] || [ "$#" -lt 2 ]; then command dsf "$@"; return; fi; '
-    '_f=$(mktemp "${TMPDIR:-/tmp}/dsf-args.XXXXXX"); '
+    '_f=$(mktemp "${TMPDIR:-/tmp}/dsf-args.XXXXXX") || return 1; '
     '_s=$1; shift; printf \'%s\\0\' "$@" > "$_f"; '
     f'command dsf "$_s" {ARGS_FILE} "$_f" || _rc=$?; '
     'rm -f "$_f"; return "$_rc"; '
@@ -108,10 +108,12 @@ def args_from_file(rest: list[str]) -> list[str]:
     if len(rest) != 2 or rest[0] != ARGS_FILE:
         return rest
     import json
+    import os
 
-    text = Path(rest[1]).read_text()
-    if text.endswith("\0"):
-        return text[:-1].split("\0")
+    data = Path(rest[1]).read_bytes()
+    if data.endswith(b"\0"):  # as the shell wrote them: bytes, decoded as argv is
+        return [os.fsdecode(a) for a in data[:-1].split(b"\0")]
+    text = data.decode()
     args = json.loads(text) if text.lstrip().startswith("[") else None
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise SystemExit(f"dsf: {rest[1]} holds neither a JSON list nor NUL-ended arguments")

@@ -133,7 +133,7 @@ class MaskRaster:
                 from PIL import Image
 
                 with Image.open(self.path) as im:
-                    if im.format == "JPEG":
+                    if im.format in ("JPEG", "MPO"):  # MPO: PIL's name for some JPEGs
                         raise _LossyMaskError("it is a JPEG")
                     data = np.asarray(im)
                 if data.dtype.kind not in "uib":

@@ -301,14 +301,15 @@ def _first_backend(path: Path, slide_id: str, check: bool, errors: list[str]) ->
             )
         vendor = openslide.OpenSlide.detect_format(str(path))
         # what tifffile sees, only where OpenSlide would otherwise read the file
-        layout = tiff_layout(path) if tiff and vendor is not None else (False, 0, 0, False)
+        generic = vendor == "generic-tiff"
+        layout = tiff_layout(path, generic) if tiff and vendor is not None else (False, 0, 0, False)
         ome, tiff_levels, main, own = layout
         backend = None
         # OpenSlide's generic TIFF reader takes the first image for the slide, and reads some
         # layouts wrong that tifffile reads right (`own`: 16-bit samples, a 4th that is no alpha)
-        if vendor is not None and not ome and not (vendor == "generic-tiff" and (main or own)):
+        if vendor is not None and not ome and not (generic and (main or own)):
             backend = _try(_OpenSlideBackend, path, check, errors, f"OpenSlide ({vendor})")
-        if backend is not None and vendor == "generic-tiff" and tiff_levels > len(backend.levels):
+        if backend is not None and generic and tiff_levels > len(backend.levels):
             backend.close()
             backend = None
         if backend is None and tiff:

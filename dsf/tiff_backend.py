@@ -190,8 +190,9 @@ def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: 
     )
 
 
-def _check_layout(series: Any) -> None:
-    """Refuse a tifffile series that is not one brightfield RGB(A) or 8-bit grey plane."""
+def _check_layout(series: Any, orientation: bool = True) -> None:
+    """Refuse a tifffile series that is not one brightfield RGB(A) or 8-bit grey plane, or
+    (`orientation`: for the readers that do not apply it alike) one stored rotated."""
     axes = series.axes
     if axes not in {"YXS", "YX", "CYX", "SYX"}:
         raise UnsupportedLayoutError(
@@ -201,10 +202,10 @@ def _check_layout(series: Any) -> None:
     if dtype not in (np.uint8, np.uint16):
         raise UnsupportedLayoutError(f"its pixels are {dtype} (dsf reads uint8 or uint16)")
     keyframe = series.levels[0].keyframe
-    orientation = int(keyframe.tags.valueof(274, 1) or 1)  # TIFF Orientation
-    if orientation != 1:
+    turned = int(keyframe.tags.valueof(274, 1) or 1)  # TIFF Orientation
+    if orientation and turned != 1:
         raise UnsupportedLayoutError(
-            f"it is stored rotated or mirrored (TIFF Orientation {orientation}), which readers "
+            f"it is stored rotated or mirrored (TIFF Orientation {turned}), which readers "
             "apply differently (OpenSlide to each tile, not to the image); re-save it upright, "
             "e.g. `vips autorot in.tif up.v && vips tiffsave up.v out.tif --tile --pyramid "
             "--compression jpeg`"
@@ -223,7 +224,7 @@ def _plane_size(series: Any) -> tuple[int, int]:
 
 #: Names of a file's side images (tifffile's series names, an OME Image's Name): the slide's
 #: label, the macro photo of the whole glass, an overview or thumbnail
-_SIDE_IMAGE = re.compile(r"\b(label|macro|overview|thumbnail)\b", re.IGNORECASE)
+_SIDE_IMAGE = re.compile(r"\s*(label|macro|overview|thumbnail)( image)?\s*", re.IGNORECASE)
 
 
 def _main_series(tf: Any) -> int:
@@ -233,7 +234,7 @@ def _main_series(tf: Any) -> int:
     rule would then read that as the slide, and a region's scan may be smaller than the macro
     photo carried along with it (bfconvert converts every image of a file)."""
     areas = [math.prod(_plane_size(s)) for s in tf.series]
-    scans = [k for k, s in enumerate(tf.series) if not _SIDE_IMAGE.search(s.name or "")]
+    scans = [k for k, s in enumerate(tf.series) if not _SIDE_IMAGE.fullmatch(s.name or "")]
     return max(scans or range(len(areas)), key=lambda k: (areas[k], -k))
 
 
@@ -288,10 +289,12 @@ class TiffBackend(Backend):
         main = _main_series(tf)
         series = tf.series[main]
         mpp_x = mpp_y = None
+        bits = None  # the OME SignificantBits, read before the file may be read as plain TIFF
         source = "OME PhysicalSizeX/Y values"
         if tf.is_ome and tf.ome_metadata:
             size = _plane_size(series)
             mpp_x, mpp_y = (_ome_mpp(tf.ome_metadata, axis, size) for axis in "XY")
+            bits = _ome_significant_bits(tf.ome_metadata, size)
             if len(series.levels) == 1:
                 flat = tifffile.TiffFile(str(path), is_ome=False)
                 flat_main = _main_series(flat)
@@ -314,9 +317,6 @@ class TiffBackend(Backend):
         self._axes = series.axes
         self._dtype = np.dtype(series.dtype)
         keyframe = series.levels[0].keyframe
-        bits = None
-        if tf.is_ome and tf.ome_metadata:
-            bits = _ome_significant_bits(tf.ome_metadata, _plane_size(series))
         self._max, whence = sample_max(keyframe, self._dtype, bits)
         if self._max != np.iinfo(self._dtype).max:
             log.info("%s: samples of 0-%d (%s) read as 0-255", path, self._max, whence)
@@ -388,7 +388,11 @@ class TiffBackend(Backend):
         if data.ndim == 2:
             data = np.repeat(data[..., None], 3, axis=2)
         if self._ycbcr[level]:
+            # tiles a sparse file leaves out read as the fill, 255 in every sample, which is
+            # no YCbCr a scan holds: kept white (converted, it is magenta)
+            blank = (data[..., :3] == 255).all(axis=-1)
             data = ycbcr_to_rgb(data)
+            data[blank, :3] = 255
         if self._dtype == np.uint16:  # to 0-255 against the samples' full intensity
             scaled = data.astype(np.uint32) * 255 // self._max
             data = np.minimum(scaled, 255).astype(np.uint8)
@@ -421,14 +425,16 @@ def is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
-def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
+def tiff_layout(path: Path, generic: bool = True) -> tuple[bool, int, int, bool]:
     """(OME-TIFF?, pyramid levels tifffile sees in the main image, SubIFDs included, the main
     image's series index, whether tifffile reads it better than OpenSlide's generic TIFF reader:
     16-bit samples, a 4th sample that is no alpha), from one parse; (False, 0, 0, False) when
     tifffile cannot parse it (the backends then report why).
 
     Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
-    read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint."""
+    read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint; and, for a
+    `generic` TIFF (OpenSlide's generic reader or tifffile, not a vendor's format), for one
+    stored rotated, which OpenSlide's generic reader turns tile by tile."""
     import tifffile
 
     try:
@@ -445,7 +451,7 @@ def tiff_layout(path: Path) -> tuple[bool, int, int, bool]:
             )
             layout: UnsupportedLayoutError | None = None
             try:
-                _check_layout(series)
+                _check_layout(series, orientation=generic)
             except UnsupportedLayoutError as exc:
                 layout = exc
     except Exception:  # noqa: BLE001 - unparsable for tifffile: OpenSlide's view stands

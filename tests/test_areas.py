@@ -155,3 +155,19 @@ def test_the_workflows_shell_function_starts_dsf_with_any_number_of_arguments(
     failed = bash(f"{SHELL_PREFIX}dsf areas --maps {maps} {tmp_path}/gone.tiff --out {out}")
     assert failed.returncode == 2 and "gone.tiff" in failed.stderr
     assert not list(tmp_path.glob("dsf-args.*"))
+
+
+def test_an_arguments_file_keeps_each_argument_byte_for_byte(tmp_path: Path) -> None:
+    """The shell function writes arguments as bytes: a path that is no UTF-8 (a Latin-1
+    name) and a carriage return had crashed or changed once read from the file."""
+    import os
+
+    from dsf.cli import ARGS_FILE, args_from_file
+
+    args_file = tmp_path / "args"
+    args_file.write_bytes(b"--maps\0/d/\xe9x.tiff\0a\r\nb\0")
+    assert args_from_file([ARGS_FILE, str(args_file)]) == [
+        "--maps", os.fsdecode(b"/d/\xe9x.tiff"), "a\r\nb",
+    ]  # fmt: skip
+    args_file.write_text('["--maps", "m.tiff"]')  # a JSON list (spill_args)
+    assert args_from_file([ARGS_FILE, str(args_file)]) == ["--maps", "m.tiff"]

@@ -729,7 +729,12 @@ def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "top"),
-    [("full", 65535), ("max-sample-tag", 4095), ("ome-significant-bits", 4095)],
+    [
+        ("full", 65535),
+        ("max-sample-tag", 4095),
+        ("ome-significant-bits", 4095),
+        ("ome-plain-pyramid", 4095),
+    ],
 )
 def test_sixteen_bit_rgb_reads_against_its_sample_range(
     tmp_path: Path, kind: str, top: int
@@ -752,8 +757,26 @@ def test_sixteen_bit_rgb_reads_against_its_sample_range(
             "ome": True,
             "metadata": {"SignificantBits": 12, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
         }
-    tifffile.imwrite(path, data, **kw)
+    if kind == "ome-plain-pyramid":  # OME naming level 0 only, its pyramid as reduced pages:
+        # read as plain TIFF, whose SignificantBits had been lost with the OME view
+        path = tmp_path / f"{kind}.ome.tif"
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+            'Schemas/OME/2016-06"><Image ID="Image:0" Name="scan"><Pixels ID="Pixels:0" '
+            'DimensionOrder="XYCZT" Type="uint16" SignificantBits="12" SizeX="64" SizeY="64" '
+            'SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="0.5" PhysicalSizeY="0.5"><Channel '
+            'ID="Channel:0:0" SamplesPerPixel="3"/><TiffData IFD="0" PlaneCount="1"/></Pixels>'
+            "</Image></OME>"
+        )
+        with tifffile.TiffWriter(path) as tw:
+            tw.write(data, photometric="rgb", tile=(32, 32), description=xml, metadata=None)
+            tw.write(data[::2, ::2], photometric="rgb", tile=(32, 32), subfiletype=1,
+                     metadata=None)  # fmt: skip
+    else:
+        tifffile.imwrite(path, data, **kw)
     s = open_slide(path)
+    if kind == "ome-plain-pyramid":
+        assert len(s.levels) == 2
     got = s.read(0, 0, 64, 64, s.mpp).astype(int)
     assert np.abs(got - rgb8).max() <= 1
     assert got.mean() == pytest.approx(rgb8.mean(), abs=1)
@@ -780,6 +803,13 @@ def test_a_rotated_or_mirrored_tiff_is_refused(tmp_path: Path, layout: dict) -> 
                      **layout, **_RES)  # fmt: skip
     with pytest.raises(SlideError, match=r"'turned'.*TIFF Orientation 6.*vips autorot"):
         open_slide(path)
+    if "tile" in layout:  # a vendor's format OpenSlide reads (Aperio) is read as before
+        svs = tmp_path / "turned.svs"
+        tifffile.imwrite(svs, _marked(), photometric="rgb", extratags=[(274, 3, 1, 6, True)],
+                         description="Aperio Image Library v12.0.15 \r\n320x256 (128x128) "
+                         "JPEG/RGB Q=70|AppMag = 20|MPP = 0.5", metadata=None,
+                         **layout, **_RES)  # fmt: skip
+        assert open_slide(svs).backend_name == "openslide"
 
 
 @pytest.mark.parametrize("layout", [{"tile": (128, 128)}, {"rowsperstrip": 32}])
@@ -880,3 +910,24 @@ def test_a_region_smaller_than_its_macro_image_is_the_slide(tmp_path: Path) -> N
     s = open_slide(path)
     assert s.dimensions == (500, 400) and s.mpp == pytest.approx(0.5)
     np.testing.assert_array_equal(s.read(0, 0, 500, 400, 0.5), rgb)
+
+
+def test_a_sparse_aperio_jpeg2000_file_reads_its_missing_tiles_white(tmp_path: Path) -> None:
+    """A tile a sparse file leaves out reads as the fill (255 in every sample), which the
+    YCbCr conversion had turned magenta: taken for tissue."""
+    import imagecodecs
+
+    ycc = np.full((128, 128, 3), (200, 100, 150), np.uint8)
+
+    def tiles():  # noqa: ANN202
+        for k in range(4):
+            yield b"" if k == 1 else imagecodecs.jpeg2k_encode(ycc, level=0, codecformat="j2k",
+                                                               mct=False)  # fmt: skip
+
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, tiles(), shape=(256, 256, 3), dtype=np.uint8, tile=(128, 128),
+                     compression=33003, photometric="rgb", metadata=None, **_RES)  # fmt: skip
+    s = open_slide(path)
+    got = s.read(0, 0, 256, 256, s.mpp)
+    assert s.backend_name == "tiff" and (got[:128, 128:] == 255).all()
+    assert tuple(got[10, 10]) == pytest.approx((231, 194, 150), abs=2)  # converted
