@@ -422,11 +422,13 @@ class PolygonLabels(LabelSource):
         if not self._shapes:
             raise AnnotationError(slide_id, _empty(path, sum(getattr(self, "_detections", []))))
         sw, sh = slide_dims
-        meets = [
-            s.bbox[2] > 0 and s.bbox[3] > 0 and s.bbox[0] < sw and s.bbox[1] < sh
-            for s in self._shapes
-        ]
-        inside = [s for s, m in zip(self._shapes, meets, strict=True) if m]
+
+        def within(shape: _Shape, margin: float) -> bool:
+            """Whether the shape's box meets the slide grown by `margin` px on every side."""
+            x0, y0, x1, y1 = shape.bbox
+            return x1 > -margin and y1 > -margin and x0 < sw + margin and y0 < sh + margin
+
+        inside = [s for s in self._shapes if within(s, 0)]
         if not inside:
             raise AnnotationError(
                 slide_id,
@@ -437,30 +439,25 @@ class PolygonLabels(LabelSource):
         # a shape drawn just past the slide's edge (a stroke beyond the image, a piece of a
         # region) is dropped with a word; farther ones mean other coordinates (below)
         margin = max(EDGE_MARGIN_PX, EDGE_MARGIN * max(sw, sh))
-        near = [
-            not m and s.bbox[2] > -margin and s.bbox[3] > -margin
-            and s.bbox[0] < sw + margin and s.bbox[1] < sh + margin
-            for s, m in zip(self._shapes, meets, strict=True)
-        ]  # fmt: skip
-        if any(near):
+        outside = [s for s in self._shapes if not within(s, 0)]
+        far = [s for s in outside if not within(s, margin)]
+        if len(far) < len(outside):
             log.warning(
                 "%s: %d annotation part(s) lie just outside the slide (within %.0f px of its "
                 "edge): left out",
                 path,
-                sum(near),
+                len(outside) - len(far),
                 margin,
             )
-            self._shapes = [s for s, n in zip(self._shapes, near, strict=True) if not n]
-            meets = [m for m, n in zip(meets, near, strict=True) if not n]
-        if len(inside) < len(self._shapes):
+        if far:
             # a scale error (um for px, a downsampled image's coordinates) leaves some in:
             # training on the rest would learn from misplaced regions without a word
-            far = self._shapes[meets.index(False)]  # shapes hold arrays: no `in`
+            x0, y0, x1, y1 = far[0].bbox
             raise AnnotationError(
                 slide_id,
-                f"{len(self._shapes) - len(inside)} of {len(self._shapes)} annotations of "
+                f"{len(far)} of {len(inside) + len(far)} annotations of "
                 f"{path} lie wholly outside the slide (0..{sw} x 0..{sh} level-0 px), one at "
-                f"x {far.bbox[0]:.0f}..{far.bbox[2]:.0f}, y {far.bbox[1]:.0f}..{far.bbox[3]:.0f}: "
+                f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}: "
                 f"the {self.kind} uses other coordinates (another scale, or another slide's). "
                 "Export the annotations in level-0 pixels, or remove those outside",
             )

@@ -45,43 +45,33 @@ def tiff_tag_mpp(page: Any, axis: str = "X") -> float | None:
     TIFF's default, as OpenSlide reads it: a default DPI is then refused as implausible by
     `file_resolution`); None with unit 1 (none) or no resolution."""
     tags = page.tags
-    key = f"{axis}Resolution"
-    if key not in tags:
-        return None
     unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
-    num, den = tags[key].value
-    if num == 0 or den == 0:
-        return None
-    per_unit = num / den
     um = {2: 25400.0, 3: 10000.0}.get(unit)
-    return um / per_unit if um else None
+    per_pixel = _per_pixel(page, axis)
+    return um * per_pixel if um and per_pixel else None
 
 
-def _ome_mpp(xml: str, axis: str, size: tuple[int, int]) -> float | None:
-    """PhysicalSize{axis} of the OME image of `size` (width, height), converted to um: the
-    file's main image, which need not be its first (a label or macro image may come first)."""
-    root = ET.fromstring(xml)
-    key = f"PhysicalSize{axis}"
-    for elem in root.iter():
-        shape = (elem.attrib.get("SizeX"), elem.attrib.get("SizeY"))
-        if elem.tag.endswith("Pixels") and shape == tuple(map(str, size)) and key in elem.attrib:
-            unit = elem.attrib.get(f"{key}Unit", "µm")
-            if unit not in _UM_PER_UNIT:  # "pixel", "reference frame": no physical size
-                log.warning("OME %sUnit %r is no length dsf knows; resolution not taken", key, unit)
-                return None
-            return float(elem.attrib[key]) * _UM_PER_UNIT[unit]
-    return None
-
-
-def _ome_significant_bits(xml: str, size: tuple[int, int]) -> int | None:
-    """SignificantBits of the OME image of `size` (width, height), if it says."""
-    root = ET.fromstring(xml)
-    for elem in root.iter():
+def _ome_pixels(xml: str, size: tuple[int, int]) -> dict[str, str]:
+    """The attributes of the OME `Pixels` of the image of `size` (width, height): the file's
+    main image, which need not be its first (a label or macro image may come first); {} when
+    none is named."""
+    for elem in ET.fromstring(xml).iter():
         shape = (elem.attrib.get("SizeX"), elem.attrib.get("SizeY"))
         if elem.tag.endswith("Pixels") and shape == tuple(map(str, size)):
-            bits = elem.attrib.get("SignificantBits")
-            return int(bits) if bits and bits.isdigit() else None
-    return None
+            return dict(elem.attrib)
+    return {}
+
+
+def _ome_mpp(pixels: dict[str, str], axis: str) -> float | None:
+    """PhysicalSize{axis} of OME `Pixels` attributes, converted to um."""
+    key = f"PhysicalSize{axis}"
+    if key not in pixels:
+        return None
+    unit = pixels.get(f"{key}Unit", "µm")
+    if unit not in _UM_PER_UNIT:  # "pixel", "reference frame": no physical size
+        log.warning("OME %sUnit %r is no length dsf knows; resolution not taken", key, unit)
+        return None
+    return float(pixels[key]) * _UM_PER_UNIT[unit]
 
 
 def sample_max(
@@ -133,6 +123,17 @@ def _per_pixel(page: Any, axis: str) -> float | None:
         return None
     num, den = tag.value
     return den / num if num and den else None
+
+
+#: ExtraSamples values that make a 4th sample alpha (1 associated, 2 unassociated); 0 is
+#: unspecified data, no alpha
+_ALPHA = (1, 2)
+
+
+def _extra_sample(keyframe: Any) -> int | None:
+    """The ExtraSamples value of a page's first extra sample, None without one."""
+    extra = tuple(getattr(keyframe, "extrasamples", ()) or ())
+    return int(extra[0]) if extra else None
 
 
 #: TIFF compression of Aperio's JPEG 2000 with YCbCr samples (33005: with RGB samples)
@@ -292,9 +293,10 @@ class TiffBackend(Backend):
         bits = None  # the OME SignificantBits, read before the file may be read as plain TIFF
         source = "OME PhysicalSizeX/Y values"
         if tf.is_ome and tf.ome_metadata:
-            size = _plane_size(series)
-            mpp_x, mpp_y = (_ome_mpp(tf.ome_metadata, axis, size) for axis in "XY")
-            bits = _ome_significant_bits(tf.ome_metadata, size)
+            pixels = _ome_pixels(tf.ome_metadata, _plane_size(series))
+            mpp_x, mpp_y = (_ome_mpp(pixels, axis) for axis in "XY")
+            sig = pixels.get("SignificantBits", "")
+            bits = int(sig) if sig.isdigit() else None
             if len(series.levels) == 1:
                 flat = tifffile.TiffFile(str(path), is_ome=False)
                 flat_main = _main_series(flat)
@@ -345,10 +347,9 @@ class TiffBackend(Backend):
                 path,
                 chunk / 2**20,
             )
-        # a 4th sample is alpha only where ExtraSamples says so (1 associated, 2 unassociated)
-        extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
-        self._alpha = extra in ((1,), (2,))
-        self._premultiplied = extra == (1,)
+        extra = _extra_sample(keyframe)
+        self._alpha = extra in _ALPHA
+        self._premultiplied = extra == 1
         y_ax, x_ax = self._axes.index("Y"), self._axes.index("X")
         w0 = series.levels[0].shape[x_ax]
         self.levels = [
@@ -445,9 +446,8 @@ def tiff_layout(path: Path, generic: bool = True) -> tuple[bool, int, int, bool]
             # OpenSlide reads 16-bit samples against 65535 whatever their range (`sample_max`)
             # and a 4th sample as alpha though the file says it is none (ExtraSamples 0)
             keyframe = series.levels[0].keyframe
-            extra = tuple(getattr(keyframe, "extrasamples", ()) or ())[:1]
             own = np.dtype(series.dtype) == np.uint16 or (
-                keyframe.samplesperpixel == 4 and extra not in ((1,), (2,))
+                keyframe.samplesperpixel == 4 and _extra_sample(keyframe) not in _ALPHA
             )
             layout: UnsupportedLayoutError | None = None
             try:
