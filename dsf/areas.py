@@ -33,8 +33,9 @@ AREA_SUFFIX, SHARE_SUFFIX = "_mm2", "_pct"
 
 
 def class_pixels(cmap: ClassMap) -> np.ndarray:
-    """Level-0 pixels of each class index (int64, one per class of the map, 0 first): the
-    JSON's counts, or counted from the map when it has none (an older dsf's map)."""
+    """Pixels of each class index in the map's level 0, at its mpp (int64, one per class of
+    the map, 0 first): the JSON's counts, or counted from the map when it has none (an
+    older dsf's map)."""
     k = len(cmap.meta["classes"])
     recorded = cmap.meta.get("class_pixels")
     if recorded is not None:

@@ -46,7 +46,7 @@ from dsf.captions import picture_format, save_picture
 from dsf.chunk_reader import ChunkReader
 from dsf.class_tiff import write_tiff
 from dsf.config import add_section_arguments, section_from_args
-from dsf.errors import ConfigError, SlideError
+from dsf.errors import ConfigError, SlideError, TissueError
 from dsf.map_writer import MapWriter, WriterThread, render_overlay, write_ome_attrs
 from dsf.predict import Predictor, load_predictor
 from dsf.runner import run, setup_logging
@@ -133,6 +133,13 @@ def infer_slide(
         width, height, p.block, p.scale, settings["overlap"], f, settings["band_windows"]
     )
     run_grid = tissue_windows(grid, mask, mask_mpp, t)
+    if not run_grid.any():  # an empty map would look like a slide mapped as all background
+        raise TissueError(
+            slide.slide_id,
+            "its tissue mask has no tissue, so there is nothing to map: write the mask again "
+            "with `dsf tissue` (which refuses a slide without tissue) or give this slide's own "
+            "mask",
+        )
     bands = plan_bands(grid, run_grid)
     n_fg = len(p.classes) - 1
     log.info(
@@ -253,7 +260,7 @@ def infer_slide(
                 "scale": grid.scale,
                 "target_mpp": t,
                 "slide_mpp": slide.mpp,  # level 0's: coarser than target_mpp means upsampled
-                # level-0 pixels per class index (0: background), for the areas (dsf.areas)
+                # map pixels (at "mpp") per class index (0: background), for the areas (dsf.areas)
                 "class_pixels": [int(n) for n in writer.counts],
                 "seconds": round(time.perf_counter() - t0, 3),
                 "phase_seconds": phases,

@@ -117,8 +117,8 @@ class MapWriter:
             )
         self.tissue, self.tissue_f = tissue, tissue_f
         self.n_fg = n_fg
-        #: level-0 pixels of each class index as written (0: background or outside tissue),
-        #: counted on the way so the map's areas cost no second read (`dsf.areas`)
+        #: map pixels (its own level 0, at its mpp) of each class index as written (0: background
+        #: or outside tissue), counted on the way so the map's areas cost no second read
         self.counts = np.zeros(n_fg + 1, np.int64)
         self._reset(0)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from dsf.chunk_reader import reduce_rgb, reduce_rows
 from dsf.config import defaults
-from dsf.errors import ConfigError, SlideError
+from dsf.errors import ConfigError, SlideError, TissueError
 from dsf.infer import infer_slide
 from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
@@ -428,6 +428,16 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     assert (probs[:, ~inside] == 0).all() and (probs.max(0)[inside] > 200).all()
     full = make_grid(w, h, 32, 4, 0.25, 1, 4)
     assert meta["windows"] < tissue_windows(full, np.ones_like(mask), MPP * 8, MPP).sum()
+
+
+def test_a_mask_without_tissue_is_refused_and_leaves_no_map(tmp_path, stripes) -> None:  # noqa: ANN001
+    """An empty mask (by hand, or another slide's) gave an all-background map that looked
+    complete; DESIGN: no tissue is an error naming the slide, never an empty output."""
+    path, cls = stripes
+    h, w = cls.shape
+    with pytest.raises(TissueError, match="has no tissue.*dsf tissue"):
+        run_infer(tmp_path, path, [oracle(32)], mask=np.zeros((h // 8 + 1, w // 8 + 1), bool))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 def test_windows_are_cut_from_only_the_columns_they_need(tmp_path, stripes, monkeypatch):
