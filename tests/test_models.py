@@ -519,10 +519,10 @@ VARIANTS = {
     "dsf": (GROUPS, (1, 2, 3, 4), 8),
     "simsiam": (("context", "target"), (4,), None),
     "dsl_only": (("context", "target"), (1, 2, 3, 4), None),
-    "ctfm_only": (("fusion",), (4,), 8),
-    # Table V's "w/o DSL" rows: the fusion loss alone at the last stage
-    "jigsaw_only": (("fusion",), (4,), 16),
-    "mask_only": (("fusion",), (4,), 8),
+    # Table V's "w/o DSL" rows: "Ours" without DSL's density, every group at the last stage
+    "ctfm_only": (GROUPS, (4,), 8),
+    "jigsaw_only": (GROUPS, (4,), 16),
+    "mask_only": (GROUPS, (4,), 8),
 }
 
 

@@ -61,13 +61,15 @@ METHODS: dict[str, Method] = {
     "simsiam": Method(("context", "target"), (4,), mask=False, shuffle=False),
     # DSL without CTFM: dense context and target SimSiam over 4 stages, no fusion.
     "dsl_only": Method(("context", "target"), (1, 2, 3, 4), mask=False, shuffle=False),
-    # Table V's three "w/o DSL" rows: the fusion loss alone, last stage only, with ...
+    # Table V's three "w/o DSL" rows: the full method without DSL's density, i.e. context,
+    # target and fusion SimSiam at the last stage only (the rows are "Ours" less a part, as
+    # "w/o CTFM, only DSL" keeps the context and target losses), with ...
     # ... the masked jigsaw ("only CTFM", 0.7881),
-    "ctfm_only": Method(("fusion",), (4,), mask=True, shuffle=True),
+    "ctfm_only": Method(GROUPS, (4,), mask=True, shuffle=True),
     # ... the jigsaw without masking: all n_blocks slots, shuffled ("only jigsaw", 0.7753),
-    "jigsaw_only": Method(("fusion",), (4,), mask=False, shuffle=True),
+    "jigsaw_only": Method(GROUPS, (4,), mask=False, shuffle=True),
     # ... masking without the jigsaw: a random n_keep subset in raster order ("only masking").
-    "mask_only": Method(("fusion",), (4,), mask=True, shuffle=False),
+    "mask_only": Method(GROUPS, (4,), mask=True, shuffle=False),
 }
 
 
@@ -133,8 +135,8 @@ class DSFModel(nn.Module):
             dsf: everything (dense 4 stages; context, target and fusion; masked jigsaw);
             simsiam: context and target SimSiam at stage 4 only, no fusion (heads for those only);
             dsl_only: dense context and target SimSiam over 4 stages, no fusion;
-            ctfm_only, jigsaw_only, mask_only: Table V's "w/o DSL" rows, the fusion loss alone
-                at stage 4 (targets past n_keep not encoded), with the masked jigsaw (ctfm_only),
+            ctfm_only, jigsaw_only, mask_only: Table V's "w/o DSL" rows, the context, target
+                and fusion losses at stage 4 only, with the masked jigsaw (ctfm_only),
                 the jigsaw without masking (all n_blocks shuffled slots) or masking without the
                 jigsaw (pass `draw_perms(..., "mask_only")`: the kept slots are a random subset
                 of blocks in raster order).
