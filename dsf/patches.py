@@ -397,10 +397,17 @@ def extract(
             n = writer.close()
         if n != n_cand:
             raise RuntimeError(f"{slide.slide_id}: wrote {n} of the {n_cand} tiles read")
+        # every chunk written, as the tiles' (a lost one is then found: `dsf.stores`)
+        every = {"write_empty_chunks": True}
         group.create_array(
-            "coords", data=np.asarray(coords, np.int64).reshape(n, 2), chunks=(max(1, n), 2)
+            "coords",
+            data=np.asarray(coords, np.int64).reshape(n, 2),
+            chunks=(max(1, n), 2),
+            config=every,
         )
-        group.create_array("tissue", data=np.asarray(tissue, np.float32), chunks=(max(1, n),))
+        group.create_array(
+            "tissue", data=np.asarray(tissue, np.float32), chunks=(max(1, n),), config=every
+        )
         stat = slide.path.stat()
         group.attrs.update(
             {
@@ -421,6 +428,8 @@ def extract(
                 "stride": geo.stride,
                 "grid": {"nx": geo.nx, "ny": geo.ny, "offset_x": geo.ox, "offset_y": geo.oy},
                 "tissue_mask_mpp": mask_mpp,
+                # arrays besides tiles and context with every chunk written (`dsf.stores`)
+                "every_chunk": ["coords", "tissue"],
                 "settings": settings,
                 "dsf_version": __version__,
                 "n_tiles": n,

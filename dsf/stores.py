@@ -107,6 +107,9 @@ def open_store(path: str | Path, check_shards: bool = True, kind: str | None = "
     # a labels store's class fractions are never all 0 (the fill), so each chunk is written
     names = ("labels", "label_frac") if labels else ("tiles", "context")
     names += ("labels",) if "store_id" in group.attrs and not labels else ()
+    # and the small arrays (coords, tissue, target_frac) of stores that write all their chunks:
+    # a lost coords chunk read as zeros had put every tile's labels at one place
+    names += tuple(str(a) for a in group.attrs.get("every_chunk", ()))
     for name in names:
         _check_shards(path, name, labels)
     if labels:
@@ -180,11 +183,11 @@ def _check_shards(path: Path, name: str, labels: bool = False) -> None:
         if not (folder / shard).is_file():
             first = index[0] * grid[0]
             last = min(shape[0], first + grid[0]) - 1
-            zeros = "unlabelled" if labels else "black"
+            zeros = {"tiles": "black tiles", "context": "black tiles", "labels": "unlabelled tiles"}
             raise damaged_store(
                 path,
                 f"array {name!r} lacks its shard {shard} (tiles {first} to {last}), which Zarr "
-                f"would read as {zeros} tiles",
+                f"would read as {zeros.get(name, 'zeros')}",
                 labels=labels,
             )
     _COMPLETE.add(key)

@@ -190,7 +190,8 @@ def build(
         group.create_array(
             "target_frac",
             data=np.asarray(target_frac, np.float32) / (block * block),
-            chunks=(n,),
+            chunks=(max(1, n),),
+            config={"write_empty_chunks": True},  # all 0 is a store's value, not a lost chunk
         )
         group.attrs.update(
             {
@@ -206,6 +207,7 @@ def build(
                 "annotated_in_tiles": round(share, 4),
                 "dsf_version": __version__,
                 "n_tiles": n,
+                "every_chunk": ["target_frac"],  # checked by `dsf.stores` when opened
                 **(attrs or {}),
             }
         )

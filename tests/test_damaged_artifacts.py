@@ -100,6 +100,17 @@ def test_an_array_missing_a_file(store: Path, tmp_path: Path, array: str, lost: 
         TileDataset([broken], array=array)
 
 
+@pytest.mark.parametrize(("array", "chunk"), [("coords", "c/0/0"), ("tissue", "c/0")])
+def test_a_lost_coords_or_tissue_chunk(store: Path, tmp_path: Path, array: str, chunk: str) -> None:
+    """Read as zeros, a lost coords chunk had put every tile at the slide's origin, and the
+    labels cut for them at one place, without a word."""
+    assert open_store(store).attrs["every_chunk"] == ["coords", "tissue"]
+    broken = _copy(store, tmp_path)
+    (broken / array / chunk).unlink()
+    with _raises(broken, rf"array '{array}' lacks its shard {chunk} .*would read as zeros"):
+        open_store(broken)
+
+
 def test_an_array_whose_metadata_is_not_json(store: Path, tmp_path: Path) -> None:
     broken = _copy(store, tmp_path)
     (broken / "tiles" / "zarr.json").write_text("{")

@@ -167,15 +167,16 @@ def test_labels_and_patch_stores_are_not_taken_for_each_other(cut: dict, tmp_pat
 def test_a_labels_store_with_a_lost_chunk_is_refused_as_a_labels_store(
     cut: dict, tmp_path: Path
 ) -> None:
-    """A lost index chunk would read as zeros (every labelled tile paired with tile 0's pixels)
-    and a lost labels shard as unlabelled tiles: both are refused, naming the labels store and
+    """A lost index chunk would read as zeros (every labelled tile paired with tile 0's pixels),
+    a lost labels shard as unlabelled tiles and a lost target_frac chunk as tiles without a
+    labelled centre (which fine-tuning skips): all are refused, naming the labels store and
     the tile_labels fix, not the patch store."""
     from dsf.stores import open_store
 
     labels = tmp_path / "s.labels.zarr"
     _labels(cut, labels)
     assert zarr.open_group(str(labels), mode="r")["index"].fill_value == -1
-    for lost in ("index/c/0", "labels/c/0/0/0", "label_frac/c/0/0"):
+    for lost in ("index/c/0", "labels/c/0/0/0", "label_frac/c/0/0", "target_frac/c/0"):
         broken = tmp_path / f"broken-{lost.split('/')[0]}.labels.zarr"
         shutil.copytree(labels, broken)
         (broken / lost).unlink()
