@@ -452,7 +452,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-id", help="slide id (default: file stem)")
     p.add_argument("--sheet-mpp", type=float, help="level-0 um/px from the sheet (wins)")
     p.add_argument("--tissue-mask", required=True, type=Path, help="mask TIFF of `dsf tissue`")
-    p.add_argument("--tissue-stats", type=Path, help="stats JSON of `dsf tissue` (recorded)")
+    p.add_argument(
+        "--tissue-stats",
+        type=Path,
+        help="stats JSON of `dsf tissue`: its method and numbers are recorded in the store "
+        "(without it, tissue_method is null)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output store (.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # the tiles do not depend on the annotation: `dsf tile-labels` labels them
@@ -479,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         mask, mask_mpp = read_mask(args.tissue_mask, slide.slide_id)
         check_mask_fits(mask, mask_mpp, slide, args.tissue_mask)
-        attrs: dict[str, Any] = {}
+        attrs: dict[str, Any] = {"tissue_method": None}  # the store's contract: always there
         if args.tissue_stats is not None:
             try:
                 stats = json.loads(args.tissue_stats.read_text())

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: Refuse single reads above this many level pixels: callers must tile bigger work.
 MAX_READ_PIXELS = 256 * 1024 * 1024
+#: A read at a coarse mpp whose level pixels pass this many (a slide without the pyramid
+#: level it needs: 64x as many pixels at 8x) is made in pieces of at most this many, each
+#: resampled alone, so its memory stays bounded whatever the slide's levels.
+READ_PIECE_PIXELS = 64 * 1024 * 1024
 #: A read is at a level's own scale when the ratio is within this of 1 (float rounding of
 #: mpp * downsample / mpp; over 100,000 px it drifts a tenth of a pixel).
 LEVEL_MATCH = 1e-6
@@ -189,11 +193,29 @@ class Slide:
         m = 1 if r < 1.0 else 0
         ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
         ix1, iy1 = math.ceil(lx + width * r) + m, math.ceil(ly + height * r) + m
+        if r > 1.0 and (ix1 - ix0) * (iy1 - iy0) > READ_PIECE_PIXELS:
+            return self._read_in_pieces(x, y, width, height, mpp, r)
         src = self._read_padded(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         box = (lx - ix0, ly - iy0, lx - ix0 + width * r, ly - iy0 + height * r)
         resample = Image.Resampling.BOX if r > 1.0 else Image.Resampling.BILINEAR
         out = Image.fromarray(src).resize((width, height), resample=resample, box=box)
         return np.asarray(out)
+
+    def _read_in_pieces(
+        self, x: float, y: float, width: int, height: int, mpp: float, r: float
+    ) -> np.ndarray:
+        """`read` of a region whose level pixels pass READ_PIECE_PIXELS, as pieces of whole
+        output pixels (bands of rows, or blocks for a very wide region), each within it."""
+        f = mpp / self.mpp  # level-0 px per output px
+        side = max(1, int(math.sqrt(READ_PIECE_PIXELS) / r) - 1)  # output px of a square piece
+        cols = width if (width * r + 2) * (r + 2) <= READ_PIECE_PIXELS else side
+        rows = max(1, int(READ_PIECE_PIXELS / ((cols * r + 2) * r)) - 2)
+        out = np.empty((height, width, 3), np.uint8)
+        for oy in range(0, height, rows):
+            for ox in range(0, width, cols):
+                h, w = min(rows, height - oy), min(cols, width - ox)
+                out[oy : oy + h, ox : ox + w] = self.read(x + ox * f, y + oy * f, w, h, mpp)
+        return out
 
     def _read_padded(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Read level pixels [x, x+w) x [y, y+h), padding outside the level with background."""
@@ -310,8 +332,8 @@ def add_tolerance_argument(parser: argparse.ArgumentParser) -> None:
         parser,
         "--mpp-tolerance",
         "patches.mpp_tolerance",
-        "relative distance from the wanted um/px at which a slide level is read without "
-        "resampling (give the patches' value)",
+        "relative distance from the wanted um/px within which a slide level counts as at it "
+        "(patches and maps then work in the level's own pixels; give the patches' value)",
     )
 
 
@@ -494,7 +516,8 @@ def upsampling_note(mpps: dict[str, float], target_mpp: float, tolerance: float)
     (beyond `tolerance`): their tiles are upsampled, which adds no detail and multiplies the
     stores' size (a 20x cohort under a 40x setting); None when there are none. The stages
     would say it only in each slide's job log."""
-    coarse = {s: m for s, m in mpps.items() if m > target_mpp * (1.0 + tolerance)}
+    # as effective_mpp decides: within the tolerance of a level, read as it is
+    coarse = {s: m for s, m in mpps.items() if target_mpp / m < 1.0 - tolerance}
     if not coarse:
         return None
     named = some([f"{s} ({m:.4g})" for s, m in coarse.items()], 5)

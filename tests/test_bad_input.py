@@ -646,12 +646,18 @@ def test_resolution_check_names_every_slide_it_cannot_use(
     assert "cmu (sheet 0.47, file 0.499 um/px)" in caplog.text
 
 
-def test_slides_coarser_than_the_target_are_named_at_the_start() -> None:
+def test_slides_coarser_than_the_target_are_named_at_the_start(tmp_path: Path) -> None:
     """A 20x cohort under a 40x setting had its tiles upsampled, said only in each slide's
     patches log; the start of the run names them and the setting that fits them."""
-    from dsf.slide import upsampling_note
+    from dsf.slide import open_slide, upsampling_note
 
     assert upsampling_note({"a": 0.25, "b": 0.2527, "c": 0.24}, 0.25, 0.05) is None
+    # as the stages decide (Slide.effective_mpp): 0.263 is within 5% (0.25 / 0.263 = 0.951)
+    # and read as it is, 0.2635 is not (it had named 0.263 as upsampled)
+    assert upsampling_note({"a": 0.263}, 0.25, 0.05) is None
+    assert upsampling_note({"a": 0.2635}, 0.25, 0.05) is not None
+    s = open_slide(rgb_slide(tmp_path / "s.tif", np.zeros((64, 64, 3), np.uint8), 0.263))
+    assert not s.upsamples(s.effective_mpp(0.25))
     note = upsampling_note({"a": 0.25, "b": 0.5, "c": 0.499, "d": 1.0}, 0.25, 0.05)
     assert note is not None and note.startswith("3 of 4 slides are scanned coarser")
     assert "b (0.5), c (0.499), d (1)" in note and "up to 4x" in note

@@ -727,6 +727,39 @@ def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pieces, whole)
 
 
+@pytest.mark.parametrize(("x", "y", "mpp"), [(0, 0, 2.0), (13, 7, 2.0), (5, 3, 1.5)])
+def test_a_coarse_read_of_a_single_level_slide_is_made_in_bounded_pieces(
+    tmp_path: Path,
+    monkeypatch,
+    x: int,
+    y: int,
+    mpp: float,  # noqa: ANN001
+) -> None:
+    """A slide without the level a coarse read needs had been read whole, 64x the pixels at
+    8x (4 GB for a patches band, and over the bound past that: a bare ValueError). Past
+    READ_PIECE_PIXELS it is read in pieces of whole output pixels, giving the same pixels."""
+    import dsf.slide as slide_mod
+
+    from conftest import rgb_slide
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    s = open_slide(rgb_slide(tmp_path / "s.tif", rgb, 0.25), slide_id="s")
+    whole = s.read(x, y, 50, 36, mpp)
+    sizes: list[int] = []
+    padded = s._read_padded
+
+    def counted(level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        sizes.append(w * h)
+        return padded(level, x0, y0, w, h)
+
+    monkeypatch.setattr(slide_mod, "READ_PIECE_PIXELS", 2000)
+    monkeypatch.setattr(s, "_read_padded", counted)
+    pieces = s.read(x, y, 50, 36, mpp)
+    assert len(sizes) > 4 and max(sizes) <= 2000
+    assert np.abs(pieces.astype(int) - whole).max() <= 1  # PIL's fixed-point rounding
+
+
 @pytest.mark.parametrize(
     ("kind", "top"),
     [
