@@ -242,10 +242,18 @@ def resume_training(
     return state
 
 
-def check_epochs(path: Path, done: int, wanted: int, section: str) -> None:
+def check_epochs(path: Path, done: int, wanted: int, section: str, steps: int = 0) -> None:
     """A checkpoint past `{section}.epochs` cannot be trained back: refuse it (its weights
     would be passed off as a shorter run). One that holds all of them trains nothing more
-    (a forced rerun of a finished job): say so, since its results are the old ones."""
+    (a forced rerun of a finished job): say so, since its results are the old ones. `steps`:
+    steps of the next epoch it holds too (a run stopped mid-epoch), past `done` epochs."""
+    if steps and done >= wanted:
+        raise ConfigError(
+            f"{path} holds {done} epochs and {steps} steps of epoch {done + 1}, past "
+            f"{section}.epochs {wanted}: its weights are no longer those of {wanted} epochs, "
+            f"and a run cannot be trained back. Set {section}.epochs to {done + 1} or more to "
+            f"go on, or delete it (`rm {path}`) to train {wanted} epochs from the start"
+        )
     if done > wanted:
         raise ConfigError(
             f"{path} holds {done} epochs, more than {section}.epochs {wanted}: a run cannot be "

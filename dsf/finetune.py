@@ -616,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         pairs = pair_stores(args.stores, args.label_stores, classes)
         by_slide = {p.slide: p for p in pairs}
+        unknown = sorted(set(by_slide) - set(folds["slide"]))
+        if unknown:  # the split below would leave them out, silently
+            raise ConfigError(
+                f"stores of slides {unknown} were given, but {args.folds} has no fold for "
+                "them: give the folds table of these slides (the workflow's results/folds.tsv)"
+            )
         val = set(folds.loc[folds["fold"] == args.fold, "slide"])
         if val & set(by_slide):
             raise ConfigError(
@@ -642,8 +648,11 @@ def main(argv: list[str] | None = None) -> int:
             {"fold": args.fold, "fit_slides": fit, "select_slides": sel},
             norm=norm,
         )
-        if args.resume:
-            tuner.resume()
+        if args.resume and not tuner.resume():
+            # training anew: an earlier run's results must not outlive this one stopped
+            # midway, looking like its own (as pretraining)
+            for name in ("history.tsv", "history.running.tsv", "model.pt"):
+                (args.out_dir / name).unlink(missing_ok=True)
         tuner.fit(progress=False if args.no_progress else None)
         tuner.export()
         # model.pt and history.tsv hold the result; the full state (about 12x the model with

@@ -348,7 +348,14 @@ class Trainer:
         if state is None:  # a finished run's, under other settings or stores: start over
             return False
         self.epoch = int(state["epoch"])
-        checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "pretrain")
+        stopped = state.get("interrupted") or {}
+        checkpoints.check_epochs(
+            self.checkpoint_path,
+            self.epoch,
+            self.st["epochs"],
+            "pretrain",
+            steps=int(stopped.get("steps", 0)),
+        )
         self.history = list(state["history"])
         if state.get("interrupted"):
             stop = state["interrupted"]
@@ -581,9 +588,9 @@ class Trainer:
                 self.save_checkpoint(interrupted=at)
                 raise StoppedError(
                     f"pretraining stopped by {self._stop_name()} in epoch {at['epoch']} after "
-                    f"{at['steps']} steps; {self.checkpoint_path} holds where it was: run the "
-                    "same command again (the workflow resumes) and it goes on from the next "
-                    "step"
+                    f"{at['steps']} steps; {self.checkpoint_path} holds where it was: rerun with "
+                    "--resume (as the workflow does; without it the checkpoint is dropped) and "
+                    "it goes on from the next step"
                 ) from None
             if self.rank == 0:
                 log.info(
@@ -610,8 +617,8 @@ class Trainer:
                     self.save_checkpoint()
                 raise StoppedError(
                     f"pretraining stopped by {self._stop_name()} after epoch {self.epoch}; "
-                    f"{self.checkpoint_path} holds it: run the same command again (the "
-                    f"workflow resumes) and training goes on from epoch {self.epoch + 1}"
+                    f"{self.checkpoint_path} holds it: rerun with --resume (as the "
+                    f"workflow does) and training goes on from epoch {self.epoch + 1}"
                 )
 
     def close(self) -> None:

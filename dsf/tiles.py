@@ -71,7 +71,14 @@ class TileDataset(Dataset):
         for s in self.stores:
             g = open_store(s)
             counts.append(int(g.attrs["n_tiles"]))
-            self.slides.append(str(g.attrs["slide_id"]))
+            sid = str(g.attrs["slide_id"])
+            if sid in self.slides:  # its tiles would count twice, and nothing would show it
+                first = self.stores[self.slides.index(sid)]
+                raise ConfigError(
+                    f"patch stores {first} and {s} are both slide {sid!r}: give each slide's "
+                    "store once"
+                )
+            self.slides.append(sid)
             t = store_array(g, array, s).shape[1:]
             if tile is not None and t != tile:
                 raise ConfigError(f"patch store {s} has tiles {t}, others {tile}: mixed geometry")

@@ -55,6 +55,12 @@ def test_a_valid_store_reads_the_same_through_every_path(store: Path) -> None:
     assert np.array_equal(store_array(g, "context", store)[0:4], g["context"][0:4])
 
 
+def test_a_store_given_twice_is_refused(store: Path) -> None:
+    """Pretraining had counted its tiles twice, and its outputs named the slide once."""
+    with pytest.raises(ConfigError, match=r"patch stores .* and .* are both slide 'A'"):
+        TileDataset([store, store])
+
+
 def test_a_store_without_its_group_metadata(store: Path, tmp_path: Path) -> None:
     broken = _copy(store, tmp_path)
     (broken / "zarr.json").unlink()

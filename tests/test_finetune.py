@@ -76,6 +76,36 @@ def test_a_fold_the_folds_table_lacks_is_named(three, tmp_path, capsys) -> None:
     assert not (tmp_path / "ft").exists()
 
 
+def test_a_store_of_a_slide_the_folds_table_lacks_is_refused(three, tmp_path, capsys) -> None:  # noqa: ANN001
+    """Such a store had been opened and then left out of the split without a word."""
+    stores, folds = three
+    partial = tmp_path / "folds.tsv"
+    partial.write_text("slide\tgroup\tfold\nA\tA\t0\nB\tB\t1\n")  # no C
+    assert main(_args(stores[1:], partial, tmp_path / "ft")) == 2
+    assert "stores of slides ['C'] were given, but" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_resume_with_nothing_to_resume_drops_an_earlier_runs_results(  # noqa: ANN001
+    three, tmp_path, monkeypatch, capsys
+) -> None:
+    """Training anew under --resume (no checkpoint) and stopped midway had left the earlier
+    run's model.pt and history.tsv beside the new checkpoint, looking like its results."""
+    stores, folds = three
+    out = tmp_path / "ft"
+    out.mkdir()
+    for name in ("model.pt", "history.tsv"):
+        (out / name).write_text("an earlier run's")
+
+    def stopped(self: FineTuner, progress: object = None) -> None:
+        raise ConfigError("stopped midway")
+
+    monkeypatch.setattr(FineTuner, "fit", stopped)
+    assert main([*_args(stores[1:], folds, out), "--resume"]) == 2
+    assert "stopped midway" in capsys.readouterr().err
+    assert not (out / "model.pt").exists() and not (out / "history.tsv").exists()
+
+
 def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path, capsys) -> None:  # noqa: ANN001
     stores, folds = three
     out = tmp_path / "ft"

@@ -129,7 +129,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
         return read(indices)
 
     trainer.data.read = read_then_signal  # type: ignore[method-assign]
-    with pytest.raises(StoppedError, match=r"SIGTERM in epoch 2 after 1 steps.*next step"):
+    with pytest.raises(StoppedError, match=r"SIGTERM in epoch 2 after 1 steps.*--resume"):
         trainer.fit(progress=False)
     assert signal.getsignal(signal.SIGTERM) == before
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -137,6 +137,10 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     assert state["epoch"] == 1 and (stop["epoch"], stop["steps"], len(stop["sums"])) == (2, 1, 5)
     torch.testing.assert_close(state["model"], trainer.model.state_dict(), rtol=0, atol=0)
     assert len(state["history"]) == 1  # epoch 1 finished, checkpoint_every 5 had not saved it
+    # epochs lowered to those finished: the weights are past them (they had been exported)
+    shorter = Trainer(_settings(checkpoint_every=5, epochs=1), stores, out)
+    with pytest.raises(ConfigError, match=r"1 epochs and 1 steps of epoch 2, past pretrain.epo"):
+        shorter.resume()
     resumed = Trainer(_settings(checkpoint_every=5), stores, out)
     with caplog.at_level(logging.INFO, logger="dsf.pretrain"):
         assert resumed.resume() and resumed.epoch == 1
