@@ -618,7 +618,8 @@ class Trainer:
                 raise StoppedError(
                     f"pretraining stopped by {self._stop_name()} after epoch {self.epoch}; "
                     f"{self.checkpoint_path} holds it: rerun with --resume (as the "
-                    f"workflow does) and training goes on from epoch {self.epoch + 1}"
+                    "workflow does; without it the checkpoint is dropped) and training goes on "
+                    f"from epoch {self.epoch + 1}"
                 )
 
     def close(self) -> None:

@@ -193,7 +193,7 @@ class Slide:
         m = 1 if r < 1.0 else 0
         ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
         ix1, iy1 = math.ceil(lx + width * r) + m, math.ceil(ly + height * r) + m
-        if r > 1.0 and (ix1 - ix0) * (iy1 - iy0) > READ_PIECE_PIXELS:
+        if r > 1.0 and (ix1 - ix0) * (iy1 - iy0) > READ_PIECE_PIXELS and width * height > 1:
             return self._read_in_pieces(x, y, width, height, mpp, r)
         src = self._read_padded(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         box = (lx - ix0, ly - iy0, lx - ix0 + width * r, ly - iy0 + height * r)

@@ -154,9 +154,10 @@ def _check_index(group: Any, path: Path) -> None:
 
 
 def _check_shards(path: Path, name: str, labels: bool = False) -> None:
-    """Raise naming the store, the shard and its tiles when a shard file of array `name` is
-    missing (a partial copy, a deleted file): Zarr reads a missing shard as zeros, so training
-    would go on with black tiles (or unlabelled ones) and never say."""
+    """Raise naming the store, the shard and its tiles when a shard (or chunk) file of array
+    `name` is missing (a partial copy, a deleted file): Zarr reads it as zeros, so training
+    would go on with black tiles, unlabelled ones, or tiles at the slide's origin (coords),
+    and never say."""
     folder = path / name
     meta_file = folder / "zarr.json"
     if not meta_file.is_file():
@@ -176,6 +177,8 @@ def _check_shards(path: Path, name: str, labels: bool = False) -> None:
         or encoding.get("configuration", {}).get("separator", "/") != "/"
     ):
         return  # not a layout `dsf patches` writes
+    sharded = any(c.get("name") == "sharding_indexed" for c in meta.get("codecs", ()))
+    unit = "shard" if sharded else "chunk"
     counts = [-(-n // g) for n, g in zip(shape, grid, strict=True)]
     # one stat per shard (a store holds about one per 7 tiles of 1024 px), no tree walk
     for index in np.ndindex(*counts):
@@ -186,7 +189,7 @@ def _check_shards(path: Path, name: str, labels: bool = False) -> None:
             zeros = {"tiles": "black tiles", "context": "black tiles", "labels": "unlabelled tiles"}
             raise damaged_store(
                 path,
-                f"array {name!r} lacks its shard {shard} (tiles {first} to {last}), which Zarr "
+                f"array {name!r} lacks its {unit} {shard} (tiles {first} to {last}), which Zarr "
                 f"would read as {zeros.get(name, 'zeros')}",
                 labels=labels,
             )

@@ -113,7 +113,7 @@ def test_a_lost_coords_or_tissue_chunk(store: Path, tmp_path: Path, array: str, 
     assert open_store(store).attrs["every_chunk"] == ["coords", "tissue"]
     broken = _copy(store, tmp_path)
     (broken / array / chunk).unlink()
-    with _raises(broken, rf"array '{array}' lacks its shard {chunk} .*would read as zeros"):
+    with _raises(broken, rf"array '{array}' lacks its chunk {chunk} .*would read as zeros"):
         open_store(broken)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
+import zarr
 
 from dsf.cli import TORCHRUN_SHUTDOWN_S, pretrain_command
 from dsf.config import defaults
@@ -387,7 +389,14 @@ def test_ddp_through_torchrun_as_the_workflow_starts_it(stores: list[Path], tmp_
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "ddp"
     deep = "/".join(["."] * 2000)  # 4 kB naming each store, as a cohort's paths add up
-    named = [f"{s.parent}/{deep}/{s.name}" for s in stores for _ in range(14)]
+    cohort = []  # 28 slides' stores (a store given twice is refused): copies, renamed
+    for i in range(14):
+        for s in stores:
+            copy = tmp_path / "cohort" / f"{s.stem}{i}.zarr"
+            shutil.copytree(s, copy)
+            zarr.open_group(str(copy), mode="r+").attrs["slide_id"] = f"{s.stem}{i}"
+            cohort.append(copy)
+    named = [f"{s.parent}/{deep}/{s.name}" for s in cohort]
     done = subprocess.run(
         [str(bin_dir / cmd[0]), *cmd[1:], "--stores", *named, "--out-dir", str(out),
          "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "4", "--out-size", "32",

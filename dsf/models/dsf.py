@@ -191,7 +191,8 @@ class DSFModel(nn.Module):
         once: (R, 2, d) with view v in [:, v] (see module docstring). Each view goes through the
         encoders alone, so their batch-norm statistics stay per view."""
         groups = self.spec.groups
-        # Without a target loss only the kept slots matter, so only those are encoded.
+        # Without a target loss only the kept slots would matter, so only those would be
+        # encoded (every method with a fusion loss has a target loss too, since 2026-12-07).
         n_enc = self.n_blocks if "target" in groups else self.n_keep
         b = targets.shape[1]
         ctx = [self.context_encoder(context[v]) for v in range(2)]

@@ -16,8 +16,9 @@ rule patches:
         fast=fast_param("patches"),
     threads: config["patches"]["threads"]
     resources:
-        # each reader thread holds its strip's level pixels (up to 256 MB where a slide lacks
-        # the level a coarse target needs): 2,371 MB measured at 16 threads, 677 MB at 2
+        # each reader thread holds its strip's level pixels (up to about 450 MB, with PIL's
+        # copy, where a slide lacks the level a coarse target needs): 2,371 MB measured at 16
+        # threads, 677 MB at 2
         mem_mb=lambda wildcards, threads, attempt: (1200 + 400 * threads) * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
     conda:
