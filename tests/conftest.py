@@ -106,7 +106,7 @@ def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
         "tiles", shape=(n, side, side, 3), chunks=(1, side, side, 3), dtype="uint8"
     )
     tiles[:] = np.random.default_rng(0).integers(0, 256, tiles.shape, dtype=np.uint8)
-    g.attrs.update({"n_tiles": n, "slide_id": "noise"})
+    g.attrs.update({"n_tiles": n, "slide_id": path.stem})  # one slide per store
     return path
 
 
