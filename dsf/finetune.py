@@ -71,6 +71,9 @@ from dsf.tiles import loader_worker_init
 
 log = logging.getLogger(__name__)
 
+#: What a finished run leaves (besides checkpoint.pt): an earlier run's go before a new one
+RESULT_FILES = ("history.tsv", "history.running.tsv", "model.pt")
+
 RESUME_FREE = {"epochs", "workers", "device", "inits", "fractions", "gpus"}
 HISTORY_COLUMNS = ["epoch", "train_loss", "select_macro_f1", "select_accuracy", "seconds"]
 
@@ -635,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         norm = given_stats(args.norm_mean, args.norm_std, args.norm)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:  # a new run: an earlier one's results must not outlive a kill
-            for name in ("checkpoint.pt", "history.tsv", "history.running.tsv", "model.pt"):
+            for name in ("checkpoint.pt", *RESULT_FILES):
                 (args.out_dir / name).unlink(missing_ok=True)
         tuner = FineTuner(
             st,
@@ -651,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not tuner.resume():
             # training anew: an earlier run's results must not outlive this one stopped
             # midway, looking like its own (as pretraining)
-            for name in ("history.tsv", "history.running.tsv", "model.pt"):
+            for name in RESULT_FILES:
                 (args.out_dir / name).unlink(missing_ok=True)
         tuner.fit(progress=False if args.no_progress else None)
         tuner.export()

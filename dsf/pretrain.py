@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What a finished run leaves (besides checkpoint.pt): an earlier run's go before a new one
+RESULT_FILES = ("log.tsv", "log.running.tsv", "encoders.pt")
+
 #: Settings that may differ on resume: speed, device and bookkeeping. Most leave the result as
 #: it was; `gpus` changes how an epoch's tiles are split over ranks and seeded, and `device` the
 #: random stream of augmentation, so a resume with another of these continues validly but not
@@ -723,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"patch stores {missing} not found; run the patches stage first")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
-            for name in ("checkpoint.pt", "log.tsv", "log.running.tsv", "encoders.pt"):
+            for name in ("checkpoint.pt", *RESULT_FILES):
                 (args.out_dir / name).unlink(missing_ok=True)
         deadline = job_deadline(args.time_limit)
         trainer = Trainer(settings, stores, args.out_dir, meta)
@@ -736,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not trainer.resume() and trainer.rank == 0:
             # training anew (a finished run's settings or stores changed): the earlier run's
             # results must not outlive this one stopped midway, looking like its own
-            for name in ("log.tsv", "log.running.tsv", "encoders.pt"):
+            for name in RESULT_FILES:
                 (args.out_dir / name).unlink(missing_ok=True)
         try:
             trainer.fit(progress=not args.no_progress)

@@ -31,6 +31,20 @@ LABELS_SUFFIX = ".labels.zarr"
 _NOT_DAMAGE = (MemoryError, PermissionError)
 
 
+def once_per_slide(
+    seen: dict[str, Path], slide: str, path: str | Path, labels: bool = False
+) -> None:
+    """Record `path` as slide `slide`'s store in `seen`; a second store of one slide raises
+    naming both (its tiles would count twice, and nothing downstream would show it)."""
+    if slide in seen:
+        kind, one = ("labels stores", "labels store") if labels else ("patch stores", "store")
+        raise ConfigError(
+            f"{kind} {seen[slide]} and {path} are both slide {slide!r}: give each slide's "
+            f"{one} once"
+        )
+    seen[slide] = Path(path)
+
+
 def _kind(path: str | Path, labels: bool | None = None) -> tuple[str, str]:
     """("patch store" or "labels store", its fix): by `labels`, else by the name."""
     if labels is None:

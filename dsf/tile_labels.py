@@ -273,27 +273,20 @@ def pair_stores(
     Every patch store needs its labels store and every labels store its patch store, of the
     build it was cut from (and, given `classes`, labelled with those classes); else a
     ConfigError naming the store and the fix."""
-    from dsf.stores import open_store
+    from dsf.stores import once_per_slide, open_store
 
     tiles: dict[str, tuple[Path, Any]] = {}
+    seen: dict[str, Path] = {}
     for path in stores:
         attrs = open_store(path).attrs
         slide = str(attrs["slide_id"])
-        if slide in tiles:
-            raise ConfigError(
-                f"patch stores {tiles[slide][0]} and {path} are both slide {slide!r}: give each "
-                "slide's store once"
-            )
+        once_per_slide(seen, slide, path)
         tiles[slide] = (Path(path), attrs)
     labels: dict[str, Path] = {}
     for path in label_stores:
         attrs = open_store(path, kind="labels").attrs
         slide = str(attrs["slide_id"])
-        if slide in labels:
-            raise ConfigError(
-                f"labels stores {labels[slide]} and {path} are both slide {slide!r}: give each "
-                "slide's labels store once"
-            )
+        once_per_slide(labels, slide, path, labels=True)
         if classes is not None and list(attrs["class_names"]) != list(classes):
             raise ConfigError(
                 f"labels store {path} has classes {list(attrs['class_names'])}, labels.classes "
@@ -313,7 +306,6 @@ def pair_stores(
                 f"labels store {path} was cut from an earlier build of the patch store {store} "
                 f"of slide {slide!r}, so its tile numbers name other tiles: {REBUILD_LABELS}"
             )
-        labels[slide] = Path(path)
     missing = [s for s in tiles if s not in labels]
     if missing:
         raise ConfigError(

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
-from dsf.stores import open_store, store_array
+from dsf.stores import once_per_slide, open_store, store_array
 
 
 def loader_worker_init(worker_id: int) -> None:
@@ -68,16 +68,12 @@ class TileDataset(Dataset):
         self.slides: list[str] = []
         counts = []
         tile = None
+        seen: dict[str, Path] = {}
         for s in self.stores:
             g = open_store(s)
             counts.append(int(g.attrs["n_tiles"]))
             sid = str(g.attrs["slide_id"])
-            if sid in self.slides:  # its tiles would count twice, and nothing would show it
-                first = self.stores[self.slides.index(sid)]
-                raise ConfigError(
-                    f"patch stores {first} and {s} are both slide {sid!r}: give each slide's "
-                    "store once"
-                )
+            once_per_slide(seen, sid, s)
             self.slides.append(sid)
             t = store_array(g, array, s).shape[1:]
             if tile is not None and t != tile:
