@@ -168,10 +168,11 @@ class FineTuner:
         encoders: Path | None = None,
         meta: dict[str, Any] | None = None,
         norm: tuple[list[float], list[float]] | None = None,
+        progress: bool | None = None,
     ) -> None:
         """`norm` = (mean, std) of the input normalisation; by default the statistics the
         encoders were pretrained with (recorded in `encoders.pt`), else computed from the fit
-        stores (`dsf.norm`)."""
+        stores (`dsf.norm`), with a bar as `progress` says (None: only on a terminal)."""
         from dsf.hook_geometry import check_hook, check_unet
         from dsf.models.hooknet import HookNet, UNet
 
@@ -221,7 +222,7 @@ class FineTuner:
         self.encoders_digest = (
             checkpoints.weights_digest(pretrained) if pretrained is not None else None
         )
-        mean, std = self._norm(norm, pretrained, encoders, fit_stores)
+        mean, std = self._norm(norm, pretrained, encoders, fit_stores, progress)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         torch.manual_seed(settings["seed"])
@@ -282,6 +283,7 @@ class FineTuner:
         encoder_state: dict[str, Any] | None,
         encoders: Path | None,
         fit_stores: list[LabelledStore],
+        progress: bool | None,
     ) -> tuple[list[float], list[float]]:
         """The given (mean, std), else the encoders' own, else computed from the fit stores; a
         given one that differs from the encoders' is logged (their features expect theirs)."""
@@ -291,7 +293,9 @@ class FineTuner:
             log_stats(norm, f"of the encoders {encoders}")
         elif norm is None:
             tiles = [pair.tiles for pair in fit_stores]
-            norm = computed_stats(tiles, defaults("pretrain")["norm_tiles"], self.st["seed"])
+            norm = computed_stats(
+                tiles, defaults("pretrain")["norm_tiles"], self.st["seed"], progress
+            )
         elif pretrained is not None and not np.allclose(norm, pretrained, atol=1e-6):
             log.warning(
                 "fine-tuning normalises with mean %s, std %s, but %s was pretrained with mean "
@@ -650,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             args.encoders,
             {"fold": args.fold, "fit_slides": fit, "select_slides": sel},
             norm=norm,
+            progress=False if args.no_progress else None,
         )
         if args.resume and not tuner.resume():
             # training anew: an earlier run's results must not outlive this one stopped

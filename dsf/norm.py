@@ -77,10 +77,11 @@ def tile_stats(tiles: np.ndarray | torch.Tensor | Iterable[Any]) -> tuple[list[f
 
 
 def store_stats(
-    stores: Sequence[str | Path], max_tiles: int, seed: int, progress: bool = True
+    stores: Sequence[str | Path], max_tiles: int, seed: int, progress: bool | None = True
 ) -> NormStats:
     """Statistics of `max_tiles` tiles drawn without replacement (seeded, uniformly over all
-    tiles of `stores`), or of every tile when there are fewer."""
+    tiles of `stores`), or of every tile when there are fewer. `progress`: a bar (None: only
+    on a terminal)."""
     from dsf.tiles import TileDataset
 
     data = TileDataset(list(stores))
@@ -94,7 +95,12 @@ def store_stats(
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(n, size=min(n, max_tiles), replace=False))
     chunks = [picked[i : i + READ_CHUNK].tolist() for i in range(0, len(picked), READ_CHUNK)]
-    bar = tqdm(chunks, desc="normalisation", unit="chunk", disable=not progress)
+    bar = tqdm(
+        chunks,
+        desc="normalisation",
+        unit="chunk",
+        disable=None if progress is None else not progress,
+    )
     mean, std = tile_stats(data.read(c).numpy() for c in bar)
     if min(std) <= 0:
         raise ConfigError(
@@ -178,11 +184,11 @@ def given_stats(
 
 
 def computed_stats(
-    stores: Sequence[str | Path], max_tiles: int, seed: int
+    stores: Sequence[str | Path], max_tiles: int, seed: int, progress: bool | None = None
 ) -> tuple[list[float], list[float]]:
     """(mean, std) counted from `stores` by the run itself (one run by hand, without the
-    workflow's norm file), logged."""
-    stats = store_stats(stores, max_tiles, seed)
+    workflow's norm file), logged. `progress`: a bar (None: only on a terminal)."""
+    stats = store_stats(stores, max_tiles, seed, progress)
     log_stats((stats.mean, stats.std), f"from {stats.tiles} of {stats.tiles_total} tiles")
     return stats.mean, stats.std
 

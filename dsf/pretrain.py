@@ -224,11 +224,13 @@ class Trainer:
         stores: list[Path],
         out_dir: Path,
         meta: dict[str, Any] | None = None,
+        progress: bool | None = None,
     ) -> None:
+        """`progress`: a bar while the normalisation is computed here (None: on a terminal)."""
         from dsf.models.dsf import DSFModel
 
         if check_norm(settings):  # computed here only when not given (by hand, in tests)
-            mean, std = computed_stats(stores, settings["norm_tiles"], settings["seed"])
+            mean, std = computed_stats(stores, settings["norm_tiles"], settings["seed"], progress)
             settings = {**settings, "mean": mean, "std": std}
         self.st = settings
         self.out_dir = out_dir
@@ -729,7 +731,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("checkpoint.pt", *RESULT_FILES):
                 (args.out_dir / name).unlink(missing_ok=True)
         deadline = job_deadline(args.time_limit)
-        trainer = Trainer(settings, stores, args.out_dir, meta)
+        trainer = Trainer(
+            settings, stores, args.out_dir, meta, progress=False if args.no_progress else None
+        )
         trainer.deadline = deadline
         if deadline is not None and trainer.rank == 0:
             log.info(
