@@ -274,6 +274,7 @@ class FineTuner:
             pin_memory=self.device.type == "cuda",
         )
         self.epoch = 0
+        self.checkpointed = 0  # the epoch checkpoint.pt holds (0: none of this run)
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] = {"score": -1.0, "epoch": 0, "state": None}
 
@@ -411,7 +412,29 @@ class FineTuner:
     def fit(self, progress: bool | None = None) -> None:
         """Train up to `epochs`, scoring the selection slides after each epoch and keeping the
         best state by macro F1 (without selection slides, the last epoch); checkpointed every
-        epoch. `progress`: a bar per epoch (None: only on a terminal)."""
+        epoch. `progress`: a bar per epoch (None: only on a terminal). A stop (Ctrl-C, or the
+        SIGTERM of a stopped Snakemake or a time limit) logs where it stood and what a rerun
+        does before it ends the run."""
+        try:
+            self._fit(progress)
+        except (KeyboardInterrupt, SystemExit):
+            if self.checkpointed:
+                after = (
+                    f"{self.checkpoint_path} holds epoch {self.checkpointed}: rerun with --resume "
+                    "(as the workflow does; without it the checkpoint is dropped) and training "
+                    f"goes on from epoch {self.checkpointed + 1}"
+                )
+            else:
+                after = "no epoch had finished: a rerun starts anew"
+            log.warning(
+                "fine-tuning stopped before the end of epoch %d of %d; %s",
+                self.checkpointed + 1,
+                self.st["epochs"],
+                after,
+            )
+            raise
+
+    def _fit(self, progress: bool | None) -> None:
         while self.epoch < self.st["epochs"]:
             t0 = time.perf_counter()
             loss = self.train_epoch(progress)
@@ -477,6 +500,7 @@ class FineTuner:
             best=self.best, history=self.history, hyper=self._hyper(),
             stores=self.store_ids, encoders=self.encoders_digest, settings=self.st,
         )  # fmt: skip
+        self.checkpointed = self.epoch
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one (refused if trained otherwise); True if loaded."""
@@ -488,6 +512,7 @@ class FineTuner:
         )  # fmt: skip
         assert state is not None  # only pretraining restarts a finished run
         self.epoch, self.best = int(state["epoch"]), state["best"]
+        self.checkpointed = self.epoch
         checkpoints.check_epochs(self.checkpoint_path, self.epoch, self.st["epochs"], "finetune")
         self.history = list(state["history"])
         log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)

@@ -564,6 +564,45 @@ def test_a_new_run_stopped_midway_leaves_no_earlier_result(three, tmp_path, monk
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+def test_a_stop_says_where_it_stood_and_resume_goes_on(  # noqa: ANN001
+    three, tmp_path, monkeypatch, capsys
+) -> None:
+    """SIGTERM (a stopped Snakemake, a time limit) during an epoch ends the run saying which
+    epoch the checkpoint holds and that --resume goes on from the next (it logged nothing)."""
+    import os
+    import signal
+
+    stores, folds = three
+    out = tmp_path / "ft"
+    real = FineTuner.train_epoch
+    stop_in: list[int] = []
+
+    def epoch(self: FineTuner, progress: object = None) -> float:
+        if self.epoch + 1 in stop_in:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, progress)
+
+    monkeypatch.setattr(FineTuner, "train_epoch", epoch)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for stop, said in (
+            (1, "no epoch had finished"),
+            (2, f"{out / 'checkpoint.pt'} holds epoch 1: rerun with --resume"),
+        ):
+            stop_in[:] = [stop]
+            with pytest.raises(SystemExit) as exit:
+                main([*_args(stores[1:], folds, out), "--no-progress"])
+            err = capsys.readouterr().err
+            assert exit.value.code == 128 + signal.SIGTERM
+            assert f"stopped before the end of epoch {stop} of 2; {said}" in err
+            assert not (out / "model.pt").exists()
+        stop_in[:] = []
+        assert main([*_args(stores[1:], folds, out), "--no-progress", "--resume"]) == 0
+        assert "after epoch 1" in capsys.readouterr().err and (out / "model.pt").exists()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_settings_an_init_does_not_read_do_not_stop_its_resume(tmp_path) -> None:  # noqa: ANN001
     """The workflow writes the settings an init does not read at their defaults (the U-Net's
     context_weight, weights for all but imagenet), and a fine-tuning leaves them out of the
