@@ -184,9 +184,9 @@ def check_validation_stores(
 def _check_geometry(attrs: dict[str, Any], predictor: Any, store: Path) -> None:
     """The store must be cut with the geometry and classes the model was fine-tuned on."""
     from dsf.slide import tolerance
+    from dsf.stores import store_geometry
 
-    mpp = float(attrs.get("requested_target_mpp", attrs["target_mpp"]))
-    got = (int(attrs["scale"]), int(attrs["block"]), mpp)
+    got = store_geometry(attrs)
     want = (predictor.scale, predictor.block, predictor.target_mpp)
     # within the tolerance the store was cut with (patches.mpp_tolerance), as a slide level
     # serves (models before 2026-12-06 hold an actual mpp)

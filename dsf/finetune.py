@@ -60,7 +60,7 @@ from dsf.pretrain import (
     training_device,
 )
 from dsf.runner import run, setup_logging
-from dsf.stores import open_store
+from dsf.stores import SameGeometry, open_store
 from dsf.tile_labels import (
     LabelledStore,
     labelled_store_ids,
@@ -192,6 +192,14 @@ class FineTuner:
         # a tile whose target block holds no label trains nothing, unless a context loss
         # reads its context labels; selection scores target blocks only
         context_loss = init != "unet" and settings["context_weight"] > 0
+        # one geometry for the fit and the selection stores; its mpp as configured
+        # (patches.target_mpp): each slide's store holds what its level delivered (0.2527 for
+        # 0.25), which differs between slides and folds
+        geometry = SameGeometry()
+        for pair in [*fit_stores, *select_stores]:
+            self.scale, self.block, self.target_mpp = geometry.add(
+                pair.tiles, dict(open_store(pair.tiles).attrs)
+            )
         self.train = LabelledTiles(
             fit_stores,
             fraction,
@@ -208,11 +216,6 @@ class FineTuner:
         # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
         selected = self.select.stores if self.select is not None else []
         self.store_ids = labelled_store_ids([*self.train.stores, *selected])
-        g = open_store(fit_stores[0].tiles)
-        self.scale, self.block = int(g.attrs["scale"]), int(g.attrs["block"])
-        # the geometry's mpp as configured (patches.target_mpp): each slide's store holds what
-        # its level delivered (0.2527 for 0.25), which differs between slides and folds
-        self.target_mpp = float(g.attrs.get("requested_target_mpp", g.attrs["target_mpp"]))
         # encoders.pt read once: for its weights and the statistics they were pretrained with
         pretrained = None
         if encoders is not None and init not in BASELINE_INITS:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
-from dsf.stores import StoreArray, open_store, store_array
+from dsf.stores import SameGeometry, StoreArray, open_store, store_array
 from dsf.tile_labels import LabelledStore
 
 
@@ -118,10 +118,10 @@ class LabelledTiles(Dataset):
         n_all = 0  # labelled tiles before `labelled_target` drops any
         #: per store, the patch-store tile number of each labelled tile
         self.tile_of: list[np.ndarray] = []
+        geometry = SameGeometry()
         for k, pair in enumerate(self.stores):
             g = open_store(pair.tiles)
-            self.block = int(g.attrs["block"])
-            self.scale = int(g.attrs["scale"])
+            self.scale, self.block, _ = geometry.add(pair.tiles, dict(g.attrs))
             lab = open_store(pair.labels, kind="labels")
             self.tile_of.append(store_array(lab, "index", pair.labels)[:])
             n = int(lab.attrs["n_tiles"])

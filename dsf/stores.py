@@ -45,6 +45,48 @@ def once_per_slide(
     seen[slide] = Path(path)
 
 
+def store_geometry(attrs: dict[str, Any]) -> tuple[int, int, float]:
+    """(scale, block, target mpp) a patch store was cut with: the mpp as configured
+    (patches.target_mpp; stores before 2026-12-06 hold the one their level delivered)."""
+    mpp = float(attrs.get("requested_target_mpp", attrs["target_mpp"]))
+    return int(attrs["scale"]), int(attrs["block"]), mpp
+
+
+class SameGeometry:
+    """Checks that the patch stores one run trains on were cut with one geometry: a store of
+    another scale, block or target mpp would be cropped and magnified as the first one's, with
+    nothing downstream to show it (a run by hand; the workflow cuts every store alike)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[Path, tuple[int, int, float], float] | None = None
+
+    def add(self, path: str | Path, attrs: dict[str, Any]) -> tuple[int, int, float]:
+        """The run's (scale, block, target mpp), the first store's; a store with others is
+        refused (the mpp within either store's patches.mpp_tolerance, as a slide level
+        serves)."""
+        from dsf.slide import tolerance
+
+        try:
+            got = store_geometry(attrs)
+        except (KeyError, TypeError, ValueError) as exc:
+            what = "its geometry (scale, block, target mpp) is unreadable"
+            raise damaged_store(path, what, exc) from exc
+        tol = tolerance(attrs.get("settings", {}).get("mpp_tolerance"))
+        if self.first is None:
+            self.first = (Path(path), got, tol)
+            return got
+        one, want, tol_one = self.first
+        same_mpp = abs(got[2] / want[2] - 1.0) <= max(tol, tol_one)
+        if got[:2] != want[:2] or not same_mpp:
+            raise ConfigError(
+                f"patch stores {one} and {path} were cut with other geometries (scale, block, "
+                f"target mpp {want} and {got}): one run trains on stores cut by the same "
+                "patches settings; rebuild the odd ones with the same patches.scale, "
+                "patches.block and patches.target_mpp"
+            )
+        return want
+
+
 def _kind(path: str | Path, labels: bool | None = None) -> tuple[str, str]:
     """("patch store" or "labels store", its fix): by `labels`, else by the name."""
     if labels is None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsf.errors import ConfigError
-from dsf.stores import once_per_slide, open_store, store_array
+from dsf.stores import SameGeometry, once_per_slide, open_store, store_array
 
 
 def loader_worker_init(worker_id: int) -> None:
@@ -69,11 +69,13 @@ class TileDataset(Dataset):
         counts = []
         tile = None
         seen: dict[str, Path] = {}
+        geometry = SameGeometry()
         for s in self.stores:
             g = open_store(s)
             counts.append(int(g.attrs["n_tiles"]))
             sid = str(g.attrs["slide_id"])
             once_per_slide(seen, sid, s)
+            geometry.add(s, dict(g.attrs))
             self.slides.append(sid)
             t = store_array(g, array, s).shape[1:]
             if tile is not None and t != tile:

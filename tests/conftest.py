@@ -106,7 +106,10 @@ def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
         "tiles", shape=(n, side, side, 3), chunks=(1, side, side, 3), dtype="uint8"
     )
     tiles[:] = np.random.default_rng(0).integers(0, 256, tiles.shape, dtype=np.uint8)
-    g.attrs.update({"n_tiles": n, "slide_id": path.stem})  # one slide per store
+    # one slide per store, cut as a real one would be (block x scale = the tile's side)
+    g.attrs.update(
+        {"n_tiles": n, "slide_id": path.stem, "block": side // 4, "scale": 4, "target_mpp": 0.25}
+    )
     return path
 
 

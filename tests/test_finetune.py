@@ -86,6 +86,23 @@ def test_a_store_of_a_slide_the_folds_table_lacks_is_refused(three, tmp_path, ca
     assert not (tmp_path / "ft").exists()
 
 
+def test_fit_and_selection_stores_of_other_geometries_are_refused(three, tmp_path, capsys) -> None:  # noqa: ANN001
+    """B fits and C selects (or the reverse): a C cut at another target mpp had been scored
+    by a model of B's geometry, without a word."""
+    import shutil
+
+    import zarr
+
+    stores, folds = three
+    coarse = tmp_path / "C.zarr"
+    shutil.copytree(stores[2].tiles, coarse)
+    zarr.open_group(str(coarse), mode="r+").attrs["requested_target_mpp"] = 2.0
+    odd = LabelledStore("C", coarse, stores[2].labels)
+    assert main(_args([stores[1], odd], folds, tmp_path / "ft")) == 2
+    assert "were cut with other geometries" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "model.pt").exists()
+
+
 def test_a_resume_with_nothing_to_resume_drops_an_earlier_runs_results(  # noqa: ANN001
     three, tmp_path, monkeypatch, capsys
 ) -> None:

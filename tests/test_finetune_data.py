@@ -244,3 +244,31 @@ def test_items_read_the_tile_their_labels_store_names(
         want = source.read(*coords[index[j]], 64, 64, 1.0)
         np.testing.assert_array_equal(labels.numpy(), want[24:40, 24:40])
         np.testing.assert_array_equal(clab.numpy(), want[2::4, 2::4])
+
+
+def test_stores_cut_with_other_geometries_are_refused(
+    labelled_store: LabelledStore,
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """A store of another scale, block or target mpp (a run by hand) had its centre block cut
+    as the other stores' and its magnification taken for theirs; within the stores'
+    patches.mpp_tolerance it is one geometry. Pretraining's tiles (`TileDataset`) alike, where
+    block 16 x scale 4 and block 32 x scale 2 make tiles of one shape."""
+    import shutil
+
+    from dsf.tiles import TileDataset
+
+    def copy(name: str, **attrs: Any) -> LabelledStore:
+        tiles = tmp_path / f"{name}.zarr"
+        shutil.copytree(labelled_store.tiles, tiles)
+        zarr.open_group(str(tiles), mode="r+").attrs.update({"slide_id": name, **attrs})
+        return LabelledStore(name, tiles, labelled_store.labels)
+
+    near = copy("near", requested_target_mpp=1.01)  # within the default tolerance 0.05
+    assert len(LabelledTiles([labelled_store, near])) == 2 * len(LabelledTiles([near]))
+    assert len(TileDataset([labelled_store.tiles, near.tiles])) > 0
+    for other in (copy("scale2", scale=2, block=32), copy("coarse", requested_target_mpp=2.0)):
+        with pytest.raises(ConfigError, match=rf"{other.tiles} were cut with other geometries"):
+            LabelledTiles([labelled_store, other])
+        with pytest.raises(ConfigError, match="other geometries"):
+            TileDataset([labelled_store.tiles, other.tiles])
