@@ -24,6 +24,7 @@ from dsf.atomic import atomic_path
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError, some
 from dsf.runner import run, setup_logging
+from dsf.scan import patient_group
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,11 @@ def _labelled(sheet: pd.DataFrame) -> list[bool]:
 
 
 def _group_key(slide: Any, group: Any) -> str:
-    """A group as one string: missing (None, NaN, "") is the slide's own group; a number (JSON
-    records, where pandas may widen 1 to 1.0) is the group of its text ("1")."""
+    """A group as one string: missing (None, NaN, "") is the patient of a slide named by its
+    TCGA barcode, as a slide sheet's rows are grouped (`dsf.sheet`), else the slide's own group;
+    a number (JSON records, where pandas may widen 1 to 1.0) is the group of its text ("1")."""
     if _missing(group):
-        return str(slide)
+        return patient_group(str(slide)) or str(slide)
     if isinstance(group, float) and group.is_integer():
         return str(int(group))
     return str(group)
@@ -268,6 +270,17 @@ def read_folds(path: str | Path) -> pd.DataFrame:
         bad = list(folds.loc[folds["fold"] < 0, "slide"])
         raise ConfigError(
             f"folds table {path} gives slides {bad} a negative fold; rerun the folds rule"
+        )
+    # a patient in two folds validates on slides whose patient the fold trains on
+    spread = folds.groupby("group")["fold"].nunique()
+    if (spread > 1).any():
+        group = str(spread[spread > 1].index[0])
+        rows = folds[folds["group"] == group]
+        raise ConfigError(
+            f"folds table {path} puts group {group!r} (one patient) in folds "
+            f"{sorted(set(rows['fold']))} (slides {list(rows['slide'])}): a fold's validation "
+            "slides would share a patient with its training slides; give the group's slides "
+            "one fold, or rerun the folds rule"
         )
     return folds
 

@@ -167,6 +167,20 @@ def test_numeric_and_missing_groups_are_one_string_key_each() -> None:
     assert t.loc[t["slide"] == "b", "fold"].item() == 0  # with its patient's fixed fold
 
 
+def test_tcga_slides_without_a_group_are_grouped_by_patient(tmp_path) -> None:  # noqa: ANN001
+    """Records without groups (`dsf folds --sheet-json`) group slides named by their TCGA
+    barcode by patient, as a slide sheet does: a patient's three slides had gone to three
+    folds."""
+    slides = ["TCGA-A1-A0SK-DX1", "tcga-a1-a0sk-dx2", "TCGA-A1-A0SK-01Z-00-DX3", "x", "y", "z"]
+    sheet = json.dumps([{"slide": s} for s in slides])
+    assert main(["--sheet-json", sheet, "--out", str(tmp_path / "f.tsv"), "--k", "3"]) == 0
+    t = read_folds(tmp_path / "f.tsv")
+    patient = t[t["slide"].str.upper().str.startswith("TCGA-A1-A0SK")]
+    assert len(patient) == 3 and set(patient["group"]) == {"TCGA-A1-A0SK"}
+    assert patient["fold"].nunique() == 1
+    assert list(t.loc[t["slide"] == "x", "group"]) == ["x"]
+
+
 def test_folds_table_keeps_na_like_slide_ids_and_refuses_a_broken_one(tmp_path) -> None:  # noqa: ANN001
     path = tmp_path / "folds.tsv"
     path.write_text("slide\tgroup\tfold\nNA\tNA\t1\nnull\tnull\t0\nnan\tp\t0\n")
@@ -174,6 +188,8 @@ def test_folds_table_keeps_na_like_slide_ids_and_refuses_a_broken_one(tmp_path) 
     for body, said in (
         ("a\ta\t1\na\ta\t0\n", "lists slides \\['a'\\] twice"),
         ("a\ta\t-1\n", "negative fold"),
+        # a patient in two folds (a table edited by hand): its validation slide's patient trains
+        ("p1\tP\t0\np2\tP\t1\nq\tQ\t1\n", r"group 'P' \(one patient\) in folds \[0, 1\]"),
     ):
         path.write_text("slide\tgroup\tfold\n" + body)
         with pytest.raises(ConfigError, match=said):
