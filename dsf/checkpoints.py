@@ -270,11 +270,14 @@ def check_epochs(path: Path, done: int, wanted: int, section: str, steps: int = 
         )
 
 
-def nonfinite_weights(module: torch.nn.Module, path: Path, section: str, when: str) -> str | None:
+def nonfinite_weights(
+    module: torch.nn.Module, path: Path, section: str, when: str, amp: bool = True
+) -> str | None:
     """Why the weights of `module` must not be checkpointed to `path`, or None: a parameter or
     buffer holds a NaN or inf (one device sync). A step whose loss was finite can still spoil
     the weights (a non-finite gradient), and a checkpoint of them would resume a ruined run;
-    `when` says where training stood (e.g. "epoch 3")."""
+    `when` says where training stood (e.g. "epoch 3"), `amp` whether it ran in mixed
+    precision."""
     named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()]
              if t.is_floating_point()]  # fmt: skip
     if not named:
@@ -285,21 +288,20 @@ def nonfinite_weights(module: torch.nn.Module, path: Path, section: str, when: s
         return None
     return (
         f"non-finite weights after {when} ({len(bad)} tensors, e.g. {bad[0]}): no checkpoint "
-        f"written. {restart_advice(path, section)}"
+        f"written. {restart_advice(path, section, amp)}"
     )
 
 
-def restart_advice(path: Path, section: str) -> str:
+def restart_advice(path: Path, section: str, amp: bool = True) -> str:
     """What to do after a non-finite loss: the same settings would diverge again, and other
     settings do not resume (`load_for_resume`), so the run starts over without its checkpoint
-    (no checkpoint is written after a bad epoch: the last one on disk is good)."""
+    (no checkpoint is written after a bad epoch: the last one on disk is good). Turning AMP off
+    is advised only to a run in mixed precision (`amp`; never on the CPU)."""
     kept = (
         f" (the last good checkpoint, {path}, is kept: delete it too, since a changed setting "
         "does not resume)"
         if path.exists()
         else ""
     )
-    return (
-        f"Lower {section}.lr or turn {section}.amp off and rerun{kept}; a rerun unchanged "
-        "would likely diverge again"
-    )
+    change = f"Lower {section}.lr or turn {section}.amp off" if amp else f"Lower {section}.lr"
+    return f"{change} and rerun{kept}; a rerun unchanged would likely diverge again"

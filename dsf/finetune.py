@@ -395,9 +395,12 @@ class FineTuner:
         CHECK_EVERY steps, as in pretraining: each check waits for the GPU). No selection and no
         checkpoint follow a bad epoch, so the last good checkpoint stays."""
         if not finite(total):
+            advice = checkpoints.restart_advice(
+                self.checkpoint_path, "finetune", self.amp is not None
+            )
             raise TrainingError(
                 f"non-finite fine-tuning loss within the first {steps} steps of epoch "
-                f"{self.epoch + 1}. {checkpoints.restart_advice(self.checkpoint_path, 'finetune')}"
+                f"{self.epoch + 1}. {advice}"
             )
 
     @torch.no_grad()
@@ -496,7 +499,9 @@ class FineTuner:
         """checkpoint.pt: the full training state, for a resume after a kill (never of
         non-finite weights: the last good checkpoint stays)."""
         when = f"fine-tuning epoch {self.epoch}"
-        if why := checkpoints.nonfinite_weights(self.model, self.checkpoint_path, "finetune", when):
+        if why := checkpoints.nonfinite_weights(
+            self.model, self.checkpoint_path, "finetune", when, self.amp is not None
+        ):
             raise TrainingError(why)
         checkpoints.save_training(
             self.checkpoint_path, self.model, self.opt, self.scaler, epoch=self.epoch,

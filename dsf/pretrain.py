@@ -332,7 +332,9 @@ class Trainer:
         so far, and a resume goes on from the next step. Non-finite weights are never written
         (every rank checks: DDP keeps them equal), so the last good checkpoint stays."""
         when = f"epoch {self.epoch + 1 if interrupted else self.epoch}"
-        if why := checkpoints.nonfinite_weights(self.model, self.checkpoint_path, "pretrain", when):
+        if why := checkpoints.nonfinite_weights(
+            self.model, self.checkpoint_path, "pretrain", when, self.amp is not None
+        ):
             raise TrainingError(why)
         if self.rank != 0:
             return
@@ -458,9 +460,12 @@ class Trainer:
         spoiled by then, but no checkpoint is written after them: the last good one stays. Under
         DDP every rank learns of a bad loss on any rank, so all stop together."""
         if not finite(sums[0], self.world):
+            advice = checkpoints.restart_advice(
+                self.checkpoint_path, "pretrain", self.amp is not None
+            )
             raise TrainingError(
                 f"non-finite pretraining loss within the first {steps} steps of epoch "
-                f"{self.epoch + 1}. {checkpoints.restart_advice(self.checkpoint_path, 'pretrain')}"
+                f"{self.epoch + 1}. {advice}"
             )
 
     def train_epoch(self, progress: bool = True) -> dict[str, float]:

@@ -52,3 +52,19 @@ def test_a_damaged_checkpoint_says_to_delete_it(tmp_path: Path) -> None:
     what = r"checkpoint .*checkpoint\.pt cannot be read .*delete it"
     with pytest.raises(ConfigError, match=what):
         resume_training(path, {"lr": 1e-3}, model, opt, scaler)
+
+
+def test_the_advice_after_a_non_finite_loss_names_amp_only_in_mixed_precision(
+    tmp_path: Path,
+) -> None:
+    """A CPU run (fp32) had been told to turn pretrain.amp off, which changes nothing there."""
+    from dsf.checkpoints import nonfinite_weights, restart_advice
+
+    path = tmp_path / "checkpoint.pt"
+    assert restart_advice(path, "pretrain", amp=False).startswith("Lower pretrain.lr and rerun;")
+    assert "pretrain.amp off" in restart_advice(path, "pretrain", amp=True)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    why = nonfinite_weights(model, path, "finetune", "epoch 1", amp=False)
+    assert why is not None and "weight" in why and "amp" not in why

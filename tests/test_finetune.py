@@ -307,8 +307,9 @@ def test_nan_loss_stops_with_a_clear_error(
         TrainingError,
         match=f"non-finite fine-tuning loss within the first {steps_run} steps of epoch 2.*"
         "finetune.lr.*delete it too",
-    ):
+    ) as stop:
         tuner.fit()
+    assert ("finetune.amp off" in str(stop.value)) == (tuner.amp is not None)
     assert len(calls) == steps_run  # stopped at the first check after the bad step
     assert tuner.checkpoint_path.read_bytes() == good and len(tuner.history) == 1
 

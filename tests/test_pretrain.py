@@ -267,8 +267,10 @@ def test_nan_loss_stops_with_a_clear_error(
         TrainingError,
         match=f"non-finite pretraining loss within the first {steps_run} steps "
         "of epoch 2.*pretrain.lr.*last good checkpoint.*delete it too",
-    ):
+    ) as stop:
         trainer.fit(progress=False)
+    # AMP is advised off only to a run in mixed precision (never on the CPU)
+    assert ("pretrain.amp off" in str(stop.value)) == (trainer.amp is not None)
     assert len(calls) == steps_run  # stopped at the first check after the bad step
     assert trainer.checkpoint_path.read_bytes() == good  # the last good checkpoint is kept
 
