@@ -97,7 +97,11 @@ def _shared_jitter_flip(
     dev = ctx.device
     strength = torch.tensor(st["jitter"], device=dev)
     on = (torch.rand(b, generator=gen, device=dev) < st["jitter_p"]).float()
-    f = 1 + (torch.rand(b, 3, generator=gen, device=dev) * 2 - 1) * strength * on[:, None]
+    # factors from [max(0, 1 - s), 1 + s], as torchvision's (a strength over 1 had drawn
+    # negative factors, blacking out a quarter of the tiles at 2)
+    lo, hi = (1 - strength).clamp(min=0), 1 + strength
+    drawn = lo + (hi - lo) * torch.rand(b, 3, generator=gen, device=dev)
+    f = torch.where(on[:, None] > 0, drawn, torch.ones_like(drawn))
     order = torch.rand(b, 3, generator=gen, device=dev).argsort(dim=1)  # op at each step
     flip = torch.rand(b, generator=gen, device=dev) < st["flip_p"]
 

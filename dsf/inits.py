@@ -1,7 +1,8 @@
-"""Fine-tuning inits: which start from pretrained encoders, and what each reads.
+"""Fine-tuning inits and pretraining methods: which start from pretrained encoders, and what
+each reads.
 
-Kept apart from `dsf.finetune` (which imports torch) so that the workflow, which reads these
-while Snakemake parses the Snakefile, imports no torch.
+Kept apart from `dsf.finetune` and `dsf.models.dsf` (which import torch) so that the workflow,
+which reads these while Snakemake parses the Snakefile, imports no torch.
 """
 
 from __future__ import annotations
@@ -17,3 +18,30 @@ def unread_settings(init: str) -> set[str]:
     return ({"context_weight"} if init == "unet" else set()) | (
         {"weights"} if init != "imagenet" else set()
     )
+
+
+#: Pretraining methods that mask fusion slots (`dsf.models.dsf.METHODS`' `mask`): the others
+#: never read pretrain.mask_ratio
+MASKING_METHODS = ("dsf", "ctfm_only", "mask_only")
+
+
+def unread_pretrain_settings(method: str) -> set[str]:
+    """The pretraining settings method `method` does not read: mask_ratio, unless it masks."""
+    return set() if method in MASKING_METHODS else {"mask_ratio"}
+
+
+def check_mask_ratio(methods: list[str], mask_ratio: float, scale: int) -> None:
+    """Refuse a pretrain.mask_ratio that would mask every fusion slot of a masking method:
+    the fusion keeps round(scale^2 * (1 - mask_ratio)) of the scale^2 target blocks (paper
+    III-D), at least one (0.9 keeps 2 of 16 at scale 4, none of 4 at scale 2)."""
+    from dsf.errors import ConfigError
+
+    masking = [m for m in methods if m in MASKING_METHODS]
+    blocks = scale * scale
+    if masking and round(blocks * (1.0 - mask_ratio)) < 1:
+        most = (blocks - 1) / blocks
+        raise ConfigError(
+            f"pretrain.mask_ratio {mask_ratio:g} masks all {blocks} target blocks of "
+            f"patches.scale {scale} (methods {masking} fuse the blocks they keep): lower it "
+            f"to at most {most:g}"
+        )

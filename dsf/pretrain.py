@@ -45,6 +45,7 @@ from dsf.deadline import STOP_BEFORE_LIMIT_S, job_deadline
 from dsf.devices import amp_dtype, use_device
 from dsf.errors import ConfigError, DsfError
 from dsf.folds import add_fold_arguments, check_fold_arguments, read_folds
+from dsf.inits import check_mask_ratio, unread_pretrain_settings
 from dsf.norm import check_settings as check_norm
 from dsf.norm import computed_stats, given_stats
 from dsf.runner import run, setup_logging
@@ -252,6 +253,7 @@ class Trainer:
         self.store_ids = store_ids(self.data.stores)  # what a checkpoint was trained on
         scale = int(open_store(stores[0]).attrs["scale"])
         self.n_blocks = scale * scale
+        check_mask_ratio([settings["method"]], settings["mask_ratio"], scale)
         self.aug = _augment_config(settings, scale)
         # what both encoders start from (a local weights file): a checkpoint records it, so a
         # file replaced since restarts a finished run instead of re-exporting the old encoders
@@ -324,7 +326,9 @@ class Trainer:
         return self.out_dir / "checkpoint.pt"
 
     def _hyper(self) -> dict[str, Any]:
-        return {k: v for k, v in self.st.items() if k not in RESUME_FREE}
+        # not the settings the method does not read (mask_ratio but for the masking methods)
+        free = RESUME_FREE | unread_pretrain_settings(self.st["method"])
+        return {k: v for k, v in self.st.items() if k not in free}
 
     def save_checkpoint(self, interrupted: dict[str, Any] | None = None) -> None:
         """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps, the

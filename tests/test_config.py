@@ -95,6 +95,24 @@ def test_config_errors_name_the_key() -> None:
         validate_config({"patches": {"target_mpp": float("nan")}})
     with pytest.raises(ConfigError, match=r"pretrain\.mean\.1 is inf"):
         validate_config({"pretrain": {"mean": [0.5, float("inf"), 0.5], "std": [0.2] * 3}})
+    # values the jobs refuse are refused with the config (an empty list had been a traceback
+    # while planning; a hue over 0.5 a traceback when pretraining started)
+    with pytest.raises(ConfigError, match=r"finetune\.fractions"):
+        validate_config({"finetune": {"fractions": []}})
+    with pytest.raises(ConfigError, match=r"pretrain\.jitter\.3: 0\.6 is greater than .* 0\.5"):
+        validate_config({"pretrain": {"jitter": [0.4, 0.4, 0.4, 0.6]}})
+    assert validate_config({"pretrain": {"jitter": [1.5, 0.4, 0.4, 0.5]}})["pretrain"]["jitter"]
+
+
+def test_a_mask_ratio_that_masks_every_block_is_refused() -> None:
+    """pretrain.mask_ratio is checked against patches.scale for the methods that mask: 0.9
+    keeps 2 of 16 blocks at scale 4 but none of 4 at scale 2 (the job had failed)."""
+    from dsf.inits import check_mask_ratio
+
+    check_mask_ratio(["dsf"], 0.9, 4)
+    check_mask_ratio(["simsiam", "dsl_only", "jigsaw_only"], 0.9, 2)  # they keep every block
+    with pytest.raises(ConfigError, match=r"pretrain\.mask_ratio 0\.9 masks all 4 .*0\.75"):
+        check_mask_ratio(["simsiam", "mask_only"], 0.9, 2)
 
 
 def test_nested_command_line_values_are_typed_by_the_schema() -> None:

@@ -333,6 +333,15 @@ def test_flip_is_shared_by_both_label_maps() -> None:
     st["jitter"] = [0.4, 0.0, 0.0]
     c5, *_ = _shared_jitter_flip(ctx, tgt, lab, clab, st, gen)
     assert not torch.allclose(c5, ctx)
+    # a strength over 1 draws brightness from [0, 1 + s], as torchvision's: never a negative
+    # factor, which had made a quarter of grey tiles black at strength 2
+    grey = torch.full((400, 3, 4, 4), 0.5)
+    st["jitter"] = [2.0, 0.0, 0.0]
+    out, *_ = _shared_jitter_flip(
+        grey, grey, lab[:1].expand(400, -1, -1), lab[:1].expand(400, -1, -1), st, gen
+    )
+    black = (out.flatten(1).amax(1) == 0).float().mean()
+    assert black < 0.01 and out.amax() > 0.99  # factors up to 3, clamped to 1
 
 
 def test_colour_jitter_transforms_the_target_as_its_pixels_in_the_context() -> None:

@@ -553,6 +553,10 @@ def test_keep_counts() -> None:
     assert keep_count(16, 0.75, "dsf") == 4
     assert keep_count(4, 0.5, "dsf") == 2
     assert keep_count(16, 0.7, "dsf") == 5 and keep_count(16, 0.45, "dsf") == 9  # rounded
+    # the workflow's torch-free list of the methods that read mask_ratio is the model's
+    from dsf.inits import MASKING_METHODS
+
+    assert set(MASKING_METHODS) == {m for m, v in dsf_module.METHODS.items() if v.mask}
 
 
 @pytest.mark.parametrize("method", ["simsiam", "dsl_only", "ctfm_only", "jigsaw_only", "mask_only"])

@@ -1081,6 +1081,15 @@ def test_settings_a_job_does_not_read_leave_its_command_alone(tmp_path: Path) ->
     )
     otsu = demo_plan(tmp_path, "tissue:\n  method: otsu\n  min_saturation: 0.1\n")
     assert all("--min-saturation 0.1" in c for c in cmds(otsu, "tissue"))
+    # pretrain.mask_ratio: read by the masking methods only (SimSiam had been retrained)
+    both = "pretrain:\n  methods: [dsf, simsiam]\n"
+    plain, masked = demo_plan(tmp_path, both), demo_plan(tmp_path, both + "  mask_ratio: 0.25\n")
+
+    def method(out: str, name: str) -> list[str]:
+        return [c for c in cmds(out, "pretrain") if f"--method {name} " in c]
+
+    assert method(plain, "simsiam") and method(masked, "simsiam") == method(plain, "simsiam")
+    assert method(masked, "dsf") and all("--mask-ratio 0.25" in c for c in method(masked, "dsf"))
 
 
 def test_pretraining_weights_are_an_input_and_data_runs_without_folds(tmp_path: Path) -> None:

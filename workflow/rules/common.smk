@@ -14,7 +14,12 @@ from dsf.cli import SHELL_PREFIX, spill_args
 from dsf.config import cli_args, coerce_strings, load_schema, setting_value
 from dsf.config import defaults as schema_defaults
 from dsf.config import validate as check_config
-from dsf.inits import BASELINE_INITS, unread_settings
+from dsf.inits import (
+    BASELINE_INITS,
+    check_mask_ratio,
+    unread_pretrain_settings,
+    unread_settings,
+)
 from dsf.folds import (
     assign_folds,
     finetune_gaps,
@@ -70,6 +75,9 @@ if "results" in config and Path(str(config["results"])).exists() and not Path(
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
+check_mask_ratio(
+    config["pretrain"]["methods"], config["pretrain"]["mask_ratio"], config["patches"]["scale"]
+)
 # older key names read as the new ones: renaming them then changes no job's options
 fold_older_keys(config["labels"])
 # pretrain.mean/std null: computed per pretraining unit by the norm rule (results/norm/)
@@ -613,6 +621,15 @@ def stage_opts(section, skip=(), inert=()):
         default = schema_defaults(section)
         values |= {k: default[k] for k in inert if k in values}
     return cli_args(section, values)
+
+
+def pretrain_opts(method):
+    """Pretraining's options for method `method`, the settings it does not read written at
+    their defaults (`stage_opts`' inert settings; `dsf.inits.unread_pretrain_settings`): the
+    pretraining's norm_tiles (the norm rule samples them), mask_ratio but for the masking
+    methods."""
+    inert = tuple(sorted({"norm_tiles"} | unread_pretrain_settings(method)))
+    return stage_opts("pretrain", skip=("method", "methods", "scope"), inert=inert)
 
 
 def finetune_opts(finit):

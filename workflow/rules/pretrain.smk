@@ -18,7 +18,7 @@ rule pretrain:
         out_dir=lambda w, output: os.path.dirname(output.encoders),
         fold=split_opt,
         # the norm rule samples norm_tiles; pretraining is given its result or the mean/std
-        opts=stage_opts("pretrain", skip=("method", "methods", "scope"), inert=("norm_tiles",)),
+        opts=lambda w: pretrain_opts(w.init),
         fast=fast_param("pretrain"),
         launch=fast_param("launch_pretrain"),
         norm=norm_opt,
