@@ -110,6 +110,7 @@ def check_given_models(
     for name, paths in models.items():
         first: tuple[str, dict[str, Any]] | None = None
         seen: dict[str, list[str]] = {}  # annotated slide: the models that trained on it
+        of_fold: dict[int, str] = {}  # fold: its model
         for path in paths:
             try:
                 meta = load(Path(path), mmap=True)
@@ -133,6 +134,15 @@ def check_given_models(
                     raise ConfigError(f"apply.models.{name} ({path}): {exc}") from exc
             else:
                 _check_alike(name, first, (path, meta), tol)
+            if (fold := meta.get("fold")) is not None:
+                if int(fold) in of_fold:
+                    raise ConfigError(
+                        f"apply.models.{name}: {of_fold[int(fold)]} and {path} are both fold "
+                        f"{fold}'s model (one left from an earlier split, such as fold2 after "
+                        "folds.k went from 3 to 2?); a name's models are one split's folds, "
+                        "each once: remove the leftover or list the models one by one"
+                    )
+                of_fold[int(fold)] = path
             for slide in scored & trained_on(meta):
                 seen.setdefault(slide, []).append(path)
             if scored and list(meta["classes"]) != list(classes):

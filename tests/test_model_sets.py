@@ -98,3 +98,15 @@ def test_a_model_set_trained_on_scored_slides_names_every_such_slide(tmp_path: P
     assert "apply.models.cv: 2 of its 3 models" in text
     assert "3 of them: ['A', 'C', 'D']" in text and f"models: [{a!r}, {b!r}]" in text
     check_given_models({"cv": [c]}, {"A", "C", "D", "Q"}, None, classes)  # Z is not scored
+
+
+def test_two_models_of_one_fold_in_a_set_are_refused(tmp_path: Path) -> None:
+    """A fine-tuning folder keeps fold2/ after folds.k went from 3 to 2: given as one name,
+    its leftover had been averaged with the new split's models, two of them of fold 1."""
+    classes = defaults("labels")["classes"]
+    frac = tmp_path / "frac1.0"
+    models = [str(_model(frac / f"fold{k}" / "model.pt", fold=f)) for k, f in enumerate((0, 1, 1))]
+    with pytest.raises(ConfigError, match=r"fold1/model.pt and .*fold2/model.pt are both fold 1"):
+        check_given_models({"dsf": models}, set(), None, classes)
+    check_given_models({"dsf": models[:2]}, set(), None, classes)
+    check_given_models({"a": models[:2], "b": models[2:]}, set(), None, classes)  # names apart
