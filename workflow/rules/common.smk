@@ -193,6 +193,13 @@ if workflow.is_main_process:
 
     if note := copies_note({s: SHEET.loc[s, "path"] for s in SHEET.index}):
         logging.getLogger("dsf").warning(note)
+    # a slide replaced under its name with an older file time: Snakemake would rerun nothing
+    from dsf.rescans import replaced_note, replaced_slides
+
+    _tissue_dir = Path(RESULTS) / "tissue"
+    _replaced = replaced_slides({s: SHEET.loc[s, "path"] for s in SHEET.index}, _tissue_dir)
+    if note := replaced_note(_replaced, _tissue_dir):
+        logging.getLogger("dsf").warning(note)
     # slides the earlier split placed and this one moves (added slides rebalance the folds)
     if LABELLED and not APPLY and not SPLIT_PROBLEM:
         if note := moved_note(
