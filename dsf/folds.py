@@ -195,14 +195,21 @@ def split_key(folds: pd.DataFrame) -> str:
 
 
 def moved_note(
-    earlier_path: Path, now: pd.DataFrame, labelled: set[str], slides: str | Path
+    earlier_path: Path,
+    now: pd.DataFrame,
+    labelled: set[str],
+    slides: str | Path,
+    k: int | None = None,
+    synthetic: bool = True,
 ) -> str | None:
     """A warning when the run's split moves slides that the earlier `folds.tsv` at
     `earlier_path` placed (the folds are balanced over all slides, so adding slides moves
     others; so do folds.k and folds.seed): every fold whose slides change is trained again,
     and its scores are no longer comparable with the earlier ones. Names the moved slides
-    (annotated first) and how to keep the earlier folds. None when nothing moves or there is
-    no earlier table."""
+    (annotated first), the earlier slides gone from the run, and how to keep the earlier
+    folds: under another folds.k (`k`) they cannot be kept, and the synthetic slides' way
+    is told only with `synthetic` slides. None when nothing moves or there is no earlier
+    table."""
     if not Path(earlier_path).is_file():
         return None
     try:
@@ -221,6 +228,22 @@ def moved_note(
     moved.sort(key=lambda m: (m[0] not in labelled, m[0]))
     n_lab = sum(m[0] in labelled for m in moved)
     shown = some([f"{s} fold {a} -> {b}" for s, a, b in moved])
+    gone = sorted(set(before) - set(now["slide"].astype(str)))
+    left = (
+        f" Slides of the earlier folds no longer in the run: {some(gone)} (their maps and "
+        "logs stay in the results folder; the tables leave them out)."
+        if gone
+        else ""
+    )
+    earlier_k = int(earlier["fold"].max()) + 1 if len(earlier) else 0
+    if k is not None and earlier_k and k != earlier_k:
+        return (
+            f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
+            f"annotated): {shown}. folds.k is {k}, the earlier folds were {earlier_k}: every "
+            "slide is split again, every fold is pretrained, fine-tuned and scored again, and "
+            "the scores are not comparable with the earlier ones. The earlier folds cannot be "
+            f"kept under another folds.k: set it back to {earlier_k} to keep them.{left}"
+        )
     if Path(slides).is_dir():
         keep = (
             f"write a sheet with them, `dsf sheet {slides} --folds {earlier_path} --out "
@@ -228,14 +251,14 @@ def moved_note(
         )
     else:
         keep = f"copy the `fold` column of {earlier_path} into the sheet's `fold` column"
+    synth = " (a synthetic slide's: `fold:` in its synth.slides entry)" if synthetic else ""
     return (
         f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
         f"annotated): {shown}. The folds are balanced over all slides, so added or "
-        "removed slides or annotations move others (as folds.k and folds.seed do): every fold "
+        "removed slides or annotations move others (as folds.seed does): every fold "
         "whose slides change is pretrained, fine-tuned and scored again, and its scores are "
-        f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep} "
-        "(a synthetic slide's: `fold:` in its synth.slides entry); new slides are then placed "
-        "around them"
+        f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep}"
+        f"{synth}; new slides are then placed around them.{left}"
     )
 
 

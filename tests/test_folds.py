@@ -217,6 +217,16 @@ def test_slides_the_earlier_folds_placed_and_the_run_moves_are_named(tmp_path) -
     assert "s8" not in note and f"dsf sheet {tmp_path} --folds {path} --out" in note
     sheet_note = moved_note(path, now, set(), tmp_path / "slides.tsv")
     assert sheet_note is not None and "copy the `fold` column" in sheet_note
+    # the synthetic slides' way only where there are synthetic slides
+    assert "synth.slides" in sheet_note
+    plain = moved_note(path, now, set(), tmp_path, k=2, synthetic=False)
+    assert plain is not None and "synth.slides" not in plain and "no longer" not in plain
+    # a removed slide is named; another folds.k cannot keep the folds (the advice had failed)
+    fewer = now[now["slide"] != "s5"].assign(fold=lambda t: t["fold"].where(t["slide"] != "s3", 2))
+    three = moved_note(path, fewer, set(), tmp_path, k=3, synthetic=False)
+    assert three is not None and "folds.k is 3, the earlier folds were 2" in three
+    assert "set it back to 2" in three and "dsf sheet" not in three
+    assert "no longer in the run: s5" in three
     path.write_text("not a folds table\n")  # damaged: the folds job rewrites it; no advice
     assert moved_note(path, now, set(), tmp_path) is None
 

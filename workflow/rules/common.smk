@@ -203,7 +203,12 @@ if workflow.is_main_process:
     # slides the earlier split placed and this one moves (added slides rebalance the folds)
     if LABELLED and not APPLY and not SPLIT_PROBLEM:
         if note := moved_note(
-            Path(RESULTS) / "folds.tsv", FOLDS, LABELLED, config["slides"] or "the slides"
+            Path(RESULTS) / "folds.tsv",
+            FOLDS,
+            LABELLED,
+            config["slides"] or "the slides",
+            k=config["folds"]["k"],
+            synthetic=bool(SYNTH),
         ):
             logging.getLogger("dsf").warning(note)
 # Without any annotation there is nothing to fine-tune, map or evaluate: the workflow's targets
