@@ -474,9 +474,10 @@ def _next_step(out: Path | None, masks: dict[str, str]) -> str:
             f"{shlex.quote(f'slides={out.resolve()}')})"
         )
     return (
-        "; edit it, then run (in dsf's folder): snakemake --cores N --config "
-        f"{shlex.quote(f'slides={out.resolve()}')} (the schema's settings; for the paper's "
-        "protocol add --configfile config/presets/bcss.yaml, or paip.yaml, before --config)"
+        "; edit it, then run it by adding "
+        f"`--config {shlex.quote(f'slides={out.resolve()}')}` to the end of your usual command "
+        "(in dsf's folder, with your --configfile: without one, the schema's settings; the "
+        "paper's protocol is --configfile config/presets/bcss.yaml, or paip.yaml)"
     )
 
 
