@@ -160,7 +160,8 @@ _YCBCR_DECODED = (6, 7, 33003, 33004, 33005, 34712)
 def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """Refuse layouts that are not a brightfield scan, which dsf would otherwise read silently
     wrong: grey channels (fluorescence, multiplex), palette indices (a label or class map),
-    CMYK, white-is-zero grey. One 8-bit grey channel is read as grey RGB."""
+    CMYK, white-is-zero grey. One 8-bit grey channel (with or without an alpha sample) is
+    read as grey RGB."""
     photometric = int(keyframe.photometric)
     if photometric == 6 and int(keyframe.compression) not in _YCBCR_DECODED:
         raise UnsupportedLayoutError(
@@ -173,6 +174,8 @@ def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: 
         shape[axes.index("C")] if "C" in axes else shape[axes.index("S")] if "S" in axes else 1
     )
     if photometric == 1 and channels == 1 and dtype == np.uint8:
+        return
+    if photometric == 1 and channels == 2 and dtype == np.uint8 and _grey_alpha(keyframe):
         return
     if photometric == 1:
         what = (
@@ -189,6 +192,11 @@ def _check_brightfield(keyframe: Any, axes: str, shape: tuple[int, ...], dtype: 
     raise UnsupportedLayoutError(
         f"its pixels are {name}, not an RGB scan; convert it to an RGB TIFF"
     )
+
+
+def _grey_alpha(keyframe: Any) -> bool:
+    """Whether a page is one grey sample and an alpha sample (ImageJ's, GIMP's grey + alpha)."""
+    return keyframe.samplesperpixel == 2 and _extra_sample(keyframe) in _ALPHA
 
 
 def _check_layout(series: Any, orientation: bool = True) -> None:
@@ -212,7 +220,7 @@ def _check_layout(series: Any, orientation: bool = True) -> None:
             "--compression jpeg`"
         )
     _check_brightfield(keyframe, axes, tuple(series.shape), dtype)
-    if axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4):
+    if axes in {"CYX", "SYX"} and series.shape[0] not in (3, 4) and not _grey_alpha(keyframe):
         raise UnsupportedLayoutError(f"it has {series.shape[0]} channels (dsf reads RGB or RGBA)")
 
 
@@ -388,6 +396,8 @@ class TiffBackend(Backend):
             data = np.asarray(arr[y : y + h, x : x + w])
         if data.ndim == 2:
             data = np.repeat(data[..., None], 3, axis=2)
+        elif data.shape[2] == 2:  # grey and alpha: grey RGB and alpha
+            data = data[..., [0, 0, 0, 1]]
         if self._ycbcr[level]:
             # tiles a sparse file leaves out read as the fill, 255 in every sample, which is
             # no YCbCr a scan holds: kept white (converted, it is magenta)
@@ -429,8 +439,8 @@ def is_tiff(path: Path) -> bool:
 def tiff_layout(path: Path, generic: bool = True) -> tuple[bool, int, int, bool]:
     """(OME-TIFF?, pyramid levels tifffile sees in the main image, SubIFDs included, the main
     image's series index, whether tifffile reads it better than OpenSlide's generic TIFF reader:
-    16-bit samples, a 4th sample that is no alpha), from one parse; (False, 0, 0, False) when
-    tifffile cannot parse it (the backends then report why).
+    16-bit samples, a 4th sample that is no alpha, grey and alpha), from one parse;
+    (False, 0, 0, False) when tifffile cannot parse it (the backends then report why).
 
     Raises UnsupportedLayoutError for a layout that is no brightfield scan: OpenSlide would
     read a tiled fluorescence, palette or CMYK TIFF as RGB without complaint; and, for a
@@ -443,11 +453,14 @@ def tiff_layout(path: Path, generic: bool = True) -> tuple[bool, int, int, bool]
             main = _main_series(tf)
             series = tf.series[main]
             ome, levels = bool(tf.is_ome), len(_pyramid(tf, main))
-            # OpenSlide reads 16-bit samples against 65535 whatever their range (`sample_max`)
-            # and a 4th sample as alpha though the file says it is none (ExtraSamples 0)
+            # OpenSlide reads 16-bit samples against 65535 whatever their range (`sample_max`),
+            # a 4th sample as alpha though the file says it is none (ExtraSamples 0), and grey
+            # with unassociated alpha as if associated (libtiff does not premultiply it)
             keyframe = series.levels[0].keyframe
-            own = np.dtype(series.dtype) == np.uint16 or (
-                keyframe.samplesperpixel == 4 and _extra_sample(keyframe) not in _ALPHA
+            own = (
+                np.dtype(series.dtype) == np.uint16
+                or (keyframe.samplesperpixel == 4 and _extra_sample(keyframe) not in _ALPHA)
+                or _grey_alpha(keyframe)
             )
             layout: UnsupportedLayoutError | None = None
             try:

@@ -964,3 +964,34 @@ def test_a_sparse_aperio_jpeg2000_file_reads_its_missing_tiles_white(tmp_path: P
     got = s.read(0, 0, 256, 256, s.mpp)
     assert s.backend_name == "tiff" and (got[:128, 128:] == 255).all()
     assert tuple(got[10, 10]) == pytest.approx((231, 194, 150), abs=2)  # converted
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"tile": (32, 32)}, {}, {"planarconfig": "separate"}],
+    ids=["tiled", "stripped", "planar"],
+)
+def test_an_8bit_grey_scan_with_alpha_is_read_as_grey_over_background(
+    tmp_path: Path, kw: dict
+) -> None:
+    """One grey sample and an alpha sample (ImageJ's or GIMP's grey + alpha export) had been
+    refused as a 2-channel fluorescence image; it is grey RGB, the transparent parts the
+    background, as an RGBA scan's."""
+    grey = np.tile((np.arange(64, dtype=np.uint8) * 4)[None, :], (64, 1))
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :16] = 0
+    alpha[:, 16:24] = 128
+    data = np.stack([grey, alpha], axis=0 if kw.get("planarconfig") else -1)
+    path = tmp_path / "grey-alpha.tif"
+    tifffile.imwrite(
+        path, data, photometric="minisblack", extrasamples=[2],
+        resolution=(2e4, 2e4), resolutionunit=3, **kw,
+    )  # fmt: skip
+    s = open_slide(path)
+    assert s.backend_name == "tiff"
+    got = s.read(0, 0, 64, 64, s.mpp).astype(int)
+    assert (got[:, :16] == 255).all()  # transparent: the background
+    assert (got[:, 24:] == grey[:, 24:, None]).all()  # opaque: the grey in R, G and B
+    half = got[0, 16:24, 0]  # half transparent: halfway between the grey and white
+    want = grey[0, 16:24].astype(float) * 128 / 255 + 255 * 127 / 255
+    assert np.abs(half - want).max() <= 2
