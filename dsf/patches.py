@@ -121,24 +121,34 @@ def make_geometry(slide: Slide, settings: dict[str, Any]) -> Geometry:
 
 
 def tissue_fractions(mask: np.ndarray, mask_mpp: float, geo: Geometry) -> np.ndarray:
-    """Tissue fraction (ny, nx) of every grid tile from a boolean mask at `mask_mpp`."""
+    """Tissue fraction (ny, nx) of every grid tile from a boolean mask at `mask_mpp`: the
+    share of the tile's footprint (within the mask) that is tissue, counting the mask pixels
+    its edges cut by the part they cover (a footprint rounded to whole mask pixels had been up
+    to about 6% off for 256 px tiles on a mask of 8 um/px)."""
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
     integral[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
     k = geo.target_mpp / mask_mpp  # mask px per target px
     tx = geo.ox + np.arange(geo.nx) * geo.stride
     ty = geo.oy + np.arange(geo.ny) * geo.stride
     mh, mw = mask.shape
+    x0, x1 = np.clip(tx * k, 0, mw), np.clip((tx + geo.tile) * k, 0, mw)
+    y0, y1 = np.clip(ty * k, 0, mh), np.clip((ty + geo.tile) * k, 0, mh)
 
-    def span(t: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        a = np.clip(np.round(t * k).astype(np.int64), 0, limit)
-        b = np.clip(np.round((t + geo.tile) * k).astype(np.int64), 0, limit)
-        return a, np.maximum(b, np.minimum(a + 1, limit))
+    def covered(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Tissue in [0, y) x [0, x) for every (y, x) pair of the two axes: the integral
+        image interpolated bilinearly, which is exact for a mask constant on each pixel."""
+        iy = np.minimum(np.floor(y).astype(np.int64), mh - 1)
+        ix = np.minimum(np.floor(x).astype(np.int64), mw - 1)
+        fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+        a = integral[iy][:, ix]
+        b = integral[iy + 1][:, ix]
+        c = integral[iy][:, ix + 1]
+        d = integral[iy + 1][:, ix + 1]
+        return a + fy * (b - a) + fx * (c - a) + fy * fx * (d - b - c + a)
 
-    x0, x1 = span(tx, mw)
-    y0, y1 = span(ty, mh)
+    total = covered(y1, x1) - covered(y0, x1) - covered(y1, x0) + covered(y0, x0)
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
-    total = integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
-    return np.where(area > 0, total / np.maximum(area, 1), 0.0)
+    return np.where(area > 0, np.clip(total / np.where(area > 0, area, 1.0), 0.0, 1.0), 0.0)
 
 
 def downsample_mean(tile: np.ndarray, factor: int) -> np.ndarray:

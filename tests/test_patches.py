@@ -113,6 +113,29 @@ def test_kept_tiles_are_those_whose_mask_footprint_holds_enough_tissue(tmp_path:
     np.testing.assert_allclose(g["tissue"][:], [want[c] for c in got], rtol=1e-6)
 
 
+def test_a_tiles_tissue_fraction_counts_the_mask_pixels_its_edges_cut_by_their_share() -> None:
+    """Tiles whose edges fall inside mask pixels (256 px tiles on a mask of 8 um/px at 0.25:
+    a tile is 8 mask px, its edges anywhere in one): the fraction is the tissue share of the
+    footprint, computed here on the mask enlarged 16 times; a footprint rounded to whole mask
+    pixels had been up to a mask pixel's row and column off (about 6% on such tiles)."""
+    from types import SimpleNamespace
+
+    from dsf.patches import tissue_fractions
+
+    mask = np.random.default_rng(5).random((40, 50)) < 0.5
+    fine = np.repeat(np.repeat(mask, 16, 0), 16, 1)  # 16 fine px per mask px
+    for mask_mpp in (8.0, 4.0, 1.6):  # tile edges 0.625, 1.25, 3.125 mask px from the origin
+        geo = SimpleNamespace(target_mpp=1.0, ox=5, oy=3, nx=6, ny=5, stride=37, tile=64)
+        got = tissue_fractions(mask, mask_mpp, geo)
+        k = 16 / mask_mpp  # fine px per target px: every edge on a whole fine pixel here
+        for row in range(geo.ny):
+            for col in range(geo.nx):
+                x, y = geo.ox + col * geo.stride, geo.oy + row * geo.stride
+                want = fine[round(y * k) : round((y + 64) * k), round(x * k) : round((x + 64) * k)]
+                share = want.mean() if want.size else 0.0  # beyond the mask: no tissue
+                assert got[row, col] == pytest.approx(share, abs=1e-9), (mask_mpp, row, col)
+
+
 def test_cmu_store_matches_openslide_pixels(real: Path, tmp_path: Path) -> None:
     slide = open_slide(real / "CMU-1-Small-Region.svs")
     mask = _rgb_mask(slide.thumbnail(8.0))
