@@ -98,9 +98,11 @@ def _shared_jitter_flip(
     strength = torch.tensor(st["jitter"], device=dev)
     on = (torch.rand(b, generator=gen, device=dev) < st["jitter_p"]).float()
     # factors from [max(0, 1 - s), 1 + s], as torchvision's (a strength over 1 had drawn
-    # negative factors, blacking out a quarter of the tiles at 2)
+    # negative factors, blacking out a quarter of the tiles at 2); up to 1 computed as before,
+    # so that a run resumed from an earlier release's checkpoint draws the same numbers
+    u = torch.rand(b, 3, generator=gen, device=dev)
     lo, hi = (1 - strength).clamp(min=0), 1 + strength
-    drawn = lo + (hi - lo) * torch.rand(b, 3, generator=gen, device=dev)
+    drawn = torch.where(strength <= 1, 1 + (u * 2 - 1) * strength, lo + (hi - lo) * u)
     f = torch.where(on[:, None] > 0, drawn, torch.ones_like(drawn))
     order = torch.rand(b, 3, generator=gen, device=dev).argsort(dim=1)  # op at each step
     flip = torch.rand(b, generator=gen, device=dev) < st["flip_p"]

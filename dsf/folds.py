@@ -242,7 +242,9 @@ def moved_note(
             f"annotated): {shown}. folds.k is {k}, the earlier folds were {earlier_k}: every "
             "slide is split again, every fold is pretrained, fine-tuned and scored again, and "
             "the scores are not comparable with the earlier ones. The earlier folds cannot be "
-            f"kept under another folds.k: set it back to {earlier_k} to keep them.{left}"
+            f"kept under another folds.k: set it back to {earlier_k} to keep them (slides "
+            "added since then still move them: the next run's warning says how to keep them "
+            f"too).{left}"
         )
     if Path(slides).is_dir():
         keep = (
@@ -300,7 +302,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
         group = str(spread[spread > 1].index[0])
         rows = folds[folds["group"] == group]
         raise ConfigError(
-            f"folds table {path} puts group {group!r} (one patient) in folds "
+            f"folds table {path} puts group {group!r} (one patient or site) in folds "
             f"{sorted(set(rows['fold']))} (slides {list(rows['slide'])}): a fold's validation "
             "slides would share a patient with its training slides; give the group's slides "
             "one fold, or rerun the folds rule"

@@ -39,9 +39,10 @@ def check_mask_ratio(methods: list[str], mask_ratio: float, scale: int) -> None:
     masking = [m for m in methods if m in MASKING_METHODS]
     blocks = scale * scale
     if masking and round(blocks * (1.0 - mask_ratio)) < 1:
-        most = (blocks - 1) / blocks
+        below = 1 - 0.5 / blocks  # keeps more than half a block: rounds to one at least
         raise ConfigError(
-            f"pretrain.mask_ratio {mask_ratio:g} masks all {blocks} target blocks of "
+            f"pretrain.mask_ratio {mask_ratio:g} masks all {blocks} target block(s) of "
             f"patches.scale {scale} (methods {masking} fuse the blocks they keep): lower it "
-            f"to at most {most:g}"
+            f"below {below:g}"
+            + (", or raise patches.scale (the paper's is 4)" if scale == 1 else "")
         )

@@ -10,12 +10,13 @@ file's size (`tissue/<slide>.json`): a different size now is another file.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from dsf.errors import some
 
-#: Slides named one by one in the `--forcerun` advice; more are told to rerun the tissue rule
-FORCERUN_LISTED = 20
+#: Replaced slides whose files the advice names one by one; more go to a list file
+TOUCH_LISTED = 20
 
 
 def replaced_slides(slides: dict[str, str], tissue_dir: Path) -> dict[str, tuple[int, int]]:
@@ -42,20 +43,29 @@ def replaced_slides(slides: dict[str, str], tissue_dir: Path) -> dict[str, tuple
     return changed
 
 
-def replaced_note(changed: dict[str, tuple[int, int]], tissue_dir: Path) -> str | None:
-    """The warning naming the replaced slides and how to rerun them, or None."""
+def replaced_note(
+    changed: dict[str, tuple[int, int]], slides: dict[str, str], list_file: Path
+) -> str | None:
+    """The warning naming the replaced slides (id -> their sizes, `slides` id -> file) and how
+    to rerun them: `touch` their files, which Snakemake then sees as newer than their outputs,
+    so those slides and what follows them rerun, nothing else. Past TOUCH_LISTED slides their
+    files are written to `list_file` for `xargs`. None when nothing changed."""
     if not changed:
         return None
     sizes = [f"{sid} ({was:,} -> {now:,} bytes)" for sid, (was, now) in changed.items()]
-    if len(changed) <= FORCERUN_LISTED:
-        targets = " ".join(str(tissue_dir / f"{sid}.json") for sid in changed)
-        rerun = f"add `--forcerun {targets}` to your command"
+    files = [slides[sid] for sid in changed]
+    if len(files) <= TOUCH_LISTED:
+        rerun = f"`touch {' '.join(shlex.quote(f) for f in files)}`"
     else:
-        rerun = "add `--forcerun tissue` to your command (every slide's tissue stage)"
+        list_file.parent.mkdir(parents=True, exist_ok=True)
+        list_file.write_text("".join(f"{f}\n" for f in files))
+        rerun = (
+            f"`xargs -d '\\n' touch < {shlex.quote(str(list_file))}` (their files, listed there)"
+        )
     return (
         f"slides whose file was replaced since their tissue mask, with an older file time "
         f"(cp -p, rsync -a, an archive), which Snakemake does not see as new: {some(sizes)}. "
         "Their masks, stores, the models trained on them and their maps are of the earlier "
-        f"file. Unless this run reruns them already, {rerun}: what follows reruns too (or put "
-        "the earlier file back)"
+        f"file. Run {rerun} and then your command: Snakemake reruns them and what follows "
+        "(or put the earlier files back)"
     )

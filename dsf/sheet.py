@@ -464,20 +464,24 @@ def _aligned(rows: list[dict[str, Any]]) -> str:
 
 
 def _next_step(out: Path | None, masks: dict[str, str]) -> str:
-    """The command that runs a written sheet (with masks, in a config that has their classes)."""
+    """How to run a written sheet (with masks, in a config that has their classes): one
+    setting added to the user's own command, whose --config it joins (a second --config
+    would replace the first's values)."""
     if out is None:
         return ""
+    slides = shlex.quote(f"slides={out.resolve()}")
+    add = (
+        f"add `{slides}` to your usual command's --config (or `--config {slides}` at its end "
+        "if it has none; in dsf's folder)"
+    )
     if masks:
         return (
-            f"; edit it, then run it with a config whose labels.classes has {list(masks)} (PAIP: "
-            "snakemake --cores N --configfile config/presets/paip.yaml --config "
-            f"{shlex.quote(f'slides={out.resolve()}')})"
+            f"; edit it, then {add}, with a config whose labels.classes has {list(masks)} "
+            "(PAIP: --configfile config/presets/paip.yaml)"
         )
     return (
-        "; edit it, then run it by adding "
-        f"`--config {shlex.quote(f'slides={out.resolve()}')}` to the end of your usual command "
-        "(in dsf's folder, with your --configfile: without one, the schema's settings; the "
-        "paper's protocol is --configfile config/presets/bcss.yaml, or paip.yaml)"
+        f"; edit it, then {add}; without a --configfile the schema's settings run, the "
+        "paper's protocol is --configfile config/presets/bcss.yaml, or paip.yaml"
     )
 
 

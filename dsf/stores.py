@@ -47,7 +47,7 @@ def once_per_slide(
 
 def store_geometry(attrs: dict[str, Any]) -> tuple[int, int, float]:
     """(scale, block, target mpp) a patch store was cut with: the mpp as configured
-    (patches.target_mpp; stores before 2026-12-06 hold the one their level delivered)."""
+    (patches.target_mpp, `requested_target_mpp`), else the one its level delivered."""
     mpp = float(attrs.get("requested_target_mpp", attrs["target_mpp"]))
     return int(attrs["scale"]), int(attrs["block"]), mpp
 
@@ -71,7 +71,7 @@ class SameGeometry:
         except (KeyError, TypeError, ValueError) as exc:
             what = "its geometry (scale, block, target mpp) is unreadable"
             raise damaged_store(path, what, exc) from exc
-        tol = tolerance(attrs.get("settings", {}).get("mpp_tolerance"))
+        tol = tolerance((attrs.get("settings") or {}).get("mpp_tolerance"))
         if self.first is None:
             self.first = (Path(path), got, tol)
             return got

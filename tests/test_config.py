@@ -43,7 +43,8 @@ def test_every_schema_entry_is_whole() -> None:
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     # x-form: a pattern's form in words, for its message
     words = {"type", "default", "description", "minimum", "maximum", "exclusiveMinimum",
-             "enum", "items", "minItems", "maxItems", "properties", "additionalProperties",
+             "enum", "items", "prefixItems", "minItems", "maxItems", "properties",
+             "additionalProperties",
              "required", "uniqueItems", "oneOf", "anyOf", "$schema", "title", "pattern",
              "minLength", "propertyNames", "not", "const", "multipleOf",
              "x-form"}  # fmt: skip
@@ -111,8 +112,11 @@ def test_a_mask_ratio_that_masks_every_block_is_refused() -> None:
 
     check_mask_ratio(["dsf"], 0.9, 4)
     check_mask_ratio(["simsiam", "dsl_only", "jigsaw_only"], 0.9, 2)  # they keep every block
-    with pytest.raises(ConfigError, match=r"pretrain\.mask_ratio 0\.9 masks all 4 .*0\.75"):
+    check_mask_ratio(["dsf"], 0.87, 2)  # keeps round(0.52) = 1 of 4
+    with pytest.raises(ConfigError, match=r"pretrain\.mask_ratio 0\.9 masks all 4 .*below 0\.875$"):
         check_mask_ratio(["simsiam", "mask_only"], 0.9, 2)
+    with pytest.raises(ConfigError, match=r"below 0\.5, or raise patches\.scale"):
+        check_mask_ratio(["dsf"], 0.5, 1)
 
 
 def test_nested_command_line_values_are_typed_by_the_schema() -> None:

@@ -189,7 +189,7 @@ def test_folds_table_keeps_na_like_slide_ids_and_refuses_a_broken_one(tmp_path) 
         ("a\ta\t1\na\ta\t0\n", "lists slides \\['a'\\] twice"),
         ("a\ta\t-1\n", "negative fold"),
         # a patient in two folds (a table edited by hand): its validation slide's patient trains
-        ("p1\tP\t0\np2\tP\t1\nq\tQ\t1\n", r"group 'P' \(one patient\) in folds \[0, 1\]"),
+        ("p1\tP\t0\np2\tP\t1\nq\tQ\t1\n", r"group 'P' \(one patient or site\) in folds \[0, 1\]"),
     ):
         path.write_text("slide\tgroup\tfold\n" + body)
         with pytest.raises(ConfigError, match=said):

@@ -237,8 +237,9 @@ def test_labels_base_paints_every_annotated_slide(
     assert sheet_main([str(root), "--labels", str(root / "lesion_annotations"),
                        "--out", str(sheet)]) == 0  # fmt: skip
     said = capsys.readouterr().err
-    assert f"`--config slides={sheet.resolve()}` to the end of your usual command" in said
-    assert "with your --configfile" in said and "config/presets/bcss.yaml" in said, said
+    assert f"add `slides={sheet.resolve()}` to your usual command's --config" in said
+    assert f"`--config slides={sheet.resolve()}` at its end" in said
+    assert "config/presets/bcss.yaml" in said, said
     cfg = {
         "slides": str(sheet),
         "results": str(tmp_path / "res"),

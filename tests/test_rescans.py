@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from dsf.rescans import FORCERUN_LISTED, replaced_note, replaced_slides
+from dsf.rescans import TOUCH_LISTED, replaced_note, replaced_slides
 
 
 def _project(tmp_path: Path, recorded: int) -> tuple[Path, Path]:
@@ -27,12 +27,19 @@ def test_a_rescan_with_an_older_file_time_is_named_with_its_rerun(tmp_path: Path
     os.utime(slide, (made - 3600, made - 3600))
     changed = replaced_slides({"s2": str(slide), "s9": str(tmp_path / "gone.tiff")}, tissue)
     assert changed == {"s2": (60, 100)}
-    note = replaced_note(changed, tissue)
+    listed = tmp_path / "list.txt"
+    note = replaced_note(changed, {"s2": str(slide)}, listed)
     assert note is not None and "s2 (60 -> 100 bytes)" in note
-    assert f"--forcerun {tissue / 's2.json'}" in note
-    many = {f"s{i}": (1, 2) for i in range(FORCERUN_LISTED + 1)}
-    assert "`--forcerun tissue`" in str(replaced_note(many, tissue))
-    assert replaced_note({}, tissue) is None
+    assert f"Run `touch {slide}` and then your command" in note and not listed.exists()
+    # the advice does what it says: touched, the slide is newer than its stats, not named
+    os.utime(slide)
+    assert replaced_slides({"s2": str(slide)}, tissue) == {}
+    many = {f"s{i}": (1, 2) for i in range(TOUCH_LISTED + 1)}
+    paths = {sid: f"/data/{sid} scan.svs" for sid in many}
+    said = str(replaced_note(many, paths, listed))
+    assert f"xargs -d '\\n' touch < {listed}" in said
+    assert listed.read_text().splitlines() == list(paths.values())
+    assert replaced_note({}, {}, listed) is None
 
 
 def test_a_newer_or_unchanged_file_and_a_folder_are_not_named(tmp_path: Path) -> None:

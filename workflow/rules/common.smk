@@ -75,9 +75,6 @@ if "results" in config and Path(str(config["results"])).exists() and not Path(
 check_config(config)  # one line naming the key (Snakemake's quotes the whole schema)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_label_settings(config["labels"])  # class names and indices, before any job runs
-check_mask_ratio(
-    config["pretrain"]["methods"], config["pretrain"]["mask_ratio"], config["patches"]["scale"]
-)
 # older key names read as the new ones: renaming them then changes no job's options
 fold_older_keys(config["labels"])
 # pretrain.mean/std null: computed per pretraining unit by the norm rule (results/norm/)
@@ -91,6 +88,10 @@ SYNTH = list(config["synth"]["slides"])
 # and polygons run (maps/<name>/<slide>.tiff; patches of the annotated slides too with
 # apply.tile_protocol), every slide predicted by its name's models, the annotated ones scored
 APPLY = find_models(config["apply"]["models"]) if config["apply"]["models"] else None
+if not APPLY:  # a prediction run pretrains nothing
+    check_mask_ratio(
+        config["pretrain"]["methods"], config["pretrain"]["mask_ratio"], config["patches"]["scale"]
+    )
 # apply.each_model: name -> indices of its models, each mapping the annotated slides alone
 # (names of one model have no members apart from their ensemble)
 for key in ("each_model", "tile_protocol"):
@@ -196,9 +197,10 @@ if workflow.is_main_process:
     # a slide replaced under its name with an older file time: Snakemake would rerun nothing
     from dsf.rescans import replaced_note, replaced_slides
 
-    _tissue_dir = Path(RESULTS) / "tissue"
-    _replaced = replaced_slides({s: SHEET.loc[s, "path"] for s in SHEET.index}, _tissue_dir)
-    if note := replaced_note(_replaced, _tissue_dir):
+    _paths = {s: SHEET.loc[s, "path"] for s in SHEET.index}
+    _replaced = replaced_slides(_paths, Path(RESULTS) / "tissue")
+    _list = Path(".snakemake") / "dsf-replaced-slides.txt"
+    if note := replaced_note(_replaced, _paths, _list):
         logging.getLogger("dsf").warning(note)
     # slides the earlier split placed and this one moves (added slides rebalance the folds)
     if LABELLED and not APPLY and not SPLIT_PROBLEM:
