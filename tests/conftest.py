@@ -95,6 +95,23 @@ def geojson_as_aperio(geojson: Path, xml: Path) -> Path:
     return xml
 
 
+@pytest.fixture
+def norm_bars(monkeypatch: pytest.MonkeyPatch) -> list[bool | None]:
+    """The `disable` of every normalisation progress bar made while the test runs (the bar of
+    `dsf.norm.store_stats`), recorded in order."""
+    from dsf import norm
+
+    bars: list[bool | None] = []
+    real_tqdm = norm.tqdm
+
+    def bar(*args: Any, disable: bool | None, **kwargs: Any) -> Any:
+        bars.append(disable)
+        return real_tqdm(*args, disable=disable, **kwargs)
+
+    monkeypatch.setattr(norm, "tqdm", bar)
+    return bars
+
+
 def noise_store(path: Path, n: int = 12, side: int = 1024) -> Path:
     """A patch store of `n` noise tiles (incompressible, so a batch is megabytes), one chunk
     file per tile."""

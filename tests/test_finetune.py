@@ -104,7 +104,7 @@ def test_fit_and_selection_stores_of_other_geometries_are_refused(three, tmp_pat
 
 
 def test_a_resume_with_nothing_to_resume_drops_an_earlier_runs_results(  # noqa: ANN001
-    three, tmp_path, monkeypatch, capsys
+    three, tmp_path, monkeypatch, capsys, norm_bars
 ) -> None:
     """Training anew under --resume (no checkpoint) and stopped midway had left the earlier
     run's model.pt and history.tsv beside the new checkpoint, looking like its results."""
@@ -117,21 +117,11 @@ def test_a_resume_with_nothing_to_resume_drops_an_earlier_runs_results(  # noqa:
     def stopped(self: FineTuner, progress: object = None) -> None:
         raise ConfigError("stopped midway")
 
-    from dsf import norm
-
-    bars: list[bool | None] = []  # --no-progress reaches the normalisation counted by hand
-
-    def bar(*a, disable: bool | None, **k):  # noqa: ANN002, ANN003, ANN202
-        bars.append(disable)
-        return norm_tqdm(*a, disable=disable, **k)
-
-    norm_tqdm = norm.tqdm
-    monkeypatch.setattr(norm, "tqdm", bar)
     monkeypatch.setattr(FineTuner, "fit", stopped)
     assert main([*_args(stores[1:], folds, out), "--resume", "--no-progress"]) == 2
     assert "stopped midway" in capsys.readouterr().err
     assert not (out / "model.pt").exists() and not (out / "history.tsv").exists()
-    assert bars == [True]
+    assert norm_bars == [True]  # --no-progress reaches the normalisation counted by hand
 
 
 def test_cli_fits_on_training_slides_and_selects_on_held_out_ones(three, tmp_path, capsys) -> None:  # noqa: ANN001
