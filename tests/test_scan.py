@@ -333,7 +333,7 @@ def test_dsf_sheet_writes_a_sheet_the_workflow_reads(
     from dsf.sheet import _next_step
 
     spaced = _next_step(tmp_path / "my slides" / "s.tsv", {})  # pasted, it must stay one word
-    assert f"--config 'slides={tmp_path / 'my slides' / 's.tsv'}' (the schema's" in spaced
+    assert f"add `'slides={tmp_path / 'my slides' / 's.tsv'}'` to your usual command" in spaced
     text = out.read_text()
     assert text.splitlines()[0] == "slide\tpath\tmpp\tlabels\tgroup\tfold"
     assert "slides/CMU-1-Small-Region.svs" in text and str(tmp_path) not in text  # relative

@@ -69,11 +69,24 @@ def test_the_workflow_parses_without_importing_torch(tmp_path: Path) -> None:
 def test_a_split_that_moves_earlier_slides_is_warned_about(tmp_path: Path) -> None:
     """A run whose folds move slides the earlier folds.tsv placed (added slides rebalance the
     folds) says so at the start, naming the slide and how to keep the earlier folds."""
-    (tmp_path / "folds.tsv").write_text("slide\tgroup\tfold\nsynth-01\tpatient-a\t7\n")
+    # three of the four annotated slides in one of the two folds: the split, which spreads
+    # them two and two, moves one
+    rows = "".join(f"synth-0{i}\tpatient-{i}\t{int(i == 4)}\n" for i in (1, 2, 3, 4))
+    (tmp_path / "folds.tsv").write_text("slide\tgroup\tfold\n" + rows)
     done = smk("-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}")
     said = done.stdout + done.stderr
-    assert f"move 1 slide(s) that {tmp_path}/folds.tsv placed (1 annotated)" in said, said
-    assert "synth-01 fold 7 -> " in said and "copy the `fold` column" in said
+    moved = re.search(
+        rf"move (\d) slide\(s\) that {tmp_path}/folds.tsv placed \((\d) annotated\)", said
+    )
+    assert moved and int(moved[1]) == int(moved[2]) >= 1, said
+    assert "fold 0 -> 1" in said and "copy the `fold` column" in said
+    # under another folds.k the earlier folds cannot be kept: the warning says so instead
+    done = smk(
+        "-n", "--cores", "2", "--directory", str(REPO), "--config", f"results={tmp_path}",
+        "folds={k: 3}",
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert "folds.k is 3, the earlier folds were 2" in said and "set it back to 2" in said
 
 
 def test_default_config_plans_every_stage(tmp_path: Path) -> None:
