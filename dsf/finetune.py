@@ -60,7 +60,7 @@ from dsf.pretrain import (
     training_device,
 )
 from dsf.runner import run, setup_logging
-from dsf.stores import SameGeometry, open_store
+from dsf.stores import SameGeometry
 from dsf.tile_labels import (
     LabelledStore,
     labelled_store_ids,
@@ -198,27 +198,27 @@ class FineTuner:
         # a tile whose target block holds no label trains nothing, unless a context loss
         # reads its context labels; selection scores target blocks only
         context_loss = init != "unet" and settings["context_weight"] > 0
-        # one geometry for the fit and the selection stores; its mpp as configured
-        # (patches.target_mpp): each slide's store holds what its level delivered (0.2527 for
-        # 0.25), which differs between slides and folds
+        # one geometry for the fit and the selection stores, checked as each set opens them
         geometry = SameGeometry()
-        for pair in [*fit_stores, *select_stores]:
-            self.scale, self.block, self.target_mpp = geometry.add(
-                pair.tiles, dict(open_store(pair.tiles).attrs)
-            )
         self.train = LabelledTiles(
             fit_stores,
             fraction,
             settings["seed"],
             settings["target_block"],
             labelled_target=not context_loss,
+            geometry=geometry,
         )
         # no selection slides (finetune.held_out 0): the last epoch is kept
         self.select = (
-            LabelledTiles(select_stores, 1.0, settings["seed"], labelled_target=True)
+            LabelledTiles(
+                select_stores, 1.0, settings["seed"], labelled_target=True, geometry=geometry
+            )
             if select_stores
             else None
         )
+        # its mpp as configured (patches.target_mpp): each slide's store holds what its level
+        # delivered (0.2527 for 0.25), which differs between slides and folds
+        self.scale, self.block, self.target_mpp = geometry.geometry
         # the stores a checkpoint records (`dsf.checkpoints.check_stores`)
         selected = self.select.stores if self.select is not None else []
         self.store_ids = labelled_store_ids([*self.train.stores, *selected])

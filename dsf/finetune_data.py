@@ -107,7 +107,10 @@ class LabelledTiles(Dataset):
         seed: int = 0,
         target_block: str = "centre",
         labelled_target: bool = False,
+        geometry: SameGeometry | None = None,
     ) -> None:
+        """`geometry`: the check of the stores' geometry, shared with another set of the same
+        run (fine-tuning's fit and selection stores), else this set's own."""
         if target_block not in TARGET_BLOCKS:
             raise ConfigError(
                 f"finetune.target_block {target_block!r}: choose one of {list(TARGET_BLOCKS)}"
@@ -118,7 +121,7 @@ class LabelledTiles(Dataset):
         n_all = 0  # labelled tiles before `labelled_target` drops any
         #: per store, the patch-store tile number of each labelled tile
         self.tile_of: list[np.ndarray] = []
-        geometry = SameGeometry()
+        geometry = geometry or SameGeometry()
         for k, pair in enumerate(self.stores):
             g = open_store(pair.tiles)
             self.scale, self.block, _ = geometry.add(pair.tiles, dict(g.attrs))

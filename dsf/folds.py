@@ -235,11 +235,14 @@ def moved_note(
         if gone
         else ""
     )
+    head = (
+        f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
+        f"annotated): {shown}."
+    )
     earlier_k = int(earlier["fold"].max()) + 1 if len(earlier) else 0
     if k is not None and earlier_k and k != earlier_k:
         return (
-            f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
-            f"annotated): {shown}. folds.k is {k}, the earlier folds were {earlier_k}: every "
+            f"{head} folds.k is {k}, the earlier folds were {earlier_k}: every "
             "slide is split again, every fold is pretrained, fine-tuned and scored again, and "
             "the scores are not comparable with the earlier ones. The earlier folds cannot be "
             f"kept under another folds.k: set it back to {earlier_k} to keep them (slides "
@@ -255,8 +258,7 @@ def moved_note(
         keep = f"copy the `fold` column of {earlier_path} into the sheet's `fold` column"
     synth = " (a synthetic slide's: `fold:` in its synth.slides entry)" if synthetic else ""
     return (
-        f"this run's folds move {len(moved)} slide(s) that {earlier_path} placed ({n_lab} "
-        f"annotated): {shown}. The folds are balanced over all slides, so added or "
+        f"{head} The folds are balanced over all slides, so added or "
         "removed slides or annotations move others (as folds.seed does): every fold "
         "whose slides change is pretrained, fine-tuned and scored again, and its scores are "
         f"not comparable with the earlier ones. To keep the earlier folds, stop now and {keep}"

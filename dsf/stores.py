@@ -86,6 +86,13 @@ class SameGeometry:
             )
         return want
 
+    @property
+    def geometry(self) -> tuple[int, int, float]:
+        """The (scale, block, target mpp) of the stores added (the first one's)."""
+        if self.first is None:
+            raise ValueError("no store added: no geometry yet")
+        return self.first[1]
+
 
 def _kind(path: str | Path, labels: bool | None = None) -> tuple[str, str]:
     """("patch store" or "labels store", its fix): by `labels`, else by the name."""
