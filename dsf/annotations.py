@@ -6,7 +6,8 @@ resolution in um/px, nearest-neighbour so class indices stay exact):
   through a class map (e.g. the BCSS preset); the downsample is inferred from the mask's size and
   must be the same in x and y; TIFFs are read lazily (`dsf.mask_raster`);
 - QuPath-style GeoJSON (FeatureCollection, feature list or single feature; Polygon and
-  MultiPolygon in level-0 pixels);
+  MultiPolygon in level-0 pixels, counted, as QuPath counts them, from the slide's
+  `Slide.bounds_origin`: QuPath crops MIRAX and Leica slides to OpenSlide's bounds);
 - Aperio ImageScope or ASAP annotation XML (`dsf.annotation_xml`).
 Polygons are rasterised per requested region so memory stays bounded; their class names map to
 `labels.classes` by name or through `labels.names`.
@@ -186,6 +187,17 @@ class _Shape:
     def hole_boxes(self) -> list[tuple[float, float, float, float]]:
         """Each hole's box (x0, y0, x1, y1), found once: every window read needs them."""
         return [(*h.min(0), *h.max(0)) for h in self.holes]
+
+    def shifted(self, dx: float, dy: float) -> _Shape:
+        """The shape moved by (dx, dy) level-0 px."""
+        d = np.array([dx, dy], np.float64)
+        x0, y0, x1, y1 = self.bbox
+        return _Shape(
+            self.cls,
+            self.outer + d,
+            [h + d for h in self.holes],
+            (x0 + dx, y0 + dy, x1 + dx, y1 + dy),
+        )
 
 
 def _name_map(settings: dict[str, Any]) -> dict[str, int]:
@@ -406,6 +418,9 @@ class PolygonLabels(LabelSource):
 
     #: What the file is called in messages.
     kind = "annotation file"
+    #: Whether the file's coordinates count from the slide's bounds origin (QuPath's), not
+    #: from the plane's corner.
+    from_bounds = False
 
     def __init__(
         self,
@@ -414,6 +429,7 @@ class PolygonLabels(LabelSource):
         slide_dims: tuple[int, int],
         mpp0: float,
         settings: dict[str, Any],
+        bounds_origin: tuple[int, int] = (0, 0),
     ) -> None:
         self.slide_id = slide_id
         self.path = path
@@ -421,6 +437,14 @@ class PolygonLabels(LabelSource):
         self._shapes = self._parse(path, _name_map(settings), settings)
         if not self._shapes:
             raise AnnotationError(slide_id, _empty(path, sum(getattr(self, "_detections", []))))
+        counted_from = ""
+        if self.from_bounds and any(bounds_origin):
+            self._shapes = [s.shifted(*bounds_origin) for s in self._shapes]
+            counted_from = (
+                f" (its coordinates counted from the slide's scanned region at x "
+                f"{bounds_origin[0]}, y {bounds_origin[1]}, as QuPath counts them)"
+            )
+            log.info("%s: %s%s", slide_id, path, counted_from)
         sw, sh = slide_dims
 
         def within(shape: _Shape, margin: float) -> bool:
@@ -432,7 +456,8 @@ class PolygonLabels(LabelSource):
         if not inside:
             raise AnnotationError(
                 slide_id,
-                f"no annotation of {path} overlaps the slide (0..{sw} x 0..{sh} level-0 px): "
+                f"no annotation of {path}{counted_from} overlaps the slide (0..{sw} x 0..{sh} "
+                "level-0 px): "
                 f"the {self.kind} belongs to another slide or uses other coordinates. Check the "
                 "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
@@ -456,7 +481,8 @@ class PolygonLabels(LabelSource):
             raise AnnotationError(
                 slide_id,
                 f"{len(far)} of {len(inside) + len(far)} annotations of "
-                f"{path} lie wholly outside the slide (0..{sw} x 0..{sh} level-0 px), one at "
+                f"{path}{counted_from} lie wholly outside the slide (0..{sw} x 0..{sh} "
+                "level-0 px), one at "
                 f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}: "
                 f"the {self.kind} uses other coordinates (another scale, or another slide's). "
                 "Export the annotations in level-0 pixels, or remove those outside",
@@ -534,6 +560,7 @@ class GeoJSONLabels(PolygonLabels):
     """QuPath-style GeoJSON polygons."""
 
     kind = "GeoJSON"
+    from_bounds = True
 
     #: What to do about a malformed feature.
     FIX = (
@@ -638,6 +665,8 @@ _POLYGON_READERS: dict[str, type[PolygonLabels]] = {
     ".json": GeoJSONLabels,
     ".xml": XMLLabels,
 }
+#: Suffixes of annotations whose coordinates count from the slide's bounds origin.
+GEOJSON_SUFFIXES = frozenset(k for k, v in _POLYGON_READERS.items() if v.from_bounds)
 #: Seconds `check_annotations` spends before leaving the other files to their jobs.
 CHECK_BUDGET_S = 10.0
 
@@ -697,9 +726,11 @@ def open_labels(
     slide_dims: tuple[int, int],
     mpp0: float,
     settings: dict[str, Any],
+    bounds_origin: tuple[int, int] = (0, 0),
 ) -> LabelSource:
     """Open an annotation for a slide: `.geojson`/`.json` or `.xml` polygons, or a raster
-    mask."""
+    mask. GeoJSON coordinates count from `bounds_origin` (the slide's `Slide.bounds_origin`),
+    as QuPath writes them; XML and masks from the plane's corner."""
     path = Path(path)
     check_label_settings(settings)
     if not path.is_file():
@@ -708,7 +739,7 @@ def open_labels(
         )
     reader = _POLYGON_READERS.get(path.suffix.lower())
     if reader is not None:
-        return reader(path, slide_id, slide_dims, mpp0, settings)
+        return reader(path, slide_id, slide_dims, mpp0, settings, bounds_origin)
     return RasterLabels(path, slide_id, slide_dims, mpp0, settings)
 
 

@@ -558,7 +558,14 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
     with open_slide(
         args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
     ) as slide:
-        labels = open_labels(args.labels, slide.slide_id, slide.dimensions, slide.mpp, label_st)
+        labels = open_labels(
+            args.labels,
+            slide.slide_id,
+            slide.dimensions,
+            slide.mpp,
+            label_st,
+            slide.bounds_origin,
+        )
         folds = read_folds(args.folds) if args.folds else None
         df = evaluate_slide(
             cmap, slide, labels, folds, label_st["classes"], st["band_rows"], args.method

@@ -112,7 +112,14 @@ def paint_labels(
     f = mpp / slide.mpp  # level-0 slide px per label px
     width, height = slide.size_at(mpp)
     source = (
-        open_labels(annotation, slide.slide_id, slide.dimensions, slide.mpp, settings)
+        open_labels(
+            annotation,
+            slide.slide_id,
+            slide.dimensions,
+            slide.mpp,
+            settings,
+            slide.bounds_origin,
+        )
         if annotation is not None
         else None
     )

@@ -2,7 +2,9 @@
 
 The map is a separate image; pathologists review predictions on the slide itself. Each
 predicted region becomes a QuPath annotation (class name and colour of the map's palette,
-coordinates in the slide's level-0 pixels), so a drag onto the slide in QuPath shows them, and
+coordinates in the slide's level-0 pixels, counted as QuPath counts them: from the slide's
+`Slide.bounds_origin` where OpenSlide gives bounds, MIRAX and Leica), so a drag onto the slide
+in QuPath shows them, and
 corrected annotations exported again are labels dsf reads (`labels` column). The map is traced
 at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
 `polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels. With
@@ -147,6 +149,30 @@ def map_polygons(
     return {"type": "FeatureCollection", "features": features}
 
 
+def _from(features: list[dict[str, Any]], origin: tuple[int, int]) -> list[dict[str, Any]]:
+    """The features with coordinates counted from level-0 `origin` (the slide's
+    `Slide.bounds_origin`, where QuPath's image of a MIRAX or Leica slide starts)."""
+    if not any(origin):
+        return features
+    log.info(
+        "coordinates counted from the slide's scanned region at x %d, y %d, as QuPath counts them",
+        *origin,
+    )
+    d = np.asarray(origin, np.float64)
+    return [
+        feat
+        | {
+            "geometry": feat["geometry"]
+            | {
+                "coordinates": [
+                    (np.asarray(r) - d).tolist() for r in feat["geometry"]["coordinates"]
+                ]
+            }
+        }
+        for feat in features
+    ]
+
+
 def _area(feature: dict[str, Any]) -> float:
     """A polygon feature's area in its coordinates' square units (outer ring less holes)."""
     total = 0.0
@@ -219,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
         ) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
-            mpp0, dims = slide.mpp, slide.dimensions
-        collection = map_polygons(cmap, mpp0, settings, dims)
-        collection = {"type": collection["type"], **MARK, "features": collection["features"]}
+            mpp0, dims, origin = slide.mpp, slide.dimensions, slide.bounds_origin
+        features = map_polygons(cmap, mpp0, settings, dims)["features"]
+        collection = {"type": "FeatureCollection", **MARK, "features": _from(features, origin)}
         with atomic_path(args.out) as tmp:  # dumps: json's C encoder (dump's is Python)
             tmp.write_text(json.dumps(collection, separators=(",", ":")))
-        if xml is not None:
+        if xml is not None:  # ImageScope counts from the plane's corner, as dsf reads XML
             with atomic_path(xml) as tmp:
-                tmp.write_bytes(imagescope_xml(collection["features"], mpp0))
+                tmp.write_bytes(imagescope_xml(features, mpp0))
 
     return run(body)
 

@@ -156,6 +156,15 @@ class Slide:
         return mpp / self.mpp < 1 - self.mpp_tolerance
 
     @property
+    def bounds_origin(self) -> tuple[int, int]:
+        """Level-0 (x, y) where the slide's scanned region starts: OpenSlide's
+        `openslide.bounds-x/y` (MIRAX and Leica slides), else (0, 0).
+
+        dsf reads and maps the whole plane, but QuPath shows a slide cropped to these bounds,
+        so QuPath's GeoJSON coordinates count from here (`dsf.annotations`, `dsf.polygons`)."""
+        return bounds_origin(self.properties)
+
+    @property
     def objective_power(self) -> float | None:
         """Objective power stated by the file, if any (informational: dsf works in mpp)."""
         value = self.properties.get("openslide.objective-power")
@@ -258,6 +267,26 @@ class Slide:
                 w, h = min(step, out_w - ox), min(step, out_h - oy)
                 out[oy : oy + h, ox : ox + w] = self.read(ox * f, oy * f, w, h, mpp)
         return out
+
+
+def bounds_origin(properties: dict[str, str]) -> tuple[int, int]:
+    """(openslide.bounds-x, openslide.bounds-y) of a slide's properties; (0, 0) without them."""
+    try:
+        return (
+            int(properties.get("openslide.bounds-x", 0)),
+            int(properties.get("openslide.bounds-y", 0)),
+        )
+    except ValueError:  # not a number: OpenSlide writes whole numbers, so no bounds
+        return 0, 0
+
+
+def file_bounds_origin(path: str | os.PathLike[str], slide_id: str) -> tuple[int, int]:
+    """`bounds_origin` of a slide file, opened for its properties only."""
+    backend = open_backend(Path(path), slide_id, check=False)
+    try:
+        return bounds_origin(backend.properties)
+    finally:
+        backend.close()
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,19 @@ from typing import Any
 import numpy as np
 
 from dsf import __version__
-from dsf.annotations import LabelSource, add_annotation_argument, class_fractions, open_labels
+from dsf.annotations import (
+    GEOJSON_SUFFIXES,
+    LabelSource,
+    add_annotation_argument,
+    class_fractions,
+    open_labels,
+)
 from dsf.atomic import atomic_path, check_outputs
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.label_settings import base_class, check_base_painted, class_index
 from dsf.runner import progress_bar, run, setup_logging
+from dsf.slide import file_bounds_origin
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
 log = logging.getLogger(__name__)
@@ -328,6 +335,24 @@ def labelled_store_ids(pairs: list[LabelledStore]) -> dict[str, str | None]:
 # -- command line -----------------------------------------------------------------------------
 
 
+def _bounds_origin(store: Path, attrs: Any, annotation: Path) -> tuple[int, int]:
+    """The slide's `Slide.bounds_origin`, as its store records it. A store of an earlier dsf
+    records none: then its slide is asked, where the annotation is GeoJSON (the only kind
+    counted from there)."""
+    if "bounds_origin" in attrs:
+        x, y = attrs["bounds_origin"]
+        return int(x), int(y)
+    if annotation.suffix.lower() not in GEOJSON_SUFFIXES:
+        return 0, 0
+    source = Path(str(attrs["source"]))
+    if not source.is_file():
+        raise ConfigError(
+            f"{store} was cut by an earlier dsf that did not record where QuPath's coordinates "
+            f"start, and its slide {source} is gone: rerun its patches job (delete the store)"
+        )
+    return file_bounds_origin(source, str(attrs["slide_id"]))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsf tile-labels",
@@ -364,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(attrs["level0_size"]),
             float(attrs["mpp"]),
             label_settings,
+            _bounds_origin(args.store, attrs, args.labels),
         )
         build(
             args.store,
