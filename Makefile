@@ -38,9 +38,10 @@ demo: $(STAMP)
 		--max-checksum-file-size 67108864
 	$(BIN)/snakemake --report results/report.html
 
-# The cluster tests start a real SLURM: `make test-cluster`.
+# The cluster tests start a real SLURM: `make test-cluster`. The test files are spread over
+# the cores (pytest-xdist), each file's tests in one process, which builds its fixtures once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not cluster"
+	$(BIN)/python -m pytest -m "not cluster" -n auto --dist loadfile
 
 # Debian's single-node SLURM and munge (skipped once installed) and the `cluster` extra, then
 # tests/cluster: the workflow through profiles/slurm on a SLURM it starts and stops (root).
