@@ -112,11 +112,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 class _InterruptError(Exception):
     """Raised inside an epoch when a stop signal came, with the steps it had done (of the
-    whole epoch) and the epoch's loss sums so far."""
+    whole epoch), the epoch's loss sums so far, and its seconds and seconds waiting for tiles
+    so far (log.tsv's `seconds` and `data_wait` of a resumed epoch count the whole epoch)."""
 
-    def __init__(self, steps: int, sums: list[float]) -> None:
+    def __init__(self, steps: int, sums: list[float], seconds: float, waited: float) -> None:
         super().__init__(steps)
-        self.steps, self.sums = steps, sums
+        self.steps, self.sums, self.seconds, self.waited = steps, sums, seconds, waited
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int, stream: int) -> int:
@@ -315,7 +316,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._epochs_run = 0  # in this process: the first includes the workers' start
         # a run resumed mid-epoch: the steps of that epoch done before, and their loss sums
-        self._resume_at: tuple[int, list[float]] | None = None
+        self._resume_at: tuple[int, list[float], float, float] | None = None
         self._said_starved = False
         self._stop: int | None = None  # the stop signal received, if any
         self.deadline: float | None = None  # `time.time()` to stop at by itself (job_deadline)
@@ -332,9 +333,10 @@ class Trainer:
 
     def save_checkpoint(self, interrupted: dict[str, Any] | None = None) -> None:
         """Write checkpoint.pt after `epoch` whole epochs; `interrupted` (epoch, steps, the
-        epoch's loss sums) marks one written by a stop mid-epoch: its weights are that epoch's
-        so far, and a resume goes on from the next step. Non-finite weights are never written
-        (every rank checks: DDP keeps them equal), so the last good checkpoint stays."""
+        epoch's loss sums, seconds and seconds waiting for tiles) marks one written by a stop
+        mid-epoch: its weights are that epoch's so far, and a resume goes on from the next step.
+        Non-finite weights are never written (every rank checks: DDP keeps them equal), so the
+        last good checkpoint stays."""
         when = f"epoch {self.epoch + 1 if interrupted else self.epoch}"
         if why := checkpoints.nonfinite_weights(
             self.model, self.checkpoint_path, "pretrain", when, self.amp is not None
@@ -374,7 +376,12 @@ class Trainer:
             # epoch runs again from the weights it had reached
             again = "sums" not in stop
             if not again:
-                self._resume_at = (int(stop["steps"]), [float(v) for v in stop["sums"]])
+                self._resume_at = (
+                    int(stop["steps"]),
+                    [float(v) for v in stop["sums"]],
+                    float(stop.get("seconds", 0.0)),  # an older dsf's: the time after resuming
+                    float(stop.get("waited", 0.0)),
+                )
             log.info(
                 "resumed from %s, written when epoch %d was stopped after %d steps: %s",
                 self.checkpoint_path,
@@ -478,12 +485,22 @@ class Trainer:
         gen = torch.Generator(device=self.device)  # seeded per step (`batches`)
         self.net.train()
         keys = ("loss", "context", "target", "fusion", "z_std")
-        # a run resumed mid-epoch goes on from the next step, with the epoch's sums so far
-        start, done = self._resume_at or (0, [0.0] * len(keys))
+        # a run resumed mid-epoch goes on from the next step, with the epoch's sums, seconds
+        # and seconds waiting for tiles so far
+        start, done, before, waited_before = self._resume_at or (0, [0.0] * len(keys), 0.0, 0.0)
         self._resume_at = None
         sums = torch.tensor(done, device=self.device)  # on the device: no sync per step
         steps, samples = start, 0
         t0, waited = time.perf_counter(), self.loader.waited
+
+        def stopped() -> _InterruptError:
+            return _InterruptError(
+                steps,
+                sums.tolist(),
+                before + time.perf_counter() - t0,
+                waited_before + self.loader.waited - waited,
+            )
+
         bar = tqdm(
             total=len(self.loader),
             initial=start,
@@ -503,12 +520,12 @@ class Trainer:
                 if steps % CHECK_EVERY == 0:
                     self._check_finite(sums, steps)
                 if self._stopping(steps):
-                    raise _InterruptError(steps, sums.tolist())
+                    raise stopped()
         except (_InterruptError, TrainingError):
             raise
         except Exception as exc:  # the loader failed (a worker killed) after a stop signal came
             if self._stop is not None:
-                raise _InterruptError(steps, sums.tolist()) from exc
+                raise stopped() from exc
             raise
         finally:
             bar.close()
@@ -518,9 +535,9 @@ class Trainer:
         row = {
             "epoch": self.epoch,
             **dict(zip(keys, (sums / steps).tolist(), strict=True)),
-            "samples_per_s": samples / dt,
-            "seconds": dt,
-            "data_wait": (self.loader.waited - waited) / dt,
+            "samples_per_s": samples / dt,  # of this process's steps
+            "seconds": before + dt,
+            "data_wait": (waited_before + self.loader.waited - waited) / (before + dt),
             "lr": self.lr,
         }
         self.history.append(row)
@@ -598,7 +615,13 @@ class Trainer:
             try:
                 row = self.train_epoch(progress)
             except _InterruptError as stop:
-                at = {"epoch": self.epoch + 1, "steps": stop.steps, "sums": stop.sums}
+                at = {
+                    "epoch": self.epoch + 1,
+                    "steps": stop.steps,
+                    "sums": stop.sums,
+                    "seconds": stop.seconds,
+                    "waited": stop.waited,
+                }
                 self.save_checkpoint(interrupted=at)
                 raise StoppedError(
                     f"pretraining stopped by {self._stop_name()} in epoch {at['epoch']} after "

@@ -102,6 +102,10 @@ def _unfinish(path: Path) -> None:
     torch.save(state, path)
 
 
+#: How long the stopped run's last read takes (`test_a_stop_signal_writes_...`).
+SLOW_READ_S = 1.5
+
+
 def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     stores: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -127,6 +131,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     def read_then_signal(indices: list[int]) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 3:  # epoch 2's first batch (2 steps an epoch)
+            time.sleep(SLOW_READ_S)  # a slow first part: log.tsv's seconds count it
             os.kill(os.getpid(), signal.SIGTERM)
         return read(indices)
 
@@ -137,6 +142,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     stop = state["interrupted"]
     assert state["epoch"] == 1 and (stop["epoch"], stop["steps"], len(stop["sums"])) == (2, 1, 5)
+    assert 0 <= stop["waited"] <= stop["seconds"] and stop["seconds"] >= SLOW_READ_S
     torch.testing.assert_close(state["model"], trainer.model.state_dict(), rtol=0, atol=0)
     assert len(state["history"]) == 1  # epoch 1 finished, checkpoint_every 5 had not saved it
     # epochs lowered to those finished: the weights are past them (they had been exported)
@@ -149,6 +155,9 @@ def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_goes_on(
     assert "stopped after 1 steps: it goes on from the next step" in caplog.text
     resumed.fit(progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+    # the resumed epoch's time is the whole epoch's, both parts
+    assert resumed.history[1]["seconds"] >= stop["seconds"] >= SLOW_READ_S
+    assert 0 <= resumed.history[1]["data_wait"] <= 1
     assert not torch.load(out / "checkpoint.pt", weights_only=False).get("interrupted")
     a, b = _params(straight), _params(resumed)
     for k in a:
