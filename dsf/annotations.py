@@ -6,8 +6,8 @@ resolution in um/px, nearest-neighbour so class indices stay exact):
   through a class map (e.g. the BCSS preset); the downsample is inferred from the mask's size and
   must be the same in x and y; TIFFs are read lazily (`dsf.mask_raster`);
 - QuPath-style GeoJSON (FeatureCollection, feature list or single feature; Polygon and
-  MultiPolygon in level-0 pixels, counted, as QuPath counts them, from the slide's
-  `Slide.bounds_origin`: QuPath crops MIRAX and Leica slides to OpenSlide's bounds);
+  MultiPolygon in level-0 pixels, counted, as QuPath counts them, from the corner of the
+  slide's `Slide.bounds`: QuPath crops MIRAX and Leica slides to OpenSlide's bounds);
 - Aperio ImageScope or ASAP annotation XML (`dsf.annotation_xml`).
 Polygons are rasterised per requested region so memory stays bounded; their class names map to
 `labels.classes` by name or through `labels.names`.
@@ -418,8 +418,8 @@ class PolygonLabels(LabelSource):
 
     #: What the file is called in messages.
     kind = "annotation file"
-    #: Whether the file's coordinates count from the slide's bounds origin (QuPath's), not
-    #: from the plane's corner.
+    #: Whether the file's coordinates count from the corner of the slide's bounds (QuPath's),
+    #: not from the plane's corner.
     from_bounds = False
 
     def __init__(
@@ -429,7 +429,7 @@ class PolygonLabels(LabelSource):
         slide_dims: tuple[int, int],
         mpp0: float,
         settings: dict[str, Any],
-        bounds_origin: tuple[int, int] = (0, 0),
+        bounds: tuple[int, int, int, int] | None = None,
     ) -> None:
         self.slide_id = slide_id
         self.path = path
@@ -437,15 +437,20 @@ class PolygonLabels(LabelSource):
         self._shapes = self._parse(path, _name_map(settings), settings)
         if not self._shapes:
             raise AnnotationError(slide_id, _empty(path, sum(getattr(self, "_detections", []))))
-        counted_from = ""
-        if self.from_bounds and any(bounds_origin):
-            self._shapes = [s.shifted(*bounds_origin) for s in self._shapes]
-            counted_from = (
-                f" (its coordinates counted from the slide's scanned region at x "
-                f"{bounds_origin[0]}, y {bounds_origin[1]}, as QuPath counts them)"
-            )
-            log.info("%s: %s%s", slide_id, path, counted_from)
+        # checked in the file's own coordinates: QuPath's image of a slide with bounds is its
+        # scanned region, so a shape off that region is misplaced even inside the plane
         sw, sh = slide_dims
+        extent = f"the slide (0..{sw} x 0..{sh} level-0 px)"
+        shift = None
+        if self.from_bounds and bounds is not None:
+            bx, by, sw, sh = bounds
+            shift = (bx, by)
+            extent = (
+                f"the slide's scanned region (0..{sw} x 0..{sh} px, counted from its corner at "
+                f"level-0 x {bx}, y {by}, as QuPath counts them)"
+            )
+            log.info("%s: %s counted from the scanned region's corner (x %d, y %d)", slide_id,
+                     path, bx, by)  # fmt: skip
 
         def within(shape: _Shape, margin: float) -> bool:
             """Whether the shape's box meets the slide grown by `margin` px on every side."""
@@ -456,8 +461,7 @@ class PolygonLabels(LabelSource):
         if not inside:
             raise AnnotationError(
                 slide_id,
-                f"no annotation of {path}{counted_from} overlaps the slide (0..{sw} x 0..{sh} "
-                "level-0 px): "
+                f"no annotation of {path} overlaps {extent}: "
                 f"the {self.kind} belongs to another slide or uses other coordinates. Check the "
                 "`labels` column of the sheet, and export the annotations in level-0 pixels",
             )
@@ -468,10 +472,11 @@ class PolygonLabels(LabelSource):
         far = [s for s in outside if not within(s, margin)]
         if len(far) < len(outside):
             log.warning(
-                "%s: %d annotation part(s) lie just outside the slide (within %.0f px of its "
-                "edge): left out",
+                "%s: %d annotation part(s) lie just outside %s (within %.0f px of its edge): "
+                "left out",
                 path,
                 len(outside) - len(far),
+                extent,
                 margin,
             )
         if far:
@@ -481,12 +486,13 @@ class PolygonLabels(LabelSource):
             raise AnnotationError(
                 slide_id,
                 f"{len(far)} of {len(inside) + len(far)} annotations of "
-                f"{path}{counted_from} lie wholly outside the slide (0..{sw} x 0..{sh} "
-                "level-0 px), one at "
+                f"{path} lie wholly outside {extent}, one at "
                 f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}: "
                 f"the {self.kind} uses other coordinates (another scale, or another slide's). "
                 "Export the annotations in level-0 pixels, or remove those outside",
             )
+        if shift is not None:
+            inside = [s.shifted(*shift) for s in inside]
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
 
@@ -665,7 +671,7 @@ _POLYGON_READERS: dict[str, type[PolygonLabels]] = {
     ".json": GeoJSONLabels,
     ".xml": XMLLabels,
 }
-#: Suffixes of annotations whose coordinates count from the slide's bounds origin.
+#: Suffixes of annotations whose coordinates count from the corner of the slide's bounds.
 GEOJSON_SUFFIXES = frozenset(k for k, v in _POLYGON_READERS.items() if v.from_bounds)
 #: Seconds `check_annotations` spends before leaving the other files to their jobs.
 CHECK_BUDGET_S = 10.0
@@ -726,11 +732,12 @@ def open_labels(
     slide_dims: tuple[int, int],
     mpp0: float,
     settings: dict[str, Any],
-    bounds_origin: tuple[int, int] = (0, 0),
+    bounds: tuple[int, int, int, int] | None = None,
 ) -> LabelSource:
     """Open an annotation for a slide: `.geojson`/`.json` or `.xml` polygons, or a raster
-    mask. GeoJSON coordinates count from `bounds_origin` (the slide's `Slide.bounds_origin`),
-    as QuPath writes them; XML and masks from the plane's corner."""
+    mask. GeoJSON coordinates count from the corner of the slide's scanned region `bounds`
+    (x, y, width, height: `Slide.bounds`), as QuPath writes them, and must lie on it; XML and
+    masks count from the plane's corner."""
     path = Path(path)
     check_label_settings(settings)
     if not path.is_file():
@@ -739,7 +746,7 @@ def open_labels(
         )
     reader = _POLYGON_READERS.get(path.suffix.lower())
     if reader is not None:
-        return reader(path, slide_id, slide_dims, mpp0, settings, bounds_origin)
+        return reader(path, slide_id, slide_dims, mpp0, settings, bounds)
     return RasterLabels(path, slide_id, slide_dims, mpp0, settings)
 
 

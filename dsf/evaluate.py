@@ -564,7 +564,7 @@ def _slide(args: argparse.Namespace, st: dict[str, Any]) -> None:
             slide.dimensions,
             slide.mpp,
             label_st,
-            slide.bounds_origin,
+            slide.bounds,
         )
         folds = read_folds(args.folds) if args.folds else None
         df = evaluate_slide(

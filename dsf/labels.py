@@ -118,7 +118,7 @@ def paint_labels(
             slide.dimensions,
             slide.mpp,
             settings,
-            slide.bounds_origin,
+            slide.bounds,
         )
         if annotation is not None
         else None

@@ -429,8 +429,8 @@ def extract(
                 "source_mtime": stat.st_mtime,
                 "mpp": slide.mpp,
                 "level0_size": list(slide.dimensions),
-                # where QuPath's coordinates start (its GeoJSON annotations, `dsf.annotations`)
-                "bounds_origin": list(slide.bounds_origin),
+                # the scanned region QuPath shows (its GeoJSON annotations, `dsf.annotations`)
+                "bounds": list(slide.bounds) if slide.bounds else None,
                 "target_mpp": geo.target_mpp,
                 "requested_target_mpp": geo.requested_mpp,
                 "context_mpp": geo.context_mpp,

@@ -3,7 +3,7 @@
 The map is a separate image; pathologists review predictions on the slide itself. Each
 predicted region becomes a QuPath annotation (class name and colour of the map's palette,
 coordinates in the slide's level-0 pixels, counted as QuPath counts them: from the slide's
-`Slide.bounds_origin` where OpenSlide gives bounds, MIRAX and Leica), so a drag onto the slide
+`Slide.bounds` where OpenSlide gives them, MIRAX and Leica), so a drag onto the slide
 in QuPath shows them, and
 corrected annotations exported again are labels dsf reads (`labels` column). The map is traced
 at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
@@ -149,38 +149,41 @@ def map_polygons(
     return {"type": "FeatureCollection", "features": features}
 
 
-def _from(features: list[dict[str, Any]], origin: tuple[int, int]) -> list[dict[str, Any]]:
-    """The features with coordinates counted from level-0 `origin` (the slide's
-    `Slide.bounds_origin`, where QuPath's image of a MIRAX or Leica slide starts)."""
-    if not any(origin):
+def _from(
+    features: list[dict[str, Any]], bounds: tuple[int, int, int, int] | None
+) -> list[dict[str, Any]]:
+    """The features as QuPath places them on a slide with `bounds` (`Slide.bounds`: QuPath's
+    image of a MIRAX or Leica slide is that region): clipped to it, counted from its corner."""
+    if bounds is None:
         return features
-    log.info(
-        "coordinates counted from the slide's scanned region at x %d, y %d, as QuPath counts them",
-        *origin,
-    )
-    d = np.asarray(origin, np.float64)
-    return [
-        feat
-        | {
-            "geometry": feat["geometry"]
-            | {
-                "coordinates": [
-                    (np.asarray(r) - d).tolist() for r in feat["geometry"]["coordinates"]
-                ]
-            }
-        }
-        for feat in features
-    ]
+    x, y, w, h = bounds
+    log.info("coordinates counted from the slide's scanned region at x %d, y %d, as QuPath "
+             "counts them, and clipped to it (%d x %d px)", x, y, w, h)  # fmt: skip
+    d, size = np.array([x, y], np.float64), np.array([w, h], np.float64)
+
+    out = []
+    for feat in features:
+        outer, *holes = (
+            np.clip(np.asarray(r) - d, 0, size) for r in feat["geometry"]["coordinates"]
+        )
+        if _ring_area(outer) == 0:  # wholly off the region: clipped to a line
+            continue
+        rings = [outer, *(h for h in holes if _ring_area(h) > 0)]
+        geometry = feat["geometry"] | {"coordinates": [r.tolist() for r in rings]}
+        out.append(feat | {"geometry": geometry})
+    return out
+
+
+def _ring_area(ring: Any) -> float:
+    """A ring's area (shoelace) in its coordinates' square units."""
+    x, y = np.asarray(ring, np.float64).T
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
 
 def _area(feature: dict[str, Any]) -> float:
     """A polygon feature's area in its coordinates' square units (outer ring less holes)."""
-    total = 0.0
-    for i, ring in enumerate(feature["geometry"]["coordinates"]):
-        x, y = np.asarray(ring, np.float64).T
-        shoelace = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
-        total += shoelace if i == 0 else -shoelace
-    return total
+    rings = feature["geometry"]["coordinates"]
+    return sum(_ring_area(r) if i == 0 else -_ring_area(r) for i, r in enumerate(rings))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -245,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
         ) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
-            mpp0, dims, origin = slide.mpp, slide.dimensions, slide.bounds_origin
+            mpp0, dims, bounds = slide.mpp, slide.dimensions, slide.bounds
         features = map_polygons(cmap, mpp0, settings, dims)["features"]
-        collection = {"type": "FeatureCollection", **MARK, "features": _from(features, origin)}
+        collection = {"type": "FeatureCollection", **MARK, "features": _from(features, bounds)}
         with atomic_path(args.out) as tmp:  # dumps: json's C encoder (dump's is Python)
             tmp.write_text(json.dumps(collection, separators=(",", ":")))
         if xml is not None:  # ImageScope counts from the plane's corner, as dsf reads XML

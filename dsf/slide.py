@@ -156,13 +156,14 @@ class Slide:
         return mpp / self.mpp < 1 - self.mpp_tolerance
 
     @property
-    def bounds_origin(self) -> tuple[int, int]:
-        """Level-0 (x, y) where the slide's scanned region starts: OpenSlide's
-        `openslide.bounds-x/y` (MIRAX and Leica slides), else (0, 0).
+    def bounds(self) -> tuple[int, int, int, int] | None:
+        """The slide's scanned region (x, y, width, height, level-0 px): OpenSlide's
+        `openslide.bounds-*` (MIRAX and Leica slides); None where the file states none.
 
         dsf reads and maps the whole plane, but QuPath shows a slide cropped to these bounds,
-        so QuPath's GeoJSON coordinates count from here (`dsf.annotations`, `dsf.polygons`)."""
-        return bounds_origin(self.properties)
+        so QuPath's GeoJSON coordinates count from their corner (`dsf.annotations`,
+        `dsf.polygons`)."""
+        return bounds_of(self.properties)
 
     @property
     def objective_power(self) -> float | None:
@@ -269,22 +270,25 @@ class Slide:
         return out
 
 
-def bounds_origin(properties: dict[str, str]) -> tuple[int, int]:
-    """(openslide.bounds-x, openslide.bounds-y) of a slide's properties; (0, 0) without them."""
+#: Suffixes of the slide formats OpenSlide states bounds for (MIRAX, Leica).
+BOUNDS_SUFFIXES = frozenset({".mrxs", ".scn"})
+_BOUNDS_KEYS = tuple(f"openslide.bounds-{k}" for k in ("x", "y", "width", "height"))
+
+
+def bounds_of(properties: dict[str, str]) -> tuple[int, int, int, int] | None:
+    """(x, y, width, height) of a slide's `openslide.bounds-*` properties; None without them."""
     try:
-        return (
-            int(properties.get("openslide.bounds-x", 0)),
-            int(properties.get("openslide.bounds-y", 0)),
-        )
-    except ValueError:  # not a number: OpenSlide writes whole numbers, so no bounds
-        return 0, 0
+        x, y, w, h = (int(properties[k]) for k in _BOUNDS_KEYS)
+    except (KeyError, ValueError):  # OpenSlide states all four, as whole numbers, or none
+        return None
+    return (x, y, w, h) if w > 0 and h > 0 else None
 
 
-def file_bounds_origin(path: str | os.PathLike[str], slide_id: str) -> tuple[int, int]:
-    """`bounds_origin` of a slide file, opened for its properties only."""
+def file_bounds(path: str | os.PathLike[str], slide_id: str) -> tuple[int, int, int, int] | None:
+    """`bounds_of` a slide file, opened for its properties only."""
     backend = open_backend(Path(path), slide_id, check=False)
     try:
-        return bounds_origin(backend.properties)
+        return bounds_of(backend.properties)
     finally:
         backend.close()
 

@@ -41,7 +41,7 @@ from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.label_settings import base_class, check_base_painted, class_index
 from dsf.runner import progress_bar, run, setup_logging
-from dsf.slide import file_bounds_origin
+from dsf.slide import BOUNDS_SUFFIXES, file_bounds
 from dsf.stores import LABELS_SUFFIX, REBUILD_LABELS
 
 log = logging.getLogger(__name__)
@@ -335,22 +335,26 @@ def labelled_store_ids(pairs: list[LabelledStore]) -> dict[str, str | None]:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _bounds_origin(store: Path, attrs: Any, annotation: Path) -> tuple[int, int]:
-    """The slide's `Slide.bounds_origin`, as its store records it. A store of an earlier dsf
+def _bounds(store: Path, attrs: Any, annotation: Path) -> tuple[int, int, int, int] | None:
+    """The slide's `Slide.bounds`, as its store records them. A store of an earlier dsf
     records none: then its slide is asked, where the annotation is GeoJSON (the only kind
-    counted from there)."""
-    if "bounds_origin" in attrs:
-        x, y = attrs["bounds_origin"]
-        return int(x), int(y)
-    if annotation.suffix.lower() not in GEOJSON_SUFFIXES:
-        return 0, 0
+    counted from their corner) and the slide may have bounds."""
+    if "bounds" in attrs:
+        given = attrs["bounds"]
+        return (int(given[0]), int(given[1]), int(given[2]), int(given[3])) if given else None
     source = Path(str(attrs["source"]))
-    if not source.is_file():
+    if annotation.suffix.lower() not in GEOJSON_SUFFIXES:
+        return None
+    if source.is_file():
+        return file_bounds(source, str(attrs["slide_id"]))
+    if source.suffix.lower() in BOUNDS_SUFFIXES:
         raise ConfigError(
-            f"{store} was cut by an earlier dsf that did not record where QuPath's coordinates "
-            f"start, and its slide {source} is gone: rerun its patches job (delete the store)"
+            f"{store} was cut by an earlier dsf that did not record the scanned region QuPath "
+            f"counts coordinates from, and its slide {source} is gone: rerun its patches job "
+            "(delete the store)"
         )
-    return file_bounds_origin(source, str(attrs["slide_id"]))
+    # a slide moved since (`snakemake --touch` kept its results), of a format without bounds
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(attrs["level0_size"]),
             float(attrs["mpp"]),
             label_settings,
-            _bounds_origin(args.store, attrs, args.labels),
+            _bounds(args.store, attrs, args.labels),
         )
         build(
             args.store,

@@ -15,14 +15,16 @@ from test_polygons import CLASSES, _write_map
 
 from dsf.annotations import open_labels
 from dsf.config import defaults
+from dsf.errors import AnnotationError, ConfigError
 from dsf.polygons import main as polygons_main
 from dsf.slide import open_slide
-from dsf.tile_labels import _bounds_origin
+from dsf.tile_labels import _bounds
 
 MPP = 0.5
 ORIGIN = (256, 128)  # level-0 px of the scanned region in the plane
 PLANE = (1280, 1024)
 REGION = (768, 512)  # its width, height
+BOUNDS = (*ORIGIN, *REGION)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def _rect(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
 def test_a_leica_slide_is_read_whole_and_says_where_its_region_starts(scn: Path) -> None:
     s = open_slide(scn)
     assert s.properties["openslide.vendor"] == "leica"
-    assert s.dimensions == PLANE and s.bounds_origin == ORIGIN
+    assert s.dimensions == PLANE and s.bounds == BOUNDS
     rgb = np.load(scn.with_suffix(".npy"))
     np.testing.assert_array_equal(s.read(*ORIGIN, *REGION, MPP), rgb)
     assert (s.read(0, 0, 200, 100, MPP) == 255).all()  # glass outside the region: background
@@ -57,60 +59,74 @@ def test_a_leica_slide_is_read_whole_and_says_where_its_region_starts(scn: Path)
 def test_qupath_geojson_paints_where_it_was_drawn_and_xml_counts_from_the_plane(
     scn: Path, tmp_path: Path
 ) -> None:
-    """A rectangle at x 10..110, y 20..80 in QuPath (the region cropped) lies at the region's
-    corner plus that in the plane dsf reads; the same numbers in ImageScope XML are the
-    plane's."""
+    """A rectangle at x 10..110, y 20..80 in QuPath (the region cropped), with a hole at
+    x 40..60, y 30..50, lies at the region's corner plus that in the plane dsf reads, hole and
+    all; the same numbers in ImageScope XML are the plane's."""
     s = open_slide(scn)
     feature = {
         "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [_rect(10, 20, 110, 80)]},
+        "geometry": {"type": "Polygon",
+                     "coordinates": [_rect(10, 20, 110, 80), _rect(40, 30, 60, 50)]},
         "properties": {"objectType": "annotation", "classification": {"name": "TUM"}},
-    }
+    }  # fmt: skip
     gj = tmp_path / "a.geojson"
     gj.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
-    labels = open_labels(gj, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds_origin)
+    labels = open_labels(gj, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds)
     painted = labels.read(0, 0, *PLANE, MPP)
     rows, cols = np.nonzero(painted)
     ox, oy = ORIGIN
     assert (cols.min(), cols.max(), rows.min(), rows.max()) == (ox + 10, ox + 109, oy + 20, oy + 79)
     assert set(np.unique(painted)) == {0, 1}
+    hole = painted[oy + 30 : oy + 50, ox + 40 : ox + 60]
+    assert not hole.any() and painted[oy + 29, ox + 40] and painted[oy + 50, ox + 39]
     xml = tmp_path / "a.xml"
     xml.write_text(
         '<Annotations><Annotation Id="1" Name="TUM"><Regions><Region Id="1" Type="1"><Vertices>'
         '<Vertex X="10" Y="20"/><Vertex X="110" Y="20"/><Vertex X="110" Y="80"/>'
         '<Vertex X="10" Y="80"/></Vertices></Region></Regions></Annotation></Annotations>'
     )
-    by_xml = open_labels(xml, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds_origin)
+    by_xml = open_labels(xml, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds)
     rows, cols = np.nonzero(by_xml.read(0, 0, *PLANE, MPP))
     assert (cols.min(), rows.min()) == (10, 20)
-    # without the origin (a slide without bounds) the GeoJSON is the plane's too
+    # without bounds (a slide that states none) the GeoJSON is the plane's too
     plain = open_labels(gj, s.slide_id, s.dimensions, s.mpp, _settings())
-    assert np.array_equal(plain.read(0, 0, *PLANE, MPP), by_xml.read(0, 0, *PLANE, MPP))
+    at_plane = np.roll(painted, (-oy, -ox), axis=(0, 1))  # the same drawing, moved back
+    assert np.array_equal(plain.read(0, 0, *PLANE, MPP), at_plane)
 
 
-def test_a_qupath_drawing_off_the_region_names_where_it_was_counted_from(
+def test_geojson_off_the_scanned_region_is_refused_in_the_files_own_numbers(
     scn: Path, tmp_path: Path
 ) -> None:
-    """Plane coordinates given as GeoJSON (another tool's export) land past the slide: the
-    refusal says the coordinates were counted from the region's corner."""
+    """Plane coordinates given as GeoJSON (another tool's export, an older dsf's polygons) land
+    off the region QuPath shows, even where they stay inside the plane: refused, saying where
+    the coordinates count from, with the file's own numbers."""
     s = open_slide(scn)
-    feature = {
+    inside = {
         "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [_rect(1100, 950, 1200, 1000)]},
         "properties": {"classification": {"name": "TUM"}},
+        "geometry": {"type": "Polygon", "coordinates": [_rect(300, 200, 400, 300)]},
     }
+    off = {"type": "Feature", "properties": {"classification": {"name": "TUM"}},
+           "geometry": {"type": "Polygon", "coordinates": [_rect(100, 800, 200, 880)]}}  # fmt: skip
     gj = tmp_path / "far.geojson"
-    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
-    with pytest.raises(Exception, match="counted from the slide's scanned region at x 256, y 128"):
-        open_labels(gj, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds_origin)
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [inside, off]}))
+    # in the plane (1280 x 1024) the second lies at x 356..456, y 928..1008: inside it
+    with pytest.raises(AnnotationError) as err:
+        open_labels(gj, s.slide_id, s.dimensions, s.mpp, _settings(), s.bounds)
+    said = str(err.value)
+    assert (
+        "scanned region (0..768 x 0..512 px, counted from its corner at level-0 x 256, y 128"
+        in said
+    )
+    assert "one at x 100..200, y 800..880" in said
 
 
 def test_prediction_polygons_count_from_the_region_and_read_back_as_the_map(
     scn: Path, tmp_path: Path
 ) -> None:
     """`dsf polygons` on a map of the Leica slide: the GeoJSON counts from the region's corner
-    (QuPath shows it on the slide there), the ImageScope XML from the plane's; each read back
-    as an annotation gives the map pixel for pixel."""
+    and stays on it (QuPath shows it on the slide there), the ImageScope XML counts from the
+    plane's; each read back as an annotation gives the map pixel for pixel."""
     f = 4  # slide px per map px (2 um/px)
     truth = np.zeros((PLANE[1] // f, PLANE[0] // f), np.uint8)
     ox, oy = ORIGIN[0] // f, ORIGIN[1] // f
@@ -122,30 +138,63 @@ def test_prediction_polygons_count_from_the_region_and_read_back_as_the_map(
     tight = ["--mpp", "2", "--min-um2", "0", "--tolerance", "0", "--imagescope"]
     assert polygons_main([*args, *tight]) == 0
     doc = json.loads(out.read_text())
-    xy = np.concatenate(
-        [np.asarray(r) for ft in doc["features"] for r in ft["geometry"]["coordinates"]]
-    )
+    rings = [np.asarray(r) for ft in doc["features"] for r in ft["geometry"]["coordinates"]]
+    xy = np.concatenate(rings)
     assert xy[:, 0].min() == 20 * f and xy[:, 1].min() == 10 * f  # from the region's corner
     s = open_slide(scn)
     for path in (out, out.with_suffix(".xml")):
-        back = open_labels(path, "leica_1", s.dimensions, s.mpp, _settings(), s.bounds_origin)
+        back = open_labels(path, "leica_1", s.dimensions, s.mpp, _settings(), s.bounds)
         assert np.array_equal(back.read(0, 0, *truth.shape[::-1], 2.0), truth), path
+    # a map with classes off the region (infer.mask_output: false): the GeoJSON stays on it
+    everywhere = _write_map(tmp_path / "all.tiff", np.ones_like(truth), slide="leica_1")
+    args[1], args[-1] = str(everywhere), str(tmp_path / "all.geojson")
+    assert polygons_main([*args, "--mpp", "2", "--min-um2", "0", "--tolerance", "0"]) == 0
+    (feat,) = json.loads((tmp_path / "all.geojson").read_text())["features"]
+    xy = np.asarray(feat["geometry"]["coordinates"][0])
+    assert (xy.min(0) == 0).all() and (xy.max(0) == REGION).all()
 
 
-def test_tile_labels_take_the_origin_from_the_store_or_else_from_its_slide(
+def test_tile_labels_take_the_bounds_from_the_store_or_else_from_its_slide(
     scn: Path, tmp_path: Path
 ) -> None:
-    """A patch store records the origin; one cut by an earlier dsf records none, and its slide
-    is asked (for GeoJSON only); a store whose slide is gone cannot say, and is refused."""
+    """A patch store records the bounds (None: the slide states none); one cut by an earlier
+    dsf records nothing, and its slide is asked (for GeoJSON only). Where that slide is gone
+    (moved, its results kept), a format without bounds needs none; a Leica or MIRAX one cannot
+    say, and is refused."""
     store = tmp_path / "s.zarr"
     gj, xml = tmp_path / "a.geojson", tmp_path / "a.xml"
-    assert _bounds_origin(store, {"bounds_origin": [7, 9]}, gj) == (7, 9)
+    assert _bounds(store, {"bounds": [7, 9, 10, 12]}, gj) == (7, 9, 10, 12)
+    assert _bounds(store, {"bounds": None, "source": str(scn)}, gj) is None
     earlier = {"source": str(scn), "slide_id": "leica_1"}
-    assert _bounds_origin(store, earlier, gj) == ORIGIN
-    assert _bounds_origin(store, earlier, xml) == (0, 0)
+    assert _bounds(store, earlier, gj) == BOUNDS
+    assert _bounds(store, earlier, xml) is None
+    moved_svs = {"source": str(tmp_path / "moved.svs"), "slide_id": "s"}
+    assert _bounds(store, moved_svs, gj) is None
     gone = {"source": str(tmp_path / "moved.scn"), "slide_id": "leica_1"}
-    with pytest.raises(Exception, match="rerun its patches job"):
-        _bounds_origin(store, gone, gj)
+    with pytest.raises(ConfigError, match="rerun its patches job"):
+        _bounds(store, gone, gj)
+
+
+def test_painted_label_masks_of_a_leica_slide_take_qupath_labels_where_drawn(
+    scn: Path, tmp_path: Path
+) -> None:
+    """`dsf labels` (the label masks the evaluation scores against) paints a QuPath rectangle
+    at the region's corner plus its numbers."""
+    import tifffile
+
+    from dsf.labels import paint_labels
+
+    gj = tmp_path / "a.geojson"
+    feature = {"type": "Feature", "properties": {"classification": {"name": "STR"}},
+               "geometry": {"type": "Polygon", "coordinates": [_rect(0, 0, 64, 32)]}}  # fmt: skip
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    out = tmp_path / "a.labels.tiff"
+    st = _settings() | {"base": None}
+    s = open_slide(scn)
+    paint_labels(s, {}, st, [235, 210, 235], MPP, out, 1, progress=False, annotation=gj)
+    painted = tifffile.imread(out, key=0)
+    rows, cols = np.nonzero(painted == 2)
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (256, 319, 128, 159)
 
 
 def test_a_store_of_a_leica_slide_takes_qupath_labels_where_they_were_drawn(
@@ -163,7 +212,7 @@ def test_a_store_of_a_leica_slide_takes_qupath_labels_where_they_were_drawn(
     st = defaults("patches") | {"target_mpp": MPP, "scale": 2, "block": 32, "stride": 64}
     assert extract(s, mask, 8.0, store, st, progress=False) > 0
     attrs = zarr.open_group(str(store), mode="r").attrs
-    assert list(attrs["bounds_origin"]) == list(ORIGIN)
+    assert list(attrs["bounds"]) == list(BOUNDS)
     gj = tmp_path / "leica_1.geojson"
     feature = {
         "type": "Feature",
