@@ -230,3 +230,33 @@ def test_a_store_of_a_leica_slide_takes_qupath_labels_where_they_were_drawn(
     x, y = coords[:, 0], coords[:, 1]
     assert len(coords) and (x >= ORIGIN[0]).all() and (y >= ORIGIN[1]).all()
     assert (x < ORIGIN[0] + 256).all() and (y < ORIGIN[1] + 256).all()
+
+
+def test_slide_scores_of_a_leica_slide_compare_the_map_with_qupath_labels_where_drawn(
+    scn: Path, tmp_path: Path
+) -> None:
+    """`dsf evaluate slide`: a map that predicts exactly what a pathologist drew in QuPath
+    scores perfectly (the drawing read at the region's corner, as the map is of the plane)."""
+    import pandas as pd
+
+    from dsf.evaluate import main as evaluate_main
+
+    f = 4  # slide px per map px (2 um/px)
+    truth = np.zeros((PLANE[1] // f, PLANE[0] // f), np.uint8)
+    ox, oy = ORIGIN[0] // f, ORIGIN[1] // f
+    truth[oy + 10 : oy + 60, ox + 20 : ox + 90] = 1
+    cmap = _write_map(tmp_path / "m.tiff", truth, slide="leica_1")
+    gj = tmp_path / "a.geojson"
+    drawn = {"type": "Polygon", "coordinates": [_rect(80, 40, 360, 240)]}
+    feature = {"type": "Feature", "properties": {"classification": {"name": "TUM"}},
+               "geometry": drawn}  # fmt: skip
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    folds = tmp_path / "folds.tsv"  # the map's model held the slide out
+    folds.write_text("slide\tgroup\tfold\nleica_1\tp1\t0\nother\tp2\t1\n")
+    out = tmp_path / "s.tsv"
+    args = ["slide", "--map", str(cmap), "--slide", str(scn), "--slide-id", "leica_1",
+            "--labels", str(gj), "--folds", str(folds), "--out", str(out),
+            "--classes", *CLASSES]  # fmt: skip
+    assert evaluate_main(args) == 0
+    row = pd.read_csv(out, sep="\t").iloc[0]
+    assert row["pixel_accuracy"] == 1.0 and row["cm_TUM_TUM"] == 50 * 70
