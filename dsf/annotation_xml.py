@@ -15,8 +15,9 @@
   (CAMELYON16's exclusion group `_2` over its tumour groups `_0` and `_1`), annotations of a
   group in file order.
 
-Coordinates are level-0 pixels in both, counted from the plane's corner as OpenSlide reads it
-(HALO does not crop MIRAX slides to OpenSlide's bounds, as QuPath does). This module reads the
+Coordinates are level-0 pixels in all three, taken as counted from the plane's corner as
+OpenSlide reads it (unlike QuPath's GeoJSON, counted from a MIRAX or Leica slide's bounds:
+unchecked for these tools on such slides). This module reads the
 file into polygons, each with the names its class may be known by (most specific first);
 `dsf.annotations` maps them to classes.
 """

@@ -442,12 +442,17 @@ class PolygonLabels(LabelSource):
         sw, sh = slide_dims
         extent = f"the slide (0..{sw} x 0..{sh} level-0 px)"
         shift = None
+        plane_hint = ""
         if self.from_bounds and bounds is not None:
             bx, by, sw, sh = bounds
             shift = (bx, by)
             extent = (
                 f"the slide's scanned region (0..{sw} x 0..{sh} px, counted from its corner at "
                 f"level-0 x {bx}, y {by}, as QuPath counts them)"
+            )
+            plane_hint = (
+                f". A GeoJSON counted from the plane's corner (another tool's, an older dsf's "
+                f"polygons) needs x {bx} and y {by} taken from its coordinates"
             )
             log.info("%s: %s counted from the scanned region's corner (x %d, y %d)", slide_id,
                      path, bx, by)  # fmt: skip
@@ -463,7 +468,8 @@ class PolygonLabels(LabelSource):
                 slide_id,
                 f"no annotation of {path} overlaps {extent}: "
                 f"the {self.kind} belongs to another slide or uses other coordinates. Check the "
-                "`labels` column of the sheet, and export the annotations in level-0 pixels",
+                "`labels` column of the sheet, and export the annotations in level-0 pixels"
+                + plane_hint,
             )
         # a shape drawn just past the slide's edge (a stroke beyond the image, a piece of a
         # region) is dropped with a word; farther ones mean other coordinates (below)
@@ -489,7 +495,7 @@ class PolygonLabels(LabelSource):
                 f"{path} lie wholly outside {extent}, one at "
                 f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}: "
                 f"the {self.kind} uses other coordinates (another scale, or another slide's). "
-                "Export the annotations in level-0 pixels, or remove those outside",
+                "Export the annotations in level-0 pixels, or remove those outside" + plane_hint,
             )
         if shift is not None:
             inside = [s.shifted(*shift) for s in inside]

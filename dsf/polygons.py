@@ -2,10 +2,10 @@
 
 The map is a separate image; pathologists review predictions on the slide itself. Each
 predicted region becomes a QuPath annotation (class name and colour of the map's palette,
-coordinates in the slide's level-0 pixels, counted as QuPath counts them: from the slide's
-`Slide.bounds` where OpenSlide gives them, MIRAX and Leica), so a drag onto the slide
-in QuPath shows them, and
-corrected annotations exported again are labels dsf reads (`labels` column). The map is traced
+coordinates in the slide's level-0 pixels, counted as QuPath counts them: from the corner of
+the slide's `Slide.bounds` where OpenSlide gives them, MIRAX and Leica), so a drag onto the
+slide in QuPath shows them, and corrected annotations exported again are labels dsf reads
+(`labels` column). The map is traced
 at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
 `polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels. With
 `polygons.imagescope` the same polygons are also written as Aperio ImageScope XML beside the
@@ -153,7 +153,9 @@ def _from(
     features: list[dict[str, Any]], bounds: tuple[int, int, int, int] | None
 ) -> list[dict[str, Any]]:
     """The features as QuPath places them on a slide with `bounds` (`Slide.bounds`: QuPath's
-    image of a MIRAX or Leica slide is that region): clipped to it, counted from its corner."""
+    image of a MIRAX or Leica slide is that region): counted from its corner, each vertex
+    clamped to it (as `map_polygons` clamps to the plane: exact for the region's straight
+    edges; a region wholly off it is dropped)."""
     if bounds is None:
         return features
     x, y, w, h = bounds

@@ -315,7 +315,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self._epochs_run = 0  # in this process: the first includes the workers' start
-        # a run resumed mid-epoch: the steps of that epoch done before, and their loss sums
+        # a run resumed mid-epoch: the steps of that epoch done before, their loss sums, and
+        # the seconds they took and waited for tiles
         self._resume_at: tuple[int, list[float], float, float] | None = None
         self._said_starved = False
         self._stop: int | None = None  # the stop signal received, if any
@@ -535,7 +536,7 @@ class Trainer:
         row = {
             "epoch": self.epoch,
             **dict(zip(keys, (sums / steps).tolist(), strict=True)),
-            "samples_per_s": samples / dt,  # of this process's steps
+            "samples_per_s": samples / dt,  # of the steps since this run started or resumed
             "seconds": before + dt,
             "data_wait": (waited_before + self.loader.waited - waited) / (before + dt),
             "lr": self.lr,

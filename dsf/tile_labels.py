@@ -350,8 +350,9 @@ def _bounds(store: Path, attrs: Any, annotation: Path) -> tuple[int, int, int, i
     if source.suffix.lower() in BOUNDS_SUFFIXES:
         raise ConfigError(
             f"{store} was cut by an earlier dsf that did not record the scanned region QuPath "
-            f"counts coordinates from, and its slide {source} is gone: rerun its patches job "
-            "(delete the store)"
+            f"counts coordinates from, and its slide {source} is gone: put the slide back there "
+            "for this job (only its properties are read), or delete the store to cut it again "
+            "(which reruns the pretraining that read it)"
         )
     # a slide moved since (`snakemake --touch` kept its results), of a format without bounds
     return None

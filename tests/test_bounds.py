@@ -119,6 +119,7 @@ def test_geojson_off_the_scanned_region_is_refused_in_the_files_own_numbers(
         in said
     )
     assert "one at x 100..200, y 800..880" in said
+    assert "needs x 256 and y 128 taken from its coordinates" in said
 
 
 def test_prediction_polygons_count_from_the_region_and_read_back_as_the_map(
@@ -171,7 +172,7 @@ def test_tile_labels_take_the_bounds_from_the_store_or_else_from_its_slide(
     moved_svs = {"source": str(tmp_path / "moved.svs"), "slide_id": "s"}
     assert _bounds(store, moved_svs, gj) is None
     gone = {"source": str(tmp_path / "moved.scn"), "slide_id": "leica_1"}
-    with pytest.raises(ConfigError, match="rerun its patches job"):
+    with pytest.raises(ConfigError, match="put the slide back there"):
         _bounds(store, gone, gj)
 
 
