@@ -454,8 +454,6 @@ class PolygonLabels(LabelSource):
                 f". A GeoJSON counted from the plane's corner (another tool's, an older dsf's "
                 f"polygons) needs x {bx} and y {by} taken from its coordinates"
             )
-            log.info("%s: %s counted from the scanned region's corner (x %d, y %d)", slide_id,
-                     path, bx, by)  # fmt: skip
 
         def within(shape: _Shape, margin: float) -> bool:
             """Whether the shape's box meets the slide grown by `margin` px on every side."""
@@ -499,6 +497,8 @@ class PolygonLabels(LabelSource):
             )
         if shift is not None:
             inside = [s.shifted(*shift) for s in inside]
+            log.info("%s: %s counted from the scanned region's corner (x %d, y %d)", slide_id,
+                     path, *shift)  # fmt: skip
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
 

@@ -342,9 +342,9 @@ def _bounds(store: Path, attrs: Any, annotation: Path) -> tuple[int, int, int, i
     if "bounds" in attrs:
         given = attrs["bounds"]
         return (int(given[0]), int(given[1]), int(given[2]), int(given[3])) if given else None
-    source = Path(str(attrs["source"]))
     if annotation.suffix.lower() not in GEOJSON_SUFFIXES:
         return None
+    source = Path(str(attrs["source"]))
     if source.is_file():
         return file_bounds(source, str(attrs["slide_id"]))
     if source.suffix.lower() in BOUNDS_SUFFIXES:
