@@ -31,12 +31,17 @@ def _open_ring(ring: Sequence[Sequence[float]]) -> np.ndarray:
     return pts
 
 
+def ring_area(ring: Sequence[Sequence[float]] | np.ndarray) -> float:
+    """A ring's area (shoelace) in its coordinates' square units, from its vertices with or
+    without GeoJSON's closing repeat (which adds nothing)."""
+    x, y = np.asarray(ring, np.float64)[:, :2].T
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
 def _area_length(pts: np.ndarray) -> tuple[float, float]:
-    """Area (shoelace) and perimeter of a closed polygon given by its open vertex list."""
-    x, y = pts[:, 0], pts[:, 1]
-    xn, yn = np.roll(x, -1), np.roll(y, -1)
-    area = abs(float(np.dot(x, yn) - np.dot(xn, y))) / 2
-    return area, float(np.hypot(xn - x, yn - y).sum())
+    """Area and perimeter of a closed polygon given by its open vertex list."""
+    step = np.roll(pts, -1, axis=0) - pts
+    return ring_area(pts), float(np.hypot(step[:, 0], step[:, 1]).sum())
 
 
 def nesting_depths(polygons: Sequence[Sequence[np.ndarray]]) -> list[int]:

@@ -5,11 +5,11 @@ predicted region becomes a QuPath annotation (class name and colour of the map's
 coordinates in the slide's level-0 pixels, counted as QuPath counts them: from the corner of
 the slide's `Slide.bounds` where OpenSlide gives them, MIRAX and Leica), so a drag onto the
 slide in QuPath shows them, and corrected annotations exported again are labels dsf reads
-(`labels` column). The map is traced
-at about `polygons.mpp` (its pyramid level at or finer than that), regions and holes under
-`polygons.min_um2` are left out, rings simplified by `polygons.tolerance` traced pixels. With
-`polygons.imagescope` the same polygons are also written as Aperio ImageScope XML beside the
-GeoJSON (`dsf.imagescope`).
+(`labels` column). Polygons stay on the slide, and on a MIRAX or Leica slide on its scanned
+region (what QuPath shows of it). The map is traced at about `polygons.mpp` (its pyramid level
+at or finer than that), regions and holes under `polygons.min_um2` are left out, rings
+simplified by `polygons.tolerance` traced pixels. With `polygons.imagescope` the same polygons
+are also written as Aperio ImageScope XML beside the GeoJSON (`dsf.imagescope`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dsf.class_map import ClassMap, add_map_arguments, open_map
 from dsf.colours import class_colours
 from dsf.config import add_section_arguments, section_from_args
 from dsf.errors import ConfigError
-from dsf.imagescope import imagescope_xml, written_by_dsf
+from dsf.imagescope import imagescope_xml, ring_area, written_by_dsf
 from dsf.runner import run, setup_logging
 from dsf.slide import add_tolerance_argument, open_slide
 from dsf.trace import class_features
@@ -77,11 +77,15 @@ def check_slide_fits(cmap: ClassMap, slide_id: str, dims: tuple[int, int], mpp0:
 
 
 def map_polygons(
-    cmap: ClassMap, mpp0: float, settings: dict[str, Any], dims: tuple[int, int] | None = None
+    cmap: ClassMap,
+    mpp0: float,
+    settings: dict[str, Any],
+    region: tuple[int, int, int, int] | None = None,
 ) -> dict[str, Any]:
     """The map's regions as a GeoJSON FeatureCollection in level-0 px of a slide at `mpp0`,
-    clipped to the slide's `dims` (width, height): a map's last pixels, and more so a coarse
-    level's, reach past the slide's edge."""
+    clipped to `region` (x, y, width, height in level-0 px: the slide's plane, or its
+    `Slide.bounds`): a map's last pixels, and more so a coarse level's, reach past the slide's
+    edge, and a MIRAX or Leica map covers the glass around the scanned region too."""
     level = trace_level(cmap, float(settings["mpp"]))
     level_mpp = cmap.level_mpp(level)
     classes = [str(c) for c in cmap.meta["classes"]]
@@ -99,6 +103,8 @@ def map_polygons(
     scale = cmap.mpp / mpp0  # level-0 px per map px
     f = 2**level
     shift = (f // 2 + 0.5 - f / 2) * scale
+    if region is not None:  # traced pixels wholly off the region are background
+        raster = _within(raster, region, f * scale, shift)
     features = list(
         class_features(
             raster,
@@ -120,12 +126,14 @@ def map_polygons(
             xy = np.where(np.isclose(xy, far, atol=0.01), edge, xy)
             rings.append(xy.tolist())
         feat["geometry"]["coordinates"] = rings
-    if dims is not None:
-        for feat in features:
-            feat["geometry"]["coordinates"] = [
-                np.clip(np.asarray(ring), 0, dims).tolist()
-                for ring in feat["geometry"]["coordinates"]
-            ]
+    if region is not None:  # the pixels across its edges: their part on it
+        lo = np.array(region[:2], np.float64)
+        hi = lo + region[2:]
+        features = [
+            feat | {"geometry": feat["geometry"] | {"coordinates": rings}}
+            for feat in features
+            if (rings := _clipped(feat["geometry"]["coordinates"], lo, hi))
+        ]
     counts = Counter(f["properties"]["classification"]["name"] for f in features)
     traced: Counter[str] = Counter()
     for feat in features:
@@ -149,43 +157,55 @@ def map_polygons(
     return {"type": "FeatureCollection", "features": features}
 
 
+def _within(
+    raster: np.ndarray, region: tuple[int, int, int, int], px: float, shift: float
+) -> np.ndarray:
+    """`raster` (traced pixels of `px` level-0 px, the first starting at `shift`) with the
+    pixels wholly outside `region` (x, y, width, height in level-0 px) set to 0, so that no
+    outline runs off it (a vertex clamp of such an outline folds it onto the edge)."""
+    x, y, w, h = region
+    c0, r0 = (max(0, math.floor((v - shift) / px)) for v in (x, y))
+    c1, r1 = (max(0, math.ceil((v - shift) / px)) for v in (x + w, y + h))
+    if r0 == c0 == 0 and r1 >= raster.shape[0] and c1 >= raster.shape[1]:
+        return raster
+    out = np.zeros_like(raster)
+    out[r0:r1, c0:c1] = raster[r0:r1, c0:c1]
+    return out
+
+
+def _clipped(rings: list[Any], lo: np.ndarray, hi: np.ndarray) -> list[list[Any]]:
+    """A polygon's rings clamped to the box `lo`..`hi`: exact for an outline whose pixels
+    straddle the box's edges only (`_within`). Holes clamped to a line are left out; [] when
+    the outer ring is."""
+    outer, *holes = (np.clip(np.asarray(r, np.float64), lo, hi) for r in rings)
+    if ring_area(outer) == 0:
+        return []
+    return [r.tolist() for r in (outer, *holes) if ring_area(r) > 0]
+
+
 def _from(
     features: list[dict[str, Any]], bounds: tuple[int, int, int, int] | None
 ) -> list[dict[str, Any]]:
-    """The features as QuPath places them on a slide with `bounds` (`Slide.bounds`: QuPath's
-    image of a MIRAX or Leica slide is that region): counted from its corner, each vertex
-    clamped to it (as `map_polygons` clamps to the plane: exact for the region's straight
-    edges; a region wholly off it is dropped)."""
+    """The features (clipped to `bounds` by `map_polygons`) as QuPath places them on a slide
+    with `bounds` (`Slide.bounds`: QuPath's image of a MIRAX or Leica slide is that region):
+    counted from its corner."""
     if bounds is None:
         return features
     x, y, w, h = bounds
     log.info("coordinates counted from the slide's scanned region at x %d, y %d, as QuPath "
-             "counts them, and clipped to it (%d x %d px)", x, y, w, h)  # fmt: skip
-    d, size = np.array([x, y], np.float64), np.array([w, h], np.float64)
-
+             "counts them (%d x %d px)", x, y, w, h)  # fmt: skip
+    d = np.array([x, y], np.float64)
     out = []
     for feat in features:
-        outer, *holes = (
-            np.clip(np.asarray(r) - d, 0, size) for r in feat["geometry"]["coordinates"]
-        )
-        if _ring_area(outer) == 0:  # wholly off the region: clipped to a line
-            continue
-        rings = [outer, *(h for h in holes if _ring_area(h) > 0)]
-        geometry = feat["geometry"] | {"coordinates": [r.tolist() for r in rings]}
-        out.append(feat | {"geometry": geometry})
+        rings = [(np.asarray(r) - d).tolist() for r in feat["geometry"]["coordinates"]]
+        out.append(feat | {"geometry": feat["geometry"] | {"coordinates": rings}})
     return out
-
-
-def _ring_area(ring: Any) -> float:
-    """A ring's area (shoelace) in its coordinates' square units."""
-    x, y = np.asarray(ring, np.float64).T
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
 
 def _area(feature: dict[str, Any]) -> float:
     """A polygon feature's area in its coordinates' square units (outer ring less holes)."""
     rings = feature["geometry"]["coordinates"]
-    return sum(_ring_area(r) if i == 0 else -_ring_area(r) for i, r in enumerate(rings))
+    return sum(ring_area(r) if i == 0 else -ring_area(r) for i, r in enumerate(rings))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             args.slide, args.sheet_mpp, args.slide_id, mpp_tolerance=args.mpp_tolerance
         ) as slide:
             check_slide_fits(cmap, slide.slide_id, slide.dimensions, slide.mpp)
-            mpp0, dims, bounds = slide.mpp, slide.dimensions, slide.bounds
-        features = map_polygons(cmap, mpp0, settings, dims)["features"]
+            mpp0, bounds = slide.mpp, slide.bounds
+            region = bounds or (0, 0, *slide.dimensions)
+        features = map_polygons(cmap, mpp0, settings, region)["features"]
         collection = {"type": "FeatureCollection", **MARK, "features": _from(features, bounds)}
         with atomic_path(args.out) as tmp:  # dumps: json's C encoder (dump's is Python)
             tmp.write_text(json.dumps(collection, separators=(",", ":")))
-        if xml is not None:  # ImageScope counts from the plane's corner, as dsf reads XML
+        if xml is not None:  # the same, counted from the plane's corner (as dsf reads XML)
             with atomic_path(xml) as tmp:
                 tmp.write_bytes(imagescope_xml(features, mpp0))
 

@@ -155,6 +155,63 @@ def test_prediction_polygons_count_from_the_region_and_read_back_as_the_map(
     assert (xy.min(0) == 0).all() and (xy.max(0) == REGION).all()
 
 
+def _folded(ring: np.ndarray, axis: int, value: float) -> float:
+    """How far `ring`'s edges on the line `axis` = `value` run over each other: 0 for a
+    simple polygon's outline, more where a clamp folded an outline onto the line."""
+    spans = [
+        sorted((a[1 - axis], b[1 - axis]))
+        for a, b in zip(ring[:-1], ring[1:], strict=True)
+        if a[axis] == b[axis] == value
+    ]
+    covered = np.zeros(int(max((hi for _, hi in spans), default=0)) + 1, bool)
+    for lo, hi in spans:
+        covered[int(lo) : int(hi)] = True
+    return sum(hi - lo for lo, hi in spans) - covered.sum()
+
+
+def test_a_region_across_the_scanned_regions_edge_is_cut_there_not_folded_onto_it(
+    scn: Path, tmp_path: Path
+) -> None:
+    """A predicted region reaching off the scanned region (a map of the whole plane,
+    infer.mask_output false) ends on its edge as a simple outline: the part off it traced
+    as background, not its vertices clamped onto the edge (where an outline turning back
+    runs over itself, a polygon QuPath reports as invalid). Read back, the map on the
+    region."""
+    f = 4
+    truth = np.zeros((PLANE[1] // f, PLANE[0] // f), np.uint8)
+    ox, oy = ORIGIN[0] // f, ORIGIN[1] // f
+    truth[oy + 10 : oy + 60, ox : ox + 40] = 1  # on the region, from its left edge
+    truth[oy + 15 : oy + 40, ox - 12 : ox] = 1  # off it: a cup open upwards
+    truth[oy + 15 : oy + 32, ox - 9 : ox - 3] = 0
+    truth[oy - 8 : oy + 5, ox + 50 : ox + 60] = 1  # across its top edge
+    cmap = _write_map(tmp_path / "m.tiff", truth, slide="leica_1")
+    out = tmp_path / "m.geojson"
+    args = ["--map", str(cmap), "--slide", str(scn), "--slide-id", "leica_1", "--out", str(out)]
+    assert polygons_main([*args, "--mpp", "2", "--min-um2", "0", "--tolerance", "0"]) == 0
+    rings = [
+        np.asarray(r)
+        for ft in json.loads(out.read_text())["features"]
+        for r in ft["geometry"]["coordinates"]
+    ]
+    assert len(rings) == 2
+    for ring in rings:
+        assert _folded(ring, 0, 0) == 0 and _folded(ring, 1, 0) == 0
+        assert len(np.unique(ring[:-1], axis=0)) == len(ring) - 1  # no vertex twice
+    s = open_slide(scn)
+    back = open_labels(out, "leica_1", s.dimensions, s.mpp, _settings(), s.bounds)
+    on = np.zeros_like(truth)
+    on[oy : oy + REGION[1] // f, ox : ox + REGION[0] // f] = 1
+    assert np.array_equal(back.read(0, 0, *truth.shape[::-1], 2.0), truth * on)
+    # the defaults: traced on the map's level 1, whose pixels straddle the region's edges
+    assert polygons_main([*args, "--min-um2", "0"]) == 0
+    for ft in json.loads(out.read_text())["features"]:
+        for ring in map(np.asarray, ft["geometry"]["coordinates"]):
+            assert (ring >= 0).all() and (ring <= REGION).all()
+            assert _folded(ring, 0, 0) == 0 and _folded(ring, 1, 0) == 0
+    back = open_labels(out, "leica_1", s.dimensions, s.mpp, _settings(), s.bounds)
+    assert (back.read(0, 0, *truth.shape[::-1], 2.0) == truth * on).mean() > 0.99
+
+
 def test_tile_labels_take_the_bounds_from_the_store_or_else_from_its_slide(
     scn: Path, tmp_path: Path
 ) -> None:
