@@ -17,6 +17,12 @@ from dsf.map_writer import MapWriter, RowsToHost, WriterThread
 from dsf.predict import Predictor
 from dsf.windows import Band, Grid, final_rows, hann_weights
 
+#: Window rows the queued windows may span before they run, short of a batch: each core row
+#: their blend touches is held at the band's width ((classes + 1) x stride x band width
+#: floats, 31 MB at block 256, overlap 0.25, 32 windows and 5 classes), so a batch filled
+#: from sparse rows (a band at the tissue's edge, one window a row) had held batch_size of them.
+MAX_SPAN = 4
+
 
 def _rows(chunks: dict[int, torch.Tensor], chunk_h: int, y: int, size: int) -> torch.Tensor:
     """Rows [y, y + size) of the band's concatenated chunks (H, W, 3): a view where one chunk
@@ -221,7 +227,7 @@ class Stitcher:
 
     def _emit(self, wr: int) -> None:
         """Cut the tissue windows of window row `wr` (all its chunks are on the device) in two
-        gathers, and run the batches that fill up."""
+        gathers, and run the batches that fill up (or span MAX_SPAN window rows)."""
         assert self.band is not None
         g = self.grid
         s, b, sc = g.stride, g.block, g.scale
@@ -235,7 +241,9 @@ class Stitcher:
             ctx = _windows(_rows(self.ctx, s // sc, k0 * s // sc, b), 0, s // sc, cells)
             self.batch.append((wr, cells, ctx, tgt))
             self.queued += len(wcols)
-        while self.queued >= self.batch_size:
+        while self.queued >= self.batch_size or (
+            self.batch and wr - self.batch[0][0] + 1 >= MAX_SPAN
+        ):
             self._run_batch()
             # every window of the rows before wr has run: their core rows are final
             self._finish_rows(final_rows(g, wr - 1))

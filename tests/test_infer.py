@@ -430,6 +430,35 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
     assert meta["windows"] < tissue_windows(full, np.ones_like(mask), MPP * 8, MPP).sum()
 
 
+def test_a_band_of_sparse_windows_holds_few_rows_of_its_blend(tmp_path, stripes, monkeypatch):
+    """A thin strip of tissue gives a band one window a row: its windows run once they span
+    MAX_SPAN window rows, short of a batch, so the blend holds a few core rows of the band's
+    width, not a batch's worth (a batch of 64 had held 64 of them, 2 GB at the paper's
+    geometry); the map is the same."""
+    import dsf.stitch
+
+    path, cls = stripes
+    h, w = cls.shape
+    mask = np.zeros((h // 8 + 1, w // 8 + 1), bool)
+    mask[:, 20:22] = True  # target px columns 160-176: one 32 px window a row
+    held, row = [0], dsf.stitch.BandAccumulator._row
+
+    def counting(self, r):  # noqa: ANN001, ANN202
+        out = row(self, r)
+        held[0] = max(held[0], len(self.rows))
+        return out
+
+    monkeypatch.setattr(dsf.stitch.BandAccumulator, "_row", counting)
+    out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, mask_output=True, batch_size=64)
+    assert meta["windows"] > 3 * dsf.stitch.MAX_SPAN  # more rows than a span, fewer than a batch
+    got = read_map(out / "map.tiff")
+    inside = np.zeros_like(got, bool)
+    inside[:, 160:176] = True
+    np.testing.assert_array_equal(got[inside], cls[inside])
+    assert (got[~inside] == 0).all()
+    assert 0 < held[0] <= dsf.stitch.MAX_SPAN + 3
+
+
 def test_a_mask_without_tissue_is_refused_and_leaves_no_map(tmp_path, stripes) -> None:  # noqa: ANN001
     """An empty mask (by hand, or another slide's) gave an all-background map that looked
     complete; DESIGN: no tissue is an error naming the slide, never an empty output."""
