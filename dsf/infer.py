@@ -111,12 +111,12 @@ def infer_slide(
     for old in (out_map, out_overlay, out_meta, probs):
         remove(old)
     p = preds[0]
-    f = out_factor(settings["out_mpp"], p.target_mpp)
     # the slide is read at what its level delivers for the model's mpp, as its tiles were cut
     # (`dsf.patches`): within patches.mpp_tolerance the level as it is (0.2527 for 0.25), so
     # the grid, the reads and the map's mpp are all in those pixels and a map pixel covers
     # the slide region it claims (a grid at the nominal mpp drifted across each band)
     t = slide.effective_mpp(p.target_mpp)
+    f = out_factor(settings["out_mpp"], t, slide.mpp_tolerance)
     if slide.upsamples(t):  # as dsf.patches warns for training tiles
         example = ", e.g. the 5x/20x geometry for 20x scans" if slide.mpp <= TWENTY_X_MPP else ""
         log.warning(

@@ -129,7 +129,7 @@ def check_given_models(
             if first is None:
                 first = (path, meta)
                 try:
-                    out_factor(out_mpp, _geometry(meta)[0])
+                    out_factor(out_mpp, _geometry(meta)[0], tol)
                 except ConfigError as exc:
                     raise ConfigError(f"apply.models.{name} ({path}): {exc}") from exc
             else:

@@ -122,17 +122,22 @@ def tissue_windows(grid: Grid, mask: np.ndarray, mask_mpp: float, target_mpp: fl
     return total > 0
 
 
-def out_factor(out_mpp: float | None, target_mpp: float) -> int:
-    """Integer output pixel size in target px (infer.out_mpp must be a multiple)."""
+def out_factor(out_mpp: float | None, target_mpp: float, tolerance: float = 0.0) -> int:
+    """Integer output pixel size in target px: infer.out_mpp must be a whole multiple of
+    `target_mpp` within the relative `tolerance` (patches.mpp_tolerance: the map is made at
+    what the slide's level delivers, 0.2527 x 2 for a model of 0.5 on a 40x scan, and a model
+    records its tiles' mpp, 0.505 for such a scan's)."""
     if out_mpp is None:
         return 1
     f = out_mpp / target_mpp
-    if f < 1 - 1e-6 or abs(f - round(f)) > 1e-6:
+    n = max(1, round(f))
+    if abs(f / n - 1) > max(tolerance, 1e-6):
+        within = f" (within patches.mpp_tolerance {tolerance:g})" if tolerance else ""
         raise ConfigError(
-            f"infer.out_mpp {out_mpp} must be a whole multiple of the target mpp {target_mpp} "
-            f"(e.g. {target_mpp}, {2 * target_mpp}, {4 * target_mpp})"
+            f"infer.out_mpp {out_mpp} must be a whole multiple of the target mpp {target_mpp:g}"
+            f"{within} (e.g. {target_mpp:g}, {2 * target_mpp:g}, {4 * target_mpp:g})"
         )
-    return int(round(f))
+    return n
 
 
 def final_rows(grid: Grid, last_done_wrow: int) -> int:

@@ -23,7 +23,7 @@ from dsf.metrics import confusion, scores
 from dsf.predict import Predictor
 from dsf.slide import open_slide
 from dsf.tiff_backend import tiff_tag_mpp
-from dsf.windows import make_grid, tissue_windows
+from dsf.windows import make_grid, out_factor, tissue_windows
 
 from conftest import DEVICE, rgb_slide
 
@@ -665,9 +665,20 @@ def test_a_writer_error_stops_the_run_and_leaves_no_map(tmp_path, stripes, monke
 
 
 def test_output_mpp_must_be_a_multiple(tmp_path, stripes):
-    path, _ = stripes
+    """A multiple of the mpp the map is made at, within patches.mpp_tolerance: a model that
+    records its tiles' 0.505 um/px maps a 0.5 um/px slide at its 0.5, and out_mpp 1.0 is 2 of
+    those (it had been refused, and 1.01 taken for 1.0)."""
+    path, cls = stripes
     with pytest.raises(ConfigError, match="infer.out_mpp"):
         run_infer(tmp_path, path, [oracle(32)], out_mpp=0.75)
+    pred = oracle(32)
+    pred.target_mpp = 0.505
+    _, meta = run_infer(tmp_path, path, [pred], out_mpp=1.0)
+    assert meta["mpp"] == 1.0 and meta["target_mpp"] == 0.5
+    assert read_map(tmp_path / "out" / "map.tiff").shape == tuple(-(-n // 2) for n in cls.shape)
+    assert out_factor(2.0, 0.2527 * 2, 0.05) == 4
+    with pytest.raises(ConfigError, match="within patches.mpp_tolerance 0.01"):
+        out_factor(2.0, 0.2527 * 2, 0.01)
 
 
 def test_a_map_tile_tiff_cannot_hold_is_refused_before_any_prediction() -> None:

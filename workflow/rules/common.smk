@@ -360,7 +360,11 @@ else:
     # (a prediction run checks infer.out_mpp against its models' mpp, check_given_models)
     from dsf.windows import out_factor
 
-    out_factor(config["infer"]["out_mpp"], config["patches"]["target_mpp"])
+    out_factor(
+        config["infer"]["out_mpp"],
+        config["patches"]["target_mpp"],
+        config["patches"]["mpp_tolerance"],
+    )
 _PRE = config["pretrain"]
 if _PRE["gpus"] > 1 and _PRE["batch_size"] % _PRE["gpus"]:
     from dsf.errors import ConfigError
