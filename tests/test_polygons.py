@@ -12,6 +12,7 @@ from dsf.annotations import open_labels
 from dsf.class_map import open_map
 from dsf.class_tiff import pyramid_shapes, write_tiff
 from dsf.config import defaults
+from dsf.imagescope import ring_area
 from dsf.polygons import main, trace_level
 from dsf.synth_tissue import render_labels
 
@@ -105,6 +106,18 @@ def test_polygons_stay_on_a_slide_the_map_overhangs(tmp_path: Path) -> None:
     (feat,) = json.loads(out.read_text())["features"]
     xy = np.asarray(feat["geometry"]["coordinates"][0])
     assert xy[:, 0].max() == w and xy[:, 1].max() == h and xy.min() >= 0
+    # a reduced level's last column, placed on its sampled map pixel, can start past a slide
+    # that ends in the first half of the map's last pixel: no polygon of it (it had been
+    # written clipped to a line, of no area)
+    n = 9  # map px; the slide ends 1 px into the last (4 slide px each)
+    thin = rgb_slide(tmp_path / "thin.tif", np.full((H, 4 * n - 3, 3), 200, np.uint8), SLIDE_MPP)
+    edge = np.ones((H // 4, n), np.uint8)
+    edge[:, -1] = 2
+    cmap = _write_map(tmp_path / "edge.tiff", edge)
+    assert _run(thin, cmap, out, "--mpp", "4", "--tolerance", "0", "--min-um2", "0") == 0
+    for feat in json.loads(out.read_text())["features"]:
+        assert all(ring_area(r) > 0 for r in feat["geometry"]["coordinates"])
+        assert np.asarray(feat["geometry"]["coordinates"][0])[:, 0].max() <= 4 * n - 3
 
 
 def test_small_regions_and_holes_are_left_out(
