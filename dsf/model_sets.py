@@ -91,7 +91,7 @@ def check_given_models(
     classes: list[str],
     out_mpp: float | None = None,
     mpp_tolerance: float | None = None,
-) -> None:
+) -> dict[str, float]:
     """Refuse at the start what would stop a prediction run midway or average what does not
     belong together (metadata only, the weights mapped, not read): a file that is not a
     fine-tuned model; a name whose models differ in init, classes, geometry or label fraction
@@ -100,13 +100,14 @@ def check_given_models(
     would not be validation) or predicting other classes than `labels.classes`; with `patches`
     (the tile protocol) a model whose target mpp, block or scale differ from that section;
     an `infer.out_mpp` that is no whole multiple of the models' target mpp. Target mpp
-    within `mpp_tolerance` (patches.mpp_tolerance) are one geometry."""
+    within `mpp_tolerance` (patches.mpp_tolerance) are one geometry. Returns each name's
+    target mpp (its first model's)."""
     from dsf.checkpoints import load  # torch: only a prediction run pays for it
     from dsf.predict import REQUIRED
     from dsf.slide import tolerance
 
     tol = tolerance(mpp_tolerance)
-
+    target_mpps: dict[str, float] = {}
     for name, paths in models.items():
         first: tuple[str, dict[str, Any]] | None = None
         seen: dict[str, list[str]] = {}  # annotated slide: the models that trained on it
@@ -128,6 +129,7 @@ def check_given_models(
                 )
             if first is None:
                 first = (path, meta)
+                target_mpps[name] = _geometry(meta)[0]
                 try:
                     out_factor(out_mpp, _geometry(meta)[0], tol)
                 except ConfigError as exc:
@@ -164,6 +166,7 @@ def check_given_models(
                 "give models that did not train on them. If they are other slides that share "
                 "those names, give them other ids (the sheet's `slide` column)"
             )
+    return target_mpps
 
 
 def _geometry(meta: dict[str, Any]) -> tuple[float, int, int]:

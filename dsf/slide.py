@@ -544,21 +544,33 @@ def check_resolutions(
     return mpps
 
 
-def upsampling_note(mpps: dict[str, float], target_mpp: float, tolerance: float) -> str | None:
+def upsampling_note(
+    mpps: dict[str, float], target_mpp: float, tolerance: float, models: bool = False
+) -> str | None:
     """What to say, at the start of a run, of slides scanned coarser than `patches.target_mpp`
     (beyond `tolerance`): their tiles are upsampled, which adds no detail and multiplies the
     stores' size (a 20x cohort under a 40x setting); None when there are none. The stages
-    would say it only in each slide's job log."""
+    would say it only in each slide's job log. With `models`, `target_mpp` is a prediction
+    run's models' (apply.models): such slides are upsampled for them."""
     # as effective_mpp decides: within the tolerance of a level, read as it is
     coarse = {s: m for s, m in mpps.items() if target_mpp / m < 1.0 - tolerance}
     if not coarse:
         return None
     named = some([f"{s} ({m:.4g})" for s, m in coarse.items()], 5)
     finest = min(coarse.values())
+    up = f"{max(coarse.values()) / target_mpp:.2g}x"
+    if models:
+        return (
+            f"{len(coarse)} of {len(mpps)} slides are scanned coarser than the models' "
+            f"{target_mpp:g} um/px (apply.models): {named} um/px. They are upsampled for the "
+            f"models (up to {up}), and their maps show what the models make of blurred tissue; "
+            f"map such slides with models trained at {finest:.4g} um/px or coarser "
+            "(patches.target_mpp)"
+        )
     return (
         f"{len(coarse)} of {len(mpps)} slides are scanned coarser than patches.target_mpp "
-        f"{target_mpp:g} um/px: {named} um/px. Their tiles are upsampled (up to "
-        f"{max(coarse.values()) / target_mpp:.2g}x), which adds no detail and makes their patch "
-        f"stores larger; for such a cohort set patches.target_mpp to {finest:.4g} or coarser"
+        f"{target_mpp:g} um/px: {named} um/px. Their tiles are upsampled (up to {up}), which "
+        "adds no detail and makes their patch stores larger; for such a cohort set "
+        f"patches.target_mpp to {finest:.4g} or coarser"
         + (" (the paper's 5x/20x pair: 0.5)" if finest <= TWENTY_X_MPP else "")
     )

@@ -664,6 +664,14 @@ def test_slides_coarser_than_the_target_are_named_at_the_start(tmp_path: Path) -
     assert "set patches.target_mpp to 0.499 or coarser (the paper's 5x/20x pair" in note
     coarse = upsampling_note({"a": 0.25, "d": 4.0}, 0.25, 0.05)  # no 20x scan: no 5x/20x
     assert coarse is not None and coarse.endswith("set patches.target_mpp to 4 or coarser")
+    # a prediction run: against its models' mpp (it had said patches.target_mpp's, a setting
+    # it does not read, and named slides finer than the models as upsampled)
+    assert upsampling_note({"a": 0.499, "b": 1.0}, 2.0, 0.05, models=True) is None
+    said = upsampling_note({"a": 0.499, "b": 4.0}, 2.0, 0.05, models=True)
+    assert said is not None and said.startswith(
+        "1 of 2 slides are scanned coarser than the models' 2 um/px (apply.models): b (4) um/px"
+    )
+    assert "up to 2x" in said and "models trained at 4 um/px or coarser" in said
 
 
 # -- model files ------------------------------------------------------------------------------

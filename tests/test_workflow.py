@@ -861,8 +861,14 @@ def test_a_prediction_run_plans_maps_only(tmp_path: Path, real: Path) -> None:
     """apply.models: tissue, infer and polygons for every slide, with the given models (a
     folder's model.pt files, sorted) and routing `given`; a missing path names its key."""
     cfg = _prediction_workdir(tmp_path, real)
-    out = _plan(tmp_path, cfg).stdout
+    planned = _plan(tmp_path, cfg)
+    out = planned.stdout
     assert job_counts(out) == {"tissue": 2, "infer": 4, "polygons": 4, "areas": 2, "all": 1}
+    # CMU-1 (0.499 um/px) is coarser than the models' 0.25: said against them, not against
+    # patches.target_mpp, which a prediction run does not read
+    said = planned.stdout + planned.stderr
+    assert "2 of 2 slides are scanned coarser than the models' 0.25 um/px (apply.models)" in said
+    assert "patches.target_mpp 0.25" not in said
     infer = [ln for ln in out.splitlines() if "dsf infer " in ln]
     dsf = [ln for ln in infer if "maps/dsf/" in ln]
     assert len(dsf) == 2 and all("--routing given" in ln for ln in infer)

@@ -138,7 +138,7 @@ if APPLY:  # what would stop the run midway or mix models, refused before anythi
     from dsf.model_sets import check_given_models, check_results_apart
 
     check_results_apart(APPLY, RESULTS)
-    check_given_models(
+    MODEL_MPPS = check_given_models(
         APPLY,
         LABELLED,
         config["patches"] if TILE_SCORED else None,
@@ -168,7 +168,10 @@ if workflow.is_main_process:
         cache=Path(".snakemake") / "dsf-slides-checked.json",
     )
     if note := upsampling_note(
-        SLIDE_MPPS, config["patches"]["target_mpp"], config["patches"]["mpp_tolerance"]
+        SLIDE_MPPS,
+        min(MODEL_MPPS.values()) if APPLY else config["patches"]["target_mpp"],
+        config["patches"]["mpp_tolerance"],
+        models=bool(APPLY),
     ):
         logging.getLogger("dsf").warning(note)
     # a copy of the demo's config keeps its synthetic slides: they would join the user's
