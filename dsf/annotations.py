@@ -203,38 +203,68 @@ class _Shape:
 def _name_map(settings: dict[str, Any]) -> dict[str, int]:
     """Annotation class name (lower case) -> class index: the classes' own names, then
     `labels.names` (and its older name `geojson_names`). The name of class 0 (unlabelled) is
-    not among them: only `labels.names` erases (`_resolve` says why)."""
+    not among them: only `labels.names` erases (`_Classes.index` says why)."""
     names = {name.strip().lower(): i for i, name in enumerate(settings["classes"]) if i}
     for key in ("geojson_names", "names"):
         names.update({str(k).strip().lower(): int(v) for k, v in settings.get(key, {}).items()})
     return names
 
 
-def _resolve(
-    candidates: list[str], names: dict[str, int], settings: dict[str, Any], where: str, sid: str
-) -> int:
-    """The class index of the first of an annotation's `candidates` names that is known."""
-    for name in candidates:  # matched as XML names are: case and outer spaces aside
-        if name.strip().lower() in names:
-            return names[name.strip().lower()]
-    said = repr(candidates[0]) if len(candidates) == 1 else f"names {candidates}"
-    first = settings["classes"][0]
-    if any(name.strip().lower() == first.strip().lower() for name in candidates):
-        # `classes: [TUM, STR, LYM]` had silently erased every TUM region
-        spare = "unlabelled" if first.strip().lower() == "ignore" else "ignore"
-        raise AnnotationError(
-            sid,
-            f"{where} has class {said}, labels.classes[0], which is index 0, the unlabelled "
-            f"class (its pixels are never trained on or scored). To leave such regions "
-            f"unlabelled, map the name to 0 with labels.names ({{{first}: 0}}); if {first} is "
-            f"a class to learn, list an unlabelled class first (classes: [{spare}, "
-            f"{', '.join(settings['classes'])}])",
+class _Classes:
+    """Class indices of one annotation file's class names (`_name_map`). Names it cannot map
+    are gathered, not refused at the first, so one error names them all (a QuPath project's
+    Tumor, Stroma and Immune cells had taken three runs to learn of)."""
+
+    def __init__(self, settings: dict[str, Any], path: Path, sid: str) -> None:
+        self.names, self.settings, self.path, self.sid = _name_map(settings), settings, path, sid
+        self.unknown: dict[str, tuple[str, list[str]]] = {}  # said -> (a name, where)
+
+    def index(self, candidates: list[str], where: str) -> int:
+        """The class index of the first of an annotation's `candidates` names that is known
+        (0 for one that is not: `check` refuses the file)."""
+        for name in candidates:  # matched as XML names are: case and outer spaces aside
+            if name.strip().lower() in self.names:
+                return self.names[name.strip().lower()]
+        said = repr(candidates[0]) if len(candidates) == 1 else f"names {candidates}"
+        first = self.settings["classes"][0]
+        if any(name.strip().lower() == first.strip().lower() for name in candidates):
+            # `classes: [TUM, STR, LYM]` had silently erased every TUM region
+            spare = "unlabelled" if first.strip().lower() == "ignore" else "ignore"
+            raise AnnotationError(
+                self.sid,
+                f"{self.path}: {where} has class {said}, labels.classes[0], which is index 0, "
+                "the unlabelled class (its pixels are never trained on or scored). To leave "
+                f"such regions unlabelled, map the name to 0 with labels.names ({{{first}: 0}}); "
+                f"if {first} is a class to learn, list an unlabelled class first (classes: "
+                f"[{spare}, {', '.join(self.settings['classes'])}])",
+            )
+        self.unknown.setdefault(said, (candidates[-1].strip(), []))[1].append(where)
+        return 0
+
+    def check(self) -> None:
+        """Refuse the file if any of its class names is not known, naming every such name."""
+        if not self.unknown:
+            return
+        classes = self.settings["classes"]
+        if len(self.unknown) == 1:
+            ((said, (_, wheres)),) = self.unknown.items()
+            more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
+            raise AnnotationError(
+                self.sid,
+                f"{self.path}: {wheres[0]}{more} has class {said}, which is not one of "
+                f"labels.classes {classes}; map it with labels.names (`--names` of a stage run "
+                "by hand)",
+            )
+        listed = ", ".join(
+            f"{said} ({len(w)}, first {w[0]})" for said, (_, w) in self.unknown.items()
         )
-    raise AnnotationError(
-        sid,
-        f"{where} has class {said}, which is not one of labels.classes {settings['classes']}; "
-        "map it with labels.names (`--names` of a stage run by hand)",
-    )
+        name = next(iter(self.unknown.values()))[0]
+        raise AnnotationError(
+            self.sid,
+            f"{self.path} has {len(self.unknown)} class names that are not labels.classes "
+            f"{classes}: {listed}. Map each to its class index with labels.names (e.g. names: "
+            f"{{{name}: 1}} reads {name} as {classes[1]}; `--names` of a stage run by hand)",
+        )
 
 
 def _full_and_base(full: str) -> list[str]:
@@ -434,7 +464,9 @@ class PolygonLabels(LabelSource):
         self.slide_id = slide_id
         self.path = path
         self._mpp0 = mpp0
-        self._shapes = self._parse(path, _name_map(settings), settings)
+        classes = _Classes(settings, path, slide_id)
+        self._shapes = self._parse(path, classes)
+        classes.check()
         if not self._shapes:
             raise AnnotationError(slide_id, _empty(path, sum(getattr(self, "_detections", []))))
         # checked in the file's own coordinates: QuPath's image of a slide with bounds is its
@@ -502,7 +534,7 @@ class PolygonLabels(LabelSource):
         self._shapes = inside
         self._boxes = np.array([s.bbox for s in inside], np.float64)
 
-    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+    def _parse(self, path: Path, classes: _Classes) -> list[_Shape]:
         """The file's polygons with their class indices, in painting order."""
         raise NotImplementedError
 
@@ -512,7 +544,10 @@ class PolygonLabels(LabelSource):
         AnnotationError for a class `labels` cannot map, a malformed or an empty file."""
         parser = cls.__new__(cls)
         parser.slide_id, parser.path = slide_id, path
-        if not parser._parse(path, _name_map(settings), settings):
+        classes = _Classes(settings, path, slide_id)
+        shapes = parser._parse(path, classes)
+        classes.check()
+        if not shapes:
             detections = sum(getattr(parser, "_detections", []))
             raise AnnotationError(slide_id, _empty(path, detections))
 
@@ -556,14 +591,9 @@ class XMLLabels(PolygonLabels):
 
     kind = "annotation XML"
 
-    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+    def _parse(self, path: Path, classes: _Classes) -> list[_Shape]:
         return [
-            _Shape(
-                _resolve(p.names, names, settings, f"{path}: {p.what}", self.slide_id),
-                p.outer,
-                p.holes,
-                p.bbox,
-            )
+            _Shape(classes.index(p.names, p.what), p.outer, p.holes, p.bbox)
             for p in read_xml(path, self.slide_id)
         ]
 
@@ -580,7 +610,7 @@ class GeoJSONLabels(PolygonLabels):
         "GeoJSON)"
     )
 
-    def _parse(self, path: Path, names: dict[str, int], settings: dict[str, Any]) -> list[_Shape]:
+    def _parse(self, path: Path, classes: _Classes) -> list[_Shape]:
         again = "export the annotations again (QuPath: File > Export objects as GeoJSON)"
         try:
             # utf-8-sig: a byte-order mark (Windows editors write one) is no error
@@ -638,7 +668,7 @@ class GeoJSONLabels(PolygonLabels):
                     self.slide_id,
                     f"{path}: {at} has no classification name; classify it in QuPath",
                 )
-            cls = _resolve(candidates, names, settings, f"{path}: {at}", self.slide_id)
+            cls = classes.index(candidates, at)
             where = f"{at} (class {candidates[0]!r})"
             for kind, part in parts:
                 coords = part.get("coordinates")

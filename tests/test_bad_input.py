@@ -237,6 +237,23 @@ LABEL_CASES = {
         [],
         ["'Unicorn'", "not one of labels.classes", "labels.names"],
     ),
+    "geojson-unknown-classes-named-at-once": (
+        lambda d: _geojson(
+            d / "a.geojson",
+            _feature("Tumor", WHOLE),
+            _feature("TUM", WHOLE),
+            _feature("Stroma", WHOLE),
+            _feature("Tumor", WHOLE),
+            _feature("Immune cells", WHOLE),
+        ),  # fmt: skip
+        [],
+        [
+            "has 3 class names that are not labels.classes",
+            "'Tumor' (2, first features[0]), 'Stroma' (1, first features[2]), "
+            "'Immune cells' (1, first features[4])",
+            "names: {Tumor: 1} reads Tumor as TUM",
+        ],
+    ),
     "geojson-outside-the-slide": (
         lambda d: _geojson(d / "a.geojson", _feature("TUM", FAR)),
         [],
