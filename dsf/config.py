@@ -157,10 +157,13 @@ def validate(config: dict[str, Any], section: str | None = None) -> dict[str, An
 
 def schema_problem(err: jsonschema.ValidationError) -> str:
     """What a schema error says of its value: a pattern's form in words (the schema's
-    `x-form`), not its regular expression; other messages cut at 300 characters."""
-    if err.validator == "pattern" and "x-form" in err.schema:
-        return f"{err.instance!r} is not of the form wanted: {err.schema['x-form']}"
-    return err.message if len(err.message) <= 300 else err.message[:300] + " ..."
+    `x-form`), not its regular expression; other messages cut at 300 characters, followed by
+    the form wanted where the schema says it."""
+    form = err.schema.get("x-form") if isinstance(err.schema, dict) else None
+    if err.validator == "pattern" and form:
+        return f"{err.instance!r} is not of the form wanted: {form}"
+    said = err.message if len(err.message) <= 300 else err.message[:300] + " ..."
+    return f"{said} (wanted: {form})" if form else said
 
 
 def given(args: argparse.Namespace, section: str, key: str) -> bool:

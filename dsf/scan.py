@@ -424,7 +424,8 @@ def _find_labels(
     beside it has its name without the suffix: `s1.svs`, `s1.tiff`), only its whole file name
     (`s1.svs.geojson`) or its id names its annotation: `s1.geojson` would be both slides'."""
     stem = _stem(slide.name)
-    stems = {sid, stem, slide.name}  # QuPath may name exports `x.svs.geojson`
+    # QuPath may name exports `x.svs.geojson`; a script's Path.with_suffix `x.ome.geojson`
+    stems = {sid, stem, slide.name, slide.name.rsplit(".", 1)[0]}
     if shared_stem:
         stems -= {stem}
         bare = [

@@ -75,6 +75,13 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"tissue\.metod .*did you mean `method`") as err:
         validate_config({"tissue": {"metod": "otsu"}})
     assert len(str(err.value)) < 200  # one line, not the schema
+    # a class name given as a value of labels.names, which wants the class's index
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key labels\.names\.Tumour: 'Tumor' is not of type 'integer' \(wanted: "
+        r"a class index, 0 unlabelled, 1 the second of labels\.classes and so on, e\.g\. Tumor: 1",
+    ):
+        validate_config({"labels": {"names": {"Tumour": "Tumor"}}})
     # `--config 'pretrain={epochs:2}'` (YAML reads `epochs:2` as a key)
     with pytest.raises(ConfigError, match=r"pretrain\.epochs:2 .*space is missing after the"):
         validate_config({"pretrain": {"epochs:2": None}})

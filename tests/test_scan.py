@@ -38,6 +38,8 @@ def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> N
         "slide (1).labels.png",  # found by the file's name, not only by the cleaned id
         "c.mrxs",
         "c.mrxs.geojson",  # QuPath's export named after the whole image name
+        "d e.ome.tif",
+        "d e.ome.geojson",  # a script's Path.with_suffix: the name less its last suffix
         # GDC download: one folder per file; two slides of one patient
         "gdc/0a1b/TCGA-A1-A0SK-01Z-00-DX1.svs",
         "gdc/9f8e/TCGA-A1-A0SK-01A-01-TS1.svs",
@@ -62,8 +64,9 @@ def test_a_folder_of_every_layout_becomes_one_row_per_slide(tmp_path: Path) -> N
     rows = _rows(scan_folder(root, mpp=0.5))
     assert set(rows) == {
         "a", "b", "slide_1", "TCGA-A1-A0SK-01Z-00-DX1", "TCGA-A1-A0SK-01A-01-TS1", "mirax",
-        "dicom1", "hama", "roi", "c",
+        "dicom1", "hama", "roi", "c", "d_e",
     }  # fmt: skip
+    assert rows["d_e"]["labels"] == str(root / "d e.ome.geojson")
     assert rows["c"]["labels"] == str(root / "c.mrxs.geojson")
     assert rows["a"]["labels"] == str(root / "a.geojson")
     assert rows["b"]["labels"] == str(root / "b.labels.tiff")
