@@ -144,14 +144,14 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.exists():
         raise ConfigError(
             f"config key `slides`: {path} does not exist (from {Path.cwd()}); give a folder of "
-            "slides or a slide sheet (.tsv), absolute or relative to where snakemake runs"
+            "slides or a slide sheet (.tsv or .csv), absolute or relative to where snakemake runs"
         )
     if not path.is_file():
         raise ConfigError(f"slide sheet {path} is not a file; set config key `slides`")
     if path.suffix.lower() in SLIDE_SUFFIXES | {".dcm"}:
         raise ConfigError(
             f"config key `slides`: {path} is a slide, not a sheet; give the folder that holds "
-            "the slides, or a slide sheet (.tsv) that lists them"
+            "the slides, or a slide sheet (.tsv or .csv) that lists them"
         )
     if path.suffix.lower() in {".geojson", ".xml"}:  # (.json: `dsf folds` records)
         raise ConfigError(
@@ -167,7 +167,8 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ConfigError(f"slide sheet {path} is not a UTF-8 text file: {exc}") from exc
     if not numbered:
         raise ConfigError(f"slide sheet {path} is empty; it needs a header line {COLUMNS}")
-    table = [_cells(ln) for _, ln in numbered]
+    sep, sep_name = _separator(path, numbered[0][1])
+    table = [_cells(ln, sep) for _, ln in numbered]
     cols = [c.strip() for c in table[0]]
     while len(cols) > 1 and not cols[-1]:
         cols.pop()  # a spreadsheet's trailing tabs, after the header too (an empty column)
@@ -176,9 +177,9 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
             cells.pop()  # a spreadsheet's trailing tabs
         if len(cells) > len(cols):
             raise ConfigError(
-                f"slide sheet {path}, line {n} (slide {cells[0]!r}): {len(cells)} tab-separated "
-                f"cells but the header has {len(cols)} columns; remove the stray tab, or name "
-                "the extra column in the header"
+                f"slide sheet {path}, line {n} (slide {cells[0]!r}): {len(cells)} "
+                f"{sep_name}-separated cells but the header has {len(cols)} columns; remove the "
+                f"stray {sep_name}, or name the extra column in the header"
             )
         cells += [""] * (len(cols) - len(cells))  # empty cells at the end of a short row
     dup_cols = sorted({c for c in cols if cols.count(c) > 1})
@@ -186,9 +187,16 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ConfigError(f"slide sheet {path}: column(s) {dup_cols} appear more than once")
     for col in ("slide", "path"):
         if col not in cols:
+            other = next((n for c, n in _SEPARATORS.items() if c != sep and c in cols[0]), None)
+            hint = (
+                f"; its header is {other}-separated: name it .csv (commas or semicolons) or "
+                "save it as tab-separated .tsv"
+                if other and len(cols) == 1
+                else ""
+            )
             raise ConfigError(
                 f"slide sheet {path}: required column `{col}` is missing (columns: {cols}); "
-                f"the sheet needs tab-separated columns {list(COLUMNS)}"
+                f"the sheet needs {sep_name}-separated columns {list(COLUMNS)}{hint}"
             )
     unknown = [c for c in cols if c not in COLUMNS and not _mask_class(c)]
     if unknown:
@@ -208,9 +216,23 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
-def _cells(line: str) -> list[str]:
-    """A sheet line's tab-separated cells ("quoted" cells as a spreadsheet writes them)."""
-    return next(csv.reader([line.rstrip("\r\n")], delimiter="\t"))
+#: Cell separators of a sheet, by name.
+_SEPARATORS = {"\t": "tab", ",": "comma", ";": "semicolon"}
+
+
+def _separator(path: Path, header: str) -> tuple[str, str]:
+    """A sheet's cell separator and its name: tabs, or in a .csv (a spreadsheet's export)
+    commas, or semicolons where the header has them and no comma (a spreadsheet in a locale
+    that writes decimal commas)."""
+    if path.suffix.lower() != ".csv":
+        return "\t", "tab"
+    sep = ";" if ";" in header and "," not in header else ","
+    return sep, _SEPARATORS[sep]
+
+
+def _cells(line: str, sep: str) -> list[str]:
+    """A sheet line's cells ("quoted" cells as a spreadsheet writes them)."""
+    return next(csv.reader([line.rstrip("\r\n")], delimiter=sep))
 
 
 def _mask_class(column: str) -> str:
@@ -353,7 +375,7 @@ def load_sheet(config: dict[str, Any]) -> pd.DataFrame:
     if not rows:
         raise ConfigError(
             "config key `slides` is empty and synth.slides names none: give a folder of slides "
-            "or a slide sheet (.tsv)"
+            "or a slide sheet (.tsv or .csv)"
         )
     table = validate_rows(rows, f"{sheet} + synth.slides", Path("."))
     check_mask_classes(table, list(config["labels"]["classes"]), str(sheet))
@@ -372,8 +394,9 @@ def check_sheet_out(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
-    """Write sheet rows as a TSV with every column, to `out` (atomically, paths relative to
-    its folder when they lie under it) or to standard output (absolute paths)."""
+    """Write sheet rows as a TSV with every column (comma-separated for an `out` named .csv),
+    to `out` (atomically, paths relative to its folder when they lie under it) or to standard
+    output (absolute paths)."""
     classes = list(dict.fromkeys(c for r in rows for c in r.get("masks") or {}))
     table = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
     for cls in classes:
@@ -384,7 +407,7 @@ def write_sheet(rows: list[dict[str, Any]], out: Path | None) -> None:
         for col in ["labels", *(MASK_PREFIX + c for c in classes)]:
             table[col] = [None if _clean(p) is None else _relative(p, base) for p in table[col]]
         with atomic_path(out) as tmp:
-            table.to_csv(tmp, sep="\t", index=False)
+            table.to_csv(tmp, sep="," if out.suffix.lower() == ".csv" else "\t", index=False)
     else:
         table.to_csv(sys.stdout, sep="\t", index=False)
 

@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from dsf.config import (
 )
 from dsf.config import validate as validate_config
 from dsf.errors import ConfigError
-from dsf.sheet import check_files, load_sheet, read_sheet
+from dsf.sheet import check_files, load_sheet, read_sheet, write_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,6 +250,30 @@ def test_a_spreadsheets_sheet_reads_the_same(tmp_path: Path) -> None:
     (tmp_path / "sheet.tsv").write_text("slide\tpath\t\nA\ta.svs\tx\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"line 2 \(slide 'A'\): 3 tab-separated cells"):
         read_sheet(tmp_path / "sheet.tsv")
+
+
+def test_a_csv_sheet_reads_as_the_tsv_does(tmp_path: Path) -> None:
+    """A spreadsheet's CSV export (commas; semicolons where decimal commas are written) reads
+    as the TSV; `dsf sheet --out x.csv` writes one. A comma-separated .tsv is refused saying
+    so (it had said only that the column `slide` was missing, naming 'slide,path,mpp')."""
+    want = read_sheet(
+        _sheet(tmp_path, "slide\tpath\tmpp\tgroup\nA\ta, b.svs\t0.25\tp1\nB\tb.svs\n")
+    )
+    for name, text in (
+        ("s.csv", 'slide,path,mpp,group\r\nA,"a, b.svs",0.25,p1\r\nB,b.svs,,\r\n'),
+        ("s2.CSV", 'slide;path;mpp;group\nA;"a, b.svs";0.25;p1\nB;b.svs\n'),
+    ):
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        pd.testing.assert_frame_equal(read_sheet(tmp_path / name), want)
+    write_sheet(want.to_dict("records"), tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_text().startswith("slide,path,mpp,labels,group,fold\n")
+    pd.testing.assert_frame_equal(read_sheet(tmp_path / "out.csv"), want)
+    (tmp_path / "s.tsv").write_text("slide,path,mpp\nA,a.svs,0.25\n")
+    with pytest.raises(ConfigError, match=r"its header is comma-separated: name it \.csv"):
+        read_sheet(tmp_path / "s.tsv")
+    (tmp_path / "s.csv").write_text("slide,path,mpp\nA,a.svs,0.25,x\n")
+    with pytest.raises(ConfigError, match=r"line 2 \(slide 'A'\): 4 comma-separated cells"):
+        read_sheet(tmp_path / "s.csv")
 
 
 @pytest.mark.parametrize(
