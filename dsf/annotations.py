@@ -125,10 +125,17 @@ class RasterLabels(LabelSource):
 
     def read(self, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
         """Class indices of the region at level-0 (x, y), `width` x `height` px at `mpp`."""
-        codes = self._raster.read(x, y, width, height, mpp / self._mpp0)
+        f = mpp / self._mpp0
+        codes = self._raster.read(x, y, width, height, f)
         out = self._lut[codes]
         if (out == _UNMAPPED).any():
             self._check(np.unique(codes))
+        # past the mask's edges (a coarse map's last pixels reach past the slide) nothing is
+        # labelled: code 0 there is no pixel of the mask (labels.other_class had taken it)
+        cols, rows = self._raster.covered(x, y, width, height, f)
+        if not cols.all() or not rows.all():
+            out[~rows] = 0
+            out[:, ~cols] = 0
         return out
 
 

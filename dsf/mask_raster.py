@@ -266,18 +266,34 @@ class MaskRaster:
                 best = i
         return best
 
-    def read(self, x: float, y: float, width: int, height: int, f: float) -> np.ndarray:
-        """Codes (height, width) uint8 of the region with level-0 slide top-left (x, y) and
-        `f` level-0 slide px per output px, nearest-neighbour; outside the mask reads 0."""
+    def _sampled(
+        self, x: float, y: float, width: int, height: int, f: float
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The level `read` samples for the region, the level's columns and rows each output
+        pixel's centre falls in, and which of those lie on the mask (columns, rows)."""
         level = self._level_for(f / self.ds_x)
         lv = self.levels[level]
         kx, ky = _factors((self.levels[0].width, self.levels[0].height), (lv.width, lv.height))
         sx, sy = self.ds_x * kx, self.ds_y * ky  # slide px per level px
         cols = np.floor((x + (np.arange(width) + 0.5) * f) / sx).astype(np.int64)
         rows = np.floor((y + (np.arange(height) + 0.5) * f) / sy).astype(np.int64)
-        out = np.zeros((height, width), np.uint8)
         vc = (cols >= 0) & (cols < lv.width)
         vr = (rows >= 0) & (rows < lv.height)
+        return level, cols, rows, vc, vr
+
+    def covered(
+        self, x: float, y: float, width: int, height: int, f: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which output columns and rows of `read`'s region lie on the mask (1-D bool): the
+        pixels past its edges read 0 without the mask saying so."""
+        return self._sampled(x, y, width, height, f)[3:]
+
+    def read(self, x: float, y: float, width: int, height: int, f: float) -> np.ndarray:
+        """Codes (height, width) uint8 of the region with level-0 slide top-left (x, y) and
+        `f` level-0 slide px per output px, nearest-neighbour; outside the mask reads 0."""
+        level, cols, rows, vc, vr = self._sampled(x, y, width, height, f)
+        lv = self.levels[level]
+        out = np.zeros((height, width), np.uint8)
         if not vc.any() or not vr.any():
             return out
         c_in, r_in = cols[vc], rows[vr]

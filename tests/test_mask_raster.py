@@ -53,6 +53,25 @@ def test_reads_equal_the_mask_sampled_in_memory(tmp_path: Path, layout: str) -> 
         )
 
 
+def test_past_the_masks_edges_nothing_is_labelled_whatever_code_0_maps_to(
+    tmp_path: Path,
+) -> None:
+    """A class map without code 0 sends it to labels.other_class, as a pixel of the mask: but
+    a read past the mask's edge (a coarse map's last column reaching past the slide) reads no
+    pixel of it, and is unlabelled (it had been scored as other_class)."""
+    path = tmp_path / "m.tif"
+    mask = np.full((64, 64), 7, np.uint8)
+    mask[:, :8] = 0  # code 0 on the mask: other_class, as the schema says
+    tifffile.imwrite(path, mask)
+    st = _labels(3) | {"class_map": {"7": 1}, "other_class": 2}
+    labels = RasterLabels(path, "s", (64, 64), 0.5, st)
+    got = labels.read(-4, -4, 18, 18, 2.0)  # 4 slide px per read px, one past each edge
+    want = np.zeros((18, 18), np.uint8)
+    want[1:17, 1:17] = 1
+    want[1:17, 1:3] = 2
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_full_size_tiled_mask_is_read_by_the_window_not_whole(tmp_path: Path) -> None:
     """A 12,000 x 9,000 mask (108 MB as pixels) answers a 256 px region and a coarse overview
     within a few MB: the reader fetches the tiles it needs, never the whole level."""
