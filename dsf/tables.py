@@ -436,9 +436,11 @@ def slide_markdown(
             ],  # fmt: skip
             cols,
             lambda r, s=per_slide: (
-                "class absent from both truth and prediction"
-                if s
-                else f"fold {r['fold']}: no labelled slide in this fold"
+                f"fold {r['fold']}: no labelled slide in this fold"
+                if not s and not r["n_pixels"]
+                else "no labelled pixel on this slide"
+                if not r["n_pixels"]
+                else "class absent from both truth and prediction"
             ),
             notes,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -625,6 +626,33 @@ def test_build_tables_markdown_tsvs_and_figure(tmp_path) -> None:  # noqa: ANN00
     assert "| m1 (100%) | s3 | 1 | 20 |" in md  # the fraction named, as in the summary
     with Image.open(out["figure"]) as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_whole_slide_na_cells_say_why_per_row(tmp_path) -> None:  # noqa: ANN001
+    """A fold whose slides lack a class says the class is absent (it had said the fold has
+    no labelled slide, the note of a fold without results, such as fold 2 here)."""
+    slides = []
+    for i, (slide, fold, cm) in enumerate(
+        [("s1", 0, [[10, 0, 0], [0, 0, 0]]), ("s3", 1, [[10, 0, 0], [0, 5, 5]])]
+    ):
+        r = _row(slide, fold, "m1", cm) | {"routing": "out_of_fold", "mpp": 2.0}
+        slides.append(tmp_path / f"s{i}.tsv")
+        pd.DataFrame([r]).to_csv(slides[-1], sep="\t", index=False)
+    folds = pd.DataFrame({"slide": ["s1", "s3", "s4"], "group": list("abc"), "fold": [0, 1, 2]})
+    md_path = tmp_path / "tables.md"
+    build_tables(tiles=[], slides=slides, panels=[], folds=folds, methods=["m1"],
+                 fractions=[1.0], markdown=md_path, tile_scores=tmp_path / "t.tsv",
+                 slide_scores=tmp_path / "s.tsv")  # fmt: skip
+    md = md_path.read_text()
+    per_fold = md[md.index("### Per fold") : md.index("### Per slide")].splitlines()
+    notes = dict(ln[2:].split("]: ", 1) for ln in md.splitlines() if ln.startswith("[^"))
+
+    def said(fold: str) -> set[str]:
+        line = next(ln for ln in per_fold if ln.startswith(f"| m1 (100%) | {fold} |"))
+        return {notes[n] for n in re.findall(r"n/a\[\^(\d+)\]", line)}
+
+    assert said("0") == {"class absent from both truth and prediction"}
+    assert said("2") == {"fold 2: no labelled slide in this fold"}
 
 
 def test_tables_cli_with_no_results_anywhere_is_na_not_zero(tmp_path) -> None:  # noqa: ANN001
