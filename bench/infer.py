@@ -73,8 +73,10 @@ class Timed(nn.Module):
         self.model, self.device = model, device
         self.events: list[tuple[object, object]] = []
         self.cpu_seconds = 0.0
+        self.calls = 0  # forward passes: windows / calls is the mean batch
 
     def forward(self, *args: torch.Tensor, **kw: bool) -> object:
+        self.calls += 1
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -162,6 +164,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "windows": meta["windows"],
         "slide_mpx": w * h / 1e6,
         "busy": timed.busy_seconds() / wall,
+        "batches": timed.calls,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "map_mb": map_mb,
         "phases": meta["phase_seconds"],
@@ -239,7 +242,11 @@ def main() -> None:
             flush=True,
         )
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in res["phases"].items())
-        print(f"#   {size}: {phases}; map {res['map_mb']:.1f} MB", flush=True)
+        print(
+            f"#   {size}: {phases}; map {res['map_mb']:.1f} MB; {res['batches']} batches "
+            f"(mean {res['windows'] / res['batches']:.1f} windows)",
+            flush=True,
+        )
         if args.count_ops:
             print(
                 f"#   {size}: main-thread torch ops per window {res['ops_per_window']}: "

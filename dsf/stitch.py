@@ -17,11 +17,14 @@ from dsf.map_writer import MapWriter, RowsToHost, WriterThread
 from dsf.predict import Predictor
 from dsf.windows import Band, Grid, final_rows, hann_weights
 
-#: Window rows the queued windows may span before they run, short of a batch: each core row
-#: their blend touches is held at the band's width ((classes + 1) x stride x band width
-#: floats, 31 MB at block 256, overlap 0.25, 32 windows and 5 classes), so a batch filled
-#: from sparse rows (a band at the tissue's edge, one window a row) had held batch_size of them.
-MAX_SPAN = 4
+#: Bytes the blend of a band's core rows may hold before the queued windows run, short of a
+#: batch: each core row their blend touches is held at the band's width ((classes + 1) x
+#: stride x band width floats, 31 MB at block 256, overlap 0.25, 32 windows and 5 classes), so
+#: a batch filled from sparse rows (a band at the tissue's edge, one window a row) had held
+#: batch_size of them (1.85 GiB at batch 64). Dense bands fill a batch within a few rows.
+BLEND_BYTES = 512 << 20
+#: Window rows the queued windows may span whatever the budget.
+MIN_SPAN = 2
 
 
 def _rows(chunks: dict[int, torch.Tensor], chunk_h: int, y: int, size: int) -> torch.Tensor:
@@ -79,6 +82,9 @@ class BandAccumulator:
         self.own = slice(first, first + self.w_own)
         self.rows: dict[int, torch.Tensor] = {}
         self.weights = torch.from_numpy(hann_weights(grid.block)).to(device)
+        row_bytes = 4 * (n_fg + 1) * s * self.cells * s
+        #: window rows the queue may span: their core rows, and a block's more, within budget
+        self.max_span = max(MIN_SPAN, BLEND_BYTES // row_bytes - self.pieces - 1)
 
     def _row(self, r: int) -> torch.Tensor:
         if r not in self.rows:
@@ -227,8 +233,9 @@ class Stitcher:
 
     def _emit(self, wr: int) -> None:
         """Cut the tissue windows of window row `wr` (all its chunks are on the device) in two
-        gathers, and run the batches that fill up (or span MAX_SPAN window rows)."""
-        assert self.band is not None
+        gathers, and run the batches that fill up (or span the accumulator's max_span window
+        rows)."""
+        assert self.band is not None and self.acc is not None
         g = self.grid
         s, b, sc = g.stride, g.block, g.scale
         k0 = wr - self.r0
@@ -242,7 +249,7 @@ class Stitcher:
             self.batch.append((wr, cells, ctx, tgt))
             self.queued += len(wcols)
         while self.queued >= self.batch_size or (
-            self.batch and wr - self.batch[0][0] + 1 >= MAX_SPAN
+            self.batch and wr - self.batch[0][0] + 1 >= self.acc.max_span
         ):
             self._run_batch()
             # every window of the rows before wr has run: their core rows are final

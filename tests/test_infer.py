@@ -431,10 +431,10 @@ def test_tissue_mask_decides_windows_and_output(tmp_path, stripes):
 
 
 def test_a_band_of_sparse_windows_holds_few_rows_of_its_blend(tmp_path, stripes, monkeypatch):
-    """A thin strip of tissue gives a band one window a row: its windows run once they span
-    MAX_SPAN window rows, short of a batch, so the blend holds a few core rows of the band's
-    width, not a batch's worth (a batch of 64 had held 64 of them, 2 GB at the paper's
-    geometry); the map is the same."""
+    """A thin strip of tissue gives a band one window a row: its windows run once their blend
+    would pass stitch.BLEND_BYTES (here none: MIN_SPAN window rows), short of a batch, so it
+    holds a few core rows of the band's width, not a batch's worth (a batch of 64 had held 64
+    of them, 1.85 GiB at the paper's geometry); the map is the same."""
     import dsf.stitch
 
     path, cls = stripes
@@ -449,14 +449,15 @@ def test_a_band_of_sparse_windows_holds_few_rows_of_its_blend(tmp_path, stripes,
         return out
 
     monkeypatch.setattr(dsf.stitch.BandAccumulator, "_row", counting)
+    monkeypatch.setattr(dsf.stitch, "BLEND_BYTES", 0)
     out, meta = run_infer(tmp_path, path, [oracle(32)], mask=mask, mask_output=True, batch_size=64)
-    assert meta["windows"] > 3 * dsf.stitch.MAX_SPAN  # more rows than a span, fewer than a batch
+    assert meta["windows"] > 3 * dsf.stitch.MIN_SPAN  # more rows than a span, fewer than a batch
     got = read_map(out / "map.tiff")
     inside = np.zeros_like(got, bool)
     inside[:, 160:176] = True
     np.testing.assert_array_equal(got[inside], cls[inside])
     assert (got[~inside] == 0).all()
-    assert 0 < held[0] <= dsf.stitch.MAX_SPAN + 3
+    assert 0 < held[0] <= dsf.stitch.MIN_SPAN + 3  # and the rows a block spans past them
 
 
 def test_a_mask_without_tissue_is_refused_and_leaves_no_map(tmp_path, stripes) -> None:  # noqa: ANN001
