@@ -36,7 +36,7 @@ from dsf.annotations import (
     class_fractions,
     open_labels,
 )
-from dsf.atomic import atomic_path, check_outputs
+from dsf.atomic import atomic_path, check_outputs, remove
 from dsf.config import add_section_arguments, section_from_args, section_schema
 from dsf.errors import ConfigError, SlideError
 from dsf.label_settings import base_class, check_base_painted, class_index
@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         from dsf.stores import open_store
 
         check_outputs([args.out], [args.store, args.labels])
+        remove(args.out)  # a failed rerun must not leave the previous store looking current
         min_label_frac = section_from_args(args, "patches")["min_label_frac"]
         label_settings = section_from_args(args, "labels")
         check_base_painted(label_settings, args.labels, "tile-labels")

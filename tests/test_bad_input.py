@@ -317,8 +317,11 @@ def test_bad_annotation_stops_its_tile_labels_job(case: str, a_store: Path, tmp_
 
 
 def test_an_annotation_of_no_tile_leaves_no_labels_store(a_store: Path, tmp_path: Path) -> None:
-    small = _geojson(tmp_path / "a.geojson", _feature("TUM", [[0, 0], [8, 0], [8, 8], [0, 0]]))
+    """Nor the store of an earlier run, which would look current (it had been left)."""
+    whole = _geojson(tmp_path / "w.geojson", _feature("TUM", WHOLE))
     out = tmp_path / "out"
+    assert dsf_cli(*_tile_labels_args(a_store, whole, out)).returncode == 0 and out.exists()
+    small = _geojson(tmp_path / "a.geojson", _feature("TUM", [[0, 0], [8, 0], [8, 8], [0, 0]]))
     done = dsf_cli(*_tile_labels_args(a_store, small, out))
     assert_refused(done, out, "slide 'A'", "labelled fraction", "patches.min_label_frac")
 
