@@ -51,6 +51,16 @@ def load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> 
     return state
 
 
+def file_digest(path: Path) -> str:
+    """A digest of a file's bytes (a weights file a fine-tuning started from, `weights_digest`
+    of the file as given)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def weights_digest(state: Any) -> str:
     """A digest of every tensor in `state` (nested dicts and lists, keys included): tells
     whether a fine-tuning checkpoint started from these pretrained encoders."""

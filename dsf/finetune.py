@@ -248,6 +248,8 @@ class FineTuner:
             except ValueError as exc:
                 raise ConfigError(f"finetune.weights: {exc}") from exc
             log.info("HookNet encoders from ImageNet weights %s", weights)
+            # its contents too: a file replaced under the same name is no resume
+            self.encoders_digest = checkpoints.file_digest(weights)
         else:
             model = HookNet(len(classes), backbone, self.scale, self.block)
             if init not in BASELINE_INITS:

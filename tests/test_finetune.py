@@ -440,6 +440,17 @@ def test_imagenet_init_loads_the_local_weights_file(three, tmp_path) -> None:  #
     model = torch.load(tmp_path / "model.pt", weights_only=True)
     assert model["init"] == "imagenet" and model["settings"]["weights"] == str(path)
 
+    # a resume starts from the same file's weights: other weights under its name are refused
+    def again() -> FineTuner:
+        st = _settings(init="imagenet", weights=str(path))
+        return FineTuner(st, [stores[1]], [stores[2]], 1.0, CLASSES, tmp_path)
+
+    assert again().resume()
+    torch.manual_seed(12)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ConfigError, match="trained from other starting weights"):
+        again().resume()
+
 
 def test_normalisation_follows_the_encoders_unless_given(three, tmp_path, caplog) -> None:  # noqa: ANN001
     from dsf.models.dsf import DSFModel
