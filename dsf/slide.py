@@ -57,6 +57,26 @@ READ_PIECE_PIXELS = 64 * 1024 * 1024
 LEVEL_MATCH = 1e-6
 
 
+def _edge_margin(src: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    """`src` (level pixels from (x0, y0) of a level `w` x `h`) with the column and row just
+    past each of the level's edges set to the edge's own pixels, as a resize of the whole
+    level clamps: upsampled, the slide's outermost pixels keep their colour (blended with
+    the background beyond, they had come out lighter)."""
+    out = src
+    for axis, lo, size in ((1, x0, w), (0, y0, h)):
+        n = out.shape[axis]
+        for past, edge in ((-1, 0), (size, size - 1)):
+            if 0 <= past - lo < n and 0 <= edge - lo < n:
+                if out is src:
+                    out = src.copy()
+                index = [slice(None)] * 2
+                index[axis] = past - lo
+                source = list(index)
+                source[axis] = edge - lo
+                out[tuple(index)] = out[tuple(source)]
+    return out
+
+
 @dataclass
 class Slide:
     """A slide opened lazily per process; all geometry in level-0 pixels, resolution in um/px."""
@@ -206,6 +226,8 @@ class Slide:
         if r > 1.0 and (ix1 - ix0) * (iy1 - iy0) > READ_PIECE_PIXELS and width * height > 1:
             return self._read_in_pieces(x, y, width, height, mpp, r)
         src = self._read_padded(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+        if m:
+            src = _edge_margin(src, ix0, iy0, lv.width, lv.height)
         box = (lx - ix0, ly - iy0, lx - ix0 + width * r, ly - iy0 + height * r)
         resample = Image.Resampling.BOX if r > 1.0 else Image.Resampling.BILINEAR
         out = Image.fromarray(src).resize((width, height), resample=resample, box=box)

@@ -727,6 +727,21 @@ def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pieces, whole)
 
 
+def test_an_upsampled_slides_edge_pixels_keep_their_colour(tmp_path: Path) -> None:
+    """Upsampled, the slide's outermost pixels are not blended with the background past its
+    edge (a uniform grey slide's first and last rows and columns had come out lighter, 139 for
+    100); farther past the edge the read is background."""
+    from conftest import rgb_slide
+
+    s = open_slide(rgb_slide(tmp_path / "s.tif", np.full((64, 48, 3), 100, np.uint8), 0.5))
+    got = s.read(-3, -3, 108, 140, 0.25)[..., 0]  # 3 level px past every edge
+    inside = got[6:-6, 6:-6]
+    assert inside.shape == (128, 96) and (inside == 100).all()
+    # a level px past the edge the background begins (as a resize of the whole clamps)
+    assert (got[:, :3] == 255).all() and (got[:, -3:] == 255).all()
+    assert (got[:3] == 255).all() and (got[-3:] == 255).all()
+
+
 @pytest.mark.parametrize(("x", "y", "mpp"), [(0, 0, 2.0), (13, 7, 2.0), (5, 3, 1.5)])
 def test_a_coarse_read_of_a_single_level_slide_is_made_in_bounded_pieces(
     tmp_path: Path,
