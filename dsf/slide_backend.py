@@ -74,6 +74,12 @@ class Backend:
         """RGB uint8 (h, w, 3) of `level` from its pixel (x, y); each backend implements it."""
         raise NotImplementedError
 
+    def full_width(self, level: int) -> bool:
+        """Whether `level` is stored in compressed chunks that span its width (strips): a
+        read of part of a row decodes the whole row, so a whole read goes row band by row
+        band, not in squares (which decode each strip once per square across)."""
+        return False
+
     def close(self) -> None:
         """Release file handles."""
 

@@ -338,6 +338,10 @@ class TiffBackend(Backend):
         # uncompressed contiguous levels are memory-mapped (a read touches just its rows);
         # otherwise a read decodes each chunk (tile or strip) it meets whole
         self._mapped = [lv.dataoffset is not None and lv.keyframe.is_memmappable for lv in levels]
+        self._strips = [
+            not mapped and not lv.keyframe.is_tiled
+            for lv, mapped in zip(levels, self._mapped, strict=True)
+        ]
         # Aperio's JPEG 2000 YCbCr (33003): the decoder gives Y, Cb and Cr as they are
         self._ycbcr = [int(lv.keyframe.compression) == APERIO_J2K_YCBCR for lv in levels]
         chunk = math.prod(keyframe.chunks) * self._dtype.itemsize
@@ -387,6 +391,10 @@ class TiffBackend(Backend):
             ]
             self._local.arrays = arrays
         return arrays
+
+    def full_width(self, level: int) -> bool:
+        """Stripped, compressed levels (`Backend.full_width`)."""
+        return self._strips[level]
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         arr = self._arrays()[level]

@@ -727,6 +727,31 @@ def test_upsampled_reads_in_pieces_equal_one_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pieces, whole)
 
 
+def test_a_stripped_slides_thumbnail_is_read_in_bands_of_whole_rows(tmp_path: Path) -> None:
+    """A read of part of a stripped level decodes its strips whole: the thumbnail goes in
+    bands of whole rows, each strip decoded about once (squares had decoded every strip once
+    per square across, 4x the work at 32k px wide), and gives the tiled copy's pixels."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (300, 5000, 3), dtype=np.uint8)
+    stripped, tiled = tmp_path / "strips.tif", tmp_path / "tiles.tif"
+    res = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(stripped, rgb, photometric="rgb", compression="zlib", rowsperstrip=8, **res)
+    tifffile.imwrite(tiled, rgb, photometric="rgb", compression="zlib", tile=(64, 64), **res)
+    s = open_slide(stripped)
+    backend = s._handle()
+    assert backend.full_width(0) and not open_slide(tiled)._handle().full_width(0)
+    reads, read_level = [], backend.read_level
+
+    def counted(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        reads.append((x, w))
+        return read_level(level, x, y, w, h)
+
+    backend.read_level = counted  # type: ignore[method-assign]
+    thumb = s.thumbnail(1.0, chunk=256)
+    assert reads and all(x <= 0 and x + w >= 5000 for x, w in reads)
+    np.testing.assert_array_equal(thumb, open_slide(tiled).thumbnail(1.0, chunk=256))
+
+
 def test_an_upsampled_slides_edge_pixels_keep_their_colour(tmp_path: Path) -> None:
     """Upsampled, the slide's outermost pixels are not blended with the background past its
     edge (a uniform grey slide's first and last rows and columns had come out lighter, 139 for
