@@ -497,6 +497,13 @@ def test_a_tissue_mask_must_cover_its_slide(real: Path, tmp_path: Path) -> None:
         SlideError, match=r"'cmu'.*covers 1\.10 x 1\.80 mm.*slide covers 1\.10 x 1\.48 mm.*another"
     ):
         check_mask_fits(other, mpp, slide, out / "other.tiff")
+    # made at a 1% finer mpp (a sheet mpp changed since): the tissue would drift by 1% of
+    # the slide across it, refused (it had passed); rounding the other way passes
+    ew, eh = slide.size_at(0.5)
+    big = np.ones((round(eh * 1.01), round(ew * 1.01)), bool)
+    with pytest.raises(SlideError, match="the slide's mpp changed since"):
+        check_mask_fits(big, 0.5, slide, out / "big.tiff")
+    check_mask_fits(np.ones((eh + 1, ew - 1), bool), 0.5, slide, "m")
 
 
 def test_a_tissue_mpp_finer_than_a_thumbnail_is_refused(real: Path, caplog) -> None:  # noqa: ANN001
