@@ -282,10 +282,11 @@ class Slide:
         """The whole slide at `mpp` (RGB uint8), read in bounded chunks of the chosen level."""
         out_w, out_h = self.size_at(mpp)
         f = mpp / self.mpp  # level-0 px per output px: chunk origins stay on one sampling grid
-        lv = self.levels[self.best_level(mpp)]
+        level = self.best_level(mpp)
+        lv = self.levels[level]
         step = max(16, int(chunk * lv.downsample / f))  # output px per chunk
         rows = cols = step
-        if self._handle().full_width(self.best_level(mpp)):
+        if self._handle().full_width(level):
             # stripped: bands of whole rows, each strip decoded once (squares had decoded it
             # once per square across: 5.8 s for a 32k-wide thumbnail, 1.2 s in bands), within
             # READ_PIECE_PIXELS so that `read` does not cut them into squares again
